@@ -1,0 +1,264 @@
+// apply_rope / apply_rope_qk: argument validation (shared by CPU and CUDA), layout
+// planning, and the C++ API that calls the dispatcher.
+#include "apply_rope.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "ops.h"
+
+namespace pirope {
+namespace {
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// x, q, k: (batch, seqlen, nheads, headdim) or packed (total_tokens, nheads, headdim).
+void check_input(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.defined(), op, ": ", name, " must be a tensor, got None");
+  TORCH_CHECK(x.dim() == 4 || x.dim() == 3, op, ": ", name,
+              " must be (batch, seqlen, nheads, headdim) or packed (total_tokens, "
+              "nheads, headdim), got shape ",
+              x.sizes());
+  TORCH_CHECK(is_supported_dtype(x.scalar_type()), op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+}
+
+// The tensor as a 4-D (batch, seqlen, nheads, headdim) view.
+at::Tensor as_4d(const at::Tensor& x) { return x.dim() == 4 ? x : x.unsqueeze(0); }
+
+void check_tables(const char* op, const at::Tensor& x, const at::Tensor& cos,
+                  const at::Tensor& sin) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos},
+                                {"sin", sin}}) {
+    TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+    TORCH_CHECK(t.dim() == 2, op, ": ", name,
+                " must be (max_positions, rotary_dim // 2), got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+                ": ", name, " must be float32 (or float64), got ", t.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
+                " like the input, got ", t.device());
+  }
+  TORCH_CHECK(cos.sizes() == sin.sizes(), op,
+              ": cos and sin must have the same shape, got ", cos.sizes(), " and ",
+              sin.sizes());
+  TORCH_CHECK(cos.scalar_type() == sin.scalar_type(), op,
+              ": cos and sin must have the same dtype, got ", cos.scalar_type(),
+              " and ", sin.scalar_type());
+  const int64_t head_dim = x.size(-1);
+  TORCH_CHECK(2 * cos.size(1) <= head_dim, op, ": rotary_dim = 2 * cos.size(1) = ",
+              2 * cos.size(1), " exceeds the head dim ", head_dim);
+}
+
+// position_ids: (seqlen,), (batch, seqlen) or (1, seqlen) for 4-D input; (total,)
+// for packed input. Returns it expanded to (batch, seqlen) (a view, may have stride 0).
+at::Tensor plan_positions(const char* op, const at::Tensor& x,
+                          const at::Tensor& pos, int64_t batch, int64_t seqlen) {
+  TORCH_CHECK(pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt, op,
+              ": position_ids must be int32 or int64, got ", pos.scalar_type());
+  TORCH_CHECK(pos.device() == x.device(), op, ": position_ids must be on ",
+              x.device(), " like the input, got ", pos.device());
+  if (x.dim() == 3) {
+    TORCH_CHECK(pos.dim() == 1 && pos.size(0) == seqlen, op,
+                ": for packed input (total_tokens, nheads, headdim) position_ids must "
+                "be (total_tokens,) = (",
+                seqlen, ",), got shape ", pos.sizes());
+    return pos.unsqueeze(0);
+  }
+  const bool ok = (pos.dim() == 1 && pos.size(0) == seqlen) ||
+                  (pos.dim() == 2 && pos.size(1) == seqlen &&
+                   (pos.size(0) == batch || pos.size(0) == 1));
+  TORCH_CHECK(ok, op, ": position_ids must be (seqlen,) = (", seqlen,
+              ",) or (batch, seqlen) = (", batch, ", ", seqlen, "), got shape ",
+              pos.sizes());
+  return pos.expand({batch, seqlen});
+}
+
+void fill_tensor_args(RopeTensorArgs& a, const at::Tensor& in4, const at::Tensor& out4) {
+  a.in = in4.const_data_ptr();
+  a.out = out4.data_ptr();
+  a.in_stride_b = in4.stride(0);
+  a.in_stride_s = in4.stride(1);
+  a.in_stride_h = in4.stride(2);
+  a.out_stride_b = out4.stride(0);
+  a.out_stride_s = out4.stride(1);
+  a.out_stride_h = out4.stride(2);
+  a.heads = in4.size(2);
+}
+
+// The kernels need a unit stride on the feature dim; anything else is copied.
+at::Tensor unit_last_stride(const at::Tensor& x) {
+  return (x.size(-1) <= 1 || x.stride(-1) == 1) ? x : x.contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rope_run(
+    const char* op, const at::Tensor& q, const at::Tensor* k, const at::Tensor& cos,
+    const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
+    bool interleaved, bool conjugate, bool inplace, RopeLauncher launch) {
+  const char* qname = k ? (conjugate ? "grad_q" : "q") : (conjugate ? "grad" : "x");
+  const char* kname = conjugate ? "grad_k" : "k";
+  check_input(op, qname, q);
+  if (k) {
+    check_input(op, kname, *k);
+    TORCH_CHECK(k->dim() == q.dim(), op, ": ", qname, " and ", kname,
+                " must have the same rank, got shapes ", q.sizes(), " and ",
+                k->sizes());
+    TORCH_CHECK(k->scalar_type() == q.scalar_type(), op, ": ", qname, " and ", kname,
+                " must have the same dtype, got ", q.scalar_type(), " and ",
+                k->scalar_type());
+    TORCH_CHECK(k->device() == q.device(), op, ": ", qname, " and ", kname,
+                " must be on the same device, got ", q.device(), " and ",
+                k->device());
+    const bool same_lead = q.dim() == 4 ? (q.size(0) == k->size(0) &&
+                                           q.size(1) == k->size(1))
+                                        : q.size(0) == k->size(0);
+    TORCH_CHECK(same_lead && q.size(-1) == k->size(-1), op, ": ", qname, " and ",
+                kname, " must agree on batch, seqlen and headdim, got shapes ",
+                q.sizes(), " and ", k->sizes());
+  }
+  check_tables(op, q, cos, sin);
+
+  const at::Tensor q4 = as_4d(q);
+  const int64_t batch = q4.size(0), seqlen = q4.size(1);
+  std::optional<at::Tensor> pos;
+  if (position_ids.has_value() && position_ids->defined())
+    pos = plan_positions(op, q, *position_ids, batch, seqlen);
+
+  if (inplace) {
+    TORCH_CHECK(at::has_internal_overlap(q) != at::MemOverlap::Yes, op, ": ", qname,
+                " has elements that share memory (e.g. an expanded tensor) and "
+                "cannot be rotated in place");
+    if (k) {
+      TORCH_CHECK(at::has_internal_overlap(*k) != at::MemOverlap::Yes, op, ": ",
+                  kname,
+                  " has elements that share memory (e.g. an expanded tensor) and "
+                  "cannot be rotated in place");
+      const auto overlap = at::get_overlap_status(q, *k);
+      TORCH_CHECK(overlap != at::MemOverlapStatus::Full &&
+                      overlap != at::MemOverlapStatus::Partial,
+                  op, ": ", qname, " and ", kname,
+                  " share memory and cannot both be rotated in place");
+    }
+  }
+
+  at::Tensor out_q = inplace ? q : at::empty_like(q);
+  at::Tensor out_k = k ? (inplace ? *k : at::empty_like(*k)) : at::Tensor();
+  if (q.numel() == 0 && (!k || k->numel() == 0)) return {out_q, out_k};
+
+  // Positions are checked here on CPU; CUDA kernels turn an out-of-range position
+  // into NaN rows instead (a check there would cost a device synchronisation).
+  const int64_t max_positions = cos.size(0);
+  if (q.device().is_cpu() && batch * seqlen > 0) {
+    if (pos) {
+      auto [lo, hi] = at::aminmax(*pos);
+      const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
+      TORCH_CHECK_INDEX(mn >= 0 && mx < max_positions, op,
+                        ": position_ids must be in [0, ", max_positions,
+                        ") (the rows of cos/sin), got values in [", mn, ", ", mx,
+                        "]");
+    } else {
+      TORCH_CHECK_INDEX(seqlen <= max_positions, op,
+                        ": position_ids is None, so positions run 0..", seqlen - 1,
+                        ", but cos/sin have only ", max_positions, " rows");
+    }
+  }
+
+  // Kernels read and write rows with a unit feature stride; other layouts go
+  // through a temporary (rare: a view that transposes the feature dim).
+  const at::Tensor in_q = unit_last_stride(q);
+  const at::Tensor in_k = k ? unit_last_stride(*k) : at::Tensor();
+  at::Tensor dst_q = unit_last_stride(out_q);
+  at::Tensor dst_k = k ? unit_last_stride(out_k) : at::Tensor();
+  if (inplace) {  // a copied input must not be aliased to a copied output
+    dst_q = in_q;
+    dst_k = in_k;
+  }
+  // Tables: unit column stride and one row stride shared by cos and sin.
+  const bool tables_ok = cos.stride(1) == 1 && sin.stride(1) == 1 &&
+                         cos.stride(0) == sin.stride(0);
+  const at::Tensor cos_u = tables_ok ? cos : cos.contiguous();
+  const at::Tensor sin_c = tables_ok ? sin : sin.contiguous();
+
+  RopeParams p;
+  p.ntensors = k ? 2 : 1;
+  fill_tensor_args(p.t[0], as_4d(in_q), as_4d(dst_q));
+  if (k) fill_tensor_args(p.t[1], as_4d(in_k), as_4d(dst_k));
+  p.batch = batch;
+  p.seqlen = seqlen;
+  p.head_dim = q.size(-1);
+  p.rotary_dim = 2 * cos.size(1);
+  p.cos = cos_u.const_data_ptr();
+  p.sin = sin_c.const_data_ptr();
+  p.table_stride = cos_u.stride(0);
+  p.max_positions = max_positions;
+  if (pos) {
+    p.pos = pos->const_data_ptr();
+    p.pos_int64 = pos->scalar_type() == at::kLong;
+    p.pos_stride_b = pos->stride(0);
+    p.pos_stride_s = pos->stride(1);
+  }
+  p.interleaved = interleaved;
+  p.conjugate = conjugate;
+  p.copy_tail = !inplace;
+  launch(p, q.scalar_type(), cos.scalar_type(), q.device());
+
+  // Copy back where a temporary stood in for the real destination.
+  if (!dst_q.is_same(out_q)) out_q.copy_(dst_q);
+  if (k && !dst_k.is_same(out_k)) out_k.copy_(dst_k);
+  return {out_q, out_k};
+}
+
+// ---- C++ API: calls through the dispatcher, so autograd/CPU/CUDA all apply. ----
+
+namespace {
+c10::OperatorHandle op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+}  // namespace
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      const std::optional<at::Tensor>& position_ids, bool interleaved) {
+  static auto op = op_handle("pirope::apply_rope")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&,
+                                         const std::optional<at::Tensor>&, bool)>();
+  return op.call(x, cos, sin, position_ids, interleaved);
+}
+
+at::Tensor apply_rope_backward(const at::Tensor& grad, const at::Tensor& cos,
+                               const at::Tensor& sin,
+                               const std::optional<at::Tensor>& position_ids,
+                               bool interleaved) {
+  static auto op = op_handle("pirope::apply_rope_backward")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&,
+                                         const std::optional<at::Tensor>&, bool)>();
+  return op.call(grad, cos, sin, position_ids, interleaved);
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_rope_qk(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+    const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
+    bool interleaved) {
+  static auto op =
+      op_handle("pirope::apply_rope_qk")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const std::optional<at::Tensor>&, bool)>();
+  return op.call(q, k, cos, sin, position_ids, interleaved);
+}
+
+void apply_rope_qk_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                    const at::Tensor& sin,
+                    const std::optional<at::Tensor>& position_ids, bool interleaved) {
+  static auto op = op_handle("pirope::apply_rope_qk_")
+                       .typed<void(const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&, bool)>();
+  op.call(q, k, cos, sin, position_ids, interleaved);
+}
+
+}  // namespace pirope

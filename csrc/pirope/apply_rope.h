@@ -1,0 +1,68 @@
+// apply_rope / apply_rope_qk: validation and planning shared by every backend.
+//
+// A backend provides one launcher (RopeLauncher) and registers the six rotary ops
+// with register_apply_rope_kernels<launcher>(m); argument checks, output allocation,
+// layout handling and position checks live once, in apply_rope.cpp.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "rope_params.h"
+
+namespace pirope {
+
+// Runs the rotation described by `params` on `device`. x_dtype is the dtype of the
+// rotated tensors, table_dtype the dtype of cos/sin.
+using RopeLauncher = void (*)(const RopeParams& params, at::ScalarType x_dtype,
+                              at::ScalarType table_dtype, c10::Device device);
+
+// Checks every argument, plans the kernel and runs it. `k` may be null (one tensor).
+// conjugate rotates by -angle (the backward); inplace writes into q (and k).
+// Returns the rotated tensors (the second is undefined when k is null).
+std::tuple<at::Tensor, at::Tensor> rope_run(
+    const char* op, const at::Tensor& q, const at::Tensor* k, const at::Tensor& cos,
+    const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
+    bool interleaved, bool conjugate, bool inplace, RopeLauncher launch);
+
+// Registers apply_rope, apply_rope_, apply_rope_backward, apply_rope_qk,
+// apply_rope_qk_ and apply_rope_qk_backward for one dispatch key.
+template <RopeLauncher L>
+void register_apply_rope_kernels(torch::Library& m) {
+  using OptT = std::optional<at::Tensor>;
+  using T = at::Tensor;
+  m.impl("apply_rope", [](const T& x, const T& cos, const T& sin, const OptT& pos,
+                          bool interleaved) {
+    return std::get<0>(rope_run("apply_rope", x, nullptr, cos, sin, pos,
+                                interleaved, false, false, L));
+  });
+  m.impl("apply_rope_", [](const T& x, const T& cos, const T& sin, const OptT& pos,
+                           bool interleaved) {
+    rope_run("apply_rope_", x, nullptr, cos, sin, pos, interleaved, false, true, L);
+  });
+  m.impl("apply_rope_backward", [](const T& grad, const T& cos, const T& sin,
+                                   const OptT& pos, bool interleaved) {
+    return std::get<0>(rope_run("apply_rope_backward", grad, nullptr, cos, sin, pos,
+                                interleaved, true, false, L));
+  });
+  m.impl("apply_rope_qk", [](const T& q, const T& k, const T& cos, const T& sin,
+                             const OptT& pos, bool interleaved) {
+    return rope_run("apply_rope_qk", q, &k, cos, sin, pos, interleaved, false, false,
+                    L);
+  });
+  m.impl("apply_rope_qk_", [](const T& q, const T& k, const T& cos, const T& sin,
+                              const OptT& pos, bool interleaved) {
+    rope_run("apply_rope_qk_", q, &k, cos, sin, pos, interleaved, false, true, L);
+  });
+  m.impl("apply_rope_qk_backward", [](const T& gq, const T& gk, const T& cos,
+                                      const T& sin, const OptT& pos,
+                                      bool interleaved) {
+    return rope_run("apply_rope_qk_backward", gq, &gk, cos, sin, pos, interleaved,
+                    true, false, L);
+  });
+}
+
+}  // namespace pirope

@@ -1,0 +1,47 @@
+// pirope's C++ API, callable from LibTorch without Python. Each function calls the
+// registered op through the dispatcher, so the CPU or CUDA kernel runs according to
+// the inputs' device, and autograd applies where it is registered.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/ATen.h>
+
+namespace pirope {
+
+// x: (batch, seqlen, nheads, headdim) or packed (total_tokens, nheads, headdim);
+// cos, sin: (max_positions, rotary_dim / 2). See DESIGN.md for the contract.
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      const std::optional<at::Tensor>& position_ids = std::nullopt,
+                      bool interleaved = false);
+
+// The gradient of apply_rope: rotation by the negative angle.
+at::Tensor apply_rope_backward(const at::Tensor& grad, const at::Tensor& cos,
+                               const at::Tensor& sin,
+                               const std::optional<at::Tensor>& position_ids = std::nullopt,
+                               bool interleaved = false);
+
+// q and k rotated in one pass; they may have different head counts.
+std::tuple<at::Tensor, at::Tensor> apply_rope_qk(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+    const at::Tensor& sin, const std::optional<at::Tensor>& position_ids = std::nullopt,
+    bool interleaved = false);
+
+// In-place variant of apply_rope_qk.
+void apply_rope_qk_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                    const at::Tensor& sin,
+                    const std::optional<at::Tensor>& position_ids = std::nullopt,
+                    bool interleaved = false);
+
+// Build facts, reported by pirope._C.build_info() and checked at import.
+struct BuildInfo {
+  const char* torch_version;
+  bool with_cuda;
+  const char* cuda_version;
+  const char* cuda_archs;
+  const char* cpu_capability;
+};
+BuildInfo build_info();
+
+}  // namespace pirope

@@ -1,0 +1,3 @@
+"""Autograd registrations, one file per op. Each backward calls its own op."""
+
+from . import apply_rope  # noqa: F401

@@ -1,0 +1,45 @@
+"""Autograd of the rotary ops. A rotation is linear and orthogonal, so the gradient
+of apply_rope is apply_rope_backward (rotation by -angle) and vice versa, which also
+makes double backward work. cos, sin and position_ids get no gradient."""
+
+import torch
+
+ops = torch.ops.pirope
+
+
+def _setup(ctx, inputs, output):
+    # Works for the single and the qk ops: the tables follow the rotated tensors.
+    n = 2 if len(inputs) == 6 else 1
+    cos, sin, position_ids, interleaved = inputs[n:]
+    ctx.save_for_backward(cos, sin, position_ids)
+    ctx.interleaved = interleaved
+
+
+def _apply_rope_bw(ctx, grad):
+    cos, sin, pos = ctx.saved_tensors
+    return ops.apply_rope_backward(grad, cos, sin, pos, ctx.interleaved), None, None, None, None
+
+
+def _apply_rope_backward_bw(ctx, grad):
+    cos, sin, pos = ctx.saved_tensors
+    return ops.apply_rope(grad, cos, sin, pos, ctx.interleaved), None, None, None, None
+
+
+def _apply_rope_qk_bw(ctx, gq, gk):
+    cos, sin, pos = ctx.saved_tensors
+    gq, gk = ops.apply_rope_qk_backward(gq, gk, cos, sin, pos, ctx.interleaved)
+    return gq, gk, None, None, None, None
+
+
+def _apply_rope_qk_backward_bw(ctx, gq, gk):
+    cos, sin, pos = ctx.saved_tensors
+    gq, gk = ops.apply_rope_qk(gq, gk, cos, sin, pos, ctx.interleaved)
+    return gq, gk, None, None, None, None
+
+
+torch.library.register_autograd("pirope::apply_rope", _apply_rope_bw, setup_context=_setup)
+torch.library.register_autograd(
+    "pirope::apply_rope_backward", _apply_rope_backward_bw, setup_context=_setup)
+torch.library.register_autograd("pirope::apply_rope_qk", _apply_rope_qk_bw, setup_context=_setup)
+torch.library.register_autograd(
+    "pirope::apply_rope_qk_backward", _apply_rope_qk_backward_bw, setup_context=_setup)

@@ -1,0 +1,47 @@
+"""Loads pirope._C (which registers torch.ops.pirope.*) and checks how it was built."""
+
+import torch
+
+_REBUILD = (
+    "Rebuild pirope against the installed torch from the source checkout with\n"
+    "    pip install --no-build-isolation .\n"
+    "(add -e for a development install)."
+)
+
+
+def _load():
+    try:
+        from pirope import _C  # noqa: PLC0415
+    except ImportError as e:
+        raise ImportError(
+            f"pirope's compiled extension pirope._C could not be loaded ({e}). It is "
+            f"built against one torch version; this Python has torch {torch.__version__}. "
+            + _REBUILD
+        ) from e
+    info = dict(_C.build_info())
+    if info["torch_version"] != torch.__version__:
+        raise ImportError(
+            f"pirope._C was built against torch {info['torch_version']} but torch "
+            f"{torch.__version__} is installed; the binary interface differs between "
+            "versions. " + _REBUILD
+        )
+    return _C, info
+
+
+_C, BUILD_INFO = _load()
+
+
+def build_info() -> dict:
+    """How the extension was built: torch version, CUDA on/off, CUDA version and
+    architectures, CPU vector ISA."""
+    return dict(BUILD_INFO)
+
+
+def require_cuda_build(device: torch.device, op: str) -> None:
+    """Clear error for CUDA tensors when the extension was built without CUDA."""
+    if device.type == "cuda" and not BUILD_INFO["with_cuda"]:
+        raise RuntimeError(
+            f"{op}: got CUDA tensors but pirope was built without CUDA kernels. "
+            "Install a CUDA build of torch and nvcc, then rebuild with "
+            "PIROPE_FORCE_CUDA=1 pip install --no-build-isolation ."
+        )

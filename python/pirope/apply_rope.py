@@ -1,0 +1,116 @@
+"""apply_rope / apply_rope_qk: rotary position embedding of q and k, with any
+cos/sin table (plain RoPE, Position Interpolation or another scaling)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from ._extension import require_cuda_build
+
+__all__ = ["apply_rope", "apply_rope_qk"]
+
+
+def _check_common(op, cos, sin, position_ids, interleaved, inplace):
+    _checks.tensor(op, "cos", cos)
+    _checks.tensor(op, "sin", sin)
+    _checks.tensor(op, "position_ids", position_ids, optional=True)
+    _checks.flag(op, "interleaved", interleaved)
+    _checks.flag(op, "inplace", inplace)
+
+
+class _RopeInplace(torch.autograd.Function):
+    """In-place rotation that stays differentiable: marks the inputs dirty and
+    backpropagates through the inverse rotation (the backward op)."""
+
+    @staticmethod
+    def forward(ctx, cos, sin, position_ids, interleaved, *xs):
+        if len(xs) == 1:
+            torch.ops.pirope.apply_rope_(xs[0], cos, sin, position_ids, interleaved)
+        else:
+            torch.ops.pirope.apply_rope_qk_(xs[0], xs[1], cos, sin, position_ids, interleaved)
+        ctx.mark_dirty(*xs)
+        ctx.save_for_backward(cos, sin, position_ids)
+        ctx.interleaved = interleaved
+        return xs[0] if len(xs) == 1 else xs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cos, sin, position_ids = ctx.saved_tensors
+        if len(grads) == 1:
+            g = torch.ops.pirope.apply_rope_backward(grads[0], cos, sin, position_ids, ctx.interleaved)
+            return None, None, None, None, g
+        gq, gk = torch.ops.pirope.apply_rope_qk_backward(
+            grads[0], grads[1], cos, sin, position_ids, ctx.interleaved)
+        return None, None, None, None, gq, gk
+
+
+def apply_rope(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    *,
+    interleaved: bool = False,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Rotates ``x`` by the rotary position embedding given by ``cos``/``sin``.
+
+    Args:
+        x: ``(batch, seqlen, nheads, headdim)`` or packed ``(total_tokens, nheads,
+            headdim)``; float32, float64, float16 or bfloat16; any strides on the
+            leading dims (a transpose of ``(batch, nheads, seqlen, headdim)`` works).
+        cos, sin: ``(max_positions, rotary_dim // 2)`` float32 (or float64) tables,
+            e.g. from :func:`pirope.rope_cos_sin`. The last ``headdim - rotary_dim``
+            features of each head pass through unchanged.
+        position_ids: ``None`` (token ``i`` of each sequence is at position ``i``),
+            ``(seqlen,)``, ``(batch, seqlen)`` or, for packed input,
+            ``(total_tokens,)``; int32 or int64, values in ``[0, max_positions)``.
+        interleaved: rotate pairs ``(2i, 2i+1)`` (Meta LLaMA / GPT-J) instead of
+            ``(i, i + rotary_dim/2)`` (Hugging Face / GPT-NeoX).
+        inplace: write the result into ``x`` and return it.
+
+    Returns:
+        ``x * cos + rotate(x) * sin``, computed in float32 (float64 for float64
+        input) and rounded once to ``x.dtype``. Differentiable in ``x``.
+    """
+    op = "apply_rope"
+    _checks.tensor(op, "x", x)
+    _check_common(op, cos, sin, position_ids, interleaved, inplace)
+    require_cuda_build(x.device, op)
+    if not inplace:
+        return torch.ops.pirope.apply_rope(x, cos, sin, position_ids, interleaved)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RopeInplace.apply(cos, sin, position_ids, interleaved, x)
+    torch.ops.pirope.apply_rope_(x, cos, sin, position_ids, interleaved)
+    return x
+
+
+def apply_rope_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    *,
+    interleaved: bool = False,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates queries and keys in one pass (one kernel launch).
+
+    ``q`` and ``k`` follow :func:`apply_rope`'s rules for ``x``; they must agree on
+    batch, seqlen, headdim, dtype and device but may have different head counts
+    (grouped-query / multi-query attention). Returns ``(q_rotated, k_rotated)``;
+    with ``inplace=True`` these are ``q`` and ``k`` themselves.
+    """
+    op = "apply_rope_qk"
+    _checks.tensor(op, "q", q)
+    _checks.tensor(op, "k", k)
+    _check_common(op, cos, sin, position_ids, interleaved, inplace)
+    require_cuda_build(q.device, op)
+    if not inplace:
+        return torch.ops.pirope.apply_rope_qk(q, k, cos, sin, position_ids, interleaved)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return _RopeInplace.apply(cos, sin, position_ids, interleaved, q, k)
+    torch.ops.pirope.apply_rope_qk_(q, k, cos, sin, position_ids, interleaved)
+    return q, k

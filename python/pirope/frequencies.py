@@ -1,0 +1,93 @@
+"""Frequency tables: rope_frequencies (inverse frequencies of plain RoPE, Position
+Interpolation and its successors) and rope_cos_sin (cos/sin tables for the ops)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from .scaling import compute_inv_freq
+
+__all__ = ["rope_frequencies", "rope_cos_sin"]
+
+
+def rope_frequencies(
+    head_dim: int,
+    *,
+    base: float = 10000.0,
+    scaling: dict | None = None,
+    max_position_embeddings: int = 2048,
+    partial_rotary_factor: float = 1.0,
+    seq_len: int | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Per-pair inverse frequencies ``theta_i`` of a (scaled) rotary embedding.
+
+    Args:
+        head_dim: features per attention head.
+        base: RoPE base (``rope_theta``), 10000 for LLaMA.
+        scaling: ``None`` for plain RoPE, or a Hugging Face ``rope_scaling`` dict, e.g.
+            ``{"rope_type": "linear", "factor": 4.0}`` for Position Interpolation
+            (positions divided by 4: a 2k model extended to 8k). Also ``"dynamic"``,
+            ``"yarn"``, ``"llama3"`` and ``"longrope"`` with Hugging Face's keys;
+            ``"type"`` is accepted as an alias of ``"rope_type"``.
+        max_position_embeddings: the model's context window (used by dynamic NTK).
+        partial_rotary_factor: fraction of ``head_dim`` that rotates.
+        seq_len: current sequence length, for the length-dependent scalings.
+
+    Returns:
+        ``(inv_freq, attention_factor)``: float32 ``(rotary_dim // 2,)`` tensor equal to
+        transformers' ``ROPE_INIT_FUNCTIONS`` for the same configuration, and the factor
+        cos and sin are multiplied by (1.0 except for yarn and longrope).
+    """
+    return compute_inv_freq(
+        head_dim,
+        base=base,
+        scaling=scaling,
+        max_position_embeddings=max_position_embeddings,
+        partial_rotary_factor=partial_rotary_factor,
+        seq_len=seq_len,
+    )
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor,
+    positions: int | torch.Tensor,
+    attention_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for :func:`pirope.apply_rope`.
+
+    Args:
+        inv_freq: ``(rotary_dim // 2,)`` inverse frequencies (see rope_frequencies).
+        positions: an int ``P`` (positions ``0..P-1``) or a 1-D integer tensor.
+        attention_factor: multiplies cos and sin (YaRN / LongRoPE).
+
+    Returns:
+        ``(cos, sin)``, float32, shape ``(len(positions), rotary_dim // 2)`` on
+        ``inv_freq``'s device. Angles ``position * inv_freq`` are computed in float64,
+        so the tables stay accurate at long positions (float32 angles lose about
+        ``position * 6e-8`` radians).
+    """
+    op = "rope_cos_sin"
+    _checks.tensor(op, "inv_freq", inv_freq)
+    if inv_freq.dim() != 1:
+        raise ValueError(f"{op}: inv_freq must be 1-D (rotary_dim // 2,), got shape {tuple(inv_freq.shape)}")
+    if not inv_freq.is_floating_point():
+        raise TypeError(f"{op}: inv_freq must be a floating-point tensor, got {inv_freq.dtype}")
+    factor = _checks.number(op, "attention_factor", attention_factor)
+    device = inv_freq.device
+    if isinstance(positions, torch.Tensor):
+        if positions.dim() != 1:
+            raise ValueError(f"{op}: positions must be an int or a 1-D tensor, got shape {tuple(positions.shape)}")
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+            raise TypeError(f"{op}: positions must be an integer tensor, got {positions.dtype}")
+        pos = positions.to(device=device, dtype=torch.float64)
+    else:
+        n = _checks.integer(op, "positions", positions, minimum=0)
+        pos = torch.arange(n, device=device, dtype=torch.float64)
+    angles = pos[:, None] * inv_freq.to(torch.float64)[None, :]
+    cos = angles.cos()
+    sin = angles.sin()
+    if factor != 1.0:
+        cos = cos * factor
+        sin = sin * factor
+    return cos.to(torch.float32), sin.to(torch.float32)

@@ -1,0 +1,100 @@
+"""Build pirope._C against the installed torch.
+
+    pip install --no-build-isolation .        # or -e . for development
+
+Environment:
+    PIROPE_FORCE_CUDA=1   build the CUDA kernels even if torch/nvcc detection says no
+    PIROPE_FORCE_CUDA=0   CPU-only build even when CUDA is available
+    TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0")
+    MAX_JOBS              parallel compile jobs (ninja)
+    PIROPE_CPU_ISA        "auto" (default: AVX2+FMA when the build machine has them)
+                          or "default" (portable build)
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    force = os.environ.get("PIROPE_FORCE_CUDA")
+    if force is not None and force.strip() != "":
+        return force.strip() not in ("0", "false", "False", "no")
+    nvcc = find_cuda_home() is not None or shutil.which("nvcc") is not None
+    return torch.version.cuda is not None and nvcc
+
+
+def find_cuda_home():
+    """The CUDA toolkit: $CUDA_HOME, $CUDA_PATH or /usr/local/cuda, before torch's
+    guess from the nvcc on PATH (which is wrong when nvcc is a wrapper script)."""
+    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if cand and os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            return cand
+    return cpp_extension.CUDA_HOME
+
+
+def pip_cuda_includes():
+    """Headers of the CUDA libraries that torch's CUDA wheel ships (cuBLAS, cuSPARSE,
+    ...), which ATen's CUDA headers include and a minimal toolkit may lack. Added as
+    system includes, searched after the toolkit's own."""
+    dirs = []
+    for path in torch.__path__:
+        site = os.path.dirname(path)
+        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    return dirs
+
+
+def cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def extensions():
+    with_cuda = want_cuda()
+    sources = rel(glob.glob(os.path.join(ROOT, "csrc/pirope/*.cpp")))
+    sources += rel(glob.glob(os.path.join(ROOT, "csrc/pirope/cpu/*.cpp")))
+    cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas", f'-DPIROPE_TORCH_VERSION="{torch.__version__}"']
+    nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
+            f'-DPIROPE_TORCH_VERSION="{torch.__version__}"']
+    isa = os.environ.get("PIROPE_CPU_ISA", "auto")
+    if isa == "auto" and cpu_has_avx2():
+        # Built from source for this machine, like -march=native but limited to what
+        # ATen's AVX2 kernels assume; PIROPE_CPU_ISA=default gives a portable build.
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    if with_cuda:
+        cpp_extension.CUDA_HOME = find_cuda_home()
+        for inc in pip_cuda_includes():
+            nvcc += ["-isystem", inc]
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc/pirope/cuda/*.cu")))
+        defs = ["-DPIROPE_WITH_CUDA", f'-DPIROPE_CUDA_VERSION="{torch.version.cuda}"',
+                f'-DPIROPE_CUDA_ARCHS="{archs}"']
+        cxx += defs
+        nvcc += defs
+        ext = cpp_extension.CUDAExtension(
+            "pirope._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    else:
+        ext = cpp_extension.CppExtension("pirope._C", sources, extra_compile_args={"cxx": cxx})
+    return [ext]
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,59 @@
+"""Independent float64 references in plain PyTorch (no pirope code): the rotation
+of DESIGN.md written the obvious way, and exact cos/sin tables."""
+
+from __future__ import annotations
+
+import torch
+
+
+def cos_sin_table(inv_freq: torch.Tensor, positions, attention_factor: float = 1.0):
+    """float64 cos/sin of position * inv_freq (positions: int or 1-D tensor)."""
+    if isinstance(positions, int):
+        positions = torch.arange(positions)
+    ang = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]
+    return ang.cos() * attention_factor, ang.sin() * attention_factor
+
+
+def positions_bs(position_ids, batch: int, seqlen: int) -> torch.Tensor:
+    """position_ids of any accepted form as an int64 (batch, seqlen) tensor."""
+    if position_ids is None:
+        return torch.arange(seqlen).expand(batch, seqlen)
+    return position_ids.to(torch.int64).cpu().expand(batch, seqlen)
+
+
+def rope_reference(x, cos, sin, position_ids=None, interleaved=False, conjugate=False):
+    """float64 rotary embedding of x ((B, S, H, D) or packed (T, H, D))."""
+    packed = x.dim() == 3
+    x64 = x.detach().to(torch.float64).cpu()
+    if packed:
+        x64 = x64.unsqueeze(0)
+    b, s, _, _ = x64.shape
+    pos = positions_bs(position_ids, b, s)
+    r = 2 * cos.shape[1]
+    c = cos.detach().to(torch.float64).cpu()[pos].unsqueeze(2)  # (B, S, 1, R/2)
+    sn = sin.detach().to(torch.float64).cpu()[pos].unsqueeze(2)
+    if conjugate:
+        sn = -sn
+    rot, rest = x64[..., :r], x64[..., r:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    else:
+        x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
+    o1 = x1 * c - x2 * sn
+    o2 = x2 * c + x1 * sn
+    if interleaved:
+        out = torch.stack((o1, o2), dim=-1).flatten(-2)
+    else:
+        out = torch.cat((o1, o2), dim=-1)
+    out = torch.cat((out, rest), dim=-1)
+    return out.squeeze(0) if packed else out
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    """Tolerances for one rounding of an O(1) result to dtype."""
+    return {
+        torch.float64: dict(atol=1e-12, rtol=1e-12),
+        torch.float32: dict(atol=2e-6, rtol=2e-6),
+        torch.float16: dict(atol=4e-3, rtol=2e-3),
+        torch.bfloat16: dict(atol=3e-2, rtol=1.6e-2),
+    }[dtype]

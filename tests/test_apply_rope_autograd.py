@@ -1,0 +1,138 @@
+"""Gradients, opcheck and torch.compile of the rotary ops."""
+
+import pytest
+import torch
+
+import pirope
+from reference import rope_reference
+
+
+def tables(rotary_dim, n, device):
+    inv_freq, _ = pirope.rope_frequencies(rotary_dim, scaling={"rope_type": "linear", "factor": 4.0})
+    cos, sin = pirope.rope_cos_sin(inv_freq, n)
+    return cos.to(device), sin.to(device)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_gradcheck_float64(device, interleaved):
+    q = torch.randn(2, 5, 3, 12, device=device, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 5, 1, 12, device=device, dtype=torch.float64, requires_grad=True)
+    cos, sin = tables(8, 7, device)  # partial rotary: 8 of 12 features
+    cos, sin = cos.double(), sin.double()
+    pos = torch.tensor([[6, 0, 3, 2, 1], [0, 1, 2, 3, 4]], device=device)
+    fn = lambda q, k: pirope.apply_rope_qk(q, k, cos, sin, pos, interleaved=interleaved)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k))
+    assert torch.autograd.gradgradcheck(fn, (q, k))
+    x = q.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: pirope.apply_rope(x, cos, sin, pos, interleaved=interleaved), (x,))
+
+
+def test_backward_is_the_inverse_rotation(device):
+    # d(out)/dx applied to g is R(-angle) g: compare with the float64 reference
+    x = torch.randn(2, 9, 4, 64, device=device, requires_grad=True)
+    cos, sin = tables(64, 9, device)
+    g = torch.randn(2, 9, 4, 64, device=device)
+    pirope.apply_rope(x, cos, sin).backward(g)
+    ref = rope_reference(g, cos, sin, conjugate=True)
+    torch.testing.assert_close(x.grad.double().cpu(), ref, atol=2e-6, rtol=2e-6)
+
+
+def test_qk_backward_with_one_output_unused(device):
+    q = torch.randn(1, 4, 2, 16, device=device, requires_grad=True)
+    k = torch.randn(1, 4, 2, 16, device=device, requires_grad=True)
+    cos, sin = tables(16, 4, device)
+    oq, _ = pirope.apply_rope_qk(q, k, cos, sin)
+    oq.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    assert k.grad is None or torch.count_nonzero(k.grad) == 0
+
+
+def test_inplace_is_differentiable(device):
+    q0 = torch.randn(2, 6, 4, 32, device=device, dtype=torch.float64, requires_grad=True)
+    k0 = torch.randn(2, 6, 2, 32, device=device, dtype=torch.float64, requires_grad=True)
+    cos, sin = tables(32, 6, device)
+    q, k = q0 * 1.0, k0 * 1.0  # non-leaf copies may be rotated in place
+    pirope.apply_rope_qk(q, k, cos, sin, inplace=True)
+    (q.sum() + (k * k).sum()).backward()
+    q1 = q0.detach().clone().requires_grad_()
+    k1 = k0.detach().clone().requires_grad_()
+    rq, rk = pirope.apply_rope_qk(q1, k1, cos, sin)
+    (rq.sum() + (rk * rk).sum()).backward()
+    torch.testing.assert_close(q0.grad, q1.grad)
+    torch.testing.assert_close(k0.grad, k1.grad)
+
+
+def test_opcheck_every_rotary_op(device):
+    cos, sin = tables(32, 12, device)
+    pos = torch.randint(0, 12, (2, 5), device=device)
+    for rg in (False, True):
+        q = torch.randn(2, 5, 4, 48, device=device, requires_grad=rg)
+        k = torch.randn(2, 5, 2, 48, device=device, requires_grad=rg)
+        torch.library.opcheck(torch.ops.pirope.apply_rope.default, (q, cos, sin, pos, False))
+        torch.library.opcheck(torch.ops.pirope.apply_rope_backward.default, (q, cos, sin, None, True))
+        torch.library.opcheck(torch.ops.pirope.apply_rope_qk.default, (q, k, cos, sin, pos, True))
+        torch.library.opcheck(torch.ops.pirope.apply_rope_qk_backward.default, (q, k, cos, sin, None, False))
+    q = torch.randn(2, 5, 4, 48, device=device)
+    k = torch.randn(2, 5, 2, 48, device=device)
+    torch.library.opcheck(torch.ops.pirope.apply_rope_.default, (q.clone(), cos, sin, pos, False))
+    torch.library.opcheck(torch.ops.pirope.apply_rope_qk_.default, (q.clone(), k.clone(), cos, sin, pos, True))
+    # transposed input: the fake kernel must predict the real output's strides
+    qt = torch.randn(2, 4, 5, 48, device=device).transpose(1, 2)
+    torch.library.opcheck(torch.ops.pirope.apply_rope.default, (qt, cos, sin, None, False))
+
+
+class TinyAttentionBlock(torch.nn.Module):
+    def __init__(self, heads=4, kv_heads=2, head_dim=32):
+        super().__init__()
+        dim = heads * head_dim
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q = torch.nn.Linear(dim, dim)
+        self.k = torch.nn.Linear(dim, kv_heads * head_dim)
+        self.v = torch.nn.Linear(dim, kv_heads * head_dim)
+        self.rope = pirope.RotaryEmbedding(head_dim, max_position_embeddings=64,
+                                           scaling={"rope_type": "linear", "factor": 2.0})
+
+    def forward(self, x, position_ids=None):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.heads, self.head_dim)
+        k = self.k(x).view(b, s, self.kv_heads, self.head_dim)
+        v = self.v(x).view(b, s, self.kv_heads, self.head_dim)
+        q, k = self.rope(q, k, position_ids)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, s, -1)
+
+
+def test_torch_compile_fullgraph_forward_and_backward(device):
+    torch._dynamo.reset()
+    model = TinyAttentionBlock().to(device)
+    x = torch.randn(2, 24, 128, device=device)
+    pos = torch.arange(24, device=device).expand(2, 24)
+    eager = model(x, pos)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x, pos)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_inplace_op(device):
+    torch._dynamo.reset()
+    cos, sin = tables(32, 16, device)
+
+    def f(q, k):
+        q = q * 2
+        k = k + 1
+        pirope.apply_rope_qk(q, k, cos, sin, inplace=True)
+        return q, k
+
+    q = torch.randn(1, 16, 2, 32, device=device)
+    k = torch.randn(1, 16, 1, 32, device=device)
+    eq, ek = f(q, k)
+    cq, ck = torch.compile(f, fullgraph=True)(q, k)
+    torch.testing.assert_close(cq, eq)
+    torch.testing.assert_close(ck, ek)

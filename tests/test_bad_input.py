@@ -1,0 +1,136 @@
+"""Every public function rejects bad input with an exception that names the argument.
+Nothing may crash, read out of bounds or silently return a wrong result."""
+
+import pytest
+import torch
+
+import pirope
+
+
+@pytest.fixture
+def tabs():
+    inv_freq, _ = pirope.rope_frequencies(64)
+    return pirope.rope_cos_sin(inv_freq, 16)
+
+
+def x_(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(x=x_(16, 64)), RuntimeError, "x must be .batch, seqlen, nheads, headdim."),
+        (dict(x=x_(1, 2, 16, 2, 64)), RuntimeError, "x must be"),
+        (dict(x=torch.randint(0, 5, (1, 4, 2, 64))), RuntimeError, "x must be float32, float64, float16 or bfloat16"),
+        (dict(x=x_(1, 4, 2, 30)), RuntimeError, "rotary_dim = 2 \\* cos.size\\(1\\) = 64 exceeds the head dim 30"),
+        (dict(position_ids=torch.arange(4.0)), RuntimeError, "position_ids must be int32 or int64"),
+        (dict(position_ids=torch.arange(5)), RuntimeError, "position_ids must be \\(seqlen,\\)"),
+        (dict(position_ids=torch.zeros(3, 4, dtype=torch.long)), RuntimeError, "position_ids must be"),
+        (dict(position_ids=torch.zeros(1, 1, 4, dtype=torch.long)), RuntimeError, "position_ids must be"),
+        (dict(position_ids=torch.tensor([0, 1, 2, 16])), IndexError, "position_ids must be in \\[0, 16\\)"),
+        (dict(position_ids=torch.tensor([0, -1, 2, 3])), IndexError, "position_ids must be in \\[0, 16\\)"),
+        (dict(x=x_(1, 17, 2, 64)), IndexError, "position_ids is None, so positions run 0..16"),
+        (dict(cos="cos"), TypeError, "cos must be a torch.Tensor"),
+        (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+        (dict(position_ids=[0, 1, 2, 3]), TypeError, "position_ids must be a torch.Tensor"),
+        (dict(interleaved=1), TypeError, "interleaved must be a bool"),
+        (dict(inplace="yes"), TypeError, "inplace must be a bool"),
+        (dict(cos=torch.randn(16)), RuntimeError, "cos must be \\(max_positions, rotary_dim // 2\\)"),
+        (dict(sin=torch.randn(16, 16)), RuntimeError, "cos and sin must have the same shape"),
+        (dict(cos=torch.randn(16, 32, dtype=torch.float16)), RuntimeError, "cos must be float32 \\(or float64\\)"),
+        (dict(sin=torch.randn(16, 32, dtype=torch.float64)), RuntimeError, "cos and sin must have the same dtype"),
+        (dict(cos=torch.randn(16, 32, device="meta")), RuntimeError, "cos must be on cpu"),
+    ],
+)
+def test_apply_rope_rejects(tabs, kwargs, exc, match):
+    cos, sin = tabs
+    args = dict(x=x_(1, 4, 2, 64), cos=cos, sin=sin, position_ids=None, interleaved=False, inplace=False)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        pirope.apply_rope(args.pop("x"), args.pop("cos"), args.pop("sin"), args.pop("position_ids"), **args)
+
+
+def test_packed_position_ids_shape(tabs):
+    cos, sin = tabs
+    with pytest.raises(RuntimeError, match="packed input .* position_ids must be \\(total_tokens,\\)"):
+        pirope.apply_rope(x_(6, 2, 64), cos, sin, torch.zeros(1, 6, dtype=torch.long))
+
+
+def test_apply_rope_qk_rejects_mismatches(tabs):
+    cos, sin = tabs
+    q = x_(2, 4, 8, 64)
+    with pytest.raises(RuntimeError, match="q and k must agree on batch, seqlen and headdim"):
+        pirope.apply_rope_qk(q, x_(2, 5, 2, 64), cos, sin)
+    with pytest.raises(RuntimeError, match="q and k must agree on batch, seqlen and headdim"):
+        pirope.apply_rope_qk(q, x_(2, 4, 2, 32), cos, sin)
+    with pytest.raises(RuntimeError, match="q and k must have the same dtype"):
+        pirope.apply_rope_qk(q, x_(2, 4, 2, 64, dtype=torch.float16), cos, sin)
+    with pytest.raises(RuntimeError, match="q and k must have the same rank"):
+        pirope.apply_rope_qk(q, x_(4, 2, 64), cos, sin)
+    with pytest.raises(RuntimeError, match="k must be on cpu"):
+        pirope.apply_rope_qk(q, torch.empty(2, 4, 2, 64, device="meta"), cos, sin)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        pirope.apply_rope_qk(q, None, cos, sin)
+
+
+def test_inplace_rejects_overlapping_memory(tabs):
+    cos, sin = tabs
+    expanded = x_(1, 4, 1, 64).expand(1, 4, 3, 64)
+    with pytest.raises(RuntimeError, match="x has elements that share memory"):
+        pirope.apply_rope(expanded, cos, sin, inplace=True)
+    q = x_(1, 4, 2, 64)
+    with pytest.raises(RuntimeError, match="q and k share memory"):
+        pirope.apply_rope_qk(q, q, cos, sin, inplace=True)
+
+
+def test_raising_leaves_inputs_untouched(tabs):
+    cos, sin = tabs
+    x = x_(1, 4, 2, 64)
+    x0 = x.clone()
+    with pytest.raises(IndexError):
+        pirope.apply_rope(x, cos, sin, torch.tensor([0, 1, 99, 2]), inplace=True)
+    assert torch.equal(x, x0)
+
+
+def test_rope_frequencies_rejects():
+    with pytest.raises(ValueError, match="rope_type"):
+        pirope.rope_frequencies(64, scaling={"rope_type": "nope", "factor": 2.0})
+    with pytest.raises(ValueError, match="factor"):
+        pirope.rope_frequencies(64, scaling={"rope_type": "linear", "factor": 0.5})
+    with pytest.raises((ValueError, KeyError), match="factor"):
+        pirope.rope_frequencies(64, scaling={"rope_type": "linear"})
+    with pytest.raises((ValueError, TypeError), match="scaling"):
+        pirope.rope_frequencies(64, scaling="linear")
+    with pytest.raises((ValueError, TypeError), match="rotary_dim|head_dim"):
+        pirope.rope_frequencies(63)
+
+
+def test_rope_cos_sin_rejects():
+    inv_freq, _ = pirope.rope_frequencies(64)
+    with pytest.raises(TypeError, match="inv_freq must be a torch.Tensor"):
+        pirope.rope_cos_sin([1.0], 4)
+    with pytest.raises(ValueError, match="inv_freq must be 1-D"):
+        pirope.rope_cos_sin(inv_freq[None], 4)
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        pirope.rope_cos_sin(inv_freq, -1)
+    with pytest.raises(TypeError, match="positions must be an int"):
+        pirope.rope_cos_sin(inv_freq, 2.5)
+    with pytest.raises(TypeError, match="positions must be an integer tensor"):
+        pirope.rope_cos_sin(inv_freq, torch.arange(4.0))
+    with pytest.raises(ValueError, match="positions must be an int or a 1-D tensor"):
+        pirope.rope_cos_sin(inv_freq, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_factor must be finite"):
+        pirope.rope_cos_sin(inv_freq, 4, float("nan"))
+
+
+def test_rotary_embedding_rejects():
+    with pytest.raises(TypeError, match="head_dim must be an int"):
+        pirope.RotaryEmbedding(64.0, max_position_embeddings=16)
+    with pytest.raises(ValueError, match="max_position_embeddings must be >= 1"):
+        pirope.RotaryEmbedding(64, max_position_embeddings=0)
+    rope = pirope.RotaryEmbedding(64, max_position_embeddings=16)
+    with pytest.raises(ValueError, match="q must be"):
+        rope(x_(4, 64), x_(4, 64))
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        rope(x_(1, 4, 2, 64), "k")
