@@ -55,7 +55,8 @@ class RotaryEmbedding(nn.Module):
         rope_type = self.scaling["rope_type"] if self.scaling else "default"
         self._length_dependent = rope_type in ("dynamic", "longrope")
         if rope_type == "longrope":
-            self._original_window = int(self.scaling["original_max_position_embeddings"])
+            self._original_window = int(self.scaling.get(
+                "original_max_position_embeddings", self.max_position_embeddings))
         else:
             self._original_window = self.max_position_embeddings
         self._table_key = None
@@ -91,7 +92,10 @@ class RotaryEmbedding(nn.Module):
         if self._length_dependent:
             key = self._key(seq_len)
             if key != self._table_key:
-                arg = None if key is None else (self._original_window + 1 if key == "long" else seq_len)
+                # Dynamic NTK gets the length as a tensor, as transformers' forward
+                # passes it (its new base is then computed in float32).
+                arg = None if key is None else (
+                    self._original_window + 1 if key == "long" else torch.tensor(seq_len))
                 inv_freq, self.attention_factor = self._frequencies(arg)
                 self.inv_freq = inv_freq.to(self.inv_freq.device)
                 self._table_key = key

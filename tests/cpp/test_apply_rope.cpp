@@ -1,0 +1,111 @@
+// C++ API of the rotary ops against a LibTorch reference (plain ATen ops, float64).
+#if __has_include(<catch2/catch_test_macros.hpp>)
+#include <catch2/catch_test_macros.hpp>  // Catch2 v3
+#else
+#include <catch2/catch.hpp>  // Catch2 v2
+#endif
+
+#include <ATen/ATen.h>
+
+#include "pirope/ops.h"
+
+namespace {
+
+// cos/sin tables of Position Interpolation by `factor`, float32 like pirope's.
+std::pair<at::Tensor, at::Tensor> pi_tables(int64_t rotary_dim, int64_t n, double factor) {
+  auto inv = 1.0 / at::pow(10000.0, at::arange(0, rotary_dim, 2, at::kDouble) / rotary_dim);
+  auto ang = at::arange(n, at::kDouble).unsqueeze(1) * (inv / factor).unsqueeze(0);
+  return {ang.cos().to(at::kFloat), ang.sin().to(at::kFloat)};
+}
+
+// Reference: x (B, S, H, D) rotated with tables indexed by pos (B, S).
+at::Tensor reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& pos, bool interleaved, bool conjugate = false) {
+  const int64_t r = 2 * cos.size(1);
+  auto xd = x.to(at::kDouble);
+  auto c = cos.to(at::kDouble).index_select(0, pos.flatten()).view({pos.size(0), pos.size(1), 1, -1});
+  auto s = sin.to(at::kDouble).index_select(0, pos.flatten()).view({pos.size(0), pos.size(1), 1, -1});
+  if (conjugate) s = -s;
+  auto rot = xd.narrow(-1, 0, r);
+  at::Tensor x1, x2;
+  if (interleaved) {
+    x1 = rot.slice(-1, 0, r, 2);
+    x2 = rot.slice(-1, 1, r, 2);
+  } else {
+    x1 = rot.narrow(-1, 0, r / 2);
+    x2 = rot.narrow(-1, r / 2, r / 2);
+  }
+  auto o1 = x1 * c - x2 * s;
+  auto o2 = x2 * c + x1 * s;
+  auto out = interleaved ? at::stack({o1, o2}, -1).flatten(-2) : at::cat({o1, o2}, -1);
+  return at::cat({out, xd.narrow(-1, r, x.size(-1) - r)}, -1);
+}
+
+bool close(const at::Tensor& a, const at::Tensor& b, double tol) {
+  return (a.to(at::kDouble) - b).abs().max().item<double>() <= tol;
+}
+
+}  // namespace
+
+TEST_CASE("apply_rope matches the reference in both layouts", "[apply_rope]") {
+  at::manual_seed(0);
+  auto [cos, sin] = pi_tables(64, 128, 4.0);
+  auto x = at::randn({2, 33, 4, 96});  // partial rotary: 64 of 96 features
+  auto pos = at::randint(0, 128, {2, 33}, at::kLong);
+  for (bool interleaved : {false, true}) {
+    auto out = pirope::apply_rope(x, cos, sin, pos, interleaved);
+    REQUIRE(out.sizes() == x.sizes());
+    REQUIRE(close(out, reference(x, cos, sin, pos, interleaved), 1e-5));
+    REQUIRE(at::equal(out.narrow(-1, 64, 32), x.narrow(-1, 64, 32)));
+  }
+}
+
+TEST_CASE("apply_rope_qk rotates q and k with different head counts", "[apply_rope_qk]") {
+  at::manual_seed(1);
+  auto [cos, sin] = pi_tables(128, 64, 2.0);
+  auto q = at::randn({1, 40, 32, 128}, at::kBFloat16);
+  auto k = at::randn({1, 40, 8, 128}, at::kBFloat16);
+  auto pos = at::arange(40, at::kLong).unsqueeze(0);
+  auto [oq, ok] = pirope::apply_rope_qk(q, k, cos, sin, std::nullopt, false);
+  REQUIRE(oq.scalar_type() == at::kBFloat16);
+  REQUIRE(close(oq, reference(q, cos, sin, pos, false), 3e-2));
+  REQUIRE(close(ok, reference(k, cos, sin, pos, false), 3e-2));
+}
+
+TEST_CASE("in-place and backward ops", "[apply_rope_qk_][apply_rope_backward]") {
+  at::manual_seed(2);
+  auto [cos, sin] = pi_tables(32, 16, 1.0);
+  auto q = at::randn({2, 16, 2, 32}, at::kDouble);
+  auto k = at::randn({2, 16, 1, 32}, at::kDouble);
+  auto q0 = q.clone(), k0 = k.clone();
+  auto pos = at::arange(16, at::kLong).unsqueeze(0).expand({2, 16});
+  pirope::apply_rope_qk_(q, k, cos, sin, std::nullopt, true);
+  REQUIRE(close(q, reference(q0, cos, sin, pos, true), 1e-12));
+  REQUIRE(close(k, reference(k0, cos, sin, pos, true), 1e-12));
+  // the backward rotates back: R(-a) R(a) = I, up to cos^2 + sin^2 = 1 in float32
+  auto back = pirope::apply_rope_backward(q, cos, sin, std::nullopt, true);
+  REQUIRE(close(back, q0, 1e-6));
+  REQUIRE(close(back, reference(q, cos, sin, pos, true, /*conjugate=*/true), 1e-12));
+}
+
+TEST_CASE("bad input throws, naming the argument", "[errors]") {
+  auto [cos, sin] = pi_tables(32, 8, 1.0);
+  auto x = at::randn({1, 4, 2, 32});
+  REQUIRE_THROWS_AS(pirope::apply_rope(x, cos, sin, at::tensor({0, 1, 2, 8}, at::kLong), false),
+                    c10::IndexError);
+  REQUIRE_THROWS_AS(pirope::apply_rope(at::randn({4, 32}), cos, sin, std::nullopt, false), c10::Error);
+  REQUIRE_THROWS_AS(pirope::apply_rope(at::randn({1, 4, 2, 16}), cos, sin, std::nullopt, false),
+                    c10::Error);
+  try {
+    pirope::apply_rope(x, cos, sin, at::tensor({0.0, 1.0, 2.0, 3.0}), false);
+    FAIL("expected an error");
+  } catch (const c10::Error& e) {
+    REQUIRE(std::string(e.what()).find("position_ids must be int32 or int64") != std::string::npos);
+  }
+}
+
+TEST_CASE("empty tensors", "[apply_rope]") {
+  auto [cos, sin] = pi_tables(32, 8, 1.0);
+  auto out = pirope::apply_rope(at::randn({0, 4, 2, 32}), cos, sin, std::nullopt, false);
+  REQUIRE(out.size(0) == 0);
+}
