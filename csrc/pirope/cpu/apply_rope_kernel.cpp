@@ -20,29 +20,37 @@ void rotate_row(const scalar_t* in, scalar_t* out, const at::opmath_type<scalar_
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int W = IO::kWidth;
+  constexpr int C = IO::kChunk;  // pairs per iteration (2 vectors)
   int64_t i = 0;
-  for (; i + W <= half; i += W) {
-    const Vec c = Vec::loadu(cs + i), s = Vec::loadu(sn + i);
-    Vec x1, x2;
-    if constexpr (kInterleaved) {
-      std::tie(x1, x2) = at::vec::deinterleave2(IO::load(in + 2 * i), IO::load(in + 2 * i + W));
+  for (; i + C <= half; i += C) {
+    Vec x1[2], x2[2];
+    if constexpr (kInterleaved) {  // 2C elements = C pairs, de-interleaved
+      auto [a0, a1] = IO::load2(in + 2 * i);
+      auto [b0, b1] = IO::load2(in + 2 * i + C);
+      std::tie(x1[0], x2[0]) = at::vec::deinterleave2(a0, a1);
+      std::tie(x1[1], x2[1]) = at::vec::deinterleave2(b0, b1);
     } else {
-      x1 = IO::load(in + i);
-      x2 = IO::load(in + half + i);
+      std::tie(x1[0], x1[1]) = IO::load2(in + i);
+      std::tie(x2[0], x2[1]) = IO::load2(in + half + i);
     }
-    const Vec o1 = x1 * c - x2 * s;  // rotate_pair, W pairs at once
-    const Vec o2 = x2 * c + x1 * s;
+    Vec o1[2], o2[2];
+    for (int h = 0; h < 2; ++h) {  // rotate_pair, W pairs at once
+      const Vec c = Vec::loadu(cs + i + h * W), s = Vec::loadu(sn + i + h * W);
+      o1[h] = x1[h] * c - x2[h] * s;
+      o2[h] = x2[h] * c + x1[h] * s;
+    }
     if constexpr (kInterleaved) {
-      auto [a, b] = at::vec::interleave2(o1, o2);
-      IO::store(out + 2 * i, a);
-      IO::store(out + 2 * i + W, b);
+      auto [a0, a1] = at::vec::interleave2(o1[0], o2[0]);
+      auto [b0, b1] = at::vec::interleave2(o1[1], o2[1]);
+      IO::store2(out + 2 * i, a0, a1);
+      IO::store2(out + 2 * i + C, b0, b1);
     } else {
-      IO::store(out + i, o1);
-      IO::store(out + half + i, o2);
+      IO::store2(out + i, o1[0], o1[1]);
+      IO::store2(out + half + i, o2[0], o2[1]);
     }
   }
   using acc_t = at::opmath_type<scalar_t>;
-  for (; i < half; ++i) {  // tail: fewer than W pairs left
+  for (; i < half; ++i) {  // tail: fewer than C pairs left
     const int64_t a = pair_first(i, half, kInterleaved), b = pair_second(i, half, kInterleaved);
     acc_t o1, o2;
     rotate_pair<acc_t>(static_cast<acc_t>(in[a]), static_cast<acc_t>(in[b]), cs[i], sn[i], o1, o2);

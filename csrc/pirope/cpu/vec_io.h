@@ -8,28 +8,30 @@
 
 namespace pirope::cpu {
 
+// Loads and stores two math-type vectors (2 * kWidth elements) at a time: for
+// float16/bfloat16 that is exactly one full Vectorized<scalar_t>, so conversions
+// run on whole registers and stores never take the slow partial-store path.
 template <typename scalar_t>
 struct VecIO {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   static constexpr int kWidth = Vec::size();
+  static constexpr int kChunk = 2 * kWidth;  // elements per load2/store2
 
-  // kWidth elements at p, widened to the math type.
-  static Vec load(const scalar_t* p) {
+  static std::pair<Vec, Vec> load2(const scalar_t* p) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return Vec::loadu(p);
+      return {Vec::loadu(p), Vec::loadu(p + kWidth)};
     } else {
-      Vec v;
-      at::vec::load_to_float<scalar_t>(p, v);
-      return v;
+      auto [a, b] = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+      return {a, b};
     }
   }
-  // kWidth elements to p, rounded once to the storage type.
-  static void store(scalar_t* p, const Vec& v) {
+  static void store2(scalar_t* p, const Vec& a, const Vec& b) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      v.store(p);
+      a.store(p);
+      b.store(p + kWidth);
     } else {
-      at::vec::convert_from_float<scalar_t>(v, v).store(p, kWidth);
+      at::vec::convert_from_float<scalar_t>(a, b).store(p);
     }
   }
 };

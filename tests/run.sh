@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every test of pirope: the C++ (Catch2) tests through CMake/ctest, then pytest.
+# Assumes pirope is installed (pip install --no-build-isolation .). CUDA tests run when
+# a GPU is present and skip otherwise. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== C++ tests (Catch2, LibTorch) =="
+mkdir -p build && cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release > build/cmake.log 2>&1 || { cat build/cmake.log; exit 1; }
+cmake --build build/cmake -j "${MAX_JOBS:-2}"
+ctest --test-dir build/cmake --output-on-failure
+echo "== Python tests =="
+python -m pytest -q "$@"
