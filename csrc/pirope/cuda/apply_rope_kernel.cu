@@ -50,6 +50,26 @@ __device__ __forceinline__ void store_n(T* p, const T (&v)[N]) {
   }
 }
 
+// n consecutive cos (or sin) values of a table row, widened to the math type. Float32
+// tables in the aligned kernel are read 16 bytes at a time (launch_typed checks their
+// alignment); every head of a token reads the same row, so these hit L1.
+template <int N, bool kAligned, typename table_t, typename acc_t>
+__device__ __forceinline__ void load_table(const table_t* p, acc_t (&v)[N]) {
+  if constexpr (kAligned && std::is_same_v<table_t, float> && N % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < N; j += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(p + j);
+      v[j] = f.x;
+      v[j + 1] = f.y;
+      v[j + 2] = f.z;
+      v[j + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) v[j] = static_cast<acc_t>(p[j]);
+  }
+}
+
 // kVec: elements per 16-byte chunk when aligned. Per item, the half layout rotates
 // kPairs = kVec pairs (kVec elements at i and at i + half); the interleaved layout
 // rotates kVec / 2 pairs (kVec contiguous elements). Unaligned: one pair per item.
@@ -64,7 +84,6 @@ __global__ void rope_kernel(const RopeParams p, int64_t rot_items, int64_t tail_
   const int64_t pos = token_position(p, b, s);
   const acc_t nan = static_cast<acc_t>(NAN);
   const int64_t half = p.rotary_dim / 2;
-  const int64_t tail = p.head_dim - p.rotary_dim;
   const int64_t per_head = rot_items + tail_items;
   const int64_t total = (p.t[0].heads + (p.ntensors > 1 ? p.t[1].heads : 0)) * per_head;
   const table_t* crow = static_cast<const table_t*>(p.cos) + (pos < 0 ? 0 : pos) * p.table_stride;
@@ -88,11 +107,13 @@ __global__ void rope_kernel(const RopeParams p, int64_t rot_items, int64_t tail_
         load_n<kN, kAligned>(in + i0, x1);
         load_n<kN, kAligned>(in + half + i0, x2);
       }
+      acc_t cs_v[kPairs], sn_v[kPairs];
+      load_table<kPairs, kAligned>(crow + i0, cs_v);
+      load_table<kPairs, kAligned>(srow + i0, sn_v);
 #pragma unroll
       for (int j = 0; j < kPairs; ++j) {
-        const acc_t cs = static_cast<acc_t>(crow[i0 + j]);
-        const acc_t sn = p.conjugate ? -static_cast<acc_t>(srow[i0 + j])
-                                     : static_cast<acc_t>(srow[i0 + j]);
+        const acc_t cs = cs_v[j];
+        const acc_t sn = p.conjugate ? -sn_v[j] : sn_v[j];
         T& e1 = kInterleaved ? x1[2 * j] : x1[j];
         T& e2 = kInterleaved ? x1[2 * j + 1] : x2[j];
         acc_t o1, o2;
@@ -135,6 +156,10 @@ void launch_typed(const RopeParams& p, cudaStream_t stream) {
   const int64_t tail = p.head_dim - p.rotary_dim;
   bool aligned = p.head_dim % kVec == 0 && (kInterleaved ? p.rotary_dim % kVec == 0 : half % kVec == 0);
   for (int t = 0; t < p.ntensors; ++t) aligned = aligned && aligned16(p.t[t], kVec);
+  if constexpr (std::is_same_v<table_t, float>) {  // 16-byte table reads (load_table)
+    aligned = aligned && reinterpret_cast<uintptr_t>(p.cos) % 16 == 0 &&
+              reinterpret_cast<uintptr_t>(p.sin) % 16 == 0 && p.table_stride % 4 == 0;
+  }
 
   const int64_t ntok = p.batch * p.seqlen;
   const int64_t heads = p.t[0].heads + (p.ntensors > 1 ? p.t[1].heads : 0);

@@ -1,0 +1,36 @@
+"""Build facts and the import-time check against the torch pirope was built with."""
+
+import subprocess
+import sys
+
+import torch
+
+import pirope
+
+
+def test_build_info_reports_the_build():
+    info = pirope.build_info()
+    assert info["torch_version"] == torch.__version__
+    assert isinstance(info["with_cuda"], bool)
+    assert info["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
+    if info["with_cuda"]:
+        assert info["cuda_version"] and info["cuda_archs"]
+    assert hasattr(torch.ops.pirope, "apply_rope_qk")
+
+
+def test_import_with_another_torch_fails_with_rebuild_instructions():
+    code = "import torch; torch.__version__ = '0.0.0+other'; import pirope"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "built against torch" in r.stderr and "pip install --no-build-isolation" in r.stderr
+
+
+def test_cuda_tensors_without_cuda_build_give_a_clear_error(monkeypatch):
+    import pytest
+
+    from pirope import _extension
+
+    monkeypatch.setitem(_extension.BUILD_INFO, "with_cuda", False)
+    with pytest.raises(RuntimeError, match="apply_rope: got CUDA tensors but pirope was built without CUDA"):
+        _extension.require_cuda_build(torch.device("cuda"), "apply_rope")
+    _extension.require_cuda_build(torch.device("cpu"), "apply_rope")  # CPU is always fine
