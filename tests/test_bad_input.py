@@ -84,6 +84,20 @@ def test_inplace_rejects_overlapping_memory(tabs):
         pirope.apply_rope_qk(q, q, cos, sin, inplace=True)
 
 
+def test_inplace_q_and_k_views_of_one_tensor(tabs):
+    cos, sin = tabs
+    # q, k and v as views of one fused projection: disjoint, so in place is fine
+    qkv = x_(2, 4, 6 + 2 + 2, 64)
+    q, k = qkv[:, :, :6], qkv[:, :, 6:8]
+    rq, rk = pirope.apply_rope_qk(q.clone(), k.clone(), cos, sin)
+    pirope.apply_rope_qk(q, k, cos, sin, inplace=True)
+    assert torch.equal(q, rq) and torch.equal(k, rk)
+    # overlapping head ranges, or rows that overlap by a few features, are rejected
+    for a, b in [(qkv[:, :, :6], qkv[:, :, 5:7]), (qkv[:, :, :2, :64], qkv.view(2, 4, -1)[:, :, 32:96].view(2, 4, 1, 64))]:
+        with pytest.raises(RuntimeError, match="q and k share memory"):
+            pirope.apply_rope_qk(a, b, cos, sin, inplace=True)
+
+
 def test_raising_leaves_inputs_untouched(tabs):
     cos, sin = tabs
     x = x_(1, 4, 2, 64)

@@ -92,6 +92,44 @@ at::Tensor unit_last_stride(const at::Tensor& x) {
   return (x.size(-1) <= 1 || x.stride(-1) == 1) ? x : x.contiguous();
 }
 
+// Element offsets (in the shared storage) at which the rows of a 4-D view start; the
+// rows are a.size(3) long with unit stride. Computed from sizes and strides only, on
+// the CPU, so it never touches (or synchronises with) device memory.
+at::Tensor row_starts(const at::Tensor& a) {
+  auto opts = at::TensorOptions().dtype(at::kLong);
+  auto idx = [&](int d) { return at::arange(a.size(d), opts) * a.stride(d); };
+  return (idx(0).view({-1, 1, 1}) + idx(1).view({1, -1, 1}) + idx(2).view({1, 1, -1}))
+             .flatten() + a.storage_offset();
+}
+
+// True when some row of `a` shares an element with some row of `b` (4-D views of one
+// storage, unit feature stride): after sorting a's row starts, a row of b overlaps iff
+// the nearest a-row starting at or before it reaches it, or the next one starts inside it.
+bool rows_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto a_starts = std::get<0>(row_starts(a).sort());
+  const auto b_starts = row_starts(b);
+  const int64_t n = a_starts.numel();
+  auto next = at::searchsorted(a_starts, b_starts, /*out_int32=*/false, /*right=*/true);
+  auto prev = (next - 1).clamp_min(0);
+  auto reach = (a_starts.index_select(0, prev) + a.size(3)).gt(b_starts) & (next - 1).ge(0);
+  auto inside = a_starts.index_select(0, next.clamp_max(n - 1)).lt(b_starts + b.size(3)) & next.lt(n);
+  return (reach | inside).any().item<bool>();
+}
+
+// q and k rotated in place must not share an element (one would be rotated twice).
+void check_disjoint(const char* op, const char* qname, const char* kname, const at::Tensor& q,
+                    const at::Tensor& k) {
+  const auto status = at::get_overlap_status(q, k);
+  bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+  if (status == at::MemOverlapStatus::TooHard) {  // strided views of one storage, e.g. q/k of a fused qkv
+    const at::Tensor q4 = as_4d(q), k4 = as_4d(k);
+    overlap = q4.stride(3) != 1 || k4.stride(3) != 1 || rows_overlap(q4, k4);
+  }
+  TORCH_CHECK(!overlap, op, ": ", qname, " and ", kname,
+              " share memory and cannot both be rotated in place");
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rope_run(
@@ -136,11 +174,7 @@ std::tuple<at::Tensor, at::Tensor> rope_run(
                   kname,
                   " has elements that share memory (e.g. an expanded tensor) and "
                   "cannot be rotated in place");
-      const auto overlap = at::get_overlap_status(q, *k);
-      TORCH_CHECK(overlap != at::MemOverlapStatus::Full &&
-                      overlap != at::MemOverlapStatus::Partial,
-                  op, ": ", qname, " and ", kname,
-                  " share memory and cannot both be rotated in place");
+      check_disjoint(op, qname, kname, q, *k);
     }
   }
 

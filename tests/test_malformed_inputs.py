@@ -1,0 +1,93 @@
+"""Every public function called with malformed arguments, in a child process: each call
+must raise a Python exception with a message (never crash the process or hang).
+
+One child runs all cases in order and reports each outcome; if it dies, the case it
+had started is the culprit."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+CASES = textwrap.dedent(r'''
+import torch, pirope
+ops = torch.ops.pirope
+inv, _ = pirope.rope_frequencies(64)
+cos, sin = pirope.rope_cos_sin(inv, 16)
+x = torch.randn(1, 4, 2, 64)
+CASES = {
+  "apply_rope x=None": lambda: pirope.apply_rope(None, cos, sin),
+  "apply_rope x=int": lambda: pirope.apply_rope(3, cos, sin),
+  "apply_rope x=0-d": lambda: pirope.apply_rope(torch.tensor(1.0), cos, sin),
+  "apply_rope x=complex": lambda: pirope.apply_rope(torch.randn(1, 4, 2, 64, dtype=torch.cfloat), cos, sin),
+  "apply_rope x=bool": lambda: pirope.apply_rope(torch.ones(1, 4, 2, 64, dtype=torch.bool), cos, sin),
+  "apply_rope cos=None": lambda: pirope.apply_rope(x, None, sin),
+  "apply_rope cos int": lambda: pirope.apply_rope(x, cos.long(), sin.long()),
+  "apply_rope cos 3-d": lambda: pirope.apply_rope(x, cos[None], sin[None]),
+  "apply_rope empty table": lambda: pirope.apply_rope(x, cos[:0], sin[:0]),
+  "apply_rope huge position": lambda: pirope.apply_rope(x, cos, sin, torch.tensor([0, 1, 2**62, 3])),
+  "apply_rope min int position": lambda: pirope.apply_rope(x, cos, sin, torch.tensor([0, 1, -2**63, 3])),
+  "apply_rope int32 negative": lambda: pirope.apply_rope(x, cos, sin, torch.tensor([0, -2**31, 1, 2], dtype=torch.int32)),
+  "apply_rope float positions": lambda: pirope.apply_rope(x, cos, sin, torch.zeros(4)),
+  "apply_rope uint8 positions": lambda: pirope.apply_rope(x, cos, sin, torch.zeros(4, dtype=torch.uint8)),
+  "apply_rope 3-d positions": lambda: pirope.apply_rope(x, cos, sin, torch.zeros(1, 1, 4, dtype=torch.long)),
+  "apply_rope list positions": lambda: pirope.apply_rope(x, cos, sin, [0, 1, 2, 3]),
+  "apply_rope meta x": lambda: pirope.apply_rope(torch.empty(1, 4, 2, 64, device="meta"), cos, sin),
+  "apply_rope table wider than head": lambda: pirope.apply_rope(torch.randn(1, 4, 2, 8), cos, sin),
+  "apply_rope interleaved=None": lambda: pirope.apply_rope(x, cos, sin, interleaved=None),
+  "apply_rope_qk k=None": lambda: pirope.apply_rope_qk(x, None, cos, sin),
+  "apply_rope_qk k wrong rank": lambda: pirope.apply_rope_qk(x, torch.randn(4, 64), cos, sin),
+  "apply_rope_qk same tensor in place": lambda: pirope.apply_rope_qk(x, x, cos, sin, inplace=True),
+  "apply_rope_qk overlapping views in place": lambda: pirope.apply_rope_qk(x[:, :, :1], x[:, :, :2], cos, sin, inplace=True),
+  "op apply_rope None x": lambda: ops.apply_rope(None, cos, sin, None, False),
+  "op apply_rope wrong arity": lambda: ops.apply_rope(x, cos, sin),
+  "op apply_rope_ expanded": lambda: ops.apply_rope_(x[:, :, :1].expand(1, 4, 3, 64), cos, sin, None, False),
+  "op apply_rope_backward bad pos": lambda: ops.apply_rope_backward(x, cos, sin, torch.full((4,), 99), False),
+  "op apply_rope_qk mismatched": lambda: ops.apply_rope_qk(x, torch.randn(2, 4, 2, 64), cos, sin, None, False),
+  "op apply_rope_qk_backward bad": lambda: ops.apply_rope_qk_backward(x, x.double(), cos, sin, None, False),
+  "rope_cos_sin None": lambda: pirope.rope_cos_sin(None, 4),
+  "rope_cos_sin int inv_freq": lambda: pirope.rope_cos_sin(torch.arange(4), 4),
+  "rope_cos_sin positions str": lambda: pirope.rope_cos_sin(inv, "8"),
+  "rope_cos_sin negative": lambda: pirope.rope_cos_sin(inv, -3),
+  "rope_cos_sin inf factor": lambda: pirope.rope_cos_sin(inv, 4, float("inf")),
+  "rope_frequencies head_dim str": lambda: pirope.rope_frequencies("64"),
+  "rope_frequencies head_dim 0": lambda: pirope.rope_frequencies(0),
+  "rope_frequencies negative base": lambda: pirope.rope_frequencies(64, base=-1.0),
+  "rope_frequencies nan factor": lambda: pirope.rope_frequencies(64, scaling={"rope_type": "linear", "factor": float("nan")}),
+  "rope_frequencies bad type": lambda: pirope.rope_frequencies(64, scaling={"rope_type": 5}),
+  "rope_frequencies list scaling": lambda: pirope.rope_frequencies(64, scaling=[("rope_type", "linear")]),
+  "rope_frequencies longrope short list": lambda: pirope.rope_frequencies(64, scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0], "original_max_position_embeddings": 16}, max_position_embeddings=64),
+  "RotaryEmbedding None": lambda: pirope.RotaryEmbedding(None, max_position_embeddings=8),
+  "RotaryEmbedding huge factor type": lambda: pirope.RotaryEmbedding(64, max_position_embeddings="8"),
+  "RotaryEmbedding forward non-tensor": lambda: pirope.RotaryEmbedding(64, max_position_embeddings=8)(1, 2),
+  "RotaryEmbedding odd rotary": lambda: pirope.RotaryEmbedding(63, max_position_embeddings=8),
+}
+''')
+
+RUNNER = CASES + textwrap.dedent(r'''
+import json, sys
+for name, fn in CASES.items():
+    print(json.dumps({"start": name}), flush=True)
+    try:
+        fn()
+        out = {"name": name, "raised": None}
+    except Exception as e:  # noqa: BLE001
+        out = {"name": name, "raised": type(e).__name__, "message": str(e).splitlines()[0] if str(e) else ""}
+    print(json.dumps(out), flush=True)
+''')
+
+
+def test_malformed_inputs_raise_clean_python_errors():
+    r = subprocess.run([sys.executable, "-c", RUNNER], capture_output=True, text=True, timeout=300)
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    started = [d["start"] for d in lines if "start" in d]
+    results = {d["name"]: d for d in lines if "name" in d}
+    assert r.returncode == 0, f"child died (rc {r.returncode}) in case {started[-1]!r}:\n{r.stderr[-2000:]}"
+    assert len(results) == len(started) > 40
+    silent = [n for n, d in results.items() if d["raised"] is None]
+    assert not silent, f"accepted malformed input without an error: {silent}"
+    allowed = {"TypeError", "ValueError", "IndexError", "RuntimeError", "NotImplementedError"}
+    wrong = {n: d["raised"] for n, d in results.items() if d["raised"] not in allowed}
+    assert not wrong, f"unexpected exception types: {wrong}"
+    empty = [n for n, d in results.items() if len(d["message"]) < 15]
+    assert not empty, f"errors without a useful message: {empty}"
