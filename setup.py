@@ -9,6 +9,8 @@ Environment:
     MAX_JOBS              parallel compile jobs (ninja)
     PIROPE_CPU_ISA        "auto" (default: AVX2+FMA when the build machine has them)
                           or "default" (portable build)
+    PIROPE_SANITIZE       e.g. "address,undefined": build the C++ code with those
+                          sanitizers (see tests/sanitize.sh)
 """
 
 import glob
@@ -76,6 +78,12 @@ def extensions():
         # Built from source for this machine, like -march=native but limited to what
         # ATen's AVX2 kernels assume; PIROPE_CPU_ISA=default gives a portable build.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    link = []
+    sanitize = os.environ.get("PIROPE_SANITIZE", "").strip()
+    if sanitize:
+        flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
+        cxx += flags
+        link += flags
     if with_cuda:
         cpp_extension.CUDA_HOME = find_cuda_home()
         for inc in pip_cuda_includes():
@@ -88,9 +96,11 @@ def extensions():
         cxx += defs
         nvcc += defs
         ext = cpp_extension.CUDAExtension(
-            "pirope._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+            "pirope._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link)
     else:
-        ext = cpp_extension.CppExtension("pirope._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("pirope._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=link)
     return [ext]
 
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds the CPU extension with AddressSanitizer + UndefinedBehaviorSanitizer in a copy
+# of the tree and runs the kernel tests under it. Any report aborts the run.
+#   bash tests/sanitize.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dst=build/sanitize/src
+rm -rf "$dst" && mkdir -p "$dst"
+git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$dst"
+cd "$dst"
+echo "== building with -fsanitize=address,undefined =="
+PIROPE_FORCE_CUDA=0 PIROPE_SANITIZE=address,undefined MAX_JOBS="${MAX_JOBS:-2}" \
+  python setup.py build_ext --inplace > ../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
+# Python and torch are not instrumented: leaks at exit are theirs, and ASan's
+# interception of torch's own allocator is fine.
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:symbolize=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+export PYTHONPATH="$PWD/python"
+tests=(tests/test_apply_rope.py tests/test_bad_input.py tests/test_rope_properties.py tests/test_malformed_inputs.py)
+for t in tests/test_rope_attention.py; do [ -f "$t" ] && tests+=("$t"); done
+echo "== tests under ASan/UBSan =="
+python -m pytest -q -p no:cacheprovider "${tests[@]}" "$@"
