@@ -1,0 +1,574 @@
+"""Hugging Face transformers integration: Position Interpolation for LLaMA-family models.
+
+    from transformers import AutoModelForCausalLM
+    from pirope.integrations.transformers import apply_position_interpolation
+
+    model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-2-7b-hf")   # 4k window
+    model = apply_position_interpolation(model, 4.0)                          # 16k, PI
+    # ... fine-tune ...; model.save_pretrained(path) loads back with plain transformers
+
+Two functions:
+
+* :func:`apply_position_interpolation` extends the context window by Position
+  Interpolation (``rope_type "linear"``) *and* routes RoPE (and, with
+  ``attention="fused"``, attention) through pirope's ops.
+* :func:`patch_rope` only routes the model's current RoPE configuration -- any
+  ``rope_type``: default, linear, dynamic, yarn, llama3, longrope, partial rotary where
+  the architecture has it -- through pirope's ops, with logits equal to the unpatched
+  model's.
+
+Supported architectures (``config.model_type``): ``llama``, ``mistral``, ``qwen2``
+(separate ``q_proj``/``k_proj``/``v_proj``) and ``phi3`` (fused ``qkv_proj``; the only
+one of them with partial rotary). Anything else raises ``TypeError`` rather than risk a
+silently different model (e.g. Qwen3's q/k norms, Gemma's soft-capping).
+
+How the patch works. The model's ``rotary_emb`` module is replaced by a
+:class:`PiropeRotaryEmbedding` that computes, once per forward, a float32 cos/sin
+*table* shared by all layers (cached, grown when a longer sequence arrives) and passes it
+to the layers in place of Hugging Face's per-token ``(cos, sin)``. Each decoder layer's
+``self_attn.forward`` is replaced (instance attribute; the class and the weights are
+untouched) by one that keeps Hugging Face's projections, rotates the un-rotated q and k
+with :func:`pirope.apply_rope_qk` (in the ``(batch, seqlen, heads, head_dim)`` layout
+the projections produce, no copies) and then:
+
+* ``attention="sdpa"``: calls the attention function of the model's
+  ``config._attn_implementation`` exactly as Hugging Face does ("sdpa", torch SDPA, by
+  default; "eager" if the model was loaded with it, ...), so the KV cache
+  (``use_cache``/``generate``), padding masks (``attention_mask`` with zeros),
+  custom ``position_ids``, sliding windows, attention dropout and, with
+  ``attn_implementation="eager"``, ``output_attentions`` behave as in transformers.
+* ``attention="fused"``: calls :func:`pirope.rope_attention` (RoPE + causal attention in
+  one op, GQA, no seqlen x seqlen matrix) when that is exact: no cached past keys for
+  this layer (a prefill or a plain training forward; the rotated keys are still written
+  to an empty cache), no attention mask tensor (i.e. no padding: Hugging Face passes
+  ``None`` for a pure causal mask with sdpa), no attention dropout in training and no
+  sliding window. Any other call of that layer -- a decode step with cached keys, a
+  padded batch, ``attn_implementation="eager"`` -- takes the "sdpa" path, so results
+  never depend on which path ran. ``output_attentions`` gives ``None`` weights from the
+  fused path. When pirope has no ``rope_attention`` op, "fused" warns once (per patch
+  call) and behaves as "sdpa".
+
+The table is float32 whatever the model's dtype (``model.half()`` does not round it)
+and lives on the device of the hidden states. Finding the table length needs the
+largest position id on the host: one device sync per model forward (not per layer).
+
+For the length-dependent types the table is the one of the current sequence length
+``max(position_ids) + 1``, like :class:`pirope.RotaryEmbedding`: "dynamic" recomputes
+its base above the window and returns to the original table inside it; "longrope"
+switches from ``short_factor`` to ``long_factor`` above
+``original_max_position_embeddings``. This equals transformers for any fresh call and
+for non-decreasing lengths (prefill then decode). It differs in one deliberate way:
+transformers' "dynamic" keeps the table of the longest sequence seen so far for later
+shorter sequences that are still above the window, while here a long request never
+changes the result of a later short one.
+
+Numerics: transformers computes the angles ``position * inv_freq`` in float32 (error
+about ``position * 6e-8`` rad), pirope in float64 before rounding cos/sin to float32,
+so patched logits agree with the unpatched model to float32 rounding at short
+positions and are the more accurate of the two at long ones.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+import types
+import warnings
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+import pirope
+from pirope.scaling import compute_inv_freq, normalize_scaling
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "PiropeRotaryEmbedding",
+    "RopeTables",
+    "apply_position_interpolation",
+    "patch_rope",
+]
+
+_ATTENTION_MODES = ("fused", "sdpa")
+
+# model_type -> (how q/k/v are projected, sliding-window source, partial rotary supported)
+#   proj "separate": q_proj, k_proj, v_proj;  "qkv": one qkv_proj split as q | k | v.
+#   window None: the attention gets no sliding_window kwarg (Llama);
+#          "config": getattr(config, "sliding_window", None) (Mistral, Phi-3);
+#          "module": the attention module's own .sliding_window (Qwen2).
+_FAMILIES: dict[str, tuple[str, str | None, bool]] = {
+    "llama": ("separate", None, False),
+    "mistral": ("separate", "config", False),
+    "qwen2": ("separate", "module", False),
+    "phi3": ("qkv", "config", True),
+}
+
+#: ``config.model_type`` values :func:`patch_rope` and :func:`apply_position_interpolation` accept.
+SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+
+
+class RopeTables(NamedTuple):
+    """What the patched ``rotary_emb`` hands every decoder layer (as its
+    ``position_embeddings``): float32 ``cos``/``sin`` tables ``(positions, rotary_dim //
+    2)`` and the ``position_ids`` they are indexed with."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    position_ids: torch.Tensor | None
+
+
+class PiropeRotaryEmbedding(nn.Module):
+    """Drop-in replacement of a Hugging Face model's ``rotary_emb``: one float32 cos/sin
+    table for all layers, built with :func:`pirope.rope_frequencies` /
+    :func:`pirope.rope_cos_sin`, cached per device and grown as needed.
+
+    ``forward(x, position_ids)`` returns a :class:`RopeTables` (not Hugging Face's
+    per-token ``(cos, sin)``); only attention modules patched by :func:`patch_rope`
+    understand it. It holds no buffers, so ``model.to(dtype)`` leaves the table in
+    float32 and ``state_dict`` is unchanged.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        *,
+        max_position_embeddings: int,
+        base: float = 10000.0,
+        scaling: dict | None = None,
+        partial_rotary_factor: float = 1.0,
+    ):
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_position_embeddings = max_position_embeddings
+        self.base = base
+        self.scaling = normalize_scaling(scaling)
+        self.partial_rotary_factor = partial_rotary_factor
+        rope_type = self.scaling["rope_type"] if self.scaling else "default"
+        self.rope_type = rope_type
+        self._length_dependent = rope_type in ("dynamic", "longrope")
+        if rope_type == "longrope":
+            self._original_window = int(self.scaling.get("original_max_position_embeddings", max_position_embeddings))
+        else:
+            self._original_window = max_position_embeddings
+        # Validates the configuration now (a bad dict fails at patch time, not at forward).
+        self._static = self._frequencies(None)
+        self._cache: dict[Any, tuple[Any, torch.Tensor, torch.Tensor]] = {}  # device -> (key, cos, sin)
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self._static[0].numel()
+
+    @property
+    def attention_factor(self) -> float:
+        return self._static[1]
+
+    # Read-only views under Hugging Face's names, for code that inspects model.model.rotary_emb
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """The original (length-independent) float32 inverse frequencies."""
+        return self._static[0]
+
+    @property
+    def attention_scaling(self) -> float:
+        return self._static[1]
+
+    def _frequencies(self, seq_len):
+        return compute_inv_freq(
+            self.head_dim, base=self.base, scaling=self.scaling,
+            max_position_embeddings=self.max_position_embeddings,
+            partial_rotary_factor=self.partial_rotary_factor, seq_len=seq_len)
+
+    def _key(self, length: int):
+        """Which frequencies a sequence of this length uses (None: the original ones)."""
+        if not self._length_dependent or length <= self._original_window:
+            return None
+        return "long" if self.rope_type == "longrope" else length
+
+    def tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(cos, sin)`` covering positions ``0 .. length-1`` (at least), for a
+        sequence whose largest position is ``length - 1``."""
+        device = torch.device(device)
+        key = self._key(length)
+        hit = self._cache.get(device)
+        if hit is not None and hit[0] == key and hit[1].shape[0] >= length:
+            return hit[1], hit[2]
+        if key is None:
+            inv_freq, attention_factor = self._static
+        elif key == "long":
+            inv_freq, attention_factor = self._frequencies(self._original_window + 1)
+        else:
+            # dynamic NTK: the length as a tensor, as transformers' forward passes it
+            # (its new base is then computed in float32).
+            inv_freq, attention_factor = self._frequencies(torch.tensor(length))
+        size = max(length, self.max_position_embeddings)
+        if hit is not None and hit[0] == key and key is None:
+            size = max(size, 2 * hit[1].shape[0])  # amortised growth while decoding
+        cos, sin = pirope.rope_cos_sin(inv_freq.to(device), size, attention_factor)
+        self._cache[device] = (key, cos, sin)
+        return cos, sin
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> RopeTables:
+        if position_ids is None or position_ids.numel() == 0:
+            length = x.shape[1] if x.dim() >= 2 else 1
+        else:
+            length = int(position_ids.max()) + 1
+        cos, sin = self.tables(max(length, 1), x.device)
+        return RopeTables(cos, sin, position_ids)
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, "
+                f"max_position_embeddings={self.max_position_embeddings}, base={self.base}, "
+                f"scaling={self.scaling}")
+
+
+# ----------------------------------------------------------------------------------------
+# Model inspection
+# ----------------------------------------------------------------------------------------
+
+
+def _family(model) -> tuple[str, tuple[str, str | None, bool]]:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as e:  # pragma: no cover - transformers is what this module is for
+        raise ImportError("pirope.integrations.transformers needs the transformers package") from e
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            "model must be a Hugging Face transformers PreTrainedModel of the LLaMA family "
+            f"(model_type one of {', '.join(SUPPORTED_MODEL_TYPES)}), got {type(model).__name__}")
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise TypeError(
+            f"model must be a LLaMA-family model (config.model_type one of {', '.join(SUPPORTED_MODEL_TYPES)}); "
+            f"got {type(model).__name__} with model_type {model_type!r}")
+    return model_type, _FAMILIES[model_type]
+
+
+def _base_model(model):
+    base = model.base_model
+    if not (hasattr(base, "layers") and hasattr(base, "rotary_emb")):
+        raise TypeError(
+            f"model: could not find the decoder layers and rotary_emb of {type(model).__name__} "
+            f"(its base model {type(base).__name__} has no .layers / .rotary_emb)")
+    return base
+
+
+def _attention_modules(model, proj: str):
+    base = _base_model(model)
+    need = ("q_proj", "k_proj", "v_proj", "o_proj") if proj == "separate" else ("qkv_proj", "o_proj")
+    modules = []
+    for i, layer in enumerate(base.layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, n) for n in need) or not hasattr(attn, "head_dim"):
+            raise TypeError(
+                f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn with "
+                f"{', '.join(need)} and head_dim; this architecture is not supported")
+        modules.append(attn)
+    return base, modules
+
+
+def _rope_parameters(config) -> dict:
+    params = getattr(config, "rope_parameters", None)
+    if params is None:
+        params = {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
+    if not isinstance(params, dict) or not ({"rope_type", "type", "rope_theta"} & set(params)):
+        raise ValueError(
+            "model.config.rope_parameters must be one dict in transformers 5 form such as "
+            "{'rope_type': 'default', 'rope_theta': 10000.0}; per-layer-type RoPE is not supported, "
+            f"got {params!r}")
+    return dict(params)
+
+
+def _rope_setup(model, model_type: str, partial_supported: bool, params: dict, head_dim: int):
+    """(head_dim, base, scaling-for-pirope, partial_rotary_factor) of a model's RoPE."""
+    params = dict(params)
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    params.pop("type", None)
+    base = params.pop("rope_theta", None)
+    if base is None:
+        base = getattr(model.config, "rope_theta", 10000.0)
+    partial = params.pop("partial_rotary_factor", None)
+    if partial is None:
+        partial = getattr(model.config, "partial_rotary_factor", None) or 1.0
+    if partial != 1.0 and not partial_supported:
+        if rope_type == "default":
+            # e.g. LlamaRotaryEmbedding's default init ignores partial_rotary_factor
+            partial = 1.0
+        else:
+            raise ValueError(
+                f"model: config partial_rotary_factor={partial} is not supported by model_type "
+                f"{model_type!r} (transformers' {model_type} rotates the whole head)")
+    if rope_type == "dynamic":
+        # transformers' dynamic NTK always uses config.max_position_embeddings as the window
+        params.pop("original_max_position_embeddings", None)
+    scaling = None if rope_type == "default" else {"rope_type": rope_type, **params}
+    return head_dim, base, scaling, partial
+
+
+# ----------------------------------------------------------------------------------------
+# The patched attention forward
+# ----------------------------------------------------------------------------------------
+
+
+def _project(attn, hidden_states):
+    """q, k, v as (batch, seqlen, heads, head_dim) views, exactly as Hugging Face projects."""
+    shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
+    if attn._pirope_proj == "qkv":
+        qkv = attn.qkv_proj(hidden_states)
+        nq = attn.config.num_attention_heads * attn.head_dim
+        nkv = attn.config.num_key_value_heads * attn.head_dim
+        q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+    else:
+        q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
+    return q.view(shape), k.view(shape), v.view(shape)
+
+
+def _sliding_window(attn):
+    src = attn._pirope_window
+    if src == "config":
+        return getattr(attn.config, "sliding_window", None)
+    if src == "module":
+        return getattr(attn, "sliding_window", None)
+    return None
+
+
+def _past_length(cache, layer_idx: int) -> int:
+    try:
+        return int(cache.get_seq_length(layer_idx))
+    except Exception:  # a cache type that cannot tell: never take the fused path
+        return -1
+
+
+def _can_fuse(attn, attention_mask, cache, kwargs) -> bool:
+    if attn._pirope_attention != "fused":
+        return False
+    if attention_mask is not None:
+        return False  # padding or a non-sdpa mask tensor: keep Hugging Face's masking
+    if attn.training and getattr(attn, "attention_dropout", 0.0):
+        return False
+    if _sliding_window(attn) is not None:
+        return False
+    if not getattr(attn, "is_causal", True):
+        return False
+    if cache is not None and _past_length(cache, attn.layer_idx) != 0:
+        return False
+    if kwargs.get("output_attentions"):
+        return False
+    return True
+
+
+def _pirope_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                              **kwargs):
+    """The patched ``self_attn.forward`` (bound to each attention module with
+    types.MethodType, so copy.deepcopy of a patched model rebinds it to the copy)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if "past_key_values" in kwargs and cache is None:  # deprecated alias of `cache`
+        cache = kwargs.pop("past_key_values")
+    if not isinstance(position_embeddings, RopeTables):
+        raise RuntimeError(
+            f"{type(self).__name__} was patched by pirope but got position_embeddings of type "
+            f"{type(position_embeddings).__name__}, not pirope's RopeTables: the model's rotary_emb "
+            "was replaced or bypassed after patch_rope(); call patch_rope() again")
+    cos, sin, position_ids = position_embeddings
+    input_shape = hidden_states.shape[:-1]
+    q, k, v = _project(self, hidden_states)  # (B, S, H, D)
+    if cos.device != q.device:  # a model split over devices: the table follows the layer
+        cos, sin = cos.to(q.device), sin.to(q.device)
+        position_ids = None if position_ids is None else position_ids.to(q.device)
+
+    if _can_fuse(self, attention_mask, cache, kwargs):
+        if cache is not None:  # prefill: the cache gets the rotated keys, as Hugging Face's
+            k_rot = pirope.apply_rope(k, cos, sin, position_ids)
+            cache.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)
+        out = pirope.rope_attention(q, k, v, cos, sin, position_ids, causal=True, softmax_scale=self.scaling)
+        out = out.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(out), None
+
+    q, k = pirope.apply_rope_qk(q, k, cos, sin, position_ids)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) as Hugging Face
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+    eager = getattr(sys.modules[type(self).__module__], "eager_attention_forward", None)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+    extra = {}
+    if self._pirope_window is not None:
+        extra["sliding_window"] = _sliding_window(self)
+    out, weights = interface(
+        self, q, k, v, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling, **extra, **kwargs)
+    out = out.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(out), weights
+
+
+def _resolve_attention(attention, stacklevel: int = 3) -> str:
+    if not isinstance(attention, str) or attention not in _ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {', '.join(map(repr, _ATTENTION_MODES))}, got {attention!r}")
+    if attention == "fused" and not hasattr(pirope, "rope_attention"):
+        warnings.warn(
+            "attention='fused': this pirope build has no pirope.rope_attention op; using attention='sdpa' "
+            "(pirope RoPE + the model's own attention) instead", RuntimeWarning, stacklevel=stacklevel)
+        return "sdpa"
+    return attention
+
+
+# ----------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------
+
+
+def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa", _stacklevel: int = 3):
+    """Routes a LLaMA-family model's RoPE (and optionally attention) through pirope's ops.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` with ``config.model_type`` in
+            :data:`SUPPORTED_MODEL_TYPES` (e.g. ``LlamaForCausalLM``, ``LlamaModel``,
+            ``MistralForCausalLM``, ``Phi3ForCausalLM``). Modified in place.
+        scaling: ``None`` keeps the model's own ``config.rope_parameters`` (any
+            ``rope_type``). A dict in Hugging Face ``rope_parameters`` form replaces it
+            -- in ``model.config`` too, so the config keeps describing the model (its
+            ``rope_theta`` and ``partial_rotary_factor`` are kept unless the dict has
+            its own).
+        attention: ``"sdpa"`` (pirope RoPE, then the model's own attention function) or
+            ``"fused"`` (:func:`pirope.rope_attention` where exact, see the module
+            docstring).
+
+    Returns:
+        ``model``. Its logits equal the unpatched model's (to float32 rounding of the
+        angles) for every call the unpatched model supports.
+
+    Raises:
+        TypeError: ``model`` is not a supported transformers model.
+        ValueError: bad ``attention`` or ``scaling``.
+    """
+    model_type, (proj, window, partial_supported) = _family(model)
+    mode = _resolve_attention(attention, _stacklevel)
+    base, attns = _attention_modules(model, proj)
+    config = model.config
+    params = _rope_parameters(config)
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise TypeError(
+                f"scaling must be None or a dict in Hugging Face rope_parameters form, got {type(scaling).__name__}")
+        new = normalize_scaling(scaling)  # validates (raises ValueError/TypeError naming the key)
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key not in new and key in params:
+                new[key] = params[key]
+        if new["rope_type"] in ("llama3", "yarn", "longrope"):
+            new.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+        params = new
+    head_dim = attns[0].head_dim
+    head_dim, theta, pirope_scaling, partial = _rope_setup(model, model_type, partial_supported, params, head_dim)
+    rotary = PiropeRotaryEmbedding(
+        head_dim, max_position_embeddings=config.max_position_embeddings, base=theta,
+        scaling=pirope_scaling, partial_rotary_factor=partial)
+    if scaling is not None:
+        config.rope_parameters = params
+    base.rotary_emb = rotary
+    for attn in attns:
+        attn._pirope_proj = proj
+        attn._pirope_window = window
+        attn._pirope_attention = mode
+        attn.forward = types.MethodType(_pirope_attention_forward, attn)
+    return model
+
+
+def apply_position_interpolation(
+    model,
+    factor: float | None = None,
+    *,
+    max_position_embeddings: int | None = None,
+    attention: str = "fused",
+):
+    """Extends a LLaMA-family model's context window by Position Interpolation.
+
+    Position ``m`` of the extended model is rotated like position ``m / factor`` of the
+    original one (Chen et al. 2023, rope_type ``"linear"``). The model is modified in
+    place and returned:
+
+    * ``model.config.rope_parameters`` becomes ``{"rope_type": "linear", "factor":
+      F, "rope_theta": ...}`` (plus ``partial_rotary_factor`` if the config had one)
+      and ``model.config.max_position_embeddings`` the new window, so
+      ``save_pretrained`` / ``from_pretrained`` with plain transformers (no pirope)
+      gives the same model;
+    * RoPE, and with ``attention="fused"`` attention, run through pirope's ops (see
+      :func:`patch_rope`); the output equals transformers' own linear-scaled model on
+      the same weights.
+
+    Composition. ``factor`` is relative to the model *as it is*: a model already
+    extended by PI with factor ``s`` (``rope_type "linear"``, window ``L``) extended
+    again by ``f`` gets ``factor = s * f`` in its config and window ``f * L`` -- the
+    positions of the new model are divided by ``s * f`` relative to pretraining, which
+    is what transformers' single linear ``factor`` means (it always divides the
+    pretrained frequencies). Only models with ``rope_type`` "default" or "linear" can be
+    interpolated (PI on top of dynamic/yarn/llama3/longrope is not a defined scaling).
+
+    Args:
+        model: transformers ``PreTrainedModel`` with ``config.model_type`` in
+            :data:`SUPPORTED_MODEL_TYPES`.
+        factor: the scale ``s >= 1``: new window = ``s`` x the model's window
+            (``config.max_position_embeddings``, rounded to an int).
+        max_position_embeddings: alternatively, the new window (an int larger than the
+            model's); ``factor = max_position_embeddings / config.max_position_embeddings``.
+            Pass exactly one of ``factor`` and ``max_position_embeddings``.
+        attention: ``"fused"`` (default: :func:`pirope.rope_attention` where exact, the
+            "sdpa" path elsewhere; warns and uses "sdpa" if pirope has no fused op) or
+            ``"sdpa"`` (pirope RoPE + the model's own attention function).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: ``model`` is not a supported transformers model, or ``factor`` /
+            ``max_position_embeddings`` has the wrong type.
+        ValueError: both or neither of ``factor`` and ``max_position_embeddings``,
+            ``factor < 1``, a window not larger than the model's, a model whose
+            ``rope_type`` is not "default"/"linear", or an unknown ``attention``.
+    """
+    _family(model)
+    if not isinstance(attention, str) or attention not in _ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {', '.join(map(repr, _ATTENTION_MODES))}, got {attention!r}")
+    if (factor is None) == (max_position_embeddings is None):
+        raise ValueError(
+            "pass exactly one of factor (the scale, e.g. 4.0) and max_position_embeddings (the new window); "
+            f"got factor={factor!r}, max_position_embeddings={max_position_embeddings!r}")
+    config = model.config
+    old_window = config.max_position_embeddings
+    if factor is not None:
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
+            raise TypeError(f"factor must be a real number >= 1, got {type(factor).__name__} {factor!r}")
+        factor = float(factor)
+        if not math.isfinite(factor) or factor < 1:
+            raise ValueError(
+                f"factor must be a finite number >= 1 (Position Interpolation extends the window), got {factor}")
+        new_window = int(round(old_window * factor))
+    else:
+        if isinstance(max_position_embeddings, bool) or not isinstance(max_position_embeddings, numbers.Integral):
+            raise TypeError(
+                f"max_position_embeddings must be an int, got {type(max_position_embeddings).__name__} "
+                f"{max_position_embeddings!r}")
+        new_window = int(max_position_embeddings)
+        if new_window <= old_window:
+            raise ValueError(
+                f"max_position_embeddings={new_window} must be larger than the model's window "
+                f"config.max_position_embeddings={old_window}")
+        factor = new_window / old_window
+
+    params = _rope_parameters(config)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise ValueError(
+            f"model: Position Interpolation needs a model with rope_type 'default' or 'linear', this one has "
+            f"config.rope_parameters={params!r}")
+    old_factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    new_params = {"rope_type": "linear", "factor": old_factor * factor,
+                  "rope_theta": params.get("rope_theta", getattr(config, "rope_theta", 10000.0))}
+    if "partial_rotary_factor" in params:
+        new_params["partial_rotary_factor"] = params["partial_rotary_factor"]
+
+    patch_rope(model, new_params, attention=attention, _stacklevel=4)  # validates everything before changing the model
+    config.max_position_embeddings = new_window
+    model.base_model.rotary_emb.max_position_embeddings = new_window
+    return model

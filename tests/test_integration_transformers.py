@@ -1,0 +1,394 @@
+"""pirope.integrations.transformers.apply_position_interpolation against Hugging Face's
+own linear-scaled (Position Interpolation) LLaMA on the same weights.
+
+Tiny random float32 models (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 256,
+window 64) so the whole file runs in seconds on a CPU.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import pirope
+
+transformers = pytest.importorskip("transformers")
+from pirope.integrations.transformers import (  # noqa: E402
+    RopeTables,
+    apply_position_interpolation,
+    patch_rope,
+)
+
+WINDOW = 64
+THETA = 10000.0
+NO_FUSED_REASON = ("pirope.rope_attention is not built yet (fused op pending); the fused path is "
+                   "covered with a reference stand-in by the *_stand_in tests")
+
+
+def has_fused():
+    return hasattr(pirope, "rope_attention")
+
+
+def llama_config(window=WINDOW, rope=None, **kw):
+    args = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, max_position_embeddings=window,
+                rope_parameters=rope or {"rope_type": "default", "rope_theta": THETA})
+    args.update(kw)
+    return transformers.LlamaConfig(**args)
+
+
+def linear(factor):
+    return {"rope_type": "linear", "factor": factor, "rope_theta": THETA}
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(llama_config()).eval()
+
+
+def hf_pi_model(base, factor, window=None, **kw):
+    """transformers' own PI model: rope_parameters linear `factor`, same weights."""
+    ref = transformers.LlamaForCausalLM(
+        llama_config(window or int(WINDOW * factor), linear(factor), **kw)).eval()
+    ref.load_state_dict(base.state_dict())
+    return ref
+
+
+def ids(batch, seqlen, seed=1):
+    return torch.randint(0, 256, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_and_grads(model, input_ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids, labels=input_ids, use_cache=False)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+def assert_same_logits(a, b):
+    # float32 HF angles vs pirope's float64 ones: a few float32 ulps at these positions
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def assert_same_grads(ga, gb):
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        scale = gb[name].abs().max().item()
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-5 * max(scale, 1e-3), msg=name)
+
+
+def reference_rope_attention(q, k, v, cos, sin, position_ids=None, *, causal=True, softmax_scale=None,
+                             interleaved=False):
+    """Stand-in with DESIGN.md's definition of pirope.rope_attention (apply_rope_qk then
+    causal SDPA, (B, S, H, D) layout, GQA): exercises the integration's fused path."""
+    q, k = pirope.apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=softmax_scale,
+        enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+@pytest.fixture
+def fused_stand_in(monkeypatch):
+    calls = []
+
+    def op(*args, **kwargs):
+        calls.append(args[0].shape)
+        return reference_rope_attention(*args, **kwargs)
+
+    monkeypatch.setattr(pirope, "rope_attention", op, raising=False)
+    return calls
+
+
+# ---- (a) attention="sdpa": logits and gradients ----------------------------------------
+
+
+@pytest.mark.parametrize("seqlen", [48, 200])
+def test_sdpa_logits_and_gradients_equal_transformers_linear(base_model, seqlen):
+    ref = hf_pi_model(base_model, 4.0)
+    model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="sdpa")
+    assert model.config.rope_parameters == linear(4.0)
+    assert model.config.max_position_embeddings == 4 * WINDOW
+    x = ids(2, seqlen)
+    la, ga = logits_and_grads(model, x)
+    lb, gb = logits_and_grads(ref, x)
+    assert_same_logits(la, lb)
+    assert_same_grads(ga, gb)
+
+
+def test_rope_really_goes_through_pirope(base_model, monkeypatch):
+    model = apply_position_interpolation(copy.deepcopy(base_model), 2.0, attention="sdpa")
+    assert isinstance(model.model.rotary_emb(torch.zeros(1, 3, 64), torch.arange(3)[None]), RopeTables)
+    calls = []
+    real = pirope.apply_rope_qk
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pirope, "apply_rope_qk", spy)
+    model(ids(1, 10))
+    assert len(calls) == 2  # one per layer, q in (B, S, H, D)
+    assert calls[0] == (1, 10, 4, 16)
+
+
+# ---- (b) attention="fused" -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("seqlen", [48, 200])
+def test_fused_logits_and_gradients_equal_transformers_linear(base_model, seqlen):
+    if not has_fused():
+        pytest.skip(NO_FUSED_REASON)
+    ref = hf_pi_model(base_model, 4.0)
+    model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="fused")
+    x = ids(2, seqlen)
+    la, ga = logits_and_grads(model, x)
+    lb, gb = logits_and_grads(ref, x)
+    assert_same_logits(la, lb)
+    assert_same_grads(ga, gb)
+
+
+def test_fused_path_stand_in(base_model, fused_stand_in):
+    ref = hf_pi_model(base_model, 4.0)
+    model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="fused")
+    x = ids(2, 100)
+    la, ga = logits_and_grads(model, x)
+    assert len(fused_stand_in) == 2 and fused_stand_in[0] == (2, 100, 4, 16)
+    lb, gb = logits_and_grads(ref, x)
+    assert_same_logits(la, lb)
+    assert_same_grads(ga, gb)
+
+
+def test_fused_path_stand_in_prefill_fills_the_cache_and_decode_matches(base_model, fused_stand_in):
+    ref = hf_pi_model(base_model, 4.0)
+    model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="fused")
+    x = ids(1, 70)
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=6, do_sample=False)
+        expected = ref.generate(x, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, expected)
+    assert len(fused_stand_in) == 2  # prefill only: decode steps have cached keys
+
+
+def test_fused_path_stand_in_falls_back_for_padding(base_model, fused_stand_in):
+    ref = hf_pi_model(base_model, 2.0)
+    model = apply_position_interpolation(copy.deepcopy(base_model), 2.0, attention="fused")
+    x = ids(2, 30)
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :7] = 0  # left padding
+    with torch.no_grad():
+        a = model(x, attention_mask=mask).logits
+        b = ref(x, attention_mask=mask).logits
+    assert fused_stand_in == []
+    assert_same_logits(a[0], b[0])
+    assert_same_logits(a[1, 7:], b[1, 7:])
+
+
+def test_fused_without_op_warns_and_uses_sdpa(base_model):
+    if has_fused():
+        pytest.skip("pirope has rope_attention: no fallback warning")
+    ref = hf_pi_model(base_model, 4.0)
+    with pytest.warns(RuntimeWarning, match="rope_attention"):
+        model = apply_position_interpolation(copy.deepcopy(base_model), 4.0)  # default "fused"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: not again per forward
+        with torch.no_grad():
+            a = model(ids(1, 90)).logits
+    with torch.no_grad():
+        assert_same_logits(a, ref(ids(1, 90)).logits)
+
+
+# ---- (c) max_position_embeddings form, composition ------------------------------------
+
+
+def test_max_position_embeddings_form(base_model):
+    ref = hf_pi_model(base_model, 2.5, window=160)
+    model = apply_position_interpolation(copy.deepcopy(base_model), max_position_embeddings=160,
+                                         attention="sdpa")
+    assert model.config.rope_parameters == linear(2.5)
+    assert model.config.max_position_embeddings == 160
+    x = ids(2, 150)
+    with torch.no_grad():
+        assert_same_logits(model(x).logits, ref(x).logits)
+
+
+def test_composes_with_existing_linear_scaling(base_model):
+    # a PI model (factor 2, window 128) extended again by 2 is transformers' factor-4 model
+    torch.manual_seed(0)
+    pi2 = hf_pi_model(base_model, 2.0)
+    model = apply_position_interpolation(pi2, max_position_embeddings=256, attention="sdpa")
+    assert model.config.rope_parameters == linear(4.0)
+    assert model.config.max_position_embeddings == 256
+    ref = hf_pi_model(base_model, 4.0)
+    x = ids(1, 220)
+    with torch.no_grad():
+        assert_same_logits(model(x).logits, ref(x).logits)
+
+
+def test_llama_model_and_kv_cache_generate(base_model):
+    ref = hf_pi_model(base_model, 4.0)
+    model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="sdpa")
+    x = ids(2, 80)
+    with torch.no_grad():
+        assert torch.equal(model.generate(x, max_new_tokens=5, do_sample=False),
+                           ref.generate(x, max_new_tokens=5, do_sample=False))
+        # the bare LlamaModel works too
+        inner = apply_position_interpolation(copy.deepcopy(base_model.model), 4.0, attention="sdpa")
+        torch.testing.assert_close(inner(x).last_hidden_state, ref.model(x).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_eager_attention_and_output_attentions(base_model):
+    ref = hf_pi_model(base_model, 2.0, attn_implementation="eager")
+    eager = transformers.LlamaForCausalLM(llama_config(attn_implementation="eager")).eval()
+    eager.load_state_dict(base_model.state_dict())
+    model = apply_position_interpolation(eager, 2.0, attention="sdpa")
+    x = ids(1, 40)
+    with torch.no_grad():
+        a = model(x, output_attentions=True)
+        b = ref(x, output_attentions=True)
+    assert_same_logits(a.logits, b.logits)
+    assert len(a.attentions) == 2
+    torch.testing.assert_close(a.attentions[1], b.attentions[1], rtol=1e-5, atol=1e-6)
+
+
+# ---- (d) save_pretrained / from_pretrained with plain transformers --------------------
+
+
+def test_save_pretrained_round_trips_with_plain_transformers(base_model, tmp_path):
+    model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="sdpa")
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded.model.rotary_emb).__name__ == "LlamaRotaryEmbedding"  # no pirope inside
+    assert loaded.config.rope_parameters["rope_type"] == "linear"
+    assert loaded.config.rope_parameters["factor"] == 4.0
+    assert loaded.config.max_position_embeddings == 256
+    x = ids(2, 180)
+    with torch.no_grad():
+        assert_same_logits(loaded(x).logits, model(x).logits)
+
+
+# ---- (e) bad input -------------------------------------------------------------------
+
+
+def test_bad_inputs(base_model):
+    m = copy.deepcopy(base_model)
+    with pytest.raises(ValueError, match="factor"):
+        apply_position_interpolation(m, 0.5)
+    with pytest.raises(ValueError, match="factor"):
+        apply_position_interpolation(m, float("nan"))
+    with pytest.raises(TypeError, match="factor"):
+        apply_position_interpolation(m, "4")
+    with pytest.raises(ValueError, match="exactly one of factor"):
+        apply_position_interpolation(m)
+    with pytest.raises(ValueError, match="exactly one of factor"):
+        apply_position_interpolation(m, 2.0, max_position_embeddings=128)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        apply_position_interpolation(m, max_position_embeddings=WINDOW)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        apply_position_interpolation(m, max_position_embeddings=32)
+    with pytest.raises(TypeError, match="max_position_embeddings"):
+        apply_position_interpolation(m, max_position_embeddings=128.0)
+    with pytest.raises(ValueError, match="attention"):
+        apply_position_interpolation(m, 2.0, attention="flash")
+    with pytest.raises(ValueError, match="attention"):
+        patch_rope(m, attention=None)
+    with pytest.raises(TypeError, match="model"):
+        apply_position_interpolation(torch.nn.Linear(2, 2), 2.0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(TypeError, match="model_type"):
+        apply_position_interpolation(gpt2, 2.0)
+    yarn = transformers.LlamaForCausalLM(llama_config(rope={"rope_type": "yarn", "factor": 2.0, "rope_theta": THETA}))
+    with pytest.raises(ValueError, match="rope_type"):
+        apply_position_interpolation(yarn, 2.0)
+    with pytest.raises(ValueError, match="factor"):
+        patch_rope(m, {"rope_type": "linear", "factor": 0.5})
+    with pytest.raises(ValueError, match="rope_type"):
+        patch_rope(m, {"rope_type": "ntk-by-parts", "factor": 2.0})
+    with pytest.raises(TypeError, match="scaling"):
+        patch_rope(m, "linear")
+    # nothing was changed by the failed calls
+    assert m.config.rope_parameters == {"rope_type": "default", "rope_theta": THETA}
+    assert m.config.max_position_embeddings == WINDOW
+    assert type(m.model.rotary_emb).__name__ == "LlamaRotaryEmbedding"
+
+
+# ---- (f) beyond the original window --------------------------------------------------
+
+
+def test_long_sequences_beyond_original_window(base_model):
+    model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="sdpa")
+    ref = hf_pi_model(base_model, 4.0)
+    x = ids(1, 256)  # the full new window, 4x the original one
+    with torch.no_grad():
+        a = model(x).logits
+        assert torch.isfinite(a).all()
+        assert_same_logits(a, ref(x).logits)
+    # and past the new window too (the table grows, as transformers' does)
+    x = ids(1, 300)
+    with torch.no_grad():
+        assert_same_logits(model(x).logits, ref(x).logits)
+
+
+def test_half_precision_keeps_float32_tables(base_model):
+    model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="sdpa").to(torch.bfloat16)
+    rotary = model.model.rotary_emb
+    tables = rotary(torch.zeros(1, 5, 64, dtype=torch.bfloat16), torch.arange(5)[None])
+    assert tables.cos.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(model(ids(1, 20)).logits.float()).all()
+
+
+def test_gradient_checkpointing_training(base_model):
+    ref = hf_pi_model(base_model, 4.0).train()
+    model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="sdpa").train()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    x = ids(2, 120)
+    la, ga = logits_and_grads(model, x)
+    lb, gb = logits_and_grads(ref, x)
+    assert_same_logits(la, lb)
+    assert_same_grads(ga, gb)
+
+
+def test_warning_points_at_the_caller(base_model):
+    if has_fused():
+        pytest.skip("pirope has rope_attention: no fallback warning")
+    with pytest.warns(RuntimeWarning) as record:
+        apply_position_interpolation(copy.deepcopy(base_model), 2.0)
+    assert record[0].filename == __file__
+    with pytest.warns(RuntimeWarning) as record:
+        patch_rope(copy.deepcopy(base_model), attention="fused")
+    assert record[0].filename == __file__
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_packed_sequences_position_ids_reset(base_model, fused_stand_in, attention):
+    # padding-free training: sequences of 30 and 20 tokens packed in one row, positions
+    # restarting at 0; without a cache transformers turns that into a block-diagonal mask
+    ref = hf_pi_model(base_model, 2.0)
+    model = apply_position_interpolation(copy.deepcopy(base_model), 2.0, attention=attention)
+    x = ids(1, 50)
+    pos = torch.cat([torch.arange(30), torch.arange(20)])[None]
+    with torch.no_grad():
+        a = model(x, position_ids=pos, use_cache=False).logits
+        b = ref(x, position_ids=pos, use_cache=False).logits
+        c = ref(x[:, 30:]).logits  # the second sequence alone
+    assert_same_logits(a, b)
+    assert_same_logits(a[:, 30:], c)
+    assert fused_stand_in == []  # a mask tensor: the exact sdpa path
+
+
+def test_deepcopy_of_a_patched_model_uses_its_own_weights(base_model):
+    model = apply_position_interpolation(copy.deepcopy(base_model), 2.0, attention="sdpa")
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.model.layers[0].self_attn.parameters():
+            p.mul_(0.5)
+        x = ids(1, 20)
+        assert not torch.allclose(clone(x).logits, model(x).logits)
+        clone.model.layers[0].self_attn.load_state_dict(model.model.layers[0].self_attn.state_dict())
+        assert_same_logits(clone(x).logits, model(x).logits)
