@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Evaluate a Hugging Face causal LM the way the Position Interpolation paper does.
+
+* sliding-window perplexity (pirope.eval.sliding_window_perplexity) on a text file or
+  a directory of text files, at one or more windows;
+* passkey retrieval (pirope.eval.passkey_retrieval) with its effective window k_max.
+
+    PYTHONPATH=python python examples/evaluate.py --model examples/runs/demo/pi_ft \\
+        --data /usr/lib/python3.11/json --windows 256 512 1024 --stride 32 \\
+        --passkey-lengths 256 512 768 1024 --passkey-trials 10
+
+Tokenises with the model's tokenizer when AutoTokenizer loads from --model, else
+with bytes (the demo's byte-level models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from finetune_pi import load_tokenizer, read_text_data  # noqa: E402
+
+from pirope.eval import passkey_retrieval, sliding_window_perplexity  # noqa: E402
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", required=True, help="Hugging Face causal LM directory")
+    p.add_argument("--data", help="text file or directory for perplexity (omit to skip perplexity)")
+    p.add_argument("--windows", type=int, nargs="+", help="evaluation windows (default: the model's window)")
+    p.add_argument("--stride", type=int, default=256, help="sliding-window stride (paper: 256)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens of --data")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--passkey-lengths", type=int, nargs="*", default=None,
+                   help="passkey prompt lengths in tokens (default: 8 spread over the window; none: skip)")
+    p.add_argument("--no-passkey", action="store_true")
+    p.add_argument("--passkey-trials", type=int, default=10)
+    p.add_argument("--passkey-intro", default=None, help="replace the paper's intro sentence (e.g. '' for short windows)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--json", help="write the results to this file")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        p.error(f"--model {args.model!r} is not a Hugging Face model directory (no config.json)")
+    if args.data is not None and not os.path.exists(args.data):
+        p.error(f"--data {args.data!r} does not exist")
+    if args.stride < 1:
+        p.error(f"--stride must be >= 1, got {args.stride}")
+    if args.passkey_trials < 1:
+        p.error(f"--passkey-trials must be >= 1, got {args.passkey_trials}")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.from_pretrained(args.model)
+    window = int(getattr(conf, "max_position_embeddings", 2048))
+    windows = args.windows or [window]
+    if min(windows) < 2 or args.stride > min(windows):
+        p.error(f"--windows must be >= 2 and >= --stride ({args.stride}), got {windows}")
+    encode, decode, tok = load_tokenizer(args.model, int(getattr(conf, "vocab_size", 0)))
+    if encode is None:
+        p.error(f"--model {args.model!r} has no tokenizer and a vocabulary smaller than 256 bytes")
+    ids = None
+    if args.data is not None:
+        text = read_text_data(args.data)
+        ids = torch.tensor(encode(text.decode("utf-8", "replace")) if tok is not None else list(text), dtype=torch.long)
+        if args.max_tokens:
+            ids = ids[: args.max_tokens]
+        if ids.numel() < max(windows):
+            p.error(f"--data has {ids.numel()} tokens, fewer than the largest window {max(windows)}")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
+    progress = not args.no_progress
+    results = {"model": args.model, "window": window, "rope_parameters": getattr(conf, "rope_parameters", None)}
+    if ids is not None:
+        results["perplexity"] = {}
+        for w in windows:
+            ppl = sliding_window_perplexity(model, ids, w, args.stride, batch_size=args.batch_size, progress=progress)
+            results["perplexity"][str(w)] = ppl
+            print(f"perplexity window {w} stride {args.stride} ({ids.numel()} tokens): {ppl:.4f}", flush=True)
+    if not args.no_passkey and args.passkey_lengths != []:
+        lengths = args.passkey_lengths or [window * i // 8 for i in range(1, 9)]
+        prefix = [tok.bos_token_id] if tok is not None and tok.bos_token_id is not None else []
+        kw = {} if args.passkey_intro is None else {"intro": args.passkey_intro}
+        try:
+            pk = passkey_retrieval(model, encode, decode, lengths, trials=args.passkey_trials, seed=args.seed,
+                                   prefix_ids=prefix, progress=progress, **kw)
+        except ValueError as e:
+            p.error(str(e))
+        pk["success"] = {str(k): v for k, v in pk["success"].items()}
+        results["passkey"] = pk
+        print("passkey success: " + ", ".join(f"{k}: {v:.0%}" for k, v in pk["success"].items())
+              + f"; k_max = {pk['k_max']}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

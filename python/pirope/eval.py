@@ -1,0 +1,369 @@
+"""Evaluations from the Position Interpolation paper (arXiv 2306.15595, Section 3).
+
+* :func:`sliding_window_perplexity` - perplexity with a sliding window (the paper's
+  PG19 / Proof-pile protocol, stride 256 there): every window has the same length,
+  the first window scores all of its tokens, every later window scores only its last
+  ``stride`` tokens, so each token after the first is predicted exactly once.
+* :func:`passkey_retrieval` - the paper's passkey task (prompt, filler, a random
+  5-digit key at a random depth, greedy decoding) and its effective context window
+  ``k_max`` (:func:`passkey_k_max`).
+
+Both work with any Hugging Face causal LM (anything whose ``forward(input_ids=...)``
+returns an object with ``.logits`` or a tuple whose first item is the logits), and
+:func:`passkey_retrieval` with any tokenizer given as ``encode``/``decode`` callables,
+e.g. bytes::
+
+    encode = lambda text: list(text.encode("utf-8"))
+    decode = lambda ids: bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+
+This module needs only torch (tqdm is used for progress bars when installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import random
+import re
+from typing import Callable, Dict, Iterable, List, Sequence
+
+import torch
+
+__all__ = [
+    "PASSKEY_INTRO",
+    "PASSKEY_FILLER",
+    "PASSKEY_QUESTION",
+    "passkey_prompt",
+    "passkey_k_max",
+    "passkey_retrieval",
+    "sliding_window_perplexity",
+    "sliding_windows",
+]
+
+PASSKEY_INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and "
+    "memorize them. I will quiz you about the important information there."
+)
+PASSKEY_FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. "
+    "There and back again."
+)
+PASSKEY_KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is an optional dependency
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _logits(out) -> torch.Tensor:
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if isinstance(out, torch.Tensor):
+        return out
+    raise TypeError(f"model output has no logits (got {type(out).__name__})")
+
+
+def _accepts(model, name: str) -> bool:
+    fn = getattr(model, "forward", model)
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+
+
+def _as_token_tensor(tokens, name: str = "tokens") -> torch.Tensor:
+    if isinstance(tokens, torch.Tensor):
+        t = tokens
+    else:
+        try:
+            t = torch.as_tensor(list(tokens) if not isinstance(tokens, (list, tuple)) else tokens)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name} must be a 1-D sequence of integer token ids ({e})") from None
+    if t.dim() == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (or (1, n)), got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {t.dtype}")
+    if t.numel() and int(t.min()) < 0:
+        raise ValueError(f"{name} must be non-negative token ids, found {int(t.min())}")
+    return t.long()
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> List[tuple]:
+    """The windows of the sliding-window evaluation as ``(begin, n_scored)`` pairs.
+
+    Every window is ``tokens[begin:begin + window]`` and scores its last ``n_scored``
+    tokens (predicted from everything before them in the window). Windows start at
+    0, stride, 2*stride, ...; the last one is aligned to the end of the text so that
+    all windows have the same length. The first window scores ``window - 1`` tokens
+    (all but the first token, which has no context), and every token in
+    ``tokens[1:]`` is scored by exactly one window.
+    """
+    window = _check_int(window, "window", 2)
+    stride = _check_int(stride, "stride", 1)
+    if stride > window:
+        raise ValueError(f"stride must be <= window, got stride={stride} > window={window}")
+    if n_tokens < window:
+        raise ValueError(
+            f"tokens must be at least as long as window: got {n_tokens} tokens for window={window}"
+        )
+    out = [(0, window - 1)]
+    end = window
+    stride = min(stride, window - 1)
+    while end < n_tokens:
+        new_end = min(end + stride, n_tokens)
+        out.append((new_end - window, new_end - end))
+        end = new_end
+    return out
+
+
+def sliding_window_perplexity(
+    model,
+    tokens,
+    window: int,
+    stride: int,
+    *,
+    batch_size: int = 1,
+    progress: bool = True,
+    device=None,
+    return_nll: bool = False,
+):
+    """Sliding-window perplexity of a causal LM on one token sequence.
+
+    Args:
+        model: a Hugging Face causal LM (``model(input_ids=...)`` returns ``.logits``).
+        tokens: 1-D integer tensor / sequence of token ids (at least ``window`` long).
+        window: the context length every window has (>= 2).
+        stride: how many new tokens each window after the first scores (1..window).
+        batch_size: windows per forward pass.
+        progress: show a tqdm bar.
+        device: where to run (default: the model's parameters' device).
+        return_nll: also return ``(total_nll, n_scored)``.
+
+    Returns:
+        ``exp(mean negative log-likelihood)`` over ``len(tokens) - 1`` predictions
+        (a float), or ``(ppl, total_nll, n_scored)`` with ``return_nll=True``.
+    """
+    t = _as_token_tensor(tokens)
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    windows = sliding_windows(t.numel(), window, stride)
+    device = torch.device(device) if device is not None else _model_device(model)
+    use_keep = _accepts(model, "logits_to_keep")
+    total_nll = 0.0
+    n_scored = 0
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    with _eval_mode(model):
+        for batch in _progress(batches, len(batches), f"ppl@{window}", progress):
+            ids = torch.stack([t[b : b + window] for b, _ in batch]).to(device)
+            keep = max(n for _, n in batch) + 1  # logits for the last keep positions
+            kwargs = {"logits_to_keep": keep} if use_keep and keep < window else {}
+            logits = _logits(model(input_ids=ids, **kwargs))
+            logits = logits[:, -keep:] if logits.shape[1] >= keep else logits
+            # logits[:, j] predicts token window - keep + j + 1; drop the last one.
+            pred = logits[:, :-1].float()
+            target = ids[:, window - keep + 1 :]
+            logp = torch.log_softmax(pred, dim=-1)
+            nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, keep - 1)
+            for row, (_, n) in enumerate(batch):
+                total_nll += float(nll[row, nll.shape[1] - n :].double().sum())
+                n_scored += n
+    ppl = math.exp(total_nll / n_scored) if n_scored else float("nan")
+    if return_nll:
+        return ppl, total_nll, n_scored
+    return ppl
+
+
+# --------------------------------------------------------------------------------------
+# Passkey retrieval
+# --------------------------------------------------------------------------------------
+
+_FILLER_SENTENCES = [s.strip() + "." for s in PASSKEY_FILLER.split(".") if s.strip()]
+
+
+def passkey_prompt(n_filler: int, depth: int, key: str, *, intro: str = PASSKEY_INTRO) -> str:
+    """The paper's passkey prompt with ``n_filler`` filler sentences.
+
+    The filler is the paper's five sentences repeated (cut at sentence granularity
+    so the prompt can fit any length); the key line goes after ``depth`` of them
+    (0 <= depth <= n_filler). The prompt ends with "The pass key is".
+    """
+    if not 0 <= depth <= n_filler:
+        raise ValueError(f"depth must be in [0, n_filler={n_filler}], got {depth}")
+    filler = [_FILLER_SENTENCES[i % len(_FILLER_SENTENCES)] for i in range(n_filler)]
+    parts = [intro] + filler[:depth] + [PASSKEY_KEY_LINE.format(key=key)] + filler[depth:]
+    parts.append(PASSKEY_QUESTION)
+    return " ".join(p for p in parts if p)
+
+
+def _max_filler(encode, length: int, intro: str) -> int:
+    """Largest number of filler sentences whose prompt has <= length tokens."""
+    def n_tok(n):
+        return len(encode(passkey_prompt(n, 0, "00000", intro=intro)))
+
+    if n_tok(0) > length:
+        raise ValueError(
+            f"passkey length {length} is shorter than the prompt without filler "
+            f"({n_tok(0)} tokens); use longer lengths or a shorter intro"
+        )
+    lo, hi = 0, 1
+    while n_tok(hi) <= length:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # n_tok(lo) <= length < n_tok(hi)
+        mid = (lo + hi) // 2
+        if n_tok(mid) <= length:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def passkey_k_max(success: Dict[int, float], threshold: float = 0.2) -> int:
+    """The paper's effective context window: the largest length k such that every
+    tested length k' <= k has success rate >= threshold (0 if the shortest fails)."""
+    k_max = 0
+    for k in sorted(success):
+        if success[k] >= threshold:
+            k_max = k
+        else:
+            break
+    return k_max
+
+
+def _greedy(model, ids: torch.Tensor, n_new: int) -> List[int]:
+    """Greedy decoding of n_new tokens (KV cache when the model supports it)."""
+    # transformers >= 5.2x names the cache argument/output `cache`, older ones `past_key_values`.
+    cache_arg = "cache" if _accepts(model, "cache") else ("past_key_values" if _accepts(model, "past_key_values") else None)
+    use_cache = cache_arg is not None and _accepts(model, "use_cache")
+    out: List[int] = []
+    res = model(input_ids=ids, use_cache=True) if use_cache else model(input_ids=ids)
+    for step in range(n_new):
+        nxt = int(_logits(res)[0, -1].argmax())
+        out.append(nxt)
+        if step == n_new - 1:
+            break
+        past = getattr(res, "cache", None) or getattr(res, "past_key_values", None) if use_cache else None
+        if past is not None:
+            res = model(input_ids=torch.tensor([[nxt]], device=ids.device), use_cache=True, **{cache_arg: past})
+        else:
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
+            res = model(input_ids=ids)
+    return out
+
+
+def passkey_retrieval(
+    model,
+    encode: Callable[[str], Sequence[int]],
+    decode: Callable[[Sequence[int]], str],
+    lengths: Iterable[int],
+    trials: int = 10,
+    seed: int = 0,
+    *,
+    max_new_tokens: int = 10,
+    threshold: float = 0.2,
+    intro: str = PASSKEY_INTRO,
+    prefix_ids: Sequence[int] = (),
+    progress: bool = True,
+    device=None,
+) -> dict:
+    """The paper's passkey retrieval task.
+
+    For every length k (in tokens of ``encode``) and each of ``trials`` trials: a
+    random 5-digit key is hidden at a random depth of the paper's filler text, the
+    prompt (at most k tokens, as many filler sentences as fit) ends with
+    "What is the pass key? The pass key is", the model greedily decodes
+    ``max_new_tokens`` tokens, and the trial succeeds when the first run of digits in
+    the decoded text equals the key.
+
+    Args:
+        encode / decode: the tokenizer (text -> ids, ids -> text).
+        lengths: prompt lengths k in tokens (each must fit the prompt without filler).
+        prefix_ids: ids put before every prompt (e.g. the tokenizer's BOS); they
+            count towards the length.
+
+    Returns:
+        dict with ``lengths`` (sorted), ``success`` ({k: success rate}), ``k_max``
+        (:func:`passkey_k_max`), ``trials``, ``threshold`` and ``samples`` (a few
+        (k, key, decoded) triples for inspection).
+    """
+    if not callable(encode) or not callable(decode):
+        raise TypeError("encode and decode must be callables (text -> ids, ids -> text)")
+    try:
+        lengths = sorted({int(k) for k in lengths})
+    except (TypeError, ValueError):
+        raise TypeError("lengths must be an iterable of ints") from None
+    if not lengths:
+        raise ValueError("lengths must not be empty")
+    if lengths[0] < 1:
+        raise ValueError(f"lengths must be positive, got {lengths[0]}")
+    trials = _check_int(trials, "trials", 1)
+    max_new_tokens = _check_int(max_new_tokens, "max_new_tokens", 1)
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    prefix_ids = [int(i) for i in prefix_ids]
+    n_fill = {k: _max_filler(encode, k - len(prefix_ids), intro) for k in lengths}
+    device = torch.device(device) if device is not None else _model_device(model)
+    rng = random.Random(seed)
+    success: Dict[int, float] = {}
+    samples = []
+    jobs = [(k, t) for k in lengths for t in range(trials)]
+    hits: Dict[int, int] = {k: 0 for k in lengths}
+    with _eval_mode(model):
+        for k, t in _progress(jobs, len(jobs), "passkey", progress):
+            key = str(rng.randint(10000, 99999))
+            depth = rng.randint(0, n_fill[k])
+            ids = prefix_ids + list(encode(passkey_prompt(n_fill[k], depth, key, intro=intro)))
+            ids_t = torch.tensor([ids], dtype=torch.long, device=device)
+            text = decode(_greedy(model, ids_t, max_new_tokens))
+            m = re.search(r"\d+", text)
+            ok = m is not None and m.group(0) == key
+            hits[k] += int(ok)
+            if t == 0:
+                samples.append({"length": k, "n_tokens": len(ids), "depth": depth, "key": key, "output": text})
+    success = {k: hits[k] / trials for k in lengths}
+    return {
+        "lengths": lengths,
+        "success": success,
+        "k_max": passkey_k_max(success, threshold),
+        "trials": trials,
+        "threshold": threshold,
+        "samples": samples,
+    }

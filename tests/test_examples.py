@@ -1,0 +1,445 @@
+"""Tests of pirope.eval and the examples (examples/finetune_pi.py, evaluate.py,
+attention_score_bound.py) on tiny configurations: seconds each, CPU only."""
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pirope.eval import (
+    PASSKEY_FILLER,
+    PASSKEY_INTRO,
+    passkey_k_max,
+    passkey_prompt,
+    passkey_retrieval,
+    sliding_window_perplexity,
+    sliding_windows,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def _load(name):
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def fp():
+    return _load("finetune_pi")
+
+
+def encode(text):
+    return list(text.encode("utf-8"))
+
+
+def decode(ids):
+    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------------
+# sliding-window perplexity
+# ---------------------------------------------------------------------------------
+class UniformLM(torch.nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.calls = []
+
+    def forward(self, input_ids):
+        self.calls.append(tuple(input_ids.shape))
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
+
+
+class BigramLM(torch.nn.Module):
+    """Logits depend only on the current token: perplexity is context independent."""
+
+    def __init__(self, vocab, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g), requires_grad=False)
+
+    def forward(self, input_ids, logits_to_keep=0):
+        logits = self.table[input_ids]
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def bigram_ppl(model, tokens):
+    logp = torch.log_softmax(model.table[tokens[:-1]].double(), -1)
+    return math.exp(float(-logp.gather(-1, tokens[1:, None]).mean()))
+
+
+@pytest.mark.parametrize("vocab", [7, 260])
+def test_uniform_logits_perplexity_is_vocab_size(vocab):
+    tokens = torch.randint(0, vocab, (300,), generator=torch.Generator().manual_seed(0))
+    model = UniformLM(vocab)
+    ppl = sliding_window_perplexity(model, tokens, 64, 16, batch_size=3, progress=False)
+    assert ppl == pytest.approx(vocab, rel=1e-6)  # float32 log_softmax
+    assert all(shape[1] == 64 for shape in model.calls)  # every window has the full length
+
+
+@pytest.mark.parametrize("n,window,stride", [(100, 10, 3), (64, 64, 8), (65, 64, 64), (257, 32, 32), (50, 2, 1),
+                                             (1000, 128, 100)])
+def test_sliding_windows_score_each_token_once(n, window, stride):
+    count = torch.zeros(n, dtype=torch.long)
+    wins = sliding_windows(n, window, stride)
+    assert wins[0] == (0, window - 1)
+    for begin, n_scored in wins:
+        assert 0 <= begin and begin + window <= n
+        assert 1 <= n_scored <= window - 1 or (begin == 0 and n_scored == window - 1)
+        count[begin + window - n_scored : begin + window] += 1
+    assert count[0] == 0 and bool((count[1:] == 1).all())
+    assert all(b2 - b1 <= stride for (b1, _), (b2, _) in zip(wins, wins[1:]))
+
+
+@pytest.mark.parametrize("window,stride,batch", [(16, 4, 1), (16, 16, 5), (40, 7, 2), (300, 300, 1)])
+def test_sliding_window_matches_hand_computed_bigram(window, stride, batch):
+    model = BigramLM(11)
+    tokens = torch.randint(0, 11, (300,), generator=torch.Generator().manual_seed(1))
+    ppl, nll, n = sliding_window_perplexity(model, tokens, window, stride, batch_size=batch, progress=False,
+                                            return_nll=True)
+    assert n == 299
+    assert ppl == pytest.approx(bigram_ppl(model, tokens), rel=1e-6)
+
+
+def test_sliding_window_uses_context_and_restores_training_mode():
+    """A model that can only predict from context far away: the longer window helps."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=64))
+    model.train()
+    tokens = torch.randint(0, 16, (100,))
+    a = sliding_window_perplexity(model, tokens, 32, 8, batch_size=4, progress=False)
+    b = sliding_window_perplexity(model, tokens.tolist(), 32, 8, batch_size=1, progress=False)
+    assert model.training
+    assert a == pytest.approx(b, rel=1e-5)
+    # logits_to_keep path == full logits path
+    with torch.no_grad():
+        full = torch.log_softmax(model.eval()(input_ids=tokens[None, :32]).logits[0, :-1], -1)
+    nll = -full.gather(-1, tokens[1:32, None]).sum()
+    ppl1, tot, n = sliding_window_perplexity(model, tokens[:32], 32, 8, progress=False, return_nll=True)
+    assert n == 31 and tot == pytest.approx(float(nll), rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(window=1, stride=1), ValueError, "window must be >= 2"),
+    (dict(window=16, stride=17), ValueError, "stride must be <= window"),
+    (dict(window=16, stride=0), ValueError, "stride must be >= 1"),
+    (dict(window=1000, stride=8), ValueError, "at least as long as window"),
+    (dict(window=16.0, stride=8), TypeError, "window must be an int"),
+    (dict(window=16, stride=8, batch_size=0), ValueError, "batch_size must be >= 1"),
+])
+def test_sliding_window_bad_input(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        sliding_window_perplexity(UniformLM(5), torch.zeros(100, dtype=torch.long), progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("tokens,exc,msg", [
+    (torch.zeros(2, 50, dtype=torch.long), ValueError, "tokens must be 1-D"),
+    (torch.zeros(50), TypeError, "integer token ids"),
+    (torch.full((50,), -1), ValueError, "non-negative"),
+])
+def test_sliding_window_bad_tokens(tokens, exc, msg):
+    with pytest.raises(exc, match=msg):
+        sliding_window_perplexity(UniformLM(5), tokens, 8, 4, progress=False)
+
+
+# ---------------------------------------------------------------------------------
+# passkey retrieval
+# ---------------------------------------------------------------------------------
+def test_passkey_k_max_rule():
+    assert passkey_k_max({256: 1.0, 512: 0.2, 768: 0.1, 1024: 1.0}) == 512
+    assert passkey_k_max({256: 0.1, 512: 1.0}) == 0
+    assert passkey_k_max({1024: 0.3, 256: 0.5, 512: 0.9}) == 1024  # order of the dict does not matter
+    assert passkey_k_max({256: 0.5, 512: 0.4}, threshold=0.5) == 256
+
+
+def test_passkey_prompt_is_the_papers():
+    p = passkey_prompt(7, 3, "12345")
+    assert p.startswith(PASSKEY_INTRO)
+    assert p.endswith("What is the pass key? The pass key is")
+    assert "The pass key is 12345. Remember it. 12345 is the pass key." in p
+    assert p.count("The grass is green.") == 2 and PASSKEY_FILLER.split(". ")[1] + "." in p
+    before = p.split("The pass key is 12345")[0]
+    assert before.count(".") - PASSKEY_INTRO.count(".") == 3  # key after 3 filler sentences
+    with pytest.raises(ValueError, match="depth"):
+        passkey_prompt(3, 4, "12345")
+
+
+class OracleLM(torch.nn.Module):
+    """Byte-level 'model' that reads the key from the prompt and answers it
+    (or a wrong key): the logits put all mass on the next answer byte."""
+
+    def __init__(self, wrong=False, max_len=None):
+        super().__init__()
+        self.wrong, self.max_len, self.lengths = wrong, max_len, []
+
+    def forward(self, input_ids):
+        text = decode(input_ids[0].tolist())
+        self.lengths.append(input_ids.shape[1])
+        key = re.search(r"The pass key is (\d{5})\. Remember", text).group(1)
+        if self.wrong or (self.max_len is not None and self.lengths[-1] > self.max_len + 6):
+            key = "%05d" % ((int(key) + 1) % 100000)
+        answer = " " + key + "."
+        done = len(text) - (text.rindex("The pass key is") + len("The pass key is"))
+        logits = torch.zeros(1, input_ids.shape[1], 256)
+        logits[0, -1, ord(answer[min(done, len(answer) - 1)])] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_passkey_retrieval_oracle_and_wrong_models():
+    lengths = [300, 500, 700, 900]
+    oracle = OracleLM()
+    r = passkey_retrieval(oracle, encode, decode, lengths, trials=3, seed=1, progress=False)
+    assert r["success"] == {k: 1.0 for k in lengths} and r["k_max"] == 900 and r["trials"] == 3
+    assert all(s["key"] in s["output"] and 10000 <= int(s["key"]) <= 99999 for s in r["samples"])
+    assert all(s["n_tokens"] <= s["length"] and s["n_tokens"] > s["length"] - 25 for s in r["samples"])
+    r = passkey_retrieval(OracleLM(wrong=True), encode, decode, lengths, trials=2, progress=False)
+    assert r["success"] == {k: 0.0 for k in lengths} and r["k_max"] == 0
+    # succeeds only on prompts up to 500 tokens: k_max = 500
+    r = passkey_retrieval(OracleLM(max_len=500), encode, decode, lengths, trials=2, progress=False)
+    assert r["k_max"] == 500 and r["success"][700] == 0.0
+
+
+def test_passkey_keys_and_depths_are_random_but_seeded():
+    a = passkey_retrieval(OracleLM(), encode, decode, [600], trials=5, seed=3, progress=False)
+    b = passkey_retrieval(OracleLM(), encode, decode, [600], trials=5, seed=3, progress=False)
+    c = passkey_retrieval(OracleLM(), encode, decode, [600], trials=5, seed=4, progress=False)
+    assert a["samples"] == b["samples"] and a["samples"] != c["samples"]
+
+
+def test_passkey_bad_input():
+    with pytest.raises(ValueError, match="shorter than the prompt"):
+        passkey_retrieval(OracleLM(), encode, decode, [50], progress=False)
+    with pytest.raises(ValueError, match="lengths must not be empty"):
+        passkey_retrieval(OracleLM(), encode, decode, [], progress=False)
+    with pytest.raises(ValueError, match="trials must be >= 1"):
+        passkey_retrieval(OracleLM(), encode, decode, [300], trials=0, progress=False)
+    with pytest.raises(TypeError, match="callables"):
+        passkey_retrieval(OracleLM(), None, decode, [300], progress=False)
+
+
+def test_passkey_with_real_model_and_kv_cache():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=128))
+    r = passkey_retrieval(model, encode, decode, [100, 128], trials=2, intro="", progress=False)
+    assert set(r["success"]) == {100, 128} and r["k_max"] in (0, 100, 128)
+
+
+# ---------------------------------------------------------------------------------
+# examples/finetune_pi.py: demo (tiny) and real-checkpoint fine-tuning
+# ---------------------------------------------------------------------------------
+def test_tiny_demo_runs_all_paths_and_caches_pretraining(fp, tmp_path):
+    out = str(tmp_path / "demo")
+    s = fp.main(["--tiny", "--out", out, "--no-progress"])
+    assert not s["pretrain_cached"]
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert len(saved["results"]) == 4 and saved["windows"] == [128, 256, 512]
+    for r in saved["results"].values():
+        assert set(r["ppl"]) == {"128", "256", "512"} and all(v > 1 for v in r["ppl"].values())
+        assert "k_max" in r["passkey"]
+        assert set(r["copy_check"]) == {"nll_first_copy", "nll_second_copy"}
+    log = saved["finetune_perplexity_log"]["PI fine-tuning"]["512"]
+    assert set(log) == {"0", "2", "4"}
+    assert os.path.getsize(os.path.join(out, "results.png")) > 1000
+    assert "| model | 128 | 256 | 512 | passkey k_max |" in saved["table"]
+    assert len(saved["losses"]["PI fine-tuning"]) == 4
+    # PI zero-shot equals original at positions < L? No: PI changes every angle. But the
+    # PI model's config must be the linear-scaled one and load with plain transformers.
+    from transformers import AutoModelForCausalLM
+
+    pi = AutoModelForCausalLM.from_pretrained(os.path.join(out, "pi_ft"))
+    assert pi.config.rope_parameters["rope_type"] == "linear" and pi.config.rope_parameters["factor"] == 4
+    assert pi.config.max_position_embeddings == 512
+    s2 = fp.main(["--tiny", "--out", out, "--no-progress"])
+    assert s2["pretrain_cached"]
+    assert s2["results"]["original (extrapolation)"]["ppl"] == pytest.approx(
+        s["results"]["original (extrapolation)"]["ppl"])
+
+
+def test_extend_model_transformers_fallback(fp):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=64))
+    ids = torch.randint(0, 32, (1, 200))
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, max_position_embeddings=256,
+                                       rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}))
+    ref.load_state_dict(m.state_dict())
+    fp.extend_model(m, 4, impl="transformers")
+    assert m.config.max_position_embeddings == 256 and m.config.rope_parameters["rope_type"] == "linear"
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids).logits, ref(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="impl"):
+        fp.extend_model(m, 2, impl="nope")
+    try:
+        import pirope.integrations.transformers  # noqa: F401
+    except ImportError:
+        return
+    m2 = LlamaForCausalLM(ref.config.__class__(**{**ref.config.to_dict(), "max_position_embeddings": 64,
+                                                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}))
+    m2.load_state_dict(ref.state_dict())
+    fp.extend_model(m2, max_position_embeddings=256, impl="pirope")
+    with torch.no_grad():
+        torch.testing.assert_close(m2(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=32))
+    model.save_pretrained(str(d / "model"))
+    data = d / "data.txt"
+    data.write_bytes(open(os.path.join(os.path.dirname(os.__file__), "os.py"), "rb").read()[:20000])
+    return str(d / "model"), str(data)
+
+
+def _ft_args(ckpt, data, out, *extra):
+    return ["--model", ckpt, "--data", data, "--factor", "2", "--steps", "3", "--batch-size", "4",
+            "--lr", "1e-3", "--warmup-steps", "2", "--out", out, "--no-progress", *extra]
+
+
+def test_finetune_checkpoint_round_trip(fp, tiny_ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ckpt, data = tiny_ckpt
+    out = str(tmp_path / "ft")
+    r = fp.main(_ft_args(ckpt, data, out))
+    assert r["new_window"] == 64 and len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers
+    assert loaded.config.rope_parameters["rope_type"] == "linear"
+    assert loaded.config.rope_parameters["factor"] == 2.0 and loaded.config.max_position_embeddings == 64
+    ids = torch.randint(0, 256, (2, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, r["model"].eval()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+    with open(os.path.join(out, "train_log.json")) as f:
+        assert json.load(f)["losses"] == r["losses"]
+    # the weights did change
+    orig = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert not torch.equal(orig.lm_head.weight, loaded.lm_head.weight)
+
+
+def test_finetune_max_position_embeddings_flag(fp, tiny_ckpt, tmp_path):
+    ckpt, data = tiny_ckpt
+    r = fp.main(["--model", ckpt, "--data", data, "--max-position-embeddings", "96", "--steps", "1",
+                 "--batch-size", "2", "--out", str(tmp_path / "o"), "--no-progress", "--pi-impl", "transformers",
+                 "--no-gradient-checkpointing"])
+    assert r["new_window"] == 96 and r["factor"] == pytest.approx(3.0)
+
+
+def _bad(fp, argv, capsys, msg):
+    with pytest.raises(SystemExit) as e:
+        fp.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err, err
+
+
+def test_finetune_bad_input(fp, tiny_ckpt, tmp_path, capsys):
+    ckpt, data = tiny_ckpt
+    out = str(tmp_path / "o")
+    _bad(fp, _ft_args(str(tmp_path / "missing"), data, out), capsys, "is not a directory")
+    (tmp_path / "empty").mkdir()
+    _bad(fp, _ft_args(str(tmp_path / "empty"), data, out), capsys, "has no config.json")
+    gpt = tmp_path / "gpt"
+    gpt.mkdir()
+    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 1024}))
+    _bad(fp, _ft_args(str(gpt), data, out), capsys, "extends LLaMA models")
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 40)
+    _bad(fp, _ft_args(ckpt, str(short), out), capsys, "fewer than the new window")
+    _bad(fp, _ft_args(ckpt, str(tmp_path / "nodata"), out), capsys, "does not exist")
+    args = _ft_args(ckpt, data, out)
+    i = args.index("--factor")
+    _bad(fp, args[:i + 1] + ["0.5"] + args[i + 2:], capsys, "--factor must be >= 1")
+    _bad(fp, args[:i + 1] + ["1"] + args[i + 2:], capsys, "must be larger than the model's own window")
+    _bad(fp, args[:i] + ["--max-position-embeddings", "16"] + args[i + 2:], capsys,
+         "must be larger than the model's own window")
+    _bad(fp, args[:i] + args[i + 2:], capsys, "give --factor F or --max-position-embeddings N")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    _bad(fp, _ft_args(ckpt, data, str(blocker / "sub")), capsys, "is not writable")
+    _bad(fp, ["--data", data, "--factor", "2"], capsys, "need --model")
+    assert not os.path.exists(out)  # nothing was written for any of the bad inputs
+
+
+def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ckpt, data = tiny_ckpt
+    single = str(tmp_path / "single")
+    r = fp.main(_ft_args(ckpt, data, single))
+    dist_out = str(tmp_path / "fsdp")
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(EXAMPLES, "finetune_pi.py"), *_ft_args(ckpt, data, dist_out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    with open(os.path.join(dist_out, "train_log.json")) as f:
+        log = json.load(f)
+    assert log["world_size"] == 2
+    assert log["losses"] == pytest.approx(r["losses"], rel=1e-4)
+    loaded = AutoModelForCausalLM.from_pretrained(dist_out).eval()
+    single_model = AutoModelForCausalLM.from_pretrained(single).eval()
+    ids = torch.randint(0, 256, (1, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, single_model(input_ids=ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------
+# examples/evaluate.py and examples/attention_score_bound.py
+# ---------------------------------------------------------------------------------
+def test_evaluate_cli(tiny_ckpt, tmp_path):
+    ev = _load("evaluate")
+    ckpt, data = tiny_ckpt
+    js = str(tmp_path / "r.json")
+    r = ev.main(["--model", ckpt, "--data", data, "--windows", "16", "32", "--stride", "8", "--max-tokens", "400",
+                 "--passkey-lengths", "100", "120", "--passkey-trials", "2", "--passkey-intro", "",
+                 "--json", js, "--no-progress"])
+    assert set(r["perplexity"]) == {"16", "32"} and all(v > 1 for v in r["perplexity"].values())
+    assert set(r["passkey"]["success"]) == {"100", "120"}
+    assert json.load(open(js))["perplexity"] == r["perplexity"]
+    with pytest.raises(SystemExit):
+        ev.main(["--model", str(tmp_path), "--no-progress"])
+
+
+def test_attention_score_bound(tmp_path, capsys):
+    asb = _load("attention_score_bound")
+    png = str(tmp_path / "b.png")
+    r = asb.main(["--head-dim", "64", "--window", "256", "--out", png])
+    out = capsys.readouterr().out
+    assert "32 ln(10000) = 294.73" in out and "589.5" in out
+    assert asb.interpolation_bound(128, 10000.0) == pytest.approx(128 / 294.73, rel=1e-4)
+    for k in ("fitted", "random"):
+        assert r[k]["bound holds"]
+    # the fitted score explodes beyond L, stays small at interpolated positions
+    f = r["fitted"]
+    assert f["max|a| at extrapolated positions [L, 4L)"] > 20 * f["max|a| at fractional positions in [0, L)"]
+    assert os.path.getsize(png) > 1000
