@@ -36,6 +36,30 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
             const int* ldc);
 }
 
+// MKL (when torch links it) would open a nested OpenMP team inside every product
+// called from an at::parallel_for task; its threads then spin against ours (5x
+// slower on 2 cores). MKL_Set_Num_Threads_Local is the C entry point (the
+// lower-case symbol is the Fortran one, taking a pointer). Weak, so a build of
+// torch on another BLAS still loads.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+// One BLAS thread for the calling thread while in scope (each task runs its own
+// products; the parallelism is across tasks).
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) prev_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int prev_ = 0;  // 0: back to the global setting
+};
+
 // Column-major C (m x n) = alpha op(A) op(B) + beta C.
 template <typename T>
 void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,

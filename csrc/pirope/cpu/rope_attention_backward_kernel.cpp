@@ -26,6 +26,7 @@ void backward_cpu(const AttentionParams& p) {
   const RopeParams& r = p.rope;
 
   at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas one_blas_thread;
     // Per-task scratch, all (seqlen x headdim) in the math type: rotated keys,
     // values, dk and dv accumulators (summed over the group), and for the current
     // query head its rotated queries, dO and the dq accumulator.

@@ -35,6 +35,7 @@ void forward_cpu(const AttentionParams& p) {
   const RopeParams& r = p.rope;
 
   at::parallel_for(0, p.batch * p.heads_q * nchunks, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas one_blas_thread;
     // Per-task scratch: rotated keys (and converted values) of one kv head,
     // then one query tile, its scores and its output accumulator.
     std::vector<acc_t> kbuf, vbuf;
