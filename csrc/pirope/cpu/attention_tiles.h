@@ -17,6 +17,9 @@ namespace pirope::cpu {
 
 // Tile sizes (rows of queries and keys per product). A (kBlockQ x kBlockK) score
 // tile and a (kBlockQ x headdim) accumulator stay in L2.
+// At seqlen 4096 (fp32, headdim 128, one thread) 64 x 256, 128 x 256, 128 x 512
+// and 256 x 256 ran within 5% of each other, at the speed of ATen's SDPA: the tile
+// products are as fast as MKL's sgemm makes them.
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 256;
 
