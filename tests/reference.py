@@ -57,3 +57,37 @@ def tolerance(dtype: torch.dtype) -> dict:
         torch.float16: dict(atol=4e-3, rtol=2e-3),
         torch.bfloat16: dict(atol=3e-2, rtol=1.6e-2),
     }[dtype]
+
+
+
+def _attention64(qr, kr, v64, causal, scale):
+    """Softmax attention in float64 on rotated (B, S, Hq, D) q and (B, S, Hkv, D) k, v,
+    kv heads repeated over their query-head group, scores materialised."""
+    group = qr.shape[2] // kr.shape[2]
+    kr = kr.repeat_interleave(group, dim=2)
+    v64 = v64.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bshd,bthd->bhst", qr, kr) * scale
+    if causal:  # key j is visible to query i when j <= i
+        s = qr.shape[1]
+        visible = torch.ones(s, s, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("bhst,bthd->bshd", scores.softmax(-1), v64)
+
+
+def attention_reference(q, k, v, cos, sin, position_ids=None, causal=True, softmax_scale=None,
+                        interleaved=False, grad_out=None):
+    """float64 RoPE + attention: rope_reference on q and k, then plain softmax
+    attention. Returns the output (B, S, Hq, D), or with grad_out (out, dq, dk, dv):
+    gradients through the attention by autograd, rotated back to the input basis by
+    the inverse rotation (rope_reference with conjugate=True)."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    qr = rope_reference(q, cos, sin, position_ids, interleaved).requires_grad_(grad_out is not None)
+    kr = rope_reference(k, cos, sin, position_ids, interleaved).requires_grad_(grad_out is not None)
+    v64 = v.detach().to(torch.float64).cpu().requires_grad_(grad_out is not None)
+    out = _attention64(qr, kr, v64, causal, scale)
+    if grad_out is None:
+        return out
+    gq, gk, gv = torch.autograd.grad(out, (qr, kr, v64), grad_out.detach().to(torch.float64).cpu())
+    dq = rope_reference(gq, cos, sin, position_ids, interleaved, conjugate=True)
+    dk = rope_reference(gk, cos, sin, position_ids, interleaved, conjugate=True)
+    return out.detach(), dq, dk, gv

@@ -28,6 +28,8 @@ void check_input(const char* op, const char* name, const at::Tensor& x) {
 // The tensor as a 4-D (batch, seqlen, nheads, headdim) view.
 at::Tensor as_4d(const at::Tensor& x) { return x.dim() == 4 ? x : x.unsqueeze(0); }
 
+}  // namespace
+
 void check_tables(const char* op, const at::Tensor& x, const at::Tensor& cos,
                   const at::Tensor& sin) {
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos},
@@ -74,6 +76,23 @@ at::Tensor plan_positions(const char* op, const at::Tensor& x,
               pos.sizes());
   return pos.expand({batch, seqlen});
 }
+
+void check_positions_in_range(const char* op, const std::optional<at::Tensor>& pos,
+                              int64_t seqlen, int64_t max_positions) {
+  if (pos) {
+    auto [lo, hi] = at::aminmax(*pos);
+    const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
+    TORCH_CHECK_INDEX(mn >= 0 && mx < max_positions, op,
+                      ": position_ids must be in [0, ", max_positions,
+                      ") (the rows of cos/sin), got values in [", mn, ", ", mx, "]");
+  } else {
+    TORCH_CHECK_INDEX(seqlen <= max_positions, op,
+                      ": position_ids is None, so positions run 0..", seqlen - 1,
+                      ", but cos/sin have only ", max_positions, " rows");
+  }
+}
+
+namespace {
 
 void fill_tensor_args(RopeTensorArgs& a, const at::Tensor& in4, const at::Tensor& out4) {
   a.in = in4.const_data_ptr();
@@ -185,20 +204,8 @@ std::tuple<at::Tensor, at::Tensor> rope_run(
   // Positions are checked here on CPU; CUDA kernels turn an out-of-range position
   // into NaN rows instead (a check there would cost a device synchronisation).
   const int64_t max_positions = cos.size(0);
-  if (q.device().is_cpu() && batch * seqlen > 0) {
-    if (pos) {
-      auto [lo, hi] = at::aminmax(*pos);
-      const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
-      TORCH_CHECK_INDEX(mn >= 0 && mx < max_positions, op,
-                        ": position_ids must be in [0, ", max_positions,
-                        ") (the rows of cos/sin), got values in [", mn, ", ", mx,
-                        "]");
-    } else {
-      TORCH_CHECK_INDEX(seqlen <= max_positions, op,
-                        ": position_ids is None, so positions run 0..", seqlen - 1,
-                        ", but cos/sin have only ", max_positions, " rows");
-    }
-  }
+  if (q.device().is_cpu() && batch * seqlen > 0)
+    check_positions_in_range(op, pos, seqlen, max_positions);
 
   // Kernels read and write rows with a unit feature stride; other layouts go
   // through a temporary (rare: a view that transposes the feature dim).

@@ -20,6 +20,19 @@ namespace pirope {
 using RopeLauncher = void (*)(const RopeParams& params, at::ScalarType x_dtype,
                               at::ScalarType table_dtype, c10::Device device);
 
+// Checks shared with the fused attention (rope_attention.cpp). `x` gives the device
+// and head dim the tables must match.
+void check_tables(const char* op, const at::Tensor& x, const at::Tensor& cos,
+                  const at::Tensor& sin);
+// position_ids: (seqlen,), (batch, seqlen) or (1, seqlen) for 4-D x; (total,) for
+// packed x. Returns it expanded to (batch, seqlen) (a view, may have stride 0).
+at::Tensor plan_positions(const char* op, const at::Tensor& x, const at::Tensor& pos,
+                          int64_t batch, int64_t seqlen);
+// IndexError unless every position (or 0..seqlen-1 when pos is empty) is a row of
+// the tables. Reads the positions: CPU only (on CUDA it would cost a sync).
+void check_positions_in_range(const char* op, const std::optional<at::Tensor>& pos,
+                              int64_t seqlen, int64_t max_positions);
+
 // Checks every argument, plans the kernel and runs it. `k` may be null (one tensor).
 // conjugate rotates by -angle (the backward); inplace writes into q (and k).
 // Returns the rotated tensors (the second is undefined when k is null).

@@ -34,6 +34,23 @@ void apply_rope_qk_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const std::optional<at::Tensor>& position_ids = std::nullopt,
                     bool interleaved = false);
 
+// Fused RoPE + softmax attention. q: (batch, seqlen, nheads_q, headdim); k, v:
+// (batch, seqlen, nheads_kv, headdim), nheads_q a multiple of nheads_kv. Returns
+// (out, lse): out like q, lse (batch, nheads_q, seqlen) in float32 (float64 for
+// float64 input), the log-sum-exp of each scaled score row.
+std::tuple<at::Tensor, at::Tensor> rope_attention(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+    const at::Tensor& sin, const std::optional<at::Tensor>& position_ids = std::nullopt,
+    bool causal = true, double softmax_scale = 1.0, bool interleaved = false);
+
+// Gradients (dq, dk, dv) of rope_attention's out, from the saved out and lse.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& cos, const at::Tensor& sin,
+    const std::optional<at::Tensor>& position_ids = std::nullopt, bool causal = true,
+    double softmax_scale = 1.0, bool interleaved = false);
+
 // Build facts, reported by pirope._C.build_info() and checked at import.
 struct BuildInfo {
   const char* torch_version;

@@ -39,7 +39,8 @@ TORCH_LIBRARY(pirope, m) {
         "Tensor sin, Tensor? position_ids, bool interleaved) -> (Tensor, Tensor)");
 
   // Fused RoPE attention. Returns the output and the log-sum-exp of each query row
-  // (batch, nheads_q, seqlen) in float32, which the backward reuses.
+  // (batch, nheads_q, seqlen) in float32 (float64 for float64 input, so that float64
+  // gradients stay exact), which the backward reuses.
   m.def("rope_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, "
         "Tensor? position_ids, bool causal, float softmax_scale, bool interleaved) "
         "-> (Tensor, Tensor)");

@@ -11,6 +11,7 @@ from . import _fake, _autograd  # noqa: F401  (fake kernels and autograd of the 
 from .apply_rope import apply_rope, apply_rope_qk
 from .frequencies import rope_cos_sin, rope_frequencies
 from .modules import RotaryEmbedding
+from .rope_attention import rope_attention
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,5 @@ __all__ = [
     "rope_cos_sin",
     "rope_frequencies",
     "RotaryEmbedding",
+    "rope_attention",
 ]

@@ -1,3 +1,3 @@
 """Autograd registrations, one file per op. Each backward calls its own op."""
 
-from . import apply_rope  # noqa: F401
+from . import apply_rope, rope_attention  # noqa: F401

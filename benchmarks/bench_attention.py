@@ -1,0 +1,208 @@
+"""Fused RoPE attention against the unfused ways of computing it.
+
+    PYTHONPATH=python python benchmarks/bench_attention.py                # CPU, modest grid
+    python benchmarks/bench_attention.py --seqlens 1024,4096,8192 --dtypes bfloat16 \
+        --device cuda --repeat 10 --json results.json
+
+Methods (q, k, v arrive as (batch, seqlen, heads, headdim), the view of a projection):
+  a  hf_eager     Hugging Face eager RoPE (q*cos + rotate_half(q)*sin on the
+                  (B, H, S, D) transposes) + torch SDPA (enable_gqa, is_causal)
+  b  pirope_sdpa  pirope.apply_rope_qk + SDPA on the transposed views
+  c  compiled     (b) under torch.compile
+  d  fused        pirope.rope_attention (on CUDA: its apply_rope_qk + SDPA fallback)
+Times are medians of --repeat runs after a warm-up; "x" is the speed-up over (a)
+(time of a / time of the method). Peak memory is the growth over the inputs during
+one run: on CUDA torch.cuda.max_memory_allocated; on CPU the peak resident set size
+sampled every 0.2 ms from /proc/self/statm (ops run without the GIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+import pirope
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def hf_eager(q, k, v, cos_hf, sin_hf, cos, sin):
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    c, s = cos_hf.unsqueeze(1), sin_hf.unsqueeze(1)
+    q = q * c + rotate_half(q) * s
+    k = k * c + rotate_half(k) * s
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def pirope_sdpa(q, k, v, cos_hf, sin_hf, cos, sin):
+    q, k = pirope.apply_rope_qk(q, k, cos, sin)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def fused(q, k, v, cos_hf, sin_hf, cos, sin):
+    return pirope.rope_attention(q, k, v, cos, sin, causal=True)
+
+
+class PeakRSS:
+    """Peak resident set size growth (bytes) while the block runs (CPU)."""
+
+    def __enter__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self._rss()
+        self.stop = False
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _watch(self):
+        while not self.stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.0002)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.growth = self.peak - self.base
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(fn, inputs, grad, backward):
+    q, k, v = inputs[:3]
+    if backward:
+        for t in (q, k, v):
+            t.grad = None
+    out = fn(*inputs)
+    if backward:
+        out.backward(grad)
+    return out
+
+
+def measure(fn, inputs, grad, backward, repeat, device):
+    run_once(fn, inputs, grad, backward)  # warm-up (and compilation)
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run_once(fn, inputs, grad, backward)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    # memory: one more run
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run_once(fn, inputs, grad, backward)
+        sync(device)
+        mem = torch.cuda.max_memory_allocated() - base
+    else:
+        with PeakRSS() as m:
+            out = run_once(fn, inputs, grad, backward)
+            del out
+        mem = m.growth
+    return statistics.median(times), mem
+
+
+def _exec_with_returning_malloc():
+    """glibc raises its mmap threshold after large frees, so freed tensors stay in the
+    heap and the resident set no longer follows live memory. A fixed threshold keeps
+    every large block mmap'ed and returned on free; it must be set before start-up,
+    hence the re-exec."""
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def main():
+    _exec_with_returning_malloc()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqlens", default="512,1024,2048")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--heads", default="32/32,32/8", help="nheads_q/nheads_kv pairs")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--headdim", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--methods", default="a,b,c,d")
+    ap.add_argument("--modes", default="fwd,fwd+bwd")
+    ap.add_argument("--json", default=None, help="write the results to this path")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    methods = {"a": ("hf_eager", hf_eager), "b": ("pirope_sdpa", pirope_sdpa),
+               "c": ("compiled", "compile"), "d": ("fused", fused)}
+    chosen = [methods[m] for m in args.methods.split(",")]
+    d = args.headdim
+    inv_freq, _ = pirope.rope_frequencies(d, scaling={"rope_type": "linear", "factor": 4.0})
+    rows = []
+    print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, headdim {d}, "
+          f"repeat {args.repeat}, causal; x = speed-up over (a) hf_eager")
+    header = f"{'dtype':9} {'heads':6} {'seqlen':>6} {'mode':8} " + " ".join(
+        f"{name:>22}" for name, _ in chosen)
+    print(header)
+    print("-" * len(header))
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for heads in args.heads.split(","):
+            hq, hkv = map(int, heads.split("/"))
+            for s in map(int, args.seqlens.split(",")):
+                cos, sin = pirope.rope_cos_sin(inv_freq, s)
+                cos, sin = cos.to(device), sin.to(device)
+                cos_hf = torch.cat((cos, cos), -1).to(dtype).expand(args.batch, s, d)
+                sin_hf = torch.cat((sin, sin), -1).to(dtype).expand(args.batch, s, d)
+                for mode in args.modes.split(","):
+                    backward = mode == "fwd+bwd"
+                    gen = torch.Generator(device=device).manual_seed(0)
+                    mk = lambda h: torch.randn(args.batch, s, h, d, device=device, dtype=dtype,  # noqa: E731
+                                               generator=gen).requires_grad_(backward)
+                    q, k, v = mk(hq), mk(hkv), mk(hkv)
+                    grad = torch.randn(args.batch, s, hq, d, device=device, dtype=dtype, generator=gen)
+                    inputs = (q, k, v, cos_hf, sin_hf, cos, sin)
+                    results = {}
+                    ctx = torch.enable_grad() if backward else torch.inference_mode()
+                    for name, fn in chosen:
+                        if fn == "compile":  # a fresh compilation per configuration
+                            torch._dynamo.reset()
+                            fn = torch.compile(pirope_sdpa)
+                        with ctx:
+                            t, mem = measure(fn, inputs, grad, backward, args.repeat, device)
+                        results[name] = (t, mem)
+                    base = results.get("hf_eager", (None,))[0]
+                    cells = []
+                    for name, _ in chosen:
+                        t, mem = results[name]
+                        ratio = f"{base / t:4.2f}x" if base else "  -  "
+                        cells.append(f"{t * 1e3:8.1f}ms {ratio} {mem / 2**20:5.0f}M")
+                        rows.append(dict(dtype=dtype_name, heads=heads, seqlen=s, mode=mode, method=name,
+                                         batch=args.batch, headdim=d, device=str(device),
+                                         median_s=t, speedup_vs_hf=(base / t if base else None),
+                                         peak_mem_bytes=mem))
+                    print(f"{dtype_name:9} {heads:6} {s:6d} {mode:8} " + " ".join(f"{c:>22}" for c in cells),
+                          flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

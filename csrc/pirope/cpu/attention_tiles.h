@@ -1,0 +1,214 @@
+// Tile helpers shared by the CPU forward and backward of rope_attention: row-major
+// products through ATen's CPU BLAS, rows loaded (rotated) into the math type and
+// stored back (un-rotated), and the exponentials of the softmax.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include "../attention_params.h"
+#include "../rope_math.h"
+
+namespace pirope::cpu {
+
+// Tile sizes (rows of queries and keys per product). A (kBlockQ x kBlockK) score
+// tile and a (kBlockQ x headdim) accumulator stay in L2.
+// At seqlen 4096 (fp32, headdim 128, one thread) 64 x 256, 128 x 256, 128 x 512
+// and 256 x 256 ran within 5% of each other, at the speed of ATen's SDPA: the tile
+// products are as fast as MKL's sgemm makes them.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 256;
+
+// ---- Row-major products through the BLAS that ATen links (MKL's sgemm_/dgemm_,
+// exported by libtorch_cpu; ATen's own cpublas::gemm overloads for float/double are
+// not exported). BLAS is column-major: a row-major (m x n) matrix is its
+// column-major (n x m) transpose, so C = A B becomes C^T = B^T A^T and the operands
+// swap. lda/ldb/ldc are row strides, at least the row length, below 2^31. ----
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+            const int* k, const float* alpha, const float* a, const int* lda,
+            const float* b, const int* ldb, const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
+            const int* k, const double* alpha, const double* a, const int* lda,
+            const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
+// MKL (when torch links it) would open a nested OpenMP team inside every product
+// called from an at::parallel_for task; its threads then spin against ours (5x
+// slower on 2 cores). MKL_Set_Num_Threads_Local is the C entry point (the
+// lower-case symbol is the Fortran one, taking a pointer). Weak, so a build of
+// torch on another BLAS still loads.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+// One BLAS thread for the calling thread while in scope (each task runs its own
+// products; the parallelism is across tasks).
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) prev_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int prev_ = 0;  // 0: back to the global setting
+};
+
+// Column-major C (m x n) = alpha op(A) op(B) + beta C.
+template <typename T>
+void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+               int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const int mi = int(m), ni = int(n), ki = int(k);
+  const int la = int(std::max<int64_t>(lda, 1)), lb = int(std::max<int64_t>(ldb, 1)),
+            lc = int(std::max<int64_t>(ldc, 1));
+  if constexpr (std::is_same_v<T, float>)
+    sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+  else
+    dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+}
+
+// C (m x n) = alpha * A (m x k) * B^T, B stored (n x k), + beta * C.
+template <typename T>
+void gemm_nt(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+             const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  blas_gemm<T>('T', 'N', n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+// C (m x n) = alpha * A (m x k) * B (k x n) + beta * C.
+template <typename T>
+void gemm_nn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+             const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  blas_gemm<T>('N', 'N', n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+// C (m x n) = alpha * A^T * B + beta * C, A stored (k x m), B (k x n).
+template <typename T>
+void gemm_tn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+             const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  blas_gemm<T>('N', 'T', n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+// ---- Rows in and out of the math type. ----
+
+// Rows s0 .. s0+n-1 of one head (row stride `stride`), rotated by their positions
+// (by -angle when `conjugate`), into dst (row stride ld) in the math type acc_t.
+// The head_dim - rotary_dim pass-through features are copied.
+template <typename scalar_t, typename table_t, typename acc_t>
+void load_rotated(const RopeParams& r, int64_t b, int64_t s0, int64_t n,
+                  const scalar_t* src, int64_t stride, acc_t* dst, int64_t ld) {
+  const int64_t half = r.rotary_dim / 2;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* x = src + i * stride;
+    acc_t* y = dst + i * ld;
+    // rope_attention.cpp checked every position on CPU.
+    const int64_t pos = token_position(r, b, s0 + i);
+    const table_t* cs = static_cast<const table_t*>(r.cos) + pos * r.table_stride;
+    const table_t* sn = static_cast<const table_t*>(r.sin) + pos * r.table_stride;
+    if (r.interleaved) {
+      for (int64_t j = 0; j < half; ++j)
+        rotate_pair<acc_t>(acc_t(x[2 * j]), acc_t(x[2 * j + 1]), acc_t(cs[j]),
+                           acc_t(sn[j]), y[2 * j], y[2 * j + 1]);
+    } else {
+      for (int64_t j = 0; j < half; ++j)
+        rotate_pair<acc_t>(acc_t(x[j]), acc_t(x[j + half]), acc_t(cs[j]), acc_t(sn[j]),
+                           y[j], y[j + half]);
+    }
+    for (int64_t j = r.rotary_dim; j < r.head_dim; ++j) y[j] = acc_t(x[j]);
+  }
+}
+
+// The inverse of load_rotated: rows of src (math type, row stride ld) rotated by
+// -angle (the backward of the rotation) and rounded once into dst.
+template <typename scalar_t, typename table_t, typename acc_t>
+void store_unrotated(const RopeParams& r, int64_t b, int64_t s0, int64_t n,
+                     const acc_t* src, int64_t ld, scalar_t* dst, int64_t stride) {
+  const int64_t half = r.rotary_dim / 2;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t* x = src + i * ld;
+    scalar_t* y = dst + i * stride;
+    const int64_t pos = token_position(r, b, s0 + i);
+    const table_t* cs = static_cast<const table_t*>(r.cos) + pos * r.table_stride;
+    const table_t* sn = static_cast<const table_t*>(r.sin) + pos * r.table_stride;
+    for (int64_t j = 0; j < half; ++j) {
+      const int64_t a = pair_first(j, half, r.interleaved);
+      const int64_t c = pair_second(j, half, r.interleaved);
+      acc_t o1, o2;
+      rotate_pair<acc_t>(x[a], x[c], acc_t(cs[j]), -acc_t(sn[j]), o1, o2);
+      y[a] = scalar_t(o1);
+      y[c] = scalar_t(o2);
+    }
+    for (int64_t j = r.rotary_dim; j < r.head_dim; ++j) y[j] = scalar_t(x[j]);
+  }
+}
+
+// n rows of d features from src (row stride `stride`) into dst (row stride ld).
+template <typename S, typename D>
+void convert_rows(const S* src, int64_t stride, int64_t n, int64_t d, D* dst,
+                  int64_t ld) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < d; ++j) dst[i * ld + j] = D(src[i * stride + j]);
+}
+
+// ---- Softmax pieces. ----
+
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> vexp(const at::vec::Vectorized<acc_t>& x) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    return x.exp_u20();  // the fast exp of ATen's own CPU flash attention
+  else
+    return x.exp();
+}
+
+// max of x[0..n), n >= 1.
+template <typename acc_t>
+acc_t row_max(const acc_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  acc_t m = x[0];
+  int64_t j = 0;
+  if (n >= W) {
+    Vec vm = Vec::loadu(x);
+    for (j = W; j + W <= n; j += W) vm = at::vec::maximum(vm, Vec::loadu(x + j));
+    m = at::vec::vec_reduce_all<acc_t>(
+        [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = exp(x[j] - sub) for j < n; returns the sum of the new values.
+template <typename acc_t>
+acc_t exp_row(acc_t* x, int64_t n, acc_t sub) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vs(sub);
+  Vec vsum(acc_t(0));
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const Vec e = vexp<acc_t>(Vec::loadu(x + j) - vs);
+    e.store(x + j);
+    vsum = vsum + e;
+  }
+  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - sub);
+    sum += x[j];
+  }
+  return sum;
+}
+
+// Keys of block [k0, k0 + nk) that query row q sees.
+inline int64_t visible_keys(bool causal, int64_t q, int64_t k0, int64_t nk) {
+  return causal ? std::clamp<int64_t>(q - k0 + 1, 0, nk) : nk;
+}
+
+}  // namespace pirope::cpu

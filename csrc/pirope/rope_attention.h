@@ -1,0 +1,54 @@
+// rope_attention / rope_attention_backward: validation and planning shared by every
+// backend. A backend provides a forward and a backward launcher and registers both
+// ops with register_rope_attention_kernels<fwd, bwd>(m); argument checks, output
+// allocation and layout handling live once, in rope_attention.cpp.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "attention_params.h"
+
+namespace pirope {
+
+// Runs the forward (writes out, lse) or the backward (writes dq, dk, dv) described
+// by `params`. dtype is the dtype of q/k/v, table_dtype the dtype of cos/sin.
+using AttentionLauncher = void (*)(const AttentionParams& params, at::ScalarType dtype,
+                                   at::ScalarType table_dtype, c10::Device device);
+
+// Checks every argument, allocates (out, lse) and runs the forward.
+std::tuple<at::Tensor, at::Tensor> rope_attention_run(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+    const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
+    double softmax_scale, bool interleaved, AttentionLauncher launch);
+
+// Checks every argument, allocates (dq, dk, dv) and runs the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& cos, const at::Tensor& sin,
+    const std::optional<at::Tensor>& position_ids, bool causal, double softmax_scale,
+    bool interleaved, AttentionLauncher launch);
+
+template <AttentionLauncher Fwd, AttentionLauncher Bwd>
+void register_rope_attention_kernels(torch::Library& m) {
+  using OptT = std::optional<at::Tensor>;
+  using T = at::Tensor;
+  m.impl("rope_attention", [](const T& q, const T& k, const T& v, const T& cos,
+                              const T& sin, const OptT& pos, bool causal, double scale,
+                              bool interleaved) {
+    return rope_attention_run(q, k, v, cos, sin, pos, causal, scale, interleaved, Fwd);
+  });
+  m.impl("rope_attention_backward",
+         [](const T& grad_out, const T& q, const T& k, const T& v, const T& out,
+            const T& lse, const T& cos, const T& sin, const OptT& pos, bool causal,
+            double scale, bool interleaved) {
+           return rope_attention_backward_run(grad_out, q, k, v, out, lse, cos, sin, pos,
+                                              causal, scale, interleaved, Bwd);
+         });
+}
+
+}  // namespace pirope

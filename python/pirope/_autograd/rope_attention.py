@@ -1,0 +1,42 @@
+"""Autograd of the fused attention: the backward is its own op, which recomputes the
+probabilities from the saved log-sum-exp. q, k and v get gradients; the tables and
+positions do not, and lse (an auxiliary output) is treated as a constant."""
+
+import torch
+
+ops = torch.ops.pirope
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cos, sin, position_ids)
+    ctx.causal = causal
+    ctx.softmax_scale = softmax_scale
+    ctx.interleaved = interleaved
+
+
+def _rope_attention_bw(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cos, sin, position_ids = ctx.saved_tensors
+    dq, dk, dv = ops.rope_attention_backward(
+        grad_out.contiguous(), q, k, v, out, lse, cos, sin, position_ids, ctx.causal,
+        ctx.softmax_scale, ctx.interleaved)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("pirope::rope_attention", _rope_attention_bw, setup_context=_setup)
+
+
+def _setup_backward(ctx, inputs, output):
+    pass
+
+
+def _rope_attention_backward_bw(ctx, *grads):
+    # Double backward would need the derivative of the recomputed softmax: not
+    # implemented. Raise rather than let autograd treat the op as constant.
+    raise NotImplementedError(
+        "rope_attention: double backward (gradients of gradients) is not supported")
+
+
+torch.library.register_autograd(
+    "pirope::rope_attention_backward", _rope_attention_backward_bw, setup_context=_setup_backward)

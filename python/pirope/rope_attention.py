@@ -1,0 +1,90 @@
+"""rope_attention: rotary position embedding of q and k fused with scaled
+dot-product attention (flash-style: no seqlen x seqlen matrix)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from .apply_rope import apply_rope_qk
+
+__all__ = ["rope_attention"]
+
+
+def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved):
+    # CUDA (until a fused CUDA kernel exists): the same math unfused, differentiable
+    # through apply_rope_qk's and SDPA's own backward.
+    qr, kr = apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
+        is_causal=causal, scale=softmax_scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def rope_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """Rotary embedding of ``q`` and ``k`` followed by softmax attention, fused.
+
+    Same result as :func:`pirope.apply_rope_qk` followed by
+    ``softmax(q k^T * softmax_scale [+ causal mask]) v``, computed tile by tile with an
+    online softmax in float32 (float64 for float64 input), so no
+    ``seqlen x seqlen`` matrix is ever materialised.
+
+    Args:
+        q: ``(batch, seqlen, nheads_q, headdim)``.
+        k, v: ``(batch, seqlen, nheads_kv, headdim)``; ``nheads_q`` must be a
+            multiple of ``nheads_kv`` (grouped-query / multi-query attention).
+            q, k and v share dtype (float32, float64, float16, bfloat16) and device;
+            any strides on the leading dims (a transpose of
+            ``(batch, nheads, seqlen, headdim)`` works).
+        cos, sin: ``(max_positions, rotary_dim // 2)`` float32 (or float64) tables,
+            as for :func:`pirope.apply_rope`; features past ``rotary_dim`` pass
+            through unrotated.
+        position_ids: ``None``, ``(seqlen,)``, ``(batch, seqlen)`` or ``(1, seqlen)``;
+            int32 or int64, values in ``[0, max_positions)``.
+        causal: query ``i`` attends to keys ``j <= i`` (else to every key).
+        softmax_scale: multiplies the scores before the softmax; default
+            ``headdim ** -0.5``. Must be finite and > 0.
+        interleaved: rotate pairs ``(2i, 2i+1)`` instead of ``(i, i + rotary_dim/2)``.
+
+    Returns:
+        ``(batch, seqlen, nheads_q, headdim)`` tensor of q's dtype. Differentiable in
+        q, k and v (the backward is its own fused op, deterministic).
+
+    On CUDA there is no fused kernel yet: the call runs :func:`pirope.apply_rope_qk`
+    followed by ``torch.nn.functional.scaled_dot_product_attention`` (same result,
+    differentiable, but it keeps the rotated q and k in memory).
+    """
+    op = "rope_attention"
+    _checks.tensor(op, "q", q)
+    _checks.tensor(op, "k", k)
+    _checks.tensor(op, "v", v)
+    _checks.tensor(op, "cos", cos)
+    _checks.tensor(op, "sin", sin)
+    _checks.tensor(op, "position_ids", position_ids, optional=True)
+    _checks.flag(op, "causal", causal)
+    _checks.flag(op, "interleaved", interleaved)
+    if softmax_scale is None:
+        if q.dim() < 1 or q.shape[-1] < 1:
+            raise ValueError(f"{op}: q must be (batch, seqlen, nheads_q, headdim) with headdim >= 1, "
+                             f"got shape {tuple(q.shape)}")
+        softmax_scale = q.shape[-1] ** -0.5
+    softmax_scale = _checks.number(op, "softmax_scale", softmax_scale, positive=True)
+    if q.device.type == "cuda":
+        for name, t in (("k", k), ("v", v)):
+            if t.device != q.device:
+                raise RuntimeError(f"{op}: {name} must be on {q.device} like q, got {t.device}")
+        return _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved)
+    out, _ = torch.ops.pirope.rope_attention(q, k, v, cos, sin, position_ids, causal,
+                                             softmax_scale, interleaved)
+    return out

@@ -1,0 +1,289 @@
+"""pirope.rope_attention: fused RoPE + softmax attention against a float64 reference
+(outputs and gradients), autograd, opcheck, torch.compile and bad input.
+
+The fused op has a CPU kernel; on CUDA the public function falls back to
+apply_rope_qk + SDPA, so the public-API tests also run there."""
+
+import pytest
+import torch
+
+import pirope
+from reference import attention_reference
+
+# Max |error| allowed, relative to max(1, max |reference|): float32 math for the
+# reduced precisions, float64 math for float64.
+REL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def tables(rotary_dim, n, device="cpu", dtype=torch.float32):
+    inv_freq, _ = pirope.rope_frequencies(rotary_dim, scaling={"rope_type": "linear", "factor": 4.0})
+    cos, sin = pirope.rope_cos_sin(inv_freq, n)
+    return cos.to(device, dtype), sin.to(device, dtype)
+
+
+def qkv(b, s, hq, hkv, d, dtype=torch.float32, device="cpu", requires_grad=False):
+    mk = lambda h: torch.randn(b, s, h, d, dtype=dtype, device=device, requires_grad=requires_grad)  # noqa: E731
+    return mk(hq), mk(hkv), mk(hkv)
+
+
+def assert_close_to(actual, ref, dtype, what=""):
+    actual = actual.detach().to(torch.float64).cpu()
+    assert actual.shape == ref.shape, (what, actual.shape, ref.shape)
+    err = (actual - ref).abs().max().item() if ref.numel() else 0.0
+    bound = REL[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({dtype})"
+
+
+def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, scale=None, interleaved=False):
+    """Output and the three gradients of pirope.rope_attention vs the reference."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = pirope.rope_attention(q, k, v, cos, sin, pos, causal=causal, softmax_scale=scale,
+                                interleaved=interleaved)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.device == q.device
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref, dq, dk, dv = attention_reference(q, k, v, cos, sin, pos, causal, scale, interleaved, grad_out=g)
+    assert_close_to(out, ref, q.dtype, "out")
+    assert_close_to(q.grad, dq, q.dtype, "dq")
+    assert_close_to(k.grad, dk, q.dtype, "dk")
+    assert_close_to(v.grad, dv, q.dtype, "dv")
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 1), (4, 4)])
+def test_matches_reference_head_dims_gqa(head_dim, causal, heads):
+    q, k, v = qkv(2, 33, *heads, head_dim)
+    cos, sin = tables(head_dim, 40)
+    check_against_reference(q, k, v, cos, sin, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_reference_every_dtype(device, dtype, causal):
+    q, k, v = qkv(2, 77, 4, 2, 64, dtype=dtype, device=device)
+    cos, sin = tables(64, 77, device)
+    check_against_reference(q, k, v, cos, sin, causal=causal)
+
+
+@pytest.mark.parametrize("seqlen", [1, 7, 129, 1000])
+def test_any_seqlen(seqlen):
+    # Not multiples of the tiles: partial query and key blocks, causal and full.
+    q, k, v = qkv(1, seqlen, 2, 1, 64)
+    cos, sin = tables(64, seqlen)
+    for causal in (True, False):
+        check_against_reference(q, k, v, cos, sin, causal=causal)
+
+
+@pytest.mark.parametrize("form", ["none", "seq", "batch_seq", "one_seq", "int32"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_position_ids_forms(device, form, interleaved):
+    b, s = 2, 21
+    cos, sin = tables(64, 64, device)
+    pos = {
+        "none": None,
+        "seq": torch.randperm(64, device=device)[:s],
+        "batch_seq": torch.randint(0, 64, (b, s), device=device),
+        "one_seq": torch.arange(10, 10 + s, device=device)[None],
+        "int32": torch.randint(0, 64, (b, s), device=device, dtype=torch.int32),
+    }[form]
+    q, k, v = qkv(b, s, 4, 2, 64, device=device)
+    check_against_reference(q, k, v, cos, sin, pos, interleaved=interleaved)
+
+
+def test_partial_rotary_passes_features_through():
+    q, k, v = qkv(2, 19, 4, 2, 80)
+    cos, sin = tables(32, 19)  # rotary_dim 32 of 80
+    check_against_reference(q, k, v, cos, sin, causal=True)
+    check_against_reference(q, k, v, cos.double(), sin.double(), causal=False, interleaved=True)
+
+
+def test_softmax_scale_default_and_explicit():
+    q, k, v = qkv(1, 9, 2, 2, 64)
+    cos, sin = tables(64, 9)
+    default = pirope.rope_attention(q, k, v, cos, sin)
+    explicit = pirope.rope_attention(q, k, v, cos, sin, softmax_scale=64 ** -0.5)
+    torch.testing.assert_close(default, explicit, atol=0, rtol=0)
+    check_against_reference(q, k, v, cos, sin, scale=0.3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradcheck_float64(causal):
+    q, k, v = qkv(2, 6, 4, 2, 12, dtype=torch.float64, requires_grad=True)
+    cos, sin = tables(8, 9, dtype=torch.float64)  # partial rotary: 8 of 12
+    pos = torch.tensor([[8, 0, 3, 2, 1, 5], [0, 1, 2, 3, 4, 5]])
+    fn = lambda q, k, v: pirope.rope_attention(q, k, v, cos, sin, pos, causal=causal)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_backward_is_deterministic():
+    q, k, v = qkv(2, 300, 8, 2, 64, requires_grad=True)
+    cos, sin = tables(64, 300)
+    g = torch.randn(2, 300, 8, 64)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (threads, threads, 1):
+            torch.set_num_threads(n)
+            q.grad = k.grad = v.grad = None
+            pirope.rope_attention(q, k, v, cos, sin).backward(g)
+            grads.append([t.grad.clone() for t in (q, k, v)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:  # bit-identical, whatever the thread count
+        for a, b in zip(grads[0], other):
+            assert torch.equal(a, b)
+
+
+def test_non_contiguous_inputs(device):
+    # Transposes of (batch, heads, seqlen, headdim) and a sliced feature dim.
+    b, s, d = 2, 45, 64
+    qt = torch.randn(b, 4, s, d, device=device).transpose(1, 2)
+    kt = torch.randn(b, 2, s, d, device=device).transpose(1, 2)
+    vt = torch.randn(b, 2, s, 2 * d, device=device).transpose(1, 2)[..., ::2]
+    assert not qt.is_contiguous() and vt.stride(-1) == 2
+    cos, sin = tables(d, s, device)
+    check_against_reference(qt, kt, vt, cos, sin, causal=True)
+    check_against_reference(qt, kt, vt, cos, sin, causal=False)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
+def test_empty_batch_or_seqlen(shape):
+    q, k, v = qkv(*shape, 4, 2, 64, requires_grad=True)
+    cos, sin = tables(64, 8)
+    out = pirope.rope_attention(q, k, v, cos, sin)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_never_materialises_seqlen_squared():
+    # 4096^2 float32 scores per head would be 64 MiB. What the op allocates through
+    # torch (out, lse) is linear in seqlen; its per-thread scratch (plain vectors,
+    # not seen by the profiler) is a few (seqlen x headdim) rows and tiles, which
+    # benchmarks/bench_attention.py measures as resident memory.
+    q, k, v = qkv(1, 4096, 1, 1, 64)
+    cos, sin = tables(64, 4096)
+    with torch.profiler.profile(profile_memory=True) as prof:
+        pirope.rope_attention(q, k, v, cos, sin)
+    peak = max((e.cpu_memory_usage for e in prof.key_averages()), default=0)
+    assert peak < 16 * 2**20
+
+
+def test_opcheck():
+    cos, sin = tables(32, 12)
+    pos = torch.randint(0, 12, (2, 7))
+    for rg in (False, True):
+        q, k, v = qkv(2, 7, 4, 2, 48, requires_grad=rg)
+        torch.library.opcheck(torch.ops.pirope.rope_attention.default,
+                              (q, k, v, cos, sin, pos, True, 0.2, False))
+        torch.library.opcheck(torch.ops.pirope.rope_attention.default,
+                              (q, k, v, cos, sin, None, False, 0.5, True))
+    # The backward op (no double backward: see test_double_backward_raises).
+    q, k, v = qkv(2, 7, 4, 2, 48)
+    out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, pos, True, 0.2, False)
+    g = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.pirope.rope_attention_backward.default,
+                          (g, q, k, v, out, lse, cos, sin, pos, True, 0.2, False))
+    qt = torch.randn(2, 4, 7, 48).transpose(1, 2)  # fake must predict the real strides
+    torch.library.opcheck(torch.ops.pirope.rope_attention.default,
+                          (qt, qt[:, :, :2], qt[:, :, 2:], cos, sin, None, True, 0.2, False))
+
+
+def test_double_backward_raises():
+    q, k, v = qkv(1, 5, 2, 1, 16, dtype=torch.float64, requires_grad=True)
+    cos, sin = tables(16, 5, dtype=torch.float64)
+    out = pirope.rope_attention(q, k, v, cos, sin)
+    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        gq.sum().backward()
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    cos, sin = tables(32, 16)
+    proj = torch.nn.Linear(32, 32)
+
+    def f(q, k, v):
+        return pirope.rope_attention(proj(q), k, v, cos, sin, causal=True).square().sum()
+
+    q, k, v = qkv(2, 16, 4, 2, 32, requires_grad=True)
+    f(q, k, v).backward()
+    eager = [t.grad.clone() for t in (q, k, v)]
+    q.grad = k.grad = v.grad = None
+    torch.compile(f, fullgraph=True)(q, k, v).backward()
+    for a, b in zip(eager, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ---- bad input: exceptions name the argument ----
+
+def _args(**over):
+    q, k, v = qkv(2, 8, 4, 2, 64)
+    cos, sin = tables(64, 16)
+    a = dict(q=q, k=k, v=v, cos=cos, sin=sin, position_ids=None)
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize(
+    "over, exc, match",
+    [
+        (dict(k=torch.randn(3, 8, 2, 64)), RuntimeError, "k must have the batch and seqlen of q"),
+        (dict(v=torch.randn(2, 9, 2, 64)), RuntimeError, "v must have the batch and seqlen of q"),
+        (dict(k=torch.randn(2, 8, 3, 64), v=torch.randn(2, 8, 3, 64)), RuntimeError,
+         "nheads_q must be a multiple of nheads_kv"),
+        (dict(v=torch.randn(2, 8, 1, 64)), RuntimeError, "k and v must have the same number of heads"),
+        (dict(k=torch.randn(2, 8, 2, 32)), RuntimeError, "k must have the head dim of q"),
+        (dict(v=torch.randn(2, 8, 2, 80)), RuntimeError, "v must have the head dim of q"),
+        (dict(q=torch.randn(8, 4, 64)), RuntimeError, "q must be \\(batch, seqlen, nheads_q, headdim\\)"),
+        (dict(q=torch.randint(0, 3, (2, 8, 4, 64))), RuntimeError, "q must be float32, float64, float16 or bfloat16"),
+        (dict(v=torch.randn(2, 8, 2, 64, dtype=torch.float64)), RuntimeError, "v must have the dtype of q"),
+        (dict(k=torch.empty(2, 8, 2, 64, device="meta")), RuntimeError, "k must be on cpu"),
+        (dict(cos=torch.randn(16, 32, device="meta")), RuntimeError, "cos must be on cpu"),
+        (dict(position_ids=torch.arange(8, device="meta")), RuntimeError, "position_ids must be on cpu"),
+        (dict(k="k"), TypeError, "k must be a torch.Tensor"),
+        (dict(sin=None), TypeError, "sin must be a torch.Tensor"),
+        (dict(position_ids=[0, 1]), TypeError, "position_ids must be a torch.Tensor"),
+        (dict(position_ids=torch.arange(9)), RuntimeError, "position_ids must be \\(seqlen,\\)"),
+        (dict(position_ids=torch.arange(8) + 9), IndexError, "position_ids must be in \\[0, 16\\)"),
+        (dict(cos=torch.randn(4, 32), sin=torch.randn(4, 32)), IndexError, "cos/sin have only 4 rows"),
+        (dict(cos=torch.randn(16, 40), sin=torch.randn(16, 40)), RuntimeError, "exceeds the head dim 64"),
+    ],
+)
+def test_rejects_bad_input(over, exc, match):
+    a = _args(**over)
+    with pytest.raises(exc, match=match):
+        pirope.rope_attention(a["q"], a["k"], a["v"], a["cos"], a["sin"], a["position_ids"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(softmax_scale=0.0), ValueError, "softmax_scale must be > 0"),
+        (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be > 0"),
+        (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be finite"),
+        (dict(softmax_scale=float("inf")), ValueError, "softmax_scale must be finite"),
+        (dict(softmax_scale="0.1"), TypeError, "softmax_scale must be a number"),
+        (dict(causal=1), TypeError, "causal must be a bool"),
+        (dict(interleaved=None), TypeError, "interleaved must be a bool"),
+    ],
+)
+def test_rejects_bad_keyword(kwargs, exc, match):
+    a = _args()
+    with pytest.raises(exc, match=match):
+        pirope.rope_attention(a["q"], a["k"], a["v"], a["cos"], a["sin"], **kwargs)
+
+
+def test_op_rejects_bad_scale_and_lse():
+    a = _args()
+    args = (a["q"], a["k"], a["v"], a["cos"], a["sin"], None, True)
+    with pytest.raises(RuntimeError, match="softmax_scale must be finite and > 0"):
+        torch.ops.pirope.rope_attention(*args, float("nan"), False)
+    out, lse = torch.ops.pirope.rope_attention(*args, 0.1, False)
+    bw = lambda lse: torch.ops.pirope.rope_attention_backward(  # noqa: E731
+        out, a["q"], a["k"], a["v"], out, lse, a["cos"], a["sin"], None, True, 0.1, False)
+    with pytest.raises(RuntimeError, match="lse must be \\(batch, nheads_q, seqlen\\)"):
+        bw(lse[:, :2])
+    with pytest.raises(RuntimeError, match="lse must be Float"):
+        bw(lse.double())
