@@ -6,7 +6,6 @@ window 64) so the whole file runs in seconds on a CPU.
 """
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -22,13 +21,6 @@ from pirope.integrations.transformers import (  # noqa: E402
 
 WINDOW = 64
 THETA = 10000.0
-NO_FUSED_REASON = ("pirope.rope_attention is not built yet (fused op pending); the fused path is "
-                   "covered with a reference stand-in by the *_stand_in tests")
-
-
-def has_fused():
-    return hasattr(pirope, "rope_attention")
-
 
 def llama_config(window=WINDOW, rope=None, **kw):
     args = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -80,26 +72,17 @@ def assert_same_grads(ga, gb):
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-5 * max(scale, 1e-3), msg=name)
 
 
-def reference_rope_attention(q, k, v, cos, sin, position_ids=None, *, causal=True, softmax_scale=None,
-                             interleaved=False):
-    """Stand-in with DESIGN.md's definition of pirope.rope_attention (apply_rope_qk then
-    causal SDPA, (B, S, H, D) layout, GQA): exercises the integration's fused path."""
-    q, k = pirope.apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=softmax_scale,
-        enable_gqa=q.shape[2] != k.shape[2])
-    return out.transpose(1, 2)
-
-
 @pytest.fixture
 def fused_stand_in(monkeypatch):
+    """Spies on pirope.rope_attention: records the q shape of every fused call."""
     calls = []
+    real = pirope.rope_attention
 
     def op(*args, **kwargs):
         calls.append(args[0].shape)
-        return reference_rope_attention(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(pirope, "rope_attention", op, raising=False)
+    monkeypatch.setattr(pirope, "rope_attention", op)
     return calls
 
 
@@ -140,8 +123,6 @@ def test_rope_really_goes_through_pirope(base_model, monkeypatch):
 
 @pytest.mark.parametrize("seqlen", [48, 200])
 def test_fused_logits_and_gradients_equal_transformers_linear(base_model, seqlen):
-    if not has_fused():
-        pytest.skip(NO_FUSED_REASON)
     ref = hf_pi_model(base_model, 4.0)
     model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="fused")
     x = ids(2, seqlen)
@@ -185,20 +166,6 @@ def test_fused_path_stand_in_falls_back_for_padding(base_model, fused_stand_in):
     assert fused_stand_in == []
     assert_same_logits(a[0], b[0])
     assert_same_logits(a[1, 7:], b[1, 7:])
-
-
-def test_fused_without_op_warns_and_uses_sdpa(base_model):
-    if has_fused():
-        pytest.skip("pirope has rope_attention: no fallback warning")
-    ref = hf_pi_model(base_model, 4.0)
-    with pytest.warns(RuntimeWarning, match="rope_attention"):
-        model = apply_position_interpolation(copy.deepcopy(base_model), 4.0)  # default "fused"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once: not again per forward
-        with torch.no_grad():
-            a = model(ids(1, 90)).logits
-    with torch.no_grad():
-        assert_same_logits(a, ref(ids(1, 90)).logits)
 
 
 # ---- (c) max_position_embeddings form, composition ------------------------------------
@@ -352,17 +319,6 @@ def test_gradient_checkpointing_training(base_model):
     lb, gb = logits_and_grads(ref, x)
     assert_same_logits(la, lb)
     assert_same_grads(ga, gb)
-
-
-def test_warning_points_at_the_caller(base_model):
-    if has_fused():
-        pytest.skip("pirope has rope_attention: no fallback warning")
-    with pytest.warns(RuntimeWarning) as record:
-        apply_position_interpolation(copy.deepcopy(base_model), 2.0)
-    assert record[0].filename == __file__
-    with pytest.warns(RuntimeWarning) as record:
-        patch_rope(copy.deepcopy(base_model), attention="fused")
-    assert record[0].filename == __file__
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])

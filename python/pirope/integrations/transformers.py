@@ -45,8 +45,7 @@ the projections produce, no copies) and then:
   sliding window. Any other call of that layer -- a decode step with cached keys, a
   padded batch, ``attn_implementation="eager"`` -- takes the "sdpa" path, so results
   never depend on which path ran. ``output_attentions`` gives ``None`` weights from the
-  fused path. When pirope has no ``rope_attention`` op, "fused" warns once (per patch
-  call) and behaves as "sdpa".
+  fused path.
 
 The table is float32 whatever the model's dtype (``model.half()`` does not round it)
 and lives on the device of the hidden states. Finding the table length needs the
@@ -74,7 +73,6 @@ import math
 import numbers
 import sys
 import types
-import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -403,14 +401,9 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     return self.o_proj(out), weights
 
 
-def _resolve_attention(attention, stacklevel: int = 3) -> str:
+def _resolve_attention(attention) -> str:
     if not isinstance(attention, str) or attention not in _ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(map(repr, _ATTENTION_MODES))}, got {attention!r}")
-    if attention == "fused" and not hasattr(pirope, "rope_attention"):
-        warnings.warn(
-            "attention='fused': this pirope build has no pirope.rope_attention op; using attention='sdpa' "
-            "(pirope RoPE + the model's own attention) instead", RuntimeWarning, stacklevel=stacklevel)
-        return "sdpa"
     return attention
 
 
@@ -419,7 +412,7 @@ def _resolve_attention(attention, stacklevel: int = 3) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa", _stacklevel: int = 3):
+def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
     """Routes a LLaMA-family model's RoPE (and optionally attention) through pirope's ops.
 
     Args:
@@ -444,7 +437,7 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa", _
         ValueError: bad ``attention`` or ``scaling``.
     """
     model_type, (proj, window, partial_supported) = _family(model)
-    mode = _resolve_attention(attention, _stacklevel)
+    mode = _resolve_attention(attention)
     base, attns = _attention_modules(model, proj)
     config = model.config
     params = _rope_parameters(config)
@@ -514,7 +507,7 @@ def apply_position_interpolation(
             model's); ``factor = max_position_embeddings / config.max_position_embeddings``.
             Pass exactly one of ``factor`` and ``max_position_embeddings``.
         attention: ``"fused"`` (default: :func:`pirope.rope_attention` where exact, the
-            "sdpa" path elsewhere; warns and uses "sdpa" if pirope has no fused op) or
+            "sdpa" path elsewhere) or
             ``"sdpa"`` (pirope RoPE + the model's own attention function).
 
     Returns:
@@ -568,7 +561,7 @@ def apply_position_interpolation(
     if "partial_rotary_factor" in params:
         new_params["partial_rotary_factor"] = params["partial_rotary_factor"]
 
-    patch_rope(model, new_params, attention=attention, _stacklevel=4)  # validates everything before changing the model
+    patch_rope(model, new_params, attention=attention)  # validates everything before changing the model
     config.max_position_embeddings = new_window
     model.base_model.rotary_emb.max_position_embeddings = new_window
     return model
