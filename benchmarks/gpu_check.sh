@@ -27,6 +27,8 @@ export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import pirope; print(pirope.build_info())"
 
 step "CUDA tests"
+# The fused CUDA attention forward is opt-in until this script has verified it on a GPU.
+export PIROPE_CUDA_ATTENTION=1
 python -m pytest -q -x tests -k "cuda" -p no:cacheprovider --junitxml="$OUT/pytest-cuda.xml" || status=1
 python -m pytest -q tests/test_apply_rope_cuda.py -p no:cacheprovider || status=1
 

@@ -3,6 +3,8 @@ dot-product attention (flash-style: no seqlen x seqlen matrix)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _checks
@@ -12,13 +14,31 @@ __all__ = ["rope_attention"]
 
 
 def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved):
-    # CUDA (until a fused CUDA kernel exists): the same math unfused, differentiable
+    # CUDA calls the fused forward does not take: the same math unfused, differentiable
     # through apply_rope_qk's and SDPA's own backward.
     qr, kr = apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
     out = torch.nn.functional.scaled_dot_product_attention(
         qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
         is_causal=causal, scale=softmax_scale, enable_gqa=True)
     return out.transpose(1, 2)
+
+
+def _cuda_kernel_applies(q, k, v, cos, interleaved) -> bool:
+    """Whether the fused CUDA forward (csrc/pirope/cuda/rope_attention_kernel.cu) takes
+    this call. It is opt-in (PIROPE_CUDA_ATTENTION=1) until a GPU run of
+    benchmarks/gpu_check.sh has verified it, and forward-only until its backward lands:
+    calls that need gradients keep the differentiable fallback."""
+    if os.environ.get("PIROPE_CUDA_ATTENTION", "0") != "1":
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    rotary = 2 * cos.shape[-1] if cos.dim() == 2 else -1
+    if q.dtype not in (torch.float16, torch.bfloat16) or cos.dtype != torch.float32:
+        return False
+    if q.dim() != 4 or q.shape[-1] not in (64, 128) or rotary % (8 if interleaved else 16) != 0:
+        return False
+    return all(t.dim() == 4 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(st % 8 == 0 for st in t.stride()[:-1]) for t in (q, k, v))
 
 
 def rope_attention(
@@ -61,9 +81,11 @@ def rope_attention(
         ``(batch, seqlen, nheads_q, headdim)`` tensor of q's dtype. Differentiable in
         q, k and v (the backward is its own fused op, deterministic).
 
-    On CUDA there is no fused kernel yet: the call runs :func:`pirope.apply_rope_qk`
-    followed by ``torch.nn.functional.scaled_dot_product_attention`` (same result,
-    differentiable, but it keeps the rotated q and k in memory).
+    On CUDA the call runs :func:`pirope.apply_rope_qk` followed by
+    ``torch.nn.functional.scaled_dot_product_attention`` (same result, differentiable,
+    but it keeps the rotated q and k in memory). A fused tensor-core forward (float16 /
+    bfloat16, head dim 64 or 128, no gradient) exists but is compile-checked only: it is
+    used when ``PIROPE_CUDA_ATTENTION=1`` is set, until a GPU run has verified it.
     """
     op = "rope_attention"
     _checks.tensor(op, "q", q)
@@ -84,7 +106,8 @@ def rope_attention(
         for name, t in (("k", k), ("v", v)):
             if t.device != q.device:
                 raise RuntimeError(f"{op}: {name} must be on {q.device} like q, got {t.device}")
-        return _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved)
+        if not _cuda_kernel_applies(q, k, v, cos, interleaved):
+            return _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved)
     out, _ = torch.ops.pirope.rope_attention(q, k, v, cos, sin, position_ids, causal,
                                              softmax_scale, interleaved)
     return out
