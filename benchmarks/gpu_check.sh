@@ -32,11 +32,30 @@ export PIROPE_CUDA_ATTENTION=1
 python -m pytest -q -x tests -k "cuda" -p no:cacheprovider --junitxml="$OUT/pytest-cuda.xml" || status=1
 python -m pytest -q tests/test_apply_rope_cuda.py -p no:cacheprovider || status=1
 
+step "compute-sanitizer (memcheck, racecheck) over a subset of the CUDA tests"
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  for tool in memcheck racecheck; do
+    log="$OUT/sanitizer-$tool.log"
+    : > "$log"
+    ok=1
+    for sel in "tests/test_apply_rope_cuda.py" \
+               "tests/test_rope_attention_cuda.py::test_partial_rotary_layouts_and_positions" \
+               "tests/test_rope_attention_cuda.py::test_out_of_range_position_poisons_with_nan"; do
+      compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
+        python -m pytest -q -x -p no:cacheprovider "$sel" >> "$log" 2>&1 || ok=0
+    done
+    if [ $ok = 1 ]; then echo "$tool: clean"; else echo "$tool: FAILED"; tail -30 "$log"; status=1; fi
+  done
+else
+  echo "compute-sanitizer not found: skipped"
+fi
+
 step "benchmarks"
 python benchmarks/bench_rope.py --device cuda --batch 1 4 --seqlen 2048 8192 --repeat 50 \
   --json "$OUT/bench_rope.json" | tee "$OUT/bench_rope.txt" || status=1
 if [ -f benchmarks/bench_attention.py ]; then
-  python benchmarks/bench_attention.py --device cuda --json "$OUT/bench_attention.json" \
+  python benchmarks/bench_attention.py --device cuda --seqlens 512,2048,8192,16384 --dtypes bfloat16 \
+    --heads 32/32,32/8 --repeat 20 --json "$OUT/bench_attention.json" \
     | tee "$OUT/bench_attention.txt" || status=1
 fi
 

@@ -61,6 +61,22 @@ CASES = {
   "RotaryEmbedding huge factor type": lambda: pirope.RotaryEmbedding(64, max_position_embeddings="8"),
   "RotaryEmbedding forward non-tensor": lambda: pirope.RotaryEmbedding(64, max_position_embeddings=8)(1, 2),
   "RotaryEmbedding odd rotary": lambda: pirope.RotaryEmbedding(63, max_position_embeddings=8),
+  "rope_attention q=None": lambda: pirope.rope_attention(None, x, x, cos, sin),
+  "rope_attention v=str": lambda: pirope.rope_attention(x, x, "v", cos, sin),
+  "rope_attention 3-d q": lambda: pirope.rope_attention(x[0], x[0], x[0], cos, sin),
+  "rope_attention heads not multiple": lambda: pirope.rope_attention(torch.randn(1, 4, 3, 64), x, x, cos, sin),
+  "rope_attention kv heads differ": lambda: pirope.rope_attention(x, x, torch.randn(1, 4, 1, 64), cos, sin),
+  "rope_attention head dim mismatch": lambda: pirope.rope_attention(x, torch.randn(1, 4, 2, 32), x, cos, sin),
+  "rope_attention seqlen mismatch": lambda: pirope.rope_attention(x, torch.randn(1, 5, 2, 64), torch.randn(1, 5, 2, 64), cos, sin),
+  "rope_attention mixed dtypes": lambda: pirope.rope_attention(x, x.double(), x, cos, sin),
+  "rope_attention int q": lambda: pirope.rope_attention(x.long(), x.long(), x.long(), cos, sin),
+  "rope_attention meta v": lambda: pirope.rope_attention(x, x, torch.empty(1, 4, 2, 64, device="meta"), cos, sin),
+  "rope_attention zero scale": lambda: pirope.rope_attention(x, x, x, cos, sin, softmax_scale=0.0),
+  "rope_attention nan scale": lambda: pirope.rope_attention(x, x, x, cos, sin, softmax_scale=float("nan")),
+  "rope_attention huge position": lambda: pirope.rope_attention(x, x, x, cos, sin, torch.tensor([0, 2**62, 1, 2])),
+  "rope_attention causal=None": lambda: pirope.rope_attention(x, x, x, cos, sin, causal=None),
+  "op rope_attention_backward bad lse": lambda: ops.rope_attention_backward(x, x, x, x, x, torch.zeros(3), cos, sin, None, True, 0.1, False),
+  "op rope_attention negative scale": lambda: ops.rope_attention(x, x, x, cos, sin, None, True, -1.0, False),
 }
 ''')
 

@@ -70,3 +70,35 @@ def test_ten_thousand_calls_leave_memory_flat():
     burst(10_000)
     grown = rss_mb() - before
     assert grown < 20, f"RSS grew by {grown:.1f} MB over 10^4 forward+backward calls"
+
+
+def test_rope_attention_threads_and_memory():
+    q, k, cos, sin = setup_case()
+    q, k = q[:, :96].float(), k[:, :96].float()
+    v = torch.randn_like(k)
+    serial = pirope.rope_attention(q, k, v, cos, sin)
+    results = [None] * 4
+
+    def work(i):
+        results[i] = pirope.rope_attention(q, k, v, cos, sin)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(r, serial) for r in results)
+
+    qs, ks, vs = (t[:, :8].clone().requires_grad_() for t in (q, k, v))
+
+    def burst(n):
+        for _ in range(n):
+            pirope.rope_attention(qs, ks, vs, cos, sin).sum().backward()
+            qs.grad = ks.grad = vs.grad = None
+        gc.collect()
+
+    burst(200)
+    before = rss_mb()
+    burst(2000)
+    grown = rss_mb() - before
+    assert grown < 20, f"RSS grew by {grown:.1f} MB over 2000 rope_attention forward+backward calls"
