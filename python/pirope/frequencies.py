@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from . import _checks
-from .scaling import compute_inv_freq
+from .scaling import compute_inv_freq, normalize_scaling
 
-__all__ = ["rope_frequencies", "rope_cos_sin"]
+__all__ = ["rope_frequencies", "rope_cos_sin", "FrequencyPlan"]
 
 
 def rope_frequencies(
@@ -91,3 +91,54 @@ def rope_cos_sin(
         cos = cos * factor
         sin = sin * factor
     return cos.to(torch.float32), sin.to(torch.float32)
+
+
+class FrequencyPlan:
+    """Which frequencies a sequence of a given length uses, for one RoPE configuration.
+
+    Most scalings have one table. The length-dependent ones pick theirs from the
+    current sequence length ``n`` (the largest position + 1): "dynamic" NTK recomputes
+    its base for every ``n`` above the original window, "longrope" switches from the
+    short to the long factors above ``original_max_position_embeddings``, and both use
+    the original table inside the window (so a long request never changes the result of
+    a later short one). Shared by :class:`pirope.RotaryEmbedding` and the Hugging Face
+    integration. The configuration is validated on construction.
+    """
+
+    def __init__(self, head_dim: int, *, max_position_embeddings: int, base: float = 10000.0,
+                 scaling: dict | None = None, partial_rotary_factor: float = 1.0):
+        self.head_dim = head_dim
+        self.max_position_embeddings = max_position_embeddings
+        self.base = base
+        self.scaling = normalize_scaling(scaling)
+        self.partial_rotary_factor = partial_rotary_factor
+        self.rope_type = self.scaling["rope_type"] if self.scaling else "default"
+        self.length_dependent = self.rope_type in ("dynamic", "longrope")
+        self.original_window = max_position_embeddings
+        if self.rope_type == "longrope":
+            self.original_window = int(self.scaling.get("original_max_position_embeddings",
+                                                        max_position_embeddings))
+        #: ``(inv_freq, attention_factor)`` of sequences inside the original window.
+        self.static = self.frequencies(None)
+
+    def key(self, length: int):
+        """Identifies the table of a sequence of this length: None for the original one,
+        "long" for longrope's long factors, the length itself for dynamic NTK."""
+        if not self.length_dependent or length <= self.original_window:
+            return None
+        return "long" if self.rope_type == "longrope" else length
+
+    def frequencies(self, key) -> tuple[torch.Tensor, float]:
+        """``(inv_freq, attention_factor)`` for a key from :meth:`key`."""
+        if key is None:
+            seq_len = None
+        elif key == "long":
+            seq_len = self.original_window + 1
+        else:
+            # dynamic NTK: the length as a tensor, as transformers' forward passes it
+            # (its new base is then computed in float32).
+            seq_len = torch.tensor(key)
+        return compute_inv_freq(
+            self.head_dim, base=self.base, scaling=self.scaling,
+            max_position_embeddings=self.max_position_embeddings,
+            partial_rotary_factor=self.partial_rotary_factor, seq_len=seq_len)

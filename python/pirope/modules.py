@@ -8,8 +8,7 @@ from torch import nn
 
 from . import _checks
 from .apply_rope import apply_rope_qk
-from .frequencies import rope_cos_sin
-from .scaling import compute_inv_freq, normalize_scaling
+from .frequencies import FrequencyPlan, rope_cos_sin
 
 __all__ = ["RotaryEmbedding"]
 
@@ -49,18 +48,13 @@ class RotaryEmbedding(nn.Module):
             op, "max_position_embeddings", max_position_embeddings, minimum=1)
         _checks.flag(op, "interleaved", interleaved)
         self.base = base
-        self.scaling = normalize_scaling(scaling)
         self.partial_rotary_factor = partial_rotary_factor
         self.interleaved = interleaved
-        rope_type = self.scaling["rope_type"] if self.scaling else "default"
-        self._length_dependent = rope_type in ("dynamic", "longrope")
-        if rope_type == "longrope":
-            self._original_window = int(self.scaling.get(
-                "original_max_position_embeddings", self.max_position_embeddings))
-        else:
-            self._original_window = self.max_position_embeddings
+        self._plan = FrequencyPlan(head_dim, max_position_embeddings=max_position_embeddings, base=base,
+                                   scaling=scaling, partial_rotary_factor=partial_rotary_factor)
+        self.scaling = self._plan.scaling
         self._table_key = None
-        inv_freq, attention_factor = self._frequencies(None)
+        inv_freq, attention_factor = self._plan.static
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.attention_factor = attention_factor
         self.register_buffer("cos", torch.empty(0, inv_freq.numel()), persistent=False)
@@ -71,37 +65,18 @@ class RotaryEmbedding(nn.Module):
     def rotary_dim(self) -> int:
         return 2 * self.inv_freq.numel()
 
-    def _frequencies(self, seq_len):
-        return compute_inv_freq(
-            self.head_dim, base=self.base, scaling=self.scaling,
-            max_position_embeddings=self.max_position_embeddings,
-            partial_rotary_factor=self.partial_rotary_factor, seq_len=seq_len)
-
     def _build(self, length: int) -> None:
         cos, sin = rope_cos_sin(self.inv_freq, length, self.attention_factor)
         self.cos, self.sin = cos, sin
 
-    def _key(self, seq_len: int):
-        """Which table a sequence of this length uses (None: the original one)."""
-        if seq_len <= self._original_window:
-            return None
-        rope_type = self.scaling["rope_type"]
-        return "long" if rope_type == "longrope" else seq_len
-
     def _update_for_length(self, seq_len: int) -> None:
-        if self._length_dependent:
-            key = self._key(seq_len)
-            if key != self._table_key:
-                # Dynamic NTK gets the length as a tensor, as transformers' forward
-                # passes it (its new base is then computed in float32).
-                arg = None if key is None else (
-                    self._original_window + 1 if key == "long" else torch.tensor(seq_len))
-                inv_freq, self.attention_factor = self._frequencies(arg)
-                self.inv_freq = inv_freq.to(self.inv_freq.device)
-                self._table_key = key
-                self._build(max(self.max_position_embeddings, seq_len))
-                return
-        if seq_len > self.cos.shape[0]:
+        key = self._plan.key(seq_len)
+        if key != self._table_key:
+            inv_freq, self.attention_factor = self._plan.frequencies(key)
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+            self._table_key = key
+            self._build(max(self.max_position_embeddings, seq_len))
+        elif seq_len > self.cos.shape[0]:
             self._build(seq_len)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | None = None):
@@ -115,7 +90,7 @@ class RotaryEmbedding(nn.Module):
                 "RotaryEmbedding: q must be (batch, seqlen, heads, head_dim) or packed "
                 f"(total_tokens, heads, head_dim), got shape {tuple(q.shape)}")
         seqlen = q.shape[-3]
-        if self._length_dependent and position_ids is not None and position_ids.numel() > 0:
+        if self._plan.length_dependent and position_ids is not None and position_ids.numel() > 0:
             needed = int(position_ids.max()) + 1
         else:
             needed = seqlen

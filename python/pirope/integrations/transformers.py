@@ -79,7 +79,8 @@ import torch
 from torch import nn
 
 import pirope
-from pirope.scaling import compute_inv_freq, normalize_scaling
+from pirope.frequencies import FrequencyPlan
+from pirope.scaling import normalize_scaling
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -138,20 +139,15 @@ class PiropeRotaryEmbedding(nn.Module):
         partial_rotary_factor: float = 1.0,
     ):
         super().__init__()
+        self._plan = FrequencyPlan(head_dim, max_position_embeddings=max_position_embeddings, base=base,
+                                   scaling=scaling, partial_rotary_factor=partial_rotary_factor)
         self.head_dim = head_dim
         self.max_position_embeddings = max_position_embeddings
         self.base = base
-        self.scaling = normalize_scaling(scaling)
+        self.scaling = self._plan.scaling
         self.partial_rotary_factor = partial_rotary_factor
-        rope_type = self.scaling["rope_type"] if self.scaling else "default"
-        self.rope_type = rope_type
-        self._length_dependent = rope_type in ("dynamic", "longrope")
-        if rope_type == "longrope":
-            self._original_window = int(self.scaling.get("original_max_position_embeddings", max_position_embeddings))
-        else:
-            self._original_window = max_position_embeddings
-        # Validates the configuration now (a bad dict fails at patch time, not at forward).
-        self._static = self._frequencies(None)
+        self.rope_type = self._plan.rope_type
+        self._static = self._plan.static
         self._cache: dict[Any, tuple[Any, torch.Tensor, torch.Tensor]] = {}  # device -> (key, cos, sin)
 
     @property
@@ -172,34 +168,15 @@ class PiropeRotaryEmbedding(nn.Module):
     def attention_scaling(self) -> float:
         return self._static[1]
 
-    def _frequencies(self, seq_len):
-        return compute_inv_freq(
-            self.head_dim, base=self.base, scaling=self.scaling,
-            max_position_embeddings=self.max_position_embeddings,
-            partial_rotary_factor=self.partial_rotary_factor, seq_len=seq_len)
-
-    def _key(self, length: int):
-        """Which frequencies a sequence of this length uses (None: the original ones)."""
-        if not self._length_dependent or length <= self._original_window:
-            return None
-        return "long" if self.rope_type == "longrope" else length
-
     def tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 ``(cos, sin)`` covering positions ``0 .. length-1`` (at least), for a
         sequence whose largest position is ``length - 1``."""
         device = torch.device(device)
-        key = self._key(length)
+        key = self._plan.key(length)
         hit = self._cache.get(device)
         if hit is not None and hit[0] == key and hit[1].shape[0] >= length:
             return hit[1], hit[2]
-        if key is None:
-            inv_freq, attention_factor = self._static
-        elif key == "long":
-            inv_freq, attention_factor = self._frequencies(self._original_window + 1)
-        else:
-            # dynamic NTK: the length as a tensor, as transformers' forward passes it
-            # (its new base is then computed in float32).
-            inv_freq, attention_factor = self._frequencies(torch.tensor(length))
+        inv_freq, attention_factor = self._static if key is None else self._plan.frequencies(key)
         size = max(length, self.max_position_embeddings)
         if hit is not None and hit[0] == key and key is None:
             size = max(size, 2 * hit[1].shape[0])  # amortised growth while decoding
