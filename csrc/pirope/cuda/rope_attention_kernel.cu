@@ -30,29 +30,35 @@ constexpr int kBlockN = 64;   // keys per tile
 constexpr int kThreads = 128;
 constexpr int kPad = 8;       // smem row padding (elements) against bank conflicts
 
-template <typename T> struct MmaType;
-template <> struct MmaType<at::Half> {
-  static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
+// The mma.sync m16n8k16 tensor-core product with float32 accumulators, and the packing
+// of two floats into one 16-bit-pair operand register, for T = float16 or bfloat16.
+#define PIROPE_MMA_16816(TY)                                                              \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY                        \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"           \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                          \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+
+template <typename T>
+struct Mma {
+  static constexpr bool kHalf = std::is_same_v<T, at::Half>;
+  static __device__ __forceinline__ uint32_t pack(float x, float y) {
+    uint32_t r;
+    if constexpr (kHalf) {
+      __half2 h = __floats2half2_rn(x, y);
+      r = *reinterpret_cast<uint32_t*>(&h);
+    } else {
+      __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+      r = *reinterpret_cast<uint32_t*>(&h);
+    }
+    return r;
   }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <> struct MmaType<at::BFloat16> {
-  static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    if constexpr (kHalf) {
+      PIROPE_MMA_16816("f16");
+    } else {
+      PIROPE_MMA_16816("bf16");
+    }
   }
 };
 
@@ -147,7 +153,7 @@ __device__ void load_tile(T* smem, const AttentionTensor& t, const AttentionPara
 
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) rope_attention_fwd_kernel(const AttentionParams p) {
-  using M = MmaType<T>;
+  using M = Mma<T>;
   constexpr int kLd = kD + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
