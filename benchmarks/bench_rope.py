@@ -8,7 +8,8 @@ Baselines, all on the same q/k bytes (LLaMA-7B heads, head dim 128, PI factor 4)
   hf_eager    Hugging Face's apply_rotary_pos_emb (rotate_half) on (B, H, S, D), with
               the per-token cos/sin that LlamaRotaryEmbedding hands to every layer
   hf_compile  torch.compile of the same function
-  copy        q.clone() and k.clone(): the memory floor (read + write every byte once)
+  copy        q and k copied into preallocated buffers: the memory floor (read + write
+              every byte once)
   pirope      pirope.apply_rope_qk on (B, S, H, D) with the shared float32 table
 Ratios are baseline time / pirope time (> 1: pirope is faster), except copy, which
 reports pirope's time / copy time (1.0 = at the floor).
@@ -71,8 +72,12 @@ def bench_case(device, dtype, batch, seqlen, hq, hk, head_dim, repeat, compiled)
     def hf_comp_fn(a, b):
         return hf_comp(a, b, cos_hf, sin_hf)
 
+    # the floor: read and write every byte once, into buffers allocated beforehand
+    # (a fresh allocation would add page faults that depend on the allocator's mood)
+    copy_q, copy_k = torch.empty_like(q), torch.empty_like(k)
+
     def copy_fn(a, b):
-        return a.clone(), b.clone()
+        return copy_q.copy_(a), copy_k.copy_(b)
 
     impls = {"pirope": (pirope_fn, q, k, gq, gk), "hf_eager": (hf_fn, q_hf, k_hf, gq_hf, gk_hf),
              "copy": (copy_fn, q, k, gq, gk)}
@@ -112,8 +117,11 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", help="write the rows to this file")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"# bench_rope on {machine()}")
     rows = []
