@@ -7,11 +7,15 @@ Two modes.
 
        PYTHONPATH=python python examples/finetune_pi.py [--out examples/runs/demo]
 
-   Pretrains a small byte-level LLaMA at window L on the CPython standard library's
-   .py sources (held-out files for evaluation), then extends it to 4L three ways and
+   Pretrains a small byte-level LLaMA (3 layers, head dim 64) at window L on a mix of
+   the CPython standard library's .py sources (held-out files for evaluation) and
+   generated long-range documents (passkey documents in the paper's format, repeated
+   random strings; see mixed_batch_fn), so that it learns retrieval inside L. Then it
+   extends the model to 4L three ways (fine-tuning data: the same mix at 4L) and
    evaluates each at windows L, 2L, 4L (sliding-window perplexity) and on the paper's
    passkey task:  original (extrapolation) / direct fine-tuning at 4L without PI /
    PI zero-shot and PI after the same number of fine-tuning steps.
+   Passkey lengths run from the shortest prompt to 4L in steps of L/4, 10 trials each.
    Prints the paper-style tables, writes results.json and results.png into --out.
    The pretrained model is cached in --out/pretrained (rerun skips pretraining).
    ``--tiny`` (or PIROPE_EXAMPLES_TINY=1) runs every code path in seconds.
@@ -153,11 +157,14 @@ def sample_batch(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Genera
     return torch.stack([data[s : s + seq_len] for s in starts.tolist()]).long()
 
 
-def train(model, data: torch.Tensor, *, steps: int, seq_len: int, batch_size: int, lr: float,
+def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
           lr_lambda: Callable[[int], float], betas=(0.9, 0.95), weight_decay: float = 0.0,
           grad_clip: float = 1.0, grad_accum: int = 1, seed: int = 0, device="cpu",
           autocast_dtype=None, callback=None, desc="train", progress=True) -> List[float]:
     """Next-token prediction on random windows of `data`; returns the loss per step.
+
+    `data` is a 1-D token tensor (random windows are drawn from it) or a callable
+    ``data(batch_size, seq_len + 1, generator) -> (batch_size, seq_len + 1)`` tensor.
 
     batch_size is the global batch (per step, summed over ranks and accumulation);
     under torch.distributed every rank draws the same global batch and takes its
@@ -177,7 +184,8 @@ def train(model, data: torch.Tensor, *, steps: int, seq_len: int, batch_size: in
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
     for step in bar:
-        batch = sample_batch(data, batch_size, seq_len + 1, gen)
+        batch = (data(batch_size, seq_len + 1, gen) if callable(data)
+                 else sample_batch(data, batch_size, seq_len + 1, gen))
         batch = batch[rank * micro * grad_accum : (rank + 1) * micro * grad_accum]
         total = torch.zeros((), dtype=torch.float64)
         for a in range(grad_accum):
@@ -212,18 +220,18 @@ def train(model, data: torch.Tensor, *, steps: int, seq_len: int, batch_size: in
 # Demo
 # ----------------------------------------------------------------------------------
 DEMO = dict(
-    window=128, factor=4, hidden=128, intermediate=352, layers=2, heads=4, seed=0,
-    pretrain_steps=1200, pretrain_batch=16, pretrain_lr=2e-3, pretrain_warmup=40,
+    window=128, factor=4, hidden=128, intermediate=384, layers=3, heads=2, seed=0,
+    pretrain_steps=3000, pretrain_batch=16, pretrain_lr=2e-3, pretrain_warmup=40,
     ft_steps=200, ft_batch=4, ft_lr=2e-4, ft_warmup=20, log_every=50,
-    eval_bytes=6144, stride=16, passkey_trials=5, passkey_intro="",
-    train_bytes=None, heldout_every=8,
+    eval_bytes=6144, stride=32, passkey_trials=10, passkey_intro="",
+    train_bytes=None, heldout_every=8, mix=(0.3, 0.2),
 )
 TINY = dict(
     window=128, factor=4, hidden=32, intermediate=64, layers=1, heads=2, seed=0,
     pretrain_steps=4, pretrain_batch=4, pretrain_lr=2e-3, pretrain_warmup=2,
     ft_steps=4, ft_batch=2, ft_lr=2e-4, ft_warmup=2, log_every=2,
     eval_bytes=1024, stride=64, passkey_trials=2, passkey_intro="",
-    train_bytes=200_000, heldout_every=8,
+    train_bytes=200_000, heldout_every=8, mix=(0.3, 0.2),
 )
 
 
@@ -254,6 +262,58 @@ def stdlib_texts(cfg) -> tuple:
              "eval_bytes": min(len(held_b), cfg["eval_bytes"])})
 
 
+def mixed_batch_fn(text_ids: torch.Tensor, cfg) -> Callable:
+    """The demo's training data: a mix of stdlib text and generated documents with
+    long-range dependencies, so that a small model can learn to use its window.
+
+    Each sequence is, with probabilities cfg["mix"] = (passkey, copy, rest text):
+    * passkey: the paper's passkey prompt (pirope.eval.passkey_prompt, the demo's
+      intro, a random 5-digit key at a random depth, a random length from the
+      shortest prompt up to the sequence length) followed by the answer " KEY." and
+      then stdlib text; it starts at position 0, as the evaluation prompts do;
+    * copy: a stdlib window in which a random string of 8-32 letters/digits appears
+      twice, at random positions (learning to copy = induction);
+    * text: a random stdlib window.
+    Deterministic: everything is drawn from the training generator.
+    """
+    import random
+
+    from pirope.eval import passkey_prompt
+
+    p_pk, p_copy = cfg["mix"][0], cfg["mix"][1]
+    intro = cfg["passkey_intro"]
+    plen = []  # prompt length (bytes) with n filler sentences (independent of key and depth)
+    alphabet = [ord(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+
+    def fn(batch: int, n: int, gen: torch.Generator) -> torch.Tensor:
+        rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        out = sample_batch(text_ids, batch, n, gen)
+        for b in range(batch):
+            u = rng.random()
+            if u < p_pk:
+                while not plen or plen[-1] + 7 <= n:
+                    plen.append(len(passkey_prompt(len(plen), 0, "00000", intro=intro)))
+                fits = [k for k, length in enumerate(plen) if length + 7 <= n]
+                n_fill = rng.choice(fits)
+                key = str(rng.randint(10000, 99999))
+                doc = passkey_prompt(n_fill, rng.randint(0, n_fill), key, intro=intro) + f" {key}.\n\n"
+                ids = torch.tensor(byte_encode(doc)[:n], dtype=torch.long)
+                out[b, : ids.numel()] = ids
+                rest = n - ids.numel()
+                if rest > 0:
+                    out[b, ids.numel():] = sample_batch(text_ids, 1, rest, gen)[0]
+            elif u < p_pk + p_copy:
+                m = rng.randint(8, min(32, n // 2))
+                s = torch.tensor([rng.choice(alphabet) for _ in range(m)], dtype=torch.long)
+                p1 = rng.randint(0, n - 2 * m)
+                p2 = rng.randint(p1 + m, n - m)
+                out[b, p1 : p1 + m] = s
+                out[b, p2 : p2 + m] = s
+        return out
+
+    return fn
+
+
 def build_demo_model(cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -276,7 +336,7 @@ def _load_cached(path, cfg):
     try:
         with open(meta) as f:
             saved = json.load(f)
-        if saved.get("cfg") != cfg:
+        if saved.get("cfg") != json.loads(json.dumps(cfg)):  # tuples are lists in JSON
             return None, None
         return LlamaForCausalLM.from_pretrained(path).float().eval(), saved.get("losses", [])
     except (OSError, ValueError, json.JSONDecodeError):
@@ -313,6 +373,13 @@ def format_table(rows: Dict[str, dict], windows: List[int]) -> str:
     return "\n".join(lines)
 
 
+def format_passkey_table(rows: Dict[str, dict], lengths: List[int]) -> str:
+    lines = ["| model | " + " | ".join(str(k) for k in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['passkey']['success'][str(k)]:.1f}" for k in lengths) + " |")
+    return "\n".join(lines)
+
+
 def format_progress_table(log: Dict[str, Dict[str, float]], title: str) -> str:
     steps = sorted({int(s) for w in log.values() for s in w})
     lines = [f"| {title} | " + " | ".join(f"{s} steps" for s in steps) + " |",
@@ -346,6 +413,9 @@ def run_demo(args) -> dict:
     print(f"[pirope demo] config={'tiny' if args.tiny else 'demo'} window L={L} -> {L4} (factor {F}); "
           f"PI backend: {pi_backend()}; threads={torch.get_num_threads()}", flush=True)
     train_ids, eval_ids, data_info = stdlib_texts(cfg)
+    train_data = mixed_batch_fn(train_ids, cfg)
+    data_info["mix"] = {"passkey documents": cfg["mix"][0], "copy segments": cfg["mix"][1],
+                        "stdlib text": round(1 - cfg["mix"][0] - cfg["mix"][1], 6)}
     print(f"[data] {data_info}", flush=True)
     if eval_ids.numel() < L4:
         raise SystemExit(f"error: held-out text has {eval_ids.numel()} bytes, need at least {L4}")
@@ -360,7 +430,7 @@ def run_demo(args) -> dict:
         print(f"[pretrain] {n_params / 1e6:.2f}M params, {cfg['pretrain_steps']} steps x "
               f"{cfg['pretrain_batch']} x {L} bytes", flush=True)
         pre_losses = train(
-            model, train_ids, steps=cfg["pretrain_steps"], seq_len=L, batch_size=cfg["pretrain_batch"],
+            model, train_data, steps=cfg["pretrain_steps"], seq_len=L, batch_size=cfg["pretrain_batch"],
             lr=cfg["pretrain_lr"], lr_lambda=cosine_lambda(cfg["pretrain_warmup"], cfg["pretrain_steps"]),
             weight_decay=0.1, seed=cfg["seed"], desc="pretrain", progress=progress)
         model.save_pretrained(pre_dir)
@@ -373,9 +443,12 @@ def run_demo(args) -> dict:
     t_pre = time.time() - t0
     base_state = copy.deepcopy(model.state_dict())
 
-    passkey_lengths = list(range(L, L4 + 1, L // 2))
     intro = cfg["passkey_intro"]
     pk_kwargs = {} if intro is None else {"intro": intro}
+    from pirope.eval import passkey_prompt
+
+    shortest = len(byte_encode(passkey_prompt(0, 0, "00000", **pk_kwargs)))
+    passkey_lengths = [k for k in range(L // 4, L4 + 1, L // 4) if k >= shortest]
 
     def evaluate(name, m):
         t = time.time()
@@ -418,7 +491,7 @@ def run_demo(args) -> dict:
     # ---- direct fine-tuning at 4L, plain RoPE ----
     m = set_window_without_pi(fresh(), L4)
     log = {str(L4): {}}
-    losses["direct fine-tuning"] = train(m, train_ids, callback=ppl_logger(log), desc="FT direct", **ft_kwargs)
+    losses["direct fine-tuning"] = train(m, train_data, callback=ppl_logger(log), desc="FT direct", **ft_kwargs)
     ft_logs["direct fine-tuning"] = log
     results[f"direct FT to {L4} ({cfg['ft_steps']} steps)"] = r_ft = evaluate("direct FT", m)
     m.save_pretrained(os.path.join(out, "direct_ft"))
@@ -427,7 +500,7 @@ def run_demo(args) -> dict:
     m = extend_model(fresh(), F)
     results[f"PI to {L4}, no fine-tuning"] = r_pi0 = evaluate("PI zero-shot", m)
     log = {str(L4): {}}
-    losses["PI fine-tuning"] = train(m, train_ids, callback=ppl_logger(log), desc="FT PI", **ft_kwargs)
+    losses["PI fine-tuning"] = train(m, train_data, callback=ppl_logger(log), desc="FT PI", **ft_kwargs)
     ft_logs["PI fine-tuning"] = log
     results[f"PI to {L4} ({cfg['ft_steps']} steps)"] = r_pi = evaluate("PI fine-tuned", m)
     m.save_pretrained(os.path.join(out, "pi_ft"))
@@ -444,6 +517,10 @@ def run_demo(args) -> dict:
     print(f"\nSliding-window perplexity (bytes, stride {cfg['stride']}, {data_info['eval_bytes']} held-out "
           f"bytes) and passkey k_max (lengths {passkey_lengths}, {cfg['passkey_trials']} trials):\n")
     print(table)
+    pk_table = format_passkey_table(results, passkey_lengths)
+    print(f"\nPasskey success rate per prompt length (bytes; {cfg['passkey_trials']} trials each; "
+          f"trained window {L}):\n")
+    print(pk_table)
     prog = {name: format_progress_table(log, f"{name}: perplexity") for name, log in ft_logs.items()}
     for name, t in prog.items():
         print("\n" + t)
@@ -453,7 +530,7 @@ def run_demo(args) -> dict:
         "config": cfg, "data": data_info, "windows": windows, "stride": cfg["stride"],
         "passkey_lengths": passkey_lengths, "pi_backend": pi_backend(), "results": results,
         "finetune_perplexity_log": ft_logs, "losses": losses, "table": table,
-        "progress_tables": prog, "wall_time_s": wall, "pretrain_time_s": t_pre,
+        "passkey_table": pk_table, "progress_tables": prog, "wall_time_s": wall, "pretrain_time_s": t_pre,
         "pretrain_cached": pretrain_cached, "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
     with open(os.path.join(out, "results.json"), "w") as f:

@@ -261,6 +261,8 @@ def test_tiny_demo_runs_all_paths_and_caches_pretraining(fp, tmp_path):
     assert set(log) == {"0", "2", "4"}
     assert os.path.getsize(os.path.join(out, "results.png")) > 1000
     assert "| model | 128 | 256 | 512 | passkey k_max |" in saved["table"]
+    assert saved["passkey_lengths"][0] >= 90 and saved["passkey_lengths"][-1] == 512
+    assert "| 512 |" in saved["passkey_table"].splitlines()[0]
     assert len(saved["losses"]["PI fine-tuning"]) == 4
     # PI zero-shot equals original at positions < L? No: PI changes every angle. But the
     # PI model's config must be the linear-scaled one and load with plain transformers.
@@ -273,6 +275,29 @@ def test_tiny_demo_runs_all_paths_and_caches_pretraining(fp, tmp_path):
     assert s2["pretrain_cached"]
     assert s2["results"]["original (extrapolation)"]["ppl"] == pytest.approx(
         s["results"]["original (extrapolation)"]["ppl"])
+
+
+def test_demo_training_mix_is_deterministic_and_well_formed(fp):
+    """The demo's pretraining / fine-tuning data: stdlib text mixed with passkey
+    documents (starting at position 0, answered) and repeated random strings."""
+    from pirope.eval import PASSKEY_QUESTION
+
+    cfg = dict(fp.DEMO, mix=(0.5, 0.3))
+    text = torch.tensor(list(b"def f(x):\n    return x + 1\n\n" * 400), dtype=torch.long)
+    fn = fp.mixed_batch_fn(text, cfg)
+    a = fn(64, 129, torch.Generator().manual_seed(0))
+    b = fn(64, 129, torch.Generator().manual_seed(0))
+    assert a.shape == (64, 129) and torch.equal(a, b) and int(a.max()) < 256
+    docs = [fp.byte_decode(r.tolist()) for r in a]
+    pk = [d for d in docs if d.startswith("The pass key is")]
+    assert 15 <= len(pk) <= 50
+    for d in pk:
+        key = re.match(r"The pass key is (\d{5})\.", d).group(1)
+        assert d.split(PASSKEY_QUESTION)[1].startswith(f" {key}.")
+    copies = [d for d in docs if re.search(r"([a-z0-9]{8,}).*\1", d, re.S) and "def f" in d and d not in pk]
+    assert len(copies) >= 5
+    c = fn(8, 513, torch.Generator().manual_seed(1))  # fine-tuning length
+    assert c.shape == (8, 513)
 
 
 def test_extend_model_transformers_fallback(fp):
@@ -395,7 +420,11 @@ def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
     single = str(tmp_path / "single")
     r = fp.main(_ft_args(ckpt, data, single))
     dist_out = str(tmp_path / "fsdp")
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    # the children must import the same pirope as this process (installed, or built in place)
+    import pirope
+
+    pirope_home = os.path.dirname(os.path.dirname(os.path.abspath(pirope.__file__)))
+    env = dict(os.environ, PYTHONPATH=pirope_home + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(EXAMPLES, "finetune_pi.py"), *_ft_args(ckpt, data, dist_out)]
