@@ -106,10 +106,6 @@ void fill_tensor_args(RopeTensorArgs& a, const at::Tensor& in4, const at::Tensor
   a.heads = in4.size(2);
 }
 
-// The kernels need a unit stride on the feature dim; anything else is copied.
-at::Tensor unit_last_stride(const at::Tensor& x) {
-  return (x.size(-1) <= 1 || x.stride(-1) == 1) ? x : x.contiguous();
-}
 
 // Element offsets (in the shared storage) at which the rows of a 4-D view start; the
 // rows are a.size(3) long with unit stride. Computed from sizes and strides only, on
@@ -150,6 +146,37 @@ void check_disjoint(const char* op, const char* qname, const char* kname, const 
 }
 
 }  // namespace
+
+at::Tensor unit_last_stride(const at::Tensor& x) {
+  return (x.size(-1) <= 1 || x.stride(-1) == 1) ? x : x.contiguous();
+}
+
+std::pair<at::Tensor, at::Tensor> fill_rope_tables(RopeParams& p, const at::Tensor& cos,
+                                                   const at::Tensor& sin,
+                                                   const std::optional<at::Tensor>& pos,
+                                                   int64_t batch, int64_t seqlen,
+                                                   int64_t head_dim, bool interleaved) {
+  const bool tables_ok = cos.stride(1) == 1 && sin.stride(1) == 1 &&
+                         cos.stride(0) == sin.stride(0);
+  at::Tensor cos_u = tables_ok ? cos : cos.contiguous();
+  at::Tensor sin_u = tables_ok ? sin : sin.contiguous();
+  p.batch = batch;
+  p.seqlen = seqlen;
+  p.head_dim = head_dim;
+  p.rotary_dim = 2 * cos.size(1);
+  p.cos = cos_u.const_data_ptr();
+  p.sin = sin_u.const_data_ptr();
+  p.table_stride = cos_u.stride(0);
+  p.max_positions = cos.size(0);
+  if (pos) {
+    p.pos = pos->const_data_ptr();
+    p.pos_int64 = pos->scalar_type() == at::kLong;
+    p.pos_stride_b = pos->stride(0);
+    p.pos_stride_s = pos->stride(1);
+  }
+  p.interleaved = interleaved;
+  return {cos_u, sin_u};
+}
 
 std::tuple<at::Tensor, at::Tensor> rope_run(
     const char* op, const at::Tensor& q, const at::Tensor* k, const at::Tensor& cos,
@@ -217,31 +244,12 @@ std::tuple<at::Tensor, at::Tensor> rope_run(
     dst_q = in_q;
     dst_k = in_k;
   }
-  // Tables: unit column stride and one row stride shared by cos and sin.
-  const bool tables_ok = cos.stride(1) == 1 && sin.stride(1) == 1 &&
-                         cos.stride(0) == sin.stride(0);
-  const at::Tensor cos_u = tables_ok ? cos : cos.contiguous();
-  const at::Tensor sin_c = tables_ok ? sin : sin.contiguous();
-
   RopeParams p;
   p.ntensors = k ? 2 : 1;
   fill_tensor_args(p.t[0], as_4d(in_q), as_4d(dst_q));
   if (k) fill_tensor_args(p.t[1], as_4d(in_k), as_4d(dst_k));
-  p.batch = batch;
-  p.seqlen = seqlen;
-  p.head_dim = q.size(-1);
-  p.rotary_dim = 2 * cos.size(1);
-  p.cos = cos_u.const_data_ptr();
-  p.sin = sin_c.const_data_ptr();
-  p.table_stride = cos_u.stride(0);
-  p.max_positions = max_positions;
-  if (pos) {
-    p.pos = pos->const_data_ptr();
-    p.pos_int64 = pos->scalar_type() == at::kLong;
-    p.pos_stride_b = pos->stride(0);
-    p.pos_stride_s = pos->stride(1);
-  }
-  p.interleaved = interleaved;
+  const auto tables =  // backs p.cos / p.sin until the launch returns
+      fill_rope_tables(p, cos, sin, pos, batch, seqlen, q.size(-1), interleaved);
   p.conjugate = conjugate;
   p.copy_tail = !inplace;
   launch(p, q.scalar_type(), cos.scalar_type(), q.device());

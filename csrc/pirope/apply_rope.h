@@ -33,6 +33,19 @@ at::Tensor plan_positions(const char* op, const at::Tensor& x, const at::Tensor&
 void check_positions_in_range(const char* op, const std::optional<at::Tensor>& pos,
                               int64_t seqlen, int64_t max_positions);
 
+// The kernels need a unit stride on the feature dim; anything else is copied.
+at::Tensor unit_last_stride(const at::Tensor& x);
+
+// Fills the table, position and size fields of the kernels' RopeParams (tables with a
+// unit column stride and one row stride shared by cos and sin; copies otherwise).
+// `pos` is plan_positions' (batch, seqlen) view. Returns the (cos, sin) tensors whose
+// memory p points to: keep them alive while the kernel runs.
+std::pair<at::Tensor, at::Tensor> fill_rope_tables(RopeParams& p, const at::Tensor& cos,
+                                                   const at::Tensor& sin,
+                                                   const std::optional<at::Tensor>& pos,
+                                                   int64_t batch, int64_t seqlen,
+                                                   int64_t head_dim, bool interleaved);
+
 // Checks every argument, plans the kernel and runs it. `k` may be null (one tensor).
 // conjugate rotates by -angle (the backward); inplace writes into q (and k).
 // Returns the rotated tensors (the second is undefined when k is null).

@@ -76,10 +76,6 @@ void check_scale(const char* op, double scale) {
               ": softmax_scale must be finite and > 0, got ", scale);
 }
 
-// Kernels read rows with a unit feature stride; anything else is copied.
-at::Tensor unit_last_stride(const at::Tensor& x) {
-  return (x.size(-1) <= 1 || x.stride(-1) == 1) ? x : x.contiguous();
-}
 
 AttentionTensor tensor_args(const at::Tensor& t) {
   return {const_cast<void*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
@@ -101,11 +97,6 @@ AttentionParams plan(const char* op, const at::Tensor& q, const at::Tensor& k,
   if (q.device().is_cpu() && batch * seqlen > 0)
     check_positions_in_range(op, pos, seqlen, max_positions);
 
-  const bool tables_ok = cos.stride(1) == 1 && sin.stride(1) == 1 &&
-                         cos.stride(0) == sin.stride(0);
-  cos_u = tables_ok ? cos : cos.contiguous();
-  sin_u = tables_ok ? sin : sin.contiguous();
-
   AttentionParams p;
   p.batch = batch;
   p.seqlen = seqlen;
@@ -114,22 +105,8 @@ AttentionParams plan(const char* op, const at::Tensor& q, const at::Tensor& k,
   p.head_dim = q.size(3);
   p.causal = causal;
   p.softmax_scale = scale;
-  RopeParams& r = p.rope;
-  r.batch = batch;
-  r.seqlen = seqlen;
-  r.head_dim = q.size(3);
-  r.rotary_dim = 2 * cos.size(1);
-  r.cos = cos_u.const_data_ptr();
-  r.sin = sin_u.const_data_ptr();
-  r.table_stride = cos_u.stride(0);
-  r.max_positions = max_positions;
-  if (pos) {
-    r.pos = pos->const_data_ptr();
-    r.pos_int64 = pos->scalar_type() == at::kLong;
-    r.pos_stride_b = pos->stride(0);
-    r.pos_stride_s = pos->stride(1);
-  }
-  r.interleaved = interleaved;
+  std::tie(cos_u, sin_u) =
+      fill_rope_tables(p.rope, cos, sin, pos, batch, seqlen, q.size(3), interleaved);
   return p;
 }
 
