@@ -78,20 +78,15 @@ def extend_model(model, factor: Optional[float] = None, *, max_position_embeddin
                  impl: str = "auto"):
     """Position Interpolation: window L -> L' = factor * L (or max_position_embeddings).
 
-    impl="auto" uses pirope.integrations.transformers.apply_position_interpolation when
-    it is importable, else transformers' own "linear" rope scaling (same math);
-    "pirope" / "transformers" force one. Returns the model (modified in place).
+    impl="auto" / "pirope" use pirope.integrations.transformers.apply_position_interpolation;
+    "transformers" uses transformers' own "linear" rope scaling (same math, as a
+    reference). Returns the model (modified in place).
     """
     if impl not in ("auto", "pirope", "transformers"):
         raise ValueError(f"impl must be 'auto', 'pirope' or 'transformers', got {impl!r}")
-    apply_pi = None
-    if impl != "transformers":
-        try:
-            from pirope.integrations.transformers import apply_position_interpolation as apply_pi
-        except ImportError:
-            if impl == "pirope":
-                raise
-    if apply_pi is not None:  # it takes exactly one of factor / max_position_embeddings
+    if impl != "transformers":  # it takes exactly one of factor / max_position_embeddings
+        from pirope.integrations.transformers import apply_position_interpolation as apply_pi
+
         if max_position_embeddings is not None:
             return apply_pi(model, max_position_embeddings=int(max_position_embeddings))
         return apply_pi(model, float(factor))
@@ -111,12 +106,8 @@ def extend_model(model, factor: Optional[float] = None, *, max_position_embeddin
     return model
 
 
-def pi_backend() -> str:
-    try:
-        from pirope.integrations.transformers import apply_position_interpolation  # noqa: F401
-        return "pirope.integrations.transformers.apply_position_interpolation"
-    except ImportError:
-        return "transformers linear rope scaling (pirope integration not importable)"
+# What extend_model(impl="auto") runs, as reported in logs and results.json.
+PI_BACKEND = "pirope.integrations.transformers.apply_position_interpolation"
 
 
 def set_window_without_pi(model, new_window: int):
@@ -411,7 +402,7 @@ def run_demo(args) -> dict:
     L4 = L * F
     windows = [L, 2 * L, L4]
     print(f"[pirope demo] config={'tiny' if args.tiny else 'demo'} window L={L} -> {L4} (factor {F}); "
-          f"PI backend: {pi_backend()}; threads={torch.get_num_threads()}", flush=True)
+          f"PI backend: {PI_BACKEND}; threads={torch.get_num_threads()}", flush=True)
     train_ids, eval_ids, data_info = stdlib_texts(cfg)
     train_data = mixed_batch_fn(train_ids, cfg)
     data_info["mix"] = {"passkey documents": cfg["mix"][0], "copy segments": cfg["mix"][1],
@@ -528,7 +519,7 @@ def run_demo(args) -> dict:
           f"fine-tuning + evaluation {t_ft_eval:.0f}s)")
     summary = {
         "config": cfg, "data": data_info, "windows": windows, "stride": cfg["stride"],
-        "passkey_lengths": passkey_lengths, "pi_backend": pi_backend(), "results": results,
+        "passkey_lengths": passkey_lengths, "pi_backend": PI_BACKEND, "results": results,
         "finetune_perplexity_log": ft_logs, "losses": losses, "table": table,
         "passkey_table": pk_table, "progress_tables": prog, "wall_time_s": wall, "pretrain_time_s": t_pre,
         "pretrain_cached": pretrain_cached, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -736,7 +727,7 @@ def run_finetune(args, fail) -> dict:
     if rank == 0:
         print(f"[finetune] {args.model}: window {info['old_window']} -> {window} (factor {info['factor']:g}); "
               f"{ids.numel()} tokens of data; {args.steps} steps, global batch {args.batch_size}, lr {args.lr}; "
-              f"world size {ws}; device {device}; bf16 autocast {bf16}; PI: {pi_backend() if args.pi_impl != 'transformers' else 'transformers'}",
+              f"world size {ws}; device {device}; bf16 autocast {bf16}; PI: {PI_BACKEND if args.pi_impl != 'transformers' else 'transformers'}",
               flush=True)
     t0 = time.time()
     losses = train(model, ids, steps=args.steps, seq_len=window, batch_size=args.batch_size, lr=args.lr,
