@@ -1,0 +1,64 @@
+"""Every CUDA kernel of pirope once, on small awkward shapes, for compute-sanitizer
+(memcheck / racecheck / synccheck) to watch: one process, so the sanitizer pays torch's
+start-up once. Not a pytest module (no assertions of values: the tests do that).
+
+    compute-sanitizer --tool memcheck python tests/cuda_sanitize_cases.py
+"""
+
+import os
+
+import torch
+
+import pirope
+
+
+def tables(rotary_dim, n):
+    inv_freq, _ = pirope.rope_frequencies(rotary_dim, scaling={"rope_type": "linear", "factor": 4.0})
+    return tuple(t.cuda() for t in pirope.rope_cos_sin(inv_freq, n))
+
+
+def rotary_cases():
+    for dtype in (torch.float32, torch.bfloat16):
+        for head_dim, rotary in ((128, 128), (80, 40), (66, 20)):
+            cos, sin = tables(rotary, 64)
+            for offset in (0, 1):
+                buf = torch.randn(2 * 33 * 5 * head_dim + offset, device="cuda", dtype=dtype)
+                x = buf[offset:].view(2, 33, 5, head_dim).requires_grad_()
+                for interleaved in (False, True):
+                    out = pirope.apply_rope(x, cos, sin, interleaved=interleaved)
+                    out.sum().backward()
+                k = torch.randn(2, 33, 1, head_dim, device="cuda", dtype=dtype)
+                pos = torch.randint(0, 64, (2, 33), device="cuda")
+                pirope.apply_rope_qk(x.detach().clone(), k, cos, sin, pos, inplace=True)
+    cos, sin = tables(64, 16)
+    pos = torch.tensor([[0, 1, 99, 3]], device="cuda")
+    pirope.apply_rope(torch.randn(1, 4, 3, 64, device="cuda"), cos, sin, pos)
+
+
+def attention_cases():
+    for dtype in (torch.float16, torch.bfloat16):
+        for head_dim in (64, 128):
+            for seqlen in (1, 70, 129):
+                for causal in (True, False):
+                    q = torch.randn(2, seqlen, 4, head_dim, device="cuda", dtype=dtype)
+                    k, v = (torch.randn(2, seqlen, 2, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+                    cos, sin = tables(head_dim, seqlen)
+                    out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal,
+                                                               head_dim ** -0.5, False)
+                    if hasattr(torch.ops.pirope, "rope_attention_backward") and os.environ.get(
+                            "PIROPE_SANITIZE_BACKWARD", "1") == "1":
+                        grad = torch.randn_like(out)
+                        torch.ops.pirope.rope_attention_backward(grad, q, k, v, out, lse, cos, sin, None,
+                                                                 causal, head_dim ** -0.5, False)
+    q, k, v = (torch.randn(1, 70, 2, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    cos, sin = tables(32, 4096)  # partial rotary, explicit positions incl. one out of range
+    pos = torch.randint(0, 4096, (1, 70), device="cuda")
+    pos[0, 65] = 5000
+    torch.ops.pirope.rope_attention(q, k, v, cos, sin, pos, True, 0.125, True)
+
+
+if __name__ == "__main__":
+    rotary_cases()
+    attention_cases()
+    torch.cuda.synchronize()
+    print("cuda_sanitize_cases: done")
