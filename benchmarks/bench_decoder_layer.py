@@ -1,0 +1,186 @@
+"""One LLaMA-7B-shaped decoder layer, forward + backward: pirope against transformers.
+
+    python benchmarks/bench_decoder_layer.py                          # CUDA, 2k/8k/16k, MHA
+    python benchmarks/bench_decoder_layer.py --kv-heads 8 --json dec.json
+    python benchmarks/bench_decoder_layer.py --device cpu --seqlens 64,128 --hidden 256 \
+        --heads 4 --kv-heads 2 --intermediate 512 --repeat 2       # CPU smoke test
+
+The model is a Hugging Face LlamaModel with one decoder layer (random weights, --dtype,
+attn_implementation="sdpa"), a 2048-token window extended by Position Interpolation
+(rope_parameters {"rope_type": "linear", "factor": --factor}); the final norm is
+included, the embedding lookup is not (the step feeds inputs_embeds). One step =
+zero_grad, model(inputs_embeds=x, use_cache=False), backward of a fixed random grad.
+Variants, all deep copies of one model (same weights, same config):
+  hf            transformers as is: its linear-scaled rotary_emb + SDPA
+  pirope_sdpa   patch_rope(model, attention="sdpa"): pirope.apply_rope_qk, then the
+                model's own attention function (SDPA)
+  pirope_fused  patch_rope(model, attention="fused"): pirope.rope_attention. On CUDA a
+                call that needs gradients runs whatever rope_attention does then (today:
+                apply_rope_qk + torch SDPA, see its docstring), not necessarily a fused kernel.
+Times: median of --repeat steps after 2 warm-ups (CUDA events on GPU). tok/s = batch x
+seqlen / time; "x hf" = hf time / variant time (> 1: faster than hf). Peak MiB = growth
+of torch.cuda.max_memory_allocated over one step (weights and inputs excluded, weight
+grads included; "-" on CPU). "out"/"grad" = max |variant - hf| / max |hf| of the output
+and of the q_proj/k_proj weight gradients: a sanity check at the benchmarked shapes. With
+random weights the output is mostly the residual stream, so "out" barely sees RoPE (a wrong
+PI factor moves it by ~1e-3); "grad" goes through the rotation and does (~1 for factor 4
+instead of 8, ~3e-2 for 7.9) against ~1e-2 of bfloat16 rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import sys
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaModel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, median_ms  # noqa: E402
+
+import pirope  # noqa: E402
+from pirope.integrations.transformers import patch_rope  # noqa: E402
+
+VARIANTS = ("hf", "pirope_sdpa", "pirope_fused")
+
+
+def build_model(args, device, dtype):
+    """A 1-layer LlamaModel extended from --window to --window x --factor by PI, on device."""
+    hd = args.hidden // args.heads
+    config = LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=1,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=hd,
+        vocab_size=32,  # the embedding is never used (inputs_embeds); keep it small
+        max_position_embeddings=int(args.window * args.factor),
+        rope_parameters={"rope_type": "linear", "factor": args.factor, "rope_theta": 10000.0},
+        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):  # random init directly on the device (fast for 7B shapes)
+        model = LlamaModel(config)
+    return model.to(dtype).train()
+
+
+def make_variant(base, name):
+    model = copy.deepcopy(base)
+    if name != "hf":  # keeps config.rope_parameters: same linear scaling, routed through pirope
+        patch_rope(model, attention=name.removeprefix("pirope_"))
+    return model
+
+
+def rel_diff(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def run_variant(base, name, x, grad, repeat, device, ref):
+    """Time one variant; fills ref (output, grads) when it is hf, else compares to it."""
+    model = make_variant(base, name)
+    attn = model.layers[0].self_attn
+    weights = (attn.q_proj.weight, attn.k_proj.weight)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(inputs_embeds=x, use_cache=False).last_hidden_state
+        out.backward(grad)
+        return out
+
+    out = step().detach()  # correctness check (also a first warm-up)
+    grads = [w.grad.detach().clone() for w in weights]
+    row = {}
+    if name == "hf":
+        ref["out"], ref["grads"] = out, grads
+    elif ref:
+        row["diff_out"] = rel_diff(out, ref["out"])
+        row["diff_grad"] = max(rel_diff(g, r) for g, r in zip(grads, ref["grads"]))
+    del out, grads
+    row["ms"] = median_ms(step, device.type, warmup=2, repeat=repeat)
+    if device.type == "cuda":  # one more step for the peak memory; old grads freed first
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        row["peak_MiB"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+    return row
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqlens", default="2048,8192,16384")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA); 8 for GQA")
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--window", type=int, default=2048, help="the pretrained context window")
+    ap.add_argument("--factor", type=float, default=8.0, help="PI factor (default: 2k -> 16k)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--json", default=None, help="write the rows to this path")
+    args = ap.parse_args()
+    args.kv_heads = args.kv_heads or args.heads
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    variants = args.variants.split(",")
+    if set(variants) - set(VARIANTS):
+        ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
+
+    print(f"{machine()}, transformers {transformers.__version__}, pirope {pirope.__version__}")
+    print(f"device {device}, {args.dtype}, batch {args.batch}, hidden {args.hidden}, heads "
+          f"{args.heads}/{args.kv_heads} x {args.hidden // args.heads}, intermediate {args.intermediate}, "
+          f"window {args.window} x PI factor {args.factor:g}, repeat {args.repeat}"
+          + (f", PIROPE_CUDA_ATTENTION={os.environ.get('PIROPE_CUDA_ATTENTION', '0')}"
+             if device.type == "cuda" else ""))
+    hdr = (f"{'seqlen':>6} {'variant':12} {'ms':>9} {'tok/s':>9} {'peak MiB':>9} {'x hf':>6} "
+           f"{'out':>8} {'grad':>8}")
+    print(hdr)
+    print("-" * len(hdr))
+    base = build_model(args, device, dtype)
+    rows = []
+    for s in map(int, args.seqlens.split(",")):
+        gen = torch.Generator(device=device).manual_seed(s)
+        x = torch.randn(args.batch, s, args.hidden, device=device, dtype=dtype, generator=gen)
+        grad = torch.randn(args.batch, s, args.hidden, device=device, dtype=dtype, generator=gen)
+        ref, hf_ms = {}, None
+        for name in variants:
+            row = dict(seqlen=s, variant=name, batch=args.batch, hidden=args.hidden, heads=args.heads,
+                       kv_heads=args.kv_heads, intermediate=args.intermediate, factor=args.factor,
+                       dtype=args.dtype, device=str(device))
+            try:
+                row.update(run_variant(base, name, x, grad, args.repeat, device, ref))
+            except RuntimeError as e:  # OOM or an unsupported call: note it, go on
+                row["error"] = str(e).splitlines()[0][:200]
+                print(f"{s:6d} {name:12} failed: {row['error']}", flush=True)
+            free(device)
+            rows.append(row)
+            if "ms" not in row:
+                continue
+            hf_ms = row["ms"] if name == "hf" else hf_ms
+            row["tokens_per_s"] = args.batch * s / (row["ms"] / 1e3)
+            row["speedup_vs_hf"] = hf_ms / row["ms"] if hf_ms else None
+            f = lambda key, fmt: format(row[key], fmt) if row.get(key) is not None else "-"  # noqa: E731
+            print(f"{s:6d} {name:12} {row['ms']:9.2f} {row['tokens_per_s']:9.0f} {f('peak_MiB', '.0f'):>9} "
+                  f"{f('speedup_vs_hf', '.2f'):>6} {f('diff_out', '.1e'):>8} {f('diff_grad', '.1e'):>8}",
+                  flush=True)
+        del x, grad, ref
+        free(device)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
