@@ -20,18 +20,17 @@
 namespace pirope::cuda {
 namespace {
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
 // N contiguous elements; one 16-byte access when kAligned.
 template <int N, bool kAligned, typename T>
 __device__ __forceinline__ void load_n(const T* p, T (&v)[N]) {
   if constexpr (kAligned) {
-    const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-    for (int j = 0; j < N; ++j) v[j] = pk.v[j];
+    // Through uint4, not a struct of T: copying a struct of c10::BFloat16/Half
+    // compiles to N 2-byte loads (measured on H200: bfloat16 ran at 27% of the copy
+    // floor while float32, whose struct copy vectorises, ran at 90%).
+    static_assert(sizeof(T) * N == 16, "the aligned path moves 16-byte chunks");
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+    memcpy(v, w, 16);
   } else {
 #pragma unroll
     for (int j = 0; j < N; ++j) v[j] = p[j];
@@ -40,10 +39,12 @@ __device__ __forceinline__ void load_n(const T* p, T (&v)[N]) {
 template <int N, bool kAligned, typename T>
 __device__ __forceinline__ void store_n(T* p, const T (&v)[N]) {
   if constexpr (kAligned) {
-    Pack<T, N> pk;
-#pragma unroll
-    for (int j = 0; j < N; ++j) pk.v[j] = v[j];
-    *reinterpret_cast<Pack<T, N>*>(p) = pk;
+    static_assert(sizeof(T) * N == 16, "the aligned path moves 16-byte chunks");
+    uint32_t w[4];
+    memcpy(w, v, 16);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3])
+                 : "memory");
   } else {
 #pragma unroll
     for (int j = 0; j < N; ++j) p[j] = v[j];
@@ -177,6 +178,9 @@ void launch_typed(const RopeParams& p, cudaStream_t stream) {
   }
 }
 
+}  // namespace
+
+// Not file-local: rope_attention's k pre-pass (rope_attention_kernel.cu) calls it too.
 void launch_rope_cuda(const RopeParams& p, at::ScalarType x_dtype,
                       at::ScalarType table_dtype, c10::Device device) {
   TORCH_CHECK(p.batch * p.seqlen <= std::numeric_limits<int32_t>::max(),
@@ -193,8 +197,6 @@ void launch_rope_cuda(const RopeParams& p, at::ScalarType x_dtype,
     });
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(pirope, CUDA, m) { register_apply_rope_kernels<launch_rope_cuda>(m); }
 
