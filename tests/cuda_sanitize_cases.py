@@ -2,10 +2,11 @@
 (memcheck / racecheck / synccheck) to watch: one process, so the sanitizer pays torch's
 start-up once. Not a pytest module (no assertions of values: the tests do that).
 
-    compute-sanitizer --tool memcheck python tests/cuda_sanitize_cases.py
+    compute-sanitizer --tool memcheck python tests/cuda_sanitize_cases.py [--quick]
 """
 
 import os
+import sys
 
 import torch
 
@@ -35,21 +36,21 @@ def rotary_cases():
     pirope.apply_rope(torch.randn(1, 4, 3, 64, device="cuda"), cos, sin, pos)
 
 
-def attention_cases():
-    for dtype in (torch.float16, torch.bfloat16):
+def attention_cases(quick):
+    for dtype in (torch.float16,) if quick else (torch.float16, torch.bfloat16):
         for head_dim in (64, 128):
-            for seqlen in (1, 70, 129):
+            for seqlen in (70,) if quick else (1, 70, 129):
                 for causal in (True, False):
                     q = torch.randn(2, seqlen, 4, head_dim, device="cuda", dtype=dtype)
                     k, v = (torch.randn(2, seqlen, 2, head_dim, device="cuda", dtype=dtype) for _ in range(2))
                     cos, sin = tables(head_dim, seqlen)
                     out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal,
                                                                head_dim ** -0.5, False)
-                    if hasattr(torch.ops.pirope, "rope_attention_backward") and os.environ.get(
-                            "PIROPE_SANITIZE_BACKWARD", "1") == "1":
-                        grad = torch.randn_like(out)
+                    grad = torch.randn_like(out)
+                    for deterministic in (False, True):
                         torch.ops.pirope.rope_attention_backward(grad, q, k, v, out, lse, cos, sin, None,
-                                                                 causal, head_dim ** -0.5, False)
+                                                                 causal, head_dim ** -0.5, False,
+                                                                 deterministic)
     q, k, v = (torch.randn(1, 70, 2, 64, device="cuda", dtype=torch.float16) for _ in range(3))
     cos, sin = tables(32, 4096)  # partial rotary, explicit positions incl. one out of range
     pos = torch.randint(0, 4096, (1, 70), device="cuda")
@@ -58,7 +59,16 @@ def attention_cases():
 
 
 if __name__ == "__main__":
-    rotary_cases()
-    attention_cases()
+    quick = "--quick" in sys.argv  # racecheck is slow: fewer shapes
+    if not quick:
+        rotary_cases()
+    attention_cases(quick)
+    for prepass in ("0", "1"):  # k rotated on load, and by the pre-pass
+        os.environ["PIROPE_ATTENTION_K_PREPASS"] = prepass
+        q, k, v = (torch.randn(1, 200, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        cos, sin = tables(128, 200)
+        out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, True, 0.1, False)
+        torch.ops.pirope.rope_attention_backward(torch.randn_like(out), q, k, v, out, lse, cos, sin, None,
+                                                 True, 0.1, False, False)
     torch.cuda.synchronize()
     print("cuda_sanitize_cases: done")

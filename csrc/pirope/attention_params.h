@@ -29,6 +29,11 @@ struct AttentionParams {
   int64_t head_dim = 0;
   bool causal = true;  // key j is seen by query i when j <= i
   double softmax_scale = 1.0;
+  // Backward: bit-identical gradients run to run (CUDA: no float atomics; the CPU
+  // backward is always deterministic).
+  bool deterministic = false;
+  // CUDA: k already rotated by a pre-pass (p.k points at the rotated copy).
+  bool k_prerotated = false;
 
   // Tables, positions, rotary_dim and layout of the rotation; rope.t is unused.
   // token_position(rope, b, s) gives the position of token (b, s).

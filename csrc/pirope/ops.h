@@ -41,15 +41,18 @@ void apply_rope_qk_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> rope_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids = std::nullopt,
-    bool causal = true, double softmax_scale = 1.0, bool interleaved = false);
+    bool causal = true, double softmax_scale = 1.0, bool interleaved = false,
+    bool deterministic = false);
 
 // Gradients (dq, dk, dv) of rope_attention's out, from the saved out and lse.
+// deterministic: bit-identical results run to run (always so on CPU; on CUDA it
+// avoids float atomics at about 40% more backward work).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids = std::nullopt, bool causal = true,
-    double softmax_scale = 1.0, bool interleaved = false);
+    double softmax_scale = 1.0, bool interleaved = false, bool deterministic = false);
 
 // Build facts, reported by pirope._C.build_info() and checked at import.
 struct BuildInfo {

@@ -40,13 +40,14 @@ TORCH_LIBRARY(pirope, m) {
 
   // Fused RoPE attention. Returns the output and the log-sum-exp of each query row
   // (batch, nheads_q, seqlen) in float32 (float64 for float64 input, so that float64
-  // gradients stay exact), which the backward reuses.
+  // gradients stay exact), which the backward reuses. `deterministic` only matters to
+  // the backward (the forward takes it so that autograd can pass it on).
   m.def("rope_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, "
-        "Tensor? position_ids, bool causal, float softmax_scale, bool interleaved) "
-        "-> (Tensor, Tensor)");
+        "Tensor? position_ids, bool causal, float softmax_scale, bool interleaved, "
+        "bool deterministic=False) -> (Tensor, Tensor)");
   m.def("rope_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor out, Tensor lse, Tensor cos, Tensor sin, Tensor? position_ids, "
-        "bool causal, float softmax_scale, bool interleaved) "
+        "bool causal, float softmax_scale, bool interleaved, bool deterministic=False) "
         "-> (Tensor, Tensor, Tensor)");
 }
 

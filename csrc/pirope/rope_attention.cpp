@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids, bool causal, double softmax_scale,
-    bool interleaved, AttentionLauncher launch) {
+    bool interleaved, bool deterministic, AttentionLauncher launch) {
   check_qkv(kBwd, q, k, v);
   check_like_q(kBwd, "grad_out", grad_out, q);
   check_like_q(kBwd, "out", out, q);
@@ -178,6 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
   p.dk = tensor_args(dk);
   p.dv = tensor_args(dv);
   p.lse = const_cast<void*>(lse_c.const_data_ptr());
+  p.deterministic = deterministic;
   launch(p, q.scalar_type(), cos.scalar_type(), q.device());
   return {dq, dk, dv};
 }
@@ -187,14 +188,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
 std::tuple<at::Tensor, at::Tensor> rope_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
-    double softmax_scale, bool interleaved) {
+    double softmax_scale, bool interleaved, bool deterministic) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pirope::rope_attention", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const std::optional<at::Tensor>&, bool, double, bool)>();
-  return op.call(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved);
+              const at::Tensor&, const std::optional<at::Tensor>&, bool, double, bool, bool)>();
+  return op.call(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved,
+                 deterministic);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
@@ -202,16 +204,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids, bool causal, double softmax_scale,
-    bool interleaved) {
+    bool interleaved, bool deterministic) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pirope::rope_attention_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&, bool, double, bool)>();
+              const std::optional<at::Tensor>&, bool, double, bool, bool)>();
   return op.call(grad_out, q, k, v, out, lse, cos, sin, position_ids, causal,
-                 softmax_scale, interleaved);
+                 softmax_scale, interleaved, deterministic);
 }
 
 }  // namespace pirope

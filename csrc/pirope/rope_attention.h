@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids, bool causal, double softmax_scale,
-    bool interleaved, AttentionLauncher launch);
+    bool interleaved, bool deterministic, AttentionLauncher launch);
 
 template <AttentionLauncher Fwd, AttentionLauncher Bwd>
 void register_rope_attention_kernels(torch::Library& m) {
@@ -39,15 +39,15 @@ void register_rope_attention_kernels(torch::Library& m) {
   using T = at::Tensor;
   m.impl("rope_attention", [](const T& q, const T& k, const T& v, const T& cos,
                               const T& sin, const OptT& pos, bool causal, double scale,
-                              bool interleaved) {
+                              bool interleaved, bool /*deterministic: backward only*/) {
     return rope_attention_run(q, k, v, cos, sin, pos, causal, scale, interleaved, Fwd);
   });
   m.impl("rope_attention_backward",
          [](const T& grad_out, const T& q, const T& k, const T& v, const T& out,
             const T& lse, const T& cos, const T& sin, const OptT& pos, bool causal,
-            double scale, bool interleaved) {
+            double scale, bool interleaved, bool deterministic) {
            return rope_attention_backward_run(grad_out, q, k, v, out, lse, cos, sin, pos,
-                                              causal, scale, interleaved, Bwd);
+                                              causal, scale, interleaved, deterministic, Bwd);
          });
 }
 

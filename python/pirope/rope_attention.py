@@ -24,13 +24,10 @@ def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, inter
 
 
 def _cuda_kernel_applies(q, k, v, cos, interleaved) -> bool:
-    """Whether the fused CUDA forward (csrc/pirope/cuda/rope_attention_kernel.cu) takes
-    this call. It is opt-in (PIROPE_CUDA_ATTENTION=1) until a GPU run of
-    benchmarks/gpu_check.sh has verified it, and forward-only until its backward lands:
-    calls that need gradients keep the differentiable fallback."""
-    if os.environ.get("PIROPE_CUDA_ATTENTION", "0") != "1":
-        return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    """Whether the fused CUDA kernels (csrc/pirope/cuda/rope_attention_*) take this call:
+    float16/bfloat16, head dim 64 or 128, float32 tables, rows aligned to 16 bytes.
+    PIROPE_CUDA_ATTENTION=0 turns them off (everything then takes the fallback)."""
+    if os.environ.get("PIROPE_CUDA_ATTENTION", "1") == "0":
         return False
     rotary = 2 * cos.shape[-1] if cos.dim() == 2 else -1
     if q.dtype not in (torch.float16, torch.bfloat16) or cos.dtype != torch.float32:
@@ -52,6 +49,7 @@ def rope_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     interleaved: bool = False,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Rotary embedding of ``q`` and ``k`` followed by softmax attention, fused.
 
@@ -76,16 +74,21 @@ def rope_attention(
         softmax_scale: multiplies the scores before the softmax; default
             ``headdim ** -0.5``. Must be finite and > 0.
         interleaved: rotate pairs ``(2i, 2i+1)`` instead of ``(i, i + rotary_dim/2)``.
+        deterministic: bit-identical gradients from run to run. ``None`` (default)
+            follows ``torch.use_deterministic_algorithms``. The CPU backward is always
+            deterministic; on CUDA the fast backward adds dq contributions with float
+            atomics (last bits vary), the deterministic one recomputes the scores per
+            query block instead (about 40% more backward work, no atomics).
 
     Returns:
         ``(batch, seqlen, nheads_q, headdim)`` tensor of q's dtype. Differentiable in
         q, k and v (the backward is its own fused op, deterministic).
 
-    On CUDA the call runs :func:`pirope.apply_rope_qk` followed by
-    ``torch.nn.functional.scaled_dot_product_attention`` (same result, differentiable,
-    but it keeps the rotated q and k in memory). A fused tensor-core forward (float16 /
-    bfloat16, head dim 64 or 128, no gradient) exists but is compile-checked only: it is
-    used when ``PIROPE_CUDA_ATTENTION=1`` is set, until a GPU run has verified it.
+    On CUDA, float16/bfloat16 inputs with head dim 64 or 128 run the fused tensor-core
+    kernels (forward and backward; q and k rotated on chip, dq and dk rotated back in
+    the backward's epilogue). Other CUDA calls run :func:`pirope.apply_rope_qk`
+    followed by ``torch.nn.functional.scaled_dot_product_attention`` (same result,
+    differentiable, but it keeps the rotated q and k in memory).
     """
     op = "rope_attention"
     _checks.tensor(op, "q", q)
@@ -102,6 +105,9 @@ def rope_attention(
                              f"got shape {tuple(q.shape)}")
         softmax_scale = q.shape[-1] ** -0.5
     softmax_scale = _checks.number(op, "softmax_scale", softmax_scale, positive=True)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    _checks.flag(op, "deterministic", deterministic)
     if q.device.type == "cuda":
         for name, t in (("k", k), ("v", v)):
             if t.device != q.device:
@@ -109,5 +115,5 @@ def rope_attention(
         if not _cuda_kernel_applies(q, k, v, cos, interleaved):
             return _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved)
     out, _ = torch.ops.pirope.rope_attention(q, k, v, cos, sin, position_ids, causal,
-                                             softmax_scale, interleaved)
+                                             softmax_scale, interleaved, deterministic)
     return out

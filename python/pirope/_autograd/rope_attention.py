@@ -8,20 +8,22 @@ ops = torch.ops.pirope
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved = inputs
+    q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cos, sin, position_ids)
     ctx.causal = causal
     ctx.softmax_scale = softmax_scale
     ctx.interleaved = interleaved
+    ctx.deterministic = bool(rest[0]) if rest else False
+    ctx.n_inputs = len(inputs)
 
 
 def _rope_attention_bw(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cos, sin, position_ids = ctx.saved_tensors
     dq, dk, dv = ops.rope_attention_backward(
         grad_out.contiguous(), q, k, v, out, lse, cos, sin, position_ids, ctx.causal,
-        ctx.softmax_scale, ctx.interleaved)
-    return dq, dk, dv, None, None, None, None, None, None
+        ctx.softmax_scale, ctx.interleaved, ctx.deterministic)
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 torch.library.register_autograd("pirope::rope_attention", _rope_attention_bw, setup_context=_setup)

@@ -11,7 +11,8 @@ def _math_dtype(dtype):
 
 
 @torch.library.register_fake("pirope::rope_attention")
-def _rope_attention(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved):
+def _rope_attention(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved,
+                    deterministic=False):
     _check_devices("rope_attention", ("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin),
                    ("position_ids", position_ids))
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
@@ -23,7 +24,7 @@ def _rope_attention(q, k, v, cos, sin, position_ids, causal, softmax_scale, inte
 
 @torch.library.register_fake("pirope::rope_attention_backward")
 def _rope_attention_backward(grad_out, q, k, v, out, lse, cos, sin, position_ids, causal,
-                             softmax_scale, interleaved):
+                             softmax_scale, interleaved, deterministic=False):
     _check_devices("rope_attention_backward", ("q", q), ("grad_out", grad_out), ("k", k), ("v", v),
                    ("out", out), ("lse", lse), ("cos", cos), ("sin", sin),
                    ("position_ids", position_ids))

@@ -1,0 +1,263 @@
+// Building blocks shared by the CUDA rope_attention forward and backward kernels:
+// the mma.sync m16n8k16 tensor-core product (float32 accumulators), ldmatrix loads of
+// its operand fragments from shared memory, 16-byte global/shared moves, and the tile
+// loader that rotates q or k rows by their positions on the way into shared memory.
+//
+// Fragment layout of mma.m16n8k16 (PTX ISA), lane = 4 * g + t (g = lane / 4, t = lane % 4):
+//   A (16 x 16, row-major)   a0: (g, 2t..2t+1)  a1: (g+8, 2t..)  a2: (g, 2t+8..)  a3: (g+8, 2t+8..)
+//   B (16 x 8, k x n)        b0: (k = 2t..2t+1, n = g)          b1: (k = 2t+8..2t+9, n = g)
+//   C (16 x 8)               c0,c1: (g, 2t..2t+1)               c2,c3: (g+8, 2t..2t+1)
+// ldmatrix.x4 loads four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of
+// matrix i and register i of lane (g, t) receives row g, columns 2t..2t+1 of matrix i
+// (with .trans: column g, rows 2t..2t+1), which is exactly one A or B register above.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "../attention_params.h"
+#include "../rope_math.h"
+
+namespace pirope::cuda::attn {
+
+constexpr int kPad = 8;  // smem row padding (elements): rows 16 B apart mod 128 B, no bank conflicts
+
+// D += A B for one 16x8x16 tile, T = at::Half or at::BFloat16, float32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, at::Half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats rounded to T and packed into one operand register (x in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack(float x, float y) {
+  uint32_t r;
+  if constexpr (std::is_same_v<T, at::Half>) {
+    const __half2 h = __floats2half2_rn(x, y);
+    memcpy(&r, &h, 4);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    memcpy(&r, &h, 4);
+  }
+  return r;
+}
+
+// The A operand of a 16x16 block (rows r0.., columns k0..) of a row-major smem matrix.
+template <typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* base, int ld, int r0, int k0) {
+  const int lane = threadIdx.x % 32, mat = lane / 8, row = lane % 8;
+  const T* p = base + (r0 + 8 * (mat % 2) + row) * ld + k0 + 8 * (mat / 2);
+  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(addr));
+}
+
+// B operands of two n-tiles (n0..n0+7 -> b[0], b[1]; n0+8..n0+15 -> b[2], b[3]) over
+// k0..k0+15, from a smem matrix stored [n][k] (k contiguous), e.g. K for S = Q K^T.
+template <typename T>
+__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const T* base, int ld, int n0, int k0) {
+  const int lane = threadIdx.x % 32, mat = lane / 8, row = lane % 8;
+  const T* p = base + (n0 + 8 * (mat / 2) + row) * ld + k0 + 8 * (mat % 2);
+  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+               : "r"(addr));
+}
+
+// The same two n-tiles from a smem matrix stored [k][n] (n contiguous), e.g. V for
+// O = P V: ldmatrix.trans hands each lane a column pair instead of a row pair.
+template <typename T>
+__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* base, int ld, int k0, int n0) {
+  const int lane = threadIdx.x % 32, mat = lane / 8, row = lane % 8;
+  const T* p = base + (k0 + 8 * (mat % 2) + row) * ld + n0 + 8 * (mat / 2);
+  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+               : "r"(addr));
+}
+
+// The A operand of a 16-row x 16-column chunk m of accumulators c[2m], c[2m+1] (the
+// C layout of two n-tiles equals the A layout): how P or dS feed the next product.
+template <typename T, int N>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c)[N][4], int m) {
+  a[0] = pack<T>(c[2 * m][0], c[2 * m][1]);
+  a[1] = pack<T>(c[2 * m][2], c[2 * m][3]);
+  a[2] = pack<T>(c[2 * m + 1][0], c[2 * m + 1][1]);
+  a[3] = pack<T>(c[2 * m + 1][2], c[2 * m + 1][3]);
+}
+
+// 8 elements (16 bytes) as floats, and back. Explicit vector instructions: a struct
+// copy of c10::Half / BFloat16 elements compiles to 2- or 4-byte accesses.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  T e[8];
+  memcpy(e, &raw, 16);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = static_cast<float>(e[j]);
+}
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
+  T e[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) e[j] = static_cast<T>(v[j]);
+  uint4 raw;
+  memcpy(&raw, e, 16);
+  return raw;
+}
+__device__ __forceinline__ void store16_shared(void* p, uint4 v) {
+  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("st.shared.v4.b32 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
+
+__device__ __forceinline__ void store16_global(void* p, uint4 v) {
+  asm volatile("st.global.v4.b32 [%0], {%1,%2,%3,%4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// Rows [row0, row0 + kRows) of head h of `t` into smem (row stride kD + kPad), rotated
+// by the rows' positions when `rotate`. Rows past seqlen are zero; a row whose
+// position is out of range is NaN (so the error cannot pass unseen). A work unit is a
+// 16-byte chunk; in the half layout the chunk pair (c, c + rotary_dim / 2).
+template <typename T, int kD, int kRows, int kThreads>
+__device__ void load_tile(T* smem, const AttentionTensor& t, const AttentionParams& p, int64_t b,
+                          int64_t h, int64_t row0, bool rotate) {
+  const RopeParams& rp = p.rope;
+  const int half = static_cast<int>(rp.rotary_dim / 2);
+  const int rot_elems = rotate ? static_cast<int>(rp.rotary_dim) : 0;
+  const int rot_units = rotate ? (rp.interleaved ? rot_elems / 8 : half / 8) : 0;
+  const int units = rot_units + (kD - rot_elems) / 8;
+  const float* cos_t = static_cast<const float*>(rp.cos);
+  const float* sin_t = static_cast<const float*>(rp.sin);
+  for (int u = threadIdx.x; u < kRows * units; u += kThreads) {
+    const int r = u / units, c = u % units;
+    const int64_t s = row0 + r;
+    T* dst = smem + r * (kD + kPad);
+    const bool pair = c < rot_units && !rp.interleaved;  // unit covers c*8 and half + c*8
+    const int e0 = c < rot_units ? c * 8 : rot_elems + (c - rot_units) * 8;
+    if (s >= p.seqlen) {  // padding rows
+      const uint4 z = make_uint4(0, 0, 0, 0);
+      store16_shared(dst + e0, z);
+      if (pair) store16_shared(dst + half + e0, z);
+      continue;
+    }
+    const T* src = static_cast<const T*>(t.ptr) + b * t.stride_b + s * t.stride_s + h * t.stride_h;
+    float x1[8], x2[8];
+    load8(src + e0, x1);
+    if (c < rot_units) {
+      const int64_t pos = token_position(rp, b, s);
+      const float* cr = cos_t + (pos < 0 ? 0 : pos) * rp.table_stride;
+      const float* sr = sin_t + (pos < 0 ? 0 : pos) * rp.table_stride;
+      if (rp.interleaved) {  // 4 pairs (2i, 2i+1), i = 4c..4c+3
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          float o1, o2;
+          rotate_pair<float>(x1[2 * j], x1[2 * j + 1], cr[4 * c + j], sr[4 * c + j], o1, o2);
+          x1[2 * j] = pos < 0 ? NAN : o1;
+          x1[2 * j + 1] = pos < 0 ? NAN : o2;
+        }
+      } else {  // 8 pairs (i, i + half), i = 8c..8c+7
+        load8(src + half + e0, x2);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          float o1, o2;
+          rotate_pair<float>(x1[j], x2[j], cr[8 * c + j], sr[8 * c + j], o1, o2);
+          x1[j] = pos < 0 ? NAN : o1;
+          x2[j] = pos < 0 ? NAN : o2;
+        }
+        store16_shared(dst + half + e0, pack8<T>(x2));
+      }
+    }
+    store16_shared(dst + e0, pack8<T>(x1));
+  }
+}
+
+// Epilogue, step 1: a warp's C-layout accumulators (rows row0 + g, row0 + g + 8) into
+// a float32 smem tile of row stride kD + 4, so that step 2 can work on whole rows.
+template <int kD>
+__device__ __forceinline__ void acc_to_smem(float* tile, const float (&acc)[kD / 8][4], int row0) {
+  const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+#pragma unroll
+  for (int j = 0; j < kD / 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      *reinterpret_cast<float2*>(tile + (row0 + g + 8 * r) * (kD + 4) + 8 * j + 2 * tq) =
+          make_float2(acc[j][2 * r], acc[j][2 * r + 1]);
+}
+
+// Epilogue, step 2 (the inverse of load_tile): rows [row0, row0 + kRows) of the smem
+// tile, times `scale`, rotated back by -angle when `unrotate` (dq and dk live in the
+// rotated basis), rounded to T and written with 16-byte stores to head h of `t`.
+template <typename T, int kD, int kRows, int kThreads>
+__device__ void store_tile(const float* tile, const AttentionTensor& t, const AttentionParams& p, int64_t b,
+                           int64_t h, int64_t row0, bool unrotate, float scale) {
+  const RopeParams& rp = p.rope;
+  const int half = static_cast<int>(rp.rotary_dim / 2);
+  const int rot_elems = unrotate ? static_cast<int>(rp.rotary_dim) : 0;
+  const int rot_units = unrotate ? (rp.interleaved ? rot_elems / 8 : half / 8) : 0;
+  const int units = rot_units + (kD - rot_elems) / 8;
+  const float* cos_t = static_cast<const float*>(rp.cos);
+  const float* sin_t = static_cast<const float*>(rp.sin);
+  for (int u = threadIdx.x; u < kRows * units; u += kThreads) {
+    const int r = u / units, c = u % units;
+    const int64_t s = row0 + r;
+    if (s >= p.seqlen) continue;
+    const float* src = tile + r * (kD + 4);
+    T* dst = static_cast<T*>(t.ptr) + b * t.stride_b + s * t.stride_s + h * t.stride_h;
+    const int e0 = c < rot_units ? c * 8 : rot_elems + (c - rot_units) * 8;
+    float x1[8], x2[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) x1[j] = src[e0 + j] * scale;
+    if (c < rot_units) {
+      const int64_t pos = token_position(rp, b, s);
+      const float* cr = cos_t + (pos < 0 ? 0 : pos) * rp.table_stride;
+      const float* sr = sin_t + (pos < 0 ? 0 : pos) * rp.table_stride;
+      if (rp.interleaved) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          float o1, o2;
+          rotate_pair<float>(x1[2 * j], x1[2 * j + 1], cr[4 * c + j], -sr[4 * c + j], o1, o2);
+          x1[2 * j] = pos < 0 ? NAN : o1;
+          x1[2 * j + 1] = pos < 0 ? NAN : o2;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) x2[j] = src[half + e0 + j] * scale;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          float o1, o2;
+          rotate_pair<float>(x1[j], x2[j], cr[8 * c + j], -sr[8 * c + j], o1, o2);
+          x1[j] = pos < 0 ? NAN : o1;
+          x2[j] = pos < 0 ? NAN : o2;
+        }
+        store16_global(dst + half + e0, pack8<T>(x2));
+      }
+    }
+    store16_global(dst + e0, pack8<T>(x1));
+  }
+}
+
+}  // namespace pirope::cuda::attn
