@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 
 import torch
@@ -78,7 +79,7 @@ def make_methods(cos, sin, causal, backward):
     return methods
 
 
-def run_case(dtype, hq, hkv, seqlen, tokens, d, causal, mode, repeat):
+def run_case(dtype, hq, hkv, seqlen, tokens, d, causal, mode, repeat, methods):
     batch = max(1, tokens // seqlen)
     backward = mode == "fwd+bwd"
     inv_freq, _ = pirope.rope_frequencies(d, scaling={"rope_type": "linear", "factor": 4.0})
@@ -95,6 +96,8 @@ def run_case(dtype, hq, hkv, seqlen, tokens, d, causal, mode, repeat):
     flops = 4 * batch * hq * seqlen * seqlen * d * (0.5 if causal else 1.0) * (3.5 if backward else 1.0)
     results, outs = {}, {}
     for name, fn in make_methods(cos, sin, causal, backward).items():
+        if name not in methods:
+            continue
         def step(fn=fn):
             if backward:
                 for t in (q, k, v):
@@ -141,10 +144,12 @@ def main():
     ap.add_argument("--causal", default="1,0")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--methods", default="fused,flash,efficient,cudnn")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, pirope {pirope.__version__}, "
-          f"{args.tokens} tokens per config, headdim {args.headdim}")
+          f"{args.tokens} tokens per config, headdim {args.headdim}, "
+          f"PIROPE_ATTENTION_K_PREPASS={os.environ.get('PIROPE_ATTENTION_K_PREPASS', 'default')}")
     hdr = (f"{'dtype':8} {'heads':6} {'seqlen':>6} {'causal':6} {'mode':8} {'fused ms':>9} {'TFLOP/s':>7} "
            f"{'flash':>8} {'effic.':>8} {'cudnn':>8} {'best':>6} {'ratio':>6} {'err':>8}")
     print(hdr)
@@ -156,7 +161,8 @@ def main():
             for causal in (c == "1" for c in args.causal.split(",")):
                 for mode in args.modes.split(","):
                     for s in map(int, args.seqlens.split(",")):
-                        r = run_case(dtype, hq, hkv, s, args.tokens, args.headdim, causal, mode, args.repeat)
+                        r = run_case(dtype, hq, hkv, s, args.tokens, args.headdim, causal, mode, args.repeat,
+                                     args.methods.split(","))
                         rows.append(r)
                         f = lambda key: f"{r[key]:8.3f}" if r.get(key) is not None else f"{'-':>8}"  # noqa: E731
                         print(f"{r['dtype']:8} {heads:6} {s:6d} {str(causal):6} {mode:8} "

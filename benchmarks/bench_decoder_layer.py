@@ -14,9 +14,8 @@ Variants, all deep copies of one model (same weights, same config):
   hf            transformers as is: its linear-scaled rotary_emb + SDPA
   pirope_sdpa   patch_rope(model, attention="sdpa"): pirope.apply_rope_qk, then the
                 model's own attention function (SDPA)
-  pirope_fused  patch_rope(model, attention="fused"): pirope.rope_attention. On CUDA a
-                call that needs gradients runs whatever rope_attention does then (today:
-                apply_rope_qk + torch SDPA, see its docstring), not necessarily a fused kernel.
+  pirope_fused  patch_rope(model, attention="fused"): pirope.rope_attention (on CUDA,
+                bfloat16/float16 with head dim 64/128: the fused forward and backward kernels).
 Times: median of --repeat steps after 2 warm-ups (CUDA events on GPU). tok/s = batch x
 seqlen / time; "x hf" = hf time / variant time (> 1: faster than hf). Peak MiB = growth
 of torch.cuda.max_memory_allocated over one step (weights and inputs excluded, weight
