@@ -14,8 +14,8 @@ Variants, all deep copies of one model (same weights, same config):
   hf            transformers as is: its linear-scaled rotary_emb + SDPA
   pirope_sdpa   patch_rope(model, attention="sdpa"): pirope.apply_rope_qk, then the
                 model's own attention function (SDPA)
-  pirope_fused  patch_rope(model, attention="fused"): pirope.rope_attention (on CUDA,
-                bfloat16/float16 with head dim 64/128: the fused forward and backward kernels).
+  pirope_fused  patch_rope(model, attention="fused"): pirope.rope_attention (on CUDA its
+                fused kernels with PIROPE_CUDA_ATTENTION=1, else apply_rope_qk + SDPA).
 Times: median of --repeat steps after 2 warm-ups (CUDA events on GPU). tok/s = batch x
 seqlen / time; "x hf" = hf time / variant time (> 1: faster than hf). Peak MiB = growth
 of torch.cuda.max_memory_allocated over one step (weights and inputs excluded, weight
@@ -141,7 +141,7 @@ def main():
     print(f"device {device}, {args.dtype}, batch {args.batch}, hidden {args.hidden}, heads "
           f"{args.heads}/{args.kv_heads} x {args.hidden // args.heads}, intermediate {args.intermediate}, "
           f"window {args.window} x PI factor {args.factor:g}, repeat {args.repeat}"
-          + (f", PIROPE_CUDA_ATTENTION={os.environ.get('PIROPE_CUDA_ATTENTION', '0')}"
+          + (f", PIROPE_CUDA_ATTENTION={os.environ.get('PIROPE_CUDA_ATTENTION', '0 (default)')}"
              if device.type == "cuda" else ""))
     hdr = (f"{'seqlen':>6} {'variant':12} {'ms':>9} {'tok/s':>9} {'peak MiB':>9} {'x hf':>6} "
            f"{'out':>8} {'grad':>8}")

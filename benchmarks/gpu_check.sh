@@ -8,7 +8,8 @@ OUT="${OUT:-$PWD/gpu-results}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 # At most a few files come back from a GPU lease: the log, the build and test logs and
-# the JSON results go to $OUT; text tables and sanitizer logs to scratch (echoed below).
+# the JSON results go to $OUT; benchmark tables print into the log, sanitizer logs go to
+# scratch (their tails are echoed on failure).
 SCRATCH="$(mktemp -d)"
 exec > >(tee "$LOG") 2>&1
 status=0
@@ -35,13 +36,26 @@ $PY -c "import pirope; print(pirope.build_info())"
 step "CUDA tests"
 xdist=""
 $PY -c "import xdist" 2>/dev/null && xdist="-n 12"
-timeout 200 $PY -m pytest -q --tb=short -rf $xdist -k "cuda" -p no:cacheprovider tests \
+# GPU_CHECK_QUICK=1: a short re-check (attention tests, a small benchmark grid, memcheck).
+QUICK="${GPU_CHECK_QUICK:-0}"
+tests="tests"; [ "$QUICK" = 1 ] && tests="tests/test_rope_attention_cuda.py tests/test_rope_attention.py"
+timeout 200 $PY -m pytest -q --tb=short -rf $xdist -k "cuda" -p no:cacheprovider $tests \
   > "$OUT/pytest-cuda.log" 2>&1 || status=1
 tail -25 "$OUT/pytest-cuda.log"
 
 # Benchmarks print straight into this log (a lease returns few files).
 export PYTHONWARNINGS=ignore
 step "attention: fused vs pirope rope + each SDPA backend"
+if [ "$QUICK" = 1 ]; then
+  timeout 90 $PY benchmarks/bench_attention_gpu.py --seqlens 2048,16384 --heads 32/8 --causal 1 \
+    --repeat 10 --json "$OUT/bench_attention_gpu.json" || status=1
+  step "compute-sanitizer memcheck (attention kernels)"
+  timeout 90 compute-sanitizer --tool memcheck --error-exitcode 99 $PY tests/cuda_sanitize_cases.py --quick \
+    > "$SCRATCH/memcheck.log" 2>&1 && echo "memcheck: clean" || { echo "memcheck: FAILED"; \
+    grep -v "registered at" "$SCRATCH/memcheck.log" | tail -40; status=1; }
+  echo "gpu_check status: $status (log: $LOG)"
+  exit $status
+fi
 timeout 170 $PY benchmarks/bench_attention_gpu.py --seqlens "${ATTN_SEQLENS:-512,2048,8192,16384}" \
   --repeat 10 --json "$OUT/bench_attention_gpu.json" || status=1
 

@@ -23,18 +23,30 @@ def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, inter
     return out.transpose(1, 2)
 
 
+def _aligned16(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        # data_ptr() cannot be traced; CUDA allocations start 512-byte aligned, so the
+        # offset decides (a foreign unaligned base makes the op raise, never misread).
+        return t.storage_offset() * t.element_size() % 16 == 0
+    return t.data_ptr() % 16 == 0
+
+
 def _cuda_kernel_applies(q, k, v, cos, interleaved) -> bool:
-    """Whether the fused CUDA kernels (csrc/pirope/cuda/rope_attention_*) take this call:
-    float16/bfloat16, head dim 64 or 128, float32 tables, rows aligned to 16 bytes.
-    PIROPE_CUDA_ATTENTION=0 turns them off (everything then takes the fallback)."""
-    if os.environ.get("PIROPE_CUDA_ATTENTION", "1") == "0":
+    """Whether the fused CUDA kernels (csrc/pirope/cuda/rope_attention_*) take this call.
+
+    They are opt-in (PIROPE_CUDA_ATTENTION=1): they are verified on H200 (outputs and
+    gradients against float64, compute-sanitizer clean) but, being mma.sync kernels
+    without Hopper's wgmma/TMA, run at about 0.2x of pirope rope + cuDNN SDPA (see the
+    README), so the default is the faster unfused path. They take float16/bfloat16,
+    head dim 64 or 128, float32 tables and rows aligned to 16 bytes."""
+    if os.environ.get("PIROPE_CUDA_ATTENTION", "0") != "1":
         return False
     rotary = 2 * cos.shape[-1] if cos.dim() == 2 else -1
     if q.dtype not in (torch.float16, torch.bfloat16) or cos.dtype != torch.float32:
         return False
     if q.dim() != 4 or q.shape[-1] not in (64, 128) or rotary % (8 if interleaved else 16) != 0:
         return False
-    return all(t.dim() == 4 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+    return all(t.dim() == 4 and t.stride(-1) == 1 and _aligned16(t)
                and all(st % 8 == 0 for st in t.stride()[:-1]) for t in (q, k, v))
 
 
@@ -84,11 +96,13 @@ def rope_attention(
         ``(batch, seqlen, nheads_q, headdim)`` tensor of q's dtype. Differentiable in
         q, k and v (the backward is its own fused op, deterministic).
 
-    On CUDA, float16/bfloat16 inputs with head dim 64 or 128 run the fused tensor-core
-    kernels (forward and backward; q and k rotated on chip, dq and dk rotated back in
-    the backward's epilogue). Other CUDA calls run :func:`pirope.apply_rope_qk`
-    followed by ``torch.nn.functional.scaled_dot_product_attention`` (same result,
-    differentiable, but it keeps the rotated q and k in memory).
+    On CUDA the call runs :func:`pirope.apply_rope_qk` followed by
+    ``torch.nn.functional.scaled_dot_product_attention`` (same result, differentiable; it
+    keeps the rotated q and k in memory), the fastest path today. With
+    ``PIROPE_CUDA_ATTENTION=1``, float16/bfloat16 calls with head dim 64 or 128 run
+    pirope's fused tensor-core kernels instead (forward and backward, q and k rotated
+    on chip, dq and dk rotated back in the epilogue): verified, but about 5x slower
+    than cuDNN's attention on H100/H200 (README, "GPU").
     """
     op = "rope_attention"
     _checks.tensor(op, "q", q)

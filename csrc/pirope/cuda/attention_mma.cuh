@@ -195,6 +195,33 @@ __device__ void load_tile(T* smem, const AttentionTensor& t, const AttentionPara
   }
 }
 
+// Rows [row0, row0 + kRows) of head h of `t` copied into smem (row stride kD + kPad)
+// with cp.async (no registers, overlaps with the caller's math until cp_async_wait);
+// rows past seqlen are zero-filled with ordinary stores.
+template <typename T, int kD, int kRows, int kThreads>
+__device__ void copy_tile_async(T* smem, const AttentionTensor& t, const AttentionParams& p, int64_t b,
+                                int64_t h, int64_t row0) {
+  constexpr int kUnits = kD / 8;
+  for (int u = threadIdx.x; u < kRows * kUnits; u += kThreads) {
+    const int r = u / kUnits, e0 = (u % kUnits) * 8;
+    const int64_t s = row0 + r;
+    T* dst = smem + r * (kD + kPad) + e0;
+    if (s >= p.seqlen) {
+      store16_shared(dst, make_uint4(0, 0, 0, 0));
+      continue;
+    }
+    const T* src = static_cast<const T*>(t.ptr) + b * t.stride_b + s * t.stride_s + h * t.stride_h + e0;
+    const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(src) : "memory");
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // Epilogue, step 1: a warp's C-layout accumulators (rows row0 + g, row0 + g + 8) into
 // a float32 smem tile of row stride kD + 4, so that step 2 can work on whole rows.
 template <int kD>

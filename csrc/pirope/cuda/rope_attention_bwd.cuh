@@ -125,14 +125,17 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dkdv_kernel(
           mma<T>(pt[j + 1], a, bb[2], bb[3]);
         }
       }
-      // P^T from the saved lse; masked entries (causal, padding) are exactly 0.
+      // P^T from the saved lse; masked entries (causal, padding) are exactly 0. Only
+      // tiles that cross the diagonal or the sequence end need the mask.
+      const bool full_tile = m0 + kBlockM <= p.seqlen && n0 + kBlockN <= p.seqlen &&
+                             !(p.causal && n0 + kBlockN - 1 > m0);
 #pragma unroll
       for (int j = 0; j < kBlockM / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int qi = 8 * j + 2 * tq + (e & 1);
           const int64_t query = m0 + qi, key = keys[e >> 1];
-          const bool valid = key < p.seqlen && query < p.seqlen && (!p.causal || key <= query);
+          const bool valid = full_tile || (key < p.seqlen && query < p.seqlen && (!p.causal || key <= query));
           pt[j][e] = valid ? exp2f(pt[j][e] * scale_log2 - lse_s[qi]) : 0.f;
         }
       }
@@ -298,13 +301,16 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dq_kernel(co
         mma<T>(dp[j + 1], a2, bb[2], bb[3]);
       }
     }
-    // dS = P * (dP - D), P recomputed from lse; masked entries exactly 0.
+    // dS = P * (dP - D), P recomputed from lse; masked entries exactly 0 (only tiles
+    // crossing the diagonal or the sequence end need the mask).
+    const bool full_tile = m0 + kBlockM <= p.seqlen && n0 + kBlockN <= p.seqlen &&
+                           !(p.causal && n0 + kBlockN - 1 > m0);
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t key = n0 + 8 * j + 2 * tq + (e & 1), row = rows[e >> 1];
-        const bool valid = key < p.seqlen && row < p.seqlen && (!p.causal || key <= row);
+        const bool valid = full_tile || (key < p.seqlen && row < p.seqlen && (!p.causal || key <= row));
         const float pr = valid ? exp2f(s[j][e] * scale_log2 - lse_r[e >> 1]) : 0.f;
         s[j][e] = pr * (dp[j][e] - d_r[e >> 1]);
       }

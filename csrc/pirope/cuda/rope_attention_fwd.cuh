@@ -26,7 +26,7 @@ constexpr int kThreads = 128;
 }  // namespace fwd
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(fwd::kThreads, 4) rope_attention_fwd_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(fwd::kThreads, 3) rope_attention_fwd_kernel(const AttentionParams p) {
   using namespace attn;
   using namespace fwd;
   constexpr int kLd = kD + kPad;
@@ -51,11 +51,20 @@ __global__ void __launch_bounds__(fwd::kThreads, 4) rope_attention_fwd_kernel(co
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
 
+  // Pipeline (one buffer each for K and V): V(t) is copied with cp.async while S(t) and
+  // the softmax are computed; when k is pre-rotated, K(t+1) likewise during P V(t).
+  // Otherwise K(t) is rotated on the way in, through registers.
   const int64_t n_end = p.causal ? std::min<int64_t>(p.seqlen, m0 + kBlockM) : p.seqlen;
+  if (p.k_prerotated) {
+    copy_tile_async<T, kD, kBlockN, kThreads>(k_s, p.k, p, b, hk, 0);
+    cp_async_commit();
+  }
   for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
-    __syncthreads();  // previous tile fully consumed
-    load_tile<T, kD, kBlockN, kThreads>(k_s, p.k, p, b, hk, n0, !p.k_prerotated);
-    load_tile<T, kD, kBlockN, kThreads>(v_s, p.v, p, b, hk, n0, false);
+    __syncthreads();  // every warp is done with V(t-1)
+    copy_tile_async<T, kD, kBlockN, kThreads>(v_s, p.v, p, b, hk, n0);
+    cp_async_commit();
+    if (!p.k_prerotated) load_tile<T, kD, kBlockN, kThreads>(k_s, p.k, p, b, hk, n0, true);
+    cp_async_wait<1>();  // K(t) has landed (V(t) may still be in flight)
     __syncthreads();
 
     // S = Q K^T for this warp's 16 rows x 64 keys (8 n-tiles of 8 keys).
@@ -75,15 +84,17 @@ __global__ void __launch_bounds__(fwd::kThreads, 4) rope_attention_fwd_kernel(co
       }
     }
 
-    // Scale into the log2 domain, mask, and update the running max / sum per row.
+    // Scale into the log2 domain, mask (only tiles that cross the diagonal or the end
+    // need it), and update the running max / sum per row.
+    const bool full_tile = n0 + kBlockN <= p.seqlen && !(p.causal && n0 + kBlockN - 1 > m0);
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int64_t key = n0 + 8 * j + 2 * tq + (e & 1);
-        const int64_t row = rows[e >> 1];
-        const bool masked = key >= p.seqlen || (p.causal && key > row);
+        const int key = static_cast<int>(n0 - m0) + 8 * j + 2 * tq + (e & 1);  // relative to m0
+        const int row = warp * 16 + g + 8 * (e >> 1);
+        const bool masked = !full_tile && (n0 + 8 * j + 2 * tq + (e & 1) >= p.seqlen || (p.causal && key > row));
         s[j][e] = masked ? -INFINITY : s[j][e] * scale_log2;
         tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[j][e]);
       }
@@ -112,6 +123,13 @@ __global__ void __launch_bounds__(fwd::kThreads, 4) rope_attention_fwd_kernel(co
       o[j][1] *= corr[0];
       o[j][2] *= corr[1];
       o[j][3] *= corr[1];
+    }
+
+    cp_async_wait<0>();  // V(t) has landed
+    __syncthreads();     // ... for every warp; and every warp is done with K(t)
+    if (p.k_prerotated && n0 + kBlockN < n_end) {
+      copy_tile_async<T, kD, kBlockN, kThreads>(k_s, p.k, p, b, hk, n0 + kBlockN);
+      cp_async_commit();
     }
 
     // O += P V: the S accumulators of n-tiles 2m, 2m+1 are the A operand of key chunk
