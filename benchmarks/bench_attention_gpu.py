@@ -6,7 +6,8 @@
 Every configuration keeps batch x seqlen = --tokens (16k) tokens, head dim 128.
 Methods (q, k, v arrive as (batch, seqlen, heads, headdim), the view of a projection):
   fused        torch.ops.pirope.rope_attention (the CUDA kernel; fwd+bwd through
-               pirope.rope_attention's autograd, i.e. the fused backward too)
+               pirope.rope_attention's autograd, i.e. the fused backward too: this
+               script sets PIROPE_CUDA_ATTENTION=1, which the wrapper needs for that)
   flash, efficient, cudnn
                pirope.apply_rope_qk + torch SDPA restricted to that backend
                (missing where the backend does not take the call)
@@ -135,6 +136,7 @@ def run_case(dtype, hq, hkv, seqlen, tokens, d, causal, mode, repeat, methods):
 
 
 def main():
+    os.environ["PIROPE_CUDA_ATTENTION"] = "1"  # the fused kernels are opt-in
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--heads", default="32/32,32/8")

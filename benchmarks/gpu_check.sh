@@ -43,8 +43,9 @@ timeout 200 $PY -m pytest -q --tb=short -rf $xdist -k "cuda" -p no:cacheprovider
   > "$OUT/pytest-cuda.log" 2>&1 || status=1
 tail -25 "$OUT/pytest-cuda.log"
 
-# Benchmarks print straight into this log (a lease returns few files).
-export PYTHONWARNINGS=ignore
+# Benchmarks print straight into this log (a lease returns few files). The fused CUDA
+# attention kernels are opt-in: the benchmarks compare them, so turn them on.
+export PYTHONWARNINGS=ignore PIROPE_CUDA_ATTENTION=1
 step "attention: fused vs pirope rope + each SDPA backend"
 if [ "$QUICK" = 1 ]; then
   timeout 90 $PY benchmarks/bench_attention_gpu.py --seqlens 2048,16384 --heads 32/8 --causal 1 \

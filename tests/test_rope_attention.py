@@ -287,3 +287,21 @@ def test_op_rejects_bad_scale_and_lse():
         bw(lse[:, :2])
     with pytest.raises(RuntimeError, match="lse must be Float"):
         bw(lse.double())
+
+
+def test_cuda_dispatch_decision_is_traceable(monkeypatch):
+    """Whether pirope.rope_attention takes the fused CUDA kernels depends only on shapes,
+    dtypes and the environment, so torch.compile(fullgraph=True) can trace the decision
+    (checked here with CPU tensors: the function looks at no device state)."""
+    from pirope.rope_attention import _cuda_kernel_applies
+
+    monkeypatch.setenv("PIROPE_CUDA_ATTENTION", "1")
+    cos = torch.randn(8, 32)
+
+    def f(x):
+        return x * 2 if _cuda_kernel_applies(x, x, x, cos, False) else x
+
+    x = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), x * 2)
+    y = torch.randn(1, 8, 2, 64)  # float32: not for the kernels
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(y), y)

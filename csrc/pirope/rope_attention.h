@@ -33,21 +33,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
     const std::optional<at::Tensor>& position_ids, bool causal, double softmax_scale,
     bool interleaved, bool deterministic, AttentionLauncher launch);
 
-template <AttentionLauncher Fwd, AttentionLauncher Bwd>
+// A backend's adjustment of q, k, v (and grad_out) before the checks, e.g. a copy of
+// inputs its kernels cannot address as they are. nullptr: none.
+using TensorPrep = at::Tensor (*)(const at::Tensor&);
+
+template <AttentionLauncher Fwd, AttentionLauncher Bwd, TensorPrep Prep = nullptr>
 void register_rope_attention_kernels(torch::Library& m) {
   using OptT = std::optional<at::Tensor>;
   using T = at::Tensor;
+  static constexpr auto prep = [](const T& t) -> T {
+    if constexpr (Prep != nullptr) return Prep(t);
+    return t;
+  };
   m.impl("rope_attention", [](const T& q, const T& k, const T& v, const T& cos,
                               const T& sin, const OptT& pos, bool causal, double scale,
                               bool interleaved, bool /*deterministic: backward only*/) {
-    return rope_attention_run(q, k, v, cos, sin, pos, causal, scale, interleaved, Fwd);
+    return rope_attention_run(prep(q), prep(k), prep(v), cos, sin, pos, causal, scale,
+                              interleaved, Fwd);
   });
   m.impl("rope_attention_backward",
          [](const T& grad_out, const T& q, const T& k, const T& v, const T& out,
             const T& lse, const T& cos, const T& sin, const OptT& pos, bool causal,
             double scale, bool interleaved, bool deterministic) {
-           return rope_attention_backward_run(grad_out, q, k, v, out, lse, cos, sin, pos,
-                                              causal, scale, interleaved, deterministic, Bwd);
+           return rope_attention_backward_run(prep(grad_out), prep(q), prep(k), prep(v),
+                                              prep(out), lse, cos, sin, pos, causal, scale,
+                                              interleaved, deterministic, Bwd);
          });
 }
 

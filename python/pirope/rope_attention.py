@@ -23,14 +23,6 @@ def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, inter
     return out.transpose(1, 2)
 
 
-def _aligned16(t: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling():
-        # data_ptr() cannot be traced; CUDA allocations start 512-byte aligned, so the
-        # offset decides (a foreign unaligned base makes the op raise, never misread).
-        return t.storage_offset() * t.element_size() % 16 == 0
-    return t.data_ptr() % 16 == 0
-
-
 def _cuda_kernel_applies(q, k, v, cos, interleaved) -> bool:
     """Whether the fused CUDA kernels (csrc/pirope/cuda/rope_attention_*) take this call.
 
@@ -38,16 +30,15 @@ def _cuda_kernel_applies(q, k, v, cos, interleaved) -> bool:
     gradients against float64, compute-sanitizer clean) but, being mma.sync kernels
     without Hopper's wgmma/TMA, run at about 0.2x of pirope rope + cuDNN SDPA (see the
     README), so the default is the faster unfused path. They take float16/bfloat16,
-    head dim 64 or 128, float32 tables and rows aligned to 16 bytes."""
+    head dim 64 or 128 and float32 tables (the op copies rows that are not 16-byte
+    aligned). Traceable by torch.compile (shapes, dtypes and the environment only)."""
     if os.environ.get("PIROPE_CUDA_ATTENTION", "0") != "1":
         return False
     rotary = 2 * cos.shape[-1] if cos.dim() == 2 else -1
     if q.dtype not in (torch.float16, torch.bfloat16) or cos.dtype != torch.float32:
         return False
-    if q.dim() != 4 or q.shape[-1] not in (64, 128) or rotary % (8 if interleaved else 16) != 0:
-        return False
-    return all(t.dim() == 4 and t.stride(-1) == 1 and _aligned16(t)
-               and all(st % 8 == 0 for st in t.stride()[:-1]) for t in (q, k, v))
+    return (q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.shape[-1] in (64, 128)
+            and rotary % (8 if interleaved else 16) == 0)
 
 
 def rope_attention(

@@ -1,8 +1,9 @@
 // CUDA forward of rope_attention: dispatch to the tensor-core kernel of the dtype and
 // head dim (rope_attention_fwd.cuh, one instantiation per rope_attention_fwd_*.cu),
 // and registration of both CUDA ops (the backward is rope_attention_backward_kernel.cu).
-// Calls the kernels do not take (float32/64, other head dims, unaligned rows) are routed
-// by the Python wrapper to apply_rope_qk + torch SDPA; called directly, they raise.
+// Calls the kernels do not take (float32/64, other head dims) are routed by the Python
+// wrapper to apply_rope_qk + torch SDPA; called directly, they raise. Inputs whose rows
+// are not 16-byte aligned are copied first (align16), so any layout works.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -19,6 +20,17 @@ namespace {
 bool aligned_rows(const AttentionTensor& t) {
   return reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.stride_b % 8 == 0 &&
          t.stride_s % 8 == 0 && t.stride_h % 8 == 0;
+}
+
+// q, k, v, out or grad_out as the kernels need them: rows 16-byte aligned (pointer and
+// strides), last dim contiguous; anything else is copied (rare: odd views).
+at::Tensor align16(const at::Tensor& t) {
+  if (!t.defined() || t.dim() != 4 || t.numel() == 0 || !t.is_cuda()) return t;
+  const int64_t item = static_cast<int64_t>(t.element_size());
+  const bool ok = reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(3) == 1 &&
+                  (t.stride(0) * item) % 16 == 0 && (t.stride(1) * item) % 16 == 0 &&
+                  (t.stride(2) * item) % 16 == 0;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 }  // namespace
@@ -83,7 +95,7 @@ void launch_rope_attention_fwd_cuda(const AttentionParams& params, at::ScalarTyp
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pirope, CUDA, m) {
-  register_rope_attention_kernels<launch_rope_attention_fwd_cuda, launch_rope_attention_bwd_cuda>(m);
+  register_rope_attention_kernels<launch_rope_attention_fwd_cuda, launch_rope_attention_bwd_cuda, align16>(m);
 }
 
 }  // namespace pirope::cuda
