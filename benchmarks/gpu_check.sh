@@ -64,7 +64,7 @@ step "decoder layer (LLaMA-7B shapes): pirope vs transformers"
 timeout 100 $PY benchmarks/bench_decoder_layer.py --repeat 5 --json "$OUT/bench_decoder_layer.json" || status=1
 
 step "rotary ops vs HF eager and the copy floor"
-timeout 60 $PY benchmarks/bench_rope.py --device cuda --batch 4 --seqlen 8192 --repeat 30 --no-compile \
+timeout 120 $PY benchmarks/bench_rope.py --device cuda --batch 1 4 --seqlen 2048 8192 --repeat 30 \
   --json "$OUT/bench_rope.json" || status=1
 
 step "compute-sanitizer over every CUDA kernel (tests/cuda_sanitize_cases.py)"

@@ -236,3 +236,17 @@ def test_opcheck_and_compile_on_cuda():
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v), (q, k, v))
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_unaligned_and_strided_views_are_copied_not_misread():
+    # q, k, v at an odd element offset (rows not 16-byte aligned) and a transposed view:
+    # the op copies what its 16-byte loads cannot address.
+    buf = torch.randn(3 * 2 * 100 * 4 * 64 + 1, device="cuda", dtype=torch.float16)
+    q, k, v = buf[1:].view(3, 2, 100, 4, 64).unbind(0)
+    vt = torch.randn(2, 4, 100, 64, device="cuda", dtype=torch.float16).transpose(1, 2)
+    grad = torch.randn_like(q)
+    cos, sin = tables(64, 100)
+    got = run_kernels(q, k, vt, cos, sin, grad)
+    ref = grads_reference(q, k, vt, cos, sin, grad)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert rel_err(g, r) < 2e-2, name
