@@ -133,6 +133,12 @@ def test_backward_is_deterministic():
     for other in grads[1:]:  # bit-identical, whatever the thread count
         for a, b in zip(grads[0], other):
             assert torch.equal(a, b)
+    # deterministic=True / False reach the op; on CPU both give these same gradients
+    for flag in (True, False):
+        q.grad = k.grad = v.grad = None
+        pirope.rope_attention(q, k, v, cos, sin, deterministic=flag).backward(g)
+        for a, b in zip(grads[0], (q.grad, k.grad, v.grad)):
+            assert torch.equal(a, b)
 
 
 def test_non_contiguous_inputs(device):
@@ -267,6 +273,7 @@ def test_rejects_bad_input(over, exc, match):
         (dict(softmax_scale="0.1"), TypeError, "softmax_scale must be a number"),
         (dict(causal=1), TypeError, "causal must be a bool"),
         (dict(interleaved=None), TypeError, "interleaved must be a bool"),
+        (dict(deterministic="yes"), TypeError, "deterministic must be a bool"),
     ],
 )
 def test_rejects_bad_keyword(kwargs, exc, match):
