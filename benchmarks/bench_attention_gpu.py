@@ -23,30 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import sys
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import pirope
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import median_ms  # noqa: E402
+
+import pirope  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION}
-
-
-def time_ms(fn, repeat):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def peak_mem(fn):
@@ -116,7 +104,7 @@ def run_case(dtype, hq, hkv, seqlen, tokens, d, causal, mode, repeat, methods):
             print(f"  ({name}: {str(e).splitlines()[0][:100]})")
             continue
         outs[name] = (out.detach().float(), *(t.grad.float() if backward else None for t in (q, k, v)))
-        ms = time_ms(step, repeat)
+        ms = median_ms(step, "cuda", warmup=3, repeat=repeat)
         results[name] = dict(ms=ms, tflops=flops / ms / 1e9, mem=peak_mem(step))
     baselines = {n: r for n, r in results.items() if n != "fused" and r}
     best = min(baselines, key=lambda n: baselines[n]["ms"]) if baselines else None
