@@ -107,6 +107,68 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c)[N][4
   a[3] = pack<T>(c[2 * m + 1][2], c[2 * m + 1][3]);
 }
 
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
+// The three tile products of the kernels, for one warp's 16 rows (N = 8 * NT columns):
+//   gemm_nt:     acc += A B^T, A = rows a_row0.. of a row-major smem matrix, B stored
+//                [n][k] in smem (e.g. S = Q K^T, dP = dO V^T);
+//   gemm_acc_nn: acc += P B, P = the 16 x K accumulators p in C layout (probabilities
+//                or dS), B stored [k][n] in smem (e.g. O += P V, dK += dS^T Q);
+//   gemm_nn:     acc += A B, A from smem as in gemm_nt, B stored [k][n] in smem from
+//                column n0 (dQ += dS K with dS staged in smem).
+template <typename T, int NT, int K>
+__device__ __forceinline__ void gemm_nt(float (&acc)[NT][4], const T* a_s, int lda, int a_row0, const T* b_s,
+                                        int ldb) {
+#pragma unroll
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    uint32_t a[4];
+    load_a(a, a_s, lda, a_row0, k0);
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t bb[4];
+      load_b_nk(bb, b_s, ldb, 8 * j, k0);
+      mma<T>(acc[j], a, bb[0], bb[1]);
+      mma<T>(acc[j + 1], a, bb[2], bb[3]);
+    }
+  }
+}
+template <typename T, int NT, int K>
+__device__ __forceinline__ void gemm_acc_nn(float (&acc)[NT][4], const float (&p)[K / 8][4], const T* b_s,
+                                            int ldb) {
+#pragma unroll
+  for (int m = 0; m < K / 16; ++m) {
+    uint32_t a[4];
+    acc_to_a<T>(a, p, m);
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t bb[4];
+      load_b_kn(bb, b_s, ldb, 16 * m, 8 * j);
+      mma<T>(acc[j], a, bb[0], bb[1]);
+      mma<T>(acc[j + 1], a, bb[2], bb[3]);
+    }
+  }
+}
+template <typename T, int NT, int K>
+__device__ __forceinline__ void gemm_nn(float (&acc)[NT][4], const T* a_s, int lda, int a_row0, const T* b_s,
+                                        int ldb, int n0) {
+#pragma unroll
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    uint32_t a[4];
+    load_a(a, a_s, lda, a_row0, k0);
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t bb[4];
+      load_b_kn(bb, b_s, ldb, k0, n0 + 8 * j);
+      mma<T>(acc[j], a, bb[0], bb[1]);
+      mma<T>(acc[j + 1], a, bb[2], bb[3]);
+    }
+  }
+}
+
 // 8 elements (16 bytes) as floats, and back. Explicit vector instructions: a struct
 // copy of c10::Half / BFloat16 elements compiles to 2- or 4-byte accesses.
 template <typename T>

@@ -96,10 +96,8 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dkdv_kernel(
   load_tile<T, kD, kBlockN, kThreads>(v_s, p.v, p, b, hk, n0, false);
 
   float dk[kD / 8][4], dv[kD / 8][4];
-#pragma unroll
-  for (int j = 0; j < kD / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
+  zero(dk);
+  zero(dv);
 
   const int64_t m_begin = p.causal ? n0 : 0;  // causal: queries before the keys see none of them
   for (int64_t hq = hk * group; hq < (hk + 1) * group; ++hq) {
@@ -112,20 +110,8 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dkdv_kernel(
 
       // S^T = K Q^T for this warp's 16 keys x 64 queries.
       float pt[kBlockM / 8][4];
-#pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j) pt[j][0] = pt[j][1] = pt[j][2] = pt[j][3] = 0.f;
-#pragma unroll
-      for (int k0 = 0; k0 < kD; k0 += 16) {
-        uint32_t a[4];
-        load_a(a, k_s, kLd, warp * 16, k0);
-#pragma unroll
-        for (int j = 0; j < kBlockM / 8; j += 2) {
-          uint32_t bb[4];
-          load_b_nk(bb, q_s, kLd, 8 * j, k0);
-          mma<T>(pt[j], a, bb[0], bb[1]);
-          mma<T>(pt[j + 1], a, bb[2], bb[3]);
-        }
-      }
+      zero(pt);
+      gemm_nt<T, kBlockM / 8, kD>(pt, k_s, kLd, warp * 16, q_s, kLd);
       // P^T from the saved lse; masked entries (causal, padding) are exactly 0. Only
       // tiles that cross the diagonal or the sequence end need the mask.
       const bool full_tile = m0 + kBlockM <= p.seqlen && n0 + kBlockN <= p.seqlen &&
@@ -141,51 +127,17 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dkdv_kernel(
         }
       }
       // dV += P^T dO.
-#pragma unroll
-      for (int m = 0; m < kBlockM / 16; ++m) {
-        uint32_t a[4];
-        acc_to_a<T>(a, pt, m);
-#pragma unroll
-        for (int jd = 0; jd < kD / 8; jd += 2) {
-          uint32_t bb[4];
-          load_b_kn(bb, do_s, kLd, 16 * m, 8 * jd);
-          mma<T>(dv[jd], a, bb[0], bb[1]);
-          mma<T>(dv[jd + 1], a, bb[2], bb[3]);
-        }
-      }
+      gemm_acc_nn<T, kD / 8, kBlockM>(dv, pt, do_s, kLd);
       // dP^T = V dO^T, then dS^T = P^T * (dP^T - D), in place.
       float dst[kBlockM / 8][4];
-#pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j) dst[j][0] = dst[j][1] = dst[j][2] = dst[j][3] = 0.f;
-#pragma unroll
-      for (int k0 = 0; k0 < kD; k0 += 16) {
-        uint32_t a[4];
-        load_a(a, v_s, kLd, warp * 16, k0);
-#pragma unroll
-        for (int j = 0; j < kBlockM / 8; j += 2) {
-          uint32_t bb[4];
-          load_b_nk(bb, do_s, kLd, 8 * j, k0);
-          mma<T>(dst[j], a, bb[0], bb[1]);
-          mma<T>(dst[j + 1], a, bb[2], bb[3]);
-        }
-      }
+      zero(dst);
+      gemm_nt<T, kBlockM / 8, kD>(dst, v_s, kLd, warp * 16, do_s, kLd);
 #pragma unroll
       for (int j = 0; j < kBlockM / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dst[j][e] = pt[j][e] * (dst[j][e] - d_s[8 * j + 2 * tq + (e & 1)]);
       // dK += dS^T Q (rotated basis; scale and un-rotation in the epilogue).
-#pragma unroll
-      for (int m = 0; m < kBlockM / 16; ++m) {
-        uint32_t a[4];
-        acc_to_a<T>(a, dst, m);
-#pragma unroll
-        for (int jd = 0; jd < kD / 8; jd += 2) {
-          uint32_t bb[4];
-          load_b_kn(bb, q_s, kLd, 16 * m, 8 * jd);
-          mma<T>(dk[jd], a, bb[0], bb[1]);
-          mma<T>(dk[jd + 1], a, bb[2], bb[3]);
-        }
-      }
+      gemm_acc_nn<T, kD / 8, kBlockM>(dk, dst, q_s, kLd);
       if constexpr (kAtomicDq) {
         // dQ (64 queries x kD) += dS K: dS goes through smem transposed to [query][key];
         // warp w then owns queries 16w..16w+15, in 64-column passes to bound registers.
@@ -199,20 +151,8 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dkdv_kernel(
 #pragma unroll
         for (int c0 = 0; c0 < kD; c0 += 64) {
           float dq[8][4];
-#pragma unroll
-          for (int j = 0; j < 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
-#pragma unroll
-          for (int k0 = 0; k0 < kBlockN; k0 += 16) {
-            uint32_t a[4];
-            load_a(a, ds_s, kLdS, warp * 16, k0);
-#pragma unroll
-            for (int jd = 0; jd < 8; jd += 2) {
-              uint32_t bb[4];
-              load_b_kn(bb, k_s, kLd, k0, c0 + 8 * jd);
-              mma<T>(dq[jd], a, bb[0], bb[1]);
-              mma<T>(dq[jd + 1], a, bb[2], bb[3]);
-            }
-          }
+          zero(dq);
+          gemm_nn<T, 8, kBlockN>(dq, ds_s, kLdS, warp * 16, k_s, kLd, c0);
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             if (rows[r] >= p.seqlen) continue;
@@ -272,8 +212,7 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dq_kernel(co
   const float d_r[2] = {d_s[warp * 16 + g], d_s[warp * 16 + g + 8]};
 
   float dq[kD / 8][4];
-#pragma unroll
-  for (int j = 0; j < kD / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.f;
+  zero(dq);
 
   const int64_t n_end = p.causal ? std::min<int64_t>(p.seqlen, m0 + kBlockM) : p.seqlen;
   for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
@@ -281,27 +220,12 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dq_kernel(co
     load_tile<T, kD, kBlockN, kThreads>(k_s, p.k, p, b, hk, n0, !p.k_prerotated);
     load_tile<T, kD, kBlockN, kThreads>(v_s, p.v, p, b, hk, n0, false);
     __syncthreads();
+    // S = Q K^T and dP = dO V^T for this warp's 16 queries x 64 keys.
     float s[kBlockN / 8][4], dp[kBlockN / 8][4];
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
-#pragma unroll
-    for (int k0 = 0; k0 < kD; k0 += 16) {
-      uint32_t a[4], a2[4];
-      load_a(a, q_s, kLd, warp * 16, k0);
-      load_a(a2, do_s, kLd, warp * 16, k0);
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; j += 2) {
-        uint32_t bb[4];
-        load_b_nk(bb, k_s, kLd, 8 * j, k0);
-        mma<T>(s[j], a, bb[0], bb[1]);
-        mma<T>(s[j + 1], a, bb[2], bb[3]);
-        load_b_nk(bb, v_s, kLd, 8 * j, k0);
-        mma<T>(dp[j], a2, bb[0], bb[1]);
-        mma<T>(dp[j + 1], a2, bb[2], bb[3]);
-      }
-    }
+    zero(s);
+    zero(dp);
+    gemm_nt<T, kBlockN / 8, kD>(s, q_s, kLd, warp * 16, k_s, kLd);
+    gemm_nt<T, kBlockN / 8, kD>(dp, do_s, kLd, warp * 16, v_s, kLd);
     // dS = P * (dP - D), P recomputed from lse; masked entries exactly 0 (only tiles
     // crossing the diagonal or the sequence end need the mask).
     const bool full_tile = m0 + kBlockM <= p.seqlen && n0 + kBlockN <= p.seqlen &&
@@ -317,18 +241,7 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dq_kernel(co
       }
     }
     // dQ += dS K (rotated basis).
-#pragma unroll
-    for (int m = 0; m < kBlockN / 16; ++m) {
-      uint32_t a[4];
-      acc_to_a<T>(a, s, m);
-#pragma unroll
-      for (int jd = 0; jd < kD / 8; jd += 2) {
-        uint32_t bb[4];
-        load_b_kn(bb, k_s, kLd, 16 * m, 8 * jd);
-        mma<T>(dq[jd], a, bb[0], bb[1]);
-        mma<T>(dq[jd + 1], a, bb[2], bb[3]);
-      }
-    }
+    gemm_acc_nn<T, kD / 8, kBlockN>(dq, s, k_s, kLd);
   }
   float* tile = reinterpret_cast<float*>(smem_raw);
   __syncthreads();

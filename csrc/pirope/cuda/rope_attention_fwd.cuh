@@ -46,8 +46,7 @@ __global__ void __launch_bounds__(fwd::kThreads, 3) rope_attention_fwd_kernel(co
   load_tile<T, kD, kBlockM, kThreads>(q_s, p.q, p, b, hq, m0, true);
 
   float o[kD / 8][4];
-#pragma unroll
-  for (int j = 0; j < kD / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  zero(o);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
 
@@ -69,20 +68,8 @@ __global__ void __launch_bounds__(fwd::kThreads, 3) rope_attention_fwd_kernel(co
 
     // S = Q K^T for this warp's 16 rows x 64 keys (8 n-tiles of 8 keys).
     float s[kBlockN / 8][4];
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-    for (int k0 = 0; k0 < kD; k0 += 16) {
-      uint32_t a[4];
-      load_a(a, q_s, kLd, warp * 16, k0);
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; j += 2) {
-        uint32_t bb[4];
-        load_b_nk(bb, k_s, kLd, 8 * j, k0);
-        mma<T>(s[j], a, bb[0], bb[1]);
-        mma<T>(s[j + 1], a, bb[2], bb[3]);
-      }
-    }
+    zero(s);
+    gemm_nt<T, kBlockN / 8, kD>(s, q_s, kLd, warp * 16, k_s, kLd);
 
     // Scale into the log2 domain, mask (only tiles that cross the diagonal or the end
     // need it), and update the running max / sum per row.
@@ -134,18 +121,7 @@ __global__ void __launch_bounds__(fwd::kThreads, 3) rope_attention_fwd_kernel(co
 
     // O += P V: the S accumulators of n-tiles 2m, 2m+1 are the A operand of key chunk
     // m (16 keys); V (row-major keys x dims) gives B through ldmatrix.trans.
-#pragma unroll
-    for (int m = 0; m < kBlockN / 16; ++m) {
-      uint32_t a[4];
-      acc_to_a<T>(a, s, m);
-#pragma unroll
-      for (int jd = 0; jd < kD / 8; jd += 2) {
-        uint32_t bb[4];
-        load_b_kn(bb, v_s, kLd, 16 * m, 8 * jd);
-        mma<T>(o[jd], a, bb[0], bb[1]);
-        mma<T>(o[jd + 1], a, bb[2], bb[3]);
-      }
-    }
+    gemm_acc_nn<T, kD / 8, kBlockN>(o, s, v_s, kLd);
   }
 
   // Epilogue: normalise, write O and the natural-log log-sum-exp of each row.
