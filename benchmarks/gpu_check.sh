@@ -15,6 +15,20 @@ exec > >(tee "$LOG") 2>&1
 status=0
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 step() { echo; echo "== $* =="; }
+# sanitize TOOL [--quick]: every CUDA kernel of tests/cuda_sanitize_cases.py under
+# compute-sanitizer; the log's tail is echoed on failure.
+sanitize() {
+  if ! command -v compute-sanitizer >/dev/null 2>&1; then
+    echo "compute-sanitizer not found: $1 skipped"; return
+  fi
+  local log="$SCRATCH/sanitizer-$1.log"
+  if timeout 100 compute-sanitizer --tool "$1" --error-exitcode 99 \
+      $PY tests/cuda_sanitize_cases.py "${@:2}" > "$log" 2>&1; then
+    echo "$1: clean"; tail -2 "$log"
+  else
+    echo "$1: FAILED or timed out (rc $?)"; grep -v "registered at" "$log" | tail -40; status=1
+  fi
+}
 
 step "versions"
 date -u
@@ -51,9 +65,7 @@ if [ "$QUICK" = 1 ]; then
   timeout 90 $PY benchmarks/bench_attention_gpu.py --seqlens 2048,16384 --heads 32/8 --causal 1 \
     --repeat 10 --json "$OUT/bench_attention_gpu.json" || status=1
   step "compute-sanitizer memcheck (attention kernels)"
-  timeout 90 compute-sanitizer --tool memcheck --error-exitcode 99 $PY tests/cuda_sanitize_cases.py --quick \
-    > "$SCRATCH/memcheck.log" 2>&1 && echo "memcheck: clean" || { echo "memcheck: FAILED"; \
-    grep -v "registered at" "$SCRATCH/memcheck.log" | tail -40; status=1; }
+  sanitize memcheck --quick
   echo "gpu_check status: $status (log: $LOG)"
   exit $status
 fi
@@ -68,20 +80,8 @@ timeout 120 $PY benchmarks/bench_rope.py --device cuda --batch 1 4 --seqlen 2048
   --json "$OUT/bench_rope.json" || status=1
 
 step "compute-sanitizer over every CUDA kernel (tests/cuda_sanitize_cases.py)"
-if command -v compute-sanitizer >/dev/null 2>&1; then
-  for tool in memcheck racecheck; do
-    log="$SCRATCH/sanitizer-$tool.log"
-    quick=""; [ "$tool" = racecheck ] && quick="--quick"
-    if timeout 100 compute-sanitizer --tool "$tool" --error-exitcode 99 \
-        $PY tests/cuda_sanitize_cases.py $quick > "$log" 2>&1; then
-      echo "$tool: clean"; tail -2 "$log"
-    else
-      echo "$tool: FAILED or timed out (rc $?)"; grep -v "registered at" "$log" | tail -40; status=1
-    fi
-  done
-else
-  echo "compute-sanitizer not found: skipped"
-fi
+sanitize memcheck
+sanitize racecheck --quick  # racecheck is slow: fewer shapes
 
 step "k rotation: pre-pass vs on load (fused only)"
 for pre in 1 0; do
