@@ -86,7 +86,7 @@ def rope_attention(
 
     Returns:
         ``(batch, seqlen, nheads_q, headdim)`` tensor of q's dtype. Differentiable in
-        q, k and v (the backward is its own fused op, deterministic).
+        q, k and v (the backward is its own fused op; see ``deterministic``).
 
     On CUDA the call runs :func:`pirope.apply_rope_qk` followed by
     ``torch.nn.functional.scaled_dot_product_attention`` (same result, differentiable; it
