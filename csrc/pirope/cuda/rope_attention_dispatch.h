@@ -3,6 +3,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include "../attention_params.h"
 #include "../rope_params.h"
@@ -26,5 +28,32 @@ void check_supported(const char* op, const AttentionParams& p, at::ScalarType dt
 // (keep it alive until the kernels have run), or an undefined tensor.
 at::Tensor maybe_prerotate_k(AttentionParams& p, at::ScalarType dtype, at::ScalarType table_dtype,
                              c10::Device device);
+
+// A (dtype, head dim) pair of the kernels, passed by value to pick an instantiation.
+template <typename T, int kD>
+struct KernelConfig {
+  using scalar_t = T;
+  static constexpr int head_dim = kD;
+};
+
+// The preamble both directions share, then the (dtype, head dim) switch: checks the
+// call (check_supported), sets the device, pre-rotates k (maybe_prerotate_k) and calls
+// launch(KernelConfig<T, kD>{}, p, stream) with T at::Half or at::BFloat16 and kD 64 or
+// 128, on the current stream; the pre-rotated k lives until launch returns.
+template <typename Launch>
+void dispatch_rope_attention(const char* op, const AttentionParams& params, at::ScalarType dtype,
+                             at::ScalarType table_dtype, c10::Device device, Launch&& launch) {
+  check_supported(op, params, dtype, table_dtype);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
+  AttentionParams p = params;
+  const at::Tensor k_rot = maybe_prerotate_k(p, dtype, table_dtype, device);
+  const auto with_dim = [&](auto dtype_tag) {
+    using T = decltype(dtype_tag);
+    p.head_dim == 64 ? launch(KernelConfig<T, 64>{}, p, stream)
+                     : launch(KernelConfig<T, 128>{}, p, stream);
+  };
+  dtype == at::kHalf ? with_dim(at::Half{}) : with_dim(at::BFloat16{});
+}
 
 }  // namespace pirope::cuda

@@ -4,9 +4,6 @@
 // Calls the kernels do not take (float32/64, other head dims) are routed by the Python
 // wrapper to apply_rope_qk + torch SDPA; called directly, they raise. Inputs whose rows
 // are not 16-byte aligned are copied first (align16), so any layout works.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-
 #include <cstdlib>
 #include <cstring>
 
@@ -78,18 +75,11 @@ namespace {
 
 void launch_rope_attention_fwd_cuda(const AttentionParams& params, at::ScalarType dtype,
                                     at::ScalarType table_dtype, c10::Device device) {
-  check_supported("rope_attention", params, dtype, table_dtype);
-  const c10::cuda::CUDAGuard guard(device);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
-  AttentionParams p = params;
-  const at::Tensor k_rot = maybe_prerotate_k(p, dtype, table_dtype, device);
-  if (dtype == at::kHalf) {
-    p.head_dim == 64 ? launch_rope_attention_fwd<at::Half, 64>(p, stream)
-                     : launch_rope_attention_fwd<at::Half, 128>(p, stream);
-  } else {
-    p.head_dim == 64 ? launch_rope_attention_fwd<at::BFloat16, 64>(p, stream)
-                     : launch_rope_attention_fwd<at::BFloat16, 128>(p, stream);
-  }
+  dispatch_rope_attention("rope_attention", params, dtype, table_dtype, device,
+                          [](auto cfg, const AttentionParams& p, cudaStream_t stream) {
+                            using C = decltype(cfg);
+                            launch_rope_attention_fwd<typename C::scalar_t, C::head_dim>(p, stream);
+                          });
 }
 
 }  // namespace
