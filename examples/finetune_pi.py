@@ -11,10 +11,13 @@ Two modes.
    the CPython standard library's .py sources (held-out files for evaluation) and
    generated long-range documents (passkey documents in the paper's format, repeated
    random strings; see mixed_batch_fn), so that it learns retrieval inside L. Then it
-   extends the model to 4L three ways (fine-tuning data: the same mix at 4L) and
+   extends the model to 4L four ways (fine-tuning data: the same mix at 4L) and
    evaluates each at windows L, 2L, 4L (sliding-window perplexity) and on the paper's
    passkey task:  original (extrapolation) / direct fine-tuning at 4L without PI /
-   PI zero-shot and PI after the same number of fine-tuning steps.
+   PI zero-shot and PI after the same number of fine-tuning steps / as a control,
+   NTK-by-parts (PI on the low-frequency rotary pairs only, see ntk_by_parts_scaling)
+   zero-shot and fine-tuned. A last table (pair_ablation) shows which rotary pairs
+   PI's rescaling breaks.
    Passkey lengths run from the shortest prompt to 4L in steps of L/4, 10 trials each.
    Prints the paper-style tables, writes results.json and results.png into --out.
    The pretrained model is cached in --out/pretrained (rerun skips pretraining).
@@ -113,6 +116,48 @@ PI_BACKEND = "pirope.integrations.transformers.apply_position_interpolation"
 def set_window_without_pi(model, new_window: int):
     """Direct fine-tuning baseline: only the advertised window changes (plain RoPE)."""
     model.config.max_position_embeddings = int(new_window)
+    return model
+
+
+def ntk_by_parts_scaling(window: int, factor: float) -> dict:
+    """Interpolation of the low frequencies only, as a Hugging Face rope dict.
+
+    Llama 3's rope scaling with its two wavelength bounds set to the old and the new
+    window: rotary pairs whose wavelength is below ``window`` (they already went
+    through every phase in pretraining) keep their frequency, pairs above
+    ``factor * window`` are divided by ``factor`` exactly as PI does, and the pairs in
+    between move smoothly from one to the other (NTK-by-parts, as in YaRN and Llama
+    3.1). Unlike PI, it leaves the high-frequency pairs that encode local order alone.
+    """
+    return {"rope_type": "llama3", "factor": float(factor), "original_max_position_embeddings": int(window),
+            "high_freq_factor": 1.0, "low_freq_factor": 1.0 / float(factor)}
+
+
+def extend_model_ntk_by_parts(model, factor: float):
+    """Window L -> factor * L with :func:`ntk_by_parts_scaling`, through pirope's ops
+    (pirope.integrations.transformers.patch_rope, fused attention where exact, like the
+    PI arm); the config keeps the scaling, so the saved model loads with plain
+    transformers. Returns the model (modified in place)."""
+    from pirope.integrations.transformers import patch_rope
+
+    window = int(model.config.max_position_embeddings)
+    patch_rope(model, ntk_by_parts_scaling(window, factor), attention="fused")  # as apply_position_interpolation
+    new = int(round(window * factor))
+    model.config.max_position_embeddings = new
+    model.base_model.rotary_emb.max_position_embeddings = new
+    return model
+
+
+def scale_pairs(model, factor: float, pairs) -> "torch.nn.Module":
+    """Diagnostic: divide the frequency of the given rotary pairs (indices into
+    inv_freq, 0 = highest frequency) of a plain-RoPE transformers LLaMA by ``factor``,
+    leaving the others as pretrained. ``pairs = all`` is PI."""
+    rot = model.base_model.rotary_emb
+    inv = rot.inv_freq.clone()
+    idx = torch.as_tensor(list(pairs), dtype=torch.long)
+    inv[idx] = inv[idx] / factor
+    rot.inv_freq.copy_(inv)
+    rot.original_inv_freq = inv.clone()
     return model
 
 
@@ -347,6 +392,43 @@ def copy_check(model, seed: int = 0, n: int = 8, length: int = 30) -> dict:
     return {"nll_first_copy": float(nll[:, : length - 1].mean()), "nll_second_copy": float(nll[:, length:].mean())}
 
 
+def pair_ablation(fresh, factor: float, eval_ids, window: int, stride: int, lengths, trials: int, seed: int,
+                  pk_kwargs: dict, progress: bool) -> List[dict]:
+    """Which rotary pairs does PI break? Zero-shot, inside the pretraining window:
+    perplexity at ``window`` and passkey at ``lengths`` when PI's ``factor`` is applied
+    to all pairs, to all but the k highest-frequency ones, or only to those k."""
+    base_inv = fresh().base_model.rotary_emb.inv_freq.clone()
+    n = base_inv.numel()
+    rows = []
+    cases = [("all pairs (PI)", range(n))]
+    cases += [(f"all but the {k} highest-frequency", range(k, n)) for k in (2, 4, 8, 16) if k < n]
+    cases += [(f"only the {k} highest-frequency", range(k)) for k in (2, 8) if k < n]
+    cases += [("none (original)", range(0))]
+    for name, pairs in cases:
+        m = scale_pairs(fresh(), factor, pairs)
+        ppl = sliding_window_perplexity(m, eval_ids, window, stride, batch_size=8, progress=False)
+        pk = passkey_retrieval(m, byte_encode, byte_decode, lengths, trials=trials, seed=seed,
+                               max_new_tokens=7, progress=False, **pk_kwargs)
+        rows.append({"scaled": name, "pairs": list(pairs),
+                     "shortest_scaled_wavelength": 2 * math.pi / float(base_inv[pairs[0]]) if len(pairs) else None,
+                     "ppl": ppl, "passkey": {str(k): v for k, v in pk["success"].items()},
+                     "sample": pk["samples"][0]["output"]})
+        if progress:
+            print(f"[ablation] {name}: ppl {ppl:.3f}, passkey {pk['success']}", flush=True)
+    return rows
+
+
+def format_ablation_table(rows: List[dict], lengths, window: int) -> str:
+    lines = ["| pairs divided by the factor | shortest wavelength scaled (bytes, before scaling) | "
+             f"ppl at {window} | " + " | ".join(f"passkey {k}" for k in lengths) + " | first answer |",
+             "|" + "---|" * (len(lengths) + 4)]
+    for r in rows:
+        wl = "-" if r["shortest_scaled_wavelength"] is None else f"{r['shortest_scaled_wavelength']:.1f}"
+        lines.append(f"| {r['scaled']} | {wl} | {r['ppl']:.3f} | "
+                     + " | ".join(f"{r['passkey'][str(k)]:.1f}" for k in lengths) + f" | `{r['sample'].strip()}` |")
+    return "\n".join(lines)
+
+
 def _fmt(x):
     if x is None:
         return "-"
@@ -495,10 +577,26 @@ def run_demo(args) -> dict:
     ft_logs["PI fine-tuning"] = log
     results[f"PI to {L4} ({cfg['ft_steps']} steps)"] = r_pi = evaluate("PI fine-tuned", m)
     m.save_pretrained(os.path.join(out, "pi_ft"))
+
+    # ---- NTK-by-parts: interpolate only the pairs slower than the window (control) ----
+    m = extend_model_ntk_by_parts(fresh(), F)
+    results[f"NTK-by-parts to {L4}, no fine-tuning"] = r_nb0 = evaluate("NTK-by-parts zero-shot", m)
+    log = {str(L4): {}}
+    losses["NTK-by-parts fine-tuning"] = train(m, train_data, callback=ppl_logger(log), desc="FT NTK-by-parts",
+                                               **ft_kwargs)
+    ft_logs["NTK-by-parts fine-tuning"] = log
+    results[f"NTK-by-parts to {L4} ({cfg['ft_steps']} steps)"] = r_nb = evaluate("NTK-by-parts fine-tuned", m)
+    m.save_pretrained(os.path.join(out, "ntk_by_parts_ft"))
+
+    # ---- which rotary pairs PI breaks (zero-shot, inside L) ----
+    ablation_lengths = [k for k in passkey_lengths if k <= L]
+    ablation = pair_ablation(fresh, F, eval_ids, L, cfg["stride"], ablation_lengths, cfg["passkey_trials"],
+                             cfg["seed"], pk_kwargs, progress)
     t_ft_eval = time.time() - t0
 
     r_orig = results["original (extrapolation)"]
-    for name, start, end in (("direct fine-tuning", r_orig, r_ft), ("PI fine-tuning", r_pi0, r_pi)):
+    for name, start, end in (("direct fine-tuning", r_orig, r_ft), ("PI fine-tuning", r_pi0, r_pi),
+                             ("NTK-by-parts fine-tuning", r_nb0, r_nb)):
         for w in (str(L4),):
             ft_logs[name][w]["0"] = start["ppl"][w]
             ft_logs[name][w][str(cfg["ft_steps"])] = end["ppl"][w]
@@ -515,13 +613,18 @@ def run_demo(args) -> dict:
     prog = {name: format_progress_table(log, f"{name}: perplexity") for name, log in ft_logs.items()}
     for name, t in prog.items():
         print("\n" + t)
+    ablation_table = format_ablation_table(ablation, ablation_lengths, L)
+    print(f"\nWhich rotary pairs PI breaks: zero-shot, PI's factor {F} applied to some pairs only "
+          f"(perplexity at {L}, passkey inside L):\n")
+    print(ablation_table)
     print(f"\nwall time {wall:.0f}s (pretraining {t_pre:.0f}s{' cached' if pretrain_cached else ''}, "
           f"fine-tuning + evaluation {t_ft_eval:.0f}s)")
     summary = {
         "config": cfg, "data": data_info, "windows": windows, "stride": cfg["stride"],
         "passkey_lengths": passkey_lengths, "pi_backend": PI_BACKEND, "results": results,
         "finetune_perplexity_log": ft_logs, "losses": losses, "table": table,
-        "passkey_table": pk_table, "progress_tables": prog, "wall_time_s": wall, "pretrain_time_s": t_pre,
+        "passkey_table": pk_table, "progress_tables": prog, "pair_ablation": ablation,
+        "pair_ablation_table": ablation_table, "ntk_by_parts_scaling": ntk_by_parts_scaling(L, F), "wall_time_s": wall, "pretrain_time_s": t_pre,
         "pretrain_cached": pretrain_cached, "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -537,7 +640,12 @@ def plot_demo(summary: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ablation = summary.get("pair_ablation") or []
+    if ablation:
+        fig, grid = plt.subplots(2, 2, figsize=(14, 9))
+        axes = grid.ravel()
+    else:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]
     for name, r in summary["results"].items():
         ws = summary["windows"]
@@ -550,7 +658,7 @@ def plot_demo(summary: dict, path: str) -> str:
     ax.set_title("perplexity vs window")
     ax.legend(fontsize=7)
     ax = axes[1]
-    for name in ("direct fine-tuning", "PI fine-tuning"):
+    for name in (k for k in summary["losses"] if k != "pretrain"):
         ax.plot(range(1, len(summary["losses"][name]) + 1), summary["losses"][name], label=name, alpha=0.8)
     ax.set_xlabel("fine-tuning step (window %d)" % summary["windows"][-1])
     ax.set_ylabel("training loss (nats/byte)")
@@ -563,6 +671,19 @@ def plot_demo(summary: dict, path: str) -> str:
     ax.set_xlabel("pretraining step (window %d)" % summary["windows"][0])
     ax.set_ylabel("training loss")
     ax.set_title("pretraining loss")
+    if ablation:  # which rotary pairs PI breaks: perplexity at L and passkey inside L
+        ax = axes[3]
+        names = [r["scaled"] for r in ablation]
+        y = list(range(len(names)))[::-1]
+        ax.barh(y, [r["ppl"] for r in ablation], color="tab:gray")
+        for yi, r in zip(y, ablation):
+            pk = sum(r["passkey"].values()) / max(1, len(r["passkey"]))
+            ax.text(r["ppl"], yi, f"  passkey {pk:.0%} (inside L)", va="center", fontsize=8,
+                    color="tab:green" if pk > 0 else "tab:red")
+        ax.set_yticks(y, names, fontsize=8)
+        ax.set_xlabel("perplexity at window %d (zero-shot)" % summary["windows"][0])
+        ax.set_xlim(0, 1.45 * max(r["ppl"] for r in ablation))
+        ax.set_title("PI's factor on some rotary pairs only")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

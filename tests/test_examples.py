@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import pirope
 from pirope.eval import (
     PASSKEY_FILLER,
     PASSKEY_INTRO,
@@ -252,7 +253,7 @@ def test_tiny_demo_runs_all_paths_and_caches_pretraining(fp, tmp_path):
     assert not s["pretrain_cached"]
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
-    assert len(saved["results"]) == 4 and saved["windows"] == [128, 256, 512]
+    assert len(saved["results"]) == 6 and saved["windows"] == [128, 256, 512]
     for r in saved["results"].values():
         assert set(r["ppl"]) == {"128", "256", "512"} and all(v > 1 for v in r["ppl"].values())
         assert "k_max" in r["passkey"]
@@ -263,7 +264,11 @@ def test_tiny_demo_runs_all_paths_and_caches_pretraining(fp, tmp_path):
     assert "| model | 128 | 256 | 512 | passkey k_max |" in saved["table"]
     assert saved["passkey_lengths"][0] >= 90 and saved["passkey_lengths"][-1] == 512
     assert "| 512 |" in saved["passkey_table"].splitlines()[0]
-    assert len(saved["losses"]["PI fine-tuning"]) == 4
+    assert len(saved["losses"]["PI fine-tuning"]) == len(saved["losses"]["NTK-by-parts fine-tuning"]) == 4
+    ablation = saved["pair_ablation"]
+    assert [r["scaled"] for r in ablation][0] == "all pairs (PI)" and ablation[-1]["pairs"] == []
+    assert all(set(r["passkey"]) == {str(k) for k in saved["passkey_lengths"] if k <= 128} for r in ablation)
+    assert "| all pairs (PI) |" in saved["pair_ablation_table"]
     # PI zero-shot equals original at positions < L? No: PI changes every angle. But the
     # PI model's config must be the linear-scaled one and load with plain transformers.
     from transformers import AutoModelForCausalLM
@@ -271,6 +276,8 @@ def test_tiny_demo_runs_all_paths_and_caches_pretraining(fp, tmp_path):
     pi = AutoModelForCausalLM.from_pretrained(os.path.join(out, "pi_ft"))
     assert pi.config.rope_parameters["rope_type"] == "linear" and pi.config.rope_parameters["factor"] == 4
     assert pi.config.max_position_embeddings == 512
+    nb = AutoModelForCausalLM.from_pretrained(os.path.join(out, "ntk_by_parts_ft"))
+    assert nb.config.rope_parameters["rope_type"] == "llama3" and nb.config.max_position_embeddings == 512
     s2 = fp.main(["--tiny", "--out", out, "--no-progress"])
     assert s2["pretrain_cached"]
     assert s2["results"]["original (extrapolation)"]["ppl"] == pytest.approx(
@@ -298,6 +305,47 @@ def test_demo_training_mix_is_deterministic_and_well_formed(fp):
     assert len(copies) >= 5
     c = fn(8, 513, torch.Generator().manual_seed(1))  # fine-tuning length
     assert c.shape == (8, 513)
+
+
+def test_ntk_by_parts_keeps_fast_pairs_and_interpolates_slow_ones(fp):
+    """The demo's control arm: rotary pairs with a wavelength below the old window keep
+    their frequency, those above factor x window are divided by the factor (PI), and
+    the saved model equals transformers' own llama3-scaled model on the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    inv, att = pirope.rope_frequencies(64, scaling=fp.ntk_by_parts_scaling(128, 4), max_position_embeddings=512)
+    plain, _ = pirope.rope_frequencies(64)
+    wavelength = 2 * math.pi / plain.double()
+    fast, slow = wavelength < 128, wavelength > 512
+    assert att == 1.0 and fast.sum() >= 8 and slow.sum() >= 8
+    torch.testing.assert_close(inv[fast], plain[fast], rtol=0, atol=0)
+    torch.testing.assert_close(inv[slow], plain[slow] / 4)
+    mid = ~(fast | slow)
+    assert bool(((inv[mid] < plain[mid]) & (inv[mid] > plain[mid] / 4)).all())
+
+    torch.manual_seed(0)
+    conf = dict(vocab_size=32, hidden_size=128, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    m = LlamaForCausalLM(LlamaConfig(**conf, max_position_embeddings=128))
+    ref = LlamaForCausalLM(LlamaConfig(**conf, max_position_embeddings=512, rope_parameters={
+        **fp.ntk_by_parts_scaling(128, 4), "rope_theta": 10000.0}))
+    ref.load_state_dict(m.state_dict())
+    fp.extend_model_ntk_by_parts(m, 4)
+    assert m.config.max_position_embeddings == 512
+    ids = torch.randint(0, 32, (1, 300))
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_pairs_divides_only_the_given_pairs(fp):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=128))
+    before = m.model.rotary_emb.inv_freq.clone()
+    fp.scale_pairs(m, 4.0, range(3, before.numel()))
+    after = m.model.rotary_emb.inv_freq
+    torch.testing.assert_close(after[:3], before[:3], rtol=0, atol=0)
+    torch.testing.assert_close(after[3:], before[3:] / 4)
 
 
 def test_extend_model_transformers_fallback(fp):
