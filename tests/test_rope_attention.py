@@ -296,7 +296,8 @@ def test_op_rejects_bad_scale_and_lse():
         bw(lse.double())
 
 
-@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="needs a CUDA build of torch (fake CUDA tensors)")
+@pytest.mark.skipif(not (torch.backends.cuda.is_built() and pirope.build_info()["with_cuda"]),
+                    reason="needs CUDA builds of torch (fake CUDA tensors) and of pirope (its CUDA dispatch)")
 @pytest.mark.parametrize("opt_in", ["1", "0"])
 def test_cuda_dispatch_traces_fullgraph_without_a_gpu(monkeypatch, opt_in):
     """On CUDA, pirope.rope_attention chooses between its fused kernels and apply_rope_qk +
