@@ -476,7 +476,7 @@ def auto_threads() -> int:
 
 def run_demo(args) -> dict:
     t_start = time.time()
-    cfg = dict(TINY if args.tiny else DEMO)
+    cfg = dict(TINY if args.tiny else DEMO, seed=args.seed)
     torch.set_num_threads(args.threads or auto_threads())
     out = args.out
     progress = not args.no_progress
@@ -895,6 +895,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="demo: torch threads (default: 2, or 1 when the machine is already busy)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (demo: model init, data and evaluation; another seed pretrains anew)")
     g = p.add_argument_group("fine-tuning a real checkpoint (paper's recipe as defaults)")
     g.add_argument("--model", help="Hugging Face LLaMA checkpoint directory")
     g.add_argument("--data", help="training text: a file or a directory of text files")
@@ -910,7 +912,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta2", type=float, default=0.95)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
     g.add_argument("--autocast", choices=["auto", "bf16", "none"], default="auto",
                    help="auto: bf16 autocast on CUDA GPUs that support it")
