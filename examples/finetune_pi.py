@@ -419,7 +419,7 @@ def pair_ablation(fresh, factor: float, eval_ids, window: int, stride: int, leng
 
 
 def format_ablation_table(rows: List[dict], lengths, window: int) -> str:
-    lines = ["| pairs divided by the factor | shortest wavelength scaled (bytes, before scaling) | "
+    lines = ["| pairs divided by the factor | shortest wavelength scaled (bytes) | "
              f"ppl at {window} | " + " | ".join(f"passkey {k}" for k in lengths) + " | first answer |",
              "|" + "---|" * (len(lengths) + 4)]
     for r in rows:
@@ -624,7 +624,8 @@ def run_demo(args) -> dict:
         "passkey_lengths": passkey_lengths, "pi_backend": PI_BACKEND, "results": results,
         "finetune_perplexity_log": ft_logs, "losses": losses, "table": table,
         "passkey_table": pk_table, "progress_tables": prog, "pair_ablation": ablation,
-        "pair_ablation_table": ablation_table, "ntk_by_parts_scaling": ntk_by_parts_scaling(L, F), "wall_time_s": wall, "pretrain_time_s": t_pre,
+        "pair_ablation_table": ablation_table, "ntk_by_parts_scaling": ntk_by_parts_scaling(L, F),
+        "wall_time_s": wall, "pretrain_time_s": t_pre,
         "pretrain_cached": pretrain_cached, "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
     with open(os.path.join(out, "results.json"), "w") as f:
