@@ -348,3 +348,23 @@ def test_deepcopy_of_a_patched_model_uses_its_own_weights(base_model):
         assert not torch.allclose(clone(x).logits, model(x).logits)
         clone.model.layers[0].self_attn.load_state_dict(model.model.layers[0].self_attn.state_dict())
         assert_same_logits(clone(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_torch_compile_fullgraph_equals_transformers(base_model, attention):
+    """A patched model compiles with torch.compile(fullgraph=True), as transformers' own
+    does (the rotary module reads no device value on the host while compiling), and the
+    compiled model's logits and gradients equal transformers' linear-scaled model's."""
+    torch._dynamo.reset()
+    ref = hf_pi_model(base_model, 4.0)
+    model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention=attention)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = ids(2, 200)
+    la, ga = logits_and_grads(compiled, x)
+    lb, gb = logits_and_grads(ref, x)
+    assert_same_logits(la, lb)
+    assert_same_grads({n.removeprefix("_orig_mod."): g for n, g in ga.items()}, gb)
+    with torch.no_grad():  # positions past the table the eager model built: new rows too
+        pos = torch.arange(300, 340)[None]
+        assert_same_logits(compiled(x[:, :40], position_ids=pos, use_cache=False).logits,
+                           ref(x[:, :40], position_ids=pos, use_cache=False).logits)

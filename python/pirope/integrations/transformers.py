@@ -50,6 +50,9 @@ the projections produce, no copies) and then:
 The table is float32 whatever the model's dtype (``model.half()`` does not round it)
 and lives on the device of the hidden states. Finding the table length needs the
 largest position id on the host: one device sync per model forward (not per layer).
+Under ``torch.compile`` (where that sync would break the graph) the rows of the
+forward's own positions are built instead, for every type except "dynamic" and
+"longrope", so ``torch.compile(model, fullgraph=True)`` works as with transformers.
 
 For the length-dependent types the table is the one of the current sequence length
 ``max(position_ids) + 1``, like :class:`pirope.RotaryEmbedding`: "dynamic" recomputes
@@ -185,6 +188,16 @@ class PiropeRotaryEmbedding(nn.Module):
         return cos, sin
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> RopeTables:
+        if (torch.compiler.is_compiling() and not self._plan.length_dependent
+                and position_ids is not None and position_ids.numel() > 0):
+            # Under torch.compile the table's length (the largest position, a value on
+            # the device) would need a host sync, which breaks the graph: build the rows
+            # of exactly these positions instead (same float64 angles, so the same
+            # values) and index them 0..n-1. dynamic/longrope need that length anyway.
+            cos, sin = pirope.rope_cos_sin(self.inv_freq.to(x.device), position_ids.reshape(-1),
+                                           self.attention_factor)
+            rows = torch.arange(position_ids.numel(), device=position_ids.device).view(position_ids.shape)
+            return RopeTables(cos, sin, rows)
         if position_ids is None or position_ids.numel() == 0:
             length = x.shape[1] if x.dim() >= 2 else 1
         else:
