@@ -62,15 +62,28 @@ __device__ __forceinline__ uint32_t pack(float x, float y) {
   return r;
 }
 
+// Four 8x8 b16 matrices from shared memory, p being this lane's row address (see the
+// top of this file); kTrans: each lane receives a column pair instead of a row pair.
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
+}
+
 // The A operand of a 16x16 block (rows r0.., columns k0..) of a row-major smem matrix.
 template <typename T>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* base, int ld, int r0, int k0) {
   const int lane = threadIdx.x % 32, mat = lane / 8, row = lane % 8;
   const T* p = base + (r0 + 8 * (mat % 2) + row) * ld + k0 + 8 * (mat / 2);
-  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-               : "r"(addr));
+  ldmatrix_x4<false>(a, p);
 }
 
 // B operands of two n-tiles (n0..n0+7 -> b[0], b[1]; n0+8..n0+15 -> b[2], b[3]) over
@@ -79,10 +92,7 @@ template <typename T>
 __device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const T* base, int ld, int n0, int k0) {
   const int lane = threadIdx.x % 32, mat = lane / 8, row = lane % 8;
   const T* p = base + (n0 + 8 * (mat / 2) + row) * ld + k0 + 8 * (mat % 2);
-  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-               : "r"(addr));
+  ldmatrix_x4<false>(b, p);
 }
 
 // The same two n-tiles from a smem matrix stored [k][n] (n contiguous), e.g. V for
@@ -91,10 +101,7 @@ template <typename T>
 __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* base, int ld, int k0, int n0) {
   const int lane = threadIdx.x % 32, mat = lane / 8, row = lane % 8;
   const T* p = base + (k0 + 8 * (mat % 2) + row) * ld + n0 + 8 * (mat / 2);
-  const auto addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-               : "r"(addr));
+  ldmatrix_x4<true>(b, p);
 }
 
 // The A operand of a 16-row x 16-column chunk m of accumulators c[2m], c[2m+1] (the
