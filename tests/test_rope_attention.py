@@ -141,6 +141,95 @@ def test_backward_is_deterministic():
             assert torch.equal(a, b)
 
 
+# ---- bfloat16 on CPU: AVX512-BF16 products (bf16_gemm.h) or float32 sgemm ----
+BF16_DOT = pirope._C.cpu_bf16_dot()
+# Tighter than REL[bfloat16]: both product paths round only where flash attention does.
+BF16_PATH_REL = 1e-2
+
+
+@pytest.fixture(params=["dot", "sgemm"])
+def bf16_path(request, monkeypatch):
+    """Runs a test on each CPU product path for bfloat16 (PIROPE_CPU_BF16_DOT)."""
+    if request.param == "dot" and not BF16_DOT:
+        pytest.skip("this CPU has no AVX512-BF16")
+    monkeypatch.setenv("PIROPE_CPU_BF16_DOT", "1" if request.param == "dot" else "0")
+    assert pirope._C.cpu_bf16_dot() == (request.param == "dot")
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "b, s, heads, head_dim, rotary_dim, causal",
+    [
+        (2, 1, (4, 2), 64, 64, True),
+        (1, 7, (2, 1), 6, 6, True),  # head_dim below one vector
+        (2, 129, (8, 2), 128, 128, True),  # partial tiles, GQA
+        (1, 300, (4, 1), 80, 64, False),  # two key tiles, odd length, partial rotary
+        (1, 257, (2, 2), 70, 70, True),  # odd pairs of features, odd length
+        (1, 513, (4, 2), 128, 128, False),  # three key tiles
+    ],
+)
+def test_bf16_cpu_products_match_reference(bf16_path, b, s, heads, head_dim, rotary_dim, causal):
+    q, k, v = qkv(b, s, *heads, head_dim, dtype=torch.bfloat16)
+    cos, sin = tables(rotary_dim, s)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = pirope.rope_attention(q, k, v, cos, sin, causal=causal)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref, dq, dk, dv = attention_reference(q, k, v, cos, sin, None, causal, None, False, grad_out=g)
+    for what, got, want in (("out", out, ref), ("dq", q.grad, dq), ("dk", k.grad, dk), ("dv", v.grad, dv)):
+        err = (got.double() - want).abs().max().item()
+        bound = BF16_PATH_REL * max(1.0, want.abs().max().item())
+        assert err <= bound, f"{bf16_path} {what}: max error {err:.3g} > {bound:.3g}"
+
+
+def test_bf16_cpu_products_positions_layouts_and_views(bf16_path):
+    # position_ids per batch row, Meta's interleaved pairs, HF's transposed layout.
+    q, k, v = (torch.randn(2, h, 150, 64, dtype=torch.bfloat16).transpose(1, 2) for h in (8, 2, 2))
+    assert not q.is_contiguous()
+    cos, sin = tables(64, 400)
+    pos = torch.stack([torch.arange(150) * 2, torch.arange(150) + 100])
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = pirope.rope_attention(q, k, v, cos, sin, pos, interleaved=True)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref, dq, dk, dv = attention_reference(q, k, v, cos, sin, pos, True, None, True, grad_out=g)
+    for what, got, want in (("out", out, ref), ("dq", q.grad, dq), ("dk", k.grad, dk), ("dv", v.grad, dv)):
+        err = (got.double() - want).abs().max().item()
+        assert err <= BF16_PATH_REL * max(1.0, want.abs().max().item()), (bf16_path, what, err)
+
+
+def test_bf16_cpu_dot_path_is_taken_and_deterministic(monkeypatch):
+    if not BF16_DOT:
+        pytest.skip("this CPU has no AVX512-BF16")
+    q, k, v = qkv(1, 300, 4, 2, 64, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = tables(64, 300)
+    g = torch.randn(1, 300, 4, 64, dtype=torch.bfloat16)
+
+    def run():
+        q.grad = k.grad = v.grad = None
+        out = pirope.rope_attention(q, k, v, cos, sin)
+        out.backward(g)
+        return [out.detach().clone()] + [t.grad.clone() for t in (q, k, v)]
+
+    monkeypatch.setenv("PIROPE_CPU_BF16_DOT", "0")
+    sgemm = run()
+    monkeypatch.delenv("PIROPE_CPU_BF16_DOT")
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (threads, threads, 1):
+            torch.set_num_threads(n)
+            runs.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:  # bit-identical, whatever the thread count
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    # The default is the dot path: it rounds q, k and the probabilities to bfloat16
+    # where the sgemm path keeps float32, so the results differ (slightly).
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], sgemm))
+
+
 def test_non_contiguous_inputs(device):
     # Transposes of (batch, heads, seqlen, headdim) and a sliced feature dim.
     b, s, d = 2, 45, 64

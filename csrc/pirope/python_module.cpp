@@ -3,6 +3,7 @@
 // Python can refuse to run against a different torch than it was compiled for.
 #include <torch/extension.h>
 
+#include "cpu/bf16_gemm.h"
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -21,4 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "How this extension was built: torch version, CUDA on/off, CUDA version and "
       "architectures, CPU vector ISA.");
+  m.def("cpu_bf16_dot", &pirope::cpu::bf16::enabled,
+        "Whether bfloat16 rope_attention on CPU multiplies with AVX512-BF16 now (the CPU "
+        "has it and PIROPE_CPU_BF16_DOT is not 0).");
 }

@@ -14,6 +14,7 @@
 
 #include "../rope_attention.h"
 #include "attention_tiles.h"
+#include "bf16_gemm.h"
 
 namespace pirope::cpu {
 namespace {
@@ -24,8 +25,164 @@ namespace {
 constexpr int64_t kBwdBlockQ = kBlockQ;
 constexpr int64_t kBwdBlockK = kBlockK;
 
+// The five products of the backward and the gradient accumulators, on operands
+// prepared once per kv head (k, v) or query head (q, dO). BlasBackward multiplies
+// math-type rows through BLAS; Bf16Backward multiplies bfloat16 operands with
+// AVX512-BF16 (bf16_gemm.h), accumulating dk and dv transposed (head_dim x seqlen,
+// so that P and dS enter as packed B operands and are never transposed).
 template <typename scalar_t, typename table_t>
-void backward_cpu(const AttentionParams& p) {
+class BlasBackward {
+ public:
+  using acc_t = at::opmath_type<scalar_t>;
+  BlasBackward(int64_t S, int64_t D)
+      : D_(D), kr_(S * D), vf_(S * D), dk_(S * D), dv_(S * D), qr_(S * D), dof_(S * D),
+        dq_(S * D) {}
+
+  void load_kv(const RopeParams& r, int64_t b, int64_t S, const scalar_t* kp, int64_t ks,
+               const scalar_t* vp, int64_t vs) {
+    load_rotated<scalar_t, table_t, acc_t>(r, b, 0, S, kp, ks, kr_.data(), D_);
+    convert_rows(vp, vs, S, D_, vf_.data(), D_);
+    std::fill(dk_.begin(), dk_.end(), acc_t(0));
+    std::fill(dv_.begin(), dv_.end(), acc_t(0));
+  }
+  void load_q(const RopeParams& r, int64_t b, int64_t S, const scalar_t* qp, int64_t qs,
+              const scalar_t* dop, int64_t dos) {
+    load_rotated<scalar_t, table_t, acc_t>(r, b, 0, S, qp, qs, qr_.data(), D_);
+    convert_rows(dop, dos, S, D_, dof_.data(), D_);
+    std::fill(dq_.begin(), dq_.end(), acc_t(0));
+  }
+  // pt (nq x nk, row stride ld) = scale q k^T
+  void scores(int64_t q0, int64_t nq, int64_t k0, int64_t nk, acc_t scale, acc_t* pt,
+              int64_t ld) {
+    gemm_nt<acc_t>(nq, nk, D_, scale, qr_.data() + q0 * D_, D_, kr_.data() + k0 * D_, D_,
+                   acc_t(0), pt, ld);
+  }
+  // dpt = dO v^T
+  void dp(int64_t q0, int64_t nq, int64_t k0, int64_t nk, acc_t* dpt, int64_t ld) {
+    gemm_nt<acc_t>(nq, nk, D_, acc_t(1), dof_.data() + q0 * D_, D_, vf_.data() + k0 * D_, D_,
+                   acc_t(0), dpt, ld);
+  }
+  // dV += P^T dO
+  void add_dv(int64_t q0, int64_t nq, int64_t k0, int64_t nk, const acc_t* pt, int64_t ld) {
+    gemm_tn<acc_t>(nk, D_, nq, acc_t(1), pt, ld, dof_.data() + q0 * D_, D_, acc_t(1),
+                   dv_.data() + k0 * D_, D_);
+  }
+  // dK += scale dS^T q,  dQ += scale dS k
+  void add_dk_dq(int64_t q0, int64_t nq, int64_t k0, int64_t nk, acc_t scale,
+                 const acc_t* ds, int64_t ld) {
+    gemm_tn<acc_t>(nk, D_, nq, scale, ds, ld, qr_.data() + q0 * D_, D_, acc_t(1),
+                   dk_.data() + k0 * D_, D_);
+    gemm_nn<acc_t>(nq, D_, nk, scale, ds, ld, kr_.data() + k0 * D_, D_, acc_t(1),
+                   dq_.data() + q0 * D_, D_);
+  }
+  void store_dq(const RopeParams& r, int64_t b, int64_t S, scalar_t* dqp, int64_t stride) {
+    store_unrotated<scalar_t, table_t, acc_t>(r, b, 0, S, dq_.data(), D_, dqp, stride);
+  }
+  void store_dk_dv(const RopeParams& r, int64_t b, int64_t S, scalar_t* dkp, int64_t dks,
+                   scalar_t* dvp, int64_t dvs) {
+    store_unrotated<scalar_t, table_t, acc_t>(r, b, 0, S, dk_.data(), D_, dkp, dks);
+    convert_rows(dv_.data(), D_, S, D_, dvp, dvs);
+  }
+
+ private:
+  int64_t D_;
+  // (seqlen x headdim), math type: rotated keys, values, dk and dv accumulators
+  // (summed over the group); for the current query head its rotated queries, dO
+  // and the dq accumulator.
+  std::vector<acc_t> kr_, vf_, dk_, dv_, qr_, dof_, dq_;
+};
+
+template <typename table_t>
+class Bf16Backward {
+ public:
+  using scalar_t = c10::BFloat16;
+  using acc_t = float;
+  Bf16Backward(int64_t S, int64_t D)
+      : D_(D), Dp_(bf16::round_up2(D)), ldn_(bf16::padded_ld(S, 4)),
+        ldt_(bf16::padded_ld(S, 2)), ldg_(bf16::padded_ld(S, 4)), stage_(S * D),
+        dkT_(D * ldg_), dvT_(D * ldg_), dq_(S * D), kn_(Dp_ * ldn_), vn_(Dp_ * ldn_),
+        kk_(bf16::round_up2(S) * D), qa_(S * Dp_), qT_(D * ldt_), doa_(S * Dp_),
+        doT_(D * ldt_), ptk_(kBwdBlockQ * kBwdBlockK), dsk_(kBwdBlockQ * kBwdBlockK),
+        dsa_(kBwdBlockQ * kBwdBlockK) {}
+
+  // k rotated (float32, then rounded) as the columns of k^T (scores) and as rows
+  // (dQ = dS k); v as the columns of v^T (dP = dO v^T).
+  void load_kv(const RopeParams& r, int64_t b, int64_t S, const scalar_t* kp, int64_t ks,
+               const scalar_t* vp, int64_t vs) {
+    load_rotated<scalar_t, table_t, acc_t>(r, b, 0, S, kp, ks, stage_.data(), D_);
+    bf16::pack_rows_as_n(stage_.data(), D_, 0, S, D_, kn_.data(), ldn_);
+    bf16::pack_rows_as_k(stage_.data(), D_, 0, S, D_, kk_.data());
+    bf16::pack_rows_as_n(vp, vs, 0, S, D_, vn_.data(), ldn_);
+    std::fill(dkT_.begin(), dkT_.end(), 0.f);
+    std::fill(dvT_.begin(), dvT_.end(), 0.f);
+  }
+  // q rotated and dO, each row-major (scores, dP) and transposed (dK^T, dV^T).
+  void load_q(const RopeParams& r, int64_t b, int64_t S, const scalar_t* qp, int64_t qs,
+              const scalar_t* dop, int64_t dos) {
+    load_rotated<scalar_t, table_t, acc_t>(r, b, 0, S, qp, qs, stage_.data(), D_);
+    for (int64_t i = 0; i < S; ++i) bf16::round_row(stage_.data() + i * D_, D_, qa_.data() + i * Dp_);
+    bf16::transpose_rows(stage_.data(), D_, S, D_, qT_.data(), ldt_);
+    convert_rows(dop, dos, S, D_, doa_.data(), Dp_);
+    bf16::transpose_rows(dop, dos, S, D_, doT_.data(), ldt_);
+    std::fill(dq_.begin(), dq_.end(), 0.f);
+  }
+  void scores(int64_t q0, int64_t nq, int64_t k0, int64_t nk, acc_t scale, acc_t* pt,
+              int64_t ld) {
+    bf16::gemm(nq, nk, Dp_, scale, qa_.data() + q0 * Dp_, Dp_, kn_.data() + 2 * k0, ldn_, false,
+               pt, ld);
+  }
+  void dp(int64_t q0, int64_t nq, int64_t k0, int64_t nk, acc_t* dpt, int64_t ld) {
+    bf16::gemm(nq, nk, Dp_, 1.f, doa_.data() + q0 * Dp_, Dp_, vn_.data() + 2 * k0, ldn_, false,
+               dpt, ld);
+  }
+  // dV^T += dO^T P
+  void add_dv(int64_t q0, int64_t nq, int64_t k0, int64_t nk, const acc_t* pt, int64_t ld) {
+    pack_tile(pt, ld, nq, nk, ptk_.data());
+    bf16::gemm(D_, nk, bf16::round_up2(nq), 1.f, doT_.data() + q0, ldt_, ptk_.data(),
+               kBwdBlockK, true, dvT_.data() + k0, ldg_);
+  }
+  // dK^T += scale q^T dS,  dQ += scale dS k
+  void add_dk_dq(int64_t q0, int64_t nq, int64_t k0, int64_t nk, acc_t scale,
+                 const acc_t* ds, int64_t ld) {
+    pack_tile(ds, ld, nq, nk, dsk_.data());
+    bf16::gemm(D_, nk, bf16::round_up2(nq), scale, qT_.data() + q0, ldt_, dsk_.data(),
+               kBwdBlockK, true, dkT_.data() + k0, ldg_);
+    for (int64_t i = 0; i < nq; ++i) bf16::round_row(ds + i * ld, nk, dsa_.data() + i * kBwdBlockK);
+    bf16::gemm(nq, D_, bf16::round_up2(nk), scale, dsa_.data(), kBwdBlockK,
+               kk_.data() + bf16::packed_index(k0, 0, D_), D_, true, dq_.data() + q0 * D_, D_);
+  }
+  void store_dq(const RopeParams& r, int64_t b, int64_t S, scalar_t* dqp, int64_t stride) {
+    store_unrotated<scalar_t, table_t, acc_t>(r, b, 0, S, dq_.data(), D_, dqp, stride);
+  }
+  void store_dk_dv(const RopeParams& r, int64_t b, int64_t S, scalar_t* dkp, int64_t dks,
+                   scalar_t* dvp, int64_t dvs) {
+    bf16::for_each_blocked(S, D_, [&](int64_t i, int64_t j) { stage_[i * D_ + j] = dkT_[j * ldg_ + i]; });
+    store_unrotated<scalar_t, table_t, acc_t>(r, b, 0, S, stage_.data(), D_, dkp, dks);
+    bf16::for_each_blocked(S, D_, [&](int64_t i, int64_t j) { dvp[i * dvs + j] = scalar_t(dvT_[j * ldg_ + i]); });
+  }
+
+ private:
+  // Tile (nq x nk, float) as a packed B operand (k = nq): row pairs interleaved.
+  static void pack_tile(const acc_t* t, int64_t ld, int64_t nq, int64_t nk,
+                        c10::BFloat16* dst) {
+    for (int64_t i = 0; i < nq; i += 2)
+      bf16::interleave_rows(t + i * ld, i + 1 < nq ? t + (i + 1) * ld : nullptr, nk,
+                            dst + i * kBwdBlockK);
+  }
+
+  int64_t D_, Dp_;
+  // Leading dimensions (bf16_gemm.h padded_ld): pairs per row pair of kn_ and vn_;
+  // of qT_ and doT_; of dkT_ and dvT_.
+  int64_t ldn_, ldt_, ldg_;
+  std::vector<float> stage_, dkT_, dvT_, dq_;
+  // Operands (bf16_gemm.h): k^T, v^T and k packed; q and dO row-major and transposed;
+  // per tile P and dS packed, dS row-major.
+  std::vector<c10::BFloat16> kn_, vn_, kk_, qa_, qT_, doa_, doT_, ptk_, dsk_, dsa_;
+};
+
+// make_products() gives one thread's products (BlasBackward or Bf16Backward).
+template <typename scalar_t, typename MakeProducts>
+void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t S = p.seqlen, D = p.head_dim, G = p.heads_q / p.heads_kv;
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
@@ -33,11 +190,8 @@ void backward_cpu(const AttentionParams& p) {
 
   at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas one_blas_thread;
-    // Per-task scratch, all (seqlen x headdim) in the math type: rotated keys,
-    // values, dk and dv accumulators (summed over the group), and for the current
-    // query head its rotated queries, dO and the dq accumulator.
-    std::vector<acc_t> kr(S * D), vf(S * D), dk(S * D), dv(S * D);
-    std::vector<acc_t> qr(S * D), dof(S * D), dq(S * D), delta(S);
+    auto prod = make_products();
+    std::vector<acc_t> delta(S);
     std::vector<acc_t> pt(kBwdBlockQ * kBwdBlockK), dpt(kBwdBlockQ * kBwdBlockK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / p.heads_kv, hk = task % p.heads_kv;
@@ -47,26 +201,21 @@ void backward_cpu(const AttentionParams& p) {
       auto mhead = [&](const AttentionTensor& t, int64_t h) {
         return static_cast<scalar_t*>(t.ptr) + b * t.stride_b + h * t.stride_h;
       };
-      load_rotated<scalar_t, table_t, acc_t>(r, b, 0, S, head(p.k, hk), p.k.stride_s,
-                                             kr.data(), D);
-      convert_rows(head(p.v, hk), p.v.stride_s, S, D, vf.data(), D);
-      std::fill(dk.begin(), dk.end(), acc_t(0));
-      std::fill(dv.begin(), dv.end(), acc_t(0));
+      prod.load_kv(r, b, S, head(p.k, hk), p.k.stride_s, head(p.v, hk), p.v.stride_s);
 
       for (int64_t g = 0; g < G; ++g) {
         const int64_t hq = hk * G + g;
-        load_rotated<scalar_t, table_t, acc_t>(r, b, 0, S, head(p.q, hq), p.q.stride_s,
-                                               qr.data(), D);
-        convert_rows(head(p.grad_out, hq), p.grad_out.stride_s, S, D, dof.data(), D);
+        prod.load_q(r, b, S, head(p.q, hq), p.q.stride_s, head(p.grad_out, hq),
+                    p.grad_out.stride_s);
         const scalar_t* o = head(p.out, hq);
+        const scalar_t* go = head(p.grad_out, hq);
         for (int64_t i = 0; i < S; ++i) {
           acc_t acc = 0;
           const scalar_t* orow = o + i * p.out.stride_s;
-          const acc_t* grow = dof.data() + i * D;
-          for (int64_t j = 0; j < D; ++j) acc += grow[j] * acc_t(orow[j]);
+          const scalar_t* grow = go + i * p.grad_out.stride_s;
+          for (int64_t j = 0; j < D; ++j) acc += acc_t(grow[j]) * acc_t(orow[j]);
           delta[i] = acc;
         }
-        std::fill(dq.begin(), dq.end(), acc_t(0));
         const acc_t* lse = static_cast<const acc_t*>(p.lse) + (b * p.heads_q + hq) * S;
 
         for (int64_t k0 = 0; k0 < S; k0 += kBwdBlockK) {
@@ -78,43 +227,30 @@ void backward_cpu(const AttentionParams& p) {
             // Causal: keys past the tile's last query are masked for every row; leave
             // them out of the products (only the diagonal tiles are clipped).
             const int64_t nk = p.causal ? std::min(nk_block, q0 + nq - k0) : nk_block;
-            const acc_t* qt = qr.data() + q0 * D;
-            const acc_t* dot = dof.data() + q0 * D;
             // P = exp(scale q k^T - lse), zero where masked
-            gemm_nt<acc_t>(nq, nk, D, scale, qt, D, kr.data() + k0 * D, D, acc_t(0),
-                           pt.data(), kBwdBlockK);
+            prod.scores(q0, nq, k0, nk, scale, pt.data(), kBwdBlockK);
             for (int64_t i = 0; i < nq; ++i) {
               acc_t* prow = pt.data() + i * kBwdBlockK;
               const int64_t nv = visible_keys(p.causal, q0 + i, k0, nk);
               if (nv > 0) exp_row(prow, nv, lse[q0 + i]);
               std::fill(prow + nv, prow + nk, acc_t(0));
             }
-            // dV += P^T dO
-            gemm_tn<acc_t>(nk, D, nq, acc_t(1), pt.data(), kBwdBlockK, dot, D, acc_t(1),
-                           dv.data() + k0 * D, D);
+            prod.add_dv(q0, nq, k0, nk, pt.data(), kBwdBlockK);
             // dP = dO V^T, then dS = P * (dP - delta) in place
-            gemm_nt<acc_t>(nq, nk, D, acc_t(1), dot, D, vf.data() + k0 * D, D, acc_t(0),
-                           dpt.data(), kBwdBlockK);
+            prod.dp(q0, nq, k0, nk, dpt.data(), kBwdBlockK);
             for (int64_t i = 0; i < nq; ++i) {
               const acc_t* prow = pt.data() + i * kBwdBlockK;
               acc_t* drow = dpt.data() + i * kBwdBlockK;
               const acc_t di = delta[q0 + i];
               for (int64_t j = 0; j < nk; ++j) drow[j] = prow[j] * (drow[j] - di);
             }
-            // dK += scale dS^T q,  dQ += scale dS k
-            gemm_tn<acc_t>(nk, D, nq, scale, dpt.data(), kBwdBlockK, qt, D, acc_t(1),
-                           dk.data() + k0 * D, D);
-            gemm_nn<acc_t>(nq, D, nk, scale, dpt.data(), kBwdBlockK, kr.data() + k0 * D, D,
-                           acc_t(1), dq.data() + q0 * D, D);
+            prod.add_dk_dq(q0, nq, k0, nk, scale, dpt.data(), kBwdBlockK);
           }
         }
-        store_unrotated<scalar_t, table_t, acc_t>(r, b, 0, S, dq.data(), D,
-                                                  mhead(p.dq, hq), p.dq.stride_s);
+        prod.store_dq(r, b, S, mhead(p.dq, hq), p.dq.stride_s);
       }
-      store_unrotated<scalar_t, table_t, acc_t>(r, b, 0, S, dk.data(), D,
-                                                mhead(p.dk, hk), p.dk.stride_s);
-      scalar_t* dvp = mhead(p.dv, hk);
-      convert_rows(dv.data(), D, S, D, dvp, p.dv.stride_s);
+      prod.store_dk_dv(r, b, S, mhead(p.dk, hk), p.dk.stride_s, mhead(p.dv, hk),
+                       p.dv.stride_s);
     }
   });
 }
@@ -126,7 +262,14 @@ void launch_rope_attention_backward_cpu(const AttentionParams& p, at::ScalarType
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rope_attention_backward_cpu", [&] {
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(table_dtype, "rope_attention_backward_cpu_table", [&] {
-      backward_cpu<x_t, scalar_t>(p);
+      using table_t = scalar_t;
+      if constexpr (std::is_same_v<x_t, c10::BFloat16>) {
+        if (bf16::enabled()) {
+          backward_cpu<x_t>(p, [&] { return Bf16Backward<table_t>(p.seqlen, p.head_dim); });
+          return;
+        }
+      }
+      backward_cpu<x_t>(p, [&] { return BlasBackward<x_t, table_t>(p.seqlen, p.head_dim); });
     });
   });
 }

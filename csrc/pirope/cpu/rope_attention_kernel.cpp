@@ -1,9 +1,9 @@
 // CPU forward of rope_attention: flash-style tiling with an online softmax, in
 // float32 (float64 for float64 input). Work is split over (batch, query head,
 // chunk of query rows) with at::parallel_for. A task rotates the keys it needs once
-// into its float32 scratch (cheap: seqlen x headdim, against the seqlen^2 x headdim
-// of the products), rotates each query tile as it loads it, and multiplies tiles
-// through ATen's CPU BLAS. No seqlen x seqlen matrix exists: the scores live in one
+// (cheap: seqlen x headdim, against the seqlen^2 x headdim of the products), rotates
+// each query tile as it loads it, and multiplies tiles through ATen's CPU BLAS, or,
+// for bfloat16 on CPUs with AVX512-BF16, through bf16_gemm.h. No seqlen x seqlen matrix exists: the scores live in one
 // (kBlockQ x kBlockK) tile per thread.
 #include <limits>
 #include <vector>
@@ -13,6 +13,7 @@
 
 #include "../rope_attention.h"
 #include "attention_tiles.h"
+#include "bf16_gemm.h"
 
 namespace pirope::cpu {
 
@@ -25,10 +26,100 @@ namespace {
 // Query rows per task: several tiles, so that the keys a task rotates are reused.
 constexpr int64_t kChunkQ = 4 * kBlockQ;
 
+// The two products of the forward, on operands prepared once per head (keys,
+// values) or per query tile. BlasProducts multiplies math-type tiles through BLAS;
+// Bf16Products multiplies bfloat16 operands with AVX512-BF16 (bf16_gemm.h).
 template <typename scalar_t, typename table_t>
-void forward_cpu(const AttentionParams& p) {
+class BlasProducts {
+ public:
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kDirectV = std::is_same_v<scalar_t, acc_t>;  // multiply v in place
+  explicit BlasProducts(int64_t D) : D_(D), qt_(kBlockQ * D) {}
+
+  // Keys [from, to) of head (b, hk) rotated, values converted; kp, vp at row 0.
+  void load_keys(const RopeParams& r, int64_t b, int64_t from, int64_t to,
+                 const scalar_t* kp, int64_t ks, const scalar_t* vp, int64_t vs) {
+    kbuf_.resize(to * D_);
+    load_rotated<scalar_t, table_t, acc_t>(r, b, from, to - from, kp + from * ks, ks,
+                                           kbuf_.data() + from * D_, D_);
+    // float32/float64 values are multiplied where they are, when BLAS can stride them.
+    if (std::is_same_v<scalar_t, acc_t> && vs >= D_ && vs <= INT32_MAX) {
+      vrows_ = reinterpret_cast<const acc_t*>(vp);
+      ldv_ = vs;
+    } else {
+      vbuf_.resize(to * D_);
+      convert_rows(vp + from * vs, vs, to - from, D_, vbuf_.data() + from * D_, D_);
+      vrows_ = vbuf_.data();
+      ldv_ = D_;
+    }
+  }
+  void load_queries(const RopeParams& r, int64_t b, int64_t q0, int64_t nq,
+                    const scalar_t* qp, int64_t qs) {
+    load_rotated<scalar_t, table_t, acc_t>(r, b, q0, nq, qp, qs, qt_.data(), D_);
+  }
+  // st (nq x nk, row stride ld) = scale * q k[k0, k0 + nk)^T
+  void scores(int64_t nq, int64_t k0, int64_t nk, acc_t scale, acc_t* st, int64_t ld) {
+    gemm_nt<acc_t>(nq, nk, D_, scale, qt_.data(), D_, kbuf_.data() + k0 * D_, D_, acc_t(0),
+                   st, ld);
+  }
+  // ot (nq x D) += p (nq x nk, row stride ld) v[k0, k0 + nk)
+  void add_pv(int64_t nq, int64_t k0, int64_t nk, const acc_t* pt, int64_t ld, acc_t* ot) {
+    gemm_nn<acc_t>(nq, D_, nk, acc_t(1), pt, ld, vrows_ + k0 * ldv_, ldv_, acc_t(1), ot, D_);
+  }
+
+ private:
+  int64_t D_;
+  std::vector<acc_t> kbuf_, vbuf_, qt_;
+  const acc_t* vrows_ = nullptr;
+  int64_t ldv_ = 0;
+};
+
+template <typename table_t>
+class Bf16Products {
+ public:
+  using scalar_t = c10::BFloat16;
+  using acc_t = float;
+  Bf16Products(int64_t D, int64_t S)
+      : D_(D), Dp_(bf16::round_up2(D)), ldk_(bf16::padded_ld(S, 4)), stage_(kChunkQ * D),
+        qt_(kBlockQ * D), qa_(kBlockQ * Dp_), pa_(kBlockQ * kBlockK), kn_(Dp_ * ldk_),
+        vk_(bf16::round_up2(S) * D) {}
+
+  // Keys [from, to) rotated (in float32, then rounded) as the columns of k^T;
+  // values as the rows of v.
+  void load_keys(const RopeParams& r, int64_t b, int64_t from, int64_t to,
+                 const scalar_t* kp, int64_t ks, const scalar_t* vp, int64_t vs) {
+    for (int64_t r0 = from; r0 < to; r0 += kChunkQ) {
+      const int64_t n = std::min(kChunkQ, to - r0);
+      load_rotated<scalar_t, table_t, acc_t>(r, b, r0, n, kp + r0 * ks, ks, stage_.data(), D_);
+      bf16::pack_rows_as_n(stage_.data(), D_, r0, n, D_, kn_.data(), ldk_);
+    }
+    bf16::pack_rows_as_k(vp + from * vs, vs, from, to - from, D_, vk_.data());
+  }
+  void load_queries(const RopeParams& r, int64_t b, int64_t q0, int64_t nq,
+                    const scalar_t* qp, int64_t qs) {
+    load_rotated<scalar_t, table_t, acc_t>(r, b, q0, nq, qp, qs, qt_.data(), D_);
+    for (int64_t i = 0; i < nq; ++i) bf16::round_row(qt_.data() + i * D_, D_, qa_.data() + i * Dp_);
+  }
+  void scores(int64_t nq, int64_t k0, int64_t nk, acc_t scale, acc_t* st, int64_t ld) {
+    bf16::gemm(nq, nk, Dp_, scale, qa_.data(), Dp_, kn_.data() + 2 * k0, ldk_, false, st, ld);
+  }
+  void add_pv(int64_t nq, int64_t k0, int64_t nk, const acc_t* pt, int64_t ld, acc_t* ot) {
+    // Probabilities rounded to bfloat16, as flash attention multiplies them.
+    for (int64_t i = 0; i < nq; ++i) bf16::round_row(pt + i * ld, nk, pa_.data() + i * kBlockK);
+    bf16::gemm(nq, D_, bf16::round_up2(nk), 1.f, pa_.data(), kBlockK,
+               vk_.data() + bf16::packed_index(k0, 0, D_), D_, true, ot, D_);
+  }
+
+ private:
+  int64_t D_, Dp_, ldk_;  // ldk_: pairs per row pair of kn_
+  std::vector<float> stage_, qt_;
+  // q tile and probabilities (row-major), k^T and v packed (bf16_gemm.h).
+  std::vector<c10::BFloat16> qa_, pa_, kn_, vk_;
+};
+
+// make_products() gives one thread's Products (BlasProducts or Bf16Products).
+template <typename scalar_t, typename MakeProducts>
+void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t S = p.seqlen, D = p.head_dim, G = p.heads_q / p.heads_kv;
   const int64_t nchunks = (S + kChunkQ - 1) / kChunkQ;
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
@@ -36,10 +127,10 @@ void forward_cpu(const AttentionParams& p) {
 
   at::parallel_for(0, p.batch * p.heads_q * nchunks, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas one_blas_thread;
-    // Per-task scratch: rotated keys (and converted values) of one kv head,
-    // then one query tile, its scores and its output accumulator.
-    std::vector<acc_t> kbuf, vbuf;
-    std::vector<acc_t> qt(kBlockQ * D), st(kBlockQ * kBlockK), ot(kBlockQ * D);
+    // Per-task scratch: the products' operands, then one query tile's scores and
+    // output accumulator.
+    auto prod = make_products();
+    std::vector<acc_t> st(kBlockQ * kBlockK), ot(kBlockQ * D);
     std::vector<acc_t> m(kBlockQ), l(kBlockQ);
     int64_t cached_b = -1, cached_hk = -1, cached_n = 0;
     for (int64_t task = begin; task < end; ++task) {
@@ -52,27 +143,15 @@ void forward_cpu(const AttentionParams& p) {
                            hk * p.k.stride_h;
       const scalar_t* vp = static_cast<const scalar_t*>(p.v.ptr) + b * p.v.stride_b +
                            hk * p.v.stride_h;
-      // Keys (and values) rows [0, kend) of head (b, hk) in the math type. Tasks of
-      // one thread are consecutive, so they extend what the previous task loaded.
+      // Keys (and values) rows [0, kend) of head (b, hk). Tasks of one thread are
+      // consecutive, so they extend what the previous task loaded.
       if (b != cached_b || hk != cached_hk) cached_n = 0;
       cached_b = b;
       cached_hk = hk;
-      const bool direct_v = kDirectV && p.v.stride_s >= D && p.v.stride_s <= INT32_MAX;
       if (kend > cached_n) {
-        kbuf.resize(kend * D);
-        load_rotated<scalar_t, table_t, acc_t>(r, b, cached_n, kend - cached_n,
-                                               kp + cached_n * p.k.stride_s,
-                                               p.k.stride_s, kbuf.data() + cached_n * D, D);
-        if (!direct_v) {
-          vbuf.resize(kend * D);
-          convert_rows(vp + cached_n * p.v.stride_s, p.v.stride_s, kend - cached_n, D,
-                       vbuf.data() + cached_n * D, D);
-        }
+        prod.load_keys(r, b, cached_n, kend, kp, p.k.stride_s, vp, p.v.stride_s);
         cached_n = kend;
       }
-      // float32/float64 values are multiplied where they are, when BLAS can stride them.
-      const acc_t* vrows = direct_v ? reinterpret_cast<const acc_t*>(vp) : vbuf.data();
-      const int64_t ldv = direct_v ? p.v.stride_s : D;
 
       const scalar_t* qp = static_cast<const scalar_t*>(p.q.ptr) + b * p.q.stride_b +
                            hq * p.q.stride_h;
@@ -82,17 +161,14 @@ void forward_cpu(const AttentionParams& p) {
 
       for (int64_t q0 = c0; q0 < c1; q0 += kBlockQ) {
         const int64_t nq = std::min(kBlockQ, c1 - q0);
-        load_rotated<scalar_t, table_t, acc_t>(r, b, q0, nq, qp + q0 * p.q.stride_s,
-                                               p.q.stride_s, qt.data(), D);
+        prod.load_queries(r, b, q0, nq, qp + q0 * p.q.stride_s, p.q.stride_s);
         std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
         std::fill(l.begin(), l.end(), acc_t(0));
         std::fill(ot.begin(), ot.end(), acc_t(0));
         const int64_t qend = p.causal ? q0 + nq : S;
         for (int64_t k0 = 0; k0 < qend; k0 += kBlockK) {
           const int64_t nk = std::min(kBlockK, qend - k0);
-          // scores = scale * q k^T
-          gemm_nt<acc_t>(nq, nk, D, scale, qt.data(), D, kbuf.data() + k0 * D, D,
-                         acc_t(0), st.data(), kBlockK);
+          prod.scores(nq, k0, nk, scale, st.data(), kBlockK);
           for (int64_t i = 0; i < nq; ++i) {
             acc_t* srow = st.data() + i * kBlockK;
             const int64_t nv = visible_keys(p.causal, q0 + i, k0, nk);
@@ -108,9 +184,7 @@ void forward_cpu(const AttentionParams& p) {
             }
             std::fill(srow + std::max<int64_t>(nv, 0), srow + nk, acc_t(0));
           }
-          // o += p v
-          gemm_nn<acc_t>(nq, D, nk, acc_t(1), st.data(), kBlockK, vrows + k0 * ldv, ldv,
-                         acc_t(1), ot.data(), D);
+          prod.add_pv(nq, k0, nk, st.data(), kBlockK, ot.data());
         }
         for (int64_t i = 0; i < nq; ++i) {
           // Every row sees at least key 0 (causal) or all keys: l > 0.
@@ -130,7 +204,14 @@ void launch_rope_attention_cpu(const AttentionParams& p, at::ScalarType dtype,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rope_attention_cpu", [&] {
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(table_dtype, "rope_attention_cpu_table", [&] {
-      forward_cpu<x_t, scalar_t>(p);
+      using table_t = scalar_t;
+      if constexpr (std::is_same_v<x_t, c10::BFloat16>) {
+        if (bf16::enabled()) {
+          forward_cpu<x_t>(p, [&] { return Bf16Products<table_t>(p.head_dim, p.seqlen); });
+          return;
+        }
+      }
+      forward_cpu<x_t>(p, [&] { return BlasProducts<x_t, table_t>(p.head_dim); });
     });
   });
 }
