@@ -141,22 +141,46 @@ def test_backward_is_deterministic():
             assert torch.equal(a, b)
 
 
-# ---- bfloat16 on CPU: AVX512-BF16 products (bf16_gemm.h) or float32 sgemm ----
-BF16_DOT = pirope._C.cpu_bf16_dot()
-# Tighter than REL[bfloat16]: both product paths round only where flash attention does.
-BF16_PATH_REL = 1e-2
+# ---- CPU tile products: AVX512 kernels (avx512_gemm.h) or torch's BLAS ----
+CPU_GEMM = pirope._C.cpu_gemm()  # what this CPU runs by default, per dtype
+GEMM_ENV = {"avx512_bf16": None, "avx512": "avx512", "blas": "blas"}  # PIROPE_CPU_GEMM
+# Max |error| relative to max(1, max |reference|), tighter than REL for bfloat16:
+# every path rounds only where flash attention does.
+PATH_REL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture(params=["dot", "sgemm"])
-def bf16_path(request, monkeypatch):
-    """Runs a test on each CPU product path for bfloat16 (PIROPE_CPU_BF16_DOT)."""
-    if request.param == "dot" and not BF16_DOT:
-        pytest.skip("this CPU has no AVX512-BF16")
-    monkeypatch.setenv("PIROPE_CPU_BF16_DOT", "1" if request.param == "dot" else "0")
-    assert pirope._C.cpu_bf16_dot() == (request.param == "dot")
-    return request.param
+def use_cpu_gemm(monkeypatch, dtype, path):
+    """Makes rope_attention on CPU take `path` for `dtype`, or skips the test when
+    this CPU cannot run it."""
+    runs_here = {"blas": True, "avx512": CPU_GEMM["float32"] == "avx512",
+                 "avx512_bf16": CPU_GEMM["bfloat16"] == "avx512_bf16"}
+    if not runs_here[path]:
+        pytest.skip(f"this CPU cannot run the {path} products")
+    if GEMM_ENV[path] is None:
+        monkeypatch.delenv("PIROPE_CPU_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("PIROPE_CPU_GEMM", GEMM_ENV[path])
+    assert pirope._C.cpu_gemm()[str(dtype)[6:]] == path
 
 
+def check_path_against_reference(q, k, v, cos, sin, pos=None, causal=True, interleaved=False):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = pirope.rope_attention(q, k, v, cos, sin, pos, causal=causal, interleaved=interleaved)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref, dq, dk, dv = attention_reference(q, k, v, cos, sin, pos, causal, None, interleaved, grad_out=g)
+    for what, got, want in (("out", out, ref), ("dq", q.grad, dq), ("dk", k.grad, dk), ("dv", v.grad, dv)):
+        err = (got.double() - want).abs().max().item()
+        bound = PATH_REL[q.dtype] * max(1.0, want.abs().max().item())
+        assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+PATHS = [(torch.bfloat16, "avx512_bf16"), (torch.bfloat16, "avx512"), (torch.bfloat16, "blas"),
+         (torch.float32, "avx512"), (torch.float32, "blas"), (torch.float16, "avx512"),
+         (torch.float16, "blas")]
+
+
+@pytest.mark.parametrize("dtype, path", PATHS)
 @pytest.mark.parametrize(
     "b, s, heads, head_dim, rotary_dim, causal",
     [
@@ -168,42 +192,32 @@ def bf16_path(request, monkeypatch):
         (1, 513, (4, 2), 128, 128, False),  # three key tiles
     ],
 )
-def test_bf16_cpu_products_match_reference(bf16_path, b, s, heads, head_dim, rotary_dim, causal):
-    q, k, v = qkv(b, s, *heads, head_dim, dtype=torch.bfloat16)
+def test_cpu_products_match_reference(monkeypatch, dtype, path, b, s, heads, head_dim, rotary_dim, causal):
+    use_cpu_gemm(monkeypatch, dtype, path)
+    q, k, v = qkv(b, s, *heads, head_dim, dtype=dtype)
     cos, sin = tables(rotary_dim, s)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = pirope.rope_attention(q, k, v, cos, sin, causal=causal)
-    g = torch.randn_like(out)
-    out.backward(g)
-    ref, dq, dk, dv = attention_reference(q, k, v, cos, sin, None, causal, None, False, grad_out=g)
-    for what, got, want in (("out", out, ref), ("dq", q.grad, dq), ("dk", k.grad, dk), ("dv", v.grad, dv)):
-        err = (got.double() - want).abs().max().item()
-        bound = BF16_PATH_REL * max(1.0, want.abs().max().item())
-        assert err <= bound, f"{bf16_path} {what}: max error {err:.3g} > {bound:.3g}"
+    check_path_against_reference(q, k, v, cos, sin, causal=causal)
 
 
-def test_bf16_cpu_products_positions_layouts_and_views(bf16_path):
+@pytest.mark.parametrize("dtype, path", PATHS)
+def test_cpu_products_positions_layouts_and_views(monkeypatch, dtype, path):
     # position_ids per batch row, Meta's interleaved pairs, HF's transposed layout.
-    q, k, v = (torch.randn(2, h, 150, 64, dtype=torch.bfloat16).transpose(1, 2) for h in (8, 2, 2))
+    use_cpu_gemm(monkeypatch, dtype, path)
+    q, k, v = (torch.randn(2, h, 150, 64, dtype=dtype).transpose(1, 2) for h in (8, 2, 2))
     assert not q.is_contiguous()
     cos, sin = tables(64, 400)
     pos = torch.stack([torch.arange(150) * 2, torch.arange(150) + 100])
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = pirope.rope_attention(q, k, v, cos, sin, pos, interleaved=True)
-    g = torch.randn_like(out)
-    out.backward(g)
-    ref, dq, dk, dv = attention_reference(q, k, v, cos, sin, pos, True, None, True, grad_out=g)
-    for what, got, want in (("out", out, ref), ("dq", q.grad, dq), ("dk", k.grad, dk), ("dv", v.grad, dv)):
-        err = (got.double() - want).abs().max().item()
-        assert err <= BF16_PATH_REL * max(1.0, want.abs().max().item()), (bf16_path, what, err)
+    check_path_against_reference(q, k, v, cos, sin, pos, interleaved=True)
 
 
-def test_bf16_cpu_dot_path_is_taken_and_deterministic(monkeypatch):
-    if not BF16_DOT:
-        pytest.skip("this CPU has no AVX512-BF16")
-    q, k, v = qkv(1, 300, 4, 2, 64, dtype=torch.bfloat16, requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_default_products_are_taken_and_deterministic(monkeypatch, dtype):
+    default = CPU_GEMM[str(dtype)[6:]]
+    if default == "blas":
+        pytest.skip("this CPU has no AVX512 (the BLAS path is tested everywhere)")
+    q, k, v = qkv(1, 300, 4, 2, 64, dtype=dtype, requires_grad=True)
     cos, sin = tables(64, 300)
-    g = torch.randn(1, 300, 4, 64, dtype=torch.bfloat16)
+    g = torch.randn(1, 300, 4, 64, dtype=dtype)
 
     def run():
         q.grad = k.grad = v.grad = None
@@ -211,9 +225,9 @@ def test_bf16_cpu_dot_path_is_taken_and_deterministic(monkeypatch):
         out.backward(g)
         return [out.detach().clone()] + [t.grad.clone() for t in (q, k, v)]
 
-    monkeypatch.setenv("PIROPE_CPU_BF16_DOT", "0")
-    sgemm = run()
-    monkeypatch.delenv("PIROPE_CPU_BF16_DOT")
+    monkeypatch.setenv("PIROPE_CPU_GEMM", "blas")
+    blas = run()
+    monkeypatch.delenv("PIROPE_CPU_GEMM")
     threads = torch.get_num_threads()
     try:
         runs = []
@@ -225,9 +239,9 @@ def test_bf16_cpu_dot_path_is_taken_and_deterministic(monkeypatch):
     for other in runs[1:]:  # bit-identical, whatever the thread count
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
-    # The default is the dot path: it rounds q, k and the probabilities to bfloat16
-    # where the sgemm path keeps float32, so the results differ (slightly).
-    assert not all(torch.equal(a, b) for a, b in zip(runs[0], sgemm))
+    # Another kernel (other summation order; for bfloat16 also rounding where BLAS
+    # keeps float32) ran by default: the results differ, slightly.
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], blas))
 
 
 def test_non_contiguous_inputs(device):

@@ -3,7 +3,7 @@
 // Python can refuse to run against a different torch than it was compiled for.
 #include <torch/extension.h>
 
-#include "cpu/bf16_gemm.h"
+#include "cpu/avx512_gemm.h"
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -22,7 +22,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "How this extension was built: torch version, CUDA on/off, CUDA version and "
       "architectures, CPU vector ISA.");
-  m.def("cpu_bf16_dot", &pirope::cpu::bf16::enabled,
-        "Whether bfloat16 rope_attention on CPU multiplies with AVX512-BF16 now (the CPU "
-        "has it and PIROPE_CPU_BF16_DOT is not 0).");
+  m.def(
+      "cpu_gemm",
+      [] {
+        namespace avx = pirope::cpu::avx512;
+        const char* f32 = avx::enabled<float>() ? "avx512" : "blas";
+        pybind11::dict d;
+        d["float64"] = "blas";
+        d["float32"] = f32;
+        d["float16"] = f32;
+        d["bfloat16"] = avx::enabled<c10::BFloat16>() ? "avx512_bf16" : f32;
+        return d;
+      },
+      "The tile products rope_attention on CPU uses now, per input dtype: 'avx512_bf16' "
+      "(bfloat16 operands), 'avx512' (float32 operands) or 'blas' (torch's BLAS). "
+      "PIROPE_CPU_GEMM=blas or =avx512 rules out the faster ones.");
 }

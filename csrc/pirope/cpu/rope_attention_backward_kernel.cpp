@@ -14,7 +14,7 @@
 
 #include "../rope_attention.h"
 #include "attention_tiles.h"
-#include "bf16_gemm.h"
+#include "avx512_gemm.h"
 
 namespace pirope::cpu {
 namespace {
@@ -27,9 +27,9 @@ constexpr int64_t kBwdBlockK = kBlockK;
 
 // The five products of the backward and the gradient accumulators, on operands
 // prepared once per kv head (k, v) or query head (q, dO). BlasBackward multiplies
-// math-type rows through BLAS; Bf16Backward multiplies bfloat16 operands with
-// AVX512-BF16 (bf16_gemm.h), accumulating dk and dv transposed (head_dim x seqlen,
-// so that P and dS enter as packed B operands and are never transposed).
+// math-type rows through BLAS; PackedBackward multiplies float or bfloat16 operands
+// with avx512_gemm.h, accumulating dk and dv transposed (head_dim x seqlen, so that
+// P and dS enter as B operands and are never transposed).
 template <typename scalar_t, typename table_t>
 class BlasBackward {
  public:
@@ -92,95 +92,89 @@ class BlasBackward {
   std::vector<acc_t> kr_, vf_, dk_, dv_, qr_, dof_, dq_;
 };
 
-template <typename table_t>
-class Bf16Backward {
+// T = float (float32/float16/bfloat16 input) or c10::BFloat16 (bfloat16 input, with
+// AVX512-BF16: q, k, P and dS rounded to bfloat16 as flash attention rounds them).
+template <typename scalar_t, typename table_t, typename T>
+class PackedBackward {
  public:
-  using scalar_t = c10::BFloat16;
-  using acc_t = float;
-  Bf16Backward(int64_t S, int64_t D)
-      : D_(D), Dp_(bf16::round_up2(D)), ldn_(bf16::padded_ld(S, 4)),
-        ldt_(bf16::padded_ld(S, 2)), ldg_(bf16::padded_ld(S, 4)), stage_(S * D),
-        dkT_(D * ldg_), dvT_(D * ldg_), dq_(S * D), kn_(Dp_ * ldn_), vn_(Dp_ * ldn_),
-        kk_(bf16::round_up2(S) * D), qa_(S * Dp_), qT_(D * ldt_), doa_(S * Dp_),
-        doT_(D * ldt_), ptk_(kBwdBlockQ * kBwdBlockK), dsk_(kBwdBlockQ * kBwdBlockK),
-        dsa_(kBwdBlockQ * kBwdBlockK) {}
+  PackedBackward(int64_t S, int64_t D)
+      : D_(D), Dk_(avx512::round_up_pair<T>(D)), ldn_(avx512::padded_ld(S, 4)),
+        ldt_(avx512::padded_ld(S, 2)), ldg_(avx512::padded_ld(S, 4)), stage_(S * D),
+        dkT_(D * ldg_), dvT_(D * ldg_), dq_(S * D), kn_(Dk_ * ldn_), vn_(Dk_ * ldn_),
+        kk_(avx512::round_up_pair<T>(S) * D), qa_(S * Dk_), qT_(D * ldt_), doa_(S * Dk_),
+        doT_(D * ldt_), tile_(kBwdBlockQ * kBwdBlockK) {}
 
-  // k rotated (float32, then rounded) as the columns of k^T (scores) and as rows
-  // (dQ = dS k); v as the columns of v^T (dP = dO v^T).
+  // k rotated (in float32) as the columns of k^T (scores) and as rows (dQ = dS k);
+  // v as the columns of v^T (dP = dO v^T).
   void load_kv(const RopeParams& r, int64_t b, int64_t S, const scalar_t* kp, int64_t ks,
                const scalar_t* vp, int64_t vs) {
-    load_rotated<scalar_t, table_t, acc_t>(r, b, 0, S, kp, ks, stage_.data(), D_);
-    bf16::pack_rows_as_n(stage_.data(), D_, 0, S, D_, kn_.data(), ldn_);
-    bf16::pack_rows_as_k(stage_.data(), D_, 0, S, D_, kk_.data());
-    bf16::pack_rows_as_n(vp, vs, 0, S, D_, vn_.data(), ldn_);
+    load_rotated<scalar_t, table_t, float>(r, b, 0, S, kp, ks, stage_.data(), D_);
+    avx512::pack_rows_as_n(stage_.data(), D_, 0, S, D_, kn_.data(), ldn_);
+    avx512::pack_rows_as_k(stage_.data(), D_, 0, S, D_, kk_.data());
+    avx512::pack_rows_as_n(vp, vs, 0, S, D_, vn_.data(), ldn_);
     std::fill(dkT_.begin(), dkT_.end(), 0.f);
     std::fill(dvT_.begin(), dvT_.end(), 0.f);
   }
   // q rotated and dO, each row-major (scores, dP) and transposed (dK^T, dV^T).
   void load_q(const RopeParams& r, int64_t b, int64_t S, const scalar_t* qp, int64_t qs,
               const scalar_t* dop, int64_t dos) {
-    load_rotated<scalar_t, table_t, acc_t>(r, b, 0, S, qp, qs, stage_.data(), D_);
-    for (int64_t i = 0; i < S; ++i) bf16::round_row(stage_.data() + i * D_, D_, qa_.data() + i * Dp_);
-    bf16::transpose_rows(stage_.data(), D_, S, D_, qT_.data(), ldt_);
-    convert_rows(dop, dos, S, D_, doa_.data(), Dp_);
-    bf16::transpose_rows(dop, dos, S, D_, doT_.data(), ldt_);
+    load_rotated<scalar_t, table_t, float>(r, b, 0, S, qp, qs, stage_.data(), D_);
+    avx512::rows_as_a(stage_.data(), D_, S, D_, qa_.data(), Dk_);
+    avx512::transpose_rows(stage_.data(), D_, S, D_, qT_.data(), ldt_);
+    convert_rows(dop, dos, S, D_, doa_.data(), Dk_);
+    avx512::transpose_rows(dop, dos, S, D_, doT_.data(), ldt_);
     std::fill(dq_.begin(), dq_.end(), 0.f);
   }
-  void scores(int64_t q0, int64_t nq, int64_t k0, int64_t nk, acc_t scale, acc_t* pt,
+  void scores(int64_t q0, int64_t nq, int64_t k0, int64_t nk, float scale, float* pt,
               int64_t ld) {
-    bf16::gemm(nq, nk, Dp_, scale, qa_.data() + q0 * Dp_, Dp_, kn_.data() + 2 * k0, ldn_, false,
-               pt, ld);
+    avx512::gemm<T>(nq, nk, Dk_, scale, qa_.data() + q0 * Dk_, Dk_,
+                    kn_.data() + avx512::packed_index<T>(0, k0, ldn_), ldn_, false, pt, ld);
   }
-  void dp(int64_t q0, int64_t nq, int64_t k0, int64_t nk, acc_t* dpt, int64_t ld) {
-    bf16::gemm(nq, nk, Dp_, 1.f, doa_.data() + q0 * Dp_, Dp_, vn_.data() + 2 * k0, ldn_, false,
-               dpt, ld);
+  void dp(int64_t q0, int64_t nq, int64_t k0, int64_t nk, float* dpt, int64_t ld) {
+    avx512::gemm<T>(nq, nk, Dk_, 1.f, doa_.data() + q0 * Dk_, Dk_,
+                    vn_.data() + avx512::packed_index<T>(0, k0, ldn_), ldn_, false, dpt, ld);
   }
-  // dV^T += dO^T P
-  void add_dv(int64_t q0, int64_t nq, int64_t k0, int64_t nk, const acc_t* pt, int64_t ld) {
-    pack_tile(pt, ld, nq, nk, ptk_.data());
-    bf16::gemm(D_, nk, bf16::round_up2(nq), 1.f, doT_.data() + q0, ldt_, ptk_.data(),
-               kBwdBlockK, true, dvT_.data() + k0, ldg_);
+  // dV^T += dO^T P (P enters as a B operand: no transpose)
+  void add_dv(int64_t q0, int64_t nq, int64_t k0, int64_t nk, const float* pt, int64_t ld) {
+    int64_t ldp;
+    const T* pb = avx512::tile_as_b(pt, ld, nq, nk, tile_.data(), kBwdBlockK, ldp);
+    avx512::gemm<T>(D_, nk, avx512::round_up_pair<T>(nq), 1.f, doT_.data() + q0, ldt_, pb,
+                    ldp, true, dvT_.data() + k0, ldg_);
   }
   // dK^T += scale q^T dS,  dQ += scale dS k
-  void add_dk_dq(int64_t q0, int64_t nq, int64_t k0, int64_t nk, acc_t scale,
-                 const acc_t* ds, int64_t ld) {
-    pack_tile(ds, ld, nq, nk, dsk_.data());
-    bf16::gemm(D_, nk, bf16::round_up2(nq), scale, qT_.data() + q0, ldt_, dsk_.data(),
-               kBwdBlockK, true, dkT_.data() + k0, ldg_);
-    for (int64_t i = 0; i < nq; ++i) bf16::round_row(ds + i * ld, nk, dsa_.data() + i * kBwdBlockK);
-    bf16::gemm(nq, D_, bf16::round_up2(nk), scale, dsa_.data(), kBwdBlockK,
-               kk_.data() + bf16::packed_index(k0, 0, D_), D_, true, dq_.data() + q0 * D_, D_);
+  void add_dk_dq(int64_t q0, int64_t nq, int64_t k0, int64_t nk, float scale, const float* ds,
+                 int64_t ld) {
+    int64_t ldp, lda;
+    const T* db = avx512::tile_as_b(ds, ld, nq, nk, tile_.data(), kBwdBlockK, ldp);
+    avx512::gemm<T>(D_, nk, avx512::round_up_pair<T>(nq), scale, qT_.data() + q0, ldt_, db,
+                    ldp, true, dkT_.data() + k0, ldg_);
+    const T* da = avx512::tile_as_a(ds, ld, nq, nk, tile_.data(), kBwdBlockK, lda);
+    avx512::gemm<T>(nq, D_, avx512::round_up_pair<T>(nk), scale, da, lda,
+                    kk_.data() + avx512::packed_index<T>(k0, 0, D_), D_, true,
+                    dq_.data() + q0 * D_, D_);
   }
   void store_dq(const RopeParams& r, int64_t b, int64_t S, scalar_t* dqp, int64_t stride) {
-    store_unrotated<scalar_t, table_t, acc_t>(r, b, 0, S, dq_.data(), D_, dqp, stride);
+    store_unrotated<scalar_t, table_t, float>(r, b, 0, S, dq_.data(), D_, dqp, stride);
   }
   void store_dk_dv(const RopeParams& r, int64_t b, int64_t S, scalar_t* dkp, int64_t dks,
                    scalar_t* dvp, int64_t dvs) {
-    bf16::for_each_blocked(S, D_, [&](int64_t i, int64_t j) { stage_[i * D_ + j] = dkT_[j * ldg_ + i]; });
-    store_unrotated<scalar_t, table_t, acc_t>(r, b, 0, S, stage_.data(), D_, dkp, dks);
-    bf16::for_each_blocked(S, D_, [&](int64_t i, int64_t j) { dvp[i * dvs + j] = scalar_t(dvT_[j * ldg_ + i]); });
+    avx512::for_each_blocked(S, D_, [&](int64_t i, int64_t j) { stage_[i * D_ + j] = dkT_[j * ldg_ + i]; });
+    store_unrotated<scalar_t, table_t, float>(r, b, 0, S, stage_.data(), D_, dkp, dks);
+    avx512::for_each_blocked(S, D_, [&](int64_t i, int64_t j) { dvp[i * dvs + j] = scalar_t(dvT_[j * ldg_ + i]); });
   }
 
  private:
-  // Tile (nq x nk, float) as a packed B operand (k = nq): row pairs interleaved.
-  static void pack_tile(const acc_t* t, int64_t ld, int64_t nq, int64_t nk,
-                        c10::BFloat16* dst) {
-    for (int64_t i = 0; i < nq; i += 2)
-      bf16::interleave_rows(t + i * ld, i + 1 < nq ? t + (i + 1) * ld : nullptr, nk,
-                            dst + i * kBwdBlockK);
-  }
-
-  int64_t D_, Dp_;
-  // Leading dimensions (bf16_gemm.h padded_ld): pairs per row pair of kn_ and vn_;
-  // of qT_ and doT_; of dkT_ and dvT_.
+  int64_t D_, Dk_;  // Dk_: D rounded up to pairs
+  // Leading dimensions (avx512::padded_ld): columns of kn_ and vn_; of qT_ and doT_;
+  // of dkT_ and dvT_.
   int64_t ldn_, ldt_, ldg_;
   std::vector<float> stage_, dkT_, dvT_, dq_;
-  // Operands (bf16_gemm.h): k^T, v^T and k packed; q and dO row-major and transposed;
-  // per tile P and dS packed, dS row-major.
-  std::vector<c10::BFloat16> kn_, vn_, kk_, qa_, qT_, doa_, doT_, ptk_, dsk_, dsa_;
+  // Operands: k^T, v^T and k packed; q and dO row-major and transposed; per tile
+  // (bfloat16 only) P or dS rounded, as an A or a packed B operand.
+  std::vector<T> kn_, vn_, kk_, qa_, qT_, doa_, doT_, tile_;
 };
 
-// make_products() gives one thread's products (BlasBackward or Bf16Backward).
+// make_products() gives one thread's products (BlasBackward or PackedBackward).
 template <typename scalar_t, typename MakeProducts>
 void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -263,13 +257,18 @@ void launch_rope_attention_backward_cpu(const AttentionParams& p, at::ScalarType
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(table_dtype, "rope_attention_backward_cpu_table", [&] {
       using table_t = scalar_t;
-      if constexpr (std::is_same_v<x_t, c10::BFloat16>) {
-        if (bf16::enabled()) {
-          backward_cpu<x_t>(p, [&] { return Bf16Backward<table_t>(p.seqlen, p.head_dim); });
+      const int64_t S = p.seqlen, D = p.head_dim;
+      if constexpr (!std::is_same_v<x_t, double>) {
+        if (std::is_same_v<x_t, c10::BFloat16> && avx512::enabled<c10::BFloat16>()) {
+          backward_cpu<x_t>(p, [&] { return PackedBackward<x_t, table_t, c10::BFloat16>(S, D); });
+          return;
+        }
+        if (avx512::enabled<float>()) {
+          backward_cpu<x_t>(p, [&] { return PackedBackward<x_t, table_t, float>(S, D); });
           return;
         }
       }
-      backward_cpu<x_t>(p, [&] { return BlasBackward<x_t, table_t>(p.seqlen, p.head_dim); });
+      backward_cpu<x_t>(p, [&] { return BlasBackward<x_t, table_t>(S, D); });
     });
   });
 }

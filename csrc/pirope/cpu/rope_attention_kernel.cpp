@@ -2,8 +2,9 @@
 // float32 (float64 for float64 input). Work is split over (batch, query head,
 // chunk of query rows) with at::parallel_for. A task rotates the keys it needs once
 // (cheap: seqlen x headdim, against the seqlen^2 x headdim of the products), rotates
-// each query tile as it loads it, and multiplies tiles through ATen's CPU BLAS, or,
-// for bfloat16 on CPUs with AVX512-BF16, through bf16_gemm.h. No seqlen x seqlen matrix exists: the scores live in one
+// each query tile as it loads it, and multiplies tiles through avx512_gemm.h on
+// AVX512 CPUs (float32 operands, or bfloat16 ones with AVX512-BF16), else through
+// ATen's CPU BLAS (and always for float64). No seqlen x seqlen matrix exists: the scores live in one
 // (kBlockQ x kBlockK) tile per thread.
 #include <limits>
 #include <vector>
@@ -13,7 +14,7 @@
 
 #include "../rope_attention.h"
 #include "attention_tiles.h"
-#include "bf16_gemm.h"
+#include "avx512_gemm.h"
 
 namespace pirope::cpu {
 
@@ -28,7 +29,7 @@ constexpr int64_t kChunkQ = 4 * kBlockQ;
 
 // The two products of the forward, on operands prepared once per head (keys,
 // values) or per query tile. BlasProducts multiplies math-type tiles through BLAS;
-// Bf16Products multiplies bfloat16 operands with AVX512-BF16 (bf16_gemm.h).
+// PackedProducts multiplies float or bfloat16 operands with avx512_gemm.h.
 template <typename scalar_t, typename table_t>
 class BlasProducts {
  public:
@@ -73,50 +74,52 @@ class BlasProducts {
   int64_t ldv_ = 0;
 };
 
-template <typename table_t>
-class Bf16Products {
+// T = float (float32/float16/bfloat16 input) or c10::BFloat16 (bfloat16 input, with
+// AVX512-BF16: q, k and p rounded to bfloat16 as flash attention rounds them).
+template <typename scalar_t, typename table_t, typename T>
+class PackedProducts {
  public:
-  using scalar_t = c10::BFloat16;
-  using acc_t = float;
-  Bf16Products(int64_t D, int64_t S)
-      : D_(D), Dp_(bf16::round_up2(D)), ldk_(bf16::padded_ld(S, 4)), stage_(kChunkQ * D),
-        qt_(kBlockQ * D), qa_(kBlockQ * Dp_), pa_(kBlockQ * kBlockK), kn_(Dp_ * ldk_),
-        vk_(bf16::round_up2(S) * D) {}
+  PackedProducts(int64_t D, int64_t S)
+      : D_(D), Dk_(avx512::round_up_pair<T>(D)), ldk_(avx512::padded_ld(S, 4)),
+        stage_(kChunkQ * D), qt_(kBlockQ * D), qa_(kBlockQ * Dk_), pa_(kBlockQ * kBlockK), kn_(Dk_ * ldk_),
+        vk_(avx512::round_up_pair<T>(S) * D) {}
 
-  // Keys [from, to) rotated (in float32, then rounded) as the columns of k^T;
-  // values as the rows of v.
+  // Keys [from, to) rotated (in float32) as the columns of k^T; values as rows.
   void load_keys(const RopeParams& r, int64_t b, int64_t from, int64_t to,
                  const scalar_t* kp, int64_t ks, const scalar_t* vp, int64_t vs) {
     for (int64_t r0 = from; r0 < to; r0 += kChunkQ) {
       const int64_t n = std::min(kChunkQ, to - r0);
-      load_rotated<scalar_t, table_t, acc_t>(r, b, r0, n, kp + r0 * ks, ks, stage_.data(), D_);
-      bf16::pack_rows_as_n(stage_.data(), D_, r0, n, D_, kn_.data(), ldk_);
+      load_rotated<scalar_t, table_t, float>(r, b, r0, n, kp + r0 * ks, ks, stage_.data(), D_);
+      avx512::pack_rows_as_n(stage_.data(), D_, r0, n, D_, kn_.data(), ldk_);
     }
-    bf16::pack_rows_as_k(vp + from * vs, vs, from, to - from, D_, vk_.data());
+    avx512::pack_rows_as_k(vp + from * vs, vs, from, to - from, D_, vk_.data());
   }
   void load_queries(const RopeParams& r, int64_t b, int64_t q0, int64_t nq,
                     const scalar_t* qp, int64_t qs) {
-    load_rotated<scalar_t, table_t, acc_t>(r, b, q0, nq, qp, qs, qt_.data(), D_);
-    for (int64_t i = 0; i < nq; ++i) bf16::round_row(qt_.data() + i * D_, D_, qa_.data() + i * Dp_);
+    load_rotated<scalar_t, table_t, float>(r, b, q0, nq, qp, qs, qt_.data(), D_);
+    q_ = avx512::tile_as_a(qt_.data(), D_, nq, D_, qa_.data(), Dk_, ldq_);
   }
-  void scores(int64_t nq, int64_t k0, int64_t nk, acc_t scale, acc_t* st, int64_t ld) {
-    bf16::gemm(nq, nk, Dp_, scale, qa_.data(), Dp_, kn_.data() + 2 * k0, ldk_, false, st, ld);
+  void scores(int64_t nq, int64_t k0, int64_t nk, float scale, float* st, int64_t ld) {
+    avx512::gemm<T>(nq, nk, Dk_, scale, q_, ldq_,
+                    kn_.data() + avx512::packed_index<T>(0, k0, ldk_), ldk_, false, st, ld);
   }
-  void add_pv(int64_t nq, int64_t k0, int64_t nk, const acc_t* pt, int64_t ld, acc_t* ot) {
-    // Probabilities rounded to bfloat16, as flash attention multiplies them.
-    for (int64_t i = 0; i < nq; ++i) bf16::round_row(pt + i * ld, nk, pa_.data() + i * kBlockK);
-    bf16::gemm(nq, D_, bf16::round_up2(nk), 1.f, pa_.data(), kBlockK,
-               vk_.data() + bf16::packed_index(k0, 0, D_), D_, true, ot, D_);
+  void add_pv(int64_t nq, int64_t k0, int64_t nk, const float* pt, int64_t ld, float* ot) {
+    int64_t lda;
+    const T* a = avx512::tile_as_a(pt, ld, nq, nk, pa_.data(), kBlockK, lda);
+    avx512::gemm<T>(nq, D_, avx512::round_up_pair<T>(nk), 1.f, a, lda,
+                    vk_.data() + avx512::packed_index<T>(k0, 0, D_), D_, true, ot, D_);
   }
 
  private:
-  int64_t D_, Dp_, ldk_;  // ldk_: pairs per row pair of kn_
-  std::vector<float> stage_, qt_;
-  // q tile and probabilities (row-major), k^T and v packed (bf16_gemm.h).
-  std::vector<c10::BFloat16> qa_, pa_, kn_, vk_;
+  int64_t D_, Dk_, ldk_;  // Dk_: D rounded up to pairs; ldk_: columns of kn_
+  std::vector<float> stage_, qt_;  // rotated keys, rotated query tile
+  // Rounded query tile and probabilities (bfloat16 A operands), k^T and v (packed B).
+  std::vector<T> qa_, pa_, kn_, vk_;
+  const T* q_ = nullptr;  // the query tile as an A operand (qt_ or qa_)
+  int64_t ldq_ = 0;
 };
 
-// make_products() gives one thread's Products (BlasProducts or Bf16Products).
+// make_products() gives one thread's Products (BlasProducts or PackedProducts).
 template <typename scalar_t, typename MakeProducts>
 void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -205,9 +208,16 @@ void launch_rope_attention_cpu(const AttentionParams& p, at::ScalarType dtype,
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(table_dtype, "rope_attention_cpu_table", [&] {
       using table_t = scalar_t;
-      if constexpr (std::is_same_v<x_t, c10::BFloat16>) {
-        if (bf16::enabled()) {
-          forward_cpu<x_t>(p, [&] { return Bf16Products<table_t>(p.head_dim, p.seqlen); });
+      if constexpr (!std::is_same_v<x_t, double>) {
+        if (std::is_same_v<x_t, c10::BFloat16> && avx512::enabled<c10::BFloat16>()) {
+          forward_cpu<x_t>(p, [&] {
+            return PackedProducts<x_t, table_t, c10::BFloat16>(p.head_dim, p.seqlen);
+          });
+          return;
+        }
+        if (avx512::enabled<float>()) {
+          forward_cpu<x_t>(
+              p, [&] { return PackedProducts<x_t, table_t, float>(p.head_dim, p.seqlen); });
           return;
         }
       }
