@@ -79,6 +79,11 @@ def extensions():
         # ATen's AVX2 kernels assume; PIROPE_CPU_ISA=default gives a portable build.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     link = []
+    if "OpenMP" in torch.__config__.parallel_info():
+        # at::parallel_for is a header template: without -fopenmp its "#pragma omp
+        # parallel" compiles to nothing and every CPU kernel runs on one thread.
+        cxx += ["-fopenmp"]
+        link += ["-fopenmp"]
     sanitize = os.environ.get("PIROPE_SANITIZE", "").strip()
     if sanitize:
         flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g"]
