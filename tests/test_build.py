@@ -18,6 +18,13 @@ def test_build_info_reports_the_build():
     assert hasattr(torch.ops.pirope, "apply_rope_qk")
 
 
+def test_cpu_kernels_are_built_multithreaded():
+    # at::parallel_for only runs in parallel in code compiled with torch's backend:
+    # without -fopenmp every CPU kernel silently ran on one thread.
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert pirope.build_info()["openmp"] is True
+
+
 def test_import_with_another_torch_fails_with_rebuild_instructions():
     code = "import torch; torch.__version__ = '0.0.0+other'; import pirope"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -61,6 +61,7 @@ struct BuildInfo {
   const char* cuda_version;
   const char* cuda_archs;
   const char* cpu_capability;
+  bool openmp;  // compiled with OpenMP: at::parallel_for really runs in parallel
 };
 BuildInfo build_info();
 

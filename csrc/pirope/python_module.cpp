@@ -18,10 +18,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         d["cuda_version"] = b.cuda_version;
         d["cuda_archs"] = b.cuda_archs;
         d["cpu_capability"] = b.cpu_capability;
+        d["openmp"] = b.openmp;
         return d;
       },
       "How this extension was built: torch version, CUDA on/off, CUDA version and "
-      "architectures, CPU vector ISA.");
+      "architectures, CPU vector ISA, OpenMP (CPU kernels multi-threaded).");
   m.def(
       "cpu_gemm",
       [] {

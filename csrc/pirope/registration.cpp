@@ -58,7 +58,12 @@ BuildInfo build_info() {
 #else
   constexpr bool with_cuda = false;
 #endif
+#ifdef _OPENMP
+  constexpr bool openmp = true;
+#else
+  constexpr bool openmp = false;
+#endif
   return {PIROPE_TORCH_VERSION, with_cuda, PIROPE_CUDA_VERSION, PIROPE_CUDA_ARCHS,
-          PIROPE_CPU_CAPABILITY};
+          PIROPE_CPU_CAPABILITY, openmp};
 }
 }  // namespace pirope

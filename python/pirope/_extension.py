@@ -33,7 +33,7 @@ _C, BUILD_INFO = _load()
 
 def build_info() -> dict:
     """How the extension was built: torch version, CUDA on/off, CUDA version and
-    architectures, CPU vector ISA."""
+    architectures, CPU vector ISA, whether the CPU kernels use OpenMP threads."""
     return dict(BUILD_INFO)
 
 
