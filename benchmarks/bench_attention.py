@@ -155,8 +155,11 @@ def main():
     d = args.headdim
     inv_freq, _ = pirope.rope_frequencies(d, scaling={"rope_type": "linear", "factor": 4.0})
     rows = []
+    cpu_gemm = pirope._C.cpu_gemm() if device.type == "cpu" else {}
     print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, headdim {d}, "
           f"repeat {args.repeat}, causal; x = speed-up over (a) hf_eager")
+    if cpu_gemm:  # which tile products the fused CPU kernels run (PIROPE_CPU_GEMM)
+        print("pirope CPU tile products: " + ", ".join(f"{k} {v}" for k, v in cpu_gemm.items()))
     header = f"{'dtype':9} {'heads':6} {'seqlen':>6} {'mode':8} " + " ".join(
         f"{name:>22}" for name, _ in chosen)
     print(header)
@@ -196,7 +199,8 @@ def main():
                         rows.append(dict(dtype=dtype_name, heads=heads, seqlen=s, mode=mode, method=name,
                                          batch=args.batch, headdim=d, device=str(device),
                                          median_s=t, speedup_vs_hf=(base / t if base else None),
-                                         peak_mem_bytes=mem))
+                                         peak_mem_bytes=mem, threads=torch.get_num_threads(),
+                                         cpu_gemm=cpu_gemm.get(dtype_name)))
                     print(f"{dtype_name:9} {heads:6} {s:6d} {mode:8} " + " ".join(f"{c:>22}" for c in cells),
                           flush=True)
     if args.json:
