@@ -77,7 +77,8 @@ PIROPE_AVX512_TARGET void tile(int64_t k, float alpha, const T* a, int64_t lda, 
         if constexpr (P == 2)
           acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)av, (__m512bh)bv[j]);
         else
-          acc[i][j] = _mm512_fmadd_ps(_mm512_castsi512_ps(av), _mm512_castsi512_ps(bv[j]), acc[i][j]);
+          acc[i][j] = _mm512_fmadd_ps(_mm512_castsi512_ps(av), _mm512_castsi512_ps(bv[j]),
+                                      acc[i][j]);
       }
     }
   }
@@ -103,7 +104,8 @@ constexpr std::array<TileFn<T>, kNV> tile_row(std::integer_sequence<int, NV...>)
   return {&tile<T, M, NV + 1>...};
 }
 template <typename T, int... MR>
-constexpr std::array<std::array<TileFn<T>, kNV>, kMR> tile_table(std::integer_sequence<int, MR...>) {
+constexpr std::array<std::array<TileFn<T>, kNV>, kMR> tile_table(
+    std::integer_sequence<int, MR...>) {
   return {tile_row<T, MR + 1>(std::make_integer_sequence<int, kNV>{})...};
 }
 template <typename T>

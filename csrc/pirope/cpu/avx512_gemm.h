@@ -95,7 +95,8 @@ void pack_rows_as_n(const S* src, int64_t ld, int64_t r0, int64_t n, int64_t d, 
 // dst (nc x nr, row stride ldd) = src (nr x nc, row stride ld) transposed: an A operand.
 template <typename T, typename S>
 void transpose_rows(const S* src, int64_t ld, int64_t nr, int64_t nc, T* dst, int64_t ldd) {
-  for_each_blocked(nr, nc, [&](int64_t i, int64_t j) { dst[j * ldd + i] = T(float(src[i * ld + j])); });
+  for_each_blocked(nr, nc,
+                   [&](int64_t i, int64_t j) { dst[j * ldd + i] = T(float(src[i * ld + j])); });
 }
 
 // ---- Tiles (float32 scores, probabilities, dS) as operands, per product. ----

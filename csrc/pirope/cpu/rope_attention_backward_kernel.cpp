@@ -158,9 +158,12 @@ class PackedBackward {
   }
   void store_dk_dv(const RopeParams& r, int64_t b, int64_t S, scalar_t* dkp, int64_t dks,
                    scalar_t* dvp, int64_t dvs) {
-    avx512::for_each_blocked(S, D_, [&](int64_t i, int64_t j) { stage_[i * D_ + j] = dkT_[j * ldg_ + i]; });
+    avx512::for_each_blocked(
+        S, D_, [&](int64_t i, int64_t j) { stage_[i * D_ + j] = dkT_[j * ldg_ + i]; });
     store_unrotated<scalar_t, table_t, float>(r, b, 0, S, stage_.data(), D_, dkp, dks);
-    avx512::for_each_blocked(S, D_, [&](int64_t i, int64_t j) { dvp[i * dvs + j] = scalar_t(dvT_[j * ldg_ + i]); });
+    avx512::for_each_blocked(S, D_, [&](int64_t i, int64_t j) {
+      dvp[i * dvs + j] = scalar_t(dvT_[j * ldg_ + i]);
+    });
   }
 
  private:

@@ -4,8 +4,8 @@
 // (cheap: seqlen x headdim, against the seqlen^2 x headdim of the products), rotates
 // each query tile as it loads it, and multiplies tiles through avx512_gemm.h on
 // AVX512 CPUs (float32 operands, or bfloat16 ones with AVX512-BF16), else through
-// ATen's CPU BLAS (and always for float64). No seqlen x seqlen matrix exists: the scores live in one
-// (kBlockQ x kBlockK) tile per thread.
+// ATen's CPU BLAS (and always for float64). No seqlen x seqlen matrix exists: the
+// scores live in one (kBlockQ x kBlockK) tile per thread.
 #include <limits>
 #include <vector>
 
@@ -81,8 +81,8 @@ class PackedProducts {
  public:
   PackedProducts(int64_t D, int64_t S)
       : D_(D), Dk_(avx512::round_up_pair<T>(D)), ldk_(avx512::padded_ld(S, 4)),
-        stage_(kChunkQ * D), qt_(kBlockQ * D), qa_(kBlockQ * Dk_), pa_(kBlockQ * kBlockK), kn_(Dk_ * ldk_),
-        vk_(avx512::round_up_pair<T>(S) * D) {}
+        stage_(kChunkQ * D), qt_(kBlockQ * D), qa_(kBlockQ * Dk_), pa_(kBlockQ * kBlockK),
+        kn_(Dk_ * ldk_), vk_(avx512::round_up_pair<T>(S) * D) {}
 
   // Keys [from, to) rotated (in float32) as the columns of k^T; values as rows.
   void load_keys(const RopeParams& r, int64_t b, int64_t from, int64_t to,
