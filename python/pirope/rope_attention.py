@@ -59,7 +59,11 @@ def rope_attention(
     Same result as :func:`pirope.apply_rope_qk` followed by
     ``softmax(q k^T * softmax_scale [+ causal mask]) v``, computed tile by tile with an
     online softmax in float32 (float64 for float64 input), so no
-    ``seqlen x seqlen`` matrix is ever materialised.
+    ``seqlen x seqlen`` matrix is ever materialised. On CPUs with AVX512-BF16,
+    bfloat16 inputs are multiplied as bfloat16 with float32 sums, rounded where
+    FlashAttention rounds (rotated q and k, probabilities, dS); other dtypes are
+    multiplied in float32 (``PIROPE_CPU_GEMM=blas`` uses torch's BLAS instead of
+    pirope's AVX512 tile kernels).
 
     Args:
         q: ``(batch, seqlen, nheads_q, headdim)``.
