@@ -16,6 +16,7 @@ Environment:
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -79,9 +80,10 @@ def extensions():
         # ATen's AVX2 kernels assume; PIROPE_CPU_ISA=default gives a portable build.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     link = []
-    if "OpenMP" in torch.__config__.parallel_info():
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
         # at::parallel_for is a header template: without -fopenmp its "#pragma omp
         # parallel" compiles to nothing and every CPU kernel runs on one thread.
+        # (GCC/Clang on Linux; Apple's clang has no plain -fopenmp.)
         cxx += ["-fopenmp"]
         link += ["-fopenmp"]
     sanitize = os.environ.get("PIROPE_SANITIZE", "").strip()
