@@ -190,6 +190,8 @@ PATHS = [(torch.bfloat16, "avx512_bf16"), (torch.bfloat16, "avx512"), (torch.bfl
         (1, 300, (4, 1), 80, 64, False),  # two key tiles, odd length, partial rotary
         (1, 257, (2, 2), 70, 70, True),  # odd pairs of features, odd length
         (1, 513, (4, 2), 128, 128, False),  # three key tiles
+        (2, 33, (4, 2), 5, 4, True),  # odd head_dim
+        (1, 300, (4, 2), 255, 254, True),  # odd head_dim past four vectors
     ],
 )
 def test_cpu_products_match_reference(monkeypatch, dtype, path, b, s, heads, head_dim, rotary_dim, causal):
