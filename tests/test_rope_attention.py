@@ -246,6 +246,35 @@ def test_cpu_default_products_are_taken_and_deterministic(monkeypatch, dtype):
     assert not all(torch.equal(a, b) for a, b in zip(runs[0], blas))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_backward_split_over_threads_is_bit_identical(dtype, causal):
+    # With few kv heads (MQA, batch 1) the backward splits into a dk/dv pass over key
+    # blocks and a dq pass over query blocks when threads would idle; the gradients
+    # must be the ones of the one-task-per-head order, bit for bit.
+    if CPU_GEMM[str(dtype)[6:]] == "blas":
+        pytest.skip("BLAS products always run the one-pass backward")
+    q, k, v = qkv(1, 1100, 4, 1, 64, dtype=dtype)
+    cos, sin = tables(64, 1100)
+    g = torch.randn(1, 1100, 4, 64, dtype=dtype)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 4):  # one pass; two passes with 2 and 4 blocks
+            torch.set_num_threads(n)
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            pirope.rope_attention(qq, kk, vv, cos, sin, causal=causal).backward(g)
+            grads.append([t.grad for t in (qq, kk, vv)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.equal(a, b)
+    _, dq, dk, dv = attention_reference(q, k, v, cos, sin, None, causal, None, False, grad_out=g)
+    for got, want in zip(grads[-1], (dq, dk, dv)):
+        assert (got.double() - want).abs().max() <= PATH_REL[dtype] * max(1.0, want.abs().max())
+
+
 def test_non_contiguous_inputs(device):
     # Transposes of (batch, heads, seqlen, headdim) and a sliced feature dim.
     b, s, d = 2, 45, 64

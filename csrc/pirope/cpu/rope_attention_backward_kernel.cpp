@@ -26,30 +26,37 @@ constexpr int64_t kBwdBlockQ = kBlockQ;
 constexpr int64_t kBwdBlockK = kBlockK;
 
 // The five products of the backward and the gradient accumulators, on operands
-// prepared once per kv head (k, v) or query head (q, dO). BlasBackward multiplies
-// math-type rows through BLAS; PackedBackward multiplies float or bfloat16 operands
-// with avx512_gemm.h, accumulating dk and dv transposed (head_dim x seqlen, so that
-// P and dS enter as B operands and are never transposed).
+// prepared per kv head (k, v) or query head (q, dO), rows [from, to) of them (stored
+// at their own row, so tiles index them the same way whichever rows were loaded).
+// BlasBackward multiplies math-type rows through BLAS; PackedBackward multiplies float
+// or bfloat16 operands with avx512_gemm.h, accumulating dk and dv transposed
+// (head_dim x seqlen, so that P and dS enter as B operands and are never transposed).
 template <typename scalar_t, typename table_t>
 class BlasBackward {
  public:
   using acc_t = at::opmath_type<scalar_t>;
+  // Whether the per-element arithmetic is the same for any decomposition into tasks
+  // (BLAS may pick kernels by alignment and size: only the fused one-pass order).
+  static constexpr bool kSplittable = false;
   BlasBackward(int64_t S, int64_t D)
       : D_(D), kr_(S * D), vf_(S * D), dk_(S * D), dv_(S * D), qr_(S * D), dof_(S * D),
         dq_(S * D) {}
 
-  void load_kv(const RopeParams& r, int64_t b, int64_t S, const scalar_t* kp, int64_t ks,
-               const scalar_t* vp, int64_t vs) {
-    load_rotated<scalar_t, table_t, acc_t>(r, b, 0, S, kp, ks, kr_.data(), D_);
-    convert_rows(vp, vs, S, D_, vf_.data(), D_);
-    std::fill(dk_.begin(), dk_.end(), acc_t(0));
-    std::fill(dv_.begin(), dv_.end(), acc_t(0));
+  // kp, vp (and qp, dop, the outputs) point at row 0 of the head.
+  void load_kv(const RopeParams& r, int64_t b, int64_t from, int64_t to, const scalar_t* kp,
+               int64_t ks, const scalar_t* vp, int64_t vs) {
+    load_rotated<scalar_t, table_t, acc_t>(r, b, from, to - from, kp + from * ks, ks,
+                                           kr_.data() + from * D_, D_);
+    convert_rows(vp + from * vs, vs, to - from, D_, vf_.data() + from * D_, D_);
+    std::fill(dk_.begin() + from * D_, dk_.begin() + to * D_, acc_t(0));
+    std::fill(dv_.begin() + from * D_, dv_.begin() + to * D_, acc_t(0));
   }
-  void load_q(const RopeParams& r, int64_t b, int64_t S, const scalar_t* qp, int64_t qs,
-              const scalar_t* dop, int64_t dos) {
-    load_rotated<scalar_t, table_t, acc_t>(r, b, 0, S, qp, qs, qr_.data(), D_);
-    convert_rows(dop, dos, S, D_, dof_.data(), D_);
-    std::fill(dq_.begin(), dq_.end(), acc_t(0));
+  void load_q(const RopeParams& r, int64_t b, int64_t from, int64_t to, const scalar_t* qp,
+              int64_t qs, const scalar_t* dop, int64_t dos) {
+    load_rotated<scalar_t, table_t, acc_t>(r, b, from, to - from, qp + from * qs, qs,
+                                           qr_.data() + from * D_, D_);
+    convert_rows(dop + from * dos, dos, to - from, D_, dof_.data() + from * D_, D_);
+    std::fill(dq_.begin() + from * D_, dq_.begin() + to * D_, acc_t(0));
   }
   // pt (nq x nk, row stride ld) = scale q k^T
   void scores(int64_t q0, int64_t nq, int64_t k0, int64_t nk, acc_t scale, acc_t* pt,
@@ -67,21 +74,28 @@ class BlasBackward {
     gemm_tn<acc_t>(nk, D_, nq, acc_t(1), pt, ld, dof_.data() + q0 * D_, D_, acc_t(1),
                    dv_.data() + k0 * D_, D_);
   }
-  // dK += scale dS^T q,  dQ += scale dS k
-  void add_dk_dq(int64_t q0, int64_t nq, int64_t k0, int64_t nk, acc_t scale,
-                 const acc_t* ds, int64_t ld) {
+  // dK += scale dS^T q
+  void add_dk(int64_t q0, int64_t nq, int64_t k0, int64_t nk, acc_t scale, const acc_t* ds,
+              int64_t ld) {
     gemm_tn<acc_t>(nk, D_, nq, scale, ds, ld, qr_.data() + q0 * D_, D_, acc_t(1),
                    dk_.data() + k0 * D_, D_);
+  }
+  // dQ += scale dS k
+  void add_dq(int64_t q0, int64_t nq, int64_t k0, int64_t nk, acc_t scale, const acc_t* ds,
+              int64_t ld) {
     gemm_nn<acc_t>(nq, D_, nk, scale, ds, ld, kr_.data() + k0 * D_, D_, acc_t(1),
                    dq_.data() + q0 * D_, D_);
   }
-  void store_dq(const RopeParams& r, int64_t b, int64_t S, scalar_t* dqp, int64_t stride) {
-    store_unrotated<scalar_t, table_t, acc_t>(r, b, 0, S, dq_.data(), D_, dqp, stride);
+  void store_dq(const RopeParams& r, int64_t b, int64_t from, int64_t to, scalar_t* dqp,
+                int64_t stride) {
+    store_unrotated<scalar_t, table_t, acc_t>(r, b, from, to - from, dq_.data() + from * D_,
+                                              D_, dqp + from * stride, stride);
   }
-  void store_dk_dv(const RopeParams& r, int64_t b, int64_t S, scalar_t* dkp, int64_t dks,
-                   scalar_t* dvp, int64_t dvs) {
-    store_unrotated<scalar_t, table_t, acc_t>(r, b, 0, S, dk_.data(), D_, dkp, dks);
-    convert_rows(dv_.data(), D_, S, D_, dvp, dvs);
+  void store_dk_dv(const RopeParams& r, int64_t b, int64_t from, int64_t to, scalar_t* dkp,
+                   int64_t dks, scalar_t* dvp, int64_t dvs) {
+    store_unrotated<scalar_t, table_t, acc_t>(r, b, from, to - from, dk_.data() + from * D_,
+                                              D_, dkp + from * dks, dks);
+    convert_rows(dv_.data() + from * D_, D_, to - from, D_, dvp + from * dvs, dvs);
   }
 
  private:
@@ -97,6 +111,9 @@ class BlasBackward {
 template <typename scalar_t, typename table_t, typename T>
 class PackedBackward {
  public:
+  // Every output element is one fixed sequence of tile products whatever the task
+  // split (the kernel's sums do not depend on where a tile sits in memory).
+  static constexpr bool kSplittable = true;
   PackedBackward(int64_t S, int64_t D)
       : D_(D), Dk_(avx512::round_up_pair<T>(D)), ldn_(avx512::padded_ld(S, 4)),
         ldt_(avx512::padded_ld(S, 2)), ldg_(avx512::padded_ld(S, 4)), stage_(S * D),
@@ -106,24 +123,28 @@ class PackedBackward {
 
   // k rotated (in float32) as the columns of k^T (scores) and as rows (dQ = dS k);
   // v as the columns of v^T (dP = dO v^T).
-  void load_kv(const RopeParams& r, int64_t b, int64_t S, const scalar_t* kp, int64_t ks,
-               const scalar_t* vp, int64_t vs) {
-    load_rotated<scalar_t, table_t, float>(r, b, 0, S, kp, ks, stage_.data(), D_);
-    avx512::pack_rows_as_n(stage_.data(), D_, 0, S, D_, kn_.data(), ldn_);
-    avx512::pack_rows_as_k(stage_.data(), D_, 0, S, D_, kk_.data());
-    avx512::pack_rows_as_n(vp, vs, 0, S, D_, vn_.data(), ldn_);
-    std::fill(dkT_.begin(), dkT_.end(), 0.f);
-    std::fill(dvT_.begin(), dvT_.end(), 0.f);
+  void load_kv(const RopeParams& r, int64_t b, int64_t from, int64_t to, const scalar_t* kp,
+               int64_t ks, const scalar_t* vp, int64_t vs) {
+    const int64_t n = to - from;
+    load_rotated<scalar_t, table_t, float>(r, b, from, n, kp + from * ks, ks, stage_.data(), D_);
+    avx512::pack_rows_as_n(stage_.data(), D_, from, n, D_, kn_.data(), ldn_);
+    avx512::pack_rows_as_k(stage_.data(), D_, from, n, D_, kk_.data());
+    avx512::pack_rows_as_n(vp + from * vs, vs, from, n, D_, vn_.data(), ldn_);
+    for (int64_t j = 0; j < D_; ++j) {  // the accumulators of keys [from, to)
+      std::fill_n(dkT_.data() + j * ldg_ + from, n, 0.f);
+      std::fill_n(dvT_.data() + j * ldg_ + from, n, 0.f);
+    }
   }
   // q rotated and dO, each row-major (scores, dP) and transposed (dK^T, dV^T).
-  void load_q(const RopeParams& r, int64_t b, int64_t S, const scalar_t* qp, int64_t qs,
-              const scalar_t* dop, int64_t dos) {
-    load_rotated<scalar_t, table_t, float>(r, b, 0, S, qp, qs, stage_.data(), D_);
-    avx512::rows_as_a(stage_.data(), D_, S, D_, qa_.data(), Dk_);
-    avx512::transpose_rows(stage_.data(), D_, S, D_, qT_.data(), ldt_);
-    convert_rows(dop, dos, S, D_, doa_.data(), Dk_);
-    avx512::transpose_rows(dop, dos, S, D_, doT_.data(), ldt_);
-    std::fill(dq_.begin(), dq_.end(), 0.f);
+  void load_q(const RopeParams& r, int64_t b, int64_t from, int64_t to, const scalar_t* qp,
+              int64_t qs, const scalar_t* dop, int64_t dos) {
+    const int64_t n = to - from;
+    load_rotated<scalar_t, table_t, float>(r, b, from, n, qp + from * qs, qs, stage_.data(), D_);
+    avx512::rows_as_a(stage_.data(), D_, n, D_, qa_.data() + from * Dk_, Dk_);
+    avx512::transpose_rows(stage_.data(), D_, n, D_, qT_.data() + from, ldt_);
+    convert_rows(dop + from * dos, dos, n, D_, doa_.data() + from * Dk_, Dk_);
+    avx512::transpose_rows(dop + from * dos, dos, n, D_, doT_.data() + from, ldt_);
+    std::fill_n(dq_.data() + from * D_, n * D_, 0.f);
   }
   void scores(int64_t q0, int64_t nq, int64_t k0, int64_t nk, float scale, float* pt,
               int64_t ld) {
@@ -141,28 +162,37 @@ class PackedBackward {
     avx512::gemm<T>(D_, nk, avx512::round_up_pair<T>(nq), 1.f, doT_.data() + q0, ldt_, pb,
                     ldp, true, dvT_.data() + k0, ldg_);
   }
-  // dK^T += scale q^T dS,  dQ += scale dS k
-  void add_dk_dq(int64_t q0, int64_t nq, int64_t k0, int64_t nk, float scale, const float* ds,
-                 int64_t ld) {
-    int64_t ldp, lda;
+  // dK^T += scale q^T dS
+  void add_dk(int64_t q0, int64_t nq, int64_t k0, int64_t nk, float scale, const float* ds,
+              int64_t ld) {
+    int64_t ldp;
     const T* db = avx512::tile_as_b(ds, ld, nq, nk, tile_.data(), kBwdBlockK, ldp);
     avx512::gemm<T>(D_, nk, avx512::round_up_pair<T>(nq), scale, qT_.data() + q0, ldt_, db,
                     ldp, true, dkT_.data() + k0, ldg_);
+  }
+  // dQ += scale dS k
+  void add_dq(int64_t q0, int64_t nq, int64_t k0, int64_t nk, float scale, const float* ds,
+              int64_t ld) {
+    int64_t lda;
     const T* da = avx512::tile_as_a(ds, ld, nq, nk, tile_.data(), kBwdBlockK, lda);
     avx512::gemm<T>(nq, D_, avx512::round_up_pair<T>(nk), scale, da, lda,
                     kk_.data() + avx512::packed_index<T>(k0, 0, D_), D_, true,
                     dq_.data() + q0 * D_, D_);
   }
-  void store_dq(const RopeParams& r, int64_t b, int64_t S, scalar_t* dqp, int64_t stride) {
-    store_unrotated<scalar_t, table_t, float>(r, b, 0, S, dq_.data(), D_, dqp, stride);
+  void store_dq(const RopeParams& r, int64_t b, int64_t from, int64_t to, scalar_t* dqp,
+                int64_t stride) {
+    store_unrotated<scalar_t, table_t, float>(r, b, from, to - from, dq_.data() + from * D_, D_,
+                                              dqp + from * stride, stride);
   }
-  void store_dk_dv(const RopeParams& r, int64_t b, int64_t S, scalar_t* dkp, int64_t dks,
-                   scalar_t* dvp, int64_t dvs) {
+  void store_dk_dv(const RopeParams& r, int64_t b, int64_t from, int64_t to, scalar_t* dkp,
+                   int64_t dks, scalar_t* dvp, int64_t dvs) {
+    const int64_t n = to - from;
     avx512::for_each_blocked(
-        S, D_, [&](int64_t i, int64_t j) { stage_[i * D_ + j] = dkT_[j * ldg_ + i]; });
-    store_unrotated<scalar_t, table_t, float>(r, b, 0, S, stage_.data(), D_, dkp, dks);
-    avx512::for_each_blocked(S, D_, [&](int64_t i, int64_t j) {
-      dvp[i * dvs + j] = scalar_t(dvT_[j * ldg_ + i]);
+        n, D_, [&](int64_t i, int64_t j) { stage_[i * D_ + j] = dkT_[j * ldg_ + from + i]; });
+    store_unrotated<scalar_t, table_t, float>(r, b, from, n, stage_.data(), D_,
+                                              dkp + from * dks, dks);
+    avx512::for_each_blocked(n, D_, [&](int64_t i, int64_t j) {
+      dvp[(from + i) * dvs + j] = scalar_t(dvT_[j * ldg_ + from + i]);
     });
   }
 
@@ -177,77 +207,174 @@ class PackedBackward {
   std::vector<T> kn_, vn_, kk_, qa_, qT_, doa_, doT_, tile_;
 };
 
+// Which gradients a task accumulates.
+enum class Grads { kAll, kKeyValue, kQuery };
+
+// Tiles of (query tile q0, key tile k0): keys [k0, k0 + nk) that query rows
+// [q0, q0 + nq) can see. Causal: query tiles before k0 see none of the keys (first
+// visible tile: query_start), and keys past the tile's last query are masked for
+// every row, so they are left out of the products (only diagonal tiles are clipped).
+struct TileGrid {
+  int64_t S;
+  bool causal;
+  int64_t query_start(int64_t k0) const { return causal ? (k0 / kBwdBlockQ) * kBwdBlockQ : 0; }
+  int64_t nq(int64_t q0) const { return std::min(kBwdBlockQ, S - q0); }
+  int64_t nk(int64_t q0, int64_t k0) const {
+    const int64_t nk_block = std::min(kBwdBlockK, S - k0);
+    return causal ? std::min(nk_block, q0 + nq(q0) - k0) : nk_block;
+  }
+};
+
+// The backward of one (query tile, key tile): P recomputed from the log-sum-exp,
+// dS = P * (dO v^T - delta), and the products into the gradients `which` asks for.
+template <typename acc_t, typename Products>
+void backward_tile(Products& prod, const TileGrid& grid, int64_t q0, int64_t k0, acc_t scale,
+                   const acc_t* lse, const acc_t* delta, acc_t* pt, acc_t* dpt, Grads which) {
+  const int64_t nq = grid.nq(q0), nk = grid.nk(q0, k0);
+  // P = exp(scale q k^T - lse), zero where masked
+  prod.scores(q0, nq, k0, nk, scale, pt, kBwdBlockK);
+  for (int64_t i = 0; i < nq; ++i) {
+    acc_t* prow = pt + i * kBwdBlockK;
+    const int64_t nv = visible_keys(grid.causal, q0 + i, k0, nk);
+    if (nv > 0) exp_row(prow, nv, lse[q0 + i]);
+    std::fill(prow + nv, prow + nk, acc_t(0));
+  }
+  if (which != Grads::kQuery) prod.add_dv(q0, nq, k0, nk, pt, kBwdBlockK);
+  // dP = dO V^T, then dS = P * (dP - delta) in place
+  prod.dp(q0, nq, k0, nk, dpt, kBwdBlockK);
+  for (int64_t i = 0; i < nq; ++i) {
+    const acc_t* prow = pt + i * kBwdBlockK;
+    acc_t* drow = dpt + i * kBwdBlockK;
+    const acc_t di = delta[q0 + i];
+    for (int64_t j = 0; j < nk; ++j) drow[j] = prow[j] * (drow[j] - di);
+  }
+  if (which != Grads::kQuery) prod.add_dk(q0, nq, k0, nk, scale, dpt, kBwdBlockK);
+  if (which != Grads::kKeyValue) prod.add_dq(q0, nq, k0, nk, scale, dpt, kBwdBlockK);
+}
+
+// Task t of n, in the order 0, n-1, 1, n-2, ...: causal tasks grow (or shrink) with
+// their index, and at::parallel_for gives each thread a contiguous range of them.
+inline int64_t zigzag(int64_t t, int64_t n) { return t % 2 ? n - 1 - t / 2 : t / 2; }
+
 // make_products() gives one thread's products (BlasBackward or PackedBackward).
+//
+// One pass (the default): one task per (batch, kv head) owns dk and dv of that head
+// and dq of the query heads of its group. When there are far fewer such tasks than
+// threads (few kv heads, small batch) and the products allow it, two passes instead:
+// dk, dv by (batch, kv head, block of keys), then dq by (batch, kv head, block of
+// queries), recomputing P and dS in both (7 products per tile pair instead of 5).
+// Both run every output's sums in the same order, so the gradients are bit-identical
+// either way, for any thread count.
 template <typename scalar_t, typename MakeProducts>
 void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Products = decltype(make_products());
   const int64_t S = p.seqlen, D = p.head_dim, G = p.heads_q / p.heads_kv;
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
   const RopeParams& r = p.rope;
+  const TileGrid grid{S, p.causal};
 
-  at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas one_blas_thread;
-    auto prod = make_products();
-    std::vector<acc_t> delta(S);
-    std::vector<acc_t> pt(kBwdBlockQ * kBwdBlockK), dpt(kBwdBlockQ * kBwdBlockK);
-    for (int64_t task = begin; task < end; ++task) {
+  auto head = [&](const AttentionTensor& t, int64_t b, int64_t h) {
+    return static_cast<scalar_t*>(t.ptr) + b * t.stride_b + h * t.stride_h;
+  };
+  auto lse_of = [&](int64_t b, int64_t hq) {
+    return static_cast<const acc_t*>(p.lse) + (b * p.heads_q + hq) * S;
+  };
+  // delta[i] = rowsum(dO * O) for rows [from, to) of query head (b, hq)
+  auto compute_delta = [&](int64_t b, int64_t hq, int64_t from, int64_t to, acc_t* delta) {
+    const scalar_t* o = head(p.out, b, hq);
+    const scalar_t* go = head(p.grad_out, b, hq);
+    for (int64_t i = from; i < to; ++i) {
+      acc_t acc = 0;
+      const scalar_t* orow = o + i * p.out.stride_s;
+      const scalar_t* grow = go + i * p.grad_out.stride_s;
+      for (int64_t j = 0; j < D; ++j) acc += acc_t(grow[j]) * acc_t(orow[j]);
+      delta[i] = acc;
+    }
+  };
+  auto load_kv = [&](Products& prod, int64_t b, int64_t hk, int64_t from, int64_t to) {
+    prod.load_kv(r, b, from, to, head(p.k, b, hk), p.k.stride_s, head(p.v, b, hk),
+                 p.v.stride_s);
+  };
+  auto load_q = [&](Products& prod, int64_t b, int64_t hq, int64_t from, int64_t to) {
+    prod.load_q(r, b, from, to, head(p.q, b, hq), p.q.stride_s, head(p.grad_out, b, hq),
+                p.grad_out.stride_s);
+  };
+  // Runs body(prod, delta, pt, dpt, task) for the tasks [0, ntasks) over the threads.
+  auto run_tasks = [&](int64_t ntasks, auto body) {
+    at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+      SingleThreadedBlas one_blas_thread;
+      auto prod = make_products();
+      std::vector<acc_t> delta(S);
+      std::vector<acc_t> pt(kBwdBlockQ * kBwdBlockK), dpt(kBwdBlockQ * kBwdBlockK);
+      for (int64_t task = begin; task < end; ++task) body(prod, delta.data(), pt.data(), dpt.data(), task);
+    });
+  };
+
+  // Two passes pay 7/5 of the products (plus repacking; measured ~1.6x the work on
+  // a 2-core EPYC), so only when at least half the threads would idle otherwise.
+  const bool two_pass =
+      Products::kSplittable && 2 * p.batch * p.heads_kv <= at::get_num_threads();
+  if (!two_pass) {
+    run_tasks(p.batch * p.heads_kv, [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt,
+                                        int64_t task) {
       const int64_t b = task / p.heads_kv, hk = task % p.heads_kv;
-      auto head = [&](const AttentionTensor& t, int64_t h) {
-        return static_cast<const scalar_t*>(t.ptr) + b * t.stride_b + h * t.stride_h;
-      };
-      auto mhead = [&](const AttentionTensor& t, int64_t h) {
-        return static_cast<scalar_t*>(t.ptr) + b * t.stride_b + h * t.stride_h;
-      };
-      prod.load_kv(r, b, S, head(p.k, hk), p.k.stride_s, head(p.v, hk), p.v.stride_s);
-
+      load_kv(prod, b, hk, 0, S);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t hq = hk * G + g;
-        prod.load_q(r, b, S, head(p.q, hq), p.q.stride_s, head(p.grad_out, hq),
-                    p.grad_out.stride_s);
-        const scalar_t* o = head(p.out, hq);
-        const scalar_t* go = head(p.grad_out, hq);
-        for (int64_t i = 0; i < S; ++i) {
-          acc_t acc = 0;
-          const scalar_t* orow = o + i * p.out.stride_s;
-          const scalar_t* grow = go + i * p.grad_out.stride_s;
-          for (int64_t j = 0; j < D; ++j) acc += acc_t(grow[j]) * acc_t(orow[j]);
-          delta[i] = acc;
-        }
-        const acc_t* lse = static_cast<const acc_t*>(p.lse) + (b * p.heads_q + hq) * S;
-
-        for (int64_t k0 = 0; k0 < S; k0 += kBwdBlockK) {
-          const int64_t nk_block = std::min(kBwdBlockK, S - k0);
-          // Causal: query tiles before k0 see none of these keys.
-          const int64_t qstart = p.causal ? (k0 / kBwdBlockQ) * kBwdBlockQ : 0;
-          for (int64_t q0 = qstart; q0 < S; q0 += kBwdBlockQ) {
-            const int64_t nq = std::min(kBwdBlockQ, S - q0);
-            // Causal: keys past the tile's last query are masked for every row; leave
-            // them out of the products (only the diagonal tiles are clipped).
-            const int64_t nk = p.causal ? std::min(nk_block, q0 + nq - k0) : nk_block;
-            // P = exp(scale q k^T - lse), zero where masked
-            prod.scores(q0, nq, k0, nk, scale, pt.data(), kBwdBlockK);
-            for (int64_t i = 0; i < nq; ++i) {
-              acc_t* prow = pt.data() + i * kBwdBlockK;
-              const int64_t nv = visible_keys(p.causal, q0 + i, k0, nk);
-              if (nv > 0) exp_row(prow, nv, lse[q0 + i]);
-              std::fill(prow + nv, prow + nk, acc_t(0));
-            }
-            prod.add_dv(q0, nq, k0, nk, pt.data(), kBwdBlockK);
-            // dP = dO V^T, then dS = P * (dP - delta) in place
-            prod.dp(q0, nq, k0, nk, dpt.data(), kBwdBlockK);
-            for (int64_t i = 0; i < nq; ++i) {
-              const acc_t* prow = pt.data() + i * kBwdBlockK;
-              acc_t* drow = dpt.data() + i * kBwdBlockK;
-              const acc_t di = delta[q0 + i];
-              for (int64_t j = 0; j < nk; ++j) drow[j] = prow[j] * (drow[j] - di);
-            }
-            prod.add_dk_dq(q0, nq, k0, nk, scale, dpt.data(), kBwdBlockK);
-          }
-        }
-        prod.store_dq(r, b, S, mhead(p.dq, hq), p.dq.stride_s);
+        load_q(prod, b, hq, 0, S);
+        compute_delta(b, hq, 0, S, delta);
+        for (int64_t k0 = 0; k0 < S; k0 += kBwdBlockK)
+          for (int64_t q0 = grid.query_start(k0); q0 < S; q0 += kBwdBlockQ)
+            backward_tile(prod, grid, q0, k0, scale, lse_of(b, hq), delta, pt, dpt, Grads::kAll);
+        prod.store_dq(r, b, 0, S, head(p.dq, b, hq), p.dq.stride_s);
       }
-      prod.store_dk_dv(r, b, S, mhead(p.dk, hk), p.dk.stride_s, mhead(p.dv, hk),
+      prod.store_dk_dv(r, b, 0, S, head(p.dk, b, hk), p.dk.stride_s, head(p.dv, b, hk),
                        p.dv.stride_s);
+    });
+    return;
+  }
+  // Blocks of rows (whole key tiles) so that each pass has about two tasks per thread.
+  const int64_t nkv = p.batch * p.heads_kv, ntiles = (S + kBwdBlockK - 1) / kBwdBlockK;
+  const int64_t want = std::clamp<int64_t>((2 * at::get_num_threads() + nkv - 1) / nkv, 1, ntiles);
+  const int64_t rows = ((ntiles + want - 1) / want) * kBwdBlockK;
+  const int64_t nsplit = (S + rows - 1) / rows;
+  // dk, dv of keys [kb, ke): every query head of the group, queries from kb (causal) on.
+  run_tasks(nkv * nsplit, [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt, int64_t t) {
+    const int64_t i = zigzag(t, nkv * nsplit);
+    const int64_t c = i % nsplit, hk = (i / nsplit) % p.heads_kv, b = i / (nsplit * p.heads_kv);
+    const int64_t kb = c * rows, ke = std::min(S, kb + rows);
+    const int64_t qfrom = grid.query_start(kb);
+    load_kv(prod, b, hk, kb, ke);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t hq = hk * G + g;
+      load_q(prod, b, hq, qfrom, S);
+      compute_delta(b, hq, qfrom, S, delta);
+      for (int64_t k0 = kb; k0 < ke; k0 += kBwdBlockK)
+        for (int64_t q0 = grid.query_start(k0); q0 < S; q0 += kBwdBlockQ)
+          backward_tile(prod, grid, q0, k0, scale, lse_of(b, hq), delta, pt, dpt,
+                        Grads::kKeyValue);
+    }
+    prod.store_dk_dv(r, b, kb, ke, head(p.dk, b, hk), p.dk.stride_s, head(p.dv, b, hk),
+                     p.dv.stride_s);
+  });
+  // dq of queries [qb, qe) of the group's query heads: the keys they see, in the
+  // one-pass order (k0 ascending).
+  run_tasks(nkv * nsplit, [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt, int64_t t) {
+    const int64_t i = zigzag(t, nkv * nsplit);
+    const int64_t c = i % nsplit, hk = (i / nsplit) % p.heads_kv, b = i / (nsplit * p.heads_kv);
+    const int64_t qb = c * rows, qe = std::min(S, qb + rows);
+    const int64_t kend = p.causal ? qe : S;
+    load_kv(prod, b, hk, 0, kend);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t hq = hk * G + g;
+      load_q(prod, b, hq, qb, qe);
+      compute_delta(b, hq, qb, qe, delta);
+      for (int64_t k0 = 0; k0 < kend; k0 += kBwdBlockK)
+        for (int64_t q0 = std::max(qb, grid.query_start(k0)); q0 < qe; q0 += kBwdBlockQ)
+          backward_tile(prod, grid, q0, k0, scale, lse_of(b, hq), delta, pt, dpt,
+                        Grads::kQuery);
+      prod.store_dq(r, b, qb, qe, head(p.dq, b, hq), p.dq.stride_s);
     }
   });
 }
