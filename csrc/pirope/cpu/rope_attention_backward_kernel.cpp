@@ -273,6 +273,7 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
   const RopeParams& r = p.rope;
   const TileGrid grid{S, p.causal};
+  if (S == 0 || p.batch * p.heads_kv == 0) return;  // (rope_attention.cpp returns first)
 
   auto head = [&](const AttentionTensor& t, int64_t b, int64_t h) {
     return static_cast<scalar_t*>(t.ptr) + b * t.stride_b + h * t.stride_h;
