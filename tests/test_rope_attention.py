@@ -212,6 +212,18 @@ def test_cpu_products_positions_layouts_and_views(monkeypatch, dtype, path):
     check_path_against_reference(q, k, v, cos, sin, pos, interleaved=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, torch.float64])
+def test_cpu_gemm_switch_rejects_unknown_values(monkeypatch, dtype):
+    q, k, v = qkv(1, 5, 2, 1, 8, dtype=dtype)
+    cos, sin = tables(8, 5)
+    monkeypatch.setenv("PIROPE_CPU_GEMM", "BLAS")
+    with pytest.raises(RuntimeError, match="PIROPE_CPU_GEMM must be 'auto', 'avx512' or 'blas', got 'BLAS'"):
+        pirope.rope_attention(q, k, v, cos, sin)
+    monkeypatch.setenv("PIROPE_CPU_GEMM", "auto")
+    assert pirope._C.cpu_gemm() == CPU_GEMM
+    pirope.rope_attention(q, k, v, cos, sin)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cpu_default_products_are_taken_and_deterministic(monkeypatch, dtype):
     default = CPU_GEMM[str(dtype)[6:]]

@@ -29,18 +29,20 @@ namespace pirope::cpu::avx512 {
 
 template <typename T>
 bool enabled() {
+  // Read at each call, so tests can flip it; a typo must not pass for the default.
+  const char* env = std::getenv("PIROPE_CPU_GEMM");
+  const std::string_view mode = env ? env : "";
+  TORCH_CHECK(mode.empty() || mode == "auto" || mode == "avx512" || mode == "blas",
+              "PIROPE_CPU_GEMM must be 'auto', 'avx512' or 'blas', got '", mode, "'");
+  if (mode == "blas" || (std::is_same_v<T, c10::BFloat16> && mode == "avx512")) return false;
 #ifdef PIROPE_HAVE_AVX512
-  // The CPU does not change; the switch is read each call so tests can flip it.
-  static const bool cpu = [] {
+  static const bool cpu = [] {  // the CPU does not change
     const bool base = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl");
     if constexpr (std::is_same_v<T, c10::BFloat16>)
       return base && __builtin_cpu_supports("avx512bf16");
     return base;
   }();
-  const char* env = std::getenv("PIROPE_CPU_GEMM");
-  const std::string_view mode = env ? env : "";
-  if (mode == "blas" || (std::is_same_v<T, c10::BFloat16> && mode == "avx512")) return false;
   return cpu;
 #else
   return false;

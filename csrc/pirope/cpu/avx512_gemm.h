@@ -28,7 +28,8 @@ constexpr int64_t kPair = std::is_same_v<T, c10::BFloat16> ? 2 : 1;
 // Whether gemm<T> runs now: the CPU (and OS) support AVX512F/BW/VL, plus AVX512-BF16
 // for bfloat16, and the environment variable PIROPE_CPU_GEMM does not rule it out:
 // "blas" makes the attention kernels use torch's BLAS for every dtype, "avx512"
-// float32 operands for bfloat16 too (to compare paths; read at each call).
+// float32 operands for bfloat16 too (to compare paths; read at each call; other
+// values than these and "auto" raise).
 // T: float or c10::BFloat16.
 template <typename T>
 bool enabled();

@@ -389,12 +389,13 @@ void launch_rope_attention_backward_cpu(const AttentionParams& p, at::ScalarType
     AT_DISPATCH_FLOATING_TYPES(table_dtype, "rope_attention_backward_cpu_table", [&] {
       using table_t = scalar_t;
       const int64_t S = p.seqlen, D = p.head_dim;
+      const bool packed_f32 = avx512::enabled<float>();  // (checks PIROPE_CPU_GEMM too)
       if constexpr (!std::is_same_v<x_t, double>) {
         if (std::is_same_v<x_t, c10::BFloat16> && avx512::enabled<c10::BFloat16>()) {
           backward_cpu<x_t>(p, [&] { return PackedBackward<x_t, table_t, c10::BFloat16>(S, D); });
           return;
         }
-        if (avx512::enabled<float>()) {
+        if (packed_f32) {
           backward_cpu<x_t>(p, [&] { return PackedBackward<x_t, table_t, float>(S, D); });
           return;
         }

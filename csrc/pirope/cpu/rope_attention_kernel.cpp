@@ -208,6 +208,7 @@ void launch_rope_attention_cpu(const AttentionParams& p, at::ScalarType dtype,
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(table_dtype, "rope_attention_cpu_table", [&] {
       using table_t = scalar_t;
+      const bool packed_f32 = avx512::enabled<float>();  // (checks PIROPE_CPU_GEMM too)
       if constexpr (!std::is_same_v<x_t, double>) {
         if (std::is_same_v<x_t, c10::BFloat16> && avx512::enabled<c10::BFloat16>()) {
           forward_cpu<x_t>(p, [&] {
@@ -215,7 +216,7 @@ void launch_rope_attention_cpu(const AttentionParams& p, at::ScalarType dtype,
           });
           return;
         }
-        if (avx512::enabled<float>()) {
+        if (packed_f32) {
           forward_cpu<x_t>(
               p, [&] { return PackedProducts<x_t, table_t, float>(p.head_dim, p.seqlen); });
           return;
