@@ -155,7 +155,7 @@ def main():
     d = args.headdim
     inv_freq, _ = pirope.rope_frequencies(d, scaling={"rope_type": "linear", "factor": 4.0})
     rows = []
-    cpu_gemm = pirope._C.cpu_gemm() if device.type == "cpu" else {}
+    cpu_gemm = pirope.cpu_gemm() if device.type == "cpu" else {}
     print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}, headdim {d}, "
           f"repeat {args.repeat}, causal; x = speed-up over (a) hf_eager")
     if cpu_gemm:  # which tile products the fused CPU kernels run (PIROPE_CPU_GEMM)

@@ -142,7 +142,7 @@ def test_backward_is_deterministic():
 
 
 # ---- CPU tile products: AVX512 kernels (avx512_gemm.h) or torch's BLAS ----
-CPU_GEMM = pirope._C.cpu_gemm()  # what this CPU runs by default, per dtype
+CPU_GEMM = pirope.cpu_gemm()  # what this CPU runs by default, per dtype
 GEMM_ENV = {"avx512_bf16": None, "avx512": "avx512", "blas": "blas"}  # PIROPE_CPU_GEMM
 # Max |error| relative to max(1, max |reference|), tighter than REL for bfloat16:
 # every path rounds only where flash attention does.
@@ -160,7 +160,7 @@ def use_cpu_gemm(monkeypatch, dtype, path):
         monkeypatch.delenv("PIROPE_CPU_GEMM", raising=False)
     else:
         monkeypatch.setenv("PIROPE_CPU_GEMM", GEMM_ENV[path])
-    assert pirope._C.cpu_gemm()[str(dtype)[6:]] == path
+    assert pirope.cpu_gemm()[str(dtype)[6:]] == path
 
 
 def check_path_against_reference(q, k, v, cos, sin, pos=None, causal=True, interleaved=False):
@@ -212,6 +212,18 @@ def test_cpu_products_positions_layouts_and_views(monkeypatch, dtype, path):
     check_path_against_reference(q, k, v, cos, sin, pos, interleaved=True)
 
 
+def test_cpu_gemm_reports_the_path_per_dtype(monkeypatch):
+    paths = pirope.cpu_gemm()
+    assert set(paths) == {"float64", "float32", "float16", "bfloat16"}
+    assert paths["float64"] == "blas" and paths["float16"] == paths["float32"]
+    assert paths["float32"] in ("avx512", "blas")
+    assert paths["bfloat16"] in ("avx512_bf16", paths["float32"])
+    monkeypatch.setenv("PIROPE_CPU_GEMM", "avx512")
+    assert pirope.cpu_gemm()["bfloat16"] == paths["float32"]
+    monkeypatch.setenv("PIROPE_CPU_GEMM", "blas")
+    assert set(pirope.cpu_gemm().values()) == {"blas"}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, torch.float64])
 def test_cpu_gemm_switch_rejects_unknown_values(monkeypatch, dtype):
     q, k, v = qkv(1, 5, 2, 1, 8, dtype=dtype)
@@ -220,7 +232,7 @@ def test_cpu_gemm_switch_rejects_unknown_values(monkeypatch, dtype):
     with pytest.raises(RuntimeError, match="PIROPE_CPU_GEMM must be 'auto', 'avx512' or 'blas', got 'BLAS'"):
         pirope.rope_attention(q, k, v, cos, sin)
     monkeypatch.setenv("PIROPE_CPU_GEMM", "auto")
-    assert pirope._C.cpu_gemm() == CPU_GEMM
+    assert pirope.cpu_gemm() == CPU_GEMM
     pirope.rope_attention(q, k, v, cos, sin)
 
 

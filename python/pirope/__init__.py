@@ -6,7 +6,7 @@
     q, k = pirope.apply_rope_qk(q, k, cos, sin)       # (batch, seqlen, heads, 128)
 """
 
-from ._extension import build_info  # loads pirope._C: registers torch.ops.pirope.*
+from ._extension import build_info, cpu_gemm  # loads pirope._C: registers torch.ops.pirope.*
 from . import _fake, _autograd  # noqa: F401  (fake kernels and autograd of the ops)
 from .apply_rope import apply_rope, apply_rope_qk
 from .frequencies import rope_cos_sin, rope_frequencies
@@ -19,6 +19,7 @@ __all__ = [
     "apply_rope",
     "apply_rope_qk",
     "build_info",
+    "cpu_gemm",
     "rope_cos_sin",
     "rope_frequencies",
     "RotaryEmbedding",

@@ -37,6 +37,14 @@ def build_info() -> dict:
     return dict(BUILD_INFO)
 
 
+def cpu_gemm() -> dict:
+    """The tile products ``rope_attention`` uses on this CPU now, per input dtype name:
+    ``"avx512_bf16"`` (bfloat16 operands, AVX512-BF16), ``"avx512"`` (float32 operands,
+    AVX512F) or ``"blas"`` (torch's BLAS; always for float64). The environment variable
+    ``PIROPE_CPU_GEMM`` (``auto``, ``avx512`` or ``blas``) rules the faster ones out."""
+    return dict(_C.cpu_gemm())
+
+
 def require_cuda_build(device: torch.device, op: str) -> None:
     """Clear error for CUDA tensors when the extension was built without CUDA."""
     if device.type == "cuda" and not BUILD_INFO["with_cuda"]:
