@@ -26,16 +26,18 @@ def qkv(b, s, hq, hkv, d, dtype=torch.float32, device="cpu", requires_grad=False
     return mk(hq), mk(hkv), mk(hkv)
 
 
-def assert_close_to(actual, ref, dtype, what=""):
+def assert_close_to(actual, ref, dtype, what="", rel=REL):
     actual = actual.detach().to(torch.float64).cpu()
     assert actual.shape == ref.shape, (what, actual.shape, ref.shape)
     err = (actual - ref).abs().max().item() if ref.numel() else 0.0
-    bound = REL[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    bound = rel[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({dtype})"
 
 
-def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, scale=None, interleaved=False):
-    """Output and the three gradients of pirope.rope_attention vs the reference."""
+def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, scale=None, interleaved=False,
+                            rel=REL):
+    """Output and the three gradients of pirope.rope_attention vs the reference
+    (max error relative to max(1, max |reference|) within rel[dtype])."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = pirope.rope_attention(q, k, v, cos, sin, pos, causal=causal, softmax_scale=scale,
                                 interleaved=interleaved)
@@ -43,10 +45,10 @@ def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, scale=None
     g = torch.randn_like(out)
     out.backward(g)
     ref, dq, dk, dv = attention_reference(q, k, v, cos, sin, pos, causal, scale, interleaved, grad_out=g)
-    assert_close_to(out, ref, q.dtype, "out")
-    assert_close_to(q.grad, dq, q.dtype, "dq")
-    assert_close_to(k.grad, dk, q.dtype, "dk")
-    assert_close_to(v.grad, dv, q.dtype, "dv")
+    assert_close_to(out, ref, q.dtype, "out", rel)
+    assert_close_to(q.grad, dq, q.dtype, "dq", rel)
+    assert_close_to(k.grad, dk, q.dtype, "dk", rel)
+    assert_close_to(v.grad, dv, q.dtype, "dv", rel)
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
@@ -163,18 +165,6 @@ def use_cpu_gemm(monkeypatch, dtype, path):
     assert pirope.cpu_gemm()[str(dtype)[6:]] == path
 
 
-def check_path_against_reference(q, k, v, cos, sin, pos=None, causal=True, interleaved=False):
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = pirope.rope_attention(q, k, v, cos, sin, pos, causal=causal, interleaved=interleaved)
-    g = torch.randn_like(out)
-    out.backward(g)
-    ref, dq, dk, dv = attention_reference(q, k, v, cos, sin, pos, causal, None, interleaved, grad_out=g)
-    for what, got, want in (("out", out, ref), ("dq", q.grad, dq), ("dk", k.grad, dk), ("dv", v.grad, dv)):
-        err = (got.double() - want).abs().max().item()
-        bound = PATH_REL[q.dtype] * max(1.0, want.abs().max().item())
-        assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
-
-
 PATHS = [(torch.bfloat16, "avx512_bf16"), (torch.bfloat16, "avx512"), (torch.bfloat16, "blas"),
          (torch.float32, "avx512"), (torch.float32, "blas"), (torch.float16, "avx512"),
          (torch.float16, "blas")]
@@ -198,7 +188,7 @@ def test_cpu_products_match_reference(monkeypatch, dtype, path, b, s, heads, hea
     use_cpu_gemm(monkeypatch, dtype, path)
     q, k, v = qkv(b, s, *heads, head_dim, dtype=dtype)
     cos, sin = tables(rotary_dim, s)
-    check_path_against_reference(q, k, v, cos, sin, causal=causal)
+    check_against_reference(q, k, v, cos, sin, causal=causal, rel=PATH_REL)
 
 
 @pytest.mark.parametrize("dtype, path", PATHS)
@@ -209,7 +199,7 @@ def test_cpu_products_positions_layouts_and_views(monkeypatch, dtype, path):
     assert not q.is_contiguous()
     cos, sin = tables(64, 400)
     pos = torch.stack([torch.arange(150) * 2, torch.arange(150) + 100])
-    check_path_against_reference(q, k, v, cos, sin, pos, interleaved=True)
+    check_against_reference(q, k, v, cos, sin, pos, interleaved=True, rel=PATH_REL)
 
 
 def test_cpu_gemm_reports_the_path_per_dtype(monkeypatch):
@@ -295,8 +285,8 @@ def test_cpu_backward_split_over_threads_is_bit_identical(dtype, causal):
         for a, b in zip(grads[0], other):
             assert torch.equal(a, b)
     _, dq, dk, dv = attention_reference(q, k, v, cos, sin, None, causal, None, False, grad_out=g)
-    for got, want in zip(grads[-1], (dq, dk, dv)):
-        assert (got.double() - want).abs().max() <= PATH_REL[dtype] * max(1.0, want.abs().max())
+    for what, got, want in zip(("dq", "dk", "dv"), grads[-1], (dq, dk, dv)):
+        assert_close_to(got, want, dtype, what, PATH_REL)
 
 
 def test_non_contiguous_inputs(device):
