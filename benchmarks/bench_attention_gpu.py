@@ -8,6 +8,7 @@ Methods (q, k, v arrive as (batch, seqlen, heads, headdim), the view of a projec
   fused        torch.ops.pirope.rope_attention (the CUDA kernel; fwd+bwd through
                pirope.rope_attention's autograd, i.e. the fused backward too: this
                script sets PIROPE_CUDA_ATTENTION=1, which the wrapper needs for that)
+  fused_det    fwd+bwd only: the same with deterministic=True (the atomic-free dq kernel)
   flash, efficient, cudnn
                pirope.apply_rope_qk + torch SDPA restricted to that backend
                (missing where the backend does not take the call)
@@ -64,6 +65,9 @@ def make_methods(cos, sin, causal, backward):
                                                False)[0]
 
     methods = {"fused": fused}
+    if backward:  # the deterministic backward (no float atomics: its cost, measured)
+        methods["fused_det"] = lambda q, k, v: pirope.rope_attention(q, k, v, cos, sin, causal=causal,
+                                                                     deterministic=True)
     methods.update({name: sdpa(b) for name, b in BACKENDS.items()})
     return methods
 
@@ -106,7 +110,7 @@ def run_case(dtype, hq, hkv, seqlen, tokens, d, causal, mode, repeat, methods):
         outs[name] = (out.detach().float(), *(t.grad.float() if backward else None for t in (q, k, v)))
         ms = median_ms(step, "cuda", warmup=3, repeat=repeat)
         results[name] = dict(ms=ms, tflops=flops / ms / 1e9, mem=peak_mem(step))
-    baselines = {n: r for n, r in results.items() if n != "fused" and r}
+    baselines = {n: r for n, r in results.items() if not n.startswith("fused") and r}
     best = min(baselines, key=lambda n: baselines[n]["ms"]) if baselines else None
     row = dict(dtype=str(dtype).replace("torch.", ""), heads=f"{hq}/{hkv}", seqlen=seqlen, batch=batch,
                causal=causal, mode=mode, best_sdpa=best,
@@ -134,14 +138,14 @@ def main():
     ap.add_argument("--causal", default="1,0")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--methods", default="fused,flash,efficient,cudnn")
+    ap.add_argument("--methods", default="fused,fused_det,flash,efficient,cudnn")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, pirope {pirope.__version__}, "
           f"{args.tokens} tokens per config, headdim {args.headdim}, "
           f"PIROPE_ATTENTION_K_PREPASS={os.environ.get('PIROPE_ATTENTION_K_PREPASS', 'default')}")
     hdr = (f"{'dtype':8} {'heads':6} {'seqlen':>6} {'causal':6} {'mode':8} {'fused ms':>9} {'TFLOP/s':>7} "
-           f"{'flash':>8} {'effic.':>8} {'cudnn':>8} {'best':>6} {'ratio':>6} {'err':>8}")
+           f"{'det ms':>8} {'flash':>8} {'effic.':>8} {'cudnn':>8} {'best':>6} {'ratio':>6} {'err':>8}")
     print(hdr)
     print("-" * len(hdr))
     rows = []
@@ -156,7 +160,7 @@ def main():
                         rows.append(r)
                         f = lambda key: f"{r[key]:8.3f}" if r.get(key) is not None else f"{'-':>8}"  # noqa: E731
                         print(f"{r['dtype']:8} {heads:6} {s:6d} {str(causal):6} {mode:8} "
-                              f"{f('fused_ms'):>9} {r.get('fused_tflops') or 0:7.1f} {f('flash_ms')} "
+                              f"{f('fused_ms'):>9} {r.get('fused_tflops') or 0:7.1f} {f('fused_det_ms')} {f('flash_ms')} "
                               f"{f('efficient_ms')} {f('cudnn_ms')} {r['best_sdpa'] or '-':>6} "
                               f"{r.get('ratio_vs_best_sdpa', 0):6.2f} {r.get('err_vs_best', float('nan')):8.1e}",
                               flush=True)

@@ -63,12 +63,13 @@ if __name__ == "__main__":
     if not quick:
         rotary_cases()
     attention_cases(quick)
-    for prepass in ("0", "1"):  # k rotated on load, and by the pre-pass
+    for prepass in ("0", "1"):  # q, k rotated on load, and by the pre-pass
         os.environ["PIROPE_ATTENTION_K_PREPASS"] = prepass
         q, k, v = (torch.randn(1, 200, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         cos, sin = tables(128, 200)
         out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, True, 0.1, False)
-        torch.ops.pirope.rope_attention_backward(torch.randn_like(out), q, k, v, out, lse, cos, sin, None,
-                                                 True, 0.1, False, False)
+        for deterministic in (False, True):
+            torch.ops.pirope.rope_attention_backward(torch.randn_like(out), q, k, v, out, lse, cos, sin, None,
+                                                     True, 0.1, False, deterministic)
     torch.cuda.synchronize()
     print("cuda_sanitize_cases: done")

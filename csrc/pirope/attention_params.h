@@ -32,8 +32,10 @@ struct AttentionParams {
   // Backward: bit-identical gradients run to run (CUDA: no float atomics; the CPU
   // backward is always deterministic).
   bool deterministic = false;
-  // CUDA: k already rotated by a pre-pass (p.k points at the rotated copy).
+  // CUDA: k (and, in the backward, q) already rotated by a pre-pass (p.k, p.q point at
+  // the rotated copies).
   bool k_prerotated = false;
+  bool q_prerotated = false;
 
   // Tables, positions, rotary_dim and layout of the rotation; rope.t is unused.
   // token_position(rope, b, s) gives the position of token (b, s).

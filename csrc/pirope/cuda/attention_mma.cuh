@@ -119,61 +119,116 @@ __device__ __forceinline__ void zero(float (&acc)[N][4]) {
 #pragma unroll
   for (int j = 0; j < N; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 }
+template <int MT, int N>
+__device__ __forceinline__ void zero(float (&acc)[MT][N][4]) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m) zero(acc[m]);
+}
 
-// The three tile products of the kernels, for one warp's 16 rows (N = 8 * NT columns):
+// The three tile products of the kernels, for one warp's MT x 16 rows (MT row tiles
+// of 16, each ldmatrix'd B fragment feeding all MT of them: fewer smem reads per mma)
+// and N = 8 * NT columns:
 //   gemm_nt:     acc += A B^T, A = rows a_row0.. of a row-major smem matrix, B stored
 //                [n][k] in smem (e.g. S = Q K^T, dP = dO V^T);
-//   gemm_acc_nn: acc += P B, P = the 16 x K accumulators p in C layout (probabilities
-//                or dS), B stored [k][n] in smem (e.g. O += P V, dK += dS^T Q);
+//   gemm_acc_nn: acc += P B, P = the (MT x 16) x K accumulators p in C layout
+//                (probabilities or dS), B stored [k][n] in smem (O += P V, dK += dS^T Q);
 //   gemm_nn:     acc += A B, A from smem as in gemm_nt, B stored [k][n] in smem from
 //                column n0 (dQ += dS K with dS staged in smem).
-template <typename T, int NT, int K>
-__device__ __forceinline__ void gemm_nt(float (&acc)[NT][4], const T* a_s, int lda, int a_row0, const T* b_s,
-                                        int ldb) {
+// Each also takes a single row tile (float[NT][4]), i.e. MT = 1.
+template <typename T, int MT, int NT, int K>
+__device__ __forceinline__ void gemm_nt(float (&acc)[MT][NT][4], const T* a_s, int lda, int a_row0,
+                                        const T* b_s, int ldb) {
 #pragma unroll
   for (int k0 = 0; k0 < K; k0 += 16) {
-    uint32_t a[4];
-    load_a(a, a_s, lda, a_row0, k0);
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) load_a(a[m], a_s, lda, a_row0 + 16 * m, k0);
 #pragma unroll
     for (int j = 0; j < NT; j += 2) {
       uint32_t bb[4];
       load_b_nk(bb, b_s, ldb, 8 * j, k0);
-      mma<T>(acc[j], a, bb[0], bb[1]);
-      mma<T>(acc[j + 1], a, bb[2], bb[3]);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        mma<T>(acc[m][j], a[m], bb[0], bb[1]);
+        mma<T>(acc[m][j + 1], a[m], bb[2], bb[3]);
+      }
     }
   }
 }
-template <typename T, int NT, int K>
-__device__ __forceinline__ void gemm_acc_nn(float (&acc)[NT][4], const float (&p)[K / 8][4], const T* b_s,
-                                            int ldb) {
+template <typename T, int MT, int NT, int K>
+__device__ __forceinline__ void gemm_acc_nn(float (&acc)[MT][NT][4], const float (&p)[MT][K / 8][4],
+                                            const T* b_s, int ldb) {
 #pragma unroll
-  for (int m = 0; m < K / 16; ++m) {
-    uint32_t a[4];
-    acc_to_a<T>(a, p, m);
+  for (int k = 0; k < K / 16; ++k) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc_to_a<T>(a[m], p[m], k);
 #pragma unroll
     for (int j = 0; j < NT; j += 2) {
       uint32_t bb[4];
-      load_b_kn(bb, b_s, ldb, 16 * m, 8 * j);
-      mma<T>(acc[j], a, bb[0], bb[1]);
-      mma<T>(acc[j + 1], a, bb[2], bb[3]);
+      load_b_kn(bb, b_s, ldb, 16 * k, 8 * j);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        mma<T>(acc[m][j], a[m], bb[0], bb[1]);
+        mma<T>(acc[m][j + 1], a[m], bb[2], bb[3]);
+      }
     }
   }
 }
-template <typename T, int NT, int K>
-__device__ __forceinline__ void gemm_nn(float (&acc)[NT][4], const T* a_s, int lda, int a_row0, const T* b_s,
+template <typename T, int MT, int NT, int K>
+__device__ __forceinline__ void gemm_nn(float (&acc)[MT][NT][4], const T* a_s, int lda, int a_row0, const T* b_s,
                                         int ldb, int n0) {
 #pragma unroll
   for (int k0 = 0; k0 < K; k0 += 16) {
-    uint32_t a[4];
-    load_a(a, a_s, lda, a_row0, k0);
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) load_a(a[m], a_s, lda, a_row0 + 16 * m, k0);
 #pragma unroll
     for (int j = 0; j < NT; j += 2) {
       uint32_t bb[4];
       load_b_kn(bb, b_s, ldb, k0, n0 + 8 * j);
-      mma<T>(acc[j], a, bb[0], bb[1]);
-      mma<T>(acc[j + 1], a, bb[2], bb[3]);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        mma<T>(acc[m][j], a[m], bb[0], bb[1]);
+        mma<T>(acc[m][j + 1], a[m], bb[2], bb[3]);
+      }
     }
   }
+}
+// One row tile: a float[N][4] viewed as float[1][N][4] (same object representation).
+template <int N>
+__device__ __forceinline__ float (&one_tile(float (&acc)[N][4]))[1][N][4] {
+  return *reinterpret_cast<float(*)[1][N][4]>(&acc);
+}
+template <int N>
+__device__ __forceinline__ const float (&one_tile(const float (&acc)[N][4]))[1][N][4] {
+  return *reinterpret_cast<const float(*)[1][N][4]>(&acc);
+}
+template <typename T, int NT, int K>
+__device__ __forceinline__ void gemm_nt(float (&acc)[NT][4], const T* a_s, int lda, int a_row0, const T* b_s,
+                                        int ldb) {
+  gemm_nt<T, 1, NT, K>(one_tile(acc), a_s, lda, a_row0, b_s, ldb);
+}
+template <typename T, int NT, int K>
+__device__ __forceinline__ void gemm_acc_nn(float (&acc)[NT][4], const float (&p)[K / 8][4], const T* b_s,
+                                            int ldb) {
+  gemm_acc_nn<T, 1, NT, K>(one_tile(acc), one_tile(p), b_s, ldb);
+}
+template <typename T, int NT, int K>
+__device__ __forceinline__ void gemm_nn(float (&acc)[NT][4], const T* a_s, int lda, int a_row0, const T* b_s,
+                                        int ldb, int n0) {
+  gemm_nn<T, 1, NT, K>(one_tile(acc), a_s, lda, a_row0, b_s, ldb, n0);
+}
+
+// Vector atomic add of two adjacent floats (8-byte aligned p): one red.v2.f32 on sm_90,
+// two scalar ones before it.
+__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(x, y));
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
 }
 
 // 8 elements (16 bytes) as floats, and back. Explicit vector instructions: a struct
@@ -302,6 +357,11 @@ __device__ __forceinline__ void acc_to_smem(float* tile, const float (&acc)[kD /
     for (int r = 0; r < 2; ++r)
       *reinterpret_cast<float2*>(tile + (row0 + g + 8 * r) * (kD + 4) + 8 * j + 2 * tq) =
           make_float2(acc[j][2 * r], acc[j][2 * r + 1]);
+}
+template <int kD, int MT>
+__device__ __forceinline__ void acc_to_smem(float* tile, const float (&acc)[MT][kD / 8][4], int row0) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m) acc_to_smem<kD>(tile, acc[m], row0 + 16 * m);
 }
 
 // Epilogue, step 2 (the inverse of load_tile): rows [row0, row0 + kRows) of the smem

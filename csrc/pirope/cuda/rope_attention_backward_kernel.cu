@@ -1,6 +1,7 @@
 // CUDA backward of rope_attention: scratch buffers, then the kernels of the dtype and
 // head dim (rope_attention_bwd.cuh, one instantiation per rope_attention_bwd_*.cu).
-// p.deterministic picks the atomic-free dQ kernel (see rope_attention_bwd.cuh).
+// p.deterministic picks the atomic-free dQ kernel (see rope_attention_bwd.cuh). q is
+// pre-rotated like k (the dkdv kernel reads every q tile once per key block).
 #include "rope_attention_dispatch.h"
 #include "rope_attention_launch.h"
 
@@ -9,7 +10,7 @@ namespace pirope::cuda {
 void launch_rope_attention_bwd_cuda(const AttentionParams& params, at::ScalarType dtype,
                                     at::ScalarType table_dtype, c10::Device device) {
   dispatch_rope_attention(
-      "rope_attention_backward", params, dtype, table_dtype, device,
+      "rope_attention_backward", /*backward=*/true, params, dtype, table_dtype, device,
       [&](auto cfg, const AttentionParams& p, cudaStream_t stream) {
         using C = decltype(cfg);
         const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);

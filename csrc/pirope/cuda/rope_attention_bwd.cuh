@@ -1,22 +1,24 @@
 // CUDA backward of rope_attention (FlashAttention-2 style), with the rotary embedding
-// fused: q and k tiles are rotated as they are loaded, dq and dk are accumulated in
-// the rotated basis and rotated back (by -angle) once, in the epilogue.
+// fused: q and k are rotated once by a pre-pass (or as tiles are loaded, for short
+// sequences), dq and dk are accumulated in the rotated basis and rotated back (by
+// -angle) once, in the epilogue.
 //
 // With S = scale * rot(q) rot(k)^T, P = softmax(S) (recomputed from the saved lse),
 // dP = dO V^T, D = rowsum(dO * O) and dS = P * (dP - D):
 //   dV = P^T dO,   dK = scale * rot^-1(dS^T Q),   dQ = scale * rot^-1(dS K).
 // Kernels:
 //   1. dot_do_o: D for every query row.
-//   2. dkdv: one block per 64 keys of one (batch, kv head); 4 warps x 16 keys keep dK
+//   2. dkdv: one block per 128 keys of one (batch, kv head); 8 warps x 16 keys keep dK
 //      and dV in registers while looping over every query head of the GQA group and
-//      every 64-query block (causal: only blocks at or after the keys). Without
-//      p.deterministic it also adds each block's dQ contribution into a float32
-//      buffer with atomicAdd (fast; the summation order, hence the last bits, varies).
+//      every 64-query tile (causal: only tiles at or after the keys), the next tile's
+//      q and dO streaming in (cp.async) during this one's products. Without
+//      p.deterministic it also adds each tile's dQ contribution into a float32 buffer
+//      with vector atomics (fast; the summation order, hence the last bits, varies).
 //   3a. dq_convert (atomic mode): dQ = scale * rot^-1(dq_accum), cast.
 //   3b. dq (deterministic mode): one block per 64 queries recomputes S and dP over the
-//      key blocks and accumulates dQ in registers: no atomics, bit-identical results,
-//      7 tile products per (query block, key block) instead of 5 (S and dP are
-//      computed twice): +40% tensor-core work (a FLOP count; not yet timed).
+//      key tiles and accumulates dQ in registers: no atomics, bit-identical results,
+//      7 tile products per (query tile, key tile) instead of 5 (S and dP are computed
+//      twice): +40% tensor-core work.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -29,9 +31,15 @@
 namespace pirope::cuda {
 
 namespace bwd {
-constexpr int kBlockN = 64;  // keys per dkdv block (16 per warp); keys per tile of the dq kernel
-constexpr int kBlockM = 64;  // queries per tile of the dkdv kernel; per dq block (16 per warp)
-constexpr int kThreads = 128;
+// dkdv kernel: kBlockN keys per block, 16 per warp; query tiles of kBlockM rows,
+// double-buffered (the next tile's q and dO stream in with cp.async during this one).
+constexpr int kBlockN = 128;
+constexpr int kBlockM = 64;
+constexpr int kThreads = 32 * kBlockN / 16;  // 8 warps
+// Deterministic dq kernel: kDqBlockM queries per block (16 per warp), key tiles of kDqBlockN.
+constexpr int kDqBlockM = 64;
+constexpr int kDqBlockN = 64;
+constexpr int kDqThreads = 32 * kDqBlockM / 16;  // 4 warps
 constexpr float kLog2e = 1.4426950408889634f;
 }  // namespace bwd
 
@@ -54,10 +62,11 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dot_do_o_ker
   if (lane == 0) d[(b * p.heads_q + h) * p.seqlen + s] = acc;
 }
 
-// Loads the log2-domain lse and D of query rows [m0, m0 + kBlockM) of head hq.
+// Loads the log2-domain lse and D of query rows [m0, m0 + kRows) of head hq.
+template <int kRows, int kThreads>
 __device__ __forceinline__ void load_row_stats(float* lse_s, float* d_s, const AttentionParams& p,
                                                const float* d, int64_t b, int64_t hq, int64_t m0) {
-  for (int i = threadIdx.x; i < bwd::kBlockM; i += bwd::kThreads) {
+  for (int i = threadIdx.x; i < kRows; i += kThreads) {
     const int64_t s = m0 + i;
     const int64_t off = (b * p.heads_q + hq) * p.seqlen + s;
     lse_s[i] = s < p.seqlen ? static_cast<const float*>(p.lse)[off] * bwd::kLog2e : INFINITY;
@@ -66,20 +75,22 @@ __device__ __forceinline__ void load_row_stats(float* lse_s, float* d_s, const A
 }
 
 template <typename T, int kD, bool kAtomicDq>
-__global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dkdv_kernel(const AttentionParams p,
-                                                                                const BackwardScratch sc) {
+__global__ void __launch_bounds__(bwd::kThreads, 1) rope_attention_bwd_dkdv_kernel(const AttentionParams p,
+                                                                                   const BackwardScratch sc) {
   using namespace attn;
   using namespace bwd;
   constexpr int kLd = kD + kPad;
   constexpr int kLdS = kBlockN + kPad;
+  constexpr int kStage = 2 * kBlockM * kLd;  // one stage: q tile, then dO tile
+  // smem: K, V; two stages of (q, dO); two of (lse, D); dS as [query][key] (atomic mode).
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* k_s = reinterpret_cast<T*>(smem_raw);
   T* v_s = k_s + kBlockN * kLd;
-  T* q_s = v_s + kBlockN * kLd;
-  T* do_s = q_s + kBlockM * kLd;
-  float* lse_s = reinterpret_cast<float*>(do_s + kBlockM * kLd);
-  float* d_s = lse_s + kBlockM;
-  T* ds_s = reinterpret_cast<T*>(d_s + kBlockM);  // dS as [query][key], atomic mode only
+  T* stages = v_s + kBlockN * kLd;
+  float* stats = reinterpret_cast<float*>(stages + 2 * kStage);  // [stage][lse | D][kBlockM]
+  T* ds_s = reinterpret_cast<T*>(stats + 4 * kBlockM);
+  static_assert(kBlockN * (kD + 4) * sizeof(float) <= (2 * kBlockN * kLd + 2 * kStage) * sizeof(T),
+                "the float32 epilogue tile reuses the k/v/q/dO tiles' smem");
 
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
   const int64_t hk = blockIdx.y;
@@ -89,81 +100,106 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dkdv_kernel(
   const int g = lane / 4, tq = lane % 4;
   const float scale_log2 = static_cast<float>(p.softmax_scale) * kLog2e;
   const int64_t keys[2] = {n0 + warp * 16 + g, n0 + warp * 16 + g + 8};
-  static_assert(64 * (kD + 4) * sizeof(float) <= (2 * kBlockN + 2 * kBlockM) * kLd * sizeof(T),
-                "the float32 epilogue tile reuses the q/k/v/dO tiles' smem");
+
+  // Work items: every query tile at or after the keys (causal) of every q head of the
+  // GQA group; item i = (head hk * group + i / tiles, query tile i % tiles).
+  const int64_t m_begin = p.causal ? n0 : 0;  // causal: queries before the keys see none of them
+  const int64_t tiles = (p.seqlen - m_begin + kBlockM - 1) / kBlockM;
+  const int64_t items = group * tiles;
+  const auto item_head = [&](int64_t i) { return hk * group + i / tiles; };
+  const auto item_row = [&](int64_t i) { return m_begin + (i % tiles) * kBlockM; };
+  // Stage item i: q (a plain async copy when pre-rotated) and dO with cp.async, one
+  // commit group per item; the row stats with plain loads.
+  const auto stage_item = [&](int64_t i, int st) {
+    const int64_t hq = item_head(i), m0 = item_row(i);
+    T* q_dst = stages + st * kStage;
+    if (p.q_prerotated) {
+      copy_tile_async<T, kD, kBlockM, kThreads>(q_dst, p.q, p, b, hq, m0);
+    } else {
+      load_tile<T, kD, kBlockM, kThreads>(q_dst, p.q, p, b, hq, m0, true);
+    }
+    copy_tile_async<T, kD, kBlockM, kThreads>(q_dst + kBlockM * kLd, p.grad_out, p, b, hq, m0);
+    cp_async_commit();
+    load_row_stats<kBlockM, kThreads>(stats + 2 * st * kBlockM, stats + (2 * st + 1) * kBlockM, p, sc.d, b,
+                                      hq, m0);
+  };
 
   load_tile<T, kD, kBlockN, kThreads>(k_s, p.k, p, b, hk, n0, !p.k_prerotated);
   load_tile<T, kD, kBlockN, kThreads>(v_s, p.v, p, b, hk, n0, false);
+  stage_item(0, 0);
 
   float dk[kD / 8][4], dv[kD / 8][4];
   zero(dk);
   zero(dv);
 
-  const int64_t m_begin = p.causal ? n0 : 0;  // causal: queries before the keys see none of them
-  for (int64_t hq = hk * group; hq < (hk + 1) * group; ++hq) {
-    for (int64_t m0 = m_begin; m0 < p.seqlen; m0 += kBlockM) {
-      __syncthreads();  // previous q / dO / dS tiles consumed (and k, v loaded)
-      load_tile<T, kD, kBlockM, kThreads>(q_s, p.q, p, b, hq, m0, true);
-      load_tile<T, kD, kBlockM, kThreads>(do_s, p.grad_out, p, b, hq, m0, false);
-      load_row_stats(lse_s, d_s, p, sc.d, b, hq, m0);
-      __syncthreads();
+  for (int64_t it = 0; it < items; ++it) {
+    const int st = static_cast<int>(it & 1);
+    const int64_t hq = item_head(it), m0 = item_row(it);
+    __syncthreads();  // every warp is done with the other stage (item it - 1) and with dS
+    if (it + 1 < items) {
+      stage_item(it + 1, st ^ 1);
+      cp_async_wait<1>();  // item it's copies have landed (it + 1's may be in flight)
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // ... for every warp (and K, V, the row stats)
+    const T* q_s = stages + st * kStage;
+    const T* do_s = q_s + kBlockM * kLd;
+    const float* lse_s = stats + 2 * st * kBlockM;
+    const float* d_s = lse_s + kBlockM;
 
-      // S^T = K Q^T for this warp's 16 keys x 64 queries.
-      float pt[kBlockM / 8][4];
-      zero(pt);
-      gemm_nt<T, kBlockM / 8, kD>(pt, k_s, kLd, warp * 16, q_s, kLd);
-      // P^T from the saved lse; masked entries (causal, padding) are exactly 0. Only
-      // tiles that cross the diagonal or the sequence end need the mask.
-      const bool full_tile = m0 + kBlockM <= p.seqlen && n0 + kBlockN <= p.seqlen &&
-                             !(p.causal && n0 + kBlockN - 1 > m0);
+    // S^T = K Q^T for this warp's 16 keys x 64 queries.
+    float pt[kBlockM / 8][4];
+    zero(pt);
+    gemm_nt<T, kBlockM / 8, kD>(pt, k_s, kLd, warp * 16, q_s, kLd);
+    // P^T from the saved lse; masked entries (causal, padding) are exactly 0. Only
+    // tiles that cross the diagonal or the sequence end need the mask.
+    const bool full_tile = m0 + kBlockM <= p.seqlen && n0 + kBlockN <= p.seqlen &&
+                           !(p.causal && n0 + kBlockN - 1 > m0);
 #pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j) {
+    for (int j = 0; j < kBlockM / 8; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = 8 * j + 2 * tq + (e & 1);
-          const int64_t query = m0 + qi, key = keys[e >> 1];
-          const bool valid = full_tile || (key < p.seqlen && query < p.seqlen && (!p.causal || key <= query));
-          pt[j][e] = valid ? exp2f(pt[j][e] * scale_log2 - lse_s[qi]) : 0.f;
-        }
+      for (int e = 0; e < 4; ++e) {
+        const int qi = 8 * j + 2 * tq + (e & 1);
+        const int64_t query = m0 + qi, key = keys[e >> 1];
+        const bool valid = full_tile || (key < p.seqlen && query < p.seqlen && (!p.causal || key <= query));
+        pt[j][e] = valid ? exp2f(fmaf(pt[j][e], scale_log2, -lse_s[qi])) : 0.f;
       }
-      // dV += P^T dO.
-      gemm_acc_nn<T, kD / 8, kBlockM>(dv, pt, do_s, kLd);
-      // dP^T = V dO^T, then dS^T = P^T * (dP^T - D), in place.
-      float dst[kBlockM / 8][4];
-      zero(dst);
-      gemm_nt<T, kBlockM / 8, kD>(dst, v_s, kLd, warp * 16, do_s, kLd);
+    }
+    // dV += P^T dO.
+    gemm_acc_nn<T, kD / 8, kBlockM>(dv, pt, do_s, kLd);
+    // dP^T = V dO^T, then dS^T = P^T * (dP^T - D), in place.
+    float dst[kBlockM / 8][4];
+    zero(dst);
+    gemm_nt<T, kBlockM / 8, kD>(dst, v_s, kLd, warp * 16, do_s, kLd);
+#pragma unroll
+    for (int j = 0; j < kBlockM / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[j][e] = pt[j][e] * (dst[j][e] - d_s[8 * j + 2 * tq + (e & 1)]);
+    // dK += dS^T Q (rotated basis; scale and un-rotation in the epilogue).
+    gemm_acc_nn<T, kD / 8, kBlockM>(dk, dst, q_s, kLd);
+    if constexpr (kAtomicDq) {
+      // dQ (64 queries x kD) += dS K (128 keys): dS goes through smem transposed to
+      // [query][key]; warp w then owns queries 16 (w % 4).. and half w / 4 of the columns.
+      static_assert(kThreads / 32 == 2 * (kBlockM / 16), "8 warps = 4 query row tiles x 2 column halves");
+      constexpr int kCols = kD / 2;
 #pragma unroll
       for (int j = 0; j < kBlockM / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dst[j][e] = pt[j][e] * (dst[j][e] - d_s[8 * j + 2 * tq + (e & 1)]);
-      // dK += dS^T Q (rotated basis; scale and un-rotation in the epilogue).
-      gemm_acc_nn<T, kD / 8, kBlockM>(dk, dst, q_s, kLd);
-      if constexpr (kAtomicDq) {
-        // dQ (64 queries x kD) += dS K: dS goes through smem transposed to [query][key];
-        // warp w then owns queries 16w..16w+15, in 64-column passes to bound registers.
+        for (int e = 0; e < 4; ++e)
+          ds_s[(8 * j + 2 * tq + (e & 1)) * kLdS + warp * 16 + g + 8 * (e >> 1)] = static_cast<T>(dst[j][e]);
+      __syncthreads();
+      const int r0 = 16 * (warp % 4), c0 = kCols * (warp / 4);
+      float dq[kCols / 8][4];
+      zero(dq);
+      gemm_nn<T, kCols / 8, kBlockN>(dq, ds_s, kLdS, r0, k_s, kLd, c0);
 #pragma unroll
-        for (int j = 0; j < kBlockM / 8; ++j)
+      for (int r = 0; r < 2; ++r) {
+        const int64_t row = m0 + r0 + g + 8 * r;
+        if (row >= p.seqlen) continue;
+        float* dst_row = sc.dq_accum + ((b * p.seqlen + row) * p.heads_q + hq) * kD + c0;
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            ds_s[(8 * j + 2 * tq + (e & 1)) * kLdS + warp * 16 + g + 8 * (e >> 1)] = static_cast<T>(dst[j][e]);
-        __syncthreads();
-        const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
-#pragma unroll
-        for (int c0 = 0; c0 < kD; c0 += 64) {
-          float dq[8][4];
-          zero(dq);
-          gemm_nn<T, 8, kBlockN>(dq, ds_s, kLdS, warp * 16, k_s, kLd, c0);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            if (rows[r] >= p.seqlen) continue;
-            float* dst_row = sc.dq_accum + ((b * p.seqlen + rows[r]) * p.heads_q + hq) * kD + c0;
-#pragma unroll
-            for (int jd = 0; jd < 8; ++jd) {
-              atomicAdd(dst_row + 8 * jd + 2 * tq, dq[jd][2 * r]);
-              atomicAdd(dst_row + 8 * jd + 2 * tq + 1, dq[jd][2 * r + 1]);
-            }
-          }
-        }
+        for (int jd = 0; jd < kCols / 8; ++jd) atomic_add2(dst_row + 8 * jd + 2 * tq, dq[jd][2 * r], dq[jd][2 * r + 1]);
       }
     }
   }
@@ -180,33 +216,47 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dkdv_kernel(
   store_tile<T, kD, kBlockN, kThreads>(tile, p.dv, p, b, hk, n0, false, 1.f);
 }
 
-// Deterministic dQ: one block per 64 queries of one (batch, q head).
+// Deterministic dQ: one block per kDqBlockM queries of one (batch, q head); key tiles
+// double-buffered (the next K, V stream in with cp.async during this tile's products).
 template <typename T, int kD>
-__global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dq_kernel(const AttentionParams p,
-                                                                              const BackwardScratch sc) {
+__global__ void __launch_bounds__(bwd::kDqThreads) rope_attention_bwd_dq_kernel(const AttentionParams p,
+                                                                                const BackwardScratch sc) {
   using namespace attn;
-  using namespace bwd;
+  constexpr int kBlockM = bwd::kDqBlockM, kBlockN = bwd::kDqBlockN, kThreads = bwd::kDqThreads;
   constexpr int kLd = kD + kPad;
+  constexpr int kStage = 2 * kBlockN * kLd;  // one stage: K tile, then V tile
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* do_s = q_s + kBlockM * kLd;
-  T* k_s = do_s + kBlockM * kLd;
-  T* v_s = k_s + kBlockN * kLd;
-  float* lse_s = reinterpret_cast<float*>(v_s + kBlockN * kLd);
+  T* stages = do_s + kBlockM * kLd;
+  float* lse_s = reinterpret_cast<float*>(stages + 2 * kStage);
   float* d_s = lse_s + kBlockM;
 
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  // Causal: the last query blocks see the most keys; launch them first (shorter tail).
+  const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
   const int64_t hq = blockIdx.y;
   const int64_t b = blockIdx.z;
   const int64_t hk = hq / (p.heads_q / p.heads_kv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, tq = lane % 4;
-  const float scale_log2 = static_cast<float>(p.softmax_scale) * kLog2e;
+  const float scale_log2 = static_cast<float>(p.softmax_scale) * bwd::kLog2e;
   const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+  // K (a plain async copy when pre-rotated) and V of key tile n0 into stage st.
+  const auto stage_tile = [&](int64_t n0, int st) {
+    T* k_dst = stages + st * kStage;
+    if (p.k_prerotated) {
+      copy_tile_async<T, kD, kBlockN, kThreads>(k_dst, p.k, p, b, hk, n0);
+    } else {
+      load_tile<T, kD, kBlockN, kThreads>(k_dst, p.k, p, b, hk, n0, true);
+    }
+    copy_tile_async<T, kD, kBlockN, kThreads>(k_dst + kBlockN * kLd, p.v, p, b, hk, n0);
+    cp_async_commit();
+  };
 
-  load_tile<T, kD, kBlockM, kThreads>(q_s, p.q, p, b, hq, m0, true);
+  load_tile<T, kD, kBlockM, kThreads>(q_s, p.q, p, b, hq, m0, !p.q_prerotated);
   load_tile<T, kD, kBlockM, kThreads>(do_s, p.grad_out, p, b, hq, m0, false);
-  load_row_stats(lse_s, d_s, p, sc.d, b, hq, m0);
+  load_row_stats<kBlockM, kThreads>(lse_s, d_s, p, sc.d, b, hq, m0);
+  stage_tile(0, 0);
   __syncthreads();
   const float lse_r[2] = {lse_s[warp * 16 + g], lse_s[warp * 16 + g + 8]};
   const float d_r[2] = {d_s[warp * 16 + g], d_s[warp * 16 + g + 8]};
@@ -216,10 +266,17 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dq_kernel(co
 
   const int64_t n_end = p.causal ? std::min<int64_t>(p.seqlen, m0 + kBlockM) : p.seqlen;
   for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+    const int st = static_cast<int>((n0 / kBlockN) & 1);
+    __syncthreads();  // every warp is done with the other stage (tile n0 - kBlockN)
+    if (n0 + kBlockN < n_end) {
+      stage_tile(n0 + kBlockN, st ^ 1);
+      cp_async_wait<1>();  // tile n0 has landed (the next may be in flight)
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
-    load_tile<T, kD, kBlockN, kThreads>(k_s, p.k, p, b, hk, n0, !p.k_prerotated);
-    load_tile<T, kD, kBlockN, kThreads>(v_s, p.v, p, b, hk, n0, false);
-    __syncthreads();
+    const T* k_s = stages + st * kStage;
+    const T* v_s = k_s + kBlockN * kLd;
     // S = Q K^T and dP = dO V^T for this warp's 16 queries x 64 keys.
     float s[kBlockN / 8][4], dp[kBlockN / 8][4];
     zero(s);
@@ -236,7 +293,7 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dq_kernel(co
       for (int e = 0; e < 4; ++e) {
         const int64_t key = n0 + 8 * j + 2 * tq + (e & 1), row = rows[e >> 1];
         const bool valid = full_tile || (key < p.seqlen && row < p.seqlen && (!p.causal || key <= row));
-        const float pr = valid ? exp2f(s[j][e] * scale_log2 - lse_r[e >> 1]) : 0.f;
+        const float pr = valid ? exp2f(fmaf(s[j][e], scale_log2, -lse_r[e >> 1])) : 0.f;
         s[j][e] = pr * (dp[j][e] - d_r[e >> 1]);
       }
     }
@@ -289,7 +346,7 @@ void set_smem(Kernel kernel, size_t smem) {
 template <typename T, int kD>
 void launch_rope_attention_bwd(const AttentionParams& p, const BackwardScratch& sc, cudaStream_t stream) {
   using namespace bwd;
-  constexpr int kLd = kD + attn::kPad;
+  constexpr size_t kLd = kD + attn::kPad;
   const auto ublocks = [](int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); };
 
   const int64_t rows = p.batch * p.seqlen * p.heads_q;
@@ -297,20 +354,23 @@ void launch_rope_attention_bwd(const AttentionParams& p, const BackwardScratch& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const dim3 kv_grid(ublocks(p.seqlen, kBlockN), static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
-  const size_t tiles = static_cast<size_t>(2 * kBlockN + 2 * kBlockM) * kLd * sizeof(T) + 2 * kBlockM * sizeof(float);
+  // K, V, two stages of (q, dO), two of (lse, D); + dS in atomic mode.
+  const size_t dkdv_smem = (2 * kBlockN + 4 * kBlockM) * kLd * sizeof(T) + 4 * kBlockM * sizeof(float);
   if (p.deterministic) {
     auto dkdv = rope_attention_bwd_dkdv_kernel<T, kD, false>;
-    set_smem(dkdv, tiles);
-    dkdv<<<kv_grid, kThreads, tiles, stream>>>(p, sc);
+    set_smem(dkdv, dkdv_smem);
+    dkdv<<<kv_grid, kThreads, dkdv_smem, stream>>>(p, sc);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto dq = rope_attention_bwd_dq_kernel<T, kD>;
-    set_smem(dq, tiles);
-    const dim3 q_grid(ublocks(p.seqlen, kBlockM), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
-    dq<<<q_grid, kThreads, tiles, stream>>>(p, sc);
+    // q, dO, two stages of (K, V), lse, D.
+    const size_t dq_smem = (2 * kDqBlockM + 4 * kDqBlockN) * kLd * sizeof(T) + 2 * kDqBlockM * sizeof(float);
+    set_smem(dq, dq_smem);
+    const dim3 q_grid(ublocks(p.seqlen, kDqBlockM), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
+    dq<<<q_grid, kDqThreads, dq_smem, stream>>>(p, sc);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     auto dkdv = rope_attention_bwd_dkdv_kernel<T, kD, true>;
-    const size_t smem = tiles + static_cast<size_t>(kBlockM) * (kBlockN + attn::kPad) * sizeof(T);
+    const size_t smem = dkdv_smem + static_cast<size_t>(kBlockM) * (kBlockN + attn::kPad) * sizeof(T);
     set_smem(dkdv, smem);
     dkdv<<<kv_grid, kThreads, smem, stream>>>(p, sc);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

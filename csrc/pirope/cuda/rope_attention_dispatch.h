@@ -23,10 +23,15 @@ void check_supported(const char* op, const AttentionParams& p, at::ScalarType dt
 
 // Rotates k once into a fresh (batch, seqlen, heads_kv, head_dim) buffer and points
 // p.k at it (p.k_prerotated), so the attention kernels load k tiles as plain copies
-// instead of rotating every k tile once per query block. Used when seqlen is above one
-// key tile unless PIROPE_ATTENTION_K_PREPASS=0 (=1 forces it); returns the buffer
-// (keep it alive until the kernels have run), or an undefined tensor.
-at::Tensor maybe_prerotate_k(AttentionParams& p, at::ScalarType dtype, at::ScalarType table_dtype,
+// instead of rotating every k tile once per query block; with `with_q` (the backward,
+// whose dkdv kernel reads every q tile once per key block) q likewise (p.q_prerotated).
+// Used when seqlen is above one key tile unless PIROPE_ATTENTION_K_PREPASS=0 (=1
+// forces it); returns the buffers (keep them alive until the kernels have run), or
+// undefined tensors.
+struct PrerotatedQK {
+  at::Tensor q, k;
+};
+PrerotatedQK maybe_prerotate(AttentionParams& p, bool with_q, at::ScalarType dtype, at::ScalarType table_dtype,
                              c10::Device device);
 
 // A (dtype, head dim) pair of the kernels, passed by value to pick an instantiation.
@@ -37,17 +42,18 @@ struct KernelConfig {
 };
 
 // The preamble both directions share, then the (dtype, head dim) switch: checks the
-// call (check_supported), sets the device, pre-rotates k (maybe_prerotate_k) and calls
+// call (check_supported), sets the device, pre-rotates k, and q for the backward
+// (maybe_prerotate), and calls
 // launch(KernelConfig<T, kD>{}, p, stream) with T at::Half or at::BFloat16 and kD 64 or
-// 128, on the current stream; the pre-rotated k lives until launch returns.
+// 128, on the current stream; the pre-rotated copies live until launch returns.
 template <typename Launch>
-void dispatch_rope_attention(const char* op, const AttentionParams& params, at::ScalarType dtype,
+void dispatch_rope_attention(const char* op, bool backward, const AttentionParams& params, at::ScalarType dtype,
                              at::ScalarType table_dtype, c10::Device device, Launch&& launch) {
   check_supported(op, params, dtype, table_dtype);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
   AttentionParams p = params;
-  const at::Tensor k_rot = maybe_prerotate_k(p, dtype, table_dtype, device);
+  const PrerotatedQK rotated = maybe_prerotate(p, backward, dtype, table_dtype, device);
   const auto with_dim = [&](auto dtype_tag) {
     using T = decltype(dtype_tag);
     p.head_dim == 64 ? launch(KernelConfig<T, 64>{}, p, stream)

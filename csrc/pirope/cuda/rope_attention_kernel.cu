@@ -48,23 +48,43 @@ void check_supported(const char* op, const AttentionParams& p, at::ScalarType dt
               ": CUDA grid limits exceeded (seqlen <= 4194240, heads and batch <= 65535)");
 }
 
-at::Tensor maybe_prerotate_k(AttentionParams& p, at::ScalarType dtype, at::ScalarType table_dtype,
-                             c10::Device device) {
-  const char* env = std::getenv("PIROPE_ATTENTION_K_PREPASS");
-  const bool want = env != nullptr ? std::strcmp(env, "0") != 0 : p.seqlen > 64;
-  if (!want) return {};
-  at::Tensor k_rot = at::empty({p.batch, p.seqlen, p.heads_kv, p.head_dim},
-                               at::TensorOptions().dtype(dtype).device(device));
+namespace {
+
+// A rotated copy (batch, seqlen, heads, head_dim) of t, by the rope tables of p.
+at::Tensor rotated_copy(const AttentionParams& p, const AttentionTensor& t, int64_t heads, at::ScalarType dtype,
+                        at::ScalarType table_dtype, c10::Device device) {
+  at::Tensor out = at::empty({p.batch, p.seqlen, heads, p.head_dim}, at::TensorOptions().dtype(dtype).device(device));
   RopeParams rp = p.rope;
   rp.ntensors = 1;
   rp.conjugate = false;
   rp.copy_tail = true;
-  rp.t[0] = RopeTensorArgs{p.k.ptr, k_rot.data_ptr(), p.k.stride_b, p.k.stride_s, p.k.stride_h,
-                           k_rot.stride(0), k_rot.stride(1), k_rot.stride(2), p.heads_kv};
+  rp.t[0] = RopeTensorArgs{t.ptr, out.data_ptr(), t.stride_b, t.stride_s, t.stride_h,
+                           out.stride(0), out.stride(1), out.stride(2), heads};
   launch_rope_cuda(rp, dtype, table_dtype, device);
-  p.k = AttentionTensor{k_rot.data_ptr(), k_rot.stride(0), k_rot.stride(1), k_rot.stride(2)};
+  return out;
+}
+
+AttentionTensor as_attention_tensor(const at::Tensor& t) {
+  return AttentionTensor{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+}  // namespace
+
+PrerotatedQK maybe_prerotate(AttentionParams& p, bool with_q, at::ScalarType dtype, at::ScalarType table_dtype,
+                             c10::Device device) {
+  const char* env = std::getenv("PIROPE_ATTENTION_K_PREPASS");
+  const bool want = env != nullptr ? std::strcmp(env, "0") != 0 : p.seqlen > 64;
+  if (!want) return {};
+  PrerotatedQK out;
+  out.k = rotated_copy(p, p.k, p.heads_kv, dtype, table_dtype, device);
+  p.k = as_attention_tensor(out.k);
   p.k_prerotated = true;
-  return k_rot;
+  if (with_q) {
+    out.q = rotated_copy(p, p.q, p.heads_q, dtype, table_dtype, device);
+    p.q = as_attention_tensor(out.q);
+    p.q_prerotated = true;
+  }
+  return out;
 }
 
 // Defined in rope_attention_backward_kernel.cu.
@@ -75,7 +95,7 @@ namespace {
 
 void launch_rope_attention_fwd_cuda(const AttentionParams& params, at::ScalarType dtype,
                                     at::ScalarType table_dtype, c10::Device device) {
-  dispatch_rope_attention("rope_attention", params, dtype, table_dtype, device,
+  dispatch_rope_attention("rope_attention", /*backward=*/false, params, dtype, table_dtype, device,
                           [](auto cfg, const AttentionParams& p, cudaStream_t stream) {
                             using C = decltype(cfg);
                             launch_rope_attention_fwd<typename C::scalar_t, C::head_dim>(p, stream);
