@@ -22,8 +22,9 @@ import pirope
 
 def short(name: str) -> str:
     """A kernel's name without template arguments and namespaces."""
-    name = re.sub(r"<.*", "", name.split("(")[0])
-    return name.split("::")[-1][:60]
+    plain = name.replace("(anonymous namespace)", "anon").removeprefix("void ")
+    base = re.sub(r"<.*", "", plain.split("(")[0]).split("::")[-1].strip()
+    return (base or name)[:60]
 
 
 def main():
