@@ -340,6 +340,23 @@ __device__ void copy_tile_async(T* smem, const AttentionTensor& t, const Attenti
   }
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Rows [row0, row0 + kRows) of head h of `a`, then of `b`, into two consecutive smem
+// tiles as one cp.async commit group: the pipeline stage of the backward kernels (q and
+// dO, or K and V). `a` is rotated on the way in, through registers, unless `a_rotated`
+// (pre-rotated by the pre-pass: then a plain async copy too).
+template <typename T, int kD, int kRows, int kThreads>
+__device__ __forceinline__ void stage_tile_pair(T* smem, const AttentionTensor& a, bool a_rotated,
+                                                const AttentionTensor& b, const AttentionParams& p,
+                                                int64_t batch, int64_t h, int64_t row0) {
+  if (a_rotated) {
+    copy_tile_async<T, kD, kRows, kThreads>(smem, a, p, batch, h, row0);
+  } else {
+    load_tile<T, kD, kRows, kThreads>(smem, a, p, batch, h, row0, true);
+  }
+  copy_tile_async<T, kD, kRows, kThreads>(smem + kRows * (kD + kPad), b, p, batch, h, row0);
+  cp_async_commit();
+}
 // Waits until at most N of this thread's committed cp.async groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {

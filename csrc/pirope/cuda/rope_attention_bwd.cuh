@@ -112,14 +112,7 @@ __global__ void __launch_bounds__(bwd::kThreads, 1) rope_attention_bwd_dkdv_kern
   // commit group per item; the row stats with plain loads.
   const auto stage_item = [&](int64_t i, int st) {
     const int64_t hq = item_head(i), m0 = item_row(i);
-    T* q_dst = stages + st * kStage;
-    if (p.q_prerotated) {
-      copy_tile_async<T, kD, kBlockM, kThreads>(q_dst, p.q, p, b, hq, m0);
-    } else {
-      load_tile<T, kD, kBlockM, kThreads>(q_dst, p.q, p, b, hq, m0, true);
-    }
-    copy_tile_async<T, kD, kBlockM, kThreads>(q_dst + kBlockM * kLd, p.grad_out, p, b, hq, m0);
-    cp_async_commit();
+    stage_tile_pair<T, kD, kBlockM, kThreads>(stages + st * kStage, p.q, p.q_prerotated, p.grad_out, p, b, hq, m0);
     load_row_stats<kBlockM, kThreads>(stats + 2 * st * kBlockM, stats + (2 * st + 1) * kBlockM, p, sc.d, b,
                                       hq, m0);
   };
@@ -243,14 +236,7 @@ __global__ void __launch_bounds__(bwd::kDqThreads) rope_attention_bwd_dq_kernel(
   const int64_t rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
   // K (a plain async copy when pre-rotated) and V of key tile n0 into stage st.
   const auto stage_tile = [&](int64_t n0, int st) {
-    T* k_dst = stages + st * kStage;
-    if (p.k_prerotated) {
-      copy_tile_async<T, kD, kBlockN, kThreads>(k_dst, p.k, p, b, hk, n0);
-    } else {
-      load_tile<T, kD, kBlockN, kThreads>(k_dst, p.k, p, b, hk, n0, true);
-    }
-    copy_tile_async<T, kD, kBlockN, kThreads>(k_dst + kBlockN * kLd, p.v, p, b, hk, n0);
-    cp_async_commit();
+    stage_tile_pair<T, kD, kBlockN, kThreads>(stages + st * kStage, p.k, p.k_prerotated, p.v, p, b, hk, n0);
   };
 
   load_tile<T, kD, kBlockM, kThreads>(q_s, p.q, p, b, hq, m0, !p.q_prerotated);
