@@ -160,8 +160,8 @@ def main():
                         rows.append(r)
                         f = lambda key: f"{r[key]:8.3f}" if r.get(key) is not None else f"{'-':>8}"  # noqa: E731
                         print(f"{r['dtype']:8} {heads:6} {s:6d} {str(causal):6} {mode:8} "
-                              f"{f('fused_ms'):>9} {r.get('fused_tflops') or 0:7.1f} {f('fused_det_ms')} {f('flash_ms')} "
-                              f"{f('efficient_ms')} {f('cudnn_ms')} {r['best_sdpa'] or '-':>6} "
+                              f"{f('fused_ms'):>9} {r.get('fused_tflops') or 0:7.1f} {f('fused_det_ms')} "
+                              f"{f('flash_ms')} {f('efficient_ms')} {f('cudnn_ms')} {r['best_sdpa'] or '-':>6} "
                               f"{r.get('ratio_vs_best_sdpa', 0):6.2f} {r.get('err_vs_best', float('nan')):8.1e}",
                               flush=True)
                         torch.cuda.empty_cache()
