@@ -26,18 +26,17 @@ def qkv(b, s, hq, hkv, d, dtype=torch.float32, device="cpu", requires_grad=False
     return mk(hq), mk(hkv), mk(hkv)
 
 
-def assert_close_to(actual, ref, dtype, what="", rel=REL):
+def assert_close_to(actual, ref, dtype, what=""):
     actual = actual.detach().to(torch.float64).cpu()
     assert actual.shape == ref.shape, (what, actual.shape, ref.shape)
     err = (actual - ref).abs().max().item() if ref.numel() else 0.0
-    bound = rel[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    bound = REL[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({dtype})"
 
 
-def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, scale=None, interleaved=False,
-                            rel=REL):
+def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, scale=None, interleaved=False):
     """Output and the three gradients of pirope.rope_attention vs the reference
-    (max error relative to max(1, max |reference|) within rel[dtype])."""
+    (max error relative to max(1, max |reference|) within REL[dtype])."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = pirope.rope_attention(q, k, v, cos, sin, pos, causal=causal, softmax_scale=scale,
                                 interleaved=interleaved)
@@ -45,10 +44,10 @@ def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, scale=None
     g = torch.randn_like(out)
     out.backward(g)
     ref, dq, dk, dv = attention_reference(q, k, v, cos, sin, pos, causal, scale, interleaved, grad_out=g)
-    assert_close_to(out, ref, q.dtype, "out", rel)
-    assert_close_to(q.grad, dq, q.dtype, "dq", rel)
-    assert_close_to(k.grad, dk, q.dtype, "dk", rel)
-    assert_close_to(v.grad, dv, q.dtype, "dv", rel)
+    assert_close_to(out, ref, q.dtype, "out")
+    assert_close_to(q.grad, dq, q.dtype, "dq")
+    assert_close_to(k.grad, dk, q.dtype, "dk")
+    assert_close_to(v.grad, dv, q.dtype, "dv")
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
@@ -146,9 +145,9 @@ def test_backward_is_deterministic():
 # ---- CPU tile products: AVX512 kernels (avx512_gemm.h) or torch's BLAS ----
 CPU_GEMM = pirope.cpu_gemm()  # what this CPU runs by default, per dtype
 GEMM_ENV = {"avx512_bf16": None, "avx512": "avx512", "blas": "blas"}  # PIROPE_CPU_GEMM
-# Max |error| relative to max(1, max |reference|), tighter than REL for bfloat16:
-# every path rounds only where flash attention does.
-PATH_REL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 1e-2}
+# Every path is held to REL. (A 1e-2 bound for bfloat16 failed about one run in a
+# hundred for the 7-token, head-dim-6 case: over 4200 random draws of the smallest shapes
+# on all three paths the worst error was 1.9e-2, float16 1.9e-3.)
 
 
 def use_cpu_gemm(monkeypatch, dtype, path):
@@ -188,7 +187,7 @@ def test_cpu_products_match_reference(monkeypatch, dtype, path, b, s, heads, hea
     use_cpu_gemm(monkeypatch, dtype, path)
     q, k, v = qkv(b, s, *heads, head_dim, dtype=dtype)
     cos, sin = tables(rotary_dim, s)
-    check_against_reference(q, k, v, cos, sin, causal=causal, rel=PATH_REL)
+    check_against_reference(q, k, v, cos, sin, causal=causal)
 
 
 @pytest.mark.parametrize("dtype, path", PATHS)
@@ -199,7 +198,7 @@ def test_cpu_products_positions_layouts_and_views(monkeypatch, dtype, path):
     assert not q.is_contiguous()
     cos, sin = tables(64, 400)
     pos = torch.stack([torch.arange(150) * 2, torch.arange(150) + 100])
-    check_against_reference(q, k, v, cos, sin, pos, interleaved=True, rel=PATH_REL)
+    check_against_reference(q, k, v, cos, sin, pos, interleaved=True)
 
 
 def test_cpu_gemm_reports_the_path_per_dtype(monkeypatch):
@@ -286,7 +285,7 @@ def test_cpu_backward_split_over_threads_is_bit_identical(dtype, causal):
             assert torch.equal(a, b)
     _, dq, dk, dv = attention_reference(q, k, v, cos, sin, None, causal, None, False, grad_out=g)
     for what, got, want in zip(("dq", "dk", "dv"), grads[-1], (dq, dk, dv)):
-        assert_close_to(got, want, dtype, what, PATH_REL)
+        assert_close_to(got, want, dtype, what)
 
 
 def test_non_contiguous_inputs(device):
