@@ -59,6 +59,20 @@ timeout 200 $PY -m pytest -q --tb=short -rf $xdist -k "cuda" -p no:cacheprovider
   > "$OUT/pytest-cuda.log" 2>&1 || status=1
 tail -25 "$OUT/pytest-cuda.log"
 
+# The CPU ops' error paths on this machine's toolchain, one process: on the H100 run of
+# 2026-11-26 (torch 2.11, /opt/gcc) the non-CUDA bad-input tests segfaulted when run
+# under xdist, while they pass on our CPU machines. On a crash, a native backtrace.
+step "CPU error paths (tests/test_bad_input.py, one process)"
+if ! timeout 90 $PY -X faulthandler -m pytest -q -x --tb=short -p no:cacheprovider -p no:xdist \
+    tests/test_bad_input.py -k "not cuda" > "$SCRATCH/bad-input.log" 2>&1; then
+  status=1; tail -30 "$SCRATCH/bad-input.log"
+  GDB="$(command -v gdb || command -v cuda-gdb || true)"
+  [ -n "$GDB" ] && timeout 120 "$GDB" -batch -ex run -ex bt --args $PY -m pytest -q -x -p no:cacheprovider \
+    -p no:xdist tests/test_bad_input.py -k "not cuda" 2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -60
+else
+  tail -1 "$SCRATCH/bad-input.log"
+fi
+
 # Benchmarks print straight into this log (a lease returns few files). The fused CUDA
 # attention kernels are opt-in: the benchmarks compare them, so turn them on.
 export PYTHONWARNINGS=ignore PIROPE_CUDA_ATTENTION=1
