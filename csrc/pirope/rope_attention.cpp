@@ -77,10 +77,6 @@ void check_scale(const char* op, double scale) {
 }
 
 
-AttentionTensor tensor_args(const at::Tensor& t) {
-  return {const_cast<void*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
-}
-
 // Tables, positions and common sizes; checks the positions (on CPU).
 AttentionParams plan(const char* op, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& cos, const at::Tensor& sin,
@@ -111,6 +107,10 @@ AttentionParams plan(const char* op, const at::Tensor& q, const at::Tensor& k,
 }
 
 }  // namespace
+
+AttentionTensor tensor_args(const at::Tensor& t) {
+  return {const_cast<void*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
 
 std::tuple<at::Tensor, at::Tensor> rope_attention_run(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,

@@ -14,6 +14,9 @@
 
 namespace pirope {
 
+// A (batch, seqlen, heads, head_dim) tensor as the kernels' AttentionTensor.
+AttentionTensor tensor_args(const at::Tensor& t);
+
 // Runs the forward (writes out, lse) or the backward (writes dq, dk, dv) described
 // by `params`. dtype is the dtype of q/k/v, table_dtype the dtype of cos/sin.
 using AttentionLauncher = void (*)(const AttentionParams& params, at::ScalarType dtype,

@@ -64,10 +64,6 @@ at::Tensor rotated_copy(const AttentionParams& p, const AttentionTensor& t, int6
   return out;
 }
 
-AttentionTensor as_attention_tensor(const at::Tensor& t) {
-  return AttentionTensor{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
-}
-
 }  // namespace
 
 PrerotatedQK maybe_prerotate(AttentionParams& p, bool with_q, at::ScalarType dtype, at::ScalarType table_dtype,
@@ -77,11 +73,11 @@ PrerotatedQK maybe_prerotate(AttentionParams& p, bool with_q, at::ScalarType dty
   if (!want) return {};
   PrerotatedQK out;
   out.k = rotated_copy(p, p.k, p.heads_kv, dtype, table_dtype, device);
-  p.k = as_attention_tensor(out.k);
+  p.k = tensor_args(out.k);
   p.k_prerotated = true;
   if (with_q) {
     out.q = rotated_copy(p, p.q, p.heads_q, dtype, table_dtype, device);
-    p.q = as_attention_tensor(out.q);
+    p.q = tensor_args(out.q);
     p.q_prerotated = true;
   }
   return out;
