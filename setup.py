@@ -5,7 +5,7 @@
 Environment:
     PIROPE_FORCE_CUDA=1   build the CUDA kernels even if torch/nvcc detection says no
     PIROPE_FORCE_CUDA=0   CPU-only build even when CUDA is available
-    TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0")
+    TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0a"; 9.0a adds the Hopper kernels)
     MAX_JOBS              parallel compile jobs (ninja)
     PIROPE_CPU_ISA        "auto" (default: AVX2+FMA when the build machine has them)
                           or "default" (portable build)
@@ -95,11 +95,13 @@ def extensions():
         cpp_extension.CUDA_HOME = find_cuda_home()
         for inc in pip_cuda_includes():
             nvcc += ["-isystem", inc]
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         sources += rel(glob.glob(os.path.join(ROOT, "csrc/pirope/cuda/*.cu")))
         defs = ["-DPIROPE_WITH_CUDA", f'-DPIROPE_CUDA_VERSION="{torch.version.cuda}"',
                 f'-DPIROPE_CUDA_ARCHS="{archs}"']
+        if "9.0a" in archs.replace(" ", ";").split(";"):
+            defs.append("-DPIROPE_CUDA_SM90A")  # the Hopper (wgmma) attention kernels
         cxx += defs
         nvcc += defs
         ext = cpp_extension.CUDAExtension(

@@ -41,9 +41,10 @@ compute-sanitizer --version 2>/dev/null | head -2
 $PY -c "import transformers; print('transformers', transformers.__version__)" || true
 echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) uncommitted files"
 
-step "build (TORCH_CUDA_ARCH_LIST=9.0)"
+step "build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a})"
 t0=$(date +%s)
-PIROPE_FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+# GPU_CHECK_SKIP="build": the caller has just built in place (same command).
+skip build || PIROPE_FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" \
   $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "built in $(( $(date +%s) - t0 )) s"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -65,10 +66,15 @@ tail -25 "$OUT/pytest-cuda.log"
 step "CPU error paths (tests/test_bad_input.py, one process)"
 if ! timeout 90 $PY -X faulthandler -m pytest -q -x --tb=short -p no:cacheprovider -p no:xdist \
     tests/test_bad_input.py -k "not cuda" > "$SCRATCH/bad-input.log" 2>&1; then
-  status=1; tail -30 "$SCRATCH/bad-input.log"
+  status=1
+  # The failing test (faulthandler names it in its first frames), then the innermost
+  # native frames and the C++ runtimes the process had loaded.
+  grep -m1 -B2 -A14 "Fatal Python error" "$SCRATCH/bad-input.log" || tail -30 "$SCRATCH/bad-input.log"
+  ldd python/pirope/_C*.so | grep -E "stdc|gcc_s|gomp|c10|torch_cpu"
   GDB="$(command -v gdb || command -v cuda-gdb || true)"
-  [ -n "$GDB" ] && timeout 120 "$GDB" -batch -ex run -ex bt --args $PY -m pytest -q -x -p no:cacheprovider \
-    -p no:xdist tests/test_bad_input.py -k "not cuda" 2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -60
+  [ -n "$GDB" ] && timeout 120 "$GDB" -batch -ex run -ex "bt 18" -ex "info sharedlibrary" --args $PY -m pytest -q \
+    -x -p no:cacheprovider -p no:xdist tests/test_bad_input.py -k "not cuda" 2>&1 |
+    grep -v "^\[New Thread\|^\[Thread" | grep -E "^#|signal|stdc|gcc_s|gomp|pirope" | cut -c1-400 | head -60
 else
   tail -1 "$SCRATCH/bad-input.log"
 fi
@@ -77,9 +83,17 @@ fi
 # attention kernels are opt-in: the benchmarks compare them, so turn them on.
 export PYTHONWARNINGS=ignore PIROPE_CUDA_ATTENTION=1
 step "attention: fused vs pirope rope + each SDPA backend"
+# hopper_vs_mma SEQLENS: the fused kernels with the Hopper (wgmma) kernels turned off,
+# beside the default run's "fused" rows (which use them on sm_90 with a 9.0a build).
+hopper_vs_mma() {
+  echo "-- PIROPE_ATTENTION_SM90=0 (mma.sync kernels) --"
+  PIROPE_ATTENTION_SM90=0 timeout 60 $PY benchmarks/bench_attention_gpu.py --methods fused,fused_det \
+    --seqlens "$1" --heads 32/8 --causal 1 --repeat 10 || status=1
+}
 if [ "$QUICK" = 1 ]; then
   timeout 90 $PY benchmarks/bench_attention_gpu.py --seqlens 2048,16384 --heads 32/8 --causal 1 \
     --repeat 10 --json "$OUT/bench_attention_gpu.json" || status=1
+  hopper_vs_mma 2048,16384
   step "compute-sanitizer memcheck (attention kernels)"
   sanitize memcheck --quick
   echo "gpu_check status: $status (log: $LOG)"
@@ -87,6 +101,8 @@ if [ "$QUICK" = 1 ]; then
 fi
 timeout 170 $PY benchmarks/bench_attention_gpu.py --seqlens "${ATTN_SEQLENS:-512,2048,8192,16384}" \
   --repeat 10 --json "$OUT/bench_attention_gpu.json" || status=1
+
+hopper_vs_mma 2048,16384
 
 step "decoder layer (LLaMA-7B shapes): pirope vs transformers"
 timeout 100 $PY benchmarks/bench_decoder_layer.py --repeat 5 --json "$OUT/bench_decoder_layer.json" || status=1

@@ -137,12 +137,15 @@ def test_backward_matches_float64_reference(dtype, head_dim, causal, seqlen, hea
         assert rel_err(g, r) < 2e-2, name
 
 
+@pytest.mark.parametrize("sm90", ["1", "0"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_backward_long_sequence_many_tiles_per_block(causal, deterministic):
+def test_backward_long_sequence_many_tiles_per_block(monkeypatch, sm90, causal, deterministic):
     # 2300 tokens, 8 q heads per kv head: each dkdv block walks ~150 (head, query tile)
     # items through its two smem stages, crossing head boundaries mid-stream; the
-    # forward's 128-row blocks and the dq kernel's key stages likewise run long.
+    # forward's 128-row blocks and the dq kernel's key stages likewise run long. On an
+    # sm_90 GPU, both kernel families: the Hopper (wgmma) ones and the mma.sync ones.
+    monkeypatch.setenv("PIROPE_ATTENTION_SM90", sm90)
     q = torch.randn(1, 2300, 8, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 2300, 1, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     grad = torch.randn_like(q)
@@ -209,16 +212,41 @@ def test_deterministic_keyword_and_global_flag_reach_the_backward(monkeypatch):
     assert seen == [True, False, True]
 
 
+@pytest.mark.parametrize("sm90", ["1", "0"])
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("prepass", ["0", "1"])
-def test_k_prepass_and_on_load_rotation_agree(monkeypatch, prepass):
-    q, k, v = (torch.randn(2, 500, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+def test_k_prepass_and_on_load_rotation_agree(monkeypatch, prepass, head_dim, sm90):
+    q, k, v = (torch.randn(2, 500, 4, head_dim, device="cuda", dtype=torch.float16) for _ in range(3))
     grad = torch.randn_like(q)
-    cos, sin = tables(128, 500)
+    cos, sin = tables(head_dim, 500)
     monkeypatch.setenv("PIROPE_ATTENTION_K_PREPASS", prepass)
+    monkeypatch.setenv("PIROPE_ATTENTION_SM90", sm90)
     got = run_kernels(q, k, v, cos, sin, grad)
     ref = grads_reference(q, k, v, cos, sin, grad)
     for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
         assert rel_err(g, r) < 2e-2, name
+
+
+def cuda_kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("sm90", ["1", "0"])
+def test_hopper_kernels_run_where_built(monkeypatch, sm90):
+    """On an sm_90 GPU with a build that has sm_90a code, the forward and the dkdv step
+    run on the wgmma kernels (unless PIROPE_ATTENTION_SM90=0); anywhere else never."""
+    built = "9.0a" in pirope.build_info()["cuda_archs"].split(";")
+    expect = sm90 == "1" and built and torch.cuda.get_device_capability() == (9, 0)
+    q, k, v = (torch.randn(1, 256, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cos, sin = tables(128, 256)
+    monkeypatch.setenv("PIROPE_ATTENTION_SM90", sm90)
+    names = cuda_kernel_names(lambda: run_kernels(q, k, v, cos, sin, torch.randn_like(q)))
+    fwd = any("rope_attention_fwd_sm90_kernel" in n for n in names)
+    bwd = any("rope_attention_bwd_dkdv_sm90_kernel" in n for n in names)
+    assert (fwd, bwd) == (expect, expect), sorted(names)
 
 
 def test_backward_out_of_range_position_poisons_only_what_it_touches():

@@ -30,6 +30,22 @@ namespace pirope::cuda::attn {
 
 constexpr int kPad = 8;  // smem row padding (elements): rows 16 B apart mod 128 B, no bank conflicts
 
+// Shared-memory layouts of a kRows x kD tile (kD the dimension contiguous in global
+// memory): padded rows (kPad) for the mma.sync kernels' ldmatrix; for wgmma
+// (wgmma.cuh) 64-column panels of 128-byte rows whose 16-byte chunks are permuted by
+// XOR with the row index mod 8 (the hardware's "128-byte swizzle": conflict-free for
+// the tensor cores' reads; tiles 1024-byte aligned).
+enum class Smem { kPadded, kSwizzle128 };
+template <int kD, int kRows, Smem L>
+__device__ __forceinline__ int tile_offset(int r, int c) {
+  if constexpr (L == Smem::kSwizzle128) {
+    static_assert(kD % 64 == 0 && kRows % 8 == 0, "whole 64-column panels of 8-row atoms");
+    return (c / 64) * (kRows * 64) + r * 64 + (((c % 64) / 8) ^ (r % 8)) * 8 + c % 8;
+  } else {
+    return r * (kD + kPad) + c;
+  }
+}
+
 // D += A B for one 16x8x16 tile, T = at::Half or at::BFloat16, float32 accumulators.
 template <typename T>
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -262,11 +278,11 @@ __device__ __forceinline__ void store16_global(void* p, uint4 v) {
                : "memory");
 }
 
-// Rows [row0, row0 + kRows) of head h of `t` into smem (row stride kD + kPad), rotated
-// by the rows' positions when `rotate`. Rows past seqlen are zero; a row whose
+// Rows [row0, row0 + kRows) of head h of `t` into smem (layout tile_offset<kD, kRows, L>),
+// rotated by the rows' positions when `rotate`. Rows past seqlen are zero; a row whose
 // position is out of range is NaN (so the error cannot pass unseen). A work unit is a
 // 16-byte chunk; in the half layout the chunk pair (c, c + rotary_dim / 2).
-template <typename T, int kD, int kRows, int kThreads>
+template <typename T, int kD, int kRows, int kThreads, Smem L = Smem::kPadded>
 __device__ void load_tile(T* smem, const AttentionTensor& t, const AttentionParams& p, int64_t b,
                           int64_t h, int64_t row0, bool rotate) {
   const RopeParams& rp = p.rope;
@@ -279,13 +295,14 @@ __device__ void load_tile(T* smem, const AttentionTensor& t, const AttentionPara
   for (int u = threadIdx.x; u < kRows * units; u += kThreads) {
     const int r = u / units, c = u % units;
     const int64_t s = row0 + r;
-    T* dst = smem + r * (kD + kPad);
     const bool pair = c < rot_units && !rp.interleaved;  // unit covers c*8 and half + c*8
     const int e0 = c < rot_units ? c * 8 : rot_elems + (c - rot_units) * 8;
+    T* dst = smem + tile_offset<kD, kRows, L>(r, e0);
+    T* dst2 = smem + tile_offset<kD, kRows, L>(r, half + e0);  // the pair's second chunk
     if (s >= p.seqlen) {  // padding rows
       const uint4 z = make_uint4(0, 0, 0, 0);
-      store16_shared(dst + e0, z);
-      if (pair) store16_shared(dst + half + e0, z);
+      store16_shared(dst, z);
+      if (pair) store16_shared(dst2, z);
       continue;
     }
     const T* src = static_cast<const T*>(t.ptr) + b * t.stride_b + s * t.stride_s + h * t.stride_h;
@@ -312,24 +329,25 @@ __device__ void load_tile(T* smem, const AttentionTensor& t, const AttentionPara
           x1[j] = pos < 0 ? NAN : o1;
           x2[j] = pos < 0 ? NAN : o2;
         }
-        store16_shared(dst + half + e0, pack8<T>(x2));
+        store16_shared(dst2, pack8<T>(x2));
       }
     }
-    store16_shared(dst + e0, pack8<T>(x1));
+    store16_shared(dst, pack8<T>(x1));
   }
 }
 
-// Rows [row0, row0 + kRows) of head h of `t` copied into smem (row stride kD + kPad)
-// with cp.async (no registers, overlaps with the caller's math until cp_async_wait);
-// rows past seqlen are zero-filled with ordinary stores.
-template <typename T, int kD, int kRows, int kThreads>
+// Rows [row0, row0 + kRows) of head h of `t` copied into smem (layout tile_offset<kD,
+// kRows, L>) with cp.async (no registers, overlaps with the caller's math until
+// cp_async_wait); rows past seqlen are zero-filled with ordinary stores. Eight
+// consecutive threads fill 128 contiguous bytes of smem (no bank conflicts).
+template <typename T, int kD, int kRows, int kThreads, Smem L = Smem::kPadded>
 __device__ void copy_tile_async(T* smem, const AttentionTensor& t, const AttentionParams& p, int64_t b,
                                 int64_t h, int64_t row0) {
   constexpr int kUnits = kD / 8;
   for (int u = threadIdx.x; u < kRows * kUnits; u += kThreads) {
     const int r = u / kUnits, e0 = (u % kUnits) * 8;
     const int64_t s = row0 + r;
-    T* dst = smem + r * (kD + kPad) + e0;
+    T* dst = smem + tile_offset<kD, kRows, L>(r, e0);
     if (s >= p.seqlen) {
       store16_shared(dst, make_uint4(0, 0, 0, 0));
       continue;

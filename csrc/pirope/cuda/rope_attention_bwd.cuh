@@ -14,6 +14,8 @@
 //      q and dO streaming in (cp.async) during this one's products. Without
 //      p.deterministic it also adds each tile's dQ contribution into a float32 buffer
 //      with vector atomics (fast; the summation order, hence the last bits, varies).
+//      On sm_90 (use_sm90_kernels) its wgmma version runs instead:
+//      rope_attention_bwd_sm90.cuh.
 //   3a. dq_convert (atomic mode): dQ = scale * rot^-1(dq_accum), cast.
 //   3b. dq (deterministic mode): one block per 64 queries recomputes S and dP over the
 //      key tiles and accumulates dQ in registers: no atomics, bit-identical results,
@@ -328,6 +330,10 @@ void set_smem(Kernel kernel, size_t smem) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
 }
 
+// The dkdv step on sm_90a, rope_attention_bwd_sm90.cuh (included by the same .cu files).
+template <typename T, int kD>
+void launch_rope_attention_bwd_dkdv_sm90(const AttentionParams& p, const BackwardScratch& sc, cudaStream_t stream);
+
 // Explicitly instantiated once per (dtype, head dim) in rope_attention_bwd_<dtype>_hd<kD>.cu.
 template <typename T, int kD>
 void launch_rope_attention_bwd(const AttentionParams& p, const BackwardScratch& sc, cudaStream_t stream) {
@@ -339,14 +345,23 @@ void launch_rope_attention_bwd(const AttentionParams& p, const BackwardScratch& 
   rope_attention_bwd_dot_do_o_kernel<T, kD><<<ublocks(rows, kThreads / 32), kThreads, 0, stream>>>(p, sc.d);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const dim3 kv_grid(ublocks(p.seqlen, kBlockN), static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
-  // K, V, two stages of (q, dO), two of (lse, D); + dS in atomic mode.
-  const size_t dkdv_smem = (2 * kBlockN + 4 * kBlockM) * kLd * sizeof(T) + 4 * kBlockM * sizeof(float);
+  if (use_sm90_kernels(p, /*backward=*/true)) {
+    launch_rope_attention_bwd_dkdv_sm90<T, kD>(p, sc, stream);
+  } else {
+    const dim3 kv_grid(ublocks(p.seqlen, kBlockN), static_cast<unsigned>(p.heads_kv),
+                       static_cast<unsigned>(p.batch));
+    // K, V, two stages of (q, dO), two of (lse, D); + dS in atomic mode.
+    const size_t smem = (2 * kBlockN + 4 * kBlockM) * kLd * sizeof(T) + 4 * kBlockM * sizeof(float) +
+                        (p.deterministic ? 0 : static_cast<size_t>(kBlockM) * (kBlockN + attn::kPad) * sizeof(T));
+    const auto run = [&](auto kernel) {
+      set_smem(kernel, smem);
+      kernel<<<kv_grid, kThreads, smem, stream>>>(p, sc);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    p.deterministic ? run(rope_attention_bwd_dkdv_kernel<T, kD, false>)
+                    : run(rope_attention_bwd_dkdv_kernel<T, kD, true>);
+  }
   if (p.deterministic) {
-    auto dkdv = rope_attention_bwd_dkdv_kernel<T, kD, false>;
-    set_smem(dkdv, dkdv_smem);
-    dkdv<<<kv_grid, kThreads, dkdv_smem, stream>>>(p, sc);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto dq = rope_attention_bwd_dq_kernel<T, kD>;
     // q, dO, two stages of (K, V), lse, D.
     const size_t dq_smem = (2 * kDqBlockM + 4 * kDqBlockN) * kLd * sizeof(T) + 2 * kDqBlockM * sizeof(float);
@@ -355,11 +370,6 @@ void launch_rope_attention_bwd(const AttentionParams& p, const BackwardScratch& 
     dq<<<q_grid, kDqThreads, dq_smem, stream>>>(p, sc);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    auto dkdv = rope_attention_bwd_dkdv_kernel<T, kD, true>;
-    const size_t smem = dkdv_smem + static_cast<size_t>(kBlockM) * (kBlockN + attn::kPad) * sizeof(T);
-    set_smem(dkdv, smem);
-    dkdv<<<kv_grid, kThreads, smem, stream>>>(p, sc);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     rope_attention_bwd_dq_convert_kernel<T, kD><<<ublocks(rows * kD, 256), 256, 0, stream>>>(p, sc);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -9,7 +9,8 @@
 // from the S accumulators as the A operand. (The 64-row, one-tile-per-warp version
 // ran at 0.30x of cuDNN at 16k tokens, this one at 0.42x: benchmarks/results/H100.md.)
 // Instantiated once per (dtype, head dim) in rope_attention_fwd_*.cu; dispatched by
-// rope_attention_kernel.cu.
+// rope_attention_kernel.cu. On sm_90 (use_sm90_kernels) the wgmma version runs instead:
+// rope_attention_fwd_sm90.cuh.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -172,9 +173,17 @@ __global__ void __launch_bounds__(fwd::kThreads, 2) rope_attention_fwd_kernel(co
   store_tile<T, kD, kBlockM, kThreads>(tile, p.out, p, b, hq, m0, false, 1.f);
 }
 
+// The Hopper kernel, rope_attention_fwd_sm90.cuh (included by the same .cu files).
+template <typename T, int kD>
+void launch_rope_attention_fwd_sm90(const AttentionParams& p, cudaStream_t stream);
+
 // Explicitly instantiated once per (dtype, head dim) in rope_attention_fwd_<dtype>_hd<kD>.cu.
 template <typename T, int kD>
 void launch_rope_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
+  if (use_sm90_kernels(p, /*backward=*/false)) {
+    launch_rope_attention_fwd_sm90<T, kD>(p, stream);
+    return;
+  }
   const size_t smem = static_cast<size_t>(fwd::kBlockM + 2 * fwd::kBlockN) * (kD + attn::kPad) * sizeof(T);
   auto kernel = rope_attention_fwd_kernel<T, kD>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

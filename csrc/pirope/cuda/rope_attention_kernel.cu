@@ -83,6 +83,20 @@ PrerotatedQK maybe_prerotate(AttentionParams& p, bool with_q, at::ScalarType dty
   return out;
 }
 
+bool use_sm90_kernels(const AttentionParams& p, bool backward) {
+#ifdef PIROPE_CUDA_SM90A
+  if (!p.k_prerotated || (backward && !p.q_prerotated)) return false;
+  const char* env = std::getenv("PIROPE_ATTENTION_SM90");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return prop->major == 9 && prop->minor == 0;
+#else
+  (void)p;
+  (void)backward;
+  return false;
+#endif
+}
+
 // Defined in rope_attention_backward_kernel.cu.
 void launch_rope_attention_bwd_cuda(const AttentionParams& p, at::ScalarType dtype,
                                     at::ScalarType table_dtype, c10::Device device);

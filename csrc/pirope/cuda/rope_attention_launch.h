@@ -10,6 +10,12 @@
 
 namespace pirope::cuda {
 
+// Whether this call runs on the Hopper kernels (wgmma.cuh): the build has sm_90a code
+// (TORCH_CUDA_ARCH_LIST with 9.0a), the current device is sm_90, k (and, for the
+// backward, q) is pre-rotated, and PIROPE_ATTENTION_SM90 is not "0". Otherwise the
+// mma.sync kernels run. Defined in rope_attention_kernel.cu.
+bool use_sm90_kernels(const AttentionParams& p, bool backward);
+
 template <typename T, int kD>
 void launch_rope_attention_fwd(const AttentionParams& p, cudaStream_t stream);
 
