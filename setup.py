@@ -63,6 +63,25 @@ def cpu_has_avx2() -> bool:
     return " avx2" in flags and " fma" in flags
 
 
+def loaded_libstdcxx():
+    """Path of the libstdc++ this process runs on (loaded by torch), or None.
+
+    Linked by path, it binds pirope's C++ runtime calls to the library torch uses. Some
+    Python builds' toolchains (seen: a standalone CPython whose g++ lives in /opt/gcc)
+    otherwise link a static copy of libstdc++ into the extension; its locale state then
+    differs from the shared one, and formatting an integer into an error message (every
+    TORCH_CHECK that prints a shape) crashed the process."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.exists(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 def rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -80,6 +99,9 @@ def extensions():
         # ATen's AVX2 kernels assume; PIROPE_CPU_ISA=default gives a portable build.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     link = []
+    libstdcxx = loaded_libstdcxx() if sys.platform.startswith("linux") else None
+    if libstdcxx:
+        link.append(libstdcxx)
     if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
         # at::parallel_for is a header template: without -fopenmp its "#pragma omp
         # parallel" compiles to nothing and every CPU kernel runs on one thread.

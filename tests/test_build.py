@@ -41,3 +41,19 @@ def test_cuda_tensors_without_cuda_build_give_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="apply_rope: got CUDA tensors but pirope was built without CUDA"):
         _extension.require_cuda_build(torch.device("cuda"), "apply_rope")
     _extension.require_cuda_build(torch.device("cpu"), "apply_rope")  # CPU is always fine
+
+
+def test_error_messages_that_format_numbers_do_not_crash():
+    # One toolchain (a standalone CPython whose g++ has only a static libstdc++) linked a
+    # private copy of libstdc++ into the extension: the first error message formatting
+    # an integer (a shape) then crashed the process. setup.py links the shared one; a
+    # subprocess so that a crash fails this test instead of ending the session.
+    code = ("import torch, pirope\n"
+            "cos, sin = torch.ones(8, 32), torch.zeros(8, 32)\n"
+            "try:\n"
+            "    pirope.apply_rope(torch.zeros(16, 64), cos, sin)\n"
+            "except RuntimeError as e:\n"
+            "    print('raised:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "raised:" in r.stdout and "got shape [16, 64]" in r.stdout
