@@ -381,6 +381,20 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// The top of a double-buffered loop (two smem stages, one cp.async commit group per
+// stage): starts copying the next step's tiles into the other stage when `has_next`
+// (stage_next() commits them), then waits until this step's tiles have landed (the next
+// step's may still be in flight). The caller's barrier follows.
+template <typename StageNext>
+__device__ __forceinline__ void stage_next_and_wait(bool has_next, StageNext&& stage_next) {
+  if (has_next) {
+    stage_next();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+}
+
 // Epilogue, step 1: a warp's C-layout accumulators (rows row0 + g, row0 + g + 8) into
 // a float32 smem tile of row stride kD + 4, so that step 2 can work on whole rows.
 template <int kD>

@@ -76,6 +76,35 @@ __device__ __forceinline__ void load_row_stats(float* lse_s, float* d_s, const A
   }
 }
 
+// dS^T = P^T * (dP^T - D), in place of dP^T, D per query (column).
+template <int kBlockM>
+__device__ __forceinline__ void ds_t(float (&dpt)[kBlockM / 8][4], const float (&pt)[kBlockM / 8][4],
+                                     const float* d_s) {
+  const int tq = threadIdx.x % 4;
+#pragma unroll
+  for (int j = 0; j < kBlockM / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dpt[j][e] = pt[j][e] * (dpt[j][e] - d_s[8 * j + 2 * tq + (e & 1)]);
+}
+
+// The dkdv epilogue, through smem (the tiles are free now; `smem` holds a float32 tile of
+// kBlockN x (kD + 4)): dK scaled and rotated back to the un-rotated basis, and dV, each
+// warp's accumulators being block rows row0.. (C layout).
+template <typename T, int kD, int kBlockN, int kThreads>
+__device__ __forceinline__ void store_dk_dv(unsigned char* smem, const float (&dk)[kD / 8][4],
+                                            const float (&dv)[kD / 8][4], int row0, const AttentionParams& p,
+                                            int64_t b, int64_t hk, int64_t n0) {
+  float* tile = reinterpret_cast<float*>(smem);
+  __syncthreads();
+  attn::acc_to_smem<kD>(tile, dk, row0);
+  __syncthreads();
+  attn::store_tile<T, kD, kBlockN, kThreads>(tile, p.dk, p, b, hk, n0, true, static_cast<float>(p.softmax_scale));
+  __syncthreads();
+  attn::acc_to_smem<kD>(tile, dv, row0);
+  __syncthreads();
+  attn::store_tile<T, kD, kBlockN, kThreads>(tile, p.dv, p, b, hk, n0, false, 1.f);
+}
+
 template <typename T, int kD, bool kAtomicDq>
 __global__ void __launch_bounds__(bwd::kThreads, 1) rope_attention_bwd_dkdv_kernel(const AttentionParams p,
                                                                                    const BackwardScratch sc) {
@@ -131,12 +160,7 @@ __global__ void __launch_bounds__(bwd::kThreads, 1) rope_attention_bwd_dkdv_kern
     const int st = static_cast<int>(it & 1);
     const int64_t hq = item_head(it), m0 = item_row(it);
     __syncthreads();  // every warp is done with the other stage (item it - 1) and with dS
-    if (it + 1 < items) {
-      stage_item(it + 1, st ^ 1);
-      cp_async_wait<1>();  // item it's copies have landed (it + 1's may be in flight)
-    } else {
-      cp_async_wait<0>();
-    }
+    stage_next_and_wait(it + 1 < items, [&] { stage_item(it + 1, st ^ 1); });
     __syncthreads();  // ... for every warp (and K, V, the row stats)
     const T* q_s = stages + st * kStage;
     const T* do_s = q_s + kBlockM * kLd;
@@ -167,10 +191,7 @@ __global__ void __launch_bounds__(bwd::kThreads, 1) rope_attention_bwd_dkdv_kern
     float dst[kBlockM / 8][4];
     zero(dst);
     gemm_nt<T, kBlockM / 8, kD>(dst, v_s, kLd, warp * 16, do_s, kLd);
-#pragma unroll
-    for (int j = 0; j < kBlockM / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dst[j][e] = pt[j][e] * (dst[j][e] - d_s[8 * j + 2 * tq + (e & 1)]);
+    ds_t<kBlockM>(dst, pt, d_s);
     // dK += dS^T Q (rotated basis; scale and un-rotation in the epilogue).
     gemm_acc_nn<T, kD / 8, kBlockM>(dk, dst, q_s, kLd);
     if constexpr (kAtomicDq) {
@@ -199,16 +220,7 @@ __global__ void __launch_bounds__(bwd::kThreads, 1) rope_attention_bwd_dkdv_kern
     }
   }
 
-  // Epilogue through smem (the tiles are free now): dK scaled and rotated back, dV.
-  float* tile = reinterpret_cast<float*>(smem_raw);
-  __syncthreads();
-  acc_to_smem<kD>(tile, dk, warp * 16);
-  __syncthreads();
-  store_tile<T, kD, kBlockN, kThreads>(tile, p.dk, p, b, hk, n0, true, static_cast<float>(p.softmax_scale));
-  __syncthreads();
-  acc_to_smem<kD>(tile, dv, warp * 16);
-  __syncthreads();
-  store_tile<T, kD, kBlockN, kThreads>(tile, p.dv, p, b, hk, n0, false, 1.f);
+  store_dk_dv<T, kD, kBlockN, kThreads>(smem_raw, dk, dv, warp * 16, p, b, hk, n0);
 }
 
 // Deterministic dQ: one block per kDqBlockM queries of one (batch, q head); key tiles
@@ -325,11 +337,6 @@ __global__ void __launch_bounds__(256) rope_attention_bwd_dq_convert_kernel(cons
   dst[i] = static_cast<T>(v * static_cast<float>(p.softmax_scale));
 }
 
-template <typename Kernel>
-void set_smem(Kernel kernel, size_t smem) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-}
-
 // The dkdv step on sm_90a, rope_attention_bwd_sm90.cuh (included by the same .cu files).
 template <typename T, int kD>
 void launch_rope_attention_bwd_dkdv_sm90(const AttentionParams& p, const BackwardScratch& sc, cudaStream_t stream);
@@ -348,27 +355,18 @@ void launch_rope_attention_bwd(const AttentionParams& p, const BackwardScratch& 
   if (use_sm90_kernels(p, /*backward=*/true)) {
     launch_rope_attention_bwd_dkdv_sm90<T, kD>(p, sc, stream);
   } else {
-    const dim3 kv_grid(ublocks(p.seqlen, kBlockN), static_cast<unsigned>(p.heads_kv),
-                       static_cast<unsigned>(p.batch));
     // K, V, two stages of (q, dO), two of (lse, D); + dS in atomic mode.
     const size_t smem = (2 * kBlockN + 4 * kBlockM) * kLd * sizeof(T) + 4 * kBlockM * sizeof(float) +
                         (p.deterministic ? 0 : static_cast<size_t>(kBlockM) * (kBlockN + attn::kPad) * sizeof(T));
-    const auto run = [&](auto kernel) {
-      set_smem(kernel, smem);
-      kernel<<<kv_grid, kThreads, smem, stream>>>(p, sc);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    p.deterministic ? run(rope_attention_bwd_dkdv_kernel<T, kD, false>)
-                    : run(rope_attention_bwd_dkdv_kernel<T, kD, true>);
+    launch_kernel(p.deterministic ? rope_attention_bwd_dkdv_kernel<T, kD, false>
+                                  : rope_attention_bwd_dkdv_kernel<T, kD, true>,
+                  attention_grid(p, kBlockN, p.heads_kv), kThreads, smem, stream, p, sc);
   }
   if (p.deterministic) {
-    auto dq = rope_attention_bwd_dq_kernel<T, kD>;
     // q, dO, two stages of (K, V), lse, D.
     const size_t dq_smem = (2 * kDqBlockM + 4 * kDqBlockN) * kLd * sizeof(T) + 2 * kDqBlockM * sizeof(float);
-    set_smem(dq, dq_smem);
-    const dim3 q_grid(ublocks(p.seqlen, kDqBlockM), static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
-    dq<<<q_grid, kDqThreads, dq_smem, stream>>>(p, sc);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(rope_attention_bwd_dq_kernel<T, kD>, attention_grid(p, kDqBlockM, p.heads_q), kDqThreads, dq_smem,
+                  stream, p, sc);
   } else {
     rope_attention_bwd_dq_convert_kernel<T, kD><<<ublocks(rows * kD, 256), 256, 0, stream>>>(p, sc);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -56,6 +56,9 @@ __global__ void __launch_bounds__(bwd90::kThreads, 1)
   const float scale_log2 = static_cast<float>(p.softmax_scale) * bwd::kLog2e;
   const int64_t keys[2] = {n0 + row0 + g, n0 + row0 + g + 8};
 
+  // The work items, the P^T / dS^T math and the dQ atomics are those of
+  // rope_attention_bwd_dkdv_kernel, written out again: as shared helpers they changed
+  // ptxas's register allocation (this kernel then spilled 16-20 bytes in its loop).
   const int64_t m_begin = p.causal ? n0 : 0;
   const int64_t tiles = (p.seqlen - m_begin + kBlockM - 1) / kBlockM;
   const int64_t items = group * tiles;
@@ -84,12 +87,7 @@ __global__ void __launch_bounds__(bwd90::kThreads, 1)
     const int st = static_cast<int>(it & 1);
     const int64_t hq = item_head(it), m0 = item_row(it);
     __syncthreads();  // every warpgroup is done with the other stage (item it - 1) and with dS
-    if (it + 1 < items) {
-      stage_item(it + 1, st ^ 1);
-      attn::cp_async_wait<1>();
-    } else {
-      attn::cp_async_wait<0>();
-    }
+    attn::stage_next_and_wait(it + 1 < items, [&] { stage_item(it + 1, st ^ 1); });
     wg::fence_proxy_async();  // the landed tiles, for the tensor cores' reads
     __syncthreads();
     const T* q_s = stages + st * kStage;
@@ -171,16 +169,7 @@ __global__ void __launch_bounds__(bwd90::kThreads, 1)
     wg::fence_operand(dk);
   }
 
-  // Epilogue through smem (the tiles are free now): dK scaled and rotated back, dV.
-  float* tile = reinterpret_cast<float*>(smem_raw);
-  __syncthreads();
-  attn::acc_to_smem<kD>(tile, dk, row0);
-  __syncthreads();
-  attn::store_tile<T, kD, kBlockN, kThreads>(tile, p.dk, p, b, hk, n0, true, static_cast<float>(p.softmax_scale));
-  __syncthreads();
-  attn::acc_to_smem<kD>(tile, dv, row0);
-  __syncthreads();
-  attn::store_tile<T, kD, kBlockN, kThreads>(tile, p.dv, p, b, hk, n0, false, 1.f);
+  store_dk_dv<T, kD, kBlockN, kThreads>(smem_raw, dk, dv, row0, p, b, hk, n0);
 #else
   __trap();  // launched only on sm_90 devices by a build with sm_90a code (use_sm90_kernels)
 #endif
@@ -190,19 +179,13 @@ __global__ void __launch_bounds__(bwd90::kThreads, 1)
 template <typename T, int kD>
 void launch_rope_attention_bwd_dkdv_sm90(const AttentionParams& p, const BackwardScratch& sc, cudaStream_t stream) {
   using namespace bwd90;
-  const dim3 grid(static_cast<unsigned>((p.seqlen + kBlockN - 1) / kBlockN), static_cast<unsigned>(p.heads_kv),
-                  static_cast<unsigned>(p.batch));
   // K, V, two stages of (q, dO), two of (lse, D); + dS^T in atomic mode; + 1 KB of
   // alignment slack.
   const size_t smem = (2 * kBlockN + 4 * kBlockM) * kD * sizeof(T) + 4 * kBlockM * sizeof(float) +
                       (p.deterministic ? 0 : static_cast<size_t>(kBlockN) * kBlockM * sizeof(T)) + 1024;
-  const auto run = [&](auto kernel) {
-    set_smem(kernel, smem);
-    kernel<<<grid, kThreads, smem, stream>>>(p, sc);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  p.deterministic ? run(rope_attention_bwd_dkdv_sm90_kernel<T, kD, false>)
-                  : run(rope_attention_bwd_dkdv_sm90_kernel<T, kD, true>);
+  launch_kernel(p.deterministic ? rope_attention_bwd_dkdv_sm90_kernel<T, kD, false>
+                                : rope_attention_bwd_dkdv_sm90_kernel<T, kD, true>,
+                attention_grid(p, kBlockN, p.heads_kv), kThreads, smem, stream, p, sc);
 }
 
 }  // namespace pirope::cuda

@@ -185,13 +185,8 @@ void launch_rope_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
     return;
   }
   const size_t smem = static_cast<size_t>(fwd::kBlockM + 2 * fwd::kBlockN) * (kD + attn::kPad) * sizeof(T);
-  auto kernel = rope_attention_fwd_kernel<T, kD>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>((p.seqlen + fwd::kBlockM - 1) / fwd::kBlockM),
-                  static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
-  kernel<<<grid, fwd::kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(rope_attention_fwd_kernel<T, kD>, attention_grid(p, fwd::kBlockM, p.heads_q), fwd::kThreads, smem,
+                stream, p);
 }
 
 }  // namespace pirope::cuda

@@ -61,12 +61,7 @@ __global__ void __launch_bounds__(fwd90::kThreads, 1) rope_attention_fwd_sm90_ke
   for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
     const int st = static_cast<int>((n0 / kBlockN) & 1);
     __syncthreads();  // every warpgroup is done with the other stage (tile n0 - kBlockN)
-    if (n0 + kBlockN < n_end) {
-      stage_tile(n0 + kBlockN, st ^ 1);
-      attn::cp_async_wait<1>();
-    } else {
-      attn::cp_async_wait<0>();
-    }
+    attn::stage_next_and_wait(n0 + kBlockN < n_end, [&] { stage_tile(n0 + kBlockN, st ^ 1); });
     wg::fence_proxy_async();  // the landed tiles (and the q tile), for the tensor cores
     __syncthreads();
     const T* k_s = stages + st * kStage;
@@ -160,14 +155,8 @@ void launch_rope_attention_fwd_sm90(const AttentionParams& p, cudaStream_t strea
   using namespace fwd90;
   // q, 2 x (K, V), + 1 KB of alignment slack.
   const size_t smem = static_cast<size_t>(kBlockM + 4 * kBlockN) * kD * sizeof(T) + 1024;
-  const dim3 grid(static_cast<unsigned>((p.seqlen + kBlockM - 1) / kBlockM), static_cast<unsigned>(p.heads_q),
-                  static_cast<unsigned>(p.batch));
-  const auto run = [&](auto kernel) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<grid, kThreads, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  run(rope_attention_fwd_sm90_kernel<T, kD>);
+  launch_kernel(rope_attention_fwd_sm90_kernel<T, kD>, attention_grid(p, kBlockM, p.heads_q), kThreads, smem, stream,
+                p);
 }
 
 }  // namespace pirope::cuda

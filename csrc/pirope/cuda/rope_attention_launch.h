@@ -4,11 +4,28 @@
 // rope_attention_backward_kernel.cu dispatch to them.
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include "../attention_params.h"
 
 namespace pirope::cuda {
+
+// The grid of the attention kernels: ceil(seqlen / rows_per_block) x heads x batch.
+inline dim3 attention_grid(const AttentionParams& p, int64_t rows_per_block, int64_t heads) {
+  return dim3(static_cast<unsigned>((p.seqlen + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(heads),
+              static_cast<unsigned>(p.batch));
+}
+
+// kernel<<<grid, threads, smem, stream>>>(args...), with the kernel's dynamic smem limit
+// raised to smem first (beyond 48 KB a kernel must opt in); the launch is checked.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                   const Args&... args) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 // Whether this call runs on the Hopper kernels (wgmma.cuh): the build has sm_90a code
 // (TORCH_CUDA_ARCH_LIST with 9.0a), the current device is sm_90, k (and, for the
