@@ -129,14 +129,15 @@ __global__ void __launch_bounds__(bwd90::kThreads, 1)
     wg::gemm_rs<T, kD, 1, kBlockM / 16>(dv, pt, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(do_s, 16 * k, 0); });
     wg::gemm_rs<T, kD, 1, kBlockM / 16>(dk, dst, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(q_s, 16 * k, 0); });
     if constexpr (kAtomicDq) {
-      // dS^T into smem as [key][query] (core-matrix layout, 64 columns), then
-      // dQ (64 queries x kD / 2 columns of this warpgroup) = dS K over all 128 keys:
+      // dS^T into smem as [key][query] (swizzled layout, 64 columns), then
+      // dQ (64 queries x kCols columns of this warpgroup) = dS K over all 128 keys:
       // A = dS (M = queries, K = keys) is MN-major there, B = K (N = dims) too.
 #pragma unroll
       for (int j = 0; j < kBlockM / 8; ++j)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          *reinterpret_cast<uint32_t*>(ds_s + attn::tile_offset<kBlockM, kBlockN, kSmem>(row0 + g + 8 * r, 8 * j + 2 * tq)) =
+          *reinterpret_cast<uint32_t*>(ds_s + attn::tile_offset<kBlockM, kBlockN, kSmem>(row0 + g + 8 * r,
+                                                                                        8 * j + 2 * tq)) =
               attn::pack<T>(dst[j][2 * r], dst[j][2 * r + 1]);
       wg::fence_proxy_async();
       __syncthreads();

@@ -1,6 +1,6 @@
 // Hopper (sm_90a) building blocks of the rope_attention kernels: the warpgroup
 // tensor-core product wgmma.mma_async (4 warps = 128 threads compute a 64 x N tile),
-// its shared-memory descriptors, the "core matrix" smem layout they read, and the
+// its shared-memory descriptors, the 128-byte-swizzled smem layout they read, and the
 // fences around them. Used by rope_attention_fwd_sm90.cuh and rope_attention_bwd_sm90.cuh;
 // the mma.sync kernels (attention_mma.cuh) serve every other GPU.
 //
@@ -108,8 +108,8 @@ struct Wgmma;
 #define PIROPE_WG_R64                                                                                \
   PIROPE_WG_R32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, " \
                 "%49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-// One specialization per N: NB = N / 8 accumulator blocks in registers REGS (constraints
-// CONS); I0.. are the operand numbers after the accumulators.
+// One specialization per N the kernels use (64, 128): NB = N / 8 accumulator blocks in
+// registers REGS (constraints CONS); I0.. are the operand numbers after the accumulators.
 #define PIROPE_WGMMA_SHAPE(N, NB, REGS, CONS, I0, I1, I2, I3, I4, I5, I6)                            \
   template <>                                                                                       \
   struct Wgmma<N> {                                                                                 \
@@ -136,7 +136,6 @@ struct Wgmma;
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(acc), "n"(kTransB)); \
     }                                                                                               \
   };
-PIROPE_WGMMA_SHAPE(32, 4, PIROPE_WG_R16, PIROPE_WG_D4, "16", "17", "18", "19", "20", "21", "22")
 PIROPE_WGMMA_SHAPE(64, 8, PIROPE_WG_R32, PIROPE_WG_D8, "32", "33", "34", "35", "36", "37", "38")
 PIROPE_WGMMA_SHAPE(128, 16, PIROPE_WG_R64, PIROPE_WG_D16, "64", "65", "66", "67", "68", "69", "70")
 #undef PIROPE_WGMMA_SHAPE
