@@ -9,14 +9,17 @@ Methods (q, k, v arrive as (batch, seqlen, heads, headdim), the view of a projec
                pirope.rope_attention's autograd, i.e. the fused backward too: this
                script sets PIROPE_CUDA_ATTENTION=1, which the wrapper needs for that)
   fused_det    fwd+bwd only: the same with deterministic=True (the atomic-free dq kernel)
+  fused_ws     fused with PIROPE_ATTENTION_SM90=ws: the warp-specialised TMA forward
+               (rope_attention_fwd_sm90_ws.cuh; on sm_90 with a 9.0a build, else = fused)
   flash, efficient, cudnn
                pirope.apply_rope_qk + torch SDPA restricted to that backend
                (missing where the backend does not take the call)
 Times: CUDA events, median of --repeat runs after warm-up. TFLOP/s counts the
 attention matmuls only (4·B·H·S²·D, halved when causal; fwd+bwd = 3.5x fwd).
-"ratio" = time of the fastest SDPA backend / time of fused (> 1: fused is faster).
-"err" = max |fused - reference| / max |reference| with the fastest backend's output as
-reference (a real-shape sanity check; the float64 checks live in tests/).
+"ratio" = time of the fastest SDPA backend / time of fused (> 1: fused is faster), "ws r."
+the same for fused_ws. "err" = max |fused - reference| / max |reference| with the fastest
+backend's output as reference (a real-shape sanity check; the float64 checks live in
+tests/), over fused and fused_ws.
 """
 
 from __future__ import annotations
@@ -47,6 +50,23 @@ def peak_mem(fn):
     return torch.cuda.max_memory_allocated() - base
 
 
+def with_env(fn, **env):
+    """fn with the environment variables env set during the call (pirope's CUDA
+    dispatch reads them at each call)."""
+    def run(*args):
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn(*args)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run
+
+
 def make_methods(cos, sin, causal, backward):
     def sdpa(backend):
         def fn(q, k, v):
@@ -64,7 +84,7 @@ def make_methods(cos, sin, causal, backward):
         return torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, q.shape[-1] ** -0.5,
                                                False)[0]
 
-    methods = {"fused": fused}
+    methods = {"fused": fused, "fused_ws": with_env(fused, PIROPE_ATTENTION_SM90="ws")}
     if backward:  # the deterministic backward (no float atomics: its cost, measured)
         methods["fused_det"] = lambda q, k, v: pirope.rope_attention(q, k, v, cos, sin, causal=causal,
                                                                      deterministic=True)
@@ -119,10 +139,15 @@ def run_case(dtype, hq, hkv, seqlen, tokens, d, causal, mode, repeat, methods):
                **{f"{n}_mem_MiB": (r["mem"] / 2**20 if r else None) for n, r in results.items()})
     if best and results.get("fused"):
         row["ratio_vs_best_sdpa"] = baselines[best]["ms"] / results["fused"]["ms"]
-        errs = []
-        for a, b in zip(outs["fused"], outs[best]):
-            if a is not None:
-                errs.append(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
+    if best and results.get("fused_ws"):
+        row["ratio_ws_vs_best_sdpa"] = baselines[best]["ms"] / results["fused_ws"]["ms"]
+    errs = []
+    for name in ("fused", "fused_ws"):
+        if best and name in outs:
+            for a, b in zip(outs[name], outs[best]):
+                if a is not None:
+                    errs.append(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
+    if errs:
         row["err_vs_best"] = max(errs)
     return row
 
@@ -138,14 +163,15 @@ def main():
     ap.add_argument("--causal", default="1,0")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--methods", default="fused,fused_det,flash,efficient,cudnn")
+    ap.add_argument("--methods", default="fused,fused_ws,fused_det,flash,efficient,cudnn")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, pirope {pirope.__version__}, "
           f"{args.tokens} tokens per config, headdim {args.headdim}, "
           f"PIROPE_ATTENTION_K_PREPASS={os.environ.get('PIROPE_ATTENTION_K_PREPASS', 'default')}")
     hdr = (f"{'dtype':8} {'heads':6} {'seqlen':>6} {'causal':6} {'mode':8} {'fused ms':>9} {'TFLOP/s':>7} "
-           f"{'det ms':>8} {'flash':>8} {'effic.':>8} {'cudnn':>8} {'best':>6} {'ratio':>6} {'err':>8}")
+           f"{'ws ms':>8} {'det ms':>8} {'flash':>8} {'effic.':>8} {'cudnn':>8} {'best':>6} {'ratio':>6} "
+           f"{'ws r.':>6} {'err':>8}")
     print(hdr)
     print("-" * len(hdr))
     rows = []
@@ -160,9 +186,10 @@ def main():
                         rows.append(r)
                         f = lambda key: f"{r[key]:8.3f}" if r.get(key) is not None else f"{'-':>8}"  # noqa: E731
                         print(f"{r['dtype']:8} {heads:6} {s:6d} {str(causal):6} {mode:8} "
-                              f"{f('fused_ms'):>9} {r.get('fused_tflops') or 0:7.1f} {f('fused_det_ms')} "
+                              f"{f('fused_ms'):>9} {r.get('fused_tflops') or 0:7.1f} {f('fused_ws_ms')} {f('fused_det_ms')} "
                               f"{f('flash_ms')} {f('efficient_ms')} {f('cudnn_ms')} {r['best_sdpa'] or '-':>6} "
-                              f"{r.get('ratio_vs_best_sdpa', 0):6.2f} {r.get('err_vs_best', float('nan')):8.1e}",
+                              f"{r.get('ratio_vs_best_sdpa', 0):6.2f} {r.get('ratio_ws_vs_best_sdpa', 0):6.2f} "
+                              f"{r.get('err_vs_best', float('nan')):8.1e}",
                               flush=True)
                         torch.cuda.empty_cache()
     if args.json:

@@ -137,7 +137,7 @@ def test_backward_matches_float64_reference(dtype, head_dim, causal, seqlen, hea
         assert rel_err(g, r) < 2e-2, name
 
 
-@pytest.mark.parametrize("sm90", ["1", "0"])
+@pytest.mark.parametrize("sm90", ["1", "0", "ws"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_backward_long_sequence_many_tiles_per_block(monkeypatch, sm90, causal, deterministic):
@@ -212,7 +212,7 @@ def test_deterministic_keyword_and_global_flag_reach_the_backward(monkeypatch):
     assert seen == [True, False, True]
 
 
-@pytest.mark.parametrize("sm90", ["1", "0"])
+@pytest.mark.parametrize("sm90", ["1", "0", "ws"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("prepass", ["0", "1"])
 def test_k_prepass_and_on_load_rotation_agree(monkeypatch, prepass, head_dim, sm90):
@@ -234,19 +234,77 @@ def cuda_kernel_names(fn):
     return {e.key for e in prof.key_averages()}
 
 
-@pytest.mark.parametrize("sm90", ["1", "0"])
+@pytest.mark.parametrize("sm90", ["1", "0", "ws"])
 def test_hopper_kernels_run_where_built(monkeypatch, sm90):
     """On an sm_90 GPU with a build that has sm_90a code, the forward and the dkdv step
-    run on the wgmma kernels (unless PIROPE_ATTENTION_SM90=0); anywhere else never."""
+    run on the wgmma kernels (unless PIROPE_ATTENTION_SM90=0; =ws: the forward on the
+    warp-specialised TMA kernel); anywhere else never."""
     built = "9.0a" in pirope.build_info()["cuda_archs"].split(";")
-    expect = sm90 == "1" and built and torch.cuda.get_device_capability() == (9, 0)
+    hopper = sm90 != "0" and built and torch.cuda.get_device_capability() == (9, 0)
     q, k, v = (torch.randn(1, 256, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     cos, sin = tables(128, 256)
     monkeypatch.setenv("PIROPE_ATTENTION_SM90", sm90)
     names = cuda_kernel_names(lambda: run_kernels(q, k, v, cos, sin, torch.randn_like(q)))
     fwd = any("rope_attention_fwd_sm90_kernel" in n for n in names)
+    fwd_ws = any("rope_attention_fwd_sm90_ws_kernel" in n for n in names)
     bwd = any("rope_attention_bwd_dkdv_sm90_kernel" in n for n in names)
-    assert (fwd, bwd) == (expect, expect), sorted(names)
+    assert (fwd, fwd_ws, bwd) == (hopper and sm90 == "1", hopper and sm90 == "ws", hopper), sorted(names)
+
+
+def check_ws_forward(monkeypatch, q, k, v, causal):
+    """PIROPE_ATTENTION_SM90=ws (the TMA forward where it runs, the other kernels
+    elsewhere): output and lse against float64, then against the other Hopper forward,
+    which does the same math in the same order per tile (far closer than float64)."""
+    monkeypatch.setenv("PIROPE_ATTENTION_SM90", "ws")
+    seqlen, hq, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    cos, sin = tables(head_dim, seqlen)
+    scale = head_dim ** -0.5
+    out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, scale, False)
+    ref = attention_reference(q, k, v, cos, sin, causal=causal)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) < 1e-2
+    qr, kr = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    kr = kr.repeat_interleave(hq // k.shape[2], dim=2)
+    scores = torch.einsum("bshd,bthd->bhst", qr, kr) * scale
+    if causal:
+        scores = scores.masked_fill(~torch.ones(seqlen, seqlen, dtype=torch.bool).tril(), -math.inf)
+    torch.testing.assert_close(lse.double().cpu(), scores.logsumexp(-1), atol=2e-2, rtol=1e-2)
+    monkeypatch.setenv("PIROPE_ATTENTION_SM90", "1")
+    out1, lse1 = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, scale, False)
+    torch.testing.assert_close(out, out1, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, lse1, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seqlen", [65, 1000, 2300])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+def test_warp_specialized_forward_matches_float64_reference(monkeypatch, dtype, head_dim, causal, seqlen, heads):
+    # seqlen from just above the k pre-pass threshold (the Hopper kernels need it) to 18
+    # 128-key tiles, odd tails (TMA fills rows past seqlen with zeros), GQA.
+    hq, hk = heads
+    q, k, v = (torch.randn(2, seqlen, h, head_dim, device="cuda", dtype=dtype) for h in (hq, hk, hk))
+    check_ws_forward(monkeypatch, q, k, v, causal)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "qkv", "batch1"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_warp_specialized_forward_takes_the_strides_tma_sees(monkeypatch, layout, causal):
+    # v goes to TMA as the caller's tensor: the transposed Hugging Face layout, views into
+    # one fused qkv projection, and extents of 1 (batch 1, one kv head) whose strides
+    # torch leaves arbitrary.
+    hq, hk, d, n = 8, 2, 128, 1000
+    if layout == "bhsd":
+        q, k, v = (torch.randn(2, h, n, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                   for h in (hq, hk, hk))
+    elif layout == "qkv":
+        qkv = torch.randn(2, n, hq + 2 * hk, d, device="cuda", dtype=torch.bfloat16)
+        q, k, v = qkv.split([hq, hk, hk], dim=2)
+    else:
+        q = torch.randn(1, n, hq, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 1, n, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    check_ws_forward(monkeypatch, q, k, v, causal)
 
 
 def test_backward_out_of_range_position_poisons_only_what_it_touches():

@@ -173,15 +173,20 @@ __global__ void __launch_bounds__(fwd::kThreads, 2) rope_attention_fwd_kernel(co
   store_tile<T, kD, kBlockM, kThreads>(tile, p.out, p, b, hq, m0, false, 1.f);
 }
 
-// The Hopper kernel, rope_attention_fwd_sm90.cuh (included by the same .cu files).
+// The Hopper kernels, rope_attention_fwd_sm90.cuh and rope_attention_fwd_sm90_ws.cuh
+// (included by the same .cu files); the warp-specialised one returns false when it
+// cannot take the call.
 template <typename T, int kD>
 void launch_rope_attention_fwd_sm90(const AttentionParams& p, cudaStream_t stream);
+template <typename T, int kD>
+bool launch_rope_attention_fwd_sm90_ws(const AttentionParams& p, cudaStream_t stream);
 
 // Explicitly instantiated once per (dtype, head dim) in rope_attention_fwd_<dtype>_hd<kD>.cu.
 template <typename T, int kD>
 void launch_rope_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   if (use_sm90_kernels(p, /*backward=*/false)) {
-    launch_rope_attention_fwd_sm90<T, kD>(p, stream);
+    if (!use_sm90_ws_kernels() || !launch_rope_attention_fwd_sm90_ws<T, kD>(p, stream))
+      launch_rope_attention_fwd_sm90<T, kD>(p, stream);
     return;
   }
   const size_t smem = static_cast<size_t>(fwd::kBlockM + 2 * fwd::kBlockN) * (kD + attn::kPad) * sizeof(T);

@@ -21,6 +21,88 @@ constexpr int kBlockM = 128;  // query rows per block (64 per warpgroup)
 constexpr int kBlockN = 128;  // keys per tile
 constexpr int kThreads = 256;
 constexpr attn::Smem kSmem = attn::Smem::kSwizzle128;  // every tile (wgmma.cuh)
+
+// The per-tile math both Hopper forward kernels share (this one and the warp-specialised
+// one, rope_attention_fwd_sm90_ws.cuh), for one warp's rows row0 + g and row0 + g + 8
+// (g = lane / 4, tq = lane % 4) of a 64-row warpgroup slice that starts at block row
+// wg_row0, against the 128 keys n0.. of a tile.
+
+// Masks only tiles that cross the diagonal or the sequence end (block rows r see tile
+// keys c <= r + diag).
+__device__ __forceinline__ void mask_tile(float (&s)[kBlockN / 8][4], const AttentionParams& p, int64_t m0,
+                                          int64_t n0, int wg_row0, int row0, int g, int tq) {
+  if (p.causal ? n0 + kBlockN - 1 > m0 + wg_row0 || n0 + kBlockN > p.seqlen : n0 + kBlockN > p.seqlen) {
+    const int key_end = static_cast<int>(std::min<int64_t>(p.seqlen - n0, kBlockN));
+    const int diag = static_cast<int>(m0 - n0);
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = 8 * j + 2 * tq + (e & 1), r = row0 + g + 8 * (e >> 1);
+        if (c >= key_end || (p.causal && c > r + diag)) s[j][e] = -INFINITY;
+      }
+  }
+}
+
+// Online softmax in the log2 domain (as rope_attention_fwd.cuh): s becomes
+// exp2(s * scale_log2 - running max), row_max (raw, unscaled) and row_sum move on, and
+// corr[r] is the factor the output accumulated so far must be multiplied by.
+__device__ __forceinline__ void online_softmax(float (&s)[kBlockN / 8][4], float (&row_max)[2], float (&row_sum)[2],
+                                               float (&corr)[2], float scale_log2) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {  // rows g (r = 0) and g + 8 (r = 1) of this warp
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
+    const float new_max = fmaxf(row_max[r], tile_max);
+    const float safe = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+    corr[r] = exp2f(fmaf(row_max[r], scale_log2, -safe));
+    row_max[r] = new_max;
+    row_sum[r] *= corr[r];
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      s[j][2 * r] = exp2f(fmaf(s[j][2 * r], scale_log2, -safe));
+      s[j][2 * r + 1] = exp2f(fmaf(s[j][2 * r + 1], scale_log2, -safe));
+      row_sum[r] += s[j][2 * r] + s[j][2 * r + 1];
+    }
+  }
+}
+template <int NB>
+__device__ __forceinline__ void rescale_rows(float (&o)[NB][4], const float (&corr)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int j = 0; j < NB; ++j) {
+      o[j][2 * r] *= corr[r];
+      o[j][2 * r + 1] *= corr[r];
+    }
+}
+
+// Epilogue, step 0: O / row sum, and the natural-log log-sum-exp of each row into p.lse.
+template <int NB>
+__device__ __forceinline__ void normalize_rows(float (&o)[NB][4], const float (&row_max)[2],
+                                               const float (&row_sum)[2], const AttentionParams& p, int64_t b,
+                                               int64_t hq, int64_t row_g, int tq, float scale_log2) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = row_sum[r];
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    sum += __shfl_xor_sync(0xffffffff, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+    for (int j = 0; j < NB; ++j) {
+      o[j][2 * r] *= inv;
+      o[j][2 * r + 1] *= inv;
+    }
+    const int64_t row = row_g + 8 * r;
+    if (tq == 0 && row < p.seqlen) {
+      float* lse = static_cast<float*>(p.lse) + (b * p.heads_q + hq) * p.seqlen + row;
+      *lse = (row_max[r] * scale_log2 + log2f(sum)) * 0.6931471805599453f;
+    }
+  }
+}
 }  // namespace fwd90
 
 template <typename T, int kD>
@@ -77,43 +159,10 @@ __global__ void __launch_bounds__(fwd90::kThreads, 1) rope_attention_fwd_sm90_ke
     wg::wait<0>();
     wg::fence_operand(s);
 
-    // Mask only tiles that cross the diagonal or the sequence end (block rows r see
-    // tile keys c <= r + diag), then the online softmax as in rope_attention_fwd.cuh.
-    if (p.causal ? n0 + kBlockN - 1 > m0 + 64 * wg || n0 + kBlockN > p.seqlen : n0 + kBlockN > p.seqlen) {
-      const int key_end = static_cast<int>(std::min<int64_t>(p.seqlen - n0, kBlockN));
-      const int diag = static_cast<int>(m0 - n0);
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = 8 * j + 2 * tq + (e & 1), r = row0 + g + 8 * (e >> 1);
-          if (c >= key_end || (p.causal && c > r + diag)) s[j][e] = -INFINITY;
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {  // rows g (r = 0) and g + 8 (r = 1) of this warp
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) tile_max = fmaxf(tile_max, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 2));
-      const float new_max = fmaxf(row_max[r], tile_max);
-      const float safe = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      const float corr = exp2f(fmaf(row_max[r], scale_log2, -safe));
-      row_max[r] = new_max;
-      row_sum[r] *= corr;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        s[j][2 * r] = exp2f(fmaf(s[j][2 * r], scale_log2, -safe));
-        s[j][2 * r + 1] = exp2f(fmaf(s[j][2 * r + 1], scale_log2, -safe));
-        row_sum[r] += s[j][2 * r] + s[j][2 * r + 1];
-      }
-#pragma unroll
-      for (int j = 0; j < kD / 8; ++j) {
-        o[j][2 * r] *= corr;
-        o[j][2 * r + 1] *= corr;
-      }
-    }
+    fwd90::mask_tile(s, p, m0, n0, 64 * wg, row0, g, tq);
+    float corr[2];
+    fwd90::online_softmax(s, row_max, row_sum, corr, scale_log2);
+    fwd90::rescale_rows(o, corr);
 
     // O += P V over the tile's 128 keys.
     wg::fence();
@@ -123,23 +172,7 @@ __global__ void __launch_bounds__(fwd90::kThreads, 1) rope_attention_fwd_sm90_ke
   }
 
   // Epilogue: normalise, write O and the natural-log log-sum-exp of each row.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffff, sum, 1);
-    sum += __shfl_xor_sync(0xffffffff, sum, 2);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-#pragma unroll
-    for (int j = 0; j < kD / 8; ++j) {
-      o[j][2 * r] *= inv;
-      o[j][2 * r + 1] *= inv;
-    }
-    const int64_t row = m0 + row0 + g + 8 * r;
-    if (tq == 0 && row < p.seqlen) {
-      float* lse = static_cast<float*>(p.lse) + (b * p.heads_q + hq) * p.seqlen + row;
-      *lse = (row_max[r] * scale_log2 + log2f(sum)) * 0.6931471805599453f;
-    }
-  }
+  fwd90::normalize_rows(o, row_max, row_sum, p, b, hq, m0 + row0 + g, tq, scale_log2);
   __syncthreads();  // every warpgroup is done with the q/k/v tiles: reuse their smem
   float* tile = reinterpret_cast<float*>(smem_raw);
   attn::acc_to_smem<kD>(tile, o, row0);

@@ -97,6 +97,11 @@ bool use_sm90_kernels(const AttentionParams& p, bool backward) {
 #endif
 }
 
+bool use_sm90_ws_kernels() {
+  const char* env = std::getenv("PIROPE_ATTENTION_SM90");
+  return env != nullptr && std::strcmp(env, "ws") == 0;
+}
+
 // Defined in rope_attention_backward_kernel.cu.
 void launch_rope_attention_bwd_cuda(const AttentionParams& p, at::ScalarType dtype,
                                     at::ScalarType table_dtype, c10::Device device);

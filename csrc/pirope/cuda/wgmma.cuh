@@ -82,6 +82,14 @@ __device__ __forceinline__ void fence_operand(float (&d)[NB][4]) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
 }
+// The same for register A operands: keeps them live (unchanged) until the wait.
+template <int NB>
+__device__ __forceinline__ void fence_operand(uint32_t (&a)[NB][4]) {
+#pragma unroll
+  for (int j = 0; j < NB; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
+}
 
 // D (64 x N, float32) = A B (+ D when `accumulate`), K = 16. ss: A and B from smem
 // descriptors (kTransA/kTransB = 1: MN-major); rs: A from registers (4 x b32 per thread).
@@ -171,6 +179,16 @@ __device__ __forceinline__ void gemm_rs(float (&acc)[N / 8][4], const float (&p)
     attn::acc_to_a<T>(a, p, k);
     Wgmma<N>::template rs<kHalf, kTransB>(acc, a, b(k), 1);
   }
+  commit();
+}
+// acc += A B with A already in operand registers (a[k]: k-step k, e.g. from acc_to_a),
+// for a product that runs while the caller works on other registers: a must stay
+// unchanged until the wait (fence_operand(a) after it). Committed, not waited for.
+template <typename T, int N, int kTransB, int kSteps, typename DescB>
+__device__ __forceinline__ void gemm_rs(float (&acc)[N / 8][4], const uint32_t (&a)[kSteps][4], DescB b) {
+  constexpr bool kHalf = std::is_same_v<T, at::Half>;
+#pragma unroll
+  for (int k = 0; k < kSteps; ++k) Wgmma<N>::template rs<kHalf, kTransB>(acc, a[k], b(k), 1);
   commit();
 }
 
