@@ -50,13 +50,25 @@ echo "built in $(( $(date +%s) - t0 )) s"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import pirope; print(pirope.build_info())"
 
+# The warp-specialised kernels (PIROPE_ATTENTION_SM90=ws) before anything else uses them:
+# a bounded run, so that a hang (an mbarrier phase that never completes) costs a minute,
+# not the test step. On failure the tests, the sanitizer and the benchmarks leave them out.
+step "warp-specialised Hopper kernels: bounded first run (tests/cuda_ws_smoke.py)"
+ws_methods="fused_ws,"
+if timeout 90 $PY tests/cuda_ws_smoke.py > "$SCRATCH/ws-smoke.log" 2>&1; then
+  tail -3 "$SCRATCH/ws-smoke.log"
+else
+  echo "ws kernels FAILED or hung (rc $?): left out below"; tail -20 "$SCRATCH/ws-smoke.log"
+  status=1; ws_methods=""; export PIROPE_TEST_SKIP_WS=1
+fi
+
 step "CUDA tests"
 xdist=""
 $PY -c "import xdist" 2>/dev/null && xdist="-n 12"
 # GPU_CHECK_QUICK=1: a short re-check (attention tests, a small benchmark grid, memcheck).
 QUICK="${GPU_CHECK_QUICK:-0}"
 tests="tests"; [ "$QUICK" = 1 ] && tests="tests/test_rope_attention_cuda.py tests/test_rope_attention.py"
-timeout 200 $PY -m pytest -q --tb=short -rf $xdist -k "cuda" -p no:cacheprovider $tests \
+timeout 260 $PY -m pytest -q --tb=short -rf $xdist -k "cuda" -p no:cacheprovider $tests \
   > "$OUT/pytest-cuda.log" 2>&1 || status=1
 tail -25 "$OUT/pytest-cuda.log"
 
@@ -91,17 +103,18 @@ hopper_vs_mma() {
   PIROPE_ATTENTION_SM90=0 timeout 60 $PY benchmarks/bench_attention_gpu.py --methods fused,fused_det \
     --seqlens "$1" --heads 32/8 --causal 1 --repeat 10 || status=1
 }
+methods="fused,${ws_methods}fused_det,flash,efficient,cudnn"
 if [ "$QUICK" = 1 ]; then
   timeout 90 $PY benchmarks/bench_attention_gpu.py --seqlens 2048,16384 --heads 32/8 --causal 1 \
-    --repeat 10 --json "$OUT/bench_attention_gpu.json" || status=1
+    --repeat 10 --methods "$methods" --json "$OUT/bench_attention_gpu.json" || status=1
   hopper_vs_mma 2048,16384
   step "compute-sanitizer memcheck (attention kernels)"
   sanitize memcheck --quick
   echo "gpu_check status: $status (log: $LOG)"
   exit $status
 fi
-timeout 170 $PY benchmarks/bench_attention_gpu.py --seqlens "${ATTN_SEQLENS:-512,2048,8192,16384}" \
-  --repeat 10 --json "$OUT/bench_attention_gpu.json" || status=1
+timeout 190 $PY benchmarks/bench_attention_gpu.py --seqlens "${ATTN_SEQLENS:-512,2048,8192,16384}" \
+  --repeat 10 --methods "$methods" --json "$OUT/bench_attention_gpu.json" || status=1
 
 hopper_vs_mma 2048,16384
 

@@ -62,7 +62,12 @@ if __name__ == "__main__":
     quick = "--quick" in sys.argv  # racecheck is slow: fewer shapes
     if not quick:
         rotary_cases()
-    attention_cases(quick)
+    # On sm_90 with a 9.0a build: the wgmma kernels, then the warp-specialised TMA ones
+    # (elsewhere both runs take the mma.sync kernels; the pre-pass loop below too).
+    for variant in ("1", "ws") if os.environ.get("PIROPE_TEST_SKIP_WS") != "1" else ("1",):
+        os.environ["PIROPE_ATTENTION_SM90"] = variant
+        attention_cases(quick)
+    os.environ.pop("PIROPE_ATTENTION_SM90")
     for prepass in ("0", "1"):  # q, k rotated on load, and by the pre-pass
         os.environ["PIROPE_ATTENTION_K_PREPASS"] = prepass
         q, k, v = (torch.randn(1, 200, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))

@@ -87,21 +87,28 @@ __device__ __forceinline__ void ds_t(float (&dpt)[kBlockM / 8][4], const float (
     for (int e = 0; e < 4; ++e) dpt[j][e] = pt[j][e] * (dpt[j][e] - d_s[8 * j + 2 * tq + (e & 1)]);
 }
 
+// The barrier between the steps of an epilogue: the whole block (the warp-specialised
+// kernels pass one over their consumer warps only).
+struct BlockSync {
+  __device__ __forceinline__ void operator()() const { __syncthreads(); }
+};
+
 // The dkdv epilogue, through smem (the tiles are free now; `smem` holds a float32 tile of
 // kBlockN x (kD + 4)): dK scaled and rotated back to the un-rotated basis, and dV, each
-// warp's accumulators being block rows row0.. (C layout).
-template <typename T, int kD, int kBlockN, int kThreads>
+// warp's accumulators being block rows row0.. (C layout). Threads 0..kThreads-1 take
+// part; sync() is their barrier.
+template <typename T, int kD, int kBlockN, int kThreads, typename Sync = BlockSync>
 __device__ __forceinline__ void store_dk_dv(unsigned char* smem, const float (&dk)[kD / 8][4],
                                             const float (&dv)[kD / 8][4], int row0, const AttentionParams& p,
-                                            int64_t b, int64_t hk, int64_t n0) {
+                                            int64_t b, int64_t hk, int64_t n0, Sync sync = {}) {
   float* tile = reinterpret_cast<float*>(smem);
-  __syncthreads();
+  sync();
   attn::acc_to_smem<kD>(tile, dk, row0);
-  __syncthreads();
+  sync();
   attn::store_tile<T, kD, kBlockN, kThreads>(tile, p.dk, p, b, hk, n0, true, static_cast<float>(p.softmax_scale));
-  __syncthreads();
+  sync();
   attn::acc_to_smem<kD>(tile, dv, row0);
-  __syncthreads();
+  sync();
   attn::store_tile<T, kD, kBlockN, kThreads>(tile, p.dv, p, b, hk, n0, false, 1.f);
 }
 
@@ -337,9 +344,14 @@ __global__ void __launch_bounds__(256) rope_attention_bwd_dq_convert_kernel(cons
   dst[i] = static_cast<T>(v * static_cast<float>(p.softmax_scale));
 }
 
-// The dkdv step on sm_90a, rope_attention_bwd_sm90.cuh (included by the same .cu files).
+// The dkdv step on sm_90a, rope_attention_bwd_sm90.cuh and rope_attention_bwd_sm90_ws.cuh
+// (included by the same .cu files); the warp-specialised one returns false when it
+// cannot take the call.
 template <typename T, int kD>
 void launch_rope_attention_bwd_dkdv_sm90(const AttentionParams& p, const BackwardScratch& sc, cudaStream_t stream);
+template <typename T, int kD>
+bool launch_rope_attention_bwd_dkdv_sm90_ws(const AttentionParams& p, const BackwardScratch& sc,
+                                            cudaStream_t stream);
 
 // Explicitly instantiated once per (dtype, head dim) in rope_attention_bwd_<dtype>_hd<kD>.cu.
 template <typename T, int kD>
@@ -353,7 +365,8 @@ void launch_rope_attention_bwd(const AttentionParams& p, const BackwardScratch& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (use_sm90_kernels(p, /*backward=*/true)) {
-    launch_rope_attention_bwd_dkdv_sm90<T, kD>(p, sc, stream);
+    if (!use_sm90_ws_kernels() || !launch_rope_attention_bwd_dkdv_sm90_ws<T, kD>(p, sc, stream))
+      launch_rope_attention_bwd_dkdv_sm90<T, kD>(p, sc, stream);
   } else {
     // K, V, two stages of (q, dO), two of (lse, D); + dS in atomic mode.
     const size_t smem = (2 * kBlockN + 4 * kBlockM) * kLd * sizeof(T) + 4 * kBlockM * sizeof(float) +

@@ -28,6 +28,89 @@ constexpr int kBlockN = 128;  // keys per block (64 per warpgroup)
 constexpr int kBlockM = 64;   // queries per tile
 constexpr int kThreads = 256;
 constexpr attn::Smem kSmem = attn::Smem::kSwizzle128;  // every tile (wgmma.cuh)
+
+// The work items of a dkdv block (keys n0.. of kv head hk): every 64-query tile at or
+// after the keys (causal) of every q head of the GQA group; item i = (q head
+// hk * group + i / tiles, query tile i % tiles), as in rope_attention_bwd_dkdv_kernel.
+struct Items {
+  int64_t group, tiles, m_begin, hk;
+  __device__ __forceinline__ Items(const AttentionParams& p, int64_t n0, int64_t kv_head)
+      : group(p.heads_q / p.heads_kv),
+        tiles((p.seqlen - (p.causal ? n0 : 0) + kBlockM - 1) / kBlockM),
+        m_begin(p.causal ? n0 : 0),
+        hk(kv_head) {}
+  __device__ __forceinline__ int64_t count() const { return group * tiles; }
+  __device__ __forceinline__ int64_t head(int64_t i) const { return hk * group + i / tiles; }
+  __device__ __forceinline__ int64_t row(int64_t i) const { return m_begin + (i % tiles) * kBlockM; }
+};
+
+// P^T of this thread's entries of a 64-key x 64-query tile (keys[0], keys[1] its two key
+// rows, queries m0..), in place of the raw scores S^T: exp2(S^T * scale_log2 - lse),
+// masked entries (causal, padding) exactly 0. Only tiles that cross the diagonal or the
+// sequence end test each entry.
+__device__ __forceinline__ void probs_t(float (&pt)[kBlockM / 8][4], const AttentionParams& p, int64_t m0,
+                                        int64_t n0, const int64_t (&keys)[2], const float* lse_s,
+                                        float scale_log2) {
+  const int tq = threadIdx.x % 4;
+  const bool full_tile =
+      m0 + kBlockM <= p.seqlen && n0 + kBlockN <= p.seqlen && !(p.causal && n0 + kBlockN - 1 > m0);
+#pragma unroll
+  for (int j = 0; j < kBlockM / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int qi = 8 * j + 2 * tq + (e & 1);
+      const int64_t query = m0 + qi, key = keys[e >> 1];
+      const bool valid = full_tile || (key < p.seqlen && query < p.seqlen && (!p.causal || key <= query));
+      pt[j][e] = valid ? exp2f(fmaf(pt[j][e], scale_log2, -lse_s[qi])) : 0.f;
+    }
+}
+
+// Atomic mode: dS^T (this warp's C-layout rows row0 + g, + 8 of the block's keys) into
+// smem as [key][query], the swizzled layout dQ = dS K reads as an MN-major A operand.
+template <typename T>
+__device__ __forceinline__ void stage_ds_t(T* ds_s, const float (&dst)[kBlockM / 8][4], int row0) {
+  const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+#pragma unroll
+  for (int j = 0; j < kBlockM / 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      *reinterpret_cast<uint32_t*>(ds_s + attn::tile_offset<kBlockM, kBlockN, kSmem>(row0 + g + 8 * r, 8 * j + 2 * tq)) =
+          attn::pack<T>(dst[j][2 * r], dst[j][2 * r + 1]);
+}
+
+// The same from dS^T already packed as A operands (acc_to_a: a[k] holds n8 blocks 2k
+// (registers 0, 1: rows g, g + 8) and 2k + 1 (registers 2, 3)), so the floats can die.
+template <typename T>
+__device__ __forceinline__ void stage_ds_t_operands(T* ds_s, const uint32_t (&a)[kBlockM / 16][4], int row0) {
+  const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+#pragma unroll
+  for (int j = 0; j < kBlockM / 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      *reinterpret_cast<uint32_t*>(ds_s + attn::tile_offset<kBlockM, kBlockN, kSmem>(row0 + g + 8 * r, 8 * j + 2 * tq)) =
+          a[j / 2][2 * (j % 2) + r];
+}
+
+// dQ columns per warpgroup: whole 64-column panels (head dim 64: warpgroup 0 alone).
+template <int kD>
+constexpr int kDqCols = kD >= 128 ? kD / 2 : kD;
+
+// dQ (64 queries x kDqCols columns from col0: C layout, this warp rows 16 warp + g, + 8)
+// added into the float32 accumulator with float2 atomics; rows past seqlen skipped.
+template <int kD>
+__device__ __forceinline__ void add_dq(const float (&dq)[kDqCols<kD> / 8][4], const BackwardScratch& sc,
+                                       const AttentionParams& p, int64_t b, int64_t hq, int64_t m0, int col0) {
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = m0 + 16 * warp + g + 8 * r;
+    if (row >= p.seqlen) continue;
+    float* dst_row = sc.dq_accum + ((b * p.seqlen + row) * p.heads_q + hq) * kD + col0;
+#pragma unroll
+    for (int jd = 0; jd < kDqCols<kD> / 8; ++jd)
+      attn::atomic_add2(dst_row + 8 * jd + 2 * tq, dq[jd][2 * r], dq[jd][2 * r + 1]);
+  }
+}
 }  // namespace bwd90
 
 template <typename T, int kD, bool kAtomicDq>

@@ -1,0 +1,221 @@
+// Warp-specialised Hopper (sm_90a) dK/dV kernel of the rope_attention backward: the
+// work items and math of rope_attention_bwd_sm90.cuh on the producer/consumer pipeline
+// of rope_attention_fwd_sm90_ws.cuh:
+//   - producer warpgroup: one thread loads K, V once and then every item's q and dO
+//     tiles with TMA; one warp loads the item's row stats (lse, D) into smem; both
+//     complete the stage's `full` mbarrier. Two stages; the consumers free a stage
+//     (`empty`) once every product that reads it has finished;
+//   - two consumer warpgroups (64 keys each) only compute. Per item: S^T and dP^T
+//     (waited for), P^T and dS^T; dV += P^T dO and dK += dS^T Q run while dS^T goes to
+//     smem for dQ = dS K (both warpgroups' halves: one named barrier instead of the two
+//     block-wide barriers per item of the other kernel, whose threads also issued every
+//     copy).
+// Chosen by PIROPE_ATTENTION_SM90=ws (use_sm90_ws_kernels) where the sm_90a kernels run
+// and TMA can describe q, dO, k and v (else rope_attention_bwd_sm90.cuh runs).
+#pragma once
+
+#include "rope_attention_bwd_sm90.cuh"
+#include "tma.cuh"
+
+namespace pirope::cuda {
+
+namespace bwd90ws {
+constexpr int kStages = 2;
+constexpr int kConsumers = 256;
+constexpr int kThreads = kConsumers + 128;
+constexpr int kProducerRegs = 24;  // 128 x 24 + 256 x 240 = 384 x 168 (the launch budget)
+constexpr int kConsumerRegs = 240;
+constexpr int kBarConsumers = 1;   // named barrier of the consumer warpgroups
+}  // namespace bwd90ws
+
+template <typename T, int kD, bool kAtomicDq>
+__global__ void __launch_bounds__(bwd90ws::kThreads, 1)
+    rope_attention_bwd_dkdv_sm90_ws_kernel(const __grid_constant__ CUtensorMap q_map,
+                                           const __grid_constant__ CUtensorMap do_map,
+                                           const __grid_constant__ CUtensorMap k_map,
+                                           const __grid_constant__ CUtensorMap v_map, const AttentionParams p,
+                                           const BackwardScratch sc) {
+#ifdef PIROPE_SM90A_DEVICE
+  using namespace bwd90ws;
+  using bwd90::kBlockM;
+  using bwd90::kBlockN;
+  constexpr int kTile = kBlockM * kD;  // elements of a q or dO tile
+  // smem: K, V; kStages x (q, dO); kStages x (lse, D); 2 x dS^T (atomic mode); barriers.
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* k_s = wg::align1024<T>(smem_raw);  // every tile starts at a multiple of 1 KB
+  T* v_s = k_s + kBlockN * kD;
+  T* q_st = v_s + kBlockN * kD;          // stage s: q at q_st + 2 s kTile, dO right after
+  T* ds_s = q_st + 2 * kStages * kTile;  // 2 buffers of kBlockN x kBlockM (atomic mode)
+  float* stats = reinterpret_cast<float*>(ds_s + (kAtomicDq ? 2 * kBlockN * kBlockM : 0));  // [s][lse | D][64]
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(stats + 2 * kStages * kBlockM);
+  uint64_t* full = kv_full + 1;
+  uint64_t* empty = full + kStages;
+  static_assert(kBlockN * (kD + 4) * sizeof(float) <= (2 * kBlockN * kD + 2 * kStages * kTile) * sizeof(T),
+                "the float32 epilogue tile reuses the k/v/q/dO tiles' smem");
+
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
+  const int64_t hk = blockIdx.y;
+  const int64_t b = blockIdx.z;
+  const bwd90::Items items(p, n0, hk);
+  const int64_t n_items = items.count();
+
+  if (threadIdx.x == 0) {
+    tma::mbar_init(kv_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      tma::mbar_init(&full[s], 1 + 32);  // the TMA thread's expect_tx + the stats warp's lanes
+      tma::mbar_init(&empty[s], kConsumers);
+    }
+    tma::fence_barrier_init();
+  }
+  __syncthreads();  // the last block-wide barrier: the producer warpgroup leaves early
+
+  const int wg = __shfl_sync(0xffffffff, static_cast<int>(threadIdx.x) / 128, 0);  // uniform (see the forward)
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  if (wg == kConsumers / 128) {
+    tma::regs_dealloc<kProducerRegs>();
+    if (warp == 0 && lane == 0) {  // TMA: K and V once, then (q, dO) per item
+      tma::prefetch_map(&q_map);
+      tma::prefetch_map(&do_map);
+      tma::mbar_arrive_expect_tx(kv_full, 2 * kBlockN * kD * sizeof(T));
+      tma::load_tile<T, kD, kBlockN>(k_s, &k_map, n0, hk, b, kv_full);
+      tma::load_tile<T, kD, kBlockN>(v_s, &v_map, n0, hk, b, kv_full);
+      for (int64_t it = 0; it < n_items; ++it) {
+        const int st = static_cast<int>(it % kStages);
+        tma::mbar_wait(&empty[st], ((it / kStages) & 1) ^ 1);
+        tma::mbar_arrive_expect_tx(&full[st], 2 * kTile * sizeof(T));
+        T* q_dst = q_st + 2 * st * kTile;
+        tma::load_tile<T, kD, kBlockM>(q_dst, &q_map, items.row(it), items.head(it), b, &full[st]);
+        tma::load_tile<T, kD, kBlockM>(q_dst + kTile, &do_map, items.row(it), items.head(it), b, &full[st]);
+      }
+    } else if (warp == 1) {  // the row stats of each item (lse in the log2 domain, D)
+      for (int64_t it = 0; it < n_items; ++it) {
+        const int st = static_cast<int>(it % kStages);
+        tma::mbar_wait(&empty[st], ((it / kStages) & 1) ^ 1);
+        float* lse_s = stats + 2 * st * kBlockM;
+        const int64_t hq = items.head(it), m0 = items.row(it);
+        for (int i = lane; i < kBlockM; i += 32) {
+          const int64_t s = m0 + i;
+          const int64_t off = (b * p.heads_q + hq) * p.seqlen + s;
+          lse_s[i] = s < p.seqlen ? static_cast<const float*>(p.lse)[off] * bwd::kLog2e : INFINITY;
+          lse_s[kBlockM + i] = s < p.seqlen ? sc.d[off] : 0.f;
+        }
+        tma::mbar_arrive(&full[st]);  // releases this lane's stores to the consumers
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup wg owns keys n0 + 64 wg .. + 63.
+  tma::regs_alloc<kConsumerRegs>();
+  const int g = lane / 4;
+  const int row0 = 64 * wg + 16 * warp;  // this warp's first key row in the block
+  const float scale_log2 = static_cast<float>(p.softmax_scale) * bwd::kLog2e;
+  const int64_t keys[2] = {n0 + row0 + g, n0 + row0 + g + 8};
+  constexpr int kCols = bwd90::kDqCols<kD>;
+
+  float dk[kD / 8][4], dv[kD / 8][4];
+  attn::zero(dk);
+  attn::zero(dv);
+  tma::mbar_wait(kv_full, 0);
+
+  for (int64_t it = 0; it < n_items; ++it) {
+    const int st = static_cast<int>(it % kStages);
+    const int64_t hq = items.head(it), m0 = items.row(it);
+    tma::mbar_wait(&full[st], (it / kStages) & 1);
+    const T* q_s = q_st + 2 * st * kTile;
+    const T* do_s = q_s + kTile;
+    const float* lse_s = stats + 2 * st * kBlockM;
+    const float* d_s = lse_s + kBlockM;
+
+    // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys x 64 queries.
+    float pt[kBlockM / 8][4], dst[kBlockM / 8][4];
+    wg::fence();
+    wg::gemm_ss<T, kBlockM, 0, 0, kD / 16>(
+        pt, [&](int k) { return wg::desc_k<T, kD, kBlockN>(k_s, 64 * wg, 16 * k); },
+        [&](int k) { return wg::desc_k<T, kD, kBlockM>(q_s, 0, 16 * k); }, false);
+    wg::gemm_ss<T, kBlockM, 0, 0, kD / 16>(
+        dst, [&](int k) { return wg::desc_k<T, kD, kBlockN>(v_s, 64 * wg, 16 * k); },
+        [&](int k) { return wg::desc_k<T, kD, kBlockM>(do_s, 0, 16 * k); }, false);
+    wg::wait<0>();
+    wg::fence_operand(pt);
+    wg::fence_operand(dst);
+
+    // P^T and dS^T = P^T * (dP^T - D) as A operands; then dV += P^T dO and dK += dS^T Q
+    // (rotated basis; scale and un-rotation in the epilogue) run while dS^T goes to smem
+    // and dQ = dS K is issued.
+    bwd90::probs_t(pt, p, m0, n0, keys, lse_s, scale_log2);
+    ds_t<kBlockM>(dst, pt, d_s);
+    uint32_t pf[kBlockM / 16][4], dsf[kBlockM / 16][4];
+#pragma unroll
+    for (int k = 0; k < kBlockM / 16; ++k) {
+      attn::acc_to_a<T>(pf[k], pt, k);
+      attn::acc_to_a<T>(dsf[k], dst, k);
+    }
+    wg::fence();
+    wg::gemm_rs<T, kD, 1, kBlockM / 16>(dv, pf, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(do_s, 16 * k, 0); });
+    wg::gemm_rs<T, kD, 1, kBlockM / 16>(dk, dsf, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(q_s, 16 * k, 0); });
+    if constexpr (kAtomicDq) {
+      // dQ (64 queries x kCols columns of this warpgroup) = dS K over both warpgroups'
+      // keys: dS^T of item it in buffer it % 2 (a warpgroup may still be reading the
+      // other one: it has passed this item's barrier, not the next).
+      T* ds_buf = ds_s + (it % 2) * kBlockN * kBlockM;
+      bwd90::stage_ds_t_operands<T>(ds_buf, dsf, row0);
+      wg::fence_proxy_async();
+      tma::bar_sync<kConsumers>(kBarConsumers);
+      if (kCols * wg < kD) {
+        float dq[kCols / 8][4];
+        wg::fence();
+        wg::gemm_ss<T, kCols, 1, 1, kBlockN / 16>(
+            dq, [&](int k) { return wg::desc_mn<T, kBlockM, kBlockN>(ds_buf, 16 * k, 0); },
+            [&](int k) { return wg::desc_mn<T, kD, kBlockN>(k_s, 16 * k, kCols * wg); }, false);
+        wg::wait<0>();
+        wg::fence_operand(dq);
+        tma::mbar_arrive(&empty[st]);  // dV, dK and dQ are done with this stage
+        bwd90::add_dq<kD>(dq, sc, p, b, hq, m0, kCols * wg);
+      } else {
+        wg::wait<0>();
+        tma::mbar_arrive(&empty[st]);
+      }
+    } else {
+      wg::wait<0>();
+      tma::mbar_arrive(&empty[st]);
+    }
+    wg::fence_operand(dv);
+    wg::fence_operand(dk);
+    wg::fence_operand(pf);
+    wg::fence_operand(dsf);
+  }
+
+  store_dk_dv<T, kD, kBlockN, kConsumers>(smem_raw, dk, dv, row0, p, b, hk, n0,
+                                          [] { tma::bar_sync<kConsumers>(kBarConsumers); });
+#else
+  __trap();  // launched only on sm_90 devices by a build with sm_90a code (use_sm90_kernels)
+#endif
+}
+
+// Returns false (nothing launched) when TMA cannot describe q, dO, k or v.
+template <typename T, int kD>
+bool launch_rope_attention_bwd_dkdv_sm90_ws(const AttentionParams& p, const BackwardScratch& sc,
+                                            cudaStream_t stream) {
+  using namespace bwd90ws;
+  using bwd90::kBlockM;
+  using bwd90::kBlockN;
+  constexpr bool kHalf = std::is_same_v<T, at::Half>;
+  CUtensorMap q_map, do_map, k_map, v_map;
+  if (!encode_tile_map(&q_map, p.q, p.batch, p.seqlen, p.heads_q, kD, kHalf, kBlockM) ||
+      !encode_tile_map(&do_map, p.grad_out, p.batch, p.seqlen, p.heads_q, kD, kHalf, kBlockM) ||
+      !encode_tile_map(&k_map, p.k, p.batch, p.seqlen, p.heads_kv, kD, kHalf, kBlockN) ||
+      !encode_tile_map(&v_map, p.v, p.batch, p.seqlen, p.heads_kv, kD, kHalf, kBlockN))
+    return false;
+  // K, V, kStages x (q, dO), 2 x dS^T in atomic mode, kStages x (lse, D), the barriers,
+  // + 1 KB of alignment slack.
+  const size_t smem = static_cast<size_t>(2 * kBlockN + 2 * kStages * kBlockM) * kD * sizeof(T) +
+                      (p.deterministic ? 0 : size_t{2} * kBlockN * kBlockM * sizeof(T)) +
+                      2 * kStages * kBlockM * sizeof(float) + (1 + 2 * kStages) * sizeof(uint64_t) + 1024;
+  launch_kernel(p.deterministic ? rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, false>
+                                : rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, true>,
+                attention_grid(p, kBlockN, p.heads_kv), kThreads, smem, stream, q_map, do_map, k_map, v_map, p, sc);
+  return true;
+}
+
+}  // namespace pirope::cuda
