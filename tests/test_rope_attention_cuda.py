@@ -35,6 +35,25 @@ def tables(rotary_dim, n):
     return cos.cuda(), sin.cuda()
 
 
+def check_forward(q, k, v, causal):
+    """The forward op (default scale, tables for the sequence) against float64: the
+    output, and lse against the log-sum-exp of the scaled scores of the rotated q, k.
+    Returns (out, lse)."""
+    n, d = q.shape[1], q.shape[3]
+    cos, sin = tables(d, n)
+    out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, d ** -0.5, False)
+    ref = attention_reference(q, k, v, cos, sin, causal=causal)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) < 1e-2
+    qr, kr = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    kr = kr.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    scores = torch.einsum("bshd,bthd->bhst", qr, kr) * d ** -0.5
+    if causal:
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -math.inf)
+    torch.testing.assert_close(lse.double().cpu(), scores.logsumexp(-1), atol=2e-2, rtol=1e-2)
+    return out, lse
+
+
 def rel_err(out, ref, floor=1e-3):
     """Norm-wise relative error; the floor (per element, on the scale of the unit-variance
     inputs) keeps a reference that is exactly 0 (dq for a single key) from dividing by 0."""
@@ -52,19 +71,7 @@ def test_forward_matches_float64_reference(dtype, head_dim, causal, seqlen, head
     q = torch.randn(2, seqlen, hq, head_dim, device="cuda", dtype=dtype)
     k = torch.randn(2, seqlen, hk, head_dim, device="cuda", dtype=dtype)
     v = torch.randn(2, seqlen, hk, head_dim, device="cuda", dtype=dtype)
-    cos, sin = tables(head_dim, seqlen)
-    scale = head_dim ** -0.5
-    out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, scale, False)
-    ref = attention_reference(q, k, v, cos, sin, causal=causal)
-    assert not torch.isnan(out).any()
-    assert rel_err(out, ref) < 1e-2
-    # lse: log-sum-exp of the scaled scores of the rotated q, k
-    qr, kr = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
-    kr = kr.repeat_interleave(hq // hk, dim=2)
-    scores = torch.einsum("bshd,bthd->bhst", qr, kr) * scale
-    if causal:
-        scores = scores.masked_fill(~torch.ones(seqlen, seqlen, dtype=torch.bool).tril(), -math.inf)
-    torch.testing.assert_close(lse.double().cpu(), scores.logsumexp(-1), atol=2e-2, rtol=1e-2)
+    check_forward(q, k, v, causal)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -266,21 +273,10 @@ def check_ws_forward(monkeypatch, q, k, v, causal):
     elsewhere): output and lse against float64, then against the other Hopper forward,
     which does the same math in the same order per tile (much closer than float64 is)."""
     use_kernels(monkeypatch, "ws")
-    seqlen, hq, head_dim = q.shape[1], q.shape[2], q.shape[3]
-    cos, sin = tables(head_dim, seqlen)
-    scale = head_dim ** -0.5
-    out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, scale, False)
-    ref = attention_reference(q, k, v, cos, sin, causal=causal)
-    assert not torch.isnan(out).any()
-    assert rel_err(out, ref) < 1e-2
-    qr, kr = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
-    kr = kr.repeat_interleave(hq // k.shape[2], dim=2)
-    scores = torch.einsum("bshd,bthd->bhst", qr, kr) * scale
-    if causal:
-        scores = scores.masked_fill(~torch.ones(seqlen, seqlen, dtype=torch.bool).tril(), -math.inf)
-    torch.testing.assert_close(lse.double().cpu(), scores.logsumexp(-1), atol=2e-2, rtol=1e-2)
+    out, lse = check_forward(q, k, v, causal)
     use_kernels(monkeypatch, "1")
-    out1, lse1 = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, scale, False)
+    cos, sin = tables(q.shape[-1], q.shape[1])
+    out1, lse1 = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, q.shape[-1] ** -0.5, False)
     torch.testing.assert_close(out, out1, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse, lse1, atol=1e-4, rtol=1e-4)
 

@@ -395,6 +395,12 @@ __device__ __forceinline__ void stage_next_and_wait(bool has_next, StageNext&& s
   }
 }
 
+// The barrier between the steps of an epilogue: the whole block (the warp-specialised
+// kernels pass one over their consumer warps only).
+struct BlockSync {
+  __device__ __forceinline__ void operator()() const { __syncthreads(); }
+};
+
 // Epilogue, step 1: a warp's C-layout accumulators (rows row0 + g, row0 + g + 8) into
 // a float32 smem tile of row stride kD + 4, so that step 2 can work on whole rows.
 template <int kD>

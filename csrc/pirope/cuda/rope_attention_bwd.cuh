@@ -76,6 +76,20 @@ __device__ __forceinline__ void load_row_stats(float* lse_s, float* d_s, const A
   }
 }
 
+// Entries of the recomputed P^T: whether a key x query tile (keys n0.. kBlockN, queries
+// m0.. kBlockM) crosses the diagonal or the sequence end (only then is each entry
+// tested), and one entry: exp2(s * scale_log2 - lse) of the raw score s, exactly 0 where
+// masked (causal, padding).
+template <int kBlockN, int kBlockM>
+__device__ __forceinline__ bool full_tile(const AttentionParams& p, int64_t m0, int64_t n0) {
+  return m0 + kBlockM <= p.seqlen && n0 + kBlockN <= p.seqlen && !(p.causal && n0 + kBlockN - 1 > m0);
+}
+__device__ __forceinline__ float prob(float s, bool full, const AttentionParams& p, int64_t key, int64_t query,
+                                      float scale_log2, float lse) {
+  const bool valid = full || (key < p.seqlen && query < p.seqlen && (!p.causal || key <= query));
+  return valid ? exp2f(fmaf(s, scale_log2, -lse)) : 0.f;
+}
+
 // dS^T = P^T * (dP^T - D), in place of dP^T, D per query (column).
 template <int kBlockM>
 __device__ __forceinline__ void ds_t(float (&dpt)[kBlockM / 8][4], const float (&pt)[kBlockM / 8][4],
@@ -87,17 +101,11 @@ __device__ __forceinline__ void ds_t(float (&dpt)[kBlockM / 8][4], const float (
     for (int e = 0; e < 4; ++e) dpt[j][e] = pt[j][e] * (dpt[j][e] - d_s[8 * j + 2 * tq + (e & 1)]);
 }
 
-// The barrier between the steps of an epilogue: the whole block (the warp-specialised
-// kernels pass one over their consumer warps only).
-struct BlockSync {
-  __device__ __forceinline__ void operator()() const { __syncthreads(); }
-};
-
 // The dkdv epilogue, through smem (the tiles are free now; `smem` holds a float32 tile of
 // kBlockN x (kD + 4)): dK scaled and rotated back to the un-rotated basis, and dV, each
 // warp's accumulators being block rows row0.. (C layout). Threads 0..kThreads-1 take
 // part; sync() is their barrier.
-template <typename T, int kD, int kBlockN, int kThreads, typename Sync = BlockSync>
+template <typename T, int kD, int kBlockN, int kThreads, typename Sync = attn::BlockSync>
 __device__ __forceinline__ void store_dk_dv(unsigned char* smem, const float (&dk)[kD / 8][4],
                                             const float (&dv)[kD / 8][4], int row0, const AttentionParams& p,
                                             int64_t b, int64_t hk, int64_t n0, Sync sync = {}) {
@@ -179,7 +187,8 @@ __global__ void __launch_bounds__(bwd::kThreads, 1) rope_attention_bwd_dkdv_kern
     zero(pt);
     gemm_nt<T, kBlockM / 8, kD>(pt, k_s, kLd, warp * 16, q_s, kLd);
     // P^T from the saved lse; masked entries (causal, padding) are exactly 0. Only
-    // tiles that cross the diagonal or the sequence end need the mask.
+    // tiles that cross the diagonal or the sequence end need the mask. (The per-entry
+    // math of prob(), written out: through it ptxas spilled 8 bytes more here.)
     const bool full_tile = m0 + kBlockM <= p.seqlen && n0 + kBlockN <= p.seqlen &&
                            !(p.causal && n0 + kBlockN - 1 > m0);
 #pragma unroll

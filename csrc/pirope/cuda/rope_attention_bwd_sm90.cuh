@@ -44,44 +44,66 @@ struct Items {
   __device__ __forceinline__ int64_t row(int64_t i) const { return m_begin + (i % tiles) * kBlockM; }
 };
 
-// P^T of this thread's entries of a 64-key x 64-query tile (keys[0], keys[1] its two key
-// rows, queries m0..), in place of the raw scores S^T: exp2(S^T * scale_log2 - lse),
-// masked entries (causal, padding) exactly 0. Only tiles that cross the diagonal or the
-// sequence end test each entry.
-__device__ __forceinline__ void probs_t(float (&pt)[kBlockM / 8][4], const AttentionParams& p, int64_t m0,
-                                        int64_t n0, const int64_t (&keys)[2], const float* lse_s,
-                                        float scale_log2) {
+// S^T = K Q^T and dP^T = V dO^T for warpgroup wg's 64 keys x the tile's 64 queries (K,
+// V: the block's kBlockN x kD tiles; q, dO: kBlockM x kD), waited for.
+template <typename T, int kD>
+__device__ __forceinline__ void scores_t(float (&st)[kBlockM / 8][4], float (&dpt)[kBlockM / 8][4], const T* k_s,
+                                         const T* v_s, const T* q_s, const T* do_s, int wg) {
+  wg::fence();
+  wg::gemm_ss<T, kBlockM, 0, 0, kD / 16>(
+      st, [&](int k) { return wg::desc_k<T, kD, kBlockN>(k_s, 64 * wg, 16 * k); },
+      [&](int k) { return wg::desc_k<T, kD, kBlockM>(q_s, 0, 16 * k); }, false);
+  wg::gemm_ss<T, kBlockM, 0, 0, kD / 16>(
+      dpt, [&](int k) { return wg::desc_k<T, kD, kBlockN>(v_s, 64 * wg, 16 * k); },
+      [&](int k) { return wg::desc_k<T, kD, kBlockM>(do_s, 0, 16 * k); }, false);
+  wg::wait<0>();
+  wg::fence_operand(st);
+  wg::fence_operand(dpt);
+}
+
+// P^T and dS^T of this thread's entries of a 64-key x 64-query tile (keys[0], keys[1]
+// its two key rows, queries m0..), in place of the raw S^T and dP^T: P^T as prob(), and
+// dS^T = P^T * (dP^T - D) in the same pass (as two passes, ptxas spilled).
+__device__ __forceinline__ void probs_ds_t(float (&pt)[kBlockM / 8][4], float (&dst)[kBlockM / 8][4],
+                                           const AttentionParams& p, int64_t m0, int64_t n0,
+                                           const int64_t (&keys)[2], const float* lse_s, const float* d_s,
+                                           float scale_log2) {
   const int tq = threadIdx.x % 4;
-  const bool full_tile =
-      m0 + kBlockM <= p.seqlen && n0 + kBlockN <= p.seqlen && !(p.causal && n0 + kBlockN - 1 > m0);
+  const bool full = full_tile<kBlockN, kBlockM>(p, m0, n0);
 #pragma unroll
   for (int j = 0; j < kBlockM / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int qi = 8 * j + 2 * tq + (e & 1);
-      const int64_t query = m0 + qi, key = keys[e >> 1];
-      const bool valid = full_tile || (key < p.seqlen && query < p.seqlen && (!p.causal || key <= query));
-      pt[j][e] = valid ? exp2f(fmaf(pt[j][e], scale_log2, -lse_s[qi])) : 0.f;
+      pt[j][e] = prob(pt[j][e], full, p, keys[e >> 1], m0 + qi, scale_log2, lse_s[qi]);
+      dst[j][e] = pt[j][e] * (dst[j][e] - d_s[qi]);
     }
 }
 
-// Atomic mode: dS^T (this warp's C-layout rows row0 + g, + 8 of the block's keys) into
-// smem as [key][query], the swizzled layout dQ = dS K reads as an MN-major A operand.
-template <typename T>
-__device__ __forceinline__ void stage_ds_t(T* ds_s, const float (&dst)[kBlockM / 8][4], int row0) {
-  const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+// P^T and dS^T rounded to T as A operands (pf, dsf: they must stay unchanged until the
+// products have been waited for), then dV += P^T dO and dK += dS^T Q issued (rotated
+// basis; scale and un-rotation in the epilogue), not waited for.
+template <typename T, int kD>
+__device__ __forceinline__ void issue_dv_dk(float (&dv)[kD / 8][4], float (&dk)[kD / 8][4],
+                                            uint32_t (&pf)[kBlockM / 16][4], uint32_t (&dsf)[kBlockM / 16][4],
+                                            const float (&pt)[kBlockM / 8][4], const float (&dst)[kBlockM / 8][4],
+                                            const T* q_s, const T* do_s) {
 #pragma unroll
-  for (int j = 0; j < kBlockM / 8; ++j)
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      *reinterpret_cast<uint32_t*>(ds_s + attn::tile_offset<kBlockM, kBlockN, kSmem>(row0 + g + 8 * r, 8 * j + 2 * tq)) =
-          attn::pack<T>(dst[j][2 * r], dst[j][2 * r + 1]);
+  for (int k = 0; k < kBlockM / 16; ++k) {
+    attn::acc_to_a<T>(pf[k], pt, k);
+    attn::acc_to_a<T>(dsf[k], dst, k);
+  }
+  wg::fence();
+  wg::gemm_rs<T, kD, 1, kBlockM / 16>(dv, pf, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(do_s, 16 * k, 0); });
+  wg::gemm_rs<T, kD, 1, kBlockM / 16>(dk, dsf, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(q_s, 16 * k, 0); });
 }
 
-// The same from dS^T already packed as A operands (acc_to_a: a[k] holds n8 blocks 2k
-// (registers 0, 1: rows g, g + 8) and 2k + 1 (registers 2, 3)), so the floats can die.
+// Atomic mode: dS^T (this warp's rows row0 + g, + 8 of the block's keys, as the A
+// operands of issue_dv_dk: a[k] holds n8 blocks 2k (registers 0, 1: rows g, g + 8) and
+// 2k + 1 (registers 2, 3)) into smem as [key][query], the swizzled layout dQ = dS K
+// reads as an MN-major A operand.
 template <typename T>
-__device__ __forceinline__ void stage_ds_t_operands(T* ds_s, const uint32_t (&a)[kBlockM / 16][4], int row0) {
+__device__ __forceinline__ void stage_ds_t(T* ds_s, const uint32_t (&a)[kBlockM / 16][4], int row0) {
   const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
 #pragma unroll
   for (int j = 0; j < kBlockM / 8; ++j)
@@ -132,23 +154,16 @@ __global__ void __launch_bounds__(bwd90::kThreads, 1)
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
   const int64_t hk = blockIdx.y;
   const int64_t b = blockIdx.z;
-  const int64_t group = p.heads_q / p.heads_kv;
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const int g = lane / 4, tq = lane % 4;
+  const int g = lane / 4;
   const int row0 = 64 * wg + 16 * warp;  // this warp's first key row in the block
   const float scale_log2 = static_cast<float>(p.softmax_scale) * bwd::kLog2e;
   const int64_t keys[2] = {n0 + row0 + g, n0 + row0 + g + 8};
 
-  // The work items, the P^T / dS^T math and the dQ atomics are those of
-  // rope_attention_bwd_dkdv_kernel, written out again: as shared helpers they changed
-  // ptxas's register allocation (this kernel then spilled 16-20 bytes in its loop).
-  const int64_t m_begin = p.causal ? n0 : 0;
-  const int64_t tiles = (p.seqlen - m_begin + kBlockM - 1) / kBlockM;
-  const int64_t items = group * tiles;
-  const auto item_head = [&](int64_t i) { return hk * group + i / tiles; };
-  const auto item_row = [&](int64_t i) { return m_begin + (i % tiles) * kBlockM; };
+  const bwd90::Items items(p, n0, hk);
+  const int64_t n_items = items.count();
   const auto stage_item = [&](int64_t i, int st) {
-    const int64_t hq = item_head(i), m0 = item_row(i);
+    const int64_t hq = items.head(i), m0 = items.row(i);
     T* q_dst = stages + st * kStage;
     attn::copy_tile_async<T, kD, kBlockM, kThreads, kSmem>(q_dst, p.q, p, b, hq, m0);
     attn::copy_tile_async<T, kD, kBlockM, kThreads, kSmem>(q_dst + kBlockM * kD, p.grad_out, p, b, hq, m0);
@@ -166,11 +181,11 @@ __global__ void __launch_bounds__(bwd90::kThreads, 1)
   attn::zero(dk);
   attn::zero(dv);
 
-  for (int64_t it = 0; it < items; ++it) {
+  for (int64_t it = 0; it < n_items; ++it) {
     const int st = static_cast<int>(it & 1);
-    const int64_t hq = item_head(it), m0 = item_row(it);
+    const int64_t hq = items.head(it), m0 = items.row(it);
     __syncthreads();  // every warpgroup is done with the other stage (item it - 1) and with dS
-    attn::stage_next_and_wait(it + 1 < items, [&] { stage_item(it + 1, st ^ 1); });
+    attn::stage_next_and_wait(it + 1 < n_items, [&] { stage_item(it + 1, st ^ 1); });
     wg::fence_proxy_async();  // the landed tiles, for the tensor cores' reads
     __syncthreads();
     const T* q_s = stages + st * kStage;
@@ -180,52 +195,21 @@ __global__ void __launch_bounds__(bwd90::kThreads, 1)
 
     // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys x 64 queries.
     float pt[kBlockM / 8][4], dst[kBlockM / 8][4];
-    attn::zero(pt);
-    attn::zero(dst);
-    wg::fence();
-    wg::gemm_ss<T, kBlockM, 0, 0, kD / 16>(
-        pt, [&](int k) { return wg::desc_k<T, kD, kBlockN>(k_s, 64 * wg, 16 * k); },
-        [&](int k) { return wg::desc_k<T, kD, kBlockM>(q_s, 0, 16 * k); }, false);
-    wg::gemm_ss<T, kBlockM, 0, 0, kD / 16>(
-        dst, [&](int k) { return wg::desc_k<T, kD, kBlockN>(v_s, 64 * wg, 16 * k); },
-        [&](int k) { return wg::desc_k<T, kD, kBlockM>(do_s, 0, 16 * k); }, false);
-    wg::wait<0>();
-    wg::fence_operand(pt);
-    wg::fence_operand(dst);
+    bwd90::scores_t<T, kD>(pt, dst, k_s, v_s, q_s, do_s, wg);
 
     // P^T from the saved lse (masked entries exactly 0), dS^T = P^T * (dP^T - D).
-    const bool full_tile = m0 + kBlockM <= p.seqlen && n0 + kBlockN <= p.seqlen &&
-                           !(p.causal && n0 + kBlockN - 1 > m0);
-#pragma unroll
-    for (int j = 0; j < kBlockM / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qi = 8 * j + 2 * tq + (e & 1);
-        const int64_t query = m0 + qi, key = keys[e >> 1];
-        const bool valid = full_tile || (key < p.seqlen && query < p.seqlen && (!p.causal || key <= query));
-        pt[j][e] = valid ? exp2f(fmaf(pt[j][e], scale_log2, -lse_s[qi])) : 0.f;
-        dst[j][e] = pt[j][e] * (dst[j][e] - d_s[qi]);
-      }
-    }
-    // dV += P^T dO, dK += dS^T Q (rotated basis; scale and un-rotation in the epilogue).
-    wg::fence();
-    wg::gemm_rs<T, kD, 1, kBlockM / 16>(dv, pt, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(do_s, 16 * k, 0); });
-    wg::gemm_rs<T, kD, 1, kBlockM / 16>(dk, dst, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(q_s, 16 * k, 0); });
+    bwd90::probs_ds_t(pt, dst, p, m0, n0, keys, lse_s, d_s, scale_log2);
+    // dV += P^T dO, dK += dS^T Q.
+    uint32_t pf[kBlockM / 16][4], dsf[kBlockM / 16][4];
+    bwd90::issue_dv_dk<T, kD>(dv, dk, pf, dsf, pt, dst, q_s, do_s);
     if constexpr (kAtomicDq) {
       // dS^T into smem as [key][query] (swizzled layout, 64 columns), then
       // dQ (64 queries x kCols columns of this warpgroup) = dS K over all 128 keys:
       // A = dS (M = queries, K = keys) is MN-major there, B = K (N = dims) too.
-#pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-          *reinterpret_cast<uint32_t*>(ds_s + attn::tile_offset<kBlockM, kBlockN, kSmem>(row0 + g + 8 * r,
-                                                                                        8 * j + 2 * tq)) =
-              attn::pack<T>(dst[j][2 * r], dst[j][2 * r + 1]);
+      bwd90::stage_ds_t<T>(ds_s, dsf, row0);
       wg::fence_proxy_async();
       __syncthreads();
-      // dQ columns per warpgroup: whole 64-column panels (head dim 64: warpgroup 0 alone).
-      constexpr int kCols = kD >= 128 ? kD / 2 : kD;
+      constexpr int kCols = bwd90::kDqCols<kD>;
       if (kCols * wg < kD) {
         float dq[kCols / 8][4];
         attn::zero(dq);
@@ -235,15 +219,7 @@ __global__ void __launch_bounds__(bwd90::kThreads, 1)
             [&](int k) { return wg::desc_mn<T, kD, kBlockN>(k_s, 16 * k, kCols * wg); }, false);
         wg::wait<0>();
         wg::fence_operand(dq);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int64_t row = m0 + 16 * warp + g + 8 * r;
-          if (row >= p.seqlen) continue;
-          float* dst_row = sc.dq_accum + ((b * p.seqlen + row) * p.heads_q + hq) * kD + kCols * wg;
-#pragma unroll
-          for (int jd = 0; jd < kCols / 8; ++jd)
-            attn::atomic_add2(dst_row + 8 * jd + 2 * tq, dq[jd][2 * r], dq[jd][2 * r + 1]);
-        }
+        bwd90::add_dq<kD>(dq, sc, p, b, hq, m0, kCols * wg);
       }
       wg::wait<0>();
     } else {
@@ -251,6 +227,8 @@ __global__ void __launch_bounds__(bwd90::kThreads, 1)
     }
     wg::fence_operand(dv);
     wg::fence_operand(dk);
+    wg::fence_operand(pf);
+    wg::fence_operand(dsf);
   }
 
   store_dk_dv<T, kD, kBlockN, kThreads>(smem_raw, dk, dv, row0, p, b, hk, n0);

@@ -24,7 +24,7 @@ constexpr int kStages = 2;
 constexpr int kConsumers = 256;
 constexpr int kThreads = kConsumers + 128;
 constexpr int kProducerRegs = 24;  // 128 x 24 + 256 x 240 = 384 x 168 (the launch budget)
-constexpr int kConsumerRegs = 240;
+constexpr int kConsumerRegs = 240;  // 232 spills in the consumers (head dim 128)
 constexpr int kBarConsumers = 1;   // named barrier of the consumer warpgroups
 }  // namespace bwd90ws
 
@@ -129,37 +129,20 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
 
     // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys x 64 queries.
     float pt[kBlockM / 8][4], dst[kBlockM / 8][4];
-    wg::fence();
-    wg::gemm_ss<T, kBlockM, 0, 0, kD / 16>(
-        pt, [&](int k) { return wg::desc_k<T, kD, kBlockN>(k_s, 64 * wg, 16 * k); },
-        [&](int k) { return wg::desc_k<T, kD, kBlockM>(q_s, 0, 16 * k); }, false);
-    wg::gemm_ss<T, kBlockM, 0, 0, kD / 16>(
-        dst, [&](int k) { return wg::desc_k<T, kD, kBlockN>(v_s, 64 * wg, 16 * k); },
-        [&](int k) { return wg::desc_k<T, kD, kBlockM>(do_s, 0, 16 * k); }, false);
-    wg::wait<0>();
-    wg::fence_operand(pt);
-    wg::fence_operand(dst);
+    bwd90::scores_t<T, kD>(pt, dst, k_s, v_s, q_s, do_s, wg);
 
     // P^T and dS^T = P^T * (dP^T - D) as A operands; then dV += P^T dO and dK += dS^T Q
     // (rotated basis; scale and un-rotation in the epilogue) run while dS^T goes to smem
     // and dQ = dS K is issued.
-    bwd90::probs_t(pt, p, m0, n0, keys, lse_s, scale_log2);
-    ds_t<kBlockM>(dst, pt, d_s);
+    bwd90::probs_ds_t(pt, dst, p, m0, n0, keys, lse_s, d_s, scale_log2);
     uint32_t pf[kBlockM / 16][4], dsf[kBlockM / 16][4];
-#pragma unroll
-    for (int k = 0; k < kBlockM / 16; ++k) {
-      attn::acc_to_a<T>(pf[k], pt, k);
-      attn::acc_to_a<T>(dsf[k], dst, k);
-    }
-    wg::fence();
-    wg::gemm_rs<T, kD, 1, kBlockM / 16>(dv, pf, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(do_s, 16 * k, 0); });
-    wg::gemm_rs<T, kD, 1, kBlockM / 16>(dk, dsf, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(q_s, 16 * k, 0); });
+    bwd90::issue_dv_dk<T, kD>(dv, dk, pf, dsf, pt, dst, q_s, do_s);
     if constexpr (kAtomicDq) {
       // dQ (64 queries x kCols columns of this warpgroup) = dS K over both warpgroups'
       // keys: dS^T of item it in buffer it % 2 (a warpgroup may still be reading the
       // other one: it has passed this item's barrier, not the next).
       T* ds_buf = ds_s + (it % 2) * kBlockN * kBlockM;
-      bwd90::stage_ds_t_operands<T>(ds_buf, dsf, row0);
+      bwd90::stage_ds_t<T>(ds_buf, dsf, row0);
       wg::fence_proxy_async();
       tma::bar_sync<kConsumers>(kBarConsumers);
       if (kCols * wg < kD) {

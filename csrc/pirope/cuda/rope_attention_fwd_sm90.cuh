@@ -80,7 +80,7 @@ __device__ __forceinline__ void rescale_rows(float (&o)[NB][4], const float (&co
     }
 }
 
-// Epilogue, step 0: O / row sum, and the natural-log log-sum-exp of each row into p.lse.
+// Epilogue, step 1: O / row sum, and the natural-log log-sum-exp of each row into p.lse.
 template <int NB>
 __device__ __forceinline__ void normalize_rows(float (&o)[NB][4], const float (&row_max)[2],
                                                const float (&row_sum)[2], const AttentionParams& p, int64_t b,
@@ -102,6 +102,21 @@ __device__ __forceinline__ void normalize_rows(float (&o)[NB][4], const float (&
       *lse = (row_max[r] * scale_log2 + log2f(sum)) * 0.6931471805599453f;
     }
   }
+}
+
+// Epilogue: step 1, then O through a float32 smem tile (reusing the q/k/v tiles once
+// sync() has passed: threads 0..kThreads-1 take part) to 16-byte stores.
+template <typename T, int kD, int kThreads, typename Sync = attn::BlockSync>
+__device__ __forceinline__ void store_out(unsigned char* smem, float (&o)[kD / 8][4], const float (&row_max)[2],
+                                          const float (&row_sum)[2], const AttentionParams& p, int64_t b,
+                                          int64_t hq, int64_t m0, int row0, float scale_log2, Sync sync = {}) {
+  const int lane = threadIdx.x % 32;
+  normalize_rows(o, row_max, row_sum, p, b, hq, m0 + row0 + lane / 4, lane % 4, scale_log2);
+  sync();  // every warpgroup is done with the q/k/v tiles: reuse their smem
+  float* tile = reinterpret_cast<float*>(smem);
+  attn::acc_to_smem<kD>(tile, o, row0);
+  sync();
+  attn::store_tile<T, kD, kBlockM, kThreads>(tile, p.out, p, b, hq, m0, false, 1.f);
 }
 }  // namespace fwd90
 
@@ -171,13 +186,7 @@ __global__ void __launch_bounds__(fwd90::kThreads, 1) rope_attention_fwd_sm90_ke
     wg::fence_operand(o);
   }
 
-  // Epilogue: normalise, write O and the natural-log log-sum-exp of each row.
-  fwd90::normalize_rows(o, row_max, row_sum, p, b, hq, m0 + row0 + g, tq, scale_log2);
-  __syncthreads();  // every warpgroup is done with the q/k/v tiles: reuse their smem
-  float* tile = reinterpret_cast<float*>(smem_raw);
-  attn::acc_to_smem<kD>(tile, o, row0);
-  __syncthreads();
-  attn::store_tile<T, kD, kBlockM, kThreads>(tile, p.out, p, b, hq, m0, false, 1.f);
+  fwd90::store_out<T, kD, kThreads>(smem_raw, o, row_max, row_sum, p, b, hq, m0, row0, scale_log2);
 #else
   __trap();  // launched only on sm_90 devices by a build with sm_90a code (use_sm90_kernels)
 #endif

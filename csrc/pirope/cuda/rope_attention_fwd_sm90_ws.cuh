@@ -170,13 +170,10 @@ __global__ void __launch_bounds__(fwd90ws::kThreads, 1)
   wg::fence_operand(o);
   wg::fence_operand(pf);
 
-  // Epilogue as rope_attention_fwd_sm90.cuh, with the consumers' own barrier.
-  fwd90::normalize_rows(o, row_max, row_sum, p, b, hq, m0 + row0 + g, tq, scale_log2);
-  tma::bar_sync<kConsumers>(kBarConsumers);  // every tile has landed and been read: reuse the smem
-  float* tile = reinterpret_cast<float*>(smem_raw);
-  attn::acc_to_smem<kD>(tile, o, row0);
-  tma::bar_sync<kConsumers>(kBarConsumers);
-  attn::store_tile<T, kD, kBlockM, kConsumers>(tile, p.out, p, b, hq, m0, false, 1.f);
+  // Epilogue as rope_attention_fwd_sm90.cuh, with the consumers' own barrier (every
+  // tile has landed and been read once it has passed).
+  fwd90::store_out<T, kD, kConsumers>(smem_raw, o, row_max, row_sum, p, b, hq, m0, row0, scale_log2,
+                                      [] { tma::bar_sync<kConsumers>(kBarConsumers); });
 #else
   __trap();  // launched only on sm_90 devices by a build with sm_90a code (use_sm90_kernels)
 #endif
