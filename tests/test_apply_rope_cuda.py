@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import pirope
+from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import rope_reference, tolerance
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(not cuda_ready(), reason=CUDA_SKIP_REASON)
 
 
 def tables(rotary_dim, n):

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import pirope
+from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import attention_reference, rope_reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(not cuda_ready(), reason=CUDA_SKIP_REASON)
 
 
 @pytest.fixture(autouse=True)
