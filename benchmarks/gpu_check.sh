@@ -105,7 +105,7 @@ hopper_vs_mma() {
 }
 methods="fused,${ws_methods}fused_det,flash,efficient,cudnn"
 if [ "$QUICK" = 1 ]; then
-  timeout 90 $PY benchmarks/bench_attention_gpu.py --seqlens 2048,16384 --heads 32/8 --causal 1 \
+  timeout 120 $PY benchmarks/bench_attention_gpu.py --seqlens 2048,16384 --heads 32/8 --causal 1 \
     --repeat 10 --methods "$methods" --json "$OUT/bench_attention_gpu.json" || status=1
   hopper_vs_mma 2048,16384
   step "compute-sanitizer memcheck (attention kernels)"
@@ -120,6 +120,10 @@ hopper_vs_mma 2048,16384
 
 step "decoder layer (LLaMA-7B shapes): pirope vs transformers"
 timeout 100 $PY benchmarks/bench_decoder_layer.py --repeat 5 --json "$OUT/bench_decoder_layer.json" || status=1
+if [ -n "$ws_methods" ]; then
+  echo "-- PIROPE_ATTENTION_SM90=ws (the fused rows on the warp-specialised kernels) --"
+  PIROPE_ATTENTION_SM90=ws timeout 100 $PY benchmarks/bench_decoder_layer.py --repeat 5 || status=1
+fi
 
 step "rotary ops vs HF eager and the copy floor"
 skip rope || timeout 120 $PY benchmarks/bench_rope.py --device cuda --batch 1 4 --seqlen 2048 8192 --repeat 30 \
