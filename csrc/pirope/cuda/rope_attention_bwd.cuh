@@ -15,7 +15,8 @@
 //      p.deterministic it also adds each tile's dQ contribution into a float32 buffer
 //      with vector atomics (fast; the summation order, hence the last bits, varies).
 //      On sm_90 (use_sm90_kernels) its wgmma version runs instead:
-//      rope_attention_bwd_sm90.cuh.
+//      rope_attention_bwd_sm90.cuh (or, with PIROPE_ATTENTION_SM90=ws, the
+//      warp-specialised TMA one, rope_attention_bwd_sm90_ws.cuh).
 //   3a. dq_convert (atomic mode): dQ = scale * rot^-1(dq_accum), cast.
 //   3b. dq (deterministic mode): one block per 64 queries recomputes S and dP over the
 //      key tiles and accumulates dQ in registers: no atomics, bit-identical results,

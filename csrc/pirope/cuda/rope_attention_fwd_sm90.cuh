@@ -8,7 +8,8 @@
 // from smem). The next K and V tiles stream in with cp.async during this tile's work
 // (two smem stages). Needs p.k_prerotated (use_sm90_kernels). On an H100 (bf16, GQA
 // 32/8, causal, 16k tokens) 7.6 ms against 8.3 ms for the mma.sync kernel and 3.5 ms
-// for cuDNN: the softmax does not yet overlap the products (benchmarks/results/H100.md).
+// for cuDNN: the softmax does not overlap the products (benchmarks/results/H100.md);
+// rope_attention_fwd_sm90_ws.cuh is the pipelined version (opt-in until measured).
 #pragma once
 
 #include "rope_attention_fwd.cuh"
