@@ -124,11 +124,11 @@ __global__ void __launch_bounds__(fwd90ws::kThreads, 1)
     const T* v_tile = v_s + st * kTile;
     wg::gemm_rs<T, kD, 1, kBlockN / 16>(o, pf, [&](int k) { return wg::desc_mn<T, kD, kBlockN>(v_tile, 16 * k, 0); });
   };
-  const auto softmax_to_pf = [&](int j) {  // S_j (waited for) -> P_j in pf; corr for O
+  const auto softmax = [&](int j) {  // S_j (waited for) -> P_j in s; corr for O
     fwd90::mask_tile(s, p, m0, int64_t{j} * kBlockN, 64 * wg, row0, g, tq);
     fwd90::online_softmax(s, row_max, row_sum, corr, scale_log2);
   };
-  const auto to_operands = [&] {
+  const auto to_operands = [&] {  // P_j -> pf
 #pragma unroll
     for (int k = 0; k < kBlockN / 16; ++k) attn::acc_to_a<T>(pf[k], s, k);
   };
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(fwd90ws::kThreads, 1)
   wg::wait<0>();
   wg::fence_operand(s);
   tma::mbar_arrive(&k_empty[0]);
-  softmax_to_pf(0);
+  softmax(0);
   to_operands();
 
   for (int j = 1; j < n_tiles; ++j) {
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(fwd90ws::kThreads, 1)
     wg::wait<1>();  // S_j is done (groups complete in order); P_{j-1} V_{j-1} may still run
     wg::fence_operand(s);
     tma::mbar_arrive(&k_empty[j % kStages]);
-    softmax_to_pf(j);  // overlaps the P V product, which reads pf, not s
+    softmax(j);  // overlaps the P V product, which reads pf, not s
     wg::wait<0>();
     wg::fence_operand(o);
     wg::fence_operand(pf);
@@ -165,7 +165,8 @@ __global__ void __launch_bounds__(fwd90ws::kThreads, 1)
   tma::bar_sync<kConsumers>(my_turn);
   wg::fence();
   issue_pv(n_tiles - 1);
-  if (wg == 0) tma::bar_arrive<kConsumers>(other_turn);  // warpgroup 0 has no turn left to wait for
+  // Warpgroup 1 waits for this last hand-over; warpgroup 0 waits for none after it.
+  if (wg == 0) tma::bar_arrive<kConsumers>(other_turn);
   wg::wait<0>();
   wg::fence_operand(o);
   wg::fence_operand(pf);
