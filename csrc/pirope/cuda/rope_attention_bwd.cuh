@@ -65,11 +65,13 @@ __global__ void __launch_bounds__(bwd::kThreads) rope_attention_bwd_dot_do_o_ker
   if (lane == 0) d[(b * p.heads_q + h) * p.seqlen + s] = acc;
 }
 
-// Loads the log2-domain lse and D of query rows [m0, m0 + kRows) of head hq.
+// Loads the log2-domain lse and D of query rows [m0, m0 + kRows) of head hq; kThreads
+// threads take part, `tid` (0..kThreads-1) being this one.
 template <int kRows, int kThreads>
 __device__ __forceinline__ void load_row_stats(float* lse_s, float* d_s, const AttentionParams& p,
-                                               const float* d, int64_t b, int64_t hq, int64_t m0) {
-  for (int i = threadIdx.x; i < kRows; i += kThreads) {
+                                               const float* d, int64_t b, int64_t hq, int64_t m0,
+                                               int tid = threadIdx.x) {
+  for (int i = tid; i < kRows; i += kThreads) {
     const int64_t s = m0 + i;
     const int64_t off = (b * p.heads_q + hq) * p.seqlen + s;
     lse_s[i] = s < p.seqlen ? static_cast<const float*>(p.lse)[off] * bwd::kLog2e : INFINITY;

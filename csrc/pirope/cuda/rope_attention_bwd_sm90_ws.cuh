@@ -92,13 +92,7 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
         const int st = static_cast<int>(it % kStages);
         tma::mbar_wait(&empty[st], ((it / kStages) & 1) ^ 1);
         float* lse_s = stats + 2 * st * kBlockM;
-        const int64_t hq = items.head(it), m0 = items.row(it);
-        for (int i = lane; i < kBlockM; i += 32) {
-          const int64_t s = m0 + i;
-          const int64_t off = (b * p.heads_q + hq) * p.seqlen + s;
-          lse_s[i] = s < p.seqlen ? static_cast<const float*>(p.lse)[off] * bwd::kLog2e : INFINITY;
-          lse_s[kBlockM + i] = s < p.seqlen ? sc.d[off] : 0.f;
-        }
+        load_row_stats<kBlockM, 32>(lse_s, lse_s + kBlockM, p, sc.d, b, items.head(it), items.row(it), lane);
         tma::mbar_arrive(&full[st]);  // releases this lane's stores to the consumers
       }
     }
