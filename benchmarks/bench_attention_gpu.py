@@ -9,8 +9,9 @@ Methods (q, k, v arrive as (batch, seqlen, heads, headdim), the view of a projec
                pirope.rope_attention's autograd, i.e. the fused backward too: this
                script sets PIROPE_CUDA_ATTENTION=1, which the wrapper needs for that)
   fused_det    fwd+bwd only: the same with deterministic=True (the atomic-free dq kernel)
-  fused_ws     fused with PIROPE_ATTENTION_SM90=ws: the warp-specialised TMA forward
-               (rope_attention_fwd_sm90_ws.cuh; on sm_90 with a 9.0a build, else = fused)
+  fused_ws     fused with PIROPE_ATTENTION_SM90=ws (or $PIROPE_WS_VARIANT): the
+               warp-specialised TMA kernels (rope_attention_{fwd,bwd}_sm90_ws.cuh; on
+               sm_90 with a 9.0a build, else = fused)
   flash, efficient, cudnn
                pirope.apply_rope_qk + torch SDPA restricted to that backend
                (missing where the backend does not take the call)
@@ -84,7 +85,8 @@ def make_methods(cos, sin, causal, backward):
         return torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, q.shape[-1] ** -0.5,
                                                False)[0]
 
-    methods = {"fused": fused, "fused_ws": with_env(fused, PIROPE_ATTENTION_SM90="ws")}
+    ws = os.environ.get("PIROPE_WS_VARIANT", "ws")  # gpu_check.sh: ws_fwd / ws_bwd if one direction failed
+    methods = {"fused": fused, "fused_ws": with_env(fused, PIROPE_ATTENTION_SM90=ws)}
     if backward:  # the deterministic backward (no float atomics: its cost, measured)
         methods["fused_det"] = lambda q, k, v: pirope.rope_attention(q, k, v, cos, sin, causal=causal,
                                                                      deterministic=True)

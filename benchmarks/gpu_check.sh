@@ -50,17 +50,23 @@ echo "built in $(( $(date +%s) - t0 )) s"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import pirope; print(pirope.build_info())"
 
-# The warp-specialised kernels (PIROPE_ATTENTION_SM90=ws) before anything else uses them:
-# a bounded run, so that a hang (an mbarrier phase that never completes) costs a minute,
-# not the test step. On failure the tests, the sanitizer and the benchmarks leave them out.
-step "warp-specialised Hopper kernels: bounded first run (tests/cuda_ws_smoke.py)"
-ws_methods="fused_ws,"
-if timeout 90 $PY tests/cuda_ws_smoke.py > "$SCRATCH/ws-smoke.log" 2>&1; then
-  tail -3 "$SCRATCH/ws-smoke.log"
-else
-  echo "ws kernels FAILED or hung (rc $?): left out below"; tail -20 "$SCRATCH/ws-smoke.log"
-  status=1; ws_methods=""; export PIROPE_TEST_SKIP_WS=1
-fi
+# The warp-specialised kernels (PIROPE_ATTENTION_SM90=ws*) before anything else uses them:
+# one bounded run per direction, so that a hang (an mbarrier phase that never completes)
+# costs a minute, not the test step. The tests, the sanitizer and the benchmarks then use
+# PIROPE_WS_VARIANT: ws (both passed), ws_fwd or ws_bwd (one), or skip (neither).
+step "warp-specialised Hopper kernels: bounded first runs (tests/cuda_ws_smoke.py)"
+ws_ok=""
+for dir in fwd bwd; do
+  if timeout 75 $PY tests/cuda_ws_smoke.py $dir > "$SCRATCH/ws-$dir.log" 2>&1; then
+    tail -1 "$SCRATCH/ws-$dir.log"; ws_ok="$ws_ok $dir"
+  else
+    echo "ws_$dir FAILED or hung (rc $?):"; tail -12 "$SCRATCH/ws-$dir.log"; status=1
+  fi
+done
+case "$ws_ok" in " fwd bwd") ws=ws ;; " fwd") ws=ws_fwd ;; " bwd") ws=ws_bwd ;; *) ws=skip ;; esac
+export PIROPE_WS_VARIANT=$ws
+echo "warp-specialised variant used below: $ws"
+ws_methods=""; [ "$ws" != skip ] && ws_methods="fused_ws,"
 
 step "CUDA tests"
 xdist=""
@@ -121,8 +127,8 @@ hopper_vs_mma 2048,16384
 step "decoder layer (LLaMA-7B shapes): pirope vs transformers"
 timeout 100 $PY benchmarks/bench_decoder_layer.py --repeat 5 --json "$OUT/bench_decoder_layer.json" || status=1
 if [ -n "$ws_methods" ]; then
-  echo "-- PIROPE_ATTENTION_SM90=ws (the fused rows on the warp-specialised kernels) --"
-  PIROPE_ATTENTION_SM90=ws timeout 100 $PY benchmarks/bench_decoder_layer.py --repeat 5 || status=1
+  echo "-- PIROPE_ATTENTION_SM90=$ws (the fused rows on the warp-specialised kernels) --"
+  PIROPE_ATTENTION_SM90=$ws timeout 100 $PY benchmarks/bench_decoder_layer.py --repeat 5 || status=1
 fi
 
 step "rotary ops vs HF eager and the copy floor"

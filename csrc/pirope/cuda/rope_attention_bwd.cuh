@@ -377,7 +377,7 @@ void launch_rope_attention_bwd(const AttentionParams& p, const BackwardScratch& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (use_sm90_kernels(p, /*backward=*/true)) {
-    if (!use_sm90_ws_kernels() || !launch_rope_attention_bwd_dkdv_sm90_ws<T, kD>(p, sc, stream))
+    if (!use_sm90_ws_kernels(/*backward=*/true) || !launch_rope_attention_bwd_dkdv_sm90_ws<T, kD>(p, sc, stream))
       launch_rope_attention_bwd_dkdv_sm90<T, kD>(p, sc, stream);
   } else {
     // K, V, two stages of (q, dO), two of (lse, D); + dS in atomic mode.

@@ -108,9 +108,10 @@ __device__ __forceinline__ void stage_ds_t(T* ds_s, const uint32_t (&a)[kBlockM 
 #pragma unroll
   for (int j = 0; j < kBlockM / 8; ++j)
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      *reinterpret_cast<uint32_t*>(ds_s + attn::tile_offset<kBlockM, kBlockN, kSmem>(row0 + g + 8 * r, 8 * j + 2 * tq)) =
-          a[j / 2][2 * (j % 2) + r];
+    for (int r = 0; r < 2; ++r) {
+      const int off = attn::tile_offset<kBlockM, kBlockN, kSmem>(row0 + g + 8 * r, 8 * j + 2 * tq);
+      *reinterpret_cast<uint32_t*>(ds_s + off) = a[j / 2][2 * (j % 2) + r];
+    }
 }
 
 // dQ columns per warpgroup: whole 64-column panels (head dim 64: warpgroup 0 alone).

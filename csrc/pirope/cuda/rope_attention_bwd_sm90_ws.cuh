@@ -10,8 +10,8 @@
 //     smem for dQ = dS K (both warpgroups' halves: one named barrier instead of the two
 //     block-wide barriers per item of the other kernel, whose threads also issued every
 //     copy).
-// Chosen by PIROPE_ATTENTION_SM90=ws (use_sm90_ws_kernels) where the sm_90a kernels run
-// and TMA can describe q, dO, k and v (else rope_attention_bwd_sm90.cuh runs).
+// Chosen by PIROPE_ATTENTION_SM90=ws or ws_bwd (use_sm90_ws_kernels) where the sm_90a
+// kernels run and TMA can describe q, dO, k and v (else rope_attention_bwd_sm90.cuh runs).
 #pragma once
 
 #include "rope_attention_bwd_sm90.cuh"

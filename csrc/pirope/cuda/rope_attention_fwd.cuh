@@ -185,7 +185,7 @@ bool launch_rope_attention_fwd_sm90_ws(const AttentionParams& p, cudaStream_t st
 template <typename T, int kD>
 void launch_rope_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   if (use_sm90_kernels(p, /*backward=*/false)) {
-    if (!use_sm90_ws_kernels() || !launch_rope_attention_fwd_sm90_ws<T, kD>(p, stream))
+    if (!use_sm90_ws_kernels(/*backward=*/false) || !launch_rope_attention_fwd_sm90_ws<T, kD>(p, stream))
       launch_rope_attention_fwd_sm90<T, kD>(p, stream);
     return;
   }

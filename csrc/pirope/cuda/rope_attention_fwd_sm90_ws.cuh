@@ -8,8 +8,8 @@
 //     so one warpgroup's softmax runs while the other's products occupy the tensor cores;
 //   - within a warpgroup, S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued together and
 //     the softmax of S_j runs while the second product is still in flight.
-// Chosen by PIROPE_ATTENTION_SM90=ws (use_sm90_ws_kernels) where the sm_90a kernels run
-// and TMA can describe k and v (else rope_attention_fwd_sm90.cuh runs).
+// Chosen by PIROPE_ATTENTION_SM90=ws or ws_fwd (use_sm90_ws_kernels) where the sm_90a
+// kernels run and TMA can describe k and v (else rope_attention_fwd_sm90.cuh runs).
 #pragma once
 
 #include "rope_attention_fwd_sm90.cuh"

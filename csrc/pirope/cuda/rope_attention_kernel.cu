@@ -97,9 +97,9 @@ bool use_sm90_kernels(const AttentionParams& p, bool backward) {
 #endif
 }
 
-bool use_sm90_ws_kernels() {
+bool use_sm90_ws_kernels(bool backward) {
   const char* env = std::getenv("PIROPE_ATTENTION_SM90");
-  return env != nullptr && std::strcmp(env, "ws") == 0;
+  return env != nullptr && (std::strcmp(env, "ws") == 0 || std::strcmp(env, backward ? "ws_bwd" : "ws_fwd") == 0);
 }
 
 // Defined in rope_attention_backward_kernel.cu.

@@ -32,11 +32,11 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, size_t sme
 // backward, q) is pre-rotated, and PIROPE_ATTENTION_SM90 is not "0". Otherwise the
 // mma.sync kernels run. Defined in rope_attention_kernel.cu.
 bool use_sm90_kernels(const AttentionParams& p, bool backward);
-// Whether the Hopper forward is the warp-specialised TMA kernel
-// (rope_attention_fwd_sm90_ws.cuh): PIROPE_ATTENTION_SM90=ws. Opt-in until it has been
-// verified and timed on an H100/H200; where TMA cannot describe k or v the other Hopper
-// kernel runs.
-bool use_sm90_ws_kernels();
+// Whether the Hopper kernel of this direction is the warp-specialised TMA one
+// (rope_attention_{fwd,bwd}_sm90_ws.cuh): PIROPE_ATTENTION_SM90=ws (both directions),
+// ws_fwd or ws_bwd (one). Opt-in until verified and timed on an H100/H200; where TMA
+// cannot describe the tensors the other Hopper kernel runs.
+bool use_sm90_ws_kernels(bool backward);
 
 template <typename T, int kD>
 void launch_rope_attention_fwd(const AttentionParams& p, cudaStream_t stream);
