@@ -278,6 +278,16 @@ def test_hopper_kernels_run_where_built(monkeypatch, sm90):
     assert found == [hopper and not ws_fwd, hopper and not ws_bwd, ws_fwd, ws_bwd], sorted(names)
 
 
+def test_unknown_kernel_choice_is_an_error(monkeypatch):
+    # On every GPU and build (not only where the Hopper kernels exist), so that a typo
+    # cannot silently measure the wrong kernels.
+    monkeypatch.setenv("PIROPE_ATTENTION_SM90", "wgmma")
+    q, k, v = (torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    cos, sin = tables(64, 256)
+    with pytest.raises(RuntimeError, match="PIROPE_ATTENTION_SM90 must be 0, 1, ws, ws_fwd or ws_bwd, got 'wgmma'"):
+        torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, True, 0.125, False)
+
+
 def check_ws_forward(monkeypatch, q, k, v, causal):
     """PIROPE_ATTENTION_SM90=ws (the TMA forward where it runs, the other kernels
     elsewhere): output and lse against float64, then against the other Hopper forward,

@@ -6,6 +6,7 @@
 // are not 16-byte aligned are copied first (align16), so any layout works.
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "../rope_attention.h"
 #include "rope_attention_dispatch.h"
@@ -83,14 +84,33 @@ PrerotatedQK maybe_prerotate(AttentionParams& p, bool with_q, at::ScalarType dty
   return out;
 }
 
-bool use_sm90_kernels(const AttentionParams& p, bool backward) {
-#ifdef PIROPE_CUDA_SM90A
-  if (!p.k_prerotated || (backward && !p.q_prerotated)) return false;
+namespace {
+
+// PIROPE_ATTENTION_SM90: unset, empty or "1" (the wgmma kernels), "0" (the mma.sync
+// kernels), "ws" / "ws_fwd" / "ws_bwd" (the warp-specialised TMA kernels, both directions
+// or one). Anything else is an error, not a silent default.
+struct Sm90Choice {
+  bool on = true, ws_fwd = false, ws_bwd = false;
+};
+Sm90Choice sm90_choice() {
   const char* env = std::getenv("PIROPE_ATTENTION_SM90");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  const std::string v = env != nullptr ? env : "";
+  const bool ws = v == "ws";
+  TORCH_CHECK(v.empty() || v == "0" || v == "1" || ws || v == "ws_fwd" || v == "ws_bwd",
+              "rope_attention: PIROPE_ATTENTION_SM90 must be 0, 1, ws, ws_fwd or ws_bwd, got '", v, "'");
+  return Sm90Choice{v != "0", ws || v == "ws_fwd", ws || v == "ws_bwd"};
+}
+
+}  // namespace
+
+bool use_sm90_kernels(const AttentionParams& p, bool backward) {
+  const Sm90Choice choice = sm90_choice();  // checked on every build and device
+#ifdef PIROPE_CUDA_SM90A
+  if (!choice.on || !p.k_prerotated || (backward && !p.q_prerotated)) return false;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   return prop->major == 9 && prop->minor == 0;
 #else
+  (void)choice;
   (void)p;
   (void)backward;
   return false;
@@ -98,8 +118,8 @@ bool use_sm90_kernels(const AttentionParams& p, bool backward) {
 }
 
 bool use_sm90_ws_kernels(bool backward) {
-  const char* env = std::getenv("PIROPE_ATTENTION_SM90");
-  return env != nullptr && (std::strcmp(env, "ws") == 0 || std::strcmp(env, backward ? "ws_bwd" : "ws_fwd") == 0);
+  const Sm90Choice choice = sm90_choice();
+  return backward ? choice.ws_bwd : choice.ws_fwd;
 }
 
 // Defined in rope_attention_backward_kernel.cu.
