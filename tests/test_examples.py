@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -474,10 +475,24 @@ def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
     pirope_home = os.path.dirname(os.path.dirname(os.path.abspath(pirope.__file__)))
     env = dict(os.environ, PYTHONPATH=pirope_home + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
+    if os.path.exists("/sys/class/net/lo"):
+        # gloo on Linux's loopback interface: the host name may resolve to an address the
+        # two local processes cannot reach each other on.
+        env["GLOO_SOCKET_IFNAME"] = "lo"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(EXAMPLES, "finetune_pi.py"), *_ft_args(ckpt, data, dist_out)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    output = p.stdout[-3000:] + p.stderr[-3000:]
+    # This launch failed about once in 20 full test runs, never when run alone, and the
+    # report was cut before its cause. A second launch is allowed only for failures of the
+    # launcher's sockets and rendezvous (a race for a free port, a refused connection), not
+    # for anything the example computes; both outputs are kept if it fails again.
+    if p.returncode != 0 and re.search(r"(?i)address already in use|connection (refused|reset)|rendezvous|"
+                                       r"EADDRINUSE|ECONNREFUSED|timed out", output):
+        shutil.rmtree(dist_out, ignore_errors=True)
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+        output = "first launch:\n" + output + "\nsecond launch:\n" + p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.returncode == 0, output
     with open(os.path.join(dist_out, "train_log.json")) as f:
         log = json.load(f)
     assert log["world_size"] == 2
