@@ -20,7 +20,6 @@
 #include <cstdint>
 
 #include "../attention_params.h"
-#include "wgmma.cuh"
 
 namespace pirope::cuda {
 
