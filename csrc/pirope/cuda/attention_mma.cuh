@@ -32,15 +32,18 @@ constexpr int kPad = 8;  // smem row padding (elements): rows 16 B apart mod 128
 
 // Shared-memory layouts of a kRows x kD tile (kD the dimension contiguous in global
 // memory): padded rows (kPad) for the mma.sync kernels' ldmatrix; for wgmma
-// (wgmma.cuh) 64-column panels of 128-byte rows whose 16-byte chunks are permuted by
-// XOR with the row index mod 8 (the hardware's "128-byte swizzle": conflict-free for
-// the tensor cores' reads; tiles 1024-byte aligned).
+// (wgmma.cuh) and TMA (tma.cuh) panels of 128-byte rows (64 columns of 2-byte elements,
+// 32 of float32: kBytes) whose 16-byte chunks are permuted by XOR with the row index
+// mod 8 (the hardware's "128-byte swizzle": conflict-free for the tensor cores' reads;
+// tiles 1024-byte aligned).
 enum class Smem { kPadded, kSwizzle128 };
-template <int kD, int kRows, Smem L>
+template <int kD, int kRows, Smem L, int kBytes = 2>
 __device__ __forceinline__ int tile_offset(int r, int c) {
   if constexpr (L == Smem::kSwizzle128) {
-    static_assert(kD % 64 == 0 && kRows % 8 == 0, "whole 64-column panels of 8-row atoms");
-    return (c / 64) * (kRows * 64) + r * 64 + (((c % 64) / 8) ^ (r % 8)) * 8 + c % 8;
+    constexpr int kPanel = 128 / kBytes, kChunk = 16 / kBytes;  // columns per row, per chunk
+    static_assert(kD % kPanel == 0 && kRows % 8 == 0, "whole 128-byte panels of 8-row atoms");
+    return (c / kPanel) * (kRows * kPanel) + r * kPanel + (((c % kPanel) / kChunk) ^ (r % 8)) * kChunk +
+           c % kChunk;
   } else {
     return r * (kD + kPad) + c;
   }

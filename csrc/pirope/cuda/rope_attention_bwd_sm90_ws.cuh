@@ -9,7 +9,12 @@
 //     (waited for), P^T and dS^T; dV += P^T dO and dK += dS^T Q run while dS^T goes to
 //     smem for dQ = dS K (both warpgroups' halves: one named barrier instead of the two
 //     block-wide barriers per item of the other kernel, whose threads also issued every
-//     copy).
+//     copy);
+//   - dQ leaves through smem: each warpgroup writes its float32 half to a swizzled smem
+//     tile and one of its threads adds the tile into the accumulator with a TMA
+//     reduction (cp.reduce.async.bulk.tensor), as FlashAttention-3 does, instead of
+//     float2 atomics from every thread (16 per thread and item at head dim 128) that
+//     take the consumers' issue slots. The reduction runs while the next item is computed.
 // Chosen by PIROPE_ATTENTION_SM90=ws or ws_bwd (use_sm90_ws_kernels) where the sm_90a
 // kernels run and TMA can describe q, dO, k and v (else rope_attention_bwd_sm90.cuh runs).
 #pragma once
@@ -26,6 +31,23 @@ constexpr int kThreads = kConsumers + 128;
 constexpr int kProducerRegs = 24;  // 128 x 24 + 256 x 240 = 384 x 168 (the launch budget)
 constexpr int kConsumerRegs = 240;  // 232 spills in the consumers (head dim 128)
 constexpr int kBarConsumers = 1;   // named barrier of the consumer warpgroups
+constexpr int kBarDq = 2;          // 2 + warpgroup: that warpgroup's dQ tile is in smem
+
+// This thread's dQ accumulators (C layout: rows 16 warp + g, + 8 of the 64 queries,
+// columns 8 jd + 2 tq, + 1 of the warpgroup's kCols) into the float32 smem tile that
+// tma::reduce_add_tile adds to the accumulator (128-byte panels of 32 columns).
+template <int kCols>
+__device__ __forceinline__ void stage_dq(float* dq_s, const float (&dq)[kCols / 8][4]) {
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+#pragma unroll
+  for (int jd = 0; jd < kCols / 8; ++jd)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int off =
+          attn::tile_offset<kCols, bwd90::kBlockM, attn::Smem::kSwizzle128, 4>(16 * warp + g + 8 * r, 8 * jd + 2 * tq);
+      *reinterpret_cast<float2*>(dq_s + off) = make_float2(dq[jd][2 * r], dq[jd][2 * r + 1]);
+    }
+}
 }  // namespace bwd90ws
 
 template <typename T, int kD, bool kAtomicDq>
@@ -33,20 +55,24 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
     rope_attention_bwd_dkdv_sm90_ws_kernel(const __grid_constant__ CUtensorMap q_map,
                                            const __grid_constant__ CUtensorMap do_map,
                                            const __grid_constant__ CUtensorMap k_map,
-                                           const __grid_constant__ CUtensorMap v_map, const AttentionParams p,
+                                           const __grid_constant__ CUtensorMap v_map,
+                                           const __grid_constant__ CUtensorMap dq_map, const AttentionParams p,
                                            const BackwardScratch sc) {
 #ifdef PIROPE_SM90A_DEVICE
   using namespace bwd90ws;
   using bwd90::kBlockM;
   using bwd90::kBlockN;
   constexpr int kTile = kBlockM * kD;  // elements of a q or dO tile
-  // smem: K, V; kStages x (q, dO); kStages x (lse, D); 2 x dS^T (atomic mode); barriers.
+  constexpr int kCols = bwd90::kDqCols<kD>;
+  // smem: K, V; kStages x (q, dO); atomic mode: 2 x dS^T, dQ (float32, kCols columns per
+  // warpgroup); kStages x (lse, D); barriers.
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* k_s = wg::align1024<T>(smem_raw);  // every tile starts at a multiple of 1 KB
   T* v_s = k_s + kBlockN * kD;
   T* q_st = v_s + kBlockN * kD;          // stage s: q at q_st + 2 s kTile, dO right after
   T* ds_s = q_st + 2 * kStages * kTile;  // 2 buffers of kBlockN x kBlockM (atomic mode)
-  float* stats = reinterpret_cast<float*>(ds_s + (kAtomicDq ? 2 * kBlockN * kBlockM : 0));  // [s][lse | D][64]
+  float* dq_s = reinterpret_cast<float*>(ds_s + (kAtomicDq ? 2 * kBlockN * kBlockM : 0));
+  float* stats = dq_s + (kAtomicDq ? kBlockM * kD : 0);  // [s][lse | D][64]
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(stats + 2 * kStages * kBlockM);
   uint64_t* full = kv_full + 1;
   uint64_t* empty = full + kStages;
@@ -105,7 +131,7 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
   const int row0 = 64 * wg + 16 * warp;  // this warp's first key row in the block
   const float scale_log2 = static_cast<float>(p.softmax_scale) * bwd::kLog2e;
   const int64_t keys[2] = {n0 + row0 + g, n0 + row0 + g + 8};
-  constexpr int kCols = bwd90::kDqCols<kD>;
+  const bool dq_leader = threadIdx.x % 128 == 0;  // issues its warpgroup's dQ reductions
 
   float dk[kD / 8][4], dv[kD / 8][4];
   attn::zero(dk);
@@ -138,6 +164,9 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
       T* ds_buf = ds_s + (it % 2) * kBlockN * kBlockM;
       bwd90::stage_ds_t<T>(ds_buf, dsf, row0);
       wg::fence_proxy_async();
+      // The previous item's dQ reduction has read this warpgroup's dQ tile (long done by
+      // now); the barrier below passes that on to the warpgroup's other threads.
+      if (dq_leader) tma::bulk_wait_read<0>();
       tma::bar_sync<kConsumers>(kBarConsumers);
       if (kCols * wg < kD) {
         float dq[kCols / 8][4];
@@ -148,7 +177,11 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
         wg::wait<0>();
         wg::fence_operand(dq);
         tma::mbar_arrive(&empty[st]);  // dV, dK and dQ are done with this stage
-        bwd90::add_dq<kD>(dq, sc, p, b, hq, m0, kCols * wg);
+        float* dq_buf = dq_s + wg * kBlockM * kCols;
+        bwd90ws::stage_dq<kCols>(dq_buf, dq);
+        wg::fence_proxy_async();  // the tile, for the TMA unit's reads
+        tma::bar_sync<128>(kBarDq + wg);
+        if (dq_leader) tma::reduce_add_tile<kCols, kBlockM>(&dq_map, dq_buf, kCols * wg, m0, hq, b);
       } else {
         wg::wait<0>();
         tma::mbar_arrive(&empty[st]);
@@ -162,6 +195,7 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
     wg::fence_operand(pf);
     wg::fence_operand(dsf);
   }
+  if (dq_leader) tma::bulk_wait<0>();  // the last reduction has read its smem tile (and landed)
 
   store_dk_dv<T, kD, kBlockN, kConsumers>(smem_raw, dk, dv, row0, p, b, hk, n0,
                                           [] { tma::bar_sync<kConsumers>(kBarConsumers); });
@@ -177,21 +211,26 @@ bool launch_rope_attention_bwd_dkdv_sm90_ws(const AttentionParams& p, const Back
   using namespace bwd90ws;
   using bwd90::kBlockM;
   using bwd90::kBlockN;
-  constexpr bool kHalf = std::is_same_v<T, at::Half>;
-  CUtensorMap q_map, do_map, k_map, v_map;
-  if (!encode_tile_map(&q_map, p.q, p.batch, p.seqlen, p.heads_q, kD, kHalf, kBlockM) ||
-      !encode_tile_map(&do_map, p.grad_out, p.batch, p.seqlen, p.heads_q, kD, kHalf, kBlockM) ||
-      !encode_tile_map(&k_map, p.k, p.batch, p.seqlen, p.heads_kv, kD, kHalf, kBlockN) ||
-      !encode_tile_map(&v_map, p.v, p.batch, p.seqlen, p.heads_kv, kD, kHalf, kBlockN))
+  constexpr TileElem kElem = tile_elem<T>();
+  CUtensorMap q_map, do_map, k_map, v_map, dq_map{};
+  // The float32 dQ accumulator (batch, seqlen, heads_q, kD), contiguous (atomic mode).
+  const AttentionTensor dq_accum{sc.dq_accum, p.seqlen * p.heads_q * kD, p.heads_q * kD, kD};
+  if (!encode_tile_map(&q_map, p.q, p.batch, p.seqlen, p.heads_q, kD, kElem, kBlockM) ||
+      !encode_tile_map(&do_map, p.grad_out, p.batch, p.seqlen, p.heads_q, kD, kElem, kBlockM) ||
+      !encode_tile_map(&k_map, p.k, p.batch, p.seqlen, p.heads_kv, kD, kElem, kBlockN) ||
+      !encode_tile_map(&v_map, p.v, p.batch, p.seqlen, p.heads_kv, kD, kElem, kBlockN) ||
+      (!p.deterministic &&
+       !encode_tile_map(&dq_map, dq_accum, p.batch, p.seqlen, p.heads_q, kD, TileElem::kFloat32, kBlockM)))
     return false;
-  // K, V, kStages x (q, dO), 2 x dS^T in atomic mode, kStages x (lse, D), the barriers,
-  // + 1 KB of alignment slack.
+  // K, V, kStages x (q, dO), in atomic mode 2 x dS^T and the float32 dQ tile,
+  // kStages x (lse, D), the barriers, + 1 KB of alignment slack.
   const size_t smem = static_cast<size_t>(2 * kBlockN + 2 * kStages * kBlockM) * kD * sizeof(T) +
-                      (p.deterministic ? 0 : size_t{2} * kBlockN * kBlockM * sizeof(T)) +
+                      (p.deterministic ? 0 : size_t{2} * kBlockN * kBlockM * sizeof(T) + kBlockM * kD * sizeof(float)) +
                       2 * kStages * kBlockM * sizeof(float) + (1 + 2 * kStages) * sizeof(uint64_t) + 1024;
   launch_kernel(p.deterministic ? rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, false>
                                 : rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, true>,
-                attention_grid(p, kBlockN, p.heads_kv), kThreads, smem, stream, q_map, do_map, k_map, v_map, p, sc);
+                attention_grid(p, kBlockN, p.heads_kv), kThreads, smem, stream, q_map, do_map, k_map, v_map, dq_map, p,
+                sc);
   return true;
 }
 

@@ -184,10 +184,10 @@ __global__ void __launch_bounds__(fwd90ws::kThreads, 1)
 template <typename T, int kD>
 bool launch_rope_attention_fwd_sm90_ws(const AttentionParams& p, cudaStream_t stream) {
   using namespace fwd90ws;
-  constexpr bool kHalf = std::is_same_v<T, at::Half>;
+  constexpr TileElem kElem = tile_elem<T>();
   CUtensorMap k_map, v_map;
-  if (!encode_tile_map(&k_map, p.k, p.batch, p.seqlen, p.heads_kv, kD, kHalf, fwd90::kBlockN) ||
-      !encode_tile_map(&v_map, p.v, p.batch, p.seqlen, p.heads_kv, kD, kHalf, fwd90::kBlockN))
+  if (!encode_tile_map(&k_map, p.k, p.batch, p.seqlen, p.heads_kv, kD, kElem, fwd90::kBlockN) ||
+      !encode_tile_map(&v_map, p.v, p.batch, p.seqlen, p.heads_kv, kD, kElem, fwd90::kBlockN))
     return false;
   // q, kStages x (K, V), the 4 x kStages barriers, + 1 KB of alignment slack.
   const size_t smem = static_cast<size_t>(fwd90::kBlockM + 2 * kStages * fwd90::kBlockN) * kD * sizeof(T) +

@@ -30,10 +30,10 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
 }  // namespace
 
 bool encode_tile_map(CUtensorMap* map, const AttentionTensor& t, int64_t batch, int64_t seqlen, int64_t heads,
-                     int head_dim, bool is_half, int box_rows) {
+                     int head_dim, TileElem elem, int box_rows) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = encode_tiled();
   if (encode == nullptr || reinterpret_cast<uintptr_t>(t.ptr) % 16 != 0) return false;
-  constexpr int64_t kElem = 2;  // float16 / bfloat16
+  const int64_t elem_bytes = elem == TileElem::kFloat32 ? 4 : 2;
   // Dimensions innermost first: head dim, sequence, head, batch. TMA wants every stride
   // a multiple of 16 bytes below 2^40; a dimension of extent 1 is never stepped over,
   // so its stride (which torch leaves arbitrary) is replaced by a valid one.
@@ -44,15 +44,17 @@ bool encode_tile_map(CUtensorMap* map, const AttentionTensor& t, int64_t batch, 
   int64_t extent = head_dim;  // elements spanned by the dimensions inside this one
   for (int i = 0; i < 3; ++i) {
     const int64_t s = dims[i + 1] == 1 ? extent : given[i];
-    const int64_t bytes = s * kElem;
+    const int64_t bytes = s * elem_bytes;
     if (s <= 0 || bytes % 16 != 0 || bytes >= (int64_t{1} << 40)) return false;
     strides[i] = static_cast<cuuint64_t>(bytes);
     extent = std::max(extent, s * static_cast<int64_t>(dims[i + 1]));
   }
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(128 / elem_bytes), static_cast<cuuint32_t>(box_rows), 1, 1};
   const cuuint32_t unit[4] = {1, 1, 1, 1};
-  const CUresult r = encode(map, is_half ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4,
-                            t.ptr, dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+  const CUtensorMapDataType type = elem == TileElem::kFloat32   ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                                   : elem == TileElem::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                                : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUresult r = encode(map, type, 4, t.ptr, dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }

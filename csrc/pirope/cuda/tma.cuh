@@ -15,22 +15,35 @@
 // fresh barrier counts its "previous" phase as complete, so the first round passes).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <cuda.h>  // CUtensorMap (the type only: the driver is reached through the runtime)
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../attention_params.h"
 
 namespace pirope::cuda {
 
-// Host: a TMA descriptor of a (batch, seqlen, heads, kD) tensor `t` (unit stride on
-// the head dim) whose box is 64 head-dim columns x box_rows rows of one (batch, head),
-// written to smem in the 128-byte swizzle of attn::Smem::kSwizzle128; rows past seqlen
-// read as zeros. False (and no CUDA error left behind) when TMA cannot describe the
-// tensor (alignment, strides) or the driver lacks cuTensorMapEncodeTiled: the caller
-// then uses a kernel without TMA. Defined in tma.cu.
+// Element type of a tile map: the attention tensors, or the float32 dQ accumulator.
+enum class TileElem { kFloat16, kBFloat16, kFloat32 };
+template <typename T>
+constexpr TileElem tile_elem() {
+  static_assert(std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>);
+  return std::is_same_v<T, float> ? TileElem::kFloat32
+                                  : std::is_same_v<T, c10::Half> ? TileElem::kFloat16 : TileElem::kBFloat16;
+}
+
+// Host: a TMA descriptor of a (batch, seqlen, heads, head_dim) tensor `t` (unit stride
+// on the head dim) whose box is 128 bytes of head-dim columns (64 2-byte elements, 32
+// float32) x box_rows rows of one (batch, head), in smem in the 128-byte swizzle of
+// attn::Smem::kSwizzle128 (attn::tile_offset with the element's size). Loads read rows
+// past seqlen as zeros; stores and reductions skip them. False (and no CUDA error left
+// behind) when TMA cannot describe the tensor (alignment, strides) or the driver lacks
+// cuTensorMapEncodeTiled: the caller then uses a kernel without TMA. Defined in tma.cu.
 bool encode_tile_map(CUtensorMap* map, const AttentionTensor& t, int64_t batch, int64_t seqlen, int64_t heads,
-                     int head_dim, bool is_half, int box_rows);
+                     int head_dim, TileElem elem, int box_rows);
 
 namespace tma {
 
@@ -80,11 +93,48 @@ __device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, int 
 template <typename T, int kD, int kRows>
 __device__ __forceinline__ void load_tile(T* dst, const CUtensorMap* map, int64_t row0, int64_t head,
                                           int64_t batch, uint64_t* bar) {
+  static_assert(sizeof(T) == 2, "64 columns per 128-byte panel");
 #pragma unroll
   for (int c = 0; c < kD / 64; ++c)
     load_box(dst + c * kRows * 64, map, 64 * c, static_cast<int>(row0), static_cast<int>(head),
              static_cast<int>(batch), bar);
 }
+// Adds the float32 box (c0, row0, head, batch) of `map` from smem src (1024-byte
+// aligned, written by this CTA's threads, then fence.proxy.async and a barrier) into
+// global memory, element-wise and atomically with respect to other reductions. One
+// thread issues it; it joins this thread's next committed bulk group.
+__device__ __forceinline__ void reduce_add_box(const CUtensorMap* map, const void* src, int c0, int row0, int head,
+                                               int batch) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(c0), "r"(row0), "r"(head), "r"(batch), "r"(smem_addr(src))
+      : "memory");
+}
+// Adds a float32 kRows x kCols tile (attn::tile_offset<kCols, kRows, kSwizzle128, 4>:
+// panels of kRows x 32) into columns col0.. of rows row0.. of (batch, head): one box per
+// panel, then commits them as one bulk group.
+template <int kCols, int kRows>
+__device__ __forceinline__ void reduce_add_tile(const CUtensorMap* map, const float* src, int col0, int64_t row0,
+                                                int64_t head, int64_t batch) {
+#pragma unroll
+  for (int c = 0; c < kCols / 32; ++c)
+    reduce_add_box(map, src + c * kRows * 32, col0 + 32 * c, static_cast<int>(row0), static_cast<int>(head),
+                   static_cast<int>(batch));
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+// Waits until at most N of this thread's bulk groups still read their smem source (the
+// buffer may then be rewritten) ...
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// ... or are still in flight at all (their writes to global memory done).
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 __device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
