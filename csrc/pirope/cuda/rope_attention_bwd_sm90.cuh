@@ -44,11 +44,12 @@ struct Items {
   __device__ __forceinline__ int64_t row(int64_t i) const { return m_begin + (i % tiles) * kBlockM; }
 };
 
-// S^T = K Q^T and dP^T = V dO^T for warpgroup wg's 64 keys x the tile's 64 queries (K,
-// V: the block's kBlockN x kD tiles; q, dO: kBlockM x kD), waited for.
+// S^T = K Q^T, then dP^T = V dO^T (two wgmma groups, in that order) for warpgroup wg's 64
+// keys x the tile's 64 queries (K, V: the block's kBlockN x kD tiles; q, dO: kBlockM x
+// kD), issued, not waited for.
 template <typename T, int kD>
-__device__ __forceinline__ void scores_t(float (&st)[kBlockM / 8][4], float (&dpt)[kBlockM / 8][4], const T* k_s,
-                                         const T* v_s, const T* q_s, const T* do_s, int wg) {
+__device__ __forceinline__ void issue_scores_t(float (&st)[kBlockM / 8][4], float (&dpt)[kBlockM / 8][4],
+                                               const T* k_s, const T* v_s, const T* q_s, const T* do_s, int wg) {
   wg::fence();
   wg::gemm_ss<T, kBlockM, 0, 0, kD / 16>(
       st, [&](int k) { return wg::desc_k<T, kD, kBlockN>(k_s, 64 * wg, 16 * k); },
@@ -56,6 +57,12 @@ __device__ __forceinline__ void scores_t(float (&st)[kBlockM / 8][4], float (&dp
   wg::gemm_ss<T, kBlockM, 0, 0, kD / 16>(
       dpt, [&](int k) { return wg::desc_k<T, kD, kBlockN>(v_s, 64 * wg, 16 * k); },
       [&](int k) { return wg::desc_k<T, kD, kBlockM>(do_s, 0, 16 * k); }, false);
+}
+// The same, waited for.
+template <typename T, int kD>
+__device__ __forceinline__ void scores_t(float (&st)[kBlockM / 8][4], float (&dpt)[kBlockM / 8][4], const T* k_s,
+                                         const T* v_s, const T* q_s, const T* do_s, int wg) {
+  issue_scores_t<T, kD>(st, dpt, k_s, v_s, q_s, do_s, wg);
   wg::wait<0>();
   wg::fence_operand(st);
   wg::fence_operand(dpt);
@@ -63,7 +70,10 @@ __device__ __forceinline__ void scores_t(float (&st)[kBlockM / 8][4], float (&dp
 
 // P^T and dS^T of this thread's entries of a 64-key x 64-query tile (keys[0], keys[1]
 // its two key rows, queries m0..), in place of the raw S^T and dP^T: P^T as prob(), and
-// dS^T = P^T * (dP^T - D) in the same pass (as two passes, ptxas spilled).
+// with kDs dS^T = P^T * (dP^T - D) in the same pass (rope_attention_bwd_sm90.cuh: as two
+// passes, ptxas spilled); without, dS^T is left to ds_t (the warp-specialised kernel
+// computes P^T while dP^T is still on the tensor cores).
+template <bool kDs = true>
 __device__ __forceinline__ void probs_ds_t(float (&pt)[kBlockM / 8][4], float (&dst)[kBlockM / 8][4],
                                            const AttentionParams& p, int64_t m0, int64_t n0,
                                            const int64_t (&keys)[2], const float* lse_s, const float* d_s,
@@ -76,7 +86,7 @@ __device__ __forceinline__ void probs_ds_t(float (&pt)[kBlockM / 8][4], float (&
     for (int e = 0; e < 4; ++e) {
       const int qi = 8 * j + 2 * tq + (e & 1);
       pt[j][e] = prob(pt[j][e], full, p, keys[e >> 1], m0 + qi, scale_log2, lse_s[qi]);
-      dst[j][e] = pt[j][e] * (dst[j][e] - d_s[qi]);
+      if constexpr (kDs) dst[j][e] = pt[j][e] * (dst[j][e] - d_s[qi]);
     }
 }
 

@@ -147,14 +147,20 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
     const float* lse_s = stats + 2 * st * kBlockM;
     const float* d_s = lse_s + kBlockM;
 
-    // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys x 64 queries.
+    // S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys x 64 queries; P^T
+    // (exp2: the MUFU pipe) while dP^T is still in flight, then dS^T = P^T * (dP^T - D).
     float pt[kBlockM / 8][4], dst[kBlockM / 8][4];
-    bwd90::scores_t<T, kD>(pt, dst, k_s, v_s, q_s, do_s, wg);
+    bwd90::issue_scores_t<T, kD>(pt, dst, k_s, v_s, q_s, do_s, wg);
+    wg::wait<1>();  // S^T is done (groups complete in order)
+    wg::fence_operand(pt);
+    bwd90::probs_ds_t</*kDs=*/false>(pt, dst, p, m0, n0, keys, lse_s, d_s, scale_log2);
+    wg::wait<0>();
+    wg::fence_operand(dst);
+    ds_t<kBlockM>(dst, pt, d_s);
 
-    // P^T and dS^T = P^T * (dP^T - D) as A operands; then dV += P^T dO and dK += dS^T Q
-    // (rotated basis; scale and un-rotation in the epilogue) run while dS^T goes to smem
-    // and dQ = dS K is issued.
-    bwd90::probs_ds_t(pt, dst, p, m0, n0, keys, lse_s, d_s, scale_log2);
+    // P^T and dS^T as A operands; then dV += P^T dO and dK += dS^T Q (rotated basis;
+    // scale and un-rotation in the epilogue) run while dS^T goes to smem and dQ = dS K
+    // is issued.
     uint32_t pf[kBlockM / 16][4], dsf[kBlockM / 16][4];
     bwd90::issue_dv_dk<T, kD>(dv, dk, pf, dsf, pt, dst, q_s, do_s);
     if constexpr (kAtomicDq) {
