@@ -38,7 +38,7 @@ constexpr int kPad = 8;  // smem row padding (elements): rows 16 B apart mod 128
 // tiles 1024-byte aligned).
 enum class Smem { kPadded, kSwizzle128 };
 template <int kD, int kRows, Smem L, int kBytes = 2>
-__device__ __forceinline__ int tile_offset(int r, int c) {
+__host__ __device__ constexpr int tile_offset(int r, int c) {
   if constexpr (L == Smem::kSwizzle128) {
     constexpr int kPanel = 128 / kBytes, kChunk = 16 / kBytes;  // columns per row, per chunk
     static_assert(kD % kPanel == 0 && kRows % 8 == 0, "whole 128-byte panels of 8-row atoms");

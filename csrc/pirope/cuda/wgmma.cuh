@@ -30,6 +30,26 @@
 
 namespace pirope::cuda::wg {
 
+// attn::tile_offset must place every element where the hardware's 128-byte swizzle
+// expects it (wgmma descriptors in layout mode 1, TMA's CU_TENSOR_MAP_SWIZZLE_128B):
+// panels of 128-byte rows laid one after another, and within each 1024-byte atom of 8
+// rows the byte offset o moved to o ^ ((o >> 7) % 8) << 4 (16-byte chunk c of row r to
+// chunk c ^ r % 8). Checked here, at compile time, for 2-byte and float32 elements.
+template <int kBytes>
+constexpr bool tile_offset_is_hardware_swizzle() {
+  constexpr int kPanel = 128 / kBytes, kRows = 64;
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < 2 * kPanel; ++c) {
+      const int plain = (c / kPanel) * kRows * 128 + r * 128 + (c % kPanel) * kBytes;
+      const int swizzled = plain ^ (((plain >> 7) % 8) << 4);
+      if (attn::tile_offset<2 * kPanel, kRows, attn::Smem::kSwizzle128, kBytes>(r, c) * kBytes != swizzled)
+        return false;
+    }
+  return true;
+}
+static_assert(tile_offset_is_hardware_swizzle<2>() && tile_offset_is_hardware_swizzle<4>(),
+              "attn::tile_offset disagrees with the hardware's 128-byte swizzle");
+
 // Matrix descriptor (PTX ISA "matrix descriptor format") of a 128-byte-swizzled tile:
 // start address, leading and stride byte offsets (each >> 4), base offset 0 (the
 // tiles are 1024-byte aligned), layout mode 1 (128-byte swizzle).
