@@ -230,9 +230,11 @@ bool launch_rope_attention_bwd_dkdv_sm90_ws(const AttentionParams& p, const Back
     return false;
   // K, V, kStages x (q, dO), in atomic mode 2 x dS^T and the float32 dQ tile,
   // kStages x (lse, D), the barriers, + 1 KB of alignment slack.
-  const size_t smem = static_cast<size_t>(2 * kBlockN + 2 * kStages * kBlockM) * kD * sizeof(T) +
-                      (p.deterministic ? 0 : size_t{2} * kBlockN * kBlockM * sizeof(T) + kBlockM * kD * sizeof(float)) +
-                      2 * kStages * kBlockM * sizeof(float) + (1 + 2 * kStages) * sizeof(uint64_t) + 1024;
+  constexpr size_t kAtomicSmem = size_t{2} * kBlockN * kBlockM * sizeof(T) + kBlockM * kD * sizeof(float);
+  constexpr size_t kSmem = static_cast<size_t>(2 * kBlockN + 2 * kStages * kBlockM) * kD * sizeof(T) +
+                           2 * kStages * kBlockM * sizeof(float) + (1 + 2 * kStages) * sizeof(uint64_t) + 1024;
+  static_assert(kSmem + kAtomicSmem <= kSm90SmemPerBlock, "smem of the ws dkdv kernel exceeds the sm_90 limit");
+  const size_t smem = kSmem + (p.deterministic ? 0 : kAtomicSmem);
   launch_kernel(p.deterministic ? rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, false>
                                 : rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, true>,
                 attention_grid(p, kBlockN, p.heads_kv), kThreads, smem, stream, q_map, do_map, k_map, v_map, dq_map, p,

@@ -190,8 +190,9 @@ bool launch_rope_attention_fwd_sm90_ws(const AttentionParams& p, cudaStream_t st
       !encode_tile_map(&v_map, p.v, p.batch, p.seqlen, p.heads_kv, kD, kElem, fwd90::kBlockN))
     return false;
   // q, kStages x (K, V), the 4 x kStages barriers, + 1 KB of alignment slack.
-  const size_t smem = static_cast<size_t>(fwd90::kBlockM + 2 * kStages * fwd90::kBlockN) * kD * sizeof(T) +
-                      4 * kStages * sizeof(uint64_t) + 1024;
+  constexpr size_t smem = static_cast<size_t>(fwd90::kBlockM + 2 * kStages * fwd90::kBlockN) * kD * sizeof(T) +
+                          4 * kStages * sizeof(uint64_t) + 1024;
+  static_assert(smem <= kSm90SmemPerBlock, "smem of the ws forward kernel exceeds the sm_90 limit");
   launch_kernel(rope_attention_fwd_sm90_ws_kernel<T, kD>, attention_grid(p, fwd90::kBlockM, p.heads_q), kThreads,
                 smem, stream, k_map, v_map, p);
   return true;

@@ -19,12 +19,17 @@
 #include <c10/util/Half.h>
 #include <cuda.h>  // CUtensorMap (the type only: the driver is reached through the runtime)
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
 #include "../attention_params.h"
 
 namespace pirope::cuda {
+
+// Dynamic shared memory one block may opt in to on sm_90 (227 KB; the launchers check
+// their layouts against it at compile time).
+constexpr size_t kSm90SmemPerBlock = 227 * 1024;
 
 // Element type of a tile map: the attention tensors, or the float32 dQ accumulator.
 enum class TileElem { kFloat16, kBFloat16, kFloat32 };
