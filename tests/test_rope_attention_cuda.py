@@ -10,6 +10,7 @@ import torch
 
 import pirope
 from conftest import CUDA_SKIP_REASON, cuda_ready
+from cuda_ws_smoke import DIMS_BSHD, locate
 from reference import attention_reference, rope_reference
 
 pytestmark = pytest.mark.skipif(not cuda_ready(), reason=CUDA_SKIP_REASON)
@@ -323,12 +324,12 @@ def check_ws_kernels(monkeypatch, q, k, v, grad, causal, deterministic=False):
     got = run_kernels(q, k, v, cos, sin, grad, causal=causal, deterministic=deterministic)
     ref = grads_reference(q, k, v, cos, sin, grad, causal=causal)
     for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
-        assert not torch.isnan(g).any(), name
-        assert rel_err(g, r) < 2e-2, name
+        assert not torch.isnan(g).any(), locate(name, g, r, DIMS_BSHD)
+        assert rel_err(g, r) < 2e-2, locate(name, g, r, DIMS_BSHD)
     use_kernels(monkeypatch, "1")
     other = run_kernels(q, k, v, cos, sin, grad, causal=causal, deterministic=deterministic)
     for name, g, o in zip(("out", "dq", "dk", "dv"), got, other):
-        assert rel_err(g, o) < 5e-3, name
+        assert rel_err(g, o) < 5e-3, locate(name, g, o, DIMS_BSHD)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,0 +1,40 @@
+"""The diagnostics of tests/cuda_ws_smoke.py (run by benchmarks/gpu_check.sh on a GPU): when
+a warp-specialised kernel disagrees with the other Hopper kernels, the report must name the
+tile, head, panel and batch the wrong entries lie in. Checked here on CPU tensors."""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import cuda_ws_smoke as smoke  # noqa: E402
+
+
+def test_spans_compresses_runs():
+    assert smoke.spans([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert smoke.spans([3]) == "3"
+
+
+def test_locate_names_the_tile_head_panel_and_batch_of_a_fault():
+    ref = torch.randn(2, 1000, 8, 128)
+    got = ref.clone()
+    got[1, 130:190, 3, 40:50] += 1.0  # one head, rows of tiles 2, one 32-column panel
+    report = smoke.locate("dq", got, ref, smoke.DIMS_BSHD)
+    assert report.startswith(f"dq: {60 * 10} of {ref.numel()} entries off (0 NaN)"), report
+    assert "batch 1 of 2" in report and "rows/64 2 of 16" in report, report
+    assert "head 3 of 8" in report and "cols/32 1 of 4" in report, report
+
+
+def test_locate_counts_nan_and_reads_lse_layout():
+    ref = torch.randn(2, 8, 1000)
+    got = ref.clone()
+    got[0, 5, 960:] = float("nan")  # the sequence tail of one head: the last 64-row tile
+    report = smoke.locate("lse", got, ref, smoke.DIMS_LSE)
+    assert report.startswith("lse: 40 of 16000 entries off (40 NaN)"), report
+    assert "batch 0 of 2, head 5 of 8, rows/64 15 of 16" in report, report
+
+
+def test_locate_reports_agreement():
+    ref = torch.randn(1, 65, 2, 64, dtype=torch.bfloat16)
+    assert smoke.locate("out", ref.clone(), ref, smoke.DIMS_BSHD) == "out: no entry off"
