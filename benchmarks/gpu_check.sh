@@ -60,7 +60,7 @@ for dir in fwd bwd; do
   if timeout 75 $PY tests/cuda_ws_smoke.py $dir > "$SCRATCH/ws-$dir.log" 2>&1; then
     tail -1 "$SCRATCH/ws-$dir.log"; ws_ok="$ws_ok $dir"
   else
-    echo "ws_$dir FAILED or hung (rc $?):"; tail -12 "$SCRATCH/ws-$dir.log"; status=1
+    echo "ws_$dir FAILED or hung (rc $?):"; tail -80 "$SCRATCH/ws-$dir.log"; status=1  # with where (locate)
   fi
 done
 case "$ws_ok" in " fwd bwd") ws=ws ;; " fwd") ws=ws_fwd ;; " bwd") ws=ws_bwd ;; *) ws=skip ;; esac
