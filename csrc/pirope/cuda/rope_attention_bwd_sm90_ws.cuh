@@ -6,17 +6,18 @@
 //     complete the stage's `full` mbarrier. Two stages; the consumers free a stage
 //     (`empty`) once every product that reads it has finished;
 //   - two consumer warpgroups (64 keys each) only compute. Per item: S^T and dP^T
-//     (waited for), P^T and dS^T; dV += P^T dO and dK += dS^T Q run while dS^T goes to
-//     smem for dQ = dS K (both warpgroups' halves: one named barrier instead of the two
-//     block-wide barriers per item of the other kernel, whose threads also issued every
-//     copy);
+//     issued, P^T computed once S^T is done (while dP^T still runs), then dS^T;
+//     dV += P^T dO and dK += dS^T Q run while dS^T goes to smem for dQ = dS K (both
+//     warpgroups' halves: one named barrier instead of the two block-wide barriers per
+//     item of the other kernel, whose threads also issued every copy);
 //   - dQ leaves through smem: each warpgroup writes its float32 half to a swizzled smem
 //     tile and one of its threads adds the tile into the accumulator with a TMA
 //     reduction (cp.reduce.async.bulk.tensor), as FlashAttention-3 does, instead of
 //     float2 atomics from every thread (16 per thread and item at head dim 128) that
 //     take the consumers' issue slots. The reduction runs while the next item is computed.
 // Chosen by PIROPE_ATTENTION_SM90=ws or ws_bwd (use_sm90_ws_kernels) where the sm_90a
-// kernels run and TMA can describe q, dO, k and v (else rope_attention_bwd_sm90.cuh runs).
+// kernels run and TMA can describe q, dO, k, v and the dQ accumulator (else
+// rope_attention_bwd_sm90.cuh runs).
 #pragma once
 
 #include "rope_attention_bwd_sm90.cuh"
