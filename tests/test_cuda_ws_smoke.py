@@ -38,3 +38,14 @@ def test_locate_counts_nan_and_reads_lse_layout():
 def test_locate_reports_agreement():
     ref = torch.randn(1, 65, 2, 64, dtype=torch.bfloat16)
     assert smoke.locate("out", ref.clone(), ref, smoke.DIMS_BSHD) == "out: no entry off"
+
+
+def test_verdict_lets_gpu_check_fall_back_only_when_the_tma_dq_path_alone_fails():
+    ok, bad = smoke.LIMIT / 2, smoke.LIMIT * 2
+    assert smoke.verdict({"-": ok}) == 0
+    assert smoke.verdict({"tma": ok, "atomic": ok, "deterministic": ok}) == 0
+    assert smoke.verdict({"tma": bad, "atomic": ok, "deterministic": ok}) == 2
+    assert smoke.verdict({"tma": float("nan"), "atomic": ok, "deterministic": ok}) == 2
+    assert smoke.verdict({"tma": bad, "atomic": bad, "deterministic": ok}) == 1
+    assert smoke.verdict({"tma": ok, "atomic": ok, "deterministic": bad}) == 1
+    assert smoke.verdict({"-": bad}) == 1

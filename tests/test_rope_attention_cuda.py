@@ -289,6 +289,18 @@ def test_unknown_kernel_choice_is_an_error(monkeypatch):
         torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, True, 0.125, False)
 
 
+def test_unknown_ws_dq_choice_is_an_error(monkeypatch):
+    # Likewise for the warp-specialised backward's dQ path, in both backward modes.
+    q, k, v = (torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    cos, sin = tables(64, 256)
+    out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, True, 0.125, False)
+    monkeypatch.setenv("PIROPE_WS_DQ", "red")
+    for deterministic in (False, True):
+        with pytest.raises(RuntimeError, match="PIROPE_WS_DQ must be tma or atomic, got 'red'"):
+            torch.ops.pirope.rope_attention_backward(torch.randn_like(q), q, k, v, out, lse, cos, sin, None, True,
+                                                     0.125, False, deterministic)
+
+
 def check_ws_forward(monkeypatch, q, k, v, causal):
     """PIROPE_ATTENTION_SM90=ws (the TMA forward where it runs, the other kernels
     elsewhere): output and lse against float64, then against the other Hopper forward,
@@ -336,14 +348,16 @@ def check_ws_kernels(monkeypatch, q, k, v, grad, causal, deterministic=False):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("seqlen", [65, 1000])
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_warp_specialized_backward_matches_float64_reference(monkeypatch, dtype, head_dim, causal, seqlen,
-                                                             deterministic):
+@pytest.mark.parametrize("dq", ["tma", "atomic", "deterministic"])
+def test_warp_specialized_backward_matches_float64_reference(monkeypatch, dtype, head_dim, causal, seqlen, dq):
     # GQA 8/2: each dkdv block walks 4 q heads x its query tiles through the two TMA
-    # stages; head dim 64 computes dQ on one warpgroup, 128 on both.
+    # stages; head dim 64 computes dQ on one warpgroup, 128 on both. dQ: TMA reductions
+    # (the default), float2 atomics (PIROPE_WS_DQ=atomic), or the deterministic dq kernel.
+    if dq != "deterministic":
+        monkeypatch.setenv("PIROPE_WS_DQ", dq)
     q = torch.randn(2, seqlen, 8, head_dim, device="cuda", dtype=dtype)
     k, v = (torch.randn(2, seqlen, 2, head_dim, device="cuda", dtype=dtype) for _ in range(2))
-    check_ws_kernels(monkeypatch, q, k, v, torch.randn_like(q), causal, deterministic)
+    check_ws_kernels(monkeypatch, q, k, v, torch.randn_like(q), causal, dq == "deterministic")
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "qkv", "batch1"])

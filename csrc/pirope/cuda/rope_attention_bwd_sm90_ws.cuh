@@ -15,6 +15,7 @@
 //     reduction (cp.reduce.async.bulk.tensor), as FlashAttention-3 does, instead of
 //     float2 atomics from every thread (16 per thread and item at head dim 128) that
 //     take the consumers' issue slots. The reduction runs while the next item is computed.
+//     (PIROPE_WS_DQ=atomic keeps the atomics, kTmaDq = false: ws_dq_atomics.)
 // Chosen by PIROPE_ATTENTION_SM90=ws or ws_bwd (use_sm90_ws_kernels) where the sm_90a
 // kernels run and TMA can describe q, dO, k, v and the dQ accumulator (else
 // rope_attention_bwd_sm90.cuh runs).
@@ -51,7 +52,9 @@ __device__ __forceinline__ void stage_dq(float* dq_s, const float (&dq)[kCols / 
 }
 }  // namespace bwd90ws
 
-template <typename T, int kD, bool kAtomicDq>
+// kAtomicDq: dQ is added here (else by the deterministic dq kernel); kTmaDq: by TMA
+// reductions (else float2 atomics).
+template <typename T, int kD, bool kAtomicDq, bool kTmaDq>
 __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
     rope_attention_bwd_dkdv_sm90_ws_kernel(const __grid_constant__ CUtensorMap q_map,
                                            const __grid_constant__ CUtensorMap do_map,
@@ -65,15 +68,16 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
   using bwd90::kBlockN;
   constexpr int kTile = kBlockM * kD;  // elements of a q or dO tile
   constexpr int kCols = bwd90::kDqCols<kD>;
-  // smem: K, V; kStages x (q, dO); atomic mode: 2 x dS^T, dQ (float32, kCols columns per
-  // warpgroup); kStages x (lse, D); barriers.
+  constexpr bool kDqTile = kAtomicDq && kTmaDq;
+  // smem: K, V; kStages x (q, dO); atomic mode: 2 x dS^T, with kTmaDq dQ (float32, kCols
+  // columns per warpgroup); kStages x (lse, D); barriers.
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* k_s = wg::align1024<T>(smem_raw);  // every tile starts at a multiple of 1 KB
   T* v_s = k_s + kBlockN * kD;
   T* q_st = v_s + kBlockN * kD;          // stage s: q at q_st + 2 s kTile, dO right after
   T* ds_s = q_st + 2 * kStages * kTile;  // 2 buffers of kBlockN x kBlockM (atomic mode)
   float* dq_s = reinterpret_cast<float*>(ds_s + (kAtomicDq ? 2 * kBlockN * kBlockM : 0));
-  float* stats = dq_s + (kAtomicDq ? kBlockM * kD : 0);  // [s][lse | D][64]
+  float* stats = dq_s + (kDqTile ? kBlockM * kD : 0);  // [s][lse | D][64]
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(stats + 2 * kStages * kBlockM);
   uint64_t* full = kv_full + 1;
   uint64_t* empty = full + kStages;
@@ -173,7 +177,7 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
       wg::fence_proxy_async();
       // The previous item's dQ reduction has read this warpgroup's dQ tile (long done by
       // now); the barrier below passes that on to the warpgroup's other threads.
-      if (dq_leader) tma::bulk_wait_read<0>();
+      if (kDqTile && dq_leader) tma::bulk_wait_read<0>();
       tma::bar_sync<kConsumers>(kBarConsumers);
       if (kCols * wg < kD) {
         float dq[kCols / 8][4];
@@ -184,11 +188,15 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
         wg::wait<0>();
         wg::fence_operand(dq);
         tma::mbar_arrive(&empty[st]);  // dV, dK and dQ are done with this stage
-        float* dq_buf = dq_s + wg * kBlockM * kCols;
-        bwd90ws::stage_dq<kCols>(dq_buf, dq);
-        wg::fence_proxy_async();  // the tile, for the TMA unit's reads
-        tma::bar_sync<128>(kBarDq + wg);
-        if (dq_leader) tma::reduce_add_tile<kCols, kBlockM>(&dq_map, dq_buf, kCols * wg, m0, hq, b);
+        if constexpr (kTmaDq) {
+          float* dq_buf = dq_s + wg * kBlockM * kCols;
+          bwd90ws::stage_dq<kCols>(dq_buf, dq);
+          wg::fence_proxy_async();  // the tile, for the TMA unit's reads
+          tma::bar_sync<128>(kBarDq + wg);
+          if (dq_leader) tma::reduce_add_tile<kCols, kBlockM>(&dq_map, dq_buf, kCols * wg, m0, hq, b);
+        } else {
+          bwd90::add_dq<kD>(dq, sc, p, b, hq, m0, kCols * wg);
+        }
       } else {
         wg::wait<0>();
         tma::mbar_arrive(&empty[st]);
@@ -202,7 +210,7 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
     wg::fence_operand(pf);
     wg::fence_operand(dsf);
   }
-  if (dq_leader) tma::bulk_wait<0>();  // the last reduction has read its smem tile (and landed)
+  if (kDqTile && dq_leader) tma::bulk_wait<0>();  // the last reduction has read its smem tile (and landed)
 
   store_dk_dv<T, kD, kBlockN, kConsumers>(smem_raw, dk, dv, row0, p, b, hk, n0,
                                           [] { tma::bar_sync<kConsumers>(kBarConsumers); });
@@ -219,6 +227,7 @@ bool launch_rope_attention_bwd_dkdv_sm90_ws(const AttentionParams& p, const Back
   using bwd90::kBlockM;
   using bwd90::kBlockN;
   constexpr TileElem kElem = tile_elem<T>();
+  const bool tma_dq = !p.deterministic && !ws_dq_atomics();
   CUtensorMap q_map, do_map, k_map, v_map, dq_map{};
   // The float32 dQ accumulator (batch, seqlen, heads_q, kD), contiguous (atomic mode).
   const AttentionTensor dq_accum{sc.dq_accum, p.seqlen * p.heads_q * kD, p.heads_q * kD, kD};
@@ -226,18 +235,18 @@ bool launch_rope_attention_bwd_dkdv_sm90_ws(const AttentionParams& p, const Back
       !encode_tile_map(&do_map, p.grad_out, p.batch, p.seqlen, p.heads_q, kD, kElem, kBlockM) ||
       !encode_tile_map(&k_map, p.k, p.batch, p.seqlen, p.heads_kv, kD, kElem, kBlockN) ||
       !encode_tile_map(&v_map, p.v, p.batch, p.seqlen, p.heads_kv, kD, kElem, kBlockN) ||
-      (!p.deterministic &&
-       !encode_tile_map(&dq_map, dq_accum, p.batch, p.seqlen, p.heads_q, kD, TileElem::kFloat32, kBlockM)))
+      (tma_dq && !encode_tile_map(&dq_map, dq_accum, p.batch, p.seqlen, p.heads_q, kD, TileElem::kFloat32, kBlockM)))
     return false;
-  // K, V, kStages x (q, dO), in atomic mode 2 x dS^T and the float32 dQ tile,
-  // kStages x (lse, D), the barriers, + 1 KB of alignment slack.
-  constexpr size_t kAtomicSmem = size_t{2} * kBlockN * kBlockM * sizeof(T) + kBlockM * kD * sizeof(float);
+  // K, V, kStages x (q, dO), in atomic mode 2 x dS^T (+ the float32 dQ tile with TMA
+  // reductions), kStages x (lse, D), the barriers, + 1 KB of alignment slack.
+  constexpr size_t kDsSmem = size_t{2} * kBlockN * kBlockM * sizeof(T), kDqSmem = kBlockM * kD * sizeof(float);
   constexpr size_t kSmem = static_cast<size_t>(2 * kBlockN + 2 * kStages * kBlockM) * kD * sizeof(T) +
                            2 * kStages * kBlockM * sizeof(float) + (1 + 2 * kStages) * sizeof(uint64_t) + 1024;
-  static_assert(kSmem + kAtomicSmem <= kSm90SmemPerBlock, "smem of the ws dkdv kernel exceeds the sm_90 limit");
-  const size_t smem = kSmem + (p.deterministic ? 0 : kAtomicSmem);
-  launch_kernel(p.deterministic ? rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, false>
-                                : rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, true>,
+  static_assert(kSmem + kDsSmem + kDqSmem <= kSm90SmemPerBlock, "smem of the ws dkdv kernel exceeds the sm_90 limit");
+  const size_t smem = kSmem + (p.deterministic ? 0 : kDsSmem) + (tma_dq ? kDqSmem : 0);
+  launch_kernel(p.deterministic ? rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, false, false>
+                : tma_dq        ? rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, true, true>
+                                : rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, true, false>,
                 attention_grid(p, kBlockN, p.heads_kv), kThreads, smem, stream, q_map, do_map, k_map, v_map, dq_map, p,
                 sc);
   return true;

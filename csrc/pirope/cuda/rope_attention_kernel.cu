@@ -103,8 +103,17 @@ Sm90Choice sm90_choice() {
 
 }  // namespace
 
+bool ws_dq_atomics() {
+  const char* env = std::getenv("PIROPE_WS_DQ");
+  const std::string v = env != nullptr ? env : "";
+  TORCH_CHECK(v.empty() || v == "tma" || v == "atomic",
+              "rope_attention_backward: PIROPE_WS_DQ must be tma or atomic, got '", v, "'");
+  return v == "atomic";
+}
+
 bool use_sm90_kernels(const AttentionParams& p, bool backward) {
   const Sm90Choice choice = sm90_choice();  // checked on every build and device
+  if (backward) (void)ws_dq_atomics();      // likewise
 #ifdef PIROPE_CUDA_SM90A
   if (!choice.on || !p.k_prerotated || (backward && !p.q_prerotated)) return false;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();

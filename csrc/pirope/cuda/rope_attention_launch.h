@@ -37,6 +37,11 @@ bool use_sm90_kernels(const AttentionParams& p, bool backward);
 // ws_fwd or ws_bwd (one). Opt-in until verified and timed on an H100/H200; where TMA
 // cannot describe the tensors the other Hopper kernel runs.
 bool use_sm90_ws_kernels(bool backward);
+// How the warp-specialised backward adds dQ into its float32 accumulator:
+// PIROPE_WS_DQ unset, empty or "tma" (TMA reductions from smem), "atomic" (float2 atomics
+// from every thread, as the other Hopper kernel: for A/B timing, and the fallback if the
+// reduction path fails on a GPU); anything else is an error. True for "atomic".
+bool ws_dq_atomics();
 
 template <typename T, int kD>
 void launch_rope_attention_fwd(const AttentionParams& p, cudaStream_t stream);
