@@ -12,6 +12,9 @@ Methods (q, k, v arrive as (batch, seqlen, heads, headdim), the view of a projec
   fused_ws     fused with PIROPE_ATTENTION_SM90=ws (or $PIROPE_WS_VARIANT): the
                warp-specialised TMA kernels (rope_attention_{fwd,bwd}_sm90_ws.cuh; on
                sm_90 with a 9.0a build, else = fused)
+  fused_ws_atomic
+               fwd+bwd only: fused_ws with PIROPE_WS_DQ=atomic (dQ by float2 atomics
+               instead of TMA reductions: the A/B of that step; column "wsA ms")
   flash, efficient, cudnn
                pirope.apply_rope_qk + torch SDPA restricted to that backend
                (missing where the backend does not take the call)
@@ -20,7 +23,7 @@ attention matmuls only (4·B·H·S²·D, halved when causal; fwd+bwd = 3.5x fwd)
 "ratio" = time of the fastest SDPA backend / time of fused (> 1: fused is faster), "ws r."
 the same for fused_ws. "err" = max |fused - reference| / max |reference| with the fastest
 backend's output as reference (a real-shape sanity check; the float64 checks live in
-tests/), over fused and fused_ws.
+tests/), over fused, fused_ws and fused_ws_atomic.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def make_methods(cos, sin, causal, backward):
     if backward:  # the deterministic backward (no float atomics: its cost, measured)
         methods["fused_det"] = lambda q, k, v: pirope.rope_attention(q, k, v, cos, sin, causal=causal,
                                                                      deterministic=True)
+        methods["fused_ws_atomic"] = with_env(fused, PIROPE_ATTENTION_SM90=ws, PIROPE_WS_DQ="atomic")
     methods.update({name: sdpa(b) for name, b in BACKENDS.items()})
     return methods
 
@@ -144,7 +148,7 @@ def run_case(dtype, hq, hkv, seqlen, tokens, d, causal, mode, repeat, methods):
     if best and results.get("fused_ws"):
         row["ratio_ws_vs_best_sdpa"] = baselines[best]["ms"] / results["fused_ws"]["ms"]
     errs = []
-    for name in ("fused", "fused_ws"):
+    for name in ("fused", "fused_ws", "fused_ws_atomic"):
         if best and name in outs:
             for a, b in zip(outs[name], outs[best]):
                 if a is not None:
@@ -165,14 +169,14 @@ def main():
     ap.add_argument("--causal", default="1,0")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--methods", default="fused,fused_ws,fused_det,flash,efficient,cudnn")
+    ap.add_argument("--methods", default="fused,fused_ws,fused_ws_atomic,fused_det,flash,efficient,cudnn")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, pirope {pirope.__version__}, "
           f"{args.tokens} tokens per config, headdim {args.headdim}, "
           f"PIROPE_ATTENTION_K_PREPASS={os.environ.get('PIROPE_ATTENTION_K_PREPASS', 'default')}")
     hdr = (f"{'dtype':8} {'heads':6} {'seqlen':>6} {'causal':6} {'mode':8} {'fused ms':>9} {'TFLOP/s':>7} "
-           f"{'ws ms':>8} {'det ms':>8} {'flash':>8} {'effic.':>8} {'cudnn':>8} {'best':>6} {'ratio':>6} "
+           f"{'ws ms':>8} {'wsA ms':>8} {'det ms':>8} {'flash':>8} {'effic.':>8} {'cudnn':>8} {'best':>6} {'ratio':>6} "
            f"{'ws r.':>6} {'err':>8}")
     print(hdr)
     print("-" * len(hdr))
@@ -188,7 +192,8 @@ def main():
                         rows.append(r)
                         f = lambda key: f"{r[key]:8.3f}" if r.get(key) is not None else f"{'-':>8}"  # noqa: E731
                         print(f"{r['dtype']:8} {heads:6} {s:6d} {str(causal):6} {mode:8} "
-                              f"{f('fused_ms'):>9} {r.get('fused_tflops') or 0:7.1f} {f('fused_ws_ms')} {f('fused_det_ms')} "
+                              f"{f('fused_ms'):>9} {r.get('fused_tflops') or 0:7.1f} {f('fused_ws_ms')} "
+                              f"{f('fused_ws_atomic_ms')} {f('fused_det_ms')} "
                               f"{f('flash_ms')} {f('efficient_ms')} {f('cudnn_ms')} {r['best_sdpa'] or '-':>6} "
                               f"{r.get('ratio_vs_best_sdpa', 0):6.2f} {r.get('ratio_ws_vs_best_sdpa', 0):6.2f} "
                               f"{r.get('err_vs_best', float('nan')):8.1e}",

@@ -53,20 +53,27 @@ $PY -c "import pirope; print(pirope.build_info())"
 # The warp-specialised kernels (PIROPE_ATTENTION_SM90=ws*) before anything else uses them:
 # one bounded run per direction, so that a hang (an mbarrier phase that never completes)
 # costs a minute, not the test step. The tests, the sanitizer and the benchmarks then use
-# PIROPE_WS_VARIANT: ws (both passed), ws_fwd or ws_bwd (one), or skip (neither).
+# PIROPE_WS_VARIANT: ws (both passed), ws_fwd or ws_bwd (one), or skip (neither); and
+# PIROPE_WS_DQ=atomic where only the backward's TMA-reduction dQ path failed.
 step "warp-specialised Hopper kernels: bounded first runs (tests/cuda_ws_smoke.py)"
 ws_ok=""
 for dir in fwd bwd; do
-  if timeout 75 $PY tests/cuda_ws_smoke.py $dir > "$SCRATCH/ws-$dir.log" 2>&1; then
+  timeout 75 $PY tests/cuda_ws_smoke.py $dir > "$SCRATCH/ws-$dir.log" 2>&1
+  rc=$?
+  if [ $rc = 0 ]; then
     tail -1 "$SCRATCH/ws-$dir.log"; ws_ok="$ws_ok $dir"
+  elif [ $rc = 2 ]; then  # only the backward's TMA-reduction dQ path failed: go on with atomics
+    echo "ws_bwd: dQ by TMA reductions FAILED; the rest passed, so PIROPE_WS_DQ=atomic from here on:"
+    tail -80 "$SCRATCH/ws-$dir.log"; ws_ok="$ws_ok $dir"; export PIROPE_WS_DQ=atomic; status=1
   else
-    echo "ws_$dir FAILED or hung (rc $?):"; tail -80 "$SCRATCH/ws-$dir.log"; status=1  # with where (locate)
+    echo "ws_$dir FAILED or hung (rc $rc):"; tail -80 "$SCRATCH/ws-$dir.log"; status=1  # with where (locate)
   fi
 done
 case "$ws_ok" in " fwd bwd") ws=ws ;; " fwd") ws=ws_fwd ;; " bwd") ws=ws_bwd ;; *) ws=skip ;; esac
 export PIROPE_WS_VARIANT=$ws
 echo "warp-specialised variant used below: $ws"
 ws_methods=""; [ "$ws" != skip ] && ws_methods="fused_ws,"
+case "$ws" in ws|ws_bwd) ws_methods="${ws_methods}fused_ws_atomic," ;; esac  # the dQ path's A/B
 
 step "CUDA tests"
 xdist=""
