@@ -219,7 +219,8 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
 #endif
 }
 
-// Returns false (nothing launched) when TMA cannot describe q, dO, k or v.
+// Returns false (nothing launched) when TMA cannot describe q, dO, k, v or (dQ by TMA
+// reductions) the dQ accumulator.
 template <typename T, int kD>
 bool launch_rope_attention_bwd_dkdv_sm90_ws(const AttentionParams& p, const BackwardScratch& sc,
                                             cudaStream_t stream) {
