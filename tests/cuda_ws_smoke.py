@@ -19,6 +19,7 @@ import pirope
 
 LIMIT = 5e-3  # relative difference from the other Hopper kernels (same math, same tile order)
 
+
 def run(variant, q, k, v, grad, causal, deterministic):
     os.environ["PIROPE_ATTENTION_SM90"] = variant
     d = q.shape[-1]
@@ -107,6 +108,7 @@ def verdict(worst):
         print("cuda_ws_smoke bwd: only the TMA-reduction dQ path failed; PIROPE_WS_DQ=atomic passed")
         return 2
     return 1
+
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in ("fwd", "bwd"):
