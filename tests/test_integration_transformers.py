@@ -238,6 +238,60 @@ def test_save_pretrained_round_trips_with_plain_transformers(base_model, tmp_pat
         assert_same_logits(loaded(x).logits, model(x).logits)
 
 
+def phi3_model(partial=1.0, window=WINDOW):
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=window, original_max_position_embeddings=window,
+        rope_parameters={"rope_type": "default", "rope_theta": THETA, "partial_rotary_factor": partial},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.Phi3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_phi3_pi_is_saved_as_uniform_longrope_and_round_trips(partial, tmp_path):
+    # transformers' Phi3Config rejects rope_type "linear": PI is written as the LongRoPE
+    # scaling with one factor for every pair (and attention_factor 1), which plain
+    # transformers loads back as the same model.
+    model = apply_position_interpolation(phi3_model(partial), 4.0, attention="sdpa")
+    params = model.config.rope_parameters
+    rotary_pairs = int(16 * partial) // 2
+    assert params["rope_type"] == "longrope" and params["attention_factor"] == 1.0
+    assert params["short_factor"] == params["long_factor"] == [4.0] * rotary_pairs
+    assert model.config.max_position_embeddings == 4 * WINDOW
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded.model.rotary_emb).__name__ == "Phi3RotaryEmbedding"  # no pirope inside
+    # the loaded model's frequencies are PI's: base^(-2i/d) / 4 (float64 reference)
+    d = 2 * rotary_pairs
+    want = THETA ** (-torch.arange(0, d, 2, dtype=torch.float64) / d) / 4.0
+    torch.testing.assert_close(loaded.model.rotary_emb.inv_freq.double(), want, rtol=2e-7, atol=0)
+    assert loaded.model.rotary_emb.attention_scaling == 1.0
+    x = ids(2, 180)  # past the original window, inside the new one
+    with torch.no_grad():
+        assert_same_logits(loaded(x).logits, model(x).logits)
+    # composing again: factor 4 * 2, still as LongRoPE
+    again = apply_position_interpolation(loaded, 2.0, attention="sdpa")
+    assert again.config.rope_parameters["short_factor"] == [8.0] * rotary_pairs
+    assert again.config.max_position_embeddings == 8 * WINDOW
+
+
+def test_phi3_real_longrope_is_not_interpolated():
+    # a LongRoPE model with per-pair factors (Phi-3-128k style) is not PI: refused
+    model = phi3_model()
+    model.config.rope_parameters = {
+        "rope_type": "longrope", "rope_theta": THETA, "short_factor": [1.0] * 8,
+        "long_factor": [2.0 + i for i in range(8)], "original_max_position_embeddings": WINDOW}
+    with pytest.raises(ValueError, match="rope_type"):
+        apply_position_interpolation(model, 2.0)
+    # nor is uniform LongRoPE with LongRoPE's attention scaling (not PI's cos/sin)
+    model.config.rope_parameters = {
+        "rope_type": "longrope", "rope_theta": THETA, "short_factor": [2.0] * 8, "long_factor": [2.0] * 8,
+        "original_max_position_embeddings": WINDOW}
+    with pytest.raises(ValueError, match="rope_type"):
+        apply_position_interpolation(model, 2.0)
+
+
 # ---- (e) bad input -------------------------------------------------------------------
 
 

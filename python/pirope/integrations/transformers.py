@@ -110,6 +110,11 @@ _FAMILIES: dict[str, tuple[str, str | None, bool]] = {
 #: ``config.model_type`` values :func:`patch_rope` and :func:`apply_position_interpolation` accept.
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
+# Families whose config class accepts only rope_type "default" or "longrope" (transformers'
+# Phi3Config rejects "linear"): Position Interpolation is written there as the LongRoPE
+# scaling it is a special case of (see _linear_as_longrope).
+_LONGROPE_ONLY = ("phi3",)
+
 
 class RopeTables(NamedTuple):
     """What the patched ``rotary_emb`` hands every decoder layer (as its
@@ -294,6 +299,47 @@ def _rope_setup(model, model_type: str, partial_supported: bool, params: dict, h
     return head_dim, base, scaling, partial
 
 
+def _interpolation_factor(params: dict) -> float | None:
+    """The Position Interpolation factor of a model's RoPE (1.0 for plain RoPE), or None
+    when its scaling is not PI. PI written as LongRoPE (_linear_as_longrope: one factor
+    for every pair, short and long, attention_factor 1) counts as PI."""
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return 1.0
+    if rope_type == "linear":
+        return float(params.get("factor", 1.0))
+    if rope_type == "longrope":
+        short, long = params.get("short_factor"), params.get("long_factor")
+        if (isinstance(short, list) and short and short == long and all(x == short[0] for x in short)
+                and params.get("attention_factor") == 1.0):
+            return float(short[0])
+    return None
+
+
+def _linear_as_longrope(model, linear: dict, old_window: int) -> dict:
+    """PI by ``linear["factor"]`` as rope_parameters a config that accepts only LongRoPE
+    can hold: LongRoPE divides inverse frequency i by its ``short_factor[i]`` (sequences
+    within ``original_max_position_embeddings``) or ``long_factor[i]`` (beyond), so one
+    factor F for every pair of both lists is PI by F at every length; attention_factor 1
+    keeps cos/sin unscaled (LongRoPE's default would scale them). The frequencies are
+    1 / (F * base^(2i/d)) instead of linear's (1 / base^(2i/d)) / F: equal up to float32
+    rounding."""
+    config = model.config
+    params = _rope_parameters(config)
+    attn = _attention_modules(model, _family(model)[1][0])[1][0]
+    partial = linear.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
+    pairs = int(attn.head_dim * partial) // 2
+    factor = linear["factor"]
+    original = (params.get("original_max_position_embeddings")
+                or getattr(config, "original_max_position_embeddings", None) or old_window)
+    out = {"rope_type": "longrope", "rope_theta": linear["rope_theta"], "factor": factor,
+           "short_factor": [factor] * pairs, "long_factor": [factor] * pairs, "attention_factor": 1.0,
+           "original_max_position_embeddings": original}
+    if "partial_rotary_factor" in linear:
+        out["partial_rotary_factor"] = linear["partial_rotary_factor"]
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # The patched attention forward
 # ----------------------------------------------------------------------------------------
@@ -475,7 +521,10 @@ def apply_position_interpolation(
       F, "rope_theta": ...}`` (plus ``partial_rotary_factor`` if the config had one)
       and ``model.config.max_position_embeddings`` the new window, so
       ``save_pretrained`` / ``from_pretrained`` with plain transformers (no pirope)
-      gives the same model;
+      gives the same model. Phi-3, whose config class accepts no "linear", gets the
+      same scaling as LongRoPE parameters instead: ``short_factor`` = ``long_factor``
+      = ``[F] * (rotary_dim // 2)``, ``attention_factor`` 1 (frequencies equal to
+      linear's up to float32 rounding);
     * RoPE, and with ``attention="fused"`` attention, run through pirope's ops (see
       :func:`patch_rope`); the output equals transformers' own linear-scaled model on
       the same weights.
@@ -508,9 +557,10 @@ def apply_position_interpolation(
             ``max_position_embeddings`` has the wrong type.
         ValueError: both or neither of ``factor`` and ``max_position_embeddings``,
             ``factor < 1``, a window not larger than the model's, a model whose
-            ``rope_type`` is not "default"/"linear", or an unknown ``attention``.
+            ``rope_type`` is not "default"/"linear" (or PI written as LongRoPE, as
+            above), or an unknown ``attention``.
     """
-    _family(model)
+    model_type, _ = _family(model)
     if not isinstance(attention, str) or attention not in _ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(map(repr, _ATTENTION_MODES))}, got {attention!r}")
     if (factor is None) == (max_position_embeddings is None):
@@ -540,16 +590,17 @@ def apply_position_interpolation(
         factor = new_window / old_window
 
     params = _rope_parameters(config)
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", "linear"):
+    old_factor = _interpolation_factor(params)
+    if old_factor is None:
         raise ValueError(
             f"model: Position Interpolation needs a model with rope_type 'default' or 'linear', this one has "
             f"config.rope_parameters={params!r}")
-    old_factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
     new_params = {"rope_type": "linear", "factor": old_factor * factor,
                   "rope_theta": params.get("rope_theta", getattr(config, "rope_theta", 10000.0))}
     if "partial_rotary_factor" in params:
         new_params["partial_rotary_factor"] = params["partial_rotary_factor"]
+    if model_type in _LONGROPE_ONLY:
+        new_params = _linear_as_longrope(model, new_params, old_window)
 
     patch_rope(model, new_params, attention=attention)  # validates everything before changing the model
     config.max_position_embeddings = new_window
