@@ -62,6 +62,41 @@ def test_inplace_is_differentiable(device):
     torch.testing.assert_close(k0.grad, k1.grad)
 
 
+@pytest.mark.parametrize("layout", ["projection views", "fused qkv", "hf transposed", "q only a view"])
+def test_inplace_qk_on_views_is_differentiable(device, layout):
+    # q and k as training code makes them: views of a projection's output. Autograd
+    # forbids one Function returning two in-place-modified views; the results and
+    # gradients must still equal the out-of-place op's.
+    x = torch.randn(2, 6, 3 * 64, device=device, dtype=torch.float64, requires_grad=True)
+    cos, sin = tables(16, 6, device)
+    pos = torch.tensor([5, 0, 2, 1, 3, 4], device=device)
+
+    def views(h):
+        if layout == "projection views":
+            return (h[..., :128] * 1.0).view(2, 6, 4, 32), (h[..., 128:] * 1.0).view(2, 6, 2, 32)
+        if layout == "fused qkv":
+            qkv = (h * 1.0).view(2, 6, 6, 32)
+            return qkv[:, :, :4], qkv[:, :, 4:]
+        if layout == "hf transposed":
+            q = (h[..., :128] * 1.0).view(2, 6, 4, 32).transpose(1, 2).contiguous().transpose(1, 2)
+            return q, (h[..., 128:] * 1.0).view(2, 6, 2, 32).transpose(1, 2).contiguous().transpose(1, 2)
+        return (h[..., :128] * 1.0).view(2, 6, 4, 32), (h[..., 128:] * 1.0).reshape(2, 6, 2, 32).clone()
+
+    def loss(q, k):
+        return (q * torch.arange(32, device=device)).sum() + (k * k).sum()
+
+    q, k = views(x)
+    outs = pirope.apply_rope_qk(q, k, cos, sin, pos, inplace=True)
+    assert outs[0] is q and outs[1] is k
+    loss(q, k).backward()
+    grad_inplace, x.grad = x.grad, None
+    rq, rk = pirope.apply_rope_qk(*views(x), cos, sin, pos)
+    loss(rq, rk).backward()
+    torch.testing.assert_close(q.detach(), rq.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(k.detach(), rk.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(grad_inplace, x.grad, rtol=0, atol=0)
+
+
 def test_opcheck_every_rotary_op(device):
     cos, sin = tables(32, 12, device)
     pos = torch.randint(0, 12, (2, 5), device=device)

@@ -21,28 +21,31 @@ def _check_common(op, cos, sin, position_ids, interleaved, inplace):
 
 class _RopeInplace(torch.autograd.Function):
     """In-place rotation that stays differentiable: marks the inputs dirty and
-    backpropagates through the inverse rotation (the backward op)."""
+    backpropagates through the inverse rotation (the backward op). The rotated tensors
+    come first among the inputs: autograd's rebase of an in-place-modified view
+    (CopySlices) takes the Function's first gradient as the view's."""
 
     @staticmethod
-    def forward(ctx, cos, sin, position_ids, interleaved, *xs):
-        if len(xs) == 1:
-            torch.ops.pirope.apply_rope_(xs[0], cos, sin, position_ids, interleaved)
+    def forward(ctx, x, k, cos, sin, position_ids, interleaved):
+        if k is None:
+            torch.ops.pirope.apply_rope_(x, cos, sin, position_ids, interleaved)
+            ctx.mark_dirty(x)
         else:
-            torch.ops.pirope.apply_rope_qk_(xs[0], xs[1], cos, sin, position_ids, interleaved)
-        ctx.mark_dirty(*xs)
+            torch.ops.pirope.apply_rope_qk_(x, k, cos, sin, position_ids, interleaved)
+            ctx.mark_dirty(x, k)
         ctx.save_for_backward(cos, sin, position_ids)
         ctx.interleaved = interleaved
-        return xs[0] if len(xs) == 1 else xs
+        return x if k is None else (x, k)
 
     @staticmethod
     def backward(ctx, *grads):
         cos, sin, position_ids = ctx.saved_tensors
         if len(grads) == 1:
             g = torch.ops.pirope.apply_rope_backward(grads[0], cos, sin, position_ids, ctx.interleaved)
-            return None, None, None, None, g
+            return g, None, None, None, None, None
         gq, gk = torch.ops.pirope.apply_rope_qk_backward(
             grads[0], grads[1], cos, sin, position_ids, ctx.interleaved)
-        return None, None, None, None, gq, gk
+        return gq, gk, None, None, None, None
 
 
 def apply_rope(
@@ -81,7 +84,7 @@ def apply_rope(
     if not inplace:
         return torch.ops.pirope.apply_rope(x, cos, sin, position_ids, interleaved)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _RopeInplace.apply(cos, sin, position_ids, interleaved, x)
+        return _RopeInplace.apply(x, None, cos, sin, position_ids, interleaved)
     torch.ops.pirope.apply_rope_(x, cos, sin, position_ids, interleaved)
     return x
 
@@ -111,6 +114,11 @@ def apply_rope_qk(
     if not inplace:
         return torch.ops.pirope.apply_rope_qk(q, k, cos, sin, position_ids, interleaved)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _RopeInplace.apply(cos, sin, position_ids, interleaved, q, k)
+        if not (q._is_view() or k._is_view()):
+            return _RopeInplace.apply(q, k, cos, sin, position_ids, interleaved)
+        # Autograd lets a Function that modifies a view in place return only that one
+        # tensor, and q and k are usually views (of a projection, of a fused qkv): one
+        # launch each, then.
+        return tuple(apply_rope(t, cos, sin, position_ids, interleaved=interleaved, inplace=True) for t in (q, k))
     torch.ops.pirope.apply_rope_qk_(q, k, cos, sin, position_ids, interleaved)
     return q, k
