@@ -3,6 +3,8 @@ and rotates q and k with pirope's fused op."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -23,12 +25,20 @@ class RotaryEmbedding(nn.Module):
         q, k = rope(q, k)            # q, k: (batch, seqlen, heads, 128)
 
     The float32 ``cos``/``sin`` buffers cover ``max_position_embeddings`` positions and
-    grow when a longer sequence (``seqlen`` of the input) arrives. For the
-    length-dependent scalings ("dynamic" NTK and "longrope") the table is the one of
-    the current sequence length, ``max(position_ids) + 1``: it is recomputed when the
-    length changes above the original window and returns to the original table inside
-    it, so a long request never changes the result of a later short one. (That needs
-    the largest position on the host: one device sync per call for those two types.)
+    grow when a longer sequence arrives: ``seqlen`` of the input, or ``max(position_ids)
+    + 1`` when ``position_ids`` are given (e.g. a decode step past the table). Reading
+    that maximum takes one device sync per ``position_ids`` tensor, not per call: the
+    layers of one forward share it. (Under ``torch.compile`` the read is skipped for the
+    types below that do not need it, so the table must already cover the positions:
+    out-of-range ones raise on CPU and give NaN rows on CUDA, as in
+    :func:`pirope.apply_rope`.) For the length-dependent scalings ("dynamic" NTK and
+    "longrope") the table is the one of the current sequence length,
+    ``max(position_ids) + 1``: it is recomputed when the length changes above the
+    original window and returns to the original table inside it, so a long request
+    never changes the result of a later short one.
+
+    ``model.half()`` / ``model.to(torch.bfloat16)`` leave the tables float32 (rounding
+    them would move every angle); ``.to(torch.float64)`` makes them float64.
     """
 
     def __init__(
@@ -59,6 +69,7 @@ class RotaryEmbedding(nn.Module):
         self.attention_factor = attention_factor
         self.register_buffer("cos", torch.empty(0, inv_freq.numel()), persistent=False)
         self.register_buffer("sin", torch.empty(0, inv_freq.numel()), persistent=False)
+        self._positions_seen = None  # (weakref to position_ids, its version, max + 1)
         self._build(self.max_position_embeddings)
 
     @property
@@ -68,6 +79,28 @@ class RotaryEmbedding(nn.Module):
     def _build(self, length: int) -> None:
         cos, sin = rope_cos_sin(self.inv_freq, length, self.attention_factor)
         self.cos, self.sin = cos, sin
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if not self.inv_freq.dtype.is_floating_point or self.inv_freq.dtype.itemsize < 4:
+            # .half() / .to(bfloat16): rebuild the frequencies and tables in float32
+            inv_freq, _ = self._plan.frequencies(self._table_key)
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+            self._build(self.cos.shape[0])
+        return self
+
+    def _positions_end(self, position_ids: torch.Tensor) -> int:
+        """max(position_ids) + 1, read once per position_ids tensor (and version)."""
+        seen = self._positions_seen
+        try:
+            version = position_ids._version
+        except RuntimeError:  # inference tensors have no version counter: read every time
+            version = None
+        if seen is not None and version is not None and seen[0]() is position_ids and seen[1] == version:
+            return seen[2]
+        end = int(position_ids.max()) + 1
+        self._positions_seen = (weakref.ref(position_ids), version, end) if version is not None else None
+        return end
 
     def _update_for_length(self, seq_len: int) -> None:
         key = self._plan.key(seq_len)
@@ -89,9 +122,16 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(
                 "RotaryEmbedding: q must be (batch, seqlen, heads, head_dim) or packed "
                 f"(total_tokens, heads, head_dim), got shape {tuple(q.shape)}")
+        for name, t in (("q", q), ("k", k)):
+            if t.shape[-1] != self.head_dim:
+                raise ValueError(
+                    f"RotaryEmbedding: {name} must have head_dim {self.head_dim} (the module's) as its last "
+                    f"dimension, got shape {tuple(t.shape)}")
         seqlen = q.shape[-3]
-        if self._plan.length_dependent and position_ids is not None and position_ids.numel() > 0:
-            needed = int(position_ids.max()) + 1
+        if position_ids is None or position_ids.numel() == 0:
+            needed = seqlen
+        elif self._plan.length_dependent or not torch.compiler.is_compiling():
+            needed = self._positions_end(position_ids)
         else:
             needed = seqlen
         self._update_for_length(needed)
