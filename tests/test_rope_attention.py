@@ -108,6 +108,16 @@ def test_softmax_scale_default_and_explicit():
     check_against_reference(q, k, v, cos, sin, scale=0.3)
 
 
+def test_softmax_scale_past_float32_only_for_float64():
+    # float32/16 inputs are computed in float32, where 1e39 is inf: rejected (see
+    # test_rejects_bad_keyword); float64 inputs are computed in float64 and accept it
+    # (forward only: at this scale the softmax is one-hot and its gradient rounding noise)
+    q, k, v = qkv(1, 9, 2, 2, 32, dtype=torch.float64)
+    cos, sin = tables(32, 9)
+    out = pirope.rope_attention(q, k, v, cos, sin, softmax_scale=1e39)
+    assert_close_to(out, attention_reference(q, k, v, cos, sin, softmax_scale=1e39), torch.float64, "out")
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_gradcheck_float64(causal):
     q, k, v = qkv(2, 6, 4, 2, 12, dtype=torch.float64, requires_grad=True)
@@ -418,6 +428,7 @@ def test_rejects_bad_input(over, exc, match):
         (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be finite"),
         (dict(softmax_scale=float("inf")), ValueError, "softmax_scale must be finite"),
         (dict(softmax_scale="0.1"), TypeError, "softmax_scale must be a number"),
+        (dict(softmax_scale=1e39), ValueError, "softmax_scale must be at most 3.4"),  # inf in float32
         (dict(causal=1), TypeError, "causal must be a bool"),
         (dict(interleaved=None), TypeError, "interleaved must be a bool"),
         (dict(deterministic="yes"), TypeError, "deterministic must be a bool"),
@@ -429,11 +440,44 @@ def test_rejects_bad_keyword(kwargs, exc, match):
         pirope.rope_attention(a["q"], a["k"], a["v"], a["cos"], a["sin"], **kwargs)
 
 
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        (dict(k=(2, 7, 2, 64)), "k must have the batch and seqlen of q"),
+        (dict(k=(2, 8, 3, 64), v=(2, 8, 3, 64)), "nheads_q must be a multiple of nheads_kv"),
+        (dict(v=(2, 8, 2, 32)), "v must have the head dim of q"),
+        (dict(cos=(64, 40), sin=(64, 40)), "rotary_dim"),
+        (dict(dtype=torch.int32), "q must be float32, float64, float16 or bfloat16"),
+    ],
+)
+def test_meta_tensors_are_checked_like_real_ones(over, match):
+    # the fake kernels (meta tensors, torch.compile's tracing) reject what the kernels reject
+    shapes = dict(q=(2, 8, 4, 64), k=(2, 8, 2, 64), v=(2, 8, 2, 64), cos=(64, 16), sin=(64, 16))
+    dtype = over.pop("dtype", torch.float32)
+    shapes.update(over)
+    t = {n: torch.empty(s, device="meta", dtype=dtype if n in "qkv" else torch.float32) for n, s in shapes.items()}
+    with pytest.raises(RuntimeError, match=match):
+        pirope.rope_attention(t["q"], t["k"], t["v"], t["cos"], t["sin"])
+    with pytest.raises(RuntimeError, match=match):
+        lse = torch.empty(2, 4, 8, device="meta")
+        torch.ops.pirope.rope_attention_backward(t["q"], t["q"], t["k"], t["v"], t["q"], lse, t["cos"], t["sin"],
+                                                 None, True, 0.1, False)
+
+
+def test_meta_tensors_give_the_output_shapes():
+    q, k, v = (torch.empty(2, 8, h, 64, device="meta", dtype=torch.bfloat16) for h in (4, 2, 2))
+    cos = sin = torch.empty(64, 32, device="meta")
+    out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, True, 0.125, False, False)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (2, 4, 8) and lse.dtype == torch.float32
+
+
 def test_op_rejects_bad_scale_and_lse():
     a = _args()
     args = (a["q"], a["k"], a["v"], a["cos"], a["sin"], None, True)
     with pytest.raises(RuntimeError, match="softmax_scale must be finite and > 0"):
         torch.ops.pirope.rope_attention(*args, float("nan"), False)
+    with pytest.raises(RuntimeError, match="softmax_scale must be at most 3.4"):
+        torch.ops.pirope.rope_attention(*args, 1e39, False)
     out, lse = torch.ops.pirope.rope_attention(*args, 0.1, False)
     bw = lambda lse: torch.ops.pirope.rope_attention_backward(  # noqa: E731
         out, a["q"], a["k"], a["v"], out, lse, a["cos"], a["sin"], None, True, 0.1, False)

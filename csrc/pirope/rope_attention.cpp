@@ -3,6 +3,7 @@
 #include "rope_attention.h"
 
 #include <cmath>
+#include <limits>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -71,9 +72,13 @@ void check_like_q(const char* op, const char* name, const at::Tensor& t,
               " like q, got ", t.device());
 }
 
-void check_scale(const char* op, double scale) {
+void check_scale(const char* op, double scale, at::ScalarType dtype) {
   TORCH_CHECK(std::isfinite(scale) && scale > 0, op,
               ": softmax_scale must be finite and > 0, got ", scale);
+  // Every dtype but float64 is computed in float32, where a larger scale is inf.
+  TORCH_CHECK(dtype == at::kDouble || scale <= std::numeric_limits<float>::max(), op,
+              ": softmax_scale must be at most ", std::numeric_limits<float>::max(),
+              " (the largest float32: ", dtype, " inputs are computed in float32), got ", scale);
 }
 
 
@@ -84,7 +89,7 @@ AttentionParams plan(const char* op, const at::Tensor& q, const at::Tensor& k,
                      double scale, bool interleaved, at::Tensor& cos_u,
                      at::Tensor& sin_u) {
   check_tables(op, q, cos, sin);
-  check_scale(op, scale);
+  check_scale(op, scale, q.scalar_type());
   const int64_t batch = q.size(0), seqlen = q.size(1);
   std::optional<at::Tensor> pos;
   if (position_ids.has_value() && position_ids->defined())

@@ -12,6 +12,8 @@ from .apply_rope import apply_rope_qk
 
 __all__ = ["rope_attention"]
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved):
     # CUDA calls the fused forward does not take: the same math unfused, differentiable
@@ -115,6 +117,9 @@ def rope_attention(
                              f"got shape {tuple(q.shape)}")
         softmax_scale = q.shape[-1] ** -0.5
     softmax_scale = _checks.number(op, "softmax_scale", softmax_scale, positive=True)
+    if softmax_scale > _FLOAT32_MAX and q.dtype != torch.float64:
+        raise ValueError(f"{op}: softmax_scale must be at most {_FLOAT32_MAX} (the largest float32: {q.dtype} "
+                         f"inputs are computed in float32), got {softmax_scale}")
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     _checks.flag(op, "deterministic", deterministic)

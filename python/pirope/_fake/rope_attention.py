@@ -1,22 +1,55 @@
 """Fake kernels of the fused attention: outputs allocated like the real kernels
-(contiguous; lse (batch, nheads_q, seqlen) in float32, float64 for float64 input)."""
+(contiguous; lse (batch, nheads_q, seqlen) in float32, float64 for float64 input),
+after the shape and dtype checks of csrc/pirope/rope_attention.cpp, so that meta
+tensors (and torch.compile's tracing) reject what the real kernels reject."""
 
 import torch
 
 from .apply_rope import _check_devices
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _math_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check(op, q, k, v, cos, sin):
+    for name, t, heads in (("q", q, "nheads_q"), ("k", k, "nheads_kv"), ("v", v, "nheads_kv")):
+        torch._check(t.dim() == 4, lambda: f"{op}: {name} must be (batch, seqlen, {heads}, headdim), "
+                                           f"got shape {tuple(t.shape)}")
+        torch._check(t.dtype in _DTYPES,
+                     lambda: f"{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        torch._check(t.dtype == q.dtype, lambda: f"{op}: {name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        torch._check(t.shape[0] == q.shape[0],
+                     lambda: f"{op}: {name} must have the batch and seqlen of q, got shape {tuple(t.shape)}")
+        torch._check(t.shape[1] == q.shape[1],
+                     lambda: f"{op}: {name} must have the batch and seqlen of q, got shape {tuple(t.shape)}")
+        torch._check(t.shape[3] == q.shape[3],
+                     lambda: f"{op}: {name} must have the head dim of q ({q.shape[3]}), got shape {tuple(t.shape)}")
+    torch._check(v.shape[2] == k.shape[2], lambda: f"{op}: k and v must have the same number of heads")
+    torch._check(k.shape[2] >= 1, lambda: f"{op}: nheads_q must be a multiple of nheads_kv")
+    torch._check(q.shape[2] % k.shape[2] == 0, lambda: f"{op}: nheads_q must be a multiple of nheads_kv, "
+                                                       f"got nheads_q = {q.shape[2]} and nheads_kv = {k.shape[2]}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        torch._check(t.dim() == 2, lambda: f"{op}: {name} must be (max_positions, rotary_dim // 2), "
+                                           f"got shape {tuple(t.shape)}")
+        torch._check(t.dtype in (torch.float32, torch.float64),
+                     lambda: f"{op}: {name} must be float32 (or float64), got {t.dtype}")
+    torch._check(cos.dtype == sin.dtype, lambda: f"{op}: cos and sin must have the same dtype")
+    for d in (0, 1):
+        torch._check(cos.shape[d] == sin.shape[d], lambda: f"{op}: cos and sin must have the same shape")
+    torch._check(2 * cos.shape[1] <= q.shape[3],
+                 lambda: f"{op}: rotary_dim = 2 * cos.size(1) exceeds the head dim {q.shape[3]}")
+
+
 @torch.library.register_fake("pirope::rope_attention")
 def _rope_attention(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved,
                     deterministic=False):
-    _check_devices("rope_attention", ("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin),
-                   ("position_ids", position_ids))
-    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
-                 lambda: "rope_attention: q, k and v must be (batch, seqlen, nheads, headdim)")
+    op = "rope_attention"
+    _check_devices(op, ("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("position_ids", position_ids))
+    _check(op, q, k, v, cos, sin)
     out = q.new_empty(q.shape)
     lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_math_dtype(q.dtype))
     return out, lse
@@ -25,7 +58,11 @@ def _rope_attention(q, k, v, cos, sin, position_ids, causal, softmax_scale, inte
 @torch.library.register_fake("pirope::rope_attention_backward")
 def _rope_attention_backward(grad_out, q, k, v, out, lse, cos, sin, position_ids, causal,
                              softmax_scale, interleaved, deterministic=False):
-    _check_devices("rope_attention_backward", ("q", q), ("grad_out", grad_out), ("k", k), ("v", v),
-                   ("out", out), ("lse", lse), ("cos", cos), ("sin", sin),
-                   ("position_ids", position_ids))
+    op = "rope_attention_backward"
+    _check_devices(op, ("q", q), ("grad_out", grad_out), ("k", k), ("v", v), ("out", out), ("lse", lse),
+                   ("cos", cos), ("sin", sin), ("position_ids", position_ids))
+    _check(op, q, k, v, cos, sin)
+    for name, t in (("out", out), ("grad_out", grad_out)):
+        torch._check(t.dim() == 4 and all(t.shape[d] == q.shape[d] for d in range(4)),
+                     lambda: f"{op}: {name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
