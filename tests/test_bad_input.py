@@ -84,6 +84,39 @@ def test_inplace_rejects_overlapping_memory(tabs):
         pirope.apply_rope_qk(q, q, cos, sin, inplace=True)
 
 
+def test_inplace_overlap_that_torch_calls_too_hard(tabs):
+    # rows that overlap without an expanded (stride 0) dim: torch's check answers "too
+    # hard"; pirope compares the rows, or the elements, exactly
+    cos, sin = tabs
+    storage = torch.randn(4096)
+    rows = storage.as_strided((1, 4, 1, 64), (0, 32, 64, 1))  # token rows overlap by half
+    with pytest.raises(RuntimeError, match="x has elements that share memory"):
+        pirope.apply_rope(rows, cos, sin, inplace=True)
+    elems = storage.as_strided((1, 4, 1, 64), (0, 64, 64, 2))  # feature stride 2, rows overlap
+    with pytest.raises(RuntimeError, match="x has elements that share memory"):
+        pirope.apply_rope(elems, cos, sin, inplace=True)
+    # layouts torch can't decide but that are disjoint still rotate in place, exactly
+    for x in (storage.as_strided((1, 4, 1, 64), (0, 100, 64, 1)),       # rows with gaps
+              storage.as_strided((1, 4, 1, 64), (0, 130, 64, 2)),       # feature stride 2, disjoint
+              torch.randn(2, 4, 2, 128)[..., ::2]):                     # every other feature
+        want = pirope.apply_rope(x.clone(), cos, sin)
+        pirope.apply_rope(x, cos, sin, inplace=True)
+        assert torch.equal(x, want)
+
+
+def test_inplace_interleaved_feature_views_are_disjoint(tabs):
+    # q and k as the even and odd features of one buffer: no element shared
+    cos, sin = tabs
+    buf = x_(1, 4, 2, 128)
+    q, k = buf[..., 0::2], buf[..., 1::2]
+    rq, rk = pirope.apply_rope_qk(q.clone(), k.clone(), cos, sin)
+    pirope.apply_rope_qk(q, k, cos, sin, inplace=True)
+    assert torch.equal(q, rq) and torch.equal(k, rk)
+    wide = x_(1, 4, 2, 130)
+    with pytest.raises(RuntimeError, match="q and k share memory"):  # but these overlap
+        pirope.apply_rope_qk(wide[..., 0:128:2], wide[..., 2:130:2], cos, sin, inplace=True)
+
+
 def test_inplace_q_and_k_views_of_one_tensor(tabs):
     cos, sin = tabs
     # q, k and v as views of one fused projection: disjoint, so in place is fine

@@ -132,6 +132,29 @@ bool rows_overlap(const at::Tensor& a, const at::Tensor& b) {
   return (reach | inside).any().item<bool>();
 }
 
+// Storage offsets of every element of a 4-D view (sizes and strides only, as row_starts).
+at::Tensor element_offsets(const at::Tensor& a) {
+  const auto cols = at::arange(a.size(3), at::TensorOptions().dtype(at::kLong)) * a.stride(3);
+  return (row_starts(a).view({-1, 1}) + cols.view({1, -1})).flatten();
+}
+
+bool unit_features(const at::Tensor& a) { return a.size(3) <= 1 || a.stride(3) == 1; }
+
+// Whether two elements of x share memory (its in-place rotation would be garbage).
+// torch answers "too hard" for overlapping layouts other than expanded dims: then the
+// rows (or, with a non-unit feature stride, the elements) are compared exactly.
+bool shares_elements(const at::Tensor& x) {
+  const auto status = at::has_internal_overlap(x);
+  if (status != at::MemOverlap::TooHard || x.numel() <= 1) return status == at::MemOverlap::Yes;
+  const at::Tensor x4 = as_4d(x);
+  if (unit_features(x4)) {  // rows of size(3) elements: sorted starts at least a row apart
+    const auto starts = std::get<0>(row_starts(x4).sort());
+    return starts.numel() > 1 && (starts.slice(0, 1) - starts.slice(0, 0, -1)).lt(x4.size(3)).any().item<bool>();
+  }
+  const auto offsets = std::get<0>(element_offsets(x4).sort());
+  return (offsets.slice(0, 1) == offsets.slice(0, 0, -1)).any().item<bool>();
+}
+
 // q and k rotated in place must not share an element (one would be rotated twice).
 void check_disjoint(const char* op, const char* qname, const char* kname, const at::Tensor& q,
                     const at::Tensor& k) {
@@ -139,7 +162,9 @@ void check_disjoint(const char* op, const char* qname, const char* kname, const 
   bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
   if (status == at::MemOverlapStatus::TooHard) {  // strided views of one storage, e.g. q/k of a fused qkv
     const at::Tensor q4 = as_4d(q), k4 = as_4d(k);
-    overlap = q4.stride(3) != 1 || k4.stride(3) != 1 || rows_overlap(q4, k4);
+    overlap = unit_features(q4) && unit_features(k4)
+                  ? rows_overlap(q4, k4)
+                  : at::isin(element_offsets(k4), element_offsets(q4)).any().item<bool>();
   }
   TORCH_CHECK(!overlap, op, ": ", qname, " and ", kname,
               " share memory and cannot both be rotated in place");
@@ -212,11 +237,11 @@ std::tuple<at::Tensor, at::Tensor> rope_run(
     pos = plan_positions(op, q, *position_ids, batch, seqlen);
 
   if (inplace) {
-    TORCH_CHECK(at::has_internal_overlap(q) != at::MemOverlap::Yes, op, ": ", qname,
+    TORCH_CHECK(!shares_elements(q), op, ": ", qname,
                 " has elements that share memory (e.g. an expanded tensor) and "
                 "cannot be rotated in place");
     if (k) {
-      TORCH_CHECK(at::has_internal_overlap(*k) != at::MemOverlap::Yes, op, ": ",
+      TORCH_CHECK(!shares_elements(*k), op, ": ",
                   kname,
                   " has elements that share memory (e.g. an expanded tensor) and "
                   "cannot be rotated in place");
