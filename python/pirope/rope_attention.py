@@ -81,7 +81,9 @@ def rope_attention(
             int32 or int64, values in ``[0, max_positions)``.
         causal: query ``i`` attends to keys ``j <= i`` (else to every key).
         softmax_scale: multiplies the scores before the softmax; default
-            ``headdim ** -0.5``. Must be finite and > 0.
+            ``headdim ** -0.5``. Must be finite and > 0 (and at most the largest
+            float32, 3.4e38, unless the inputs are float64: other dtypes are computed
+            in float32).
         interleaved: rotate pairs ``(2i, 2i+1)`` instead of ``(i, i + rotary_dim/2)``.
         deterministic: bit-identical gradients from run to run. ``None`` (default)
             follows ``torch.use_deterministic_algorithms``. The CPU backward is always
