@@ -38,7 +38,7 @@ class RotaryEmbedding(nn.Module):
     never changes the result of a later short one.
 
     ``model.half()`` / ``model.to(torch.bfloat16)`` leave the tables float32 (rounding
-    them would move every angle); ``.to(torch.float64)`` makes them float64.
+    them would move every angle).
     """
 
     def __init__(

@@ -316,19 +316,16 @@ def _interpolation_factor(params: dict) -> float | None:
     return None
 
 
-def _linear_as_longrope(model, linear: dict, old_window: int) -> dict:
+def _linear_as_longrope(config, params: dict, head_dim: int, linear: dict, old_window: int) -> dict:
     """PI by ``linear["factor"]`` as rope_parameters a config that accepts only LongRoPE
     can hold: LongRoPE divides inverse frequency i by its ``short_factor[i]`` (sequences
     within ``original_max_position_embeddings``) or ``long_factor[i]`` (beyond), so one
     factor F for every pair of both lists is PI by F at every length; attention_factor 1
     keeps cos/sin unscaled (LongRoPE's default would scale them). The frequencies are
     1 / (F * base^(2i/d)) instead of linear's (1 / base^(2i/d)) / F: equal up to float32
-    rounding."""
-    config = model.config
-    params = _rope_parameters(config)
-    attn = _attention_modules(model, _family(model)[1][0])[1][0]
+    rounding. ``params``: the config's rope_parameters before."""
     partial = linear.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
-    pairs = int(attn.head_dim * partial) // 2
+    pairs = int(head_dim * partial) // 2
     factor = linear["factor"]
     original = (params.get("original_max_position_embeddings")
                 or getattr(config, "original_max_position_embeddings", None) or old_window)
@@ -560,7 +557,7 @@ def apply_position_interpolation(
             ``rope_type`` is not "default"/"linear" (or PI written as LongRoPE, as
             above), or an unknown ``attention``.
     """
-    model_type, _ = _family(model)
+    model_type, (proj, _, _) = _family(model)
     if not isinstance(attention, str) or attention not in _ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(map(repr, _ATTENTION_MODES))}, got {attention!r}")
     if (factor is None) == (max_position_embeddings is None):
@@ -600,7 +597,8 @@ def apply_position_interpolation(
     if "partial_rotary_factor" in params:
         new_params["partial_rotary_factor"] = params["partial_rotary_factor"]
     if model_type in _LONGROPE_ONLY:
-        new_params = _linear_as_longrope(model, new_params, old_window)
+        head_dim = _attention_modules(model, proj)[1][0].head_dim
+        new_params = _linear_as_longrope(config, params, head_dim, new_params, old_window)
 
     patch_rope(model, new_params, attention=attention)  # validates everything before changing the model
     config.max_position_embeddings = new_window
