@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
 import random
 import re
 from typing import Callable, Dict, Iterable, List, Sequence
@@ -113,6 +114,8 @@ def _as_token_tensor(tokens, name: str = "tokens") -> torch.Tensor:
         t = t[0]
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D (or (1, n)), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got dtype {t.dtype}")
     if t.numel() and int(t.min()) < 0:
@@ -136,8 +139,11 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> List[tuple]:
     0, stride, 2*stride, ...; the last one is aligned to the end of the text so that
     all windows have the same length. The first window scores ``window - 1`` tokens
     (all but the first token, which has no context), and every token in
-    ``tokens[1:]`` is scored by exactly one window.
+    ``tokens[1:]`` is scored by exactly one window. A window's first token has no
+    context in it either, so a window scores at most ``window - 1`` tokens: ``stride =
+    window`` (back-to-back windows) is taken as ``window - 1``.
     """
+    n_tokens = _check_int(n_tokens, "n_tokens", 0)
     window = _check_int(window, "window", 2)
     stride = _check_int(stride, "stride", 1)
     if stride > window:
@@ -173,7 +179,8 @@ def sliding_window_perplexity(
         model: a Hugging Face causal LM (``model(input_ids=...)`` returns ``.logits``).
         tokens: 1-D integer tensor / sequence of token ids (at least ``window`` long).
         window: the context length every window has (>= 2).
-        stride: how many new tokens each window after the first scores (1..window).
+        stride: how many new tokens each window after the first scores (1..window;
+            window means window - 1, see :func:`sliding_windows`).
         batch_size: windows per forward pass.
         progress: show a tqdm bar.
         device: where to run (default: the model's parameters' device).
@@ -234,22 +241,32 @@ def passkey_prompt(n_filler: int, depth: int, key: str, *, intro: str = PASSKEY_
     return " ".join(p for p in parts if p)
 
 
-def _max_filler(encode, length: int, intro: str) -> int:
-    """Largest number of filler sentences whose prompt has <= length tokens."""
+def _too_short(k: int, n_prefix: int, n_prompt: int) -> ValueError:
+    return ValueError(
+        f"passkey length {k} is shorter than the prompt without filler ({n_prefix} prefix ids + {n_prompt} "
+        f"tokens); use longer lengths or a shorter intro")
+
+
+def _max_filler(encode, k: int, n_prefix: int, intro: str) -> int:
+    """Largest number of filler sentences whose prompt (with a key of zeros) has at
+    most k - n_prefix tokens."""
+    budget = k - n_prefix
+
     def n_tok(n):
         return len(encode(passkey_prompt(n, 0, "00000", intro=intro)))
 
-    if n_tok(0) > length:
-        raise ValueError(
-            f"passkey length {length} is shorter than the prompt without filler "
-            f"({n_tok(0)} tokens); use longer lengths or a shorter intro"
-        )
+    if n_tok(0) > budget:
+        raise _too_short(k, n_prefix, n_tok(0))
     lo, hi = 0, 1
-    while n_tok(hi) <= length:
+    while n_tok(hi) <= budget:
+        if hi > budget:  # every sentence adds a token with any tokenizer that keeps the text
+            raise ValueError(
+                f"encode gives at most {budget} tokens however long the passkey prompt is ({hi} filler sentences: "
+                f"{n_tok(hi)} tokens); it must not truncate the text")
         lo, hi = hi, hi * 2
-    while hi - lo > 1:  # n_tok(lo) <= length < n_tok(hi)
+    while hi - lo > 1:  # n_tok(lo) <= budget < n_tok(hi)
         mid = (lo + hi) // 2
-        if n_tok(mid) <= length:
+        if n_tok(mid) <= budget:
             lo = mid
         else:
             hi = mid
@@ -327,9 +344,13 @@ def passkey_retrieval(
     if not callable(encode) or not callable(decode):
         raise TypeError("encode and decode must be callables (text -> ids, ids -> text)")
     try:
-        lengths = sorted({int(k) for k in lengths})
-    except (TypeError, ValueError):
+        lengths = list(lengths)
+    except TypeError:
         raise TypeError("lengths must be an iterable of ints") from None
+    for k in lengths:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"lengths must be ints, got {type(k).__name__} {k!r}")
+    lengths = sorted({int(k) for k in lengths})
     if not lengths:
         raise ValueError("lengths must not be empty")
     if lengths[0] < 1:
@@ -339,7 +360,7 @@ def passkey_retrieval(
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     prefix_ids = [int(i) for i in prefix_ids]
-    n_fill = {k: _max_filler(encode, k - len(prefix_ids), intro) for k in lengths}
+    n_fill = {k: _max_filler(encode, k, len(prefix_ids), intro) for k in lengths}
     device = torch.device(device) if device is not None else _model_device(model)
     rng = random.Random(seed)
     success: Dict[int, float] = {}
@@ -349,8 +370,14 @@ def passkey_retrieval(
     with _eval_mode(model):
         for k, t in _progress(jobs, len(jobs), "passkey", progress):
             key = str(rng.randint(10000, 99999))
-            depth = rng.randint(0, n_fill[k])
-            ids = prefix_ids + list(encode(passkey_prompt(n_fill[k], depth, key, intro=intro)))
+            n = n_fill[k]
+            depth = rng.randint(0, n)
+            ids = prefix_ids + list(encode(passkey_prompt(n, depth, key, intro=intro)))
+            while len(ids) > k:  # this key takes more tokens than the zeros n_fill was sized with
+                if n == 0:
+                    raise _too_short(k, len(prefix_ids), len(ids) - len(prefix_ids))
+                n, depth = n - 1, min(depth, n - 1)
+                ids = prefix_ids + list(encode(passkey_prompt(n, depth, key, intro=intro)))
             ids_t = torch.tensor([ids], dtype=torch.long, device=device)
             text = decode(_greedy(model, ids_t, max_new_tokens))
             m = re.search(r"\d+", text)
