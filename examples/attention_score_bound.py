@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 import torch
 
@@ -89,7 +90,7 @@ def checkpoint_h(path: str, n_tokens: int = 64, layer: int = 0, head: int = 0):
     query at the last token and the key at the first token of some text."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
     cfg = model.config
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = getattr(cfg, "rope_parameters", None) or {}
@@ -146,7 +147,7 @@ def main(argv=None):
     p.add_argument("--factor", type=int, default=4, help="how far beyond L to extrapolate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ridge", type=float, default=1e-6, help="ridge of the Figure 2 least-squares fit")
-    p.add_argument("--checkpoint", help="also use h from the q/k of this HF LLaMA checkpoint")
+    p.add_argument("--checkpoint", help="also use h from the q/k of this HF LLaMA checkpoint (a local directory)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs",
                                                   "attention_score_bound.png"))
     args = p.parse_args(argv)
@@ -155,6 +156,13 @@ def main(argv=None):
         p.error(f"--head-dim must be even and >= 2, got {d}")
     if L < 2 or args.factor < 1 or base <= 1:
         p.error("--window must be >= 2, --factor >= 1 and --base > 1")
+    if args.checkpoint:  # a local directory only: nothing is downloaded from the hub
+        here = os.path.dirname(os.path.abspath(__file__))
+        if here not in sys.path:
+            sys.path.insert(0, here)
+        from finetune_pi import check_model_dir
+
+        check_model_dir(args.checkpoint, "--checkpoint", p.error)
 
     ln = math.log(base)
     print(f"32 ln({base:g}) = {32 * ln:.2f}: interpolation bound = d max|h| / {32 * ln:.2f}")

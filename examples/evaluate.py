@@ -23,9 +23,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from finetune_pi import load_tokenizer, read_text_data  # noqa: E402
+from finetune_pi import check_model_dir, load_tokenizer, read_text_data  # noqa: E402
 
-from pirope.eval import passkey_retrieval, sliding_window_perplexity  # noqa: E402
+from pirope.eval import passkey_prompt, passkey_retrieval, sliding_window_perplexity  # noqa: E402
 
 
 def build_parser():
@@ -53,14 +53,19 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        p.error(f"--model {args.model!r} is not a Hugging Face model directory (no config.json)")
+    check_model_dir(args.model, "--model", p.error)
     if args.data is not None and not os.path.exists(args.data):
         p.error(f"--data {args.data!r} does not exist")
     if args.stride < 1:
         p.error(f"--stride must be >= 1, got {args.stride}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.passkey_trials < 1:
         p.error(f"--passkey-trials must be >= 1, got {args.passkey_trials}")
+    if args.passkey_lengths and min(args.passkey_lengths) < 1:
+        p.error(f"--passkey-lengths must be >= 1, got {min(args.passkey_lengths)}")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     conf = AutoConfig.from_pretrained(args.model)
@@ -71,11 +76,21 @@ def main(argv=None):
     encode, decode, tok = load_tokenizer(args.model, int(getattr(conf, "vocab_size", 0)))
     if encode is None:
         p.error(f"--model {args.model!r} has no tokenizer and a vocabulary smaller than 256 bytes")
+    run_passkey = not args.no_passkey and args.passkey_lengths != []
+    if run_passkey:  # checked before any perplexity is computed
+        lengths = args.passkey_lengths or [window * i // 8 for i in range(1, 9)]
+        prefix = [tok.bos_token_id] if tok is not None and tok.bos_token_id is not None else []
+        kw = {} if args.passkey_intro is None else {"intro": args.passkey_intro}
+        shortest = len(prefix) + len(encode(passkey_prompt(0, 0, "00000", **kw)))
+        if min(lengths) < shortest:
+            given = "--passkey-lengths" if args.passkey_lengths else f"--passkey-lengths (default {lengths})"
+            p.error(f"{given}: {min(lengths)} is shorter than the passkey prompt without filler ({shortest} "
+                    "tokens); use longer lengths, or a shorter --passkey-intro")
     ids = None
     if args.data is not None:
         text = read_text_data(args.data)
         ids = torch.tensor(encode(text.decode("utf-8", "replace")) if tok is not None else list(text), dtype=torch.long)
-        if args.max_tokens:
+        if args.max_tokens is not None:
             ids = ids[: args.max_tokens]
         if ids.numel() < max(windows):
             p.error(f"--data has {ids.numel()} tokens, fewer than the largest window {max(windows)}")
@@ -89,10 +104,7 @@ def main(argv=None):
             ppl = sliding_window_perplexity(model, ids, w, args.stride, batch_size=args.batch_size, progress=progress)
             results["perplexity"][str(w)] = ppl
             print(f"perplexity window {w} stride {args.stride} ({ids.numel()} tokens): {ppl:.4f}", flush=True)
-    if not args.no_passkey and args.passkey_lengths != []:
-        lengths = args.passkey_lengths or [window * i // 8 for i in range(1, 9)]
-        prefix = [tok.bos_token_id] if tok is not None and tok.bos_token_id is not None else []
-        kw = {} if args.passkey_intro is None else {"intro": args.passkey_intro}
+    if run_passkey:
         try:
             pk = passkey_retrieval(model, encode, decode, lengths, trials=args.passkey_trials, seed=args.seed,
                                    prefix_ids=prefix, progress=progress, **kw)

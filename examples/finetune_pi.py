@@ -81,13 +81,19 @@ def extend_model(model, factor: Optional[float] = None, *, max_position_embeddin
                  impl: str = "auto"):
     """Position Interpolation: window L -> L' = factor * L (or max_position_embeddings).
 
+    Give exactly one of ``factor`` (applied exactly; window round(factor * L)) and
+    ``max_position_embeddings`` (window exactly; factor = max_position_embeddings / L).
+
     impl="auto" / "pirope" use pirope.integrations.transformers.apply_position_interpolation;
     "transformers" uses transformers' own "linear" rope scaling (same math, as a
     reference). Returns the model (modified in place).
     """
     if impl not in ("auto", "pirope", "transformers"):
         raise ValueError(f"impl must be 'auto', 'pirope' or 'transformers', got {impl!r}")
-    if impl != "transformers":  # it takes exactly one of factor / max_position_embeddings
+    if (factor is None) == (max_position_embeddings is None):  # both impls must build the same model
+        raise ValueError("pass exactly one of factor and max_position_embeddings, got "
+                         f"factor={factor!r}, max_position_embeddings={max_position_embeddings!r}")
+    if impl != "transformers":
         from pirope.integrations.transformers import apply_position_interpolation as apply_pi
 
         if max_position_embeddings is not None:
@@ -95,11 +101,13 @@ def extend_model(model, factor: Optional[float] = None, *, max_position_embeddin
         return apply_pi(model, float(factor))
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+    # the same factor and window as apply_position_interpolation: factor exact, window
+    # round(old * factor); or window exact, factor = window / old
     cfg = model.config
     old = int(cfg.max_position_embeddings)
     if factor is None:
-        factor = max_position_embeddings / old
-    new = int(max_position_embeddings) if max_position_embeddings is not None else int(round(old * factor))
+        factor = int(max_position_embeddings) / old
+    new = int(max_position_embeddings) if max_position_embeddings is not None else int(round(old * float(factor)))
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
     cfg.rope_parameters = {"rope_type": "linear", "factor": float(factor),
                            "rope_theta": float(rope.get("rope_theta", 10000.0))}
@@ -189,7 +197,13 @@ def cosine_lambda(warmup_steps: int, total: int, floor: float = 0.1) -> Callable
 
 
 def sample_batch(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, data.numel() - seq_len, (batch,), generator=gen)
+    """`batch` random windows of `seq_len` tokens of `data` (needs data.numel() >= seq_len).
+    Starts are drawn from 0 .. data.numel() - seq_len - 1 (just 0 when the data is
+    exactly seq_len long): the last start stays out so that the draws, and with them
+    the committed demo results (README), stay those of the runs that produced them."""
+    if data.numel() < seq_len:
+        raise ValueError(f"data has {data.numel()} tokens, fewer than the sequence length {seq_len}")
+    starts = torch.randint(0, max(data.numel() - seq_len, 1), (batch,), generator=gen)
     return torch.stack([data[s : s + seq_len] for s in starts.tolist()]).long()
 
 
@@ -364,6 +378,7 @@ def build_demo_model(cfg):
 
 
 def _load_cached(path, cfg):
+    from safetensors import SafetensorError
     from transformers import LlamaForCausalLM
 
     meta = os.path.join(path, "demo_config.json")
@@ -375,7 +390,7 @@ def _load_cached(path, cfg):
         if saved.get("cfg") != json.loads(json.dumps(cfg)):  # tuples are lists in JSON
             return None, None
         return LlamaForCausalLM.from_pretrained(path).float().eval(), saved.get("losses", [])
-    except (OSError, ValueError, json.JSONDecodeError):
+    except (OSError, ValueError, json.JSONDecodeError, SafetensorError):  # unreadable / corrupt: a cache miss
         return None, None
 
 
@@ -715,11 +730,7 @@ def validate_finetune_args(args, fail) -> dict:
         fail("--data PATH is required with --model (a text file or a directory of text files)")
     if args.factor is not None and not (args.factor >= 1.0 and math.isfinite(args.factor)):
         fail(f"--factor must be >= 1 (the window grows by this factor), got {args.factor}")
-    if not os.path.isdir(args.model):
-        fail(f"--model {args.model!r} is not a directory (expected a Hugging Face checkpoint directory)")
-    cfg_path = os.path.join(args.model, "config.json")
-    if not os.path.isfile(cfg_path):
-        fail(f"--model {args.model!r} has no config.json: not a Hugging Face checkpoint")
+    cfg_path = check_model_dir(args.model, "--model", fail)
     try:
         with open(cfg_path) as f:
             conf = json.load(f)
@@ -747,12 +758,7 @@ def validate_finetune_args(args, fail) -> dict:
     if new <= old:
         fail(f"the new window ({new}) must be larger than the model's own window ({old}); "
              "use --factor > 1 or a larger --max-position-embeddings")
-    for name in ("steps", "batch_size", "grad_accum", "warmup_steps"):
-        v = getattr(args, name)
-        if v < (0 if name == "warmup_steps" else 1):
-            fail(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'warmup_steps' else '>= 1'}, got {v}")
-    if not args.lr > 0:
-        fail(f"--lr must be > 0, got {args.lr}")
+    check_numeric_args(args, fail)
     ws, _ = dist_info()
     if args.batch_size % (ws * args.grad_accum):
         fail(f"--batch-size {args.batch_size} must be divisible by world size x --grad-accum = "
@@ -767,6 +773,35 @@ def validate_finetune_args(args, fail) -> dict:
         fail(f"--data has {size} bytes, fewer than the new window + 1 ({new + 1} tokens needed)")
     check_out_writable(args.out, fail)
     return {"config": conf, "old_window": old, "new_window": new, "factor": factor, "data_bytes": size}
+
+
+def check_numeric_args(args, fail):
+    """The numeric flags' ranges (a flag left at None is not checked); `fail(msg)` must not return."""
+    def check(name, ok, need):
+        v = getattr(args, name, None)
+        if v is not None and not ok(v):
+            fail(f"--{name.replace('_', '-')} must be {need}, got {v}")
+
+    for name in ("steps", "batch_size", "grad_accum", "threads"):
+        check(name, lambda v: v >= 1, ">= 1")
+    check("warmup_steps", lambda v: v >= 0, ">= 0")
+    check("lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+    check("warmup_start", lambda v: 0 <= v <= 1, "in [0, 1] (the warm-up starts at this fraction of --lr)")
+    for name in ("beta1", "beta2"):
+        check(name, lambda v: 0 <= v < 1, "in [0, 1)")
+    check("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+    check("grad_clip", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: off)")
+
+
+def check_model_dir(path: str, flag: str, fail):
+    """`path` must be a local Hugging Face checkpoint directory (nothing is ever loaded
+    from the hub): a directory with a config.json. Returns the config.json path."""
+    if not os.path.isdir(path):
+        fail(f"{flag} {path!r} is not a directory (expected a local Hugging Face checkpoint directory)")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        fail(f"{flag} {path!r} has no config.json: not a Hugging Face checkpoint")
+    return cfg_path
 
 
 def check_out_writable(out: str, fail):
@@ -830,9 +865,16 @@ def run_finetune(args, fail) -> dict:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     else:
         bf16 = args.autocast == "bf16"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    extend_model(model, info["factor"], max_position_embeddings=window, impl=args.pi_impl)
+    # exactly one of factor / window, as the user gave it: every --pi-impl applies the
+    # same factor and window, the ones validate_finetune_args computed (logged and saved)
+    if args.max_position_embeddings is not None:
+        extend_model(model, max_position_embeddings=window, impl=args.pi_impl)
+    else:
+        extend_model(model, info["factor"], impl=args.pi_impl)
     model.config.use_cache = False
     if not args.no_gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -886,6 +928,14 @@ def run_finetune(args, fail) -> dict:
 
 
 # ----------------------------------------------------------------------------------
+# Defaults of the fine-tuning flags (the paper's recipe); the demo has its own settings.
+FINETUNE_DEFAULTS = dict(steps=1000, batch_size=64, grad_accum=1, lr=2e-5, warmup_steps=20, warmup_start=0.1,
+                         beta1=0.9, beta2=0.95, weight_decay=0.0, grad_clip=1.0, device="auto", autocast="auto",
+                         pi_impl="auto")
+# Flags that only fine-tuning a checkpoint uses (argparse dests): rejected without --model.
+FINETUNE_ONLY = ("data", "factor", "max_position_embeddings", *FINETUNE_DEFAULTS, "no_gradient_checkpointing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -894,40 +944,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo: tiny configuration that runs every code path in seconds (env PIROPE_EXAMPLES_TINY=1)")
     p.add_argument("--no-cache", action="store_true", help="demo: pretrain even if a cached model exists")
     p.add_argument("--threads", type=int, default=None,
-                   help="demo: torch threads (default: 2, or 1 when the machine is already busy)")
+                   help="torch threads, >= 1 (demo default: 2, or 1 when the machine is already busy; "
+                        "with --model: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed (demo: model init, data and evaluation; another seed pretrains anew)")
-    g = p.add_argument_group("fine-tuning a real checkpoint (paper's recipe as defaults)")
+    g = p.add_argument_group("fine-tuning a real checkpoint (paper's recipe as defaults; they need --model)")
+    d = FINETUNE_DEFAULTS  # the defaults are applied in main (None here: a flag the user gave is not None)
     g.add_argument("--model", help="Hugging Face LLaMA checkpoint directory")
     g.add_argument("--data", help="training text: a file or a directory of text files")
     g.add_argument("--factor", type=float, help="new window = factor x the model's window")
     g.add_argument("--max-position-embeddings", type=int, help="the new window (instead of --factor)")
-    g.add_argument("--steps", type=int, default=1000)
-    g.add_argument("--batch-size", type=int, default=64, help="global batch (sequences per step)")
-    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-steps")
-    g.add_argument("--lr", type=float, default=2e-5)
-    g.add_argument("--warmup-steps", type=int, default=20)
-    g.add_argument("--warmup-start", type=float, default=0.1, help="warm-up starts at this fraction of --lr")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
-    g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
-    g.add_argument("--autocast", choices=["auto", "bf16", "none"], default="auto",
-                   help="auto: bf16 autocast on CUDA GPUs that support it")
+    g.add_argument("--steps", type=int, help=f"default {d['steps']}")
+    g.add_argument("--batch-size", type=int, help=f"global batch (sequences per step; default {d['batch_size']})")
+    g.add_argument("--grad-accum", type=int, help=f"gradient accumulation micro-steps (default {d['grad_accum']})")
+    g.add_argument("--lr", type=float, help=f"default {d['lr']}")
+    g.add_argument("--warmup-steps", type=int, help=f"default {d['warmup_steps']}")
+    g.add_argument("--warmup-start", type=float,
+                   help=f"warm-up starts at this fraction of --lr, in [0, 1] (default {d['warmup_start']})")
+    g.add_argument("--beta1", type=float, help=f"default {d['beta1']}")
+    g.add_argument("--beta2", type=float, help=f"default {d['beta2']}")
+    g.add_argument("--weight-decay", type=float, help=f"default {d['weight_decay']}")
+    g.add_argument("--grad-clip", type=float, help=f"max grad norm (0: off; default {d['grad_clip']})")
+    g.add_argument("--device", help="auto (cuda:LOCAL_RANK if available, else cpu; the default), cpu, cuda")
+    g.add_argument("--autocast", choices=["auto", "bf16", "none"],
+                   help="auto (the default): bf16 autocast on CUDA GPUs that support it")
     g.add_argument("--no-gradient-checkpointing", action="store_true")
-    g.add_argument("--pi-impl", choices=["auto", "pirope", "transformers"], default="auto",
-                   help="PI implementation: pirope's integration when importable (auto), or transformers' linear scaling")
+    g.add_argument("--pi-impl", choices=["auto", "pirope", "transformers"],
+                   help="PI implementation: pirope's integration when importable (auto, the default), or "
+                        "transformers' linear scaling")
     return p
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_numeric_args(args, parser.error)
     if args.model is None:
-        if args.data is not None or args.factor is not None or args.max_position_embeddings is not None:
-            parser.error("--data / --factor / --max-position-embeddings need --model DIR")
+        given = ["--" + name.replace("_", "-") for name in FINETUNE_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            parser.error(f"{' / '.join(given)} need --model DIR (fine-tuning a checkpoint; the demo without "
+                         "--model uses its built-in settings)")
         if dist_info()[0] > 1:
             parser.error("the demo runs in a single process; use torchrun only with --model")
         args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "demo")
@@ -936,6 +993,9 @@ def main(argv=None):
         return run_demo(args)
     if args.out is None:
         parser.error("--out DIR is required with --model (where the fine-tuned checkpoint is saved)")
+    for name, value in FINETUNE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return run_finetune(args, parser.error)
 
 

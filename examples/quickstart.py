@@ -21,17 +21,24 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def main():
+PRETRAINED_WINDOW = 2048  # LLaMA's; PI's factor is seqlen / PRETRAINED_WINDOW
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seqlen", type=int, default=8192)
+    p.add_argument("--seqlen", type=int, default=8192,
+                   help=f"extended window, >= {PRETRAINED_WINDOW} (the 2k model's window; PI factor = seqlen / 2048)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     dev, seqlen = args.device, args.seqlen
+    if seqlen < PRETRAINED_WINDOW:
+        p.error(f"--seqlen must be >= {PRETRAINED_WINDOW} (Position Interpolation extends the pretrained "
+                f"{PRETRAINED_WINDOW}-token window), got {seqlen}")
     torch.manual_seed(0)
 
     # 1. The PI frequency table: a model pretrained at 2048 tokens, extended 4x to 8192.
     inv_freq, attn_factor = pirope.rope_frequencies(
-        128, scaling={"rope_type": "linear", "factor": seqlen / 2048})
+        128, scaling={"rope_type": "linear", "factor": seqlen / PRETRAINED_WINDOW})
     cos, sin = pirope.rope_cos_sin(inv_freq, seqlen, attn_factor)  # float32 (seqlen, 64)
     cos, sin = cos.to(dev), sin.to(dev)
 
@@ -42,7 +49,7 @@ def main():
 
     # 3. Check against float64 math: angle(m, i) = (m / factor) * theta_i.
     theta = 10000.0 ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
-    ang = (torch.arange(seqlen, dtype=torch.float64) / (seqlen / 2048))[:, None] * theta
+    ang = (torch.arange(seqlen, dtype=torch.float64) / (seqlen / PRETRAINED_WINDOW))[:, None] * theta
     c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
     x1, x2 = q.double().cpu()[..., :64], q.double().cpu()[..., 64:]
     ref = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)

@@ -462,6 +462,132 @@ def test_finetune_bad_input(fp, tiny_ckpt, tmp_path, capsys):
     assert not os.path.exists(out)  # nothing was written for any of the bad inputs
 
 
+def test_extend_model_non_integer_factor_same_in_both_impls(fp):
+    """A factor that gives no whole-number window (32 x 3.3 = 105.6): pirope's integration
+    and transformers' linear scaling apply the same factor (exactly the one given) and the
+    same window, and compute the same model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    conf = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=32)
+    torch.manual_seed(0)
+    state = LlamaForCausalLM(LlamaConfig(**conf)).state_dict()
+    ids = torch.randint(0, 32, (1, 106))
+    got = {}
+    for impl in ("auto", "transformers"):
+        m = LlamaForCausalLM(LlamaConfig(**conf))
+        m.load_state_dict(state)
+        fp.extend_model(m, 3.3, impl=impl)
+        with torch.no_grad():
+            got[impl] = (m.config.rope_parameters["factor"], m.config.max_position_embeddings,
+                         m.eval()(input_ids=ids).logits)
+    assert got["auto"][:2] == got["transformers"][:2] == (3.3, 106)
+    torch.testing.assert_close(got["auto"][2], got["transformers"][2], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exactly one of factor and max_position_embeddings"):
+        fp.extend_model(LlamaForCausalLM(LlamaConfig(**conf)), 3.3, max_position_embeddings=106)
+
+
+def test_finetune_non_integer_factor_applied_and_logged_exactly(fp, tiny_ckpt, tmp_path):
+    """--factor 3.3 on a window-32 model: both --pi-impl save and log factor 3.3, window 106."""
+    ckpt, data = tiny_ckpt
+    for impl in ("auto", "transformers"):
+        out = str(tmp_path / impl)
+        r = fp.main(["--model", ckpt, "--data", data, "--factor", "3.3", "--steps", "1", "--batch-size", "1",
+                     "--out", out, "--no-progress", "--no-gradient-checkpointing", "--pi-impl", impl])
+        assert r["factor"] == 3.3 and r["new_window"] == 106
+        with open(os.path.join(out, "config.json")) as f:
+            conf = json.load(f)
+        assert conf["rope_parameters"]["factor"] == 3.3 and conf["max_position_embeddings"] == 106, impl
+        with open(os.path.join(out, "train_log.json")) as f:
+            log = json.load(f)
+        assert log["factor"] == 3.3 and log["new_window"] == 106
+
+
+@pytest.mark.parametrize("flag,value,msg", [
+    ("--lr", "inf", "--lr must be a finite number > 0"),
+    ("--lr", "nan", "--lr must be a finite number > 0"),
+    ("--lr", "0", "--lr must be a finite number > 0"),
+    ("--warmup-start", "-0.5", "--warmup-start must be in [0, 1]"),
+    ("--warmup-start", "1.5", "--warmup-start must be in [0, 1]"),
+    ("--steps", "0", "--steps must be >= 1"),
+    ("--batch-size", "0", "--batch-size must be >= 1"),
+    ("--grad-accum", "0", "--grad-accum must be >= 1"),
+    ("--warmup-steps", "-1", "--warmup-steps must be >= 0"),
+    ("--beta1", "1", "--beta1 must be in [0, 1)"),
+    ("--beta2", "-0.1", "--beta2 must be in [0, 1)"),
+    ("--weight-decay", "-1", "--weight-decay must be a finite number >= 0"),
+    ("--grad-clip", "nan", "--grad-clip must be a finite number >= 0"),
+    ("--threads", "0", "--threads must be >= 1"),
+])
+def test_finetune_bad_numeric_flags(fp, tiny_ckpt, tmp_path, capsys, flag, value, msg):
+    ckpt, data = tiny_ckpt
+    out = str(tmp_path / "o")
+    _bad(fp, _ft_args(ckpt, data, out, flag, value), capsys, msg)
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--steps", "5"], "--steps need --model"),
+    (["--tiny", "--batch-size", "2", "--lr", "1e-3"], "--batch-size / --lr need --model"),
+    (["--no-gradient-checkpointing"], "--no-gradient-checkpointing need --model"),
+    (["--pi-impl", "transformers"], "--pi-impl need --model"),
+    (["--steps", "-5"], "--steps must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--threads", "-1"], "--threads must be >= 1"),
+])
+def test_demo_rejects_fine_tuning_flags_and_bad_values(fp, tmp_path, capsys, monkeypatch, argv, msg):
+    """The demo runs its built-in settings: fine-tuning flags without --model are usage
+    errors (not silently ignored), and so are out-of-range values."""
+    def boom(args):
+        raise AssertionError("the demo must not start")
+
+    monkeypatch.setattr(fp, "run_demo", boom)
+    out = str(tmp_path / "demo")
+    _bad(fp, argv + ["--out", out, "--no-progress"], capsys, msg)
+    assert not os.path.exists(out)
+
+
+def test_sample_batch_windows_and_data_of_exactly_seq_len(fp):
+    data = torch.arange(10)
+    b = fp.sample_batch(data, 500, 4, torch.Generator().manual_seed(0))
+    assert b.shape == (500, 4) and bool((b[:, 1:] - b[:, :-1] == 1).all())
+    assert set(b[:, 0].tolist()) == set(range(6))  # starts 0 .. 10 - 4 - 1 (the demo's draws, see sample_batch)
+    exact = fp.sample_batch(data, 3, 10, torch.Generator().manual_seed(0))  # data of exactly seq_len tokens
+    assert torch.equal(exact, data.expand(3, 10))
+    with pytest.raises(ValueError, match="fewer than the sequence length"):
+        fp.sample_batch(data, 1, 11, torch.Generator())
+
+
+def test_finetune_data_of_exactly_new_window_plus_one_tokens(fp, tiny_ckpt, tmp_path, capsys):
+    """The minimum data validation accepts (new window + 1 tokens) trains; one less does not."""
+    ckpt, _ = tiny_ckpt
+    text = open(os.path.join(os.path.dirname(os.__file__), "os.py"), "rb").read()
+    data = tmp_path / "d65.txt"
+    data.write_bytes(text[:65])  # window 32 x 2 = 64, + 1
+    r = fp.main(["--model", ckpt, "--data", str(data), "--factor", "2", "--steps", "1", "--batch-size", "2",
+                 "--out", str(tmp_path / "o"), "--no-progress", "--no-gradient-checkpointing"])
+    assert r["new_window"] == 64 and len(r["losses"]) == 1 and math.isfinite(r["losses"][0])
+    data.write_bytes(text[:64])
+    _bad(fp, ["--model", ckpt, "--data", str(data), "--factor", "2", "--out", str(tmp_path / "o2")], capsys,
+         "fewer than the new window + 1")
+
+
+def test_demo_cache_with_corrupt_weights_is_a_miss(fp, tmp_path):
+    cfg = dict(fp.TINY)
+    d = str(tmp_path / "pretrained")
+    fp.build_demo_model(cfg).save_pretrained(d)
+    with open(os.path.join(d, "demo_config.json"), "w") as f:
+        json.dump({"cfg": cfg, "losses": [1.0]}, f)
+    model, losses = fp._load_cached(d, cfg)
+    assert model is not None and losses == [1.0]
+    weights = os.path.join(d, "model.safetensors")
+    blob = open(weights, "rb").read()
+    for cut in (len(blob) // 2, 20):  # data truncated; header truncated
+        with open(weights, "wb") as f:
+            f.write(blob[:cut])
+        assert fp._load_cached(d, cfg) == (None, None)
+
+
 def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -520,6 +646,61 @@ def test_evaluate_cli(tiny_ckpt, tmp_path):
     assert json.load(open(js))["perplexity"] == r["perplexity"]
     with pytest.raises(SystemExit):
         ev.main(["--model", str(tmp_path), "--no-progress"])
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["--max-tokens", "-5"], "--max-tokens must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--passkey-lengths", "0"], "--passkey-lengths must be >= 1"),
+    (["--passkey-lengths", "20", "120"], "20 is shorter than the passkey prompt"),
+    ([], "--passkey-lengths (default [4, 8,"),  # the default lengths of a 32-token model are too short
+])
+def test_evaluate_bad_args_before_any_work(tiny_ckpt, tmp_path, capsys, monkeypatch, extra, msg):
+    """Usage errors come before the model loads and before any perplexity is computed."""
+    import transformers
+
+    ev = _load("evaluate")
+
+    def boom(*a, **k):
+        raise AssertionError("no model must load / no perplexity be computed for bad arguments")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    monkeypatch.setattr(ev, "sliding_window_perplexity", boom)
+    ckpt, data = tiny_ckpt
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", ckpt, "--data", data, "--windows", "16", "--stride", "8", "--passkey-intro", "",
+                 "--no-progress", *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err, err
+
+
+def test_quickstart_seqlen_below_pretrained_window(capsys):
+    qs = _load("quickstart")
+    with pytest.raises(SystemExit) as e:
+        qs.main(["--seqlen", "1024", "--device", "cpu"])
+    assert e.value.code == 2
+    assert "--seqlen must be >= 2048" in capsys.readouterr().err
+
+
+def test_attention_score_bound_checkpoint_must_be_a_local_directory(tmp_path, capsys, monkeypatch):
+    """--checkpoint is never resolved on the Hugging Face hub."""
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("from_pretrained must not be called")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    asb = _load("attention_score_bound")
+    base = ["--head-dim", "8", "--window", "16", "--out", str(tmp_path / "b.png")]
+    for ckpt, msg in (("meta-llama/Llama-2-7b-hf", "is not a directory"), (str(tmp_path), "has no config.json")):
+        with pytest.raises(SystemExit) as e:
+            asb.main(["--checkpoint", ckpt, *base])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--checkpoint" in err and msg in err, err
+    assert not os.path.exists(tmp_path / "b.png")
 
 
 def test_attention_score_bound(tmp_path, capsys):
