@@ -181,3 +181,26 @@ def test_rotary_embedding_rejects():
         rope(x_(4, 64), x_(4, 64))
     with pytest.raises(TypeError, match="k must be a torch.Tensor"):
         rope(x_(1, 4, 2, 64), "k")
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda x, c: pirope.apply_rope(x.int(), c, c), "x must be float32, float64, float16 or bfloat16"),
+        (lambda x, c: pirope.apply_rope(x[0, 0], c, c), "x must be \\(batch, seqlen, nheads, headdim\\)"),
+        (lambda x, c: pirope.apply_rope(x[..., :16], c, c), "rotary_dim = 2 \\* cos.size\\(1\\) = 32 exceeds"),
+        (lambda x, c: pirope.apply_rope(x, c, c[:, :8]), "cos and sin must have the same shape"),
+        (lambda x, c: pirope.apply_rope_qk(x, x[:, :7], c, c), "q and k must agree on batch, seqlen and headdim"),
+        (lambda x, c: pirope.apply_rope_qk(x, x.double(), c, c), "q and k must have the same dtype"),
+        (lambda x, c: pirope.apply_rope_qk(x, x, c, c.double()), "cos and sin must have the same dtype"),
+        (lambda x, c: pirope.apply_rope_qk(x, x, c, c, inplace=True), "share memory"),
+    ],
+)
+def test_meta_tensors_are_checked_like_real_ones(call, match):
+    # the fake kernels (meta tensors, torch.compile's tracing) reject what the kernels reject
+    x, c = torch.empty(2, 8, 4, 32), torch.empty(16, 16)
+    with pytest.raises(RuntimeError, match=match):
+        call(x, c)  # the real kernel
+    if match != "share memory":  # (a memory check: the kernels' own, not the fake's)
+        with pytest.raises(RuntimeError, match=match):
+            call(x.to("meta"), c.to("meta"))

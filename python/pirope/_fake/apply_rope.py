@@ -1,7 +1,11 @@
 """Fake kernels of the rotary ops: outputs are allocated like the real kernels do
-(torch.empty_like of the input, which keeps a dense input's strides)."""
+(torch.empty_like of the input, which keeps a dense input's strides), after the shape
+and dtype checks of csrc/pirope/apply_rope.cpp, so that meta tensors (and
+torch.compile's tracing) reject what the real kernels reject."""
 
 import torch
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _check_devices(op, first, *others):
@@ -12,9 +16,41 @@ def _check_devices(op, first, *others):
             raise RuntimeError(f"{op}: {name} must be on {first[1].device} like {first[0]}, got {t.device}")
 
 
+def check_tables(op, x, cos, sin):
+    """apply_rope.cpp's check_tables (x: the rotated input, for its head dim)."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        torch._check(t.dim() == 2, lambda: f"{op}: {name} must be (max_positions, rotary_dim // 2), "
+                                           f"got shape {tuple(t.shape)}")
+        torch._check(t.dtype in (torch.float32, torch.float64),
+                     lambda: f"{op}: {name} must be float32 (or float64), got {t.dtype}")
+    torch._check(cos.dtype == sin.dtype, lambda: f"{op}: cos and sin must have the same dtype")
+    for d in (0, 1):
+        torch._check(cos.shape[d] == sin.shape[d], lambda: f"{op}: cos and sin must have the same shape")
+    torch._check(2 * cos.shape[1] <= x.shape[-1],
+                 lambda: f"{op}: rotary_dim = 2 * cos.size(1) = {2 * cos.shape[1]} exceeds the head dim {x.shape[-1]}")
+
+
+def _check(op, cos, sin, *inputs):
+    """apply_rope.cpp's input checks of x, or of q and k (inputs: (name, tensor) pairs)."""
+    for name, t in inputs:
+        torch._check(t.dim() in (3, 4), lambda: f"{op}: {name} must be (batch, seqlen, nheads, headdim) or packed "
+                                                f"(total_tokens, nheads, headdim), got shape {tuple(t.shape)}")
+        torch._check(t.dtype in DTYPES,
+                     lambda: f"{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    if len(inputs) == 2:
+        (qn, q), (kn, k) = inputs
+        torch._check(q.dim() == k.dim(), lambda: f"{op}: {qn} and {kn} must have the same rank")
+        torch._check(q.dtype == k.dtype, lambda: f"{op}: {qn} and {kn} must have the same dtype")
+        for d in (*range(q.dim() - 2), q.dim() - 1):  # all but the heads
+            torch._check(q.shape[d] == k.shape[d], lambda: f"{op}: {qn} and {kn} must agree on batch, seqlen and "
+                                                           f"headdim, got shapes {tuple(q.shape)} and {tuple(k.shape)}")
+    check_tables(op, inputs[0][1], cos, sin)
+
+
 @torch.library.register_fake("pirope::apply_rope")
 def _apply_rope(x, cos, sin, position_ids, interleaved):
     _check_devices("apply_rope", ("x", x), ("cos", cos), ("sin", sin), ("position_ids", position_ids))
+    _check("apply_rope", cos, sin, ("x", x))
     return torch.empty_like(x)
 
 
@@ -22,6 +58,7 @@ def _apply_rope(x, cos, sin, position_ids, interleaved):
 def _apply_rope_backward(grad, cos, sin, position_ids, interleaved):
     _check_devices("apply_rope_backward", ("grad", grad), ("cos", cos), ("sin", sin),
                    ("position_ids", position_ids))
+    _check("apply_rope_backward", cos, sin, ("grad", grad))
     return torch.empty_like(grad)
 
 
@@ -29,6 +66,7 @@ def _apply_rope_backward(grad, cos, sin, position_ids, interleaved):
 def _apply_rope_qk(q, k, cos, sin, position_ids, interleaved):
     _check_devices("apply_rope_qk", ("q", q), ("k", k), ("cos", cos), ("sin", sin),
                    ("position_ids", position_ids))
+    _check("apply_rope_qk", cos, sin, ("q", q), ("k", k))
     return torch.empty_like(q), torch.empty_like(k)
 
 
@@ -36,12 +74,14 @@ def _apply_rope_qk(q, k, cos, sin, position_ids, interleaved):
 def _apply_rope_qk_backward(grad_q, grad_k, cos, sin, position_ids, interleaved):
     _check_devices("apply_rope_qk_backward", ("grad_q", grad_q), ("grad_k", grad_k), ("cos", cos),
                    ("sin", sin), ("position_ids", position_ids))
+    _check("apply_rope_qk_backward", cos, sin, ("grad_q", grad_q), ("grad_k", grad_k))
     return torch.empty_like(grad_q), torch.empty_like(grad_k)
 
 
 @torch.library.register_fake("pirope::apply_rope_")
 def _apply_rope_(x, cos, sin, position_ids, interleaved):
     _check_devices("apply_rope_", ("x", x), ("cos", cos), ("sin", sin), ("position_ids", position_ids))
+    _check("apply_rope_", cos, sin, ("x", x))
     return None
 
 
@@ -49,4 +89,5 @@ def _apply_rope_(x, cos, sin, position_ids, interleaved):
 def _apply_rope_qk_(q, k, cos, sin, position_ids, interleaved):
     _check_devices("apply_rope_qk_", ("q", q), ("k", k), ("cos", cos), ("sin", sin),
                    ("position_ids", position_ids))
+    _check("apply_rope_qk_", cos, sin, ("q", q), ("k", k))
     return None

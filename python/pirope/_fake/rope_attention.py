@@ -5,9 +5,7 @@ tensors (and torch.compile's tracing) reject what the real kernels reject."""
 
 import torch
 
-from .apply_rope import _check_devices
-
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from .apply_rope import DTYPES, _check_devices, check_tables
 
 
 def _math_dtype(dtype):
@@ -18,7 +16,7 @@ def _check(op, q, k, v, cos, sin):
     for name, t, heads in (("q", q, "nheads_q"), ("k", k, "nheads_kv"), ("v", v, "nheads_kv")):
         torch._check(t.dim() == 4, lambda: f"{op}: {name} must be (batch, seqlen, {heads}, headdim), "
                                            f"got shape {tuple(t.shape)}")
-        torch._check(t.dtype in _DTYPES,
+        torch._check(t.dtype in DTYPES,
                      lambda: f"{op}: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
     for name, t in (("k", k), ("v", v)):
         torch._check(t.dtype == q.dtype, lambda: f"{op}: {name} must have the dtype of q ({q.dtype}), got {t.dtype}")
@@ -32,16 +30,7 @@ def _check(op, q, k, v, cos, sin):
     torch._check(k.shape[2] >= 1, lambda: f"{op}: nheads_q must be a multiple of nheads_kv")
     torch._check(q.shape[2] % k.shape[2] == 0, lambda: f"{op}: nheads_q must be a multiple of nheads_kv, "
                                                        f"got nheads_q = {q.shape[2]} and nheads_kv = {k.shape[2]}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        torch._check(t.dim() == 2, lambda: f"{op}: {name} must be (max_positions, rotary_dim // 2), "
-                                           f"got shape {tuple(t.shape)}")
-        torch._check(t.dtype in (torch.float32, torch.float64),
-                     lambda: f"{op}: {name} must be float32 (or float64), got {t.dtype}")
-    torch._check(cos.dtype == sin.dtype, lambda: f"{op}: cos and sin must have the same dtype")
-    for d in (0, 1):
-        torch._check(cos.shape[d] == sin.shape[d], lambda: f"{op}: cos and sin must have the same shape")
-    torch._check(2 * cos.shape[1] <= q.shape[3],
-                 lambda: f"{op}: rotary_dim = 2 * cos.size(1) exceeds the head dim {q.shape[3]}")
+    check_tables(op, q, cos, sin)
 
 
 @torch.library.register_fake("pirope::rope_attention")
