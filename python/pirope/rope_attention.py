@@ -28,10 +28,10 @@ def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, inter
 def _cuda_kernel_applies(q, k, v, cos, interleaved) -> bool:
     """Whether the fused CUDA kernels (csrc/pirope/cuda/rope_attention_*) take this call.
 
-    They are opt-in (PIROPE_CUDA_ATTENTION=1): they are verified on H200 (outputs and
-    gradients against float64, compute-sanitizer clean) but, being mma.sync kernels
-    without Hopper's wgmma/TMA, run at about 0.2x of pirope rope + cuDNN SDPA (see the
-    README), so the default is the faster unfused path. They take float16/bfloat16,
+    They are opt-in (PIROPE_CUDA_ATTENTION=1): they are verified on H100/H200 (outputs
+    and gradients against float64, compute-sanitizer clean) but run forward + backward
+    at 0.44-0.50x of pirope rope + cuDNN SDPA on H100 (Hopper wgmma kernels; mma.sync
+    elsewhere; see the README), so the default is the faster unfused path. They take float16/bfloat16,
     head dim 64 or 128 and float32 tables (the op copies rows that are not 16-byte
     aligned). Traceable by torch.compile (shapes, dtypes and the environment only)."""
     if os.environ.get("PIROPE_CUDA_ATTENTION", "0") != "1":
@@ -101,8 +101,8 @@ def rope_attention(
     keeps the rotated q and k in memory), the fastest path today. With
     ``PIROPE_CUDA_ATTENTION=1``, float16/bfloat16 calls with head dim 64 or 128 run
     pirope's fused tensor-core kernels instead (forward and backward, q and k rotated
-    on chip, dq and dk rotated back in the epilogue): verified, but about 5x slower
-    than cuDNN's attention on H100/H200 (README, "GPU").
+    on chip, dq and dk rotated back in the epilogue): verified, but forward + backward
+    take about twice the time of pirope rope + cuDNN's attention on H100 (README, "GPU").
     """
     op = "rope_attention"
     _checks.tensor(op, "q", q)
