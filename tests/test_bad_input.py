@@ -169,6 +169,47 @@ def test_rope_cos_sin_rejects():
         pirope.rope_cos_sin(inv_freq, torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_factor must be finite"):
         pirope.rope_cos_sin(inv_freq, 4, float("nan"))
+    # tables that would be zero, negated or inf rather than an error
+    for factor in (0.0, -1.0):
+        with pytest.raises(ValueError, match="attention_factor must be > 0"):
+            pirope.rope_cos_sin(inv_freq, 4, factor)
+    with pytest.raises(ValueError, match="attention_factor must be at most"):
+        pirope.rope_cos_sin(inv_freq, 4, 1e39)
+    with pytest.raises(ValueError, match="attention_factor must be finite"):
+        pirope.rope_cos_sin(inv_freq, 4, 10**400)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="inv_freq must be finite"):
+            pirope.rope_cos_sin(torch.cat([inv_freq[:-1], inv_freq.new_tensor([bad])]), 4)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(scaling={"rope_type": "linear", "factor": 10**400}), "factor"),
+    (dict(base=10**400), "base"),
+    (dict(scaling={"rope_type": "dynamic", "factor": 2.0}, seq_len=10**400), "seq_len"),
+    (dict(scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=10**400),
+     "max_position_embeddings"),
+    (dict(scaling={"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1, "high_freq_factor": 4,
+                   "original_max_position_embeddings": 10**400}), "original_max_position_embeddings"),
+    (dict(head_dim=10**20), "head_dim"),
+    (dict(scaling={"rope_type": "yarn", "factor": 2.0, "beta_slow": 1e-320}), "beta_slow"),
+])
+def test_rope_frequencies_rejects_numbers_past_the_float_and_int64_range(kwargs, name):
+    # no OverflowError from deep inside the math: a ValueError that names the argument
+    kwargs = {"head_dim": 8, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        pirope.rope_frequencies(kwargs.pop("head_dim"), **kwargs)
+
+
+def test_dynamic_seq_len_of_a_narrow_integer_dtype_is_not_wrapped():
+    # a uint8 length must not overflow against the window (4096 is no uint8) (transformers' tensor path
+    # with int64 is the reference)
+    scaling = {"rope_type": "dynamic", "factor": 2.0}
+    for seq_len in (100, 250):
+        got = pirope.rope_frequencies(8, scaling=scaling, max_position_embeddings=4096,
+                                      seq_len=torch.tensor(seq_len, dtype=torch.uint8))
+        want = pirope.rope_frequencies(8, scaling=scaling, max_position_embeddings=4096,
+                                       seq_len=torch.tensor(seq_len, dtype=torch.int64))
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
 
 
 def test_rotary_embedding_rejects():
@@ -204,3 +245,4 @@ def test_meta_tensors_are_checked_like_real_ones(call, match):
     if match != "share memory":  # (a memory check: the kernels' own, not the fake's)
         with pytest.raises(RuntimeError, match=match):
             call(x.to("meta"), c.to("meta"))
+

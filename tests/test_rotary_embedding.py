@@ -67,14 +67,14 @@ def test_grows_for_position_ids_past_the_table():
     q, k = torch.randn(1, 1, 2, 32), torch.randn(1, 1, 1, 32)
     pos = torch.tensor([[20]])
     oq, ok = rope(q, k, pos)
-    assert rope.cos.shape[0] == 21
+    assert rope.cos.shape[0] == 32  # at least doubled: decoding past it rebuilds rarely
     want = pirope.RotaryEmbedding(32, max_position_embeddings=64)
     torch.testing.assert_close(oq.double(), rope_reference(q, want.cos, want.sin, pos))
     torch.testing.assert_close(ok.double(), rope_reference(k, want.cos, want.sin, pos))
     # the maximum is read again when the same tensor is changed in place
     pos[0, 0] = 40
     rope(q, k, pos)
-    assert rope.cos.shape[0] == 41
+    assert rope.cos.shape[0] == 64
 
 
 def test_rejects_a_head_dim_other_than_the_modules():
@@ -84,3 +84,162 @@ def test_rejects_a_head_dim_other_than_the_modules():
         rope(torch.randn(1, 8, 4, 128), q)
     with pytest.raises(ValueError, match="k must have head_dim 64"):
         rope(q, torch.randn(1, 8, 4, 32))
+
+
+def _table_rows(rope, positions, key=None):
+    """float64 reference cos/sin rows of the module's frequencies (key: its plan's)."""
+    inv_freq, factor = rope._plan.frequencies(key)
+    cos, sin = cos_sin_table(inv_freq, positions)
+    return cos * factor, sin * factor
+
+
+def test_pickles_after_a_forward_with_position_ids():
+    # torch.save(model) and multiprocessing pickle modules; the cache of the last
+    # position_ids (a weak reference) must not get in the way
+    import pickle
+    rope = pirope.RotaryEmbedding(32, max_position_embeddings=16)
+    q = torch.randn(1, 4, 2, 32)
+    pos = torch.tensor([[3, 4, 5, 6]])
+    want = rope(q, q.clone(), pos)[0]
+    copy = pickle.loads(pickle.dumps(rope))
+    torch.testing.assert_close(copy(q, q.clone(), pos)[0], want, rtol=0, atol=0)
+
+
+def test_rereads_cpu_position_ids_written_behind_torchs_back():
+    # a write through NumPy (or .data) does not bump the version counter: on the CPU the
+    # maximum is read every call, so the longrope switch still follows the positions
+    scaling = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+               "original_max_position_embeddings": 64, "factor": 4.0}
+    rope = pirope.RotaryEmbedding(16, max_position_embeddings=256, scaling=scaling)
+    q = torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    array = torch.tensor([[10]]).numpy()
+    pos = torch.from_numpy(array)
+    rope(q, q.clone(), pos)
+    array[0, 0] = 200  # past the original window: long factors
+    got = rope(q, q.clone(), pos)[0]
+    cos, sin = _table_rows(rope, torch.tensor([200]), "long")
+    torch.testing.assert_close(got, rope_reference(q, cos, sin, torch.tensor([0])))
+
+
+def test_threads_sharing_a_length_dependent_module_get_their_own_tables():
+    # an inference server shares one module: a longrope switch made for one thread's
+    # long request must not rotate the other thread's short request
+    import sys
+    import threading
+    scaling = {"rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": [16.0] * 16,
+               "original_max_position_embeddings": 512, "factor": 8.0}
+    rope = pirope.RotaryEmbedding(32, max_position_embeddings=4096, scaling=scaling)
+    fresh = pirope.RotaryEmbedding(32, max_position_embeddings=4096, scaling=scaling)
+    q = torch.randn(1, 1, 1, 32)
+    cases = {"long": torch.tensor([[3000]]), "short": torch.tensor([[100]])}
+    want = {name: fresh(q, q.clone(), pos)[0] for name, pos in cases.items()}
+    wrong = {"long": 0, "short": 0}
+
+    def serve(name):
+        for _ in range(150):
+            if not torch.equal(rope(q, q.clone(), cases[name].clone())[0], want[name]):
+                wrong[name] += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=serve, args=(name,)) for name in cases]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong == {"long": 0, "short": 0}
+
+
+def test_builds_under_a_meta_device_context_and_reset_parameters_restores_after_to_empty():
+    # the large-model init flow: build under torch.device("meta"), to_empty(), reset
+    with torch.device("meta"):
+        rope = pirope.RotaryEmbedding(32, max_position_embeddings=16, scaling={"rope_type": "linear", "factor": 2.0})
+        inv_freq, _ = pirope.rope_frequencies(32)
+    assert inv_freq.device.type == "cpu"
+    want = pirope.RotaryEmbedding(32, max_position_embeddings=16, scaling={"rope_type": "linear", "factor": 2.0})
+    rope.to_empty(device="cpu")
+    rope.reset_parameters()
+    torch.testing.assert_close(rope.cos, want.cos, rtol=0, atol=0)
+    torch.testing.assert_close(rope.inv_freq, want.inv_freq, rtol=0, atol=0)
+    q = torch.randn(1, 8, 2, 32)
+    torch.testing.assert_close(rope(q, q.clone())[0], want(q, q.clone())[0], rtol=0, atol=0)
+
+
+def test_decoding_past_the_table_rebuilds_it_rarely():
+    # one token at a time from 16 to 300: the table at least doubles when it grows,
+    # so it is rebuilt O(log n) times, not once per token
+    rope = pirope.RotaryEmbedding(16, max_position_embeddings=16)
+    sizes = set()
+    q = torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    for p in range(16, 300):
+        got = rope(q, q.clone(), torch.tensor([[p]]))[0]
+        sizes.add(rope.cos.shape[0])
+        if p % 37 == 0:
+            cos, sin = _table_rows(rope, torch.tensor([p]))
+            torch.testing.assert_close(got, rope_reference(q, cos, sin, torch.tensor([0])))
+    assert sorted(sizes) == [32, 64, 128, 256, 512]
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "dynamic", "factor": 4.0}])
+def test_sparse_positions_get_rows_of_their_own(scaling):
+    # a huge offset (or a padding sentinel like 2**31 - 1) with a few tokens must not
+    # build a table up to it; a dynamic-NTK decode step past the window builds the rows
+    # of its own position with the base of its length
+    rope = pirope.RotaryEmbedding(16, max_position_embeddings=64, scaling=scaling)
+    q = torch.randn(2, 3, 1, 16, dtype=torch.float64)
+    cases = [torch.tensor([[2**31 - 1, 5, 2**40], [7, 2**33, 1]])]
+    if scaling is not None:
+        cases.append(torch.tensor([[100, 101, 102]] * 2))  # static tables would grow to 128 here
+    for pos in cases:
+        got = rope(q, q.clone(), pos)[0]
+        assert rope.cos.shape[0] == 64  # untouched
+        end = int(pos.max()) + 1
+        cos, sin = _table_rows(rope, pos.reshape(-1), rope._plan.key(end))
+        index = torch.arange(pos.numel()).view(pos.shape)
+        torch.testing.assert_close(got, rope_reference(q, cos, sin, index))
+
+
+def test_negative_positions_rotate_by_negative_angles():
+    # as transformers allows (attention_mask.cumsum(-1) - 1 gives -1 at left padding)
+    rope = pirope.RotaryEmbedding(16, max_position_embeddings=32)
+    q = torch.randn(1, 3, 2, 16, dtype=torch.float64)
+    got = rope(q, q.clone(), torch.tensor([[-1, 0, -5]]))[0]
+    cos, sin = _table_rows(rope, torch.tensor([1, 0, 5]))  # cos(-a) = cos(a), sin(-a) = -sin(a)
+    torch.testing.assert_close(got, rope_reference(q, cos, -sin))
+
+
+def test_rejects_bad_position_ids_before_growing_the_table():
+    rope = pirope.RotaryEmbedding(16, max_position_embeddings=32)
+    q = torch.randn(1, 1, 1, 16)
+    with pytest.raises(TypeError, match="position_ids must be int32 or int64"):
+        rope(q, q.clone(), torch.tensor([[100000.0]]))
+    assert rope.cos.shape[0] == 32
+
+
+def test_reports_the_base_and_partial_rotary_factor_in_effect():
+    # a transformers 5 rope_parameters dict carries rope_theta / partial_rotary_factor
+    rope = pirope.RotaryEmbedding(64, max_position_embeddings=16, scaling={
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0, "partial_rotary_factor": 0.5})
+    assert rope.base == 500000.0 and rope.partial_rotary_factor == 0.5 and rope.rotary_dim == 32
+    assert "base=500000.0" in repr(rope)
+    inv_freq, _ = pirope.rope_frequencies(64, base=500000.0, partial_rotary_factor=0.5,
+                                          scaling={"rope_type": "linear", "factor": 2.0})
+    torch.testing.assert_close(rope.inv_freq, inv_freq, rtol=0, atol=0)
+
+
+def test_tables_built_under_inference_mode_serve_later_training():
+    # evaluate, then fine-tune: a table grown inside inference_mode must not be an
+    # inference tensor, which autograd could not save for backward
+    rope = pirope.RotaryEmbedding(16, max_position_embeddings=8)
+    with torch.inference_mode():
+        rope(torch.randn(1, 40, 1, 16), torch.randn(1, 40, 1, 16))
+    assert not rope.cos.is_inference()
+    q = torch.randn(1, 40, 1, 16, dtype=torch.float64, requires_grad=True)
+    oq, _ = rope(q, q.detach().clone())
+    oq.sum().backward()
+    # the gradient of a rotation is the rotation by the negative angle
+    g = torch.ones_like(q)
+    torch.testing.assert_close(q.grad, rope_reference(g, rope.cos, -rope.sin))

@@ -28,9 +28,13 @@ def integer(op: str, name: str, value, *, minimum: int | None = None) -> int:
 def number(op: str, name: str, value, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past the float range
+        raise ValueError(f"{op}: {name} must be finite (within the float range), got {value}") from None
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{op}: {name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{op}: {name} must be > 0, got {value}")
     return value
+

@@ -3,12 +3,23 @@ Interpolation and its successors) and rope_cos_sin (cos/sin tables for the ops).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _checks
 from .scaling import compute_inv_freq, normalize_scaling
 
 __all__ = ["rope_frequencies", "rope_cos_sin", "FrequencyPlan"]
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def tables_outside_inference_mode():
+    """Context for building tables that are cached across calls: a table made inside
+    ``torch.inference_mode()`` would be an inference tensor, which a later training
+    step could not save for backward."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
 
 
 def rope_frequencies(
@@ -73,7 +84,12 @@ def rope_cos_sin(
         raise ValueError(f"{op}: inv_freq must be 1-D (rotary_dim // 2,), got shape {tuple(inv_freq.shape)}")
     if not inv_freq.is_floating_point():
         raise TypeError(f"{op}: inv_freq must be a floating-point tensor, got {inv_freq.dtype}")
-    factor = _checks.number(op, "attention_factor", attention_factor)
+    factor = _checks.number(op, "attention_factor", attention_factor, positive=True)
+    if factor > _FLOAT32_MAX:
+        raise ValueError(f"{op}: attention_factor must be at most {_FLOAT32_MAX} (the tables are float32), "
+                         f"got {factor}")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(inv_freq).all()):
+        raise ValueError(f"{op}: inv_freq must be finite, got NaN or inf in {tuple(inv_freq.shape)} values")
     device = inv_freq.device
     if isinstance(positions, torch.Tensor):
         if positions.dim() != 1:
@@ -109,8 +125,8 @@ class FrequencyPlan:
                  scaling: dict | None = None, partial_rotary_factor: float = 1.0):
         self.head_dim = head_dim
         self.max_position_embeddings = max_position_embeddings
-        self.base = base
         self.scaling = normalize_scaling(scaling)
+        self.base = base
         self.partial_rotary_factor = partial_rotary_factor
         self.rope_type = self.scaling["rope_type"] if self.scaling else "default"
         self.length_dependent = self.rope_type in ("dynamic", "longrope")
@@ -119,7 +135,11 @@ class FrequencyPlan:
             self.original_window = int(self.scaling.get("original_max_position_embeddings",
                                                         max_position_embeddings))
         #: ``(inv_freq, attention_factor)`` of sequences inside the original window.
-        self.static = self.frequencies(None)
+        self.static = self.frequencies(None)  # also validates the configuration
+        # the values in effect: a transformers 5 ``rope_parameters`` dict carries its own
+        if self.scaling:
+            self.base = self.scaling.get("rope_theta", base)
+            self.partial_rotary_factor = self.scaling.get("partial_rotary_factor", partial_rotary_factor)
 
     def key(self, length: int):
         """Identifies the table of a sequence of this length: None for the original one,
@@ -127,6 +147,20 @@ class FrequencyPlan:
         if not self.length_dependent or length <= self.original_window:
             return None
         return "long" if self.rope_type == "longrope" else length
+
+    def table_rows(self, key, needed: int, count: int, cached_rows: int) -> int | None:
+        """Rows of the table to build for a call whose largest position is ``needed - 1``
+        and which has ``count`` positions, when the cached table of this ``key`` has
+        ``cached_rows`` (0: none) and is too short; ``None`` when the positions are too
+        sparse for a table (a huge offset, a padding sentinel like 2**31 - 1, a "dynamic"
+        decode step past the window, whose table would serve this length only): build
+        the rows of the call's own positions then, so memory and time stay proportional
+        to the call, never to the largest position. Tables grow to at least twice their
+        size, so decoding past them rebuilds a table only O(log n) times."""
+        window = 0 if self.rope_type == "dynamic" and key is not None else self.max_position_embeddings
+        if needed > max(2 * cached_rows, window, 4 * count):
+            return None
+        return max(needed, window, 2 * cached_rows)
 
     def frequencies(self, key) -> tuple[torch.Tensor, float]:
         """``(inv_freq, attention_factor)`` for a key from :meth:`key`."""

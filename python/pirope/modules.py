@@ -3,6 +3,7 @@ and rotates q and k with pirope's fused op."""
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -10,9 +11,14 @@ from torch import nn
 
 from . import _checks
 from .apply_rope import apply_rope_qk
-from .frequencies import FrequencyPlan, rope_cos_sin
+from .frequencies import FrequencyPlan, rope_cos_sin, tables_outside_inference_mode
 
 __all__ = ["RotaryEmbedding"]
+
+# Choosing and (re)building a module's table is one step for threads that share it (an
+# inference server): a "longrope"/"dynamic" switch of one thread must not hand another
+# thread's call the wrong table. Held only while a table is picked, not while rotating.
+_TABLE_LOCK = threading.Lock()
 
 
 class RotaryEmbedding(nn.Module):
@@ -26,19 +32,27 @@ class RotaryEmbedding(nn.Module):
 
     The float32 ``cos``/``sin`` buffers cover ``max_position_embeddings`` positions and
     grow when a longer sequence arrives: ``seqlen`` of the input, or ``max(position_ids)
-    + 1`` when ``position_ids`` are given (e.g. a decode step past the table). Reading
-    that maximum takes one device sync per ``position_ids`` tensor, not per call: the
-    layers of one forward share it. (Under ``torch.compile`` the read is skipped for the
-    types below that do not need it, so the table must already cover the positions:
-    out-of-range ones raise on CPU and give NaN rows on CUDA, as in
-    :func:`pirope.apply_rope`.) For the length-dependent scalings ("dynamic" NTK and
-    "longrope") the table is the one of the current sequence length,
+    + 1`` when ``position_ids`` are given (e.g. a decode step past the table), to at
+    least twice their size, so decoding past them rebuilds rarely. Positions too sparse
+    for a table (a huge offset or sentinel far past the table with few tokens) get
+    rows of their own for that call instead, so memory stays proportional to the call.
+    Negative ``position_ids`` rotate by negative angles, as in transformers. On CUDA, reading ``max(position_ids)``
+    takes one device sync per ``position_ids`` tensor (and version), not per call: the
+    layers of one forward share it (so rewrite position ids in place, not through
+    ``.data`` or shared NumPy memory, which torch cannot see). (Under ``torch.compile``
+    the read is skipped for the types below that do not need it, so the table must
+    already cover the positions: out-of-range ones raise on CPU and give NaN rows on
+    CUDA, as in :func:`pirope.apply_rope`.) For the length-dependent scalings ("dynamic"
+    NTK and "longrope") the table is the one of the current sequence length,
     ``max(position_ids) + 1``: it is recomputed when the length changes above the
     original window and returns to the original table inside it, so a long request
-    never changes the result of a later short one.
+    never changes the result of a later short one. Threads may share the module.
 
     ``model.half()`` / ``model.to(torch.bfloat16)`` leave the tables float32 (rounding
-    them would move every angle).
+    them would move every angle). The tables are non-persistent buffers (not in the
+    ``state_dict``): after ``model.to_empty(device=...)`` (meta-device initialisation)
+    call :meth:`reset_parameters` to recompute them, as for any module with
+    computed state.
     """
 
     def __init__(
@@ -57,12 +71,13 @@ class RotaryEmbedding(nn.Module):
         self.max_position_embeddings = _checks.integer(
             op, "max_position_embeddings", max_position_embeddings, minimum=1)
         _checks.flag(op, "interleaved", interleaved)
-        self.base = base
-        self.partial_rotary_factor = partial_rotary_factor
         self.interleaved = interleaved
         self._plan = FrequencyPlan(head_dim, max_position_embeddings=max_position_embeddings, base=base,
                                    scaling=scaling, partial_rotary_factor=partial_rotary_factor)
         self.scaling = self._plan.scaling
+        # the values in effect (a scaling dict may carry rope_theta / partial_rotary_factor)
+        self.base = self._plan.base
+        self.partial_rotary_factor = self._plan.partial_rotary_factor
         self._table_key = None
         inv_freq, attention_factor = self._plan.static
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -80,6 +95,19 @@ class RotaryEmbedding(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, length, self.attention_factor)
         self.cos, self.sin = cos, sin
 
+    def reset_parameters(self) -> None:
+        """Recomputes ``inv_freq`` and the tables (float32, on the module's device), e.g.
+        after ``to_empty()`` left them uninitialised."""
+        with tables_outside_inference_mode():
+            inv_freq, self.attention_factor = self._plan.frequencies(self._table_key)
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+            self._build(max(self.cos.shape[0], self.max_position_embeddings))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_positions_seen"] = None  # a weak reference: neither picklable nor meaningful elsewhere
+        return state
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if not self.inv_freq.dtype.is_floating_point or self.inv_freq.dtype.itemsize < 4:
@@ -89,35 +117,53 @@ class RotaryEmbedding(nn.Module):
             self._build(self.cos.shape[0])
         return self
 
-    def _positions_end(self, position_ids: torch.Tensor) -> int:
-        """max(position_ids) + 1, read once per position_ids tensor (and version)."""
+    def _positions_range(self, position_ids: torch.Tensor) -> tuple[int, int]:
+        """(min(position_ids), max(position_ids) + 1). On CUDA read once per position_ids
+        tensor (and version), as that read is a device sync; on the CPU every call
+        (cheap, and sees writes torch cannot track, e.g. through NumPy)."""
+        version = None
+        if position_ids.device.type != "cpu":
+            try:
+                version = position_ids._version
+            except RuntimeError:  # inference tensors have no version counter: read every time
+                version = None
         seen = self._positions_seen
-        try:
-            version = position_ids._version
-        except RuntimeError:  # inference tensors have no version counter: read every time
-            version = None
         if seen is not None and version is not None and seen[0]() is position_ids and seen[1] == version:
             return seen[2]
-        end = int(position_ids.max()) + 1
-        self._positions_seen = (weakref.ref(position_ids), version, end) if version is not None else None
-        return end
+        low, high = (int(v) for v in torch.aminmax(position_ids))
+        result = (low, high + 1)
+        self._positions_seen = (weakref.ref(position_ids), version, result) if version is not None else None
+        return result
 
-    def _update_for_length(self, seq_len: int) -> None:
-        key = self._plan.key(seq_len)
-        if key != self._table_key:
-            inv_freq, self.attention_factor = self._plan.frequencies(key)
-            self.inv_freq = inv_freq.to(self.inv_freq.device)
-            self._table_key = key
-            self._build(max(self.max_position_embeddings, seq_len))
-        elif seq_len > self.cos.shape[0]:
-            self._build(seq_len)
+    def _tables_for(self, needed: int, count: int, low: int, position_ids: torch.Tensor | None):
+        """(cos, sin, position_ids) to rotate a call whose positions lie in [low, needed)."""
+        key = self._plan.key(needed)
+        cached = self.cos.shape[0] if key == self._table_key else 0
+        if cached >= needed and low >= 0:
+            return self.cos, self.sin, position_ids
+        # negative positions (as transformers allows: rotation by a negative angle) have
+        # no table rows: they take rows of their own, like sparse ones
+        rows = self._plan.table_rows(key, needed, count, cached) if low >= 0 else None
+        if key == self._table_key:
+            inv_freq, attention_factor = self.inv_freq, self.attention_factor
+        else:
+            inv_freq, attention_factor = self._plan.frequencies(key)
+            inv_freq = inv_freq.to(self.inv_freq.device)
+        if rows is None:  # sparse positions: rows of this call's own, indexed 0..count-1
+            cos, sin = rope_cos_sin(inv_freq, position_ids.reshape(-1), attention_factor)
+            index = torch.arange(position_ids.numel(), device=position_ids.device).view(position_ids.shape)
+            return cos, sin, index
+        self.inv_freq, self.attention_factor, self._table_key = inv_freq, attention_factor, key
+        self._build(rows)
+        return self.cos, self.sin, position_ids
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | None = None):
         """Rotates q and k: ``(batch, seqlen, heads, head_dim)`` or packed
         ``(total_tokens, heads, head_dim)``; see :func:`pirope.apply_rope_qk`."""
-        _checks.tensor("RotaryEmbedding", "q", q)
-        _checks.tensor("RotaryEmbedding", "k", k)
-        _checks.tensor("RotaryEmbedding", "position_ids", position_ids, optional=True)
+        op = "RotaryEmbedding"
+        _checks.tensor(op, "q", q)
+        _checks.tensor(op, "k", k)
+        _checks.tensor(op, "position_ids", position_ids, optional=True)
         if q.dim() not in (3, 4):
             raise ValueError(
                 "RotaryEmbedding: q must be (batch, seqlen, heads, head_dim) or packed "
@@ -127,15 +173,24 @@ class RotaryEmbedding(nn.Module):
                 raise ValueError(
                     f"RotaryEmbedding: {name} must have head_dim {self.head_dim} (the module's) as its last "
                     f"dimension, got shape {tuple(t.shape)}")
+        if position_ids is not None and position_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"RotaryEmbedding: position_ids must be int32 or int64, got {position_ids.dtype}")
         seqlen = q.shape[-3]
+        compiling = torch.compiler.is_compiling()
+        low = 0
         if position_ids is None or position_ids.numel() == 0:
-            needed = seqlen
-        elif self._plan.length_dependent or not torch.compiler.is_compiling():
-            needed = self._positions_end(position_ids)
+            needed, count = seqlen, seqlen
+        elif self._plan.length_dependent or not compiling:
+            low, needed = self._positions_range(position_ids)
+            count = position_ids.numel()
         else:
-            needed = seqlen
-        self._update_for_length(needed)
-        return apply_rope_qk(q, k, self.cos, self.sin, position_ids, interleaved=self.interleaved)
+            needed, count = seqlen, seqlen
+        if compiling:
+            cos, sin, position_ids = self._tables_for(needed, count, low, position_ids)
+        else:
+            with _TABLE_LOCK, tables_outside_inference_mode():
+                cos, sin, position_ids = self._tables_for(needed, count, low, position_ids)
+        return apply_rope_qk(q, k, cos, sin, position_ids, interleaved=self.interleaved)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, "

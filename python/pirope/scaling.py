@@ -119,15 +119,25 @@ def _as_number(value: Any, name: str) -> int | float:
     if not _is_real(value):
         raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
     value = int(value) if _is_integral(value) else float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+    try:
+        finite = math.isfinite(value)  # an int past the float range overflows here
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be finite (within the float range), got {value!r}")
     return value
+
+
+_INT64_MAX = 2**63 - 1
 
 
 def _as_int(value: Any, name: str) -> int:
     if not _is_integral(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    return int(value)
+    value = int(value)
+    if abs(value) > _INT64_MAX:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return value
 
 
 def _key(rope_type: str, key: str) -> str:
@@ -504,6 +514,8 @@ def _check_seq_len(seq_len: Any) -> int | torch.Tensor | None:
         if seq_len.dtype.is_floating_point or seq_len.dtype.is_complex or seq_len.dtype == torch.bool:
             raise TypeError(f"seq_len tensor must have an integer dtype, got {seq_len.dtype}")
         seq_len = seq_len.detach().to(device="cpu").reshape(())
+        if seq_len.dtype not in (torch.int32, torch.int64):
+            seq_len = seq_len.to(torch.int64)  # narrower ints would overflow against the window
         if int(seq_len) < 1:
             raise ValueError(f"seq_len must be >= 1, got {int(seq_len)}")
         return seq_len
@@ -531,7 +543,7 @@ def _derived_factor(rope_type: str, max_position_embeddings: int, original: int)
 def _default(params, dim, base, max_position_embeddings, seq_len):
     # LlamaRotaryEmbedding / GPTNeoXRotaryEmbedding.compute_default_rope_parameters
     attention_factor = 1.0
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device="cpu", dtype=torch.float) / dim))
     return inv_freq, attention_factor
 
 
@@ -539,7 +551,7 @@ def _linear(params, dim, base, max_position_embeddings, seq_len):
     # _compute_linear_scaling_rope_parameters
     factor = params["factor"]
     attention_factor = 1.0
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device="cpu", dtype=torch.int64).to(dtype=torch.float) / dim))
     inv_freq /= factor
     return inv_freq, attention_factor
 
@@ -562,7 +574,7 @@ def _dynamic(params, dim, base, max_position_embeddings, seq_len):
     else:
         seq_len = max(seq_len, max_position_embeddings)
     base = base * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device="cpu", dtype=torch.int64).to(dtype=torch.float) / dim))
     return inv_freq, attention_factor
 
 
@@ -605,6 +617,11 @@ def _yarn(params, dim, base, max_position_embeddings, seq_len):
     def find_correction_range(low_rot, high_rot, dim, base, max_position_embeddings, truncate):
         low = find_correction_dim(low_rot, dim, base, max_position_embeddings)
         high = find_correction_dim(high_rot, dim, base, max_position_embeddings)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(
+                f"scaling['beta_fast']={beta_fast} / scaling['beta_slow']={beta_slow} (rope_type 'yarn') give a "
+                f"non-finite correction range ({low}, {high}); use rotation counts of a normal size"
+            )
         if truncate:
             low = math.floor(low)
             high = math.ceil(high)
@@ -613,11 +630,11 @@ def _yarn(params, dim, base, max_position_embeddings, seq_len):
     def linear_ramp_factor(min, max, dim):  # noqa: A002 - names as in transformers
         if min == max:
             max += 0.001  # Prevent singularity
-        linear_func = (torch.arange(dim, dtype=torch.float32) - min) / (max - min)
+        linear_func = (torch.arange(dim, device="cpu", dtype=torch.float32) - min) / (max - min)
         ramp_func = torch.clamp(linear_func, 0, 1)
         return ramp_func
 
-    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").to(dtype=torch.float) / dim)
     inv_freq_extrapolation = 1.0 / pos_freqs
     inv_freq_interpolation = 1.0 / (factor * pos_freqs)
 
@@ -662,10 +679,10 @@ def _longrope(params, dim, base, max_position_embeddings, seq_len):
             attention_factor = math.sqrt(1 + math.log(factor) / math.log(original_max_position_embeddings))
 
     if seq_len and seq_len > original_max_position_embeddings:
-        ext_factors = torch.tensor(long_factor, dtype=torch.float32)
+        ext_factors = torch.tensor(long_factor, device="cpu", dtype=torch.float32)
     else:
-        ext_factors = torch.tensor(short_factor, dtype=torch.float32)
-    inv_freq_shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        ext_factors = torch.tensor(short_factor, device="cpu", dtype=torch.float32)
+    inv_freq_shape = torch.arange(0, dim, 2, device="cpu", dtype=torch.int64).float() / dim
     inv_freq = 1.0 / (ext_factors * base**inv_freq_shape)
     return inv_freq, attention_factor
 
@@ -673,7 +690,7 @@ def _longrope(params, dim, base, max_position_embeddings, seq_len):
 def _llama3(params, dim, base, max_position_embeddings, seq_len):
     # _compute_llama3_parameters
     attention_factor = 1.0
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device="cpu", dtype=torch.int64).to(dtype=torch.float) / dim))
 
     factor = params["factor"]
     low_freq_factor = params["low_freq_factor"]
