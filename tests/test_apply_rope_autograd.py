@@ -171,3 +171,94 @@ def test_torch_compile_inplace_op(device):
     cq, ck = torch.compile(f, fullgraph=True)(q, k)
     torch.testing.assert_close(cq, eq)
     torch.testing.assert_close(ck, ek)
+
+
+def test_torch_compile_inplace_qk_with_autograd(device):
+    # the views path (one launch per tensor) is what compiled code takes under autograd
+    torch._dynamo.reset()
+    cos, sin = tables(32, 16, device)
+
+    def f(q, k):
+        q, k = q * 2, k + 1
+        q, k = pirope.apply_rope_qk(q, k, cos, sin, inplace=True)
+        return (q * q).sum() + (k ** 3).sum()
+
+    q = torch.randn(1, 16, 2, 32, device=device, requires_grad=True)
+    k = torch.randn(1, 16, 1, 32, device=device, requires_grad=True)
+    want = f(q, k)
+    want_grads = torch.autograd.grad(want, (q, k))
+    got = torch.compile(f, fullgraph=True)(q, k)
+    got_grads = torch.autograd.grad(got, (q, k))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+def test_inplace_qk_with_autograd_rejects_overlapping_views(device):
+    # rotated one view at a time, elements shared by q and k would be rotated twice
+    cos, sin = tables(16, 8, device)
+    h = torch.randn(1, 8, 6, 16, device=device, requires_grad=True)
+    base = h * 1
+    with pytest.raises(RuntimeError, match="q and k share memory"):
+        pirope.apply_rope_qk(base[:, :, :4], base[:, :, 2:6], cos, sin, inplace=True)
+    base = h * 1
+    with pytest.raises(RuntimeError, match="q and k share memory"):
+        pirope.apply_rope_qk(base[:, :, :4], base[:, :, :4], cos, sin, inplace=True)
+    # disjoint views of one buffer (a fused qkv) are fine
+    base = h * 1
+    q, k = pirope.apply_rope_qk(base[:, :, :4], base[:, :, 4:6], cos, sin, inplace=True)
+    torch.testing.assert_close(q.double(), rope_reference((h * 1)[:, :, :4].detach(), cos, sin))
+
+
+def test_inplace_rotation_bumps_the_version_counter(device):
+    # like any in-place op: a tensor saved for backward and then rotated in place makes
+    # backward raise instead of using the rotated values
+    cos, sin = tables(16, 8, device)
+    for rotate in (lambda x: pirope.apply_rope(x, cos, sin, inplace=True),
+                   lambda x: pirope.apply_rope_qk(x[:, :, :2], x[:, :, 2:], cos, sin, inplace=True),
+                   lambda x: torch.ops.pirope.apply_rope_(x, cos, sin, None, False)):
+        x = torch.randn(1, 8, 4, 16, device=device)
+        w = torch.randn(1, 8, 4, 16, device=device, requires_grad=True)
+        z = (x * w).sum()  # saves x
+        before = x._version
+        rotate(x)
+        assert x._version > before
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            z.backward()
+
+
+def test_raw_inplace_ops_refuse_what_torchs_inplace_ops_refuse(device):
+    cos, sin = tables(16, 8, device)
+    x = torch.randn(1, 8, 2, 16, device=device, requires_grad=True) * 1
+    with pytest.raises(RuntimeError, match="x requires grad"):
+        torch.ops.pirope.apply_rope_(x, cos, sin, None, False)
+    with pytest.raises(RuntimeError, match="q requires grad"):
+        torch.ops.pirope.apply_rope_qk_(x, x.detach().clone(), cos, sin, None, False)
+    with torch.inference_mode():
+        t = torch.randn(1, 8, 2, 16, device=device)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        torch.ops.pirope.apply_rope_(t, cos, sin, None, False)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        pirope.apply_rope(t, cos, sin, inplace=True)
+    with torch.inference_mode():  # inside inference mode it is allowed, as for torch
+        pirope.apply_rope(t, cos, sin, inplace=True)
+
+
+def test_forward_mode_ad_is_refused_not_silently_zero(device):
+    # torch gives custom ops no jvp rule (zero tangents, no error): pirope refuses it
+    import torch.autograd.forward_ad as fwAD
+    cos, sin = tables(16, 8, device)
+    x = torch.randn(1, 8, 2, 16, device=device, dtype=torch.float64)
+    t = torch.randn_like(x)
+    calls = [lambda a: pirope.apply_rope(a, cos, sin),
+             lambda a: pirope.apply_rope_qk(a, a, cos, sin)[0],
+             lambda a: pirope.rope_attention(a, a, a, cos, sin)]
+    for call in calls:
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            torch.func.jvp(call, (x,), (t,))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            torch.func.jacfwd(call)(x[:, :2])
+        with fwAD.dual_level():
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                call(fwAD.make_dual(x, t))
+            call(x)  # tensors without a tangent are fine inside a dual level

@@ -172,6 +172,19 @@ void check_disjoint(const char* op, const char* qname, const char* kname, const 
 
 }  // namespace
 
+void check_inplace_targets(const char* op, const char* qname, const at::Tensor& q,
+                           const char* kname, const at::Tensor* k) {
+  TORCH_CHECK(!shares_elements(q), op, ": ", qname,
+              " has elements that share memory (e.g. an expanded tensor) and "
+              "cannot be rotated in place");
+  if (k) {
+    TORCH_CHECK(!shares_elements(*k), op, ": ", kname,
+                " has elements that share memory (e.g. an expanded tensor) and "
+                "cannot be rotated in place");
+    check_disjoint(op, qname, kname, q, *k);
+  }
+}
+
 at::Tensor unit_last_stride(const at::Tensor& x) {
   return (x.size(-1) <= 1 || x.stride(-1) == 1) ? x : x.contiguous();
 }
@@ -236,18 +249,7 @@ std::tuple<at::Tensor, at::Tensor> rope_run(
   if (position_ids.has_value() && position_ids->defined())
     pos = plan_positions(op, q, *position_ids, batch, seqlen);
 
-  if (inplace) {
-    TORCH_CHECK(!shares_elements(q), op, ": ", qname,
-                " has elements that share memory (e.g. an expanded tensor) and "
-                "cannot be rotated in place");
-    if (k) {
-      TORCH_CHECK(!shares_elements(*k), op, ": ",
-                  kname,
-                  " has elements that share memory (e.g. an expanded tensor) and "
-                  "cannot be rotated in place");
-      check_disjoint(op, qname, kname, q, *k);
-    }
-  }
+  if (inplace) check_inplace_targets(op, qname, q, kname, k);
 
   at::Tensor out_q = inplace ? q : at::empty_like(q);
   at::Tensor out_k = k ? (inplace ? *k : at::empty_like(*k)) : at::Tensor();

@@ -3,6 +3,7 @@
 // Python can refuse to run against a different torch than it was compiled for.
 #include <torch/extension.h>
 
+#include "apply_rope.h"
 #include "cpu/avx512_gemm.h"
 #include "ops.h"
 
@@ -23,6 +24,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "How this extension was built: torch version, CUDA on/off, CUDA version and "
       "architectures, CPU vector ISA, OpenMP (CPU kernels multi-threaded).");
+  m.def(
+      "check_rope_inplace",
+      [](const at::Tensor& q, const at::Tensor& k) {
+        pirope::check_inplace_targets("apply_rope_qk", "q", q, "k", &k);
+      },
+      "Raises RuntimeError unless q and k can both be rotated in place (no element "
+      "shared within or between them), as apply_rope_qk(..., inplace=True) requires.");
   m.def(
       "cpu_gemm",
       [] {

@@ -1,6 +1,9 @@
 // Every schema of the pirope library, declared once. Kernels are registered per
 // dispatch key in cpu/*.cpp and cuda/*.cu; fake kernels and autograd in Python
 // (python/pirope/_fake, python/pirope/_autograd).
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -49,6 +52,43 @@ TORCH_LIBRARY(pirope, m) {
         "Tensor out, Tensor lse, Tensor cos, Tensor sin, Tensor? position_ids, "
         "bool causal, float softmax_scale, bool interleaved, bool deterministic=False) "
         "-> (Tensor, Tensor, Tensor)");
+}
+
+// The in-place rotary ops as autograd sees them (the Python API wraps them in a
+// differentiable Function, under which grad mode is off; direct calls get only this):
+// like any in-place op they bump the version counter of what they write, so a tensor
+// saved for backward and then rotated in place is caught at backward instead of
+// giving wrong gradients; they refuse a tensor that requires grad (they have no
+// derivative of their own) and, like torch's in-place ops, an inference tensor
+// outside inference mode. torch's autograd fallbacks bump only returned tensors, and
+// these ops return nothing (as torch.compile's functionalization wants).
+namespace {
+void rotate_in_place_without_derivative(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                                        torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack->size() - arguments.size();
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const auto* alias = arguments[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const at::Tensor& t = (*stack)[first + i].toTensor();
+    const std::string& name = arguments[i].name();
+    TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), op.schema().name(), ": ", name,
+                " requires grad; the raw in-place op has no derivative, use "
+                "pirope.apply_rope / apply_rope_qk(..., inplace=True), which are differentiable");
+    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), op.schema().name(), ": ",
+                name, " is an inference tensor, which cannot be modified in place outside "
+                "torch.inference_mode()");
+    torch::autograd::impl::bump_version(t);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pirope, Autograd, m) {
+  m.impl("apply_rope_", torch::CppFunction::makeFromBoxedFunction<&rotate_in_place_without_derivative>());
+  m.impl("apply_rope_qk_",
+         torch::CppFunction::makeFromBoxedFunction<&rotate_in_place_without_derivative>());
 }
 
 namespace pirope {

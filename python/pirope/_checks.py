@@ -38,3 +38,19 @@ def number(op: str, name: str, value, *, positive: bool = False) -> float:
         raise ValueError(f"{op}: {name} must be > 0, got {value}")
     return value
 
+
+def no_forward_ad(op: str, *tensors) -> None:
+    """Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is not
+    supported: torch gives custom ops no jvp rule and would return zero (or no)
+    tangents silently, so it is refused here instead."""
+    if torch.compiler.is_compiling():
+        return
+    stack = torch._C._functorch.get_interpreter_stack()
+    if stack and any(level.key() == torch._C._functorch.TransformType.Jvp for level in stack):
+        raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp, jacfwd) is not supported; "
+                                  "use reverse mode (loss.backward(), torch.autograd.grad)")
+    if torch.autograd.forward_ad._current_level >= 0:
+        for t in tensors:
+            if t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+                raise NotImplementedError(f"{op}: forward-mode AD (torch.autograd.forward_ad) is not supported; "
+                                          "use reverse mode (loss.backward(), torch.autograd.grad)")

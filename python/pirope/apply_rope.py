@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
+from . import _checks, _extension
 from ._extension import require_cuda_build
 
 __all__ = ["apply_rope", "apply_rope_qk"]
@@ -80,6 +80,7 @@ def apply_rope(
     op = "apply_rope"
     _checks.tensor(op, "x", x)
     _check_common(op, cos, sin, position_ids, interleaved, inplace)
+    _checks.no_forward_ad(op, x)
     require_cuda_build(x.device, op)
     if not inplace:
         return torch.ops.pirope.apply_rope(x, cos, sin, position_ids, interleaved)
@@ -110,15 +111,20 @@ def apply_rope_qk(
     _checks.tensor(op, "q", q)
     _checks.tensor(op, "k", k)
     _check_common(op, cos, sin, position_ids, interleaved, inplace)
+    _checks.no_forward_ad(op, q, k)
     require_cuda_build(q.device, op)
     if not inplace:
         return torch.ops.pirope.apply_rope_qk(q, k, cos, sin, position_ids, interleaved)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        if not (q._is_view() or k._is_view()):
+        compiling = torch.compiler.is_compiling()
+        if not (compiling or q._is_view() or k._is_view()):
             return _RopeInplace.apply(q, k, cos, sin, position_ids, interleaved)
         # Autograd lets a Function that modifies a view in place return only that one
         # tensor, and q and k are usually views (of a projection, of a fused qkv): one
-        # launch each, then.
+        # launch each, then, after the check the single launch makes (q and k share no
+        # element; torch.compile cannot trace it, and functionalizes the writes anyway).
+        if not compiling and q.dim() in (3, 4) and k.dim() == q.dim():
+            _extension._C.check_rope_inplace(q, k)
         return tuple(apply_rope(t, cos, sin, position_ids, interleaved=interleaved, inplace=True) for t in (q, k))
     torch.ops.pirope.apply_rope_qk_(q, k, cos, sin, position_ids, interleaved)
     return q, k
