@@ -246,3 +246,61 @@ def test_meta_tensors_are_checked_like_real_ones(call, match):
         with pytest.raises(RuntimeError, match=match):
             call(x.to("meta"), c.to("meta"))
 
+
+def _e(*shape, dev, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype).to(dev)
+
+
+def _tabs(dev, width=16):
+    return _e(32, width, dev=dev), _e(32, width, dev=dev)
+
+
+_QKV4 = lambda dev: (_e(1, 4, 2, 32, dev=dev), _e(1, 4, 2, 32, dev=dev), _e(1, 4, 2, 32, dev=dev))  # noqa: E731
+_FAKE_CASES = {
+    "apply_rope float position_ids": lambda d: pirope.apply_rope(
+        _e(1, 4, 2, 32, dev=d), *_tabs(d), torch.zeros(4, device=d)),
+    "apply_rope position_ids of another length": lambda d: pirope.apply_rope(
+        _e(1, 4, 2, 32, dev=d), *_tabs(d), torch.zeros(5, dtype=torch.long, device=d)),
+    "apply_rope_qk 2-D position_ids for packed input": lambda d: pirope.apply_rope_qk(
+        _e(4, 2, 32, dev=d), _e(4, 1, 32, dev=d), *_tabs(d), torch.zeros(1, 4, dtype=torch.long, device=d)),
+    "apply_rope seqlen past the table without position_ids": lambda d: pirope.apply_rope(
+        _e(1, 40, 2, 32, dev=d), *_tabs(d)),
+    "rope_attention float position_ids": lambda d: pirope.rope_attention(
+        *_QKV4(d), *_tabs(d), torch.zeros(4, device=d)),
+    "rope_attention position_ids of another batch": lambda d: pirope.rope_attention(
+        *_QKV4(d), *_tabs(d), torch.zeros(3, 4, dtype=torch.long, device=d)),
+    "raw rope_attention negative scale": lambda d: torch.ops.pirope.rope_attention(
+        *_QKV4(d), *_tabs(d), None, True, -1.0, False),
+    "raw rope_attention headdim 0": lambda d: torch.ops.pirope.rope_attention(
+        _e(1, 4, 2, 0, dev=d), _e(1, 4, 2, 0, dev=d), _e(1, 4, 2, 0, dev=d), *_tabs(d, 0), None, True, 1.0, False),
+    "raw backward lse of another shape": lambda d: torch.ops.pirope.rope_attention_backward(
+        *_QKV4(d), *_QKV4(d)[:2], _e(3, dev=d), *_tabs(d), None, True, 0.1, False),
+    "raw backward float64 lse": lambda d: torch.ops.pirope.rope_attention_backward(
+        *_QKV4(d), *_QKV4(d)[:2], _e(1, 2, 4, dev=d, dtype=torch.float64), *_tabs(d), None, True, 0.1, False),
+    "raw backward float64 grad_out": lambda d: torch.ops.pirope.rope_attention_backward(
+        _e(1, 4, 2, 32, dev=d, dtype=torch.float64), *_QKV4(d), _e(1, 4, 2, 32, dev=d), _e(1, 2, 4, dev=d),
+        *_tabs(d), None, True, 0.1, False),
+    "raw backward float16 out": lambda d: torch.ops.pirope.rope_attention_backward(
+        *_QKV4(d), _e(1, 4, 2, 32, dev=d), _e(1, 4, 2, 32, dev=d, dtype=torch.half), _e(1, 2, 4, dev=d),
+        *_tabs(d), None, True, 0.1, False),
+}
+
+
+@pytest.mark.parametrize("case", list(_FAKE_CASES))
+def test_meta_tensors_reject_what_the_cpu_kernels_reject(case):
+    # the fake kernels (meta tensors, torch.compile's tracing) make the kernels' checks
+    call = _FAKE_CASES[case]
+    with pytest.raises((RuntimeError, IndexError, ValueError, TypeError)) as cpu:
+        call("cpu")
+    with pytest.raises((RuntimeError, IndexError, ValueError, TypeError)) as meta:
+        call("meta")
+    # about the same argument of the same op ("op: argument must ...")
+    subject = lambda e: str(e.value).split(" must ")[0]  # noqa: E731
+    assert subject(meta) == subject(cpu)
+
+
+def test_rope_attention_rejects_a_softmax_scale_past_the_float_range():
+    q = torch.randn(1, 4, 2, 32)
+    cos, sin = pirope.rope_cos_sin(pirope.rope_frequencies(32)[0], 4)
+    with pytest.raises(ValueError, match="softmax_scale must be finite"):
+        pirope.rope_attention(q, q, q, cos, sin, softmax_scale=10**400)

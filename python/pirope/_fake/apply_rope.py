@@ -30,7 +30,34 @@ def check_tables(op, x, cos, sin):
                  lambda: f"{op}: rotary_dim = 2 * cos.size(1) = {2 * cos.shape[1]} exceeds the head dim {x.shape[-1]}")
 
 
-def _check(op, cos, sin, *inputs):
+def check_positions(op, x, cos, position_ids):
+    """apply_rope.cpp's plan_positions (shapes, dtype) and, where the real kernels check
+    positions (CPU; meta stands in for it), the row count needed without position_ids.
+    x: the rotated input (4-D, or 3-D packed)."""
+    packed = x.dim() == 3
+    seqlen = x.shape[0] if packed else x.shape[1]
+    if position_ids is None:
+        if x.device.type != "cuda" and x.numel() > 0:
+            torch._check(seqlen <= cos.shape[0],
+                         lambda: f"{op}: position_ids is None, so positions run 0..{seqlen - 1}, but cos/sin have "
+                                 f"only {cos.shape[0]} rows")
+        return
+    torch._check(position_ids.dtype in (torch.int32, torch.int64),
+                 lambda: f"{op}: position_ids must be int32 or int64, got {position_ids.dtype}")
+    if packed:
+        torch._check(position_ids.dim() == 1 and position_ids.shape[0] == seqlen,
+                     lambda: f"{op}: for packed input (total_tokens, nheads, headdim) position_ids must be "
+                             f"(total_tokens,) = ({seqlen},), got shape {tuple(position_ids.shape)}")
+        return
+    batch = x.shape[0]
+    ok = ((position_ids.dim() == 1 and position_ids.shape[0] == seqlen)
+          or (position_ids.dim() == 2 and position_ids.shape[1] == seqlen
+              and position_ids.shape[0] in (batch, 1)))
+    torch._check(ok, lambda: f"{op}: position_ids must be (seqlen,) = ({seqlen},) or (batch, seqlen) = "
+                             f"({batch}, {seqlen}), got shape {tuple(position_ids.shape)}")
+
+
+def _check(op, cos, sin, *inputs, position_ids=None):
     """apply_rope.cpp's input checks of x, or of q and k (inputs: (name, tensor) pairs)."""
     for name, t in inputs:
         torch._check(t.dim() in (3, 4), lambda: f"{op}: {name} must be (batch, seqlen, nheads, headdim) or packed "
@@ -45,12 +72,13 @@ def _check(op, cos, sin, *inputs):
             torch._check(q.shape[d] == k.shape[d], lambda: f"{op}: {qn} and {kn} must agree on batch, seqlen and "
                                                            f"headdim, got shapes {tuple(q.shape)} and {tuple(k.shape)}")
     check_tables(op, inputs[0][1], cos, sin)
+    check_positions(op, inputs[0][1], cos, position_ids)
 
 
 @torch.library.register_fake("pirope::apply_rope")
 def _apply_rope(x, cos, sin, position_ids, interleaved):
     _check_devices("apply_rope", ("x", x), ("cos", cos), ("sin", sin), ("position_ids", position_ids))
-    _check("apply_rope", cos, sin, ("x", x))
+    _check("apply_rope", cos, sin, ("x", x), position_ids=position_ids)
     return torch.empty_like(x)
 
 
@@ -58,7 +86,7 @@ def _apply_rope(x, cos, sin, position_ids, interleaved):
 def _apply_rope_backward(grad, cos, sin, position_ids, interleaved):
     _check_devices("apply_rope_backward", ("grad", grad), ("cos", cos), ("sin", sin),
                    ("position_ids", position_ids))
-    _check("apply_rope_backward", cos, sin, ("grad", grad))
+    _check("apply_rope_backward", cos, sin, ("grad", grad), position_ids=position_ids)
     return torch.empty_like(grad)
 
 
@@ -66,7 +94,7 @@ def _apply_rope_backward(grad, cos, sin, position_ids, interleaved):
 def _apply_rope_qk(q, k, cos, sin, position_ids, interleaved):
     _check_devices("apply_rope_qk", ("q", q), ("k", k), ("cos", cos), ("sin", sin),
                    ("position_ids", position_ids))
-    _check("apply_rope_qk", cos, sin, ("q", q), ("k", k))
+    _check("apply_rope_qk", cos, sin, ("q", q), ("k", k), position_ids=position_ids)
     return torch.empty_like(q), torch.empty_like(k)
 
 
@@ -74,14 +102,14 @@ def _apply_rope_qk(q, k, cos, sin, position_ids, interleaved):
 def _apply_rope_qk_backward(grad_q, grad_k, cos, sin, position_ids, interleaved):
     _check_devices("apply_rope_qk_backward", ("grad_q", grad_q), ("grad_k", grad_k), ("cos", cos),
                    ("sin", sin), ("position_ids", position_ids))
-    _check("apply_rope_qk_backward", cos, sin, ("grad_q", grad_q), ("grad_k", grad_k))
+    _check("apply_rope_qk_backward", cos, sin, ("grad_q", grad_q), ("grad_k", grad_k), position_ids=position_ids)
     return torch.empty_like(grad_q), torch.empty_like(grad_k)
 
 
 @torch.library.register_fake("pirope::apply_rope_")
 def _apply_rope_(x, cos, sin, position_ids, interleaved):
     _check_devices("apply_rope_", ("x", x), ("cos", cos), ("sin", sin), ("position_ids", position_ids))
-    _check("apply_rope_", cos, sin, ("x", x))
+    _check("apply_rope_", cos, sin, ("x", x), position_ids=position_ids)
     return None
 
 
@@ -89,5 +117,5 @@ def _apply_rope_(x, cos, sin, position_ids, interleaved):
 def _apply_rope_qk_(q, k, cos, sin, position_ids, interleaved):
     _check_devices("apply_rope_qk_", ("q", q), ("k", k), ("cos", cos), ("sin", sin),
                    ("position_ids", position_ids))
-    _check("apply_rope_qk_", cos, sin, ("q", q), ("k", k))
+    _check("apply_rope_qk_", cos, sin, ("q", q), ("k", k), position_ids=position_ids)
     return None

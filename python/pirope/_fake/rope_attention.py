@@ -3,16 +3,20 @@
 after the shape and dtype checks of csrc/pirope/rope_attention.cpp, so that meta
 tensors (and torch.compile's tracing) reject what the real kernels reject."""
 
+import math
+
 import torch
 
-from .apply_rope import DTYPES, _check_devices, check_tables
+from .apply_rope import DTYPES, _check_devices, check_positions, check_tables
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _math_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check(op, q, k, v, cos, sin):
+def _check(op, q, k, v, cos, sin, position_ids, softmax_scale):
     for name, t, heads in (("q", q, "nheads_q"), ("k", k, "nheads_kv"), ("v", v, "nheads_kv")):
         torch._check(t.dim() == 4, lambda: f"{op}: {name} must be (batch, seqlen, {heads}, headdim), "
                                            f"got shape {tuple(t.shape)}")
@@ -30,7 +34,15 @@ def _check(op, q, k, v, cos, sin):
     torch._check(k.shape[2] >= 1, lambda: f"{op}: nheads_q must be a multiple of nheads_kv")
     torch._check(q.shape[2] % k.shape[2] == 0, lambda: f"{op}: nheads_q must be a multiple of nheads_kv, "
                                                        f"got nheads_q = {q.shape[2]} and nheads_kv = {k.shape[2]}")
+    torch._check(q.shape[3] >= 1, lambda: f"{op}: headdim must be >= 1, got shape {tuple(q.shape)}")
     check_tables(op, q, cos, sin)
+    # rope_attention.cpp's check_scale
+    torch._check(math.isfinite(softmax_scale) and softmax_scale > 0,
+                 lambda: f"{op}: softmax_scale must be finite and > 0, got {softmax_scale}")
+    torch._check(q.dtype == torch.float64 or softmax_scale <= _FLOAT32_MAX,
+                 lambda: f"{op}: softmax_scale must be at most {_FLOAT32_MAX} (the largest float32: {q.dtype} "
+                         f"inputs are computed in float32), got {softmax_scale}")
+    check_positions(op, q, cos, position_ids)
 
 
 @torch.library.register_fake("pirope::rope_attention")
@@ -38,7 +50,7 @@ def _rope_attention(q, k, v, cos, sin, position_ids, causal, softmax_scale, inte
                     deterministic=False):
     op = "rope_attention"
     _check_devices(op, ("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("position_ids", position_ids))
-    _check(op, q, k, v, cos, sin)
+    _check(op, q, k, v, cos, sin, position_ids, softmax_scale)
     out = q.new_empty(q.shape)
     lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_math_dtype(q.dtype))
     return out, lse
@@ -50,8 +62,15 @@ def _rope_attention_backward(grad_out, q, k, v, out, lse, cos, sin, position_ids
     op = "rope_attention_backward"
     _check_devices(op, ("q", q), ("grad_out", grad_out), ("k", k), ("v", v), ("out", out), ("lse", lse),
                    ("cos", cos), ("sin", sin), ("position_ids", position_ids))
-    _check(op, q, k, v, cos, sin)
-    for name, t in (("out", out), ("grad_out", grad_out)):
+    _check(op, q, k, v, cos, sin, position_ids, softmax_scale)
+    for name, t in (("grad_out", grad_out), ("out", out)):  # rope_attention.cpp's check_like_q
         torch._check(t.dim() == 4 and all(t.shape[d] == q.shape[d] for d in range(4)),
                      lambda: f"{op}: {name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+        torch._check(t.dtype == q.dtype, lambda: f"{op}: {name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    torch._check(lse.dim() == 3 and lse.shape[0] == q.shape[0] and lse.shape[1] == q.shape[2]
+                 and lse.shape[2] == q.shape[1],
+                 lambda: f"{op}: lse must be (batch, nheads_q, seqlen) = ({q.shape[0]}, {q.shape[2]}, {q.shape[1]}), "
+                         f"got shape {tuple(lse.shape)}")
+    torch._check(lse.dtype == _math_dtype(q.dtype),
+                 lambda: f"{op}: lse must be {_math_dtype(q.dtype)} (the forward's), got {lse.dtype}")
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
