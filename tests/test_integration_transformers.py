@@ -6,6 +6,7 @@ window 64) so the whole file runs in seconds on a CPU.
 """
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -72,18 +73,23 @@ def assert_same_grads(ga, gb):
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-5 * max(scale, 1e-3), msg=name)
 
 
-@pytest.fixture
-def fused_stand_in(monkeypatch):
-    """Spies on pirope.rope_attention: records the q shape of every fused call."""
+def _spy(monkeypatch, name):
+    """Spies on pirope.<name>: records the shape of the first argument of every call."""
     calls = []
-    real = pirope.rope_attention
+    real = getattr(pirope, name)
 
     def op(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pirope, "rope_attention", op)
+    monkeypatch.setattr(pirope, name, op)
     return calls
+
+
+@pytest.fixture
+def fused_stand_in(monkeypatch):
+    """Spies on pirope.rope_attention: records the q shape of every fused call."""
+    return _spy(monkeypatch, "rope_attention")
 
 
 # ---- (a) attention="sdpa": logits and gradients ----------------------------------------
@@ -422,3 +428,175 @@ def test_torch_compile_fullgraph_equals_transformers(base_model, attention):
         pos = torch.arange(300, 340)[None]
         assert_same_logits(compiled(x[:, :40], position_ids=pos, use_cache=False).logits,
                            ref(x[:, :40], position_ids=pos, use_cache=False).logits)
+
+
+# ---- (g) evaluation then training, torch.save / pickle ---------------------------------
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_training_step_after_an_inference_mode_forward_equals_transformers(base_model, attention):
+    # evaluation under torch.inference_mode() builds (and caches) the cos/sin table; the
+    # training step that follows saves that table for backward, so it must not be an
+    # inference tensor
+    if attention == "sdpa":
+        model = patch_rope(copy.deepcopy(base_model), attention="sdpa")
+        ref = copy.deepcopy(base_model)
+    else:
+        model = apply_position_interpolation(copy.deepcopy(base_model), 2.0, attention="fused")
+        ref = hf_pi_model(base_model, 2.0)
+    x = ids(2, 40)
+    with torch.inference_mode():
+        model(x)
+    model.zero_grad(set_to_none=True)
+    out = model(x, labels=x, use_cache=False)
+    out.loss.backward()
+    ref_out = ref(x, labels=x, use_cache=False)
+    ref_out.loss.backward()
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-5, atol=1e-6)
+    ga = model.model.layers[0].self_attn.q_proj.weight.grad
+    gb = ref.model.layers[0].self_attn.q_proj.weight.grad
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-5 * gb.abs().max().item())
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle", "deepcopy"])
+def test_saved_pickled_or_copied_patched_model_loads_and_still_runs_pirope(base_model, tmp_path, monkeypatch, how):
+    from pirope.integrations.transformers import PiropeRotaryEmbedding
+
+    model = apply_position_interpolation(copy.deepcopy(base_model), 2.0, attention="sdpa")
+    x = ids(1, 20)
+    with torch.no_grad():
+        before = model(x).logits
+    if how == "torch.save":
+        torch.save(model, tmp_path / "model.pt")
+        loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    elif how == "pickle":
+        loaded = pickle.loads(pickle.dumps(model))
+    else:
+        loaded = copy.deepcopy(model)
+    assert isinstance(loaded.model.rotary_emb, PiropeRotaryEmbedding)
+    calls = _spy(monkeypatch, "apply_rope_qk")
+    with torch.no_grad():
+        after = loaded(x).logits
+    assert len(calls) == 2  # one per layer: the loaded attention still rotates with pirope
+    assert_same_logits(after, before)
+    # the loaded attention forward runs the loaded module (its weights), not the original's
+    with torch.no_grad():
+        for p in loaded.model.layers[0].self_attn.parameters():
+            p.mul_(0.5)
+        assert not torch.allclose(loaded(x).logits, before)
+        assert_same_logits(model(x).logits, before)
+
+
+# ---- (h) Phi-3: patch_rope with a linear scaling dict ---------------------------------
+
+
+def test_phi3_patch_rope_linear_is_written_as_longrope_and_round_trips(tmp_path):
+    model = patch_rope(phi3_model(), {"rope_type": "linear", "factor": 2.0}, attention="sdpa")
+    params = model.config.rope_parameters
+    assert params["rope_type"] == "longrope" and params["attention_factor"] == 1.0
+    assert params["short_factor"] == params["long_factor"] == [2.0] * 8  # rotary_dim 16 // 2
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded.model.rotary_emb).__name__ == "Phi3RotaryEmbedding"  # no pirope inside
+    x = ids(2, 100)  # past original_max_position_embeddings too
+    with torch.no_grad():
+        assert_same_logits(loaded(x).logits, model(x).logits)
+        assert_same_logits(loaded(x[:, :30]).logits, model(x[:, :30]).logits)
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "yarn", "llama3"])
+def test_phi3_patch_rope_with_a_scaling_phi3_cannot_hold_is_refused_unchanged(rope_type):
+    model = phi3_model()
+    before = copy.deepcopy(model.config.rope_parameters)
+    scaling = {"rope_type": rope_type, "factor": 2.0}
+    if rope_type == "llama3":
+        scaling.update(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=WINDOW)
+    with pytest.raises(ValueError, match="scaling"):
+        patch_rope(model, scaling, attention="sdpa")
+    assert model.config.rope_parameters == before
+    assert model.config.max_position_embeddings == WINDOW
+    assert type(model.model.rotary_emb).__name__ == "Phi3RotaryEmbedding"
+    assert "forward" not in vars(model.model.layers[0].self_attn)  # attention not patched either
+
+
+# ---- (i) factors and windows past int64 --------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"factor": 1e300}, "factor"),
+    ({"factor": 1e308}, "factor"),
+    ({"max_position_embeddings": 10**400}, "max_position_embeddings"),
+])
+def test_window_past_int64_is_a_value_error_naming_the_argument(base_model, kwargs, name):
+    m = copy.deepcopy(base_model)
+    with pytest.raises(ValueError, match=name):
+        apply_position_interpolation(m, **kwargs)
+    assert m.config.rope_parameters == {"rope_type": "default", "rope_theta": THETA}
+    assert m.config.max_position_embeddings == WINDOW
+    assert type(m.model.rotary_emb).__name__ == "LlamaRotaryEmbedding"
+
+
+# ---- (j) negative position_ids (cumsum - 1 at left padding) ---------------------------
+
+
+@pytest.mark.parametrize("how", ["patch_rope-sdpa", "pi-1.0-fused", "pi-2.0-fused"])
+def test_negative_position_ids_at_left_padding_equal_transformers(base_model, how):
+    if how == "patch_rope-sdpa":
+        model = patch_rope(copy.deepcopy(base_model), attention="sdpa")
+        ref = base_model
+    else:
+        factor = float(how.split("-")[1])
+        model = apply_position_interpolation(copy.deepcopy(base_model), factor, attention="fused")
+        ref = hf_pi_model(base_model, factor)
+    x = ids(2, 30)
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :7] = 0
+    pos = mask.cumsum(-1) - 1  # -1 at the padded tokens, as generate() / many trainers write it
+    assert pos.min() == -1
+    with torch.no_grad():
+        a = model(x, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        b = ref(x, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    assert_same_logits(a[0], b[0])
+    assert_same_logits(a[1, 7:], b[1, 7:])
+
+
+# ---- (k) partial_rotary_factor on a llama config ----------------------------------------
+
+
+def test_llama_config_with_partial_rotary_factor_is_interpolated_like_transformers(base_model, tmp_path):
+    # transformers' default RoPE ignores partial_rotary_factor for llama (rotates the whole head)
+    rope = {"rope_type": "default", "rope_theta": THETA, "partial_rotary_factor": 0.5}
+    model = transformers.LlamaForCausalLM(llama_config(rope=rope)).eval()
+    model.load_state_dict(base_model.state_dict())
+    apply_position_interpolation(model, 2.0, attention="fused")
+    assert "partial_rotary_factor" not in model.config.rope_parameters
+    assert model.config.rope_parameters == linear(2.0)
+    ref = hf_pi_model(base_model, 2.0)
+    x = ids(2, 100)
+    with torch.no_grad():
+        got = model(x).logits
+        assert_same_logits(got, ref(x).logits)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded.model.rotary_emb).__name__ == "LlamaRotaryEmbedding"
+    with torch.no_grad():
+        assert_same_logits(loaded(x).logits, got)
+
+
+# ---- (l) huge position offsets ---------------------------------------------------------
+
+
+def test_huge_position_offset_builds_only_its_rows_and_equals_relative_positions(base_model):
+    # RoPE attention depends on relative positions only: positions 5_000_000 .. +7 give the
+    # logits of positions 0 .. 7 (transformers' own model at 0..7 is the reference; its
+    # float32 angles at 5e6 would be off by ~0.3 rad, so it is not run there)
+    model = patch_rope(copy.deepcopy(base_model), attention="sdpa")
+    x = ids(1, 8)
+    pos = torch.arange(8)[None] + 5_000_000
+    with torch.no_grad():
+        tables = model.model.rotary_emb(torch.zeros(1, 8, 64), pos)
+        a = model(x, position_ids=pos, use_cache=False).logits
+        b = base_model(x, position_ids=torch.arange(8)[None], use_cache=False).logits
+    assert tables.cos.shape[0] < 100_000
+    assert all(cos.shape[0] < 100_000 for _, cos, _ in model.model.rotary_emb._cache.values())
+    assert_same_logits(a, b)

@@ -50,6 +50,10 @@ the projections produce, no copies) and then:
 The table is float32 whatever the model's dtype (``model.half()`` does not round it)
 and lives on the device of the hidden states. Finding the table length needs the
 largest position id on the host: one device sync per model forward (not per layer).
+The table grows to at least twice its size, so decoding past it rebuilds rarely;
+positions too sparse for a table (a huge offset, a padding sentinel, a "dynamic"
+decode step past the window, whose table would serve one length only) get the rows of
+their own positions instead, so memory and time follow the call, not the largest id.
 Under ``torch.compile`` (where that sync would break the graph) the rows of the
 forward's own positions are built instead, for every type except "dynamic" and
 "longrope", so ``torch.compile(model, fullgraph=True)`` works as with transformers.
@@ -72,17 +76,17 @@ positions and are the more accurate of the two at long ones.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import sys
-import types
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 import pirope
-from pirope.frequencies import FrequencyPlan
+from pirope.frequencies import FrequencyPlan, tables_outside_inference_mode
 from pirope.scaling import normalize_scaling
 
 __all__ = [
@@ -114,6 +118,8 @@ SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 # Phi3Config rejects "linear"): Position Interpolation is written there as the LongRoPE
 # scaling it is a special case of (see _linear_as_longrope).
 _LONGROPE_ONLY = ("phi3",)
+
+_MAX_WINDOW = 2**63 - 1  # a context window is an int64 position count
 
 
 class RopeTables(NamedTuple):
@@ -151,9 +157,9 @@ class PiropeRotaryEmbedding(nn.Module):
                                    scaling=scaling, partial_rotary_factor=partial_rotary_factor)
         self.head_dim = head_dim
         self.max_position_embeddings = max_position_embeddings
-        self.base = base
+        self.base = self._plan.base  # the values in effect (a scaling dict may carry its own)
         self.scaling = self._plan.scaling
-        self.partial_rotary_factor = partial_rotary_factor
+        self.partial_rotary_factor = self._plan.partial_rotary_factor
         self.rope_type = self._plan.rope_type
         self._static = self._plan.static
         self._cache: dict[Any, tuple[Any, torch.Tensor, torch.Tensor]] = {}  # device -> (key, cos, sin)
@@ -176,39 +182,54 @@ class PiropeRotaryEmbedding(nn.Module):
     def attention_scaling(self) -> float:
         return self._static[1]
 
-    def tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, length: int, device, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """float32 ``(cos, sin)`` covering positions ``0 .. length-1`` (at least), for a
-        sequence whose largest position is ``length - 1``."""
+        sequence whose largest position is ``length - 1``; ``None`` when a call of
+        ``count`` positions is too sparse for a table (see ``FrequencyPlan.table_rows``)."""
         device = torch.device(device)
         key = self._plan.key(length)
         hit = self._cache.get(device)
-        if hit is not None and hit[0] == key and hit[1].shape[0] >= length:
+        cached = hit[1].shape[0] if hit is not None and hit[0] == key else 0
+        if cached >= length:
             return hit[1], hit[2]
-        inv_freq, attention_factor = self._static if key is None else self._plan.frequencies(key)
-        size = max(length, self.max_position_embeddings)
-        if hit is not None and hit[0] == key and key is None:
-            size = max(size, 2 * hit[1].shape[0])  # amortised growth while decoding
-        cos, sin = pirope.rope_cos_sin(inv_freq.to(device), size, attention_factor)
+        size = self._plan.table_rows(key, length, length if count is None else count, cached)
+        if size is None:
+            return None
+        with tables_outside_inference_mode():  # cached: later training steps save it for backward
+            inv_freq, attention_factor = self._static if key is None else self._plan.frequencies(key)
+            cos, sin = pirope.rope_cos_sin(inv_freq.to(device), size, attention_factor)
         self._cache[device] = (key, cos, sin)
         return cos, sin
 
+    def _own_rows(self, key, position_ids: torch.Tensor, device) -> RopeTables:
+        # the rows of exactly these positions (same float64 angles, so the same values
+        # as a table's), indexed 0..n-1
+        inv_freq, attention_factor = self._static if key is None else self._plan.frequencies(key)
+        cos, sin = pirope.rope_cos_sin(inv_freq.to(device), position_ids.reshape(-1), attention_factor)
+        rows = torch.arange(position_ids.numel(), device=position_ids.device).view(position_ids.shape)
+        return RopeTables(cos, sin, rows)
+
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> RopeTables:
+        if position_ids is not None and position_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"pirope rotary embedding: position_ids must be int32 or int64, got {position_ids.dtype}")
         if (torch.compiler.is_compiling() and not self._plan.length_dependent
                 and position_ids is not None and position_ids.numel() > 0):
             # Under torch.compile the table's length (the largest position, a value on
             # the device) would need a host sync, which breaks the graph: build the rows
-            # of exactly these positions instead (same float64 angles, so the same
-            # values) and index them 0..n-1. dynamic/longrope need that length anyway.
-            cos, sin = pirope.rope_cos_sin(self.inv_freq.to(x.device), position_ids.reshape(-1),
-                                           self.attention_factor)
-            rows = torch.arange(position_ids.numel(), device=position_ids.device).view(position_ids.shape)
-            return RopeTables(cos, sin, rows)
+            # of exactly these positions instead. dynamic/longrope need that length anyway.
+            return self._own_rows(None, position_ids, x.device)
         if position_ids is None or position_ids.numel() == 0:
             length = x.shape[1] if x.dim() >= 2 else 1
+            count = None
         else:
-            length = int(position_ids.max()) + 1
-        cos, sin = self.tables(max(length, 1), x.device)
-        return RopeTables(cos, sin, position_ids)
+            low, high = (int(v) for v in torch.aminmax(position_ids))
+            length, count = high + 1, position_ids.numel()
+            if low < 0:  # transformers rotates them by negative angles (e.g. cumsum - 1 at padding)
+                return self._own_rows(self._plan.key(max(length, 1)), position_ids, x.device)
+        tables = self.tables(max(length, 1), x.device, count)
+        if tables is None:  # a huge offset, a padding sentinel, a dynamic decode step
+            return self._own_rows(self._plan.key(length), position_ids, x.device)
+        return RopeTables(tables[0], tables[1], position_ids)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, "
@@ -392,7 +413,8 @@ def _can_fuse(attn, attention_mask, cache, kwargs) -> bool:
 def _pirope_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                               **kwargs):
     """The patched ``self_attn.forward`` (bound to each attention module with
-    types.MethodType, so copy.deepcopy of a patched model rebinds it to the copy)."""
+    functools.partial, so copy.deepcopy and pickling of a patched model rebind it to the
+    copy)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if "past_key_values" in kwargs and cache is None:  # deprecated alias of `cache`
@@ -479,11 +501,23 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
             raise TypeError(
                 f"scaling must be None or a dict in Hugging Face rope_parameters form, got {type(scaling).__name__}")
         new = normalize_scaling(scaling)  # validates (raises ValueError/TypeError naming the key)
-        for key in ("rope_theta", "partial_rotary_factor"):
+        if new is None:
+            new = {"rope_type": "default"}
+        # transformers' llama/mistral/qwen2 ignore partial_rotary_factor for plain RoPE and
+        # fail with it otherwise: it is kept only where the architecture rotates part of a head
+        keep = ("rope_theta", "partial_rotary_factor") if partial_supported else ("rope_theta",)
+        for key in keep:
             if key not in new and key in params:
                 new[key] = params[key]
         if new["rope_type"] in ("llama3", "yarn", "longrope"):
             new.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+        if model_type in _LONGROPE_ONLY and new["rope_type"] not in ("default", "longrope"):
+            if new["rope_type"] != "linear":
+                raise ValueError(
+                    f"scaling: model_type {model_type!r} (transformers' config class) accepts only rope_type "
+                    f"'default' or 'longrope' ('linear' is written as the equal LongRoPE), got {new['rope_type']!r}")
+            new.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+            new = _linear_as_longrope(config, params, attns[0].head_dim, new, config.max_position_embeddings)
         params = new
     head_dim = attns[0].head_dim
     head_dim, theta, pirope_scaling, partial = _rope_setup(model, model_type, partial_supported, params, head_dim)
@@ -497,7 +531,9 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
         attn._pirope_proj = proj
         attn._pirope_window = window
         attn._pirope_attention = mode
-        attn.forward = types.MethodType(_pirope_attention_forward, attn)
+        # a partial of a module-level function pickles (torch.save(model), multiprocessing)
+        # and deep-copies onto the copy; a bound MethodType would not unpickle
+        attn.forward = functools.partial(_pirope_attention_forward, attn)
     return model
 
 
@@ -557,7 +593,7 @@ def apply_position_interpolation(
             ``rope_type`` is not "default"/"linear" (or PI written as LongRoPE, as
             above), or an unknown ``attention``.
     """
-    model_type, (proj, _, _) = _family(model)
+    _family(model)  # TypeError for an unsupported model, before anything else
     if not isinstance(attention, str) or attention not in _ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(map(repr, _ATTENTION_MODES))}, got {attention!r}")
     if (factor is None) == (max_position_embeddings is None):
@@ -573,13 +609,18 @@ def apply_position_interpolation(
         if not math.isfinite(factor) or factor < 1:
             raise ValueError(
                 f"factor must be a finite number >= 1 (Position Interpolation extends the window), got {factor}")
-        new_window = int(round(old_window * factor))
+        new_window = old_window * factor
+        if new_window > _MAX_WINDOW:
+            raise ValueError(f"factor={factor} gives a window of {new_window:.3g} positions, past int64")
+        new_window = int(round(new_window))
     else:
         if isinstance(max_position_embeddings, bool) or not isinstance(max_position_embeddings, numbers.Integral):
             raise TypeError(
                 f"max_position_embeddings must be an int, got {type(max_position_embeddings).__name__} "
                 f"{max_position_embeddings!r}")
         new_window = int(max_position_embeddings)
+        if new_window > _MAX_WINDOW:
+            raise ValueError(f"max_position_embeddings must fit in int64, got {new_window}")
         if new_window <= old_window:
             raise ValueError(
                 f"max_position_embeddings={new_window} must be larger than the model's window "
@@ -594,11 +635,8 @@ def apply_position_interpolation(
             f"config.rope_parameters={params!r}")
     new_params = {"rope_type": "linear", "factor": old_factor * factor,
                   "rope_theta": params.get("rope_theta", getattr(config, "rope_theta", 10000.0))}
-    if "partial_rotary_factor" in params:
-        new_params["partial_rotary_factor"] = params["partial_rotary_factor"]
-    if model_type in _LONGROPE_ONLY:
-        head_dim = _attention_modules(model, proj)[1][0].head_dim
-        new_params = _linear_as_longrope(config, params, head_dim, new_params, old_window)
+    # patch_rope keeps the config's partial_rotary_factor where the architecture has one and
+    # writes "linear" as LongRoPE where the config class accepts nothing else (Phi-3)
 
     patch_rope(model, new_params, attention=attention)  # validates everything before changing the model
     config.max_position_embeddings = new_window
