@@ -204,10 +204,34 @@ def test_inplace_qk_with_autograd_rejects_overlapping_views(device):
     base = h * 1
     with pytest.raises(RuntimeError, match="q and k share memory"):
         pirope.apply_rope_qk(base[:, :, :4], base[:, :, :4], cos, sin, inplace=True)
-    # disjoint views of one buffer (a fused qkv) are fine
+    # disjoint views of one buffer (a fused qkv) are fine, as are head slices of two
+    # buffers (torch answers "too hard" for any non-dense pair; offsets of different
+    # storages must not be compared)
     base = h * 1
     q, k = pirope.apply_rope_qk(base[:, :, :4], base[:, :, 4:6], cos, sin, inplace=True)
     torch.testing.assert_close(q.double(), rope_reference((h * 1)[:, :, :4].detach(), cos, sin))
+    for grad in (True, False):
+        a, b = (torch.randn(1, 8, 4, 16, device=device, requires_grad=grad) * 1 for _ in range(2))
+        original = b[:, :, :2].detach().clone()
+        q, k = pirope.apply_rope_qk(a[:, :, :2], b[:, :, :2], cos, sin, inplace=True)
+        torch.testing.assert_close(k.detach().double(), rope_reference(original, cos, sin))
+
+
+def test_inplace_qk_with_autograd_checks_everything_before_writing(device):
+    # q and k are rotated one launch each on this path: a k the single launch would
+    # reject must leave q untouched (and a packed k over q's memory must not pass)
+    cos, sin = tables(16, 8, device)
+    h = torch.randn(1, 8, 2, 16, device=device, requires_grad=True)
+    cases = [(lambda b: (b, b.view(8, 2, 16)), "same rank"),
+             (lambda b: (b, torch.randn(1, 8, 2, 16, device=device, dtype=torch.float64)), "same dtype"),
+             (lambda b: (b, torch.randn(1, 8, 1, 12, device=device)), "agree on batch, seqlen and headdim")]
+    for make, match in cases:
+        base = h * 1
+        q, k = make(base)
+        before = q.detach().clone()
+        with pytest.raises(RuntimeError, match=match):
+            pirope.apply_rope_qk(q, k, cos, sin, inplace=True)
+        assert torch.equal(q.detach(), before)
 
 
 def test_inplace_rotation_bumps_the_version_counter(device):
@@ -217,14 +241,19 @@ def test_inplace_rotation_bumps_the_version_counter(device):
     for rotate in (lambda x: pirope.apply_rope(x, cos, sin, inplace=True),
                    lambda x: pirope.apply_rope_qk(x[:, :, :2], x[:, :, 2:], cos, sin, inplace=True),
                    lambda x: torch.ops.pirope.apply_rope_(x, cos, sin, None, False)):
-        x = torch.randn(1, 8, 4, 16, device=device)
-        w = torch.randn(1, 8, 4, 16, device=device, requires_grad=True)
-        z = (x * w).sum()  # saves x
-        before = x._version
-        rotate(x)
-        assert x._version > before
-        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-            z.backward()
+        for inference in (False, True):  # also inside inference_mode, as for torch's ops
+            x = torch.randn(1, 8, 4, 16, device=device)
+            w = torch.randn(1, 8, 4, 16, device=device, requires_grad=True)
+            z = (x * w).sum()  # saves x
+            before = x._version
+            if inference:
+                with torch.inference_mode():
+                    rotate(x)
+            else:
+                rotate(x)
+            assert x._version > before
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                z.backward()
 
 
 def test_raw_inplace_ops_refuse_what_torchs_inplace_ops_refuse(device):
@@ -256,6 +285,10 @@ def test_forward_mode_ad_is_refused_not_silently_zero(device):
     for call in calls:
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
             torch.func.jvp(call, (x,), (t,))
+        # a jvp with respect to something else: the op's inputs carry no tangent
+        y = torch.randn(3, device=device, dtype=torch.float64)
+        out, tangent = torch.func.jvp(lambda b: call(x).sum() * b.sum(), (y,), (torch.ones_like(y),))
+        torch.testing.assert_close(tangent, call(x).sum() * 3)
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
             torch.func.jacfwd(call)(x[:, :2])
         with fwAD.dual_level():

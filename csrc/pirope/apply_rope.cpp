@@ -2,6 +2,11 @@
 // planning, and the C++ API that calls the dispatcher.
 #include "apply_rope.h"
 
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <vector>
+
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -140,12 +145,62 @@ at::Tensor element_offsets(const at::Tensor& a) {
 
 bool unit_features(const at::Tensor& a) { return a.size(3) <= 1 || a.stride(3) == 1; }
 
+// No two elements of x share memory when, with its dims ordered by stride, every
+// stride is at least the span of the smaller ones (any slice or permutation of a dense
+// tensor): decided from sizes and strides alone, before the exact comparisons below.
+bool strides_separate(const at::Tensor& x) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (x.size(d) > 1) dims.emplace_back(x.stride(d), x.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 1;  // largest offset reached by the smaller dims, plus one
+  for (const auto& [stride, size] : dims) {
+    if (stride < span) return false;
+    span += stride * (size - 1);
+  }
+  return true;
+}
+
+// Rows of a 4-D view (unit feature stride) that form one grid: row r of the
+// batch * seqlen rows starts at storage_offset + r * stride, and each row's heads are
+// packed (heads * headdim elements from the row start). Returns {stride, rows, width}
+// or {0, 0, 0} when the view is not laid out so (then the exact comparison is used).
+std::array<int64_t, 3> row_grid(const at::Tensor& a) {
+  const int64_t b = a.size(0), s = a.size(1), h = a.size(2), d = a.size(3);
+  if (!unit_features(a) || (h > 1 && a.stride(2) != d)) return {0, 0, 0};
+  int64_t stride = a.stride(1);
+  if (s == 1) stride = a.stride(0);
+  else if (b > 1 && a.stride(0) != s * a.stride(1)) return {0, 0, 0};
+  return {stride, b * s, h * d};
+}
+
+// Floor and ceiling of n / d for d > 0 and any sign of n.
+int64_t floor_div(int64_t n, int64_t d) { return n >= 0 ? n / d : -((-n + d - 1) / d); }
+int64_t ceil_div(int64_t n, int64_t d) { return -floor_div(-n, d); }
+
+// q and k as rows of one grid (same stride g and row count, each row's width within
+// the stride, e.g. the q and k slices of a fused qkv projection): element cq of q's
+// row i is at oq + i g + cq, element ck of k's row j at ok + j g + ck, so they meet iff
+// (i - j) g = delta + ck - cq for delta = ok - oq, i.e. iff some m = i - j in
+// [-(rows-1), rows-1] lies in the open interval ((delta - wq) / g, (delta + wk) / g).
+// O(1), no allocation.
+std::optional<bool> grid_rows_overlap(const at::Tensor& q4, const at::Tensor& k4) {
+  const auto [gq, rq, wq] = row_grid(q4);
+  const auto [gk, rk, wk] = row_grid(k4);
+  if (gq == 0 || gq != gk || rq != rk || wq > gq || wk > gq) return std::nullopt;
+  const int64_t delta = k4.storage_offset() - q4.storage_offset();
+  const int64_t lo = std::max(floor_div(delta - wq, gq) + 1, -(rq - 1));
+  const int64_t hi = std::min(ceil_div(delta + wk, gq) - 1, rq - 1);
+  return lo <= hi;
+}
+
 // Whether two elements of x share memory (its in-place rotation would be garbage).
 // torch answers "too hard" for overlapping layouts other than expanded dims: then the
 // rows (or, with a non-unit feature stride, the elements) are compared exactly.
 bool shares_elements(const at::Tensor& x) {
   const auto status = at::has_internal_overlap(x);
   if (status != at::MemOverlap::TooHard || x.numel() <= 1) return status == at::MemOverlap::Yes;
+  if (strides_separate(x)) return false;
   const at::Tensor x4 = as_4d(x);
   if (unit_features(x4)) {  // rows of size(3) elements: sorted starts at least a row apart
     const auto starts = std::get<0>(row_starts(x4).sort());
@@ -158,13 +213,20 @@ bool shares_elements(const at::Tensor& x) {
 // q and k rotated in place must not share an element (one would be rotated twice).
 void check_disjoint(const char* op, const char* qname, const char* kname, const at::Tensor& q,
                     const at::Tensor& k) {
+  // Offsets below count elements: q and k have one dtype (checked before). Tensors of
+  // different storages never overlap (torch says "too hard" for any non-dense one).
+  if (q.numel() == 0 || k.numel() == 0 || !q.storage().is_alias_of(k.storage())) return;
   const auto status = at::get_overlap_status(q, k);
   bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
   if (status == at::MemOverlapStatus::TooHard) {  // strided views of one storage, e.g. q/k of a fused qkv
     const at::Tensor q4 = as_4d(q), k4 = as_4d(k);
-    overlap = unit_features(q4) && unit_features(k4)
-                  ? rows_overlap(q4, k4)
-                  : at::isin(element_offsets(k4), element_offsets(q4)).any().item<bool>();
+    if (const auto grid = grid_rows_overlap(q4, k4)) {
+      overlap = *grid;
+    } else {
+      overlap = unit_features(q4) && unit_features(k4)
+                    ? rows_overlap(q4, k4)
+                    : at::isin(element_offsets(k4), element_offsets(q4)).any().item<bool>();
+    }
   }
   TORCH_CHECK(!overlap, op, ": ", qname, " and ", kname,
               " share memory and cannot both be rotated in place");

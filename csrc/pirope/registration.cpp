@@ -55,40 +55,52 @@ TORCH_LIBRARY(pirope, m) {
 }
 
 // The in-place rotary ops as autograd sees them (the Python API wraps them in a
-// differentiable Function, under which grad mode is off; direct calls get only this):
-// like any in-place op they bump the version counter of what they write, so a tensor
-// saved for backward and then rotated in place is caught at backward instead of
-// giving wrong gradients; they refuse a tensor that requires grad (they have no
-// derivative of their own) and, like torch's in-place ops, an inference tensor
-// outside inference mode. torch's autograd fallbacks bump only returned tensors, and
-// these ops return nothing (as torch.compile's functionalization wants).
+// differentiable Function, under which grad mode is off; direct calls get only this),
+// layered like torch's own in-place ops: the ADInplaceOrView kernel bumps the version
+// counter of what they write (also inside inference_mode for normal tensors; for an
+// inference tensor outside it, bumping raises as for torch's ops), so a tensor saved
+// for backward and then rotated in place is caught at backward instead of giving wrong
+// gradients; the Autograd kernel refuses a tensor that requires grad (the raw op has
+// no derivative). torch's fallbacks bump only returned tensors, and these ops return
+// nothing (as torch.compile's functionalization wants), hence these kernels.
 namespace {
-void rotate_in_place_without_derivative(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
-                                        torch::jit::Stack* stack) {
+template <typename F>
+void for_each_written(const c10::OperatorHandle& op, torch::jit::Stack* stack, F f) {
   const auto& arguments = op.schema().arguments();
   const size_t first = stack->size() - arguments.size();
   for (size_t i = 0; i < arguments.size(); ++i) {
     const auto* alias = arguments[i].alias_info();
-    if (alias == nullptr || !alias->isWrite()) continue;
-    const at::Tensor& t = (*stack)[first + i].toTensor();
-    const std::string& name = arguments[i].name();
+    if (alias != nullptr && alias->isWrite()) f(arguments[i].name(), (*stack)[first + i].toTensor());
+  }
+}
+
+void refuse_requires_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                          torch::jit::Stack* stack) {
+  for_each_written(op, stack, [&](const std::string& name, const at::Tensor& t) {
     TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), op.schema().name(), ": ", name,
                 " requires grad; the raw in-place op has no derivative, use "
                 "pirope.apply_rope / apply_rope_qk(..., inplace=True), which are differentiable");
-    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), op.schema().name(), ": ",
-                name, " is an inference tensor, which cannot be modified in place outside "
-                "torch.inference_mode()");
-    torch::autograd::impl::bump_version(t);
-  }
+  });
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+void bump_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  for_each_written(op, stack, [](const std::string&, const at::Tensor& t) {
+    torch::autograd::impl::bump_version(t);  // raises for an inference tensor outside inference_mode
+  });
   at::AutoDispatchBelowADInplaceOrView guard;
   op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
 }
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pirope, Autograd, m) {
-  m.impl("apply_rope_", torch::CppFunction::makeFromBoxedFunction<&rotate_in_place_without_derivative>());
-  m.impl("apply_rope_qk_",
-         torch::CppFunction::makeFromBoxedFunction<&rotate_in_place_without_derivative>());
+  m.impl("apply_rope_", torch::CppFunction::makeFromBoxedFunction<&refuse_requires_grad>());
+  m.impl("apply_rope_qk_", torch::CppFunction::makeFromBoxedFunction<&refuse_requires_grad>());
+}
+TORCH_LIBRARY_IMPL(pirope, ADInplaceOrView, m) {
+  m.impl("apply_rope_", torch::CppFunction::makeFromBoxedFunction<&bump_versions>());
+  m.impl("apply_rope_qk_", torch::CppFunction::makeFromBoxedFunction<&bump_versions>());
 }
 
 namespace pirope {

@@ -39,14 +39,30 @@ def number(op: str, name: str, value, *, positive: bool = False) -> float:
     return value
 
 
+def _jvp_levels() -> set:
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return {level.level() for level in stack if level.key() == torch._C._functorch.TransformType.Jvp}
+
+
+def _carries_jvp_tangent(t, levels) -> bool:
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.maybe_get_level(t) in levels:
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 def no_forward_ad(op: str, *tensors) -> None:
     """Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is not
     supported: torch gives custom ops no jvp rule and would return zero (or no)
-    tangents silently, so it is refused here instead."""
+    tangents silently, so a tensor that carries a tangent is refused here instead
+    (tensors without one, e.g. constants inside a jvp, pass). Not checked inside
+    torch.compile, which cannot trace the check."""
     if torch.compiler.is_compiling():
         return
-    stack = torch._C._functorch.get_interpreter_stack()
-    if stack and any(level.key() == torch._C._functorch.TransformType.Jvp for level in stack):
+    levels = _jvp_levels()
+    if levels and any(t is not None and _carries_jvp_tangent(t, levels) for t in tensors):
         raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp, jacfwd) is not supported; "
                                   "use reverse mode (loss.backward(), torch.autograd.grad)")
     if torch.autograd.forward_ad._current_level >= 0:

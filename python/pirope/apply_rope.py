@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _extension
+from ._fake import apply_rope as _fake_checks
 from ._extension import require_cuda_build
 
 __all__ = ["apply_rope", "apply_rope_qk"]
@@ -121,9 +122,12 @@ def apply_rope_qk(
             return _RopeInplace.apply(q, k, cos, sin, position_ids, interleaved)
         # Autograd lets a Function that modifies a view in place return only that one
         # tensor, and q and k are usually views (of a projection, of a fused qkv): one
-        # launch each, then, after the check the single launch makes (q and k share no
-        # element; torch.compile cannot trace it, and functionalizes the writes anyway).
-        if not compiling and q.dim() in (3, 4) and k.dim() == q.dim():
+        # launch each, then, after every check the single launch makes, so that nothing
+        # is written unless both can be (shapes, dtypes, devices, tables, positions as
+        # the fake kernel checks them; then that q and k share no element, which
+        # torch.compile cannot trace: it functionalizes the writes anyway).
+        if not compiling:
+            _fake_checks.check_qk("apply_rope_qk", q, k, cos, sin, position_ids)
             _extension._C.check_rope_inplace(q, k)
         return tuple(apply_rope(t, cos, sin, position_ids, interleaved=interleaved, inplace=True) for t in (q, k))
     torch.ops.pirope.apply_rope_qk_(q, k, cos, sin, position_ids, interleaved)

@@ -30,14 +30,15 @@ def check_tables(op, x, cos, sin):
                  lambda: f"{op}: rotary_dim = 2 * cos.size(1) = {2 * cos.shape[1]} exceeds the head dim {x.shape[-1]}")
 
 
-def check_positions(op, x, cos, position_ids):
+def check_positions(op, x, cos, position_ids, any_elements=True):
     """apply_rope.cpp's plan_positions (shapes, dtype) and, where the real kernels check
-    positions (CPU; meta stands in for it), the row count needed without position_ids.
-    x: the rotated input (4-D, or 3-D packed)."""
+    positions (CPU; meta stands in for it) and there is something to rotate, the row
+    count needed without position_ids. x: the rotated input (4-D, or 3-D packed)."""
     packed = x.dim() == 3
     seqlen = x.shape[0] if packed else x.shape[1]
+    rows = seqlen if packed else x.shape[0] * seqlen
     if position_ids is None:
-        if x.device.type != "cuda" and x.numel() > 0:
+        if x.device.type != "cuda" and any_elements and rows > 0:
             torch._check(seqlen <= cos.shape[0],
                          lambda: f"{op}: position_ids is None, so positions run 0..{seqlen - 1}, but cos/sin have "
                                  f"only {cos.shape[0]} rows")
@@ -72,7 +73,15 @@ def _check(op, cos, sin, *inputs, position_ids=None):
             torch._check(q.shape[d] == k.shape[d], lambda: f"{op}: {qn} and {kn} must agree on batch, seqlen and "
                                                            f"headdim, got shapes {tuple(q.shape)} and {tuple(k.shape)}")
     check_tables(op, inputs[0][1], cos, sin)
-    check_positions(op, inputs[0][1], cos, position_ids)
+    # the kernels return early only when every rotated tensor is empty
+    check_positions(op, inputs[0][1], cos, position_ids, any_elements=any(t.numel() > 0 for _, t in inputs))
+
+
+def check_qk(op, q, k, cos, sin, position_ids):
+    """The checks of the qk ops (devices, shapes, dtypes, tables, position_ids), for a
+    caller that rotates q and k in two launches and must not write q if k fails."""
+    _check_devices(op, ("q", q), ("k", k), ("cos", cos), ("sin", sin), ("position_ids", position_ids))
+    _check(op, cos, sin, ("q", q), ("k", k), position_ids=position_ids)
 
 
 @torch.library.register_fake("pirope::apply_rope")
@@ -92,9 +101,7 @@ def _apply_rope_backward(grad, cos, sin, position_ids, interleaved):
 
 @torch.library.register_fake("pirope::apply_rope_qk")
 def _apply_rope_qk(q, k, cos, sin, position_ids, interleaved):
-    _check_devices("apply_rope_qk", ("q", q), ("k", k), ("cos", cos), ("sin", sin),
-                   ("position_ids", position_ids))
-    _check("apply_rope_qk", cos, sin, ("q", q), ("k", k), position_ids=position_ids)
+    check_qk("apply_rope_qk", q, k, cos, sin, position_ids)
     return torch.empty_like(q), torch.empty_like(k)
 
 
@@ -115,7 +122,5 @@ def _apply_rope_(x, cos, sin, position_ids, interleaved):
 
 @torch.library.register_fake("pirope::apply_rope_qk_")
 def _apply_rope_qk_(q, k, cos, sin, position_ids, interleaved):
-    _check_devices("apply_rope_qk_", ("q", q), ("k", k), ("cos", cos), ("sin", sin),
-                   ("position_ids", position_ids))
-    _check("apply_rope_qk_", cos, sin, ("q", q), ("k", k), position_ids=position_ids)
+    check_qk("apply_rope_qk_", q, k, cos, sin, position_ids)
     return None
