@@ -154,14 +154,21 @@ def test_threads_sharing_a_length_dependent_module_get_their_own_tables():
 
 
 def test_builds_under_a_meta_device_context_and_reset_parameters_restores_after_to_empty():
-    # the large-model init flow: build under torch.device("meta"), to_empty(), reset
+    # the large-model init flow: build under torch.device("meta") (buffers on the default
+    # device, like parameters), to_empty(), reset_parameters()
     with torch.device("meta"):
         rope = pirope.RotaryEmbedding(32, max_position_embeddings=16, scaling={"rope_type": "linear", "factor": 2.0})
         inv_freq, _ = pirope.rope_frequencies(32)
-    assert inv_freq.device.type == "cpu"
+    assert inv_freq.device.type == "cpu"  # frequencies are computed on the CPU
+    assert rope.inv_freq.device.type == rope.cos.device.type == "meta"
+    # meta buffers survive dtype moves and growth (no values are read)
+    rope.half()
+    rope(torch.randn(1, 40, 1, 32, device="meta"), torch.randn(1, 40, 1, 32, device="meta"))
+    assert rope.cos.shape == (40, 16) and rope.cos.dtype == torch.float32
     want = pirope.RotaryEmbedding(32, max_position_embeddings=16, scaling={"rope_type": "linear", "factor": 2.0})
     rope.to_empty(device="cpu")
     rope.reset_parameters()
+    want(torch.randn(1, 40, 1, 32), torch.randn(1, 40, 1, 32))  # the same growth
     torch.testing.assert_close(rope.cos, want.cos, rtol=0, atol=0)
     torch.testing.assert_close(rope.inv_freq, want.inv_freq, rtol=0, atol=0)
     q = torch.randn(1, 8, 2, 32)
@@ -243,3 +250,17 @@ def test_tables_built_under_inference_mode_serve_later_training():
     # the gradient of a rotation is the rotation by the negative angle
     g = torch.ones_like(q)
     torch.testing.assert_close(q.grad, rope_reference(g, rope.cos, -rope.sin))
+
+
+@pytest.mark.parametrize("pos", [[[-1, 0, 5]], [[5, 1000000, 2**33]], [[0, 1, 2]]])
+def test_compiled_module_equals_eager_for_any_positions(pos):
+    # under torch.compile the module builds the rows of the call's positions (no host
+    # read of the largest one): the same values as eager, also for negative and sparse ids
+    torch._dynamo.reset()
+    rope = pirope.RotaryEmbedding(16, max_position_embeddings=32)
+    q = torch.randn(1, 3, 2, 16)
+    pos = torch.tensor(pos)
+    want = rope(q, q.clone(), pos)
+    got = torch.compile(rope, fullgraph=True)(q, q.clone(), pos)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

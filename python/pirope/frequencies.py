@@ -88,7 +88,11 @@ def rope_cos_sin(
     if factor > _FLOAT32_MAX:
         raise ValueError(f"{op}: attention_factor must be at most {_FLOAT32_MAX} (the tables are float32), "
                          f"got {factor}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(inv_freq).all()):
+    # a host-side check only where it is free: not on a device (a sync), meta or fake
+    # tensors (no values) or under torch.compile (rope_frequencies validates its own)
+    if (inv_freq.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not isinstance(inv_freq, torch._subclasses.FakeTensor)
+            and not bool(torch.isfinite(inv_freq).all())):
         raise ValueError(f"{op}: inv_freq must be finite, got NaN or inf in {tuple(inv_freq.shape)} values")
     device = inv_freq.device
     if isinstance(positions, torch.Tensor):

@@ -15,10 +15,6 @@ from .frequencies import FrequencyPlan, rope_cos_sin, tables_outside_inference_m
 
 __all__ = ["RotaryEmbedding"]
 
-# Choosing and (re)building a module's table is one step for threads that share it (an
-# inference server): a "longrope"/"dynamic" switch of one thread must not hand another
-# thread's call the wrong table. Held only while a table is picked, not while rotating.
-_TABLE_LOCK = threading.Lock()
 
 
 class RotaryEmbedding(nn.Module):
@@ -34,25 +30,26 @@ class RotaryEmbedding(nn.Module):
     grow when a longer sequence arrives: ``seqlen`` of the input, or ``max(position_ids)
     + 1`` when ``position_ids`` are given (e.g. a decode step past the table), to at
     least twice their size, so decoding past them rebuilds rarely. Positions too sparse
-    for a table (a huge offset or sentinel far past the table with few tokens) get
-    rows of their own for that call instead, so memory stays proportional to the call.
-    Negative ``position_ids`` rotate by negative angles, as in transformers. On CUDA, reading ``max(position_ids)``
-    takes one device sync per ``position_ids`` tensor (and version), not per call: the
-    layers of one forward share it (so rewrite position ids in place, not through
-    ``.data`` or shared NumPy memory, which torch cannot see). (Under ``torch.compile``
-    the read is skipped for the types below that do not need it, so the table must
-    already cover the positions: out-of-range ones raise on CPU and give NaN rows on
-    CUDA, as in :func:`pirope.apply_rope`.) For the length-dependent scalings ("dynamic"
-    NTK and "longrope") the table is the one of the current sequence length,
-    ``max(position_ids) + 1``: it is recomputed when the length changes above the
-    original window and returns to the original table inside it, so a long request
-    never changes the result of a later short one. Threads may share the module.
+    for a table (a huge offset or sentinel far past the table with few tokens) get rows
+    of their own for that call instead, so memory stays proportional to the call.
+    Negative ``position_ids`` rotate by negative angles, as in transformers. On CUDA,
+    reading ``max(position_ids)`` takes one device sync per ``position_ids`` tensor (and
+    version), not per call: the layers of one forward share it (so rewrite position ids
+    in place, not through ``.data`` or shared NumPy memory, which torch cannot see).
+    Under ``torch.compile`` the read is skipped for the types that do not need it: the
+    rows of the call's own positions are computed instead (the same values). For the
+    length-dependent scalings ("dynamic" NTK and "longrope") the table is the one of the
+    current sequence length, ``max(position_ids) + 1``: it is recomputed when the length
+    changes above the original window and returns to the original table inside it, so a
+    long request never changes the result of a later short one. Threads may share the
+    module.
 
     ``model.half()`` / ``model.to(torch.bfloat16)`` leave the tables float32 (rounding
-    them would move every angle). The tables are non-persistent buffers (not in the
-    ``state_dict``): after ``model.to_empty(device=...)`` (meta-device initialisation)
-    call :meth:`reset_parameters` to recompute them, as for any module with
-    computed state.
+    them would move every angle). The buffers live on the default device (a
+    ``torch.device(...)`` context or ``torch.set_default_device``), like any module's
+    parameters. They are non-persistent (not in the ``state_dict``): after
+    ``model.to_empty(device=...)`` (meta-device initialisation) call
+    :meth:`reset_parameters` to recompute them, as for any module with computed state.
     """
 
     def __init__(
@@ -79,13 +76,22 @@ class RotaryEmbedding(nn.Module):
         self.base = self._plan.base
         self.partial_rotary_factor = self._plan.partial_rotary_factor
         self._table_key = None
+        # Choosing and (re)building the table is one step for threads sharing the module
+        # (an inference server): a "longrope"/"dynamic" switch of one thread must not
+        # hand another thread's call the wrong table. Held while a table is picked, not
+        # while rotating.
+        self._lock = threading.Lock()
+        # the default device, as for any module's parameters (torch.device("cuda") or
+        # "meta" contexts, torch.set_default_device); the frequencies are computed on the CPU
+        device = torch.empty(0).device
         inv_freq, attention_factor = self._plan.static
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.attention_factor = attention_factor
-        self.register_buffer("cos", torch.empty(0, inv_freq.numel()), persistent=False)
-        self.register_buffer("sin", torch.empty(0, inv_freq.numel()), persistent=False)
+        self.register_buffer("cos", torch.empty(0, inv_freq.numel(), device=device), persistent=False)
+        self.register_buffer("sin", torch.empty(0, inv_freq.numel(), device=device), persistent=False)
         self._positions_seen = None  # (weakref to position_ids, its version, max + 1)
-        self._build(self.max_position_embeddings)
+        with tables_outside_inference_mode():
+            self._build(self.max_position_embeddings)
 
     @property
     def rotary_dim(self) -> int:
@@ -106,15 +112,21 @@ class RotaryEmbedding(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_positions_seen"] = None  # a weak reference: neither picklable nor meaningful elsewhere
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.Lock()
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if not self.inv_freq.dtype.is_floating_point or self.inv_freq.dtype.itemsize < 4:
             # .half() / .to(bfloat16): rebuild the frequencies and tables in float32
-            inv_freq, _ = self._plan.frequencies(self._table_key)
-            self.inv_freq = inv_freq.to(self.inv_freq.device)
-            self._build(self.cos.shape[0])
+            with tables_outside_inference_mode():
+                inv_freq, _ = self._plan.frequencies(self._table_key)
+                self.inv_freq = inv_freq.to(self.inv_freq.device)
+                self._build(self.cos.shape[0])
         return self
 
     def _positions_range(self, position_ids: torch.Tensor) -> tuple[int, int]:
@@ -177,18 +189,25 @@ class RotaryEmbedding(nn.Module):
             raise TypeError(f"RotaryEmbedding: position_ids must be int32 or int64, got {position_ids.dtype}")
         seqlen = q.shape[-3]
         compiling = torch.compiler.is_compiling()
+        if (compiling and not self._plan.length_dependent
+                and position_ids is not None and position_ids.numel() > 0):
+            # Under torch.compile the largest position (a value on the device) would
+            # need a host read, which breaks the graph: the rows of exactly these
+            # positions instead (the same float64 angles, so the same values as eager),
+            # indexed 0..n-1. dynamic/longrope need that length anyway.
+            cos, sin = rope_cos_sin(self.inv_freq, position_ids.reshape(-1), self.attention_factor)
+            index = torch.arange(position_ids.numel(), device=position_ids.device).view(position_ids.shape)
+            return apply_rope_qk(q, k, cos, sin, index, interleaved=self.interleaved)
         low = 0
         if position_ids is None or position_ids.numel() == 0:
             needed, count = seqlen, seqlen
-        elif self._plan.length_dependent or not compiling:
+        else:
             low, needed = self._positions_range(position_ids)
             count = position_ids.numel()
-        else:
-            needed, count = seqlen, seqlen
         if compiling:
             cos, sin, position_ids = self._tables_for(needed, count, low, position_ids)
         else:
-            with _TABLE_LOCK, tables_outside_inference_mode():
+            with self._lock, tables_outside_inference_mode():
                 cos, sin, position_ids = self._tables_for(needed, count, low, position_ids)
         return apply_rope_qk(q, k, cos, sin, position_ids, interleaved=self.interleaved)
 

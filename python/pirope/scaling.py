@@ -135,7 +135,7 @@ def _as_int(value: Any, name: str) -> int:
     if not _is_integral(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     value = int(value)
-    if abs(value) > _INT64_MAX:
+    if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
         raise ValueError(f"{name} must fit in int64, got {value}")
     return value
 
