@@ -295,3 +295,31 @@ def test_forward_mode_ad_is_refused_not_silently_zero(device):
             with pytest.raises(NotImplementedError, match="forward-mode AD"):
                 call(fwAD.make_dual(x, t))
             call(x)  # tensors without a tangent are fine inside a dual level
+
+
+def test_inplace_on_a_leaf_that_requires_grad_raises_before_writing(device):
+    # torch's rule for in-place ops, checked before the kernel runs: nothing is written
+    cos, sin = tables(16, 8, device)
+    leaf = torch.randn(1, 8, 4, 16, device=device, requires_grad=True)
+    other = torch.randn(1, 8, 4, 16, device=device, requires_grad=True) * 1
+    calls = [(lambda: pirope.apply_rope(leaf, cos, sin, inplace=True), "x is a leaf"),
+             (lambda: pirope.apply_rope_qk(other[:, :, :2], leaf, cos, sin, inplace=True), "k is a leaf"),
+             (lambda: pirope.apply_rope_qk(leaf[:, :, :2], other[:, :, 2:], cos, sin, inplace=True),
+              "q is a view of a leaf")]
+    for call, match in calls:
+        before = (leaf.detach().clone(), other.detach().clone())
+        with pytest.raises(RuntimeError, match=match):
+            call()
+        assert torch.equal(leaf.detach(), before[0]) and torch.equal(other.detach(), before[1])
+
+
+def test_forward_mode_ad_through_the_tables_is_refused(device):
+    # cos and sin are constants to the ops: a tangent on them would be dropped silently
+    import torch.autograd.forward_ad as fwAD
+    cos, sin = tables(16, 8, device)
+    x = torch.randn(1, 8, 2, 16, device=device)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda c: pirope.apply_rope(x, c, sin), (cos,), (torch.ones_like(cos),))
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            pirope.rope_attention(x, x, x, fwAD.make_dual(cos, torch.ones_like(cos)), sin)

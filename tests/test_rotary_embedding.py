@@ -240,6 +240,9 @@ def test_reports_the_base_and_partial_rotary_factor_in_effect():
 def test_tables_built_under_inference_mode_serve_later_training():
     # evaluate, then fine-tune: a table grown inside inference_mode must not be an
     # inference tensor, which autograd could not save for backward
+    with torch.inference_mode():
+        built_inside = pirope.RotaryEmbedding(16, max_position_embeddings=8)
+    assert not any(b.is_inference() for b in built_inside.buffers())
     rope = pirope.RotaryEmbedding(16, max_position_embeddings=8)
     with torch.inference_mode():
         rope(torch.randn(1, 40, 1, 16), torch.randn(1, 40, 1, 16))

@@ -215,7 +215,11 @@ void check_disjoint(const char* op, const char* qname, const char* kname, const 
                     const at::Tensor& k) {
   // Offsets below count elements: q and k have one dtype (checked before). Tensors of
   // different storages never overlap (torch says "too hard" for any non-dense one).
-  if (q.numel() == 0 || k.numel() == 0 || !q.storage().is_alias_of(k.storage())) return;
+  // (Storage-less tensors, e.g. functorch's wrappers, cannot be compared: the in-place
+  // path refuses those transforms itself.)
+  if (q.numel() == 0 || k.numel() == 0 || !q.has_storage() || !k.has_storage() ||
+      !q.storage().is_alias_of(k.storage()))
+    return;
   const auto status = at::get_overlap_status(q, k);
   bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
   if (status == at::MemOverlapStatus::TooHard) {  // strided views of one storage, e.g. q/k of a fused qkv

@@ -49,6 +49,24 @@ class _RopeInplace(torch.autograd.Function):
         return gq, gk, None, None, None, None
 
 
+def _refuse_leaf_inplace(op, *named):
+    """torch's in-place rule, checked before anything is written (autograd would raise
+    only after the kernel ran): a leaf that requires grad, or a view of one, cannot be
+    modified in place. Not under torch.compile, which raises the same at trace time."""
+    if torch.compiler.is_compiling():
+        return
+    for name, t in named:
+        if not t.requires_grad:
+            continue
+        if t.is_leaf:
+            raise RuntimeError(f"{op}: {name} is a leaf tensor that requires grad and cannot be rotated "
+                               "in place (a leaf Variable that requires grad is being used in an in-place operation)")
+        if t._base is not None and t._base.is_leaf and t._base.requires_grad:
+            raise RuntimeError(f"{op}: {name} is a view of a leaf tensor that requires grad and cannot be "
+                               "rotated in place (a view of a leaf Variable that requires grad is being used "
+                               "in an in-place operation)")
+
+
 def apply_rope(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -81,11 +99,12 @@ def apply_rope(
     op = "apply_rope"
     _checks.tensor(op, "x", x)
     _check_common(op, cos, sin, position_ids, interleaved, inplace)
-    _checks.no_forward_ad(op, x)
+    _checks.no_forward_ad(op, x, cos, sin)
     require_cuda_build(x.device, op)
     if not inplace:
         return torch.ops.pirope.apply_rope(x, cos, sin, position_ids, interleaved)
     if torch.is_grad_enabled() and x.requires_grad:
+        _refuse_leaf_inplace(op, ("x", x))
         return _RopeInplace.apply(x, None, cos, sin, position_ids, interleaved)
     torch.ops.pirope.apply_rope_(x, cos, sin, position_ids, interleaved)
     return x
@@ -112,11 +131,12 @@ def apply_rope_qk(
     _checks.tensor(op, "q", q)
     _checks.tensor(op, "k", k)
     _check_common(op, cos, sin, position_ids, interleaved, inplace)
-    _checks.no_forward_ad(op, q, k)
+    _checks.no_forward_ad(op, q, k, cos, sin)
     require_cuda_build(q.device, op)
     if not inplace:
         return torch.ops.pirope.apply_rope_qk(q, k, cos, sin, position_ids, interleaved)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        _refuse_leaf_inplace(op, ("q", q), ("k", k))
         compiling = torch.compiler.is_compiling()
         if not (compiling or q._is_view() or k._is_view()):
             return _RopeInplace.apply(q, k, cos, sin, position_ids, interleaved)

@@ -85,12 +85,12 @@ class RotaryEmbedding(nn.Module):
         # "meta" contexts, torch.set_default_device); the frequencies are computed on the CPU
         device = torch.empty(0).device
         inv_freq, attention_factor = self._plan.static
-        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.attention_factor = attention_factor
-        self.register_buffer("cos", torch.empty(0, inv_freq.numel(), device=device), persistent=False)
-        self.register_buffer("sin", torch.empty(0, inv_freq.numel(), device=device), persistent=False)
         self._positions_seen = None  # (weakref to position_ids, its version, max + 1)
         with tables_outside_inference_mode():
+            self.register_buffer("inv_freq", inv_freq.to(device, copy=True), persistent=False)
+            self.register_buffer("cos", torch.empty(0, inv_freq.numel(), device=device), persistent=False)
+            self.register_buffer("sin", torch.empty(0, inv_freq.numel(), device=device), persistent=False)
             self._build(self.max_position_embeddings)
 
     @property
@@ -112,7 +112,7 @@ class RotaryEmbedding(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_positions_seen"] = None  # a weak reference: neither picklable nor meaningful elsewhere
-        del state["_lock"]
+        state.pop("_lock", None)
         return state
 
     def __setstate__(self, state):

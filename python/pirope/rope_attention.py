@@ -113,7 +113,7 @@ def rope_attention(
     _checks.tensor(op, "position_ids", position_ids, optional=True)
     _checks.flag(op, "causal", causal)
     _checks.flag(op, "interleaved", interleaved)
-    _checks.no_forward_ad(op, q, k, v)
+    _checks.no_forward_ad(op, q, k, v, cos, sin)
     if softmax_scale is None:
         if q.dim() < 1 or q.shape[-1] < 1:
             raise ValueError(f"{op}: q must be (batch, seqlen, nheads_q, headdim) with headdim >= 1, "
