@@ -10,7 +10,7 @@ import torch
 from . import _checks
 from .scaling import compute_inv_freq, normalize_scaling
 
-__all__ = ["rope_frequencies", "rope_cos_sin", "FrequencyPlan"]
+__all__ = ["rope_frequencies", "rope_cos_sin", "rows_of_positions", "FrequencyPlan"]
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -111,6 +111,17 @@ def rope_cos_sin(
         cos = cos * factor
         sin = sin * factor
     return cos.to(torch.float32), sin.to(torch.float32)
+
+
+def rows_of_positions(inv_freq: torch.Tensor, position_ids: torch.Tensor, attention_factor: float = 1.0):
+    """``(cos, sin, index)``: the table rows of exactly the positions in
+    ``position_ids`` (any shape, any values, negative ones too) and the ids that index
+    them, ``0..n-1`` in ``position_ids``' shape. The same float64 angles as a full
+    table's rows, so the same values; for calls too sparse for a table and for traced
+    code that cannot read the largest position."""
+    cos, sin = rope_cos_sin(inv_freq, position_ids.reshape(-1), attention_factor)
+    index = torch.arange(position_ids.numel(), device=position_ids.device).view(position_ids.shape)
+    return cos, sin, index
 
 
 class FrequencyPlan:

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import _checks
 from .apply_rope import apply_rope_qk
-from .frequencies import FrequencyPlan, rope_cos_sin, tables_outside_inference_mode
+from .frequencies import FrequencyPlan, rope_cos_sin, rows_of_positions, tables_outside_inference_mode
 
 __all__ = ["RotaryEmbedding"]
 
@@ -86,7 +86,7 @@ class RotaryEmbedding(nn.Module):
         device = torch.empty(0).device
         inv_freq, attention_factor = self._plan.static
         self.attention_factor = attention_factor
-        self._positions_seen = None  # (weakref to position_ids, its version, max + 1)
+        self._positions_seen = None  # (weakref to position_ids, its version, (min, max + 1))
         with tables_outside_inference_mode():
             self.register_buffer("inv_freq", inv_freq.to(device, copy=True), persistent=False)
             self.register_buffer("cos", torch.empty(0, inv_freq.numel(), device=device), persistent=False)
@@ -101,13 +101,17 @@ class RotaryEmbedding(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, length, self.attention_factor)
         self.cos, self.sin = cos, sin
 
-    def reset_parameters(self) -> None:
-        """Recomputes ``inv_freq`` and the tables (float32, on the module's device), e.g.
-        after ``to_empty()`` left them uninitialised."""
+    def _rebuild(self, length: int) -> None:
+        # float32 frequencies and tables of the current key, on the module's device
         with tables_outside_inference_mode():
             inv_freq, self.attention_factor = self._plan.frequencies(self._table_key)
             self.inv_freq = inv_freq.to(self.inv_freq.device)
-            self._build(max(self.cos.shape[0], self.max_position_embeddings))
+            self._build(length)
+
+    def reset_parameters(self) -> None:
+        """Recomputes ``inv_freq`` and the tables (float32, on the module's device), e.g.
+        after ``to_empty()`` left them uninitialised."""
+        self._rebuild(max(self.cos.shape[0], self.max_position_embeddings))
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -123,10 +127,7 @@ class RotaryEmbedding(nn.Module):
         super()._apply(fn, recurse)
         if not self.inv_freq.dtype.is_floating_point or self.inv_freq.dtype.itemsize < 4:
             # .half() / .to(bfloat16): rebuild the frequencies and tables in float32
-            with tables_outside_inference_mode():
-                inv_freq, _ = self._plan.frequencies(self._table_key)
-                self.inv_freq = inv_freq.to(self.inv_freq.device)
-                self._build(self.cos.shape[0])
+            self._rebuild(self.cos.shape[0])
         return self
 
     def _positions_range(self, position_ids: torch.Tensor) -> tuple[int, int]:
@@ -161,10 +162,8 @@ class RotaryEmbedding(nn.Module):
         else:
             inv_freq, attention_factor = self._plan.frequencies(key)
             inv_freq = inv_freq.to(self.inv_freq.device)
-        if rows is None:  # sparse positions: rows of this call's own, indexed 0..count-1
-            cos, sin = rope_cos_sin(inv_freq, position_ids.reshape(-1), attention_factor)
-            index = torch.arange(position_ids.numel(), device=position_ids.device).view(position_ids.shape)
-            return cos, sin, index
+        if rows is None:  # sparse or negative positions: rows of this call's own
+            return rows_of_positions(inv_freq, position_ids, attention_factor)
         self.inv_freq, self.attention_factor, self._table_key = inv_freq, attention_factor, key
         self._build(rows)
         return self.cos, self.sin, position_ids
@@ -195,8 +194,7 @@ class RotaryEmbedding(nn.Module):
             # need a host read, which breaks the graph: the rows of exactly these
             # positions instead (the same float64 angles, so the same values as eager),
             # indexed 0..n-1. dynamic/longrope need that length anyway.
-            cos, sin = rope_cos_sin(self.inv_freq, position_ids.reshape(-1), self.attention_factor)
-            index = torch.arange(position_ids.numel(), device=position_ids.device).view(position_ids.shape)
+            cos, sin, index = rows_of_positions(self.inv_freq, position_ids, self.attention_factor)
             return apply_rope_qk(q, k, cos, sin, index, interleaved=self.interleaved)
         low = 0
         if position_ids is None or position_ids.numel() == 0:

@@ -86,7 +86,7 @@ import torch
 from torch import nn
 
 import pirope
-from pirope.frequencies import FrequencyPlan, tables_outside_inference_mode
+from pirope.frequencies import FrequencyPlan, rows_of_positions, tables_outside_inference_mode
 from pirope.scaling import normalize_scaling
 
 __all__ = [
@@ -202,12 +202,8 @@ class PiropeRotaryEmbedding(nn.Module):
         return cos, sin
 
     def _own_rows(self, key, position_ids: torch.Tensor, device) -> RopeTables:
-        # the rows of exactly these positions (same float64 angles, so the same values
-        # as a table's), indexed 0..n-1
         inv_freq, attention_factor = self._static if key is None else self._plan.frequencies(key)
-        cos, sin = pirope.rope_cos_sin(inv_freq.to(device), position_ids.reshape(-1), attention_factor)
-        rows = torch.arange(position_ids.numel(), device=position_ids.device).view(position_ids.shape)
-        return RopeTables(cos, sin, rows)
+        return RopeTables(*rows_of_positions(inv_freq.to(device), position_ids, attention_factor))
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> RopeTables:
         if position_ids is not None and position_ids.dtype not in (torch.int32, torch.int64):
