@@ -31,7 +31,8 @@ void check_input(const char* op, const char* name, const at::Tensor& x) {
 }
 
 // The tensor as a 4-D (batch, seqlen, nheads, headdim) view.
-at::Tensor as_4d(const at::Tensor& x) { return x.dim() == 4 ? x : x.unsqueeze(0); }
+// Packed (total, heads, headdim) as (1, total, heads, headdim); other ranks as they are.
+at::Tensor as_4d(const at::Tensor& x) { return x.dim() == 3 ? x.unsqueeze(0) : x; }
 
 }  // namespace
 
@@ -112,14 +113,17 @@ void fill_tensor_args(RopeTensorArgs& a, const at::Tensor& in4, const at::Tensor
 }
 
 
-// Element offsets (in the shared storage) at which the rows of a 4-D view start; the
-// rows are a.size(3) long with unit stride. Computed from sizes and strides only, on
-// the CPU, so it never touches (or synchronises with) device memory.
+// Element offsets (in the shared storage) at which the rows of a view start; the rows
+// are its last dim (a.size(-1) long, unit stride), every other dim indexes rows (4-D
+// for the ops; more under torch.func.vmap, whose physical tensors add the vmapped dims).
+// Computed from sizes and strides only, on the CPU, so it never touches (or
+// synchronises with) device memory.
 at::Tensor row_starts(const at::Tensor& a) {
   auto opts = at::TensorOptions().dtype(at::kLong);
-  auto idx = [&](int d) { return at::arange(a.size(d), opts) * a.stride(d); };
-  return (idx(0).view({-1, 1, 1}) + idx(1).view({1, -1, 1}) + idx(2).view({1, 1, -1}))
-             .flatten() + a.storage_offset();
+  at::Tensor starts = at::zeros({1}, opts) + a.storage_offset();
+  for (int64_t d = 0; d + 1 < a.dim(); ++d)
+    starts = (starts.view({-1, 1}) + (at::arange(a.size(d), opts) * a.stride(d)).view({1, -1})).flatten();
+  return starts;
 }
 
 // True when some row of `a` shares an element with some row of `b` (4-D views of one
@@ -132,18 +136,18 @@ bool rows_overlap(const at::Tensor& a, const at::Tensor& b) {
   const int64_t n = a_starts.numel();
   auto next = at::searchsorted(a_starts, b_starts, /*out_int32=*/false, /*right=*/true);
   auto prev = (next - 1).clamp_min(0);
-  auto reach = (a_starts.index_select(0, prev) + a.size(3)).gt(b_starts) & (next - 1).ge(0);
-  auto inside = a_starts.index_select(0, next.clamp_max(n - 1)).lt(b_starts + b.size(3)) & next.lt(n);
+  auto reach = (a_starts.index_select(0, prev) + a.size(-1)).gt(b_starts) & (next - 1).ge(0);
+  auto inside = a_starts.index_select(0, next.clamp_max(n - 1)).lt(b_starts + b.size(-1)) & next.lt(n);
   return (reach | inside).any().item<bool>();
 }
 
-// Storage offsets of every element of a 4-D view (sizes and strides only, as row_starts).
+// Storage offsets of every element of a view (sizes and strides only, as row_starts).
 at::Tensor element_offsets(const at::Tensor& a) {
-  const auto cols = at::arange(a.size(3), at::TensorOptions().dtype(at::kLong)) * a.stride(3);
+  const auto cols = at::arange(a.size(-1), at::TensorOptions().dtype(at::kLong)) * a.stride(-1);
   return (row_starts(a).view({-1, 1}) + cols.view({1, -1})).flatten();
 }
 
-bool unit_features(const at::Tensor& a) { return a.size(3) <= 1 || a.stride(3) == 1; }
+bool unit_features(const at::Tensor& a) { return a.size(-1) <= 1 || a.stride(-1) == 1; }
 
 // No two elements of x share memory when, with its dims ordered by stride, every
 // stride is at least the span of the smaller ones (any slice or permutation of a dense
@@ -166,6 +170,7 @@ bool strides_separate(const at::Tensor& x) {
 // packed (heads * headdim elements from the row start). Returns {stride, rows, width}
 // or {0, 0, 0} when the view is not laid out so (then the exact comparison is used).
 std::array<int64_t, 3> row_grid(const at::Tensor& a) {
+  if (a.dim() != 4) return {0, 0, 0};
   const int64_t b = a.size(0), s = a.size(1), h = a.size(2), d = a.size(3);
   if (!unit_features(a) || (h > 1 && a.stride(2) != d)) return {0, 0, 0};
   int64_t stride = a.stride(1);
@@ -202,9 +207,9 @@ bool shares_elements(const at::Tensor& x) {
   if (status != at::MemOverlap::TooHard || x.numel() <= 1) return status == at::MemOverlap::Yes;
   if (strides_separate(x)) return false;
   const at::Tensor x4 = as_4d(x);
-  if (unit_features(x4)) {  // rows of size(3) elements: sorted starts at least a row apart
+  if (unit_features(x4)) {  // rows of size(-1) elements: sorted starts at least a row apart
     const auto starts = std::get<0>(row_starts(x4).sort());
-    return starts.numel() > 1 && (starts.slice(0, 1) - starts.slice(0, 0, -1)).lt(x4.size(3)).any().item<bool>();
+    return starts.numel() > 1 && (starts.slice(0, 1) - starts.slice(0, 0, -1)).lt(x4.size(-1)).any().item<bool>();
   }
   const auto offsets = std::get<0>(element_offsets(x4).sort());
   return (offsets.slice(0, 1) == offsets.slice(0, 0, -1)).any().item<bool>();

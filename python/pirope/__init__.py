@@ -7,7 +7,7 @@
 """
 
 from ._extension import build_info, cpu_gemm  # loads pirope._C: registers torch.ops.pirope.*
-from . import _fake, _autograd  # noqa: F401  (fake kernels and autograd of the ops)
+from . import _fake, _autograd, _vmap  # noqa: F401  (fake kernels, autograd and batching rules of the ops)
 from .apply_rope import apply_rope, apply_rope_qk
 from .frequencies import rope_cos_sin, rope_frequencies
 from .modules import RotaryEmbedding

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _extension
+from ._autograd import functorch as _functorch
 from ._fake import apply_rope as _fake_checks
 from ._extension import require_cuda_build
 
@@ -102,7 +103,9 @@ def apply_rope(
     _checks.no_forward_ad(op, x, cos, sin)
     require_cuda_build(x.device, op)
     if not inplace:
-        return torch.ops.pirope.apply_rope(x, cos, sin, position_ids, interleaved)
+        return _functorch.call("apply_rope", x, cos, sin, position_ids, interleaved)
+    if _functorch.transforming():  # torch.func: the differentiable rotation, copied back
+        return x.copy_(_functorch.call("apply_rope", x, cos, sin, position_ids, interleaved))
     if torch.is_grad_enabled() and x.requires_grad:
         _refuse_leaf_inplace(op, ("x", x))
         return _RopeInplace.apply(x, None, cos, sin, position_ids, interleaved)
@@ -134,7 +137,11 @@ def apply_rope_qk(
     _checks.no_forward_ad(op, q, k, cos, sin)
     require_cuda_build(q.device, op)
     if not inplace:
-        return torch.ops.pirope.apply_rope_qk(q, k, cos, sin, position_ids, interleaved)
+        return _functorch.call("apply_rope_qk", q, k, cos, sin, position_ids, interleaved)
+    if _functorch.transforming():  # torch.func: the differentiable rotation, copied back
+        _extension._C.check_rope_inplace(_functorch.unwrapped(q), _functorch.unwrapped(k))
+        q_rot, k_rot = _functorch.call("apply_rope_qk", q, k, cos, sin, position_ids, interleaved)
+        return q.copy_(q_rot), k.copy_(k_rot)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         _refuse_leaf_inplace(op, ("q", q), ("k", k))
         compiling = torch.compiler.is_compiling()

@@ -4,7 +4,7 @@ makes double backward work. cos, sin and position_ids get no gradient."""
 
 import torch
 
-ops = torch.ops.pirope
+from . import functorch
 
 
 def _setup(ctx, inputs, output):
@@ -17,29 +17,27 @@ def _setup(ctx, inputs, output):
 
 def _apply_rope_bw(ctx, grad):
     cos, sin, pos = ctx.saved_tensors
-    return ops.apply_rope_backward(grad, cos, sin, pos, ctx.interleaved), None, None, None, None
+    return functorch.call("apply_rope_backward", grad, cos, sin, pos, ctx.interleaved), None, None, None, None
 
 
 def _apply_rope_backward_bw(ctx, grad):
     cos, sin, pos = ctx.saved_tensors
-    return ops.apply_rope(grad, cos, sin, pos, ctx.interleaved), None, None, None, None
+    return functorch.call("apply_rope", grad, cos, sin, pos, ctx.interleaved), None, None, None, None
 
 
 def _apply_rope_qk_bw(ctx, gq, gk):
     cos, sin, pos = ctx.saved_tensors
-    gq, gk = ops.apply_rope_qk_backward(gq, gk, cos, sin, pos, ctx.interleaved)
+    gq, gk = functorch.call("apply_rope_qk_backward", gq, gk, cos, sin, pos, ctx.interleaved)
     return gq, gk, None, None, None, None
 
 
 def _apply_rope_qk_backward_bw(ctx, gq, gk):
     cos, sin, pos = ctx.saved_tensors
-    gq, gk = ops.apply_rope_qk(gq, gk, cos, sin, pos, ctx.interleaved)
+    gq, gk = functorch.call("apply_rope_qk", gq, gk, cos, sin, pos, ctx.interleaved)
     return gq, gk, None, None, None, None
 
 
-torch.library.register_autograd("pirope::apply_rope", _apply_rope_bw, setup_context=_setup)
-torch.library.register_autograd(
-    "pirope::apply_rope_backward", _apply_rope_backward_bw, setup_context=_setup)
-torch.library.register_autograd("pirope::apply_rope_qk", _apply_rope_qk_bw, setup_context=_setup)
-torch.library.register_autograd(
-    "pirope::apply_rope_qk_backward", _apply_rope_qk_backward_bw, setup_context=_setup)
+for _name, _backward in (("apply_rope", _apply_rope_bw), ("apply_rope_backward", _apply_rope_backward_bw),
+                         ("apply_rope_qk", _apply_rope_qk_bw), ("apply_rope_qk_backward", _apply_rope_qk_backward_bw)):
+    torch.library.register_autograd(f"pirope::{_name}", _backward, setup_context=_setup)
+    functorch.register(_name, _backward, _setup)

@@ -4,7 +4,7 @@ positions do not, and lse (an auxiliary output) is treated as a constant."""
 
 import torch
 
-ops = torch.ops.pirope
+from . import functorch
 
 
 def _setup(ctx, inputs, output):
@@ -20,13 +20,14 @@ def _setup(ctx, inputs, output):
 
 def _rope_attention_bw(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cos, sin, position_ids = ctx.saved_tensors
-    dq, dk, dv = ops.rope_attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, cos, sin, position_ids, ctx.causal,
+    dq, dk, dv = functorch.call(
+        "rope_attention_backward", grad_out.contiguous(), q, k, v, out, lse, cos, sin, position_ids, ctx.causal,
         ctx.softmax_scale, ctx.interleaved, ctx.deterministic)
     return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 torch.library.register_autograd("pirope::rope_attention", _rope_attention_bw, setup_context=_setup)
+functorch.register("rope_attention", _rope_attention_bw, _setup)
 
 
 def _setup_backward(ctx, inputs, output):
@@ -42,3 +43,4 @@ def _rope_attention_backward_bw(ctx, *grads):
 
 torch.library.register_autograd(
     "pirope::rope_attention_backward", _rope_attention_backward_bw, setup_context=_setup_backward)
+functorch.register("rope_attention_backward", _rope_attention_backward_bw, _setup_backward)

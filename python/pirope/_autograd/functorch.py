@@ -1,0 +1,55 @@
+"""The ops' autograd under torch.func transforms (grad, vjp, jacrev, hessian, vmap).
+
+``torch.library.register_autograd`` backs an op with an autograd.Function that has no
+``setup_context``, which functorch refuses ("must override the setup_context
+staticmethod"). So every op also gets an autograd.Function here, made of the same
+setup_context and backward, and the Python API calls the op through it while a
+torch.func transform is active; everywhere else (eager autograd, torch.compile,
+opcheck) it calls the op itself. The backwards call their ops through :func:`call`
+too, so gradients of gradients (hessian, jacrev of grad) take the same route.
+Forward mode (jvp) stays refused by ``_checks.no_forward_ad``."""
+
+from __future__ import annotations
+
+import torch
+
+_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
+
+
+def register(name: str, backward, setup_context) -> None:
+    """The autograd.Function of ``torch.ops.pirope.<name>`` for torch.func."""
+    op = getattr(torch.ops.pirope, name)
+
+    def forward(*args):
+        return op(*args)
+
+    _FUNCTIONS[name] = type(f"{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        # vmap of the Function (jacrev, vmap of grad) runs forward/backward under vmap,
+        # which the ops' batching rules (pirope._vmap) take.
+        "generate_vmap_rule": True,
+    })
+
+
+def transforming() -> bool:
+    """Whether a torch.func transform (vmap, grad, vjp, ...) is active here."""
+    # is_compiling first: torch.compile must not trace the interpreter stack.
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+def unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under torch.func's wrappers (for a vmapped one: all of it)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
+
+
+def call(name: str, *args):
+    """``torch.ops.pirope.<name>(*args)``, differentiable under torch.func too."""
+    if transforming():
+        return _FUNCTIONS[name].apply(*args)
+    return getattr(torch.ops.pirope, name)(*args)

@@ -1,0 +1,38 @@
+"""Batching rules of the fused attention: the vmapped dim joins the heads of q, k and v
+(and of lse). Query head ``v * nheads_q + h`` then reads key head ``(v * nheads_q + h) //
+group = v * nheads_kv + h // group``: the same grouped-query pairing within each index."""
+
+import torch
+
+from . import _fold
+
+ops = torch.ops.pirope
+
+
+def _fold_all(info, tensors, dims, heads):
+    return [_fold.into_heads(t, d, info.batch_size, h) for t, d, h in zip(tensors, dims, heads)]
+
+
+def _foldable(tensors, dims, rest_dims) -> bool:
+    return all(d is None for d in rest_dims) and all(_fold.sample_dim(t, d) == 4 for t, d in zip(tensors, dims))
+
+
+def _rope_attention(info, in_dims, q, k, v, *rest):
+    if not _foldable((q, k, v), in_dims[:3], in_dims[3:]):
+        return _fold.loop(ops.rope_attention, info, in_dims, (q, k, v, *rest))
+    out, lse = ops.rope_attention(*_fold_all(info, (q, k, v), in_dims[:3], (2, 2, 2)), *rest)
+    (out, out_dim), (lse, lse_dim) = _fold.out_of_heads(out, info.batch_size, 2), _fold.out_of_heads(lse, info.batch_size, 1)
+    return (out, lse), (out_dim, lse_dim)
+
+
+def _rope_attention_backward(info, in_dims, grad_out, q, k, v, out, lse, *rest):
+    tensors = (grad_out, q, k, v, out, lse)
+    if not (_foldable(tensors[:5], in_dims[:5], in_dims[6:]) and _fold.sample_dim(lse, in_dims[5]) == 3):
+        return _fold.loop(ops.rope_attention_backward, info, in_dims, (*tensors, *rest))
+    grads = ops.rope_attention_backward(*_fold_all(info, tensors, in_dims[:6], (2, 2, 2, 2, 2, 1)), *rest)
+    outs = [_fold.out_of_heads(g, info.batch_size, 2) for g in grads]
+    return tuple(g for g, _ in outs), tuple(d for _, d in outs)
+
+
+torch.library.register_vmap("pirope::rope_attention", _rope_attention)
+torch.library.register_vmap("pirope::rope_attention_backward", _rope_attention_backward)
