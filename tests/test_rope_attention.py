@@ -379,6 +379,34 @@ def test_torch_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_autocast_casts_q_k_v_like_sdpa(device):
+    # Under torch.autocast, q, k and v take the autocast dtype (as torch's SDPA takes
+    # them), differentiably: the same output and gradients as the call in that dtype.
+    low = torch.bfloat16 if device == "cpu" else torch.float16
+    cos, sin = tables(64, 40, device)
+    q, k, v = qkv(2, 33, 4, 2, 64, device=device, requires_grad=True)
+    g = torch.randn(2, 33, 4, 64, device=device, dtype=low)
+    with torch.autocast(device, dtype=low):
+        out = pirope.rope_attention(q, k, v, cos, sin)
+        mixed = pirope.rope_attention(q.to(low), k, v, cos, sin)  # a bf16 q with float32 k, v
+        wide = pirope.rope_attention(*(t.double() for t in (q, k, v)), cos, sin)  # float64 stays
+    out.backward(g)
+    ql, kl, vl = (t.detach().to(low).requires_grad_() for t in (q, k, v))
+    ref = pirope.rope_attention(ql, kl, vl, cos, sin)
+    ref.backward(g)
+    assert out.dtype == low and mixed.dtype == low and wide.dtype == torch.float64
+    assert torch.equal(out, ref) and torch.equal(mixed, ref)
+    for leaf, low_leaf in ((q, ql), (k, kl), (v, vl)):
+        assert leaf.grad.dtype == torch.float32 and torch.equal(leaf.grad, low_leaf.grad.float())
+    assert_close_to(ref, attention_reference(ql, kl, vl, cos, sin), low, "out")
+    torch._dynamo.reset()
+    with torch.autocast(device, dtype=low):
+        compiled = torch.compile(lambda q, k, v: pirope.rope_attention(q, k, v, cos, sin), fullgraph=True)(q, k, v)
+    assert compiled.dtype == low
+    exact = dict(atol=0, rtol=0) if device == "cpu" else {}  # CUDA: inductor may reorder SDPA's sums
+    torch.testing.assert_close(compiled, ref, **exact)
+
+
 # ---- bad input: exceptions name the argument ----
 
 def _args(**over):

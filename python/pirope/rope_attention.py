@@ -8,6 +8,7 @@ import os
 import torch
 
 from . import _checks
+from ._autograd import functorch as _functorch
 from .apply_rope import apply_rope_qk
 
 __all__ = ["rope_attention"]
@@ -23,6 +24,18 @@ def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, inter
         qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
         is_causal=causal, scale=softmax_scale, enable_gqa=True)
     return out.transpose(1, 2)
+
+
+def _autocast(q, k, v):
+    """Under torch.autocast, q, k and v in the autocast dtype, as torch's
+    scaled_dot_product_attention takes them (float64 and non-float tensors stay as
+    they are; the tables stay float32). The casts are differentiable."""
+    device_type = q.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (q, k, v))
 
 
 def _cuda_kernel_applies(q, k, v, cos, interleaved) -> bool:
@@ -92,6 +105,9 @@ def rope_attention(
             query block instead (no atomics; 7 instead of 5 tile products; on an
             H100, forward + backward take 1.2-1.4x as long, bf16, 2k-16k tokens).
 
+    Under ``torch.autocast``, q, k and v are cast to the autocast dtype first, as
+    ``torch.nn.functional.scaled_dot_product_attention`` does (not float64 ones).
+
     Returns:
         ``(batch, seqlen, nheads_q, headdim)`` tensor of q's dtype. Differentiable in
         q, k and v (the backward is its own fused op; see ``deterministic``).
@@ -114,6 +130,7 @@ def rope_attention(
     _checks.flag(op, "causal", causal)
     _checks.flag(op, "interleaved", interleaved)
     _checks.no_forward_ad(op, q, k, v, cos, sin)
+    q, k, v = _autocast(q, k, v)
     if softmax_scale is None:
         if q.dim() < 1 or q.shape[-1] < 1:
             raise ValueError(f"{op}: q must be (batch, seqlen, nheads_q, headdim) with headdim >= 1, "
@@ -132,6 +149,6 @@ def rope_attention(
                 raise RuntimeError(f"{op}: {name} must be on {q.device} like q, got {t.device}")
         if not _cuda_kernel_applies(q, k, v, cos, interleaved):
             return _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved)
-    out, _ = torch.ops.pirope.rope_attention(q, k, v, cos, sin, position_ids, causal,
-                                             softmax_scale, interleaved, deterministic)
+    out, _ = _functorch.call("rope_attention", q, k, v, cos, sin, position_ids, causal,
+                             softmax_scale, interleaved, deterministic)
     return out
