@@ -273,28 +273,52 @@ def test_raw_inplace_ops_refuse_what_torchs_inplace_ops_refuse(device):
         pirope.apply_rope(t, cos, sin, inplace=True)
 
 
-def test_forward_mode_ad_is_refused_not_silently_zero(device):
-    # torch gives custom ops no jvp rule (zero tangents, no error): pirope refuses it
+def test_forward_mode_ad_of_the_rotary_ops_rotates_the_tangent(device):
+    # torch gives custom ops no jvp rule (zero tangents, no error): the rotary ops bring
+    # their own (a rotation is linear: the tangent is rotated by the same angle)
+    import torch.autograd.forward_ad as fwAD
+    cos, sin = tables(16, 8, device)
+    x = torch.randn(1, 8, 2, 16, device=device, dtype=torch.float64)
+    k = torch.randn(1, 8, 1, 16, device=device, dtype=torch.float64)
+    t = torch.randn_like(x)
+    pos = torch.tensor([3, 0, 7, 1, 2, 5, 4, 6], device=device)
+    rotated_t = rope_reference(t, cos, sin, pos)
+    out, tangent = torch.func.jvp(lambda a: pirope.apply_rope(a, cos, sin, pos), (x,), (t,))
+    torch.testing.assert_close(tangent.cpu(), rotated_t, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out.cpu(), rope_reference(x, cos, sin, pos), atol=1e-12, rtol=1e-12)
+    (_, _), (tq, tk) = torch.func.jvp(lambda a: pirope.apply_rope_qk(a, k, cos, sin, pos), (x,), (t,))
+    torch.testing.assert_close(tq.cpu(), rotated_t, atol=1e-12, rtol=1e-12)
+    assert torch.count_nonzero(tk) == 0  # k is a constant of this jvp
+    jac = torch.func.jacfwd(lambda a: pirope.apply_rope(a, cos, sin))(x[:, :2])
+    torch.testing.assert_close(jac, torch.func.jacrev(lambda a: pirope.apply_rope(a, cos, sin))(x[:, :2]),
+                               atol=1e-12, rtol=1e-12)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, t)
+        torch.testing.assert_close(fwAD.unpack_dual(pirope.apply_rope(dual, cos, sin, pos)).tangent.cpu(),
+                                   rotated_t, atol=1e-12, rtol=1e-12)
+        inplace = fwAD.make_dual(x.clone(), t.clone())
+        pirope.apply_rope_qk(inplace, k.clone(), cos, sin, pos, inplace=True)
+        torch.testing.assert_close(fwAD.unpack_dual(inplace).tangent.cpu(), rotated_t, atol=1e-12, rtol=1e-12)
+
+
+def test_forward_mode_ad_of_rope_attention_is_refused_not_silently_zero(device):
     import torch.autograd.forward_ad as fwAD
     cos, sin = tables(16, 8, device)
     x = torch.randn(1, 8, 2, 16, device=device, dtype=torch.float64)
     t = torch.randn_like(x)
-    calls = [lambda a: pirope.apply_rope(a, cos, sin),
-             lambda a: pirope.apply_rope_qk(a, a, cos, sin)[0],
-             lambda a: pirope.rope_attention(a, a, a, cos, sin)]
-    for call in calls:
-        with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            torch.func.jvp(call, (x,), (t,))
-        # a jvp with respect to something else: the op's inputs carry no tangent
-        y = torch.randn(3, device=device, dtype=torch.float64)
-        out, tangent = torch.func.jvp(lambda b: call(x).sum() * b.sum(), (y,), (torch.ones_like(y),))
-        torch.testing.assert_close(tangent, call(x).sum() * 3)
-        with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            torch.func.jacfwd(call)(x[:, :2])
-        with fwAD.dual_level():
-            with pytest.raises(NotImplementedError, match="forward-mode AD"):
-                call(fwAD.make_dual(x, t))
-            call(x)  # tensors without a tangent are fine inside a dual level
+    call = lambda a: pirope.rope_attention(a, a, a, cos, sin)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(call, (x,), (t,))
+    # a jvp with respect to something else: the op's inputs carry no tangent
+    y = torch.randn(3, device=device, dtype=torch.float64)
+    out, tangent = torch.func.jvp(lambda b: call(x).sum() * b.sum(), (y,), (torch.ones_like(y),))
+    torch.testing.assert_close(tangent, call(x).sum() * 3)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jacfwd(call)(x[:, :2])
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD .* with respect to q"):
+            call(fwAD.make_dual(x, t))
+        call(x)  # tensors without a tangent are fine inside a dual level
 
 
 def test_inplace_on_a_leaf_that_requires_grad_raises_before_writing(device):

@@ -1,5 +1,6 @@
 """torch.func transforms of the pirope ops: grad / vjp / jacrev (reverse mode), vmap
-and their compositions (per-sample gradients), against float64 references."""
+and their compositions (per-sample gradients), hessian, against float64 references.
+(Forward mode alone: tests/test_apply_rope_autograd.py.)"""
 
 import warnings
 
@@ -84,8 +85,10 @@ def test_jacrev_and_second_derivatives_of_the_rotation(device):
     torch.testing.assert_close(jac, func.jacrev(lambda x: rotate(x, cos, sin))(x), atol=1e-12, rtol=1e-12)
     # hessian by reverse over reverse: the backward is itself differentiable
     loss = lambda r: lambda x: (r(x, cos, sin) * w).pow(2).sum()  # noqa: E731
-    hess = func.jacrev(func.jacrev(loss(pirope.apply_rope)))(x)
-    torch.testing.assert_close(hess, func.jacrev(func.jacrev(loss(rotate)))(x), atol=1e-12, rtol=1e-12)
+    ref = func.jacrev(func.jacrev(loss(rotate)))(x)
+    torch.testing.assert_close(func.jacrev(func.jacrev(loss(pirope.apply_rope)))(x), ref, atol=1e-12, rtol=1e-12)
+    # torch.func.hessian is forward over reverse: the rotary ops have a jvp too
+    torch.testing.assert_close(func.hessian(loss(pirope.apply_rope))(x), ref, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("in_dim", [0, 2, 4])

@@ -53,20 +53,21 @@ def _carries_jvp_tangent(t, levels) -> bool:
     return False
 
 
-def no_forward_ad(op: str, *tensors) -> None:
-    """Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is not
-    supported: torch gives custom ops no jvp rule and would return zero (or no)
-    tangents silently, so a tensor that carries a tangent is refused here instead
-    (tensors without one, e.g. constants inside a jvp, pass). Not checked inside
-    torch.compile, which cannot trace the check."""
+def no_forward_ad(op: str, *named, what: str = "") -> None:
+    """Refuses forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad)
+    through the ``(name, tensor)`` pairs given: torch gives custom ops no jvp rule and
+    would return zero (or no) tangents silently, so a tensor that carries a tangent is
+    refused here (tensors without one, e.g. constants inside a jvp, pass). ``what``
+    says why. Not checked inside torch.compile, which cannot trace the check."""
     if torch.compiler.is_compiling():
         return
     levels = _jvp_levels()
-    if levels and any(t is not None and _carries_jvp_tangent(t, levels) for t in tensors):
-        raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp, jacfwd) is not supported; "
-                                  "use reverse mode (loss.backward(), torch.autograd.grad)")
-    if torch.autograd.forward_ad._current_level >= 0:
-        for t in tensors:
-            if t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
-                raise NotImplementedError(f"{op}: forward-mode AD (torch.autograd.forward_ad) is not supported; "
-                                          "use reverse mode (loss.backward(), torch.autograd.grad)")
+    dual = torch.autograd.forward_ad._current_level >= 0
+    for name, t in named:
+        if t is None:
+            continue
+        if (levels and _carries_jvp_tangent(t, levels)) or (
+                dual and torch.autograd.forward_ad.unpack_dual(t).tangent is not None):
+            raise NotImplementedError(
+                f"{op}: forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) with respect to "
+                f"{name} is not supported{what}; use reverse mode (loss.backward(), torch.autograd.grad)")

@@ -100,7 +100,7 @@ def apply_rope(
     op = "apply_rope"
     _checks.tensor(op, "x", x)
     _check_common(op, cos, sin, position_ids, interleaved, inplace)
-    _checks.no_forward_ad(op, x, cos, sin)
+    _checks.no_forward_ad(op, ("cos", cos), ("sin", sin), what=" (the tables are constants)")
     require_cuda_build(x.device, op)
     if not inplace:
         return _functorch.call("apply_rope", x, cos, sin, position_ids, interleaved)
@@ -134,7 +134,7 @@ def apply_rope_qk(
     _checks.tensor(op, "q", q)
     _checks.tensor(op, "k", k)
     _check_common(op, cos, sin, position_ids, interleaved, inplace)
-    _checks.no_forward_ad(op, q, k, cos, sin)
+    _checks.no_forward_ad(op, ("cos", cos), ("sin", sin), what=" (the tables are constants)")
     require_cuda_build(q.device, op)
     if not inplace:
         return _functorch.call("apply_rope_qk", q, k, cos, sin, position_ids, interleaved)

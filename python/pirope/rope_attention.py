@@ -129,7 +129,7 @@ def rope_attention(
     _checks.tensor(op, "position_ids", position_ids, optional=True)
     _checks.flag(op, "causal", causal)
     _checks.flag(op, "interleaved", interleaved)
-    _checks.no_forward_ad(op, q, k, v, cos, sin)
+    _checks.no_forward_ad(op, *zip("q k v cos sin".split(), (q, k, v, cos, sin)))
     q, k, v = _autocast(q, k, v)
     if softmax_scale is None:
         if q.dim() < 1 or q.shape[-1] < 1:

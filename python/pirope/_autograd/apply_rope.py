@@ -1,6 +1,7 @@
 """Autograd of the rotary ops. A rotation is linear and orthogonal, so the gradient
 of apply_rope is apply_rope_backward (rotation by -angle) and vice versa, which also
-makes double backward work. cos, sin and position_ids get no gradient."""
+makes double backward work; forward mode (jvp) rotates the tangent by the same op.
+cos, sin and position_ids get no gradient."""
 
 import torch
 
@@ -37,7 +38,26 @@ def _apply_rope_qk_backward_bw(ctx, gq, gk):
     return gq, gk, None, None, None, None
 
 
+def _setup_forward_mode(ctx, inputs, output):
+    # _setup, plus what the jvp needs (forward-mode AD goes through torch.func's Function).
+    _setup(ctx, inputs, output)
+    n = 2 if len(inputs) == 6 else 1
+    ctx.save_for_forward(*inputs[n:n + 3])
+    ctx.rotated = [(t.shape, t.dtype, t.device) for t in inputs[:n]]
+
+
+def _jvp(name):
+    """A rotation is linear in what it rotates: the output's tangent is the same op on
+    the inputs' tangents (a tensor without one contributes zeros)."""
+    def jvp(ctx, *tangents):
+        cos, sin, pos = ctx.saved_tensors
+        rotated = [torch.zeros(shape, dtype=dtype, device=device) if t is None else t
+                   for t, (shape, dtype, device) in zip(tangents, ctx.rotated)]
+        return functorch.call(name, *rotated, cos, sin, pos, ctx.interleaved)
+    return jvp
+
+
 for _name, _backward in (("apply_rope", _apply_rope_bw), ("apply_rope_backward", _apply_rope_backward_bw),
                          ("apply_rope_qk", _apply_rope_qk_bw), ("apply_rope_qk_backward", _apply_rope_qk_backward_bw)):
     torch.library.register_autograd(f"pirope::{_name}", _backward, setup_context=_setup)
-    functorch.register(_name, _backward, _setup)
+    functorch.register(_name, _backward, _setup_forward_mode, jvp=_jvp(_name))

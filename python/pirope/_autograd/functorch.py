@@ -7,7 +7,9 @@ setup_context and backward, and the Python API calls the op through it while a
 torch.func transform is active; everywhere else (eager autograd, torch.compile,
 opcheck) it calls the op itself. The backwards call their ops through :func:`call`
 too, so gradients of gradients (hessian, jacrev of grad) take the same route.
-Forward mode (jvp) stays refused by ``_checks.no_forward_ad``."""
+Forward mode (jvp, jacfwd, forward_ad) goes the same way for the rotary ops, whose jvp
+is the rotation of the tangent; for rope_attention it is refused
+(``_checks.no_forward_ad``)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import torch
 _FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
 
 
-def register(name: str, backward, setup_context) -> None:
-    """The autograd.Function of ``torch.ops.pirope.<name>`` for torch.func."""
+def register(name: str, backward, setup_context, jvp=None) -> None:
+    """The autograd.Function of ``torch.ops.pirope.<name>`` for torch.func (and, with
+    ``jvp``, for forward-mode AD)."""
     op = getattr(torch.ops.pirope, name)
 
     def forward(*args):
@@ -27,6 +30,7 @@ def register(name: str, backward, setup_context) -> None:
         "forward": staticmethod(forward),
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward),
+        **({"jvp": staticmethod(jvp)} if jvp is not None else {}),
         # vmap of the Function (jacrev, vmap of grad) runs forward/backward under vmap,
         # which the ops' batching rules (pirope._vmap) take.
         "generate_vmap_rule": True,
@@ -34,10 +38,12 @@ def register(name: str, backward, setup_context) -> None:
 
 
 def transforming() -> bool:
-    """Whether a torch.func transform (vmap, grad, vjp, ...) is active here."""
+    """Whether a torch.func transform (vmap, grad, jvp, ...) or a
+    torch.autograd.forward_ad dual level is active here."""
     # is_compiling first: torch.compile must not trace the interpreter stack.
-    return (not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is not None)
+    return not torch.compiler.is_compiling() and (
+        torch._C._functorch.peek_interpreter_stack() is not None
+        or torch.autograd.forward_ad._current_level >= 0)
 
 
 def unwrapped(t: torch.Tensor) -> torch.Tensor:
