@@ -90,6 +90,7 @@ def extensions():
     with_cuda = want_cuda()
     sources = rel(glob.glob(os.path.join(ROOT, "csrc/pirope/*.cpp")))
     sources += rel(glob.glob(os.path.join(ROOT, "csrc/pirope/cpu/*.cpp")))
+    sources += rel(glob.glob(os.path.join(ROOT, "csrc/pirope/autograd/*.cpp")))
     cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas", f'-DPIROPE_TORCH_VERSION="{torch.__version__}"']
     nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
             f'-DPIROPE_TORCH_VERSION="{torch.__version__}"']

@@ -154,10 +154,10 @@ def test_jacrev_of_rope_attention(device):
     q, k, v = rand(1, 3, 2, 16, device=device), rand(1, 3, 1, 16, device=device), rand(1, 3, 1, 16, device=device)
 
     def ref(q):
-        qr, kr = rotate(q, cos, sin), rotate(k, cos, sin)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
-        return out.transpose(1, 2)
+        qr, kr = rotate(q, cos, sin), rotate(k, cos, sin).expand(-1, -1, 2, -1)  # 2 query heads per kv head
+        scores = torch.einsum("bshd,bthd->bhst", qr, kr) * 16 ** -0.5
+        scores = scores.masked_fill(torch.ones(3, 3, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        return torch.einsum("bhst,bthd->bshd", scores.softmax(-1), v.expand(-1, -1, 2, -1))
 
     jac = func.jacrev(lambda q: pirope.rope_attention(q, k, v, cos, sin))(q)
     torch.testing.assert_close(jac, func.jacrev(ref)(q), atol=1e-12, rtol=1e-12)

@@ -398,6 +398,18 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_qk(
   return op.call(q, k, cos, sin, position_ids, interleaved);
 }
 
+std::tuple<at::Tensor, at::Tensor> apply_rope_qk_backward(
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& cos,
+    const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
+    bool interleaved) {
+  static auto op =
+      op_handle("pirope::apply_rope_qk_backward")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const std::optional<at::Tensor>&, bool)>();
+  return op.call(grad_q, grad_k, cos, sin, position_ids, interleaved);
+}
+
 void apply_rope_qk_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                     const at::Tensor& sin,
                     const std::optional<at::Tensor>& position_ids, bool interleaved) {

@@ -1,6 +1,7 @@
 // pirope's C++ API, callable from LibTorch without Python. Each function calls the
 // registered op through the dispatcher, so the CPU or CUDA kernel runs according to
-// the inputs' device, and autograd applies where it is registered.
+// the inputs' device, and autograd (csrc/pirope/autograd) records the call when an
+// input requires grad: x.backward() works as for torch's own ops.
 #pragma once
 
 #include <optional>
@@ -28,7 +29,13 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_qk(
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids = std::nullopt,
     bool interleaved = false);
 
-// In-place variant of apply_rope_qk.
+// The gradient of apply_rope_qk: q and k rotated by the negative angle.
+std::tuple<at::Tensor, at::Tensor> apply_rope_qk_backward(
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& cos,
+    const at::Tensor& sin, const std::optional<at::Tensor>& position_ids = std::nullopt,
+    bool interleaved = false);
+
+// In-place variant of apply_rope_qk (no autograd: tensors that require grad are refused).
 void apply_rope_qk_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                     const at::Tensor& sin,
                     const std::optional<at::Tensor>& position_ids = std::nullopt,
@@ -37,12 +44,13 @@ void apply_rope_qk_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // Fused RoPE + softmax attention. q: (batch, seqlen, nheads_q, headdim); k, v:
 // (batch, seqlen, nheads_kv, headdim), nheads_q a multiple of nheads_kv. Returns
 // (out, lse): out like q, lse (batch, nheads_q, seqlen) in float32 (float64 for
-// float64 input), the log-sum-exp of each scaled score row.
+// float64 input), the log-sum-exp of each scaled score row. softmax_scale: default
+// headdim ** -0.5, as in Python.
 std::tuple<at::Tensor, at::Tensor> rope_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids = std::nullopt,
-    bool causal = true, double softmax_scale = 1.0, bool interleaved = false,
-    bool deterministic = false);
+    bool causal = true, std::optional<double> softmax_scale = std::nullopt,
+    bool interleaved = false, bool deterministic = false);
 
 // Gradients (dq, dk, dv) of rope_attention's out, from the saved out and lse.
 // deterministic: bit-identical results run to run (always so on CPU; on CUDA it
@@ -52,7 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids = std::nullopt, bool causal = true,
-    double softmax_scale = 1.0, bool interleaved = false, bool deterministic = false);
+    std::optional<double> softmax_scale = std::nullopt, bool interleaved = false,
+    bool deterministic = false);
 
 // Build facts, reported by pirope._C.build_info() and checked at import.
 struct BuildInfo {

@@ -1,6 +1,7 @@
 // Every schema of the pirope library, declared once. Kernels are registered per
-// dispatch key in cpu/*.cpp and cuda/*.cu; fake kernels and autograd in Python
-// (python/pirope/_fake, python/pirope/_autograd).
+// dispatch key in cpu/*.cpp, cuda/*.cu and autograd/*.cpp; fake kernels, batching
+// rules and the autograd used under torch.func in Python (python/pirope/_fake,
+// _vmap, _autograd).
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>

@@ -190,26 +190,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
 
 // ---- C++ API: calls through the dispatcher, so autograd/CPU/CUDA all apply. ----
 
+namespace {
+// softmax_scale, by default headdim ** -0.5 (as in Python).
+double default_scale(const at::Tensor& q, std::optional<double> softmax_scale) {
+  if (softmax_scale) return *softmax_scale;
+  TORCH_CHECK(q.defined() && q.dim() >= 1 && q.size(-1) >= 1, kFwd,
+              ": q must be (batch, seqlen, nheads_q, headdim) with headdim >= 1 for the default "
+              "softmax_scale, got ", q.defined() ? q.sizes() : at::IntArrayRef{});
+  return 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> rope_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
-    double softmax_scale, bool interleaved, bool deterministic) {
+    std::optional<double> softmax_scale, bool interleaved, bool deterministic) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pirope::rope_attention", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const std::optional<at::Tensor>&, bool, double, bool, bool)>();
-  return op.call(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved,
-                 deterministic);
+  return op.call(q, k, v, cos, sin, position_ids, causal, default_scale(q, softmax_scale),
+                 interleaved, deterministic);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& cos, const at::Tensor& sin,
-    const std::optional<at::Tensor>& position_ids, bool causal, double softmax_scale,
-    bool interleaved, bool deterministic) {
+    const std::optional<at::Tensor>& position_ids, bool causal,
+    std::optional<double> softmax_scale, bool interleaved, bool deterministic) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pirope::rope_attention_backward", "")
@@ -218,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, bool, double, bool, bool)>();
   return op.call(grad_out, q, k, v, out, lse, cos, sin, position_ids, causal,
-                 softmax_scale, interleaved, deterministic);
+                 default_scale(q, softmax_scale), interleaved, deterministic);
 }
 
 }  // namespace pirope

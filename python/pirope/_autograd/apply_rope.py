@@ -1,7 +1,9 @@
-"""Autograd of the rotary ops. A rotation is linear and orthogonal, so the gradient
-of apply_rope is apply_rope_backward (rotation by -angle) and vice versa, which also
-makes double backward work; forward mode (jvp) rotates the tangent by the same op.
-cos, sin and position_ids get no gradient."""
+"""Autograd of the rotary ops under torch.func (the ops' own autograd, for eager,
+torch.compile and LibTorch, is C++: csrc/pirope/autograd/apply_rope_kernel.cpp, the
+same rules). A rotation is linear and orthogonal, so the gradient of apply_rope is
+apply_rope_backward (rotation by -angle) and vice versa, which also makes double
+backward work; forward mode (jvp) rotates the tangent by the same op. cos, sin and
+position_ids get no gradient."""
 
 import torch
 
@@ -59,5 +61,4 @@ def _jvp(name):
 
 for _name, _backward in (("apply_rope", _apply_rope_bw), ("apply_rope_backward", _apply_rope_backward_bw),
                          ("apply_rope_qk", _apply_rope_qk_bw), ("apply_rope_qk_backward", _apply_rope_qk_backward_bw)):
-    torch.library.register_autograd(f"pirope::{_name}", _backward, setup_context=_setup)
     functorch.register(_name, _backward, _setup_forward_mode, jvp=_jvp(_name))

@@ -1,15 +1,15 @@
-"""The ops' autograd under torch.func transforms (grad, vjp, jacrev, hessian, vmap).
+"""The ops' autograd under torch.func transforms (grad, vjp, jacrev, jvp, hessian, vmap).
 
-``torch.library.register_autograd`` backs an op with an autograd.Function that has no
-``setup_context``, which functorch refuses ("must override the setup_context
-staticmethod"). So every op also gets an autograd.Function here, made of the same
-setup_context and backward, and the Python API calls the op through it while a
-torch.func transform is active; everywhere else (eager autograd, torch.compile,
-opcheck) it calls the op itself. The backwards call their ops through :func:`call`
-too, so gradients of gradients (hessian, jacrev of grad) take the same route.
-Forward mode (jvp, jacfwd, forward_ad) goes the same way for the rotary ops, whose jvp
-is the rotation of the tangent; for rope_attention it is refused
-(``_checks.no_forward_ad``)."""
+The ops' autograd is C++ (csrc/pirope/autograd: one place for Python, torch.compile and
+LibTorch), and functorch refuses C++ autograd Functions ("cannot use C++
+torch::autograd::Function with functorch transforms"). So every op also gets a Python
+autograd.Function here, made of the same rules (python/pirope/_autograd/<op>.py: a
+setup_context and a backward calling the same backward op), and the Python API calls
+the op through it while a torch.func transform (or a forward_ad dual level) is active;
+everywhere else it calls the op itself. The backwards call their ops through
+:func:`call` too, so gradients of gradients (hessian, jacrev of grad) take the same
+route. Forward mode goes the same way for the rotary ops, whose jvp is the rotation of
+the tangent; for rope_attention it is refused (``_checks.no_forward_ad``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Autograd of the fused attention: the backward is its own op, which recomputes the
-probabilities from the saved log-sum-exp. q, k and v get gradients; the tables and
+"""Autograd of the fused attention under torch.func (the op's own autograd, for eager,
+torch.compile and LibTorch, is C++: csrc/pirope/autograd/rope_attention_kernel.cpp, the
+same rules): the backward is its own op, which recomputes the probabilities from the
+saved log-sum-exp. q, k and v get gradients; the tables and
 positions do not, and lse (an auxiliary output) is treated as a constant."""
 
 import torch
@@ -26,7 +28,6 @@ def _rope_attention_bw(ctx, grad_out, grad_lse):
     return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
-torch.library.register_autograd("pirope::rope_attention", _rope_attention_bw, setup_context=_setup)
 functorch.register("rope_attention", _rope_attention_bw, _setup)
 
 
@@ -41,6 +42,4 @@ def _rope_attention_backward_bw(ctx, *grads):
         "rope_attention: double backward (gradients of gradients) is not supported")
 
 
-torch.library.register_autograd(
-    "pirope::rope_attention_backward", _rope_attention_backward_bw, setup_context=_setup_backward)
 functorch.register("rope_attention_backward", _rope_attention_backward_bw, _setup_backward)

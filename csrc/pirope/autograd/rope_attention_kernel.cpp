@@ -1,0 +1,96 @@
+// Autograd of the fused attention, for every caller (Python, torch.compile, LibTorch):
+// the backward is its own op, which recomputes the probabilities from the saved
+// log-sum-exp. q, k and v get gradients; the tables and positions do not, and lse (an
+// auxiliary output) is not differentiable. Gradients of the backward are not
+// implemented, and say so instead of being taken as zero.
+// (Under torch.func, python/pirope/_autograd takes over with the same backward op.)
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "../ops.h"
+
+namespace pirope {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct Attention : torch::autograd::Function<Attention> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
+                               const std::optional<at::Tensor>& pos, bool causal,
+                               double softmax_scale, bool interleaved, bool deterministic) {
+    at::Tensor out, lse;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(out, lse) = rope_attention(q, k, v, cos, sin, pos, causal, softmax_scale,
+                                          interleaved, deterministic);
+    }
+    ctx->save_for_backward({q, k, v, out, lse, cos, sin, pos.value_or(at::Tensor())});
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["softmax_scale"] = softmax_scale;
+    ctx->saved_data["interleaved"] = interleaved;
+    ctx->saved_data["deterministic"] = deterministic;
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto& d = ctx->saved_data;
+    auto [dq, dk, dv] = rope_attention_backward(
+        grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[6],
+        s[7].defined() ? std::optional<at::Tensor>(s[7]) : std::nullopt, d.at("causal").toBool(),
+        d.at("softmax_scale").toDouble(), d.at("interleaved").toBool(),
+        d.at("deterministic").toBool());
+    variable_list out = {dq, dk, dv};
+    out.resize(10);  // none for cos, sin, position_ids and the flags
+    return out;
+  }
+};
+
+struct AttentionBackward : torch::autograd::Function<AttentionBackward> {
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                               const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& sin,
+                               const std::optional<at::Tensor>& pos, bool causal,
+                               double softmax_scale, bool interleaved, bool deterministic) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [dq, dk, dv] = rope_attention_backward(grad_out, q, k, v, out, lse, cos, sin, pos, causal,
+                                                softmax_scale, interleaved, deterministic);
+    return {dq, dk, dv};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        false, "rope_attention: double backward (gradients of gradients) is not supported");
+    return {};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+    const at::Tensor& sin, const std::optional<at::Tensor>& pos, bool causal,
+    double softmax_scale, bool interleaved, bool deterministic) {
+  auto out = Attention::apply(q, k, v, cos, sin, pos, causal, softmax_scale, interleaved,
+                              deterministic);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& sin,
+    const std::optional<at::Tensor>& pos, bool causal, double softmax_scale, bool interleaved,
+    bool deterministic) {
+  auto grads = AttentionBackward::apply(grad_out, q, k, v, out, lse, cos, sin, pos, causal,
+                                        softmax_scale, interleaved, deterministic);
+  return {grads[0], grads[1], grads[2]};
+}
+
+}  // namespace
+}  // namespace pirope
+
+TORCH_LIBRARY_IMPL(pirope, Autograd, m) {
+  m.impl("rope_attention", &pirope::attention_autograd);
+  m.impl("rope_attention_backward", &pirope::attention_backward_autograd);
+}
