@@ -18,10 +18,22 @@ import os
 import shutil
 import sys
 
+import setuptools
 from setuptools import setup
 
-import torch
-from torch.utils import cpp_extension
+# pyproject.toml's license is an SPDX string (PEP 639), which older setuptools reject
+# with a configuration error that does not say what to do (python -m venv still ships 65).
+if int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(f"pirope: building needs setuptools >= 77, found {setuptools.__version__}: "
+             "pip install -U 'setuptools>=77' (or pip install -r requirements-dev.txt), then rebuild")
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ModuleNotFoundError:  # pip's isolated build environment has no torch
+    sys.exit("pirope builds against the torch already installed, which this build cannot import "
+             f"({sys.executable}). Install torch first, then build without pip's isolated "
+             "environment: pip install --no-build-isolation .")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,8 +1,10 @@
 """Build facts and the import-time check against the torch pirope was built with."""
 
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import pirope
@@ -57,3 +59,47 @@ def test_error_messages_that_format_numbers_do_not_crash():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "raised:" in r.stdout and "got shape [16, 64]" in r.stdout
+
+
+def test_build_outside_the_installed_torch_says_what_to_do(tmp_path):
+    # pip's default isolated build has no torch: say --no-build-isolation, not just
+    # "No module named 'torch'"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, "setup.py")):
+        pytest.skip("needs the source checkout")
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\")")
+    r = subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode != 0 and "pip install --no-build-isolation" in r.stderr, r.stderr[-1000:]
+
+
+def test_import_of_an_unbuilt_checkout_says_to_build(tmp_path):
+    # a source tree whose extension was never compiled: say so, not "another torch"
+    import shutil
+    pkg = os.path.join(os.path.dirname(pirope.__file__))
+    shutil.copytree(pkg, tmp_path / "pirope", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    r = subprocess.run([sys.executable, "-c", "import pirope"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode != 0
+    assert "pirope._C is not built" in r.stderr and "build_ext --inplace" in r.stderr
+
+
+def test_sdist_carries_every_source_header_and_cmake_file(tmp_path):
+    # setuptools alone leaves headers (.h, .cuh) and CMakeLists.txt out: MANIFEST.in
+    import tarfile
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, "setup.py")):
+        pytest.skip("needs the source checkout")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (sdist,) = tmp_path.glob("pirope-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    wanted = {"CMakeLists.txt", "pyproject.toml", "setup.py", "README.md", "python/pirope/py.typed"}
+    for top in ("csrc", "tests/cpp", "python/pirope"):
+        for d, _, files in os.walk(os.path.join(root, top)):
+            wanted |= {os.path.relpath(os.path.join(d, f), root) for f in files
+                       if f.endswith((".h", ".cuh", ".cpp", ".cu", ".py"))}
+    assert not wanted - names, sorted(wanted - names)

@@ -10,6 +10,15 @@ _REBUILD = (
 
 
 def _load():
+    import importlib.util  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    if importlib.util.find_spec("pirope._C") is None:  # never compiled (e.g. a bare source checkout)
+        raise ImportError(
+            f"pirope's compiled extension pirope._C is not built: no pirope/_C*.so next to "
+            f"{os.path.dirname(os.path.abspath(__file__))}. Build it with\n"
+            "    pip install --no-build-isolation .\n"
+            "or, to import from this source checkout, python setup.py build_ext --inplace "
+            "(then PYTHONPATH=python).")
     try:
         from pirope import _C  # noqa: PLC0415
     except ImportError as e:
