@@ -110,6 +110,20 @@ def test_vmap_of_apply_rope_matches_per_sample_calls(device, in_dim):
                                atol=1e-12, rtol=1e-12)
 
 
+def test_vmap_of_inplace_rotation(device):
+    # q and k as head slices of one vmapped buffer, rotated in place
+    cos, sin = tables(device)
+    qkv = rand(3, 2, 7, 6, 16, device=device)
+
+    def rotate_qk(t):
+        pirope.apply_rope_qk(t[:, :, :4], t[:, :, 4:], cos, sin, inplace=True)
+        return t
+
+    out = func.vmap(rotate_qk)(qkv.clone())
+    torch.testing.assert_close(out.cpu(), torch.stack([rope_reference(t, cos, sin) for t in qkv]),
+                               atol=1e-12, rtol=1e-12)
+
+
 def test_vmap_over_position_ids_and_tables(device):
     cos, sin = tables(device)
     x = rand(2, 7, 4, 16, device=device)

@@ -79,8 +79,9 @@ void refuse_requires_grad(const c10::OperatorHandle& op, c10::DispatchKeySet key
                           torch::jit::Stack* stack) {
   for_each_written(op, stack, [&](const std::string& name, const at::Tensor& t) {
     TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), op.schema().name(), ": ", name,
-                " requires grad; the raw in-place op has no derivative, use "
-                "pirope.apply_rope / apply_rope_qk(..., inplace=True), which are differentiable");
+                " requires grad; the raw in-place op has no derivative: use the out-of-place op "
+                "(or, from Python, pirope.apply_rope / apply_rope_qk(..., inplace=True), which are "
+                "differentiable)");
   });
   at::AutoDispatchBelowAutograd guard;
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
