@@ -1,9 +1,5 @@
 // C++ API of the rotary ops against a LibTorch reference (plain ATen ops, float64).
-#if __has_include(<catch2/catch_test_macros.hpp>)
-#include <catch2/catch_test_macros.hpp>  // Catch2 v3
-#else
-#include <catch2/catch.hpp>  // Catch2 v2
-#endif
+#include "catch.h"
 
 #include <ATen/ATen.h>
 

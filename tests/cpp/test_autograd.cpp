@@ -1,10 +1,6 @@
 // Autograd through the C++ API (LibTorch, no Python): gradients of every op against
 // the float64 reference's own autograd (plain ATen ops).
-#if __has_include(<catch2/catch_test_macros.hpp>)
-#include <catch2/catch_test_macros.hpp>  // Catch2 v3
-#else
-#include <catch2/catch.hpp>  // Catch2 v2
-#endif
+#include "catch.h"
 
 #include <cmath>
 

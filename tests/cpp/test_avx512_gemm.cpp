@@ -2,11 +2,7 @@
 // float64 product of the same operands, over the edge cases the attention shapes only
 // partly reach: rows not a multiple of the 6-row tile, columns not a multiple of 16,
 // ldp > n, accumulate and alpha. Skips (with a message) on CPUs without AVX512.
-#if __has_include(<catch2/catch_test_macros.hpp>)
-#include <catch2/catch_test_macros.hpp>  // Catch2 v3
-#else
-#include <catch2/catch.hpp>  // Catch2 v2
-#endif
+#include "catch.h"
 
 #include <cmath>
 #include <random>
