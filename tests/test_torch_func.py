@@ -124,6 +124,18 @@ def test_vmap_of_inplace_rotation(device):
                                atol=1e-12, rtol=1e-12)
 
 
+def test_vmap_over_nothing_gives_empty_outputs(device):
+    # a vmapped dim of size 0 (as for torch's own ops): shapes, no error
+    cos, sin = tables(device)
+    q, k = rand(0, 1, 7, 4, 16, device=device), rand(1, 7, 2, 16, device=device)
+    no_pos = torch.zeros(0, 7, dtype=torch.long, device=device)
+    assert func.vmap(lambda x: pirope.apply_rope(x, cos, sin))(q).shape == (0, 1, 7, 4, 16)
+    assert func.vmap(lambda p: pirope.apply_rope_qk(k, k, cos, sin, p))(no_pos)[1].shape == (0, 1, 7, 2, 16)
+    assert func.vmap(lambda x: pirope.rope_attention(x, k, k, cos, sin))(q).shape == (0, 1, 7, 4, 16)
+    grads = func.vmap(func.grad(lambda x: pirope.rope_attention(x, k, k, cos, sin).sum()))(q)
+    assert grads.shape == (0, 1, 7, 4, 16)
+
+
 def test_vmap_over_position_ids_and_tables(device):
     cos, sin = tables(device)
     x = rand(2, 7, 4, 16, device=device)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 
 
+def sample_shape(t: torch.Tensor, dim: int | None) -> tuple[int, ...]:
+    """The shape of one sample of ``t`` (vmapped along ``dim``, or not at all: None)."""
+    return tuple(t.shape) if dim is None else tuple(t.shape[:dim] + t.shape[dim + 1:])
+
+
 def into_heads(t: torch.Tensor, dim: int | None, size: int, heads: int) -> torch.Tensor:
     """A sample's ``(..., nheads, ...)`` (``heads``: that dim's index in one sample),
     vmapped along ``dim`` (None: not vmapped, the same for every index) ->
@@ -13,20 +18,26 @@ def into_heads(t: torch.Tensor, dim: int | None, size: int, heads: int) -> torch
     return t.movedim(0, heads).flatten(heads, heads + 1)
 
 
-def out_of_heads(t: torch.Tensor, size: int, heads: int) -> tuple[torch.Tensor, int]:
-    """Inverse of :func:`into_heads` for an op's output: (tensor, its vmapped dim)."""
-    return t.unflatten(heads, (size, -1)), heads
+def fold_each(info, tensors, dims, heads) -> list[torch.Tensor]:
+    return [into_heads(t, d, info.batch_size, h) for t, d, h in zip(tensors, dims, heads)]
 
 
-def sample_dim(t: torch.Tensor, dim: int | None) -> int:
-    """The number of dims of one sample of ``t``."""
-    return t.dim() - (dim is not None)
+def out_of_heads(t: torch.Tensor, size: int, heads: int, nheads: int) -> tuple[torch.Tensor, int]:
+    """Inverse of :func:`into_heads` for an op's output of ``nheads`` heads per sample:
+    (tensor, its vmapped dim)."""
+    return t.unflatten(heads, (size, nheads)), heads
 
 
 def loop(op, info, in_dims, args):
-    """The op once per vmapped index, outputs stacked along dim 0."""
-    outs = [op(*[a if d is None else a.select(d, i) for a, d in zip(args, in_dims)])
-            for i in range(info.batch_size)]
+    """The op once per vmapped index, outputs stacked along dim 0 (for an empty vmap,
+    the op runs once on zeros, for the shapes)."""
+    def sample(i):
+        if info.batch_size == 0:  # zeros: valid positions and tables, only the shapes count
+            return [a if d is None else a.new_zeros(sample_shape(a, d)) for a, d in zip(args, in_dims)]
+        return [a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]
+
+    outs = [op(*sample(i)) for i in range(max(info.batch_size, 1))]
+    keep = slice(0, info.batch_size)
     if isinstance(outs[0], (tuple, list)):
-        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
-    return torch.stack(outs), 0
+        return tuple(torch.stack(o)[keep] for o in zip(*outs)), (0,) * len(outs[0])
+    return torch.stack(outs)[keep], 0

@@ -6,25 +6,26 @@ import torch
 from . import _fold
 
 
-def _foldable(tensors, in_dims, rest_dims) -> bool:
+def _foldable(info, tensors, in_dims, rest_dims) -> bool:
     # Tables and positions shared by the batch; each sample (batch, seqlen, nheads,
     # headdim) or packed (total, nheads, headdim) (else the op's own error, per sample).
-    return all(d is None for d in rest_dims) and all(
-        _fold.sample_dim(t, d) in (3, 4) for t, d in zip(tensors, in_dims))
+    return info.batch_size > 0 and all(d is None for d in rest_dims) and all(
+        len(_fold.sample_shape(t, d)) in (3, 4) for t, d in zip(tensors, in_dims))
 
 
 def _rule(op, n):
     """Rule of an op whose first ``n`` arguments are the rotated tensors."""
     def rule(info, in_dims, *args):
         tensors, dims = args[:n], in_dims[:n]
-        if not _foldable(tensors, dims, in_dims[n:]):
+        if not _foldable(info, tensors, dims, in_dims[n:]):
             return _fold.loop(op, info, in_dims, args)
-        heads = [_fold.sample_dim(t, d) - 2 for t, d in zip(tensors, dims)]
-        folded = [_fold.into_heads(t, d, info.batch_size, h) for t, d, h in zip(tensors, dims, heads)]
-        out = op(*folded, *args[n:])
+        shapes = [_fold.sample_shape(t, d) for t, d in zip(tensors, dims)]
+        heads = [len(s) - 2 for s in shapes]
+        out = op(*_fold.fold_each(info, tensors, dims, heads), *args[n:])
+        outs = [_fold.out_of_heads(o, info.batch_size, h, s[h])
+                for o, h, s in zip((out,) if n == 1 else out, heads, shapes)]
         if n == 1:
-            return _fold.out_of_heads(out, info.batch_size, heads[0])
-        outs = [_fold.out_of_heads(o, info.batch_size, h) for o, h in zip(out, heads)]
+            return outs[0]
         return tuple(o for o, _ in outs), tuple(d for _, d in outs)
     return rule
 

@@ -9,28 +9,28 @@ from . import _fold
 ops = torch.ops.pirope
 
 
-def _fold_all(info, tensors, dims, heads):
-    return [_fold.into_heads(t, d, info.batch_size, h) for t, d, h in zip(tensors, dims, heads)]
-
-
-def _foldable(tensors, dims, rest_dims) -> bool:
-    return all(d is None for d in rest_dims) and all(_fold.sample_dim(t, d) == 4 for t, d in zip(tensors, dims))
+def _foldable(info, tensors, dims, rest_dims) -> bool:
+    return info.batch_size > 0 and all(d is None for d in rest_dims) and all(
+        len(_fold.sample_shape(t, d)) == 4 for t, d in zip(tensors, dims))
 
 
 def _rope_attention(info, in_dims, q, k, v, *rest):
-    if not _foldable((q, k, v), in_dims[:3], in_dims[3:]):
+    if not _foldable(info, (q, k, v), in_dims[:3], in_dims[3:]):
         return _fold.loop(ops.rope_attention, info, in_dims, (q, k, v, *rest))
-    out, lse = ops.rope_attention(*_fold_all(info, (q, k, v), in_dims[:3], (2, 2, 2)), *rest)
-    (out, out_dim), (lse, lse_dim) = _fold.out_of_heads(out, info.batch_size, 2), _fold.out_of_heads(lse, info.batch_size, 1)
+    nheads_q = _fold.sample_shape(q, in_dims[0])[2]
+    out, lse = ops.rope_attention(*_fold.fold_each(info, (q, k, v), in_dims[:3], (2, 2, 2)), *rest)
+    (out, out_dim), (lse, lse_dim) = (_fold.out_of_heads(out, info.batch_size, 2, nheads_q),
+                                      _fold.out_of_heads(lse, info.batch_size, 1, nheads_q))
     return (out, lse), (out_dim, lse_dim)
 
 
 def _rope_attention_backward(info, in_dims, grad_out, q, k, v, out, lse, *rest):
     tensors = (grad_out, q, k, v, out, lse)
-    if not (_foldable(tensors[:5], in_dims[:5], in_dims[6:]) and _fold.sample_dim(lse, in_dims[5]) == 3):
+    if not (_foldable(info, tensors[:5], in_dims[:5], in_dims[6:]) and len(_fold.sample_shape(lse, in_dims[5])) == 3):
         return _fold.loop(ops.rope_attention_backward, info, in_dims, (*tensors, *rest))
-    grads = ops.rope_attention_backward(*_fold_all(info, tensors, in_dims[:6], (2, 2, 2, 2, 2, 1)), *rest)
-    outs = [_fold.out_of_heads(g, info.batch_size, 2) for g in grads]
+    grads = ops.rope_attention_backward(*_fold.fold_each(info, tensors, in_dims[:6], (2, 2, 2, 2, 2, 1)), *rest)
+    nheads = [_fold.sample_shape(t, d)[2] for t, d in zip((q, k, v), in_dims[1:4])]
+    outs = [_fold.out_of_heads(g, info.batch_size, 2, h) for g, h in zip(grads, nheads)]
     return tuple(g for g, _ in outs), tuple(d for _, d in outs)
 
 
