@@ -245,3 +245,37 @@ def test_reduced_precision_under_vmap(device):
         torch.testing.assert_close(out[i], pirope.rope_attention(qs[i], k, v, cos, sin), atol=2e-2, rtol=2e-2)
         ref = attention_reference(qs[i], k, v, cos, sin)
         torch.testing.assert_close(out[i].double().cpu(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_functionalize_takes_the_ops_themselves(device):
+    # functionalize (and make_fx over it) is not an autograd transform: the ops' own path
+    cos, sin = tables(device)
+    q, k, v = rand(1, 7, 4, 16, device=device), rand(1, 7, 2, 16, device=device), rand(1, 7, 2, 16, device=device)
+    out = func.functionalize(lambda q: pirope.rope_attention(q, k, v, cos, sin))(q)
+    torch.testing.assert_close(out.cpu(), attention_reference(q, k, v, cos, sin), atol=1e-12, rtol=1e-12)
+    rot = func.functionalize(lambda x: pirope.apply_rope(x, cos, sin))(q)
+    torch.testing.assert_close(rot.cpu(), rope_reference(q, cos, sin), atol=1e-12, rtol=1e-12)
+
+
+def test_gradients_with_respect_to_the_tables_are_refused(device):
+    # cos and sin are constants: torch.func would return zeros for them silently
+    cos, sin = (t.double() for t in tables(device))
+    x = rand(1, 5, 2, 16, device=device)
+    calls = [lambda c: pirope.apply_rope(x, c, sin).sum(),
+             lambda c: pirope.apply_rope_qk(x, x, cos, c)[1].sum(),
+             lambda c: pirope.rope_attention(x, x, x, c, sin).sum()]
+    for call in calls:
+        with pytest.raises(NotImplementedError, match="with respect to (cos|sin)"):
+            func.grad(call)(cos)
+
+
+def test_inplace_qk_under_vmap_writes_both_or_neither(device):
+    # q vmapped, k shared, positions vmapped: k cannot take a per-sample result, so the
+    # call fails, and q is left as it was
+    cos, sin = tables(device)
+    qs, k = rand(3, 1, 7, 2, 16, device=device), rand(1, 7, 1, 16, device=device)
+    pos = torch.randint(0, 40, (3, 7), device=device)
+    before = qs.clone(), k.clone()
+    with pytest.raises(RuntimeError, match="vmap"):
+        func.vmap(lambda q, p: pirope.apply_rope_qk(q, k, cos, sin, p, inplace=True))(qs, pos)
+    assert torch.equal(qs, before[0]) and torch.equal(k, before[1])

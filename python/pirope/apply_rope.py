@@ -68,6 +68,20 @@ def _refuse_leaf_inplace(op, *named):
                                "in an in-place operation)")
 
 
+def _copy_both(q, q_rot, k, k_rot):
+    """q.copy_(q_rot) and k.copy_(k_rot), or neither: when k cannot take its result
+    (under vmap: a per-sample result for a tensor shared by the batch), q is restored
+    before the error propagates."""
+    q_before = q.clone()
+    q.copy_(q_rot)
+    try:
+        k.copy_(k_rot)
+    except Exception:
+        q.copy_(q_before)
+        raise
+    return q, k
+
+
 def apply_rope(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -104,7 +118,8 @@ def apply_rope(
     require_cuda_build(x.device, op)
     if not inplace:
         return _functorch.call("apply_rope", x, cos, sin, position_ids, interleaved)
-    if _functorch.transforming():  # torch.func: the differentiable rotation, copied back
+    if _functorch.transforming() or _functorch.vmapping():  # torch.func: rotation copied back
+        _refuse_leaf_inplace(op, ("x", x))
         return x.copy_(_functorch.call("apply_rope", x, cos, sin, position_ids, interleaved))
     if torch.is_grad_enabled() and x.requires_grad:
         _refuse_leaf_inplace(op, ("x", x))
@@ -138,10 +153,11 @@ def apply_rope_qk(
     require_cuda_build(q.device, op)
     if not inplace:
         return _functorch.call("apply_rope_qk", q, k, cos, sin, position_ids, interleaved)
-    if _functorch.transforming():  # torch.func: the differentiable rotation, copied back
+    if _functorch.transforming() or _functorch.vmapping():  # torch.func: rotations copied back
+        _refuse_leaf_inplace(op, ("q", q), ("k", k))
         _extension._C.check_rope_inplace(_functorch.unwrapped(q), _functorch.unwrapped(k))
         q_rot, k_rot = _functorch.call("apply_rope_qk", q, k, cos, sin, position_ids, interleaved)
-        return q.copy_(q_rot), k.copy_(k_rot)
+        return _copy_both(q, q_rot, k, k_rot)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         _refuse_leaf_inplace(op, ("q", q), ("k", k))
         compiling = torch.compiler.is_compiling()

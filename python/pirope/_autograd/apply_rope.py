@@ -59,6 +59,8 @@ def _jvp(name):
     return jvp
 
 
-for _name, _backward in (("apply_rope", _apply_rope_bw), ("apply_rope_backward", _apply_rope_backward_bw),
-                         ("apply_rope_qk", _apply_rope_qk_bw), ("apply_rope_qk_backward", _apply_rope_qk_backward_bw)):
-    functorch.register(_name, _backward, _setup_forward_mode, jvp=_jvp(_name))
+for _name, _backward, _tables in (("apply_rope", _apply_rope_bw, (1, 2)),
+                                  ("apply_rope_backward", _apply_rope_backward_bw, (1, 2)),
+                                  ("apply_rope_qk", _apply_rope_qk_bw, (2, 3)),
+                                  ("apply_rope_qk_backward", _apply_rope_qk_backward_bw, (2, 3))):
+    functorch.register(_name, _backward, _setup_forward_mode, tables=_tables, jvp=_jvp(_name))

@@ -5,8 +5,9 @@ LibTorch), and functorch refuses C++ autograd Functions ("cannot use C++
 torch::autograd::Function with functorch transforms"). So every op also gets a Python
 autograd.Function here, made of the same rules (python/pirope/_autograd/<op>.py: a
 setup_context and a backward calling the same backward op), and the Python API calls
-the op through it while a torch.func transform (or a forward_ad dual level) is active;
-everywhere else it calls the op itself. The backwards call their ops through
+the op through it while a torch.func autograd transform (grad, jvp and their kin) or a
+forward_ad dual level is active; everywhere else (vmap alone and functionalize included)
+it calls the op itself. The backwards call their ops through
 :func:`call` too, so gradients of gradients (hessian, jacrev of grad) take the same
 route. Forward mode goes the same way for the rotary ops, whose jvp is the rotation of
 the tangent; for rope_attention it is refused (``_checks.no_forward_ad``)."""
@@ -18,18 +19,27 @@ import torch
 _FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
 
 
-def register(name: str, backward, setup_context, jvp=None) -> None:
+def register(name: str, backward, setup_context, *, tables: tuple[int, int], jvp=None) -> None:
     """The autograd.Function of ``torch.ops.pirope.<name>`` for torch.func (and, with
-    ``jvp``, for forward-mode AD)."""
+    ``jvp``, for forward-mode AD). ``tables``: the positions of cos and sin among the
+    op's arguments: constants, so differentiating with respect to them raises (torch.func
+    would return zeros for them)."""
     op = getattr(torch.ops.pirope, name)
 
     def forward(*args):
         return op(*args)
 
+    def backward_checked(ctx, *grads):
+        for i, what in zip(tables, ("cos", "sin")):
+            if ctx.needs_input_grad[i]:
+                raise NotImplementedError(
+                    f"{name}: gradients with respect to {what} are not supported (the tables are constants)")
+        return backward(ctx, *grads)
+
     _FUNCTIONS[name] = type(f"{name}_function", (torch.autograd.Function,), {
         "forward": staticmethod(forward),
         "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward),
+        "backward": staticmethod(backward_checked),
         **({"jvp": staticmethod(jvp)} if jvp is not None else {}),
         # vmap of the Function (jacrev, vmap of grad) runs forward/backward under vmap,
         # which the ops' batching rules (pirope._vmap) take.
@@ -37,13 +47,30 @@ def register(name: str, backward, setup_context, jvp=None) -> None:
     })
 
 
+def _transforms() -> set:
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return {level.key() for level in stack}
+
+
 def transforming() -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp, ...) or a
-    torch.autograd.forward_ad dual level is active here."""
+    """Whether autograd runs through torch.func here: a grad/vjp/jacrev or jvp/jacfwd
+    transform, or a torch.autograd.forward_ad dual level. (vmap alone and functionalize
+    take the ops themselves: their batching rules and C++ autograd.)"""
     # is_compiling first: torch.compile must not trace the interpreter stack.
-    return not torch.compiler.is_compiling() and (
-        torch._C._functorch.peek_interpreter_stack() is not None
-        or torch.autograd.forward_ad._current_level >= 0)
+    if torch.compiler.is_compiling():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    kinds = _transforms()
+    return torch._C._functorch.TransformType.Grad in kinds or torch._C._functorch.TransformType.Jvp in kinds
+
+
+def vmapping() -> bool:
+    """Whether a torch.func.vmap is active here (outside torch.compile)."""
+    return (not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+            and torch._C._functorch.TransformType.Vmap in _transforms())
 
 
 def unwrapped(t: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ def _rope_attention_bw(ctx, grad_out, grad_lse):
     return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
-functorch.register("rope_attention", _rope_attention_bw, _setup)
+functorch.register("rope_attention", _rope_attention_bw, _setup, tables=(3, 4))
 
 
 def _setup_backward(ctx, inputs, output):
@@ -42,4 +42,4 @@ def _rope_attention_backward_bw(ctx, *grads):
         "rope_attention: double backward (gradients of gradients) is not supported")
 
 
-functorch.register("rope_attention_backward", _rope_attention_backward_bw, _setup_backward)
+functorch.register("rope_attention_backward", _rope_attention_backward_bw, _setup_backward, tables=(6, 7))

@@ -14,16 +14,20 @@ def _foldable(info, tensors, in_dims, rest_dims) -> bool:
 
 
 def _rule(op, n):
-    """Rule of an op whose first ``n`` arguments are the rotated tensors."""
+    """Rule of an op whose first ``n`` arguments are the rotated tensors. Each is rotated
+    on its own, so one that is not vmapped (k shared by vmapped queries) is passed as it
+    is and comes out not vmapped."""
     def rule(info, in_dims, *args):
         tensors, dims = args[:n], in_dims[:n]
         if not _foldable(info, tensors, dims, in_dims[n:]):
             return _fold.loop(op, info, in_dims, args)
         shapes = [_fold.sample_shape(t, d) for t, d in zip(tensors, dims)]
         heads = [len(s) - 2 for s in shapes]
-        out = op(*_fold.fold_each(info, tensors, dims, heads), *args[n:])
-        outs = [_fold.out_of_heads(o, info.batch_size, h, s[h])
-                for o, h, s in zip((out,) if n == 1 else out, heads, shapes)]
+        folded = [t if d is None else _fold.into_heads(t, d, info.batch_size, h)
+                  for t, d, h in zip(tensors, dims, heads)]
+        out = op(*folded, *args[n:])
+        outs = [(o, None) if d is None else _fold.out_of_heads(o, info.batch_size, h, s[h])
+                for o, d, h, s in zip((out,) if n == 1 else out, dims, heads, shapes)]
         if n == 1:
             return outs[0]
         return tuple(o for o, _ in outs), tuple(d for _, d in outs)
