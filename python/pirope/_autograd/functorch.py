@@ -47,30 +47,29 @@ def register(name: str, backward, setup_context, *, tables: tuple[int, int], jvp
     })
 
 
-def _transforms() -> set:
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    return {level.key() for level in stack}
+def _kinds() -> set:
+    """The kinds of torch.func transforms active here (none inside torch.compile, which
+    must not trace the interpreter stack: is_compiling comes first)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return set()
+    return {level.key() for level in torch._C._functorch.get_interpreter_stack()}
+
+
+_AUTOGRAD_KINDS = {torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp}
 
 
 def transforming() -> bool:
     """Whether autograd runs through torch.func here: a grad/vjp/jacrev or jvp/jacfwd
     transform, or a torch.autograd.forward_ad dual level. (vmap alone and functionalize
     take the ops themselves: their batching rules and C++ autograd.)"""
-    # is_compiling first: torch.compile must not trace the interpreter stack.
-    if torch.compiler.is_compiling():
-        return False
-    if torch.autograd.forward_ad._current_level >= 0:
+    if torch.autograd.forward_ad._current_level >= 0 and not torch.compiler.is_compiling():
         return True
-    if torch._C._functorch.peek_interpreter_stack() is None:
-        return False
-    kinds = _transforms()
-    return torch._C._functorch.TransformType.Grad in kinds or torch._C._functorch.TransformType.Jvp in kinds
+    return bool(_kinds() & _AUTOGRAD_KINDS)
 
 
 def vmapping() -> bool:
     """Whether a torch.func.vmap is active here (outside torch.compile)."""
-    return (not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
-            and torch._C._functorch.TransformType.Vmap in _transforms())
+    return torch._C._functorch.TransformType.Vmap in _kinds()
 
 
 def unwrapped(t: torch.Tensor) -> torch.Tensor:
