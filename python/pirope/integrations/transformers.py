@@ -17,10 +17,12 @@ Two functions:
   the architecture has it -- through pirope's ops, with logits equal to the unpatched
   model's.
 
-Supported architectures (``config.model_type``): ``llama``, ``mistral``, ``qwen2``
-(separate ``q_proj``/``k_proj``/``v_proj``) and ``phi3`` (fused ``qkv_proj``; the only
-one of them with partial rotary). Anything else raises ``TypeError`` rather than risk a
-silently different model (e.g. Qwen3's q/k norms, Gemma's soft-capping).
+Supported architectures (``config.model_type``): ``llama``, ``mistral``, ``ministral``,
+``qwen2``, ``granite``, ``gemma`` (separate ``q_proj``/``k_proj``/``v_proj``), ``qwen3`` and
+``qwen3_moe`` (the same, with Qwen3's per-head ``q_norm``/``k_norm`` before RoPE) and
+``phi3`` (fused ``qkv_proj``; the only one of them with partial rotary). Anything else
+raises ``TypeError`` rather than risk a silently different model (e.g. Gemma 2's
+soft-capping, OLMo 2's norms over the whole projection).
 
 How the patch works. The model's ``rotary_emb`` module is replaced by a
 :class:`PiropeRotaryEmbedding` that computes, once per forward, a float32 cos/sin
@@ -41,8 +43,9 @@ the projections produce, no copies) and then:
   one op, GQA, no seqlen x seqlen matrix) when that is exact: no cached past keys for
   this layer (a prefill or a plain training forward; the rotated keys are still written
   to an empty cache), no attention mask tensor (i.e. no padding: Hugging Face passes
-  ``None`` for a pure causal mask with sdpa), no attention dropout in training and no
-  sliding window. Any other call of that layer -- a decode step with cached keys, a
+  ``None`` for a pure causal mask with sdpa), no attention dropout in training, causal
+  attention (not Gemma's ``use_bidirectional_attention``) and no sliding window shorter
+  than the sequence. Any other call of that layer -- a decode step with cached keys, a
   padded batch, ``attn_implementation="eager"`` -- takes the "sdpa" path, so results
   never depend on which path ran. ``output_attentions`` gives ``None`` weights from the
   fused path.
@@ -99,16 +102,31 @@ __all__ = [
 
 _ATTENTION_MODES = ("fused", "sdpa")
 
-# model_type -> (how q/k/v are projected, sliding-window source, partial rotary supported)
-#   proj "separate": q_proj, k_proj, v_proj;  "qkv": one qkv_proj split as q | k | v.
-#   window None: the attention gets no sliding_window kwarg (Llama);
-#          "config": getattr(config, "sliding_window", None) (Mistral, Phi-3);
-#          "module": the attention module's own .sliding_window (Qwen2).
-_FAMILIES: dict[str, tuple[str, str | None, bool]] = {
-    "llama": ("separate", None, False),
-    "mistral": ("separate", "config", False),
-    "qwen2": ("separate", "module", False),
-    "phi3": ("qkv", "config", True),
+class _Family(NamedTuple):
+    """How an architecture's attention differs from LLaMA's, where pirope must follow it."""
+
+    proj: str  # "separate": q_proj, k_proj, v_proj;  "qkv": one qkv_proj split as q | k | v
+    # None: the attention gets no sliding_window kwarg (Llama); "config":
+    # getattr(config, "sliding_window", None) (Mistral, Phi-3); "module": the attention
+    # module's own .sliding_window (Qwen2, Qwen3, Ministral: per layer type)
+    window: str | None
+    partial: bool  # partial rotary (rotates the first rotary_dim features of a head)
+    qk_norm: bool = False  # q_norm / k_norm (RMSNorm over head_dim) before RoPE (Qwen3)
+
+
+# Families whose attention is LLaMA's up to the differences above (checked against
+# transformers' modeling code: same rotate-half RoPE, rotary embedding and attention call;
+# Gemma may be bidirectional (is_causal), Granite scales by attention_multiplier (scaling)).
+_FAMILIES: dict[str, _Family] = {
+    "llama": _Family("separate", None, False),
+    "mistral": _Family("separate", "config", False),
+    "ministral": _Family("separate", "module", False),
+    "qwen2": _Family("separate", "module", False),
+    "qwen3": _Family("separate", "module", False, qk_norm=True),
+    "qwen3_moe": _Family("separate", "module", False, qk_norm=True),
+    "gemma": _Family("separate", None, False),
+    "granite": _Family("separate", None, False),
+    "phi3": _Family("qkv", "config", True),
 }
 
 #: ``config.model_type`` values :func:`patch_rope` and :func:`apply_position_interpolation` accept.
@@ -238,7 +256,7 @@ class PiropeRotaryEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
-def _family(model) -> tuple[str, tuple[str, str | None, bool]]:
+def _family(model) -> tuple[str, _Family]:
     try:
         from transformers import PreTrainedModel
     except ImportError as e:  # pragma: no cover - transformers is what this module is for
@@ -264,9 +282,10 @@ def _base_model(model):
     return base
 
 
-def _attention_modules(model, proj: str):
+def _attention_modules(model, family: _Family):
     base = _base_model(model)
-    need = ("q_proj", "k_proj", "v_proj", "o_proj") if proj == "separate" else ("qkv_proj", "o_proj")
+    need = ("q_proj", "k_proj", "v_proj", "o_proj") if family.proj == "separate" else ("qkv_proj", "o_proj")
+    need += ("q_norm", "k_norm") if family.qk_norm else ()
     modules = []
     for i, layer in enumerate(base.layers):
         attn = getattr(layer, "self_attn", None)
@@ -362,18 +381,22 @@ def _linear_as_longrope(config, params: dict, head_dim: int, linear: dict, old_w
 def _project(attn, hidden_states):
     """q, k, v as (batch, seqlen, heads, head_dim) views, exactly as Hugging Face projects."""
     shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
-    if attn._pirope_proj == "qkv":
+    family = attn._pirope_family
+    if family.proj == "qkv":
         qkv = attn.qkv_proj(hidden_states)
         nq = attn.config.num_attention_heads * attn.head_dim
         nkv = attn.config.num_key_value_heads * attn.head_dim
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
     else:
         q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
-    return q.view(shape), k.view(shape), v.view(shape)
+    q, k, v = q.view(shape), k.view(shape), v.view(shape)
+    if family.qk_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
 
 
 def _sliding_window(attn):
-    src = attn._pirope_window
+    src = attn._pirope_family.window
     if src == "config":
         return getattr(attn.config, "sliding_window", None)
     if src == "module":
@@ -388,14 +411,17 @@ def _past_length(cache, layer_idx: int) -> int:
         return -1
 
 
-def _can_fuse(attn, attention_mask, cache, kwargs) -> bool:
+def _can_fuse(attn, seqlen: int, attention_mask, cache, kwargs) -> bool:
     if attn._pirope_attention != "fused":
         return False
     if attention_mask is not None:
         return False  # padding or a non-sdpa mask tensor: keep Hugging Face's masking
     if attn.training and getattr(attn, "attention_dropout", 0.0):
         return False
-    if _sliding_window(attn) is not None:
+    window = _sliding_window(attn)
+    if window is not None and seqlen > window:
+        # a window that masks something. (Within it, by either convention -- key j seen
+        # from query i when i - j < window, or <= window -- every key is seen.)
         return False
     if not getattr(attn, "is_causal", True):
         return False
@@ -427,7 +453,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         cos, sin = cos.to(q.device), sin.to(q.device)
         position_ids = None if position_ids is None else position_ids.to(q.device)
 
-    if _can_fuse(self, attention_mask, cache, kwargs):
+    if _can_fuse(self, q.shape[1], attention_mask, cache, kwargs):
         if cache is not None:  # prefill: the cache gets the rotated keys, as Hugging Face's
             k_rot = pirope.apply_rope(k, cos, sin, position_ids)
             cache.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)
@@ -442,7 +468,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     eager = getattr(sys.modules[type(self).__module__], "eager_attention_forward", None)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
     extra = {}
-    if self._pirope_window is not None:
+    if self._pirope_family.window is not None:
         extra["sliding_window"] = _sliding_window(self)
     out, weights = interface(
         self, q, k, v, attention_mask,
@@ -487,9 +513,10 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
         TypeError: ``model`` is not a supported transformers model.
         ValueError: bad ``attention`` or ``scaling``.
     """
-    model_type, (proj, window, partial_supported) = _family(model)
+    model_type, family = _family(model)
+    partial_supported = family.partial
     mode = _resolve_attention(attention)
-    base, attns = _attention_modules(model, proj)
+    base, attns = _attention_modules(model, family)
     config = model.config
     params = _rope_parameters(config)
     if scaling is not None:
@@ -499,7 +526,7 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
         new = normalize_scaling(scaling)  # validates (raises ValueError/TypeError naming the key)
         if new is None:
             new = {"rope_type": "default"}
-        # transformers' llama/mistral/qwen2 ignore partial_rotary_factor for plain RoPE and
+        # transformers' families other than phi3 ignore partial_rotary_factor for plain RoPE and
         # fail with it otherwise: it is kept only where the architecture rotates part of a head
         keep = ("rope_theta", "partial_rotary_factor") if partial_supported else ("rope_theta",)
         for key in keep:
@@ -524,8 +551,7 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
         config.rope_parameters = params
     base.rotary_emb = rotary
     for attn in attns:
-        attn._pirope_proj = proj
-        attn._pirope_window = window
+        attn._pirope_family = family
         attn._pirope_attention = mode
         # a partial of a module-level function pickles (torch.save(model), multiprocessing)
         # and deep-copies onto the copy; a bound MethodType would not unpickle
