@@ -98,8 +98,9 @@ def test_sdist_carries_every_source_header_and_cmake_file(tmp_path):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     wanted = {"CMakeLists.txt", "pyproject.toml", "setup.py", "README.md", "python/pirope/py.typed"}
-    for top in ("csrc", "tests/cpp", "python/pirope"):
+    for top in ("csrc", "tests/cpp", "python/pirope", "cmake"):
         for d, _, files in os.walk(os.path.join(root, top)):
             wanted |= {os.path.relpath(os.path.join(d, f), root) for f in files
-                       if f.endswith((".h", ".cuh", ".cpp", ".cu", ".py"))}
+                       if f.endswith((".h", ".cuh", ".cpp", ".cu", ".py", ".cmake", ".in"))
+                       or f == "CMakeLists.txt"}
     assert not wanted - names, sorted(wanted - names)
