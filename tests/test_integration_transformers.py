@@ -19,6 +19,7 @@ from pirope.integrations.transformers import (  # noqa: E402
     apply_position_interpolation,
     patch_rope,
 )
+from hf_compare import assert_same_grads, assert_same_logits, logits_and_grads  # noqa: E402
 
 WINDOW = 64
 THETA = 10000.0
@@ -51,26 +52,6 @@ def hf_pi_model(base, factor, window=None, **kw):
 
 def ids(batch, seqlen, seed=1):
     return torch.randint(0, 256, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
-
-
-def logits_and_grads(model, input_ids):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids, labels=input_ids, use_cache=False)
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), grads
-
-
-def assert_same_logits(a, b):
-    # float32 HF angles vs pirope's float64 ones: a few float32 ulps at these positions
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def assert_same_grads(ga, gb):
-    assert ga.keys() == gb.keys()
-    for name in ga:
-        scale = gb[name].abs().max().item()
-        torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-5 * max(scale, 1e-3), msg=name)
 
 
 def _spy(monkeypatch, name):

@@ -17,6 +17,7 @@ import pirope
 
 transformers = pytest.importorskip("transformers")
 from pirope.integrations.transformers import SUPPORTED_MODEL_TYPES, apply_position_interpolation, patch_rope  # noqa: E402
+from hf_compare import assert_same_grads, assert_same_logits, logits_and_grads  # noqa: E402
 
 WINDOW = 64
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -64,21 +65,10 @@ def ids(batch, seqlen, seed=1):
     return torch.randint(3, 256, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-def logits_and_grads(model, input_ids):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids, labels=input_ids, use_cache=False)
-    out.loss.backward()
-    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def assert_same(a, b):
     (la, ga), (lb, gb) = a, b
-    # float32 HF angles vs pirope's float64 ones: a few float32 ulps at these positions
-    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
-    assert ga.keys() == gb.keys()
-    for name in ga:
-        scale = gb[name].abs().max().item()
-        torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-5 * max(scale, 1e-3), msg=name)
+    assert_same_logits(la, lb)
+    assert_same_grads(ga, gb)
 
 
 @pytest.fixture
