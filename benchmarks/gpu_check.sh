@@ -58,7 +58,7 @@ $PY -c "import pirope; print(pirope.build_info())"
 step "warp-specialised Hopper kernels: bounded first runs (tests/cuda_ws_smoke.py)"
 ws_ok=""
 for dir in fwd bwd; do
-  timeout 75 $PY tests/cuda_ws_smoke.py $dir > "$SCRATCH/ws-$dir.log" 2>&1
+  timeout -k 10 90 $PY tests/cuda_ws_smoke.py $dir > "$SCRATCH/ws-$dir.log" 2>&1
   rc=$?
   if [ $rc = 0 ]; then
     tail -1 "$SCRATCH/ws-$dir.log"; ws_ok="$ws_ok $dir"

@@ -5,7 +5,10 @@ completes) costs a minute of a GPU lease instead of the whole test step, and a b
 backward does not take the forward's results with it. Exit 0 when every output agrees;
 the tests (tests/test_rope_attention_cuda.py) check both against float64. The backward runs
 each dQ path (PIROPE_WS_DQ=tma, atomic; the deterministic mode) and exits 2 when only the
-TMA-reduction one fails. Not a pytest module.
+TMA-reduction one fails. torch.profiler checks that each run took the kernel it is meant to
+measure: the launcher falls back silently to the wgmma kernel when a TMA descriptor cannot be
+encoded, and the comparison would then pass by comparing that kernel with itself. Not a
+pytest module.
 
     python tests/cuda_ws_smoke.py fwd|bwd
 """
@@ -18,6 +21,33 @@ import torch
 import pirope
 
 LIMIT = 5e-3  # relative difference from the other Hopper kernels (same math, same tile order)
+
+# The kernel each direction's variants must launch (names in rope_attention_*_sm90*.cuh).
+KERNELS = {"fwd": "rope_attention_fwd_sm90", "bwd": "rope_attention_bwd_dkdv_sm90"}
+
+
+def launched(fn):
+    """fn()'s result and the names of the CUDA kernels it launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    return result, {e.key for e in prof.key_averages()}
+
+
+def wrong_kernels(direction, ws_names, ref_names):
+    """Why the two runs did not take the kernels they are compared as (None when they did):
+    the ws run must launch the warp-specialised kernel and not the wgmma one; the
+    reference run the wgmma kernel and not the warp-specialised one."""
+    ws, plain = KERNELS[direction] + "_ws_kernel", KERNELS[direction] + "_kernel"
+    has = lambda names, kernel: any(kernel in n for n in names)  # noqa: E731 - demangled names hold it
+    problems = []
+    if not has(ws_names, ws) or has(ws_names, plain):
+        problems.append(f"ws_{direction} run launched {sorted(ws_names)}, not {ws} alone (a silent fallback?)")
+    if not has(ref_names, plain) or has(ref_names, ws):
+        problems.append(f"reference run launched {sorted(ref_names)}, not {plain} alone")
+    return "; ".join(problems) or None
 
 
 def run(variant, q, k, v, grad, causal, deterministic):
@@ -85,8 +115,13 @@ def main(direction):
                 q = torch.randn(2, 1000, 8, d, device="cuda", dtype=dtype)
                 k, v = (torch.randn(2, 1000, 2, d, device="cuda", dtype=dtype) for _ in range(2))
                 grad = torch.randn_like(q) if direction == "bwd" else None
-                got = run(f"ws_{direction}", q, k, v, grad, causal, deterministic)
-                ref = run("1", q, k, v, grad, causal, deterministic)
+                got, ws_names = launched(lambda: run(f"ws_{direction}", q, k, v, grad, causal, deterministic))
+                ref, ref_names = launched(lambda: run("1", q, k, v, grad, causal, deterministic))
+                why = wrong_kernels(direction, ws_names, ref_names)
+                if why is not None:
+                    print(f"ws_{direction} {str(dtype):15} hd {d:3} causal {causal!s:5} dq {dq:13} WRONG KERNEL: {why}",
+                          flush=True)
+                    worst[dq] = float("inf")
                 for name, a, b in zip(names, got, ref):
                     err = ((a.float() - b.float()).norm() / b.float().norm()).item()
                     err = err if err == err else float("inf")  # NaN counts as a failure

@@ -49,3 +49,24 @@ def test_verdict_lets_gpu_check_fall_back_only_when_the_tma_dq_path_alone_fails(
     assert smoke.verdict({"tma": bad, "atomic": bad, "deterministic": ok}) == 1
     assert smoke.verdict({"tma": ok, "atomic": ok, "deterministic": bad}) == 1
     assert smoke.verdict({"-": bad}) == 1
+
+
+def test_wrong_kernels_catches_a_silent_fallback_to_the_wgmma_kernel():
+    ws_fwd = "void pirope::cuda::rope_attention_fwd_sm90_ws_kernel<__nv_bfloat16, 128>(CUtensorMap, ...)"
+    fwd = "void pirope::cuda::rope_attention_fwd_sm90_kernel<__nv_bfloat16, 128>(pirope::AttentionParams)"
+    rotate = "void pirope::cuda::rotate_rows_kernel<__nv_bfloat16>(...)"
+    assert smoke.wrong_kernels("fwd", {ws_fwd, rotate}, {fwd, rotate}) is None
+    fallback = smoke.wrong_kernels("fwd", {fwd, rotate}, {fwd, rotate})  # TMA encode failed: same kernel twice
+    assert fallback is not None and "ws_fwd run" in fallback and "reference" not in fallback
+    assert "reference run" in smoke.wrong_kernels("fwd", {ws_fwd}, {ws_fwd})
+    assert smoke.wrong_kernels("fwd", {ws_fwd}, set()) is not None  # nothing ran (not a Hopper build)
+
+
+def test_wrong_kernels_tells_the_backward_kernels_from_the_forward_ones():
+    # the backward runs its forward on the wgmma kernel in both runs: only dkdv decides
+    fwd = "rope_attention_fwd_sm90_kernel<T, 64>"
+    ws_dkdv = "rope_attention_bwd_dkdv_sm90_ws_kernel<T, 64, true, true>"
+    dkdv = "rope_attention_bwd_dkdv_sm90_kernel<T, 64>"
+    assert smoke.wrong_kernels("bwd", {fwd, ws_dkdv}, {fwd, dkdv}) is None
+    assert smoke.wrong_kernels("bwd", {fwd, dkdv}, {fwd, dkdv}) is not None
+    assert smoke.wrong_kernels("bwd", {fwd, ws_dkdv, dkdv}, {fwd, dkdv}) is not None  # both: which one was measured?
