@@ -18,11 +18,17 @@ Two functions:
   model's.
 
 Supported architectures (``config.model_type``): ``llama``, ``mistral``, ``ministral``,
-``qwen2``, ``granite``, ``gemma`` (separate ``q_proj``/``k_proj``/``v_proj``), ``qwen3`` and
-``qwen3_moe`` (the same, with Qwen3's per-head ``q_norm``/``k_norm`` before RoPE) and
-``phi3`` (fused ``qkv_proj``; the only one of them with partial rotary). Anything else
-raises ``TypeError`` rather than risk a silently different model (e.g. Gemma 2's
-soft-capping, OLMo 2's norms over the whole projection).
+``qwen2``, ``granite``, ``gemma``, ``arcee`` (separate ``q_proj``/``k_proj``/``v_proj``),
+``seed_oss`` and ``starcoder2`` (the same, with dropout after ``o_proj``), ``qwen3``,
+``qwen3_moe`` and ``apertus`` (per-head ``q_norm``/``k_norm`` before RoPE), ``olmo2``
+(``q_norm``/``k_norm`` over the whole projection, before the view into heads), ``cohere``
+(interleaved pairs ``(2i, 2i+1)``; with ``use_qk_norm`` a per-head LayerNorm before
+RoPE), ``helium`` and ``ernie4_5`` (interleaved pairs), ``glm`` and ``glm4`` (interleaved
+pairs on the first ``rotary_dim`` features: partial rotary), ``smollm3`` (NoPE layers:
+``use_rope`` 0, from ``config.no_rope_layers``) and ``phi3`` (fused ``qkv_proj``, partial
+rotary). Anything else raises ``TypeError`` rather than risk a silently different model
+(e.g. Gemma 2's soft-capping, OLMo 3's and Gemma 3's RoPE per layer type, Hunyuan's q/k
+norms after RoPE, EXAONE 4's and Cohere 2's NoPE layers chosen by their window).
 
 How the patch works. The model's ``rotary_emb`` module is replaced by a
 :class:`PiropeRotaryEmbedding` that computes, once per forward, a float32 cos/sin
@@ -44,10 +50,12 @@ the projections produce, no copies) and then:
   this layer (a prefill or a plain training forward; the rotated keys are still written
   to an empty cache), no attention mask tensor (i.e. no padding: Hugging Face passes
   ``None`` for a pure causal mask with sdpa), no attention dropout in training, causal
-  attention (not Gemma's ``use_bidirectional_attention``) and no sliding window shorter
-  than the sequence. Any other call of that layer -- a decode step with cached keys, a
-  padded batch, ``attn_implementation="eager"`` -- takes the "sdpa" path, so results
-  never depend on which path ran. ``output_attentions`` gives ``None`` weights from the
+  attention (not Gemma's ``use_bidirectional_attention``), a layer with RoPE (SmolLM3's
+  NoPE layers have nothing to fuse: they take the "sdpa" path, unrotated, as transformers
+  runs them) and no sliding window shorter than the sequence. Any other call of that
+  layer -- a decode step with cached keys, a padded batch,
+  ``attn_implementation="eager"`` -- takes the "sdpa" path, so results never depend on
+  which path ran. ``output_attentions`` gives ``None`` weights from the
   fused path.
 
 The table is float32 whatever the model's dtype (``model.half()`` does not round it)
@@ -111,22 +119,50 @@ class _Family(NamedTuple):
     # module's own .sliding_window (Qwen2, Qwen3, Ministral: per layer type)
     window: str | None
     partial: bool  # partial rotary (rotates the first rotary_dim features of a head)
-    qk_norm: bool = False  # q_norm / k_norm (RMSNorm over head_dim) before RoPE (Qwen3)
+    # q_norm / k_norm before RoPE: None (no norms); "head": over each head's features, after the
+    # view into heads (Qwen3's RMSNorm, Cohere's per-head LayerNorm); "proj": over the whole
+    # projection, before the view (OLMo 2's RMSNorm over num_heads * head_dim)
+    qk_norm: str | None = None
+    # the attention module's attribute that switches the norms on (Cohere's use_qk_norm: the
+    # modules exist only then); None: a family with qk_norm always has them
+    qk_norm_flag: str | None = None
+    # rotate pairs (2i, 2i+1) of the rotary features (Cohere, GLM) instead of rotate-half's
+    # (i, i + rotary_dim/2)
+    interleaved: bool = False
+    # the attention module's attribute that says whether the layer rotates at all (SmolLM3's
+    # use_rope, 0 on its NoPE layers); None: every layer rotates
+    rope_flag: str | None = None
+    # the attention module's attribute holding a dropout rate applied to o_proj's output in
+    # training (StarCoder2's and Seed-OSS's residual_dropout); None: no such dropout
+    out_dropout: str | None = None
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
-# transformers' modeling code: same rotate-half RoPE, rotary embedding and attention call;
-# Gemma may be bidirectional (is_causal), Granite scales by attention_multiplier (scaling)).
+# transformers' modeling code: same rotary embedding and attention call; rotate-half RoPE
+# unless interleaved; Gemma may be bidirectional (is_causal), Granite scales by
+# attention_multiplier (scaling); Cohere, Helium and ERNIE 4.5 rotate the pairs (2i, 2i+1)
+# their repeat_interleave'd cos/sin make, GLM the same on its first rotary_dim features only).
 _FAMILIES: dict[str, _Family] = {
     "llama": _Family("separate", None, False),
     "mistral": _Family("separate", "config", False),
     "ministral": _Family("separate", "module", False),
     "qwen2": _Family("separate", "module", False),
-    "qwen3": _Family("separate", "module", False, qk_norm=True),
-    "qwen3_moe": _Family("separate", "module", False, qk_norm=True),
+    "qwen3": _Family("separate", "module", False, qk_norm="head"),
+    "qwen3_moe": _Family("separate", "module", False, qk_norm="head"),
     "gemma": _Family("separate", None, False),
     "granite": _Family("separate", None, False),
     "phi3": _Family("qkv", "config", True),
+    "olmo2": _Family("separate", None, False, qk_norm="proj"),
+    "cohere": _Family("separate", None, False, qk_norm="head", qk_norm_flag="use_qk_norm", interleaved=True),
+    "glm": _Family("separate", None, True, interleaved=True),
+    "glm4": _Family("separate", None, True, interleaved=True),
+    "smollm3": _Family("separate", "module", False, rope_flag="use_rope"),
+    "arcee": _Family("separate", None, False),
+    "apertus": _Family("separate", None, False, qk_norm="head"),
+    "helium": _Family("separate", None, False, interleaved=True),
+    "ernie4_5": _Family("separate", None, False, interleaved=True),
+    "seed_oss": _Family("separate", None, False, out_dropout="residual_dropout"),
+    "starcoder2": _Family("separate", "config", False, out_dropout="residual_dropout"),
 }
 
 #: ``config.model_type`` values :func:`patch_rope` and :func:`apply_position_interpolation` accept.
@@ -285,16 +321,28 @@ def _base_model(model):
 def _attention_modules(model, family: _Family):
     base = _base_model(model)
     need = ("q_proj", "k_proj", "v_proj", "o_proj") if family.proj == "separate" else ("qkv_proj", "o_proj")
-    need += ("q_norm", "k_norm") if family.qk_norm else ()
+    need += (family.out_dropout,) if family.out_dropout is not None else ()
     modules = []
     for i, layer in enumerate(base.layers):
         attn = getattr(layer, "self_attn", None)
-        if attn is None or not all(hasattr(attn, n) for n in need) or not hasattr(attn, "head_dim"):
+        layer_need = need + (("q_norm", "k_norm") if attn is not None and _qk_norm(attn, family) else ())
+        if attn is None or not all(hasattr(attn, n) for n in layer_need) or not hasattr(attn, "head_dim"):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn with "
-                f"{', '.join(need)} and head_dim; this architecture is not supported")
+                f"{', '.join(layer_need)} and head_dim; this architecture is not supported")
+        if family.rope_flag is not None and not hasattr(attn, family.rope_flag):
+            raise TypeError(
+                f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn.{family.rope_flag} "
+                "telling whether it rotates; this architecture is not supported")
         modules.append(attn)
     return base, modules
+
+
+def _qk_norm(attn, family: _Family) -> str | None:
+    """Where this attention module normalizes q and k before RoPE (see _Family.qk_norm)."""
+    if family.qk_norm is None or (family.qk_norm_flag is not None and not getattr(attn, family.qk_norm_flag, False)):
+        return None
+    return family.qk_norm
 
 
 def _rope_parameters(config) -> dict:
@@ -389,8 +437,11 @@ def _project(attn, hidden_states):
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
     else:
         q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
+    norm = _qk_norm(attn, family)
+    if norm == "proj":  # OLMo 2: one RMSNorm over all heads' features, then the view
+        q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = q.view(shape), k.view(shape), v.view(shape)
-    if family.qk_norm:
+    if norm == "head":
         q, k = attn.q_norm(q), attn.k_norm(k)
     return q, k, v
 
@@ -453,15 +504,23 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         cos, sin = cos.to(q.device), sin.to(q.device)
         position_ids = None if position_ids is None else position_ids.to(q.device)
 
-    if _can_fuse(self, q.shape[1], attention_mask, cache, kwargs):
-        if cache is not None:  # prefill: the cache gets the rotated keys, as Hugging Face's
-            k_rot = pirope.apply_rope(k, cos, sin, position_ids)
-            cache.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)
-        out = pirope.rope_attention(q, k, v, cos, sin, position_ids, causal=True, softmax_scale=self.scaling)
-        out = out.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(out), None
+    family = self._pirope_family
+    interleaved = family.interleaved
+    # a NoPE layer (SmolLM3's use_rope 0) skips RoPE like Hugging Face's and has nothing to
+    # fuse: it takes the "sdpa" path, unrotated
+    rotates = family.rope_flag is None or bool(getattr(self, family.rope_flag))
 
-    q, k = pirope.apply_rope_qk(q, k, cos, sin, position_ids)
+    if rotates and _can_fuse(self, q.shape[1], attention_mask, cache, kwargs):
+        if cache is not None:  # prefill: the cache gets the rotated keys, as Hugging Face's
+            k_rot = pirope.apply_rope(k, cos, sin, position_ids, interleaved=interleaved)
+            cache.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)
+        out = pirope.rope_attention(q, k, v, cos, sin, position_ids, causal=True, softmax_scale=self.scaling,
+                                    interleaved=interleaved)
+        out = out.reshape(*input_shape, -1).contiguous()
+        return _out_proj(self, out), None
+
+    if rotates:
+        q, k = pirope.apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) as Hugging Face
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
@@ -475,7 +534,15 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         dropout=0.0 if not self.training else self.attention_dropout,
         scaling=self.scaling, **extra, **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()
-    return self.o_proj(out), weights
+    return _out_proj(self, out), weights
+
+
+def _out_proj(attn, out):
+    out = attn.o_proj(out)
+    rate = attn._pirope_family.out_dropout
+    if rate is not None:
+        out = nn.functional.dropout(out, p=getattr(attn, rate), training=attn.training)
+    return out
 
 
 def _resolve_attention(attention) -> str:
