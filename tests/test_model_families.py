@@ -1,14 +1,17 @@
 """Every architecture pirope.integrations.transformers supports, against transformers' own
 model on the same weights: Position Interpolation by apply_position_interpolation gives
 the logits and gradients of the model transformers builds from the updated config, on
-both attention paths; sliding windows and Qwen3's q/k norms are followed; a fused prefill
-then cached decoding generates what transformers generates.
+both attention paths; sliding windows, q/k norms (per head: Qwen3, Apertus, Cohere; over the
+whole projection: OLMo 2), interleaved pairs (Cohere, Helium, ERNIE 4.5; partial: GLM),
+SmolLM3's NoPE layers and residual dropout (StarCoder2, Seed-OSS) are followed; a fused
+prefill then cached decoding generates what transformers generates.
 
 Tiny random float32 models (hidden 64, 2 layers, 4 heads / 2 KV heads, head_dim 16),
 seconds on a CPU.
 """
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -39,7 +42,32 @@ FAMILIES = {
                      logits_scaling=3.0)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM",
              dict(original_max_position_embeddings=WINDOW, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # q_norm / k_norm: RMSNorm over the whole projection (all heads), before the view into heads
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(pad_token_id=1, eos_token_id=2)),
+    # interleaved pairs (2i, 2i+1); per-head LayerNorm q/k norms with use_qk_norm (test below)
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(eos_token_id=2)),
+    # interleaved pairs on the first half of each head (partial_rotary_factor 0.5, the config's default)
+    "glm": ("GlmConfig", "GlmForCausalLM", dict(pad_token_id=0, eos_token_id=2)),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(pad_token_id=0, eos_token_id=2)),
+    # layer 1 is a NoPE layer (no rotation at all)
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM",
+                dict(no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(bos_token_id=1, eos_token_id=2)),
+    # Qwen3's per-head q/k RMSNorms; the config's default RoPE (llama3 for an 8k window) does not fit 64
+    "apertus": ("ApertusConfig", "ApertusForCausalLM", dict(rope_parameters={"rope_type": "default",
+                                                                             "rope_theta": 10000.0})),
+    # interleaved pairs on the whole head
+    "helium": ("HeliumConfig", "HeliumForCausalLM", {}),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", {}),
+    # q/k/v biases; dropout after o_proj (residual_dropout, test below)
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", {}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(bos_token_id=1, eos_token_id=2)),
 }
+
+
+# layers that take the fused path when nothing else keeps them off it (default: both):
+# SmolLM3's NoPE layer has no RoPE to fuse and runs transformers' attention unrotated
+FUSED_LAYERS = {"smollm3": 1}
 
 
 def test_every_supported_family_is_tested_here():
@@ -94,44 +122,132 @@ def test_position_interpolation_equals_transformers(model_type, attention, fused
     ref = twin(base, model.config)  # the PI model as transformers builds it from the config
     x = ids(2, 100)  # past the original window
     assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
-    # the fused kernel ran in every layer (no window here is shorter than the sequence)
-    assert fused_calls == ([(2, 100, 4, 16)] * 2 if attention == "fused" else [])
+    # the fused kernel ran in every layer with RoPE (no window here is shorter than the sequence)
+    assert fused_calls == ([(2, 100, 4, 16)] * FUSED_LAYERS.get(model_type, 2) if attention == "fused" else [])
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe"])
-def test_qk_norms_run_before_rope(model_type):
-    # scaled norm weights: a patch that skipped or misplaced them would change the logits
-    base = make(model_type)
+def scale_qk_norms(model):
+    # scaled norm weights: a patch that skipped or misplaced the norms would change the logits
     with torch.no_grad():
-        for layer in base.model.layers:
+        for layer in model.model.layers:
             layer.self_attn.q_norm.weight.uniform_(0.2, 3.0)
             layer.self_attn.k_norm.weight.uniform_(0.2, 3.0)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus"])
+def test_qk_norms_run_before_rope(model_type):
+    base = scale_qk_norms(make(model_type))
     model = patch_rope(copy.deepcopy(base), attention="fused")
     x = ids(1, 50)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_olmo2_norms_over_the_whole_projection_run_before_the_view_into_heads(attention, fused_calls):
+    base = scale_qk_norms(make("olmo2"))
+    norm = base.model.layers[0].self_attn.q_norm
+    assert norm.weight.shape == (4 * 16,)  # one RMSNorm over all heads: not the per-head norm of Qwen3
+    model = patch_rope(copy.deepcopy(base), attention=attention)
+    x = ids(2, 50)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+    assert len(fused_calls) == (2 if attention == "fused" else 0)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_cohere_per_head_layernorms_run_before_rope_with_use_qk_norm(attention):
+    base = scale_qk_norms(make("cohere", use_qk_norm=True))
+    assert base.model.layers[0].self_attn.q_norm.weight.shape == (4, 16)  # a LayerNorm per head
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    x = ids(2, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+
+
+@pytest.mark.parametrize("model_type", ["cohere", "glm", "glm4", "helium", "ernie4_5"])
+def test_interleaved_families_rotate_the_pairs_transformers_rotates(model_type):
+    # q and k rotated by transformers' own rotary embedding and apply_rotary_pos_emb against
+    # pirope's op with the patched model's table and the family's pairing; GLM rotates
+    # pairs (2i, 2i+1) of the first half of each head and passes the second half through
+    from pirope.integrations.transformers import _FAMILIES
+
+    base = apply_position_interpolation(make(model_type), 2.0)
+    ref = twin(base)  # unpatched, from the PI config
+    hf = sys.modules[type(ref.model.layers[0].self_attn).__module__]
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 100, 16, generator=g), torch.randn(2, 2, 100, 16, generator=g)  # (B, H, S, D)
+    positions = torch.arange(100).expand(2, 100)
+    cos, sin = ref.model.rotary_emb(q, positions)
+    want_q, want_k = hf.apply_rotary_pos_emb(q, k, cos, sin)
+
+    tables = base.model.rotary_emb(q, positions)
+    assert tables.cos.shape[1] == (4 if model_type.startswith("glm") else 8)  # rotary_dim // 2
+    interleaved = _FAMILIES[model_type].interleaved
+    got_q, got_k = (pirope.apply_rope(t.transpose(1, 2), tables.cos, tables.sin, tables.position_ids,
+                                      interleaved=interleaved).transpose(1, 2) for t in (q, k))
+    torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
+    # not a pairing-blind check: rotate-half pairs would give other values
+    rotate_half_q = pirope.apply_rope(q.transpose(1, 2), tables.cos, tables.sin, tables.position_ids).transpose(1, 2)
+    assert not torch.allclose(rotate_half_q, want_q, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("model_type", ["glm", "glm4"])
+def test_glm_position_interpolation_keeps_the_partial_rotary_and_round_trips(model_type, tmp_path):
+    base = make(model_type)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0)
+    assert model.config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0,
+                                            "partial_rotary_factor": 0.5}
+    assert model.model.rotary_emb.rotary_dim == 8
+    model.save_pretrained(tmp_path)
+    loaded = getattr(transformers, FAMILIES[model_type][1]).from_pretrained(tmp_path).eval()  # plain transformers
+    assert loaded.config.rope_parameters == model.config.rope_parameters
+    assert loaded.config.max_position_embeddings == 2 * WINDOW
+    x = ids(1, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_smollm3_nope_layers_attend_without_rotation(attention, fused_calls, monkeypatch):
+    rotated = []  # the q shape of every pirope.apply_rope_qk call (the "sdpa" path's rotation)
+    real = pirope.apply_rope_qk
+
+    def spy(q, *args, **kwargs):
+        rotated.append(tuple(q.shape))
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(pirope, "apply_rope_qk", spy)
+    base = make("smollm3")
+    assert [layer.self_attn.use_rope for layer in base.model.layers] == [1, 0]  # layer 1 is NoPE
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    x = ids(2, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+    # layer 0 rotates once (by apply_rope_qk or inside rope_attention), layer 1 never
+    calls = fused_calls if attention == "fused" else rotated
+    assert (fused_calls + rotated, calls) == ([(2, 100, 4, 16)], [(2, 100, 4, 16)])
+
+
 def windowed(model_type):
     """A model whose layer 0 attends within a 16-token window (layer 1: as configured)."""
-    if model_type == "mistral":
+    if model_type in ("mistral", "starcoder2"):
         return make(model_type, sliding_window=16)  # every layer
     return make(model_type, sliding_window=16, use_sliding_window=True,
                 layer_types=["sliding_attention", "full_attention"])
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "ministral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["mistral", "ministral", "qwen2", "qwen3", "smollm3", "starcoder2"])
 def test_sliding_windows_are_followed(model_type, fused_calls):
     base = windowed(model_type)
     model = patch_rope(copy.deepcopy(base), attention="fused")
-    windowed_layers = 2 if model_type == "mistral" else 1
-    for seqlen, fused in ((40, 2 - windowed_layers), (15, 2)):  # past the window / within it
+    windowed_layers = 2 if model_type in ("mistral", "starcoder2") else 1
+    fusable = FUSED_LAYERS.get(model_type, 2)
+    for seqlen, fused in ((40, fusable - windowed_layers), (15, fusable)):  # past the window / within it
         fused_calls.clear()
         x = ids(2, seqlen, seed=seqlen)
         assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
         assert len(fused_calls) == fused, seqlen
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite"])
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -142,7 +258,8 @@ def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_ty
         b = ref.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
-    assert fused_calls == [(1, 70, 4, 16)] * 2  # the prefill; the decode steps take the cached path
+    # the prefill; the decode steps take the cached path
+    assert fused_calls == [(1, 70, 4, 16)] * FUSED_LAYERS.get(model_type, 2)
 
 
 def test_bidirectional_gemma_takes_the_exact_path(fused_calls):
@@ -153,13 +270,31 @@ def test_bidirectional_gemma_takes_the_exact_path(fused_calls):
     assert fused_calls == []  # rope_attention is causal only
 
 
-def test_no_fused_call_where_a_window_without_mask_would_cut_keys():
+@pytest.mark.parametrize("model_type", ["qwen3", "smollm3", "starcoder2"])
+def test_no_fused_call_where_a_window_without_mask_would_cut_keys(model_type):
     # attention implementations that apply the window themselves (flash_attention_2) get no
     # mask tensor: the window alone must keep such a layer off the fused path
     from pirope.integrations.transformers import _can_fuse
 
-    model = patch_rope(windowed("qwen3"), attention="fused")
-    windowed_attn, full_attn = (layer.self_attn for layer in model.model.layers)
+    model = patch_rope(windowed(model_type), attention="fused")
+    windowed_attn, other_attn = (layer.self_attn for layer in model.model.layers)
     assert not _can_fuse(windowed_attn, 17, None, None, {})
     assert _can_fuse(windowed_attn, 16, None, None, {})
-    assert _can_fuse(full_attn, 17, None, None, {})
+    # layer 1 attends to every key, except in StarCoder2 (one window for all layers)
+    assert _can_fuse(other_attn, 17, None, None, {}) == (model_type != "starcoder2")
+
+
+@pytest.mark.parametrize("model_type", ["seed_oss", "starcoder2"])
+def test_residual_dropout_after_o_proj_is_applied_in_training(model_type, fused_calls):
+    base = make(model_type, residual_dropout=0.3, attention_dropout=0.0)
+    model = patch_rope(copy.deepcopy(base), attention="fused").train()  # attention_dropout 0: fused
+    ref = twin(base).train()
+    x = ids(2, 40)
+    torch.manual_seed(5)
+    got = logits_and_grads(model, x)
+    torch.manual_seed(5)
+    want = logits_and_grads(ref, x)
+    assert_same(got, want)
+    assert fused_calls == [(2, 40, 4, 16)] * 2
+    torch.manual_seed(6)  # the dropout is really on: another draw gives other logits
+    assert not torch.allclose(model(x, use_cache=False).logits, got[0])
