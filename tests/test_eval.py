@@ -79,3 +79,158 @@ def test_perplexity_bad_tokens_and_counts():
         sliding_windows(-1, 4, 2)
     # stride = window: back-to-back windows, each scoring all but its first token
     assert sliding_windows(12, 4, 4) == [(0, 3), (3, 3), (6, 3), (8, 2)]
+
+
+# ---------------------------------------------------------------------------------
+# sliding-window perplexity against an independent float64 reference
+# ---------------------------------------------------------------------------------
+import math  # noqa: E402
+import re  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from pirope.eval import (  # noqa: E402
+    PASSKEY_FILLER,
+    PASSKEY_INTRO,
+    PASSKEY_QUESTION,
+    passkey_k_max,
+    passkey_prompt,
+)
+
+VOCAB = 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; with two threads on a busy 2-core machine
+    every forward spins for ~0.25 s. Restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_llama(vocab=VOCAB, window=128, seed=0, layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=window))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def text_ids():
+    return torch.randint(0, VOCAB, (203,), generator=torch.Generator().manual_seed(7))
+
+
+def reference_nll(model, tokens, window, stride):
+    """The Hugging Face strided-perplexity recipe, in float64 from the model's full logits,
+    with the windows the module documents: begins 0, s, 2s, ... (s = min(stride, window - 1)),
+    the last window ends at the end of the text; each window scores the tokens after the
+    previous window's end (the first: all but its first token)."""
+    n = len(tokens)
+    s = min(stride, window - 1)
+    begins = []
+    b = 0
+    while True:
+        begins.append(min(b, n - window))
+        if b + window >= n:
+            break
+        b += s
+    total, count, prev_end = 0.0, 0, 1  # token 0 has no context
+    with torch.no_grad():
+        for b in begins:
+            x = tokens[b:b + window]
+            logp = torch.log_softmax(model(input_ids=x[None]).logits[0].double(), -1)
+            first = max(prev_end, b + 1)  # absolute position of the first target scored here
+            rel = torch.arange(first - b, window)  # target positions inside the window
+            total -= float(logp[rel - 1, x[rel]].sum())
+            count += window - (first - b)
+            prev_end = b + window
+    return total, count
+
+
+@pytest.mark.parametrize("n,window,stride,batch", [
+    (203, 32, 8, 1),     # stride divides nothing: last window partial, aligned to the end
+    (203, 32, 8, 3),     # batched: windows of different n_scored in one batch
+    (200, 32, 8, 100),   # one batch holds every window
+    (32, 32, 8, 2),      # n_tokens == window: one window
+    (33, 32, 8, 1),      # one token more than the window
+    (203, 32, 32, 2),    # stride == window (taken as window - 1)
+    (203, 32, 31, 2),
+    (203, 32, 7, 4),
+    (100, 2, 1, 7),      # the smallest window
+    (120, 64, 1, 16),    # stride 1
+])
+def test_perplexity_matches_float64_reference(llama, text_ids, n, window, stride, batch):
+    tokens = text_ids[:n]
+    ref_nll, ref_n = reference_nll(llama, tokens, window, stride)
+    ppl, nll, n_scored = sliding_window_perplexity(llama, tokens, window, stride, batch_size=batch,
+                                                   progress=False, return_nll=True)
+    assert n_scored == ref_n == n - 1
+    assert nll == pytest.approx(ref_nll, rel=1e-6)
+    assert ppl == pytest.approx(math.exp(ref_nll / ref_n), rel=1e-6)
+    assert sliding_window_perplexity(llama, tokens.tolist(), window, stride, batch_size=batch,
+                                     progress=False) == pytest.approx(ppl, rel=1e-6)
+
+
+def test_perplexity_context_matters_and_reference_is_not_trivial(llama, text_ids):
+    """Sanity of the reference itself: a different window gives a different value, so
+    the comparison above would catch wrong windows (not just a wrong average)."""
+    a = reference_nll(llama, text_ids, 32, 8)[0]
+    b = reference_nll(llama, text_ids, 16, 8)[0]
+    assert abs(a - b) > 1e-3
+
+
+def test_perplexity_bf16_model(llama, text_ids):
+    model = tiny_llama().to(torch.bfloat16)
+    ref_nll, ref_n = reference_nll(model, text_ids, 32, 8)
+    ppl, nll, n = sliding_window_perplexity(model, text_ids, 32, 8, batch_size=3, progress=False, return_nll=True)
+    assert n == ref_n and nll == pytest.approx(ref_nll, rel=1e-5)
+    assert math.isfinite(ppl) and next(model.parameters()).dtype == torch.bfloat16
+
+
+class Wrapped(torch.nn.Module):
+    """The same model behind forward(input_ids) only, returning a tuple / a tensor /
+    a ModelOutput: no logits_to_keep, so every window's full logits are used."""
+
+    def __init__(self, model, kind):
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids)
+        return {"tuple": (out.logits, None), "list": [out.logits], "tensor": out.logits, "output": out}[self.kind]
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "tensor", "output"])
+def test_perplexity_tuple_tensor_or_model_output(llama, text_ids, kind):
+    ref = sliding_window_perplexity(llama, text_ids, 32, 8, batch_size=2, progress=False)
+    got = sliding_window_perplexity(Wrapped(llama, kind), text_ids, 32, 8, batch_size=2, progress=False)
+    assert got == pytest.approx(ref, rel=1e-6)
+
+
+def test_perplexity_model_output_without_logits_is_a_type_error(text_ids):
+    class NoLogits(torch.nn.Module):
+        def forward(self, input_ids):
+            return {"logits": torch.zeros(*input_ids.shape, VOCAB)}
+
+    with pytest.raises(TypeError, match="no logits"):
+        sliding_window_perplexity(NoLogits(), text_ids, 32, 8, progress=False)
+
+
+def test_perplexity_restores_train_mode_and_runs_without_grad(text_ids):
+    model = tiny_llama().train()
+    seen = []
+    h = model.register_forward_hook(lambda m, a, out: seen.append((m.training, torch.is_grad_enabled())))
+    ppl = sliding_window_perplexity(model, text_ids, 32, 8, progress=False)
+    h.remove()
+    assert model.training and all(m.training for m in model.modules())
+    assert seen and all(s == (False, False) for s in seen)
+    assert ppl == pytest.approx(sliding_window_perplexity(model.eval(), text_ids, 32, 8, progress=False), rel=1e-6)
