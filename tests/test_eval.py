@@ -234,3 +234,115 @@ def test_perplexity_restores_train_mode_and_runs_without_grad(text_ids):
     assert model.training and all(m.training for m in model.modules())
     assert seen and all(s == (False, False) for s in seen)
     assert ppl == pytest.approx(sliding_window_perplexity(model.eval(), text_ids, 32, 8, progress=False), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------
+# passkey: prompt, depth, greedy decoding
+# ---------------------------------------------------------------------------------
+FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
+KEY_LINE = "The pass key is {k}. Remember it. {k} is the pass key."
+
+
+def split_prompt(prompt, key):
+    """(filler sentences before the key line, after it) of a passkey prompt."""
+    assert prompt.startswith(PASSKEY_INTRO + " ") and prompt.endswith(" " + PASSKEY_QUESTION)
+    body = prompt[len(PASSKEY_INTRO) + 1: -len(PASSKEY_QUESTION) - 1]
+    line = KEY_LINE.format(k=key)
+    assert body.count(line) == 1, body
+    before, after = body.split(line)
+    sentences = lambda s: re.findall(r"[^.]+\.", s.strip())  # noqa: E731
+    return [x.strip() for x in sentences(before)], [x.strip() for x in sentences(after)]
+
+
+@pytest.mark.parametrize("n_filler", [0, 1, 5, 12])
+def test_passkey_prompt_depth_places_the_key_after_depth_sentences(n_filler):
+    assert " ".join(FILLER) == PASSKEY_FILLER
+    for depth in range(n_filler + 1):
+        before, after = split_prompt(passkey_prompt(n_filler, depth, "40961"), "40961")
+        # the paper's five sentences repeated, cut at sentence granularity, key after `depth` of them
+        assert before + after == [FILLER[i % 5] for i in range(n_filler)]
+        assert len(before) == depth
+    assert passkey_prompt(2, 1, "40961", intro="") == (
+        "The grass is green. " + KEY_LINE.format(k="40961") + " The sky is blue. " + PASSKEY_QUESTION)
+
+
+class PromptRecorder(torch.nn.Module):
+    """Records every full prompt (as text) and predicts byte '7'."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompts = []
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        self.prompts.append(decode(input_ids[0].tolist()))
+        logits = torch.zeros(*input_ids.shape, 256)
+        logits[..., ord("7")] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_passkey_retrieval_hides_the_key_at_the_reported_random_depth():
+    model = PromptRecorder()
+    r = passkey_retrieval(model, byte_encode, decode, [700, 400], trials=100, seed=2, max_new_tokens=1,
+                          progress=False, prefix_ids=[0])
+    assert len(model.prompts) == 200
+    depths = {400: [], 700: []}
+    keys = []
+    for i, prompt in enumerate(model.prompts):
+        k = 400 if i < 100 else 700  # lengths run in increasing order
+        assert prompt.startswith("\0" + PASSKEY_INTRO)  # the prefix ids come first
+        key = re.search(r"The pass key is (\d+)\. Remember", prompt).group(1)
+        assert len(key) == 5 and key[0] != "0"
+        before, after = split_prompt(prompt[1:], key)
+        n = len(before) + len(after)
+        assert len(prompt) <= k and len(prompt) + len(FILLER[n % 5]) + 1 > k  # as many sentences as fit
+        depths[k].append((len(before), n))
+        keys.append(key)
+        if i % 100 == 0:  # the first trial of each length is the sample
+            s = r["samples"][i // 100]
+            assert (s["length"], s["key"], s["depth"], s["n_tokens"]) == (k, key, len(before), len(prompt))
+    for k, seen in depths.items():
+        (n,) = {n for _, n in seen}
+        d = [d for d, _ in seen]
+        # uniform over [0, n] (n + 1 places): both ends and most places are reached in 100 trials
+        assert min(d) <= 1 and max(d) >= n - 1 and len(set(d)) > (n + 1) * 3 // 4, (k, sorted(d))
+    assert len(set(keys)) > 190
+    # the model always answers 7777777...: never the key
+    assert r["success"] == {400: 0.0, 700: 0.0} and r["k_max"] == 0 and r["trials"] == 100
+
+
+def test_passkey_greedy_decoding_equals_generate():
+    """passkey_retrieval decodes what model.generate(do_sample=False) decodes, with the
+    KV cache: one full forward per trial, then one token per step."""
+    model = tiny_llama(vocab=260, window=256, seed=3, layers=1)
+    model.generation_config.eos_token_id = None  # generate must not stop early
+    model.generation_config.pad_token_id = 0
+    decoded, inputs = [], []
+    h = model.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["input_ids"].clone()), with_kwargs=True)
+
+    def record_decode(ids):
+        decoded.append(list(ids))
+        return decode(ids)
+
+    passkey_retrieval(model, byte_encode, record_decode, [210, 250], trials=2, seed=1, intro="",
+                      max_new_tokens=6, progress=False)
+    h.remove()
+    assert [x.shape[1] for x in inputs[1:6]] == [1] * 5 and len(inputs) == 4 * 6
+    prompts = inputs[::6]
+    assert [p.shape[1] > 200 for p in prompts] == [True] * 4
+    for prompt, out in zip(prompts, decoded):
+        with torch.no_grad():
+            ref = model.generate(prompt, do_sample=False, max_new_tokens=6)
+        assert out == ref[0, prompt.shape[1]:].tolist()
+    assert len(set(decoded[0])) > 1  # not a constant answer
+
+
+def test_progress_bars_shown_or_disabled(capsys, llama, text_ids):
+    pytest.importorskip("tqdm")
+    sliding_window_perplexity(llama, text_ids[:64], 32, 16, progress=False)
+    passkey_retrieval(LengthRecorder(), byte_encode, decode, [300], trials=2, max_new_tokens=1, progress=False)
+    assert capsys.readouterr().err == ""
+    sliding_window_perplexity(llama, text_ids[:64], 32, 16, progress=True)
+    passkey_retrieval(LengthRecorder(), byte_encode, decode, [300], trials=2, max_new_tokens=1, progress=True)
+    err = capsys.readouterr().err
+    assert "ppl@32" in err and "0/3" in err and "passkey" in err and "0/2" in err  # totals: 3 windows, 2 trials
