@@ -346,3 +346,22 @@ def test_progress_bars_shown_or_disabled(capsys, llama, text_ids):
     passkey_retrieval(LengthRecorder(), byte_encode, decode, [300], trials=2, max_new_tokens=1, progress=True)
     err = capsys.readouterr().err
     assert "ppl@32" in err and "0/3" in err and "passkey" in err and "0/2" in err  # totals: 3 windows, 2 trials
+
+
+# ---------------------------------------------------------------------------------
+# defects: each test failed before its fix in eval.py
+# ---------------------------------------------------------------------------------
+def test_mixed_train_eval_modes_are_restored_module_by_module(text_ids):
+    """A model being fine-tuned with a frozen (eval-mode) part, or an eval model with
+    one submodule in train mode: evaluation must leave every module as it found it."""
+    model = tiny_llama().train()
+    model.model.layers[0].eval()
+    before = [m.training for m in model.modules()]
+    sliding_window_perplexity(model, text_ids[:40], 16, 8, progress=False)
+    assert [m.training for m in model.modules()] == before
+    model.eval()
+    model.model.layers[1].train()
+    before = [m.training for m in model.modules()]
+    passkey_retrieval(model, lambda s: [b % VOCAB for b in s.encode()], decode, [260], trials=1, intro="",
+                      max_new_tokens=2, progress=False)
+    assert [m.training for m in model.modules()] == before

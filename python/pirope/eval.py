@@ -91,15 +91,18 @@ def _accepts(model, name: str) -> bool:
 
 @contextlib.contextmanager
 def _eval_mode(model):
-    was_training = getattr(model, "training", False)
+    # Every module's own mode is restored (a model being fine-tuned may have frozen parts
+    # in eval mode; model.train() afterwards would flip them to train mode).
+    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+    modes = [m.training for m in modules]
     if hasattr(model, "eval"):
         model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
+        for m, mode in zip(modules, modes):
+            m.training = mode
 
 
 def _as_token_tensor(tokens, name: str = "tokens") -> torch.Tensor:
