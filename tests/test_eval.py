@@ -365,3 +365,35 @@ def test_mixed_train_eval_modes_are_restored_module_by_module(text_ids):
     passkey_retrieval(model, lambda s: [b % VOCAB for b in s.encode()], decode, [260], trials=1, intro="",
                       max_new_tokens=2, progress=False)
     assert [m.training for m in model.modules()] == before
+
+
+class ConfidentlyWrong(torch.nn.Module):
+    """Puts logit 1e4 on token 0, which never occurs: mean NLL ~1e4, perplexity inf."""
+
+    def __init__(self, vocab=10):
+        super().__init__()
+        self.vocab = vocab
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., 0] = 1e4
+        return (logits,)
+
+
+def test_perplexity_overflow_is_inf_not_an_exception():
+    """The paper reports '>1000' for extrapolating models: a huge mean NLL must give
+    inf, not crash the evaluation with OverflowError from math.exp."""
+    tokens = torch.randint(1, 10, (50,), generator=torch.Generator().manual_seed(0))
+    ppl, nll, n = sliding_window_perplexity(ConfidentlyWrong(), tokens, 8, 4, progress=False, return_nll=True)
+    assert ppl == math.inf and n == 49 and nll == pytest.approx(49 * 1e4, rel=1e-3)
+
+
+def test_token_ids_beyond_the_vocabulary_are_a_clear_value_error(llama):
+    """Ids >= the model's vocabulary: a ValueError naming tokens (not an IndexError from
+    the embedding, nor a gather error / device assert on the logits)."""
+    tokens = torch.arange(60) % (VOCAB + 5)
+    with pytest.raises(ValueError, match=r"tokens.*44.*vocabulary.*40"):
+        sliding_window_perplexity(llama, tokens, 16, 8, progress=False)
+    with pytest.raises(ValueError, match=r"tokens.*vocabulary.*10"):  # no embedding to read: from the logits
+        sliding_window_perplexity(ConfidentlyWrong(10), torch.arange(20), 8, 4, progress=False)

@@ -134,6 +134,31 @@ def _check_int(value, name: str, minimum: int) -> int:
     return value
 
 
+def _perplexity(total_nll: float, n_scored: int) -> float:
+    """exp(mean NLL); inf (not OverflowError) past float range, as for extrapolating models."""
+    if not n_scored:
+        return float("nan")
+    try:
+        return math.exp(total_nll / n_scored)
+    except OverflowError:
+        return math.inf
+
+
+def _vocab_size(model):
+    """The input embedding's size when the model exposes it (Hugging Face models), else None."""
+    try:
+        emb = model.get_input_embeddings()
+    except Exception:  # not a Hugging Face model / no embedding
+        return None
+    n = getattr(emb, "num_embeddings", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def _check_vocab(max_id: int, vocab, what: str) -> None:
+    if vocab is not None and max_id >= vocab:
+        raise ValueError(f"tokens contain id {max_id}, outside the model's vocabulary of {vocab} ids ({what})")
+
+
 def sliding_windows(n_tokens: int, window: int, stride: int) -> List[tuple]:
     """The windows of the sliding-window evaluation as ``(begin, n_scored)`` pairs.
 
@@ -196,6 +221,8 @@ def sliding_window_perplexity(
     t = _as_token_tensor(tokens)
     batch_size = _check_int(batch_size, "batch_size", 1)
     windows = sliding_windows(t.numel(), window, stride)
+    max_id = int(t.max())
+    _check_vocab(max_id, _vocab_size(model), "input embeddings")
     device = torch.device(device) if device is not None else _model_device(model)
     use_keep = _accepts(model, "logits_to_keep")
     total_nll = 0.0
@@ -207,6 +234,7 @@ def sliding_window_perplexity(
             keep = max(n for _, n in batch) + 1  # logits for the last keep positions
             kwargs = {"logits_to_keep": keep} if use_keep and keep < window else {}
             logits = _logits(model(input_ids=ids, **kwargs))
+            _check_vocab(max_id, logits.shape[-1], "logits")
             logits = logits[:, -keep:] if logits.shape[1] >= keep else logits
             # logits[:, j] predicts token window - keep + j + 1; drop the last one.
             pred = logits[:, :-1].float()
@@ -216,7 +244,7 @@ def sliding_window_perplexity(
             for row, (_, n) in enumerate(batch):
                 total_nll += float(nll[row, nll.shape[1] - n :].double().sum())
                 n_scored += n
-    ppl = math.exp(total_nll / n_scored) if n_scored else float("nan")
+    ppl = _perplexity(total_nll, n_scored)
     if return_nll:
         return ppl, total_nll, n_scored
     return ppl
