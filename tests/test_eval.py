@@ -397,3 +397,118 @@ def test_token_ids_beyond_the_vocabulary_are_a_clear_value_error(llama):
         sliding_window_perplexity(llama, tokens, 16, 8, progress=False)
     with pytest.raises(ValueError, match=r"tokens.*vocabulary.*10"):  # no embedding to read: from the logits
         sliding_window_perplexity(ConfidentlyWrong(10), torch.arange(20), 8, 4, progress=False)
+
+
+@pytest.mark.parametrize("args,exc,msg", [
+    ((5, 1.5, "12345"), TypeError, "depth must be an int"),
+    ((5, True, "12345"), TypeError, "depth must be an int"),
+    ((2.5, 0, "12345"), TypeError, "n_filler must be an int"),
+    ((-1, 0, "12345"), ValueError, "n_filler must be >= 0"),
+    ((3, -1, "12345"), ValueError, "depth must be in"),
+    ((3, 4, "12345"), ValueError, "depth must be in"),
+])
+def test_passkey_prompt_bad_input(args, exc, msg):
+    with pytest.raises(exc, match=msg):
+        passkey_prompt(*args)
+
+
+def test_passkey_prompt_accepts_numpy_ints():
+    np = pytest.importorskip("numpy")
+    assert passkey_prompt(np.int64(3), np.int64(1), "12345") == passkey_prompt(3, 1, "12345")
+
+
+def test_passkey_k_max_semantics():
+    assert passkey_k_max({}) == 0  # nothing tested: no effective window
+    assert passkey_k_max({100: 0.2, 200: 0.2}) == 200  # the threshold itself passes (2/10 >= 20%)
+    assert passkey_k_max({100: 2 / 10, 200: 1 / 10}) == 100
+    assert passkey_k_max({100: 1.0, 200: 0.0, 300: 1.0}) == 100  # no credit after the first failure
+    assert passkey_k_max({300: 1.0, 100: 1.0, 200: 0.5}, threshold=0.6) == 100  # sorted by length, not dict order
+    assert passkey_k_max({100: 0.0}) == 0
+    np = pytest.importorskip("numpy")
+    assert passkey_k_max({np.int64(100): 1.0}) == 100
+
+
+@pytest.mark.parametrize("success,threshold,exc,msg", [
+    # JSON round trips (examples/evaluate.py writes str keys) sort "1024" < "256": silently wrong
+    ({"256": 1.0, "512": 0.0, "1024": 1.0}, 0.2, TypeError, "success keys must be int lengths"),
+    ({256.0: 1.0}, 0.2, TypeError, "success keys must be int lengths"),
+    ([256, 512], 0.2, TypeError, "success must be a dict"),
+    ({256: 20.0}, 0.2, ValueError, r"success rates must be in \[0, 1\]"),  # a percentage, not a rate
+    ({256: -0.1}, 0.2, ValueError, r"success rates must be in \[0, 1\]"),
+    ({256: "1"}, 0.2, TypeError, "success rates must be numbers"),
+    ({256: 1.0}, 0.0, ValueError, r"threshold must be in \(0, 1\]"),
+    ({256: 1.0}, 1.5, ValueError, r"threshold must be in \(0, 1\]"),
+    ({256: 1.0}, "0.2", TypeError, "threshold must be a number"),
+    ({256: 1.0}, float("nan"), ValueError, r"threshold must be in \(0, 1\]"),
+])
+def test_passkey_k_max_bad_input(success, threshold, exc, msg):
+    with pytest.raises(exc, match=msg):
+        passkey_k_max(success, threshold)
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(threshold="0.2"), TypeError, "threshold must be a number"),
+    (dict(threshold=True), TypeError, "threshold must be a number"),
+    (dict(threshold=0), ValueError, r"threshold must be in \(0, 1\]"),
+    (dict(prefix_ids=[1.5]), TypeError, "prefix_ids must be int token ids"),
+    (dict(prefix_ids="12"), TypeError, "prefix_ids must be int token ids"),
+    (dict(prefix_ids=1), TypeError, "prefix_ids must be a sequence"),
+    (dict(prefix_ids=[-1]), ValueError, "prefix_ids must be non-negative"),
+    (dict(trials=2.0), TypeError, "trials must be an int"),
+    (dict(trials=True), TypeError, "trials must be an int"),
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1"),
+    (dict(lengths=[300, True]), TypeError, "lengths must be ints"),
+    (dict(lengths=[300, 0]), ValueError, "lengths must be positive"),
+])
+def test_passkey_retrieval_bad_input(kwargs, exc, msg):
+    kw = {**dict(lengths=[300], trials=1, progress=False), **kwargs}
+    with pytest.raises(exc, match=msg):
+        passkey_retrieval(LengthRecorder(), byte_encode, decode, **kw)
+
+
+def test_numpy_ints_are_accepted_like_lengths():
+    """passkey_retrieval took numpy ints for lengths but not for trials; the perplexity
+    counts now take any integral number (not bool, not float) too."""
+    np = pytest.importorskip("numpy")
+    assert sliding_windows(np.int64(12), np.int32(4), np.int64(4)) == [(0, 3), (3, 3), (6, 3), (8, 2)]
+    r = passkey_retrieval(LengthRecorder(), byte_encode, decode, [np.int64(300)], trials=np.int64(2),
+                          max_new_tokens=np.int64(1), progress=False)
+    assert r["trials"] == 2 and type(r["trials"]) is int
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(window=True, stride=1), TypeError, "window must be an int"),
+    (dict(window=16, stride=4.0), TypeError, "stride must be an int"),
+    (dict(window=16, stride=-4), ValueError, "stride must be >= 1"),
+    (dict(window=0, stride=1), ValueError, "window must be >= 2"),
+    (dict(window=16, stride=8, batch_size=2.0), TypeError, "batch_size must be an int"),
+    (dict(window=16, stride=8, batch_size=False), TypeError, "batch_size must be an int"),
+])
+def test_perplexity_bad_counts(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        sliding_window_perplexity(LengthRecorder(), torch.zeros(40, dtype=torch.long), progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("tokens,exc,msg", [
+    (torch.zeros(3, 40, dtype=torch.long), ValueError, "tokens must be 1-D"),
+    (torch.zeros(1, 1, 40, dtype=torch.long), ValueError, "tokens must be 1-D"),
+    (torch.tensor(7), ValueError, "tokens must be 1-D"),
+    (torch.zeros(40, dtype=torch.bool), TypeError, "integer token ids"),
+    (torch.zeros(40, dtype=torch.float16), TypeError, "integer token ids"),
+    ([1, 2, 3.5] * 10, TypeError, "integer token ids"),
+    ([True] * 40, TypeError, "integer token ids"),
+    ("some text that is long enough", TypeError, "integer token ids"),
+    (torch.zeros(0, dtype=torch.long), ValueError, "tokens must not be empty"),
+    (torch.zeros(10, dtype=torch.long), ValueError, "at least as long as window"),  # n_tokens < window
+])
+def test_perplexity_bad_tokens(tokens, exc, msg):
+    with pytest.raises(exc, match=msg):
+        sliding_window_perplexity(LengthRecorder(), tokens, 16, 8, progress=False)
+
+
+def test_perplexity_accepts_1_by_n_int32_and_numpy_tokens(llama, text_ids):
+    np = pytest.importorskip("numpy")
+    ref = sliding_window_perplexity(llama, text_ids[:64], 32, 8, progress=False)
+    for t in (text_ids[None, :64], text_ids[:64].int(), text_ids[:64].numpy(), tuple(text_ids[:64].tolist())):
+        assert sliding_window_perplexity(llama, t, 32, 8, progress=False) == pytest.approx(ref, rel=1e-6)
+    assert np is not None

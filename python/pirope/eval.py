@@ -27,7 +27,7 @@ import math
 import numbers
 import random
 import re
-from typing import Callable, Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Sequence
 
 import torch
 
@@ -126,12 +126,22 @@ def _as_token_tensor(tokens, name: str = "tokens") -> torch.Tensor:
     return t.long()
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_int(value, name: str, minimum) -> int:
+    """An int (numpy ints too; not bool, not float) >= minimum (None: no minimum)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
+    value = int(value)
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _check_threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+    if not 0.0 < threshold <= 1.0:  # also rejects nan
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    return float(threshold)
 
 
 def _perplexity(total_nll: float, n_scored: int) -> float:
@@ -264,6 +274,8 @@ def passkey_prompt(n_filler: int, depth: int, key: str, *, intro: str = PASSKEY_
     so the prompt can fit any length); the key line goes after ``depth`` of them
     (0 <= depth <= n_filler). The prompt ends with "The pass key is".
     """
+    n_filler = _check_int(n_filler, "n_filler", 0)
+    depth = _check_int(depth, "depth", None)
     if not 0 <= depth <= n_filler:
         raise ValueError(f"depth must be in [0, n_filler={n_filler}], got {depth}")
     filler = [_FILLER_SENTENCES[i % len(_FILLER_SENTENCES)] for i in range(n_filler)]
@@ -304,13 +316,42 @@ def _max_filler(encode, k: int, n_prefix: int, intro: str) -> int:
     return lo
 
 
+def _check_prefix_ids(prefix_ids) -> List[int]:
+    if isinstance(prefix_ids, (str, bytes)):
+        raise TypeError(f"prefix_ids must be int token ids, got {type(prefix_ids).__name__} {prefix_ids!r}")
+    if isinstance(prefix_ids, torch.Tensor):
+        prefix_ids = prefix_ids.reshape(-1).tolist()
+    try:
+        ids = list(prefix_ids)
+    except TypeError:
+        raise TypeError(f"prefix_ids must be a sequence of int token ids, got {type(prefix_ids).__name__}") from None
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"prefix_ids must be int token ids, got {type(i).__name__} {i!r}")
+        if i < 0:
+            raise ValueError(f"prefix_ids must be non-negative token ids, got {i}")
+    return [int(i) for i in ids]
+
+
 def passkey_k_max(success: Dict[int, float], threshold: float = 0.2) -> int:
     """The paper's effective context window: the largest length k such that every
-    tested length k' <= k has success rate >= threshold (0 if the shortest fails)."""
+    tested length k' <= k has success rate >= threshold (0 if the shortest fails, or
+    if ``success`` is empty). Keys are int lengths, rates are in [0, 1], threshold in (0, 1]."""
+    if not isinstance(success, Mapping):
+        raise TypeError(f"success must be a dict {{length: success rate}}, got {type(success).__name__}")
+    threshold = _check_threshold(threshold)
+    for k, v in success.items():
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            # e.g. str keys from a JSON round trip would sort "1024" before "256"
+            raise TypeError(f"success keys must be int lengths, got {type(k).__name__} {k!r}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"success rates must be numbers, got {type(v).__name__} {v!r} for length {k}")
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"success rates must be in [0, 1], got {v!r} for length {k}")
     k_max = 0
     for k in sorted(success):
         if success[k] >= threshold:
-            k_max = k
+            k_max = int(k)
         else:
             break
     return k_max
@@ -388,9 +429,8 @@ def passkey_retrieval(
         raise ValueError(f"lengths must be positive, got {lengths[0]}")
     trials = _check_int(trials, "trials", 1)
     max_new_tokens = _check_int(max_new_tokens, "max_new_tokens", 1)
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    prefix_ids = [int(i) for i in prefix_ids]
+    threshold = _check_threshold(threshold)
+    prefix_ids = _check_prefix_ids(prefix_ids)
     n_fill = {k: _max_filler(encode, k, len(prefix_ids), intro) for k in lengths}
     device = torch.device(device) if device is not None else _model_device(model)
     rng = random.Random(seed)
