@@ -226,7 +226,8 @@ def sliding_window_perplexity(
 
     Returns:
         ``exp(mean negative log-likelihood)`` over ``len(tokens) - 1`` predictions
-        (a float), or ``(ppl, total_nll, n_scored)`` with ``return_nll=True``.
+        (a float; ``inf`` past the float range), or ``(ppl, total_nll, n_scored)`` with
+        ``return_nll=True``. The model's train/eval modes are restored afterwards.
     """
     t = _as_token_tensor(tokens)
     batch_size = _check_int(batch_size, "batch_size", 1)
@@ -410,8 +411,9 @@ def passkey_retrieval(
 
     Returns:
         dict with ``lengths`` (sorted), ``success`` ({k: success rate}), ``k_max``
-        (:func:`passkey_k_max`), ``trials``, ``threshold`` and ``samples`` (a few
-        (k, key, decoded) triples for inspection).
+        (:func:`passkey_k_max`), ``trials``, ``threshold`` and ``samples`` (the first
+        trial of every length, as dicts with ``length``, ``n_tokens``, ``depth`` (filler
+        sentences before the key line), ``key`` and ``output`` (the decoded text)).
     """
     if not callable(encode) or not callable(decode):
         raise TypeError("encode and decode must be callables (text -> ids, ids -> text)")
