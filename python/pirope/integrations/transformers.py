@@ -25,10 +25,31 @@ Supported architectures (``config.model_type``): ``llama``, ``mistral``, ``minis
 (interleaved pairs ``(2i, 2i+1)``; with ``use_qk_norm`` a per-head LayerNorm before
 RoPE), ``helium`` and ``ernie4_5`` (interleaved pairs), ``glm`` and ``glm4`` (interleaved
 pairs on the first ``rotary_dim`` features: partial rotary), ``smollm3`` (NoPE layers:
-``use_rope`` 0, from ``config.no_rope_layers``) and ``phi3`` (fused ``qkv_proj``, partial
-rotary). Anything else raises ``TypeError`` rather than risk a silently different model
-(e.g. Gemma 2's soft-capping, OLMo 3's and Gemma 3's RoPE per layer type, Hunyuan's q/k
-norms after RoPE, EXAONE 4's and Cohere 2's NoPE layers chosen by their window).
+``use_rope`` 0, from ``config.no_rope_layers``), ``phi3`` (fused ``qkv_proj``, partial
+rotary), ``gemma3_text`` (``Gemma3ForCausalLM``: RoPE per layer type, per-head ``(1 +
+weight)`` RMSNorm q/k norms, scaling ``query_pre_attn_scalar ** -0.5``) and ``olmo3`` (RoPE
+per layer type, OLMo 2's q/k norms), ``exaone4`` (per-head q/k norms) and ``cohere2``
+(interleaved pairs), whose full_attention layers are NoPE when the model has a sliding
+window (EXAONE 4: a layer rotates iff ``sliding_window is None or is_sliding``; Cohere 2:
+iff the layer's ``sliding_window`` is set). Anything else raises ``TypeError`` rather than
+risk a silently different model (e.g. Gemma 2's soft-capping, Hunyuan's q/k norms after
+RoPE, the multimodal Gemma 3 ``Gemma3ForConditionalGeneration``, model_type ``gemma3``).
+Gemma 3's ``attn_logit_softcapping``: transformers' ``Gemma3Attention`` stores it but passes
+no ``softcap`` to its attention function, so its scores are not capped; the patched layers
+do the same (both paths), so the patched model equals transformers' for any config.
+
+RoPE per layer type (Gemma 3, OLMo 3: ``config.rope_parameters`` keyed by layer type,
+``{"full_attention": {...}, "sliding_attention": {...}}``). Transformers' model calls its
+rotary embedding once per layer type with a ``layer_type`` argument and hands layer ``i``
+the ``(cos, sin)`` of ``config.layer_types[i]``. The patched ``rotary_emb`` is a
+:class:`PiropeLayerTypeRotaryEmbedding`: one :class:`PiropeRotaryEmbedding` per layer type
+(its own cached table, its own ``rope_type``), called the same way, so each layer gets the
+:class:`RopeTables` of its type. :func:`patch_rope`'s ``scaling`` is then a dict keyed by
+layer type (the types it names are replaced, the others kept); one ``rope_parameters``
+dict for all layers is refused (``ValueError``): it is ambiguous -- transformers' own
+legacy ``rope_scaling`` on these configs means the full_attention layers only, while a
+caller may well mean every layer -- and the keyed form says it exactly.
+:func:`apply_position_interpolation` extends the full_attention layers only (see there).
 
 How the patch works. The model's ``rotary_emb`` module is replaced by a
 :class:`PiropeRotaryEmbedding` that computes, once per forward, a float32 cos/sin
@@ -51,8 +72,8 @@ the projections produce, no copies) and then:
   to an empty cache), no attention mask tensor (i.e. no padding: Hugging Face passes
   ``None`` for a pure causal mask with sdpa), no attention dropout in training, causal
   attention (not Gemma's ``use_bidirectional_attention``), a layer with RoPE (SmolLM3's
-  NoPE layers have nothing to fuse: they take the "sdpa" path, unrotated, as transformers
-  runs them) and no sliding window shorter than the sequence. Any other call of that
+  NoPE layers, and EXAONE 4's and Cohere 2's, have nothing to fuse: they take the "sdpa"
+  path, unrotated, as transformers runs them) and no sliding window shorter than the sequence. Any other call of that
   layer -- a decode step with cached keys, a padded batch,
   ``attn_implementation="eager"`` -- takes the "sdpa" path, so results never depend on
   which path ran. ``output_attentions`` gives ``None`` weights from the
@@ -60,7 +81,8 @@ the projections produce, no copies) and then:
 
 The table is float32 whatever the model's dtype (``model.half()`` does not round it)
 and lives on the device of the hidden states. Finding the table length needs the
-largest position id on the host: one device sync per model forward (not per layer).
+largest position id on the host: one device sync per model forward (not per layer; per
+layer type where RoPE is per layer type).
 The table grows to at least twice its size, so decoding past it rebuilds rarely;
 positions too sparse for a table (a huge offset, a padding sentinel, a "dynamic"
 decode step past the window, whose table would serve one length only) get the rows of
@@ -102,6 +124,7 @@ from pirope.scaling import normalize_scaling
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "PiropeLayerTypeRotaryEmbedding",
     "PiropeRotaryEmbedding",
     "RopeTables",
     "apply_position_interpolation",
@@ -110,13 +133,41 @@ __all__ = [
 
 _ATTENTION_MODES = ("fused", "sdpa")
 
+class _RopeLayers(NamedTuple):
+    """Which layers of a family rotate q and k: ``rotates(attn)`` exactly as the family's
+    Hugging Face attention forward decides, from the attention module's attributes
+    ``needs`` (checked when patching)."""
+
+    needs: tuple[str, ...]
+    rotates: Any  # Callable[[nn.Module], bool], a module-level function (pickles by name)
+
+
+def _rotates_by_use_rope(attn) -> bool:
+    # SmolLM3: `if self.use_rope: apply_rotary_pos_emb(...)`, use_rope 0 on its NoPE layers
+    return bool(attn.use_rope)
+
+
+def _rotates_exaone4(attn) -> bool:
+    # EXAONE 4: `if self.sliding_window is None or self.is_sliding: apply_rotary_pos_emb(...)`
+    # -- with a window, the global (full_attention) layers are NoPE
+    return attn.sliding_window is None or bool(attn.is_sliding)
+
+
+def _rotates_when_windowed(attn) -> bool:
+    # Cohere 2: `if self.sliding_window is not None: apply_rotary_pos_emb(...)`, where the
+    # module's sliding_window is None on its full_attention layers (NoPE)
+    return attn.sliding_window is not None
+
+
 class _Family(NamedTuple):
     """How an architecture's attention differs from LLaMA's, where pirope must follow it."""
 
     proj: str  # "separate": q_proj, k_proj, v_proj;  "qkv": one qkv_proj split as q | k | v
     # None: the attention gets no sliding_window kwarg (Llama); "config":
     # getattr(config, "sliding_window", None) (Mistral, Phi-3); "module": the attention
-    # module's own .sliding_window (Qwen2, Qwen3, Ministral: per layer type)
+    # module's own .sliding_window (Qwen2, Qwen3, Ministral: per layer type); "sliding": the
+    # module's .sliding_window where its .is_sliding, else None (EXAONE 4, whose modules all
+    # hold the config's window)
     window: str | None
     partial: bool  # partial rotary (rotates the first rotary_dim features of a head)
     # q_norm / k_norm before RoPE: None (no norms); "head": over each head's features, after the
@@ -129,12 +180,16 @@ class _Family(NamedTuple):
     # rotate pairs (2i, 2i+1) of the rotary features (Cohere, GLM) instead of rotate-half's
     # (i, i + rotary_dim/2)
     interleaved: bool = False
-    # the attention module's attribute that says whether the layer rotates at all (SmolLM3's
-    # use_rope, 0 on its NoPE layers); None: every layer rotates
-    rope_flag: str | None = None
+    # which layers rotate at all (NoPE layers: SmolLM3's use_rope 0, EXAONE 4's and Cohere 2's
+    # global layers), derived from attention-module attributes; None: every layer rotates
+    rope_layers: _RopeLayers | None = None
     # the attention module's attribute holding a dropout rate applied to o_proj's output in
     # training (StarCoder2's and Seed-OSS's residual_dropout); None: no such dropout
     out_dropout: str | None = None
+    # config.rope_parameters is a dict keyed by layer type ({"full_attention": {...},
+    # "sliding_attention": {...}}) and the rotary embedding is called once per layer type with
+    # a layer_type argument (Gemma 3, OLMo 3): one pirope table per layer type
+    rope_per_layer_type: bool = False
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
@@ -156,13 +211,20 @@ _FAMILIES: dict[str, _Family] = {
     "cohere": _Family("separate", None, False, qk_norm="head", qk_norm_flag="use_qk_norm", interleaved=True),
     "glm": _Family("separate", None, True, interleaved=True),
     "glm4": _Family("separate", None, True, interleaved=True),
-    "smollm3": _Family("separate", "module", False, rope_flag="use_rope"),
+    "smollm3": _Family("separate", "module", False, rope_layers=_RopeLayers(("use_rope",), _rotates_by_use_rope)),
     "arcee": _Family("separate", None, False),
     "apertus": _Family("separate", None, False, qk_norm="head"),
     "helium": _Family("separate", None, False, interleaved=True),
     "ernie4_5": _Family("separate", None, False, interleaved=True),
     "seed_oss": _Family("separate", None, False, out_dropout="residual_dropout"),
     "starcoder2": _Family("separate", "config", False, out_dropout="residual_dropout"),
+    # Gemma3ForCausalLM (text only; Gemma3ForConditionalGeneration is "gemma3" and unsupported)
+    "gemma3_text": _Family("separate", "module", False, qk_norm="head", rope_per_layer_type=True),
+    "olmo3": _Family("separate", "module", False, qk_norm="proj", rope_per_layer_type=True),
+    "exaone4": _Family("separate", "sliding", False, qk_norm="head",
+                       rope_layers=_RopeLayers(("sliding_window", "is_sliding"), _rotates_exaone4)),
+    "cohere2": _Family("separate", "module", False, interleaved=True,
+                       rope_layers=_RopeLayers(("sliding_window",), _rotates_when_windowed)),
 }
 
 #: ``config.model_type`` values :func:`patch_rope` and :func:`apply_position_interpolation` accept.
@@ -287,6 +349,43 @@ class PiropeRotaryEmbedding(nn.Module):
                 f"scaling={self.scaling}")
 
 
+class PiropeLayerTypeRotaryEmbedding(nn.Module):
+    """Drop-in replacement of the ``rotary_emb`` of a model with RoPE parameters per layer
+    type (Gemma 3, OLMo 3): one :class:`PiropeRotaryEmbedding` per layer type, in
+    ``by_type`` (a ``ModuleDict`` keyed by layer type, e.g. ``"full_attention"``,
+    ``"sliding_attention"``).
+
+    ``forward(x, position_ids, layer_type)`` returns the :class:`RopeTables` of that layer
+    type's embedding: the model calls it once per layer type and hands each layer those of
+    its ``config.layer_types[i]``, as it does with Hugging Face's per-type ``(cos, sin)``.
+    Like :class:`PiropeRotaryEmbedding` it holds no buffers.
+    """
+
+    def __init__(self, by_type: dict[str, PiropeRotaryEmbedding]):
+        super().__init__()
+        if not by_type:
+            raise ValueError("PiropeLayerTypeRotaryEmbedding needs at least one layer type")
+        self.by_type = nn.ModuleDict(by_type)
+        self.layer_types = tuple(sorted(by_type))
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return max(r.max_position_embeddings for r in self.by_type.values())
+
+    @max_position_embeddings.setter
+    def max_position_embeddings(self, value: int) -> None:
+        for r in self.by_type.values():
+            r.max_position_embeddings = value
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                layer_type: str | None = None) -> RopeTables:
+        if layer_type not in self.by_type:
+            raise ValueError(
+                f"pirope rotary embedding: layer_type must be one of {', '.join(map(repr, self.layer_types))}, "
+                f"got {layer_type!r}")
+        return self.by_type[layer_type](x, position_ids)
+
+
 # ----------------------------------------------------------------------------------------
 # Model inspection
 # ----------------------------------------------------------------------------------------
@@ -330,10 +429,15 @@ def _attention_modules(model, family: _Family):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn with "
                 f"{', '.join(layer_need)} and head_dim; this architecture is not supported")
-        if family.rope_flag is not None and not hasattr(attn, family.rope_flag):
+        if family.rope_layers is not None and not all(hasattr(attn, n) for n in family.rope_layers.needs):
             raise TypeError(
-                f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn.{family.rope_flag} "
-                "telling whether it rotates; this architecture is not supported")
+                f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn."
+                f"{', self_attn.'.join(family.rope_layers.needs)} telling whether it rotates; "
+                "this architecture is not supported")
+        if family.window == "sliding" and not hasattr(attn, "is_sliding"):
+            raise TypeError(
+                f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn.is_sliding; "
+                "this architecture is not supported")
         modules.append(attn)
     return base, modules
 
@@ -343,6 +447,27 @@ def _qk_norm(attn, family: _Family) -> str | None:
     if family.qk_norm is None or (family.qk_norm_flag is not None and not getattr(attn, family.qk_norm_flag, False)):
         return None
     return family.qk_norm
+
+
+def _rope_parameters_by_type(config) -> dict[str, dict]:
+    """``{layer_type: rope_parameters}`` of a family with RoPE per layer type, for the layer
+    types the model has (``set(config.layer_types)``, as its rotary embedding builds them)."""
+    params = getattr(config, "rope_parameters", None)
+    layer_types = sorted(set(getattr(config, "layer_types", None) or ()))
+    if not layer_types or not isinstance(params, dict):
+        raise ValueError(
+            "model.config must have layer_types and rope_parameters keyed by layer type such as "
+            "{'full_attention': {'rope_type': 'default', 'rope_theta': 1e6}, 'sliding_attention': {...}}, "
+            f"got layer_types={getattr(config, 'layer_types', None)!r}, rope_parameters={params!r}")
+    out = {}
+    for layer_type in layer_types:
+        p = params.get(layer_type)
+        if not isinstance(p, dict) or not ({"rope_type", "type", "rope_theta"} & set(p)):
+            raise ValueError(
+                f"model.config.rope_parameters[{layer_type!r}] must be one dict in transformers 5 form such as "
+                f"{{'rope_type': 'default', 'rope_theta': 10000.0}}, got {p!r}")
+        out[layer_type] = dict(p)
+    return out
 
 
 def _rope_parameters(config) -> dict:
@@ -452,6 +577,8 @@ def _sliding_window(attn):
         return getattr(attn.config, "sliding_window", None)
     if src == "module":
         return getattr(attn, "sliding_window", None)
+    if src == "sliding":
+        return attn.sliding_window if attn.is_sliding else None
     return None
 
 
@@ -506,9 +633,9 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
 
     family = self._pirope_family
     interleaved = family.interleaved
-    # a NoPE layer (SmolLM3's use_rope 0) skips RoPE like Hugging Face's and has nothing to
-    # fuse: it takes the "sdpa" path, unrotated
-    rotates = family.rope_flag is None or bool(getattr(self, family.rope_flag))
+    # a NoPE layer (SmolLM3's use_rope 0, EXAONE 4's and Cohere 2's global layers) skips RoPE
+    # like Hugging Face's and has nothing to fuse: it takes the "sdpa" path, unrotated
+    rotates = family.rope_layers is None or family.rope_layers.rotates(self)
 
     if rotates and _can_fuse(self, q.shape[1], attention_mask, cache, kwargs):
         if cache is not None:  # prefill: the cache gets the rotated keys, as Hugging Face's
@@ -545,6 +672,40 @@ def _out_proj(attn, out):
     return out
 
 
+def _replaced_rope_parameters(model_type: str, family: _Family, config, attns, params: dict, scaling: dict) -> dict:
+    """The rope_parameters ``scaling`` (Hugging Face form) gives a model whose current ones
+    are ``params``: validated, keeping rope_theta (and partial_rotary_factor where the
+    architecture has one) unless ``scaling`` has its own."""
+    partial_supported = family.partial
+    new = normalize_scaling(scaling)  # validates (raises ValueError/TypeError naming the key)
+    if new is None:
+        new = {"rope_type": "default"}
+    # transformers' families other than phi3 ignore partial_rotary_factor for plain RoPE and
+    # fail with it otherwise: it is kept only where the architecture rotates part of a head
+    keep = ("rope_theta", "partial_rotary_factor") if partial_supported else ("rope_theta",)
+    for key in keep:
+        if key not in new and key in params:
+            new[key] = params[key]
+    if new["rope_type"] in ("llama3", "yarn", "longrope"):
+        new.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+    if model_type in _LONGROPE_ONLY and new["rope_type"] not in ("default", "longrope"):
+        if new["rope_type"] != "linear":
+            raise ValueError(
+                f"scaling: model_type {model_type!r} (transformers' config class) accepts only rope_type "
+                f"'default' or 'longrope' ('linear' is written as the equal LongRoPE), got {new['rope_type']!r}")
+        new.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+        new = _linear_as_longrope(config, params, attns[0].head_dim, new, config.max_position_embeddings)
+    return new
+
+
+def _rotary_embedding(model, model_type: str, family: _Family, attns, params: dict) -> PiropeRotaryEmbedding:
+    head_dim, theta, pirope_scaling, partial = _rope_setup(model, model_type, family.partial, params,
+                                                           attns[0].head_dim)
+    return PiropeRotaryEmbedding(
+        head_dim, max_position_embeddings=model.config.max_position_embeddings, base=theta,
+        scaling=pirope_scaling, partial_rotary_factor=partial)
+
+
 def _resolve_attention(attention) -> str:
     if not isinstance(attention, str) or attention not in _ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(map(repr, _ATTENTION_MODES))}, got {attention!r}")
@@ -567,7 +728,11 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
             ``rope_type``). A dict in Hugging Face ``rope_parameters`` form replaces it
             -- in ``model.config`` too, so the config keeps describing the model (its
             ``rope_theta`` and ``partial_rotary_factor`` are kept unless the dict has
-            its own).
+            its own). For a model with RoPE per layer type (Gemma 3, OLMo 3) a dict
+            keyed by layer type, e.g. ``{"full_attention": {"rope_type": "linear",
+            "factor": 4.0}}``: each named type's parameters are replaced as above, the
+            types not named keep theirs; a single ``rope_parameters`` dict raises
+            ``ValueError`` (ambiguous, see the module docstring).
         attention: ``"sdpa"`` (pirope RoPE, then the model's own attention function) or
             ``"fused"`` (:func:`pirope.rope_attention` where exact, see the module
             docstring).
@@ -581,41 +746,36 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
         ValueError: bad ``attention`` or ``scaling``.
     """
     model_type, family = _family(model)
-    partial_supported = family.partial
     mode = _resolve_attention(attention)
     base, attns = _attention_modules(model, family)
     config = model.config
-    params = _rope_parameters(config)
-    if scaling is not None:
-        if not isinstance(scaling, dict):
-            raise TypeError(
-                f"scaling must be None or a dict in Hugging Face rope_parameters form, got {type(scaling).__name__}")
-        new = normalize_scaling(scaling)  # validates (raises ValueError/TypeError naming the key)
-        if new is None:
-            new = {"rope_type": "default"}
-        # transformers' families other than phi3 ignore partial_rotary_factor for plain RoPE and
-        # fail with it otherwise: it is kept only where the architecture rotates part of a head
-        keep = ("rope_theta", "partial_rotary_factor") if partial_supported else ("rope_theta",)
-        for key in keep:
-            if key not in new and key in params:
-                new[key] = params[key]
-        if new["rope_type"] in ("llama3", "yarn", "longrope"):
-            new.setdefault("original_max_position_embeddings", config.max_position_embeddings)
-        if model_type in _LONGROPE_ONLY and new["rope_type"] not in ("default", "longrope"):
-            if new["rope_type"] != "linear":
+    if scaling is not None and not isinstance(scaling, dict):
+        raise TypeError(
+            f"scaling must be None or a dict in Hugging Face rope_parameters form, got {type(scaling).__name__}")
+    if family.rope_per_layer_type:
+        by_type = _rope_parameters_by_type(config)
+        if scaling is not None:
+            unknown = set(scaling) - set(by_type)
+            if not scaling or unknown or not all(isinstance(v, dict) for v in scaling.values()):
                 raise ValueError(
-                    f"scaling: model_type {model_type!r} (transformers' config class) accepts only rope_type "
-                    f"'default' or 'longrope' ('linear' is written as the equal LongRoPE), got {new['rope_type']!r}")
-            new.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-            new = _linear_as_longrope(config, params, attns[0].head_dim, new, config.max_position_embeddings)
-        params = new
-    head_dim = attns[0].head_dim
-    head_dim, theta, pirope_scaling, partial = _rope_setup(model, model_type, partial_supported, params, head_dim)
-    rotary = PiropeRotaryEmbedding(
-        head_dim, max_position_embeddings=config.max_position_embeddings, base=theta,
-        scaling=pirope_scaling, partial_rotary_factor=partial)
-    if scaling is not None:
-        config.rope_parameters = params
+                    f"scaling: model_type {model_type!r} has RoPE parameters per layer type "
+                    f"({', '.join(map(repr, by_type))}); pass a dict keyed by layer type, e.g. "
+                    "{'full_attention': {'rope_type': 'linear', 'factor': 4.0}} (types not named keep their "
+                    "RoPE), or use apply_position_interpolation (which extends the full_attention layers); "
+                    f"got {scaling!r}")
+            by_type = {t: _replaced_rope_parameters(model_type, family, config, attns, p, scaling[t])
+                       if t in scaling else p for t, p in by_type.items()}
+        rotary = PiropeLayerTypeRotaryEmbedding(
+            {t: _rotary_embedding(model, model_type, family, attns, p) for t, p in by_type.items()})
+        if scaling is not None:
+            config.rope_parameters = {**config.rope_parameters, **by_type}
+    else:
+        params = _rope_parameters(config)
+        if scaling is not None:
+            params = _replaced_rope_parameters(model_type, family, config, attns, params, scaling)
+        rotary = _rotary_embedding(model, model_type, family, attns, params)
+        if scaling is not None:
+            config.rope_parameters = params
     base.rotary_emb = rotary
     for attn in attns:
         attn._pirope_family = family
@@ -651,6 +811,20 @@ def apply_position_interpolation(
       :func:`patch_rope`); the output equals transformers' own linear-scaled model on
       the same weights.
 
+    RoPE per layer type (Gemma 3, OLMo 3). Only the full_attention layers are extended:
+    ``config.rope_parameters["full_attention"]`` becomes linear with the (composed) factor,
+    every other layer type keeps its parameters and tables -- sliding-window layers only
+    ever see distances within their window, which PI does not change; this is what Gemma 3
+    itself does for its 128k models (linear factor 8 on the global layers only, local ones
+    untouched, as transformers' legacy ``rope_scaling`` is applied). The other layer types
+    must have rope_type "default" or "linear" (whose tables do not depend on
+    ``max_position_embeddings``, which grows), and the model must have full_attention
+    layers. The updated config reloads with plain transformers as the same model.
+
+    NoPE global layers (EXAONE 4, Cohere 2 with a window): their one ``rope_parameters``
+    is scaled as for any model, and only their sliding-window layers rotate, so PI changes
+    those local layers only; the global layers have no position limit of RoPE's to extend.
+
     Composition. ``factor`` is relative to the model *as it is*: a model already
     extended by PI with factor ``s`` (``rope_type "linear"``, window ``L``) extended
     again by ``f`` gets ``factor = s * f`` in its config and window ``f * L`` -- the
@@ -680,9 +854,10 @@ def apply_position_interpolation(
         ValueError: both or neither of ``factor`` and ``max_position_embeddings``,
             ``factor < 1``, a window not larger than the model's, a model whose
             ``rope_type`` is not "default"/"linear" (or PI written as LongRoPE, as
-            above), or an unknown ``attention``.
+            above; per layer type: the full_attention layers', and every type's must be
+            "default"/"linear"), or an unknown ``attention``.
     """
-    _family(model)  # TypeError for an unsupported model, before anything else
+    _, family = _family(model)  # TypeError for an unsupported model, before anything else
     if not isinstance(attention, str) or attention not in _ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(map(repr, _ATTENTION_MODES))}, got {attention!r}")
     if (factor is None) == (max_position_embeddings is None):
@@ -716,14 +891,10 @@ def apply_position_interpolation(
                 f"config.max_position_embeddings={old_window}")
         factor = new_window / old_window
 
-    params = _rope_parameters(config)
-    old_factor = _interpolation_factor(params)
-    if old_factor is None:
-        raise ValueError(
-            f"model: Position Interpolation needs a model with rope_type 'default' or 'linear', this one has "
-            f"config.rope_parameters={params!r}")
-    new_params = {"rope_type": "linear", "factor": old_factor * factor,
-                  "rope_theta": params.get("rope_theta", getattr(config, "rope_theta", 10000.0))}
+    if family.rope_per_layer_type:
+        new_params = _interpolated_by_type(config, factor)
+    else:
+        new_params = _interpolated(config, _rope_parameters(config), factor, "config.rope_parameters")
     # patch_rope keeps the config's partial_rotary_factor where the architecture has one and
     # writes "linear" as LongRoPE where the config class accepts nothing else (Phi-3)
 
@@ -731,3 +902,35 @@ def apply_position_interpolation(
     config.max_position_embeddings = new_window
     model.base_model.rotary_emb.max_position_embeddings = new_window
     return model
+
+
+def _interpolated(config, params: dict, factor: float, where: str) -> dict:
+    """Linear rope_parameters extending ``params`` (default or linear) by ``factor``."""
+    old_factor = _interpolation_factor(params)
+    if old_factor is None:
+        raise ValueError(
+            f"model: Position Interpolation needs a model with rope_type 'default' or 'linear', this one has "
+            f"{where}={params!r}")
+    return {"rope_type": "linear", "factor": old_factor * factor,
+            "rope_theta": params.get("rope_theta", getattr(config, "rope_theta", 10000.0))}
+
+
+def _interpolated_by_type(config, factor: float) -> dict:
+    """PI of a model with RoPE per layer type: the full_attention layers' RoPE extended by
+    ``factor`` (composing with a linear factor they have), the others' left as they are."""
+    by_type = _rope_parameters_by_type(config)
+    if "full_attention" not in by_type:
+        raise ValueError(
+            "model: Position Interpolation extends the RoPE of the full_attention layers, and this model has "
+            f"none (config.layer_types={config.layer_types!r})")
+    for layer_type, params in by_type.items():
+        # the other layer types keep their rope_parameters, and so must keep their tables when
+        # the config's max_position_embeddings grows: only rope types that do not read it
+        if layer_type != "full_attention" and _interpolation_factor(params) is None:
+            raise ValueError(
+                f"model: Position Interpolation leaves the {layer_type} layers' RoPE as it is, which needs their "
+                f"rope_type to be 'default' or 'linear' (tables independent of max_position_embeddings); "
+                f"config.rope_parameters[{layer_type!r}]={params!r}")
+    return {"full_attention": _interpolated(config, by_type["full_attention"], factor,
+                                            "config.rope_parameters['full_attention']")}
+
