@@ -3,8 +3,10 @@ model on the same weights: Position Interpolation by apply_position_interpolatio
 the logits and gradients of the model transformers builds from the updated config, on
 both attention paths; sliding windows, q/k norms (per head: Qwen3, Apertus, Cohere; over the
 whole projection: OLMo 2), interleaved pairs (Cohere, Helium, ERNIE 4.5; partial: GLM),
-SmolLM3's NoPE layers and residual dropout (StarCoder2, Seed-OSS) are followed; a fused
-prefill then cached decoding generates what transformers generates.
+SmolLM3's NoPE layers and residual dropout (StarCoder2, Seed-OSS) are followed; RoPE per
+layer type (Gemma 3, OLMo 3: each layer gets its type's table, PI extends the full_attention
+layers only), NoPE layers chosen by the window (EXAONE 4, Cohere 2); a fused prefill then
+cached decoding generates what transformers generates.
 
 Tiny random float32 models (hidden 64, 2 layers, 4 heads / 2 KV heads, head_dim 16),
 seconds on a CPU.
@@ -25,6 +27,9 @@ from hf_compare import assert_same_grads, assert_same_logits, logits_and_grads  
 WINDOW = 64
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=WINDOW)
+
+# layer 0 attends within a 16-token window, layer 1 to everything
+HYBRID = dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"])
 
 # model_type -> (config class, model class, what sets the family apart in a tiny model)
 FAMILIES = {
@@ -62,12 +67,26 @@ FAMILIES = {
     # q/k/v biases; dropout after o_proj (residual_dropout, test below)
     "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", {}),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(bos_token_id=1, eos_token_id=2)),
+    # RoPE per layer type (layer 0 sliding, 16-token window; layer 1 full), per-head (1 + w)
+    # RMSNorm q/k norms, scaling by query_pre_attn_scalar ** -0.5 (not head_dim ** -0.5);
+    # the config's thetas differ: 1e4 local, 1e6 global
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(HYBRID, query_pre_attn_scalar=24)),
+    # RoPE per layer type (thetas made to differ here), OLMo 2's q/k norms over the projection
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM",
+              dict(HYBRID, pad_token_id=1, eos_token_id=2,
+                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    # global (full_attention) layers are NoPE: with a window only the sliding layers rotate;
+    # per-head q/k RMSNorms (EXAONE 4), interleaved pairs (Cohere 2)
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(HYBRID, bos_token_id=1, eos_token_id=2)),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(HYBRID, bos_token_id=1, eos_token_id=2)),
 }
 
 
-# layers that take the fused path when nothing else keeps them off it (default: both):
-# SmolLM3's NoPE layer has no RoPE to fuse and runs transformers' attention unrotated
-FUSED_LAYERS = {"smollm3": 1}
+# layers that take the fused path on a sequence longer than HYBRID's window (default: both):
+# SmolLM3's NoPE layer has no RoPE to fuse and runs transformers' attention unrotated; the
+# HYBRID families' sliding layer masks keys; EXAONE 4's and Cohere 2's full layer is NoPE
+FUSED_LAYERS = {"smollm3": 1, "gemma3_text": 1, "olmo3": 1, "exaone4": 0, "cohere2": 0}
 
 
 def test_every_supported_family_is_tested_here():
@@ -76,7 +95,7 @@ def test_every_supported_family_is_tested_here():
 
 def make(model_type, seed=0, **kw):
     config_cls, model_cls, extra = FAMILIES[model_type]
-    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **kw})
+    config = getattr(transformers, config_cls)(**copy.deepcopy({**COMMON, **extra, **kw}))
     assert config.model_type == model_type
     torch.manual_seed(seed)
     return getattr(transformers, model_cls)(config).eval()
@@ -135,7 +154,7 @@ def scale_qk_norms(model):
     return model
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus"])
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus", "gemma3_text", "exaone4"])
 def test_qk_norms_run_before_rope(model_type):
     base = scale_qk_norms(make(model_type))
     model = patch_rope(copy.deepcopy(base), attention="fused")
@@ -144,14 +163,15 @@ def test_qk_norms_run_before_rope(model_type):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-def test_olmo2_norms_over_the_whole_projection_run_before_the_view_into_heads(attention, fused_calls):
-    base = scale_qk_norms(make("olmo2"))
+@pytest.mark.parametrize("model_type", ["olmo2", "olmo3"])
+def test_olmo_norms_over_the_whole_projection_run_before_the_view_into_heads(model_type, attention, fused_calls):
+    base = scale_qk_norms(make(model_type))
     norm = base.model.layers[0].self_attn.q_norm
     assert norm.weight.shape == (4 * 16,)  # one RMSNorm over all heads: not the per-head norm of Qwen3
     model = patch_rope(copy.deepcopy(base), attention=attention)
     x = ids(2, 50)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
-    assert len(fused_calls) == (2 if attention == "fused" else 0)
+    assert len(fused_calls) == (FUSED_LAYERS.get(model_type, 2) if attention == "fused" else 0)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
@@ -247,7 +267,7 @@ def test_sliding_windows_are_followed(model_type, fused_calls):
         assert len(fused_calls) == fused, seqlen
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3"])
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3", "gemma3_text"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -298,3 +318,151 @@ def test_residual_dropout_after_o_proj_is_applied_in_training(model_type, fused_
     assert fused_calls == [(2, 40, 4, 16)] * 2
     torch.manual_seed(6)  # the dropout is really on: another draw gives other logits
     assert not torch.allclose(model(x, use_cache=False).logits, got[0])
+
+
+# ---- RoPE per layer type (Gemma 3, OLMo 3) ------------------------------------------------
+
+
+def hf_rows(ref, layer_type, positions):
+    """cos of transformers' own rotary embedding for one layer type: (positions, head_dim // 2)."""
+    cos, _ = ref.model.rotary_emb(torch.zeros(1, len(positions), 64), positions[None], layer_type)
+    return cos[0, :, :8]
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3"])
+def test_each_layer_gets_the_table_of_its_layer_type(model_type, fused_calls):
+    from pirope.integrations.transformers import PiropeLayerTypeRotaryEmbedding
+
+    base = make(model_type)
+    model = patch_rope(copy.deepcopy(base), attention="fused")
+    rotary = model.model.rotary_emb
+    assert isinstance(rotary, PiropeLayerTypeRotaryEmbedding)
+    assert rotary.layer_types == ("full_attention", "sliding_attention")
+    # each type's table is transformers' table of that type, and the two really differ
+    positions = torch.arange(40)
+    full, sliding = (rotary(torch.zeros(1, 40, 64), positions[None], t) for t in ("full_attention", "sliding_attention"))
+    for t, tables in (("full_attention", full), ("sliding_attention", sliding)):
+        torch.testing.assert_close(tables.cos[positions], hf_rows(base, t, positions), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full.cos[positions], sliding.cos[positions], atol=1e-2)
+    # what each layer is handed: the tables of its config.layer_types[i]
+    received = []
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_pre_hook(
+            lambda mod, args, kwargs: received.append(kwargs["position_embeddings"]), with_kwargs=True)
+    x = ids(2, 40)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+    assert [r.cos for r in received] == [rotary.by_type[t].tables(40, "cpu")[0] for t in model.config.layer_types]
+    assert fused_calls == [(2, 40, 4, 16)]  # the full layer; the sliding one masks keys at 40 > 16
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3"])
+def test_position_interpolation_extends_only_the_full_attention_layers_and_round_trips(model_type, tmp_path):
+    base = make(model_type)
+    before = copy.deepcopy(base.config.rope_parameters)
+    model = apply_position_interpolation(copy.deepcopy(base), 4.0)
+    params = model.config.rope_parameters
+    assert params["sliding_attention"] == before["sliding_attention"]
+    assert params["full_attention"] == {"rope_type": "linear", "factor": 4.0,
+                                        "rope_theta": before["full_attention"]["rope_theta"]}
+    assert model.config.max_position_embeddings == 4 * WINDOW
+    # position 4m of a full layer is rotated as position m was; the sliding layers' table is unchanged
+    old = patch_rope(copy.deepcopy(base)).model.rotary_emb
+    m = torch.arange(0, 60)
+    new_full = model.model.rotary_emb(torch.zeros(1, 240, 64), torch.arange(240)[None], "full_attention")
+    old_full = old(torch.zeros(1, 60, 64), m[None], "full_attention")
+    torch.testing.assert_close(new_full.cos[4 * m], old_full.cos[m], rtol=0, atol=2e-6)
+    new_sliding = model.model.rotary_emb(torch.zeros(1, 60, 64), m[None], "sliding_attention")
+    assert torch.equal(new_sliding.cos, old(torch.zeros(1, 60, 64), m[None], "sliding_attention").cos)
+    # plain transformers reloads it as the same model
+    model.save_pretrained(tmp_path)
+    loaded = getattr(transformers, FAMILIES[model_type][1]).from_pretrained(tmp_path).eval()
+    assert loaded.config.rope_parameters == params
+    assert loaded.config.max_position_embeddings == 4 * WINDOW
+    x = ids(1, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
+    # composes with the full layers' linear factor: 4 then 2 is 8
+    again = apply_position_interpolation(model, 2.0)
+    assert again.config.rope_parameters["full_attention"]["factor"] == 8.0
+    assert again.config.rope_parameters["sliding_attention"] == before["sliding_attention"]
+    x = ids(1, 150)
+    assert_same(logits_and_grads(again, x), logits_and_grads(twin(base, again.config), x))
+
+
+def test_patch_rope_takes_rope_parameters_keyed_by_layer_type_only():
+    base = make("gemma3_text")
+    model = copy.deepcopy(base)
+    before = copy.deepcopy(model.config.rope_parameters)
+    # one dict for all layers would be ambiguous (transformers' legacy rope_scaling means the
+    # full_attention layers only): refused, nothing changed
+    with pytest.raises(ValueError, match="per layer type"):
+        patch_rope(model, {"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match="per layer type"):
+        patch_rope(model, {"chunked_attention": {"rope_type": "linear", "factor": 2.0}})
+    assert model.config.rope_parameters == before
+    assert type(model.model.rotary_emb).__name__ == "Gemma3RotaryEmbedding"
+    # keyed by layer type: the named types change, the others keep theirs
+    patch_rope(model, {"sliding_attention": {"rope_type": "linear", "factor": 3.0}}, attention="fused")
+    assert model.config.rope_parameters == {
+        "full_attention": before["full_attention"],
+        "sliding_attention": {"rope_type": "linear", "factor": 3.0, "rope_theta": 10000.0}}
+    x = ids(2, 50)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+
+
+@pytest.mark.parametrize(("impl", "attention"), [("sdpa", "sdpa"), ("sdpa", "fused"), ("eager", "sdpa")])
+def test_gemma3_attn_logit_softcapping_is_followed_as_transformers_does(impl, attention, fused_calls):
+    # transformers' Gemma3Attention stores config.attn_logit_softcapping but passes no softcap to
+    # its attention function (unlike Gemma 2's): the scores are not capped. The patched model must
+    # follow that (a cap of 0.05 would change every logit; eager would apply a softcap passed to
+    # it, sdpa refuses one), on every path.
+    base = make("gemma3_text", attn_logit_softcapping=0.05, attn_implementation=impl)
+    uncapped = twin(base, make("gemma3_text", attn_implementation=impl).config)
+    x = ids(2, 40)
+    want = logits_and_grads(twin(base), x)
+    assert_same(logits_and_grads(uncapped, x), want)  # the premise: transformers does not cap
+    model = patch_rope(copy.deepcopy(base), attention=attention)
+    assert model.config._attn_implementation == impl
+    assert_same(logits_and_grads(model, x), want)
+    assert fused_calls == ([(2, 40, 4, 16)] if attention == "fused" else [])
+
+
+# ---- NoPE layers chosen by the window (EXAONE 4, Cohere 2) ----------------------------------
+
+
+@pytest.fixture
+def rotations(monkeypatch):
+    """Records the q shape of every pirope.apply_rope_qk call (the "sdpa" path's rotation)."""
+    calls = []
+    real = pirope.apply_rope_qk
+
+    def spy(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(pirope, "apply_rope_qk", spy)
+    return calls
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize("model_type", ["exaone4", "cohere2"])
+def test_global_layers_are_nope_where_the_model_has_a_window(model_type, attention, fused_calls, rotations):
+    from pirope.integrations.transformers import _sliding_window
+
+    base = make(model_type)
+    model = patch_rope(copy.deepcopy(base), attention=attention)
+    assert [_sliding_window(layer.self_attn) for layer in model.model.layers] == [16, None]
+    x = ids(2, 12)  # within the window: the sliding layer may fuse
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+    # layer 0 (sliding) rotates once, by apply_rope_qk or inside rope_attention; layer 1 (full) never
+    assert (fused_calls if attention == "fused" else rotations) == [(2, 12, 4, 16)]
+    assert len(fused_calls) + len(rotations) == 1
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_exaone4_without_a_window_rotates_every_layer(attention, fused_calls, rotations):
+    # no window (then every layer is a full_attention one): no NoPE layers
+    base = make("exaone4", sliding_window=None, layer_types=["full_attention", "full_attention"])
+    model = patch_rope(copy.deepcopy(base), attention=attention)
+    x = ids(2, 40)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+    assert (fused_calls if attention == "fused" else rotations) == [(2, 40, 4, 16)] * 2
