@@ -340,7 +340,8 @@ def test_each_layer_gets_the_table_of_its_layer_type(model_type, fused_calls):
     assert rotary.layer_types == ("full_attention", "sliding_attention")
     # each type's table is transformers' table of that type, and the two really differ
     positions = torch.arange(40)
-    full, sliding = (rotary(torch.zeros(1, 40, 64), positions[None], t) for t in ("full_attention", "sliding_attention"))
+    full, sliding = (rotary(torch.zeros(1, 40, 64), positions[None], t)
+                     for t in ("full_attention", "sliding_attention"))
     for t, tables in (("full_attention", full), ("sliding_attention", sliding)):
         torch.testing.assert_close(tables.cos[positions], hf_rows(base, t, positions), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(full.cos[positions], sliding.cos[positions], atol=1e-2)
