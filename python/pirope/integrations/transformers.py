@@ -73,11 +73,11 @@ the projections produce, no copies) and then:
   ``None`` for a pure causal mask with sdpa), no attention dropout in training, causal
   attention (not Gemma's ``use_bidirectional_attention``), a layer with RoPE (SmolLM3's
   NoPE layers, and EXAONE 4's and Cohere 2's, have nothing to fuse: they take the "sdpa"
-  path, unrotated, as transformers runs them) and no sliding window shorter than the sequence. Any other call of that
-  layer -- a decode step with cached keys, a padded batch,
-  ``attn_implementation="eager"`` -- takes the "sdpa" path, so results never depend on
-  which path ran. ``output_attentions`` gives ``None`` weights from the
-  fused path.
+  path, unrotated, as transformers runs them) and no sliding window shorter than the
+  sequence. Any other call of that layer -- a decode step with cached keys, a padded
+  batch, ``attn_implementation="eager"`` -- takes the "sdpa" path, so results never
+  depend on which path ran. ``output_attentions`` gives ``None`` weights from the fused
+  path.
 
 The table is float32 whatever the model's dtype (``model.half()`` does not round it)
 and lives on the device of the hidden states. Finding the table length needs the
