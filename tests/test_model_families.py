@@ -118,18 +118,23 @@ def assert_same(a, b):
     assert_same_grads(ga, gb)
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Records the q shape of every pirope.rope_attention call."""
+def spy_on(monkeypatch, name):
+    """Records the q shape of every call of pirope.<name>."""
     calls = []
-    real = pirope.rope_attention
+    real = getattr(pirope, name)
 
     def spy(q, *args, **kwargs):
         calls.append(tuple(q.shape))
         return real(q, *args, **kwargs)
 
-    monkeypatch.setattr(pirope, "rope_attention", spy)
+    monkeypatch.setattr(pirope, name, spy)
     return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The q shape of every pirope.rope_attention call."""
+    return spy_on(monkeypatch, "rope_attention")
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
@@ -432,16 +437,8 @@ def test_gemma3_attn_logit_softcapping_is_followed_as_transformers_does(impl, at
 
 @pytest.fixture
 def rotations(monkeypatch):
-    """Records the q shape of every pirope.apply_rope_qk call (the "sdpa" path's rotation)."""
-    calls = []
-    real = pirope.apply_rope_qk
-
-    def spy(q, *args, **kwargs):
-        calls.append(tuple(q.shape))
-        return real(q, *args, **kwargs)
-
-    monkeypatch.setattr(pirope, "apply_rope_qk", spy)
-    return calls
+    """The q shape of every pirope.apply_rope_qk call (the "sdpa" path's rotation)."""
+    return spy_on(monkeypatch, "apply_rope_qk")
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
