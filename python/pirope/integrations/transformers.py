@@ -190,6 +190,12 @@ class _Family(NamedTuple):
     # "sliding_attention": {...}}) and the rotary embedding is called once per layer type with
     # a layer_type argument (Gemma 3, OLMo 3): one pirope table per layer type
     rope_per_layer_type: bool = False
+    # the attention module's attribute holding the attention-logit soft-cap its forward passes
+    # to the attention function as softcap= (Gemma 2's attn_logit_softcapping: scores become
+    # cap * tanh(scores / cap) before the mask and softmax); None: the family passes no softcap
+    # (Gemma 3 stores attn_logit_softcapping but does not pass it). A layer whose cap is set
+    # never takes the fused path: pirope.rope_attention has no soft-capping
+    softcap: str | None = None
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
@@ -219,6 +225,9 @@ _FAMILIES: dict[str, _Family] = {
     "seed_oss": _Family("separate", None, False, out_dropout="residual_dropout"),
     "starcoder2": _Family("separate", "config", False, out_dropout="residual_dropout"),
     # Gemma3ForCausalLM (text only; Gemma3ForConditionalGeneration is "gemma3" and unsupported)
+    # Gemma2ForCausalLM: sliding_window on the sliding_attention layers' modules, scaling
+    # query_pre_attn_scalar ** -0.5, attn_logit_softcapping passed as softcap
+    "gemma2": _Family("separate", "module", False, softcap="attn_logit_softcapping"),
     "gemma3_text": _Family("separate", "module", False, qk_norm="head", rope_per_layer_type=True),
     "olmo3": _Family("separate", "module", False, qk_norm="proj", rope_per_layer_type=True),
     "exaone4": _Family("separate", "sliding", False, qk_norm="head",
@@ -434,6 +443,10 @@ def _attention_modules(model, family: _Family):
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn."
                 f"{', self_attn.'.join(family.rope_layers.needs)} telling whether it rotates; "
                 "this architecture is not supported")
+        if family.softcap is not None and not hasattr(attn, family.softcap):
+            raise TypeError(
+                f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn.{family.softcap} "
+                "(its attention-logit soft-cap); this architecture is not supported")
         if family.window == "sliding" and not hasattr(attn, "is_sliding"):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn.is_sliding; "
@@ -582,6 +595,11 @@ def _sliding_window(attn):
     return None
 
 
+def _softcap(attn):
+    src = attn._pirope_family.softcap
+    return None if src is None else getattr(attn, src)
+
+
 def _past_length(cache, layer_idx: int) -> int:
     try:
         return int(cache.get_seq_length(layer_idx))
@@ -596,6 +614,8 @@ def _can_fuse(attn, seqlen: int, attention_mask, cache, kwargs) -> bool:
         return False  # padding or a non-sdpa mask tensor: keep Hugging Face's masking
     if attn.training and getattr(attn, "attention_dropout", 0.0):
         return False
+    if _softcap(attn) is not None:
+        return False  # Gemma 2's logit soft-capping: rope_attention has none
     window = _sliding_window(attn)
     if window is not None and seqlen > window:
         # a window that masks something. (Within it, by either convention -- key j seen
@@ -656,6 +676,8 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     extra = {}
     if self._pirope_family.window is not None:
         extra["sliding_window"] = _sliding_window(self)
+    if self._pirope_family.softcap is not None:  # passed even when None, as Gemma 2 does
+        extra["softcap"] = _softcap(self)
     out, weights = interface(
         self, q, k, v, attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,
