@@ -70,6 +70,10 @@ FAMILIES = {
     # RoPE per layer type (layer 0 sliding, 16-token window; layer 1 full), per-head (1 + w)
     # RMSNorm q/k norms, scaling by query_pre_attn_scalar ** -0.5 (not head_dim ** -0.5);
     # the config's thetas differ: 1e4 local, 1e6 global
+    # layer 0 sliding (16-token window), layer 1 full; scaling by query_pre_attn_scalar ** -0.5;
+    # attn_logit_softcapping at its default 50.0 (passed to the attention function as softcap),
+    # final_logit_softcapping 30.0; transformers gives Gemma 2 "eager" (it refuses sdpa)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(HYBRID, query_pre_attn_scalar=24)),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(HYBRID, query_pre_attn_scalar=24)),
     # RoPE per layer type (thetas made to differ here), OLMo 2's q/k norms over the projection
     "olmo3": ("Olmo3Config", "Olmo3ForCausalLM",
@@ -85,8 +89,9 @@ FAMILIES = {
 
 # layers that take the fused path on a sequence longer than HYBRID's window (default: both):
 # SmolLM3's NoPE layer has no RoPE to fuse and runs transformers' attention unrotated; the
-# HYBRID families' sliding layer masks keys; EXAONE 4's and Cohere 2's full layer is NoPE
-FUSED_LAYERS = {"smollm3": 1, "gemma3_text": 1, "olmo3": 1, "exaone4": 0, "cohere2": 0}
+# HYBRID families' sliding layer masks keys; EXAONE 4's and Cohere 2's full layer is NoPE;
+# Gemma 2 never: its layers soft-cap the scores (and "eager" hands them a mask tensor anyway)
+FUSED_LAYERS = {"gemma2": 0, "smollm3": 1, "gemma3_text": 1, "olmo3": 1, "exaone4": 0, "cohere2": 0}
 
 
 def test_every_supported_family_is_tested_here():
@@ -272,7 +277,8 @@ def test_sliding_windows_are_followed(model_type, fused_calls):
         assert len(fused_calls) == fused, seqlen
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3", "gemma3_text",
+                                        "gemma2"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -464,3 +470,108 @@ def test_exaone4_without_a_window_rotates_every_layer(attention, fused_calls, ro
     x = ids(2, 40)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
     assert (fused_calls if attention == "fused" else rotations) == [(2, 40, 4, 16)] * 2
+
+
+# ---- Gemma 2's attention-logit soft-capping -------------------------------------------------
+
+MASK_FREE = "pirope_test_mask_free"
+
+
+def mask_free_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
+                        sliding_window=None, **kwargs):
+    """An attention backend transformers hands no mask (like flash_attention_2 without padding,
+    or any registered backend without a mask function): causal, sliding window and soft-cap
+    applied here, as eager_attention_forward applies them with its mask."""
+    assert attention_mask is None
+    k, v = (t.repeat_interleave(module.num_key_value_groups, dim=1) for t in (key, value))
+    scores = query @ k.transpose(2, 3) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    q_len, k_len = scores.shape[-2:]
+    i = torch.arange(q_len)[:, None] + (k_len - q_len)  # the queries are the last q_len keys
+    j = torch.arange(k_len)[None]
+    keep = j <= i if sliding_window is None else (j <= i) & (i - j < sliding_window)
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return (probs @ v).transpose(1, 2).contiguous(), probs
+
+
+@pytest.fixture
+def mask_free():
+    """MASK_FREE registered as an attention implementation (no mask function: transformers
+    passes attention_mask=None), for the duration of a test."""
+    transformers.AttentionInterface.register(MASK_FREE, mask_free_attention)
+    yield MASK_FREE
+    del transformers.AttentionInterface._global_mapping[MASK_FREE]
+
+
+def sharpen(model):
+    # q_proj and k_proj scaled up: scores of a few units, where a cap of 1.0 changes them a lot
+    # (the random init's scores are ~0.1, where tanh is the identity to 1e-3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return model
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize("impl", ["eager", MASK_FREE])
+def test_gemma2_attn_logit_softcapping_is_applied_as_transformers_does(impl, attention, mask_free, fused_calls):
+    # Gemma2Attention passes softcap=attn_logit_softcapping to its attention function; the
+    # patched layers pass it too, and never fuse (rope_attention has no soft-cap) -- also where
+    # the backend gets no mask tensor, which alone would let a layer fuse
+    base = sharpen(make("gemma2", attn_logit_softcapping=1.0, attn_implementation=impl))
+    assert base.config._attn_implementation == impl
+    assert [layer.self_attn.sliding_window for layer in base.model.layers] == [16, None]
+    x = ids(2, 12)
+    uncapped = twin(base, make("gemma2", attn_logit_softcapping=None, attn_implementation=impl).config)
+    # the premise: the cap changes the logits
+    assert not torch.allclose(logits_and_grads(uncapped, x)[0], logits_and_grads(twin(base), x)[0], atol=1e-2)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    ref = twin(base, model.config)
+    for x in (ids(2, 12), ids(2, 100)):  # within the window, past it
+        assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
+    assert fused_calls == []
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_gemma2_without_softcapping_fuses_where_exact(attention, mask_free, fused_calls):
+    base = sharpen(make("gemma2", attn_logit_softcapping=None, attn_implementation=MASK_FREE))
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    ref = twin(base, model.config)
+    eager = copy.deepcopy(ref)
+    eager.set_attn_implementation("eager")
+    for seqlen, fused in ((12, 2), (100, 1)):  # within the window: both layers; past it: the full one
+        fused_calls.clear()
+        x = ids(2, seqlen, seed=seqlen)
+        got = logits_and_grads(model, x)
+        assert_same(got, logits_and_grads(ref, x))
+        assert_same(got, logits_and_grads(eager, x))  # the mask-free backend is Gemma 2's attention
+        assert fused_calls == ([(2, seqlen, 4, 16)] * fused if attention == "fused" else [])
+
+
+def test_gemma2_can_fuse_only_without_softcap(mask_free):
+    from pirope.integrations.transformers import _can_fuse
+
+    for cap in (None, 50.0):
+        model = patch_rope(make("gemma2", attn_logit_softcapping=cap, attn_implementation=MASK_FREE),
+                           attention="fused")
+        sliding, full = (layer.self_attn for layer in model.model.layers)
+        assert [_can_fuse(sliding, 16, None, None, {}), _can_fuse(sliding, 17, None, None, {}),
+                _can_fuse(full, 17, None, None, {})] == ([True, False, True] if cap is None else [False] * 3)
+
+
+@pytest.mark.parametrize("cap", [None, 1.0])
+def test_gemma2_fused_prefill_then_cached_decoding_generates_like_transformers(cap, mask_free, fused_calls):
+    base = sharpen(make("gemma2", attn_logit_softcapping=cap, attn_implementation=MASK_FREE))
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    ref = twin(base, model.config)
+    x = ids(1, 70)
+    with torch.no_grad():
+        a = model.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        b = ref.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
+    # the prefill of the full layer (the sliding one masks keys at 70 > 16); none with a cap
+    assert fused_calls == ([(1, 70, 4, 16)] if cap is None else [])
