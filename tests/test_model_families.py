@@ -5,8 +5,9 @@ both attention paths; sliding windows, q/k norms (per head: Qwen3, Apertus, Cohe
 whole projection: OLMo 2), interleaved pairs (Cohere, Helium, ERNIE 4.5; partial: GLM),
 SmolLM3's NoPE layers and residual dropout (StarCoder2, Seed-OSS) are followed; RoPE per
 layer type (Gemma 3, OLMo 3: each layer gets its type's table, PI extends the full_attention
-layers only), NoPE layers chosen by the window (EXAONE 4, Cohere 2); a fused prefill then
-cached decoding generates what transformers generates.
+layers only), NoPE layers chosen by the window (EXAONE 4, Cohere 2), Gemma 2's attention-logit
+soft-capping (passed on, never fused); a fused prefill then cached decoding generates what
+transformers generates.
 
 Tiny random float32 models (hidden 64, 2 layers, 4 heads / 2 KV heads, head_dim 16),
 seconds on a CPU.

@@ -31,9 +31,19 @@ weight)`` RMSNorm q/k norms, scaling ``query_pre_attn_scalar ** -0.5``) and ``ol
 per layer type, OLMo 2's q/k norms), ``exaone4`` (per-head q/k norms) and ``cohere2``
 (interleaved pairs), whose full_attention layers are NoPE when the model has a sliding
 window (EXAONE 4: a layer rotates iff ``sliding_window is None or is_sliding``; Cohere 2:
-iff the layer's ``sliding_window`` is set). Anything else raises ``TypeError`` rather than
-risk a silently different model (e.g. Gemma 2's soft-capping, Hunyuan's q/k norms after
-RoPE, the multimodal Gemma 3 ``Gemma3ForConditionalGeneration``, model_type ``gemma3``).
+iff the layer's ``sliding_window`` is set), and ``gemma2`` (``Gemma2ForCausalLM``: sliding
+windows on its sliding_attention layers, scaling ``query_pre_attn_scalar ** -0.5``, logit
+soft-capping, see below). Anything else raises ``TypeError`` rather than risk a silently
+different model (e.g. Hunyuan's q/k norms after RoPE, the multimodal Gemma 3
+``Gemma3ForConditionalGeneration``, model_type ``gemma3``).
+Gemma 2's ``attn_logit_softcapping``: ``Gemma2Attention`` passes it to its attention function
+as ``softcap`` (scores ``cap * tanh(scores / cap)``); the patched layers pass it the same way
+(also ``None``), so "eager" (Gemma 2's default: transformers refuses sdpa for it), flex and
+flash attention cap as in transformers. ``pirope.rope_attention`` has no soft-capping: a layer
+whose cap is set always takes the "sdpa" path; with ``attn_logit_softcapping=None`` the fused
+path is taken where exact (which needs an implementation that gets no mask tensor, e.g.
+flash attention without padding: "eager" always gets one). ``final_logit_softcapping`` is
+applied by the model after the layers, untouched by the patch.
 Gemma 3's ``attn_logit_softcapping``: transformers' ``Gemma3Attention`` stores it but passes
 no ``softcap`` to its attention function, so its scores are not capped; the patched layers
 do the same (both paths), so the patched model equals transformers' for any config.
@@ -73,10 +83,10 @@ the projections produce, no copies) and then:
   ``None`` for a pure causal mask with sdpa), no attention dropout in training, causal
   attention (not Gemma's ``use_bidirectional_attention``), a layer with RoPE (SmolLM3's
   NoPE layers, and EXAONE 4's and Cohere 2's, have nothing to fuse: they take the "sdpa"
-  path, unrotated, as transformers runs them) and no sliding window shorter than the
-  sequence. Any other call of that layer -- a decode step with cached keys, a padded
-  batch, ``attn_implementation="eager"`` -- takes the "sdpa" path, so results never
-  depend on which path ran. ``output_attentions`` gives ``None`` weights from the fused
+  path, unrotated, as transformers runs them), no attention-logit soft-cap (Gemma 2) and no
+  sliding window shorter than the sequence. Any other call of that layer -- a decode step
+  with cached keys, a padded batch, ``attn_implementation="eager"`` -- takes the "sdpa"
+  path, so results never depend on which path ran. ``output_attentions`` gives ``None`` weights from the fused
   path.
 
 The table is float32 whatever the model's dtype (``model.half()`` does not round it)
