@@ -22,7 +22,8 @@ import torch
 import pirope
 
 transformers = pytest.importorskip("transformers")
-from pirope.integrations.transformers import SUPPORTED_MODEL_TYPES, apply_position_interpolation, patch_rope  # noqa: E402
+from pirope.integrations.transformers import (  # noqa: E402
+    SUPPORTED_MODEL_TYPES, apply_position_interpolation, patch_rope)
 from hf_compare import assert_same_grads, assert_same_logits, logits_and_grads  # noqa: E402
 
 WINDOW = 64
@@ -238,15 +239,8 @@ def test_glm_position_interpolation_keeps_the_partial_rotary_and_round_trips(mod
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-def test_smollm3_nope_layers_attend_without_rotation(attention, fused_calls, monkeypatch):
-    rotated = []  # the q shape of every pirope.apply_rope_qk call (the "sdpa" path's rotation)
-    real = pirope.apply_rope_qk
-
-    def spy(q, *args, **kwargs):
-        rotated.append(tuple(q.shape))
-        return real(q, *args, **kwargs)
-
-    monkeypatch.setattr(pirope, "apply_rope_qk", spy)
+def test_smollm3_nope_layers_attend_without_rotation(attention, fused_calls, rotations):
+    rotated = rotations  # the q shape of every pirope.apply_rope_qk call (the "sdpa" path's rotation)
     base = make("smollm3")
     assert [layer.self_attn.use_rope for layer in base.model.layers] == [1, 0]  # layer 1 is NoPE
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)

@@ -86,8 +86,8 @@ the projections produce, no copies) and then:
   path, unrotated, as transformers runs them), no attention-logit soft-cap (Gemma 2) and no
   sliding window shorter than the sequence. Any other call of that layer -- a decode step
   with cached keys, a padded batch, ``attn_implementation="eager"`` -- takes the "sdpa"
-  path, so results never depend on which path ran. ``output_attentions`` gives ``None`` weights from the fused
-  path.
+  path, so results never depend on which path ran. ``output_attentions`` gives ``None``
+  weights from the fused path.
 
 The table is float32 whatever the model's dtype (``model.half()`` does not round it)
 and lives on the device of the hidden states. Finding the table length needs the
