@@ -125,6 +125,15 @@ def assert_same(a, b):
     assert_same_grads(ga, gb)
 
 
+def assert_generates_like(model, ref, x):
+    """Greedy generate() of model (a fused prefill, then cached decoding) gives ref's tokens and logits."""
+    with torch.no_grad():
+        a = model.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        b = ref.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
+
+
 def spy_on(monkeypatch, name):
     """Records the q shape of every call of pirope.<name>."""
     calls = []
@@ -278,12 +287,7 @@ def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_ty
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
     ref = twin(base, model.config)
-    x = ids(1, 70)
-    with torch.no_grad():
-        a = model.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        b = ref.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    assert torch.equal(a.sequences, b.sequences)
-    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
+    assert_generates_like(model, ref, ids(1, 70))
     # the prefill; the decode steps take the cached path
     assert fused_calls == [(1, 70, 4, 16)] * FUSED_LAYERS.get(model_type, 2)
 
@@ -562,11 +566,6 @@ def test_gemma2_fused_prefill_then_cached_decoding_generates_like_transformers(c
     base = sharpen(make("gemma2", attn_logit_softcapping=cap, attn_implementation=MASK_FREE))
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
     ref = twin(base, model.config)
-    x = ids(1, 70)
-    with torch.no_grad():
-        a = model.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        b = ref.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    assert torch.equal(a.sequences, b.sequences)
-    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
+    assert_generates_like(model, ref, ids(1, 70))
     # the prefill of the full layer (the sliding one masks keys at 70 > 16); none with a cap
     assert fused_calls == ([(1, 70, 4, 16)] if cap is None else [])
