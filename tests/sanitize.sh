@@ -11,6 +11,11 @@ cd "$dst"
 echo "== building with -fsanitize=address,undefined =="
 PIROPE_FORCE_CUDA=0 PIROPE_SANITIZE=address,undefined MAX_JOBS="${MAX_JOBS:-2}" \
   python setup.py build_ext --inplace > ../build.log 2>&1 || { tail -40 ../build.log; exit 1; }
+# A build that lost its flags would pass vacuously: the module must call into both runtimes.
+syms="$(nm -D python/pirope/_C*.so)"
+for rt in __asan_report __ubsan_handle; do
+  grep -q "$rt" <<<"$syms" || { echo "sanitize.sh: pirope._C is not instrumented (no $rt* symbols)"; exit 1; }
+done
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
 # Python and torch are not instrumented: leaks at exit are theirs, and ASan's
 # interception of torch's own allocator is fine.
