@@ -420,6 +420,22 @@ def test_patch_rope_takes_rope_parameters_keyed_by_layer_type_only():
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
 
 
+def test_malformed_rope_parameters_are_refused_naming_the_entry():
+    # a per-layer-type dict on a model with one RoPE for all layers
+    llama = make("llama")
+    llama.config.rope_parameters = {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    with pytest.raises(ValueError, match=r"model\.config\.rope_parameters must be one dict.*one RoPE for all layers"):
+        patch_rope(llama)
+    # one layer type's entry missing or not a RoPE dict, on a model with RoPE per layer type
+    for bad in (None, {"factor": 2.0}):
+        gemma = make("gemma3_text")
+        gemma.config.rope_parameters = {**gemma.config.rope_parameters, "sliding_attention": bad}
+        for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
+            with pytest.raises(ValueError, match=r"model\.config\.rope_parameters\['sliding_attention'\] must be one dict"):
+                call(gemma)
+            assert type(gemma.model.rotary_emb).__name__ == "Gemma3RotaryEmbedding"
+
+
 @pytest.mark.parametrize(("impl", "attention"), [("sdpa", "sdpa"), ("sdpa", "fused"), ("eager", "sdpa")])
 def test_gemma3_attn_logit_softcapping_is_followed_as_transformers_does(impl, attention, fused_calls):
     # transformers' Gemma3Attention stores config.attn_logit_softcapping but passes no softcap to

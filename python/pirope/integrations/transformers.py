@@ -482,26 +482,24 @@ def _rope_parameters_by_type(config) -> dict[str, dict]:
             "model.config must have layer_types and rope_parameters keyed by layer type such as "
             "{'full_attention': {'rope_type': 'default', 'rope_theta': 1e6}, 'sliding_attention': {...}}, "
             f"got layer_types={getattr(config, 'layer_types', None)!r}, rope_parameters={params!r}")
-    out = {}
-    for layer_type in layer_types:
-        p = params.get(layer_type)
-        if not isinstance(p, dict) or not ({"rope_type", "type", "rope_theta"} & set(p)):
-            raise ValueError(
-                f"model.config.rope_parameters[{layer_type!r}] must be one dict in transformers 5 form such as "
-                f"{{'rope_type': 'default', 'rope_theta': 10000.0}}, got {p!r}")
-        out[layer_type] = dict(p)
-    return out
+    return {t: _checked_rope_dict(params.get(t), f"model.config.rope_parameters[{t!r}]") for t in layer_types}
 
 
 def _rope_parameters(config) -> dict:
     params = getattr(config, "rope_parameters", None)
     if params is None:
         params = {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)}
+    return _checked_rope_dict(params, "model.config.rope_parameters",
+                              " (this model_type has one RoPE for all layers, not one per layer type)")
+
+
+def _checked_rope_dict(params, where: str, note: str = "") -> dict:
+    """A copy of one RoPE parameter dict (transformers 5 ``rope_parameters`` form), or a
+    ValueError naming ``where`` (e.g. a per-layer-type dict where one dict was expected)."""
     if not isinstance(params, dict) or not ({"rope_type", "type", "rope_theta"} & set(params)):
         raise ValueError(
-            "model.config.rope_parameters must be one dict in transformers 5 form such as "
-            "{'rope_type': 'default', 'rope_theta': 10000.0}; per-layer-type RoPE is not supported, "
-            f"got {params!r}")
+            f"{where} must be one dict in transformers 5 form such as "
+            f"{{'rope_type': 'default', 'rope_theta': 10000.0}}{note}, got {params!r}")
     return dict(params)
 
 
@@ -890,8 +888,7 @@ def apply_position_interpolation(
             "default"/"linear"), or an unknown ``attention``.
     """
     _, family = _family(model)  # TypeError for an unsupported model, before anything else
-    if not isinstance(attention, str) or attention not in _ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {', '.join(map(repr, _ATTENTION_MODES))}, got {attention!r}")
+    _resolve_attention(attention)
     if (factor is None) == (max_position_embeddings is None):
         raise ValueError(
             "pass exactly one of factor (the scale, e.g. 4.0) and max_position_embeddings (the new window); "
