@@ -140,12 +140,22 @@ def test_inplace_writes_into_inputs(device, interleaved):
     check(x, rope_reference(x0, cos[:, :16], sin[:, :16]))
 
 
-def test_float64_tables_accepted(device):
-    x = torch.randn(2, 10, 2, 32, device=device, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_float64_tables_accepted(device, dtype):
+    # "float32 (float64 accepted)": float64 tables rotate inputs of every dtype, and the
+    # result keeps the input's dtype
+    x = torch.randn(2, 10, 2, 32, device=device, dtype=dtype)
+    k = torch.randn(2, 10, 1, 32, device=device, dtype=dtype)
     inv_freq, _ = pirope.rope_frequencies(32)
     cos, sin = cos_sin_table(inv_freq, 10)
     cos, sin = cos.to(device), sin.to(device)
-    check(pirope.apply_rope(x, cos, sin), rope_reference(x, cos, sin))
+    out = pirope.apply_rope(x, cos, sin)
+    assert out.dtype == dtype
+    check(out, rope_reference(x, cos, sin))
+    oq, ok = pirope.apply_rope_qk(x, k, cos, sin)
+    assert oq.dtype == ok.dtype == dtype
+    check(oq, rope_reference(x, cos, sin))
+    check(ok, rope_reference(k, cos, sin))
 
 
 def test_empty_batch_and_seqlen(device):
