@@ -184,6 +184,23 @@ def test_long_positions_stay_accurate(device):
     torch.testing.assert_close(out.double().cpu(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_rope_cos_sin_takes_an_int_or_a_1d_integer_tensor():
+    # positions: an int P (0..P-1) or a 1-D int32/int64 tensor (any order, repeats);
+    # cos and sin: float32 (len(positions), rotary_dim // 2), times attention_factor,
+    # against the float64 reference tables
+    inv_freq, _ = pirope.rope_frequencies(64, scaling={"rope_type": "linear", "factor": 4.0})
+    cases = [(37, 37), (0, 0), (torch.tensor([5, 0, 3000, 3, 3]), 5),
+             (torch.tensor([7, 1, 2**20], dtype=torch.int32), 3), (torch.arange(40)[::3], 14)]
+    for freqs in (inv_freq, inv_freq.double()):  # a float64 inv_freq still gives float32 tables
+        for positions, n in cases:
+            for factor in (1.0, 1.25):
+                cos, sin = pirope.rope_cos_sin(freqs, positions, factor)
+                ref_cos, ref_sin = cos_sin_table(freqs, positions, factor)
+                for got, want in ((cos, ref_cos), (sin, ref_sin)):
+                    assert got.dtype == torch.float32 and got.shape == (n, 32)
+                    torch.testing.assert_close(got.double(), want, atol=1e-7, rtol=0)
+
+
 def test_rotation_preserves_norm_and_inverts(device):
     x = torch.randn(2, 50, 4, 128, device=device, dtype=torch.float64)
     cos, sin = tables(128, 50, device)
