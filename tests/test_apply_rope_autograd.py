@@ -37,6 +37,33 @@ def test_backward_is_the_inverse_rotation(device):
     torch.testing.assert_close(x.grad.double().cpu(), ref, atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_tables_are_constants_with_no_gradient(device, inplace):
+    # cos and sin that require grad (e.g. a learnable table) get no gradient from the
+    # rotary ops, while x / q / k still get the inverse rotation
+    cos, sin = tables(16, 6, device)
+    cos, sin = cos.clone().requires_grad_(), sin.clone().requires_grad_()
+    pos = torch.tensor([5, 0, 2, 1, 3, 4], device=device)
+    q0 = torch.randn(2, 6, 3, 24, device=device, requires_grad=True)
+    k0 = torch.randn(2, 6, 1, 24, device=device, requires_grad=True)
+    gq, gk = torch.randn_like(q0), torch.randn_like(k0)
+    q, k = (q0 * 1, k0 * 1) if inplace else (q0, k0)  # non-leaf copies may be rotated in place
+    out = pirope.apply_rope(q, cos, sin, pos, inplace=inplace)
+    out.backward(gq)
+    assert cos.grad is None and sin.grad is None
+    torch.testing.assert_close(q0.grad.double().cpu(), rope_reference(gq, cos, sin, pos, conjugate=True),
+                               atol=2e-6, rtol=2e-6)
+    q0.grad = None
+    q, k = (q0 * 1, k0 * 1) if inplace else (q0, k0)
+    oq, ok = pirope.apply_rope_qk(q, k, cos, sin, pos, inplace=inplace)
+    torch.autograd.backward((oq, ok), (gq, gk))
+    assert cos.grad is None and sin.grad is None
+    torch.testing.assert_close(q0.grad.double().cpu(), rope_reference(gq, cos, sin, pos, conjugate=True),
+                               atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(k0.grad.double().cpu(), rope_reference(gk, cos, sin, pos, conjugate=True),
+                               atol=2e-6, rtol=2e-6)
+
+
 def test_qk_backward_with_one_output_unused(device):
     q = torch.randn(1, 4, 2, 16, device=device, requires_grad=True)
     k = torch.randn(1, 4, 2, 16, device=device, requires_grad=True)
