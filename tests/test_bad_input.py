@@ -140,6 +140,34 @@ def test_raising_leaves_inputs_untouched(tabs):
     assert torch.equal(x, x0)
 
 
+@pytest.mark.parametrize("form", ["shared", "batched last row", "broadcast", "packed", "int32", "huge", "negative"])
+@pytest.mark.parametrize("op", ["apply_rope", "apply_rope_qk"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_out_of_range_position_ids_raise_index_error_in_every_form(tabs, form, op, inplace):
+    # on CPU a position outside [0, max_positions) raises, whatever the position_ids
+    # form or dtype and whichever op, and nothing is written
+    cos, sin = tabs  # 16 rows
+    b, s = 2, 4
+    good = torch.arange(s)
+    pos, packed = {
+        "shared": (torch.tensor([0, 16, 1, 2]), False),
+        "batched last row": (torch.stack([good, torch.tensor([3, 2, 1, 16])]), False),
+        "broadcast": (torch.tensor([[15, 16, 0, 1]]), False),
+        "packed": (torch.tensor([0, 1, 2, 3, 0, 1, 17, 3]), True),
+        "int32": (torch.tensor([[0, 1, 2, 3], [16, 0, 1, 2]], dtype=torch.int32), False),
+        "huge": (torch.tensor([0, 2**40, 1, 2]), False),
+        "negative": (torch.tensor([0, 1, -1, 2], dtype=torch.int32), False),
+    }[form]
+    shape = (b * s,) if packed else (b, s)
+    q, k = x_(*shape, 2, 64), x_(*shape, 1, 64)
+    before = q.clone(), k.clone()
+    call = (lambda: pirope.apply_rope(q, cos, sin, pos, inplace=inplace)) if op == "apply_rope" else (
+        lambda: pirope.apply_rope_qk(q, k, cos, sin, pos, inplace=inplace))
+    with pytest.raises(IndexError, match="position_ids must be in \\[0, 16\\)"):
+        call()
+    assert torch.equal(q, before[0]) and torch.equal(k, before[1])
+
+
 def test_rope_frequencies_rejects():
     with pytest.raises(ValueError, match="rope_type"):
         pirope.rope_frequencies(64, scaling={"rope_type": "nope", "factor": 2.0})
