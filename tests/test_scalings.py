@@ -445,6 +445,28 @@ def test_default_matches_llama_rotary_embedding():
         assert torch.equal(scaling.compute_inv_freq(head_dim, base=theta)[0], rotary.inv_freq)
 
 
+@pytest.mark.parametrize(
+    "params, seq_len",
+    [
+        ({"rope_type": "default"}, None),
+        ({"rope_type": "linear", "factor": 4.0}, None),
+        ({"rope_type": "dynamic", "factor": 2.0}, 3000),  # past 2048, inside 4096: depends on the window
+        ({"rope_type": "yarn", "factor": 4.0}, None),  # no original window: the default one is used
+        ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, None),
+    ],
+    ids=lambda v: v["rope_type"] if isinstance(v, dict) else str(v),
+)
+def test_public_rope_frequencies_defaults_are_the_documented_ones(params, seq_len):
+    # pirope.rope_frequencies(head_dim, scaling=...) with nothing else: base 10000,
+    # max_position_embeddings 2048, partial_rotary_factor 1.0 -- transformers' values
+    # for that configuration
+    import pirope
+
+    ref_inv_freq, ref_attn, _ = hf_rope(64, dict(params, rope_theta=10000.0), 2048, seq_len)
+    kwargs = {} if seq_len is None else {"seq_len": seq_len}
+    assert_same(pirope.rope_frequencies(64, scaling=copy.deepcopy(params), **kwargs), (ref_inv_freq, ref_attn), 64)
+
+
 # ---------------------------------------------------------------------------------------
 # What Hugging Face models compute in forward (seq_len as a tensor)
 # ---------------------------------------------------------------------------------------
