@@ -19,6 +19,21 @@ def test_tables_cover_the_window_and_match_float64():
     torch.testing.assert_close(rope.cos[4 * 511], plain.cos[511], atol=1e-6, rtol=0)
 
 
+def test_cos_and_sin_are_float32_buffers_that_move_with_the_module():
+    # "nn.Module holding the float32 cos/sin buffers": registered buffers (so .to(),
+    # .cuda(), to_empty() move them), float32 at construction, not in the state_dict
+    rope = pirope.RotaryEmbedding(32, max_position_embeddings=24, scaling={"rope_type": "linear", "factor": 2.0})
+    buffers = dict(rope.named_buffers())
+    assert buffers["cos"] is rope.cos and buffers["sin"] is rope.sin
+    assert rope.cos.dtype == rope.sin.dtype == torch.float32 and rope.cos.shape == rope.sin.shape == (24, 16)
+    ref_cos, ref_sin = cos_sin_table(rope.inv_freq, 24)
+    torch.testing.assert_close(rope.cos.double(), ref_cos, atol=1e-7, rtol=0)
+    torch.testing.assert_close(rope.sin.double(), ref_sin, atol=1e-7, rtol=0)
+    assert "cos" not in rope.state_dict() and "sin" not in rope.state_dict()
+    rope.to("meta")  # a device move (no GPU needed) takes the tables along
+    assert rope.cos.device.type == rope.sin.device.type == "meta"
+
+
 def test_grows_for_longer_sequences():
     rope = pirope.RotaryEmbedding(32, max_position_embeddings=16)
     q = torch.randn(1, 40, 2, 32)
