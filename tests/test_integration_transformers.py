@@ -130,6 +130,18 @@ def test_fused_path_stand_in(base_model, fused_stand_in):
     assert_same_grads(ga, gb)
 
 
+def test_attention_defaults_to_fused(base_model, fused_stand_in):
+    # apply_position_interpolation(model, factor) without attention= is the "fused" mode:
+    # attention runs through pirope.rope_attention, and the logits are transformers' own
+    ref = hf_pi_model(base_model, 4.0)
+    model = apply_position_interpolation(copy.deepcopy(base_model), 4.0)
+    x = ids(2, 100)
+    with torch.no_grad():
+        la, lb = model(x).logits, ref(x).logits
+    assert fused_stand_in == [(2, 100, 4, 16)] * 2  # one fused call per layer
+    assert_same_logits(la, lb)
+
+
 def test_fused_path_stand_in_prefill_fills_the_cache_and_decode_matches(base_model, fused_stand_in):
     ref = hf_pi_model(base_model, 4.0)
     model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="fused")
