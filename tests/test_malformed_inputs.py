@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 CASES = textwrap.dedent(r'''
 import torch, pirope
 ops = torch.ops.pirope
@@ -93,9 +95,15 @@ for name, fn in CASES.items():
 ''')
 
 
-def test_malformed_inputs_raise_clean_python_errors():
+@pytest.fixture(scope="module")
+def child():
+    """The one child run of every case: (completed process, its JSON lines)."""
     r = subprocess.run([sys.executable, "-c", RUNNER], capture_output=True, text=True, timeout=300)
-    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return r, [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def test_malformed_inputs_raise_clean_python_errors(child):
+    r, lines = child
     started = [d["start"] for d in lines if "start" in d]
     results = {d["name"]: d for d in lines if "name" in d}
     assert r.returncode == 0, f"child died (rc {r.returncode}) in case {started[-1]!r}:\n{r.stderr[-2000:]}"
@@ -107,3 +115,49 @@ def test_malformed_inputs_raise_clean_python_errors():
     assert not wrong, f"unexpected exception types: {wrong}"
     empty = [n for n, d in results.items() if len(d["message"]) < 15]
     assert not empty, f"errors without a useful message: {empty}"
+
+
+# The argument each case gets wrong, as its error message must name it (a whole word).
+ARGUMENT = {
+    "apply_rope x=None": "x", "apply_rope x=int": "x", "apply_rope x=0-d": "x", "apply_rope x=complex": "x",
+    "apply_rope x=bool": "x", "apply_rope cos=None": "cos", "apply_rope cos int": "cos",
+    "apply_rope cos 3-d": "cos", "apply_rope empty table": "cos", "apply_rope huge position": "position_ids",
+    "apply_rope min int position": "position_ids", "apply_rope int32 negative": "position_ids",
+    "apply_rope float positions": "position_ids", "apply_rope uint8 positions": "position_ids",
+    "apply_rope 3-d positions": "position_ids", "apply_rope list positions": "position_ids",
+    "apply_rope meta x": "x", "apply_rope table wider than head": "cos", "apply_rope interleaved=None": "interleaved",
+    "apply_rope_qk k=None": "k", "apply_rope_qk k wrong rank": "k", "apply_rope_qk same tensor in place": "k",
+    "apply_rope_qk overlapping views in place": "k", "op apply_rope None x": "x",
+    "op apply_rope wrong arity": "position_ids", "op apply_rope_ expanded": "x",
+    "op apply_rope_backward bad pos": "position_ids", "op apply_rope_qk mismatched": "k",
+    "op apply_rope_qk_backward bad": "grad_k", "rope_cos_sin None": "inv_freq",
+    "rope_cos_sin int inv_freq": "inv_freq", "rope_cos_sin positions str": "positions",
+    "rope_cos_sin negative": "positions", "rope_cos_sin inf factor": "attention_factor",
+    "rope_frequencies head_dim str": "head_dim", "rope_frequencies head_dim 0": "head_dim",
+    "rope_frequencies negative base": "base", "rope_frequencies nan factor": "factor",
+    "rope_frequencies bad type": "rope_type", "rope_frequencies list scaling": "scaling",
+    "rope_frequencies longrope short list": "short_factor", "RotaryEmbedding None": "head_dim",
+    "RotaryEmbedding huge factor type": "max_position_embeddings", "RotaryEmbedding forward non-tensor": "q",
+    "RotaryEmbedding odd rotary": "head_dim", "rope_attention q=None": "q", "rope_attention v=str": "v",
+    "rope_attention 3-d q": "q", "rope_attention heads not multiple": "nheads_kv",
+    "rope_attention kv heads differ": "v", "rope_attention head dim mismatch": "k",
+    "rope_attention seqlen mismatch": "k", "rope_attention mixed dtypes": "k", "rope_attention int q": "q",
+    "rope_attention meta v": "v", "rope_attention zero scale": "softmax_scale",
+    "rope_attention nan scale": "softmax_scale", "rope_attention huge position": "position_ids",
+    "rope_attention causal=None": "causal", "op rope_attention_backward bad lse": "lse",
+    "op rope_attention negative scale": "softmax_scale",
+}
+# A raw op given None for a tensor fails in torch's autograd bookkeeping before pirope's
+# checks run ("tensor does not have a device"): a known defect of the C++ ops, pinned
+# by tests/test_bad_input.py::test_raw_ops_name_a_none_tensor_argument (xfail).
+UNNAMED_DEFECTS = {"op apply_rope None x"}
+
+
+def test_malformed_input_errors_name_the_argument(child):
+    import re
+    _, lines = child
+    results = {d["name"]: d for d in lines if "name" in d}
+    assert set(ARGUMENT) == set(results)  # every case has its argument here
+    unnamed = {n: results[n]["message"] for n, arg in ARGUMENT.items()
+               if n not in UNNAMED_DEFECTS and not re.search(rf"(?<![\w.]){re.escape(arg)}(?!\w)", results[n]["message"])}
+    assert not unnamed, f"errors that do not name the argument: {unnamed}"
