@@ -54,7 +54,7 @@ def test_qk_gqa_head_counts(device, hq, hk, dtype):
     check(ok, rope_reference(k, cos, sin))
 
 
-@pytest.mark.parametrize("form", ["shared", "batched", "broadcast_batch", "int32", "strided"])
+@pytest.mark.parametrize("form", ["shared", "batched", "broadcast_batch", "int32", "shared_int32", "strided"])
 def test_position_ids_forms(device, form):
     b, s = 3, 17
     x = torch.randn(b, s, 2, 32, device=device)
@@ -67,6 +67,8 @@ def test_position_ids_forms(device, form):
         pos = torch.randint(0, 100, (1, s))
     elif form == "int32":
         pos = torch.randint(0, 100, (b, s), dtype=torch.int32)
+    elif form == "shared_int32":
+        pos = torch.randperm(100)[:s].to(torch.int32)
     else:  # a non-contiguous view
         pos = torch.randint(0, 100, (s, b)).t()
     pos = pos.to(device)
@@ -81,9 +83,10 @@ def test_packed_sequences(device):
     q = torch.randn(17, 4, 64, device=device)
     k = torch.randn(17, 2, 64, device=device)
     cos, sin = tables(64, 16, device)
-    oq, ok = pirope.apply_rope_qk(q, k, cos, sin, pos)
-    check(oq, rope_reference(q, cos, sin, pos))
-    check(ok, rope_reference(k, cos, sin, pos))
+    for ids in (pos, pos.to(torch.int32)):  # int64 or int32
+        oq, ok = pirope.apply_rope_qk(q, k, cos, sin, ids)
+        check(oq, rope_reference(q, cos, sin, ids))
+        check(ok, rope_reference(k, cos, sin, ids))
     # packed without position_ids means positions 0..total-1
     cos, sin = tables(64, 17, device)
     check(pirope.apply_rope(q, cos, sin), rope_reference(q, cos, sin))
