@@ -39,8 +39,15 @@ def test_partial_rotary_and_head_dims(device, head_dim, partial, interleaved):
     cos, sin = tables(rotary, 16, device)
     out = pirope.apply_rope(x, cos, sin, interleaved=interleaved)
     check(out, rope_reference(x, cos, sin, interleaved=interleaved))
-    # the features past rotary_dim pass through bit for bit
+    # the features past rotary_dim pass through bit for bit, in every op and in place
     assert torch.equal(out[..., rotary:], x[..., rotary:])
+    k = torch.randn(1, 9, 1, head_dim, device=device)
+    oq, ok = pirope.apply_rope_qk(x, k, cos, sin, interleaved=interleaved)
+    check(ok, rope_reference(k, cos, sin, interleaved=interleaved))
+    assert torch.equal(oq[..., rotary:], x[..., rotary:]) and torch.equal(ok[..., rotary:], k[..., rotary:])
+    q2, k2 = x.clone(), k.clone()
+    pirope.apply_rope_qk(q2, k2, cos, sin, interleaved=interleaved, inplace=True)
+    assert torch.equal(q2[..., rotary:], x[..., rotary:]) and torch.equal(k2[..., rotary:], k[..., rotary:])
 
 
 @pytest.mark.parametrize("hq,hk", [(32, 8), (8, 1), (4, 4)])
