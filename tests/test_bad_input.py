@@ -171,27 +171,38 @@ def test_out_of_range_position_ids_raise_index_error_in_every_form(tabs, form, o
 
 
 _RAW_NONE_CASES = {
-    "apply_rope x": (lambda x, c: torch.ops.pirope.apply_rope(None, c, c, None, False), "x"),
-    "apply_rope cos": (lambda x, c: torch.ops.pirope.apply_rope(x, None, c, None, False), "cos"),
-    "apply_rope_ x": (lambda x, c: torch.ops.pirope.apply_rope_(None, c, c, None, False), "x"),
-    "apply_rope_qk k": (lambda x, c: torch.ops.pirope.apply_rope_qk(x, None, c, c, None, False), "k"),
-    "rope_attention q": (lambda x, c: torch.ops.pirope.rope_attention(None, x, x, c, c, None, True, 0.1, False),
+    "apply_rope x": (lambda x, c, l: torch.ops.pirope.apply_rope(None, c, c, None, False), "x"),
+    "apply_rope cos": (lambda x, c, l: torch.ops.pirope.apply_rope(x, None, c, None, False), "cos"),
+    "apply_rope_backward sin": (lambda x, c, l: torch.ops.pirope.apply_rope_backward(x, c, None, None, False),
+                                "sin"),
+    "apply_rope_ x": (lambda x, c, l: torch.ops.pirope.apply_rope_(None, c, c, None, False), "x"),
+    "apply_rope_qk k": (lambda x, c, l: torch.ops.pirope.apply_rope_qk(x, None, c, c, None, False), "k"),
+    "apply_rope_qk_ k": (lambda x, c, l: torch.ops.pirope.apply_rope_qk_(x, None, c, c, None, False), "k"),
+    "apply_rope_qk_backward grad_q": (
+        lambda x, c, l: torch.ops.pirope.apply_rope_qk_backward(None, x, c, c, None, False), "grad_q"),
+    "rope_attention q": (lambda x, c, l: torch.ops.pirope.rope_attention(None, x, x, c, c, None, True, 0.1, False),
                          "q"),
+    "rope_attention v": (lambda x, c, l: torch.ops.pirope.rope_attention(x, x, None, c, c, None, True, 0.1, False),
+                         "v"),
+    "rope_attention_backward lse": (lambda x, c, l: torch.ops.pirope.rope_attention_backward(
+        x, x, x, x, x, None, c, c, None, True, 0.1, False), "lse"),
+    "rope_attention_backward grad_out": (lambda x, c, l: torch.ops.pirope.rope_attention_backward(
+        None, x, x, x, x, l, c, c, None, True, 0.1, False), "grad_out"),
 }
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "C++ defect: the ops' autograd / in-place kernels touch an undefined tensor before the "
-    "shared validation runs, so torch raises 'tensor does not have a device' (or 'cannot call "
-    "bump_version() on undefined tensor') without naming the argument"))
+@pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("case", list(_RAW_NONE_CASES))
-def test_raw_ops_name_a_none_tensor_argument(tabs, case):
+def test_raw_ops_name_a_none_tensor_argument(tabs, case, requires_grad):
     # DESIGN.md, Errors: the message names the argument, also for the torch.ops layer
-    # (the pirope.* functions refuse None themselves: test_apply_rope_rejects)
+    # (the pirope.* functions refuse None themselves: test_apply_rope_rejects). The
+    # autograd and in-place kernels run before the shared checks and must not trip on it.
     call, name = _RAW_NONE_CASES[case]
-    with pytest.raises((RuntimeError, TypeError, ValueError)) as e:
-        call(x_(1, 4, 2, 64), tabs[0])
-    assert re.search(rf"\b{name}\b", str(e.value)), str(e.value)
+    op = case.split()[0]
+    x = x_(1, 4, 2, 64).requires_grad_(requires_grad and not op.endswith("_"))  # in place: no grad
+    lse = torch.zeros(1, 2, 4)
+    with pytest.raises(RuntimeError, match=rf"^\S*{op}: {name} must be a tensor, got None"):
+        call(x, tabs[0], lse)
 
 
 def test_rope_frequencies_rejects():

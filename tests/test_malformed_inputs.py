@@ -5,6 +5,7 @@ One child runs all cases in order and reports each outcome; if it dies, the case
 had started is the culprit."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -147,17 +148,12 @@ ARGUMENT = {
     "rope_attention causal=None": "causal", "op rope_attention_backward bad lse": "lse",
     "op rope_attention negative scale": "softmax_scale",
 }
-# A raw op given None for a tensor fails in torch's autograd bookkeeping before pirope's
-# checks run ("tensor does not have a device"): a known defect of the C++ ops, pinned
-# by tests/test_bad_input.py::test_raw_ops_name_a_none_tensor_argument (xfail).
-UNNAMED_DEFECTS = {"op apply_rope None x"}
 
 
 def test_malformed_input_errors_name_the_argument(child):
-    import re
     _, lines = child
     results = {d["name"]: d for d in lines if "name" in d}
     assert set(ARGUMENT) == set(results)  # every case has its argument here
     unnamed = {n: results[n]["message"] for n, arg in ARGUMENT.items()
-               if n not in UNNAMED_DEFECTS and not re.search(rf"(?<![\w.]){re.escape(arg)}(?!\w)", results[n]["message"])}
+               if not re.search(rf"(?<![\w.]){re.escape(arg)}(?!\w)", results[n]["message"])}
     assert not unnamed, f"errors that do not name the argument: {unnamed}"

@@ -71,7 +71,11 @@ void for_each_written(const c10::OperatorHandle& op, torch::jit::Stack* stack, F
   const size_t first = stack->size() - arguments.size();
   for (size_t i = 0; i < arguments.size(); ++i) {
     const auto* alias = arguments[i].alias_info();
-    if (alias != nullptr && alias->isWrite()) f(arguments[i].name(), (*stack)[first + i].toTensor());
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const at::Tensor& t = (*stack)[first + i].toTensor();
+    TORCH_CHECK(t.defined(), op.schema().name(), ": ", arguments[i].name(),
+                " must be a tensor, got None");  // before anything reads its version
+    f(arguments[i].name(), t);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../ops.h"
+#include "defined.h"
 
 namespace pirope {
 namespace {
@@ -78,6 +79,8 @@ struct RotateQK : torch::autograd::Function<RotateQK<Inverse>> {
 template <bool Inverse>
 at::Tensor rotate_autograd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                            const std::optional<at::Tensor>& pos, bool interleaved) {
+  check_defined(Inverse ? "apply_rope_backward" : "apply_rope",
+                {{Inverse ? "grad" : "x", x}, {"cos", cos}, {"sin", sin}});
   return Rotate<Inverse>::apply(x, cos, sin, pos, interleaved);
 }
 
@@ -86,6 +89,8 @@ std::tuple<at::Tensor, at::Tensor> rotate_qk_autograd(const at::Tensor& q, const
                                                       const at::Tensor& cos, const at::Tensor& sin,
                                                       const std::optional<at::Tensor>& pos,
                                                       bool interleaved) {
+  check_defined(Inverse ? "apply_rope_qk_backward" : "apply_rope_qk",
+                {{Inverse ? "grad_q" : "q", q}, {Inverse ? "grad_k" : "k", k}, {"cos", cos}, {"sin", sin}});
   auto out = RotateQK<Inverse>::apply(q, k, cos, sin, pos, interleaved);
   return {out[0], out[1]};
 }

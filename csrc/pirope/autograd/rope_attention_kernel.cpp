@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../ops.h"
+#include "defined.h"
 
 namespace pirope {
 namespace {
@@ -72,6 +73,7 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& pos, bool causal,
     double softmax_scale, bool interleaved, bool deterministic) {
+  check_defined("rope_attention", {{"q", q}, {"k", k}, {"v", v}, {"cos", cos}, {"sin", sin}});
   auto out = Attention::apply(q, k, v, cos, sin, pos, causal, softmax_scale, interleaved,
                               deterministic);
   return {out[0], out[1]};
@@ -82,6 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& pos, bool causal, double softmax_scale, bool interleaved,
     bool deterministic) {
+  check_defined("rope_attention_backward", {{"grad_out", grad_out}, {"q", q}, {"k", k}, {"v", v},
+                                            {"out", out}, {"lse", lse}, {"cos", cos}, {"sin", sin}});
   auto grads = AttentionBackward::apply(grad_out, q, k, v, out, lse, cos, sin, pos, causal,
                                         softmax_scale, interleaved, deterministic);
   return {grads[0], grads[1], grads[2]};
