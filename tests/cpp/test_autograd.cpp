@@ -3,6 +3,7 @@
 #include "catch.h"
 
 #include <cmath>
+#include <string>
 
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -84,4 +85,29 @@ TEST_CASE("in-place rotation refuses tensors that require grad", "[autograd]") {
   auto [cos, sin] = pi_tables(32, 8, 1.0);
   auto q = leaf({1, 8, 2, 32}), k = at::randn({1, 8, 1, 32}, at::kDouble);
   REQUIRE_THROWS_AS(pirope::apply_rope_qk_(q, k, cos, sin), c10::Error);
+}
+
+TEST_CASE("an undefined tensor argument is named, not tripped over by autograd", "[autograd]") {
+  // The autograd (and in-place) kernels run before the ops' shared checks.
+  auto [cos, sin] = pi_tables(32, 8, 1.0);
+  auto x = at::randn({1, 8, 2, 32}, at::kDouble);
+  const auto raises = [](const auto& call, const std::string& prefix) {
+    std::string got = "no error";
+    try {
+      call();
+    } catch (const c10::Error& e) {
+      got = e.what_without_backtrace();
+    }
+    INFO("expected \"" << prefix << "...\", got \"" << got << "\"");
+    REQUIRE(got.rfind(prefix, 0) == 0);
+  };
+  for (bool grad : {false, true}) {
+    auto q = x.clone().requires_grad_(grad);
+    raises([&] { pirope::apply_rope(at::Tensor(), cos, sin); }, "apply_rope: x must be a tensor, got None");
+    raises([&] { pirope::apply_rope_qk(q, at::Tensor(), cos, sin); }, "apply_rope_qk: k must be a tensor, got None");
+    raises([&] { pirope::rope_attention(q, q, at::Tensor(), cos, sin); },
+           "rope_attention: v must be a tensor, got None");
+  }
+  raises([&] { pirope::apply_rope_qk_(x, at::Tensor(), cos, sin); },
+         "pirope::apply_rope_qk_: k must be a tensor, got None");
 }
