@@ -940,7 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--out", default=None, help="output directory (demo: examples/runs/demo)")
-    p.add_argument("--tiny", action="store_true", default=os.environ.get("PIROPE_EXAMPLES_TINY", "") not in ("", "0"),
+    p.add_argument("--tiny", action="store_true", default=None,  # None: not given (main reads the env then)
                    help="demo: tiny configuration that runs every code path in seconds (env PIROPE_EXAMPLES_TINY=1)")
     p.add_argument("--no-cache", action="store_true", help="demo: pretrain even if a cached model exists")
     p.add_argument("--threads", type=int, default=None,
@@ -980,6 +980,11 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_numeric_args(args, parser.error)
+    demo_only = [flag for flag, given in (("--tiny", args.tiny), ("--no-cache", args.no_cache)) if given]
+    if args.tiny is None:
+        args.tiny = os.environ.get("PIROPE_EXAMPLES_TINY", "") not in ("", "0")
+    if args.model is not None and demo_only:
+        parser.error(f"{' / '.join(demo_only)}: demo options, not used when fine-tuning a checkpoint (--model)")
     if args.model is None:
         given = ["--" + name.replace("_", "-") for name in FINETUNE_ONLY if getattr(args, name) not in (None, False)]
         if given:

@@ -547,6 +547,21 @@ def test_demo_rejects_fine_tuning_flags_and_bad_values(fp, tmp_path, capsys, mon
     assert not os.path.exists(out)
 
 
+@pytest.mark.parametrize("flags", [["--tiny"], ["--no-cache"], ["--tiny", "--no-cache"]])
+def test_finetune_rejects_demo_flags(fp, tiny_ckpt, tmp_path, capsys, monkeypatch, flags):
+    """--tiny / --no-cache only mean something to the demo: with --model they are usage
+    errors, not silently ignored; PIROPE_EXAMPLES_TINY in the environment is not a flag."""
+    ckpt, data = tiny_ckpt
+    started = []
+    monkeypatch.setattr(fp, "run_finetune", lambda args, error: started.append(args))
+    out = str(tmp_path / "o")
+    _bad(fp, _ft_args(ckpt, data, out, *flags), capsys, f"{' / '.join(flags)}: demo options")
+    assert not started and not os.path.exists(out)
+    monkeypatch.setenv("PIROPE_EXAMPLES_TINY", "1")
+    fp.main(_ft_args(ckpt, data, out))
+    assert len(started) == 1 and started[0].tiny
+
+
 def test_sample_batch_windows_and_data_of_exactly_seq_len(fp):
     data = torch.arange(10)
     b = fp.sample_batch(data, 500, 4, torch.Generator().manual_seed(0))
