@@ -41,7 +41,9 @@ def rope_frequencies(
             (positions divided by 4: a 2k model extended to 8k). Also ``"dynamic"``,
             ``"yarn"``, ``"llama3"`` and ``"longrope"`` with Hugging Face's keys;
             ``"type"`` is accepted as an alias of ``"rope_type"``.
-        max_position_embeddings: the model's context window (used by dynamic NTK).
+        max_position_embeddings: the model's context window (used by dynamic NTK, as the
+            default ``original_max_position_embeddings`` of yarn, llama3 and longrope, and
+            to derive yarn's / longrope's ``factor`` when the dict's is ``None``).
         partial_rotary_factor: fraction of ``head_dim`` that rotates.
         seq_len: current sequence length, for the length-dependent scalings.
 

@@ -85,9 +85,8 @@ the projections produce, no copies) and then:
   NoPE layers, and EXAONE 4's and Cohere 2's, have nothing to fuse: they take the "sdpa"
   path, unrotated, as transformers runs them), no attention-logit soft-cap (Gemma 2) and no
   sliding window shorter than the sequence. Any other call of that layer -- a decode step
-  with cached keys, a padded batch, ``attn_implementation="eager"`` -- takes the "sdpa"
-  path, so results never depend on which path ran. ``output_attentions`` gives ``None``
-  weights from the fused path.
+  with cached keys, a padded batch, ``attn_implementation="eager"``, ``output_attentions``
+  -- takes the "sdpa" path, so results never depend on which path ran.
 
 The table is float32 whatever the model's dtype (``model.half()`` does not round it)
 and lives on the device of the hidden states. Finding the table length needs the
@@ -772,7 +771,8 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
         angles) for every call the unpatched model supports.
 
     Raises:
-        TypeError: ``model`` is not a supported transformers model.
+        TypeError: ``model`` is not a supported transformers model, or ``scaling`` is not
+            a dict (or has a value of the wrong type).
         ValueError: bad ``attention`` or ``scaling``.
     """
     model_type, family = _family(model)
@@ -830,8 +830,9 @@ def apply_position_interpolation(
     place and returned:
 
     * ``model.config.rope_parameters`` becomes ``{"rope_type": "linear", "factor":
-      F, "rope_theta": ...}`` (plus ``partial_rotary_factor`` if the config had one)
-      and ``model.config.max_position_embeddings`` the new window, so
+      F, "rope_theta": ...}`` (plus ``partial_rotary_factor`` if the config had one and
+      the architecture rotates part of a head: Phi-3, GLM; the others rotate the whole
+      head) and ``model.config.max_position_embeddings`` the new window, so
       ``save_pretrained`` / ``from_pretrained`` with plain transformers (no pirope)
       gives the same model. Phi-3, whose config class accepts no "linear", gets the
       same scaling as LongRoPE parameters instead: ``short_factor`` = ``long_factor``
