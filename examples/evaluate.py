@@ -38,7 +38,7 @@ def build_parser():
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens of --data")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--passkey-lengths", type=int, nargs="*", default=None,
-                   help="passkey prompt lengths in tokens (default: 8 spread over the window; none: skip)")
+                   help="passkey prompt lengths in tokens (default: 8 spread over the window; the flag alone: skip)")
     p.add_argument("--no-passkey", action="store_true")
     p.add_argument("--passkey-trials", type=int, default=10)
     p.add_argument("--passkey-intro", default=None, help="replace the paper's intro sentence (e.g. '' for short windows)")

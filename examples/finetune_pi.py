@@ -971,7 +971,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (the default): bf16 autocast on CUDA GPUs that support it")
     g.add_argument("--no-gradient-checkpointing", action="store_true")
     g.add_argument("--pi-impl", choices=["auto", "pirope", "transformers"],
-                   help="PI implementation: pirope's integration when importable (auto, the default), or "
+                   help="PI implementation: pirope's integration (auto, the default, or pirope), or "
                         "transformers' linear scaling")
     return p
 
