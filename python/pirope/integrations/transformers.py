@@ -831,8 +831,8 @@ def apply_position_interpolation(
 
     * ``model.config.rope_parameters`` becomes ``{"rope_type": "linear", "factor":
       F, "rope_theta": ...}`` (plus ``partial_rotary_factor`` if the config had one and
-      the architecture rotates part of a head: Phi-3, GLM; the others rotate the whole
-      head) and ``model.config.max_position_embeddings`` the new window, so
+      the architecture rotates part of a head: Phi-3, GLM, GLM-4; the others rotate
+      the whole head) and ``model.config.max_position_embeddings`` the new window, so
       ``save_pretrained`` / ``from_pretrained`` with plain transformers (no pirope)
       gives the same model. Phi-3, whose config class accepts no "linear", gets the
       same scaling as LongRoPE parameters instead: ``short_factor`` = ``long_factor``
