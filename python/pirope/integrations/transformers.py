@@ -681,9 +681,9 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     eager = getattr(sys.modules[type(self).__module__], "eager_attention_forward", None)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
     extra = {}
-    if self._pirope_family.window is not None:
+    if family.window is not None:
         extra["sliding_window"] = _sliding_window(self)
-    if self._pirope_family.softcap is not None:  # passed even when None, as Gemma 2 does
+    if family.softcap is not None:  # passed even when None, as Gemma 2 does
         extra["softcap"] = _softcap(self)
     out, weights = interface(
         self, q, k, v, attention_mask,
@@ -705,13 +705,12 @@ def _replaced_rope_parameters(model_type: str, family: _Family, config, attns, p
     """The rope_parameters ``scaling`` (Hugging Face form) gives a model whose current ones
     are ``params``: validated, keeping rope_theta (and partial_rotary_factor where the
     architecture has one) unless ``scaling`` has its own."""
-    partial_supported = family.partial
     new = normalize_scaling(scaling)  # validates (raises ValueError/TypeError naming the key)
     if new is None:
         new = {"rope_type": "default"}
     # transformers' families other than phi3 ignore partial_rotary_factor for plain RoPE and
     # fail with it otherwise: it is kept only where the architecture rotates part of a head
-    keep = ("rope_theta", "partial_rotary_factor") if partial_supported else ("rope_theta",)
+    keep = ("rope_theta", "partial_rotary_factor") if family.partial else ("rope_theta",)
     for key in keep:
         if key not in new and key in params:
             new[key] = params[key]
