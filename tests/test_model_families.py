@@ -2,7 +2,7 @@
 model on the same weights: Position Interpolation by apply_position_interpolation gives
 the logits and gradients of the model transformers builds from the updated config, on
 both attention paths; sliding windows, q/k norms (per head: Qwen3, Apertus, Cohere; over the
-whole projection: OLMo 2), interleaved pairs (Cohere, Helium, ERNIE 4.5; partial: GLM),
+whole projection: OLMo 2), OLMo's q/k/v clipping, interleaved pairs (Cohere, Helium, ERNIE 4.5; partial: GLM),
 SmolLM3's NoPE layers and residual dropout (StarCoder2, Seed-OSS) are followed; RoPE per
 layer type (Gemma 3, OLMo 3: each layer gets its type's table, PI extends the full_attention
 layers only), NoPE layers chosen by the window (EXAONE 4, Cohere 2), Gemma 2's attention-logit
@@ -50,6 +50,8 @@ FAMILIES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM",
              dict(original_max_position_embeddings=WINDOW, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # q_norm / k_norm: RMSNorm over the whole projection (all heads), before the view into heads
+    # OLMo 1: q, k, v clamped to [-clip_qkv, clip_qkv] before RoPE (0.1 clamps many of this model's values)
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(pad_token_id=1, eos_token_id=2, clip_qkv=0.1)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(pad_token_id=1, eos_token_id=2)),
     # interleaved pairs (2i, 2i+1); per-head LayerNorm q/k norms with use_qk_norm (test below)
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(eos_token_id=2)),
@@ -193,6 +195,23 @@ def test_olmo_norms_over_the_whole_projection_run_before_the_view_into_heads(mod
     x = ids(2, 50)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
     assert len(fused_calls) == (FUSED_LAYERS.get(model_type, 2) if attention == "fused" else 0)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_olmo_clips_q_k_v_before_rope(attention, fused_calls):
+    base = make("olmo")
+    attn = base.model.layers[0].self_attn
+    h = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(4))
+    assert (attn.q_proj(h).abs() > 0.1).float().mean() > 0.2  # the clip bites: not a vacuous check
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    x = ids(2, 100)
+    got = logits_and_grads(model, x)
+    assert_same(got, logits_and_grads(twin(base, model.config), x))
+    assert len(fused_calls) == (2 if attention == "fused" else 0)
+    # the same weights without clipping give other logits, so a patch that skipped it would fail
+    unclipped = copy.deepcopy(model.config)
+    unclipped.clip_qkv = None
+    assert not torch.allclose(logits_and_grads(twin(base, unclipped), x)[0], got[0], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])

@@ -29,3 +29,16 @@ def test_api_examples_run_and_do_what_they_say():
     assert scope["x"].shape == (512, 32, 128)
     assert scope["out"].shape == scope["q"].shape
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (scope["q"], scope["k"], scope["v"]))
+
+
+def test_drop_in_recipes_name_every_supported_model_type():
+    # the README's list of architectures is the one users read: it must not fall behind the code
+    import pytest
+
+    pytest.importorskip("transformers")
+    from pirope.integrations.transformers import SUPPORTED_MODEL_TYPES
+
+    with open(README, encoding="utf-8") as f:
+        recipes = f.read().split("## Drop-in recipes", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`([a-z0-9_]+)`", recipes.split("other architectures raise", 1)[0]))
+    assert set(SUPPORTED_MODEL_TYPES) <= listed, sorted(set(SUPPORTED_MODEL_TYPES) - listed)

@@ -19,7 +19,8 @@ Two functions:
 
 Supported architectures (``config.model_type``): ``llama``, ``mistral``, ``ministral``,
 ``qwen2``, ``granite``, ``gemma``, ``arcee`` (separate ``q_proj``/``k_proj``/``v_proj``),
-``seed_oss`` and ``starcoder2`` (the same, with dropout after ``o_proj``), ``qwen3``,
+``seed_oss`` and ``starcoder2`` (the same, with dropout after ``o_proj``), ``olmo`` (the
+same, q/k/v clamped to ``config.clip_qkv`` before RoPE), ``qwen3``,
 ``qwen3_moe`` and ``apertus`` (per-head ``q_norm``/``k_norm`` before RoPE), ``olmo2``
 (``q_norm``/``k_norm`` over the whole projection, before the view into heads), ``cohere``
 (interleaved pairs ``(2i, 2i+1)``; with ``use_qk_norm`` a per-head LayerNorm before
@@ -205,6 +206,9 @@ class _Family(NamedTuple):
     # (Gemma 3 stores attn_logit_softcapping but does not pass it). A layer whose cap is set
     # never takes the fused path: pirope.rope_attention has no soft-capping
     softcap: str | None = None
+    # the config attribute whose value, when set, clamps q, k and v to [-value, value] right
+    # after the projections, before RoPE (OLMo's clip_qkv); None: no clamping
+    clip: str | None = None
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
@@ -214,6 +218,7 @@ class _Family(NamedTuple):
 # their repeat_interleave'd cos/sin make, GLM the same on its first rotary_dim features only).
 _FAMILIES: dict[str, _Family] = {
     "llama": _Family("separate", None, False),
+    "olmo": _Family("separate", None, False, clip="clip_qkv"),
     "mistral": _Family("separate", "config", False),
     "ministral": _Family("separate", "module", False),
     "qwen2": _Family("separate", "module", False),
@@ -582,6 +587,9 @@ def _project(attn, hidden_states):
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
     else:
         q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
+    clip = None if family.clip is None else getattr(attn.config, family.clip, None)
+    if clip is not None:  # OLMo: clamped before RoPE, so the fused path stays exact
+        q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
     norm = _qk_norm(attn, family)
     if norm == "proj":  # OLMo 2: one RMSNorm over all heads' features, then the view
         q, k = attn.q_norm(q), attn.k_norm(k)
