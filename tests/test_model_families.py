@@ -2,12 +2,14 @@
 model on the same weights: Position Interpolation by apply_position_interpolation gives
 the logits and gradients of the model transformers builds from the updated config, on
 both attention paths; sliding windows, q/k norms (per head: Qwen3, Apertus, Cohere; over the
-whole projection: OLMo 2), OLMo's q/k/v clipping, interleaved pairs (Cohere, Helium, ERNIE 4.5; partial: GLM),
+whole projection: OLMo 2), interleaved pairs (Cohere, Helium, ERNIE 4.5; partial: GLM),
 SmolLM3's NoPE layers and residual dropout (StarCoder2, Seed-OSS) are followed; RoPE per
 layer type (Gemma 3, OLMo 3: each layer gets its type's table, PI extends the full_attention
 layers only), NoPE layers chosen by the window (EXAONE 4, Cohere 2), Gemma 2's attention-logit
-soft-capping (passed on, never fused); a fused prefill then cached decoding generates what
-transformers generates.
+soft-capping (passed on, never fused), OLMo's q/k/v clipping; architectures whose attention
+is one of these line for line (mostly mixtures of experts: Mixtral, Qwen2-MoE, OLMoE, ...) are
+checked the same way; a fused prefill then cached decoding generates what transformers
+generates.
 
 Tiny random float32 models (hidden 64, 2 layers, 4 heads / 2 KV heads, head_dim 16),
 seconds on a CPU.
@@ -29,6 +31,9 @@ from hf_compare import assert_same_grads, assert_same_logits, logits_and_grads  
 WINDOW = 64
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=WINDOW)
+
+# a mixture of experts as small as the attention: 4 experts, 2 per token (each family reads its own keys)
+MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4)
 
 # layer 0 attends within a 16-token window, layer 1 to everything
 HYBRID = dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"])
@@ -88,6 +93,28 @@ FAMILIES = {
     # per-head q/k RMSNorms (EXAONE 4), interleaved pairs (Cohere 2)
     "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(HYBRID, bos_token_id=1, eos_token_id=2)),
     "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(HYBRID, bos_token_id=1, eos_token_id=2)),
+    # attention identical to a family above (mostly mixtures of experts: 4 experts, 2 per token)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(MOE, sliding_window=None)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(MOE, shared_expert_intermediate_size=32)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(MOE, attention_multiplier=0.11)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM",
+                         dict(MOE, attention_multiplier=0.11, shared_intermediate_size=32)),
+    "hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", dict(attention_multiplier=0.11)),
+    "jais2": ("Jais2Config", "Jais2ForCausalLM", {}),
+    "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(MOE, n_group=1, topk_group=1)),
+    "cwm": ("CwmConfig", "CwmForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(moe_num_experts=4, moe_k=2,
+                                                                           moe_intermediate_size=32)),
+    "dots1": ("Dots1Config", "Dots1ForCausalLM", dict(MOE, n_shared_experts=1, first_k_dense_replace=1,
+                                                      n_group=1, topk_group=1)),
+    "hy_v3": ("HYV3Config", "HYV3ForCausalLM", MOE),
+    "mellum": ("MellumConfig", "MellumForCausalLM", {**MOE, **HYBRID}),
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(MOE, pad_token_id=1, eos_token_id=2)),
+    # partial rotary: the first 8 of 16 features (rotary_dim, as its checkpoints write it)
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(MOE, rotary_dim=8)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(MOE, clip_qkv=0.1, pad_token_id=1, eos_token_id=2)),
+    "vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM", dict(HYBRID, query_pre_attn_scalar=24)),
+    "exaone_moe": ("ExaoneMoeConfig", "ExaoneMoeForCausalLM", dict({**MOE, **HYBRID}, bos_token_id=1, eos_token_id=2)),
 }
 
 
@@ -95,7 +122,8 @@ FAMILIES = {
 # SmolLM3's NoPE layer has no RoPE to fuse and runs transformers' attention unrotated; the
 # HYBRID families' sliding layer masks keys; EXAONE 4's and Cohere 2's full layer is NoPE;
 # Gemma 2 never: its layers soft-cap the scores (and "eager" hands them a mask tensor anyway)
-FUSED_LAYERS = {"gemma2": 0, "smollm3": 1, "gemma3_text": 1, "olmo3": 1, "exaone4": 0, "cohere2": 0}
+FUSED_LAYERS = {"gemma2": 0, "smollm3": 1, "gemma3_text": 1, "olmo3": 1, "exaone4": 0, "cohere2": 0,
+                "vaultgemma": 0, "mellum": 1, "exaone_moe": 0}
 
 
 def test_every_supported_family_is_tested_here():
@@ -104,6 +132,8 @@ def test_every_supported_family_is_tested_here():
 
 def make(model_type, seed=0, **kw):
     config_cls, model_cls, extra = FAMILIES[model_type]
+    if not hasattr(transformers, config_cls):  # an older transformers than requirements-dev.txt's
+        pytest.skip(f"transformers {transformers.__version__} has no {config_cls}")
     config = getattr(transformers, config_cls)(**copy.deepcopy({**COMMON, **extra, **kw}))
     assert config.model_type == model_type
     torch.manual_seed(seed)
@@ -168,6 +198,16 @@ def test_position_interpolation_equals_transformers(model_type, attention, fused
     assert fused_calls == ([(2, 100, 4, 16)] * FUSED_LAYERS.get(model_type, 2) if attention == "fused" else [])
 
 
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_patch_rope_keeps_the_model(model_type):
+    # the model's own RoPE (partial rotary, per-layer-type tables, ... as configured) through
+    # pirope: the unpatched model's logits and gradients
+    base = make(model_type)
+    model = patch_rope(copy.deepcopy(base), attention="fused")
+    x = ids(2, 40)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+
+
 def scale_qk_norms(model):
     # scaled norm weights: a patch that skipped or misplaced the norms would change the logits
     with torch.no_grad():
@@ -177,7 +217,8 @@ def scale_qk_norms(model):
     return model
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus", "gemma3_text", "exaone4"])
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus", "gemma3_text", "exaone4", "dots1", "hy_v3",
+                                        "mellum", "exaone_moe"])
 def test_qk_norms_run_before_rope(model_type):
     base = scale_qk_norms(make(model_type))
     model = patch_rope(copy.deepcopy(base), attention="fused")
@@ -186,7 +227,7 @@ def test_qk_norms_run_before_rope(model_type):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-@pytest.mark.parametrize("model_type", ["olmo2", "olmo3"])
+@pytest.mark.parametrize("model_type", ["olmo2", "olmo3", "flex_olmo", "minimax_m2", "olmoe"])
 def test_olmo_norms_over_the_whole_projection_run_before_the_view_into_heads(model_type, attention, fused_calls):
     base = scale_qk_norms(make(model_type))
     norm = base.model.layers[0].self_attn.q_norm
@@ -223,7 +264,7 @@ def test_cohere_per_head_layernorms_run_before_rope_with_use_qk_norm(attention):
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
 
 
-@pytest.mark.parametrize("model_type", ["cohere", "glm", "glm4", "helium", "ernie4_5"])
+@pytest.mark.parametrize("model_type", ["cohere", "glm", "glm4", "helium", "ernie4_5", "ernie4_5_moe"])
 def test_interleaved_families_rotate_the_pairs_transformers_rotates(model_type):
     # q and k rotated by transformers' own rotary embedding and apply_rotary_pos_emb against
     # pirope's op with the patched model's table and the family's pairing; GLM rotates
@@ -281,17 +322,18 @@ def test_smollm3_nope_layers_attend_without_rotation(attention, fused_calls, rot
 
 def windowed(model_type):
     """A model whose layer 0 attends within a 16-token window (layer 1: as configured)."""
-    if model_type in ("mistral", "starcoder2"):
+    if model_type in ("mistral", "starcoder2", "mixtral"):
         return make(model_type, sliding_window=16)  # every layer
     return make(model_type, sliding_window=16, use_sliding_window=True,
                 layer_types=["sliding_attention", "full_attention"])
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "ministral", "qwen2", "qwen3", "smollm3", "starcoder2"])
+@pytest.mark.parametrize("model_type", ["mistral", "ministral", "qwen2", "qwen3", "smollm3", "starcoder2", "mixtral",
+                                        "cwm", "dots1"])
 def test_sliding_windows_are_followed(model_type, fused_calls):
     base = windowed(model_type)
     model = patch_rope(copy.deepcopy(base), attention="fused")
-    windowed_layers = 2 if model_type in ("mistral", "starcoder2") else 1
+    windowed_layers = 2 if model_type in ("mistral", "starcoder2", "mixtral") else 1
     fusable = FUSED_LAYERS.get(model_type, 2)
     for seqlen, fused in ((40, fusable - windowed_layers), (15, fusable)):  # past the window / within it
         fused_calls.clear()
@@ -301,7 +343,7 @@ def test_sliding_windows_are_followed(model_type, fused_calls):
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3", "gemma3_text",
-                                        "gemma2"])
+                                        "gemma2", "mixtral", "qwen2_moe", "olmoe", "minimax_m2", "mellum"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -358,7 +400,7 @@ def hf_rows(ref, layer_type, positions):
     return cos[0, :, :8]
 
 
-@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3", "mellum"])
 def test_each_layer_gets_the_table_of_its_layer_type(model_type, fused_calls):
     from pirope.integrations.transformers import PiropeLayerTypeRotaryEmbedding
 
@@ -482,7 +524,7 @@ def rotations(monkeypatch):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-@pytest.mark.parametrize("model_type", ["exaone4", "cohere2"])
+@pytest.mark.parametrize("model_type", ["exaone4", "cohere2", "exaone_moe"])
 def test_global_layers_are_nope_where_the_model_has_a_window(model_type, attention, fused_calls, rotations):
     from pirope.integrations.transformers import _sliding_window
 
@@ -549,17 +591,19 @@ def sharpen(model):
     return model
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "vaultgemma"])
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 @pytest.mark.parametrize("impl", ["eager", MASK_FREE])
-def test_gemma2_attn_logit_softcapping_is_applied_as_transformers_does(impl, attention, mask_free, fused_calls):
-    # Gemma2Attention passes softcap=attn_logit_softcapping to its attention function; the
-    # patched layers pass it too, and never fuse (rope_attention has no soft-cap) -- also where
-    # the backend gets no mask tensor, which alone would let a layer fuse
-    base = sharpen(make("gemma2", attn_logit_softcapping=1.0, attn_implementation=impl))
+def test_gemma2_attn_logit_softcapping_is_applied_as_transformers_does(impl, attention, model_type, mask_free,
+                                                                        fused_calls):
+    # Gemma2Attention (and VaultGemma's, the same) passes softcap=attn_logit_softcapping to its
+    # attention function; the patched layers pass it too, and never fuse (rope_attention has no
+    # soft-cap) -- also where the backend gets no mask tensor, which alone would let a layer fuse
+    base = sharpen(make(model_type, attn_logit_softcapping=1.0, attn_implementation=impl))
     assert base.config._attn_implementation == impl
     assert [layer.self_attn.sliding_window for layer in base.model.layers] == [16, None]
     x = ids(2, 12)
-    uncapped = twin(base, make("gemma2", attn_logit_softcapping=None, attn_implementation=impl).config)
+    uncapped = twin(base, make(model_type, attn_logit_softcapping=None, attn_implementation=impl).config)
     # the premise: the cap changes the logits
     assert not torch.allclose(logits_and_grads(uncapped, x)[0], logits_and_grads(twin(base), x)[0], atol=1e-2)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)

@@ -34,9 +34,17 @@ per layer type, OLMo 2's q/k norms), ``exaone4`` (per-head q/k norms) and ``cohe
 window (EXAONE 4: a layer rotates iff ``sliding_window is None or is_sliding``; Cohere 2:
 iff the layer's ``sliding_window`` is set), and ``gemma2`` (``Gemma2ForCausalLM``: sliding
 windows on its sliding_attention layers, scaling ``query_pre_attn_scalar ** -0.5``, logit
-soft-capping, see below). Anything else raises ``TypeError`` rather than risk a silently
-different model (e.g. Hunyuan's q/k norms after RoPE, the multimodal Gemma 3
-``Gemma3ForConditionalGeneration``, model_type ``gemma3``).
+soft-capping, see below). Architectures whose attention is one of these line for line, most
+of them mixtures of experts (the experts live in the MLP, which the patch leaves alone):
+``mixtral`` (Mistral's), ``qwen2_moe``, ``granitemoe``, ``granitemoeshared`` and ``hyperclovax``
+(Granite's), ``jais2``, ``solar_open``, ``cwm`` (Ministral's), ``ernie4_5_moe`` (ERNIE 4.5's),
+``dots1`` (Qwen3's), ``hy_v3`` (Apertus'), ``mellum`` (Qwen3's, RoPE per layer type),
+``flex_olmo`` and ``minimax_m2`` (OLMo 2's; MiniMax-M2 with partial rotary), ``olmoe``
+(OLMo 2's norms, then OLMo's clipping), ``vaultgemma`` (Gemma 2's) and ``exaone_moe``
+(EXAONE 4's). Anything else raises ``TypeError`` rather than risk a silently
+different model (e.g. Hunyuan's q/k norms after RoPE, PhiMoE's rotary embedding with its own
+short/long ``mscale``, the multimodal Gemma 3 ``Gemma3ForConditionalGeneration``, model_type
+``gemma3``).
 Gemma 2's ``attn_logit_softcapping``: ``Gemma2Attention`` passes it to its attention function
 as ``softcap`` (scores ``cap * tanh(scores / cap)``); the patched layers pass it the same way
 (also ``None``), so "eager" (Gemma 2's default: transformers refuses sdpa for it), flex and
@@ -206,8 +214,9 @@ class _Family(NamedTuple):
     # (Gemma 3 stores attn_logit_softcapping but does not pass it). A layer whose cap is set
     # never takes the fused path: pirope.rope_attention has no soft-capping
     softcap: str | None = None
-    # the config attribute whose value, when set, clamps q, k and v to [-value, value] right
-    # after the projections, before RoPE (OLMo's clip_qkv); None: no clamping
+    # the config attribute whose value, when set, clamps q, k and v to [-value, value] after the
+    # projections and "proj" norms, before the view into heads and RoPE (OLMo's and OLMoE's
+    # clip_qkv); None: no clamping
     clip: str | None = None
 
 
@@ -248,6 +257,27 @@ _FAMILIES: dict[str, _Family] = {
                        rope_layers=_RopeLayers(("sliding_window", "is_sliding"), _rotates_exaone4)),
     "cohere2": _Family("separate", "module", False, interleaved=True,
                        rope_layers=_RopeLayers(("sliding_window",), _rotates_when_windowed)),
+    # Architectures whose attention is one of the above, line for line (mostly mixture-of-experts
+    # models: the experts are in the MLP, which the patch does not touch)
+    "mixtral": _Family("separate", "config", False),  # Mistral's
+    # Qwen2-MoE windows through its mask only (its attention gets no sliding_window): LLaMA's
+    "qwen2_moe": _Family("separate", None, False),
+    "granitemoe": _Family("separate", None, False),  # Granite's (attention_multiplier)
+    "granitemoeshared": _Family("separate", None, False),
+    "hyperclovax": _Family("separate", None, False),  # Granite's
+    "jais2": _Family("separate", None, False),
+    "solar_open": _Family("separate", None, False),
+    "cwm": _Family("separate", "module", False),  # Ministral's
+    "ernie4_5_moe": _Family("separate", None, False, interleaved=True),
+    "dots1": _Family("separate", "module", False, qk_norm="head"),  # Qwen3's
+    "hy_v3": _Family("separate", None, False, qk_norm="head"),  # Apertus'
+    "mellum": _Family("separate", "module", False, qk_norm="head", rope_per_layer_type=True),
+    "flex_olmo": _Family("separate", None, False, qk_norm="proj"),  # OLMo 2's
+    "minimax_m2": _Family("separate", None, True, qk_norm="proj"),  # OLMo 2's, partial rotary
+    "olmoe": _Family("separate", "config", False, qk_norm="proj", clip="clip_qkv"),
+    "vaultgemma": _Family("separate", "module", False, softcap="attn_logit_softcapping"),  # Gemma 2's
+    "exaone_moe": _Family("separate", "sliding", False, qk_norm="head",
+                          rope_layers=_RopeLayers(("sliding_window", "is_sliding"), _rotates_exaone4)),
 }
 
 #: ``config.model_type`` values :func:`patch_rope` and :func:`apply_position_interpolation` accept.
@@ -587,12 +617,12 @@ def _project(attn, hidden_states):
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
     else:
         q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
-    clip = None if family.clip is None else getattr(attn.config, family.clip, None)
-    if clip is not None:  # OLMo: clamped before RoPE, so the fused path stays exact
-        q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
     norm = _qk_norm(attn, family)
     if norm == "proj":  # OLMo 2: one RMSNorm over all heads' features, then the view
         q, k = attn.q_norm(q), attn.k_norm(k)
+    clip = None if family.clip is None else getattr(attn.config, family.clip, None)
+    if clip is not None:  # OLMo, OLMoE (after its norms): clamped before RoPE, so fusing stays exact
+        q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
     q, k, v = q.view(shape), k.view(shape), v.view(shape)
     if norm == "head":
         q, k = attn.q_norm(q), attn.k_norm(k)
