@@ -4,9 +4,9 @@ parameter gradients of one training step, and their tolerances."""
 import torch
 
 
-def logits_and_grads(model, input_ids):
+def logits_and_grads(model, input_ids, **inputs):
     model.zero_grad(set_to_none=True)
-    out = model(input_ids, labels=input_ids, use_cache=False)
+    out = model(input_ids, labels=input_ids, use_cache=False, **inputs)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.logits.detach(), grads

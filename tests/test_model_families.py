@@ -648,3 +648,76 @@ def test_gemma2_fused_prefill_then_cached_decoding_generates_like_transformers(c
     assert_generates_like(model, ref, ids(1, 70))
     # the prefill of the full layer (the sliding one masks keys at 70 > 16); none with a cap
     assert fused_calls == ([(1, 70, 4, 16)] if cap is None else [])
+
+
+# ---- multimodal models: their language model is patched -----------------------------------
+
+IMAGE_TOKEN = 255
+TEXT = {**COMMON, "vocab_size": 256}
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
+# name -> (config class, model class, config kwargs, layers fused on a text-only sequence of 100
+# (Gemma 3's sliding layer masks keys; PaliGemma always hands its layers a prefix-LM mask
+# tensor), whether the test feeds an image (28 x 28: 4 patches of 14, 4 image tokens))
+MULTIMODAL = {
+    "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration",
+               dict(text_config={**TEXT, **HYBRID, "query_pre_attn_scalar": 24}, vision_config=VISION,
+                    mm_tokens_per_image=4, image_token_index=IMAGE_TOKEN, boi_token_index=253,
+                    eoi_token_index=254), 1, True),
+    "llava": ("LlavaConfig", "LlavaForConditionalGeneration",
+              dict(text_config={**TEXT, "model_type": "llama"},
+                   vision_config={**VISION, "model_type": "clip_vision_model"},
+                   image_token_index=IMAGE_TOKEN), 2, True),
+    "mistral3": ("Mistral3Config", "Mistral3ForConditionalGeneration",
+                 dict(text_config={**TEXT, "model_type": "mistral"},
+                      vision_config={**VISION, "model_type": "pixtral", "head_dim": 16},
+                      image_token_index=IMAGE_TOKEN), 2, False),
+    "paligemma": ("PaliGemmaConfig", "PaliGemmaForConditionalGeneration",
+                  dict(text_config={**TEXT, "model_type": "gemma"},
+                       vision_config={**VISION, "model_type": "siglip_vision_model"},
+                       image_token_index=IMAGE_TOKEN), 0, False),
+}
+
+
+def make_multimodal(name):
+    config_cls, model_cls, kwargs, _, _ = MULTIMODAL[name]
+    if not hasattr(transformers, config_cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {config_cls}")
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**copy.deepcopy(kwargs))).eval()
+
+
+@pytest.mark.parametrize("name", list(MULTIMODAL))
+def test_position_interpolation_of_a_multimodal_model_extends_its_language_model(name, fused_calls, tmp_path):
+    base = make_multimodal(name)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0)
+    assert model.model.language_model.config is model.config.get_text_config()  # what save_pretrained writes
+    assert model.config.get_text_config().max_position_embeddings == 2 * WINDOW
+    ref = twin(base, model.config)
+    x = ids(1, 100, seed=2)
+    assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
+    assert fused_calls == [(1, 100, 4, 16)] * MULTIMODAL[name][3]
+    if MULTIMODAL[name][4]:  # with an image: its tokens in the sequence (Gemma 3 attends to them bidirectionally)
+        x = x.clone()
+        x[0, 5:9] = IMAGE_TOKEN
+        pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+        extra = {"pixel_values": pixels}
+        if name == "gemma3":
+            extra["token_type_ids"] = (x == IMAGE_TOKEN).long()
+        assert_same(logits_and_grads(model, x, **extra), logits_and_grads(ref, x, **extra))
+    # the saved model loads with plain transformers as the extended one
+    model.save_pretrained(tmp_path)
+    loaded = type(base).from_pretrained(tmp_path).eval()
+    assert loaded.config.get_text_config().rope_parameters == model.config.get_text_config().rope_parameters
+    x = ids(1, 100, seed=4)
+    assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
+
+
+def test_a_multimodal_model_whose_language_model_is_unsupported_is_refused_unchanged():
+    base = make_multimodal("llava")
+    base.model.language_model.config.model_type = "not_a_llama"  # the text config the model holds
+    before = {n: p.clone() for n, p in base.state_dict().items()}
+    with pytest.raises(TypeError, match="model_type"):
+        apply_position_interpolation(base, 2.0)
+    assert type(base.model.language_model.rotary_emb).__module__.startswith("transformers")
+    assert all(torch.equal(before[n], p) for n, p in base.state_dict().items())

@@ -41,10 +41,13 @@ of them mixtures of experts (the experts live in the MLP, which the patch leaves
 ``dots1`` (Qwen3's), ``hy_v3`` (Apertus'), ``mellum`` (Qwen3's, RoPE per layer type),
 ``flex_olmo`` and ``minimax_m2`` (OLMo 2's; MiniMax-M2 with partial rotary), ``olmoe``
 (OLMo 2's norms, then OLMo's clipping), ``vaultgemma`` (Gemma 2's) and ``exaone_moe``
-(EXAONE 4's). Anything else raises ``TypeError`` rather than risk a silently
-different model (e.g. Hunyuan's q/k norms after RoPE, PhiMoE's rotary embedding with its own
-short/long ``mscale``, the multimodal Gemma 3 ``Gemma3ForConditionalGeneration``, model_type
-``gemma3``).
+(EXAONE 4's). A multimodal model (``Gemma3ForConditionalGeneration``, LLaVA, Mistral 3,
+PaliGemma, ...) whose language model (``model.model.language_model``, holding the model's
+own text config) is of one of these types has that language model patched: its RoPE is
+scaled, the vision tower is left alone, and ``config.text_config`` is updated (so
+``save_pretrained`` round-trips). Anything else raises ``TypeError`` rather than risk a
+silently different model (e.g. Hunyuan's q/k norms after RoPE, PhiMoE's rotary embedding
+with its own short/long ``mscale``, Qwen2-VL's multimodal RoPE).
 Gemma 2's ``attn_logit_softcapping``: ``Gemma2Attention`` passes it to its attention function
 as ``softcap`` (scores ``cap * tanh(scores / cap)``); the patched layers pass it the same way
 (also ``None``), so "eager" (Gemma 2's default: transformers refuses sdpa for it), flex and
@@ -247,7 +250,7 @@ _FAMILIES: dict[str, _Family] = {
     "ernie4_5": _Family("separate", None, False, interleaved=True),
     "seed_oss": _Family("separate", None, False, out_dropout="residual_dropout"),
     "starcoder2": _Family("separate", "config", False, out_dropout="residual_dropout"),
-    # Gemma3ForCausalLM (text only; Gemma3ForConditionalGeneration is "gemma3" and unsupported)
+    # Gemma3ForCausalLM (text only; Gemma3ForConditionalGeneration, "gemma3", has one as its language model)
     # Gemma2ForCausalLM: sliding_window on the sliding_attention layers' modules, scaling
     # query_pre_attn_scalar ** -0.5, attn_logit_softcapping passed as softcap
     "gemma2": _Family("separate", "module", False, softcap="attn_logit_softcapping"),
@@ -459,6 +462,25 @@ def _family(model) -> tuple[str, _Family]:
             f"model must be a LLaMA-family model (config.model_type one of {', '.join(SUPPORTED_MODEL_TYPES)}); "
             f"got {type(model).__name__} with model_type {model_type!r}")
     return model_type, _FAMILIES[model_type]
+
+
+def _language_model(model):
+    """What pirope patches: ``model`` itself for a supported ``model_type``; for a multimodal
+    model (LLaVA, Gemma 3, Mistral 3, PaliGemma, ...) its language model when that is of a
+    supported type and holds the model's own text config (the same object, so the config
+    update reaches ``save_pretrained``). Anything else is returned as is, for
+    :func:`_family` to refuse."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel) or getattr(model.config, "model_type", None) in _FAMILIES:
+        return model
+    text_config = model.config.get_text_config()
+    for owner in (getattr(model, "model", None), model):
+        lm = getattr(owner, "language_model", None)
+        if (isinstance(lm, PreTrainedModel) and lm.config is text_config
+                and getattr(lm.config, "model_type", None) in _FAMILIES):
+            return lm
+    return model
 
 
 def _base_model(model):
@@ -789,7 +811,10 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
     Args:
         model: a transformers ``PreTrainedModel`` with ``config.model_type`` in
             :data:`SUPPORTED_MODEL_TYPES` (e.g. ``LlamaForCausalLM``, ``LlamaModel``,
-            ``MistralForCausalLM``, ``Phi3ForCausalLM``). Modified in place.
+            ``MistralForCausalLM``, ``Phi3ForCausalLM``), or a multimodal model whose
+            language model is one (e.g. ``LlavaForConditionalGeneration``: its language
+            model is patched, ``config`` below is then its ``text_config``). Modified in
+            place.
         scaling: ``None`` keeps the model's own ``config.rope_parameters`` (any
             ``rope_type``). A dict in Hugging Face ``rope_parameters`` form replaces it
             -- in ``model.config`` too, so the config keeps describing the model (its
@@ -812,6 +837,7 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
             a dict (or has a value of the wrong type).
         ValueError: bad ``attention`` or ``scaling``.
     """
+    whole, model = model, _language_model(model)
     model_type, family = _family(model)
     mode = _resolve_attention(attention)
     base, attns = _attention_modules(model, family)
@@ -850,7 +876,7 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
         # a partial of a module-level function pickles (torch.save(model), multiprocessing)
         # and deep-copies onto the copy; a bound MethodType would not unpickle
         attn.forward = functools.partial(_pirope_attention_forward, attn)
-    return model
+    return whole
 
 
 def apply_position_interpolation(
@@ -903,7 +929,9 @@ def apply_position_interpolation(
 
     Args:
         model: transformers ``PreTrainedModel`` with ``config.model_type`` in
-            :data:`SUPPORTED_MODEL_TYPES`.
+            :data:`SUPPORTED_MODEL_TYPES`, or a multimodal model whose language model is
+            one (``Gemma3ForConditionalGeneration``, LLaVA, ...): that language model is
+            extended and ``config.text_config`` updated (``config`` above means it).
         factor: the scale ``s >= 1``: new window = ``s`` x the model's window
             (``config.max_position_embeddings``, rounded to an int).
         max_position_embeddings: alternatively, the new window (an int larger than the
@@ -925,6 +953,7 @@ def apply_position_interpolation(
             above; per layer type: the full_attention layers', and every type's must be
             "default"/"linear"), or an unknown ``attention``.
     """
+    whole, model = model, _language_model(model)
     _, family = _family(model)  # TypeError for an unsupported model, before anything else
     _resolve_attention(attention)
     if (factor is None) == (max_position_embeddings is None):
@@ -968,7 +997,7 @@ def apply_position_interpolation(
     patch_rope(model, new_params, attention=attention)  # validates everything before changing the model
     config.max_position_embeddings = new_window
     model.base_model.rotary_emb.max_position_embeddings = new_window
-    return model
+    return whole
 
 
 def _interpolated(config, params: dict, factor: float, where: str) -> dict:
