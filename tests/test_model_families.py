@@ -553,11 +553,24 @@ def test_exaone4_without_a_window_rotates_every_layer(attention, fused_calls, ro
 MASK_FREE = "pirope_test_mask_free"
 
 
+def packed_sequence_ids(query, position_ids, cu_seq_lens_q):
+    """Which packed sequence each token belongs to, as transformers' flash attention reads it:
+    from cu_seq_lens_q when given, else from position_ids restarting (batch 1 only); None for
+    one sequence per row."""
+    if cu_seq_lens_q is not None:
+        return torch.bucketize(torch.arange(query.shape[2]), cu_seq_lens_q[1:], right=True)[None]
+    if position_ids is not None and query.shape[0] == 1 and position_ids.shape[-1] > 1:
+        restarts = torch.diff(position_ids, dim=-1, prepend=position_ids[..., :1] - 1) != 1
+        return restarts.cumsum(-1) if restarts.any() else None
+    return None
+
+
 def mask_free_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
-                        sliding_window=None, **kwargs):
+                        sliding_window=None, position_ids=None, cu_seq_lens_q=None, **kwargs):
     """An attention backend transformers hands no mask (like flash_attention_2 without padding,
     or any registered backend without a mask function): causal, sliding window and soft-cap
-    applied here, as eager_attention_forward applies them with its mask."""
+    applied here, as eager_attention_forward applies them with its mask; sequences packed
+    back to back attend within themselves, as flash attention's varlen path does."""
     assert attention_mask is None
     k, v = (t.repeat_interleave(module.num_key_value_groups, dim=1) for t in (key, value))
     scores = query @ k.transpose(2, 3) * scaling
@@ -567,6 +580,10 @@ def mask_free_attention(module, query, key, value, attention_mask, dropout=0.0, 
     i = torch.arange(q_len)[:, None] + (k_len - q_len)  # the queries are the last q_len keys
     j = torch.arange(k_len)[None]
     keep = j <= i if sliding_window is None else (j <= i) & (i - j < sliding_window)
+    seq = packed_sequence_ids(query, position_ids, cu_seq_lens_q)
+    if seq is not None:
+        assert q_len == k_len
+        keep = keep & (seq[:, :, None] == seq[:, None, :])[:, None]
     probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1, dtype=torch.float32).to(query.dtype)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     return (probs @ v).transpose(1, 2).contiguous(), probs
@@ -721,3 +738,70 @@ def test_a_multimodal_model_whose_language_model_is_unsupported_is_refused_uncha
         apply_position_interpolation(base, 2.0)
     assert type(base.model.language_model.rotary_emb).__module__.startswith("transformers")
     assert all(torch.equal(before[n], p) for n, p in base.state_dict().items())
+
+
+# ---- packed sequences (padding-free training) ----------------------------------------------
+
+PACKED = torch.cat([torch.arange(30), torch.arange(45), torch.arange(25)])[None]  # 3 sequences, 100 tokens
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+def test_packed_sequences_attend_within_themselves_as_with_flash_attention(how, mask_free, fused_calls):
+    # flash attention backends get no mask: transformers tells them the sequences packed into one
+    # row by cu_seq_lens_* or by position_ids restarting, and they attend within each. The fused
+    # path would attend across: it must not be taken (sdpa/eager get a packed mask tensor instead)
+    base = make("llama", attn_implementation=MASK_FREE)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    ref = twin(base, model.config)
+    x = ids(1, 100)
+    inputs = {"position_ids": PACKED}
+    if how == "cu_seq_lens":
+        cu = torch.tensor([0, 30, 75, 100])
+        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=45, max_length_k=45)
+    got = logits_and_grads(model, x, **inputs)
+    assert_same(got, logits_and_grads(ref, x, **inputs))
+    assert fused_calls == []
+    # the premise: the fused path, were it taken, would attend across the sequences
+    import pirope.integrations.transformers as integration
+
+    real = integration._can_fuse
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(integration, "_can_fuse", lambda attn, seqlen, mask, cache, kwargs, packed: real(
+            attn, seqlen, mask, cache, {k: v for k, v in kwargs.items() if not k.startswith("cu_seq_lens")}))
+        across = model(x, **inputs, use_cache=False).logits
+    assert fused_calls == [(1, 100, 4, 16)] * 2
+    torch.testing.assert_close(across[:, :30], got[0][:, :30], rtol=1e-5, atol=1e-5)  # the first sequence
+    assert not torch.allclose(across[:, 30:], got[0][:, 30:], atol=1e-3)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_packed_sequences_with_sdpa_equal_transformers(attention, fused_calls):
+    base = make("llama")  # sdpa: transformers builds a packed-sequence mask tensor
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    x = ids(1, 100)
+    assert_same(logits_and_grads(model, x, position_ids=PACKED),
+                logits_and_grads(twin(base, model.config), x, position_ids=PACKED))
+    assert fused_calls == []
+
+
+def test_rope_tables_say_whether_the_positions_are_packed():
+    model = patch_rope(make("llama"))
+    rotary = model.model.rotary_emb
+    x = torch.zeros(2, 10, 64)
+    for positions, packed in ((torch.arange(10)[None], False), (torch.arange(5, 15).expand(2, 10), False),
+                              (PACKED, True), (torch.tensor([[0, 1, 2, 0, 1]]), True),
+                              (torch.tensor([[0, 1, 2], [0, 1, 0]]), True), (torch.tensor([[7]]), False),
+                              (torch.tensor([[3, 2, 1]]), True), (torch.tensor([4, 5, 6]), False)):
+        assert rotary(x, positions).packed is packed, positions
+    assert rotary(x, None).packed is False
+
+
+def test_no_fused_call_where_packing_is_unknown():
+    # under torch.compile the tables cannot say whether the positions are packed: no fusing
+    from pirope.integrations.transformers import _can_fuse
+
+    attn = patch_rope(make("llama"), attention="fused").model.layers[0].self_attn
+    assert _can_fuse(attn, 10, None, None, {}, packed=False)
+    assert not _can_fuse(attn, 10, None, None, {}, packed=True)
+    assert not _can_fuse(attn, 10, None, None, {}, packed=None)
+    assert not _can_fuse(attn, 10, None, None, {"cu_seq_lens_q": torch.tensor([0, 4, 10])}, packed=False)

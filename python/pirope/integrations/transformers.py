@@ -95,10 +95,14 @@ the projections produce, no copies) and then:
   ``None`` for a pure causal mask with sdpa), no attention dropout in training, causal
   attention (not Gemma's ``use_bidirectional_attention``), a layer with RoPE (SmolLM3's
   NoPE layers, and EXAONE 4's and Cohere 2's, have nothing to fuse: they take the "sdpa"
-  path, unrotated, as transformers runs them), no attention-logit soft-cap (Gemma 2) and no
-  sliding window shorter than the sequence. Any other call of that layer -- a decode step
-  with cached keys, a padded batch, ``attn_implementation="eager"``, ``output_attentions``
-  -- takes the "sdpa" path, so results never depend on which path ran.
+  path, unrotated, as transformers runs them), no attention-logit soft-cap (Gemma 2), no
+  sliding window shorter than the sequence and no sequences packed back to back
+  (padding-free training: ``position_ids`` that restart, or ``cu_seq_lens_q``/``_k``
+  passed in; flash attention attends within each sequence, sdpa and eager get a mask; under
+  ``torch.compile``, where the tables cannot read whether positions restart, nothing
+  fuses). Any other call of that layer -- a decode step with cached keys, a padded batch,
+  packed sequences, ``attn_implementation="eager"``, ``output_attentions`` -- takes the
+  "sdpa" path, so results never depend on which path ran.
 
 The table is float32 whatever the model's dtype (``model.half()`` does not round it)
 and lives on the device of the hidden states. Finding the table length needs the
@@ -297,11 +301,27 @@ _MAX_WINDOW = 2**63 - 1  # a context window is an int64 position count
 class RopeTables(NamedTuple):
     """What the patched ``rotary_emb`` hands every decoder layer (as its
     ``position_embeddings``): float32 ``cos``/``sin`` tables ``(positions, rotary_dim //
-    2)`` and the ``position_ids`` they are indexed with."""
+    2)``, the ``position_ids`` they are indexed with, and ``packed``: whether the model's
+    positions hold several sequences back to back (some position is not its predecessor's
+    + 1, which is how transformers tells packed sequences), ``None`` where that is not known
+    (under ``torch.compile``)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     position_ids: torch.Tensor | None
+    packed: bool | None = False
+
+
+def _position_summary(position_ids: torch.Tensor) -> tuple[int, int, bool]:
+    """Smallest and largest position, and whether some position is not its predecessor's
+    + 1 along the sequence (packed sequences), read in one host sync."""
+    low, high = torch.aminmax(position_ids)
+    if position_ids.dim() == 0 or position_ids.shape[-1] < 2:
+        jump = torch.zeros((), dtype=low.dtype, device=low.device)
+    else:
+        jump = (torch.diff(position_ids, dim=-1) != 1).any().to(low.dtype)
+    low, high, jump = torch.stack([low, high, jump]).tolist()
+    return low, high, bool(jump)
 
 
 class PiropeRotaryEmbedding(nn.Module):
@@ -373,9 +393,9 @@ class PiropeRotaryEmbedding(nn.Module):
         self._cache[device] = (key, cos, sin)
         return cos, sin
 
-    def _own_rows(self, key, position_ids: torch.Tensor, device) -> RopeTables:
+    def _own_rows(self, key, position_ids: torch.Tensor, device, packed: bool | None) -> RopeTables:
         inv_freq, attention_factor = self._static if key is None else self._plan.frequencies(key)
-        return RopeTables(*rows_of_positions(inv_freq.to(device), position_ids, attention_factor))
+        return RopeTables(*rows_of_positions(inv_freq.to(device), position_ids, attention_factor), packed)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> RopeTables:
         if position_ids is not None and position_ids.dtype not in (torch.int32, torch.int64):
@@ -385,19 +405,21 @@ class PiropeRotaryEmbedding(nn.Module):
             # Under torch.compile the table's length (the largest position, a value on
             # the device) would need a host sync, which breaks the graph: build the rows
             # of exactly these positions instead. dynamic/longrope need that length anyway.
-            return self._own_rows(None, position_ids, x.device)
+            # Whether they are packed is not known then either.
+            return self._own_rows(None, position_ids, x.device, None)
+        packed = False
         if position_ids is None or position_ids.numel() == 0:
             length = x.shape[1] if x.dim() >= 2 else 1
             count = None
         else:
-            low, high = (int(v) for v in torch.aminmax(position_ids))
+            low, high, packed = _position_summary(position_ids)
             length, count = high + 1, position_ids.numel()
             if low < 0:  # transformers rotates them by negative angles (e.g. cumsum - 1 at padding)
-                return self._own_rows(self._plan.key(max(length, 1)), position_ids, x.device)
+                return self._own_rows(self._plan.key(max(length, 1)), position_ids, x.device, packed)
         tables = self.tables(max(length, 1), x.device, count)
         if tables is None:  # a huge offset, a padding sentinel, a dynamic decode step
-            return self._own_rows(self._plan.key(length), position_ids, x.device)
-        return RopeTables(tables[0], tables[1], position_ids)
+            return self._own_rows(self._plan.key(length), position_ids, x.device, packed)
+        return RopeTables(tables[0], tables[1], position_ids, packed)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, "
@@ -674,11 +696,17 @@ def _past_length(cache, layer_idx: int) -> int:
         return -1
 
 
-def _can_fuse(attn, seqlen: int, attention_mask, cache, kwargs) -> bool:
+def _can_fuse(attn, seqlen: int, attention_mask, cache, kwargs, packed: bool | None = False) -> bool:
     if attn._pirope_attention != "fused":
         return False
     if attention_mask is not None:
         return False  # padding or a non-sdpa mask tensor: keep Hugging Face's masking
+    if packed is not False or kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        # sequences packed back to back (or, under torch.compile, maybe): transformers' flash
+        # attention attends within each one (cu_seqlens passed in, or derived from the
+        # restarting position_ids) where rope_attention would attend across them. (sdpa,
+        # eager and flex get a mask tensor for packed sequences.)
+        return False
     if attn.training and getattr(attn, "attention_dropout", 0.0):
         return False
     if _softcap(attn) is not None:
@@ -711,7 +739,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
             f"{type(self).__name__} was patched by pirope but got position_embeddings of type "
             f"{type(position_embeddings).__name__}, not pirope's RopeTables: the model's rotary_emb "
             "was replaced or bypassed after patch_rope(); call patch_rope() again")
-    cos, sin, position_ids = position_embeddings
+    cos, sin, position_ids, packed = position_embeddings
     input_shape = hidden_states.shape[:-1]
     q, k, v = _project(self, hidden_states)  # (B, S, H, D)
     if cos.device != q.device:  # a model split over devices: the table follows the layer
@@ -724,7 +752,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     # like Hugging Face's and has nothing to fuse: it takes the "sdpa" path, unrotated
     rotates = family.rope_layers is None or family.rope_layers.rotates(self)
 
-    if rotates and _can_fuse(self, q.shape[1], attention_mask, cache, kwargs):
+    if rotates and _can_fuse(self, q.shape[1], attention_mask, cache, kwargs, packed):
         if cache is not None:  # prefill: the cache gets the rotated keys, as Hugging Face's
             k_rot = pirope.apply_rope(k, cos, sin, position_ids, interleaved=interleaved)
             cache.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)
