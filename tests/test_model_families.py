@@ -805,3 +805,84 @@ def test_no_fused_call_where_packing_is_unknown():
     assert not _can_fuse(attn, 10, None, None, {}, packed=True)
     assert not _can_fuse(attn, 10, None, None, {}, packed=None)
     assert not _can_fuse(attn, 10, None, None, {"cu_seq_lens_q": torch.tensor([0, 4, 10])}, packed=False)
+
+
+# ---- what the patch refuses, naming what is wrong ------------------------------------------
+
+
+def _without(model, layer, name):
+    """model with attribute `name` of layer `layer`'s self_attn removed (an architecture
+    that looks supported by its model_type but is not built as pirope expects)."""
+    delattr(model.model.layers[layer].self_attn, name)
+    return model
+
+
+@pytest.mark.parametrize("model_type, layer, name, match", [
+    ("llama", 1, "k_proj", "decoder layer 1 .*k_proj"),
+    ("qwen3", 0, "q_norm", "decoder layer 0 .*q_norm"),
+    ("smollm3", 1, "use_rope", "self_attn.use_rope"),
+    ("gemma2", 0, "attn_logit_softcapping", "self_attn.attn_logit_softcapping"),
+    ("exaone4", 0, "is_sliding", "is_sliding"),
+])
+def test_a_layer_without_what_its_family_needs_is_refused_unchanged(model_type, layer, name, match):
+    model = _without(make(model_type), layer, name)
+    rotary = model.model.rotary_emb
+    with pytest.raises(TypeError, match=match):
+        apply_position_interpolation(model, 2.0)
+    assert model.model.rotary_emb is rotary and "forward" not in model.model.layers[0].self_attn.__dict__
+
+
+def test_a_model_without_rotary_emb_is_refused():
+    model = make("llama")
+    del model.model._modules["rotary_emb"]
+    with pytest.raises(TypeError, match="rotary_emb"):
+        patch_rope(model)
+
+
+def test_per_layer_type_configs_that_pi_cannot_extend_are_refused_unchanged():
+    model = make("gemma3_text", layer_types=["sliding_attention", "sliding_attention"])
+    before = copy.deepcopy(model.config.rope_parameters)
+    with pytest.raises(ValueError, match="full_attention"):
+        apply_position_interpolation(model, 2.0)
+    assert model.config.rope_parameters == before
+    model = make("gemma3_text")
+    model.config.rope_parameters["sliding_attention"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}
+    before = copy.deepcopy(model.config.rope_parameters)
+    with pytest.raises(ValueError, match="sliding_attention"):
+        apply_position_interpolation(model, 2.0)
+    assert model.config.rope_parameters == before
+    model = make("gemma3_text")
+    model.config.layer_types = None
+    with pytest.raises(ValueError, match="layer_types"):
+        patch_rope(model)
+
+
+def test_the_patched_rotary_embeddings_reject_bad_calls():
+    from pirope.integrations.transformers import PiropeLayerTypeRotaryEmbedding
+
+    rotary = patch_rope(make("llama")).model.rotary_emb
+    with pytest.raises(TypeError, match="position_ids must be int32 or int64"):
+        rotary(torch.zeros(1, 4, 64), torch.arange(4.0)[None])
+    by_type = patch_rope(make("gemma3_text")).model.rotary_emb
+    with pytest.raises(ValueError, match="layer_type must be one of 'full_attention', 'sliding_attention'"):
+        by_type(torch.zeros(1, 4, 64), torch.arange(4)[None], "global")
+    with pytest.raises(ValueError, match="at least one layer type"):
+        PiropeLayerTypeRotaryEmbedding({})
+
+
+def test_a_rotary_embedding_replaced_after_patching_is_an_error_saying_so():
+    model = patch_rope(make("llama"))
+    model.model.rotary_emb = twin(make("llama")).model.rotary_emb  # Hugging Face's again
+    with pytest.raises(RuntimeError, match="call patch_rope\\(\\) again"):
+        model(ids(1, 8))
+
+
+def test_a_cache_that_cannot_tell_its_length_never_fuses():
+    from pirope.integrations.transformers import _can_fuse
+
+    class Opaque:
+        def get_seq_length(self, layer_idx):
+            raise NotImplementedError
+
+    attn = patch_rope(make("llama"), attention="fused").model.layers[0].self_attn
+    assert not _can_fuse(attn, 10, None, Opaque(), {})
