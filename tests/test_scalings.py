@@ -856,6 +856,14 @@ INVALID = [
     ("seq-len-tensor-zero", dict(seq_len=torch.tensor(0)), ValueError, "seq_len"),
     ("mpe-zero", dict(max_position_embeddings=0), ValueError, "max_position_embeddings"),
     ("mpe-float", dict(max_position_embeddings=2048.0), TypeError, "max_position_embeddings"),
+    # values each valid alone whose result is not
+    ("base-underflows-the-frequencies", dict(base=1e300), ValueError, "non-finite or non-positive frequencies"),
+    ("yarn-negative-attention-factor", dict(scaling={"rope_type": "yarn", "factor": 4.0, "mscale": -100.0,
+                                                     "mscale_all_dim": 1.0}), ValueError, "attention factor"),
+    ("longrope-window-1-no-attention-factor",
+     dict(head_dim=8, scaling={"rope_type": "longrope", "factor": 4.0, "short_factor": [1.0] * 4,
+                               "long_factor": [1.0] * 4, "original_max_position_embeddings": 1}),
+     ValueError, "original_max_position_embeddings"),
 ]
 
 
