@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU verification (see shared/GPU.md): versions, build for the card, every
+# One-shot GPU verification: versions, build for the card, every
 # CUDA test, the kernel benchmarks beside their baselines; log + tables under $OUT
 # (or ./gpu-results). Usage on the GPU machine:  bash benchmarks/gpu_check.sh
 set -uo pipefail

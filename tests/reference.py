@@ -1,5 +1,6 @@
-"""Independent float64 references in plain PyTorch (no pirope code): the rotation
-of DESIGN.md written the obvious way, and exact cos/sin tables."""
+"""Independent float64 references in plain PyTorch (no pirope code): the rotation the
+README documents (out = x * cos + rotate(x) * sin), written the obvious way, and exact
+cos/sin tables."""
 
 from __future__ import annotations
 

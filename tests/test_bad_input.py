@@ -194,7 +194,7 @@ _RAW_NONE_CASES = {
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("case", list(_RAW_NONE_CASES))
 def test_raw_ops_name_a_none_tensor_argument(tabs, case, requires_grad):
-    # DESIGN.md, Errors: the message names the argument, also for the torch.ops layer
+    # every error names its argument (README, "Contract details"), also for the torch.ops layer
     # (the pirope.* functions refuse None themselves: test_apply_rope_rejects). The
     # autograd and in-place kernels run before the shared checks and must not trip on it.
     call, name = _RAW_NONE_CASES[case]

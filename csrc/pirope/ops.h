@@ -12,7 +12,7 @@
 namespace pirope {
 
 // x: (batch, seqlen, nheads, headdim) or packed (total_tokens, nheads, headdim);
-// cos, sin: (max_positions, rotary_dim / 2). See DESIGN.md for the contract.
+// cos, sin: (max_positions, rotary_dim / 2). The contract: README.md, "Contract details".
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       const std::optional<at::Tensor>& position_ids = std::nullopt,
                       bool interleaved = false);
