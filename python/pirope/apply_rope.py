@@ -172,6 +172,7 @@ def apply_rope_qk(
         if not compiling:
             _fake_checks.check_qk("apply_rope_qk", q, k, cos, sin, position_ids)
             _extension._C.check_rope_inplace(q, k)
-        return tuple(apply_rope(t, cos, sin, position_ids, interleaved=interleaved, inplace=True) for t in (q, k))
+        q = apply_rope(q, cos, sin, position_ids, interleaved=interleaved, inplace=True)
+        return q, apply_rope(k, cos, sin, position_ids, interleaved=interleaved, inplace=True)
     torch.ops.pirope.apply_rope_qk_(q, k, cos, sin, position_ids, interleaved)
     return q, k
