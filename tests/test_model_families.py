@@ -353,6 +353,22 @@ def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_ty
     assert fused_calls == [(1, 70, 4, 16)] * FUSED_LAYERS.get(model_type, 2)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text"])
+def test_a_call_with_is_causal_false_attends_both_ways_as_in_transformers(model_type, fused_calls):
+    # transformers' attention backends take a call's is_causal over the module's (bidirectional
+    # use of a decoder, e.g. for embeddings); rope_attention is causal only, so no fused call
+    base = make(model_type)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0)
+    ref = twin(base, model.config)
+    x = ids(1, 12)
+    got = logits_and_grads(model, x, is_causal=False)
+    assert_same(got, logits_and_grads(ref, x, is_causal=False))
+    assert fused_calls == []
+    assert not torch.allclose(got[0], logits_and_grads(ref, x)[0], atol=1e-4)  # really not causal
+    logits_and_grads(model, x, is_causal=True)
+    assert len(fused_calls) == 2  # an explicit is_causal=True fuses
+
+
 def test_bidirectional_gemma_takes_the_exact_path(fused_calls):
     base = make("gemma", use_bidirectional_attention=True)
     model = patch_rope(copy.deepcopy(base), attention="fused")

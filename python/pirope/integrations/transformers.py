@@ -93,7 +93,8 @@ the projections produce, no copies) and then:
   this layer (a prefill or a plain training forward; the rotated keys are still written
   to an empty cache), no attention mask tensor (i.e. no padding: Hugging Face passes
   ``None`` for a pure causal mask with sdpa), no attention dropout in training, causal
-  attention (not Gemma's ``use_bidirectional_attention``), a layer with RoPE (SmolLM3's
+  attention (not Gemma's ``use_bidirectional_attention``, nor a call with
+  ``is_causal=False``), a layer with RoPE (SmolLM3's
   NoPE layers, and EXAONE 4's and Cohere 2's, have nothing to fuse: they take the "sdpa"
   path, unrotated, as transformers runs them), no attention-logit soft-cap (Gemma 2), no
   sliding window shorter than the sequence and no sequences packed back to back
@@ -716,7 +717,8 @@ def _can_fuse(attn, seqlen: int, attention_mask, cache, kwargs, packed: bool | N
         # a window that masks something. (Within it, by either convention -- key j seen
         # from query i when i - j < window, or <= window -- every key is seen.)
         return False
-    if not getattr(attn, "is_causal", True):
+    causal = kwargs.get("is_causal")  # a call's is_causal overrides the module's, as in transformers' backends
+    if not (getattr(attn, "is_causal", True) if causal is None else causal):
         return False
     if cache is not None and _past_length(cache, attn.layer_idx) != 0:
         return False
