@@ -369,6 +369,19 @@ def test_a_call_with_is_causal_false_attends_both_ways_as_in_transformers(model_
     assert len(fused_calls) == 2  # an explicit is_causal=True fuses
 
 
+def test_a_score_bias_passed_to_the_attention_is_added_as_in_transformers(fused_calls):
+    # sdpa_attention_forward adds a position_bias kwarg to the scores; rope_attention has no bias
+    base = make("llama")
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0)
+    ref = twin(base, model.config)
+    x = ids(1, 12)
+    bias = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(7))
+    got = logits_and_grads(model, x, position_bias=bias)
+    assert_same(got, logits_and_grads(ref, x, position_bias=bias))
+    assert fused_calls == []
+    assert not torch.allclose(got[0], logits_and_grads(ref, x)[0], atol=1e-4)  # the bias matters
+
+
 def test_bidirectional_gemma_takes_the_exact_path(fused_calls):
     base = make("gemma", use_bidirectional_attention=True)
     model = patch_rope(copy.deepcopy(base), attention="fused")

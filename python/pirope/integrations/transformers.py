@@ -97,7 +97,8 @@ the projections produce, no copies) and then:
   ``is_causal=False``), a layer with RoPE (SmolLM3's
   NoPE layers, and EXAONE 4's and Cohere 2's, have nothing to fuse: they take the "sdpa"
   path, unrotated, as transformers runs them), no attention-logit soft-cap (Gemma 2), no
-  sliding window shorter than the sequence and no sequences packed back to back
+  sliding window shorter than the sequence, no score bias (a ``position_bias`` kwarg) and
+  no sequences packed back to back
   (padding-free training: ``position_ids`` that restart, or ``cu_seq_lens_q``/``_k``
   passed in; flash attention attends within each sequence, sdpa and eager get a mask; under
   ``torch.compile``, where the tables cannot read whether positions restart, nothing
@@ -697,16 +698,23 @@ def _past_length(cache, layer_idx: int) -> int:
         return -1
 
 
+# attention kwargs of transformers' backends whose presence changes the result in ways
+# rope_attention does not compute: packed sequences (flash attention's varlen), an additive
+# score bias (sdpa's position_bias), attention-sink logits (s_aux)
+_UNFUSABLE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "position_bias", "s_aux")
+
+
 def _can_fuse(attn, seqlen: int, attention_mask, cache, kwargs, packed: bool | None = False) -> bool:
     if attn._pirope_attention != "fused":
         return False
     if attention_mask is not None:
         return False  # padding or a non-sdpa mask tensor: keep Hugging Face's masking
-    if packed is not False or kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+    if packed is not False or any(kwargs.get(name) is not None for name in _UNFUSABLE_KWARGS):
         # sequences packed back to back (or, under torch.compile, maybe): transformers' flash
         # attention attends within each one (cu_seqlens passed in, or derived from the
-        # restarting position_ids) where rope_attention would attend across them. (sdpa,
-        # eager and flex get a mask tensor for packed sequences.)
+        # restarting position_ids) where rope_attention would attend across them (sdpa,
+        # eager and flex get a mask tensor for packed sequences); or a score bias / sink
+        # logits that transformers' backends add and rope_attention has not
         return False
     if attn.training and getattr(attn, "attention_dropout", 0.0):
         return False
