@@ -1,6 +1,6 @@
 """Fused RoPE attention against the unfused ways of computing it.
 
-    PYTHONPATH=python python benchmarks/bench_attention.py                # CPU, modest grid
+    python benchmarks/bench_attention.py                # CPU, modest grid
     python benchmarks/bench_attention.py --seqlens 1024,4096,8192 --dtypes bfloat16 \
         --device cuda --repeat 10 --json results.json
 

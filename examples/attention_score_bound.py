@@ -24,7 +24,7 @@ least squares so that a(s) matches random values in [-1, 1] at integer s in [0, 
 for random h, and (4) with --checkpoint DIR does the same for h from the q/k of a
 trained model (e.g. examples/runs/demo/pretrained). Writes a PNG (--out).
 
-    PYTHONPATH=python python examples/attention_score_bound.py [--checkpoint DIR] [--out PNG]
+    python examples/attention_score_bound.py [--checkpoint DIR] [--out PNG]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
   a directory of text files, at one or more windows;
 * passkey retrieval (pirope.eval.passkey_retrieval) with its effective window k_max.
 
-    PYTHONPATH=python python examples/evaluate.py --model examples/runs/demo/pi_ft \\
+    python examples/evaluate.py --model examples/runs/demo/pi_ft \\
         --data /usr/lib/python3.11/json --windows 256 512 1024 --stride 32 \\
         --passkey-lengths 256 512 768 1024 --passkey-trials 10
 

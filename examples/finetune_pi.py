@@ -5,7 +5,7 @@ Two modes.
 
 1. Demo (no arguments; CPU, a few minutes on 2 cores)::
 
-       PYTHONPATH=python python examples/finetune_pi.py [--out examples/runs/demo]
+       python examples/finetune_pi.py [--out examples/runs/demo]
 
    Pretrains a small byte-level LLaMA (3 layers, head dim 64) at window L on a mix of
    the CPython standard library's .py sources (held-out files for evaluation) and

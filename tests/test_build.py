@@ -85,6 +85,22 @@ def test_import_of_an_unbuilt_checkout_says_to_build(tmp_path):
     assert "pirope._C is not built" in r.stderr and "build_ext --inplace" in r.stderr
 
 
+def test_import_of_an_unbuilt_checkout_shadowing_a_built_install_says_so(tmp_path):
+    # PYTHONPATH=python after pip install: the checkout (no _C) hides the installed package
+    import shutil
+    pkg = os.path.join(os.path.dirname(pirope.__file__))
+    shutil.copytree(pkg, tmp_path / "checkout" / "pirope", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    installed = tmp_path / "site" / "pirope"
+    installed.mkdir(parents=True)
+    (installed / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")  # found, never loaded
+    path = os.pathsep.join([str(tmp_path / "checkout"), str(tmp_path / "site")])
+    r = subprocess.run([sys.executable, "-c", "import pirope"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": path})
+    assert r.returncode != 0
+    assert f"a built pirope is installed at {installed}" in r.stderr, r.stderr[-2000:]
+    assert "PYTHONPATH" in r.stderr and "build_ext --inplace" in r.stderr
+
+
 def test_sdist_carries_every_source_header_and_cmake_file(tmp_path):
     # setuptools alone leaves headers (.h, .cuh) and CMakeLists.txt out: MANIFEST.in
     import tarfile

@@ -9,13 +9,36 @@ _REBUILD = (
 )
 
 
+def _built_copies_elsewhere(here: str) -> list[str]:
+    """Other pirope packages on sys.path that have their compiled extension."""
+    import glob  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    found = []
+    for entry in sys.path:
+        package = os.path.abspath(os.path.join(entry or os.curdir, "pirope"))
+        if package != here and package not in found and glob.glob(os.path.join(package, "_C*.so")):
+            found.append(package)
+    return found
+
+
 def _load():
     import importlib.util  # noqa: PLC0415
     import os  # noqa: PLC0415
     if importlib.util.find_spec("pirope._C") is None:  # never compiled (e.g. a bare source checkout)
+        here = os.path.dirname(os.path.abspath(__file__))
+        built = _built_copies_elsewhere(here)
+        if built:  # e.g. PYTHONPATH=python after pip install: the checkout shadows the install
+            raise ImportError(
+                f"pirope's compiled extension pirope._C is not built in {here}, the copy imported, "
+                f"while a built pirope is installed at {built[0]}: this copy comes first on sys.path "
+                "(PYTHONPATH or the current directory). Run without it (e.g. drop python/ from "
+                "PYTHONPATH, or run from another directory), or build this copy in place with "
+                "python setup.py build_ext --inplace.")
         raise ImportError(
             f"pirope's compiled extension pirope._C is not built: no pirope/_C*.so next to "
-            f"{os.path.dirname(os.path.abspath(__file__))}. Build it with\n"
+            f"{here}. Build it with\n"
             "    pip install --no-build-isolation .\n"
             "or, to import from this source checkout, python setup.py build_ext --inplace "
             "(then PYTHONPATH=python).")
