@@ -23,7 +23,9 @@ Two modes.
    The pretrained model is cached in --out/pretrained (rerun skips pretraining).
    ``--tiny`` (or PIROPE_EXAMPLES_TINY=1) runs every code path in seconds.
 
-2. Fine-tune a real Hugging Face LLaMA checkpoint with the paper's recipe::
+2. Fine-tune a real Hugging Face checkpoint (LLaMA, or any architecture
+   pirope.integrations.transformers supports: Mistral, Qwen, Gemma, OLMo, ...) with the
+   paper's recipe::
 
        python examples/finetune_pi.py --model DIR --data PATH --factor 4 --out OUT
        torchrun --nproc_per_node 8 examples/finetune_pi.py --model DIR --data PATH \\
@@ -32,7 +34,8 @@ Two modes.
    Defaults are the paper's: AdamW(0.9, 0.95), weight decay 0, lr 2e-5, linear
    warm-up over 20 steps from 10% of the lr, 1000 steps, global batch 64; bf16
    autocast where supported, gradient checkpointing. The saved checkpoint (config with
-   rope_parameters {"rope_type": "linear", "factor": F}) loads with plain
+   rope_parameters {"rope_type": "linear", "factor": F}; Phi-3: the equal LongRoPE; RoPE
+   per layer type: the full_attention layers') loads with plain
    transformers.AutoModelForCausalLM.from_pretrained.
 """
 
@@ -99,22 +102,33 @@ def extend_model(model, factor: Optional[float] = None, *, max_position_embeddin
         if max_position_embeddings is not None:
             return apply_pi(model, max_position_embeddings=int(max_position_embeddings))
         return apply_pi(model, float(factor))
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
     # the same factor and window as apply_position_interpolation: factor exact, window
     # round(old * factor); or window exact, factor = window / old
     cfg = model.config
+    if cfg.model_type in TRANSFORMERS_PI_REFUSED:
+        raise ValueError(f"impl='transformers': {TRANSFORMERS_PI_REFUSED[cfg.model_type]}")
     old = int(cfg.max_position_embeddings)
     if factor is None:
         factor = int(max_position_embeddings) / old
     new = int(max_position_embeddings) if max_position_embeddings is not None else int(round(old * float(factor)))
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
-    cfg.rope_parameters = {"rope_type": "linear", "factor": float(factor),
-                           "rope_theta": float(rope.get("rope_theta", 10000.0))}
+    linear = {"rope_type": "linear", "factor": float(factor), "rope_theta": float(rope.get("rope_theta", 10000.0))}
+    if "partial_rotary_factor" in rope:  # GLM: the rotated part of a head stays what it was
+        linear["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    cfg.rope_parameters = linear
     cfg.max_position_embeddings = new
-    ref = model.model.rotary_emb.inv_freq
-    model.model.rotary_emb = LlamaRotaryEmbedding(cfg).to(ref.device)
+    rotary = model.model.rotary_emb  # the family's own rotary embedding class, rebuilt from the new config
+    model.model.rotary_emb = type(rotary)(cfg).to(rotary.inv_freq.device)
     return model
+
+
+# Architectures pirope extends whose PI transformers' own linear scaling cannot express the
+# way this reference path writes it (pirope's integration handles them).
+TRANSFORMERS_PI_REFUSED = {
+    "phi3": "Phi-3's config class accepts no 'linear' rope scaling (pirope writes PI as LongRoPE)",
+    **{t: "RoPE per layer type (PI extends the full_attention layers only)"
+       for t in ("gemma3_text", "olmo3", "mellum")},
+}
 
 
 # What extend_model(impl="auto") runs, as reported in logs and results.json.
@@ -736,9 +750,15 @@ def validate_finetune_args(args, fail) -> dict:
             conf = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         fail(f"--model {args.model!r}: cannot read config.json ({e})")
-    if conf.get("model_type") != "llama":
-        fail(f"--model {args.model!r} is a {conf.get('model_type')!r} model; this example extends LLaMA "
-             "models (model_type 'llama')")
+    from pirope.integrations.transformers import SUPPORTED_MODEL_TYPES
+
+    model_type = conf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        fail(f"--model {args.model!r} is a {model_type!r} model; this example extends the architectures "
+             f"pirope.integrations.transformers supports (model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if args.pi_impl == "transformers" and model_type in TRANSFORMERS_PI_REFUSED:
+        fail(f"--pi-impl transformers cannot extend a {model_type!r} model: "
+             f"{TRANSFORMERS_PI_REFUSED[model_type]}; use --pi-impl pirope")
     rope = conf.get("rope_parameters") or conf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in ("default", None):
@@ -827,8 +847,11 @@ def load_tokenizer(model_dir: str, vocab_size: int):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
+        if not tok("pass key", add_special_tokens=False)["input_ids"]:
+            # no tokenizer files: some classes (Qwen2's) then build an empty vocabulary
+            raise ValueError(f"{model_dir}: the tokenizer encodes nothing")
         return (lambda t: tok(t, add_special_tokens=False)["input_ids"]), tok.decode, tok
-    except Exception:  # no / unreadable tokenizer files: fall back to bytes
+    except Exception:  # no / unreadable / empty tokenizer: fall back to bytes
         if vocab_size < 256:
             return None, None, None
         return byte_encode, byte_decode, None
@@ -951,7 +974,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random seed (demo: model init, data and evaluation; another seed pretrains anew)")
     g = p.add_argument_group("fine-tuning a real checkpoint (paper's recipe as defaults; they need --model)")
     d = FINETUNE_DEFAULTS  # the defaults are applied in main (None here: a flag the user gave is not None)
-    g.add_argument("--model", help="Hugging Face LLaMA checkpoint directory")
+    g.add_argument("--model", help="Hugging Face checkpoint directory (LLaMA or another architecture "
+                                   "pirope.integrations.transformers supports)")
     g.add_argument("--data", help="training text: a file or a directory of text files")
     g.add_argument("--factor", type=float, help="new window = factor x the model's window")
     g.add_argument("--max-position-embeddings", type=int, help="the new window (instead of --factor)")

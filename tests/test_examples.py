@@ -418,6 +418,48 @@ def test_finetune_checkpoint_round_trip(fp, tiny_ckpt, tmp_path):
     assert not torch.equal(orig.lm_head.weight, loaded.lm_head.weight)
 
 
+@pytest.mark.parametrize("impl", ["pirope", "transformers"])
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral", "Glm"])
+def test_finetune_checkpoint_of_another_family(fp, tmp_path, family, impl):
+    # not only LLaMA: any architecture the integration supports, by either PI implementation
+    # (GLM: partial rotary, kept in the saved config)
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=32, pad_token_id=0, eos_token_id=1)
+    getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(str(tmp_path / "model"))
+    data = tmp_path / "data.txt"
+    data.write_bytes(open(os.path.join(os.path.dirname(os.__file__), "os.py"), "rb").read()[:20000])
+    out = str(tmp_path / "ft")
+    r = fp.main(_ft_args(str(tmp_path / "model"), str(data), out, "--pi-impl", impl, "--no-gradient-checkpointing"))
+    assert r["new_window"] == 64 and all(math.isfinite(x) for x in r["losses"])
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers
+    assert type(loaded).__name__ == f"{family}ForCausalLM"
+    assert loaded.config.rope_parameters["factor"] == 2.0 and loaded.config.max_position_embeddings == 64
+    assert loaded.config.rope_parameters.get("partial_rotary_factor") == config.rope_parameters.get(
+        "partial_rotary_factor")
+    ids = torch.randint(0, 256, (2, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, r["model"].eval()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_finetune_transformers_impl_refuses_what_it_cannot_write(fp, tmp_path, capsys):
+    import transformers
+
+    config = transformers.Phi3Config(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                     original_max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                                     eos_token_id=2)
+    transformers.Phi3ForCausalLM(config).save_pretrained(str(tmp_path / "phi3"))
+    data = tmp_path / "data.txt"
+    data.write_bytes(b"x" * 1000)
+    _bad(fp, _ft_args(str(tmp_path / "phi3"), str(data), str(tmp_path / "o"), "--pi-impl", "transformers"), capsys,
+         "--pi-impl transformers cannot extend a 'phi3' model")
+
+
 def test_finetune_max_position_embeddings_flag(fp, tiny_ckpt, tmp_path):
     ckpt, data = tiny_ckpt
     r = fp.main(["--model", ckpt, "--data", data, "--max-position-embeddings", "96", "--steps", "1",
@@ -443,7 +485,7 @@ def test_finetune_bad_input(fp, tiny_ckpt, tmp_path, capsys):
     gpt = tmp_path / "gpt"
     gpt.mkdir()
     (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 1024}))
-    _bad(fp, _ft_args(str(gpt), data, out), capsys, "extends LLaMA models")
+    _bad(fp, _ft_args(str(gpt), data, out), capsys, "is a 'gpt2' model; this example extends the architectures")
     short = tmp_path / "short.txt"
     short.write_text("x" * 40)
     _bad(fp, _ft_args(ckpt, str(short), out), capsys, "fewer than the new window")
