@@ -218,6 +218,26 @@ def test_rope_frequencies_rejects():
         pirope.rope_frequencies(63)
 
 
+def test_numpy_scalars_are_taken_like_python_numbers():
+    # what NumPy-using code passes (np.int64 from a shape or an argmax, np.float32 from a config)
+    np = pytest.importorskip("numpy")
+    inv_freq, _ = pirope.rope_frequencies(64)
+    cos, sin = pirope.rope_cos_sin(inv_freq, np.int64(7), np.float32(1.5))
+    want_cos, want_sin = pirope.rope_cos_sin(inv_freq, 7, 1.5)
+    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    q = torch.randn(1, 6, 2, 64)
+    cos, sin = pirope.rope_cos_sin(inv_freq, 6)
+    torch.testing.assert_close(pirope.rope_attention(q, q, q, cos, sin, softmax_scale=np.float64(0.2)),
+                               pirope.rope_attention(q, q, q, cos, sin, softmax_scale=0.2), rtol=0, atol=0)
+    rotary = pirope.RotaryEmbedding(np.int32(64), max_position_embeddings=np.int64(16))
+    assert (rotary.head_dim, rotary.max_position_embeddings) == (64, 16)
+    assert type(rotary.head_dim) is int
+    with pytest.raises(TypeError, match="positions must be an int"):
+        pirope.rope_cos_sin(inv_freq, np.float64(7))
+    with pytest.raises(TypeError, match="positions must be an int"):
+        pirope.rope_cos_sin(inv_freq, np.bool_(True))
+
+
 def test_rope_cos_sin_rejects():
     inv_freq, _ = pirope.rope_frequencies(64)
     with pytest.raises(TypeError, match="inv_freq must be a torch.Tensor"):

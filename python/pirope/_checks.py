@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
+
 import torch
 
 
@@ -18,15 +21,18 @@ def flag(op: str, name: str, value) -> None:
 
 
 def integer(op: str, name: str, value, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    # any integral number (a NumPy integer too), not a bool
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    value = operator.index(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
     return value
 
 
 def number(op: str, name: str, value, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # any real number (a NumPy scalar too), not a bool
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
     try:
         value = float(value)
