@@ -856,6 +856,8 @@ INVALID = [
     ("seq-len-tensor-zero", dict(seq_len=torch.tensor(0)), ValueError, "seq_len"),
     ("mpe-zero", dict(max_position_embeddings=0), ValueError, "max_position_embeddings"),
     ("mpe-float", dict(max_position_embeddings=2048.0), TypeError, "max_position_embeddings"),
+    ("misspelt-required-key", dict(scaling={"rope_type": "linear", "facter": 4.0}), ValueError,
+     "missing required key.*'factor'.*'facter'.*misspelling"),
     # values each valid alone whose result is not
     ("base-underflows-the-frequencies", dict(base=1e300), ValueError, "non-finite or non-positive frequencies"),
     ("yarn-negative-attention-factor", dict(scaling={"rope_type": "yarn", "factor": 4.0, "mscale": -100.0,

@@ -211,11 +211,13 @@ def normalize_scaling(scaling: Mapping[str, Any] | None) -> dict[str, Any] | Non
     allowed = required | optional | _COMMON_KEYS
     present = set(scaling) - {"rope_type", "type"}
     missing = sorted(required - present)
-    if missing:
-        raise ValueError(
-            f"scaling is missing required key(s) {', '.join(map(repr, missing))} for rope_type {rope_type!r}"
-        )
     unknown = sorted(present - allowed)
+    if missing:
+        also = (f" (it has key(s) {', '.join(map(repr, unknown))} that rope_type {rope_type!r} does not use: "
+                "a misspelling?)") if unknown else ""
+        raise ValueError(
+            f"scaling is missing required key(s) {', '.join(map(repr, missing))} for rope_type {rope_type!r}{also}"
+        )
     if unknown:
         hint = ""
         if rope_type == "default":
