@@ -38,7 +38,8 @@ def build_parser():
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens of --data")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--passkey-lengths", type=int, nargs="*", default=None,
-                   help="passkey prompt lengths in tokens (default: 8 spread over the window; the flag alone: skip)")
+                   help="passkey prompt lengths in tokens (default: 8 spread over the window, from the "
+                        "shortest prompt where the window is short; the flag alone: skip)")
     p.add_argument("--no-passkey", action="store_true")
     p.add_argument("--passkey-trials", type=int, default=10)
     p.add_argument("--passkey-intro", default=None, help="replace the paper's intro sentence (e.g. '' for short windows)")
@@ -78,10 +79,13 @@ def main(argv=None):
         p.error(f"--model {args.model!r} has no tokenizer and a vocabulary smaller than 256 bytes")
     run_passkey = not args.no_passkey and args.passkey_lengths != []
     if run_passkey:  # checked before any perplexity is computed
-        lengths = args.passkey_lengths or [window * i // 8 for i in range(1, 9)]
         prefix = [tok.bos_token_id] if tok is not None and tok.bos_token_id is not None else []
         kw = {} if args.passkey_intro is None else {"intro": args.passkey_intro}
         shortest = len(prefix) + len(encode(passkey_prompt(0, 0, "00000", **kw)))
+        lengths = args.passkey_lengths or [window * i // 8 for i in range(1, 9)]
+        if not args.passkey_lengths and min(lengths) < shortest <= window:
+            # a short window: 8 lengths from the shortest prompt to the window instead
+            lengths = sorted({shortest + (window - shortest) * i // 7 for i in range(8)})
         if min(lengths) < shortest:
             given = "--passkey-lengths" if args.passkey_lengths else f"--passkey-lengths (default {lengths})"
             p.error(f"{given}: {min(lengths)} is shorter than the passkey prompt without filler ({shortest} "

@@ -31,6 +31,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     dev, seqlen = args.device, args.seqlen
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:  # no such device here (e.g. --device cuda on a CPU machine)
+        p.error(f"--device {dev!r} is not usable here: {str(e).splitlines()[0]}")
     if seqlen < PRETRAINED_WINDOW:
         p.error(f"--seqlen must be >= {PRETRAINED_WINDOW} (Position Interpolation extends the pretrained "
                 f"{PRETRAINED_WINDOW}-token window), got {seqlen}")

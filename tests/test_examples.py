@@ -705,6 +705,21 @@ def test_evaluate_cli(tiny_ckpt, tmp_path):
         ev.main(["--model", str(tmp_path), "--no-progress"])
 
 
+def test_evaluate_default_passkey_lengths_fit_a_short_window(tmp_path):
+    # a 512-token window cannot hold the paper's prompt at 64 tokens (window / 8): the default
+    # lengths then run from the shortest prompt to the window
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ev = _load("evaluate")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=512)).save_pretrained(
+        str(tmp_path / "m"))
+    r = ev.main(["--model", str(tmp_path / "m"), "--passkey-trials", "1", "--no-progress"])
+    lengths = sorted(map(int, r["passkey"]["success"]))
+    assert len(lengths) == 8 and lengths[-1] == 512 and 64 < lengths[0] < 512
+
+
 @pytest.mark.parametrize("extra,msg", [
     (["--max-tokens", "0"], "--max-tokens must be >= 1"),
     (["--max-tokens", "-5"], "--max-tokens must be >= 1"),
@@ -773,3 +788,12 @@ def test_attention_score_bound(tmp_path, capsys):
     f = r["fitted"]
     assert f["max|a| at extrapolated positions [L, 4L)"] > 20 * f["max|a| at fractional positions in [0, L)"]
     assert os.path.getsize(png) > 1000
+
+
+def test_quickstart_unusable_device_is_a_usage_error(capsys):
+    qs = _load("quickstart")
+    device = "foo" if torch.cuda.is_available() else "cuda"  # no GPU here: cuda is unusable too
+    with pytest.raises(SystemExit) as e:
+        qs.main(["--device", device])
+    assert e.value.code == 2
+    assert f"--device {device!r} is not usable here" in capsys.readouterr().err

@@ -957,6 +957,11 @@ def apply_position_interpolation(
     is scaled as for any model, and only their sliding-window layers rotate, so PI changes
     those local layers only; the global layers have no position limit of RoPE's to extend.
 
+    ``model.config`` is changed in place, as transformers' own config setters do: another
+    model built from the same config object sees the new ``rope_parameters`` and window
+    without being patched (pass ``copy.deepcopy(config)`` when building models that must
+    stay apart).
+
     Composition. ``factor`` is relative to the model *as it is*: a model already
     extended by PI with factor ``s`` (``rope_type "linear"``, window ``L``) extended
     again by ``f`` gets ``factor = s * f`` in its config and window ``f * L`` -- the
@@ -986,7 +991,8 @@ def apply_position_interpolation(
         TypeError: ``model`` is not a supported transformers model, or ``factor`` /
             ``max_position_embeddings`` has the wrong type.
         ValueError: both or neither of ``factor`` and ``max_position_embeddings``,
-            ``factor < 1``, a window not larger than the model's, a model whose
+            ``factor < 1`` (``factor=1`` is accepted: linear scaling by 1, the window
+            unchanged), ``max_position_embeddings`` not larger than the model's window, a model whose
             ``rope_type`` is not "default"/"linear" (or PI written as LongRoPE, as
             above; per layer type: the full_attention layers', and every type's must be
             "default"/"linear"), or an unknown ``attention``.
