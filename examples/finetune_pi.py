@@ -274,6 +274,10 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
         losses.append(float(total))
         if progress and rank == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        elif rank == 0 and ((step + 1) % max(1, steps // 10) == 0 or step + 1 == steps):
+            # no bar: a plain line every tenth of the run, so a long quiet run still shows it is alive
+            print(f"[{desc}] step {step + 1}/{steps} loss {losses[-1]:.4f} lr {sched.get_last_lr()[0]:.2e}",
+                  flush=True)
         if callback is not None:
             callback(step + 1, model)
     model.eval()
