@@ -218,6 +218,21 @@ def test_rope_frequencies_rejects():
         pirope.rope_frequencies(63)
 
 
+@pytest.mark.parametrize("call, prefix", [
+    (lambda: pirope.rope_frequencies(0), "rope_frequencies: head_dim"),
+    (lambda: pirope.rope_frequencies(64, scaling={"rope_type": "linear"}), "rope_frequencies: scaling"),
+    (lambda: pirope.rope_frequencies(64, base="1e4"), "rope_frequencies: base"),
+    (lambda: pirope.RotaryEmbedding(63, max_position_embeddings=8), "RotaryEmbedding: rotary_dim"),
+    (lambda: pirope.RotaryEmbedding(64, max_position_embeddings=8, scaling={"rope_type": "yarn"}),
+     "RotaryEmbedding: scaling"),
+])
+def test_errors_say_which_function_refused(call, prefix):
+    # the scaling checks are shared: the message still starts with the public function's name
+    with pytest.raises((TypeError, ValueError)) as e:
+        call()
+    assert str(e.value).startswith(prefix), str(e.value)
+
+
 def test_numpy_scalars_are_taken_like_python_numbers():
     # what NumPy-using code passes (np.int64 from a shape or an argmax, np.float32 from a config)
     np = pytest.importorskip("numpy")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import operator
 
@@ -43,6 +44,18 @@ def number(op: str, name: str, value, *, positive: bool = False) -> float:
     if positive and value <= 0:
         raise ValueError(f"{op}: {name} must be > 0, got {value}")
     return value
+
+
+@contextlib.contextmanager
+def prefixed(op: str):
+    """Puts ``op: `` in front of a TypeError / ValueError raised by shared checks that do
+    not know which public function called them (the scaling validation)."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(f"{op}: "):
+            raise
+        raise type(e)(f"{op}: {e}") from None
 
 
 def _jvp_levels() -> set:

@@ -52,14 +52,15 @@ def rope_frequencies(
         transformers' ``ROPE_INIT_FUNCTIONS`` for the same configuration, and the factor
         cos and sin are multiplied by (1.0 except for yarn and longrope).
     """
-    return compute_inv_freq(
-        head_dim,
-        base=base,
-        scaling=scaling,
-        max_position_embeddings=max_position_embeddings,
-        partial_rotary_factor=partial_rotary_factor,
-        seq_len=seq_len,
-    )
+    with _checks.prefixed("rope_frequencies"):
+        return compute_inv_freq(
+            head_dim,
+            base=base,
+            scaling=scaling,
+            max_position_embeddings=max_position_embeddings,
+            partial_rotary_factor=partial_rotary_factor,
+            seq_len=seq_len,
+        )
 
 
 def rope_cos_sin(

@@ -69,8 +69,9 @@ class RotaryEmbedding(nn.Module):
             op, "max_position_embeddings", max_position_embeddings, minimum=1)
         _checks.flag(op, "interleaved", interleaved)
         self.interleaved = interleaved
-        self._plan = FrequencyPlan(head_dim, max_position_embeddings=max_position_embeddings, base=base,
-                                   scaling=scaling, partial_rotary_factor=partial_rotary_factor)
+        with _checks.prefixed(op):
+            self._plan = FrequencyPlan(head_dim, max_position_embeddings=max_position_embeddings, base=base,
+                                       scaling=scaling, partial_rotary_factor=partial_rotary_factor)
         self.scaling = self._plan.scaling
         # the values in effect (a scaling dict may carry rope_theta / partial_rotary_factor)
         self.base = self._plan.base
