@@ -94,14 +94,13 @@ the projections produce, no copies) and then:
   to an empty cache), no attention mask tensor (i.e. no padding: Hugging Face passes
   ``None`` for a pure causal mask with sdpa), no attention dropout in training, causal
   attention (not Gemma's ``use_bidirectional_attention``, nor a call with
-  ``is_causal=False``), a layer with RoPE (SmolLM3's
-  NoPE layers, and EXAONE 4's and Cohere 2's, have nothing to fuse: they take the "sdpa"
-  path, unrotated, as transformers runs them), no attention-logit soft-cap (Gemma 2), no
-  sliding window shorter than the sequence, no score bias (a ``position_bias`` kwarg) and
-  no sequences packed back to back
+  ``is_causal=False``), a layer with RoPE (SmolLM3's NoPE layers, and EXAONE 4's and
+  Cohere 2's, have nothing to fuse: they take the "sdpa" path, unrotated, as transformers
+  runs them), no attention-logit soft-cap (Gemma 2), no sliding window shorter than the
+  sequence, no score bias (a ``position_bias`` kwarg) and no sequences packed back to back
   (padding-free training: ``position_ids`` that restart, or ``cu_seq_lens_q``/``_k``
-  passed in; flash attention attends within each sequence, sdpa and eager get a mask; under
-  ``torch.compile``, where the tables cannot read whether positions restart, nothing
+  passed in; flash attention attends within each sequence, sdpa and eager get a mask;
+  under ``torch.compile``, where the tables cannot read whether positions restart, nothing
   fuses). Any other call of that layer -- a decode step with cached keys, a padded batch,
   packed sequences, ``attn_implementation="eager"``, ``output_attentions`` -- takes the
   "sdpa" path, so results never depend on which path ran.
@@ -992,8 +991,8 @@ def apply_position_interpolation(
             ``max_position_embeddings`` has the wrong type.
         ValueError: both or neither of ``factor`` and ``max_position_embeddings``,
             ``factor < 1`` (``factor=1`` is accepted: linear scaling by 1, the window
-            unchanged), ``max_position_embeddings`` not larger than the model's window, a model whose
-            ``rope_type`` is not "default"/"linear" (or PI written as LongRoPE, as
+            unchanged), ``max_position_embeddings`` not larger than the model's window,
+            a model whose ``rope_type`` is not "default"/"linear" (or PI written as LongRoPE, as
             above; per layer type: the full_attention layers', and every type's must be
             "default"/"linear"), or an unknown ``attention``.
     """
