@@ -915,3 +915,47 @@ def test_a_cache_that_cannot_tell_its_length_never_fuses():
 
     attn = patch_rope(make("llama"), attention="fused").model.layers[0].self_attn
     assert not _can_fuse(attn, 10, None, Opaque(), {})
+
+
+# ---- a PEFT wrapper (PeftModel): the transformers model it wraps is patched ----------------
+
+
+class _Wrapper(torch.nn.Module):
+    """What pirope relies on of peft.PeftModel (not a PreTrainedModel; get_base_model()
+    returns the wrapped transformers model, whose projections LoRA replaces in place; the
+    forward passes through), with a LoRA-like update on q_proj so the wrapped layers differ."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base = model
+        for layer in model.model.layers:
+            proj = layer.self_attn.q_proj
+            layer.self_attn.q_proj = torch.nn.Sequential()  # an nn.Module in q_proj's place, as LoRA's
+            layer.self_attn.q_proj.add_module("base_layer", proj)
+            layer.self_attn.q_proj.add_module("scale", _Scale())
+
+    def get_base_model(self):
+        return self.base
+
+    def forward(self, *args, **kwargs):
+        return self.base(*args, **kwargs)
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((64,), 1.3))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def test_a_peft_wrapped_model_gets_the_model_it_wraps_extended(fused_calls):
+    base = make("llama")
+    wrapped = _Wrapper(copy.deepcopy(base))
+    assert apply_position_interpolation(wrapped, 2.0) is wrapped
+    assert wrapped.base.config.rope_parameters["rope_type"] == "linear"
+    reference = _Wrapper(twin(base, wrapped.base.config))  # transformers' PI model, the same wrapping
+    x = ids(2, 100)
+    assert_same(logits_and_grads(wrapped, x), logits_and_grads(reference, x))
+    assert fused_calls == [(2, 100, 4, 16)] * 2

@@ -488,13 +488,18 @@ def _family(model) -> tuple[str, _Family]:
 
 
 def _language_model(model):
-    """What pirope patches: ``model`` itself for a supported ``model_type``; for a multimodal
-    model (LLaVA, Gemma 3, Mistral 3, PaliGemma, ...) its language model when that is of a
-    supported type and holds the model's own text config (the same object, so the config
-    update reaches ``save_pretrained``). Anything else is returned as is, for
-    :func:`_family` to refuse."""
+    """What pirope patches: ``model`` itself for a supported ``model_type``; for a PEFT
+    wrapper (``PeftModel``: not a ``PreTrainedModel``, with ``get_base_model()``) the
+    transformers model it wraps; for a multimodal model (LLaVA, Gemma 3, Mistral 3,
+    PaliGemma, ...) its language model when that is of a supported type and holds the
+    model's own text config (the same object, so the config update reaches
+    ``save_pretrained``). Anything else is returned as is, for :func:`_family` to refuse."""
     from transformers import PreTrainedModel
 
+    if not isinstance(model, PreTrainedModel) and callable(getattr(model, "get_base_model", None)):
+        inner = model.get_base_model()  # PEFT's LoRA layers replace q_proj etc. in place: patchable
+        if isinstance(inner, PreTrainedModel):
+            model = inner
     if not isinstance(model, PreTrainedModel) or getattr(model.config, "model_type", None) in _FAMILIES:
         return model
     text_config = model.config.get_text_config()
