@@ -282,3 +282,71 @@ def test_compiled_module_equals_eager_for_any_positions(pos):
     got = torch.compile(rope, fullgraph=True)(q, q.clone(), pos)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_positions_are_read_once_per_tensor_where_a_read_is_a_device_sync():
+    # reading position_ids' range off a GPU is a sync: read once per tensor (and version); on
+    # the CPU every call. Meta tensors stand in for device ones (no GPU needed).
+    import copy
+    import pickle
+
+    from pirope.frequencies import PositionsMemo
+
+    memo, reads = PositionsMemo(), []
+
+    def read(p):
+        reads.append(p.device.type)
+        return len(reads)
+
+    p = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    assert (memo.get(p, read), memo.get(p, read)) == (1, 1)
+    p.add_(1)  # written in place: read again
+    assert memo.get(p, read) == 2
+    assert memo.get(torch.zeros(2, 8, dtype=torch.long, device="meta"), read) == 3  # another tensor
+    c = torch.zeros(8, dtype=torch.long)
+    assert (memo.get(c, read), memo.get(c, read)) == (4, 5)  # the CPU: every call
+    with torch.inference_mode():
+        i = torch.zeros(8, dtype=torch.long, device="meta")  # no version counter: every call
+    assert (memo.get(i, read), memo.get(i, read)) == (6, 7)
+    memo.get(p, read)
+    for twin in (copy.deepcopy(memo), pickle.loads(pickle.dumps(memo))):
+        assert twin._seen is None
+
+
+def test_the_layer_types_of_a_patched_model_read_their_positions_once():
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    from pirope.integrations.transformers import patch_rope
+
+    config = transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           vocab_size=256, sliding_window=16,
+                                           layer_types=["sliding_attention", "full_attention"])
+    rotary = patch_rope(transformers.Gemma3ForCausalLM(config)).model.rotary_emb
+    memos = {id(r._positions) for r in rotary.by_type.values()}
+    assert len(memos) == 1  # one memo for both layer types
+    copied = copy.deepcopy(rotary)
+    assert len({id(r._positions) for r in copied.by_type.values()} | memos) == 2  # shared in the copy, its own
+
+
+def test_modules_pickled_before_the_positions_memo_load():
+    # pickles of an older pirope carry _positions_seen=None (RotaryEmbedding) or no
+    # _positions (the transformers integration's rotary embedding)
+    from pirope.frequencies import PositionsMemo
+
+    old = pirope.RotaryEmbedding(64, max_position_embeddings=16).__getstate__()
+    old["_positions_seen"] = None
+    module = pirope.RotaryEmbedding.__new__(pirope.RotaryEmbedding)
+    module.__setstate__(old)
+    assert isinstance(module._positions_seen, PositionsMemo)
+    q = torch.randn(1, 4, 2, 64)
+    torch.testing.assert_close(module(q, q)[0], pirope.RotaryEmbedding(64, max_position_embeddings=16)(q, q)[0])
+    pytest.importorskip("transformers")
+    from pirope.integrations.transformers import PiropeRotaryEmbedding
+
+    old = PiropeRotaryEmbedding(64, max_position_embeddings=16).__getstate__()
+    del old["_positions"]
+    module = PiropeRotaryEmbedding.__new__(PiropeRotaryEmbedding)
+    module.__setstate__(old)
+    assert module(torch.zeros(1, 4, 64), torch.arange(4)[None]).cos.shape[1] == 32

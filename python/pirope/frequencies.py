@@ -4,6 +4,7 @@ Interpolation and its successors) and rope_cos_sin (cos/sin tables for the ops).
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -114,6 +115,33 @@ def rope_cos_sin(
         cos = cos * factor
         sin = sin * factor
     return cos.to(torch.float32), sin.to(torch.float32)
+
+
+class PositionsMemo:
+    """A value read from a ``position_ids`` tensor (its range, say), kept for that tensor
+    while it lives unmodified (same object, same version counter) where reading it is a
+    device sync; on the CPU read every call (cheap, and it sees writes torch cannot track,
+    e.g. through NumPy). Copies and pickles start empty."""
+
+    def __init__(self):
+        self._seen = None  # (weakref to position_ids, its version, the value)
+
+    def get(self, position_ids: torch.Tensor, read):
+        version = None
+        if position_ids.device.type != "cpu":
+            try:
+                version = position_ids._version
+            except RuntimeError:  # inference tensors have no version counter: read every time
+                version = None
+        seen = self._seen
+        if seen is not None and version is not None and seen[0]() is position_ids and seen[1] == version:
+            return seen[2]
+        value = read(position_ids)
+        self._seen = (weakref.ref(position_ids), version, value) if version is not None else None
+        return value
+
+    def __getstate__(self):
+        return {"_seen": None}  # a weak reference: neither picklable nor meaningful elsewhere
 
 
 def rows_of_positions(inv_freq: torch.Tensor, position_ids: torch.Tensor, attention_factor: float = 1.0):

@@ -4,14 +4,14 @@ and rotates q and k with pirope's fused op."""
 from __future__ import annotations
 
 import threading
-import weakref
 
 import torch
 from torch import nn
 
 from . import _checks
 from .apply_rope import apply_rope_qk
-from .frequencies import FrequencyPlan, rope_cos_sin, rows_of_positions, tables_outside_inference_mode
+from .frequencies import (FrequencyPlan, PositionsMemo, rope_cos_sin, rows_of_positions,
+                          tables_outside_inference_mode)
 
 __all__ = ["RotaryEmbedding"]
 
@@ -87,7 +87,7 @@ class RotaryEmbedding(nn.Module):
         device = torch.empty(0).device
         inv_freq, attention_factor = self._plan.static
         self.attention_factor = attention_factor
-        self._positions_seen = None  # (weakref to position_ids, its version, (min, max + 1))
+        self._positions_seen = PositionsMemo()  # (min, max + 1) of the last position_ids
         with tables_outside_inference_mode():
             self.register_buffer("inv_freq", inv_freq.to(device, copy=True), persistent=False)
             self.register_buffer("cos", torch.empty(0, inv_freq.numel(), device=device), persistent=False)
@@ -116,11 +116,12 @@ class RotaryEmbedding(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_positions_seen"] = None  # a weak reference: neither picklable nor meaningful elsewhere
         state.pop("_lock", None)
         return state
 
     def __setstate__(self, state):
+        if state.get("_positions_seen") is None:  # pickled by an older pirope
+            state["_positions_seen"] = PositionsMemo()
         super().__setstate__(state)
         self._lock = threading.Lock()
 
@@ -132,22 +133,13 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def _positions_range(self, position_ids: torch.Tensor) -> tuple[int, int]:
-        """(min(position_ids), max(position_ids) + 1). On CUDA read once per position_ids
-        tensor (and version), as that read is a device sync; on the CPU every call
-        (cheap, and sees writes torch cannot track, e.g. through NumPy)."""
-        version = None
-        if position_ids.device.type != "cpu":
-            try:
-                version = position_ids._version
-            except RuntimeError:  # inference tensors have no version counter: read every time
-                version = None
-        seen = self._positions_seen
-        if seen is not None and version is not None and seen[0]() is position_ids and seen[1] == version:
-            return seen[2]
-        low, high = (int(v) for v in torch.aminmax(position_ids))
-        result = (low, high + 1)
-        self._positions_seen = (weakref.ref(position_ids), version, result) if version is not None else None
-        return result
+        """(min(position_ids), max(position_ids) + 1); on CUDA read once per position_ids
+        tensor (and version), as that read is a device sync (see PositionsMemo)."""
+        def read(p):
+            low, high = torch.stack(tuple(torch.aminmax(p))).tolist()  # one read of both
+            return low, high + 1
+
+        return self._positions_seen.get(position_ids, read)
 
     def _tables_for(self, needed: int, count: int, low: int, position_ids: torch.Tensor | None):
         """(cos, sin, position_ids) to rotate a call whose positions lie in [low, needed)."""

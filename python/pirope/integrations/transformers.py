@@ -145,7 +145,7 @@ import torch
 from torch import nn
 
 import pirope
-from pirope.frequencies import FrequencyPlan, rows_of_positions, tables_outside_inference_mode
+from pirope.frequencies import FrequencyPlan, PositionsMemo, rows_of_positions, tables_outside_inference_mode
 from pirope.scaling import normalize_scaling
 
 __all__ = [
@@ -356,6 +356,13 @@ class PiropeRotaryEmbedding(nn.Module):
         self.rope_type = self._plan.rope_type
         self._static = self._plan.static
         self._cache: dict[Any, tuple[Any, torch.Tensor, torch.Tensor]] = {}  # device -> (key, cos, sin)
+        # the range and packing of the last position_ids (a device sync to read; shared by the
+        # embeddings of one PiropeLayerTypeRotaryEmbedding: one read per model forward)
+        self._positions = PositionsMemo()
+
+    def __setstate__(self, state):
+        state.setdefault("_positions", PositionsMemo())  # pickled by an older pirope
+        super().__setstate__(state)
 
     @property
     def rotary_dim(self) -> int:
@@ -413,7 +420,7 @@ class PiropeRotaryEmbedding(nn.Module):
             length = x.shape[1] if x.dim() >= 2 else 1
             count = None
         else:
-            low, high, packed = _position_summary(position_ids)
+            low, high, packed = self._positions.get(position_ids, _position_summary)
             length, count = high + 1, position_ids.numel()
             if low < 0:  # transformers rotates them by negative angles (e.g. cumsum - 1 at padding)
                 return self._own_rows(self._plan.key(max(length, 1)), position_ids, x.device, packed)
@@ -446,6 +453,10 @@ class PiropeLayerTypeRotaryEmbedding(nn.Module):
             raise ValueError("PiropeLayerTypeRotaryEmbedding needs at least one layer type")
         self.by_type = nn.ModuleDict(by_type)
         self.layer_types = tuple(sorted(by_type))
+        # the model calls each type's embedding with the same position_ids: read them once
+        positions = PositionsMemo()
+        for rotary in by_type.values():
+            rotary._positions = positions
 
     @property
     def max_position_embeddings(self) -> int:
