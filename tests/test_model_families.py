@@ -115,6 +115,9 @@ FAMILIES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(MOE, clip_qkv=0.1, pad_token_id=1, eos_token_id=2)),
     "vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM", dict(HYBRID, query_pre_attn_scalar=24)),
     "exaone_moe": ("ExaoneMoeConfig", "ExaoneMoeForCausalLM", dict({**MOE, **HYBRID}, bos_token_id=1, eos_token_id=2)),
+    # GPT-NeoX (Pythia): one query_key_value, q | k | v per head; rotary on the first quarter
+    # of each head (rotary_pct 0.25, the config's default); attention / dense / head_size
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
 }
 
 
@@ -307,6 +310,19 @@ def test_glm_position_interpolation_keeps_the_partial_rotary_and_round_trips(mod
     assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
 
 
+def test_gpt_neox_keeps_its_partial_rotary_and_round_trips(tmp_path):
+    base = make("gpt_neox")
+    assert base.gpt_neox.layers[0].attention.rotary_ndims == 4  # rotary_pct 0.25 of 16
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0)
+    assert model.config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0,
+                                            "partial_rotary_factor": 0.25}
+    assert model.gpt_neox.rotary_emb.rotary_dim == 4
+    model.save_pretrained(tmp_path)
+    loaded = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path).eval()  # plain transformers
+    x = ids(1, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 def test_smollm3_nope_layers_attend_without_rotation(attention, fused_calls, rotations):
     rotated = rotations  # the q shape of every pirope.apply_rope_qk call (the "sdpa" path's rotation)
@@ -343,7 +359,8 @@ def test_sliding_windows_are_followed(model_type, fused_calls):
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3", "gemma3_text",
-                                        "gemma2", "mixtral", "qwen2_moe", "olmoe", "minimax_m2", "mellum"])
+                                        "gemma2", "mixtral", "qwen2_moe", "olmoe", "minimax_m2", "mellum",
+                                        "gpt_neox"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")

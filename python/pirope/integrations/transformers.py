@@ -32,10 +32,13 @@ weight)`` RMSNorm q/k norms, scaling ``query_pre_attn_scalar ** -0.5``) and ``ol
 per layer type, OLMo 2's q/k norms), ``exaone4`` (per-head q/k norms) and ``cohere2``
 (interleaved pairs), whose full_attention layers are NoPE when the model has a sliding
 window (EXAONE 4: a layer rotates iff ``sliding_window is None or is_sliding``; Cohere 2:
-iff the layer's ``sliding_window`` is set), and ``gemma2`` (``Gemma2ForCausalLM``: sliding
+iff the layer's ``sliding_window`` is set), ``gemma2`` (``Gemma2ForCausalLM``: sliding
 windows on its sliding_attention layers, scaling ``query_pre_attn_scalar ** -0.5``, logit
-soft-capping, see below). Architectures whose attention is one of these line for line, most
-of them mixtures of experts (the experts live in the MLP, which the patch leaves alone):
+soft-capping, see below) and ``gpt_neox`` (Pythia: one ``query_key_value`` projection
+holding q | k | v per head, partial rotary, ``attention``/``dense``/``head_size`` for
+LLaMA's ``self_attn``/``o_proj``/``head_dim``). Architectures whose attention is one of
+these line for line, most of them mixtures of experts (the experts live in the MLP, which
+the patch leaves alone):
 ``mixtral`` (Mistral's), ``qwen2_moe``, ``granitemoe``, ``granitemoeshared`` and ``hyperclovax``
 (Granite's), ``jais2``, ``solar_open``, ``cwm`` (Ministral's), ``ernie4_5_moe`` (ERNIE 4.5's),
 ``dots1`` (Qwen3's), ``hy_v3`` (Apertus'), ``mellum`` (Qwen3's, RoPE per layer type),
@@ -188,7 +191,10 @@ def _rotates_when_windowed(attn) -> bool:
 class _Family(NamedTuple):
     """How an architecture's attention differs from LLaMA's, where pirope must follow it."""
 
-    proj: str  # "separate": q_proj, k_proj, v_proj;  "qkv": one qkv_proj split as q | k | v
+    # "separate": q_proj, k_proj, v_proj;  "qkv": one qkv_proj split as q | k | v;  "qkv_heads":
+    # one query_key_value whose output is, per head, q | k | v (GPT-NeoX: viewed as (..., heads,
+    # 3 * head_dim) and chunked)
+    proj: str
     # None: the attention gets no sliding_window kwarg (Llama); "config":
     # getattr(config, "sliding_window", None) (Mistral, Phi-3); "module": the attention
     # module's own .sliding_window (Qwen2, Qwen3, Ministral: per layer type); "sliding": the
@@ -226,6 +232,12 @@ class _Family(NamedTuple):
     # projections and "proj" norms, before the view into heads and RoPE (OLMo's and OLMoE's
     # clip_qkv); None: no clamping
     clip: str | None = None
+    # what the decoder layer and its attention module call things: the attention (LLaMA's
+    # self_attn, GPT-NeoX's attention), the output projection (o_proj / dense) and the head
+    # size (head_dim / head_size)
+    attn_name: str = "self_attn"
+    out_proj: str = "o_proj"
+    head_dim_attr: str = "head_dim"
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
@@ -286,7 +298,13 @@ _FAMILIES: dict[str, _Family] = {
     "vaultgemma": _Family("separate", "module", False, softcap="attn_logit_softcapping"),  # Gemma 2's
     "exaone_moe": _Family("separate", "sliding", False, qk_norm="head",
                           rope_layers=_RopeLayers(("sliding_window", "is_sliding"), _rotates_exaone4)),
+    # GPT-NeoX (Pythia): per-head fused q | k | v, partial rotary (rotary_pct), its own names
+    "gpt_neox": _Family("qkv_heads", None, True, attn_name="attention", out_proj="dense",
+                        head_dim_attr="head_size"),
 }
+
+# the projection modules each kind of _Family.proj needs
+_PROJECTIONS = {"separate": ("q_proj", "k_proj", "v_proj"), "qkv": ("qkv_proj",), "qkv_heads": ("query_key_value",)}
 
 #: ``config.model_type`` values :func:`patch_rope` and :func:`apply_position_interpolation` accept.
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
@@ -533,16 +551,17 @@ def _base_model(model):
 
 def _attention_modules(model, family: _Family):
     base = _base_model(model)
-    need = ("q_proj", "k_proj", "v_proj", "o_proj") if family.proj == "separate" else ("qkv_proj", "o_proj")
+    need = _PROJECTIONS[family.proj] + (family.out_proj,)
     need += (family.out_dropout,) if family.out_dropout is not None else ()
     modules = []
     for i, layer in enumerate(base.layers):
-        attn = getattr(layer, "self_attn", None)
+        attn = getattr(layer, family.attn_name, None)
         layer_need = need + (("q_norm", "k_norm") if attn is not None and _qk_norm(attn, family) else ())
-        if attn is None or not all(hasattr(attn, n) for n in layer_need) or not hasattr(attn, "head_dim"):
+        if (attn is None or not all(hasattr(attn, n) for n in layer_need)
+                or not hasattr(attn, family.head_dim_attr)):
             raise TypeError(
-                f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn with "
-                f"{', '.join(layer_need)} and head_dim; this architecture is not supported")
+                f"model: decoder layer {i} ({type(layer).__name__}) has no {family.attn_name} with "
+                f"{', '.join(layer_need)} and {family.head_dim_attr}; this architecture is not supported")
         if family.rope_layers is not None and not all(hasattr(attn, n) for n in family.rope_layers.needs):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn."
@@ -667,14 +686,22 @@ def _linear_as_longrope(config, params: dict, head_dim: int, linear: dict, old_w
 # ----------------------------------------------------------------------------------------
 
 
+def _head_dim(attn, family: _Family) -> int:
+    return getattr(attn, family.head_dim_attr)
+
+
 def _project(attn, hidden_states):
     """q, k, v as (batch, seqlen, heads, head_dim) views, exactly as Hugging Face projects."""
-    shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
     family = attn._pirope_family
+    head_dim = _head_dim(attn, family)
+    shape = (*hidden_states.shape[:-1], -1, head_dim)
+    if family.proj == "qkv_heads":  # GPT-NeoX: per head q | k | v; views with head stride 3 * head_dim
+        qkv = attn.query_key_value(hidden_states).view(*hidden_states.shape[:-1], -1, 3 * head_dim)
+        return qkv.chunk(3, dim=-1)
     if family.proj == "qkv":
         qkv = attn.qkv_proj(hidden_states)
-        nq = attn.config.num_attention_heads * attn.head_dim
-        nkv = attn.config.num_key_value_heads * attn.head_dim
+        nq = attn.config.num_attention_heads * head_dim
+        nkv = attn.config.num_key_value_heads * head_dim
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
     else:
         q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
@@ -757,8 +784,9 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     copy)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if "past_key_values" in kwargs and cache is None:  # deprecated alias of `cache`
-        cache = kwargs.pop("past_key_values")
+    for alias in ("past_key_values", "layer_past"):  # the deprecated name; GPT-NeoX's
+        if alias in kwargs and cache is None:
+            cache = kwargs.pop(alias)
     if not isinstance(position_embeddings, RopeTables):
         raise RuntimeError(
             f"{type(self).__name__} was patched by pirope but got position_embeddings of type "
@@ -807,7 +835,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
 
 
 def _out_proj(attn, out):
-    out = attn.o_proj(out)
+    out = getattr(attn, attn._pirope_family.out_proj)(out)
     rate = attn._pirope_family.out_dropout
     if rate is not None:
         out = nn.functional.dropout(out, p=getattr(attn, rate), training=attn.training)
@@ -835,13 +863,13 @@ def _replaced_rope_parameters(model_type: str, family: _Family, config, attns, p
                 f"scaling: model_type {model_type!r} (transformers' config class) accepts only rope_type "
                 f"'default' or 'longrope' ('linear' is written as the equal LongRoPE), got {new['rope_type']!r}")
         new.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-        new = _linear_as_longrope(config, params, attns[0].head_dim, new, config.max_position_embeddings)
+        new = _linear_as_longrope(config, params, _head_dim(attns[0], family), new, config.max_position_embeddings)
     return new
 
 
 def _rotary_embedding(model, model_type: str, family: _Family, attns, params: dict) -> PiropeRotaryEmbedding:
     head_dim, theta, pirope_scaling, partial = _rope_setup(model, model_type, family.partial, params,
-                                                           attns[0].head_dim)
+                                                           _head_dim(attns[0], family))
     return PiropeRotaryEmbedding(
         head_dim, max_position_embeddings=model.config.max_position_embeddings, base=theta,
         scaling=pirope_scaling, partial_rotary_factor=partial)
