@@ -118,6 +118,10 @@ FAMILIES = {
     # GPT-NeoX (Pythia): one query_key_value, q | k | v per head; rotary on the first quarter
     # of each head (rotary_pct 0.25, the config's default); attention / dense / head_size
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    # partial rotary (phi: 0.5, stablelm: 0.25, the configs' defaults), per-head LayerNorm q/k
+    # norms with qk_layernorm (test below); phi's output projection is `dense`
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(resid_pdrop=0.0, embd_pdrop=0.0)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(bos_token_id=1, eos_token_id=2)),
 }
 
 
@@ -256,6 +260,24 @@ def test_olmo_clips_q_k_v_before_rope(attention, fused_calls):
     unclipped = copy.deepcopy(model.config)
     unclipped.clip_qkv = None
     assert not torch.allclose(logits_and_grads(twin(base, unclipped), x)[0], got[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize("model_type", ["phi", "stablelm"])
+def test_phi_and_stablelm_qk_layernorms_run_before_rope(model_type, attention, fused_calls):
+    # qk_layernorm: Phi's LayerNorm over each head's features, StableLM's one LayerNorm per
+    # head applied on (batch, heads, seqlen, head_dim); weights and biases drawn so that a
+    # skipped or misplaced norm (or heads mixed up) changes the logits
+    base = make(model_type, qk_layernorm=True)
+    with torch.no_grad():
+        for layer in base.model.layers:
+            for name in ("q_layernorm", "k_layernorm"):
+                for p in getattr(layer.self_attn, name).parameters():
+                    p.uniform_(-1.5, 1.5)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    x = ids(2, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+    assert len(fused_calls) == (2 if attention == "fused" else 0)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])

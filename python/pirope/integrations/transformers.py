@@ -34,16 +34,18 @@ per layer type, OLMo 2's q/k norms), ``exaone4`` (per-head q/k norms) and ``cohe
 window (EXAONE 4: a layer rotates iff ``sliding_window is None or is_sliding``; Cohere 2:
 iff the layer's ``sliding_window`` is set), ``gemma2`` (``Gemma2ForCausalLM``: sliding
 windows on its sliding_attention layers, scaling ``query_pre_attn_scalar ** -0.5``, logit
-soft-capping, see below) and ``gpt_neox`` (Pythia: one ``query_key_value`` projection
+soft-capping, see below), ``gpt_neox`` (Pythia: one ``query_key_value`` projection
 holding q | k | v per head, partial rotary, ``attention``/``dense``/``head_size`` for
-LLaMA's ``self_attn``/``o_proj``/``head_dim``). Architectures whose attention is one of
-these line for line, most of them mixtures of experts (the experts live in the MLP, which
-the patch leaves alone):
-``mixtral`` (Mistral's), ``qwen2_moe``, ``granitemoe``, ``granitemoeshared`` and ``hyperclovax``
-(Granite's), ``jais2``, ``solar_open``, ``cwm`` (Ministral's), ``ernie4_5_moe`` (ERNIE 4.5's),
-``dots1`` (Qwen3's), ``hy_v3`` (Apertus'), ``mellum`` (Qwen3's, RoPE per layer type),
-``flex_olmo`` and ``minimax_m2`` (OLMo 2's; MiniMax-M2 with partial rotary), ``olmoe``
-(OLMo 2's norms, then OLMo's clipping), ``vaultgemma`` (Gemma 2's) and ``exaone_moe``
+LLaMA's ``self_attn``/``o_proj``/``head_dim``), ``phi`` (phi-1/1.5/2: partial rotary,
+``dense``; with ``qk_layernorm`` a LayerNorm over each head before RoPE) and ``stablelm``
+(partial rotary; with ``qk_layernorm`` one LayerNorm per head). Architectures whose
+attention is one of these line for line, most of them mixtures of experts (the experts live
+in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
+``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
+``solar_open``, ``cwm`` (Ministral's), ``ernie4_5_moe`` (ERNIE 4.5's), ``dots1`` (Qwen3's),
+``hy_v3`` (Apertus'), ``mellum`` (Qwen3's, RoPE per layer type), ``flex_olmo`` and
+``minimax_m2`` (OLMo 2's; MiniMax-M2 with partial rotary), ``olmoe`` (OLMo 2's norms, then
+OLMo's clipping), ``vaultgemma`` (Gemma 2's) and ``exaone_moe``
 (EXAONE 4's). A multimodal model (``Gemma3ForConditionalGeneration``, LLaVA, Mistral 3,
 PaliGemma, ...) whose language model (``model.model.language_model``, holding the model's
 own text config) is of one of these types has that language model patched: its RoPE is
@@ -204,11 +206,15 @@ class _Family(NamedTuple):
     partial: bool  # partial rotary (rotates the first rotary_dim features of a head)
     # q_norm / k_norm before RoPE: None (no norms); "head": over each head's features, after the
     # view into heads (Qwen3's RMSNorm, Cohere's per-head LayerNorm); "proj": over the whole
-    # projection, before the view (OLMo 2's RMSNorm over num_heads * head_dim)
+    # projection, before the view (OLMo 2's RMSNorm over num_heads * head_dim); "heads_first":
+    # per head, on the (batch, heads, seqlen, head_dim) layout, the head dimension second
+    # (StableLM's LayerNorm per head, which splits its input along dim 1)
     qk_norm: str | None = None
     # the attention module's attribute that switches the norms on (Cohere's use_qk_norm: the
     # modules exist only then); None: a family with qk_norm always has them
     qk_norm_flag: str | None = None
+    # the attention module's names of the q and k norms
+    qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
     # rotate pairs (2i, 2i+1) of the rotary features (Cohere, GLM) instead of rotate-half's
     # (i, i + rotary_dim/2)
     interleaved: bool = False
@@ -301,6 +307,12 @@ _FAMILIES: dict[str, _Family] = {
     # GPT-NeoX (Pythia): per-head fused q | k | v, partial rotary (rotary_pct), its own names
     "gpt_neox": _Family("qkv_heads", None, True, attn_name="attention", out_proj="dense",
                         head_dim_attr="head_size"),
+    # Phi (phi-1, phi-1.5, phi-2): partial rotary, dense, a LayerNorm over each head with qk_layernorm
+    "phi": _Family("separate", None, True, qk_norm="head", qk_norm_flag="qk_layernorm",
+                   qk_norm_names=("q_layernorm", "k_layernorm"), out_proj="dense"),
+    # StableLM: partial rotary; with qk_layernorm a LayerNorm per head, on (batch, heads, ...)
+    "stablelm": _Family("separate", None, True, qk_norm="heads_first", qk_norm_flag="qk_layernorm",
+                        qk_norm_names=("q_layernorm", "k_layernorm")),
 }
 
 # the projection modules each kind of _Family.proj needs
@@ -556,7 +568,7 @@ def _attention_modules(model, family: _Family):
     modules = []
     for i, layer in enumerate(base.layers):
         attn = getattr(layer, family.attn_name, None)
-        layer_need = need + (("q_norm", "k_norm") if attn is not None and _qk_norm(attn, family) else ())
+        layer_need = need + (family.qk_norm_names if attn is not None and _qk_norm(attn, family) else ())
         if (attn is None or not all(hasattr(attn, n) for n in layer_need)
                 or not hasattr(attn, family.head_dim_attr)):
             raise TypeError(
@@ -706,14 +718,17 @@ def _project(attn, hidden_states):
     else:
         q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
     norm = _qk_norm(attn, family)
+    q_norm, k_norm = (getattr(attn, name) for name in family.qk_norm_names) if norm else (None, None)
     if norm == "proj":  # OLMo 2: one RMSNorm over all heads' features, then the view
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q_norm(q), k_norm(k)
     clip = None if family.clip is None else getattr(attn.config, family.clip, None)
     if clip is not None:  # OLMo, OLMoE (after its norms): clamped before RoPE, so fusing stays exact
         q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
     q, k, v = q.view(shape), k.view(shape), v.view(shape)
     if norm == "head":
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q_norm(q), k_norm(k)
+    elif norm == "heads_first":  # StableLM: its per-head norms take (batch, heads, seqlen, head_dim)
+        q, k = q_norm(q.transpose(1, 2)).transpose(1, 2), k_norm(k.transpose(1, 2)).transpose(1, 2)
     return q, k, v
 
 
