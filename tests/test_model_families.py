@@ -122,6 +122,8 @@ FAMILIES = {
     # norms with qk_layernorm (test below); phi's output projection is `dense`
     "phi": ("PhiConfig", "PhiForCausalLM", dict(resid_pdrop=0.0, embd_pdrop=0.0)),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(bos_token_id=1, eos_token_id=2)),
+    # GPT-NeoX's fused q | k | v per head (viewed as (..., heads, 3, head_dim)), partial rotary 0.5
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(bos_token_id=1, eos_token_id=2)),
 }
 
 
@@ -263,7 +265,7 @@ def test_olmo_clips_q_k_v_before_rope(attention, fused_calls):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-@pytest.mark.parametrize("model_type", ["phi", "stablelm"])
+@pytest.mark.parametrize("model_type", ["phi", "stablelm", "persimmon"])
 def test_phi_and_stablelm_qk_layernorms_run_before_rope(model_type, attention, fused_calls):
     # qk_layernorm: Phi's LayerNorm over each head's features, StableLM's one LayerNorm per
     # head applied on (batch, heads, seqlen, head_dim); weights and biases drawn so that a

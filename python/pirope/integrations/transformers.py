@@ -37,8 +37,9 @@ windows on its sliding_attention layers, scaling ``query_pre_attn_scalar ** -0.5
 soft-capping, see below), ``gpt_neox`` (Pythia: one ``query_key_value`` projection
 holding q | k | v per head, partial rotary, ``attention``/``dense``/``head_size`` for
 LLaMA's ``self_attn``/``o_proj``/``head_dim``), ``phi`` (phi-1/1.5/2: partial rotary,
-``dense``; with ``qk_layernorm`` a LayerNorm over each head before RoPE) and ``stablelm``
-(partial rotary; with ``qk_layernorm`` one LayerNorm per head). Architectures whose
+``dense``; with ``qk_layernorm`` a LayerNorm over each head before RoPE), ``persimmon``
+(GPT-NeoX's fused projection, Phi's norms) and ``stablelm`` (partial rotary; with
+``qk_layernorm`` one LayerNorm per head). Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
@@ -310,6 +311,9 @@ _FAMILIES: dict[str, _Family] = {
     # Phi (phi-1, phi-1.5, phi-2): partial rotary, dense, a LayerNorm over each head with qk_layernorm
     "phi": _Family("separate", None, True, qk_norm="head", qk_norm_flag="qk_layernorm",
                    qk_norm_names=("q_layernorm", "k_layernorm"), out_proj="dense"),
+    # Persimmon: GPT-NeoX's per-head fused q | k | v, Phi's optional q/k LayerNorms
+    "persimmon": _Family("qkv_heads", None, True, qk_norm="head", qk_norm_flag="qk_layernorm",
+                         qk_norm_names=("q_layernorm", "k_layernorm"), out_proj="dense"),
     # StableLM: partial rotary; with qk_layernorm a LayerNorm per head, on (batch, heads, ...)
     "stablelm": _Family("separate", None, True, qk_norm="heads_first", qk_norm_flag="qk_layernorm",
                         qk_norm_names=("q_layernorm", "k_layernorm")),
@@ -709,8 +713,8 @@ def _project(attn, hidden_states):
     shape = (*hidden_states.shape[:-1], -1, head_dim)
     if family.proj == "qkv_heads":  # GPT-NeoX: per head q | k | v; views with head stride 3 * head_dim
         qkv = attn.query_key_value(hidden_states).view(*hidden_states.shape[:-1], -1, 3 * head_dim)
-        return qkv.chunk(3, dim=-1)
-    if family.proj == "qkv":
+        q, k, v = qkv.chunk(3, dim=-1)  # already (batch, seqlen, heads, head_dim): the view below keeps them
+    elif family.proj == "qkv":
         qkv = attn.qkv_proj(hidden_states)
         nq = attn.config.num_attention_heads * head_dim
         nkv = attn.config.num_key_value_heads * head_dim
