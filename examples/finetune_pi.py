@@ -105,8 +105,9 @@ def extend_model(model, factor: Optional[float] = None, *, max_position_embeddin
     # the same factor and window as apply_position_interpolation: factor exact, window
     # round(old * factor); or window exact, factor = window / old
     cfg = model.config
-    if cfg.model_type in TRANSFORMERS_PI_REFUSED:
-        raise ValueError(f"impl='transformers': {TRANSFORMERS_PI_REFUSED[cfg.model_type]}")
+    refusal = transformers_pi_refusal(cfg.model_type, getattr(cfg, "rope_parameters", None))
+    if refusal is not None:
+        raise ValueError(f"impl='transformers': {refusal}")
     old = int(cfg.max_position_embeddings)
     if factor is None:
         factor = int(max_position_embeddings) / old
@@ -122,13 +123,15 @@ def extend_model(model, factor: Optional[float] = None, *, max_position_embeddin
     return model
 
 
-# Architectures pirope extends whose PI transformers' own linear scaling cannot express the
-# way this reference path writes it (pirope's integration handles them).
-TRANSFORMERS_PI_REFUSED = {
-    "phi3": "Phi-3's config class accepts no 'linear' rope scaling (pirope writes PI as LongRoPE)",
-    **{t: "RoPE per layer type (PI extends the full_attention layers only)"
-       for t in ("gemma3_text", "olmo3", "mellum")},
-}
+def transformers_pi_refusal(model_type: Optional[str], rope_parameters) -> Optional[str]:
+    """Why the reference path (one "linear" rope_parameters dict) cannot write PI for a
+    model pirope's integration extends, or None where it can."""
+    if model_type == "phi3":
+        return "Phi-3's config class accepts no 'linear' rope scaling (pirope writes PI as LongRoPE)"
+    if isinstance(rope_parameters, dict) and rope_parameters and all(
+            isinstance(v, dict) for v in rope_parameters.values()):  # keyed by layer type
+        return "RoPE per layer type (PI extends the full_attention layers only)"
+    return None
 
 
 # What extend_model(impl="auto") runs, as reported in logs and results.json.
@@ -760,9 +763,9 @@ def validate_finetune_args(args, fail) -> dict:
     if model_type not in SUPPORTED_MODEL_TYPES:
         fail(f"--model {args.model!r} is a {model_type!r} model; this example extends the architectures "
              f"pirope.integrations.transformers supports (model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})")
-    if args.pi_impl == "transformers" and model_type in TRANSFORMERS_PI_REFUSED:
-        fail(f"--pi-impl transformers cannot extend a {model_type!r} model: "
-             f"{TRANSFORMERS_PI_REFUSED[model_type]}; use --pi-impl pirope")
+    refusal = transformers_pi_refusal(model_type, conf.get("rope_parameters"))
+    if args.pi_impl == "transformers" and refusal is not None:
+        fail(f"--pi-impl transformers cannot extend a {model_type!r} model: {refusal}; use --pi-impl pirope")
     rope = conf.get("rope_parameters") or conf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in ("default", None):

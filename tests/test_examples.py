@@ -458,6 +458,13 @@ def test_finetune_transformers_impl_refuses_what_it_cannot_write(fp, tmp_path, c
     data.write_bytes(b"x" * 1000)
     _bad(fp, _ft_args(str(tmp_path / "phi3"), str(data), str(tmp_path / "o"), "--pi-impl", "transformers"), capsys,
          "--pi-impl transformers cannot extend a 'phi3' model")
+    gemma3 = transformers.Gemma3TextConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                           max_position_embeddings=32, sliding_window=16,
+                                           layer_types=["sliding_attention", "full_attention"])
+    transformers.Gemma3ForCausalLM(gemma3).save_pretrained(str(tmp_path / "gemma3"))
+    _bad(fp, _ft_args(str(tmp_path / "gemma3"), str(data), str(tmp_path / "o"), "--pi-impl", "transformers"), capsys,
+         "cannot extend a 'gemma3_text' model: RoPE per layer type")
 
 
 def test_finetune_max_position_embeddings_flag(fp, tiny_ckpt, tmp_path):
