@@ -25,6 +25,11 @@ struct AttentionParams {
   void* lse = nullptr;
 
   int64_t batch = 0, seqlen = 0;
+  // Packed sequences (varlen): when not null, the tensors hold one packed sequence
+  // (batch index 0) of cu_seqlens[batch] tokens, and sequence b is its rows
+  // [cu_seqlens[b], cu_seqlens[b+1]); batch counts the sequences, seqlen is the
+  // longest, and lse is (heads_q, total tokens). Host memory (CPU kernels only).
+  const int64_t* cu_seqlens = nullptr;
   int64_t heads_q = 0, heads_kv = 0;  // heads_q is a multiple of heads_kv
   int64_t head_dim = 0;
   bool causal = true;  // key j is seen by query i when j <= i
@@ -41,5 +46,30 @@ struct AttentionParams {
   // token_position(rope, b, s) gives the position of token (b, s).
   RopeParams rope;
 };
+
+// Sequence b of the batch as the kernels address it: `len` rows from row `row0` of
+// batch entry `entry` (dense: entry b from row 0; packed: entry 0 from
+// cu_seqlens[b]); positions are token_position(rope, entry, row0 + s).
+struct AttentionSequence {
+  int64_t entry = 0, row0 = 0, len = 0;
+  // lse row of query head hq (lse_len: the seqlen, or total tokens when packed).
+  int64_t lse_offset(int64_t heads_q, int64_t hq, int64_t lse_len) const {
+    return (entry * heads_q + hq) * lse_len + row0;
+  }
+  // Element offset of row 0 of head h of t.
+  int64_t offset(const AttentionTensor& t, int64_t h) const {
+    return entry * t.stride_b + row0 * t.stride_s + h * t.stride_h;
+  }
+};
+
+inline AttentionSequence attention_sequence(const AttentionParams& p, int64_t b) {
+  if (p.cu_seqlens == nullptr) return {b, 0, p.seqlen};
+  return {0, p.cu_seqlens[b], p.cu_seqlens[b + 1] - p.cu_seqlens[b]};
+}
+
+// Row length of the lse tensor: seqlen, or the total tokens of packed sequences.
+inline int64_t attention_lse_len(const AttentionParams& p) {
+  return p.cu_seqlens == nullptr ? p.seqlen : p.cu_seqlens[p.batch];
+}
 
 }  // namespace pirope

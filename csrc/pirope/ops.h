@@ -45,12 +45,16 @@ void apply_rope_qk_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // (batch, seqlen, nheads_kv, headdim), nheads_q a multiple of nheads_kv. Returns
 // (out, lse): out like q, lse (batch, nheads_q, seqlen) in float32 (float64 for
 // float64 input), the log-sum-exp of each scaled score row. softmax_scale: default
-// headdim ** -0.5, as in Python.
+// headdim ** -0.5, as in Python. cu_seqlens (packed sequences, CPU): q, k, v are
+// (total, heads, headdim), sequence b is rows [cu_seqlens[b], cu_seqlens[b+1]), lse is
+// (nheads_q, total), and positions restart at 0 in each sequence unless position_ids
+// ((total,)) gives them.
 std::tuple<at::Tensor, at::Tensor> rope_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids = std::nullopt,
     bool causal = true, std::optional<double> softmax_scale = std::nullopt,
-    bool interleaved = false, bool deterministic = false);
+    bool interleaved = false, bool deterministic = false,
+    const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
 
 // Gradients (dq, dk, dv) of rope_attention's out, from the saved out and lse.
 // deterministic: bit-identical results run to run (always so on CPU; on CUDA it
@@ -61,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids = std::nullopt, bool causal = true,
     std::optional<double> softmax_scale = std::nullopt, bool interleaved = false,
-    bool deterministic = false);
+    bool deterministic = false, const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
 
 // Build facts, reported by pirope._C.build_info() and checked at import.
 struct BuildInfo {

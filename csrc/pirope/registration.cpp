@@ -45,14 +45,15 @@ TORCH_LIBRARY(pirope, m) {
   // Fused RoPE attention. Returns the output and the log-sum-exp of each query row
   // (batch, nheads_q, seqlen) in float32 (float64 for float64 input, so that float64
   // gradients stay exact), which the backward reuses. `deterministic` only matters to
-  // the backward (the forward takes it so that autograd can pass it on).
+  // the backward (the forward takes it so that autograd can pass it on). cu_seqlens:
+  // packed sequences, q/k/v (total, heads, headdim) and lse (nheads_q, total); CPU only.
   m.def("rope_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, "
         "Tensor? position_ids, bool causal, float softmax_scale, bool interleaved, "
-        "bool deterministic=False) -> (Tensor, Tensor)");
+        "bool deterministic=False, Tensor? cu_seqlens=None) -> (Tensor, Tensor)");
   m.def("rope_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor out, Tensor lse, Tensor cos, Tensor sin, Tensor? position_ids, "
-        "bool causal, float softmax_scale, bool interleaved, bool deterministic=False) "
-        "-> (Tensor, Tensor, Tensor)");
+        "bool causal, float softmax_scale, bool interleaved, bool deterministic=False, "
+        "Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor)");
 }
 
 // The in-place rotary ops as autograd sees them (the Python API wraps them in a

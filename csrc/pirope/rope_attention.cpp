@@ -25,20 +25,30 @@ at::ScalarType math_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_4d(const char* op, const char* name, const at::Tensor& x, const char* heads) {
+// (batch, seqlen, heads, headdim), or (total, heads, headdim) for packed sequences.
+void check_rank(const char* op, const char* name, const at::Tensor& x, const char* heads,
+                bool packed) {
   TORCH_CHECK(x.defined(), op, ": ", name, " must be a tensor, got None");
-  TORCH_CHECK(x.dim() == 4, op, ": ", name, " must be (batch, seqlen, ", heads,
-              ", headdim), got shape ", x.sizes());
+  if (packed) {
+    TORCH_CHECK(x.dim() == 3, op, ": with cu_seqlens (packed sequences) ", name,
+                " must be (total, ", heads, ", headdim), got shape ", x.sizes());
+  } else {
+    TORCH_CHECK(x.dim() == 4, op, ": ", name, " must be (batch, seqlen, ", heads,
+                ", headdim), got shape ", x.sizes());
+  }
   TORCH_CHECK(is_supported_dtype(x.scalar_type()), op, ": ", name,
               " must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
 }
 
-// q, k, v (and, for the backward, out and grad_out): shapes, dtypes, devices.
-void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
-               const at::Tensor& v) {
-  check_4d(op, "q", q, "nheads_q");
-  check_4d(op, "k", k, "nheads_kv");
-  check_4d(op, "v", v, "nheads_kv");
+// q, k, v (and, for the backward, out and grad_out): shapes, dtypes, devices. Packed
+// ones are checked as their (1, total, heads, headdim) views.
+void check_qkv(const char* op, const at::Tensor& q4, const at::Tensor& k4,
+               const at::Tensor& v4, bool packed) {
+  check_rank(op, "q", q4, "nheads_q", packed);
+  check_rank(op, "k", k4, "nheads_kv", packed);
+  check_rank(op, "v", v4, "nheads_kv", packed);
+  const at::Tensor q = packed ? q4.unsqueeze(0) : q4, k = packed ? k4.unsqueeze(0) : k4,
+                   v = packed ? v4.unsqueeze(0) : v4;
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k},
                                 {"v", v}}) {
     TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name,
@@ -46,9 +56,14 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
                 t.scalar_type());
     TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on ", q.device(),
                 " like q, got ", t.device());
-    TORCH_CHECK(t.size(0) == q.size(0) && t.size(1) == q.size(1), op, ": ", name,
-                " must have the batch and seqlen of q (", q.size(0), ", ", q.size(1),
-                "), got shape ", t.sizes());
+    if (packed) {
+      TORCH_CHECK(t.size(1) == q.size(1), op, ": ", name, " must have the total tokens of q (",
+                  q.size(1), "), got shape ", t.sizes().slice(1));
+    } else {
+      TORCH_CHECK(t.size(0) == q.size(0) && t.size(1) == q.size(1), op, ": ", name,
+                  " must have the batch and seqlen of q (", q.size(0), ", ", q.size(1),
+                  "), got shape ", t.sizes());
+    }
     TORCH_CHECK(t.size(3) == q.size(3), op, ": ", name,
                 " must have the head dim of q (", q.size(3), "), got shape ", t.sizes());
   }
@@ -82,34 +97,87 @@ void check_scale(const char* op, double scale, at::ScalarType dtype) {
 }
 
 
-// Tables, positions and common sizes; checks the positions (on CPU).
+// Packed sequences: cu_seqlens checked (1-D int32/int64 on q's device (CPU), 0 first,
+// non-decreasing, total tokens last) and copied to int64 host memory.
+at::Tensor check_cu_seqlens(const char* op, const at::Tensor& cu, const at::Tensor& q) {
+  TORCH_CHECK(cu.scalar_type() == at::kLong || cu.scalar_type() == at::kInt, op,
+              ": cu_seqlens must be int32 or int64, got ", cu.scalar_type());
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1, op,
+              ": cu_seqlens must be 1-D (number of sequences + 1,), got shape ", cu.sizes());
+  TORCH_CHECK(cu.device() == q.device(), op, ": cu_seqlens must be on ", q.device(),
+              " like q, got ", cu.device());
+  TORCH_CHECK(q.device().is_cpu(), op,
+              ": cu_seqlens (packed sequences) is supported by the CPU kernels only; "
+              "pirope.rope_attention runs packed sequences on ", q.device(), " unfused");
+  const at::Tensor c = cu.to(at::kLong).contiguous();
+  const int64_t* v = c.const_data_ptr<int64_t>();
+  const int64_t n = c.numel(), total = q.size(0);
+  TORCH_CHECK(v[0] == 0, op, ": cu_seqlens must start at 0, got ", v[0]);
+  for (int64_t i = 1; i < n; ++i)
+    TORCH_CHECK(v[i] >= v[i - 1], op, ": cu_seqlens must be non-decreasing, got ", v[i - 1],
+                " then ", v[i], " at index ", i);
+  TORCH_CHECK(v[n - 1] == total, op, ": cu_seqlens must end at the total tokens of q (",
+              total, "), got ", v[n - 1]);
+  return c;
+}
+
+// Tables, positions and common sizes; checks the positions (on CPU). Packed sequences
+// (cu: check_cu_seqlens' copy, or undefined) are planned as one (1, total) sequence
+// whose positions restart at 0 in each sequence unless position_ids says otherwise.
+// cos_u, sin_u and restart back the pointers of the returned params: keep them alive.
 AttentionParams plan(const char* op, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& cos, const at::Tensor& sin,
                      const std::optional<at::Tensor>& position_ids, bool causal,
-                     double scale, bool interleaved, at::Tensor& cos_u,
-                     at::Tensor& sin_u) {
+                     double scale, bool interleaved, const at::Tensor& cu,
+                     at::Tensor& cos_u, at::Tensor& sin_u, at::Tensor& restart) {
   check_tables(op, q, cos, sin);
   check_scale(op, scale, q.scalar_type());
-  const int64_t batch = q.size(0), seqlen = q.size(1);
+  const bool packed = cu.defined();
+  // The rows the positions describe: (batch, seqlen), or (1, total) when packed.
+  const int64_t rows_b = packed ? 1 : q.size(0), rows_s = packed ? q.size(0) : q.size(1);
   std::optional<at::Tensor> pos;
-  if (position_ids.has_value() && position_ids->defined())
-    pos = plan_positions(op, q, *position_ids, batch, seqlen);
+  if (position_ids.has_value() && position_ids->defined()) {
+    pos = plan_positions(op, q, *position_ids, rows_b, rows_s);
+  } else if (packed) {  // token i of sequence b: position i (p.rope points into restart)
+    restart = at::empty({rows_s}, cu.options());
+    int64_t* r = restart.data_ptr<int64_t>();
+    const int64_t* c = cu.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b + 1 < cu.numel(); ++b)
+      for (int64_t i = c[b]; i < c[b + 1]; ++i) r[i] = i - c[b];
+    pos = restart.unsqueeze(0);
+  }
   const int64_t max_positions = cos.size(0);
-  if (q.device().is_cpu() && batch * seqlen > 0)
-    check_positions_in_range(op, pos, seqlen, max_positions);
+  if (q.device().is_cpu() && rows_b * rows_s > 0)
+    check_positions_in_range(op, pos, rows_s, max_positions);
 
   AttentionParams p;
-  p.batch = batch;
-  p.seqlen = seqlen;
-  p.heads_q = q.size(2);
-  p.heads_kv = k.size(2);
-  p.head_dim = q.size(3);
+  p.batch = packed ? cu.numel() - 1 : q.size(0);
+  p.seqlen = q.size(1);
+  if (packed) {
+    const at::Tensor lens = cu.slice(0, 1) - cu.slice(0, 0, -1);
+    p.seqlen = lens.numel() ? lens.max().item<int64_t>() : 0;
+    p.cu_seqlens = cu.const_data_ptr<int64_t>();
+  }
+  const at::Tensor q4 = packed ? q.unsqueeze(0) : q, k4 = packed ? k.unsqueeze(0) : k;
+  p.heads_q = q4.size(2);
+  p.heads_kv = k4.size(2);
+  p.head_dim = q4.size(3);
   p.causal = causal;
   p.softmax_scale = scale;
   std::tie(cos_u, sin_u) =
-      fill_rope_tables(p.rope, cos, sin, pos, batch, seqlen, q.size(3), interleaved);
+      fill_rope_tables(p.rope, cos, sin, pos, rows_b, rows_s, q4.size(3), interleaved);
   return p;
 }
+
+at::Tensor maybe_cu_seqlens(const char* op, const std::optional<at::Tensor>& cu_seqlens,
+                            const at::Tensor& q) {
+  if (!cu_seqlens.has_value() || !cu_seqlens->defined()) return {};
+  return check_cu_seqlens(op, *cu_seqlens, q);
+}
+
+// The kernels' view of q, k, v, ...: (batch, seqlen, heads, headdim), packed ones as
+// (1, total, heads, headdim).
+at::Tensor as_4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
 
 }  // namespace
 
@@ -120,22 +188,27 @@ AttentionTensor tensor_args(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> rope_attention_run(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
-    double softmax_scale, bool interleaved, AttentionLauncher launch) {
-  check_qkv(kFwd, q, k, v);
-  at::Tensor cos_u, sin_u;
+    double softmax_scale, bool interleaved, const std::optional<at::Tensor>& cu_seqlens,
+    AttentionLauncher launch) {
+  const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
+  check_qkv(kFwd, q, k, v, packed);
+  const at::Tensor cu = maybe_cu_seqlens(kFwd, cu_seqlens, q);  // backs p.cu_seqlens
+  at::Tensor cos_u, sin_u, restart;
   AttentionParams p = plan(kFwd, q, k, cos, sin, position_ids, causal, softmax_scale,
-                           interleaved, cos_u, sin_u);
+                           interleaved, cu, cos_u, sin_u, restart);
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({p.batch, p.heads_q, p.seqlen},
-                             q.options().dtype(math_dtype(q.scalar_type())));
+  const auto lse_options = q.options().dtype(math_dtype(q.scalar_type()));
+  // (batch, heads_q, seqlen), or (heads_q, total) for packed sequences
+  at::Tensor lse = packed ? at::empty({p.heads_q, q.size(0)}, lse_options)
+                          : at::empty({p.batch, p.heads_q, p.seqlen}, lse_options);
   if (out.numel() == 0) return {out, lse};
 
-  const at::Tensor q_u = unit_last_stride(q), k_u = unit_last_stride(k),
-                   v_u = unit_last_stride(v);
+  const at::Tensor q_u = unit_last_stride(as_4d(q)), k_u = unit_last_stride(as_4d(k)),
+                   v_u = unit_last_stride(as_4d(v));
   p.q = tensor_args(q_u);
   p.k = tensor_args(k_u);
   p.v = tensor_args(v_u);
-  p.out = tensor_args(out);
+  p.out = tensor_args(as_4d(out));
   p.lse = lse.data_ptr();
   launch(p, q.scalar_type(), cos.scalar_type(), q.device());
   return {out, lse};
@@ -146,23 +219,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids, bool causal, double softmax_scale,
-    bool interleaved, bool deterministic, AttentionLauncher launch) {
-  check_qkv(kBwd, q, k, v);
+    bool interleaved, bool deterministic, const std::optional<at::Tensor>& cu_seqlens,
+    AttentionLauncher launch) {
+  const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
+  check_qkv(kBwd, q, k, v, packed);
   check_like_q(kBwd, "grad_out", grad_out, q);
   check_like_q(kBwd, "out", out, q);
   TORCH_CHECK(lse.defined(), kBwd, ": lse must be a tensor, got None");
   const at::ScalarType lse_dtype = math_dtype(q.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(2) &&
-                  lse.size(2) == q.size(1),
-              kBwd, ": lse must be (batch, nheads_q, seqlen) = (", q.size(0), ", ",
-              q.size(2), ", ", q.size(1), "), got shape ", lse.sizes());
+  if (packed) {
+    TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0), kBwd,
+                ": with cu_seqlens lse must be (nheads_q, total) = (", q.size(1), ", ",
+                q.size(0), "), got shape ", lse.sizes());
+  } else {
+    TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(2) &&
+                    lse.size(2) == q.size(1),
+                kBwd, ": lse must be (batch, nheads_q, seqlen) = (", q.size(0), ", ",
+                q.size(2), ", ", q.size(1), "), got shape ", lse.sizes());
+  }
   TORCH_CHECK(lse.scalar_type() == lse_dtype, kBwd, ": lse must be ", lse_dtype,
               " (the forward's), got ", lse.scalar_type());
   TORCH_CHECK(lse.device() == q.device(), kBwd, ": lse must be on ", q.device(),
               " like q, got ", lse.device());
-  at::Tensor cos_u, sin_u;
+  const at::Tensor cu = maybe_cu_seqlens(kBwd, cu_seqlens, q);  // backs p.cu_seqlens
+  at::Tensor cos_u, sin_u, restart;
   AttentionParams p = plan(kBwd, q, k, cos, sin, position_ids, causal, softmax_scale,
-                           interleaved, cos_u, sin_u);
+                           interleaved, cu, cos_u, sin_u, restart);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -171,17 +253,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
     dv.zero_();
     return {dq, dk, dv};
   }
-  const at::Tensor q_u = unit_last_stride(q), k_u = unit_last_stride(k),
-                   v_u = unit_last_stride(v), o_u = unit_last_stride(out),
-                   g_u = unit_last_stride(grad_out), lse_c = lse.contiguous();
+  const at::Tensor q_u = unit_last_stride(as_4d(q)), k_u = unit_last_stride(as_4d(k)),
+                   v_u = unit_last_stride(as_4d(v)), o_u = unit_last_stride(as_4d(out)),
+                   g_u = unit_last_stride(as_4d(grad_out)), lse_c = lse.contiguous();
   p.q = tensor_args(q_u);
   p.k = tensor_args(k_u);
   p.v = tensor_args(v_u);
   p.out = tensor_args(o_u);
   p.grad_out = tensor_args(g_u);
-  p.dq = tensor_args(dq);
-  p.dk = tensor_args(dk);
-  p.dv = tensor_args(dv);
+  p.dq = tensor_args(as_4d(dq));
+  p.dk = tensor_args(as_4d(dk));
+  p.dv = tensor_args(as_4d(dv));
   p.lse = const_cast<void*>(lse_c.const_data_ptr());
   p.deterministic = deterministic;
   launch(p, q.scalar_type(), cos.scalar_type(), q.device());
@@ -204,15 +286,17 @@ double default_scale(const at::Tensor& q, std::optional<double> softmax_scale) {
 std::tuple<at::Tensor, at::Tensor> rope_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
-    std::optional<double> softmax_scale, bool interleaved, bool deterministic) {
+    std::optional<double> softmax_scale, bool interleaved, bool deterministic,
+    const std::optional<at::Tensor>& cu_seqlens) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pirope::rope_attention", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const std::optional<at::Tensor>&, bool, double, bool, bool)>();
+              const at::Tensor&, const std::optional<at::Tensor>&, bool, double, bool, bool,
+              const std::optional<at::Tensor>&)>();
   return op.call(q, k, v, cos, sin, position_ids, causal, default_scale(q, softmax_scale),
-                 interleaved, deterministic);
+                 interleaved, deterministic, cu_seqlens);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
@@ -220,16 +304,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids, bool causal,
-    std::optional<double> softmax_scale, bool interleaved, bool deterministic) {
+    std::optional<double> softmax_scale, bool interleaved, bool deterministic,
+    const std::optional<at::Tensor>& cu_seqlens) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pirope::rope_attention_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&, bool, double, bool, bool)>();
+              const std::optional<at::Tensor>&, bool, double, bool, bool,
+              const std::optional<at::Tensor>&)>();
   return op.call(grad_out, q, k, v, out, lse, cos, sin, position_ids, causal,
-                 default_scale(q, softmax_scale), interleaved, deterministic);
+                 default_scale(q, softmax_scale), interleaved, deterministic, cu_seqlens);
 }
 
 }  // namespace pirope

@@ -22,11 +22,13 @@ AttentionTensor tensor_args(const at::Tensor& t);
 using AttentionLauncher = void (*)(const AttentionParams& params, at::ScalarType dtype,
                                    at::ScalarType table_dtype, c10::Device device);
 
-// Checks every argument, allocates (out, lse) and runs the forward.
+// Checks every argument, allocates (out, lse) and runs the forward. cu_seqlens: packed
+// sequences (q, k, v of (total, heads, headdim); CPU only).
 std::tuple<at::Tensor, at::Tensor> rope_attention_run(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
-    double softmax_scale, bool interleaved, AttentionLauncher launch);
+    double softmax_scale, bool interleaved, const std::optional<at::Tensor>& cu_seqlens,
+    AttentionLauncher launch);
 
 // Checks every argument, allocates (dq, dk, dv) and runs the backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
@@ -34,7 +36,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids, bool causal, double softmax_scale,
-    bool interleaved, bool deterministic, AttentionLauncher launch);
+    bool interleaved, bool deterministic, const std::optional<at::Tensor>& cu_seqlens,
+    AttentionLauncher launch);
 
 // A backend's adjustment of q, k, v (and grad_out) before the checks, e.g. a copy of
 // inputs its kernels cannot address as they are. nullptr: none.
@@ -50,17 +53,18 @@ void register_rope_attention_kernels(torch::Library& m) {
   };
   m.impl("rope_attention", [](const T& q, const T& k, const T& v, const T& cos,
                               const T& sin, const OptT& pos, bool causal, double scale,
-                              bool interleaved, bool /*deterministic: backward only*/) {
+                              bool interleaved, bool /*deterministic: backward only*/,
+                              const OptT& cu_seqlens) {
     return rope_attention_run(prep(q), prep(k), prep(v), cos, sin, pos, causal, scale,
-                              interleaved, Fwd);
+                              interleaved, cu_seqlens, Fwd);
   });
   m.impl("rope_attention_backward",
          [](const T& grad_out, const T& q, const T& k, const T& v, const T& out,
             const T& lse, const T& cos, const T& sin, const OptT& pos, bool causal,
-            double scale, bool interleaved, bool deterministic) {
+            double scale, bool interleaved, bool deterministic, const OptT& cu_seqlens) {
            return rope_attention_backward_run(prep(grad_out), prep(q), prep(k), prep(v),
                                               prep(out), lse, cos, sin, pos, causal, scale,
-                                              interleaved, deterministic, Bwd);
+                                              interleaved, deterministic, cu_seqlens, Bwd);
          });
 }
 

@@ -26,6 +26,50 @@ def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, inter
     return out.transpose(1, 2)
 
 
+def _sequence_bounds(op, q, k, v, cu_seqlens) -> list[int]:
+    """cu_seqlens checked like the CPU op checks it (rope_attention.cpp), as a list."""
+    for name, t, heads in (("q", q, "nheads_q"), ("k", k, "nheads_kv"), ("v", v, "nheads_kv")):
+        if t.dim() != 3:
+            raise ValueError(f"{op}: with cu_seqlens (packed sequences) {name} must be (total, {heads}, headdim), "
+                             f"got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != q.shape[0]:
+            raise ValueError(f"{op}: {name} must have the total tokens of q ({q.shape[0]}), got shape {tuple(t.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{op}: cu_seqlens must be 1-D (number of sequences + 1,), got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise RuntimeError(f"{op}: cu_seqlens must be on {q.device} like q, got {cu_seqlens.device}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"{op}: cu_seqlens must start at 0, got {bounds[0]}")
+    for i in range(1, len(bounds)):
+        if bounds[i] < bounds[i - 1]:
+            raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {bounds[i - 1]} then {bounds[i]} "
+                             f"at index {i}")
+    if bounds[-1] != q.shape[0]:
+        raise ValueError(f"{op}: cu_seqlens must end at the total tokens of q ({q.shape[0]}), got {bounds[-1]}")
+    return bounds
+
+
+def _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax_scale, interleaved):
+    """Packed sequences where the fused kernels do not take them (CUDA): apply_rope_qk on
+    the packed tensors, then scaled_dot_product_attention sequence by sequence.
+    Differentiable through both; reads cu_seqlens on the host (one synchronisation)."""
+    op = "rope_attention"
+    bounds = _sequence_bounds(op, q, k, v, cu_seqlens)
+    if position_ids is None:  # positions restart at 0 in each sequence
+        position_ids = torch.cat([torch.arange(e - s, dtype=torch.int64) for s, e in zip(bounds, bounds[1:])]
+                                 + [torch.zeros(0, dtype=torch.int64)]).to(q.device)
+    qr, kr = apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
+    outs = [torch.nn.functional.scaled_dot_product_attention(
+        qr[s:e].transpose(0, 1), kr[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+        is_causal=causal, scale=softmax_scale, enable_gqa=True).transpose(0, 1)
+        for s, e in zip(bounds, bounds[1:]) if e > s]
+    return torch.cat(outs) if outs else qr.new_empty(q.shape)
+
+
 def _autocast(q, k, v):
     """Under torch.autocast, q, k and v in the autocast dtype, as torch's
     scaled_dot_product_attention takes them (float64 and non-float tensors stay as
@@ -68,6 +112,7 @@ def rope_attention(
     softmax_scale: float | None = None,
     interleaved: bool = False,
     deterministic: bool | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotary embedding of ``q`` and ``k`` followed by softmax attention, fused.
 
@@ -104,12 +149,23 @@ def rope_attention(
             atomics (last bits vary), the deterministic one recomputes the scores per
             query block instead (no atomics; 7 instead of 5 tile products; on an
             H100, forward + backward take 1.2-1.4x as long, bf16, 2k-16k tokens).
+        cu_seqlens: packed (variable-length) sequences, as in flash-attn's varlen
+            functions: a 1-D int32/int64 tensor ``(nseqs + 1,)`` on q's device,
+            ``0 = cu_seqlens[0] <= cu_seqlens[1] <= ... <= cu_seqlens[-1] = total``.
+            q is then ``(total, nheads_q, headdim)`` and k, v ``(total, nheads_kv,
+            headdim)``; sequence ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i+1]``, and no
+            token attends across sequences (``causal`` applies within each). Positions
+            restart at 0 in each sequence unless ``position_ids`` (``(total,)`` or
+            ``(1, total)``) gives them. Fused on CPU (forward and backward); on CUDA
+            the call runs unfused (:func:`pirope.apply_rope_qk`, then attention
+            sequence by sequence; cu_seqlens is read on the host).
 
     Under ``torch.autocast``, q, k and v are cast to the autocast dtype first, as
     ``torch.nn.functional.scaled_dot_product_attention`` does (not float64 ones).
 
     Returns:
-        ``(batch, seqlen, nheads_q, headdim)`` tensor of q's dtype. Differentiable in
+        ``(batch, seqlen, nheads_q, headdim)`` tensor of q's dtype (``(total,
+        nheads_q, headdim)`` with ``cu_seqlens``). Differentiable in
         q, k and v (the backward is its own fused op; see ``deterministic``).
 
     On CUDA the call runs :func:`pirope.apply_rope_qk` followed by
@@ -127,6 +183,7 @@ def rope_attention(
     _checks.tensor(op, "cos", cos)
     _checks.tensor(op, "sin", sin)
     _checks.tensor(op, "position_ids", position_ids, optional=True)
+    _checks.tensor(op, "cu_seqlens", cu_seqlens, optional=True)
     _checks.flag(op, "causal", causal)
     _checks.flag(op, "interleaved", interleaved)
     _checks.no_forward_ad(op, *zip("q k v cos sin".split(), (q, k, v, cos, sin)))
@@ -143,12 +200,16 @@ def rope_attention(
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     _checks.flag(op, "deterministic", deterministic)
+    if cu_seqlens is not None and position_ids is not None and position_ids.dim() == 2 and position_ids.shape[0] == 1:
+        position_ids = position_ids[0]  # Hugging Face's (1, total) of packed sequences
     if q.device.type == "cuda":
         for name, t in (("k", k), ("v", v)):
             if t.device != q.device:
                 raise RuntimeError(f"{op}: {name} must be on {q.device} like q, got {t.device}")
+        if cu_seqlens is not None:
+            return _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax_scale, interleaved)
         if not _cuda_kernel_applies(q, k, v, cos, interleaved):
             return _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved)
     out, _ = _functorch.call("rope_attention", q, k, v, cos, sin, position_ids, causal,
-                             softmax_scale, interleaved, deterministic)
+                             softmax_scale, interleaved, deterministic, cu_seqlens)
     return out

@@ -4,6 +4,8 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -79,6 +81,29 @@ TEST_CASE("rope_attention gradients of q k v with the default softmax_scale", "[
   // the backward is not differentiable again: it says so
   auto gq = grad_of((out * g).sum(), q, /*create_graph=*/true);
   REQUIRE_THROWS_AS(grad_of(gq.sum(), q), c10::NotImplementedError);
+}
+
+TEST_CASE("rope_attention on packed sequences: each sequence alone, gradients included", "[autograd]") {
+  at::manual_seed(5);
+  auto [cos, sin] = pi_tables(32, 16, 2.0);
+  // sequences of 4, 0 and 9 tokens back to back; positions restart in each
+  auto cu = at::tensor(std::vector<int64_t>{0, 4, 4, 13}, at::kLong);
+  auto q = leaf({13, 4, 32}), k = leaf({13, 2, 32}), v = leaf({13, 2, 32});
+  auto g = at::randn({13, 4, 32}, at::kDouble);
+  auto [out, lse] = pirope::rope_attention(q, k, v, cos, sin, std::nullopt, true, std::nullopt,
+                                           false, false, cu);
+  REQUIRE(lse.sizes() == at::IntArrayRef{4, 13});
+  std::vector<at::Tensor> refs;
+  for (auto [from, to] : {std::pair<int64_t, int64_t>{0, 4}, {4, 13}}) {
+    auto piece = [&](const at::Tensor& t) { return t.slice(0, from, to).unsqueeze(0); };
+    auto pos = at::arange(to - from, at::kLong).unsqueeze(0);
+    refs.push_back(attention_reference(piece(q), piece(k), piece(v), cos, sin, pos,
+                                       1.0 / std::sqrt(32.0)).squeeze(0));
+  }
+  auto ref = at::cat(refs);
+  REQUIRE(close(out, ref.detach(), 1e-12));
+  for (const auto& x : {q, k, v})
+    REQUIRE(close(grad_of((out * g).sum(), x), grad_of((ref * g).sum(), x).detach(), 1e-12));
 }
 
 TEST_CASE("in-place rotation refuses tensors that require grad", "[autograd]") {

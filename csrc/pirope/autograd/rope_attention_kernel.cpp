@@ -20,14 +20,16 @@ struct Attention : torch::autograd::Function<Attention> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
                                const std::optional<at::Tensor>& pos, bool causal,
-                               double softmax_scale, bool interleaved, bool deterministic) {
+                               double softmax_scale, bool interleaved, bool deterministic,
+                               const std::optional<at::Tensor>& cu_seqlens) {
     at::Tensor out, lse;
     {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(out, lse) = rope_attention(q, k, v, cos, sin, pos, causal, softmax_scale,
-                                          interleaved, deterministic);
+                                          interleaved, deterministic, cu_seqlens);
     }
-    ctx->save_for_backward({q, k, v, out, lse, cos, sin, pos.value_or(at::Tensor())});
+    ctx->save_for_backward({q, k, v, out, lse, cos, sin, pos.value_or(at::Tensor()),
+                            cu_seqlens.value_or(at::Tensor())});
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["softmax_scale"] = softmax_scale;
     ctx->saved_data["interleaved"] = interleaved;
@@ -39,13 +41,15 @@ struct Attention : torch::autograd::Function<Attention> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const auto& d = ctx->saved_data;
+    auto optional = [](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
     auto [dq, dk, dv] = rope_attention_backward(
         grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[6],
-        s[7].defined() ? std::optional<at::Tensor>(s[7]) : std::nullopt, d.at("causal").toBool(),
-        d.at("softmax_scale").toDouble(), d.at("interleaved").toBool(),
-        d.at("deterministic").toBool());
+        optional(s[7]), d.at("causal").toBool(), d.at("softmax_scale").toDouble(),
+        d.at("interleaved").toBool(), d.at("deterministic").toBool(), optional(s[8]));
     variable_list out = {dq, dk, dv};
-    out.resize(10);  // none for cos, sin, position_ids and the flags
+    out.resize(11);  // none for cos, sin, position_ids, the flags and cu_seqlens
     return out;
   }
 };
@@ -55,10 +59,12 @@ struct AttentionBackward : torch::autograd::Function<AttentionBackward> {
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& sin,
                                const std::optional<at::Tensor>& pos, bool causal,
-                               double softmax_scale, bool interleaved, bool deterministic) {
+                               double softmax_scale, bool interleaved, bool deterministic,
+                               const std::optional<at::Tensor>& cu_seqlens) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [dq, dk, dv] = rope_attention_backward(grad_out, q, k, v, out, lse, cos, sin, pos, causal,
-                                                softmax_scale, interleaved, deterministic);
+                                                softmax_scale, interleaved, deterministic,
+                                                cu_seqlens);
     return {dq, dk, dv};
   }
 
@@ -72,10 +78,11 @@ struct AttentionBackward : torch::autograd::Function<AttentionBackward> {
 std::tuple<at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& pos, bool causal,
-    double softmax_scale, bool interleaved, bool deterministic) {
+    double softmax_scale, bool interleaved, bool deterministic,
+    const std::optional<at::Tensor>& cu_seqlens) {
   check_defined("rope_attention", {{"q", q}, {"k", k}, {"v", v}, {"cos", cos}, {"sin", sin}});
   auto out = Attention::apply(q, k, v, cos, sin, pos, causal, softmax_scale, interleaved,
-                              deterministic);
+                              deterministic, cu_seqlens);
   return {out[0], out[1]};
 }
 
@@ -83,11 +90,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& pos, bool causal, double softmax_scale, bool interleaved,
-    bool deterministic) {
+    bool deterministic, const std::optional<at::Tensor>& cu_seqlens) {
   check_defined("rope_attention_backward", {{"grad_out", grad_out}, {"q", q}, {"k", k}, {"v", v},
                                             {"out", out}, {"lse", lse}, {"cos", cos}, {"sin", sin}});
   auto grads = AttentionBackward::apply(grad_out, q, k, v, out, lse, cos, sin, pos, causal,
-                                        softmax_scale, interleaved, deterministic);
+                                        softmax_scale, interleaved, deterministic, cu_seqlens);
   return {grads[0], grads[1], grads[2]};
 }
 

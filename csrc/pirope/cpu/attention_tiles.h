@@ -99,18 +99,18 @@ void gemm_tn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
 
 // ---- Rows in and out of the math type. ----
 
-// Rows s0 .. s0+n-1 of one head (row stride `stride`), rotated by their positions
-// (by -angle when `conjugate`), into dst (row stride ld) in the math type acc_t.
-// The head_dim - rotary_dim pass-through features are copied.
+// Rows s0 .. s0+n-1 of one head of sequence `seq` (row stride `stride`), rotated by
+// their positions, into dst (row stride ld) in the math type acc_t. The
+// head_dim - rotary_dim pass-through features are copied.
 template <typename scalar_t, typename table_t, typename acc_t>
-void load_rotated(const RopeParams& r, int64_t b, int64_t s0, int64_t n,
+void load_rotated(const RopeParams& r, const AttentionSequence& seq, int64_t s0, int64_t n,
                   const scalar_t* src, int64_t stride, acc_t* dst, int64_t ld) {
   const int64_t half = r.rotary_dim / 2;
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* x = src + i * stride;
     acc_t* y = dst + i * ld;
     // rope_attention.cpp checked every position on CPU.
-    const int64_t pos = token_position(r, b, s0 + i);
+    const int64_t pos = token_position(r, seq.entry, seq.row0 + s0 + i);
     const table_t* cs = static_cast<const table_t*>(r.cos) + pos * r.table_stride;
     const table_t* sn = static_cast<const table_t*>(r.sin) + pos * r.table_stride;
     if (r.interleaved) {
@@ -129,13 +129,13 @@ void load_rotated(const RopeParams& r, int64_t b, int64_t s0, int64_t n,
 // The inverse of load_rotated: rows of src (math type, row stride ld) rotated by
 // -angle (the backward of the rotation) and rounded once into dst.
 template <typename scalar_t, typename table_t, typename acc_t>
-void store_unrotated(const RopeParams& r, int64_t b, int64_t s0, int64_t n,
+void store_unrotated(const RopeParams& r, const AttentionSequence& seq, int64_t s0, int64_t n,
                      const acc_t* src, int64_t ld, scalar_t* dst, int64_t stride) {
   const int64_t half = r.rotary_dim / 2;
   for (int64_t i = 0; i < n; ++i) {
     const acc_t* x = src + i * ld;
     scalar_t* y = dst + i * stride;
-    const int64_t pos = token_position(r, b, s0 + i);
+    const int64_t pos = token_position(r, seq.entry, seq.row0 + s0 + i);
     const table_t* cs = static_cast<const table_t*>(r.cos) + pos * r.table_stride;
     const table_t* sn = static_cast<const table_t*>(r.sin) + pos * r.table_stride;
     for (int64_t j = 0; j < half; ++j) {

@@ -7,6 +7,7 @@
 // Deterministic by construction: one task per (batch, kv head) owns dk and dv of
 // that head and dq of the query heads of its group, and runs its sums in a fixed
 // order, so gradients are bit-identical on every run and for any thread count.
+// Packed sequences (cu_seqlens) are the sequences of the batch, each at its own rows.
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -43,17 +44,17 @@ class BlasBackward {
         dq_(S * D) {}
 
   // kp, vp (and qp, dop, the outputs) point at row 0 of the head.
-  void load_kv(const RopeParams& r, int64_t b, int64_t from, int64_t to, const scalar_t* kp,
+  void load_kv(const RopeParams& r, const AttentionSequence& seq, int64_t from, int64_t to, const scalar_t* kp,
                int64_t ks, const scalar_t* vp, int64_t vs) {
-    load_rotated<scalar_t, table_t, acc_t>(r, b, from, to - from, kp + from * ks, ks,
+    load_rotated<scalar_t, table_t, acc_t>(r, seq, from, to - from, kp + from * ks, ks,
                                            kr_.data() + from * D_, D_);
     convert_rows(vp + from * vs, vs, to - from, D_, vf_.data() + from * D_, D_);
     std::fill(dk_.begin() + from * D_, dk_.begin() + to * D_, acc_t(0));
     std::fill(dv_.begin() + from * D_, dv_.begin() + to * D_, acc_t(0));
   }
-  void load_q(const RopeParams& r, int64_t b, int64_t from, int64_t to, const scalar_t* qp,
+  void load_q(const RopeParams& r, const AttentionSequence& seq, int64_t from, int64_t to, const scalar_t* qp,
               int64_t qs, const scalar_t* dop, int64_t dos) {
-    load_rotated<scalar_t, table_t, acc_t>(r, b, from, to - from, qp + from * qs, qs,
+    load_rotated<scalar_t, table_t, acc_t>(r, seq, from, to - from, qp + from * qs, qs,
                                            qr_.data() + from * D_, D_);
     convert_rows(dop + from * dos, dos, to - from, D_, dof_.data() + from * D_, D_);
     std::fill(dq_.begin() + from * D_, dq_.begin() + to * D_, acc_t(0));
@@ -86,14 +87,14 @@ class BlasBackward {
     gemm_nn<acc_t>(nq, D_, nk, scale, ds, ld, kr_.data() + k0 * D_, D_, acc_t(1),
                    dq_.data() + q0 * D_, D_);
   }
-  void store_dq(const RopeParams& r, int64_t b, int64_t from, int64_t to, scalar_t* dqp,
+  void store_dq(const RopeParams& r, const AttentionSequence& seq, int64_t from, int64_t to, scalar_t* dqp,
                 int64_t stride) {
-    store_unrotated<scalar_t, table_t, acc_t>(r, b, from, to - from, dq_.data() + from * D_,
+    store_unrotated<scalar_t, table_t, acc_t>(r, seq, from, to - from, dq_.data() + from * D_,
                                               D_, dqp + from * stride, stride);
   }
-  void store_dk_dv(const RopeParams& r, int64_t b, int64_t from, int64_t to, scalar_t* dkp,
+  void store_dk_dv(const RopeParams& r, const AttentionSequence& seq, int64_t from, int64_t to, scalar_t* dkp,
                    int64_t dks, scalar_t* dvp, int64_t dvs) {
-    store_unrotated<scalar_t, table_t, acc_t>(r, b, from, to - from, dk_.data() + from * D_,
+    store_unrotated<scalar_t, table_t, acc_t>(r, seq, from, to - from, dk_.data() + from * D_,
                                               D_, dkp + from * dks, dks);
     convert_rows(dv_.data() + from * D_, D_, to - from, D_, dvp + from * dvs, dvs);
   }
@@ -123,10 +124,10 @@ class PackedBackward {
 
   // k rotated (in float32) as the columns of k^T (scores) and as rows (dQ = dS k);
   // v as the columns of v^T (dP = dO v^T).
-  void load_kv(const RopeParams& r, int64_t b, int64_t from, int64_t to, const scalar_t* kp,
+  void load_kv(const RopeParams& r, const AttentionSequence& seq, int64_t from, int64_t to, const scalar_t* kp,
                int64_t ks, const scalar_t* vp, int64_t vs) {
     const int64_t n = to - from;
-    load_rotated<scalar_t, table_t, float>(r, b, from, n, kp + from * ks, ks, stage_.data(), D_);
+    load_rotated<scalar_t, table_t, float>(r, seq, from, n, kp + from * ks, ks, stage_.data(), D_);
     avx512::pack_rows_as_n(stage_.data(), D_, from, n, D_, kn_.data(), ldn_);
     avx512::pack_rows_as_k(stage_.data(), D_, from, n, D_, kk_.data());
     avx512::pack_rows_as_n(vp + from * vs, vs, from, n, D_, vn_.data(), ldn_);
@@ -136,10 +137,10 @@ class PackedBackward {
     }
   }
   // q rotated and dO, each row-major (scores, dP) and transposed (dK^T, dV^T).
-  void load_q(const RopeParams& r, int64_t b, int64_t from, int64_t to, const scalar_t* qp,
+  void load_q(const RopeParams& r, const AttentionSequence& seq, int64_t from, int64_t to, const scalar_t* qp,
               int64_t qs, const scalar_t* dop, int64_t dos) {
     const int64_t n = to - from;
-    load_rotated<scalar_t, table_t, float>(r, b, from, n, qp + from * qs, qs, stage_.data(), D_);
+    load_rotated<scalar_t, table_t, float>(r, seq, from, n, qp + from * qs, qs, stage_.data(), D_);
     avx512::rows_as_a(stage_.data(), D_, n, D_, qa_.data() + from * Dk_, Dk_);
     avx512::transpose_rows(stage_.data(), D_, n, D_, qT_.data() + from, ldt_);
     convert_rows(dop + from * dos, dos, n, D_, doa_.data() + from * Dk_, Dk_);
@@ -179,17 +180,17 @@ class PackedBackward {
                     kk_.data() + avx512::packed_index<T>(k0, 0, D_), D_, true,
                     dq_.data() + q0 * D_, D_);
   }
-  void store_dq(const RopeParams& r, int64_t b, int64_t from, int64_t to, scalar_t* dqp,
+  void store_dq(const RopeParams& r, const AttentionSequence& seq, int64_t from, int64_t to, scalar_t* dqp,
                 int64_t stride) {
-    store_unrotated<scalar_t, table_t, float>(r, b, from, to - from, dq_.data() + from * D_, D_,
+    store_unrotated<scalar_t, table_t, float>(r, seq, from, to - from, dq_.data() + from * D_, D_,
                                               dqp + from * stride, stride);
   }
-  void store_dk_dv(const RopeParams& r, int64_t b, int64_t from, int64_t to, scalar_t* dkp,
+  void store_dk_dv(const RopeParams& r, const AttentionSequence& seq, int64_t from, int64_t to, scalar_t* dkp,
                    int64_t dks, scalar_t* dvp, int64_t dvs) {
     const int64_t n = to - from;
     avx512::for_each_blocked(
         n, D_, [&](int64_t i, int64_t j) { stage_[i * D_ + j] = dkT_[j * ldg_ + from + i]; });
-    store_unrotated<scalar_t, table_t, float>(r, b, from, n, stage_.data(), D_,
+    store_unrotated<scalar_t, table_t, float>(r, seq, from, n, stage_.data(), D_,
                                               dkp + from * dks, dks);
     avx512::for_each_blocked(n, D_, [&](int64_t i, int64_t j) {
       dvp[(from + i) * dvs + j] = scalar_t(dvT_[j * ldg_ + from + i]);
@@ -269,22 +270,32 @@ template <typename scalar_t, typename MakeProducts>
 void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
   using acc_t = at::opmath_type<scalar_t>;
   using Products = decltype(make_products());
-  const int64_t S = p.seqlen, D = p.head_dim, G = p.heads_q / p.heads_kv;
+  const int64_t D = p.head_dim, G = p.heads_q / p.heads_kv;
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
   const RopeParams& r = p.rope;
-  const TileGrid grid{S, p.causal};
-  if (S == 0 || p.batch * p.heads_kv == 0) return;  // (rope_attention.cpp returns first)
+  const int64_t lse_len = attention_lse_len(p);
+  if (p.seqlen == 0 || p.batch * p.heads_kv == 0) return;  // (rope_attention.cpp returns first)
 
-  auto head = [&](const AttentionTensor& t, int64_t b, int64_t h) {
-    return static_cast<scalar_t*>(t.ptr) + b * t.stride_b + h * t.stride_h;
+  // Sequence b of the batch (packed sequences: its rows of the packed tensors) and the
+  // tiles of its length.
+  struct Seq {
+    AttentionSequence rows;
+    TileGrid grid;
   };
-  auto lse_of = [&](int64_t b, int64_t hq) {
-    return static_cast<const acc_t*>(p.lse) + (b * p.heads_q + hq) * S;
+  auto sequence = [&](int64_t b) {
+    const AttentionSequence rows = attention_sequence(p, b);
+    return Seq{rows, TileGrid{rows.len, p.causal}};
   };
-  // delta[i] = rowsum(dO * O) for rows [from, to) of query head (b, hq)
-  auto compute_delta = [&](int64_t b, int64_t hq, int64_t from, int64_t to, acc_t* delta) {
-    const scalar_t* o = head(p.out, b, hq);
-    const scalar_t* go = head(p.grad_out, b, hq);
+  auto head = [&](const AttentionTensor& t, const Seq& sq, int64_t h) {
+    return static_cast<scalar_t*>(t.ptr) + sq.rows.offset(t, h);
+  };
+  auto lse_of = [&](const Seq& sq, int64_t hq) {
+    return static_cast<const acc_t*>(p.lse) + sq.rows.lse_offset(p.heads_q, hq, lse_len);
+  };
+  // delta[i] = rowsum(dO * O) for rows [from, to) of query head hq
+  auto compute_delta = [&](const Seq& sq, int64_t hq, int64_t from, int64_t to, acc_t* delta) {
+    const scalar_t* o = head(p.out, sq, hq);
+    const scalar_t* go = head(p.grad_out, sq, hq);
     for (int64_t i = from; i < to; ++i) {
       acc_t acc = 0;
       const scalar_t* orow = o + i * p.out.stride_s;
@@ -293,20 +304,27 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
       delta[i] = acc;
     }
   };
-  auto load_kv = [&](Products& prod, int64_t b, int64_t hk, int64_t from, int64_t to) {
-    prod.load_kv(r, b, from, to, head(p.k, b, hk), p.k.stride_s, head(p.v, b, hk),
+  auto load_kv = [&](Products& prod, const Seq& sq, int64_t hk, int64_t from, int64_t to) {
+    prod.load_kv(r, sq.rows, from, to, head(p.k, sq, hk), p.k.stride_s, head(p.v, sq, hk),
                  p.v.stride_s);
   };
-  auto load_q = [&](Products& prod, int64_t b, int64_t hq, int64_t from, int64_t to) {
-    prod.load_q(r, b, from, to, head(p.q, b, hq), p.q.stride_s, head(p.grad_out, b, hq),
-                p.grad_out.stride_s);
+  auto load_q = [&](Products& prod, const Seq& sq, int64_t hq, int64_t from, int64_t to) {
+    prod.load_q(r, sq.rows, from, to, head(p.q, sq, hq), p.q.stride_s,
+                head(p.grad_out, sq, hq), p.grad_out.stride_s);
+  };
+  auto store_dq = [&](Products& prod, const Seq& sq, int64_t hq, int64_t from, int64_t to) {
+    prod.store_dq(r, sq.rows, from, to, head(p.dq, sq, hq), p.dq.stride_s);
+  };
+  auto store_dk_dv = [&](Products& prod, const Seq& sq, int64_t hk, int64_t from, int64_t to) {
+    prod.store_dk_dv(r, sq.rows, from, to, head(p.dk, sq, hk), p.dk.stride_s,
+                     head(p.dv, sq, hk), p.dv.stride_s);
   };
   // Runs body(prod, delta, pt, dpt, task) for the tasks [0, ntasks) over the threads.
   auto run_tasks = [&](int64_t ntasks, auto body) {
     at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
       SingleThreadedBlas one_blas_thread;
       auto prod = make_products();
-      std::vector<acc_t> delta(S);
+      std::vector<acc_t> delta(p.seqlen);
       std::vector<acc_t> pt(kBwdBlockQ * kBwdBlockK), dpt(kBwdBlockQ * kBwdBlockK);
       for (int64_t task = begin; task < end; ++task) body(prod, delta.data(), pt.data(), dpt.data(), task);
     });
@@ -320,62 +338,71 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
     run_tasks(p.batch * p.heads_kv, [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt,
                                         int64_t task) {
       const int64_t b = task / p.heads_kv, hk = task % p.heads_kv;
-      load_kv(prod, b, hk, 0, S);
+      const Seq sq = sequence(b);
+      const int64_t S = sq.rows.len;
+      if (S == 0) return;  // an empty packed sequence
+      load_kv(prod, sq, hk, 0, S);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t hq = hk * G + g;
-        load_q(prod, b, hq, 0, S);
-        compute_delta(b, hq, 0, S, delta);
+        load_q(prod, sq, hq, 0, S);
+        compute_delta(sq, hq, 0, S, delta);
         for (int64_t k0 = 0; k0 < S; k0 += kBwdBlockK)
-          for (int64_t q0 = grid.query_start(k0); q0 < S; q0 += kBwdBlockQ)
-            backward_tile(prod, grid, q0, k0, scale, lse_of(b, hq), delta, pt, dpt, Grads::kAll);
-        prod.store_dq(r, b, 0, S, head(p.dq, b, hq), p.dq.stride_s);
+          for (int64_t q0 = sq.grid.query_start(k0); q0 < S; q0 += kBwdBlockQ)
+            backward_tile(prod, sq.grid, q0, k0, scale, lse_of(sq, hq), delta, pt, dpt,
+                          Grads::kAll);
+        store_dq(prod, sq, hq, 0, S);
       }
-      prod.store_dk_dv(r, b, 0, S, head(p.dk, b, hk), p.dk.stride_s, head(p.dv, b, hk),
-                       p.dv.stride_s);
+      store_dk_dv(prod, sq, hk, 0, S);
     });
     return;
   }
-  // Blocks of rows (whole key tiles) so that each pass has about two tasks per thread.
-  const int64_t nkv = p.batch * p.heads_kv, ntiles = (S + kBwdBlockK - 1) / kBwdBlockK;
+  // Blocks of rows (whole key tiles) so that each pass has about two tasks per thread
+  // (sized by the longest sequence; blocks past a sequence's end do nothing).
+  const int64_t nkv = p.batch * p.heads_kv, ntiles = (p.seqlen + kBwdBlockK - 1) / kBwdBlockK;
   const int64_t want = std::clamp<int64_t>((2 * at::get_num_threads() + nkv - 1) / nkv, 1, ntiles);
   const int64_t rows = ((ntiles + want - 1) / want) * kBwdBlockK;
-  const int64_t nsplit = (S + rows - 1) / rows;
+  const int64_t nsplit = (p.seqlen + rows - 1) / rows;
   // dk, dv of keys [kb, ke): every query head of the group, queries from kb (causal) on.
   run_tasks(nkv * nsplit, [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt, int64_t t) {
     const int64_t i = zigzag(t, nkv * nsplit);
     const int64_t c = i % nsplit, hk = (i / nsplit) % p.heads_kv, b = i / (nsplit * p.heads_kv);
+    const Seq sq = sequence(b);
+    const int64_t S = sq.rows.len;
     const int64_t kb = c * rows, ke = std::min(S, kb + rows);
-    const int64_t qfrom = grid.query_start(kb);
-    load_kv(prod, b, hk, kb, ke);
+    if (kb >= S) return;
+    const int64_t qfrom = sq.grid.query_start(kb);
+    load_kv(prod, sq, hk, kb, ke);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t hq = hk * G + g;
-      load_q(prod, b, hq, qfrom, S);
-      compute_delta(b, hq, qfrom, S, delta);
+      load_q(prod, sq, hq, qfrom, S);
+      compute_delta(sq, hq, qfrom, S, delta);
       for (int64_t k0 = kb; k0 < ke; k0 += kBwdBlockK)
-        for (int64_t q0 = grid.query_start(k0); q0 < S; q0 += kBwdBlockQ)
-          backward_tile(prod, grid, q0, k0, scale, lse_of(b, hq), delta, pt, dpt,
+        for (int64_t q0 = sq.grid.query_start(k0); q0 < S; q0 += kBwdBlockQ)
+          backward_tile(prod, sq.grid, q0, k0, scale, lse_of(sq, hq), delta, pt, dpt,
                         Grads::kKeyValue);
     }
-    prod.store_dk_dv(r, b, kb, ke, head(p.dk, b, hk), p.dk.stride_s, head(p.dv, b, hk),
-                     p.dv.stride_s);
+    store_dk_dv(prod, sq, hk, kb, ke);
   });
   // dq of queries [qb, qe) of the group's query heads: the keys they see, in the
   // one-pass order (k0 ascending).
   run_tasks(nkv * nsplit, [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt, int64_t t) {
     const int64_t i = zigzag(t, nkv * nsplit);
     const int64_t c = i % nsplit, hk = (i / nsplit) % p.heads_kv, b = i / (nsplit * p.heads_kv);
+    const Seq sq = sequence(b);
+    const int64_t S = sq.rows.len;
     const int64_t qb = c * rows, qe = std::min(S, qb + rows);
+    if (qb >= S) return;
     const int64_t kend = p.causal ? qe : S;
-    load_kv(prod, b, hk, 0, kend);
+    load_kv(prod, sq, hk, 0, kend);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t hq = hk * G + g;
-      load_q(prod, b, hq, qb, qe);
-      compute_delta(b, hq, qb, qe, delta);
+      load_q(prod, sq, hq, qb, qe);
+      compute_delta(sq, hq, qb, qe, delta);
       for (int64_t k0 = 0; k0 < kend; k0 += kBwdBlockK)
-        for (int64_t q0 = std::max(qb, grid.query_start(k0)); q0 < qe; q0 += kBwdBlockQ)
-          backward_tile(prod, grid, q0, k0, scale, lse_of(b, hq), delta, pt, dpt,
+        for (int64_t q0 = std::max(qb, sq.grid.query_start(k0)); q0 < qe; q0 += kBwdBlockQ)
+          backward_tile(prod, sq.grid, q0, k0, scale, lse_of(sq, hq), delta, pt, dpt,
                         Grads::kQuery);
-      prod.store_dq(r, b, qb, qe, head(p.dq, b, hq), p.dq.stride_s);
+      store_dq(prod, sq, hq, qb, qe);
     }
   });
 }

@@ -5,7 +5,9 @@
 // each query tile as it loads it, and multiplies tiles through avx512_gemm.h on
 // AVX512 CPUs (float32 operands, or bfloat16 ones with AVX512-BF16), else through
 // ATen's CPU BLAS (and always for float64). No seqlen x seqlen matrix exists: the
-// scores live in one (kBlockQ x kBlockK) tile per thread.
+// scores live in one (kBlockQ x kBlockK) tile per thread. Packed sequences
+// (cu_seqlens) are the sequences of the batch, each at its own rows
+// (attention_sequence in attention_params.h); tasks past a sequence's end do nothing.
 #include <limits>
 #include <vector>
 
@@ -37,10 +39,10 @@ class BlasProducts {
   explicit BlasProducts(int64_t D) : D_(D), qt_(kBlockQ * D) {}
 
   // Keys [from, to) of head (b, hk) rotated, values converted; kp, vp at row 0.
-  void load_keys(const RopeParams& r, int64_t b, int64_t from, int64_t to,
+  void load_keys(const RopeParams& r, const AttentionSequence& seq, int64_t from, int64_t to,
                  const scalar_t* kp, int64_t ks, const scalar_t* vp, int64_t vs) {
     kbuf_.resize(to * D_);
-    load_rotated<scalar_t, table_t, acc_t>(r, b, from, to - from, kp + from * ks, ks,
+    load_rotated<scalar_t, table_t, acc_t>(r, seq, from, to - from, kp + from * ks, ks,
                                            kbuf_.data() + from * D_, D_);
     // float32/float64 values are multiplied where they are, when BLAS can stride them.
     if (std::is_same_v<scalar_t, acc_t> && vs >= D_ && vs <= INT32_MAX) {
@@ -53,9 +55,9 @@ class BlasProducts {
       ldv_ = D_;
     }
   }
-  void load_queries(const RopeParams& r, int64_t b, int64_t q0, int64_t nq,
+  void load_queries(const RopeParams& r, const AttentionSequence& seq, int64_t q0, int64_t nq,
                     const scalar_t* qp, int64_t qs) {
-    load_rotated<scalar_t, table_t, acc_t>(r, b, q0, nq, qp, qs, qt_.data(), D_);
+    load_rotated<scalar_t, table_t, acc_t>(r, seq, q0, nq, qp, qs, qt_.data(), D_);
   }
   // st (nq x nk, row stride ld) = scale * q k[k0, k0 + nk)^T
   void scores(int64_t nq, int64_t k0, int64_t nk, acc_t scale, acc_t* st, int64_t ld) {
@@ -85,18 +87,18 @@ class PackedProducts {
         kn_(Dk_ * ldk_), vk_(avx512::round_up_pair<T>(S) * D) {}
 
   // Keys [from, to) rotated (in float32) as the columns of k^T; values as rows.
-  void load_keys(const RopeParams& r, int64_t b, int64_t from, int64_t to,
+  void load_keys(const RopeParams& r, const AttentionSequence& seq, int64_t from, int64_t to,
                  const scalar_t* kp, int64_t ks, const scalar_t* vp, int64_t vs) {
     for (int64_t r0 = from; r0 < to; r0 += kChunkQ) {
       const int64_t n = std::min(kChunkQ, to - r0);
-      load_rotated<scalar_t, table_t, float>(r, b, r0, n, kp + r0 * ks, ks, stage_.data(), D_);
+      load_rotated<scalar_t, table_t, float>(r, seq, r0, n, kp + r0 * ks, ks, stage_.data(), D_);
       avx512::pack_rows_as_n(stage_.data(), D_, r0, n, D_, kn_.data(), ldk_);
     }
     avx512::pack_rows_as_k(vp + from * vs, vs, from, to - from, D_, vk_.data());
   }
-  void load_queries(const RopeParams& r, int64_t b, int64_t q0, int64_t nq,
+  void load_queries(const RopeParams& r, const AttentionSequence& seq, int64_t q0, int64_t nq,
                     const scalar_t* qp, int64_t qs) {
-    load_rotated<scalar_t, table_t, float>(r, b, q0, nq, qp, qs, qt_.data(), D_);
+    load_rotated<scalar_t, table_t, float>(r, seq, q0, nq, qp, qs, qt_.data(), D_);
     q_ = avx512::tile_as_a(qt_.data(), D_, nq, D_, qa_.data(), Dk_, ldq_);
   }
   void scores(int64_t nq, int64_t k0, int64_t nk, float scale, float* st, int64_t ld) {
@@ -123,10 +125,12 @@ class PackedProducts {
 template <typename scalar_t, typename MakeProducts>
 void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t S = p.seqlen, D = p.head_dim, G = p.heads_q / p.heads_kv;
-  const int64_t nchunks = (S + kChunkQ - 1) / kChunkQ;
+  const int64_t D = p.head_dim, G = p.heads_q / p.heads_kv;
+  const int64_t nchunks = (p.seqlen + kChunkQ - 1) / kChunkQ;
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
   const RopeParams& r = p.rope;
+
+  const int64_t lse_len = attention_lse_len(p);
 
   at::parallel_for(0, p.batch * p.heads_q * nchunks, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas one_blas_thread;
@@ -139,32 +143,32 @@ void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % nchunks, hq = (task / nchunks) % p.heads_q;
       const int64_t b = task / (nchunks * p.heads_q), hk = hq / G;
+      // Sequence b: S rows (packed sequences: up to the longest, p.seqlen).
+      const AttentionSequence seq = attention_sequence(p, b);
+      const int64_t S = seq.len;
       const int64_t c0 = c * kChunkQ, c1 = std::min(S, c0 + kChunkQ);
+      if (c0 >= S) continue;
       const int64_t kend = p.causal ? c1 : S;  // keys this chunk can see
 
-      const scalar_t* kp = static_cast<const scalar_t*>(p.k.ptr) + b * p.k.stride_b +
-                           hk * p.k.stride_h;
-      const scalar_t* vp = static_cast<const scalar_t*>(p.v.ptr) + b * p.v.stride_b +
-                           hk * p.v.stride_h;
+      const scalar_t* kp = static_cast<const scalar_t*>(p.k.ptr) + seq.offset(p.k, hk);
+      const scalar_t* vp = static_cast<const scalar_t*>(p.v.ptr) + seq.offset(p.v, hk);
       // Keys (and values) rows [0, kend) of head (b, hk). Tasks of one thread are
       // consecutive, so they extend what the previous task loaded.
       if (b != cached_b || hk != cached_hk) cached_n = 0;
       cached_b = b;
       cached_hk = hk;
       if (kend > cached_n) {
-        prod.load_keys(r, b, cached_n, kend, kp, p.k.stride_s, vp, p.v.stride_s);
+        prod.load_keys(r, seq, cached_n, kend, kp, p.k.stride_s, vp, p.v.stride_s);
         cached_n = kend;
       }
 
-      const scalar_t* qp = static_cast<const scalar_t*>(p.q.ptr) + b * p.q.stride_b +
-                           hq * p.q.stride_h;
-      scalar_t* op = static_cast<scalar_t*>(p.out.ptr) + b * p.out.stride_b +
-                     hq * p.out.stride_h;
-      acc_t* lse = static_cast<acc_t*>(p.lse) + (b * p.heads_q + hq) * S;
+      const scalar_t* qp = static_cast<const scalar_t*>(p.q.ptr) + seq.offset(p.q, hq);
+      scalar_t* op = static_cast<scalar_t*>(p.out.ptr) + seq.offset(p.out, hq);
+      acc_t* lse = static_cast<acc_t*>(p.lse) + seq.lse_offset(p.heads_q, hq, lse_len);
 
       for (int64_t q0 = c0; q0 < c1; q0 += kBlockQ) {
         const int64_t nq = std::min(kBlockQ, c1 - q0);
-        prod.load_queries(r, b, q0, nq, qp + q0 * p.q.stride_s, p.q.stride_s);
+        prod.load_queries(r, seq, q0, nq, qp + q0 * p.q.stride_s, p.q.stride_s);
         std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
         std::fill(l.begin(), l.end(), acc_t(0));
         std::fill(ot.begin(), ot.end(), acc_t(0));

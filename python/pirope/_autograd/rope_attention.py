@@ -12,7 +12,8 @@ from . import functorch
 def _setup(ctx, inputs, output):
     q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, *rest = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cos, sin, position_ids)
+    cu_seqlens = rest[1] if len(rest) > 1 else None
+    ctx.save_for_backward(q, k, v, out, lse, cos, sin, position_ids, cu_seqlens)
     ctx.causal = causal
     ctx.softmax_scale = softmax_scale
     ctx.interleaved = interleaved
@@ -21,10 +22,10 @@ def _setup(ctx, inputs, output):
 
 
 def _rope_attention_bw(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cos, sin, position_ids = ctx.saved_tensors
+    q, k, v, out, lse, cos, sin, position_ids, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = functorch.call(
         "rope_attention_backward", grad_out.contiguous(), q, k, v, out, lse, cos, sin, position_ids, ctx.causal,
-        ctx.softmax_scale, ctx.interleaved, ctx.deterministic)
+        ctx.softmax_scale, ctx.interleaved, ctx.deterministic, cu_seqlens)
     return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
