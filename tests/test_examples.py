@@ -663,8 +663,9 @@ def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
     import pirope
 
     pirope_home = os.path.dirname(os.path.dirname(os.path.abspath(pirope.__file__)))
+    # PYTHONFAULTHANDLER: a rank that dies of a signal prints its Python stack
     env = dict(os.environ, PYTHONPATH=pirope_home + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     if os.path.exists("/sys/class/net/lo"):
         # gloo on Linux's loopback interface: the host name may resolve to an address the
         # two local processes cannot reach each other on.
@@ -673,12 +674,18 @@ def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
            os.path.join(EXAMPLES, "finetune_pi.py"), *_ft_args(ckpt, data, dist_out)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
     output = p.stdout[-3000:] + p.stderr[-3000:]
-    # This launch failed about once in 20 full test runs, never when run alone, and the
-    # report was cut before its cause. A second launch is allowed only for failures of the
-    # launcher's sockets and rendezvous (a race for a free port, a refused connection), not
+    # This launch failed about once in 20 full test runs, never when run alone. A second
+    # launch is allowed only for failures of the launcher's sockets and rendezvous (a race
+    # for a free port, a refused connection), and for one seen on a loaded 2-core VM (a
+    # clean-clone CI run beside a build; not reproduced in 44 launches since, loaded or
+    # not): a rank aborting in C++ teardown ("terminate called without an active
+    # exception") after the run had finished and saved its results, as torch's gloo
+    # process groups are described doing at interpreter exit in pytorch/pytorch PR 179291. Not
     # for anything the example computes; both outputs are kept if it fails again.
-    if p.returncode != 0 and re.search(r"(?i)address already in use|connection (refused|reset)|rendezvous|"
-                                       r"EADDRINUSE|ECONNREFUSED|timed out", output):
+    finished_then_aborted = "[finetune] done" in output and "terminate called without an active exception" in output
+    if p.returncode != 0 and (finished_then_aborted or re.search(
+            r"(?i)address already in use|connection (refused|reset)|rendezvous|EADDRINUSE|ECONNREFUSED|timed out",
+            output)):
         shutil.rmtree(dist_out, ignore_errors=True)
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
         output = "first launch:\n" + output + "\nsecond launch:\n" + p.stdout[-3000:] + p.stderr[-3000:]
