@@ -597,3 +597,14 @@ def test_attention_never_crosses_sequences(causal):
         for what, x, y in zip(("out", "dq", "dk", "dv"), base, other):
             assert torch.equal(x[keep], y[keep]), f"perturbing sequence {i} changed {what} elsewhere"
         assert not torch.equal(base[0][a:b], other[0][a:b])
+
+
+def test_tables_need_rows_for_the_longest_sequence_only():
+    # positions restart per sequence: 25 tokens in sequences of at most 10 need 10 rows
+    q, k, v = packed_qkv(25, 2, 1, 16)
+    cos, sin = tables(16, 10)
+    out = pirope.rope_attention(q, k, v, cos, sin, cu_seqlens=cu_tensor([0, 10, 20, 25]))
+    ref = varlen_reference(q, k, v, cos, sin, [0, 10, 20, 25])
+    assert_close_to(out, ref, torch.float32)
+    with pytest.raises(IndexError, match="longest sequence in cu_seqlens has 11 tokens"):
+        pirope.rope_attention(q, k, v, cos, sin, cu_seqlens=cu_tensor([0, 11, 20, 25]))

@@ -146,10 +146,6 @@ AttentionParams plan(const char* op, const at::Tensor& q, const at::Tensor& k,
       for (int64_t i = c[b]; i < c[b + 1]; ++i) r[i] = i - c[b];
     pos = restart.unsqueeze(0);
   }
-  const int64_t max_positions = cos.size(0);
-  if (q.device().is_cpu() && rows_b * rows_s > 0)
-    check_positions_in_range(op, pos, rows_s, max_positions);
-
   AttentionParams p;
   p.batch = packed ? cu.numel() - 1 : q.size(0);
   p.seqlen = q.size(1);
@@ -157,6 +153,14 @@ AttentionParams plan(const char* op, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor lens = cu.slice(0, 1) - cu.slice(0, 0, -1);
     p.seqlen = lens.numel() ? lens.max().item<int64_t>() : 0;
     p.cu_seqlens = cu.const_data_ptr<int64_t>();
+  }
+  const int64_t max_positions = cos.size(0);
+  if (restart.defined()) {  // positions 0..len-1 of each sequence
+    TORCH_CHECK_INDEX(p.seqlen <= max_positions, op, ": position_ids is None, so positions run "
+                      "0..len-1 in each sequence, but the longest sequence in cu_seqlens has ",
+                      p.seqlen, " tokens and cos/sin have only ", max_positions, " rows");
+  } else if (q.device().is_cpu() && rows_b * rows_s > 0) {
+    check_positions_in_range(op, pos, rows_s, max_positions);
   }
   const at::Tensor q4 = packed ? q.unsqueeze(0) : q, k4 = packed ? k.unsqueeze(0) : k;
   p.heads_q = q4.size(2);
