@@ -29,6 +29,9 @@ def test_api_examples_run_and_do_what_they_say():
     assert scope["x"].shape == (512, 32, 128)
     assert scope["out"].shape == scope["q"].shape
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (scope["q"], scope["k"], scope["v"]))
+    # packed sequences: one output row per token, gradients through the fused kernels
+    assert scope["out_packed"].shape == (4096, 32, 128)
+    assert scope["q_packed"].grad is not None and torch.isfinite(scope["q_packed"].grad).all()
 
 
 def test_drop_in_recipes_name_every_supported_model_type():
