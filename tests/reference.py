@@ -92,3 +92,17 @@ def attention_reference(q, k, v, cos, sin, position_ids=None, causal=True, softm
     dq = rope_reference(gq, cos, sin, position_ids, interleaved, conjugate=True)
     dk = rope_reference(gk, cos, sin, position_ids, interleaved, conjugate=True)
     return out.detach(), dq, dk, gv
+
+
+# Max |error| of an attention output or gradient, relative to max(1, max |reference|):
+# float32 sums over many keys, one rounding to the input dtype.
+ATTENTION_REL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def assert_attention_close(actual, ref, dtype, what=""):
+    """actual (any dtype/device) within ATTENTION_REL[dtype] of the float64 reference."""
+    actual = actual.detach().to(torch.float64).cpu()
+    assert actual.shape == ref.shape, (what, actual.shape, ref.shape)
+    err = (actual - ref).abs().max().item() if ref.numel() else 0.0
+    bound = ATTENTION_REL[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({dtype})"

@@ -8,11 +8,8 @@ import pytest
 import torch
 
 import pirope
+from reference import assert_attention_close as assert_close_to
 from reference import attention_reference
-
-# Max |error| allowed, relative to max(1, max |reference|): float32 math for the
-# reduced precisions, float64 math for float64.
-REL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def tables(rotary_dim, n, device="cpu", dtype=torch.float32):
@@ -26,17 +23,9 @@ def qkv(b, s, hq, hkv, d, dtype=torch.float32, device="cpu", requires_grad=False
     return mk(hq), mk(hkv), mk(hkv)
 
 
-def assert_close_to(actual, ref, dtype, what=""):
-    actual = actual.detach().to(torch.float64).cpu()
-    assert actual.shape == ref.shape, (what, actual.shape, ref.shape)
-    err = (actual - ref).abs().max().item() if ref.numel() else 0.0
-    bound = REL[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
-    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({dtype})"
-
-
 def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, scale=None, interleaved=False):
     """Output and the three gradients of pirope.rope_attention vs the reference
-    (max error relative to max(1, max |reference|) within REL[dtype])."""
+    (max error relative to max(1, max |reference|) within reference.ATTENTION_REL[dtype])."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = pirope.rope_attention(q, k, v, cos, sin, pos, causal=causal, softmax_scale=scale,
                                 interleaved=interleaved)
@@ -155,7 +144,7 @@ def test_backward_is_deterministic():
 # ---- CPU tile products: AVX512 kernels (avx512_gemm.h) or torch's BLAS ----
 CPU_GEMM = pirope.cpu_gemm()  # what this CPU runs by default, per dtype
 GEMM_ENV = {"avx512_bf16": None, "avx512": "avx512", "blas": "blas"}  # PIROPE_CPU_GEMM
-# Every path is held to REL. (A 1e-2 bound for bfloat16 failed about one run in a
+# Every path is held to ATTENTION_REL. (A 1e-2 bound for bfloat16 failed about one run in a
 # hundred for the 7-token, head-dim-6 case: over 4200 random draws of the smallest shapes
 # on all three paths the worst error was 1.9e-2, float16 1.9e-3.)
 

@@ -16,10 +16,9 @@ import pytest
 import torch
 
 import pirope
+from reference import assert_attention_close as assert_close_to
 from reference import rope_reference
 
-# Max |error| allowed, relative to max(1, max |reference|) (as in test_rope_attention.py).
-REL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 ERRORS = (ValueError, TypeError, IndexError, RuntimeError)
 
 
@@ -51,14 +50,6 @@ def spans(cu):
 def unfused():
     # pirope.rope_attention is the function; the module holds the unfused CUDA path.
     return importlib.import_module("pirope.rope_attention")._varlen_unfused
-
-
-def assert_close_to(actual, ref, dtype, what=""):
-    actual = actual.detach().to(torch.float64).cpu()
-    assert actual.shape == ref.shape, (what, actual.shape, ref.shape)
-    err = (actual - ref).abs().max().item() if ref.numel() else 0.0
-    bound = REL[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
-    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({dtype})"
 
 
 # ---- independent float64 reference ----
