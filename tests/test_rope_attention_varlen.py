@@ -599,3 +599,50 @@ def test_tables_need_rows_for_the_longest_sequence_only():
     assert_close_to(out, ref, torch.float32)
     with pytest.raises(IndexError, match="longest sequence in cu_seqlens has 11 tokens"):
         pirope.rope_attention(q, k, v, cos, sin, cu_seqlens=cu_tensor([0, 11, 20, 25]))
+
+
+@pytest.mark.parametrize("fn", ["public", "unfused"])
+@pytest.mark.parametrize("bad, match", [
+    (dict(v=torch.randn(20, 4, 16)), "same number of heads"),
+    (dict(v=torch.randn(20, 2, 8)), "head dim of q"),
+    (dict(k=torch.randn(20, 3, 16), v=torch.randn(20, 3, 16)), "multiple of nheads_kv"),
+    (dict(k=torch.randn(20, 0, 16), v=torch.randn(20, 0, 16)), "multiple of nheads_kv"),
+    (dict(k=torch.randn(20, 2, 16, dtype=torch.float64)), "dtype of q"),
+])
+def test_packed_shapes_are_checked_on_every_path(fn, bad, match):
+    # the CUDA path (_varlen_unfused) must refuse what the fused CPU op refuses, not let
+    # SDPA broadcast it into some result
+    args = dict(q=torch.randn(20, 4, 16), k=torch.randn(20, 2, 16), v=torch.randn(20, 2, 16))
+    args.update(bad)
+    cos, sin = tables(16, 64)
+    cu = cu_tensor([0, 5, 20])
+    with pytest.raises(ERRORS, match=match):
+        if fn == "public":
+            pirope.rope_attention(args["q"], args["k"], args["v"], cos, sin, cu_seqlens=cu)
+        else:
+            unfused()(args["q"], args["k"], args["v"], cos, sin, None, cu, True, 0.25, False)
+
+
+def test_unfused_path_on_no_tokens_still_has_gradients():
+    q, k, v = (torch.randn(0, h, 16, requires_grad=True) for h in (4, 2, 2))
+    cos, sin = tables(16, 8)
+    out = unfused()(q, k, v, cos, sin, None, cu_tensor([0, 0]), True, 0.25, False)
+    assert out.shape == (0, 4, 16) and out.requires_grad
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_unfused_path_tables_need_rows_for_the_longest_sequence_only():
+    q, k, v = packed_qkv(25, 2, 1, 16)
+    cos, sin = tables(16, 10)
+    out = unfused()(q, k, v, cos, sin, None, cu_tensor([0, 10, 20, 25]), True, 0.25, False)
+    assert_close_to(out, varlen_reference(q, k, v, cos, sin, [0, 10, 20, 25]), torch.float32)
+    with pytest.raises(IndexError, match="longest sequence in cu_seqlens has 11 tokens"):
+        unfused()(q, k, v, cos, sin, None, cu_tensor([0, 11, 20, 25]), True, 0.25, False)
+
+
+def test_packed_shape_errors_show_the_shapes_passed():
+    cos, sin = tables(16, 64)
+    with pytest.raises(RuntimeError, match=r"got shapes \[20, 2, 16\] and \[20, 4, 16\]"):
+        pirope.rope_attention(torch.randn(20, 4, 16), torch.randn(20, 2, 16), torch.randn(20, 4, 16), cos, sin,
+                              cu_seqlens=cu_tensor([0, 20]))

@@ -49,6 +49,8 @@ void check_qkv(const char* op, const at::Tensor& q4, const at::Tensor& k4,
   check_rank(op, "v", v4, "nheads_kv", packed);
   const at::Tensor q = packed ? q4.unsqueeze(0) : q4, k = packed ? k4.unsqueeze(0) : k4,
                    v = packed ? v4.unsqueeze(0) : v4;
+  // shapes in messages as the caller passed them
+  auto shape = [&](const at::Tensor& t) { return packed ? t.sizes().slice(1) : t.sizes(); };
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k},
                                 {"v", v}}) {
     TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name,
@@ -58,22 +60,22 @@ void check_qkv(const char* op, const at::Tensor& q4, const at::Tensor& k4,
                 " like q, got ", t.device());
     if (packed) {
       TORCH_CHECK(t.size(1) == q.size(1), op, ": ", name, " must have the total tokens of q (",
-                  q.size(1), "), got shape ", t.sizes().slice(1));
+                  q.size(1), "), got shape ", shape(t));
     } else {
       TORCH_CHECK(t.size(0) == q.size(0) && t.size(1) == q.size(1), op, ": ", name,
                   " must have the batch and seqlen of q (", q.size(0), ", ", q.size(1),
                   "), got shape ", t.sizes());
     }
     TORCH_CHECK(t.size(3) == q.size(3), op, ": ", name,
-                " must have the head dim of q (", q.size(3), "), got shape ", t.sizes());
+                " must have the head dim of q (", q.size(3), "), got shape ", shape(t));
   }
   TORCH_CHECK(v.size(2) == k.size(2), op,
-              ": k and v must have the same number of heads, got shapes ", k.sizes(),
-              " and ", v.sizes());
+              ": k and v must have the same number of heads, got shapes ", shape(k),
+              " and ", shape(v));
   TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, op,
               ": nheads_q must be a multiple of nheads_kv, got nheads_q = ", q.size(2),
               " and nheads_kv = ", k.size(2));
-  TORCH_CHECK(q.size(3) >= 1, op, ": headdim must be >= 1, got shape ", q.sizes());
+  TORCH_CHECK(q.size(3) >= 1, op, ": headdim must be >= 1, got shape ", shape(q));
 }
 
 void check_like_q(const char* op, const char* name, const at::Tensor& t,

@@ -33,8 +33,20 @@ def _sequence_bounds(op, q, k, v, cu_seqlens) -> list[int]:
             raise ValueError(f"{op}: with cu_seqlens (packed sequences) {name} must be (total, {heads}, headdim), "
                              f"got shape {tuple(t.shape)}")
     for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise RuntimeError(f"{op}: {name} must have the dtype of q ({q.dtype}), got {t.dtype}")
         if t.shape[0] != q.shape[0]:
             raise ValueError(f"{op}: {name} must have the total tokens of q ({q.shape[0]}), got shape {tuple(t.shape)}")
+        if t.shape[2] != q.shape[2]:
+            raise ValueError(f"{op}: {name} must have the head dim of q ({q.shape[2]}), got shape {tuple(t.shape)}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"{op}: k and v must have the same number of heads, got shapes {tuple(k.shape)} "
+                         f"and {tuple(v.shape)}")
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{op}: nheads_q must be a multiple of nheads_kv, got nheads_q = {q.shape[1]} and "
+                         f"nheads_kv = {k.shape[1]}")
+    if q.shape[2] < 1:
+        raise ValueError(f"{op}: headdim must be >= 1, got shape {tuple(q.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
@@ -56,18 +68,26 @@ def _sequence_bounds(op, q, k, v, cu_seqlens) -> list[int]:
 def _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax_scale, interleaved):
     """Packed sequences where the fused kernels do not take them (CUDA): apply_rope_qk on
     the packed tensors, then scaled_dot_product_attention sequence by sequence.
-    Differentiable through both; reads cu_seqlens on the host (one synchronisation)."""
+    Differentiable through both; reads cu_seqlens on the host (one synchronisation, a
+    graph break under torch.compile)."""
     op = "rope_attention"
     bounds = _sequence_bounds(op, q, k, v, cu_seqlens)
+    spans = [(s, e) for s, e in zip(bounds, bounds[1:]) if e > s]
     if position_ids is None:  # positions restart at 0 in each sequence
-        position_ids = torch.cat([torch.arange(e - s, dtype=torch.int64) for s, e in zip(bounds, bounds[1:])]
+        longest = max((e - s for s, e in spans), default=0)
+        if isinstance(cos, torch.Tensor) and cos.dim() == 2 and longest > cos.shape[0]:
+            raise IndexError(f"{op}: position_ids is None, so positions run 0..len-1 in each sequence, but the "
+                             f"longest sequence in cu_seqlens has {longest} tokens and cos/sin have only "
+                             f"{cos.shape[0]} rows")
+        position_ids = torch.cat([torch.arange(e - s, dtype=torch.int64) for s, e in spans]
                                  + [torch.zeros(0, dtype=torch.int64)]).to(q.device)
     qr, kr = apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
+    # no token at all: one empty call, so that the (empty) output still depends on q, k, v
     outs = [torch.nn.functional.scaled_dot_product_attention(
         qr[s:e].transpose(0, 1), kr[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
         is_causal=causal, scale=softmax_scale, enable_gqa=True).transpose(0, 1)
-        for s, e in zip(bounds, bounds[1:]) if e > s]
-    return torch.cat(outs) if outs else qr.new_empty(q.shape)
+        for s, e in spans or [(0, 0)]]
+    return torch.cat(outs)
 
 
 def _autocast(q, k, v):
@@ -157,8 +177,9 @@ def rope_attention(
             token attends across sequences (``causal`` applies within each). Positions
             restart at 0 in each sequence unless ``position_ids`` (``(total,)`` or
             ``(1, total)``) gives them. Fused on CPU (forward and backward); on CUDA
-            the call runs unfused (:func:`pirope.apply_rope_qk`, then attention
-            sequence by sequence; cu_seqlens is read on the host).
+            the call runs unfused, also with ``PIROPE_CUDA_ATTENTION=1``
+            (:func:`pirope.apply_rope_qk`, then SDPA sequence by sequence; cu_seqlens
+            is read on the host, a graph break under ``torch.compile``).
 
     Under ``torch.autocast``, q, k and v are cast to the autocast dtype first, as
     ``torch.nn.functional.scaled_dot_product_attention`` does (not float64 ones).
@@ -190,7 +211,8 @@ def rope_attention(
     q, k, v = _autocast(q, k, v)
     if softmax_scale is None:
         if q.dim() < 1 or q.shape[-1] < 1:
-            raise ValueError(f"{op}: q must be (batch, seqlen, nheads_q, headdim) with headdim >= 1, "
+            raise ValueError(f"{op}: q must be (batch, seqlen, nheads_q, headdim) (or (total, nheads_q, "
+                             f"headdim) with cu_seqlens) with headdim >= 1, "
                              f"got shape {tuple(q.shape)}")
         softmax_scale = q.shape[-1] ** -0.5
     softmax_scale = _checks.number(op, "softmax_scale", softmax_scale, positive=True)
