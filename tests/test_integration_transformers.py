@@ -50,6 +50,13 @@ def hf_pi_model(base, factor, window=None, **kw):
     return ref
 
 
+def with_attention(base, implementation):
+    """A copy of the base model with transformers' attention backend `implementation`."""
+    model = transformers.LlamaForCausalLM(llama_config(attn_implementation=implementation)).eval()
+    model.load_state_dict(base.state_dict())
+    return model
+
+
 def ids(batch, seqlen, seed=1):
     return torch.randint(0, 256, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
 
@@ -377,18 +384,87 @@ def test_gradient_checkpointing_training(base_model):
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 def test_packed_sequences_position_ids_reset(base_model, fused_stand_in, attention):
     # padding-free training: sequences of 30 and 20 tokens packed in one row, positions
-    # restarting at 0; without a cache transformers turns that into a block-diagonal mask
+    # restarting at 0; without a cache transformers turns that into a block-diagonal mask,
+    # which the fused path computes with rope_attention's cu_seqlens (on CPU)
     ref = hf_pi_model(base_model, 2.0)
     model = apply_position_interpolation(copy.deepcopy(base_model), 2.0, attention=attention)
     x = ids(1, 50)
     pos = torch.cat([torch.arange(30), torch.arange(20)])[None]
+    la, ga = logits_and_grads(model, x, position_ids=pos)
+    lb, gb = logits_and_grads(ref, x, position_ids=pos)
     with torch.no_grad():
-        a = model(x, position_ids=pos, use_cache=False).logits
-        b = ref(x, position_ids=pos, use_cache=False).logits
         c = ref(x[:, 30:]).logits  # the second sequence alone
+    assert_same_logits(la, lb)
+    assert_same_grads(ga, gb)
+    assert_same_logits(la[:, 30:], c)
+    # fused: one packed call per layer, q as (total tokens, heads, head_dim)
+    assert fused_stand_in == ([(50, 4, 16)] * 2 if attention == "fused" else [])
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_packed_rows_of_a_batch_fuse_like_transformers(base_model, fused_stand_in, implementation):
+    # two rows, each its own packing; a sequence may start past position 0 (a continued
+    # document): transformers' sequences are runs of consecutive positions
+    ref = hf_pi_model(base_model, 2.0, attn_implementation=implementation)
+    model = apply_position_interpolation(with_attention(base_model, implementation), 2.0, attention="fused")
+    x = ids(2, 40)
+    pos = torch.stack([torch.cat([torch.arange(25), torch.arange(15)]),
+                       torch.cat([torch.arange(5, 15), torch.arange(7), torch.arange(23)])])
+    la, ga = logits_and_grads(model, x, position_ids=pos)
+    lb, gb = logits_and_grads(ref, x, position_ids=pos)
+    assert_same_logits(la, lb)
+    assert_same_grads(ga, gb)
+    assert fused_stand_in == [(80, 4, 16)] * 2
+
+
+def test_eager_causal_mask_takes_the_fused_path(base_model, fused_stand_in):
+    # eager always builds a mask tensor; when it is the plain causal one, the call fuses
+    ref = hf_pi_model(base_model, 2.0, attn_implementation="eager")
+    model = apply_position_interpolation(with_attention(base_model, "eager"), 2.0, attention="fused")
+    x = ids(2, 30)
+    la, ga = logits_and_grads(model, x)
+    lb, gb = logits_and_grads(ref, x)
+    assert_same_logits(la, lb)
+    assert_same_grads(ga, gb)
+    assert fused_stand_in == [(2, 30, 4, 16)] * 2
+
+
+def test_packed_positions_with_an_attention_mask_are_not_split(base_model, fused_stand_in):
+    # with an attention mask given, transformers does not look for packed sequences: every
+    # token sees the whole row before it, whatever the positions (and so does pirope)
+    ref = hf_pi_model(base_model, 2.0)
+    model = apply_position_interpolation(copy.deepcopy(base_model), 2.0, attention="fused")
+    x = ids(1, 50)
+    pos = torch.cat([torch.arange(30), torch.arange(20)])[None]
+    mask = torch.ones(1, 50, dtype=torch.long)
+    with torch.no_grad():
+        a = model(x, position_ids=pos, attention_mask=mask, use_cache=False).logits
+        b = ref(x, position_ids=pos, attention_mask=mask, use_cache=False).logits
+        c = ref(x[:, 30:], position_ids=pos[:, 30:]).logits
     assert_same_logits(a, b)
-    assert_same_logits(a[:, 30:], c)
-    assert fused_stand_in == []  # a mask tensor: the exact sdpa path
+    assert not torch.allclose(a[:, 30:], c, atol=1e-3)  # the second part did see the first
+    assert all(shape[0] != 50 for shape in fused_stand_in)  # never split into sequences
+
+
+def test_segments_of_mask_accepts_only_the_exact_mask():
+    from pirope.integrations.transformers import _segments_of_mask
+
+    q = torch.zeros(1, 6, 2, 8)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    same = torch.tensor([0, 0, 0, 1, 1, 1])
+    block = (same[:, None] == same[None, :]) & torch.ones(6, 6, dtype=torch.bool).tril()
+    assert _segments_of_mask(q, block[None, None], pos, True).tolist() == [0, 3, 6]
+    # the additive float form of the same mask (eager)
+    additive = torch.zeros(6, 6).masked_fill(~block, torch.finfo(torch.float32).min)
+    assert _segments_of_mask(q, additive[None, None], pos, True).tolist() == [0, 3, 6]
+    for wrong in (torch.ones(6, 6, dtype=torch.bool).tril(),  # attends across the sequences
+                  block & ~torch.eye(6, dtype=torch.bool),  # a token that does not see itself
+                  block.clone().fill_diagonal_(True) & (torch.arange(6)[None, :] >= 1)):  # key 0 hidden
+        assert _segments_of_mask(q, wrong[None, None], pos, True) is None
+    assert _segments_of_mask(q, additive.masked_fill(block, 0.5)[None, None], pos, True) is None  # a bias
+    assert _segments_of_mask(q, block[None, None], pos, None) is None  # packing unknown (compile)
+    assert _segments_of_mask(q, None, pos, True) is None
+    assert _segments_of_mask(q, block[None, None, :5, :5], pos, True) is None  # wrong shape
 
 
 def test_deepcopy_of_a_patched_model_uses_its_own_weights(base_model):

@@ -831,13 +831,14 @@ def test_packed_sequences_attend_within_themselves_as_with_flash_attention(how, 
     got = logits_and_grads(model, x, **inputs)
     assert_same(got, logits_and_grads(ref, x, **inputs))
     assert fused_calls == []
-    # the premise: the fused path, were it taken, would attend across the sequences
+    # the premise: the dense fused path, were it taken, would attend across the sequences
     import pirope.integrations.transformers as integration
 
-    real = integration._can_fuse
+    real = integration._layer_can_fuse
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(integration, "_can_fuse", lambda attn, seqlen, mask, cache, kwargs, packed: real(
-            attn, seqlen, mask, cache, {k: v for k, v in kwargs.items() if not k.startswith("cu_seq_lens")}))
+        m.setattr(integration, "_layer_can_fuse", lambda attn, seqlen, cache, kwargs: real(
+            attn, seqlen, cache, {k: v for k, v in kwargs.items() if not k.startswith("cu_seq_lens")}))
+        m.setattr(integration, "_segments_of_mask", lambda q, *rest: torch.tensor([0, q.shape[1]]))  # one per row
         across = model(x, **inputs, use_cache=False).logits
     assert fused_calls == [(1, 100, 4, 16)] * 2
     torch.testing.assert_close(across[:, :30], got[0][:, :30], rtol=1e-5, atol=1e-5)  # the first sequence
@@ -846,12 +847,14 @@ def test_packed_sequences_attend_within_themselves_as_with_flash_attention(how, 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 def test_packed_sequences_with_sdpa_equal_transformers(attention, fused_calls):
-    base = make("llama")  # sdpa: transformers builds a packed-sequence mask tensor
+    # sdpa: transformers builds a packed-sequence mask tensor, which the fused path computes
+    # as rope_attention's packed sequences (cu_seqlens), one call per layer
+    base = make("llama")
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     x = ids(1, 100)
     assert_same(logits_and_grads(model, x, position_ids=PACKED),
                 logits_and_grads(twin(base, model.config), x, position_ids=PACKED))
-    assert fused_calls == []
+    assert fused_calls == ([(100, 4, 16)] * 2 if attention == "fused" else [])
 
 
 def test_rope_tables_say_whether_the_positions_are_packed():

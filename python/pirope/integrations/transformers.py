@@ -98,18 +98,21 @@ the projections produce, no copies) and then:
   one op, GQA, no seqlen x seqlen matrix) when that is exact: no cached past keys for
   this layer (a prefill or a plain training forward; the rotated keys are still written
   to an empty cache), no attention mask tensor (i.e. no padding: Hugging Face passes
-  ``None`` for a pure causal mask with sdpa), no attention dropout in training, causal
+  ``None`` for a pure causal mask with sdpa) -- or, on CPU, one that is exactly causal
+  within the runs of consecutive positions (transformers' mask for packed sequences, which
+  then run as rope_attention's ``cu_seqlens``, and eager's causal mask) --, no attention
+  dropout in training, causal
   attention (not Gemma's ``use_bidirectional_attention``, nor a call with
   ``is_causal=False``), a layer with RoPE (SmolLM3's NoPE layers, and EXAONE 4's and
   Cohere 2's, have nothing to fuse: they take the "sdpa" path, unrotated, as transformers
   runs them), no attention-logit soft-cap (Gemma 2), no sliding window shorter than the
   sequence, no score bias (a ``position_bias`` kwarg) and no sequences packed back to back
-  (padding-free training: ``position_ids`` that restart, or ``cu_seq_lens_q``/``_k``
-  passed in; flash attention attends within each sequence, sdpa and eager get a mask;
-  under ``torch.compile``, where the tables cannot read whether positions restart, nothing
-  fuses). Any other call of that layer -- a decode step with cached keys, a padded batch,
-  packed sequences, ``attn_implementation="eager"``, ``output_attentions`` -- takes the
-  "sdpa" path, so results never depend on which path ran.
+  other than as above (``cu_seq_lens_q``/``_k`` passed in, or restarting ``position_ids``
+  without a mask tensor: flash attention attends within each sequence; on CUDA; under
+  ``torch.compile``, where the tables cannot read whether positions restart, nothing with
+  a mask fuses). Any other call of that layer -- a decode step with cached keys, a padded
+  batch, ``output_attentions`` -- takes the "sdpa" path, so results never depend on which
+  path ran.
 
 The table is float32 whatever the model's dtype (``model.half()`` does not round it)
 and lives on the device of the hidden states. Finding the table length needs the
@@ -766,16 +769,18 @@ _UNFUSABLE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "position_bias", "s_aux")
 
 
 def _can_fuse(attn, seqlen: int, attention_mask, cache, kwargs, packed: bool | None = False) -> bool:
+    """Whether the dense fused call (no mask tensor, one sequence per row) is exact here."""
+    return attention_mask is None and packed is False and _layer_can_fuse(attn, seqlen, cache, kwargs)
+
+
+def _layer_can_fuse(attn, seqlen: int, cache, kwargs) -> bool:
+    """Whether rope_attention computes this call, whatever its mask: everything but the mask
+    and the packing (see _segments_of_mask)."""
     if attn._pirope_attention != "fused":
         return False
-    if attention_mask is not None:
-        return False  # padding or a non-sdpa mask tensor: keep Hugging Face's masking
-    if packed is not False or any(kwargs.get(name) is not None for name in _UNFUSABLE_KWARGS):
-        # sequences packed back to back (or, under torch.compile, maybe): transformers' flash
-        # attention attends within each one (cu_seqlens passed in, or derived from the
-        # restarting position_ids) where rope_attention would attend across them (sdpa,
-        # eager and flex get a mask tensor for packed sequences); or a score bias / sink
-        # logits that transformers' backends add and rope_attention has not
+    if any(kwargs.get(name) is not None for name in _UNFUSABLE_KWARGS):
+        # transformers' flash attention's packed sequences (cu_seqlens passed in), or a score
+        # bias / sink logits that transformers' backends add and rope_attention has not
         return False
     if attn.training and getattr(attn, "attention_dropout", 0.0):
         return False
@@ -794,6 +799,42 @@ def _can_fuse(attn, seqlen: int, attention_mask, cache, kwargs, packed: bool | N
     if kwargs.get("output_attentions"):
         return False
     return True
+
+
+_MASK_ROWS = 1024  # rows of the mask compared at a time (bounds the temporary)
+
+
+def _segments_of_mask(q, attention_mask, position_ids, packed) -> torch.Tensor | None:
+    """cu_seqlens (over the batch's rows flattened) when ``attention_mask`` lets each query
+    see exactly the keys at or before it within its own sequence -- sequences being the
+    runs of consecutive positions, as transformers delimits packed ones -- so that
+    rope_attention with those cu_seqlens computes the call; else None.
+
+    That is the mask transformers builds for packed sequences (padding-free training:
+    positions restarting, no attention mask given) with its sdpa or eager backend, and the
+    causal mask eager always builds. Read on the host: CPU tensors only (the fused CUDA path
+    does not take packed sequences), and not under torch.compile (``packed`` None)."""
+    if packed is None or q.device.type != "cpu" or not isinstance(attention_mask, torch.Tensor):
+        return None
+    batch, seqlen = q.shape[:2]
+    if attention_mask.dim() != 4 or tuple(attention_mask.shape) != (batch, 1, seqlen, seqlen):
+        return None
+    positions = torch.arange(seqlen)[None] if position_ids is None else position_ids.to("cpu")
+    positions = positions.expand(batch, seqlen)
+    # sequence index of each token in its row: a new sequence wherever a position is not
+    # its predecessor's + 1 (transformers' find_packed_sequence_indices)
+    segment = (torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    keys = torch.arange(seqlen)
+    for r0 in range(0, seqlen, _MASK_ROWS):
+        rows = torch.arange(r0, min(seqlen, r0 + _MASK_ROWS))
+        expected = (segment[:, rows, None] == segment[:, None, :]) & (keys[None, None, :] <= rows[None, :, None])
+        if not torch.equal(allowed[:, 0, rows], expected):
+            return None
+    starts = torch.ones(batch, seqlen, dtype=torch.bool)
+    starts[:, 1:] = segment[:, 1:] != segment[:, :-1]
+    first_tokens = starts.reshape(-1).nonzero().flatten()
+    return torch.cat([first_tokens, torch.tensor([batch * seqlen])])
 
 
 def _pirope_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
@@ -824,12 +865,26 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     # like Hugging Face's and has nothing to fuse: it takes the "sdpa" path, unrotated
     rotates = family.rope_layers is None or family.rope_layers.rotates(self)
 
-    if rotates and _can_fuse(self, q.shape[1], attention_mask, cache, kwargs, packed):
+    fuse, cu_seqlens = rotates and _layer_can_fuse(self, q.shape[1], cache, kwargs), None
+    if fuse and (attention_mask is not None or packed is not False):
+        # a mask tensor, or packed sequences: fused only where the mask is exactly causal
+        # within the sequences the positions delimit
+        cu_seqlens = _segments_of_mask(q, attention_mask, position_ids, packed)
+        fuse = cu_seqlens is not None
+    if fuse:
         if cache is not None:  # prefill: the cache gets the rotated keys, as Hugging Face's
             k_rot = pirope.apply_rope(k, cos, sin, position_ids, interleaved=interleaved)
             cache.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)
-        out = pirope.rope_attention(q, k, v, cos, sin, position_ids, causal=True, softmax_scale=self.scaling,
-                                    interleaved=interleaved)
+        batch, seqlen = q.shape[:2]
+        if cu_seqlens is not None and cu_seqlens.numel() - 1 > batch:  # packed: (total, heads, head_dim)
+            pos = (torch.arange(seqlen, device=q.device)[None] if position_ids is None else position_ids)
+            out = pirope.rope_attention(
+                q.reshape(batch * seqlen, *q.shape[2:]), k.reshape(batch * seqlen, *k.shape[2:]),
+                v.reshape(batch * seqlen, *v.shape[2:]), cos, sin, pos.expand(batch, seqlen).reshape(-1),
+                causal=True, softmax_scale=self.scaling, interleaved=interleaved, cu_seqlens=cu_seqlens)
+        else:  # one sequence per row
+            out = pirope.rope_attention(q, k, v, cos, sin, position_ids, causal=True, softmax_scale=self.scaling,
+                                        interleaved=interleaved)
         out = out.reshape(*input_shape, -1).contiguous()
         return _out_proj(self, out), None
 
