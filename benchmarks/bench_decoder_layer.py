@@ -4,12 +4,15 @@
     python benchmarks/bench_decoder_layer.py --kv-heads 8 --json dec.json
     python benchmarks/bench_decoder_layer.py --device cpu --seqlens 64,128 --hidden 256 \
         --heads 4 --kv-heads 2 --intermediate 512 --repeat 2       # CPU smoke test
+    python benchmarks/bench_decoder_layer.py --device cpu --seqlens 2048 --pack 4 ...  # padding-free
 
 The model is a Hugging Face LlamaModel with one decoder layer (random weights, --dtype,
 attn_implementation="sdpa"), a 2048-token window extended by Position Interpolation
 (rope_parameters {"rope_type": "linear", "factor": --factor}); the final norm is
 included, the embedding lookup is not (the step feeds inputs_embeds). One step =
 zero_grad, model(inputs_embeds=x, use_cache=False), backward of a fixed random grad.
+--pack N packs N equal sequences into each row (padding-free training: position_ids
+restarting in each, from which transformers builds its block-diagonal causal mask).
 Variants, all deep copies of one model (same weights, same config):
   hf            transformers as is: its linear-scaled rotary_emb + SDPA
   pirope_sdpa   patch_rope(model, attention="sdpa"): pirope.apply_rope_qk, then the
@@ -76,7 +79,7 @@ def rel_diff(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def run_variant(base, name, x, grad, repeat, device, ref):
+def run_variant(base, name, x, grad, repeat, device, ref, position_ids=None):
     """Time one variant; fills ref (output, grads) when it is hf, else compares to it."""
     model = make_variant(base, name)
     attn = model.layers[0].self_attn
@@ -84,7 +87,7 @@ def run_variant(base, name, x, grad, repeat, device, ref):
 
     def step():
         model.zero_grad(set_to_none=True)
-        out = model(inputs_embeds=x, use_cache=False).last_hidden_state
+        out = model(inputs_embeds=x, position_ids=position_ids, use_cache=False).last_hidden_state
         out.backward(grad)
         return out
 
@@ -129,9 +132,13 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--pack", type=int, default=1,
+                    help="sequences packed into each row (positions restarting; default 1: none)")
     ap.add_argument("--json", default=None, help="write the rows to this path")
     args = ap.parse_args()
     args.kv_heads = args.kv_heads or args.heads
+    if args.pack < 1:
+        ap.error("--pack must be >= 1")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     variants = args.variants.split(",")
     if set(variants) - set(VARIANTS):
@@ -141,6 +148,7 @@ def main():
     print(f"device {device}, {args.dtype}, batch {args.batch}, hidden {args.hidden}, heads "
           f"{args.heads}/{args.kv_heads} x {args.hidden // args.heads}, intermediate {args.intermediate}, "
           f"window {args.window} x PI factor {args.factor:g}, repeat {args.repeat}"
+          + (f", {args.pack} packed sequences per row" if args.pack > 1 else "")
           + (f", PIROPE_CUDA_ATTENTION={os.environ.get('PIROPE_CUDA_ATTENTION', '0 (default)')}"
              if device.type == "cuda" else ""))
     hdr = (f"{'seqlen':>6} {'variant':12} {'ms':>9} {'tok/s':>9} {'peak MiB':>9} {'x hf':>6} "
@@ -153,13 +161,17 @@ def main():
         gen = torch.Generator(device=device).manual_seed(s)
         x = torch.randn(args.batch, s, args.hidden, device=device, dtype=dtype, generator=gen)
         grad = torch.randn(args.batch, s, args.hidden, device=device, dtype=dtype, generator=gen)
+        pos = None
+        if args.pack > 1:  # N sequences per row, as even as the length allows
+            bounds = [s * i // args.pack for i in range(args.pack + 1)]
+            pos = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])]).to(device)[None]
         ref, hf_ms = {}, None
         for name in variants:
             row = dict(seqlen=s, variant=name, batch=args.batch, hidden=args.hidden, heads=args.heads,
                        kv_heads=args.kv_heads, intermediate=args.intermediate, factor=args.factor,
-                       dtype=args.dtype, device=str(device))
+                       dtype=args.dtype, device=str(device), pack=args.pack)
             try:
-                row.update(run_variant(base, name, x, grad, args.repeat, device, ref))
+                row.update(run_variant(base, name, x, grad, args.repeat, device, ref, pos))
             except RuntimeError as e:  # OOM or an unsupported call: note it, go on
                 row["error"] = str(e).splitlines()[0][:200]
                 print(f"{s:6d} {name:12} failed: {row['error']}", flush=True)
