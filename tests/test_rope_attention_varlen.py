@@ -646,3 +646,27 @@ def test_packed_shape_errors_show_the_shapes_passed():
     with pytest.raises(RuntimeError, match=r"got shapes \[20, 2, 16\] and \[20, 4, 16\]"):
         pirope.rope_attention(torch.randn(20, 4, 16), torch.randn(20, 2, 16), torch.randn(20, 4, 16), cos, sin,
                               cu_seqlens=cu_tensor([0, 20]))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_mixed_lengths_split_by_cost_over_any_thread_count(causal):
+    # the CPU kernels split packed sequences of mixed lengths over the threads by cost, not
+    # by count: outputs and gradients must not depend on the split (1, 2, 3 or 8 threads)
+    cu = [0, 700, 701, 900, 964, 980, 981, 1000]
+    q, k, v = packed_qkv(1000, 4, 2, 32)
+    cos, sin = tables(32, 1000)
+    g = torch.randn_like(q)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3, 8):
+            torch.set_num_threads(n)
+            runs.append(run_varlen(q, k, v, cos, sin, cu_tensor(cu), causal=causal, g=g)[:4])
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    out, dq, dk, dv = varlen_reference(q, k, v, cos, sin, cu, causal=causal, grad_out=g)
+    for what, got, want in zip(("out", "dq", "dk", "dv"), runs[0], (out, dq, dk, dv)):
+        assert_close_to(got, want, torch.float32, what)

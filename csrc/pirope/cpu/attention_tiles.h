@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include "../attention_params.h"
@@ -22,6 +24,31 @@ namespace pirope::cpu {
 // products are as fast as MKL's sgemm makes them.
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 256;
+
+// ---- Work split. ----
+
+// body(begin, end) over contiguous runs of the tasks [0, n) (as at::parallel_for), the runs
+// of about equal total cost(t) rather than of equal count: packed sequences of mixed
+// lengths make some tasks far heavier than others, and a split by count would hand one
+// thread the long sequence. Consecutive tasks stay together (tasks may reuse what the
+// previous one loaded); which thread runs a task never changes its result.
+template <typename Cost, typename Body>
+void parallel_for_cost(int64_t n, Cost cost, Body body) {
+  if (n <= 0) return;
+  std::vector<double> start(n + 1, 0.0);  // start[t]: the cost of tasks before t
+  for (int64_t t = 0; t < n; ++t) start[t + 1] = start[t] + static_cast<double>(cost(t));
+  const int64_t bins = std::min<int64_t>(n, 4 * static_cast<int64_t>(at::get_num_threads()));
+  // first task of bin k: the first whose start reaches k/bins of the total
+  auto first = [&](int64_t k) -> int64_t {
+    if (k >= bins) return n;
+    const double at_least = start[n] * static_cast<double>(k) / static_cast<double>(bins);
+    return std::lower_bound(start.begin(), start.begin() + n, at_least) - start.begin();
+  };
+  at::parallel_for(0, bins, 1, [&](int64_t k0, int64_t k1) {
+    const int64_t begin = first(k0), end = first(k1);
+    if (begin < end) body(begin, end);
+  });
+}
 
 // ---- Row-major products through the BLAS that ATen links (MKL's sgemm_/dgemm_,
 // exported by libtorch_cpu; ATen's own cpublas::gemm overloads for float/double are

@@ -319,9 +319,10 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
     prod.store_dk_dv(r, sq.rows, from, to, head(p.dk, sq, hk), p.dk.stride_s,
                      head(p.dv, sq, hk), p.dv.stride_s);
   };
-  // Runs body(prod, delta, pt, dpt, task) for the tasks [0, ntasks) over the threads.
-  auto run_tasks = [&](int64_t ntasks, auto body) {
-    at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+  // Runs body(prod, delta, pt, dpt, task) for the tasks [0, ntasks) over the threads,
+  // split by cost(task) (see parallel_for_cost).
+  auto run_tasks = [&](int64_t ntasks, auto cost, auto body) {
+    parallel_for_cost(ntasks, cost, [&](int64_t begin, int64_t end) {
       SingleThreadedBlas one_blas_thread;
       auto prod = make_products();
       std::vector<acc_t> delta(p.seqlen);
@@ -334,9 +335,12 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
   // a 2-core EPYC), so only when at least half the threads would idle otherwise.
   const bool two_pass =
       Products::kSplittable && 2 * p.batch * p.heads_kv <= at::get_num_threads();
+  auto length = [&](int64_t b) { return attention_sequence(p, b).len; };
   if (!two_pass) {
-    run_tasks(p.batch * p.heads_kv, [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt,
-                                        int64_t task) {
+    // a task's products grow with the square of its sequence's length
+    auto cost = [&](int64_t task) { return length(task / p.heads_kv) * length(task / p.heads_kv); };
+    run_tasks(p.batch * p.heads_kv, cost, [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt,
+                                              int64_t task) {
       const int64_t b = task / p.heads_kv, hk = task % p.heads_kv;
       const Seq sq = sequence(b);
       const int64_t S = sq.rows.len;
@@ -362,8 +366,17 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
   const int64_t want = std::clamp<int64_t>((2 * at::get_num_threads() + nkv - 1) / nkv, 1, ntiles);
   const int64_t rows = ((ntiles + want - 1) / want) * kBwdBlockK;
   const int64_t nsplit = (p.seqlen + rows - 1) / rows;
+  // Costs of a block of rows [from, to) of sequence b: rows times the rows they meet.
+  auto split_cost = [&](bool keys) {
+    return [&, keys](int64_t t) -> int64_t {
+      const int64_t i = zigzag(t, nkv * nsplit), c = i % nsplit, b = i / (nsplit * p.heads_kv);
+      const int64_t S = length(b), from = c * rows, to = std::min(S, from + rows);
+      if (from >= S) return 0;
+      return (to - from) * (!p.causal ? S : keys ? S - from : to);  // dk/dv: queries from `from` on
+    };
+  };
   // dk, dv of keys [kb, ke): every query head of the group, queries from kb (causal) on.
-  run_tasks(nkv * nsplit, [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt, int64_t t) {
+  run_tasks(nkv * nsplit, split_cost(true), [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt, int64_t t) {
     const int64_t i = zigzag(t, nkv * nsplit);
     const int64_t c = i % nsplit, hk = (i / nsplit) % p.heads_kv, b = i / (nsplit * p.heads_kv);
     const Seq sq = sequence(b);
@@ -385,7 +398,7 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
   });
   // dq of queries [qb, qe) of the group's query heads: the keys they see, in the
   // one-pass order (k0 ascending).
-  run_tasks(nkv * nsplit, [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt, int64_t t) {
+  run_tasks(nkv * nsplit, split_cost(false), [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt, int64_t t) {
     const int64_t i = zigzag(t, nkv * nsplit);
     const int64_t c = i % nsplit, hk = (i / nsplit) % p.heads_kv, b = i / (nsplit * p.heads_kv);
     const Seq sq = sequence(b);

@@ -132,7 +132,13 @@ void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
 
   const int64_t lse_len = attention_lse_len(p);
 
-  at::parallel_for(0, p.batch * p.heads_q * nchunks, 1, [&](int64_t begin, int64_t end) {
+  // cost of a task: its query rows times the keys they see (0 past a sequence's end)
+  auto cost = [&](int64_t task) {
+    const int64_t c = task % nchunks, b = task / (nchunks * p.heads_q);
+    const int64_t S = attention_sequence(p, b).len, c0 = c * kChunkQ, c1 = std::min(S, c0 + kChunkQ);
+    return c0 >= S ? 0 : (c1 - c0) * (p.causal ? c1 : S);
+  };
+  parallel_for_cost(p.batch * p.heads_q * nchunks, cost, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas one_blas_thread;
     // Per-task scratch: the products' operands, then one query tile's scores and
     // output accumulator.
