@@ -30,11 +30,9 @@ void check_input(const char* op, const char* name, const at::Tensor& x) {
               " must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
 }
 
-// The tensor as a 4-D (batch, seqlen, nheads, headdim) view.
-// Packed (total, heads, headdim) as (1, total, heads, headdim); other ranks as they are.
-at::Tensor as_4d(const at::Tensor& x) { return x.dim() == 3 ? x.unsqueeze(0) : x; }
-
 }  // namespace
+
+at::Tensor as_4d(const at::Tensor& x) { return x.dim() == 3 ? x.unsqueeze(0) : x; }
 
 void check_tables(const char* op, const at::Tensor& x, const at::Tensor& cos,
                   const at::Tensor& sin) {

@@ -42,6 +42,10 @@ void check_inplace_targets(const char* op, const char* qname, const at::Tensor& 
 // The kernels need a unit stride on the feature dim; anything else is copied.
 at::Tensor unit_last_stride(const at::Tensor& x);
 
+// The tensor as a 4-D (batch, seqlen, nheads, headdim) view: packed (total, heads,
+// headdim) as (1, total, heads, headdim); other ranks as they are.
+at::Tensor as_4d(const at::Tensor& x);
+
 // Fills the table, position and size fields of the kernels' RopeParams (tables with a
 // unit column stride and one row stride shared by cos and sin; copies otherwise).
 // `pos` is plan_positions' (batch, seqlen) view. Returns the (cos, sin) tensors whose

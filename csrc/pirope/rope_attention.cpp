@@ -47,8 +47,7 @@ void check_qkv(const char* op, const at::Tensor& q4, const at::Tensor& k4,
   check_rank(op, "q", q4, "nheads_q", packed);
   check_rank(op, "k", k4, "nheads_kv", packed);
   check_rank(op, "v", v4, "nheads_kv", packed);
-  const at::Tensor q = packed ? q4.unsqueeze(0) : q4, k = packed ? k4.unsqueeze(0) : k4,
-                   v = packed ? v4.unsqueeze(0) : v4;
+  const at::Tensor q = as_4d(q4), k = as_4d(k4), v = as_4d(v4);  // (rank checked above)
   // shapes in messages as the caller passed them
   auto shape = [&](const at::Tensor& t) { return packed ? t.sizes().slice(1) : t.sizes(); };
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k},
@@ -164,7 +163,7 @@ AttentionParams plan(const char* op, const at::Tensor& q, const at::Tensor& k,
   } else if (q.device().is_cpu() && rows_b * rows_s > 0) {
     check_positions_in_range(op, pos, rows_s, max_positions);
   }
-  const at::Tensor q4 = packed ? q.unsqueeze(0) : q, k4 = packed ? k.unsqueeze(0) : k;
+  const at::Tensor q4 = as_4d(q), k4 = as_4d(k);
   p.heads_q = q4.size(2);
   p.heads_kv = k4.size(2);
   p.head_dim = q4.size(3);
@@ -180,10 +179,6 @@ at::Tensor maybe_cu_seqlens(const char* op, const std::optional<at::Tensor>& cu_
   if (!cu_seqlens.has_value() || !cu_seqlens->defined()) return {};
   return check_cu_seqlens(op, *cu_seqlens, q);
 }
-
-// The kernels' view of q, k, v, ...: (batch, seqlen, heads, headdim), packed ones as
-// (1, total, heads, headdim).
-at::Tensor as_4d(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0) : t; }
 
 }  // namespace
 
