@@ -134,6 +134,11 @@ def test_vmap_over_nothing_gives_empty_outputs(device):
     assert func.vmap(lambda x: pirope.rope_attention(x, k, k, cos, sin))(q).shape == (0, 1, 7, 4, 16)
     grads = func.vmap(func.grad(lambda x: pirope.rope_attention(x, k, k, cos, sin).sum()))(q)
     assert grads.shape == (0, 1, 7, 4, 16)
+    if device == "cpu":  # packed sequences: a batched cu_seqlens has no valid all-zero sample
+        no_cu = torch.zeros(0, 3, dtype=torch.long)
+        qp, kp = rand(7, 4, 16, device=device), k[0]
+        packed = func.vmap(lambda c: pirope.rope_attention(qp, kp, kp, cos, sin, cu_seqlens=c))(no_cu)
+        assert packed.shape == (0, 7, 4, 16) and packed.dtype == qp.dtype
 
 
 def test_vmap_over_position_ids_and_tables(device):

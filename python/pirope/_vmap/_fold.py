@@ -29,15 +29,21 @@ def out_of_heads(t: torch.Tensor, size: int, heads: int, nheads: int) -> tuple[t
 
 
 def loop(op, info, in_dims, args):
-    """The op once per vmapped index, outputs stacked along dim 0 (for an empty vmap,
-    the op runs once on zeros, for the shapes)."""
-    def sample(i):
-        if info.batch_size == 0:  # zeros: valid positions and tables, only the shapes count
-            return [a if d is None else a.new_zeros(sample_shape(a, d)) for a, d in zip(args, in_dims)]
-        return [a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]
-
-    outs = [op(*sample(i)) for i in range(max(info.batch_size, 1))]
-    keep = slice(0, info.batch_size)
+    """The op once per vmapped index, outputs stacked along dim 0 (for an empty vmap, empty
+    outputs of the shapes the op's fake kernel gives one sample: no sample exists whose
+    values could be valid input, e.g. a cu_seqlens)."""
+    if info.batch_size == 0:
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        meta = [a if not isinstance(a, torch.Tensor) else a.to("meta") if d is None
+                else a.new_empty(sample_shape(a, d), device="meta") for a, d in zip(args, in_dims)]
+        shapes = op(*meta)
+        def empty(o):
+            return torch.empty((0, *o.shape), dtype=o.dtype, device=device)
+        if isinstance(shapes, (tuple, list)):
+            return tuple(empty(o) for o in shapes), (0,) * len(shapes)
+        return empty(shapes), 0
+    outs = [op(*[a if d is None else a.select(d, i) for a, d in zip(args, in_dims)])
+            for i in range(info.batch_size)]
     if isinstance(outs[0], (tuple, list)):
-        return tuple(torch.stack(o)[keep] for o in zip(*outs)), (0,) * len(outs[0])
-    return torch.stack(outs)[keep], 0
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+    return torch.stack(outs), 0
