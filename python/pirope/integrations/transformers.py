@@ -59,8 +59,8 @@ as ``softcap`` (scores ``cap * tanh(scores / cap)``); the patched layers pass it
 (also ``None``), so "eager" (Gemma 2's default: transformers refuses sdpa for it), flex and
 flash attention cap as in transformers. ``pirope.rope_attention`` has no soft-capping: a layer
 whose cap is set always takes the "sdpa" path; with ``attn_logit_softcapping=None`` the fused
-path is taken where exact (which needs an implementation that gets no mask tensor, e.g.
-flash attention without padding: "eager" always gets one). ``final_logit_softcapping`` is
+path is taken where exact (with no mask tensor, e.g. flash attention without padding, or,
+on CPU, with eager's plain causal mask). ``final_logit_softcapping`` is
 applied by the model after the layers, untouched by the patch.
 Gemma 3's ``attn_logit_softcapping``: transformers' ``Gemma3Attention`` stores it but passes
 no ``softcap`` to its attention function, so its scores are not capped; the patched layers
