@@ -8,6 +8,7 @@ import os
 import torch
 
 from . import _checks
+from ._fake import rope_attention as _fake_rope_attention
 from ._autograd import functorch as _functorch
 from .apply_rope import apply_rope_qk
 
@@ -26,31 +27,11 @@ def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, inter
     return out.transpose(1, 2)
 
 
-def _sequence_bounds(op, q, k, v, cu_seqlens) -> list[int]:
-    """cu_seqlens checked like the CPU op checks it (rope_attention.cpp), as a list."""
-    for name, t, heads in (("q", q, "nheads_q"), ("k", k, "nheads_kv"), ("v", v, "nheads_kv")):
-        if t.dim() != 3:
-            raise ValueError(f"{op}: with cu_seqlens (packed sequences) {name} must be (total, {heads}, headdim), "
-                             f"got shape {tuple(t.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise RuntimeError(f"{op}: {name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-        if t.shape[0] != q.shape[0]:
-            raise ValueError(f"{op}: {name} must have the total tokens of q ({q.shape[0]}), got shape {tuple(t.shape)}")
-        if t.shape[2] != q.shape[2]:
-            raise ValueError(f"{op}: {name} must have the head dim of q ({q.shape[2]}), got shape {tuple(t.shape)}")
-    if v.shape[1] != k.shape[1]:
-        raise ValueError(f"{op}: k and v must have the same number of heads, got shapes {tuple(k.shape)} "
-                         f"and {tuple(v.shape)}")
-    if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"{op}: nheads_q must be a multiple of nheads_kv, got nheads_q = {q.shape[1]} and "
-                         f"nheads_kv = {k.shape[1]}")
-    if q.shape[2] < 1:
-        raise ValueError(f"{op}: headdim must be >= 1, got shape {tuple(q.shape)}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{op}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"{op}: cu_seqlens must be 1-D (number of sequences + 1,), got shape {tuple(cu_seqlens.shape)}")
+def _sequence_bounds(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens) -> list[int]:
+    """The arguments checked as the CPU op checks them: shapes, dtypes, tables and
+    positions by the fake kernel's checks (the same messages), then cu_seqlens' values
+    (rope_attention.cpp's check_cu_seqlens), which it returns as a list."""
+    _fake_rope_attention._check(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens)
     if cu_seqlens.device != q.device:
         raise RuntimeError(f"{op}: cu_seqlens must be on {q.device} like q, got {cu_seqlens.device}")
     bounds = cu_seqlens.tolist()
@@ -71,7 +52,7 @@ def _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax
     Differentiable through both; reads cu_seqlens on the host (one synchronisation, a
     graph break under torch.compile)."""
     op = "rope_attention"
-    bounds = _sequence_bounds(op, q, k, v, cu_seqlens)
+    bounds = _sequence_bounds(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens)
     spans = [(s, e) for s, e in zip(bounds, bounds[1:]) if e > s]
     if position_ids is None:  # positions restart at 0 in each sequence
         longest = max((e - s for s, e in spans), default=0)

@@ -44,7 +44,8 @@ def _check(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens=None):
                               f"{tuple(t.shape[1:])}") if packed else
                      f"{op}: {name} must have the batch and seqlen of q, got shape {tuple(t.shape)}")
         torch._check(t.shape[3] == q.shape[3],
-                     lambda: f"{op}: {name} must have the head dim of q ({q.shape[3]}), got shape {tuple(t.shape)}")
+                     lambda: f"{op}: {name} must have the head dim of q ({q.shape[3]}), got shape "
+                             f"{tuple(t.shape[1:] if packed else t.shape)}")
     torch._check(v.shape[2] == k.shape[2], lambda: f"{op}: k and v must have the same number of heads")
     torch._check(k.shape[2] >= 1, lambda: f"{op}: nheads_q must be a multiple of nheads_kv")
     torch._check(q.shape[2] % k.shape[2] == 0, lambda: f"{op}: nheads_q must be a multiple of nheads_kv, "
