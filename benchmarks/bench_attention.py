@@ -28,12 +28,10 @@ import time
 
 import torch
 
-import pirope
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import rotate_half  # noqa: E402
 
-
-def rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
+import pirope  # noqa: E402
 
 
 def hf_eager(q, k, v, cos_hf, sin_hf, cos, sin):

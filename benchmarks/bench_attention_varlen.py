@@ -27,15 +27,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median_ms, print_table  # noqa: E402
+from common import machine, median_ms, print_table, rotate_half  # noqa: E402
 
 import pirope  # noqa: E402
 from pirope.rope_attention import _varlen_unfused  # noqa: E402
-
-
-def rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def hf_masked(q, k, v, cos, sin, cu, pos, mask):

@@ -25,14 +25,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median_ms, print_table  # noqa: E402
+from common import machine, median_ms, print_table, rotate_half  # noqa: E402
 
 import pirope  # noqa: E402
-
-
-def rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def hf_apply_rotary_pos_emb(q, k, cos, sin):

@@ -34,6 +34,12 @@ def median_ms(fn, device: str, *, warmup: int = 2, repeat: int = 10) -> float:
     return statistics.median(times)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotate_half (the baselines' eager rotation)."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
 def machine() -> str:
     import platform
 
