@@ -48,13 +48,16 @@ void apply_rope_qk_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // headdim ** -0.5, as in Python. cu_seqlens (packed sequences, CPU): q, k, v are
 // (total, heads, headdim), sequence b is rows [cu_seqlens[b], cu_seqlens[b+1]), lse is
 // (nheads_q, total), and positions restart at 0 in each sequence unless position_ids
-// ((total,)) gives them.
+// ((total,)) gives them. window_left/right (CPU): sliding-window attention as in
+// flash-attn's window_size: query i sees key j only when i - window_left <= j <=
+// i + window_right (-1: no bound; causal keeps j <= i whatever window_right says).
 std::tuple<at::Tensor, at::Tensor> rope_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids = std::nullopt,
     bool causal = true, std::optional<double> softmax_scale = std::nullopt,
     bool interleaved = false, bool deterministic = false,
-    const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
+    const std::optional<at::Tensor>& cu_seqlens = std::nullopt, int64_t window_left = -1,
+    int64_t window_right = -1);
 
 // Gradients (dq, dk, dv) of rope_attention's out, from the saved out and lse.
 // deterministic: bit-identical results run to run (always so on CPU; on CUDA it
@@ -65,7 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids = std::nullopt, bool causal = true,
     std::optional<double> softmax_scale = std::nullopt, bool interleaved = false,
-    bool deterministic = false, const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
+    bool deterministic = false, const std::optional<at::Tensor>& cu_seqlens = std::nullopt,
+    int64_t window_left = -1, int64_t window_right = -1);
 
 // Build facts, reported by pirope._C.build_info() and checked at import.
 struct BuildInfo {

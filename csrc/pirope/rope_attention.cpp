@@ -97,6 +97,17 @@ void check_scale(const char* op, double scale, at::ScalarType dtype) {
               " (the largest float32: ", dtype, " inputs are computed in float32), got ", scale);
 }
 
+// Sliding window: each bound -1 (none) or >= 0. The CUDA kernels take none (a causal
+// call may pass any window_right: causal overrides it).
+void check_window(const char* op, int64_t left, int64_t right, bool causal, const at::Tensor& q) {
+  TORCH_CHECK(left >= -1 && right >= -1, op,
+              ": window_size must be (left, right) with each -1 (unbounded) or >= 0, got (",
+              left, ", ", right, ")");
+  const bool plain = left == -1 && (causal || right == -1);
+  TORCH_CHECK(plain || q.device().is_cpu(), op,
+              ": window_size (sliding-window attention) is supported by the CPU kernels only; "
+              "pirope.rope_attention runs it on ", q.device(), " unfused");
+}
 
 // Packed sequences: cu_seqlens checked (1-D int32/int64 on q's device (CPU), 0 first,
 // non-decreasing, total tokens last) and copied to int64 host memory.
@@ -130,9 +141,11 @@ AttentionParams plan(const char* op, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& cos, const at::Tensor& sin,
                      const std::optional<at::Tensor>& position_ids, bool causal,
                      double scale, bool interleaved, const at::Tensor& cu,
+                     int64_t window_left, int64_t window_right,
                      at::Tensor& cos_u, at::Tensor& sin_u, at::Tensor& restart) {
   check_tables(op, q, cos, sin);
   check_scale(op, scale, q.scalar_type());
+  check_window(op, window_left, window_right, causal, q);
   const bool packed = cu.defined();
   // The rows the positions describe: (batch, seqlen), or (1, total) when packed.
   const int64_t rows_b = packed ? 1 : q.size(0), rows_s = packed ? q.size(0) : q.size(1);
@@ -168,6 +181,8 @@ AttentionParams plan(const char* op, const at::Tensor& q, const at::Tensor& k,
   p.heads_kv = k4.size(2);
   p.head_dim = q4.size(3);
   p.causal = causal;
+  p.window_left = window_left;
+  p.window_right = window_right;
   p.softmax_scale = scale;
   std::tie(cos_u, sin_u) =
       fill_rope_tables(p.rope, cos, sin, pos, rows_b, rows_s, q4.size(3), interleaved);
@@ -190,13 +205,13 @@ std::tuple<at::Tensor, at::Tensor> rope_attention_run(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
     double softmax_scale, bool interleaved, const std::optional<at::Tensor>& cu_seqlens,
-    AttentionLauncher launch) {
+    int64_t window_left, int64_t window_right, AttentionLauncher launch) {
   const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
   check_qkv(kFwd, q, k, v, packed);
   const at::Tensor cu = maybe_cu_seqlens(kFwd, cu_seqlens, q);  // backs p.cu_seqlens
   at::Tensor cos_u, sin_u, restart;
   AttentionParams p = plan(kFwd, q, k, cos, sin, position_ids, causal, softmax_scale,
-                           interleaved, cu, cos_u, sin_u, restart);
+                           interleaved, cu, window_left, window_right, cos_u, sin_u, restart);
   at::Tensor out = at::empty(q.sizes(), q.options());
   const auto lse_options = q.options().dtype(math_dtype(q.scalar_type()));
   // (batch, heads_q, seqlen), or (heads_q, total) for packed sequences
@@ -221,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids, bool causal, double softmax_scale,
     bool interleaved, bool deterministic, const std::optional<at::Tensor>& cu_seqlens,
-    AttentionLauncher launch) {
+    int64_t window_left, int64_t window_right, AttentionLauncher launch) {
   const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
   check_qkv(kBwd, q, k, v, packed);
   check_like_q(kBwd, "grad_out", grad_out, q);
@@ -245,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
   const at::Tensor cu = maybe_cu_seqlens(kBwd, cu_seqlens, q);  // backs p.cu_seqlens
   at::Tensor cos_u, sin_u, restart;
   AttentionParams p = plan(kBwd, q, k, cos, sin, position_ids, causal, softmax_scale,
-                           interleaved, cu, cos_u, sin_u, restart);
+                           interleaved, cu, window_left, window_right, cos_u, sin_u, restart);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -288,16 +303,16 @@ std::tuple<at::Tensor, at::Tensor> rope_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
     std::optional<double> softmax_scale, bool interleaved, bool deterministic,
-    const std::optional<at::Tensor>& cu_seqlens) {
+    const std::optional<at::Tensor>& cu_seqlens, int64_t window_left, int64_t window_right) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pirope::rope_attention", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const std::optional<at::Tensor>&, bool, double, bool, bool,
-              const std::optional<at::Tensor>&)>();
+              const std::optional<at::Tensor>&, int64_t, int64_t)>();
   return op.call(q, k, v, cos, sin, position_ids, causal, default_scale(q, softmax_scale),
-                 interleaved, deterministic, cu_seqlens);
+                 interleaved, deterministic, cu_seqlens, window_left, window_right);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
@@ -306,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids, bool causal,
     std::optional<double> softmax_scale, bool interleaved, bool deterministic,
-    const std::optional<at::Tensor>& cu_seqlens) {
+    const std::optional<at::Tensor>& cu_seqlens, int64_t window_left, int64_t window_right) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pirope::rope_attention_backward", "")
@@ -314,9 +329,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, bool, double, bool, bool,
-              const std::optional<at::Tensor>&)>();
+              const std::optional<at::Tensor>&, int64_t, int64_t)>();
   return op.call(grad_out, q, k, v, out, lse, cos, sin, position_ids, causal,
-                 default_scale(q, softmax_scale), interleaved, deterministic, cu_seqlens);
+                 default_scale(q, softmax_scale), interleaved, deterministic, cu_seqlens,
+                 window_left, window_right);
 }
 
 }  // namespace pirope

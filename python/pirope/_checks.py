@@ -31,6 +31,14 @@ def integer(op: str, name: str, value, *, minimum: int | None = None) -> int:
     return value
 
 
+def window(op: str, name: str, value) -> tuple[int, int]:
+    """flash-attn's window_size: a (left, right) pair of ints, each -1 (unbounded) or >= 0."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{op}: {name} must be a (left, right) pair of ints (-1: unbounded), got {value!r}")
+    left, right = (integer(op, f"{name}[{i}]", v, minimum=-1) for i, v in enumerate(value))
+    return left, right
+
+
 def number(op: str, name: str, value, *, positive: bool = False) -> float:
     # any real number (a NumPy scalar too), not a bool
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

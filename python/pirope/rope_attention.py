@@ -17,13 +17,49 @@ __all__ = ["rope_attention"]
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved):
+_NO_WINDOW = (-1, -1)
+# Query rows per SDPA call of a windowed unfused attention: its mask is (rows x (rows +
+# window)), never seqlen x seqlen.
+_BAND_ROWS = 1024
+
+
+def _is_windowed(window, causal) -> bool:
+    """Whether window_size (left, right) restricts attention beyond ``causal``."""
+    return window[0] >= 0 or (window[1] >= 0 and not causal)
+
+
+def _band_sdpa(q, k, v, causal, scale, window):
+    """Scaled dot-product attention of (batch, heads, seqlen, headdim) q, k, v, where query
+    i sees keys j with i - left <= j <= i + right (a bound of -1: none; causal: right = 0),
+    run over blocks of query rows with the keys their band covers and a boolean mask of
+    that block only. Differentiable through SDPA."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if not _is_windowed(window, causal):
+        return sdpa(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+    left, right = window[0], 0 if causal else window[1]
+    S = q.shape[2]
+    outs = []
+    for q0 in range(0, S, _BAND_ROWS):
+        q1 = min(S, q0 + _BAND_ROWS)
+        k0 = 0 if left < 0 else max(0, q0 - left)
+        k1 = S if right < 0 else min(S, q1 + right)
+        i = torch.arange(q0, q1, device=q.device)[:, None]
+        j = torch.arange(k0, k1, device=q.device)[None, :]
+        seen = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=q.device)
+        if left >= 0:
+            seen &= j >= i - left
+        if right >= 0:
+            seen &= j <= i + right
+        outs.append(sdpa(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=seen, scale=scale,
+                         enable_gqa=True))
+    return torch.cat(outs, dim=2) if outs else sdpa(q, k, v, scale=scale, enable_gqa=True)
+
+
+def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, window=_NO_WINDOW):
     # CUDA calls the fused forward does not take: the same math unfused, differentiable
     # through apply_rope_qk's and SDPA's own backward.
     qr, kr = apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
-        is_causal=causal, scale=softmax_scale, enable_gqa=True)
+    out = _band_sdpa(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale, window)
     return out.transpose(1, 2)
 
 
@@ -46,7 +82,8 @@ def _sequence_bounds(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seql
     return bounds
 
 
-def _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax_scale, interleaved):
+def _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax_scale, interleaved,
+                    window=_NO_WINDOW):
     """Packed sequences where the fused kernels do not take them (CUDA): apply_rope_qk on
     the packed tensors, then scaled_dot_product_attention sequence by sequence.
     Differentiable through both; reads cu_seqlens on the host (one synchronisation, a
@@ -64,10 +101,9 @@ def _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax
                                  + [torch.zeros(0, dtype=torch.int64)]).to(q.device)
     qr, kr = apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
     # no token at all: one empty call, so that the (empty) output still depends on q, k, v
-    outs = [torch.nn.functional.scaled_dot_product_attention(
-        qr[s:e].transpose(0, 1), kr[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-        is_causal=causal, scale=softmax_scale, enable_gqa=True).transpose(0, 1)
-        for s, e in spans or [(0, 0)]]
+    outs = [_band_sdpa(qr[s:e].transpose(0, 1), kr[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                       causal, softmax_scale, window).transpose(0, 1)
+            for s, e in spans or [(0, 0)]]
     return torch.cat(outs)
 
 
@@ -114,6 +150,7 @@ def rope_attention(
     interleaved: bool = False,
     deterministic: bool | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
     """Rotary embedding of ``q`` and ``k`` followed by softmax attention, fused.
 
@@ -161,6 +198,16 @@ def rope_attention(
             the call runs unfused, also with ``PIROPE_CUDA_ATTENTION=1``
             (:func:`pirope.apply_rope_qk`, then SDPA sequence by sequence; cu_seqlens
             is read on the host, a graph break under ``torch.compile``).
+        window_size: ``(left, right)``, sliding-window (local) attention as in
+            flash-attn: query ``i`` sees key ``j`` only when ``i - left <= j <= i +
+            right`` (``-1``: no bound on that side; ``(-1, -1)``, the default: plain
+            attention). ``causal=True`` keeps ``j <= i`` whatever ``right`` says, so
+            transformers' sliding window ``W`` is ``window_size=(W - 1, 0)`` (or its
+            flash path's ``(W - 1, W - 1)``). ``i`` and ``j`` count tokens of the
+            sequence (with ``cu_seqlens``: of each sequence), not positions. Fused on CPU
+            (tiles outside the band are skipped: the work grows with ``seqlen x
+            window``); on CUDA the call runs unfused (:func:`pirope.apply_rope_qk`, then
+            SDPA over blocks of query rows with the keys of their band).
 
     Under ``torch.autocast``, q, k and v are cast to the autocast dtype first, as
     ``torch.nn.functional.scaled_dot_product_attention`` does (not float64 ones).
@@ -188,6 +235,7 @@ def rope_attention(
     _checks.tensor(op, "cu_seqlens", cu_seqlens, optional=True)
     _checks.flag(op, "causal", causal)
     _checks.flag(op, "interleaved", interleaved)
+    window = _checks.window(op, "window_size", window_size)
     _checks.no_forward_ad(op, *zip("q k v cos sin".split(), (q, k, v, cos, sin)))
     q, k, v = _autocast(q, k, v)
     if softmax_scale is None:
@@ -210,9 +258,10 @@ def rope_attention(
             if t.device != q.device:
                 raise RuntimeError(f"{op}: {name} must be on {q.device} like q, got {t.device}")
         if cu_seqlens is not None:
-            return _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax_scale, interleaved)
-        if not _cuda_kernel_applies(q, k, v, cos, interleaved):
-            return _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved)
+            return _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax_scale, interleaved,
+                                   window)
+        if _is_windowed(window, causal) or not _cuda_kernel_applies(q, k, v, cos, interleaved):
+            return _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, window)
     out, _ = _functorch.call("rope_attention", q, k, v, cos, sin, position_ids, causal,
-                             softmax_scale, interleaved, deterministic, cu_seqlens)
+                             softmax_scale, interleaved, deterministic, cu_seqlens, *window)
     return out

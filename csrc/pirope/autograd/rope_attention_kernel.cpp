@@ -21,12 +21,14 @@ struct Attention : torch::autograd::Function<Attention> {
                                const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
                                const std::optional<at::Tensor>& pos, bool causal,
                                double softmax_scale, bool interleaved, bool deterministic,
-                               const std::optional<at::Tensor>& cu_seqlens) {
+                               const std::optional<at::Tensor>& cu_seqlens, int64_t window_left,
+                               int64_t window_right) {
     at::Tensor out, lse;
     {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(out, lse) = rope_attention(q, k, v, cos, sin, pos, causal, softmax_scale,
-                                          interleaved, deterministic, cu_seqlens);
+                                          interleaved, deterministic, cu_seqlens, window_left,
+                                          window_right);
     }
     ctx->save_for_backward({q, k, v, out, lse, cos, sin, pos.value_or(at::Tensor()),
                             cu_seqlens.value_or(at::Tensor())});
@@ -34,6 +36,8 @@ struct Attention : torch::autograd::Function<Attention> {
     ctx->saved_data["softmax_scale"] = softmax_scale;
     ctx->saved_data["interleaved"] = interleaved;
     ctx->saved_data["deterministic"] = deterministic;
+    ctx->saved_data["window_left"] = window_left;
+    ctx->saved_data["window_right"] = window_right;
     ctx->mark_non_differentiable({lse});
     return {out, lse};
   }
@@ -47,9 +51,10 @@ struct Attention : torch::autograd::Function<Attention> {
     auto [dq, dk, dv] = rope_attention_backward(
         grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[6],
         optional(s[7]), d.at("causal").toBool(), d.at("softmax_scale").toDouble(),
-        d.at("interleaved").toBool(), d.at("deterministic").toBool(), optional(s[8]));
+        d.at("interleaved").toBool(), d.at("deterministic").toBool(), optional(s[8]),
+        d.at("window_left").toInt(), d.at("window_right").toInt());
     variable_list out = {dq, dk, dv};
-    out.resize(11);  // none for cos, sin, position_ids, the flags and cu_seqlens
+    out.resize(13);  // none for cos, sin, position_ids, the flags, cu_seqlens and the window
     return out;
   }
 };
@@ -60,11 +65,12 @@ struct AttentionBackward : torch::autograd::Function<AttentionBackward> {
                                const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& sin,
                                const std::optional<at::Tensor>& pos, bool causal,
                                double softmax_scale, bool interleaved, bool deterministic,
-                               const std::optional<at::Tensor>& cu_seqlens) {
+                               const std::optional<at::Tensor>& cu_seqlens, int64_t window_left,
+                               int64_t window_right) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [dq, dk, dv] = rope_attention_backward(grad_out, q, k, v, out, lse, cos, sin, pos, causal,
                                                 softmax_scale, interleaved, deterministic,
-                                                cu_seqlens);
+                                                cu_seqlens, window_left, window_right);
     return {dq, dk, dv};
   }
 
@@ -79,10 +85,10 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& pos, bool causal,
     double softmax_scale, bool interleaved, bool deterministic,
-    const std::optional<at::Tensor>& cu_seqlens) {
+    const std::optional<at::Tensor>& cu_seqlens, int64_t window_left, int64_t window_right) {
   check_defined("rope_attention", {{"q", q}, {"k", k}, {"v", v}, {"cos", cos}, {"sin", sin}});
   auto out = Attention::apply(q, k, v, cos, sin, pos, causal, softmax_scale, interleaved,
-                              deterministic, cu_seqlens);
+                              deterministic, cu_seqlens, window_left, window_right);
   return {out[0], out[1]};
 }
 
@@ -90,11 +96,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& pos, bool causal, double softmax_scale, bool interleaved,
-    bool deterministic, const std::optional<at::Tensor>& cu_seqlens) {
+    bool deterministic, const std::optional<at::Tensor>& cu_seqlens, int64_t window_left,
+    int64_t window_right) {
   check_defined("rope_attention_backward", {{"grad_out", grad_out}, {"q", q}, {"k", k}, {"v", v},
                                             {"out", out}, {"lse", lse}, {"cos", cos}, {"sin", sin}});
   auto grads = AttentionBackward::apply(grad_out, q, k, v, out, lse, cos, sin, pos, causal,
-                                        softmax_scale, interleaved, deterministic, cu_seqlens);
+                                        softmax_scale, interleaved, deterministic, cu_seqlens,
+                                        window_left, window_right);
   return {grads[0], grads[1], grads[2]};
 }
 

@@ -233,9 +233,27 @@ acc_t exp_row(acc_t* x, int64_t n, acc_t sub) {
   return sum;
 }
 
-// Keys of block [k0, k0 + nk) that query row q sees.
-inline int64_t visible_keys(bool causal, int64_t q, int64_t k0, int64_t nk) {
-  return causal ? std::clamp<int64_t>(q - k0 + 1, 0, nk) : nk;
+// The keys of block [k0, k0 + nk) that query row q (of a sequence of S rows) sees:
+// [lo, hi), counted from k0 (lo == hi: none).
+struct KeySpan {
+  int64_t lo, hi;
+  int64_t size() const { return hi - lo; }
+};
+inline KeySpan visible_keys(const AttentionBand& band, int64_t S, int64_t q, int64_t k0,
+                            int64_t nk) {
+  // first(q) <= q < end(q): lo <= hi
+  return {std::clamp<int64_t>(band.first(q) - k0, 0, nk),
+          std::clamp<int64_t>(band.end(q, S) - k0, 0, nk)};
 }
+
+// row[j] = 0 for the keys of the block (nk) the row does not see.
+template <typename acc_t>
+void zero_unseen(acc_t* row, KeySpan seen, int64_t nk) {
+  std::fill(row, row + seen.lo, acc_t(0));
+  std::fill(row + seen.hi, row + nk, acc_t(0));
+}
+
+// First key of the tile (of kBlockK keys, from key 0) that holds key j.
+inline int64_t key_tile_start(int64_t j) { return j / kBlockK * kBlockK; }
 
 }  // namespace pirope::cpu

@@ -212,17 +212,35 @@ class PackedBackward {
 enum class Grads { kAll, kKeyValue, kQuery };
 
 // Tiles of (query tile q0, key tile k0): keys [k0, k0 + nk) that query rows
-// [q0, q0 + nq) can see. Causal: query tiles before k0 see none of the keys (first
-// visible tile: query_start), and keys past the tile's last query are masked for
-// every row, so they are left out of the products (only diagonal tiles are clipped).
+// [q0, q0 + nq) can see. Query tiles outside [query_start(k0), query_end(k0)) see none
+// of the key tile's keys (causal: those before it; a window: those past it too), and
+// keys past the last row's end (band.end) are masked for every row of the tile, so they
+// are left out of the products (only tiles on the band's upper edge are clipped).
 struct TileGrid {
   int64_t S;
-  bool causal;
-  int64_t query_start(int64_t k0) const { return causal ? (k0 / kBwdBlockQ) * kBwdBlockQ : 0; }
+  AttentionBand band;
+  int64_t query_start(int64_t k0) const {
+    return band.first_query(k0) / kBwdBlockQ * kBwdBlockQ;
+  }
+  int64_t query_end(int64_t k0) const {
+    return band.end_query(std::min(S, k0 + kBwdBlockK) - 1, S);
+  }
   int64_t nq(int64_t q0) const { return std::min(kBwdBlockQ, S - q0); }
   int64_t nk(int64_t q0, int64_t k0) const {
-    const int64_t nk_block = std::min(kBwdBlockK, S - k0);
-    return causal ? std::min(nk_block, q0 + nq(q0) - k0) : nk_block;
+    return std::min(std::min(kBwdBlockK, S - k0), band.end(q0 + nq(q0) - 1, S) - k0);
+  }
+  // First key of the key tile that holds key j, and the end of the query tile that
+  // holds query i.
+  static int64_t key_tile(int64_t j) { return j / kBwdBlockK * kBwdBlockK; }
+  int64_t query_tile_end(int64_t i) const {
+    return std::min(S, (i + kBwdBlockQ - 1) / kBwdBlockQ * kBwdBlockQ);
+  }
+  // (query, key) pairs of rows [from, to) of queries (keys: of keys) and what they see.
+  int64_t pairs(int64_t from, int64_t to, bool keys) const {
+    if (from >= to) return 0;
+    const int64_t seen = keys ? band.end_query(to - 1, S) - band.first_query(from)
+                              : band.end(to - 1, S) - band.first(from);
+    return (to - from) * seen;
   }
 };
 
@@ -236,9 +254,9 @@ void backward_tile(Products& prod, const TileGrid& grid, int64_t q0, int64_t k0,
   prod.scores(q0, nq, k0, nk, scale, pt, kBwdBlockK);
   for (int64_t i = 0; i < nq; ++i) {
     acc_t* prow = pt + i * kBwdBlockK;
-    const int64_t nv = visible_keys(grid.causal, q0 + i, k0, nk);
-    if (nv > 0) exp_row(prow, nv, lse[q0 + i]);
-    std::fill(prow + nv, prow + nk, acc_t(0));
+    const KeySpan seen = visible_keys(grid.band, grid.S, q0 + i, k0, nk);
+    if (seen.size() > 0) exp_row(prow + seen.lo, seen.size(), lse[q0 + i]);
+    zero_unseen(prow, seen, nk);
   }
   if (which != Grads::kQuery) prod.add_dv(q0, nq, k0, nk, pt, kBwdBlockK);
   // dP = dO V^T, then dS = P * (dP - delta) in place
@@ -284,7 +302,7 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
   };
   auto sequence = [&](int64_t b) {
     const AttentionSequence rows = attention_sequence(p, b);
-    return Seq{rows, TileGrid{rows.len, p.causal}};
+    return Seq{rows, TileGrid{rows.len, attention_band(p)}};
   };
   auto head = [&](const AttentionTensor& t, const Seq& sq, int64_t h) {
     return static_cast<scalar_t*>(t.ptr) + sq.rows.offset(t, h);
@@ -335,10 +353,12 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
   // a 2-core EPYC), so only when at least half the threads would idle otherwise.
   const bool two_pass =
       Products::kSplittable && 2 * p.batch * p.heads_kv <= at::get_num_threads();
-  auto length = [&](int64_t b) { return attention_sequence(p, b).len; };
   if (!two_pass) {
-    // a task's products grow with the square of its sequence's length
-    auto cost = [&](int64_t task) { return length(task / p.heads_kv) * length(task / p.heads_kv); };
+    // a task's products: the (query, key) pairs of its sequence
+    auto cost = [&](int64_t task) {
+      const TileGrid grid = sequence(task / p.heads_kv).grid;
+      return grid.pairs(0, grid.S, false);
+    };
     run_tasks(p.batch * p.heads_kv, cost, [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt,
                                               int64_t task) {
       const int64_t b = task / p.heads_kv, hk = task % p.heads_kv;
@@ -351,7 +371,7 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
         load_q(prod, sq, hq, 0, S);
         compute_delta(sq, hq, 0, S, delta);
         for (int64_t k0 = 0; k0 < S; k0 += kBwdBlockK)
-          for (int64_t q0 = sq.grid.query_start(k0); q0 < S; q0 += kBwdBlockQ)
+          for (int64_t q0 = sq.grid.query_start(k0); q0 < sq.grid.query_end(k0); q0 += kBwdBlockQ)
             backward_tile(prod, sq.grid, q0, k0, scale, lse_of(sq, hq), delta, pt, dpt,
                           Grads::kAll);
         store_dq(prod, sq, hq, 0, S);
@@ -370,12 +390,11 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
   auto split_cost = [&](bool keys) {
     return [&, keys](int64_t t) -> int64_t {
       const int64_t i = zigzag(t, nkv * nsplit), c = i % nsplit, b = i / (nsplit * p.heads_kv);
-      const int64_t S = length(b), from = c * rows, to = std::min(S, from + rows);
-      if (from >= S) return 0;
-      return (to - from) * (!p.causal ? S : keys ? S - from : to);  // dk/dv: queries from `from` on
+      const TileGrid grid = sequence(b).grid;
+      return grid.pairs(c * rows, std::min(grid.S, c * rows + rows), keys);
     };
   };
-  // dk, dv of keys [kb, ke): every query head of the group, queries from kb (causal) on.
+  // dk, dv of keys [kb, ke): every query head of the group, the query tiles that see them.
   run_tasks(nkv * nsplit, split_cost(true), [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt, int64_t t) {
     const int64_t i = zigzag(t, nkv * nsplit);
     const int64_t c = i % nsplit, hk = (i / nsplit) % p.heads_kv, b = i / (nsplit * p.heads_kv);
@@ -383,14 +402,15 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
     const int64_t S = sq.rows.len;
     const int64_t kb = c * rows, ke = std::min(S, kb + rows);
     if (kb >= S) return;
-    const int64_t qfrom = sq.grid.query_start(kb);
+    // whole query tiles: rows a tile holds past the band read zeros of P, not stale rows
+    const int64_t qfrom = sq.grid.query_start(kb), qto = sq.grid.query_tile_end(sq.grid.query_end(ke - 1));
     load_kv(prod, sq, hk, kb, ke);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t hq = hk * G + g;
-      load_q(prod, sq, hq, qfrom, S);
-      compute_delta(sq, hq, qfrom, S, delta);
+      load_q(prod, sq, hq, qfrom, qto);
+      compute_delta(sq, hq, qfrom, qto, delta);
       for (int64_t k0 = kb; k0 < ke; k0 += kBwdBlockK)
-        for (int64_t q0 = sq.grid.query_start(k0); q0 < S; q0 += kBwdBlockQ)
+        for (int64_t q0 = sq.grid.query_start(k0); q0 < sq.grid.query_end(k0); q0 += kBwdBlockQ)
           backward_tile(prod, sq.grid, q0, k0, scale, lse_of(sq, hq), delta, pt, dpt,
                         Grads::kKeyValue);
     }
@@ -405,14 +425,15 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
     const int64_t S = sq.rows.len;
     const int64_t qb = c * rows, qe = std::min(S, qb + rows);
     if (qb >= S) return;
-    const int64_t kend = p.causal ? qe : S;
-    load_kv(prod, sq, hk, 0, kend);
+    const int64_t kfrom = TileGrid::key_tile(sq.grid.band.first(qb)), kend = sq.grid.band.end(qe - 1, S);
+    load_kv(prod, sq, hk, kfrom, kend);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t hq = hk * G + g;
       load_q(prod, sq, hq, qb, qe);
       compute_delta(sq, hq, qb, qe, delta);
-      for (int64_t k0 = 0; k0 < kend; k0 += kBwdBlockK)
-        for (int64_t q0 = std::max(qb, sq.grid.query_start(k0)); q0 < qe; q0 += kBwdBlockQ)
+      for (int64_t k0 = kfrom; k0 < kend; k0 += kBwdBlockK)
+        for (int64_t q0 = std::max(qb, sq.grid.query_start(k0));
+             q0 < std::min(qe, sq.grid.query_end(k0)); q0 += kBwdBlockQ)
           backward_tile(prod, sq.grid, q0, k0, scale, lse_of(sq, hq), delta, pt, dpt,
                         Grads::kQuery);
       store_dq(prod, sq, hq, qb, qe);

@@ -132,11 +132,18 @@ void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
 
   const int64_t lse_len = attention_lse_len(p);
 
+  const AttentionBand band = attention_band(p);
+  // Keys [first, end) that the chunk of query rows [c0, c1) sees, first at a tile start.
+  auto chunk_keys = [&](int64_t c0, int64_t c1, int64_t S) {
+    return std::pair{key_tile_start(band.first(c0)), band.end(c1 - 1, S)};
+  };
   // cost of a task: its query rows times the keys they see (0 past a sequence's end)
-  auto cost = [&](int64_t task) {
+  auto cost = [&](int64_t task) -> int64_t {
     const int64_t c = task % nchunks, b = task / (nchunks * p.heads_q);
     const int64_t S = attention_sequence(p, b).len, c0 = c * kChunkQ, c1 = std::min(S, c0 + kChunkQ);
-    return c0 >= S ? 0 : (c1 - c0) * (p.causal ? c1 : S);
+    if (c0 >= S) return 0;
+    const auto [kfirst, kend] = chunk_keys(c0, c1, S);
+    return (c1 - c0) * (kend - kfirst);
   };
   parallel_for_cost(p.batch * p.heads_q * nchunks, cost, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas one_blas_thread;
@@ -145,7 +152,7 @@ void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
     auto prod = make_products();
     std::vector<acc_t> st(kBlockQ * kBlockK), ot(kBlockQ * D);
     std::vector<acc_t> m(kBlockQ), l(kBlockQ);
-    int64_t cached_b = -1, cached_hk = -1, cached_n = 0;
+    int64_t cached_b = -1, cached_hk = -1, cached_lo = 0, cached_n = 0;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % nchunks, hq = (task / nchunks) % p.heads_q;
       const int64_t b = task / (nchunks * p.heads_q), hk = hq / G;
@@ -154,13 +161,15 @@ void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
       const int64_t S = seq.len;
       const int64_t c0 = c * kChunkQ, c1 = std::min(S, c0 + kChunkQ);
       if (c0 >= S) continue;
-      const int64_t kend = p.causal ? c1 : S;  // keys this chunk can see
+      const auto [kfirst, kend] = chunk_keys(c0, c1, S);  // keys this chunk can see
 
       const scalar_t* kp = static_cast<const scalar_t*>(p.k.ptr) + seq.offset(p.k, hk);
       const scalar_t* vp = static_cast<const scalar_t*>(p.v.ptr) + seq.offset(p.v, hk);
-      // Keys (and values) rows [0, kend) of head (b, hk). Tasks of one thread are
-      // consecutive, so they extend what the previous task loaded.
-      if (b != cached_b || hk != cached_hk) cached_n = 0;
+      // Keys (and values) rows [kfirst, kend) of head (b, hk). Tasks of one thread are
+      // consecutive, so they extend what the previous task loaded (a window moves
+      // forward: rows before kfirst are no longer needed).
+      if (b != cached_b || hk != cached_hk || kfirst < cached_lo || kfirst > cached_n)
+        cached_lo = cached_n = kfirst;
       cached_b = b;
       cached_hk = hk;
       if (kend > cached_n) {
@@ -178,29 +187,31 @@ void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
         std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
         std::fill(l.begin(), l.end(), acc_t(0));
         std::fill(ot.begin(), ot.end(), acc_t(0));
-        const int64_t qend = p.causal ? q0 + nq : S;
-        for (int64_t k0 = 0; k0 < qend; k0 += kBlockK) {
+        // keys of the tile's rows: from the first row's first to the last row's end
+        const int64_t qend = band.end(q0 + nq - 1, S);
+        for (int64_t k0 = key_tile_start(band.first(q0)); k0 < qend; k0 += kBlockK) {
           const int64_t nk = std::min(kBlockK, qend - k0);
           prod.scores(nq, k0, nk, scale, st.data(), kBlockK);
           for (int64_t i = 0; i < nq; ++i) {
             acc_t* srow = st.data() + i * kBlockK;
-            const int64_t nv = visible_keys(p.causal, q0 + i, k0, nk);
-            if (nv > 0) {
-              const acc_t m_new = std::max(m[i], row_max(srow, nv));
+            const KeySpan seen = visible_keys(band, S, q0 + i, k0, nk);
+            if (seen.size() > 0) {
+              acc_t* s = srow + seen.lo;
+              const acc_t m_new = std::max(m[i], row_max(s, seen.size()));
               const acc_t alpha = std::exp(m[i] - m_new);  // 0 on the first block
-              l[i] = l[i] * alpha + exp_row(srow, nv, m_new);
+              l[i] = l[i] * alpha + exp_row(s, seen.size(), m_new);
               m[i] = m_new;
               if (alpha != acc_t(1)) {
                 acc_t* orow = ot.data() + i * D;
                 for (int64_t j = 0; j < D; ++j) orow[j] *= alpha;
               }
             }
-            std::fill(srow + std::max<int64_t>(nv, 0), srow + nk, acc_t(0));
+            zero_unseen(srow, seen, nk);
           }
           prod.add_pv(nq, k0, nk, st.data(), kBlockK, ot.data());
         }
         for (int64_t i = 0; i < nq; ++i) {
-          // Every row sees at least key 0 (causal) or all keys: l > 0.
+          // Every row sees at least its own key: l > 0.
           const acc_t inv = acc_t(1) / l[i];
           const acc_t* orow = ot.data() + i * D;
           scalar_t* dst = op + (q0 + i) * p.out.stride_s;

@@ -13,6 +13,7 @@ def _setup(ctx, inputs, output):
     q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, *rest = inputs
     out, lse = output
     cu_seqlens = rest[1] if len(rest) > 1 else None
+    ctx.window = tuple(rest[2:4]) + (-1, -1)[len(rest[2:4]):]  # (window_left, window_right)
     ctx.save_for_backward(q, k, v, out, lse, cos, sin, position_ids, cu_seqlens)
     ctx.causal = causal
     ctx.softmax_scale = softmax_scale
@@ -25,7 +26,7 @@ def _rope_attention_bw(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cos, sin, position_ids, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = functorch.call(
         "rope_attention_backward", grad_out.contiguous(), q, k, v, out, lse, cos, sin, position_ids, ctx.causal,
-        ctx.softmax_scale, ctx.interleaved, ctx.deterministic, cu_seqlens)
+        ctx.softmax_scale, ctx.interleaved, ctx.deterministic, cu_seqlens, *ctx.window)
     return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 

@@ -16,6 +16,13 @@ def _math_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_window(op, window_left, window_right):
+    # rope_attention.cpp's check_window (its CPU-only rule is the real kernels' own)
+    torch._check(window_left >= -1 and window_right >= -1,
+                 lambda: f"{op}: window_size must be (left, right) with each -1 (unbounded) or >= 0, "
+                         f"got ({window_left}, {window_right})")
+
+
 def _check(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens=None):
     packed = cu_seqlens is not None
     if packed:  # rope_attention.cpp's check_cu_seqlens, but for its values (data)
@@ -68,11 +75,12 @@ def _check(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens=None):
 
 @torch.library.register_fake("pirope::rope_attention")
 def _rope_attention(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved,
-                    deterministic=False, cu_seqlens=None):
+                    deterministic=False, cu_seqlens=None, window_left=-1, window_right=-1):
     op = "rope_attention"
     _check_devices(op, ("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("position_ids", position_ids),
                    ("cu_seqlens", cu_seqlens))
     _check(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens)
+    _check_window(op, window_left, window_right)
     out = q.new_empty(q.shape)
     # (batch, nheads_q, seqlen), or (nheads_q, total) for packed sequences
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
@@ -82,11 +90,13 @@ def _rope_attention(q, k, v, cos, sin, position_ids, causal, softmax_scale, inte
 
 @torch.library.register_fake("pirope::rope_attention_backward")
 def _rope_attention_backward(grad_out, q, k, v, out, lse, cos, sin, position_ids, causal,
-                             softmax_scale, interleaved, deterministic=False, cu_seqlens=None):
+                             softmax_scale, interleaved, deterministic=False, cu_seqlens=None,
+                             window_left=-1, window_right=-1):
     op = "rope_attention_backward"
     _check_devices(op, ("q", q), ("grad_out", grad_out), ("k", k), ("v", v), ("out", out), ("lse", lse),
                    ("cos", cos), ("sin", sin), ("position_ids", position_ids), ("cu_seqlens", cu_seqlens))
     _check(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens)
+    _check_window(op, window_left, window_right)
     for name, t in (("grad_out", grad_out), ("out", out)):  # rope_attention.cpp's check_like_q
         torch._check(t.dim() == q.dim() and all(t.shape[d] == q.shape[d] for d in range(q.dim())),
                      lambda: f"{op}: {name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
