@@ -127,12 +127,11 @@ FAMILIES = {
 }
 
 
-# layers that take the fused path on a sequence longer than HYBRID's window (default: both):
-# SmolLM3's NoPE layer has no RoPE to fuse and runs transformers' attention unrotated; the
-# HYBRID families' sliding layer masks keys; EXAONE 4's and Cohere 2's full layer is NoPE;
-# Gemma 2 never: its layers soft-cap the scores (and "eager" hands them a mask tensor anyway)
-FUSED_LAYERS = {"gemma2": 0, "smollm3": 1, "gemma3_text": 1, "olmo3": 1, "exaone4": 0, "cohere2": 0,
-                "vaultgemma": 0, "mellum": 1, "exaone_moe": 0}
+# layers that take the fused path on a sequence longer than HYBRID's window (default: both; a
+# sliding layer with its window, the sdpa mask showing it on CPU): SmolLM3's NoPE layer has no
+# RoPE to fuse and runs transformers' attention unrotated; EXAONE 4's and Cohere 2's full layer
+# is NoPE; Gemma 2 (and VaultGemma) never: their layers soft-cap the scores
+FUSED_LAYERS = {"gemma2": 0, "smollm3": 1, "exaone4": 1, "cohere2": 1, "vaultgemma": 0, "exaone_moe": 1}
 
 
 def test_every_supported_family_is_tested_here():
@@ -175,13 +174,13 @@ def assert_generates_like(model, ref, x):
     torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
 
 
-def spy_on(monkeypatch, name):
-    """Records the q shape of every call of pirope.<name>."""
+def spy_on(monkeypatch, name, record=lambda q, kwargs: tuple(q.shape)):
+    """Records record(q, kwargs) (default: the q shape) for every call of pirope.<name>."""
     calls = []
     real = getattr(pirope, name)
 
     def spy(q, *args, **kwargs):
-        calls.append(tuple(q.shape))
+        calls.append(record(q, kwargs))
         return real(q, *args, **kwargs)
 
     monkeypatch.setattr(pirope, name, spy)
@@ -192,6 +191,12 @@ def spy_on(monkeypatch, name):
 def fused_calls(monkeypatch):
     """The q shape of every pirope.rope_attention call."""
     return spy_on(monkeypatch, "rope_attention")
+
+
+@pytest.fixture
+def fused_windows(monkeypatch):
+    """The window_size of every pirope.rope_attention call."""
+    return spy_on(monkeypatch, "rope_attention", lambda q, kwargs: kwargs.get("window_size", (-1, -1)))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
@@ -370,16 +375,44 @@ def windowed(model_type):
 
 @pytest.mark.parametrize("model_type", ["mistral", "ministral", "qwen2", "qwen3", "smollm3", "starcoder2", "mixtral",
                                         "cwm", "dots1"])
-def test_sliding_windows_are_followed(model_type, fused_calls):
+def test_sliding_windows_are_followed(model_type, fused_windows):
+    # past the window, transformers' sdpa mask shows it: the windowed layers (layer 0, or all)
+    # fuse with rope_attention's window_size = (window - 1, 0) on CPU
     base = windowed(model_type)
     model = patch_rope(copy.deepcopy(base), attention="fused")
     windowed_layers = 2 if model_type in ("mistral", "starcoder2", "mixtral") else 1
     fusable = FUSED_LAYERS.get(model_type, 2)
-    for seqlen, fused in ((40, fusable - windowed_layers), (15, fusable)):  # past the window / within it
-        fused_calls.clear()
+    for seqlen, windows in ((40, [(15, 0)] * windowed_layers + [(-1, -1)] * (fusable - windowed_layers)),
+                            (15, [(-1, -1)] * fusable)):  # past the window / within it
+        fused_windows.clear()
         x = ids(2, seqlen, seed=seqlen)
         assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
-        assert len(fused_calls) == fused, seqlen
+        assert fused_windows == windows, seqlen
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_a_fused_window_is_what_separates_the_result_from_full_attention(model_type, monkeypatch):
+    # the premise of the test above: without its window the fused call would attend to every key
+    base = windowed(model_type)
+    model = patch_rope(copy.deepcopy(base), attention="fused")
+    x = ids(1, 40, seed=5)
+    want = logits_and_grads(twin(base), x)[0]
+    real = pirope.rope_attention
+    monkeypatch.setattr(pirope, "rope_attention", lambda *a, **kw: real(*a, **{**kw, "window_size": (-1, -1)}))
+    unwindowed = model(x, use_cache=False).logits
+    torch.testing.assert_close(unwindowed[:, :16], want[:, :16], rtol=1e-5, atol=1e-5)  # within the window
+    assert not torch.allclose(unwindowed[:, 16:], want[:, 16:], atol=1e-3)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma3_text"])
+def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, fused_windows):
+    # transformers' sdpa mask for packed sequences and a window at once: cu_seqlens and window_size
+    base = windowed(model_type)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    x = ids(1, 100)
+    assert_same(logits_and_grads(model, x, position_ids=PACKED),
+                logits_and_grads(twin(base, model.config), x, position_ids=PACKED))
+    assert fused_windows == [(15, 0), (-1, -1)]
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3", "gemma3_text",
@@ -494,7 +527,7 @@ def test_each_layer_gets_the_table_of_its_layer_type(model_type, fused_calls):
     x = ids(2, 40)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
     assert [r.cos for r in received] == [rotary.by_type[t].tables(40, "cpu")[0] for t in model.config.layer_types]
-    assert fused_calls == [(2, 40, 4, 16)]  # the full layer; the sliding one masks keys at 40 > 16
+    assert fused_calls == [(2, 40, 4, 16)] * 2  # the sliding one with its window (40 > 16)
 
 
 @pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3"])
@@ -581,7 +614,7 @@ def test_gemma3_attn_logit_softcapping_is_followed_as_transformers_does(impl, at
     model = patch_rope(copy.deepcopy(base), attention=attention)
     assert model.config._attn_implementation == impl
     assert_same(logits_and_grads(model, x), want)
-    assert fused_calls == ([(2, 40, 4, 16)] if attention == "fused" else [])
+    assert fused_calls == ([(2, 40, 4, 16)] * 2 if attention == "fused" else [])
 
 
 # ---- NoPE layers chosen by the window (EXAONE 4, Cohere 2) ----------------------------------
@@ -744,13 +777,13 @@ TEXT = {**COMMON, "vocab_size": 256}
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
               patch_size=14)
 # name -> (config class, model class, config kwargs, layers fused on a text-only sequence of 100
-# (Gemma 3's sliding layer masks keys; PaliGemma always hands its layers a prefix-LM mask
+# (Gemma 3's sliding one with its window; PaliGemma always hands its layers a prefix-LM mask
 # tensor), whether the test feeds an image (28 x 28: 4 patches of 14, 4 image tokens))
 MULTIMODAL = {
     "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration",
                dict(text_config={**TEXT, **HYBRID, "query_pre_attn_scalar": 24}, vision_config=VISION,
                     mm_tokens_per_image=4, image_token_index=IMAGE_TOKEN, boi_token_index=253,
-                    eoi_token_index=254), 1, True),
+                    eoi_token_index=254), 2, True),
     "llava": ("LlavaConfig", "LlavaForConditionalGeneration",
               dict(text_config={**TEXT, "model_type": "llama"},
                    vision_config={**VISION, "model_type": "clip_vision_model"},

@@ -26,17 +26,20 @@ at::Tensor grad_of(const at::Tensor& loss, const at::Tensor& x, bool create_grap
 }
 
 // Causal attention in float64 on the reference rotation, k and v repeated over their
-// query-head group (GQA), scores materialised.
+// query-head group (GQA), scores materialised; with window_left >= 0, query i sees keys
+// i - window_left .. i only.
 at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
-                               double scale) {
+                               double scale, int64_t window_left = -1) {
   const int64_t group = q.size(2) / k.size(2);
   auto qr = reference(q, cos, sin, pos, false).transpose(1, 2);
   auto kr = reference(k, cos, sin, pos, false).repeat_interleave(group, 2).transpose(1, 2);
   auto vr = v.repeat_interleave(group, 2).transpose(1, 2);
   auto scores = at::matmul(qr, kr.transpose(-2, -1)) * scale;
   const int64_t s = q.size(1);
-  scores = scores.masked_fill(at::ones({s, s}, at::kBool).triu(1), -INFINITY);
+  auto hidden = at::ones({s, s}, at::kBool).triu(1);
+  if (window_left >= 0) hidden = hidden | at::ones({s, s}, at::kBool).tril(-window_left - 1);
+  scores = scores.masked_fill(hidden, -INFINITY);
   return at::matmul(scores.softmax(-1), vr).transpose(1, 2);
 }
 
@@ -104,6 +107,30 @@ TEST_CASE("rope_attention on packed sequences: each sequence alone, gradients in
   REQUIRE(close(out, ref.detach(), 1e-12));
   for (const auto& x : {q, k, v})
     REQUIRE(close(grad_of((out * g).sum(), x), grad_of((ref * g).sum(), x).detach(), 1e-12));
+}
+
+TEST_CASE("rope_attention with a sliding window: the keys of the band only", "[autograd]") {
+  at::manual_seed(6);
+  auto [cos, sin] = pi_tables(32, 300, 2.0);
+  auto pos = at::arange(300, at::kLong).unsqueeze(0);
+  auto q = leaf({1, 300, 4, 32}), k = leaf({1, 300, 2, 32}), v = leaf({1, 300, 2, 32});
+  auto g = at::randn({1, 300, 4, 32}, at::kDouble);
+  // window_right is ignored by a causal call (flash-attn's rule)
+  auto [out, lse] = pirope::rope_attention(q, k, v, cos, sin, std::nullopt, true, std::nullopt,
+                                           false, false, std::nullopt, 70, 5);
+  auto ref = attention_reference(q, k, v, cos, sin, pos, 1.0 / std::sqrt(32.0), 70);
+  REQUIRE(close(out, ref.detach(), 1e-12));
+  for (const auto& x : {q, k, v})
+    REQUIRE(close(grad_of((out * g).sum(), x), grad_of((ref * g).sum(), x).detach(), 1e-12));
+  std::string error = "no error";
+  try {
+    pirope::rope_attention(q, k, v, cos, sin, std::nullopt, true, std::nullopt, false, false,
+                           std::nullopt, -2);
+  } catch (const c10::Error& e) {
+    error = e.what_without_backtrace();
+  }
+  INFO(error);
+  REQUIRE(error.find("window_size") != std::string::npos);
 }
 
 TEST_CASE("in-place rotation refuses tensors that require grad", "[autograd]") {

@@ -100,13 +100,16 @@ the projections produce, no copies) and then:
   to an empty cache), no attention mask tensor (i.e. no padding: Hugging Face passes
   ``None`` for a pure causal mask with sdpa) -- or, on CPU, one that is exactly causal
   within the runs of consecutive positions (transformers' mask for packed sequences, which
-  then run as rope_attention's ``cu_seqlens``, and eager's causal mask) --, no attention
+  then run as rope_attention's ``cu_seqlens``, and eager's causal mask), and within the
+  layer's sliding window where it has one (Mistral, Gemma 2/3's sliding layers, Qwen2/3
+  with ``use_sliding_window``, ...: ``window_size=(sliding_window - 1, 0)``) --, no attention
   dropout in training, causal
   attention (not Gemma's ``use_bidirectional_attention``, nor a call with
   ``is_causal=False``), a layer with RoPE (SmolLM3's NoPE layers, and EXAONE 4's and
   Cohere 2's, have nothing to fuse: they take the "sdpa" path, unrotated, as transformers
   runs them), no attention-logit soft-cap (Gemma 2), no sliding window shorter than the
-  sequence, no score bias (a ``position_bias`` kwarg) and no sequences packed back to back
+  sequence without a mask tensor that shows it (CUDA; backends that apply the window
+  themselves), no score bias (a ``position_bias`` kwarg) and no sequences packed back to back
   other than as above (``cu_seq_lens_q``/``_k`` passed in, or restarting ``position_ids``
   without a mask tensor: flash attention attends within each sequence; on CUDA; under
   ``torch.compile``, where the tables cannot read whether positions restart, nothing with
@@ -769,13 +772,23 @@ _UNFUSABLE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "position_bias", "s_aux")
 
 
 def _can_fuse(attn, seqlen: int, attention_mask, cache, kwargs, packed: bool | None = False) -> bool:
-    """Whether the dense fused call (no mask tensor, one sequence per row) is exact here."""
-    return attention_mask is None and packed is False and _layer_can_fuse(attn, seqlen, cache, kwargs)
+    """Whether the dense fused call (no mask tensor, one sequence per row, no window) is exact
+    here."""
+    return (attention_mask is None and packed is False and _cutting_window(attn, seqlen) is None
+            and _layer_can_fuse(attn, seqlen, cache, kwargs))
+
+
+def _cutting_window(attn, seqlen: int) -> int | None:
+    """The layer's sliding window where it masks something at this length, else None.
+    (Within it, by either convention -- key j seen from query i when i - j < window, or
+    <= window -- every key is seen.)"""
+    window = _sliding_window(attn)
+    return window if window is not None and seqlen > window else None
 
 
 def _layer_can_fuse(attn, seqlen: int, cache, kwargs) -> bool:
-    """Whether rope_attention computes this call, whatever its mask: everything but the mask
-    and the packing (see _segments_of_mask)."""
+    """Whether rope_attention computes this call, whatever its mask: everything but the mask,
+    the packing and the sliding window (see _segments_of_mask)."""
     if attn._pirope_attention != "fused":
         return False
     if any(kwargs.get(name) is not None for name in _UNFUSABLE_KWARGS):
@@ -786,11 +799,6 @@ def _layer_can_fuse(attn, seqlen: int, cache, kwargs) -> bool:
         return False
     if _softcap(attn) is not None:
         return False  # Gemma 2's logit soft-capping: rope_attention has none
-    window = _sliding_window(attn)
-    if window is not None and seqlen > window:
-        # a window that masks something. (Within it, by either convention -- key j seen
-        # from query i when i - j < window, or <= window -- every key is seen.)
-        return False
     causal = kwargs.get("is_causal")  # a call's is_causal overrides the module's, as in transformers' backends
     if not (getattr(attn, "is_causal", True) if causal is None else causal):
         return False
@@ -804,16 +812,19 @@ def _layer_can_fuse(attn, seqlen: int, cache, kwargs) -> bool:
 _MASK_ROWS = 1024  # rows of the mask compared at a time (bounds the temporary)
 
 
-def _segments_of_mask(q, attention_mask, position_ids, packed) -> torch.Tensor | None:
+def _segments_of_mask(q, attention_mask, position_ids, packed, window: int | None = None) -> torch.Tensor | None:
     """cu_seqlens (over the batch's rows flattened) when ``attention_mask`` lets each query
     see exactly the keys at or before it within its own sequence -- sequences being the
-    runs of consecutive positions, as transformers delimits packed ones -- so that
-    rope_attention with those cu_seqlens computes the call; else None.
+    runs of consecutive positions, as transformers delimits packed ones -- and, with a
+    sliding ``window``, fewer than ``window`` tokens back (transformers' ``kv_idx > q_idx -
+    window``: rope_attention's ``window_size=(window - 1, 0)``), so that rope_attention with
+    those cu_seqlens computes the call; else None.
 
     That is the mask transformers builds for packed sequences (padding-free training:
-    positions restarting, no attention mask given) with its sdpa or eager backend, and the
-    causal mask eager always builds. Read on the host: CPU tensors only (the fused CUDA path
-    does not take packed sequences), and not under torch.compile (``packed`` None)."""
+    positions restarting, no attention mask given) with its sdpa or eager backend, the
+    causal mask eager always builds, and the sliding-window masks of both. Read on the host:
+    CPU tensors only (the fused CUDA path takes neither packed sequences nor windows), and
+    not under torch.compile (``packed`` None)."""
     if packed is None or q.device.type != "cpu" or not isinstance(attention_mask, torch.Tensor):
         return None
     batch, seqlen = q.shape[:2]
@@ -829,6 +840,8 @@ def _segments_of_mask(q, attention_mask, position_ids, packed) -> torch.Tensor |
     for r0 in range(0, seqlen, _MASK_ROWS):
         rows = torch.arange(r0, min(seqlen, r0 + _MASK_ROWS))
         expected = (segment[:, rows, None] == segment[:, None, :]) & (keys[None, None, :] <= rows[None, :, None])
+        if window is not None:
+            expected &= keys[None, None, :] > rows[None, :, None] - window
         if not torch.equal(allowed[:, 0, rows], expected):
             return None
     starts = torch.ones(batch, seqlen, dtype=torch.bool)
@@ -866,11 +879,13 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     rotates = family.rope_layers is None or family.rope_layers.rotates(self)
 
     fuse, cu_seqlens = rotates and _layer_can_fuse(self, q.shape[1], cache, kwargs), None
-    if fuse and (attention_mask is not None or packed is not False):
-        # a mask tensor, or packed sequences: fused only where the mask is exactly causal
-        # within the sequences the positions delimit
-        cu_seqlens = _segments_of_mask(q, attention_mask, position_ids, packed)
+    window = _cutting_window(self, q.shape[1])
+    if fuse and (attention_mask is not None or packed is not False or window is not None):
+        # a mask tensor, packed sequences or a sliding window: fused only where the mask is
+        # exactly causal (within the window) within the sequences the positions delimit
+        cu_seqlens = _segments_of_mask(q, attention_mask, position_ids, packed, window)
         fuse = cu_seqlens is not None
+    window_size = (-1, -1) if window is None else (window - 1, 0)
     if fuse:
         if cache is not None:  # prefill: the cache gets the rotated keys, as Hugging Face's
             k_rot = pirope.apply_rope(k, cos, sin, position_ids, interleaved=interleaved)
@@ -881,10 +896,11 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
             out = pirope.rope_attention(
                 q.reshape(batch * seqlen, *q.shape[2:]), k.reshape(batch * seqlen, *k.shape[2:]),
                 v.reshape(batch * seqlen, *v.shape[2:]), cos, sin, pos.expand(batch, seqlen).reshape(-1),
-                causal=True, softmax_scale=self.scaling, interleaved=interleaved, cu_seqlens=cu_seqlens)
+                causal=True, softmax_scale=self.scaling, interleaved=interleaved, cu_seqlens=cu_seqlens,
+                window_size=window_size)
         else:  # one sequence per row
             out = pirope.rope_attention(q, k, v, cos, sin, position_ids, causal=True, softmax_scale=self.scaling,
-                                        interleaved=interleaved)
+                                        interleaved=interleaved, window_size=window_size)
         out = out.reshape(*input_shape, -1).contiguous()
         return _out_proj(self, out), None
 
