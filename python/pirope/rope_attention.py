@@ -29,7 +29,7 @@ def _is_windowed(window, causal) -> bool:
 
 
 def _band_sdpa(q, k, v, causal, scale, window):
-    """Scaled dot-product attention of (batch, heads, seqlen, headdim) q, k, v, where query
+    """Scaled dot-product attention of (..., heads, seqlen, headdim) q, k, v, where query
     i sees keys j with i - left <= j <= i + right (a bound of -1: none; causal: right = 0),
     run over blocks of query rows with the keys their band covers and a boolean mask of
     that block only. Differentiable through SDPA."""
@@ -37,7 +37,7 @@ def _band_sdpa(q, k, v, causal, scale, window):
     if not _is_windowed(window, causal):
         return sdpa(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
     left, right = window[0], 0 if causal else window[1]
-    S = q.shape[2]
+    S = q.shape[-2]
     outs = []
     for q0 in range(0, S, _BAND_ROWS):
         q1 = min(S, q0 + _BAND_ROWS)
@@ -50,9 +50,9 @@ def _band_sdpa(q, k, v, causal, scale, window):
             seen &= j >= i - left
         if right >= 0:
             seen &= j <= i + right
-        outs.append(sdpa(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=seen, scale=scale,
+        outs.append(sdpa(q[..., q0:q1, :], k[..., k0:k1, :], v[..., k0:k1, :], attn_mask=seen, scale=scale,
                          enable_gqa=True))
-    return torch.cat(outs, dim=2) if outs else sdpa(q, k, v, scale=scale, enable_gqa=True)
+    return torch.cat(outs, dim=-2) if outs else sdpa(q, k, v, scale=scale, enable_gqa=True)
 
 
 def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, window=_NO_WINDOW):
