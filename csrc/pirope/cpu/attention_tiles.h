@@ -253,7 +253,7 @@ void zero_unseen(acc_t* row, KeySpan seen, int64_t nk) {
   std::fill(row + seen.hi, row + nk, acc_t(0));
 }
 
-// First key of the tile (of kBlockK keys, from key 0) that holds key j.
-inline int64_t key_tile_start(int64_t j) { return j / kBlockK * kBlockK; }
+// First row of the tile of `block` rows (tiles from row 0) that holds row j.
+inline int64_t tile_start(int64_t j, int64_t block) { return j / block * block; }
 
 }  // namespace pirope::cpu

@@ -219,9 +219,7 @@ enum class Grads { kAll, kKeyValue, kQuery };
 struct TileGrid {
   int64_t S;
   AttentionBand band;
-  int64_t query_start(int64_t k0) const {
-    return band.first_query(k0) / kBwdBlockQ * kBwdBlockQ;
-  }
+  int64_t query_start(int64_t k0) const { return tile_start(band.first_query(k0), kBwdBlockQ); }
   int64_t query_end(int64_t k0) const {
     return band.end_query(std::min(S, k0 + kBwdBlockK) - 1, S);
   }
@@ -229,11 +227,9 @@ struct TileGrid {
   int64_t nk(int64_t q0, int64_t k0) const {
     return std::min(std::min(kBwdBlockK, S - k0), band.end(q0 + nq(q0) - 1, S) - k0);
   }
-  // First key of the key tile that holds key j, and the end of the query tile that
-  // holds query i.
-  static int64_t key_tile(int64_t j) { return j / kBwdBlockK * kBwdBlockK; }
-  int64_t query_tile_end(int64_t i) const {
-    return std::min(S, (i + kBwdBlockQ - 1) / kBwdBlockQ * kBwdBlockQ);
+  // An end of query rows (exclusive) rounded up to a whole query tile.
+  int64_t query_tile_end(int64_t end) const {
+    return std::min(S, tile_start(end + kBwdBlockQ - 1, kBwdBlockQ));
   }
   // (query, key) pairs of rows [from, to) of queries (keys: of keys) and what they see.
   int64_t pairs(int64_t from, int64_t to, bool keys) const {
@@ -425,7 +421,7 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
     const int64_t S = sq.rows.len;
     const int64_t qb = c * rows, qe = std::min(S, qb + rows);
     if (qb >= S) return;
-    const int64_t kfrom = TileGrid::key_tile(sq.grid.band.first(qb)), kend = sq.grid.band.end(qe - 1, S);
+    const int64_t kfrom = tile_start(sq.grid.band.first(qb), kBwdBlockK), kend = sq.grid.band.end(qe - 1, S);
     load_kv(prod, sq, hk, kfrom, kend);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t hq = hk * G + g;

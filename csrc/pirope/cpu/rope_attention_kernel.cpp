@@ -135,7 +135,7 @@ void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
   const AttentionBand band = attention_band(p);
   // Keys [first, end) that the chunk of query rows [c0, c1) sees, first at a tile start.
   auto chunk_keys = [&](int64_t c0, int64_t c1, int64_t S) {
-    return std::pair{key_tile_start(band.first(c0)), band.end(c1 - 1, S)};
+    return std::pair{tile_start(band.first(c0), kBlockK), band.end(c1 - 1, S)};
   };
   // cost of a task: its query rows times the keys they see (0 past a sequence's end)
   auto cost = [&](int64_t task) -> int64_t {
@@ -189,7 +189,7 @@ void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
         std::fill(ot.begin(), ot.end(), acc_t(0));
         // keys of the tile's rows: from the first row's first to the last row's end
         const int64_t qend = band.end(q0 + nq - 1, S);
-        for (int64_t k0 = key_tile_start(band.first(q0)); k0 < qend; k0 += kBlockK) {
+        for (int64_t k0 = tile_start(band.first(q0), kBlockK); k0 < qend; k0 += kBlockK) {
           const int64_t nk = std::min(kBlockK, qend - k0);
           prod.scores(nq, k0, nk, scale, st.data(), kBlockK);
           for (int64_t i = 0; i < nq; ++i) {
