@@ -8,19 +8,9 @@ import pytest
 import torch
 
 import pirope
+from attention_inputs import qkv, tables
 from reference import assert_attention_close as assert_close_to
 from reference import attention_reference
-
-
-def tables(rotary_dim, n, device="cpu", dtype=torch.float32):
-    inv_freq, _ = pirope.rope_frequencies(rotary_dim, scaling={"rope_type": "linear", "factor": 4.0})
-    cos, sin = pirope.rope_cos_sin(inv_freq, n)
-    return cos.to(device, dtype), sin.to(device, dtype)
-
-
-def qkv(b, s, hq, hkv, d, dtype=torch.float32, device="cpu", requires_grad=False):
-    mk = lambda h: torch.randn(b, s, h, d, dtype=dtype, device=device, requires_grad=requires_grad)  # noqa: E731
-    return mk(hq), mk(hkv), mk(hkv)
 
 
 def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, scale=None, interleaved=False):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import pirope
+from attention_inputs import cu_tensor, packed_qkv, spans, tables
 from reference import assert_attention_close as assert_close_to
 from reference import rope_reference
 
@@ -25,26 +26,6 @@ ERRORS = (ValueError, TypeError, IndexError, RuntimeError)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def tables(rotary_dim, n, device="cpu", dtype=torch.float32):
-    inv_freq, _ = pirope.rope_frequencies(rotary_dim, scaling={"rope_type": "linear", "factor": 4.0})
-    cos, sin = pirope.rope_cos_sin(inv_freq, n)
-    return cos.to(device, dtype), sin.to(device, dtype)
-
-
-def packed_qkv(total, hq, hkv, d, dtype=torch.float32, device="cpu"):
-    mk = lambda h: torch.randn(total, h, d, dtype=dtype, device=device)  # noqa: E731
-    return mk(hq), mk(hkv), mk(hkv)
-
-
-def cu_tensor(cu, device="cpu", dtype=torch.int32):
-    return torch.tensor(cu, dtype=dtype, device=device)
-
-
-def spans(cu):
-    cu = [int(c) for c in cu]
-    return list(zip(cu[:-1], cu[1:]))
 
 
 def unfused():
