@@ -14,7 +14,8 @@ packing per argument), positions restarting in each sequence, causal. Methods:
                 sequence (what rope_attention runs on CUDA)
   c  fused      pirope.rope_attention(q, k, v, cos, sin, cu_seqlens=cu_seqlens)
 Before timing, every method's output is compared with (a)'s (max abs difference
-printed). Times are medians of --repeat runs after a warm-up; x = speed-up over (a).
+printed). Times are medians of --repeat runs after a warm-up; x = speed-up over the first
+method ((a) by default).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median_ms, print_table, rotate_half  # noqa: E402
+from common import add_method_args, machine, print_table, rotate_half, time_methods  # noqa: E402
 
 import pirope  # noqa: E402
 from pirope.rope_attention import _varlen_unfused  # noqa: E402
@@ -69,14 +70,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", nargs="+", default=["1024,1024,1024,1024", "2048,1024,512,256,128,64,64"],
                     help="one packing per argument: comma-separated sequence lengths")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--heads", default="32/8", help="nheads_q/nheads_kv")
-    ap.add_argument("--headdim", type=int, default=128)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--methods", default="a,b,c")
-    ap.add_argument("--modes", default="fwd,fwd+bwd")
-    ap.add_argument("--json", default=None, help="write the results to this path")
+    add_method_args(ap, "a,b,c")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -100,28 +94,9 @@ def main():
                 ref = hf_masked(q, k, v, cos, sin, cu, pos, mask).float()
                 diffs = {name: (fn(q, k, v, cos, sin, cu, pos, mask).float() - ref).abs().max().item()
                          for name, fn in chosen}
-            for mode in args.modes.split(","):
-                backward = mode == "fwd+bwd"
-                leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
-
-                def step(fn=None):
-                    if not backward:
-                        with torch.no_grad():
-                            return fn(*leaves, cos, sin, cu, pos, mask)
-                    out = fn(*leaves, cos, sin, cu, pos, mask)
-                    torch.autograd.grad(out, leaves, grad)
-
-                times = {name: median_ms(lambda fn=fn: step(fn), str(device), warmup=1, repeat=args.repeat)
-                         for name, fn in chosen}
-                base = times.get("hf_masked")
-                row = {"lengths": lengths_arg, "total": total, "dtype": dtype_name, "mode": mode}
-                for name, _ in chosen:
-                    row[f"{name} ms"] = f"{times[name]:.1f}"
-                    row[f"{name} x"] = f"{base / times[name]:.2f}" if base else "-"
-                    row[f"{name} max|diff|"] = f"{diffs[name]:.1e}"
-                rows.append(row)
-                print(f"  {lengths_arg} {dtype_name} {mode}: " + ", ".join(
-                    f"{name} {times[name]:.1f} ms" for name, _ in chosen), flush=True)
+            rows += time_methods(chosen, lambda fn, q, k, v: fn(q, k, v, cos, sin, cu, pos, mask), (q, k, v), grad,
+                                 device=str(device), repeat=args.repeat, modes=args.modes.split(","),
+                                 key={"lengths": lengths_arg, "total": total, "dtype": dtype_name}, diffs=diffs)
     print()
     print_table(rows, list(rows[0]) if rows else [])
     if args.json:

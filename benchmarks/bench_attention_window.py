@@ -17,7 +17,8 @@ q, k, v (batch 1, seqlen, heads, headdim), causal, query i sees keys i - W < j <
   e  fused_full  pirope.rope_attention without the window (plain causal: not the same
                  result; the work the window saves)
 Before timing, every method's output is compared with (a)'s (max abs difference printed;
-not for e). Times are medians of --repeat runs after a warm-up; x = speed-up over (a).
+not for e). Times are medians of --repeat runs after a warm-up; x = speed-up over the
+first method ((a) by default).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median_ms, print_table, rotate_half  # noqa: E402
+from common import add_method_args, machine, print_table, rotate_half, time_methods  # noqa: E402
 
 import pirope  # noqa: E402
 from pirope.rope_attention import _sdpa_fallback  # noqa: E402
@@ -81,14 +82,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlens", default="4096,8192")
     ap.add_argument("--windows", default="1024", help="comma-separated sliding windows W")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--heads", default="32/8", help="nheads_q/nheads_kv")
-    ap.add_argument("--headdim", type=int, default=128)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--methods", default="a,b,c,d,e")
-    ap.add_argument("--modes", default="fwd,fwd+bwd")
-    ap.add_argument("--json", default=None, help="write the results to this path")
+    add_method_args(ap, "a,b,c,d,e")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -111,29 +105,9 @@ def main():
                     ref = hf_masked(q, k, v, cos, sin, window, mask).float()
                     diffs = {name: (fn(q, k, v, cos, sin, window, mask).float() - ref).abs().max().item()
                              for name, fn in chosen if name != "fused_full"}
-                for mode in args.modes.split(","):
-                    backward = mode == "fwd+bwd"
-                    leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
-
-                    def step(fn=None):
-                        if not backward:
-                            with torch.no_grad():
-                                return fn(*leaves, cos, sin, window, mask)
-                        out = fn(*leaves, cos, sin, window, mask)
-                        torch.autograd.grad(out, leaves, grad)
-
-                    times = {name: median_ms(lambda fn=fn: step(fn), str(device), warmup=1, repeat=args.repeat)
-                             for name, fn in chosen}
-                    base = times.get("hf_masked")
-                    row = {"seqlen": seqlen, "window": window, "dtype": dtype_name, "mode": mode}
-                    for name, _ in chosen:
-                        row[f"{name} ms"] = f"{times[name]:.1f}"
-                        row[f"{name} x"] = f"{base / times[name]:.2f}" if base else "-"
-                        if name in diffs:
-                            row[f"{name} max|diff|"] = f"{diffs[name]:.1e}"
-                    rows.append(row)
-                    print(f"  {seqlen} W={window} {dtype_name} {mode}: " + ", ".join(
-                        f"{name} {times[name]:.1f} ms" for name, _ in chosen), flush=True)
+                rows += time_methods(chosen, lambda fn, q, k, v: fn(q, k, v, cos, sin, window, mask), (q, k, v),
+                                     grad, device=str(device), repeat=args.repeat, modes=args.modes.split(","),
+                                     key={"seqlen": seqlen, "window": window, "dtype": dtype_name}, diffs=diffs)
     print()
     print_table(rows, list(rows[0]) if rows else [])
     if args.json:

@@ -61,3 +61,46 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.rjust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(str(r.get(c, "")).rjust(widths[c]) for c in columns))
+
+
+def add_method_args(ap, methods: str, dtypes: str = "float32,bfloat16") -> None:
+    """The options of a benchmark that times --methods over --dtypes and --modes."""
+    ap.add_argument("--dtypes", default=dtypes)
+    ap.add_argument("--heads", default="32/8", help="nheads_q/nheads_kv")
+    ap.add_argument("--headdim", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--methods", default=methods)
+    ap.add_argument("--modes", default="fwd,fwd+bwd")
+    ap.add_argument("--json", default=None, help="write the results to this path")
+
+
+def time_methods(chosen, run, tensors, grad, *, device: str, repeat: int, modes: list[str], key: dict,
+                 diffs: dict) -> list[dict]:
+    """One row per mode ("fwd": under no_grad; "fwd+bwd": with the gradients of ``tensors``
+    for ``grad``) timing each ``(name, fn)`` of ``chosen`` as ``run(fn, *tensors)``: its
+    median ms, its speed-up over the first method and, where ``diffs`` has it, its max
+    |difference| from the baseline's output. ``key``: the row's leading columns."""
+    rows = []
+    for mode in modes:
+        backward = mode == "fwd+bwd"
+        leaves = [t.detach().requires_grad_(backward) for t in tensors]
+
+        def step(fn):
+            if not backward:
+                with torch.no_grad():
+                    return run(fn, *leaves)
+            torch.autograd.grad(run(fn, *leaves), leaves, grad)
+
+        times = {name: median_ms(lambda fn=fn: step(fn), device, warmup=1, repeat=repeat) for name, fn in chosen}
+        base = times[chosen[0][0]]
+        row = {**key, "mode": mode}
+        for name, _ in chosen:
+            row[f"{name} ms"] = f"{times[name]:.1f}"
+            row[f"{name} x"] = f"{base / times[name]:.2f}"
+            if name in diffs:
+                row[f"{name} max|diff|"] = f"{diffs[name]:.1e}"
+        rows.append(row)
+        print(f"  {' '.join(str(v) for v in key.values())} {mode}: "
+              + ", ".join(f"{name} {times[name]:.1f} ms" for name, _ in chosen), flush=True)
+    return rows
