@@ -5,6 +5,7 @@
     python benchmarks/bench_decoder_layer.py --device cpu --seqlens 64,128 --hidden 256 \
         --heads 4 --kv-heads 2 --intermediate 512 --repeat 2       # CPU smoke test
     python benchmarks/bench_decoder_layer.py --device cpu --seqlens 2048 --pack 4 ...  # padding-free
+    python benchmarks/bench_decoder_layer.py --device cpu --seqlens 4096 --sliding-window 1024 ...
 
 The model is a Hugging Face LlamaModel with one decoder layer (random weights, --dtype,
 attn_implementation="sdpa"), a 2048-token window extended by Position Interpolation
@@ -13,6 +14,8 @@ included, the embedding lookup is not (the step feeds inputs_embeds). One step =
 zero_grad, model(inputs_embeds=x, use_cache=False), backward of a fixed random grad.
 --pack N packs N equal sequences into each row (padding-free training: position_ids
 restarting in each, from which transformers builds its block-diagonal causal mask).
+--sliding-window W makes it a MistralModel (LLaMA's layer with a sliding window of W:
+transformers builds the sliding-window causal mask).
 Variants, all deep copies of one model (same weights, same config):
   hf            transformers as is: its linear-scaled rotary_emb + SDPA
   pirope_sdpa   patch_rope(model, attention="sdpa"): pirope.apply_rope_qk, then the
@@ -40,7 +43,7 @@ import sys
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaModel
+from transformers import LlamaConfig, LlamaModel, MistralConfig, MistralModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, median_ms  # noqa: E402
@@ -52,18 +55,21 @@ VARIANTS = ("hf", "pirope_sdpa", "pirope_fused")
 
 
 def build_model(args, device, dtype):
-    """A 1-layer LlamaModel extended from --window to --window x --factor by PI, on device."""
+    """A 1-layer LlamaModel (MistralModel with --sliding-window) extended from --window to
+    --window x --factor by PI, on device."""
     hd = args.hidden // args.heads
-    config = LlamaConfig(
+    config_cls, model_cls = (MistralConfig, MistralModel) if args.sliding_window else (LlamaConfig, LlamaModel)
+    windowed = {"sliding_window": args.sliding_window} if args.sliding_window else {}
+    config = config_cls(
         hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=1,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=hd,
         vocab_size=32,  # the embedding is never used (inputs_embeds); keep it small
         max_position_embeddings=int(args.window * args.factor),
         rope_parameters={"rope_type": "linear", "factor": args.factor, "rope_theta": 10000.0},
-        attn_implementation="sdpa")
+        attn_implementation="sdpa", **windowed)
     torch.manual_seed(0)
     with torch.device(device):  # random init directly on the device (fast for 7B shapes)
-        model = LlamaModel(config)
+        model = model_cls(config)
     return model.to(dtype).train()
 
 
@@ -134,6 +140,8 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--pack", type=int, default=1,
                     help="sequences packed into each row (positions restarting; default 1: none)")
+    ap.add_argument("--sliding-window", type=int, default=None,
+                    help="a Mistral layer attending within this many tokens (default: none, LLaMA)")
     ap.add_argument("--json", default=None, help="write the rows to this path")
     args = ap.parse_args()
     args.kv_heads = args.kv_heads or args.heads
@@ -149,6 +157,7 @@ def main():
           f"{args.heads}/{args.kv_heads} x {args.hidden // args.heads}, intermediate {args.intermediate}, "
           f"window {args.window} x PI factor {args.factor:g}, repeat {args.repeat}"
           + (f", {args.pack} packed sequences per row" if args.pack > 1 else "")
+          + (f", sliding window {args.sliding_window} (Mistral)" if args.sliding_window else "")
           + (f", PIROPE_CUDA_ATTENTION={os.environ.get('PIROPE_CUDA_ATTENTION', '0 (default)')}"
              if device.type == "cuda" else ""))
     hdr = (f"{'seqlen':>6} {'variant':12} {'ms':>9} {'tok/s':>9} {'peak MiB':>9} {'x hf':>6} "
@@ -169,7 +178,7 @@ def main():
         for name in variants:
             row = dict(seqlen=s, variant=name, batch=args.batch, hidden=args.hidden, heads=args.heads,
                        kv_heads=args.kv_heads, intermediate=args.intermediate, factor=args.factor,
-                       dtype=args.dtype, device=str(device), pack=args.pack)
+                       dtype=args.dtype, device=str(device), pack=args.pack, sliding_window=args.sliding_window)
             try:
                 row.update(run_variant(base, name, x, grad, args.repeat, device, ref, pos))
             except RuntimeError as e:  # OOM or an unsupported call: note it, go on
