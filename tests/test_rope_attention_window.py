@@ -345,6 +345,27 @@ def test_window_as_wide_as_sequence_is_plain_call_bitwise(seqlen, causal, dtype)
 
 
 @pytest.mark.parametrize("causal", [True, False])
+def test_a_bound_near_or_past_int64_max_is_no_bound(causal):
+    # i + right + 1 and j + left + 1 would overflow int64: the kernels compare, never add
+    q, k, v = qkv(1, 300, 4, 2, 32)
+    cos, sin = tables(32, 300)
+    g = torch.randn(1, 300, 4, 32)
+    big = 2**63 - 1
+    for window, same_as in (((big, big), (-1, -1)), ((big - 1, 5), (-1, 5)), ((2**70, -1), (-1, -1)),
+                            ((7, big), (7, -1)), ((2**64, 2**64), (-1, -1))):
+        assert_all_equal(run(q, k, v, cos, sin, g=g, causal=causal, window_size=window)[:4],
+                         run(q, k, v, cos, sin, g=g, causal=causal, window_size=same_as)[:4])
+    # the raw op with INT64_MAX bounds, and the unfused (CUDA) path
+    out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, 32 ** -0.5, False, False, None,
+                                               big, big)
+    ref_out, ref_lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, 32 ** -0.5, False)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    fallback = unfused_module()._sdpa_fallback
+    torch.testing.assert_close(fallback(q, k, v, cos, sin, None, causal, 32 ** -0.5, False, (big, big)),
+                               fallback(q, k, v, cos, sin, None, causal, 32 ** -0.5, False, (-1, -1)))
+
+
+@pytest.mark.parametrize("causal", [True, False])
 def test_default_window_is_the_keyword_omitted_bitwise(causal):
     q, k, v = qkv(2, 300, 4, 1, 64)
     cos, sin = tables(64, 300)
@@ -764,10 +785,19 @@ DENSE_UNFUSED = [
 ]
 
 
+@pytest.fixture(params=[None, 16], ids=["one_block", "blocks_of_16"])
+def band_rows(request, monkeypatch):
+    """The unfused path's query rows per SDPA call: its default (1024: one block here), or 16
+    (many blocks, their edges inside every window)."""
+    if request.param is not None:
+        monkeypatch.setattr(unfused_module(), "_BAND_ROWS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("heads, head_dim, rotary_dim, causal, window, positions, interleaved", DENSE_UNFUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_unfused_dense_matches_reference(heads, head_dim, rotary_dim, causal, window, positions, interleaved,
-                                         dtype):
+                                         dtype, band_rows):
     q, k, v = qkv(2, 130, *heads, head_dim, dtype=dtype)
     cos, sin = tables(rotary_dim, 300)
     pos = torch.randint(0, 300, (2, 130)) if positions else None
@@ -786,7 +816,7 @@ PACKED_UNFUSED = [
 
 @pytest.mark.parametrize("cu, heads, causal, window, positions", PACKED_UNFUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_unfused_packed_matches_reference(cu, heads, causal, window, positions, dtype):
+def test_unfused_packed_matches_reference(cu, heads, causal, window, positions, dtype, band_rows):
     total = cu[-1]
     q, k, v = packed_qkv(total, *heads, 32, dtype=dtype)
     cos, sin = tables(32, 300)

@@ -3,7 +3,6 @@
 // strides only; no torch headers.
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 
 #include "rope_params.h"
@@ -36,7 +35,8 @@ struct AttentionParams {
   bool causal = true;  // key j is seen by query i when j <= i
   // Sliding window (flash-attn's window_size): query i also sees key j only when
   // j >= i - window_left and j <= i + window_right; -1: no bound on that side. i and j
-  // count rows within the sequence. CPU kernels only (the CUDA ones take (-1, -1)).
+  // count rows within the sequence. CPU kernels only (the CUDA ones take no window: (-1, -1),
+  // or (-1, any) with causal).
   int64_t window_left = -1, window_right = -1;
   double softmax_scale = 1.0;
   // Backward: bit-identical gradients run to run (CUDA: no float atomics; the CPU
@@ -52,16 +52,17 @@ struct AttentionParams {
   RopeParams rope;
 };
 
-// The keys query row i sees: [first(i), end(i, S)) of a sequence of S rows, from the
-// causal flag and the window (causal wins over window_right, as in flash-attn).
-// Every row sees at least its own key.
+// The keys query row i sees: [first(i), end(i, S)) of a sequence of S rows (0 <= i < S),
+// from the causal flag and the window (causal wins over window_right, as in flash-attn).
+// Every row sees at least its own key. A bound past the sequence (up to INT64_MAX) is
+// no bound: compared, never added.
 struct AttentionBand {
   int64_t left = -1, right = -1;  // -1: unbounded
-  int64_t first(int64_t i) const { return left < 0 ? 0 : std::max<int64_t>(0, i - left); }
-  int64_t end(int64_t i, int64_t S) const { return right < 0 ? S : std::min(S, i + right + 1); }
+  int64_t first(int64_t i) const { return left < 0 || left >= i ? 0 : i - left; }
+  int64_t end(int64_t i, int64_t S) const { return right < 0 || right >= S - i ? S : i + right + 1; }
   // Queries that see key j: [first_query(j), end_query(j, S)).
-  int64_t first_query(int64_t j) const { return right < 0 ? 0 : std::max<int64_t>(0, j - right); }
-  int64_t end_query(int64_t j, int64_t S) const { return left < 0 ? S : std::min(S, j + left + 1); }
+  int64_t first_query(int64_t j) const { return right < 0 || right >= j ? 0 : j - right; }
+  int64_t end_query(int64_t j, int64_t S) const { return left < 0 || left >= S - j ? S : j + left + 1; }
 };
 
 inline AttentionBand attention_band(const AttentionParams& p) {

@@ -15,6 +15,7 @@ from .apply_rope import apply_rope_qk
 __all__ = ["rope_attention"]
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+_INT64_MAX = 2**63 - 1
 
 
 _NO_WINDOW = (-1, -1)
@@ -36,8 +37,14 @@ def _band_sdpa(q, k, v, causal, scale, window):
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if not _is_windowed(window, causal):
         return sdpa(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
-    left, right = window[0], 0 if causal else window[1]
     S = q.shape[-2]
+    # a bound past the sequence is none (and must not overflow int64 in the comparisons below)
+    left, right = min(window[0], S), (0 if causal else min(window[1], S))
+    hq, hkv = q.shape[-3], k.shape[-3]
+    if hq != hkv and hkv > 0 and hq % hkv == 0:
+        # SDPA's memory-efficient kernels take no mask with enable_gqa (the math one would keep
+        # every block's probabilities): repeat k and v over the group, as transformers does
+        k, v = k.repeat_interleave(hq // hkv, dim=-3), v.repeat_interleave(hq // hkv, dim=-3)
     outs = []
     for q0 in range(0, S, _BAND_ROWS):
         q1 = min(S, q0 + _BAND_ROWS)
@@ -235,7 +242,8 @@ def rope_attention(
     _checks.tensor(op, "cu_seqlens", cu_seqlens, optional=True)
     _checks.flag(op, "causal", causal)
     _checks.flag(op, "interleaved", interleaved)
-    window = _checks.window(op, "window_size", window_size)
+    # a bound past int64 is the same window as INT64_MAX: no sequence is that long
+    window = tuple(min(w, _INT64_MAX) for w in _checks.window(op, "window_size", window_size))
     _checks.no_forward_ad(op, *zip("q k v cos sin".split(), (q, k, v, cos, sin)))
     q, k, v = _autocast(q, k, v)
     if softmax_scale is None:

@@ -13,7 +13,8 @@ def _setup(ctx, inputs, output):
     q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, *rest = inputs
     out, lse = output
     cu_seqlens = rest[1] if len(rest) > 1 else None
-    ctx.window = tuple(rest[2:4]) + (-1, -1)[len(rest[2:4]):]  # (window_left, window_right)
+    # (window_left, window_right): the op's defaults (-1) where the call passed none
+    ctx.window = tuple((list(rest[2:4]) + [-1, -1])[:2])
     ctx.save_for_backward(q, k, v, out, lse, cos, sin, position_ids, cu_seqlens)
     ctx.causal = causal
     ctx.softmax_scale = softmax_scale
