@@ -231,12 +231,13 @@ struct TileGrid {
   int64_t query_tile_end(int64_t end) const {
     return std::min(S, tile_start(end + kBwdBlockQ - 1, kBwdBlockQ));
   }
-  // (query, key) pairs of rows [from, to) of queries (keys: of keys) and what they see.
+  // The (query, key) pairs of rows [from, to) of queries (keys: of keys): the sum of
+  // what each row sees (a task's cost; O(rows), next to O(rows x keys x head_dim) work).
   int64_t pairs(int64_t from, int64_t to, bool keys) const {
-    if (from >= to) return 0;
-    const int64_t seen = keys ? band.end_query(to - 1, S) - band.first_query(from)
-                              : band.end(to - 1, S) - band.first(from);
-    return (to - from) * seen;
+    int64_t n = 0;
+    for (int64_t i = from; i < to; ++i)
+      n += keys ? band.end_query(i, S) - band.first_query(i) : band.end(i, S) - band.first(i);
+    return n;
   }
 };
 
@@ -399,7 +400,7 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
     const int64_t kb = c * rows, ke = std::min(S, kb + rows);
     if (kb >= S) return;
     // whole query tiles: rows a tile holds past the band read zeros of P, not stale rows
-    const int64_t qfrom = sq.grid.query_start(kb), qto = sq.grid.query_tile_end(sq.grid.query_end(ke - 1));
+    const int64_t qfrom = sq.grid.query_start(kb), qto = sq.grid.query_tile_end(sq.grid.band.end_query(ke - 1, S));
     load_kv(prod, sq, hk, kb, ke);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t hq = hk * G + g;
