@@ -462,6 +462,15 @@ def test_segments_of_mask_accepts_only_the_exact_mask():
                   block.clone().fill_diagonal_(True) & (torch.arange(6)[None, :] >= 1)):  # key 0 hidden
         assert _segments_of_mask(q, wrong[None, None], pos, True) is None
     assert _segments_of_mask(q, additive.masked_fill(block, 0.5)[None, None], pos, True) is None  # a bias
+    # a finite bias where the mask hides a key: softmax still gives that key weight, so no fusing
+    assert _segments_of_mask(q, additive.masked_fill(~block, -5.0)[None, None], pos, True) is None
+    assert _segments_of_mask(q, additive.masked_fill(~block, float("-inf"))[None, None], pos, True).tolist() == [0, 3, 6]
+    assert _segments_of_mask(q, block.long()[None, None], pos, True) is None  # neither bool nor additive
+    # with a sliding window of 2 (transformers' kv_idx > q_idx - 2): each token and its predecessor
+    banded = block & (torch.arange(6)[None, :] > torch.arange(6)[:, None] - 2)
+    assert _segments_of_mask(q, banded[None, None], pos, True, window=2).tolist() == [0, 3, 6]
+    assert _segments_of_mask(q, block[None, None], pos, True, window=2) is None  # no band in the mask
+    assert _segments_of_mask(q, banded[None, None], pos, True) is None  # a band rope_attention was not told of
     assert _segments_of_mask(q, block[None, None], pos, None) is None  # packing unknown (compile)
     assert _segments_of_mask(q, None, pos, True) is None
     assert _segments_of_mask(q, block[None, None, :5, :5], pos, True) is None  # wrong shape

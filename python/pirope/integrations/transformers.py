@@ -783,7 +783,8 @@ def _cutting_window(attn, seqlen: int) -> int | None:
     (Within it, by either convention -- key j seen from query i when i - j < window, or
     <= window -- every key is seen.)"""
     window = _sliding_window(attn)
-    return window if window is not None and seqlen > window else None
+    # (a window of 0 would be window_size (-1, 0), no window: never fused, its mask hides everything)
+    return window if window is not None and seqlen > window >= 1 else None
 
 
 def _layer_can_fuse(attn, seqlen: int, cache, kwargs) -> bool:
@@ -830,19 +831,26 @@ def _segments_of_mask(q, attention_mask, position_ids, packed, window: int | Non
     batch, seqlen = q.shape[:2]
     if attention_mask.dim() != 4 or tuple(attention_mask.shape) != (batch, 1, seqlen, seqlen):
         return None
+    if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
+        return None
     positions = torch.arange(seqlen)[None] if position_ids is None else position_ids.to("cpu")
     positions = positions.expand(batch, seqlen)
     # sequence index of each token in its row: a new sequence wherever a position is not
     # its predecessor's + 1 (transformers' find_packed_sequence_indices)
     segment = (torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1).cumsum(-1)
-    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     keys = torch.arange(seqlen)
     for r0 in range(0, seqlen, _MASK_ROWS):
         rows = torch.arange(r0, min(seqlen, r0 + _MASK_ROWS))
+        allowed = attention_mask[:, 0, rows]
+        if allowed.dtype != torch.bool:  # additive: 0 where seen, the dtype's lowest (or -inf) where hidden
+            hidden = allowed <= torch.finfo(allowed.dtype).min / 2
+            allowed = allowed == 0
+            if not (allowed | hidden).all():  # a finite score bias: not a mask rope_attention computes
+                return None
         expected = (segment[:, rows, None] == segment[:, None, :]) & (keys[None, None, :] <= rows[None, :, None])
         if window is not None:
             expected &= keys[None, None, :] > rows[None, :, None] - window
-        if not torch.equal(allowed[:, 0, rows], expected):
+        if not torch.equal(allowed, expected):
             return None
     starts = torch.ones(batch, seqlen, dtype=torch.bool)
     starts[:, 1:] = segment[:, 1:] != segment[:, :-1]
