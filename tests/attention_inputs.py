@@ -1,5 +1,5 @@
-"""Random inputs of the rope_attention tests: PI tables, dense and packed q/k/v, and
-cu_seqlens helpers (shared by test_rope_attention*.py)."""
+"""Inputs and helpers of the rope_attention tests: PI tables, dense and packed q/k/v,
+cu_seqlens helpers, the dense call per packed sequence (shared by test_rope_attention*.py)."""
 
 import torch
 
@@ -33,3 +33,18 @@ def spans(cu):
     """[(start, end)] of the sequences of cu_seqlens."""
     cu = [int(c) for c in cu]
     return list(zip(cu[:-1], cu[1:]))
+
+
+def dense_per_sequence(q, k, v, cos, sin, cu, pos, g, **kw):
+    """Dense pirope.rope_attention per packed sequence (batch 1, same keywords), outputs
+    and gradients (for grad_out g) stitched back into the packed layout."""
+    outs, dqs, dks, dvs = (torch.zeros_like(t) for t in (q, q, k, v))
+    for a, b in spans(cu):
+        if a == b:
+            continue
+        qi, ki, vi = (t[a:b].detach().clone()[None].requires_grad_() for t in (q, k, v))
+        pi = None if pos is None else pos.reshape(-1)[a:b]
+        o = pirope.rope_attention(qi, ki, vi, cos, sin, pi, **kw)
+        o.backward(g[a:b][None])
+        outs[a:b], dqs[a:b], dks[a:b], dvs[a:b] = o[0].detach(), qi.grad[0], ki.grad[0], vi.grad[0]
+    return outs, dqs, dks, dvs

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import pirope
-from attention_inputs import cu_tensor, packed_qkv, spans, tables
+from attention_inputs import cu_tensor, dense_per_sequence, packed_qkv, spans, tables
 from reference import assert_attention_close as assert_close_to
 from reference import rope_reference
 
@@ -175,21 +175,6 @@ def test_matches_reference_explicit_softmax_scale_and_float64_tables():
 
 
 # ---- 2. equals the dense call per sequence ----
-
-def dense_per_sequence(q, k, v, cos, sin, cu, pos, g, **kw):
-    """Dense pirope.rope_attention per sequence (batch 1), its outputs and gradients
-    stitched back into the packed layout."""
-    outs, dqs, dks, dvs = (torch.zeros_like(t) for t in (q, q, k, v))
-    for a, b in spans(cu):
-        if a == b:
-            continue
-        qi, ki, vi = (t[a:b].detach().clone()[None].requires_grad_() for t in (q, k, v))
-        pi = None if pos is None else pos.reshape(-1)[a:b]
-        o = pirope.rope_attention(qi, ki, vi, cos, sin, pi, **kw)
-        o.backward(g[a:b][None])
-        outs[a:b], dqs[a:b], dks[a:b], dvs[a:b] = o[0].detach(), qi.grad[0], ki.grad[0], vi.grad[0]
-    return outs, dqs, dks, dvs
-
 
 @pytest.mark.parametrize("cu", [[0, 5, 5, 17, 40], [0, 300, 301, 600], [0, 64, 128, 129, 385]],
                          ids=lambda c: "-".join(map(str, c)))

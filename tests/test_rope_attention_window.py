@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import pirope
-from attention_inputs import cu_tensor, packed_qkv, qkv, spans, tables
+from attention_inputs import cu_tensor, dense_per_sequence, packed_qkv, qkv, spans, tables
 from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import ATTENTION_REL, attention_reference, rope_reference
 from reference import assert_attention_close as assert_close_to
@@ -553,21 +553,6 @@ def test_cu_seqlens_position_forms(form, interleaved):
     for causal in (True, False):
         check_against_reference(q, k, v, cos, sin, pos, causal=causal, window=(4, 6), interleaved=interleaved,
                                 cu=cu)
-
-
-def dense_per_sequence(q, k, v, cos, sin, cu, pos, g, **kw):
-    """Dense pirope.rope_attention per sequence (batch 1, same window), outputs and
-    gradients stitched back into the packed layout."""
-    outs, dqs, dks, dvs = (torch.zeros_like(t) for t in (q, q, k, v))
-    for a, b in spans(cu):
-        if a == b:
-            continue
-        qi, ki, vi = (t[a:b].detach().clone()[None].requires_grad_() for t in (q, k, v))
-        pi = None if pos is None else pos.reshape(-1)[a:b]
-        o = pirope.rope_attention(qi, ki, vi, cos, sin, pi, **kw)
-        o.backward(g[a:b][None])
-        outs[a:b], dqs[a:b], dks[a:b], dvs[a:b] = o[0].detach(), qi.grad[0], ki.grad[0], vi.grad[0]
-    return outs, dqs, dks, dvs
 
 
 @pytest.mark.parametrize("cu", [[0, 5, 5, 17, 40], [0, 300, 301, 600], [0, 64, 128, 129, 385], [0, 0, 3, 3]],
