@@ -28,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_method_args, machine, print_table, rotate_half, time_methods  # noqa: E402
+from common import add_method_args, machine, method_setup, print_table, rotate_half, time_methods  # noqa: E402
 
 import pirope  # noqa: E402
 from pirope.rope_attention import _varlen_unfused  # noqa: E402
@@ -73,12 +73,7 @@ def main():
     add_method_args(ap, "a,b,c")
     args = ap.parse_args()
 
-    device = torch.device(args.device)
-    hq, hkv = map(int, args.heads.split("/"))
-    d = args.headdim
-    chosen = [METHODS[m] for m in args.methods.split(",")]
-    inv_freq, _ = pirope.rope_frequencies(d, scaling={"rope_type": "linear", "factor": 4.0})
-    print(f"{machine()}; heads {hq}/{hkv}, headdim {d}, causal, repeat {args.repeat}")
+    device, hq, hkv, d, chosen, inv_freq = method_setup(args, METHODS)
     rows = []
     for lengths_arg in args.lengths:
         lengths = [int(n) for n in lengths_arg.split(",")]

@@ -104,3 +104,16 @@ def time_methods(chosen, run, tensors, grad, *, device: str, repeat: int, modes:
         print(f"  {' '.join(str(v) for v in key.values())} {mode}: "
               + ", ".join(f"{name} {times[name]:.1f} ms" for name, _ in chosen), flush=True)
     return rows
+
+
+def method_setup(args, methods: dict):
+    """From add_method_args' options: (device, nheads_q, nheads_kv, headdim, the chosen
+    (name, fn) of ``methods``, PI-by-4 inv_freq); prints the machine line."""
+    import pirope
+
+    device = torch.device(args.device)
+    hq, hkv = map(int, args.heads.split("/"))
+    chosen = [methods[m] for m in args.methods.split(",")]
+    inv_freq, _ = pirope.rope_frequencies(args.headdim, scaling={"rope_type": "linear", "factor": 4.0})
+    print(f"{machine()}; heads {hq}/{hkv}, headdim {args.headdim}, causal, repeat {args.repeat}")
+    return device, hq, hkv, args.headdim, chosen, inv_freq
