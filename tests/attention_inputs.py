@@ -48,3 +48,16 @@ def dense_per_sequence(q, k, v, cos, sin, cu, pos, g, **kw):
         o.backward(g[a:b][None])
         outs[a:b], dqs[a:b], dks[a:b], dvs[a:b] = o[0].detach(), qi.grad[0], ki.grad[0], vi.grad[0]
     return outs, dqs, dks, dvs
+
+
+def at_thread_counts(counts, fn):
+    """[fn() with torch.set_num_threads(n) for n in counts]; the thread count restored after."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pirope
-from attention_inputs import qkv, tables
+from attention_inputs import at_thread_counts, qkv, tables
 from reference import assert_attention_close as assert_close_to
 from reference import attention_reference
 
@@ -110,16 +110,14 @@ def test_backward_is_deterministic():
     q, k, v = qkv(2, 300, 8, 2, 64, requires_grad=True)
     cos, sin = tables(64, 300)
     g = torch.randn(2, 300, 8, 64)
-    grads = []
+
+    def grads_of_one_run():
+        q.grad = k.grad = v.grad = None
+        pirope.rope_attention(q, k, v, cos, sin).backward(g)
+        return [t.grad.clone() for t in (q, k, v)]
+
     threads = torch.get_num_threads()
-    try:
-        for n in (threads, threads, 1):
-            torch.set_num_threads(n)
-            q.grad = k.grad = v.grad = None
-            pirope.rope_attention(q, k, v, cos, sin).backward(g)
-            grads.append([t.grad.clone() for t in (q, k, v)])
-    finally:
-        torch.set_num_threads(threads)
+    grads = at_thread_counts((threads, threads, 1), grads_of_one_run)
     for other in grads[1:]:  # bit-identical, whatever the thread count
         for a, b in zip(grads[0], other):
             assert torch.equal(a, b)
@@ -233,13 +231,7 @@ def test_cpu_default_products_are_taken_and_deterministic(monkeypatch, dtype):
     blas = run()
     monkeypatch.delenv("PIROPE_CPU_GEMM")
     threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (threads, threads, 1):
-            torch.set_num_threads(n)
-            runs.append(run())
-    finally:
-        torch.set_num_threads(threads)
+    runs = at_thread_counts((threads, threads, 1), run)
     for other in runs[1:]:  # bit-identical, whatever the thread count
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
@@ -259,16 +251,13 @@ def test_cpu_backward_split_over_threads_is_bit_identical(dtype, causal):
     q, k, v = qkv(1, 1100, 4, 1, 64, dtype=dtype)
     cos, sin = tables(64, 1100)
     g = torch.randn(1, 1100, 4, 64, dtype=dtype)
-    threads = torch.get_num_threads()
-    grads = []
-    try:
-        for n in (1, 2, 4):  # one pass; two passes with 2 and 4 blocks
-            torch.set_num_threads(n)
-            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-            pirope.rope_attention(qq, kk, vv, cos, sin, causal=causal).backward(g)
-            grads.append([t.grad for t in (qq, kk, vv)])
-    finally:
-        torch.set_num_threads(threads)
+
+    def grads_of_one_run():
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        pirope.rope_attention(qq, kk, vv, cos, sin, causal=causal).backward(g)
+        return [t.grad for t in (qq, kk, vv)]
+
+    grads = at_thread_counts((1, 2, 4), grads_of_one_run)  # one pass; two passes with 2 and 4 blocks
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             assert torch.equal(a, b)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import pirope
-from attention_inputs import cu_tensor, dense_per_sequence, packed_qkv, spans, tables
+from attention_inputs import at_thread_counts, cu_tensor, dense_per_sequence, packed_qkv, spans, tables
 from reference import assert_attention_close as assert_close_to
 from reference import rope_reference
 
@@ -359,14 +359,8 @@ def test_backward_split_over_threads_is_bit_identical(dtype):
     q, k, v = packed_qkv(1100, 4, 1, 64, dtype=dtype)
     cos, sin = tables(64, 1100)
     g = torch.randn(1100, 4, 64, dtype=dtype)
-    threads = torch.get_num_threads()
-    grads = []
-    try:
-        for n in (1, 2, 4):
-            torch.set_num_threads(n)
-            grads.append(run_varlen(q, k, v, cos, sin, cu_tensor(cu), deterministic=True, g=g)[1:4])
-    finally:
-        torch.set_num_threads(threads)
+    grads = at_thread_counts((1, 2, 4), lambda: run_varlen(q, k, v, cos, sin, cu_tensor(cu), deterministic=True,
+                                                           g=g)[1:4])
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             assert torch.equal(a, b)
@@ -622,14 +616,8 @@ def test_mixed_lengths_split_by_cost_over_any_thread_count(causal):
     q, k, v = packed_qkv(1000, 4, 2, 32)
     cos, sin = tables(32, 1000)
     g = torch.randn_like(q)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2, 3, 8):
-            torch.set_num_threads(n)
-            runs.append(run_varlen(q, k, v, cos, sin, cu_tensor(cu), causal=causal, g=g)[:4])
-    finally:
-        torch.set_num_threads(threads)
+    runs = at_thread_counts((1, 2, 3, 8), lambda: run_varlen(q, k, v, cos, sin, cu_tensor(cu), causal=causal,
+                                                             g=g)[:4])
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import pirope
-from attention_inputs import cu_tensor, dense_per_sequence, packed_qkv, qkv, spans, tables
+from attention_inputs import at_thread_counts, cu_tensor, dense_per_sequence, packed_qkv, qkv, spans, tables
 from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import ATTENTION_REL, attention_reference, rope_reference
 from reference import assert_attention_close as assert_close_to
@@ -714,14 +714,7 @@ def test_backward_bit_identical_over_thread_counts_mqa(dtype, causal, window):
     q, k, v = qkv(1, 1100, 4, 1, 64, dtype=dtype)
     cos, sin = tables(64, 1100)
     g = torch.randn(1, 1100, 4, 64, dtype=dtype)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2, 3, 4):
-            torch.set_num_threads(n)
-            runs.append(run(q, k, v, cos, sin, g=g, causal=causal, window_size=window)[:4])
-    finally:
-        torch.set_num_threads(threads)
+    runs = at_thread_counts((1, 2, 3, 4), lambda: run(q, k, v, cos, sin, g=g, causal=causal, window_size=window)[:4])
     for n, other in zip((2, 3, 4), runs[1:]):
         for what, a, b in zip(("out", "dq", "dk", "dv"), runs[0], other):
             assert torch.equal(a, b), f"{what}: 1 thread vs {n} threads"
@@ -741,15 +734,8 @@ def test_backward_bit_identical_over_thread_counts_gqa(packed):
         extra = {}
     cos, sin = tables(64, 700)
     g = torch.randn_like(q)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2, 3, 8):
-            torch.set_num_threads(n)
-            runs.append(run(q, k, v, cos, sin, g=g, causal=False, window_size=(100, 63), deterministic=True,
-                            **extra)[:4])
-    finally:
-        torch.set_num_threads(threads)
+    runs = at_thread_counts((1, 2, 3, 8), lambda: run(q, k, v, cos, sin, g=g, causal=False, window_size=(100, 63),
+                                                      deterministic=True, **extra)[:4])
     for other in runs[1:]:
         assert_all_equal(runs[0], other)
     cu = extra["cu_seqlens"].tolist() if packed else None
