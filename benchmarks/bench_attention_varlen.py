@@ -21,14 +21,13 @@ method ((a) by default).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_method_args, machine, method_setup, print_table, rotate_half, time_methods  # noqa: E402
+from common import add_method_args, method_setup, report, rotate_half, time_methods  # noqa: E402
 
 import pirope  # noqa: E402
 from pirope.rope_attention import _varlen_unfused  # noqa: E402
@@ -92,11 +91,7 @@ def main():
             rows += time_methods(chosen, lambda fn, q, k, v: fn(q, k, v, cos, sin, cu, pos, mask), (q, k, v), grad,
                                  device=str(device), repeat=args.repeat, modes=args.modes.split(","),
                                  key={"lengths": lengths_arg, "total": total, "dtype": dtype_name}, diffs=diffs)
-    print()
-    print_table(rows, list(rows[0]) if rows else [])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "heads": args.heads, "headdim": d, "rows": rows}, f, indent=1)
+    report(rows, args)
 
 
 if __name__ == "__main__":

@@ -117,3 +117,14 @@ def method_setup(args, methods: dict):
     inv_freq, _ = pirope.rope_frequencies(args.headdim, scaling={"rope_type": "linear", "factor": 4.0})
     print(f"{machine()}; heads {hq}/{hkv}, headdim {args.headdim}, causal, repeat {args.repeat}")
     return device, hq, hkv, args.headdim, chosen, inv_freq
+
+
+def report(rows: list[dict], args) -> None:
+    """Prints the rows as a table and, with --json, writes them with the machine line."""
+    import json
+
+    print()
+    print_table(rows, list(rows[0]) if rows else [])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "heads": args.heads, "headdim": args.headdim, "rows": rows}, f, indent=1)
