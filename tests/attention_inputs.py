@@ -61,3 +61,14 @@ def at_thread_counts(counts, fn):
         return results
     finally:
         torch.set_num_threads(threads)
+
+
+def token_positions(cu, total, position_ids=None):
+    """int64 (total,) position of every packed token: restarting at 0 in every sequence
+    when position_ids is None."""
+    if position_ids is not None:
+        return position_ids.detach().to(torch.int64).cpu().reshape(total)
+    pos = torch.zeros(total, dtype=torch.int64)
+    for a, b in spans(cu):
+        pos[a:b] = torch.arange(b - a)
+    return pos

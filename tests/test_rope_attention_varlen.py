@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import pirope
-from attention_inputs import at_thread_counts, cu_tensor, dense_per_sequence, packed_qkv, spans, tables
+from attention_inputs import at_thread_counts, cu_tensor, dense_per_sequence, packed_qkv, spans, tables, token_positions
 from reference import assert_attention_close as assert_close_to
 from reference import rope_reference
 
@@ -34,17 +34,6 @@ def unfused():
 
 
 # ---- independent float64 reference ----
-
-def token_positions(cu, total, position_ids=None):
-    """int64 (total,) position of every packed token: restarting at 0 in every sequence
-    when position_ids is None."""
-    if position_ids is not None:
-        return position_ids.detach().to(torch.int64).cpu().reshape(total)
-    pos = torch.zeros(total, dtype=torch.int64)
-    for a, b in spans(cu):
-        pos[a:b] = torch.arange(b - a)
-    return pos
-
 
 def varlen_reference(q, k, v, cos, sin, cu, position_ids=None, causal=True, softmax_scale=None,
                      interleaved=False, grad_out=None):

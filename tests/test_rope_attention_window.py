@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import pirope
-from attention_inputs import at_thread_counts, cu_tensor, dense_per_sequence, packed_qkv, qkv, spans, tables
+from attention_inputs import (at_thread_counts, cu_tensor, dense_per_sequence, packed_qkv, qkv, spans, tables,
+                              token_positions)
 from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import ATTENTION_REL, attention_reference, rope_reference
 from reference import assert_attention_close as assert_close_to
@@ -81,15 +82,6 @@ def packed_visible(cu, causal, window):
     return (seq[:, None] == seq[None, :]) & band(local, local, causal, window)
 
 
-def packed_positions(cu, total, position_ids=None):
-    if position_ids is not None:
-        return position_ids.detach().to(torch.int64).cpu().reshape(total)
-    pos = torch.zeros(total, dtype=torch.int64)
-    for a, b in spans(cu):
-        pos[a:b] = torch.arange(b - a)
-    return pos
-
-
 def _masked_attention(qr, kr, v64, visible, scale, packed):
     """float64 softmax attention with an explicit visibility mask, kv heads repeated over
     their query-head group. Returns (out, lse)."""
@@ -115,7 +107,7 @@ def window_reference(q, k, v, cos, sin, position_ids=None, causal=True, window=(
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     packed = cu is not None
     if packed:
-        pos = packed_positions(cu, q.shape[0], position_ids)
+        pos = token_positions(cu, q.shape[0], position_ids)
         visible = packed_visible(cu, causal, window)
     else:
         pos = position_ids
