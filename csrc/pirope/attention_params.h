@@ -39,6 +39,10 @@ struct AttentionParams {
   // or (-1, any) with causal).
   int64_t window_left = -1, window_right = -1;
   double softmax_scale = 1.0;
+  // Attention-logit soft-cap (Gemma 2, flash-attn's softcap): each score s = softmax_scale
+  // q.k becomes softcap * tanh(s / softcap) before the mask and the softmax; 0: none. CPU
+  // kernels only (the CUDA ones take 0).
+  double softcap = 0.0;
   // Backward: bit-identical gradients run to run (CUDA: no float atomics; the CPU
   // backward is always deterministic).
   bool deterministic = false;

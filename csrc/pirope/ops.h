@@ -51,13 +51,16 @@ void apply_rope_qk_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // ((total,)) gives them. window_left/right (CPU): sliding-window attention as in
 // flash-attn's window_size: query i sees key j only when i - window_left <= j <=
 // i + window_right (-1: no bound; causal keeps j <= i whatever window_right says).
+// softcap (CPU): attention-logit soft-cap as in Gemma 2 and flash-attn: each score s
+// becomes softcap * tanh(s / softcap) before the mask and the softmax (lse is of the capped
+// scores); 0: none.
 std::tuple<at::Tensor, at::Tensor> rope_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids = std::nullopt,
     bool causal = true, std::optional<double> softmax_scale = std::nullopt,
     bool interleaved = false, bool deterministic = false,
     const std::optional<at::Tensor>& cu_seqlens = std::nullopt, int64_t window_left = -1,
-    int64_t window_right = -1);
+    int64_t window_right = -1, double softcap = 0.0);
 
 // Gradients (dq, dk, dv) of rope_attention's out, from the saved out and lse.
 // deterministic: bit-identical results run to run (always so on CPU; on CUDA it
@@ -69,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
     const std::optional<at::Tensor>& position_ids = std::nullopt, bool causal = true,
     std::optional<double> softmax_scale = std::nullopt, bool interleaved = false,
     bool deterministic = false, const std::optional<at::Tensor>& cu_seqlens = std::nullopt,
-    int64_t window_left = -1, int64_t window_right = -1);
+    int64_t window_left = -1, int64_t window_right = -1, double softcap = 0.0);
 
 // Build facts, reported by pirope._C.build_info() and checked at import.
 struct BuildInfo {

@@ -48,16 +48,18 @@ TORCH_LIBRARY(pirope, m) {
   // the backward (the forward takes it so that autograd can pass it on). cu_seqlens:
   // packed sequences, q/k/v (total, heads, headdim) and lse (nheads_q, total); CPU only.
   // window_left/right: sliding-window attention (flash-attn's window_size; -1: no
-  // bound; causal overrides window_right); CPU only.
+  // bound; causal overrides window_right); CPU only. softcap: attention-logit soft-cap
+  // (Gemma 2; flash-attn's softcap): scores s become softcap * tanh(s / softcap); 0: none;
+  // CPU only.
   m.def("rope_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, "
         "Tensor? position_ids, bool causal, float softmax_scale, bool interleaved, "
         "bool deterministic=False, Tensor? cu_seqlens=None, int window_left=-1, "
-        "int window_right=-1) -> (Tensor, Tensor)");
+        "int window_right=-1, float softcap=0.0) -> (Tensor, Tensor)");
   m.def("rope_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor out, Tensor lse, Tensor cos, Tensor sin, Tensor? position_ids, "
         "bool causal, float softmax_scale, bool interleaved, bool deterministic=False, "
-        "Tensor? cu_seqlens=None, int window_left=-1, int window_right=-1) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor? cu_seqlens=None, int window_left=-1, int window_right=-1, "
+        "float softcap=0.0) -> (Tensor, Tensor, Tensor)");
 }
 
 // The in-place rotary ops as autograd sees them (the Python API wraps them in a

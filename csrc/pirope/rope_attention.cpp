@@ -109,6 +109,22 @@ void check_window(const char* op, int64_t left, int64_t right, bool causal, cons
               "pirope.rope_attention runs it on ", q.device(), " unfused");
 }
 
+// Soft-cap: 0 (none) or a finite value > 0, within float32's positive range unless the
+// inputs are float64 (other dtypes are computed in float32). The CUDA kernels take none.
+void check_softcap(const char* op, double softcap, const at::Tensor& q) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op,
+              ": softcap must be 0 (no soft-cap) or finite and > 0, got ", softcap);
+  TORCH_CHECK(softcap == 0 || q.scalar_type() == at::kDouble ||
+                  (softcap >= std::numeric_limits<float>::denorm_min() &&
+                   softcap <= std::numeric_limits<float>::max()),
+              op, ": softcap must be 0 or within float32's positive range (",
+              std::numeric_limits<float>::denorm_min(), " to ", std::numeric_limits<float>::max(),
+              ": ", q.scalar_type(), " inputs are computed in float32), got ", softcap);
+  TORCH_CHECK(softcap == 0 || q.device().is_cpu(), op,
+              ": softcap (attention-logit soft-capping) is supported by the CPU kernels only; "
+              "pirope.rope_attention runs it on ", q.device(), " unfused");
+}
+
 // Packed sequences: cu_seqlens checked (1-D int32/int64 on q's device (CPU), 0 first,
 // non-decreasing, total tokens last) and copied to int64 host memory.
 at::Tensor check_cu_seqlens(const char* op, const at::Tensor& cu, const at::Tensor& q) {
@@ -141,11 +157,12 @@ AttentionParams plan(const char* op, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& cos, const at::Tensor& sin,
                      const std::optional<at::Tensor>& position_ids, bool causal,
                      double scale, bool interleaved, const at::Tensor& cu,
-                     int64_t window_left, int64_t window_right,
+                     int64_t window_left, int64_t window_right, double softcap,
                      at::Tensor& cos_u, at::Tensor& sin_u, at::Tensor& restart) {
   check_tables(op, q, cos, sin);
   check_scale(op, scale, q.scalar_type());
   check_window(op, window_left, window_right, causal, q);
+  check_softcap(op, softcap, q);
   const bool packed = cu.defined();
   // The rows the positions describe: (batch, seqlen), or (1, total) when packed.
   const int64_t rows_b = packed ? 1 : q.size(0), rows_s = packed ? q.size(0) : q.size(1);
@@ -184,6 +201,7 @@ AttentionParams plan(const char* op, const at::Tensor& q, const at::Tensor& k,
   p.window_left = window_left;
   p.window_right = window_right;
   p.softmax_scale = scale;
+  p.softcap = softcap;
   std::tie(cos_u, sin_u) =
       fill_rope_tables(p.rope, cos, sin, pos, rows_b, rows_s, q4.size(3), interleaved);
   return p;
@@ -205,13 +223,13 @@ std::tuple<at::Tensor, at::Tensor> rope_attention_run(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
     double softmax_scale, bool interleaved, const std::optional<at::Tensor>& cu_seqlens,
-    int64_t window_left, int64_t window_right, AttentionLauncher launch) {
+    int64_t window_left, int64_t window_right, double softcap, AttentionLauncher launch) {
   const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
   check_qkv(kFwd, q, k, v, packed);
   const at::Tensor cu = maybe_cu_seqlens(kFwd, cu_seqlens, q);  // backs p.cu_seqlens
   at::Tensor cos_u, sin_u, restart;
   AttentionParams p = plan(kFwd, q, k, cos, sin, position_ids, causal, softmax_scale,
-                           interleaved, cu, window_left, window_right, cos_u, sin_u, restart);
+                           interleaved, cu, window_left, window_right, softcap, cos_u, sin_u, restart);
   at::Tensor out = at::empty(q.sizes(), q.options());
   const auto lse_options = q.options().dtype(math_dtype(q.scalar_type()));
   // (batch, heads_q, seqlen), or (heads_q, total) for packed sequences
@@ -236,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids, bool causal, double softmax_scale,
     bool interleaved, bool deterministic, const std::optional<at::Tensor>& cu_seqlens,
-    int64_t window_left, int64_t window_right, AttentionLauncher launch) {
+    int64_t window_left, int64_t window_right, double softcap, AttentionLauncher launch) {
   const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
   check_qkv(kBwd, q, k, v, packed);
   check_like_q(kBwd, "grad_out", grad_out, q);
@@ -260,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
   const at::Tensor cu = maybe_cu_seqlens(kBwd, cu_seqlens, q);  // backs p.cu_seqlens
   at::Tensor cos_u, sin_u, restart;
   AttentionParams p = plan(kBwd, q, k, cos, sin, position_ids, causal, softmax_scale,
-                           interleaved, cu, window_left, window_right, cos_u, sin_u, restart);
+                           interleaved, cu, window_left, window_right, softcap, cos_u, sin_u, restart);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
@@ -303,16 +321,17 @@ std::tuple<at::Tensor, at::Tensor> rope_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
     std::optional<double> softmax_scale, bool interleaved, bool deterministic,
-    const std::optional<at::Tensor>& cu_seqlens, int64_t window_left, int64_t window_right) {
+    const std::optional<at::Tensor>& cu_seqlens, int64_t window_left, int64_t window_right,
+    double softcap) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pirope::rope_attention", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const std::optional<at::Tensor>&, bool, double, bool, bool,
-              const std::optional<at::Tensor>&, int64_t, int64_t)>();
+              const std::optional<at::Tensor>&, int64_t, int64_t, double)>();
   return op.call(q, k, v, cos, sin, position_ids, causal, default_scale(q, softmax_scale),
-                 interleaved, deterministic, cu_seqlens, window_left, window_right);
+                 interleaved, deterministic, cu_seqlens, window_left, window_right, softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
@@ -321,7 +340,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids, bool causal,
     std::optional<double> softmax_scale, bool interleaved, bool deterministic,
-    const std::optional<at::Tensor>& cu_seqlens, int64_t window_left, int64_t window_right) {
+    const std::optional<at::Tensor>& cu_seqlens, int64_t window_left, int64_t window_right,
+    double softcap) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pirope::rope_attention_backward", "")
@@ -329,10 +349,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, bool, double, bool, bool,
-              const std::optional<at::Tensor>&, int64_t, int64_t)>();
+              const std::optional<at::Tensor>&, int64_t, int64_t, double)>();
   return op.call(grad_out, q, k, v, out, lse, cos, sin, position_ids, causal,
                  default_scale(q, softmax_scale), interleaved, deterministic, cu_seqlens,
-                 window_left, window_right);
+                 window_left, window_right, softcap);
 }
 
 }  // namespace pirope

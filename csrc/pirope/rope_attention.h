@@ -24,12 +24,12 @@ using AttentionLauncher = void (*)(const AttentionParams& params, at::ScalarType
 
 // Checks every argument, allocates (out, lse) and runs the forward. cu_seqlens: packed
 // sequences (q, k, v of (total, heads, headdim); CPU only). window_left/right: sliding
-// window (-1: none; CPU only).
+// window (-1: none; CPU only). softcap: attention-logit soft-cap (0: none; CPU only).
 std::tuple<at::Tensor, at::Tensor> rope_attention_run(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
     double softmax_scale, bool interleaved, const std::optional<at::Tensor>& cu_seqlens,
-    int64_t window_left, int64_t window_right, AttentionLauncher launch);
+    int64_t window_left, int64_t window_right, double softcap, AttentionLauncher launch);
 
 // Checks every argument, allocates (dq, dk, dv) and runs the backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
     const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& position_ids, bool causal, double softmax_scale,
     bool interleaved, bool deterministic, const std::optional<at::Tensor>& cu_seqlens,
-    int64_t window_left, int64_t window_right, AttentionLauncher launch);
+    int64_t window_left, int64_t window_right, double softcap, AttentionLauncher launch);
 
 // A backend's adjustment of q, k, v (and grad_out) before the checks, e.g. a copy of
 // inputs its kernels cannot address as they are. nullptr: none.
@@ -55,19 +55,20 @@ void register_rope_attention_kernels(torch::Library& m) {
   m.impl("rope_attention", [](const T& q, const T& k, const T& v, const T& cos,
                               const T& sin, const OptT& pos, bool causal, double scale,
                               bool interleaved, bool /*deterministic: backward only*/,
-                              const OptT& cu_seqlens, int64_t window_left, int64_t window_right) {
+                              const OptT& cu_seqlens, int64_t window_left, int64_t window_right,
+                              double softcap) {
     return rope_attention_run(prep(q), prep(k), prep(v), cos, sin, pos, causal, scale,
-                              interleaved, cu_seqlens, window_left, window_right, Fwd);
+                              interleaved, cu_seqlens, window_left, window_right, softcap, Fwd);
   });
   m.impl("rope_attention_backward",
          [](const T& grad_out, const T& q, const T& k, const T& v, const T& out,
             const T& lse, const T& cos, const T& sin, const OptT& pos, bool causal,
             double scale, bool interleaved, bool deterministic, const OptT& cu_seqlens,
-            int64_t window_left, int64_t window_right) {
+            int64_t window_left, int64_t window_right, double softcap) {
            return rope_attention_backward_run(prep(grad_out), prep(q), prep(k), prep(v),
                                               prep(out), lse, cos, sin, pos, causal, scale,
                                               interleaved, deterministic, cu_seqlens,
-                                              window_left, window_right, Bwd);
+                                              window_left, window_right, softcap, Bwd);
          });
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.utils.checkpoint
 
 from . import _checks
 from ._fake import rope_attention as _fake_rope_attention
@@ -15,6 +16,7 @@ from .apply_rope import apply_rope_qk
 __all__ = ["rope_attention"]
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_TINIEST = 2.0**-149  # the smallest positive float32 (subnormal)
 _INT64_MAX = 2**63 - 1
 
 
@@ -22,6 +24,9 @@ _NO_WINDOW = (-1, -1)
 # Query rows per SDPA call of a windowed unfused attention: its mask is (rows x (rows +
 # window)), never seqlen x seqlen.
 _BAND_ROWS = 1024
+# Score elements of one block of a soft-capped unfused attention (float32: 256 MiB); its
+# query rows shrink (down to 16) so that (batch x heads x rows x keys) stays within it.
+_CAPPED_SCORES = 2**26
 
 
 def _is_windowed(window, causal) -> bool:
@@ -29,13 +34,25 @@ def _is_windowed(window, causal) -> bool:
     return window[0] >= 0 or (window[1] >= 0 and not causal)
 
 
-def _band_sdpa(q, k, v, causal, scale, window):
+def _capped_block(q, k, v, seen, scale, softcap):
+    """softmax(softcap * tanh(q k^T * scale / softcap), masked to ``seen``) v, in float32
+    (float64 for float64 input) like the fused kernels, rounded once to q's dtype. q: (...,
+    rows, headdim); k, v: (..., keys, headdim) with q's heads; seen: (rows, keys) bool."""
+    math = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(math), k.to(math).transpose(-1, -2)) * scale
+    s = (softcap * torch.tanh(s / softcap)).masked_fill(~seen, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v.to(math)).to(q.dtype)
+
+
+def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0):
     """Scaled dot-product attention of (..., heads, seqlen, headdim) q, k, v, where query
     i sees keys j with i - left <= j <= i + right (a bound of -1: none; causal: right = 0),
     run over blocks of query rows with the keys their band covers and a boolean mask of
-    that block only. Differentiable through SDPA."""
+    that block only. Differentiable through SDPA. With a soft-cap (which SDPA has not),
+    each block is _capped_block under activation checkpointing: its backward recomputes
+    the block's scores, so no more than one block's exist at a time."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    if not _is_windowed(window, causal):
+    if not _is_windowed(window, causal) and not softcap:
         return sdpa(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
     S = q.shape[-2]
     # a bound past the sequence is none (and must not overflow int64 in the comparisons below)
@@ -45,9 +62,13 @@ def _band_sdpa(q, k, v, causal, scale, window):
         # SDPA's memory-efficient kernels take no mask with enable_gqa (the math one would keep
         # every block's probabilities): repeat k and v over the group, as transformers does
         k, v = k.repeat_interleave(hq // hkv, dim=-3), v.repeat_interleave(hq // hkv, dim=-3)
+    rows = _BAND_ROWS
+    if softcap:  # every block's (..., rows, keys) scores exist at once: fewer rows for many keys
+        keys = S if left < 0 or right < 0 else min(S, left + right + 1)
+        rows = max(16, min(rows, _CAPPED_SCORES // max(1, q.shape[:-2].numel() * keys)))
     outs = []
-    for q0 in range(0, S, _BAND_ROWS):
-        q1 = min(S, q0 + _BAND_ROWS)
+    for q0 in range(0, S, rows):
+        q1 = min(S, q0 + rows)
         k0 = 0 if left < 0 else max(0, q0 - left)
         k1 = S if right < 0 else min(S, q1 + right)
         i = torch.arange(q0, q1, device=q.device)[:, None]
@@ -57,16 +78,24 @@ def _band_sdpa(q, k, v, causal, scale, window):
             seen &= j >= i - left
         if right >= 0:
             seen &= j <= i + right
-        outs.append(sdpa(q[..., q0:q1, :], k[..., k0:k1, :], v[..., k0:k1, :], attn_mask=seen, scale=scale,
-                         enable_gqa=True))
+        qb, kb, vb = q[..., q0:q1, :], k[..., k0:k1, :], v[..., k0:k1, :]
+        if softcap:
+            outs.append(torch.utils.checkpoint.checkpoint(_capped_block, qb, kb, vb, seen, scale, softcap,
+                                                          use_reentrant=False))
+        else:
+            outs.append(sdpa(qb, kb, vb, attn_mask=seen, scale=scale, enable_gqa=True))
     return torch.cat(outs, dim=-2) if outs else sdpa(q, k, v, scale=scale, enable_gqa=True)
 
 
-def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, window=_NO_WINDOW):
+def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, window=_NO_WINDOW,
+                   softcap=0.0):
     # CUDA calls the fused forward does not take: the same math unfused, differentiable
-    # through apply_rope_qk's and SDPA's own backward.
+    # through apply_rope_qk's and SDPA's own backward; the arguments checked as the op
+    # checks them (the fake kernel's checks, the same messages).
+    _fake_rope_attention._check("rope_attention", q, k, v, cos, sin, position_ids, softmax_scale)
     qr, kr = apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
-    out = _band_sdpa(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale, window)
+    out = _band_sdpa(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale, window,
+                     softcap)
     return out.transpose(1, 2)
 
 
@@ -90,7 +119,7 @@ def _sequence_bounds(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seql
 
 
 def _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax_scale, interleaved,
-                    window=_NO_WINDOW):
+                    window=_NO_WINDOW, softcap=0.0):
     """Packed sequences where the fused kernels do not take them (CUDA): apply_rope_qk on
     the packed tensors, then scaled_dot_product_attention sequence by sequence.
     Differentiable through both; reads cu_seqlens on the host (one synchronisation, a
@@ -109,7 +138,7 @@ def _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax
     qr, kr = apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
     # no token at all: one empty call, so that the (empty) output still depends on q, k, v
     outs = [_band_sdpa(qr[s:e].transpose(0, 1), kr[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-                       causal, softmax_scale, window).transpose(0, 1)
+                       causal, softmax_scale, window, softcap).transpose(0, 1)
             for s, e in spans or [(0, 0)]]
     return torch.cat(outs)
 
@@ -158,6 +187,7 @@ def rope_attention(
     deterministic: bool | None = None,
     cu_seqlens: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
+    softcap: float | None = 0.0,
 ) -> torch.Tensor:
     """Rotary embedding of ``q`` and ``k`` followed by softmax attention, fused.
 
@@ -215,6 +245,14 @@ def rope_attention(
             (tiles outside the band are skipped: the work grows with ``seqlen x
             window``); on CUDA the call runs unfused (:func:`pirope.apply_rope_qk`, then
             SDPA over blocks of query rows with the keys of their band).
+        softcap: attention-logit soft-capping, as in Gemma 2 (``attn_logit_softcapping``)
+            and flash-attn: each score ``s = softmax_scale * q.k`` becomes ``softcap *
+            tanh(s / softcap)`` before the mask and the softmax. ``0`` (the default) or
+            ``None``: no cap. Must be finite and >= 0 (and, unless the inputs are
+            float64, within float32's range). Fused on CPU (forward and backward; the
+            backward multiplies dS by ``1 - tanh^2``); on CUDA the call runs unfused
+            (:func:`pirope.apply_rope_qk`, then the capped softmax in float32 over blocks
+            of query rows, each recomputed in the backward rather than kept).
 
     Under ``torch.autocast``, q, k and v are cast to the autocast dtype first, as
     ``torch.nn.functional.scaled_dot_product_attention`` does (not float64 ones).
@@ -244,6 +282,9 @@ def rope_attention(
     _checks.flag(op, "interleaved", interleaved)
     # a bound past int64 is the same window as INT64_MAX: no sequence is that long
     window = tuple(min(w, _INT64_MAX) for w in _checks.window(op, "window_size", window_size))
+    softcap = 0.0 if softcap is None else _checks.number(op, "softcap", softcap)
+    if softcap < 0:
+        raise ValueError(f"{op}: softcap must be 0 (no soft-cap) or > 0, got {softcap}")
     _checks.no_forward_ad(op, *zip("q k v cos sin".split(), (q, k, v, cos, sin)))
     q, k, v = _autocast(q, k, v)
     if softmax_scale is None:
@@ -256,6 +297,9 @@ def rope_attention(
     if softmax_scale > _FLOAT32_MAX and q.dtype != torch.float64:
         raise ValueError(f"{op}: softmax_scale must be at most {_FLOAT32_MAX} (the largest float32: {q.dtype} "
                          f"inputs are computed in float32), got {softmax_scale}")
+    if softcap and q.dtype != torch.float64 and not _FLOAT32_TINIEST <= softcap <= _FLOAT32_MAX:
+        raise ValueError(f"{op}: softcap must be 0 or within float32's positive range ({_FLOAT32_TINIEST} to "
+                         f"{_FLOAT32_MAX}: {q.dtype} inputs are computed in float32), got {softcap}")
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     _checks.flag(op, "deterministic", deterministic)
@@ -267,9 +311,10 @@ def rope_attention(
                 raise RuntimeError(f"{op}: {name} must be on {q.device} like q, got {t.device}")
         if cu_seqlens is not None:
             return _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax_scale, interleaved,
-                                   window)
-        if _is_windowed(window, causal) or not _cuda_kernel_applies(q, k, v, cos, interleaved):
-            return _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, window)
+                                   window, softcap)
+        if _is_windowed(window, causal) or softcap or not _cuda_kernel_applies(q, k, v, cos, interleaved):
+            return _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, window,
+                                  softcap)
     out, _ = _functorch.call("rope_attention", q, k, v, cos, sin, position_ids, causal,
-                             softmax_scale, interleaved, deterministic, cu_seqlens, *window)
+                             softmax_scale, interleaved, deterministic, cu_seqlens, *window, softcap)
     return out

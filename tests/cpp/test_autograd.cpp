@@ -30,12 +30,13 @@ at::Tensor grad_of(const at::Tensor& loss, const at::Tensor& x, bool create_grap
 // i - window_left .. i only.
 at::Tensor attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
-                               double scale, int64_t window_left = -1) {
+                               double scale, int64_t window_left = -1, double softcap = 0.0) {
   const int64_t group = q.size(2) / k.size(2);
   auto qr = reference(q, cos, sin, pos, false).transpose(1, 2);
   auto kr = reference(k, cos, sin, pos, false).repeat_interleave(group, 2).transpose(1, 2);
   auto vr = v.repeat_interleave(group, 2).transpose(1, 2);
   auto scores = at::matmul(qr, kr.transpose(-2, -1)) * scale;
+  if (softcap > 0) scores = softcap * at::tanh(scores / softcap);
   const int64_t s = q.size(1);
   auto hidden = at::ones({s, s}, at::kBool).triu(1);
   if (window_left >= 0) hidden = hidden | at::ones({s, s}, at::kBool).tril(-window_left - 1);
@@ -131,6 +132,33 @@ TEST_CASE("rope_attention with a sliding window: the keys of the band only", "[a
   }
   INFO(error);
   REQUIRE(error.find("window_size") != std::string::npos);
+}
+
+TEST_CASE("rope_attention with a soft-cap: scores capped by tanh before the softmax", "[autograd]") {
+  at::manual_seed(7);
+  auto [cos, sin] = pi_tables(32, 300, 2.0);
+  auto pos = at::arange(300, at::kLong).unsqueeze(0);
+  // scores of a few units, so that a cap of 2 changes them
+  auto q = (3 * at::randn({1, 300, 4, 32}, at::kDouble)).requires_grad_(),
+       k = (3 * at::randn({1, 300, 2, 32}, at::kDouble)).requires_grad_(), v = leaf({1, 300, 2, 32});
+  auto g = at::randn({1, 300, 4, 32}, at::kDouble);
+  const double scale = 1.0 / std::sqrt(32.0);
+  auto [out, lse] = pirope::rope_attention(q, k, v, cos, sin, std::nullopt, true, std::nullopt,
+                                           false, false, std::nullopt, 70, -1, 2.0);
+  auto ref = attention_reference(q, k, v, cos, sin, pos, scale, 70, 2.0);
+  REQUIRE(close(out, ref.detach(), 1e-12));
+  REQUIRE_FALSE(close(out, attention_reference(q, k, v, cos, sin, pos, scale, 70).detach(), 1e-3));
+  for (const auto& x : {q, k, v})
+    REQUIRE(close(grad_of((out * g).sum(), x), grad_of((ref * g).sum(), x).detach(), 1e-12));
+  std::string error = "no error";
+  try {
+    pirope::rope_attention(q, k, v, cos, sin, std::nullopt, true, std::nullopt, false, false,
+                           std::nullopt, -1, -1, -1.0);
+  } catch (const c10::Error& e) {
+    error = e.what_without_backtrace();
+  }
+  INFO(error);
+  REQUIRE(error.find("softcap") != std::string::npos);
 }
 
 TEST_CASE("in-place rotation refuses tensors that require grad", "[autograd]") {

@@ -22,13 +22,13 @@ struct Attention : torch::autograd::Function<Attention> {
                                const std::optional<at::Tensor>& pos, bool causal,
                                double softmax_scale, bool interleaved, bool deterministic,
                                const std::optional<at::Tensor>& cu_seqlens, int64_t window_left,
-                               int64_t window_right) {
+                               int64_t window_right, double softcap) {
     at::Tensor out, lse;
     {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(out, lse) = rope_attention(q, k, v, cos, sin, pos, causal, softmax_scale,
                                           interleaved, deterministic, cu_seqlens, window_left,
-                                          window_right);
+                                          window_right, softcap);
     }
     ctx->save_for_backward({q, k, v, out, lse, cos, sin, pos.value_or(at::Tensor()),
                             cu_seqlens.value_or(at::Tensor())});
@@ -38,6 +38,7 @@ struct Attention : torch::autograd::Function<Attention> {
     ctx->saved_data["deterministic"] = deterministic;
     ctx->saved_data["window_left"] = window_left;
     ctx->saved_data["window_right"] = window_right;
+    ctx->saved_data["softcap"] = softcap;
     ctx->mark_non_differentiable({lse});
     return {out, lse};
   }
@@ -52,9 +53,9 @@ struct Attention : torch::autograd::Function<Attention> {
         grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[6],
         optional(s[7]), d.at("causal").toBool(), d.at("softmax_scale").toDouble(),
         d.at("interleaved").toBool(), d.at("deterministic").toBool(), optional(s[8]),
-        d.at("window_left").toInt(), d.at("window_right").toInt());
+        d.at("window_left").toInt(), d.at("window_right").toInt(), d.at("softcap").toDouble());
     variable_list out = {dq, dk, dv};
-    out.resize(13);  // none for cos, sin, position_ids, the flags, cu_seqlens and the window
+    out.resize(14);  // none for cos, sin, position_ids, the flags, cu_seqlens, the window and softcap
     return out;
   }
 };
@@ -66,11 +67,11 @@ struct AttentionBackward : torch::autograd::Function<AttentionBackward> {
                                const std::optional<at::Tensor>& pos, bool causal,
                                double softmax_scale, bool interleaved, bool deterministic,
                                const std::optional<at::Tensor>& cu_seqlens, int64_t window_left,
-                               int64_t window_right) {
+                               int64_t window_right, double softcap) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [dq, dk, dv] = rope_attention_backward(grad_out, q, k, v, out, lse, cos, sin, pos, causal,
                                                 softmax_scale, interleaved, deterministic,
-                                                cu_seqlens, window_left, window_right);
+                                                cu_seqlens, window_left, window_right, softcap);
     return {dq, dk, dv};
   }
 
@@ -85,10 +86,11 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& pos, bool causal,
     double softmax_scale, bool interleaved, bool deterministic,
-    const std::optional<at::Tensor>& cu_seqlens, int64_t window_left, int64_t window_right) {
+    const std::optional<at::Tensor>& cu_seqlens, int64_t window_left, int64_t window_right,
+    double softcap) {
   check_defined("rope_attention", {{"q", q}, {"k", k}, {"v", v}, {"cos", cos}, {"sin", sin}});
   auto out = Attention::apply(q, k, v, cos, sin, pos, causal, softmax_scale, interleaved,
-                              deterministic, cu_seqlens, window_left, window_right);
+                              deterministic, cu_seqlens, window_left, window_right, softcap);
   return {out[0], out[1]};
 }
 
@@ -97,12 +99,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& sin,
     const std::optional<at::Tensor>& pos, bool causal, double softmax_scale, bool interleaved,
     bool deterministic, const std::optional<at::Tensor>& cu_seqlens, int64_t window_left,
-    int64_t window_right) {
+    int64_t window_right, double softcap) {
   check_defined("rope_attention_backward", {{"grad_out", grad_out}, {"q", q}, {"k", k}, {"v", v},
                                             {"out", out}, {"lse", lse}, {"cos", cos}, {"sin", sin}});
   auto grads = AttentionBackward::apply(grad_out, q, k, v, out, lse, cos, sin, pos, causal,
                                         softmax_scale, interleaved, deterministic, cu_seqlens,
-                                        window_left, window_right);
+                                        window_left, window_right, softcap);
   return {grads[0], grads[1], grads[2]};
 }
 

@@ -233,6 +233,28 @@ acc_t exp_row(acc_t* x, int64_t n, acc_t sub) {
   return sum;
 }
 
+// Attention-logit soft-cap (Gemma 2): x[j] = cap * tanh(x[j] / cap) for j < n (cap > 0;
+// divided, not multiplied by 1 / cap, which overflows for a tiny cap). With `slope`, also
+// slope[j] = 1 - tanh^2: the derivative of the capped score by the score, which the
+// backward multiplies dS by.
+template <typename acc_t>
+void softcap_row(acc_t* x, int64_t n, acc_t cap, acc_t* slope = nullptr) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vcap(cap), one(acc_t(1));
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const Vec t = (Vec::loadu(x + j) / vcap).tanh();
+    (t * vcap).store(x + j);
+    if (slope != nullptr) (one - t * t).store(slope + j);
+  }
+  for (; j < n; ++j) {
+    const acc_t t = std::tanh(x[j] / cap);
+    x[j] = cap * t;
+    if (slope != nullptr) slope[j] = acc_t(1) - t * t;
+  }
+}
+
 // The keys of block [k0, k0 + nk) that query row q (of a sequence of S rows) sees:
 // [lo, hi), counted from k0 (lo == hi: none).
 struct KeySpan {

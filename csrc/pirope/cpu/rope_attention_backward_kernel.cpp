@@ -2,7 +2,9 @@
 // from the saved log-sum-exp (P = exp(scale q k^T - lse)), with D = rowsum(dO * O):
 //   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - D),
 //   dK += scale dS^T q,  dQ += scale dS k      (q, k rotated)
-// and dq, dk are rotated back (by -angle) into the basis of the inputs.
+// and dq, dk are rotated back (by -angle) into the basis of the inputs. With a
+// soft-cap c, P = exp(c tanh(scale q k^T / c) - lse) and dS gains the factor
+// 1 - tanh^2 (the derivative of the capped score).
 //
 // Deterministic by construction: one task per (batch, kv head) owns dk and dv of
 // that head and dq of the query heads of its group, and runs its sums in a fixed
@@ -241,28 +243,50 @@ struct TileGrid {
   }
 };
 
+// One thread's scratch: delta of the current query head's rows; per tile P, dP (then
+// dS) and, with a soft-cap, its slope (kBwdBlockQ x kBwdBlockK, row stride kBwdBlockK).
+template <typename acc_t>
+struct TileScratch {
+  TileScratch(int64_t S, bool capped)
+      : delta(S), pt(kBwdBlockQ * kBwdBlockK), dpt(kBwdBlockQ * kBwdBlockK),
+        slope(capped ? kBwdBlockQ * kBwdBlockK : 0) {}
+  std::vector<acc_t> delta, pt, dpt, slope;
+};
+
 // The backward of one (query tile, key tile): P recomputed from the log-sum-exp,
-// dS = P * (dO v^T - delta), and the products into the gradients `which` asks for.
+// dS = P * (dO v^T - delta) (times the soft-cap's slope), and the products into the
+// gradients `which` asks for.
 template <typename acc_t, typename Products>
 void backward_tile(Products& prod, const TileGrid& grid, int64_t q0, int64_t k0, acc_t scale,
-                   const acc_t* lse, const acc_t* delta, acc_t* pt, acc_t* dpt, Grads which) {
+                   acc_t cap, const acc_t* lse, TileScratch<acc_t>& w, Grads which) {
   const int64_t nq = grid.nq(q0), nk = grid.nk(q0, k0);
-  // P = exp(scale q k^T - lse), zero where masked
+  acc_t *pt = w.pt.data(), *dpt = w.dpt.data(), *slope = w.slope.data();
+  // P = exp(scale q k^T - lse) (capped: exp(cap tanh(scale q k^T / cap) - lse)), zero
+  // where masked
   prod.scores(q0, nq, k0, nk, scale, pt, kBwdBlockK);
   for (int64_t i = 0; i < nq; ++i) {
     acc_t* prow = pt + i * kBwdBlockK;
     const KeySpan seen = visible_keys(grid.band, grid.S, q0 + i, k0, nk);
-    if (seen.size() > 0) exp_row(prow + seen.lo, seen.size(), lse[q0 + i]);
+    if (seen.size() > 0) {
+      if (cap > 0) softcap_row(prow + seen.lo, seen.size(), cap, slope + i * kBwdBlockK + seen.lo);
+      exp_row(prow + seen.lo, seen.size(), lse[q0 + i]);
+    }
     zero_unseen(prow, seen, nk);
   }
   if (which != Grads::kQuery) prod.add_dv(q0, nq, k0, nk, pt, kBwdBlockK);
-  // dP = dO V^T, then dS = P * (dP - delta) in place
+  // dP = dO V^T, then dS = P * (dP - delta) in place; capped, times the slope where P
+  // is not masked (elsewhere P = 0 and the slope is stale)
   prod.dp(q0, nq, k0, nk, dpt, kBwdBlockK);
   for (int64_t i = 0; i < nq; ++i) {
     const acc_t* prow = pt + i * kBwdBlockK;
     acc_t* drow = dpt + i * kBwdBlockK;
-    const acc_t di = delta[q0 + i];
+    const acc_t di = w.delta[q0 + i];
     for (int64_t j = 0; j < nk; ++j) drow[j] = prow[j] * (drow[j] - di);
+    if (cap > 0) {
+      const KeySpan seen = visible_keys(grid.band, grid.S, q0 + i, k0, nk);
+      const acc_t* srow = slope + i * kBwdBlockK;
+      for (int64_t j = seen.lo; j < seen.hi; ++j) drow[j] *= srow[j];
+    }
   }
   if (which != Grads::kQuery) prod.add_dk(q0, nq, k0, nk, scale, dpt, kBwdBlockK);
   if (which != Grads::kKeyValue) prod.add_dq(q0, nq, k0, nk, scale, dpt, kBwdBlockK);
@@ -286,7 +310,7 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
   using acc_t = at::opmath_type<scalar_t>;
   using Products = decltype(make_products());
   const int64_t D = p.head_dim, G = p.heads_q / p.heads_kv;
-  const acc_t scale = static_cast<acc_t>(p.softmax_scale);
+  const acc_t scale = static_cast<acc_t>(p.softmax_scale), cap = static_cast<acc_t>(p.softcap);
   const RopeParams& r = p.rope;
   const int64_t lse_len = attention_lse_len(p);
   if (p.seqlen == 0 || p.batch * p.heads_kv == 0) return;  // (rope_attention.cpp returns first)
@@ -334,15 +358,14 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
     prod.store_dk_dv(r, sq.rows, from, to, head(p.dk, sq, hk), p.dk.stride_s,
                      head(p.dv, sq, hk), p.dv.stride_s);
   };
-  // Runs body(prod, delta, pt, dpt, task) for the tasks [0, ntasks) over the threads,
-  // split by cost(task) (see parallel_for_cost).
+  // Runs body(prod, scratch, task) for the tasks [0, ntasks) over the threads, split by
+  // cost(task) (see parallel_for_cost).
   auto run_tasks = [&](int64_t ntasks, auto cost, auto body) {
     parallel_for_cost(ntasks, cost, [&](int64_t begin, int64_t end) {
       SingleThreadedBlas one_blas_thread;
       auto prod = make_products();
-      std::vector<acc_t> delta(p.seqlen);
-      std::vector<acc_t> pt(kBwdBlockQ * kBwdBlockK), dpt(kBwdBlockQ * kBwdBlockK);
-      for (int64_t task = begin; task < end; ++task) body(prod, delta.data(), pt.data(), dpt.data(), task);
+      TileScratch<acc_t> scratch(p.seqlen, cap > 0);
+      for (int64_t task = begin; task < end; ++task) body(prod, scratch, task);
     });
   };
 
@@ -356,8 +379,7 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
       const TileGrid grid = sequence(task / p.heads_kv).grid;
       return grid.pairs(0, grid.S, false);
     };
-    run_tasks(p.batch * p.heads_kv, cost, [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt,
-                                              int64_t task) {
+    run_tasks(p.batch * p.heads_kv, cost, [&](Products& prod, TileScratch<acc_t>& w, int64_t task) {
       const int64_t b = task / p.heads_kv, hk = task % p.heads_kv;
       const Seq sq = sequence(b);
       const int64_t S = sq.rows.len;
@@ -366,11 +388,10 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t hq = hk * G + g;
         load_q(prod, sq, hq, 0, S);
-        compute_delta(sq, hq, 0, S, delta);
+        compute_delta(sq, hq, 0, S, w.delta.data());
         for (int64_t k0 = 0; k0 < S; k0 += kBwdBlockK)
           for (int64_t q0 = sq.grid.query_start(k0); q0 < sq.grid.query_end(k0); q0 += kBwdBlockQ)
-            backward_tile(prod, sq.grid, q0, k0, scale, lse_of(sq, hq), delta, pt, dpt,
-                          Grads::kAll);
+            backward_tile(prod, sq.grid, q0, k0, scale, cap, lse_of(sq, hq), w, Grads::kAll);
         store_dq(prod, sq, hq, 0, S);
       }
       store_dk_dv(prod, sq, hk, 0, S);
@@ -392,7 +413,7 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
     };
   };
   // dk, dv of keys [kb, ke): every query head of the group, the query tiles that see them.
-  run_tasks(nkv * nsplit, split_cost(true), [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt, int64_t t) {
+  run_tasks(nkv * nsplit, split_cost(true), [&](Products& prod, TileScratch<acc_t>& w, int64_t t) {
     const int64_t i = zigzag(t, nkv * nsplit);
     const int64_t c = i % nsplit, hk = (i / nsplit) % p.heads_kv, b = i / (nsplit * p.heads_kv);
     const Seq sq = sequence(b);
@@ -405,17 +426,16 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
     for (int64_t g = 0; g < G; ++g) {
       const int64_t hq = hk * G + g;
       load_q(prod, sq, hq, qfrom, qto);
-      compute_delta(sq, hq, qfrom, qto, delta);
+      compute_delta(sq, hq, qfrom, qto, w.delta.data());
       for (int64_t k0 = kb; k0 < ke; k0 += kBwdBlockK)
         for (int64_t q0 = sq.grid.query_start(k0); q0 < sq.grid.query_end(k0); q0 += kBwdBlockQ)
-          backward_tile(prod, sq.grid, q0, k0, scale, lse_of(sq, hq), delta, pt, dpt,
-                        Grads::kKeyValue);
+          backward_tile(prod, sq.grid, q0, k0, scale, cap, lse_of(sq, hq), w, Grads::kKeyValue);
     }
     store_dk_dv(prod, sq, hk, kb, ke);
   });
   // dq of queries [qb, qe) of the group's query heads: the keys they see, in the
   // one-pass order (k0 ascending).
-  run_tasks(nkv * nsplit, split_cost(false), [&](Products& prod, acc_t* delta, acc_t* pt, acc_t* dpt, int64_t t) {
+  run_tasks(nkv * nsplit, split_cost(false), [&](Products& prod, TileScratch<acc_t>& w, int64_t t) {
     const int64_t i = zigzag(t, nkv * nsplit);
     const int64_t c = i % nsplit, hk = (i / nsplit) % p.heads_kv, b = i / (nsplit * p.heads_kv);
     const Seq sq = sequence(b);
@@ -427,12 +447,11 @@ void backward_cpu(const AttentionParams& p, MakeProducts make_products) {
     for (int64_t g = 0; g < G; ++g) {
       const int64_t hq = hk * G + g;
       load_q(prod, sq, hq, qb, qe);
-      compute_delta(sq, hq, qb, qe, delta);
+      compute_delta(sq, hq, qb, qe, w.delta.data());
       for (int64_t k0 = kfrom; k0 < kend; k0 += kBwdBlockK)
         for (int64_t q0 = std::max(qb, sq.grid.query_start(k0));
              q0 < std::min(qe, sq.grid.query_end(k0)); q0 += kBwdBlockQ)
-          backward_tile(prod, sq.grid, q0, k0, scale, lse_of(sq, hq), delta, pt, dpt,
-                        Grads::kQuery);
+          backward_tile(prod, sq.grid, q0, k0, scale, cap, lse_of(sq, hq), w, Grads::kQuery);
       store_dq(prod, sq, hq, qb, qe);
     }
   });

@@ -8,6 +8,7 @@
 // scores live in one (kBlockQ x kBlockK) tile per thread. Packed sequences
 // (cu_seqlens) are the sequences of the batch, each at its own rows
 // (attention_sequence in attention_params.h); tasks past a sequence's end do nothing.
+// A soft-cap (p.softcap) maps the scores a row sees before its softmax (softcap_row).
 #include <limits>
 #include <vector>
 
@@ -127,7 +128,7 @@ void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = p.head_dim, G = p.heads_q / p.heads_kv;
   const int64_t nchunks = (p.seqlen + kChunkQ - 1) / kChunkQ;
-  const acc_t scale = static_cast<acc_t>(p.softmax_scale);
+  const acc_t scale = static_cast<acc_t>(p.softmax_scale), cap = static_cast<acc_t>(p.softcap);
   const RopeParams& r = p.rope;
 
   const int64_t lse_len = attention_lse_len(p);
@@ -197,6 +198,7 @@ void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
             const KeySpan seen = visible_keys(band, S, q0 + i, k0, nk);
             if (seen.size() > 0) {
               acc_t* s = srow + seen.lo;
+              if (cap > 0) softcap_row(s, seen.size(), cap);
               const acc_t m_new = std::max(m[i], row_max(s, seen.size()));
               const acc_t alpha = std::exp(m[i] - m_new);  // 0 on the first block
               l[i] = l[i] * alpha + exp_row(s, seen.size(), m_new);

@@ -15,6 +15,7 @@ def _setup(ctx, inputs, output):
     cu_seqlens = rest[1] if len(rest) > 1 else None
     # (window_left, window_right): the op's defaults (-1) where the call passed none
     ctx.window = tuple((list(rest[2:4]) + [-1, -1])[:2])
+    ctx.softcap = rest[4] if len(rest) > 4 else 0.0
     ctx.save_for_backward(q, k, v, out, lse, cos, sin, position_ids, cu_seqlens)
     ctx.causal = causal
     ctx.softmax_scale = softmax_scale
@@ -27,7 +28,8 @@ def _rope_attention_bw(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cos, sin, position_ids, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = functorch.call(
         "rope_attention_backward", grad_out.contiguous(), q, k, v, out, lse, cos, sin, position_ids, ctx.causal,
-        ctx.softmax_scale, ctx.interleaved, ctx.deterministic, cu_seqlens, *ctx.window)
+        ctx.softmax_scale, ctx.interleaved, ctx.deterministic, cu_seqlens, *ctx.window,
+        ctx.softcap)
     return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 

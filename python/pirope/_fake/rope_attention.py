@@ -10,6 +10,7 @@ import torch
 from .apply_rope import DTYPES, _check_devices, check_positions, check_tables
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_TINIEST = 2.0**-149  # the smallest positive float32 (subnormal)
 
 
 def _math_dtype(dtype):
@@ -21,6 +22,15 @@ def _check_window(op, window_left, window_right):
     torch._check(window_left >= -1 and window_right >= -1,
                  lambda: f"{op}: window_size must be (left, right) with each -1 (unbounded) or >= 0, "
                          f"got ({window_left}, {window_right})")
+
+
+def _check_softcap(op, softcap, dtype):
+    # rope_attention.cpp's check_softcap (its CPU-only rule is the real kernels' own)
+    torch._check(math.isfinite(softcap) and softcap >= 0,
+                 lambda: f"{op}: softcap must be 0 (no soft-cap) or finite and > 0, got {softcap}")
+    torch._check(softcap == 0 or dtype == torch.float64 or _FLOAT32_TINIEST <= softcap <= _FLOAT32_MAX,
+                 lambda: f"{op}: softcap must be 0 or within float32's positive range ({_FLOAT32_TINIEST} to "
+                         f"{_FLOAT32_MAX}: {dtype} inputs are computed in float32), got {softcap}")
 
 
 def _check(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens=None):
@@ -75,12 +85,13 @@ def _check(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens=None):
 
 @torch.library.register_fake("pirope::rope_attention")
 def _rope_attention(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved,
-                    deterministic=False, cu_seqlens=None, window_left=-1, window_right=-1):
+                    deterministic=False, cu_seqlens=None, window_left=-1, window_right=-1, softcap=0.0):
     op = "rope_attention"
     _check_devices(op, ("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("position_ids", position_ids),
                    ("cu_seqlens", cu_seqlens))
     _check(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens)
     _check_window(op, window_left, window_right)
+    _check_softcap(op, softcap, q.dtype)
     out = q.new_empty(q.shape)
     # (batch, nheads_q, seqlen), or (nheads_q, total) for packed sequences
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
@@ -91,12 +102,13 @@ def _rope_attention(q, k, v, cos, sin, position_ids, causal, softmax_scale, inte
 @torch.library.register_fake("pirope::rope_attention_backward")
 def _rope_attention_backward(grad_out, q, k, v, out, lse, cos, sin, position_ids, causal,
                              softmax_scale, interleaved, deterministic=False, cu_seqlens=None,
-                             window_left=-1, window_right=-1):
+                             window_left=-1, window_right=-1, softcap=0.0):
     op = "rope_attention_backward"
     _check_devices(op, ("q", q), ("grad_out", grad_out), ("k", k), ("v", v), ("out", out), ("lse", lse),
                    ("cos", cos), ("sin", sin), ("position_ids", position_ids), ("cu_seqlens", cu_seqlens))
     _check(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens)
     _check_window(op, window_left, window_right)
+    _check_softcap(op, softcap, q.dtype)
     for name, t in (("grad_out", grad_out), ("out", out)):  # rope_attention.cpp's check_like_q
         torch._check(t.dim() == q.dim() and all(t.shape[d] == q.shape[d] for d in range(q.dim())),
                      lambda: f"{op}: {name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
