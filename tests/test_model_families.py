@@ -130,8 +130,8 @@ FAMILIES = {
 # layers that take the fused path on a sequence longer than HYBRID's window (default: both; a
 # sliding layer with its window, the sdpa mask showing it on CPU): SmolLM3's NoPE layer has no
 # RoPE to fuse and runs transformers' attention unrotated; EXAONE 4's and Cohere 2's full layer
-# is NoPE; Gemma 2 (and VaultGemma) never: their layers soft-cap the scores
-FUSED_LAYERS = {"gemma2": 0, "smollm3": 1, "exaone4": 1, "cohere2": 1, "vaultgemma": 0, "exaone_moe": 1}
+# is NoPE (Gemma 2's and VaultGemma's soft-capped layers fuse with rope_attention's softcap)
+FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1}
 
 
 def test_every_supported_family_is_tested_here():
@@ -191,6 +191,12 @@ def spy_on(monkeypatch, name, record=lambda q, kwargs: tuple(q.shape)):
 def fused_calls(monkeypatch):
     """The q shape of every pirope.rope_attention call."""
     return spy_on(monkeypatch, "rope_attention")
+
+
+@pytest.fixture
+def fused_softcaps(monkeypatch):
+    """The (q shape, softcap) of every pirope.rope_attention call."""
+    return spy_on(monkeypatch, "rope_attention", lambda q, kwargs: (tuple(q.shape), kwargs.get("softcap", 0.0)))
 
 
 @pytest.fixture
@@ -715,10 +721,11 @@ def sharpen(model):
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 @pytest.mark.parametrize("impl", ["eager", MASK_FREE])
 def test_gemma2_attn_logit_softcapping_is_applied_as_transformers_does(impl, attention, model_type, mask_free,
-                                                                        fused_calls):
+                                                                        fused_softcaps):
     # Gemma2Attention (and VaultGemma's, the same) passes softcap=attn_logit_softcapping to its
-    # attention function; the patched layers pass it too, and never fuse (rope_attention has no
-    # soft-cap) -- also where the backend gets no mask tensor, which alone would let a layer fuse
+    # attention function; the patched layers pass it to it too, or fused, to rope_attention's
+    # softcap: with eager's mask tensor both layers (the sliding one with its window), with no
+    # mask tensor the full one and, within the window, the sliding one
     base = sharpen(make(model_type, attn_logit_softcapping=1.0, attn_implementation=impl))
     assert base.config._attn_implementation == impl
     assert [layer.self_attn.sliding_window for layer in base.model.layers] == [16, None]
@@ -728,9 +735,12 @@ def test_gemma2_attn_logit_softcapping_is_applied_as_transformers_does(impl, att
     assert not torch.allclose(logits_and_grads(uncapped, x)[0], logits_and_grads(twin(base), x)[0], atol=1e-2)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     ref = twin(base, model.config)
-    for x in (ids(2, 12), ids(2, 100)):  # within the window, past it
+    for seqlen in (12, 100):  # within the window, past it
+        fused_softcaps.clear()
+        x = ids(2, seqlen)
         assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
-    assert fused_calls == []
+        fused = 0 if attention == "sdpa" else 1 if (impl == MASK_FREE and seqlen > 16) else 2
+        assert fused_softcaps == [((2, seqlen, 4, 16), 1.0)] * fused
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
@@ -749,15 +759,30 @@ def test_gemma2_without_softcapping_fuses_where_exact(attention, mask_free, fuse
         assert fused_calls == ([(2, seqlen, 4, 16)] * fused if attention == "fused" else [])
 
 
-def test_gemma2_can_fuse_only_without_softcap(mask_free):
+def test_gemma2_can_fuse_with_no_cap_or_a_finite_positive_one(mask_free):
     from pirope.integrations.transformers import _can_fuse
 
-    for cap in (None, 50.0):
+    # a cap of 0 (transformers would divide by it), inf, or past float32 (rope_attention computes
+    # in float32) is left to transformers
+    for cap in (None, 50.0, 1e-3, 0.0, float("inf"), 1e39):
         model = patch_rope(make("gemma2", attn_logit_softcapping=cap, attn_implementation=MASK_FREE),
                            attention="fused")
         sliding, full = (layer.self_attn for layer in model.model.layers)
+        fusable = cap is None or 0 < cap < 1e39
         assert [_can_fuse(sliding, 16, None, None, {}), _can_fuse(sliding, 17, None, None, {}),
-                _can_fuse(full, 17, None, None, {})] == ([True, False, True] if cap is None else [False] * 3)
+                _can_fuse(full, 17, None, None, {})] == ([True, False, True] if fusable else [False] * 3), cap
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gemma2_soft_capped_layers_take_transformers_backend_on_cuda(mask_free, fused_calls):
+    # off CPU rope_attention would run the cap unfused: the backend (here one with no mask tensor,
+    # where an uncapped layer fuses) computes the layer, as transformers does
+    base = sharpen(make("gemma2", attn_logit_softcapping=1.0, attn_implementation=MASK_FREE)).cuda()
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    ref = twin(base, model.config).cuda()
+    x = ids(2, 12).cuda()
+    assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
+    assert fused_calls == []
 
 
 @pytest.mark.parametrize("cap", [None, 1.0])
@@ -766,8 +791,9 @@ def test_gemma2_fused_prefill_then_cached_decoding_generates_like_transformers(c
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
     ref = twin(base, model.config)
     assert_generates_like(model, ref, ids(1, 70))
-    # the prefill of the full layer (the sliding one masks keys at 70 > 16); none with a cap
-    assert fused_calls == ([(1, 70, 4, 16)] if cap is None else [])
+    # the prefill of the full layer (the sliding one masks keys at 70 > 16, and this backend gets
+    # no mask tensor to show it), with or without a cap
+    assert fused_calls == [(1, 70, 4, 16)]
 
 
 # ---- multimodal models: their language model is patched -----------------------------------

@@ -57,11 +57,12 @@ with its own short/long ``mscale``, Qwen2-VL's multimodal RoPE).
 Gemma 2's ``attn_logit_softcapping``: ``Gemma2Attention`` passes it to its attention function
 as ``softcap`` (scores ``cap * tanh(scores / cap)``); the patched layers pass it the same way
 (also ``None``), so "eager" (Gemma 2's default: transformers refuses sdpa for it), flex and
-flash attention cap as in transformers. ``pirope.rope_attention`` has no soft-capping: a layer
-whose cap is set always takes the "sdpa" path; with ``attn_logit_softcapping=None`` the fused
-path is taken where exact (with no mask tensor, e.g. flash attention without padding, or,
-on CPU, with eager's plain causal mask). ``final_logit_softcapping`` is
-applied by the model after the layers, untouched by the patch.
+flash attention cap as in transformers. The fused path passes it as ``pirope.rope_attention``'s
+``softcap``, where exact as for any layer (on CPU with eager's causal or sliding-window mask;
+with no mask tensor, e.g. flash attention without padding). On CUDA a capped layer takes the
+"sdpa" path (transformers' backend: flash attention caps in its kernel, while rope_attention
+would run the cap unfused). ``final_logit_softcapping`` is applied by the model after the
+layers, untouched by the patch.
 Gemma 3's ``attn_logit_softcapping``: transformers' ``Gemma3Attention`` stores it but passes
 no ``softcap`` to its attention function, so its scores are not capped; the patched layers
 do the same (both paths), so the patched model equals transformers' for any config.
@@ -107,7 +108,8 @@ the projections produce, no copies) and then:
   attention (not Gemma's ``use_bidirectional_attention``, nor a call with
   ``is_causal=False``), a layer with RoPE (SmolLM3's NoPE layers, and EXAONE 4's and
   Cohere 2's, have nothing to fuse: they take the "sdpa" path, unrotated, as transformers
-  runs them), no attention-logit soft-cap (Gemma 2), no sliding window shorter than the
+  runs them), an attention-logit soft-cap (Gemma 2) only on CPU and only a finite one within
+  float32's range (also ``None``), no sliding window shorter than the
   sequence without a mask tensor that shows it (CUDA; backends that apply the window
   themselves), no score bias (a ``position_bias`` kwarg) and no sequences packed back to back
   other than as above (``cu_seq_lens_q``/``_k`` passed in, or restarting ``position_ids``
@@ -238,8 +240,8 @@ class _Family(NamedTuple):
     # the attention module's attribute holding the attention-logit soft-cap its forward passes
     # to the attention function as softcap= (Gemma 2's attn_logit_softcapping: scores become
     # cap * tanh(scores / cap) before the mask and softmax); None: the family passes no softcap
-    # (Gemma 3 stores attn_logit_softcapping but does not pass it). A layer whose cap is set
-    # never takes the fused path: pirope.rope_attention has no soft-capping
+    # (Gemma 3 stores attn_logit_softcapping but does not pass it). The fused path passes the
+    # cap to pirope.rope_attention (CPU only: see _pirope_attention_forward)
     softcap: str | None = None
     # the config attribute whose value, when set, clamps q, k and v to [-value, value] after the
     # projections and "proj" norms, before the view into heads and RoPE (OLMo's and OLMoE's
@@ -758,6 +760,15 @@ def _softcap(attn):
     return None if src is None else getattr(attn, src)
 
 
+def _fusable_softcap(cap) -> bool:
+    """Whether a layer's soft-cap is one rope_attention's softcap computes as transformers' backends
+    do: None (no cap), or a finite number > 0 within float32's range."""
+    if cap is None:
+        return True
+    return (isinstance(cap, numbers.Real) and not isinstance(cap, bool) and math.isfinite(cap)
+            and 2.0**-149 <= cap <= torch.finfo(torch.float32).max)
+
+
 def _past_length(cache, layer_idx: int) -> int:
     try:
         return int(cache.get_seq_length(layer_idx))
@@ -798,8 +809,8 @@ def _layer_can_fuse(attn, seqlen: int, cache, kwargs) -> bool:
         return False
     if attn.training and getattr(attn, "attention_dropout", 0.0):
         return False
-    if _softcap(attn) is not None:
-        return False  # Gemma 2's logit soft-capping: rope_attention has none
+    if not _fusable_softcap(_softcap(attn)):
+        return False  # a cap rope_attention does not take (transformers' eager would divide by 0)
     causal = kwargs.get("is_causal")  # a call's is_causal overrides the module's, as in transformers' backends
     if not (getattr(attn, "is_causal", True) if causal is None else causal):
         return False
@@ -886,7 +897,12 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     # like Hugging Face's and has nothing to fuse: it takes the "sdpa" path, unrotated
     rotates = family.rope_layers is None or family.rope_layers.rotates(self)
 
+    softcap = _softcap(self)  # None, or (where it fuses) a number _layer_can_fuse checked
     fuse, cu_seqlens = rotates and _layer_can_fuse(self, q.shape[1], cache, kwargs), None
+    if fuse and softcap is not None and q.device.type != "cpu":
+        # rope_attention runs a soft-cap unfused off CPU: transformers' backend (flash
+        # attention's softcap, or eager) is the one to take there
+        fuse = False
     window = _cutting_window(self, q.shape[1])
     if fuse and (attention_mask is not None or packed is not False or window is not None):
         # a mask tensor, packed sequences or a sliding window: fused only where the mask is
@@ -905,10 +921,10 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
                 q.reshape(batch * seqlen, *q.shape[2:]), k.reshape(batch * seqlen, *k.shape[2:]),
                 v.reshape(batch * seqlen, *v.shape[2:]), cos, sin, pos.expand(batch, seqlen).reshape(-1),
                 causal=True, softmax_scale=self.scaling, interleaved=interleaved, cu_seqlens=cu_seqlens,
-                window_size=window_size)
+                window_size=window_size, softcap=softcap)
         else:  # one sequence per row
             out = pirope.rope_attention(q, k, v, cos, sin, position_ids, causal=True, softmax_scale=self.scaling,
-                                        interleaved=interleaved, window_size=window_size)
+                                        interleaved=interleaved, window_size=window_size, softcap=softcap)
         out = out.reshape(*input_shape, -1).contiguous()
         return _out_proj(self, out), None
 
@@ -923,7 +939,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     if family.window is not None:
         extra["sliding_window"] = _sliding_window(self)
     if family.softcap is not None:  # passed even when None, as Gemma 2 does
-        extra["softcap"] = _softcap(self)
+        extra["softcap"] = softcap
     out, weights = interface(
         self, q, k, v, attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,
