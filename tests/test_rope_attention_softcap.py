@@ -1,0 +1,895 @@
+"""pirope.rope_attention with softcap: attention-logit soft-capping as in Gemma 2
+(attn_logit_softcapping) and flash-attn.
+
+Every score s = softmax_scale * (rotated q) . (rotated k) becomes softcap * tanh(s /
+softcap) before the causal / window mask and the softmax; 0 (the default) or None: no
+cap. Outputs, gradients and lse are checked against an independent float64 reference
+written here (rope_reference's rotation, explicit scores, the tanh cap, an explicit
+boolean visibility mask from the window rule, softmax, @ v; gradients by autograd
+through it), across the CPU kernels' tiles, dtypes, cap values, GQA / MQA, head dims,
+partial rotary, interleaved pairs, position_ids forms, windows and packed sequences;
+then bitwise properties (no cap is the plain call, the backward does not depend on the
+thread count), gradcheck, opcheck, torch.compile, torch.func, the unfused (CUDA) paths
+run on CPU, bad input, and CUDA (skipped without a GPU)."""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+import pirope
+from attention_inputs import (at_thread_counts, cu_tensor, dense_per_sequence, packed_qkv, qkv, spans, tables,
+                              token_positions)
+from conftest import CUDA_SKIP_REASON, cuda_ready
+from reference import ATTENTION_REL, attention_reference, rope_reference
+from reference import assert_attention_close as assert_close_to
+
+func = torch.func
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINIEST = 2.0 ** -149
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not cuda_ready(), reason=CUDA_SKIP_REASON)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def unfused_module():
+    # pirope.rope_attention is the function; the module holds the unfused (CUDA) paths
+    return importlib.import_module("pirope.rope_attention")
+
+
+def wid(w):
+    return f"{w[0]}_{w[1]}"
+
+
+def scaled(tensors, factor):
+    """q (the first tensor) times factor: scores that large make the cap matter."""
+    q, *rest = tensors
+    return (q * factor, *rest)
+
+
+# ---- the independent float64 reference ----
+
+def band(query_idx, key_idx, causal, window):
+    """Boolean visibility by flash-attn's window rule on token indices: key j is visible
+    to query i iff (left == -1 or j >= i - left) and (right == -1 or j <= i + right) and
+    (not causal or j <= i)."""
+    left, right = window
+    i, j = query_idx[:, None], key_idx[None, :]
+    visible = torch.ones(len(query_idx), len(key_idx), dtype=torch.bool)
+    if left != -1:
+        visible &= j >= i - left
+    if right != -1:
+        visible &= j <= i + right
+    if causal:
+        visible &= j <= i
+    return visible
+
+
+def visibility(s_or_cu, causal, window):
+    """(S, S) visibility of a dense sequence of S tokens, or (T, T) of packed sequences
+    (cu: a list): same sequence, token indices restarting at each sequence start."""
+    if isinstance(s_or_cu, int):
+        idx = torch.arange(s_or_cu)
+        return band(idx, idx, causal, window)
+    total = int(s_or_cu[-1])
+    seq = torch.full((total,), -1, dtype=torch.int64)
+    local = torch.zeros(total, dtype=torch.int64)
+    for n, (a, b) in enumerate(spans(s_or_cu)):
+        seq[a:b] = n
+        local[a:b] = torch.arange(b - a)
+    return (seq[:, None] == seq[None, :]) & band(local, local, causal, window)
+
+
+def softcap_reference(q, k, v, cos, sin, position_ids=None, causal=True, window=(-1, -1), softmax_scale=None,
+                      interleaved=False, softcap=0.0, grad_out=None, cu=None, with_lse=False):
+    """float64 RoPE + soft-capped masked attention, dense (B, S, H, D) or packed (T, H, D)
+    with cu (a list). Returns out (and lse with with_lse), or with grad_out (out, dq, dk,
+    dv): gradients by autograd, dq and dk rotated back by the inverse rotation."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    packed = cu is not None
+    if packed:
+        pos = token_positions(cu, q.shape[0], position_ids)
+        visible = visibility(cu, causal, window)
+    else:
+        pos = position_ids
+        visible = visibility(q.shape[1], causal, window)
+    need = grad_out is not None
+    qr = rope_reference(q, cos, sin, pos, interleaved).requires_grad_(need)
+    kr = rope_reference(k, cos, sin, pos, interleaved).requires_grad_(need)
+    v64 = v.detach().to(torch.float64).cpu().requires_grad_(need)
+    hdim = 1 if packed else 2
+    group = qr.shape[hdim] // kr.shape[hdim]
+    kk, vv = kr.repeat_interleave(group, dim=hdim), v64.repeat_interleave(group, dim=hdim)
+    if packed:
+        scores = torch.einsum("shd,thd->hst", qr, kk) * scale
+    else:
+        scores = torch.einsum("bshd,bthd->bhst", qr, kk) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = scores.logsumexp(-1)
+    p = scores.softmax(-1)
+    out = torch.einsum("hst,thd->shd", p, vv) if packed else torch.einsum("bhst,bthd->bshd", p, vv)
+    if with_lse:
+        return out.detach(), lse.detach()
+    if not need:
+        return out.detach()
+    gq, gk, gv = torch.autograd.grad(out, (qr, kr, v64), grad_out.detach().to(torch.float64).cpu())
+    dq = rope_reference(gq, cos, sin, pos, interleaved, conjugate=True)
+    dk = rope_reference(gk, cos, sin, pos, interleaved, conjugate=True)
+    return out.detach(), dq, dk, gv
+
+
+# ---- running pirope ----
+
+def run(q, k, v, cos, sin, pos=None, g=None, fn="public", **kw):
+    """(out, dq, dk, dv, grad_out) of pirope.rope_attention(..., **kw), or of the unfused
+    paths (fn="sdpa": _sdpa_fallback; fn="varlen": _varlen_unfused)."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    if fn == "public":
+        out = pirope.rope_attention(q, k, v, cos, sin, pos, **kw)
+    else:
+        mod = unfused_module()
+        causal, window = kw.get("causal", True), tuple(kw.get("window_size", (-1, -1)))
+        scale = kw.get("softmax_scale") or q.shape[-1] ** -0.5
+        interleaved, softcap = kw.get("interleaved", False), kw.get("softcap", 0.0)
+        if fn == "sdpa":
+            out = mod._sdpa_fallback(q, k, v, cos, sin, pos, causal, scale, interleaved, window, softcap)
+        else:
+            out = mod._varlen_unfused(q, k, v, cos, sin, pos, kw["cu_seqlens"], causal, scale, interleaved,
+                                      window, softcap)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.device == q.device
+    g = torch.randn_like(out) if g is None else g
+    out.backward(g)
+    return out.detach(), q.grad, k.grad, v.grad, g
+
+
+def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, window=(-1, -1), scale=None,
+                            interleaved=False, softcap=2.0, cu=None, fn="public"):
+    kw = dict(causal=causal, softmax_scale=scale, interleaved=interleaved, window_size=window, softcap=softcap)
+    if cu is not None:
+        kw["cu_seqlens"] = cu_tensor(cu, q.device)
+    out, gq, gk, gv, g = run(q, k, v, cos, sin, pos, fn=fn, **kw)
+    ref = softcap_reference(q, k, v, cos, sin, pos, causal, window, scale, interleaved, softcap, grad_out=g, cu=cu)
+    for what, got, want in zip(("out", "dq", "dk", "dv"), (out, gq, gk, gv), ref):
+        assert_close_to(got, want, q.dtype, f"{what} (causal={causal}, window={window}, softcap={softcap})")
+
+
+def assert_all_equal(a, b, what=("out", "dq", "dk", "dv")):
+    for name, x, y in zip(what, a, b):
+        assert torch.equal(x, y), f"{name} differs"
+
+
+# ---- 1. the reference itself ----
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_without_cap_is_attention_reference(causal):
+    q, k, v = qkv(2, 13, 4, 2, 16, dtype=torch.float64)
+    cos, sin = tables(12, 20, dtype=torch.float64)
+    pos = torch.randint(0, 20, (2, 13))
+    g = torch.randn(2, 13, 4, 16, dtype=torch.float64)
+    theirs = attention_reference(q, k, v, cos, sin, pos, causal, 0.3, True, grad_out=g)
+    for cap in (0.0, 1e9):  # no cap, and a cap far above every score
+        mine = softcap_reference(q, k, v, cos, sin, pos, causal, (-1, -1), 0.3, True, cap, grad_out=g)
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_reference_caps_each_score_before_the_mask():
+    # one query, written out: softmax over the visible keys of cap * tanh(scale * q.k / cap)
+    q, k, v = qkv(1, 6, 1, 1, 8, dtype=torch.float64)
+    q = q * 5
+    cos, sin = tables(8, 6, dtype=torch.float64)
+    cap, scale = 0.7, 0.4
+    out = softcap_reference(q, k, v, cos, sin, causal=False, window=(2, 1), softmax_scale=scale, softcap=cap)
+    qr, kr = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    for i in range(6):
+        keys = [j for j in range(6) if i - 2 <= j <= i + 1]
+        s = torch.tensor([cap * math.tanh(scale * float(qr[0, i, 0] @ kr[0, j, 0]) / cap) for j in keys],
+                         dtype=torch.float64)
+        want = (s.softmax(0)[:, None] * v[0, keys, 0].to(torch.float64)).sum(0)
+        torch.testing.assert_close(out[0, i, 0], want, atol=1e-13, rtol=1e-13)
+
+
+def test_reference_packed_is_dense_per_sequence():
+    cu = [0, 5, 5, 17]
+    q, k, v = scaled(packed_qkv(17, 4, 2, 16, dtype=torch.float64), 3)
+    cos, sin = tables(16, 17, dtype=torch.float64)
+    for causal, window in ((True, (2, -1)), (False, (3, 1)), (False, (-1, -1))):
+        ref = softcap_reference(q, k, v, cos, sin, None, causal, window, softcap=1.5, cu=cu)
+        for a, b in spans(cu):
+            dense = softcap_reference(q[None, a:b], k[None, a:b], v[None, a:b], cos, sin, None, causal, window,
+                                      softcap=1.5)[0]
+            torch.testing.assert_close(ref[a:b], dense, atol=1e-13, rtol=1e-13)
+
+
+# ---- 2. premise: the cap changes the result (so the comparisons below can fail) ----
+
+@pytest.mark.parametrize("softcap, factor", [(0.5, 1), (1.0, 3), (1.5, 2), (2.0, 3), (5.0, 4), (50.0, 40)])
+def test_capped_result_differs_clearly_from_uncapped(softcap, factor):
+    q, k, v = scaled(qkv(1, 130, 4, 2, 64, dtype=torch.float64), factor)
+    cos, sin = tables(64, 130)
+    g = torch.randn_like(q)
+    for causal, window in ((True, (-1, -1)), (False, (20, 7))):
+        capped = softcap_reference(q, k, v, cos, sin, None, causal, window, softcap=softcap, grad_out=g)
+        plain = softcap_reference(q, k, v, cos, sin, None, causal, window, grad_out=g)
+        for what, a, b in zip(("out", "dq", "dk", "dv"), capped, plain):
+            diff = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+            assert diff > 0.05, f"{what}: the cap {softcap} changes the reference by {diff:.3g} only"
+        # and pirope applies it
+        got = run(q, k, v, cos, sin, g=g, causal=causal, window_size=window, softcap=softcap)[:4]
+        got_plain = run(q, k, v, cos, sin, g=g, causal=causal, window_size=window)[:4]
+        for what, a, b in zip(("out", "dq", "dk", "dv"), got, got_plain):
+            diff = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+            assert diff > 0.05, f"{what}: pirope's output with softcap={softcap} barely differs ({diff:.3g})"
+
+
+# ---- 3. matches the float64 reference ----
+
+SEQ_WINDOWS = [
+    (1, (-1, -1)), (1, (0, 0)), (7, (2, 1)), (63, (-1, -1)), (65, (-1, -1)), (65, (64, 0)),
+    (257, (-1, -1)), (257, (255, 1)), (300, (-1, -1)), (300, (63, 200)), (600, (-1, -1)), (600, (257, 63)),
+]
+
+
+@pytest.mark.parametrize("seqlen, window", SEQ_WINDOWS, ids=[f"s{s}-w{wid(w)}" for s, w in SEQ_WINDOWS])
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_reference_seqlen_window(seqlen, window, causal):
+    q, k, v = scaled(qkv(1, seqlen, 2, 1, 32), 3)
+    cos, sin = tables(32, seqlen)
+    check_against_reference(q, k, v, cos, sin, causal=causal, window=window, softcap=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [(-1, -1), (63, 5)], ids=wid)
+def test_matches_reference_every_dtype(dtype, causal, window):
+    q, k, v = scaled(qkv(1, 300, 4, 2, 64), 2)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    cos, sin = tables(64, 300)
+    check_against_reference(q, k, v, cos, sin, causal=causal, window=window, softcap=1.5)
+
+
+@pytest.mark.parametrize("softcap, factor", [(0.5, 1), (5.0, 4), (50.0, 40)], ids=["cap0.5", "cap5", "cap50"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (False, (40, 9))],
+                         ids=["causal", "full", "f40_9"])
+def test_matches_reference_cap_values(softcap, factor, dtype, causal, window):
+    q, k, v = scaled(qkv(2, 150, 4, 2, 64, dtype=dtype), factor)
+    cos, sin = tables(64, 150)
+    check_against_reference(q, k, v, cos, sin, causal=causal, window=window, softcap=softcap)
+
+
+def test_matches_reference_int_cap_and_explicit_scale():
+    q, k, v = scaled(qkv(2, 70, 4, 2, 32), 2)
+    cos, sin = tables(32, 70, dtype=torch.float64)
+    check_against_reference(q, k, v, cos, sin, causal=True, window=(20, -1), scale=0.3, softcap=3)
+    check_against_reference(q, k, v, cos, sin, causal=False, scale=0.9, softcap=0.25)
+    a = pirope.rope_attention(q, k, v, cos, sin, softcap=3)
+    assert torch.equal(a, pirope.rope_attention(q, k, v, cos, sin, softcap=3.0))
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 1), (2, 2)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_reference_gqa_mqa(heads, causal):
+    q, k, v = scaled(qkv(2, 130, *heads, 32), 3)
+    cos, sin = tables(32, 130)
+    check_against_reference(q, k, v, cos, sin, causal=causal, softcap=2.0)
+    check_against_reference(q, k, v, cos, sin, causal=causal, window=(40, 17), softcap=2.0)
+
+
+@pytest.mark.parametrize("head_dim, rotary_dim", [(16, 16), (64, 64), (80, 64), (128, 128), (256, 128), (24, 16)])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_reference_head_dims_partial_rotary_interleaved(head_dim, rotary_dim, interleaved, causal):
+    s = 70 if head_dim >= 128 else 100
+    q, k, v = scaled(qkv(1, s, 4, 2, head_dim), 3)
+    cos, sin = tables(rotary_dim, s)
+    check_against_reference(q, k, v, cos, sin, causal=causal, interleaved=interleaved, softcap=1.0)
+
+
+@pytest.mark.parametrize("form", ["seq", "batch_seq", "one_seq", "int32_batch_seq"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_reference_position_ids(form, causal):
+    b, s, n = 2, 80, 200
+    cos, sin = tables(32, n)
+    pos = {
+        "seq": torch.randperm(n)[:s],
+        "batch_seq": torch.randint(0, n, (b, s)),
+        "one_seq": torch.arange(100, 100 + s)[None],
+        "int32_batch_seq": torch.stack([torch.randperm(n)[:s], torch.arange(s).flip(0)]).to(torch.int32),
+    }[form]
+    q, k, v = scaled(qkv(b, s, 4, 2, 32), 3)
+    check_against_reference(q, k, v, cos, sin, pos, causal=causal, softcap=2.0, interleaved=form == "seq")
+    check_against_reference(q, k, v, cos, sin, pos, causal=causal, window=(9, 4), softcap=2.0)
+
+
+# ---- 4. packed sequences ----
+
+CU_WINDOWS = [
+    ([0, 5, 5, 17, 40], (-1, -1)),  # an empty sequence
+    ([0, 5, 5, 17, 40], (3, 2)),
+    ([0, 300, 301, 600], (-1, -1)),  # across query and key tiles, a length-1 sequence
+    ([0, 300, 301, 600], (64, 257)),
+    ([0, 0, 63, 63, 128, 385], (255, 0)),  # empty first sequence
+    ([0, 1, 2, 3, 70], (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("cu, window", CU_WINDOWS, ids=[f"{'-'.join(map(str, c))}-w{wid(w)}" for c, w in CU_WINDOWS])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cu_seqlens_matches_reference(cu, window, causal):
+    q, k, v = scaled(packed_qkv(cu[-1], 4, 2, 32), 3)
+    cos, sin = tables(32, cu[-1])
+    check_against_reference(q, k, v, cos, sin, causal=causal, window=window, cu=cu, softcap=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cu_seqlens_matches_reference_every_dtype(dtype, causal):
+    cu = [0, 9, 9, 80, 330]
+    q, k, v = scaled(packed_qkv(cu[-1], 4, 1, 64), 2)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    cos, sin = tables(64, 330)
+    check_against_reference(q, k, v, cos, sin, causal=causal, window=(63, 17), cu=cu, softcap=1.5)
+    check_against_reference(q, k, v, cos, sin, causal=causal, cu=cu, softcap=1.5)
+
+
+@pytest.mark.parametrize("form", ["flat_random", "one_total_random", "flat_global_offset"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_cu_seqlens_position_forms_and_int64_cu(form, interleaved):
+    cu = [0, 5, 5, 17, 40, 90]
+    total = cu[-1]
+    cos, sin = tables(16, 256)
+    pos = {
+        "flat_random": torch.randint(0, 256, (total,)),
+        "one_total_random": torch.randint(0, 256, (1, total)),
+        "flat_global_offset": torch.arange(total) + 100,
+    }[form]
+    q, k, v = scaled(packed_qkv(total, 4, 2, 32), 3)
+    for causal in (True, False):
+        check_against_reference(q, k, v, cos, sin, pos, causal=causal, interleaved=interleaved, cu=cu, softcap=2.0)
+    # int64 cu_seqlens: the same call bit for bit
+    g = torch.randn_like(q)
+    kw = dict(causal=False, window_size=(4, 6), softcap=2.0, interleaved=interleaved)
+    assert_all_equal(run(q, k, v, cos, sin, pos, g=g, cu_seqlens=cu_tensor(cu), **kw)[:4],
+                     run(q, k, v, cos, sin, pos, g=g, cu_seqlens=cu_tensor(cu, dtype=torch.int64), **kw)[:4])
+
+
+@pytest.mark.parametrize("cu", [[0, 5, 5, 17, 40], [0, 300, 301, 600], [0, 0, 3, 3]],
+                         ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (False, (2, 70))],
+                         ids=["causal", "full", "f2_70"])
+def test_cu_seqlens_equals_dense_call_per_sequence(cu, causal, window):
+    total = cu[-1]
+    q, k, v = scaled(packed_qkv(total, 4, 2, 64), 3)
+    cos, sin = tables(64, 700)
+    pos = torch.randint(0, 700, (total,))
+    kw = dict(causal=causal, softmax_scale=0.11, window_size=window, softcap=1.5)
+    out, gq, gk, gv, g = run(q, k, v, cos, sin, pos, cu_seqlens=cu_tensor(cu), **kw)
+    dense = dense_per_sequence(q, k, v, cos, sin, cu, pos, g, **kw)
+    for what, got, want in zip(("out", "dq", "dk", "dv"), (out, gq, gk, gv), dense):
+        tol = dict(atol=1e-6, rtol=1e-6) if what == "out" else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{what}: {m}")
+
+
+# ---- 5. no cap is the plain call; a huge cap is no cap ----
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("packed", [False, True])
+def test_softcap_none_and_zero_are_the_plain_call_bitwise(causal, packed):
+    if packed:
+        q, k, v = scaled(packed_qkv(400, 4, 2, 32), 3)
+        extra = dict(cu_seqlens=cu_tensor([0, 7, 7, 300, 400]))
+    else:
+        q, k, v = scaled(qkv(2, 300, 4, 2, 32), 3)
+        extra = {}
+    cos, sin = tables(32, 400)
+    g = torch.randn_like(q)
+    for window in ((-1, -1), (20, 5)):
+        kw = dict(causal=causal, window_size=window, **extra)
+        plain = run(q, k, v, cos, sin, g=g, **kw)[:4]
+        for cap in (None, 0.0, 0):
+            assert_all_equal(run(q, k, v, cos, sin, g=g, softcap=cap, **kw)[:4], plain)
+    # the raw op: softcap=0.0 is the keyword omitted
+    cu = extra.get("cu_seqlens")
+    args = (q, k, v, cos, sin, None, causal, 0.2, False, False, cu)
+    out, lse = torch.ops.pirope.rope_attention(*args)
+    out0, lse0 = torch.ops.pirope.rope_attention(*args, softcap=0.0)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+    grads = torch.ops.pirope.rope_attention_backward(g, q, k, v, out, lse, cos, sin, None, causal, 0.2, False, False,
+                                                     cu)
+    grads0 = torch.ops.pirope.rope_attention_backward(g, q, k, v, out, lse, cos, sin, None, causal, 0.2, False,
+                                                      False, cu, softcap=0.0)
+    assert_all_equal(grads, grads0, ("dq", "dk", "dv"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("packed", [False, True])
+def test_huge_softcap_equals_uncapped_within_rounding(dtype, packed):
+    # scores are O(1): 1e6 * tanh(s / 1e6) = s (1 - s^2 / 3e12 + ...), below float64's
+    # rounding of a sum and far below float32's
+    if packed:
+        q, k, v = packed_qkv(300, 4, 2, 32, dtype=dtype)
+        extra = dict(cu_seqlens=cu_tensor([0, 100, 100, 300]))
+    else:
+        q, k, v = qkv(2, 300, 4, 2, 32, dtype=dtype)
+        extra = {}
+    cos, sin = tables(32, 300)
+    g = torch.randn_like(q)
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    for causal, window in ((True, (-1, -1)), (False, (30, 2))):
+        kw = dict(causal=causal, window_size=window, **extra)
+        plain = run(q, k, v, cos, sin, g=g, **kw)[:4]
+        huge = run(q, k, v, cos, sin, g=g, softcap=1e6, **kw)[:4]
+        for what, a, b in zip(("out", "dq", "dk", "dv"), huge, plain):
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{what}: {m}")
+
+
+# ---- 6. lse and the backward of the raw ops ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (True, (5, -1)),
+                                            (False, (3, 200))], ids=["causal", "full", "c5", "f3_200"])
+def test_raw_op_lse_is_logsumexp_of_capped_scores(dtype, causal, window):
+    cap = 1.5
+    q, k, v = scaled(qkv(2, 300, 4, 2, 32, dtype=dtype), 3)
+    cos, sin = tables(32, 300)
+    kw = dict(window_left=window[0], window_right=window[1], softcap=cap)
+    out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, 0.2, False, False, None, **kw)
+    assert lse.shape == (2, 4, 300) and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    ref_out, ref_lse = softcap_reference(q, k, v, cos, sin, None, causal, window, 0.2, softcap=cap, with_lse=True)
+    assert_close_to(out, ref_out, dtype, "out")
+    assert_close_to(lse, ref_lse, dtype, "lse")
+    # capped scores lie in (-cap, cap): log(n) - cap < lse < log(n) + cap for n visible keys
+    n = visibility(300, causal, window).sum(-1).to(torch.float64)
+    lse64 = lse.to(torch.float64)
+    assert bool(((lse64 < n.log() + cap + 1e-5) & (lse64 > n.log() - cap - 1e-5)).all())
+    # packed: (nheads_q, total)
+    cu = [0, 5, 5, 200, 300]
+    qp, kp, vp = (t[0] for t in (q, k, v))
+    out, lse = torch.ops.pirope.rope_attention(qp, kp, vp, cos, sin, None, causal, 0.2, False, False,
+                                               cu_tensor(cu), **kw)
+    assert lse.shape == (4, 300)
+    ref_out, ref_lse = softcap_reference(qp, kp, vp, cos, sin, None, causal, window, 0.2, softcap=cap, cu=cu,
+                                         with_lse=True)
+    assert_close_to(out, ref_out, dtype, "packed out")
+    assert_close_to(lse, ref_lse, dtype, "packed lse")
+
+
+def test_raw_backward_op_matches_reference():
+    q, k, v = scaled(qkv(1, 300, 4, 1, 32), 3)
+    cos, sin = tables(32, 300)
+    for cu, window in ((None, (-1, -1)), (None, (70, 9)), ([0, 120, 300], (-1, -1)), ([0, 120, 300], (70, 9))):
+        args = (q, k, v) if cu is None else tuple(t[0] for t in (q, k, v))
+        cut = None if cu is None else cu_tensor(cu)
+        kw = dict(window_left=window[0], window_right=window[1], softcap=2.0)
+        out, lse = torch.ops.pirope.rope_attention(*args, cos, sin, None, False, 0.2, False, False, cut, **kw)
+        g = torch.randn_like(out)
+        dq, dk, dv = torch.ops.pirope.rope_attention_backward(g, *args, out, lse, cos, sin, None, False, 0.2,
+                                                              False, False, cut, **kw)
+        ref = softcap_reference(*args, cos, sin, None, False, window, 0.2, softcap=2.0, grad_out=g, cu=cu)
+        for what, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref):
+            assert_close_to(got, want, torch.float32, f"{what} (cu={cu}, window={window})")
+
+
+# ---- 7. gradcheck ----
+
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (True, (2, -1)), (False, (1, 2))],
+                         ids=["causal", "full", "c2", "f1_2"])
+def test_gradcheck_float64(causal, window):
+    q = (torch.randn(2, 8, 2, 8, dtype=torch.float64) * 3).requires_grad_()  # GQA: 2 query heads per kv head
+    k, v = (torch.randn(2, 8, 1, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    cos, sin = tables(6, 12, dtype=torch.float64)  # partial rotary: 6 of 8
+    pos = torch.tensor([[8, 0, 3, 2, 1, 5, 4, 11], [0, 1, 2, 3, 4, 5, 6, 7]])
+    fn = lambda q, k, v: pirope.rope_attention(q, k, v, cos, sin, pos, causal=causal,  # noqa: E731
+                                               window_size=window, softcap=0.7)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    # packed
+    cu = cu_tensor([0, 4, 4, 11])
+    qp = (torch.randn(11, 2, 8, dtype=torch.float64) * 3).requires_grad_()
+    kp, vp = (torch.randn(11, 1, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    fn = lambda q, k, v: pirope.rope_attention(q, k, v, cos, sin, causal=causal,  # noqa: E731
+                                               window_size=window, cu_seqlens=cu, softcap=0.7)
+    assert torch.autograd.gradcheck(fn, (qp, kp, vp))
+
+
+# ---- 8. opcheck ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("packed", [False, True])
+def test_opcheck_with_softcap(dtype, packed):
+    cos, sin = tables(32, 16, dtype=dtype)
+    if packed:
+        make = lambda: scaled(packed_qkv(12, 4, 2, 48, dtype=dtype), 3)  # noqa: E731
+        cu, pos = cu_tensor([0, 3, 3, 10, 12], dtype=torch.int64), torch.randint(0, 16, (12,))
+    else:
+        make = lambda: scaled(qkv(2, 7, 4, 2, 48, dtype=dtype), 3)  # noqa: E731
+        cu, pos = None, torch.randint(0, 16, (2, 7))
+    for rg in (False, True):
+        q, k, v = (t.detach().requires_grad_(rg) for t in make())
+        for causal, (left, right), cap in ((True, (-1, -1), 1.0), (False, (1, 3), 0.5), (False, (-1, -1), 30.0)):
+            torch.library.opcheck(torch.ops.pirope.rope_attention.default,
+                                  (q, k, v, cos, sin, pos, causal, 0.2, False, False, cu),
+                                  dict(window_left=left, window_right=right, softcap=cap))
+    q, k, v = make()
+    kw = dict(window_left=2, window_right=1, softcap=1.0)
+    out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, pos, False, 0.2, True, False, cu, **kw)
+    g = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.pirope.rope_attention_backward.default,
+                          (g, q, k, v, out, lse, cos, sin, pos, False, 0.2, True, False, cu), kw)
+
+
+# ---- 9. torch.compile ----
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    try:
+        cos, sin = tables(32, 64)
+        proj = torch.nn.Linear(32, 32)
+
+        def dense(q, k, v):
+            return pirope.rope_attention(proj(q) * 3, k, v, cos, sin, causal=True, softcap=1.5).square().sum()
+
+        def packed(q, k, v, cu):
+            return pirope.rope_attention(proj(q) * 3, k, v, cos, sin, causal=False, window_size=(3, 7),
+                                         cu_seqlens=cu, softcap=1.5).square().sum()
+
+        cases = [(dense, qkv(2, 40, 4, 2, 32), ()),
+                 (packed, packed_qkv(40, 4, 2, 32), (cu_tensor([0, 5, 5, 17, 40]),))]
+        compiled = {f: torch.compile(f, fullgraph=True, backend="aot_eager") for f in (dense, packed)}
+        for f, tensors, extra in cases:
+            q, k, v = (t.requires_grad_() for t in tensors)
+            loss = f(q, k, v, *extra)
+            loss.backward()
+            eager = [loss.detach()] + [t.grad.clone() for t in (q, k, v)]
+            q.grad = k.grad = v.grad = None
+            loss = compiled[f](q, k, v, *extra)
+            loss.backward()
+            for what, a, b in zip(("loss", "dq", "dk", "dv"), eager, [loss.detach(), q.grad, k.grad, v.grad]):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{f.__name__} {what}: {m}")
+    finally:
+        torch._dynamo.reset()
+
+
+# ---- 10. torch.func ----
+
+def test_vmap_matches_loop():
+    cos, sin = tables(16, 40, dtype=torch.float64)
+    qs = torch.randn(3, 2, 20, 4, 16, dtype=torch.float64) * 3
+    ks, vs = (torch.randn(3, 2, 20, 2, 16, dtype=torch.float64) for _ in range(2))
+    for causal, window in ((True, (-1, -1)), (False, (2, 5))):
+        kw = dict(causal=causal, window_size=window, softcap=1.5)
+        out = func.vmap(lambda q, k, v: pirope.rope_attention(q, k, v, cos, sin, **kw))(qs, ks, vs)
+        loop = torch.stack([pirope.rope_attention(q, k, v, cos, sin, **kw) for q, k, v in zip(qs, ks, vs)])
+        torch.testing.assert_close(out, loop, atol=1e-12, rtol=1e-12)
+        ref = torch.stack([softcap_reference(q, k, v, cos, sin, None, causal, window, softcap=1.5)
+                           for q, k, v in zip(qs, ks, vs)])
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_func_grad_matches_eager_and_reference(packed):
+    cos, sin = tables(16, 40, dtype=torch.float64)
+    if packed:
+        q, k, v = scaled(packed_qkv(30, 4, 2, 16, dtype=torch.float64), 3)
+        cu = [0, 11, 11, 30]
+        extra = dict(cu_seqlens=cu_tensor(cu))
+    else:
+        q, k, v = scaled(qkv(2, 30, 4, 2, 16, dtype=torch.float64), 3)
+        cu, extra = None, {}
+    g = torch.randn_like(q)
+    for causal, window in ((True, (-1, -1)), (False, (0, 6))):
+        kw = dict(causal=causal, window_size=window, softcap=1.5, **extra)
+        loss = lambda q, k, v: (pirope.rope_attention(q, k, v, cos, sin, **kw) * g).sum()  # noqa: E731
+        grads = func.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        _, gq, gk, gv, _ = run(q, k, v, cos, sin, g=g, **kw)
+        for a, b in zip(grads, (gq, gk, gv)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+        ref = softcap_reference(q, k, v, cos, sin, None, causal, window, softcap=1.5, grad_out=g, cu=cu)[1:]
+        for a, b in zip(grads, ref):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_per_sample_gradients_vmap_of_grad():
+    cos, sin = tables(16, 40, dtype=torch.float64)
+    qs, gs = (torch.randn(4, 1, 17, 4, 16, dtype=torch.float64) for _ in range(2))
+    qs = qs * 3
+    k, v = (torch.randn(1, 17, 2, 16, dtype=torch.float64) for _ in range(2))
+    loss = lambda q, k, v, g: (pirope.rope_attention(q, k, v, cos, sin, causal=False,  # noqa: E731
+                                                     window_size=(3, 1), softcap=1.5) * g).sum()
+    dq, dk, dv = func.vmap(func.grad(loss, argnums=(0, 1, 2)), in_dims=(0, None, None, 0))(qs, k, v, gs)
+    for i in range(4):
+        _, rq, rk, rv = softcap_reference(qs[i], k, v, cos, sin, None, False, (3, 1), softcap=1.5, grad_out=gs[i])
+        for a, b in zip((dq[i], dk[i], dv[i]), (rq, rk, rv)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+# ---- 11. the CPU backward does not depend on the thread count ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (True, (300, -1)),
+                                            (False, (255, 256))], ids=["causal", "full", "c300", "f255_256"])
+def test_backward_bit_identical_over_thread_counts_mqa(dtype, causal, window):
+    # batch 1, one kv head, 600 tokens: the split two-pass backward with 2+ threads
+    # (where the CPU's tile kernels allow it), one pass with 1
+    q, k, v = scaled(qkv(1, 600, 4, 1, 64), 2)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    cos, sin = tables(64, 600)
+    g = torch.randn(1, 600, 4, 64, dtype=dtype)
+    kw = dict(causal=causal, window_size=window, softcap=1.5)
+    runs = at_thread_counts((1, 2, 3, 4), lambda: run(q, k, v, cos, sin, g=g, **kw)[:4])
+    for n, other in zip((2, 3, 4), runs[1:]):
+        for what, a, b in zip(("out", "dq", "dk", "dv"), runs[0], other):
+            assert torch.equal(a, b), f"{what}: 1 thread vs {n} threads"
+    ref = softcap_reference(q, k, v, cos, sin, None, causal, window, softcap=1.5, grad_out=g)
+    for what, got, want in zip(("out", "dq", "dk", "dv"), runs[0], ref):
+        assert_close_to(got, want, dtype, what)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_backward_bit_identical_over_thread_counts_gqa(packed):
+    if packed:
+        q, k, v = scaled(packed_qkv(700, 4, 1, 64), 2)
+        cu = [0, 300, 301, 700]
+        extra = dict(cu_seqlens=cu_tensor(cu))
+    else:
+        q, k, v = scaled(qkv(2, 350, 4, 2, 64), 2)
+        cu, extra = None, {}
+    cos, sin = tables(64, 700)
+    g = torch.randn_like(q)
+    kw = dict(causal=False, window_size=(100, 63), softcap=1.5, deterministic=True, **extra)
+    runs = at_thread_counts((1, 2, 3, 8), lambda: run(q, k, v, cos, sin, g=g, **kw)[:4])
+    for other in runs[1:]:
+        assert_all_equal(runs[0], other)
+    ref = softcap_reference(q, k, v, cos, sin, None, False, (100, 63), softcap=1.5, grad_out=g, cu=cu)
+    for what, got, want in zip(("out", "dq", "dk", "dv"), runs[0], ref):
+        assert_close_to(got, want, torch.float32, what)
+
+
+# ---- 12. the unfused (CUDA) paths, on CPU ----
+
+@pytest.fixture(params=["default", "band_rows_16", "scores_mid"])
+def capped_blocks(request, monkeypatch):
+    """The unfused soft-capped path's query rows per block: its defaults (one block here),
+    _BAND_ROWS = 16, and a score budget that gives blocks of a few dozen rows (not a
+    multiple of 16; the block sizes themselves: test_unfused_capped_blocks_follow_the_score_budget)."""
+    mod = unfused_module()
+    if request.param == "band_rows_16":
+        monkeypatch.setattr(mod, "_BAND_ROWS", 16)
+    elif request.param == "scores_mid":
+        monkeypatch.setattr(mod, "_CAPPED_SCORES", 37 * 8 * 130)
+    return request.param
+
+
+def check_unfused(q, k, v, cos, sin, pos, fn, kw, cu=None):
+    """The unfused path (fn) against the float64 reference and against the fused CPU op
+    (float64: to 1e-12), outputs and gradients for the same grad_out."""
+    unfused = run(q, k, v, cos, sin, pos, fn=fn, **kw)
+    g = unfused[4]
+    ref = softcap_reference(q, k, v, cos, sin, pos, kw["causal"], kw["window_size"], None, kw.get("interleaved", False),
+                            kw["softcap"], grad_out=g, cu=cu)
+    fused = run(q, k, v, cos, sin, pos, g=g, **kw)
+    tol = dict(atol=1e-12, rtol=1e-12) if q.dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    for what, got, want, same in zip(("out", "dq", "dk", "dv"), unfused, ref, fused):
+        assert_close_to(got, want, q.dtype, f"unfused {what} vs reference")
+        torch.testing.assert_close(got, same, **tol, msg=lambda m: f"unfused {what} vs fused: {m}")
+
+
+DENSE_UNFUSED = [
+    ((4, 2), 64, 64, True, (-1, -1), False, False),
+    ((4, 2), 64, 64, False, (-1, -1), True, False),
+    ((4, 2), 64, 64, True, (5, 3), True, False),  # causal: the right window as given, ignored
+    ((4, 1), 32, 32, False, (7, 2), False, True),
+    ((2, 2), 24, 16, False, (-1, 0), True, True),
+    ((4, 4), 32, 32, True, (64, 64), False, False),
+]
+
+
+@pytest.mark.parametrize("heads, head_dim, rotary_dim, causal, window, positions, interleaved", DENSE_UNFUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unfused_dense_matches_reference_and_fused(heads, head_dim, rotary_dim, causal, window, positions,
+                                                   interleaved, dtype, capped_blocks):
+    q, k, v = scaled(qkv(2, 130, *heads, head_dim, dtype=dtype), 3)
+    cos, sin = tables(rotary_dim, 300)
+    pos = torch.randint(0, 300, (2, 130)) if positions else None
+    kw = dict(causal=causal, window_size=window, interleaved=interleaved, softcap=2.0)
+    check_unfused(q, k, v, cos, sin, pos, "sdpa", kw)
+
+
+PACKED_UNFUSED = [
+    ([0, 5, 5, 17, 40], (4, 2), True, (-1, -1), False),
+    ([0, 5, 5, 17, 40], (4, 1), False, (2, 3), True),
+    ([0, 70, 71, 200], (2, 2), True, (10, 8), True),  # causal: right ignored
+    ([0, 0, 9, 30, 30], (4, 2), False, (-1, -1), False),
+    ([0, 130], (4, 4), False, (60, 60), False),
+]
+
+
+@pytest.mark.parametrize("cu, heads, causal, window, positions", PACKED_UNFUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unfused_packed_matches_reference_and_fused(cu, heads, causal, window, positions, dtype, capped_blocks):
+    total = cu[-1]
+    q, k, v = scaled(packed_qkv(total, *heads, 32, dtype=dtype), 3)
+    cos, sin = tables(32, 300)
+    pos = torch.randint(0, 300, (total,)) if positions else None
+    kw = dict(causal=causal, window_size=window, softcap=2.0, cu_seqlens=cu_tensor(cu))
+    check_unfused(q, k, v, cos, sin, pos, "varlen", kw, cu=cu)
+
+
+@pytest.mark.parametrize("band_rows, budget, want_rows", [
+    (None, None, 130),  # 1024 rows: one block
+    (16, None, 16),
+    (None, 1, 16),  # never fewer than 16 rows
+    (None, 50 * 8 * 130, 50),  # batch 2 x 4 heads x 130 keys per row: 50 rows
+    (40, 50 * 8 * 130, 40),  # _BAND_ROWS still bounds them
+])
+def test_unfused_capped_blocks_follow_the_score_budget(monkeypatch, band_rows, budget, want_rows):
+    # rows = max(16, min(_BAND_ROWS, _CAPPED_SCORES // (batch * heads * keys))), each
+    # block under activation checkpointing
+    mod = unfused_module()
+    if band_rows is not None:
+        monkeypatch.setattr(mod, "_BAND_ROWS", band_rows)
+    if budget is not None:
+        monkeypatch.setattr(mod, "_CAPPED_SCORES", budget)
+    blocks = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def spy(fn, *args, **kwargs):
+        blocks.append(next(a for a in args if isinstance(a, torch.Tensor)).shape[-2])
+        return checkpoint(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    q, k, v = scaled(qkv(2, 130, 4, 2, 32), 3)
+    cos, sin = tables(32, 130)
+    out, gq, gk, gv, g = run(q, k, v, cos, sin, fn="sdpa", causal=False, softcap=2.0)
+    want = [want_rows] * (130 // want_rows) + ([130 % want_rows] if 130 % want_rows else [])
+    assert blocks == want
+    ref = softcap_reference(q, k, v, cos, sin, None, False, softcap=2.0, grad_out=g)
+    for what, got, ref_t in zip(("out", "dq", "dk", "dv"), (out, gq, gk, gv), ref):
+        assert_close_to(got, ref_t, torch.float32, what)
+
+
+# ---- 13. bad input ----
+
+def _inputs(packed, dtype=torch.float32):
+    cos, sin = tables(32, 16)
+    if packed:
+        q, k, v = packed_qkv(16, 4, 2, 32, dtype=dtype)
+        return q, k, v, cos, sin, dict(cu_seqlens=cu_tensor([0, 5, 16]))
+    q, k, v = qkv(2, 8, 4, 2, 32, dtype=dtype)
+    return q, k, v, cos, sin, {}
+
+
+@pytest.mark.parametrize("softcap", [-1.0, -1e-30, -5, float("nan"), float("inf"), float("-inf")], ids=repr)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rejects_negative_or_non_finite_softcap(softcap, packed, dtype):
+    q, k, v, cos, sin, kw = _inputs(packed, dtype)
+    for causal in (True, False):
+        with pytest.raises(ValueError, match="softcap"):
+            pirope.rope_attention(q, k, v, cos, sin, causal=causal, softcap=softcap, **kw)
+
+
+@pytest.mark.parametrize("softcap", ["1.0", "", [1.0], (1.0,), True, False, object()], ids=repr)
+@pytest.mark.parametrize("packed", [False, True])
+def test_rejects_non_number_softcap(softcap, packed):
+    q, k, v, cos, sin, kw = _inputs(packed)
+    with pytest.raises(TypeError, match="softcap"):
+        pirope.rope_attention(q, k, v, cos, sin, softcap=softcap, **kw)
+
+
+@pytest.mark.parametrize("softcap", [3.5e38, 1e39, 1e300, 2.0 ** -150, 1e-46, 1e-300], ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_rejects_softcap_outside_float32_range_unless_float64(softcap, dtype, packed):
+    q, k, v, cos, sin, kw = _inputs(packed, dtype)
+    with pytest.raises(ValueError, match="softcap"):
+        pirope.rope_attention(q, k, v, cos, sin, softcap=softcap, **kw)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_float32_range_edges_accepted(packed):
+    # the largest float32 and the smallest positive (subnormal) float32 are in range
+    q, k, v, cos, sin, kw = _inputs(packed)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    for cap in (FLOAT32_MAX, FLOAT32_TINIEST):
+        out = pirope.rope_attention(q, k, v, cos, sin, causal=False, softcap=cap, **kw)
+        out.square().sum().backward()
+        for what, t in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+            assert bool(t.isfinite().all()), f"{what} not finite with softcap={cap}"
+        q.grad = k.grad = v.grad = None
+    plain = pirope.rope_attention(q, k, v, cos, sin, causal=False, **kw)
+    torch.testing.assert_close(pirope.rope_attention(q, k, v, cos, sin, causal=False, softcap=FLOAT32_MAX, **kw),
+                               plain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_float64_accepts_extreme_softcap(packed):
+    q, k, v, cos, sin, kw = _inputs(packed, torch.float64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    cos, sin = cos.double(), sin.double()
+    cu = kw["cu_seqlens"].tolist() if packed else None
+    for causal in (True, False):
+        for cap in (1e300, 1e-300):
+            out = pirope.rope_attention(q, k, v, cos, sin, causal=causal, softcap=cap, **kw)
+            out.square().sum().backward()
+            for what, t in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+                assert bool(t.isfinite().all()), f"{what} not finite with softcap={cap}"
+            q.grad = k.grad = v.grad = None
+        # 1e300: no cap
+        torch.testing.assert_close(pirope.rope_attention(q, k, v, cos, sin, causal=causal, softcap=1e300, **kw),
+                                   pirope.rope_attention(q, k, v, cos, sin, causal=causal, **kw),
+                                   atol=1e-12, rtol=1e-12)
+        # 1e-300: every capped score is within 1e-300 of 0, so every visible key weighs the same
+        visible = visibility(cu if packed else q.shape[1], causal, (-1, -1)).to(torch.float64)
+        weights = visible / visible.sum(-1, keepdim=True)
+        group = q.shape[-2] // k.shape[-2]
+        vv = v.detach().repeat_interleave(group, dim=-2)
+        mean = torch.einsum("st,thd->shd", weights, vv) if packed else torch.einsum("st,bthd->bshd", weights, vv)
+        got = pirope.rope_attention(q, k, v, cos, sin, causal=causal, softcap=1e-300, **kw)
+        torch.testing.assert_close(got, mean, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("softcap", [-1.0, float("nan"), float("inf")], ids=repr)
+@pytest.mark.parametrize("packed", [False, True])
+def test_raw_ops_reject_bad_softcap(softcap, packed):
+    q, k, v, cos, sin, kw = _inputs(packed)
+    cu = kw.get("cu_seqlens")
+    args = (q, k, v, cos, sin, None, True, 0.125, False, False, cu)
+    out, lse = torch.ops.pirope.rope_attention(*args)
+    with pytest.raises(RuntimeError, match="softcap"):
+        torch.ops.pirope.rope_attention(*args, softcap=softcap)
+    with pytest.raises(RuntimeError, match="softcap"):
+        torch.ops.pirope.rope_attention_backward(out, q, k, v, out, lse, cos, sin, None, True, 0.125, False, False,
+                                                 cu, softcap=softcap)
+
+
+# ---- 14. CUDA ----
+
+CUDA_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (True, (17, 4)), (False, (40, 3))],
+                         ids=["causal", "full", "c17_4", "f40_3"])
+@pytest.mark.parametrize("opt_in", ["0", "1"])
+def test_cuda_dense_matches_reference(monkeypatch, dtype, causal, window, opt_in):
+    # with PIROPE_CUDA_ATTENTION=1 too: the fused CUDA kernels refuse a soft-cap, so the
+    # call must run unfused
+    monkeypatch.setenv("PIROPE_CUDA_ATTENTION", opt_in)
+    q, k, v = scaled(qkv(2, 300, 4, 2, 64, dtype=dtype, device="cuda"), 2)
+    cos, sin = tables(64, 300, "cuda")
+    check_against_reference(q, k, v, cos, sin, causal=causal, window=window, softcap=1.5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (True, (5, 9))],
+                         ids=["causal", "full", "c5_9"])
+def test_cuda_packed_matches_reference(dtype, causal, window):
+    cu = [0, 5, 5, 200, 301, 600]
+    q, k, v = scaled(packed_qkv(cu[-1], 4, 2, 64, dtype=dtype, device="cuda"), 2)
+    cos, sin = tables(64, 600, "cuda")
+    pos = torch.randint(0, 600, (cu[-1],), device="cuda")
+    check_against_reference(q, k, v, cos, sin, causal=causal, window=window, cu=cu, softcap=1.5)
+    check_against_reference(q, k, v, cos, sin, pos, causal=causal, window=window, cu=cu, softcap=1.5)
+
+
+@needs_cuda
+def test_cuda_raw_op_refuses_softcap():
+    q, k, v = qkv(2, 64, 4, 2, 64, dtype=torch.bfloat16, device="cuda")
+    cos, sin = tables(64, 64, "cuda")
+    for causal in (True, False):
+        with pytest.raises(RuntimeError, match="softcap"):
+            torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, 0.125, False, False, None, softcap=1.5)
+
+
+def test_attention_rel_covers_every_dtype():
+    # guards the tolerance table this file relies on
+    assert set(ATTENTION_REL) >= {torch.float64, torch.float32, torch.float16, torch.bfloat16}
