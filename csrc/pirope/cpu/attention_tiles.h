@@ -233,6 +233,27 @@ acc_t exp_row(acc_t* x, int64_t n, acc_t sub) {
   return sum;
 }
 
+// tanh. float: through exp, as Sleef's tanh (through ATen, AVX2) takes 2.5x as long, a
+// third of the fused forward at Gemma 2's cap: 1 - 2 / (exp(2x) + 1) (+-1 once exp(2x)
+// leaves the float range), or, where |x| < 0.4 and that would cancel, the odd series
+// x (1 - x^2/3 + 2x^4/15 - 17x^6/315 + 62x^8/2835 - 1382x^10/155925 + 21844x^12/6081075)
+// (truncation below 1e-8 relative). Measured over 2^24 points: within 5 ulps, 1.8e-7
+// absolute (Sleef's: 1 ulp). double: Sleef's tanh.
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> vtanh(const at::vec::Vectorized<acc_t>& x) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    return x.tanh();
+  } else {
+    const Vec x2 = x * x;
+    Vec p = at::vec::fmadd(x2, Vec(21844.f / 6081075.f), Vec(-1382.f / 155925.f));
+    for (const float c : {62.f / 2835.f, -17.f / 315.f, 2.f / 15.f, -1.f / 3.f, 1.f})
+      p = at::vec::fmadd(p, x2, Vec(c));
+    const Vec far = Vec(1.f) - Vec(2.f) / ((x + x).exp() + Vec(1.f));
+    return Vec::blendv(far, x * p, x.abs() < Vec(0.4f));
+  }
+}
+
 // Attention-logit soft-cap (Gemma 2): x[j] = cap * tanh(x[j] / cap) for j < n (cap > 0;
 // divided, not multiplied by 1 / cap, which overflows for a tiny cap). With `slope`, also
 // slope[j] = 1 - tanh^2: the derivative of the capped score by the score, which the
@@ -244,7 +265,7 @@ void softcap_row(acc_t* x, int64_t n, acc_t cap, acc_t* slope = nullptr) {
   const Vec vcap(cap), one(acc_t(1));
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    const Vec t = (Vec::loadu(x + j) / vcap).tanh();
+    const Vec t = vtanh<acc_t>(Vec::loadu(x + j) / vcap);
     (t * vcap).store(x + j);
     if (slope != nullptr) (one - t * t).store(slope + j);
   }
