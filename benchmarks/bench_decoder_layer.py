@@ -6,6 +6,8 @@
         --heads 4 --kv-heads 2 --intermediate 512 --repeat 2       # CPU smoke test
     python benchmarks/bench_decoder_layer.py --device cpu --seqlens 2048 --pack 4 ...  # padding-free
     python benchmarks/bench_decoder_layer.py --device cpu --seqlens 4096 --sliding-window 1024 ...
+    python benchmarks/bench_decoder_layer.py --device cpu --softcap 50 --hidden 3584 --heads 16 \
+        --kv-heads 8 --head-dim 256 --intermediate 14336 ...           # a Gemma 2 9B layer
 
 The model is a Hugging Face LlamaModel with one decoder layer (random weights, --dtype,
 attn_implementation="sdpa"), a 2048-token window extended by Position Interpolation
@@ -15,7 +17,10 @@ zero_grad, model(inputs_embeds=x, use_cache=False), backward of a fixed random g
 --pack N packs N equal sequences into each row (padding-free training: position_ids
 restarting in each, from which transformers builds its block-diagonal causal mask).
 --sliding-window W makes it a MistralModel (LLaMA's layer with a sliding window of W:
-transformers builds the sliding-window causal mask).
+transformers builds the sliding-window causal mask). --softcap C makes it a Gemma2Model
+(Gemma 2's layer: scores capped to C tanh(s / C), query_pre_attn_scalar = head dim; its
+full-attention layer, or with --sliding-window W its sliding one), run with eager attention,
+the only one transformers takes for Gemma 2 (it refuses sdpa: SDPA has no soft-cap).
 Variants, all deep copies of one model (same weights, same config):
   hf            transformers as is: its linear-scaled rotary_emb + SDPA
   pirope_sdpa   patch_rope(model, attention="sdpa"): pirope.apply_rope_qk, then the
@@ -43,7 +48,7 @@ import sys
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaModel, MistralConfig, MistralModel
+from transformers import Gemma2Config, Gemma2Model, LlamaConfig, LlamaModel, MistralConfig, MistralModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, median_ms  # noqa: E402
@@ -55,18 +60,24 @@ VARIANTS = ("hf", "pirope_sdpa", "pirope_fused")
 
 
 def build_model(args, device, dtype):
-    """A 1-layer LlamaModel (MistralModel with --sliding-window) extended from --window to
-    --window x --factor by PI, on device."""
-    hd = args.hidden // args.heads
+    """A 1-layer LlamaModel (MistralModel with --sliding-window, Gemma2Model with --softcap)
+    extended from --window to --window x --factor by PI, on device."""
+    hd = args.head_dim
     config_cls, model_cls = (MistralConfig, MistralModel) if args.sliding_window else (LlamaConfig, LlamaModel)
     windowed = {"sliding_window": args.sliding_window} if args.sliding_window else {}
+    attn_implementation = "sdpa"
+    if args.softcap:
+        config_cls, model_cls, attn_implementation = Gemma2Config, Gemma2Model, "eager"
+        windowed = dict(attn_logit_softcapping=args.softcap, query_pre_attn_scalar=hd,
+                        layer_types=["sliding_attention" if args.sliding_window else "full_attention"],
+                        **windowed)
     config = config_cls(
         hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=1,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=hd,
         vocab_size=32,  # the embedding is never used (inputs_embeds); keep it small
         max_position_embeddings=int(args.window * args.factor),
         rope_parameters={"rope_type": "linear", "factor": args.factor, "rope_theta": 10000.0},
-        attn_implementation="sdpa", **windowed)
+        attn_implementation=attn_implementation, **windowed)
     torch.manual_seed(0)
     with torch.device(device):  # random init directly on the device (fast for 7B shapes)
         model = model_cls(config)
@@ -131,6 +142,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA); 8 for GQA")
+    ap.add_argument("--head-dim", type=int, default=None, help="default: --hidden / --heads (Gemma 2 9B: 256)")
     ap.add_argument("--intermediate", type=int, default=11008)
     ap.add_argument("--window", type=int, default=2048, help="the pretrained context window")
     ap.add_argument("--factor", type=float, default=8.0, help="PI factor (default: 2k -> 16k)")
@@ -142,9 +154,12 @@ def main():
                     help="sequences packed into each row (positions restarting; default 1: none)")
     ap.add_argument("--sliding-window", type=int, default=None,
                     help="a Mistral layer attending within this many tokens (default: none, LLaMA)")
+    ap.add_argument("--softcap", type=float, default=None,
+                    help="a Gemma 2 layer capping its scores to C tanh(s / C) (Gemma 2: 50)")
     ap.add_argument("--json", default=None, help="write the rows to this path")
     args = ap.parse_args()
     args.kv_heads = args.kv_heads or args.heads
+    args.head_dim = args.head_dim or args.hidden // args.heads
     if args.pack < 1:
         ap.error("--pack must be >= 1")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -154,10 +169,12 @@ def main():
 
     print(f"{machine()}, transformers {transformers.__version__}, pirope {pirope.__version__}")
     print(f"device {device}, {args.dtype}, batch {args.batch}, hidden {args.hidden}, heads "
-          f"{args.heads}/{args.kv_heads} x {args.hidden // args.heads}, intermediate {args.intermediate}, "
+          f"{args.heads}/{args.kv_heads} x {args.head_dim}, intermediate {args.intermediate}, "
           f"window {args.window} x PI factor {args.factor:g}, repeat {args.repeat}"
           + (f", {args.pack} packed sequences per row" if args.pack > 1 else "")
-          + (f", sliding window {args.sliding_window} (Mistral)" if args.sliding_window else "")
+          + (f", Gemma 2 soft-cap {args.softcap:g} (eager)" if args.softcap else "")
+          + (f", sliding window {args.sliding_window} ({'Gemma 2' if args.softcap else 'Mistral'})"
+             if args.sliding_window else "")
           + (f", PIROPE_CUDA_ATTENTION={os.environ.get('PIROPE_CUDA_ATTENTION', '0 (default)')}"
              if device.type == "cuda" else ""))
     hdr = (f"{'seqlen':>6} {'variant':12} {'ms':>9} {'tok/s':>9} {'peak MiB':>9} {'x hf':>6} "
@@ -177,8 +194,10 @@ def main():
         ref, hf_ms = {}, None
         for name in variants:
             row = dict(seqlen=s, variant=name, batch=args.batch, hidden=args.hidden, heads=args.heads,
-                       kv_heads=args.kv_heads, intermediate=args.intermediate, factor=args.factor,
-                       dtype=args.dtype, device=str(device), pack=args.pack, sliding_window=args.sliding_window)
+                       kv_heads=args.kv_heads, head_dim=args.head_dim, intermediate=args.intermediate,
+                       factor=args.factor,
+                       dtype=args.dtype, device=str(device), pack=args.pack, sliding_window=args.sliding_window,
+                       softcap=args.softcap)
             try:
                 row.update(run_variant(base, name, x, grad, args.repeat, device, ref, pos))
             except RuntimeError as e:  # OOM or an unsupported call: note it, go on
