@@ -1,9 +1,14 @@
 """Inputs and helpers of the rope_attention tests: PI tables, dense and packed q/k/v,
-cu_seqlens helpers, the dense call per packed sequence (shared by test_rope_attention*.py)."""
+cu_seqlens helpers, the dense call per packed sequence, and the float64 reference of
+window_size and softcap with the helpers that run pirope against it (shared by
+test_rope_attention*.py)."""
+
+import importlib
 
 import torch
 
 import pirope
+from reference import assert_attention_close, rope_reference
 
 
 def tables(rotary_dim, n, device="cpu", dtype=torch.float32):
@@ -72,3 +77,145 @@ def token_positions(cu, total, position_ids=None):
     for a, b in spans(cu):
         pos[a:b] = torch.arange(b - a)
     return pos
+
+
+# ---- the float64 reference of window_size and softcap ----
+
+def wid(w):
+    return f"{w[0]}_{w[1]}"
+
+
+def band(query_idx, key_idx, causal, window):
+    """Boolean visibility by flash-attn's window rule on token indices: key j is visible
+    to query i iff (left == -1 or j >= i - left) and (right == -1 or j <= i + right) and
+    (not causal or j <= i)."""
+    left, right = window
+    i, j = query_idx[:, None], key_idx[None, :]
+    visible = torch.ones(len(query_idx), len(key_idx), dtype=torch.bool)
+    if left != -1:
+        visible &= j >= i - left
+    if right != -1:
+        visible &= j <= i + right
+    if causal:
+        visible &= j <= i
+    return visible
+
+
+def visibility(s_or_cu, causal, window):
+    """(S, S) visibility of a dense sequence of S tokens, or (T, T) of packed sequences
+    (cu: a list): same sequence, token indices restarting at each sequence start."""
+    if isinstance(s_or_cu, int):
+        idx = torch.arange(s_or_cu)
+        return band(idx, idx, causal, window)
+    total = int(s_or_cu[-1])
+    seq = torch.full((total,), -1, dtype=torch.int64)
+    local = torch.zeros(total, dtype=torch.int64)
+    for n, (a, b) in enumerate(spans(s_or_cu)):
+        seq[a:b] = n
+        local[a:b] = torch.arange(b - a)
+    return (seq[:, None] == seq[None, :]) & band(local, local, causal, window)
+
+
+def band_reference(q, k, v, cos, sin, position_ids=None, causal=True, window=(-1, -1), softmax_scale=None,
+                   interleaved=False, softcap=0.0, grad_out=None, cu=None, with_lse=False):
+    """float64 RoPE + band-masked attention (the window rule above; scores capped to
+    softcap * tanh(s / softcap) first when softcap > 0), dense (B, S, H, D) or packed
+    (T, H, D) with cu (a list). Returns out (and lse with with_lse), or with grad_out
+    (out, dq, dk, dv): gradients by autograd, dq and dk rotated back by the inverse
+    rotation."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    packed = cu is not None
+    if packed:
+        pos = token_positions(cu, q.shape[0], position_ids)
+        visible = visibility(cu, causal, window)
+    else:
+        pos = position_ids
+        visible = visibility(q.shape[1], causal, window)
+    need = grad_out is not None
+    qr = rope_reference(q, cos, sin, pos, interleaved).requires_grad_(need)
+    kr = rope_reference(k, cos, sin, pos, interleaved).requires_grad_(need)
+    v64 = v.detach().to(torch.float64).cpu().requires_grad_(need)
+    hdim = 1 if packed else 2
+    group = qr.shape[hdim] // kr.shape[hdim]
+    kk, vv = kr.repeat_interleave(group, dim=hdim), v64.repeat_interleave(group, dim=hdim)
+    if packed:
+        scores = torch.einsum("shd,thd->hst", qr, kk) * scale
+    else:
+        scores = torch.einsum("bshd,bthd->bhst", qr, kk) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = scores.logsumexp(-1)
+    p = scores.softmax(-1)
+    out = torch.einsum("hst,thd->shd", p, vv) if packed else torch.einsum("bhst,bthd->bshd", p, vv)
+    if with_lse:
+        return out.detach(), lse.detach()
+    if not need:
+        return out.detach()
+    gq, gk, gv = torch.autograd.grad(out, (qr, kr, v64), grad_out.detach().to(torch.float64).cpu())
+    dq = rope_reference(gq, cos, sin, pos, interleaved, conjugate=True)
+    dk = rope_reference(gk, cos, sin, pos, interleaved, conjugate=True)
+    return out.detach(), dq, dk, gv
+
+
+# ---- running pirope against it ----
+
+def unfused_module():
+    # pirope.rope_attention is the function; the module holds the unfused (CUDA) paths
+    return importlib.import_module("pirope.rope_attention")
+
+
+def run(q, k, v, cos, sin, pos=None, g=None, fn="public", **kw):
+    """(out, dq, dk, dv, grad_out) of pirope.rope_attention(..., **kw), or of the unfused
+    paths (fn="sdpa": _sdpa_fallback; fn="varlen": _varlen_unfused)."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    if fn == "public":
+        out = pirope.rope_attention(q, k, v, cos, sin, pos, **kw)
+    else:
+        mod = unfused_module()
+        causal, window = kw.get("causal", True), tuple(kw.get("window_size", (-1, -1)))
+        scale = kw.get("softmax_scale") or q.shape[-1] ** -0.5
+        interleaved, softcap = kw.get("interleaved", False), kw.get("softcap", 0.0)
+        if fn == "sdpa":
+            out = mod._sdpa_fallback(q, k, v, cos, sin, pos, causal, scale, interleaved, window, softcap)
+        else:
+            out = mod._varlen_unfused(q, k, v, cos, sin, pos, kw["cu_seqlens"], causal, scale, interleaved,
+                                      window, softcap)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.device == q.device
+    g = torch.randn_like(out) if g is None else g
+    out.backward(g)
+    return out.detach(), q.grad, k.grad, v.grad, g
+
+
+def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, window=(-1, -1), scale=None,
+                            interleaved=False, softcap=0.0, cu=None, fn="public"):
+    kw = dict(causal=causal, softmax_scale=scale, interleaved=interleaved, window_size=window, softcap=softcap)
+    if cu is not None:
+        kw["cu_seqlens"] = cu_tensor(cu, q.device)
+    out, gq, gk, gv, g = run(q, k, v, cos, sin, pos, fn=fn, **kw)
+    ref = band_reference(q, k, v, cos, sin, pos, causal, window, scale, interleaved, softcap, grad_out=g, cu=cu)
+    for what, got, want in zip(("out", "dq", "dk", "dv"), (out, gq, gk, gv), ref):
+        assert_attention_close(got, want, q.dtype, f"{what} (causal={causal}, window={window}, softcap={softcap})")
+
+
+def assert_all_equal(a, b, what=("out", "dq", "dk", "dv")):
+    for name, x, y in zip(what, a, b):
+        assert torch.equal(x, y), f"{name} differs"
+
+
+def assert_compiled_like_eager(cases):
+    """For each (f, (q, k, v), extra) of cases: the loss f(q, k, v, *extra) and its gradients
+    under torch.compile(f, fullgraph=True, backend="aot_eager") equal eager's (to 1e-5)."""
+    compiled = {}
+    for f, tensors, extra in cases:
+        q, k, v = (t.requires_grad_() for t in tensors)
+        loss = f(q, k, v, *extra)
+        loss.backward()
+        eager = [loss.detach()] + [t.grad.clone() for t in (q, k, v)]
+        q.grad = k.grad = v.grad = None
+        if f not in compiled:
+            compiled[f] = torch.compile(f, fullgraph=True, backend="aot_eager")
+        loss = compiled[f](q, k, v, *extra)
+        loss.backward()
+        for what, a, b in zip(("loss", "dq", "dk", "dv"), eager, [loss.detach(), q.grad, k.grad, v.grad]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{f.__name__} {what}: {m}")

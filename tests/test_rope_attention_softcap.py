@@ -4,23 +4,24 @@
 Every score s = softmax_scale * (rotated q) . (rotated k) becomes softcap * tanh(s /
 softcap) before the causal / window mask and the softmax; 0 (the default) or None: no
 cap. Outputs, gradients and lse are checked against an independent float64 reference
-written here (rope_reference's rotation, explicit scores, the tanh cap, an explicit
-boolean visibility mask from the window rule, softmax, @ v; gradients by autograd
-through it), across the CPU kernels' tiles, dtypes, cap values, GQA / MQA, head dims,
-partial rotary, interleaved pairs, position_ids forms, windows and packed sequences;
-then bitwise properties (no cap is the plain call, the backward does not depend on the
-thread count), gradcheck, opcheck, torch.compile, torch.func, the unfused (CUDA) paths
-run on CPU, bad input, and CUDA (skipped without a GPU)."""
+(band_reference in attention_inputs.py, shared with the window tests: rope_reference's
+rotation, explicit scores, the tanh cap, an explicit boolean visibility mask from the
+window rule, softmax, @ v; gradients by autograd through it), across the CPU kernels'
+tiles, dtypes, cap values, GQA / MQA, head dims, partial rotary, interleaved pairs,
+position_ids forms, windows and packed sequences; then bitwise properties (no cap is the
+plain call, the backward does not depend on the thread count), gradcheck, opcheck,
+torch.compile, torch.func, the unfused (CUDA) paths run on CPU, bad input, and CUDA
+(skipped without a GPU)."""
 
-import importlib
 import math
 
 import pytest
 import torch
 
 import pirope
-from attention_inputs import (at_thread_counts, cu_tensor, dense_per_sequence, packed_qkv, qkv, spans, tables,
-                              token_positions)
+from attention_inputs import (assert_all_equal, assert_compiled_like_eager, at_thread_counts, band_reference,
+                              check_against_reference, cu_tensor, dense_per_sequence, packed_qkv, qkv, run, spans,
+                              tables, unfused_module, visibility, wid)
 from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import ATTENTION_REL, attention_reference, rope_reference
 from reference import assert_attention_close as assert_close_to
@@ -36,132 +37,10 @@ def _seed():
     torch.manual_seed(0)
 
 
-def unfused_module():
-    # pirope.rope_attention is the function; the module holds the unfused (CUDA) paths
-    return importlib.import_module("pirope.rope_attention")
-
-
-def wid(w):
-    return f"{w[0]}_{w[1]}"
-
-
 def scaled(tensors, factor):
     """q (the first tensor) times factor: scores that large make the cap matter."""
     q, *rest = tensors
     return (q * factor, *rest)
-
-
-# ---- the independent float64 reference ----
-
-def band(query_idx, key_idx, causal, window):
-    """Boolean visibility by flash-attn's window rule on token indices: key j is visible
-    to query i iff (left == -1 or j >= i - left) and (right == -1 or j <= i + right) and
-    (not causal or j <= i)."""
-    left, right = window
-    i, j = query_idx[:, None], key_idx[None, :]
-    visible = torch.ones(len(query_idx), len(key_idx), dtype=torch.bool)
-    if left != -1:
-        visible &= j >= i - left
-    if right != -1:
-        visible &= j <= i + right
-    if causal:
-        visible &= j <= i
-    return visible
-
-
-def visibility(s_or_cu, causal, window):
-    """(S, S) visibility of a dense sequence of S tokens, or (T, T) of packed sequences
-    (cu: a list): same sequence, token indices restarting at each sequence start."""
-    if isinstance(s_or_cu, int):
-        idx = torch.arange(s_or_cu)
-        return band(idx, idx, causal, window)
-    total = int(s_or_cu[-1])
-    seq = torch.full((total,), -1, dtype=torch.int64)
-    local = torch.zeros(total, dtype=torch.int64)
-    for n, (a, b) in enumerate(spans(s_or_cu)):
-        seq[a:b] = n
-        local[a:b] = torch.arange(b - a)
-    return (seq[:, None] == seq[None, :]) & band(local, local, causal, window)
-
-
-def softcap_reference(q, k, v, cos, sin, position_ids=None, causal=True, window=(-1, -1), softmax_scale=None,
-                      interleaved=False, softcap=0.0, grad_out=None, cu=None, with_lse=False):
-    """float64 RoPE + soft-capped masked attention, dense (B, S, H, D) or packed (T, H, D)
-    with cu (a list). Returns out (and lse with with_lse), or with grad_out (out, dq, dk,
-    dv): gradients by autograd, dq and dk rotated back by the inverse rotation."""
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    packed = cu is not None
-    if packed:
-        pos = token_positions(cu, q.shape[0], position_ids)
-        visible = visibility(cu, causal, window)
-    else:
-        pos = position_ids
-        visible = visibility(q.shape[1], causal, window)
-    need = grad_out is not None
-    qr = rope_reference(q, cos, sin, pos, interleaved).requires_grad_(need)
-    kr = rope_reference(k, cos, sin, pos, interleaved).requires_grad_(need)
-    v64 = v.detach().to(torch.float64).cpu().requires_grad_(need)
-    hdim = 1 if packed else 2
-    group = qr.shape[hdim] // kr.shape[hdim]
-    kk, vv = kr.repeat_interleave(group, dim=hdim), v64.repeat_interleave(group, dim=hdim)
-    if packed:
-        scores = torch.einsum("shd,thd->hst", qr, kk) * scale
-    else:
-        scores = torch.einsum("bshd,bthd->bhst", qr, kk) * scale
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = scores.logsumexp(-1)
-    p = scores.softmax(-1)
-    out = torch.einsum("hst,thd->shd", p, vv) if packed else torch.einsum("bhst,bthd->bshd", p, vv)
-    if with_lse:
-        return out.detach(), lse.detach()
-    if not need:
-        return out.detach()
-    gq, gk, gv = torch.autograd.grad(out, (qr, kr, v64), grad_out.detach().to(torch.float64).cpu())
-    dq = rope_reference(gq, cos, sin, pos, interleaved, conjugate=True)
-    dk = rope_reference(gk, cos, sin, pos, interleaved, conjugate=True)
-    return out.detach(), dq, dk, gv
-
-
-# ---- running pirope ----
-
-def run(q, k, v, cos, sin, pos=None, g=None, fn="public", **kw):
-    """(out, dq, dk, dv, grad_out) of pirope.rope_attention(..., **kw), or of the unfused
-    paths (fn="sdpa": _sdpa_fallback; fn="varlen": _varlen_unfused)."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    if fn == "public":
-        out = pirope.rope_attention(q, k, v, cos, sin, pos, **kw)
-    else:
-        mod = unfused_module()
-        causal, window = kw.get("causal", True), tuple(kw.get("window_size", (-1, -1)))
-        scale = kw.get("softmax_scale") or q.shape[-1] ** -0.5
-        interleaved, softcap = kw.get("interleaved", False), kw.get("softcap", 0.0)
-        if fn == "sdpa":
-            out = mod._sdpa_fallback(q, k, v, cos, sin, pos, causal, scale, interleaved, window, softcap)
-        else:
-            out = mod._varlen_unfused(q, k, v, cos, sin, pos, kw["cu_seqlens"], causal, scale, interleaved,
-                                      window, softcap)
-    assert out.dtype == q.dtype and out.shape == q.shape and out.device == q.device
-    g = torch.randn_like(out) if g is None else g
-    out.backward(g)
-    return out.detach(), q.grad, k.grad, v.grad, g
-
-
-def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, window=(-1, -1), scale=None,
-                            interleaved=False, softcap=2.0, cu=None, fn="public"):
-    kw = dict(causal=causal, softmax_scale=scale, interleaved=interleaved, window_size=window, softcap=softcap)
-    if cu is not None:
-        kw["cu_seqlens"] = cu_tensor(cu, q.device)
-    out, gq, gk, gv, g = run(q, k, v, cos, sin, pos, fn=fn, **kw)
-    ref = softcap_reference(q, k, v, cos, sin, pos, causal, window, scale, interleaved, softcap, grad_out=g, cu=cu)
-    for what, got, want in zip(("out", "dq", "dk", "dv"), (out, gq, gk, gv), ref):
-        assert_close_to(got, want, q.dtype, f"{what} (causal={causal}, window={window}, softcap={softcap})")
-
-
-def assert_all_equal(a, b, what=("out", "dq", "dk", "dv")):
-    for name, x, y in zip(what, a, b):
-        assert torch.equal(x, y), f"{name} differs"
 
 
 # ---- 1. the reference itself ----
@@ -174,7 +53,7 @@ def test_reference_without_cap_is_attention_reference(causal):
     g = torch.randn(2, 13, 4, 16, dtype=torch.float64)
     theirs = attention_reference(q, k, v, cos, sin, pos, causal, 0.3, True, grad_out=g)
     for cap in (0.0, 1e9):  # no cap, and a cap far above every score
-        mine = softcap_reference(q, k, v, cos, sin, pos, causal, (-1, -1), 0.3, True, cap, grad_out=g)
+        mine = band_reference(q, k, v, cos, sin, pos, causal, (-1, -1), 0.3, True, cap, grad_out=g)
         for a, b in zip(mine, theirs):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
@@ -185,7 +64,7 @@ def test_reference_caps_each_score_before_the_mask():
     q = q * 5
     cos, sin = tables(8, 6, dtype=torch.float64)
     cap, scale = 0.7, 0.4
-    out = softcap_reference(q, k, v, cos, sin, causal=False, window=(2, 1), softmax_scale=scale, softcap=cap)
+    out = band_reference(q, k, v, cos, sin, causal=False, window=(2, 1), softmax_scale=scale, softcap=cap)
     qr, kr = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
     for i in range(6):
         keys = [j for j in range(6) if i - 2 <= j <= i + 1]
@@ -200,9 +79,9 @@ def test_reference_packed_is_dense_per_sequence():
     q, k, v = scaled(packed_qkv(17, 4, 2, 16, dtype=torch.float64), 3)
     cos, sin = tables(16, 17, dtype=torch.float64)
     for causal, window in ((True, (2, -1)), (False, (3, 1)), (False, (-1, -1))):
-        ref = softcap_reference(q, k, v, cos, sin, None, causal, window, softcap=1.5, cu=cu)
+        ref = band_reference(q, k, v, cos, sin, None, causal, window, softcap=1.5, cu=cu)
         for a, b in spans(cu):
-            dense = softcap_reference(q[None, a:b], k[None, a:b], v[None, a:b], cos, sin, None, causal, window,
+            dense = band_reference(q[None, a:b], k[None, a:b], v[None, a:b], cos, sin, None, causal, window,
                                       softcap=1.5)[0]
             torch.testing.assert_close(ref[a:b], dense, atol=1e-13, rtol=1e-13)
 
@@ -215,8 +94,8 @@ def test_capped_result_differs_clearly_from_uncapped(softcap, factor):
     cos, sin = tables(64, 130)
     g = torch.randn_like(q)
     for causal, window in ((True, (-1, -1)), (False, (20, 7))):
-        capped = softcap_reference(q, k, v, cos, sin, None, causal, window, softcap=softcap, grad_out=g)
-        plain = softcap_reference(q, k, v, cos, sin, None, causal, window, grad_out=g)
+        capped = band_reference(q, k, v, cos, sin, None, causal, window, softcap=softcap, grad_out=g)
+        plain = band_reference(q, k, v, cos, sin, None, causal, window, grad_out=g)
         for what, a, b in zip(("out", "dq", "dk", "dv"), capped, plain):
             diff = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
             assert diff > 0.05, f"{what}: the cap {softcap} changes the reference by {diff:.3g} only"
@@ -442,7 +321,7 @@ def test_raw_op_lse_is_logsumexp_of_capped_scores(dtype, causal, window):
     kw = dict(window_left=window[0], window_right=window[1], softcap=cap)
     out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, 0.2, False, False, None, **kw)
     assert lse.shape == (2, 4, 300) and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    ref_out, ref_lse = softcap_reference(q, k, v, cos, sin, None, causal, window, 0.2, softcap=cap, with_lse=True)
+    ref_out, ref_lse = band_reference(q, k, v, cos, sin, None, causal, window, 0.2, softcap=cap, with_lse=True)
     assert_close_to(out, ref_out, dtype, "out")
     assert_close_to(lse, ref_lse, dtype, "lse")
     # capped scores lie in (-cap, cap): log(n) - cap < lse < log(n) + cap for n visible keys
@@ -455,7 +334,7 @@ def test_raw_op_lse_is_logsumexp_of_capped_scores(dtype, causal, window):
     out, lse = torch.ops.pirope.rope_attention(qp, kp, vp, cos, sin, None, causal, 0.2, False, False,
                                                cu_tensor(cu), **kw)
     assert lse.shape == (4, 300)
-    ref_out, ref_lse = softcap_reference(qp, kp, vp, cos, sin, None, causal, window, 0.2, softcap=cap, cu=cu,
+    ref_out, ref_lse = band_reference(qp, kp, vp, cos, sin, None, causal, window, 0.2, softcap=cap, cu=cu,
                                          with_lse=True)
     assert_close_to(out, ref_out, dtype, "packed out")
     assert_close_to(lse, ref_lse, dtype, "packed lse")
@@ -472,7 +351,7 @@ def test_raw_backward_op_matches_reference():
         g = torch.randn_like(out)
         dq, dk, dv = torch.ops.pirope.rope_attention_backward(g, *args, out, lse, cos, sin, None, False, 0.2,
                                                               False, False, cut, **kw)
-        ref = softcap_reference(*args, cos, sin, None, False, window, 0.2, softcap=2.0, grad_out=g, cu=cu)
+        ref = band_reference(*args, cos, sin, None, False, window, 0.2, softcap=2.0, grad_out=g, cu=cu)
         for what, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref):
             assert_close_to(got, want, torch.float32, f"{what} (cu={cu}, window={window})")
 
@@ -541,17 +420,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
         cases = [(dense, qkv(2, 40, 4, 2, 32), ()),
                  (packed, packed_qkv(40, 4, 2, 32), (cu_tensor([0, 5, 5, 17, 40]),))]
-        compiled = {f: torch.compile(f, fullgraph=True, backend="aot_eager") for f in (dense, packed)}
-        for f, tensors, extra in cases:
-            q, k, v = (t.requires_grad_() for t in tensors)
-            loss = f(q, k, v, *extra)
-            loss.backward()
-            eager = [loss.detach()] + [t.grad.clone() for t in (q, k, v)]
-            q.grad = k.grad = v.grad = None
-            loss = compiled[f](q, k, v, *extra)
-            loss.backward()
-            for what, a, b in zip(("loss", "dq", "dk", "dv"), eager, [loss.detach(), q.grad, k.grad, v.grad]):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{f.__name__} {what}: {m}")
+        assert_compiled_like_eager(cases)
     finally:
         torch._dynamo.reset()
 
@@ -567,7 +436,7 @@ def test_vmap_matches_loop():
         out = func.vmap(lambda q, k, v: pirope.rope_attention(q, k, v, cos, sin, **kw))(qs, ks, vs)
         loop = torch.stack([pirope.rope_attention(q, k, v, cos, sin, **kw) for q, k, v in zip(qs, ks, vs)])
         torch.testing.assert_close(out, loop, atol=1e-12, rtol=1e-12)
-        ref = torch.stack([softcap_reference(q, k, v, cos, sin, None, causal, window, softcap=1.5)
+        ref = torch.stack([band_reference(q, k, v, cos, sin, None, causal, window, softcap=1.5)
                            for q, k, v in zip(qs, ks, vs)])
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
 
@@ -590,7 +459,7 @@ def test_func_grad_matches_eager_and_reference(packed):
         _, gq, gk, gv, _ = run(q, k, v, cos, sin, g=g, **kw)
         for a, b in zip(grads, (gq, gk, gv)):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-        ref = softcap_reference(q, k, v, cos, sin, None, causal, window, softcap=1.5, grad_out=g, cu=cu)[1:]
+        ref = band_reference(q, k, v, cos, sin, None, causal, window, softcap=1.5, grad_out=g, cu=cu)[1:]
         for a, b in zip(grads, ref):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
@@ -604,7 +473,7 @@ def test_per_sample_gradients_vmap_of_grad():
                                                      window_size=(3, 1), softcap=1.5) * g).sum()
     dq, dk, dv = func.vmap(func.grad(loss, argnums=(0, 1, 2)), in_dims=(0, None, None, 0))(qs, k, v, gs)
     for i in range(4):
-        _, rq, rk, rv = softcap_reference(qs[i], k, v, cos, sin, None, False, (3, 1), softcap=1.5, grad_out=gs[i])
+        _, rq, rk, rv = band_reference(qs[i], k, v, cos, sin, None, False, (3, 1), softcap=1.5, grad_out=gs[i])
         for a, b in zip((dq[i], dk[i], dv[i]), (rq, rk, rv)):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
@@ -626,7 +495,7 @@ def test_backward_bit_identical_over_thread_counts_mqa(dtype, causal, window):
     for n, other in zip((2, 3, 4), runs[1:]):
         for what, a, b in zip(("out", "dq", "dk", "dv"), runs[0], other):
             assert torch.equal(a, b), f"{what}: 1 thread vs {n} threads"
-    ref = softcap_reference(q, k, v, cos, sin, None, causal, window, softcap=1.5, grad_out=g)
+    ref = band_reference(q, k, v, cos, sin, None, causal, window, softcap=1.5, grad_out=g)
     for what, got, want in zip(("out", "dq", "dk", "dv"), runs[0], ref):
         assert_close_to(got, want, dtype, what)
 
@@ -646,7 +515,7 @@ def test_backward_bit_identical_over_thread_counts_gqa(packed):
     runs = at_thread_counts((1, 2, 3, 8), lambda: run(q, k, v, cos, sin, g=g, **kw)[:4])
     for other in runs[1:]:
         assert_all_equal(runs[0], other)
-    ref = softcap_reference(q, k, v, cos, sin, None, False, (100, 63), softcap=1.5, grad_out=g, cu=cu)
+    ref = band_reference(q, k, v, cos, sin, None, False, (100, 63), softcap=1.5, grad_out=g, cu=cu)
     for what, got, want in zip(("out", "dq", "dk", "dv"), runs[0], ref):
         assert_close_to(got, want, torch.float32, what)
 
@@ -671,7 +540,7 @@ def check_unfused(q, k, v, cos, sin, pos, fn, kw, cu=None):
     (float64: to 1e-12), outputs and gradients for the same grad_out."""
     unfused = run(q, k, v, cos, sin, pos, fn=fn, **kw)
     g = unfused[4]
-    ref = softcap_reference(q, k, v, cos, sin, pos, kw["causal"], kw["window_size"], None, kw.get("interleaved", False),
+    ref = band_reference(q, k, v, cos, sin, pos, kw["causal"], kw["window_size"], None, kw.get("interleaved", False),
                             kw["softcap"], grad_out=g, cu=cu)
     fused = run(q, k, v, cos, sin, pos, g=g, **kw)
     tol = dict(atol=1e-12, rtol=1e-12) if q.dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
@@ -749,7 +618,7 @@ def test_unfused_capped_blocks_follow_the_score_budget(monkeypatch, band_rows, b
     out, gq, gk, gv, g = run(q, k, v, cos, sin, fn="sdpa", causal=False, softcap=2.0)
     want = [want_rows] * (130 // want_rows) + ([130 % want_rows] if 130 % want_rows else [])
     assert blocks == want
-    ref = softcap_reference(q, k, v, cos, sin, None, False, softcap=2.0, grad_out=g)
+    ref = band_reference(q, k, v, cos, sin, None, False, softcap=2.0, grad_out=g)
     for what, got, ref_t in zip(("out", "dq", "dk", "dv"), (out, gq, gk, gv), ref):
         assert_close_to(got, ref_t, torch.float32, what)
 

@@ -7,8 +7,9 @@ nothing). i and j are token indices in the sequence (restarting at each sequence
 cu_seqlens), never position_ids, which only choose the rotation.
 
 Outputs, gradients and lse are checked against an independent float64 reference
-written here (rope_reference's rotation at each token's position, then softmax
-attention under an explicit boolean band mask built from the rule above), across the
+(band_reference in attention_inputs.py: rope_reference's rotation at each token's
+position, then softmax attention under an explicit boolean band mask built from the rule
+above), across the
 CPU kernels' tiles (64 query rows, 256 key columns, 256-row query chunks), dtypes,
 GQA, head dims, partial rotary, interleaved pairs, position_ids forms and packed
 sequences; then bitwise properties (wide windows are the plain call, causal ignores
@@ -16,16 +17,15 @@ the right window, a row depends on its window only, the backward does not depend
 the thread count), gradcheck, opcheck, torch.compile, torch.func, the unfused CUDA
 path (run on CPU), bad input, and CUDA (skipped without a GPU)."""
 
-import importlib
-
 import pytest
 import torch
 
 import pirope
-from attention_inputs import (at_thread_counts, cu_tensor, dense_per_sequence, packed_qkv, qkv, spans, tables,
-                              token_positions)
+from attention_inputs import (assert_all_equal, assert_compiled_like_eager, at_thread_counts, band_reference,
+                              check_against_reference, cu_tensor, dense_per_sequence, packed_qkv, qkv, run, spans,
+                              tables, unfused_module, visibility, wid)
 from conftest import CUDA_SKIP_REASON, cuda_ready
-from reference import ATTENTION_REL, attention_reference, rope_reference
+from reference import ATTENTION_REL, attention_reference
 from reference import assert_attention_close as assert_close_to
 
 func = torch.func
@@ -37,136 +37,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-def unfused_module():
-    # pirope.rope_attention is the function; the module holds the unfused (CUDA) paths
-    return importlib.import_module("pirope.rope_attention")
-
-
-def wid(w):
-    return f"{w[0]}_{w[1]}"
-
-
-# ---- the independent float64 reference ----
-
-def band(query_idx, key_idx, causal, window):
-    """Boolean (len(query_idx), len(key_idx)) visibility by the window rule, from token
-    indices: key j is visible to query i iff (left == -1 or j >= i - left) and
-    (right == -1 or j <= i + right) and (not causal or j <= i)."""
-    left, right = window
-    i = query_idx[:, None]
-    j = key_idx[None, :]
-    visible = torch.ones(len(query_idx), len(key_idx), dtype=torch.bool)
-    if left != -1:
-        visible &= j >= i - left
-    if right != -1:
-        visible &= j <= i + right
-    if causal:
-        visible &= j <= i
-    return visible
-
-
-def dense_visible(s, causal, window):
-    idx = torch.arange(s)
-    return band(idx, idx, causal, window)
-
-
-def packed_visible(cu, causal, window):
-    """(total, total) visibility of packed tokens: same sequence, and the window rule on
-    the token indices within that sequence (restarting at 0 at each sequence start)."""
-    total = int(cu[-1])
-    seq = torch.full((total,), -1, dtype=torch.int64)
-    local = torch.zeros(total, dtype=torch.int64)
-    for n, (a, b) in enumerate(spans(cu)):
-        seq[a:b] = n
-        local[a:b] = torch.arange(b - a)
-    return (seq[:, None] == seq[None, :]) & band(local, local, causal, window)
-
-
-def _masked_attention(qr, kr, v64, visible, scale, packed):
-    """float64 softmax attention with an explicit visibility mask, kv heads repeated over
-    their query-head group. Returns (out, lse)."""
-    hdim = 1 if packed else 2
-    group = qr.shape[hdim] // kr.shape[hdim]
-    kk, vv = kr.repeat_interleave(group, dim=hdim), v64.repeat_interleave(group, dim=hdim)
-    if packed:
-        scores = torch.einsum("shd,thd->hst", qr, kk) * scale
-    else:
-        scores = torch.einsum("bshd,bthd->bhst", qr, kk) * scale
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = scores.logsumexp(-1)
-    p = scores.softmax(-1)
-    out = torch.einsum("hst,thd->shd", p, vv) if packed else torch.einsum("bhst,bthd->bshd", p, vv)
-    return out, lse
-
-
-def window_reference(q, k, v, cos, sin, position_ids=None, causal=True, window=(-1, -1), softmax_scale=None,
-                     interleaved=False, grad_out=None, cu=None, with_lse=False):
-    """float64 RoPE + band-masked attention, dense (B, S, H, D) or packed (T, H, D) with
-    cu (a list). Returns out (and lse with with_lse), or with grad_out (out, dq, dk, dv):
-    gradients by autograd, dq and dk rotated back by the inverse rotation."""
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    packed = cu is not None
-    if packed:
-        pos = token_positions(cu, q.shape[0], position_ids)
-        visible = packed_visible(cu, causal, window)
-    else:
-        pos = position_ids
-        visible = dense_visible(q.shape[1], causal, window)
-    need = grad_out is not None
-    qr = rope_reference(q, cos, sin, pos, interleaved).requires_grad_(need)
-    kr = rope_reference(k, cos, sin, pos, interleaved).requires_grad_(need)
-    v64 = v.detach().to(torch.float64).cpu().requires_grad_(need)
-    out, lse = _masked_attention(qr, kr, v64, visible, scale, packed)
-    if with_lse:
-        return out.detach(), lse.detach()
-    if not need:
-        return out.detach()
-    gq, gk, gv = torch.autograd.grad(out, (qr, kr, v64), grad_out.detach().to(torch.float64).cpu())
-    dq = rope_reference(gq, cos, sin, pos, interleaved, conjugate=True)
-    dk = rope_reference(gk, cos, sin, pos, interleaved, conjugate=True)
-    return out.detach(), dq, dk, gv
-
-
-# ---- running pirope ----
-
-def run(q, k, v, cos, sin, pos=None, g=None, fn="public", **kw):
-    """(out, dq, dk, dv, grad_out) of pirope.rope_attention(..., **kw), or of the unfused
-    paths (fn="sdpa": _sdpa_fallback; fn="varlen": _varlen_unfused)."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    if fn == "public":
-        out = pirope.rope_attention(q, k, v, cos, sin, pos, **kw)
-    else:
-        mod = unfused_module()
-        causal, window = kw.get("causal", True), kw.get("window_size", (-1, -1))
-        scale = kw.get("softmax_scale") or q.shape[-1] ** -0.5
-        interleaved = kw.get("interleaved", False)
-        if fn == "sdpa":
-            out = mod._sdpa_fallback(q, k, v, cos, sin, pos, causal, scale, interleaved, window=tuple(window))
-        else:
-            out = mod._varlen_unfused(q, k, v, cos, sin, pos, kw["cu_seqlens"], causal, scale, interleaved,
-                                      window=tuple(window))
-    assert out.dtype == q.dtype and out.shape == q.shape and out.device == q.device
-    g = torch.randn_like(out) if g is None else g
-    out.backward(g)
-    return out.detach(), q.grad, k.grad, v.grad, g
-
-
-def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, window=(-1, -1), scale=None,
-                            interleaved=False, cu=None, fn="public"):
-    kw = dict(causal=causal, softmax_scale=scale, interleaved=interleaved, window_size=window)
-    if cu is not None:
-        kw["cu_seqlens"] = cu_tensor(cu, q.device)
-    out, gq, gk, gv, g = run(q, k, v, cos, sin, pos, fn=fn, **kw)
-    ref = window_reference(q, k, v, cos, sin, pos, causal, window, scale, interleaved, grad_out=g, cu=cu)
-    for what, got, want in zip(("out", "dq", "dk", "dv"), (out, gq, gk, gv), ref):
-        assert_close_to(got, want, q.dtype, f"{what} (causal={causal}, window={window})")
-
-
-def assert_all_equal(a, b, what=("out", "dq", "dk", "dv")):
-    for name, x, y in zip(what, a, b):
-        assert torch.equal(x, y), f"{name} differs"
-
-
 # ---- 1. the reference itself ----
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -175,12 +45,12 @@ def test_reference_without_window_is_attention_reference(causal):
     cos, sin = tables(12, 20, dtype=torch.float64)
     pos = torch.randint(0, 20, (2, 13))
     g = torch.randn(2, 13, 4, 16, dtype=torch.float64)
-    mine = window_reference(q, k, v, cos, sin, pos, causal, (-1, -1), 0.3, True, grad_out=g)
+    mine = band_reference(q, k, v, cos, sin, pos, causal, (-1, -1), 0.3, True, grad_out=g)
     theirs = attention_reference(q, k, v, cos, sin, pos, causal, 0.3, True, grad_out=g)
     for a, b in zip(mine, theirs):
         torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-13)
     # a window as wide as the sequence masks nothing either
-    wide = window_reference(q, k, v, cos, sin, pos, causal, (12, 12), 0.3, True, grad_out=g)
+    wide = band_reference(q, k, v, cos, sin, pos, causal, (12, 12), 0.3, True, grad_out=g)
     for a, b in zip(wide, theirs):
         torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-13)
 
@@ -192,7 +62,7 @@ def test_reference_band_follows_the_rule_entry_by_entry():
         for causal in (True, False):
             for left in (-1, 0, 1, 3, 10, 20):
                 for right in (-1, 0, 2, 10, 20):
-                    got = dense_visible(s, causal, (left, right))
+                    got = visibility(s, causal, (left, right))
                     for i in range(s):
                         for j in range(s):
                             want = ((left == -1 or j >= i - left) and (right == -1 or j <= i + right)
@@ -203,10 +73,10 @@ def test_reference_band_follows_the_rule_entry_by_entry():
                         i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
                         assert torch.equal(got, (j > i - w) & (j <= i))
     # packed: indices restart at each sequence, and nothing crosses sequences
-    vis = packed_visible([0, 3, 3, 8], True, (1, -1))
+    vis = visibility([0, 3, 3, 8], True, (1, -1))
     want = torch.zeros(8, 8, dtype=torch.bool)
     for a, b in ((0, 3), (3, 8)):
-        want[a:b, a:b] = dense_visible(b - a, True, (1, -1))
+        want[a:b, a:b] = visibility(b - a, True, (1, -1))
     assert torch.equal(vis, want)
 
 
@@ -215,9 +85,9 @@ def test_reference_packed_is_dense_per_sequence():
     q, k, v = packed_qkv(17, 4, 2, 16, dtype=torch.float64)
     cos, sin = tables(16, 17, dtype=torch.float64)
     for causal, window in ((True, (2, -1)), (False, (3, 1))):
-        ref = window_reference(q, k, v, cos, sin, None, causal, window, cu=cu)
+        ref = band_reference(q, k, v, cos, sin, None, causal, window, cu=cu)
         for a, b in spans(cu):
-            dense = window_reference(q[None, a:b], k[None, a:b], v[None, a:b], cos, sin, None, causal, window)[0]
+            dense = band_reference(q[None, a:b], k[None, a:b], v[None, a:b], cos, sin, None, causal, window)[0]
             torch.testing.assert_close(ref[a:b], dense, atol=1e-13, rtol=1e-13)
 
 
@@ -469,7 +339,7 @@ def test_raw_op_lse_is_logsumexp_over_visible_keys(dtype, causal, window):
     out, lse = torch.ops.pirope.rope_attention(q, k, v, cos, sin, None, causal, 0.2, False, False, None,
                                                window_left=window[0], window_right=window[1])
     assert lse.shape == (2, 4, 300) and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    ref_out, ref_lse = window_reference(q, k, v, cos, sin, None, causal, window, 0.2, with_lse=True)
+    ref_out, ref_lse = band_reference(q, k, v, cos, sin, None, causal, window, 0.2, with_lse=True)
     assert_close_to(out, ref_out, dtype, "out")
     assert_close_to(lse, ref_lse, dtype, "lse")
     # packed: (nheads_q, total)
@@ -478,7 +348,7 @@ def test_raw_op_lse_is_logsumexp_over_visible_keys(dtype, causal, window):
     out, lse = torch.ops.pirope.rope_attention(qp, kp, vp, cos, sin, None, causal, 0.2, False, False,
                                                cu_tensor(cu), window_left=window[0], window_right=window[1])
     assert lse.shape == (4, 300)
-    ref_out, ref_lse = window_reference(qp, kp, vp, cos, sin, None, causal, window, 0.2, cu=cu, with_lse=True)
+    ref_out, ref_lse = band_reference(qp, kp, vp, cos, sin, None, causal, window, 0.2, cu=cu, with_lse=True)
     assert_close_to(out, ref_out, dtype, "packed out")
     assert_close_to(lse, ref_lse, dtype, "packed lse")
 
@@ -494,7 +364,7 @@ def test_raw_backward_op_matches_reference():
         g = torch.randn_like(out)
         dq, dk, dv = torch.ops.pirope.rope_attention_backward(g, *args, out, lse, cos, sin, None, False, 0.2,
                                                               False, False, cut, **kw)
-        ref = window_reference(*args, cos, sin, None, False, (70, 9), 0.2, grad_out=g, cu=cu)
+        ref = band_reference(*args, cos, sin, None, False, (70, 9), 0.2, grad_out=g, cu=cu)
         for what, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref):
             assert_close_to(got, want, torch.float32, what)
 
@@ -629,17 +499,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
         cases = [(dense, qkv(2, 40, 4, 2, 32), ()),
                  (packed, packed_qkv(40, 4, 2, 32), (cu_tensor([0, 5, 5, 17, 40]),)),
                  (packed, packed_qkv(40, 4, 2, 32), (cu_tensor([0, 20, 21, 40]),))]
-        compiled = {f: torch.compile(f, fullgraph=True, backend="aot_eager") for f in (dense, packed)}
-        for f, tensors, extra in cases:
-            q, k, v = (t.requires_grad_() for t in tensors)
-            loss = f(q, k, v, *extra)
-            loss.backward()
-            eager = [loss.detach()] + [t.grad.clone() for t in (q, k, v)]
-            q.grad = k.grad = v.grad = None
-            loss = compiled[f](q, k, v, *extra)
-            loss.backward()
-            for what, a, b in zip(("loss", "dq", "dk", "dv"), eager, [loss.detach(), q.grad, k.grad, v.grad]):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{f.__name__} {what}: {m}")
+        assert_compiled_like_eager(cases)
     finally:
         torch._dynamo.reset()
 
@@ -655,7 +515,7 @@ def test_vmap_matches_loop():
         out = func.vmap(lambda q, k, v: pirope.rope_attention(q, k, v, cos, sin, **kw))(qs, ks, vs)
         loop = torch.stack([pirope.rope_attention(q, k, v, cos, sin, **kw) for q, k, v in zip(qs, ks, vs)])
         torch.testing.assert_close(out, loop, atol=1e-12, rtol=1e-12)
-        ref = torch.stack([window_reference(q, k, v, cos, sin, None, causal, window) for q, k, v in zip(qs, ks, vs)])
+        ref = torch.stack([band_reference(q, k, v, cos, sin, None, causal, window) for q, k, v in zip(qs, ks, vs)])
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
         # k, v shared by the vmapped queries, vmapped over a non-leading dim
         out = func.vmap(lambda q: pirope.rope_attention(q, ks[0], vs[0], cos, sin, **kw), in_dims=2)(
@@ -691,7 +551,7 @@ def test_per_sample_gradients_vmap_of_grad():
                                                      window_size=(3, 1)) * g).sum()
     dq, dk, dv = func.vmap(func.grad(loss, argnums=(0, 1, 2)), in_dims=(0, None, None, 0))(qs, k, v, gs)
     for i in range(4):
-        _, rq, rk, rv = window_reference(qs[i], k, v, cos, sin, None, False, (3, 1), grad_out=gs[i])
+        _, rq, rk, rv = band_reference(qs[i], k, v, cos, sin, None, False, (3, 1), grad_out=gs[i])
         for a, b in zip((dq[i], dk[i], dv[i]), (rq, rk, rv)):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
@@ -710,7 +570,7 @@ def test_backward_bit_identical_over_thread_counts_mqa(dtype, causal, window):
     for n, other in zip((2, 3, 4), runs[1:]):
         for what, a, b in zip(("out", "dq", "dk", "dv"), runs[0], other):
             assert torch.equal(a, b), f"{what}: 1 thread vs {n} threads"
-    ref = window_reference(q, k, v, cos, sin, None, causal, window, grad_out=g)
+    ref = band_reference(q, k, v, cos, sin, None, causal, window, grad_out=g)
     for what, got, want in zip(("out", "dq", "dk", "dv"), runs[0], ref):
         assert_close_to(got, want, dtype, what)
 
@@ -731,7 +591,7 @@ def test_backward_bit_identical_over_thread_counts_gqa(packed):
     for other in runs[1:]:
         assert_all_equal(runs[0], other)
     cu = extra["cu_seqlens"].tolist() if packed else None
-    ref = window_reference(q, k, v, cos, sin, None, False, (100, 63), grad_out=g, cu=cu)
+    ref = band_reference(q, k, v, cos, sin, None, False, (100, 63), grad_out=g, cu=cu)
     for what, got, want in zip(("out", "dq", "dk", "dv"), runs[0], ref):
         assert_close_to(got, want, torch.float32, what)
 
