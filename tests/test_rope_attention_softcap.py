@@ -13,6 +13,7 @@ plain call, the backward does not depend on the thread count), gradcheck, opchec
 torch.compile, torch.func, the unfused (CUDA) paths run on CPU, bad input, and CUDA
 (skipped without a GPU)."""
 
+import importlib
 import math
 
 import pytest
@@ -598,29 +599,96 @@ def test_unfused_packed_matches_reference_and_fused(cu, heads, causal, window, p
     (40, 50 * 8 * 130, 40),  # _BAND_ROWS still bounds them
 ])
 def test_unfused_capped_blocks_follow_the_score_budget(monkeypatch, band_rows, budget, want_rows):
-    # rows = max(16, min(_BAND_ROWS, _CAPPED_SCORES // (batch * heads * keys))), each
-    # block under activation checkpointing
+    # rows = max(16, min(_BAND_ROWS, _CAPPED_SCORES // (batch * heads * keys))): the forward's
+    # blocks of query rows (all keys: not causal), the backward's again (dq), then its blocks
+    # of keys (dk, dv), each block's scores computed once
     mod = unfused_module()
+    band_attention = importlib.import_module("pirope._band_attention")
     if band_rows is not None:
         monkeypatch.setattr(mod, "_BAND_ROWS", band_rows)
     if budget is not None:
         monkeypatch.setattr(mod, "_CAPPED_SCORES", budget)
     blocks = []
-    checkpoint = torch.utils.checkpoint.checkpoint
+    scores = band_attention._capped_scores
 
-    def spy(fn, *args, **kwargs):
-        blocks.append(next(a for a in args if isinstance(a, torch.Tensor)).shape[-2])
-        return checkpoint(fn, *args, **kwargs)
+    def spy(q, k, *args):
+        blocks.append((q.shape[-2], k.shape[-2]))
+        return scores(q, k, *args)
 
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    monkeypatch.setattr(band_attention, "_capped_scores", spy)
     q, k, v = scaled(qkv(2, 130, 4, 2, 32), 3)
     cos, sin = tables(32, 130)
     out, gq, gk, gv, g = run(q, k, v, cos, sin, fn="sdpa", causal=False, softcap=2.0)
-    want = [want_rows] * (130 // want_rows) + ([130 % want_rows] if 130 % want_rows else [])
-    assert blocks == want
+    sizes = [want_rows] * (130 // want_rows) + ([130 % want_rows] if 130 % want_rows else [])
+    by_queries = [(n, 130) for n in sizes]
+    assert blocks == by_queries + by_queries + [(130, n) for n in sizes]
     ref = band_reference(q, k, v, cos, sin, None, False, softcap=2.0, grad_out=g)
     for what, got, ref_t in zip(("out", "dq", "dk", "dv"), (out, gq, gk, gv), ref):
         assert_close_to(got, ref_t, torch.float32, what)
+
+
+@pytest.mark.parametrize("dtype, cap", [(torch.float32, 1e38), (torch.float32, FLOAT32_MAX), (torch.float64, 1e308)],
+                         ids=["f32_1e38", "f32_max", "f64_1e308"])
+def test_unfused_huge_cap_gradients_stay_finite(dtype, cap):
+    # the cap's derivative is taken as 1 - tanh^2, not through cap * (... / cap) (which
+    # overflows): a cap far above every score is no cap, gradients included
+    q, k, v = scaled(qkv(1, 40, 2, 1, 32, dtype=dtype), 3)
+    cos, sin = tables(32, 40)
+    g = torch.randn_like(q)
+    got = run(q, k, v, cos, sin, g=g, fn="sdpa", softcap=cap)[:4]
+    plain = run(q, k, v, cos, sin, g=g, fn="sdpa")[:4]
+    for what, a, b in zip(("out", "dq", "dk", "dv"), got, plain):
+        assert torch.isfinite(a).all(), what
+        assert_close_to(a, b.to(torch.float64), dtype, what)
+
+
+def test_unfused_tiny_cap_is_finite():
+    # a cap below every |score|: each seen score is +-cap (or 0), gradients through 1 - tanh^2 = 0
+    q, k, v = scaled(qkv(1, 40, 2, 1, 32), 3)
+    q[0, 5] = 0  # a row of zero scores: 0 / cap = 0, not NaN
+    cos, sin = tables(32, 40)
+    g = torch.randn_like(q)
+    for cap in (FLOAT32_TINIEST, 1e-39, 1e-3):
+        outs = run(q, k, v, cos, sin, g=g, fn="sdpa", softcap=cap)[:4]
+        fused = run(q, k, v, cos, sin, g=g, softcap=cap)[:4]
+        for what, a, b in zip(("out", "dq", "dk", "dv"), outs, fused):
+            assert torch.isfinite(a).all(), (cap, what)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{cap} {what}: {m}")
+
+
+@pytest.mark.parametrize("softcap, window", [(0.0, (-1, -1)), (0.0, (5, 0)), (1.5, (-1, -1)), (1.5, (5, 0))],
+                         ids=["plain", "window", "cap", "cap_window"])
+def test_unfused_path_compiles_fullgraph(softcap, window):
+    # what rope_attention runs on CUDA, traced by torch.compile in one graph (the argument
+    # checks included), forward and backward equal to eager
+    mod = unfused_module()
+    cos, sin = tables(32, 40)
+
+    def f(q, k, v):
+        return mod._sdpa_fallback(q, k, v, cos, sin, None, True, 0.2, False, window, softcap).square().sum()
+
+    torch._dynamo.reset()
+    try:
+        assert_compiled_like_eager([(f, scaled(qkv(2, 40, 4, 2, 32), 3), ())])
+    finally:
+        torch._dynamo.reset()
+
+
+def test_unfused_capped_path_under_torch_func():
+    # func.grad, and vmap of it, through the capped unfused path: the reference's gradients
+    mod = unfused_module()
+    cos, sin = tables(16, 20, dtype=torch.float64)
+    qs, gs = (torch.randn(3, 1, 20, 4, 16, dtype=torch.float64) * 3 for _ in range(2))
+    k, v = (torch.randn(1, 20, 2, 16, dtype=torch.float64) for _ in range(2))
+
+    def loss(q, k, v, g):
+        return (mod._sdpa_fallback(q, k, v, cos, sin, None, False, 0.3, False, (4, 2), 1.5) * g).sum()
+
+    grads = func.vmap(func.grad(loss, argnums=(0, 1, 2)), in_dims=(0, None, None, 0))(qs, k, v, gs)
+    for i in range(3):
+        ref = band_reference(qs[i], k, v, cos, sin, None, False, (4, 2), 0.3, softcap=1.5, grad_out=gs[i])[1:]
+        for what, a, b in zip(("dq", "dk", "dv"), (t[i] for t in grads), ref):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m: f"{what}: {m}")
 
 
 # ---- 13. bad input ----
@@ -735,6 +803,18 @@ def test_cuda_dense_matches_reference(monkeypatch, dtype, causal, window, opt_in
     q, k, v = scaled(qkv(2, 300, 4, 2, 64, dtype=dtype, device="cuda"), 2)
     cos, sin = tables(64, 300, "cuda")
     check_against_reference(q, k, v, cos, sin, causal=causal, window=window, softcap=1.5)
+
+
+@needs_cuda
+def test_cuda_tiny_cap_is_finite():
+    # CUDA divides by a Python number as a product with its reciprocal (inf for a tiny cap):
+    # the unfused path divides by a tensor
+    q, k, v = (t.requires_grad_() for t in qkv(1, 40, 2, 1, 32, device="cuda"))
+    cos, sin = tables(32, 40, "cuda")
+    for cap in (FLOAT32_TINIEST, 1e-39):
+        out = pirope.rope_attention(q, k, v, cos, sin, softcap=cap)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        assert all(torch.isfinite(t).all() for t in (out, *grads)), cap
 
 
 @needs_cuda

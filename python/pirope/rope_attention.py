@@ -6,9 +6,8 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.utils.checkpoint
 
-from . import _checks
+from . import _band_attention, _checks
 from ._fake import rope_attention as _fake_rope_attention
 from ._autograd import functorch as _functorch
 from .apply_rope import apply_rope_qk
@@ -25,7 +24,7 @@ _NO_WINDOW = (-1, -1)
 # window)), never seqlen x seqlen.
 _BAND_ROWS = 1024
 # Score elements of one block of a soft-capped unfused attention (float32: 256 MiB); its
-# query rows shrink (down to 16) so that (batch x heads x rows x keys) stays within it.
+# rows shrink (down to 16) so that (batch x heads x rows x keys) stays within it.
 _CAPPED_SCORES = 2**26
 
 
@@ -34,23 +33,12 @@ def _is_windowed(window, causal) -> bool:
     return window[0] >= 0 or (window[1] >= 0 and not causal)
 
 
-def _capped_block(q, k, v, seen, scale, softcap):
-    """softmax(softcap * tanh(q k^T * scale / softcap), masked to ``seen``) v, in float32
-    (float64 for float64 input) like the fused kernels, rounded once to q's dtype. q: (...,
-    rows, headdim); k, v: (..., keys, headdim) with q's heads; seen: (rows, keys) bool."""
-    math = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = torch.matmul(q.to(math), k.to(math).transpose(-1, -2)) * scale
-    s = (softcap * torch.tanh(s / softcap)).masked_fill(~seen, float("-inf"))
-    return torch.matmul(torch.softmax(s, dim=-1), v.to(math)).to(q.dtype)
-
-
 def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0):
     """Scaled dot-product attention of (..., heads, seqlen, headdim) q, k, v, where query
     i sees keys j with i - left <= j <= i + right (a bound of -1: none; causal: right = 0),
     run over blocks of query rows with the keys their band covers and a boolean mask of
     that block only. Differentiable through SDPA. With a soft-cap (which SDPA has not),
-    each block is _capped_block under activation checkpointing: its backward recomputes
-    the block's scores, so no more than one block's exist at a time."""
+    _band_attention.CappedAttention over such blocks (recomputed in its backward)."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if not _is_windowed(window, causal) and not softcap:
         return sdpa(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
@@ -60,30 +48,16 @@ def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0):
     hq, hkv = q.shape[-3], k.shape[-3]
     if hq != hkv and hkv > 0 and hq % hkv == 0:
         # SDPA's memory-efficient kernels take no mask with enable_gqa (the math one would keep
-        # every block's probabilities): repeat k and v over the group, as transformers does
+        # every block's probabilities), nor does the capped attention: repeat k and v over the
+        # group, as transformers does
         k, v = k.repeat_interleave(hq // hkv, dim=-3), v.repeat_interleave(hq // hkv, dim=-3)
-    rows = _BAND_ROWS
-    if softcap:  # every block's (..., rows, keys) scores exist at once: fewer rows for many keys
+    if softcap:  # one block's (..., rows, keys) scores at a time: fewer rows for many keys
         keys = S if left < 0 or right < 0 else min(S, left + right + 1)
-        rows = max(16, min(rows, _CAPPED_SCORES // max(1, q.shape[:-2].numel() * keys)))
-    outs = []
-    for q0 in range(0, S, rows):
-        q1 = min(S, q0 + rows)
-        k0 = 0 if left < 0 else max(0, q0 - left)
-        k1 = S if right < 0 else min(S, q1 + right)
-        i = torch.arange(q0, q1, device=q.device)[:, None]
-        j = torch.arange(k0, k1, device=q.device)[None, :]
-        seen = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=q.device)
-        if left >= 0:
-            seen &= j >= i - left
-        if right >= 0:
-            seen &= j <= i + right
-        qb, kb, vb = q[..., q0:q1, :], k[..., k0:k1, :], v[..., k0:k1, :]
-        if softcap:
-            outs.append(torch.utils.checkpoint.checkpoint(_capped_block, qb, kb, vb, seen, scale, softcap,
-                                                          use_reentrant=False))
-        else:
-            outs.append(sdpa(qb, kb, vb, attn_mask=seen, scale=scale, enable_gqa=True))
+        rows = max(16, min(_BAND_ROWS, _CAPPED_SCORES // max(1, q.shape[:-2].numel() * keys)))
+        return _band_attention.CappedAttention.apply(q, k, v, scale, softcap, left, right, rows)[0]
+    outs = [sdpa(q[..., q0:q1, :], k[..., k0:k1, :], v[..., k0:k1, :], scale=scale, enable_gqa=True,
+                 attn_mask=_band_attention.band_mask(q0, q1, k0, k1, left, right, q.device))
+            for q0, q1, k0, k1 in _band_attention.query_blocks(S, _BAND_ROWS, left, right)]
     return torch.cat(outs, dim=-2) if outs else sdpa(q, k, v, scale=scale, enable_gqa=True)
 
 
@@ -91,8 +65,10 @@ def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, inter
                    softcap=0.0):
     # CUDA calls the fused forward does not take: the same math unfused, differentiable
     # through apply_rope_qk's and SDPA's own backward; the arguments checked as the op
-    # checks them (the fake kernel's checks, the same messages).
-    _fake_rope_attention._check("rope_attention", q, k, v, cos, sin, position_ids, softmax_scale)
+    # checks them (the fake kernel's checks, the same messages; not while torch.compile
+    # traces, which cannot trace their messages: there the calls below check them).
+    if not torch.compiler.is_compiling():
+        _fake_rope_attention._check("rope_attention", q, k, v, cos, sin, position_ids, softmax_scale)
     qr, kr = apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
     out = _band_sdpa(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale, window,
                      softcap)

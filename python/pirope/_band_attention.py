@@ -1,0 +1,117 @@
+"""Blocks of a banded attention, for the unfused paths of rope_attention (CUDA calls the
+fused kernels do not take): which keys a block of query rows sees and its mask, and the
+soft-capped attention (which SDPA has not) as an autograd.Function over such blocks.
+
+Query i sees key j when i - left <= j <= i + right (a bound of -1: none). Tensors are
+(..., heads, seqlen, headdim) with the same heads in q, k and v."""
+
+from __future__ import annotations
+
+import torch
+
+
+def query_blocks(S: int, rows: int, left: int, right: int):
+    """(q0, q1, k0, k1) of each block of ``rows`` query rows and the keys its band covers."""
+    for q0 in range(0, S, rows):
+        q1 = min(S, q0 + rows)
+        yield q0, q1, (0 if left < 0 else max(0, q0 - left)), (S if right < 0 else min(S, q1 + right))
+
+
+def key_blocks(S: int, rows: int, left: int, right: int):
+    """(q0, q1, k0, k1) of each block of ``rows`` keys and the query rows that see them
+    (j - right <= i <= j + left)."""
+    for k0 in range(0, S, rows):
+        k1 = min(S, k0 + rows)
+        yield (0 if right < 0 else max(0, k0 - right)), (S if left < 0 else min(S, k1 + left)), k0, k1
+
+
+def band_mask(q0: int, q1: int, k0: int, k1: int, left: int, right: int, device) -> torch.Tensor:
+    """(q1 - q0, k1 - k0) bool: True where query q0 + a sees key k0 + b."""
+    i = torch.arange(q0, q1, device=device)[:, None]
+    j = torch.arange(k0, k1, device=device)[None, :]
+    seen = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=device)
+    if left >= 0:
+        seen &= j >= i - left
+    if right >= 0:
+        seen &= j <= i + right
+    return seen
+
+
+def _math_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _capped_scores(q, k, seen, scale, cap):
+    """The block's capped scores cap * tanh(scale q k^T / cap), -inf where not ``seen``, and
+    1 - tanh^2 (their derivative by the score), in the math type. ``cap``: a 0-dim tensor
+    on the device (CUDA divides by a Python number as a product with its reciprocal,
+    which is inf for a tiny cap)."""
+    s = torch.matmul(q.to(cap.dtype), k.to(cap.dtype).transpose(-1, -2)) * scale
+    t = torch.tanh(s / cap)
+    return (cap * t).masked_fill(~seen, float("-inf")), 1 - t * t
+
+
+class CappedAttention(torch.autograd.Function):
+    """(out, lse) of softmax(softcap * tanh(q k^T * scale / softcap), within the band) v,
+    computed in float32 (float64 for float64 input) like the fused kernels, over blocks of
+    ``rows`` query rows so that only one block's scores exist at a time; out in q's dtype,
+    lse (..., seqlen) in the math type. The backward recomputes each block's
+    probabilities from lse (as the fused kernels do; the derivative of the cap is 1 -
+    tanh^2, exact for any cap): dq over blocks of query rows, dk and dv over blocks of
+    keys, so that each gradient is a concatenation (vmap and torch.func take it)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, scale, softcap, left, right, rows):
+        S = q.shape[-2]
+        cap = torch.full((), softcap, dtype=_math_dtype(q.dtype), device=q.device)
+        outs, lses = [], []
+        for q0, q1, k0, k1 in query_blocks(S, rows, left, right):
+            s, _ = _capped_scores(q[..., q0:q1, :], k[..., k0:k1, :],
+                                  band_mask(q0, q1, k0, k1, left, right, q.device), scale, cap)
+            lse = torch.logsumexp(s, dim=-1)
+            outs.append(torch.matmul(torch.exp(s - lse[..., None]), v[..., k0:k1, :].to(cap.dtype)))
+            lses.append(lse)
+        if not outs:  # no query row
+            return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=cap.dtype)
+        return torch.cat(outs, dim=-2).to(q.dtype), torch.cat(lses, dim=-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, softcap, left, right, rows = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = (scale, softcap, left, right, rows)
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, softcap, left, right, rows = ctx.options
+        S, math = q.shape[-2], _math_dtype(q.dtype)
+        cap = torch.full((), softcap, dtype=math, device=q.device)
+        do = grad_out.to(math)
+        delta = (do * out.to(math)).sum(-1)  # rowsum(dO * O), as the fused backward's D
+
+        def block(q0, q1, k0, k1):
+            """P and dS of queries [q0, q1) x keys [k0, k1)."""
+            s, slope = _capped_scores(q[..., q0:q1, :], k[..., k0:k1, :],
+                                      band_mask(q0, q1, k0, k1, left, right, q.device), scale, cap)
+            p = torch.exp(s - lse[..., q0:q1, None])
+            dp = torch.matmul(do[..., q0:q1, :], v[..., k0:k1, :].to(math).transpose(-1, -2))
+            return p, p * (dp - delta[..., q0:q1, None]) * slope  # 0 where not seen (p = 0)
+
+        def cat(parts, like):
+            return torch.cat(parts, dim=-2).to(like.dtype) if parts else torch.zeros_like(like)
+
+        dq = []
+        for q0, q1, k0, k1 in query_blocks(S, rows, left, right):
+            _, ds = block(q0, q1, k0, k1)
+            dq.append(torch.matmul(ds, k[..., k0:k1, :].to(math)) * scale)
+        dk, dv = [], []
+        for q0, q1, k0, k1 in key_blocks(S, rows, left, right):
+            p, ds = block(q0, q1, k0, k1)
+            dv.append(torch.matmul(p.transpose(-1, -2), do[..., q0:q1, :]))
+            dk.append(torch.matmul(ds.transpose(-1, -2), q[..., q0:q1, :].to(math)) * scale)
+        return cat(dq, q), cat(dk, k), cat(dv, v), None, None, None, None, None
