@@ -611,9 +611,9 @@ def test_unfused_capped_blocks_follow_the_score_budget(monkeypatch, band_rows, b
     blocks = []
     scores = band_attention._capped_scores
 
-    def spy(q, k, *args):
+    def spy(q, k, *args, **kwargs):
         blocks.append((q.shape[-2], k.shape[-2]))
-        return scores(q, k, *args)
+        return scores(q, k, *args, **kwargs)
 
     monkeypatch.setattr(band_attention, "_capped_scores", spy)
     q, k, v = scaled(qkv(2, 130, 4, 2, 32), 3)

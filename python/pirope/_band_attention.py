@@ -41,14 +41,15 @@ def _math_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _capped_scores(q, k, seen, scale, cap):
-    """The block's capped scores cap * tanh(scale q k^T / cap), -inf where not ``seen``, and
-    1 - tanh^2 (their derivative by the score), in the math type. ``cap``: a 0-dim tensor
-    on the device (CUDA divides by a Python number as a product with its reciprocal,
-    which is inf for a tiny cap)."""
+def _capped_scores(q, k, seen, scale, cap, slope=False):
+    """The block's capped scores cap * tanh(scale q k^T / cap), -inf where not ``seen``, in
+    the math type; with ``slope``, also 1 - tanh^2 (their derivative by the score).
+    ``cap``: a 0-dim tensor on the device (CUDA divides by a Python number as a product
+    with its reciprocal, which is inf for a tiny cap)."""
     s = torch.matmul(q.to(cap.dtype), k.to(cap.dtype).transpose(-1, -2)) * scale
     t = torch.tanh(s / cap)
-    return (cap * t).masked_fill(~seen, float("-inf")), 1 - t * t
+    capped = (cap * t).masked_fill(~seen, float("-inf"))
+    return (capped, 1 - t * t) if slope else capped
 
 
 class CappedAttention(torch.autograd.Function):
@@ -68,11 +69,13 @@ class CappedAttention(torch.autograd.Function):
         cap = torch.full((), softcap, dtype=_math_dtype(q.dtype), device=q.device)
         outs, lses = [], []
         for q0, q1, k0, k1 in query_blocks(S, rows, left, right):
-            s, _ = _capped_scores(q[..., q0:q1, :], k[..., k0:k1, :],
-                                  band_mask(q0, q1, k0, k1, left, right, q.device), scale, cap)
-            lse = torch.logsumexp(s, dim=-1)
-            outs.append(torch.matmul(torch.exp(s - lse[..., None]), v[..., k0:k1, :].to(cap.dtype)))
-            lses.append(lse)
+            s = _capped_scores(q[..., q0:q1, :], k[..., k0:k1, :],
+                               band_mask(q0, q1, k0, k1, left, right, q.device), scale, cap)
+            m = s.amax(dim=-1, keepdim=True)  # finite: every row sees its own key
+            e = torch.exp(s - m)
+            total = e.sum(dim=-1, keepdim=True)
+            outs.append(torch.matmul(e, v[..., k0:k1, :].to(cap.dtype)) / total)
+            lses.append((m + torch.log(total)).squeeze(-1))
         if not outs:  # no query row
             return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=cap.dtype)
         return torch.cat(outs, dim=-2).to(q.dtype), torch.cat(lses, dim=-1)
@@ -97,7 +100,7 @@ class CappedAttention(torch.autograd.Function):
         def block(q0, q1, k0, k1):
             """P and dS of queries [q0, q1) x keys [k0, k1)."""
             s, slope = _capped_scores(q[..., q0:q1, :], k[..., k0:k1, :],
-                                      band_mask(q0, q1, k0, k1, left, right, q.device), scale, cap)
+                                      band_mask(q0, q1, k0, k1, left, right, q.device), scale, cap, slope=True)
             p = torch.exp(s - lse[..., q0:q1, None])
             dp = torch.matmul(do[..., q0:q1, :], v[..., k0:k1, :].to(math).transpose(-1, -2))
             return p, p * (dp - delta[..., q0:q1, None]) * slope  # 0 where not seen (p = 0)
