@@ -39,6 +39,25 @@ def window(op: str, name: str, value) -> tuple[int, int]:
     return left, right
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINIEST = 2.0**-149  # the smallest positive float32 (subnormal)
+
+
+def softcap(op: str, name: str, value, dtype: torch.dtype) -> float:
+    """An attention-logit soft-cap: None or 0 (no cap), or finite and > 0 -- within float32's
+    positive range unless ``dtype`` (the inputs') is float64, as every other dtype is
+    computed in float32."""
+    if value is None:
+        return 0.0
+    value = number(op, name, value)
+    if value < 0:
+        raise ValueError(f"{op}: {name} must be 0 (no soft-cap) or > 0, got {value}")
+    if value and dtype != torch.float64 and not FLOAT32_TINIEST <= value <= FLOAT32_MAX:
+        raise ValueError(f"{op}: {name} must be 0 or within float32's positive range ({FLOAT32_TINIEST} to "
+                         f"{FLOAT32_MAX}: {dtype} inputs are computed in float32), got {value}")
+    return value
+
+
 def number(op: str, name: str, value, *, positive: bool = False) -> float:
     # any real number (a NumPy scalar too), not a bool
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

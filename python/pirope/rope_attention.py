@@ -14,8 +14,7 @@ from .apply_rope import apply_rope_qk
 
 __all__ = ["rope_attention"]
 
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-_FLOAT32_TINIEST = 2.0**-149  # the smallest positive float32 (subnormal)
+_FLOAT32_MAX = _checks.FLOAT32_MAX
 _INT64_MAX = 2**63 - 1
 
 
@@ -258,9 +257,6 @@ def rope_attention(
     _checks.flag(op, "interleaved", interleaved)
     # a bound past int64 is the same window as INT64_MAX: no sequence is that long
     window = tuple(min(w, _INT64_MAX) for w in _checks.window(op, "window_size", window_size))
-    softcap = 0.0 if softcap is None else _checks.number(op, "softcap", softcap)
-    if softcap < 0:
-        raise ValueError(f"{op}: softcap must be 0 (no soft-cap) or > 0, got {softcap}")
     _checks.no_forward_ad(op, *zip("q k v cos sin".split(), (q, k, v, cos, sin)))
     q, k, v = _autocast(q, k, v)
     if softmax_scale is None:
@@ -273,9 +269,7 @@ def rope_attention(
     if softmax_scale > _FLOAT32_MAX and q.dtype != torch.float64:
         raise ValueError(f"{op}: softmax_scale must be at most {_FLOAT32_MAX} (the largest float32: {q.dtype} "
                          f"inputs are computed in float32), got {softmax_scale}")
-    if softcap and q.dtype != torch.float64 and not _FLOAT32_TINIEST <= softcap <= _FLOAT32_MAX:
-        raise ValueError(f"{op}: softcap must be 0 or within float32's positive range ({_FLOAT32_TINIEST} to "
-                         f"{_FLOAT32_MAX}: {q.dtype} inputs are computed in float32), got {softcap}")
+    softcap = _checks.softcap(op, "softcap", softcap, q.dtype)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     _checks.flag(op, "deterministic", deterministic)

@@ -7,10 +7,8 @@ import math
 
 import torch
 
+from .._checks import FLOAT32_MAX as _FLOAT32_MAX, FLOAT32_TINIEST as _FLOAT32_TINIEST
 from .apply_rope import DTYPES, _check_devices, check_positions, check_tables
-
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-_FLOAT32_TINIEST = 2.0**-149  # the smallest positive float32 (subnormal)
 
 
 def _math_dtype(dtype):

@@ -159,6 +159,7 @@ import torch
 from torch import nn
 
 import pirope
+from pirope import _checks
 from pirope.frequencies import FrequencyPlan, PositionsMemo, rows_of_positions, tables_outside_inference_mode
 from pirope.scaling import normalize_scaling
 
@@ -762,11 +763,14 @@ def _softcap(attn):
 
 def _fusable_softcap(cap) -> bool:
     """Whether a layer's soft-cap is one rope_attention's softcap computes as transformers' backends
-    do: None (no cap), or a finite number > 0 within float32's range."""
+    do: None (no cap), or a finite number > 0 within float32's range (0 is rope_attention's
+    "no cap", while transformers' eager would divide by it)."""
     if cap is None:
         return True
-    return (isinstance(cap, numbers.Real) and not isinstance(cap, bool) and math.isfinite(cap)
-            and 2.0**-149 <= cap <= torch.finfo(torch.float32).max)
+    try:
+        return _checks.softcap("rope_attention", "softcap", cap, torch.float32) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _past_length(cache, layer_idx: int) -> int:
