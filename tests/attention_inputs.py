@@ -205,17 +205,22 @@ def assert_all_equal(a, b, what=("out", "dq", "dk", "dv")):
 
 def assert_compiled_like_eager(cases):
     """For each (f, (q, k, v), extra) of cases: the loss f(q, k, v, *extra) and its gradients
-    under torch.compile(f, fullgraph=True, backend="aot_eager") equal eager's (to 1e-5)."""
+    under torch.compile(f, fullgraph=True, backend="aot_eager") equal eager's (to 1e-5).
+    Dynamo's caches are reset before and after."""
     compiled = {}
-    for f, tensors, extra in cases:
-        q, k, v = (t.requires_grad_() for t in tensors)
-        loss = f(q, k, v, *extra)
-        loss.backward()
-        eager = [loss.detach()] + [t.grad.clone() for t in (q, k, v)]
-        q.grad = k.grad = v.grad = None
-        if f not in compiled:
-            compiled[f] = torch.compile(f, fullgraph=True, backend="aot_eager")
-        loss = compiled[f](q, k, v, *extra)
-        loss.backward()
-        for what, a, b in zip(("loss", "dq", "dk", "dv"), eager, [loss.detach(), q.grad, k.grad, v.grad]):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{f.__name__} {what}: {m}")
+    torch._dynamo.reset()
+    try:
+        for f, tensors, extra in cases:
+            q, k, v = (t.requires_grad_() for t in tensors)
+            loss = f(q, k, v, *extra)
+            loss.backward()
+            eager = [loss.detach()] + [t.grad.clone() for t in (q, k, v)]
+            q.grad = k.grad = v.grad = None
+            if f not in compiled:
+                compiled[f] = torch.compile(f, fullgraph=True, backend="aot_eager")
+            loss = compiled[f](q, k, v, *extra)
+            loss.backward()
+            for what, a, b in zip(("loss", "dq", "dk", "dv"), eager, [loss.detach(), q.grad, k.grad, v.grad]):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{f.__name__} {what}: {m}")
+    finally:
+        torch._dynamo.reset()

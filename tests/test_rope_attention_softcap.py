@@ -407,23 +407,19 @@ def test_opcheck_with_softcap(dtype, packed):
 # ---- 9. torch.compile ----
 
 def test_torch_compile_fullgraph_forward_and_backward():
-    torch._dynamo.reset()
-    try:
-        cos, sin = tables(32, 64)
-        proj = torch.nn.Linear(32, 32)
+    cos, sin = tables(32, 64)
+    proj = torch.nn.Linear(32, 32)
 
-        def dense(q, k, v):
-            return pirope.rope_attention(proj(q) * 3, k, v, cos, sin, causal=True, softcap=1.5).square().sum()
+    def dense(q, k, v):
+        return pirope.rope_attention(proj(q) * 3, k, v, cos, sin, causal=True, softcap=1.5).square().sum()
 
-        def packed(q, k, v, cu):
-            return pirope.rope_attention(proj(q) * 3, k, v, cos, sin, causal=False, window_size=(3, 7),
-                                         cu_seqlens=cu, softcap=1.5).square().sum()
+    def packed(q, k, v, cu):
+        return pirope.rope_attention(proj(q) * 3, k, v, cos, sin, causal=False, window_size=(3, 7),
+                                     cu_seqlens=cu, softcap=1.5).square().sum()
 
-        cases = [(dense, qkv(2, 40, 4, 2, 32), ()),
-                 (packed, packed_qkv(40, 4, 2, 32), (cu_tensor([0, 5, 5, 17, 40]),))]
-        assert_compiled_like_eager(cases)
-    finally:
-        torch._dynamo.reset()
+    cases = [(dense, qkv(2, 40, 4, 2, 32), ()),
+             (packed, packed_qkv(40, 4, 2, 32), (cu_tensor([0, 5, 5, 17, 40]),))]
+    assert_compiled_like_eager(cases)
 
 
 # ---- 10. torch.func ----
@@ -667,11 +663,7 @@ def test_unfused_path_compiles_fullgraph(softcap, window):
     def f(q, k, v):
         return mod._sdpa_fallback(q, k, v, cos, sin, None, True, 0.2, False, window, softcap).square().sum()
 
-    torch._dynamo.reset()
-    try:
-        assert_compiled_like_eager([(f, scaled(qkv(2, 40, 4, 2, 32), 3), ())])
-    finally:
-        torch._dynamo.reset()
+    assert_compiled_like_eager([(f, scaled(qkv(2, 40, 4, 2, 32), 3), ())])
 
 
 def test_unfused_capped_path_under_torch_func():

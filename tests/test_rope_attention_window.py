@@ -484,24 +484,20 @@ def test_opcheck_with_windows(dtype, packed):
 # ---- 10. torch.compile ----
 
 def test_torch_compile_fullgraph_forward_and_backward():
-    torch._dynamo.reset()
-    try:
-        cos, sin = tables(32, 64)
-        proj = torch.nn.Linear(32, 32)
+    cos, sin = tables(32, 64)
+    proj = torch.nn.Linear(32, 32)
 
-        def dense(q, k, v):
-            return pirope.rope_attention(proj(q), k, v, cos, sin, causal=True, window_size=(5, 0)).square().sum()
+    def dense(q, k, v):
+        return pirope.rope_attention(proj(q), k, v, cos, sin, causal=True, window_size=(5, 0)).square().sum()
 
-        def packed(q, k, v, cu):
-            return pirope.rope_attention(proj(q), k, v, cos, sin, causal=False, window_size=(3, 7),
-                                         cu_seqlens=cu).square().sum()
+    def packed(q, k, v, cu):
+        return pirope.rope_attention(proj(q), k, v, cos, sin, causal=False, window_size=(3, 7),
+                                     cu_seqlens=cu).square().sum()
 
-        cases = [(dense, qkv(2, 40, 4, 2, 32), ()),
-                 (packed, packed_qkv(40, 4, 2, 32), (cu_tensor([0, 5, 5, 17, 40]),)),
-                 (packed, packed_qkv(40, 4, 2, 32), (cu_tensor([0, 20, 21, 40]),))]
-        assert_compiled_like_eager(cases)
-    finally:
-        torch._dynamo.reset()
+    cases = [(dense, qkv(2, 40, 4, 2, 32), ()),
+             (packed, packed_qkv(40, 4, 2, 32), (cu_tensor([0, 5, 5, 17, 40]),)),
+             (packed, packed_qkv(40, 4, 2, 32), (cu_tensor([0, 20, 21, 40]),))]
+    assert_compiled_like_eager(cases)
 
 
 # ---- 11. torch.func ----
