@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ._fake.rope_attention import _math_dtype
+
 
 def query_blocks(S: int, rows: int, left: int, right: int):
     """(q0, q1, k0, k1) of each block of ``rows`` query rows and the keys its band covers."""
@@ -35,10 +37,6 @@ def band_mask(q0: int, q1: int, k0: int, k1: int, left: int, right: int, device)
     if right >= 0:
         seen &= j <= i + right
     return seen
-
-
-def _math_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _capped_scores(q, k, seen, scale, cap, slope=False):
