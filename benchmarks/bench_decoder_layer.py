@@ -153,7 +153,8 @@ def main():
     ap.add_argument("--pack", type=int, default=1,
                     help="sequences packed into each row (positions restarting; default 1: none)")
     ap.add_argument("--sliding-window", type=int, default=None,
-                    help="a Mistral layer attending within this many tokens (default: none, LLaMA)")
+                    help="a Mistral layer (with --softcap: Gemma 2's sliding layer) attending within this "
+                         "many tokens (default: none, LLaMA)")
     ap.add_argument("--softcap", type=float, default=None,
                     help="a Gemma 2 layer capping its scores to C tanh(s / C) (Gemma 2: 50)")
     ap.add_argument("--json", default=None, help="write the rows to this path")
