@@ -176,11 +176,13 @@ def run(q, k, v, cos, sin, pos=None, g=None, fn="public", **kw):
         causal, window = kw.get("causal", True), tuple(kw.get("window_size", (-1, -1)))
         scale = kw.get("softmax_scale") or q.shape[-1] ** -0.5
         interleaved, softcap = kw.get("interleaved", False), kw.get("softcap", 0.0)
+        deterministic = kw.get("deterministic", False)
         if fn == "sdpa":
-            out = mod._sdpa_fallback(q, k, v, cos, sin, pos, causal, scale, interleaved, window, softcap)
+            out = mod._sdpa_fallback(q, k, v, cos, sin, pos, causal, scale, interleaved, window, softcap,
+                                     deterministic)
         else:
             out = mod._varlen_unfused(q, k, v, cos, sin, pos, kw["cu_seqlens"], causal, scale, interleaved,
-                                      window, softcap)
+                                      window, softcap, deterministic)
     assert out.dtype == q.dtype and out.shape == q.shape and out.device == q.device
     g = torch.randn_like(out) if g is None else g
     out.backward(g)
@@ -188,14 +190,18 @@ def run(q, k, v, cos, sin, pos=None, g=None, fn="public", **kw):
 
 
 def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, window=(-1, -1), scale=None,
-                            interleaved=False, softcap=0.0, cu=None, fn="public"):
-    kw = dict(causal=causal, softmax_scale=scale, interleaved=interleaved, window_size=window, softcap=softcap)
+                            interleaved=False, softcap=0.0, cu=None, fn="public", deterministic=False):
+    """Outputs and gradients of run(...) within ATTENTION_REL of band_reference; returns
+    run's (out, dq, dk, dv, grad_out)."""
+    kw = dict(causal=causal, softmax_scale=scale, interleaved=interleaved, window_size=window, softcap=softcap,
+              deterministic=deterministic)
     if cu is not None:
         kw["cu_seqlens"] = cu_tensor(cu, q.device)
     out, gq, gk, gv, g = run(q, k, v, cos, sin, pos, fn=fn, **kw)
     ref = band_reference(q, k, v, cos, sin, pos, causal, window, scale, interleaved, softcap, grad_out=g, cu=cu)
     for what, got, want in zip(("out", "dq", "dk", "dv"), (out, gq, gk, gv), ref):
         assert_attention_close(got, want, q.dtype, f"{what} (causal={causal}, window={window}, softcap={softcap})")
+    return out, gq, gk, gv, g
 
 
 def assert_all_equal(a, b, what=("out", "dq", "dk", "dv")):

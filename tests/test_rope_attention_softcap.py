@@ -523,12 +523,12 @@ def test_backward_bit_identical_over_thread_counts_gqa(packed):
 def capped_blocks(request, monkeypatch):
     """The unfused soft-capped path's query rows per block: its defaults (one block here),
     _BAND_ROWS = 16, and a score budget that gives blocks of a few dozen rows (not a
-    multiple of 16; the block sizes themselves: test_unfused_capped_blocks_follow_the_score_budget)."""
+    multiple of 16; the block sizes themselves: test_unfused_blocks_follow_the_score_budget)."""
     mod = unfused_module()
     if request.param == "band_rows_16":
         monkeypatch.setattr(mod, "_BAND_ROWS", 16)
     elif request.param == "scores_mid":
-        monkeypatch.setattr(mod, "_CAPPED_SCORES", 37 * 8 * 130)
+        monkeypatch.setattr(mod, "_BLOCK_SCORES", 37 * 8 * 130)
     return request.param
 
 
@@ -594,31 +594,33 @@ def test_unfused_packed_matches_reference_and_fused(cu, heads, causal, window, p
     (None, 50 * 8 * 130, 50),  # batch 2 x 4 heads x 130 keys per row: 50 rows
     (40, 50 * 8 * 130, 40),  # _BAND_ROWS still bounds them
 ])
-def test_unfused_capped_blocks_follow_the_score_budget(monkeypatch, band_rows, budget, want_rows):
-    # rows = max(16, min(_BAND_ROWS, _CAPPED_SCORES // (batch * heads * keys))): the forward's
+@pytest.mark.parametrize("options", [dict(softcap=2.0), dict(deterministic=True)], ids=["capped", "deterministic"])
+def test_unfused_blocks_follow_the_score_budget(monkeypatch, band_rows, budget, want_rows, options):
+    # rows = max(16, min(_BAND_ROWS, _BLOCK_SCORES // (batch * heads * keys))): the forward's
     # blocks of query rows (all keys: not causal), the backward's again (dq), then its blocks
-    # of keys (dk, dv), each block's scores computed once
+    # of keys (dk, dv), each block's scores computed once; the same blocks for a
+    # deterministic call without a cap (tests/test_rope_attention_deterministic.py)
     mod = unfused_module()
     band_attention = importlib.import_module("pirope._band_attention")
     if band_rows is not None:
         monkeypatch.setattr(mod, "_BAND_ROWS", band_rows)
     if budget is not None:
-        monkeypatch.setattr(mod, "_CAPPED_SCORES", budget)
+        monkeypatch.setattr(mod, "_BLOCK_SCORES", budget)
     blocks = []
-    scores = band_attention._capped_scores
+    scores = band_attention._block_scores
 
     def spy(q, k, *args, **kwargs):
         blocks.append((q.shape[-2], k.shape[-2]))
         return scores(q, k, *args, **kwargs)
 
-    monkeypatch.setattr(band_attention, "_capped_scores", spy)
+    monkeypatch.setattr(band_attention, "_block_scores", spy)
     q, k, v = scaled(qkv(2, 130, 4, 2, 32), 3)
     cos, sin = tables(32, 130)
-    out, gq, gk, gv, g = run(q, k, v, cos, sin, fn="sdpa", causal=False, softcap=2.0)
+    out, gq, gk, gv, g = run(q, k, v, cos, sin, fn="sdpa", causal=False, **options)
     sizes = [want_rows] * (130 // want_rows) + ([130 % want_rows] if 130 % want_rows else [])
     by_queries = [(n, 130) for n in sizes]
     assert blocks == by_queries + by_queries + [(130, n) for n in sizes]
-    ref = band_reference(q, k, v, cos, sin, None, False, softcap=2.0, grad_out=g)
+    ref = band_reference(q, k, v, cos, sin, None, False, softcap=options.get("softcap", 0.0), grad_out=g)
     for what, got, ref_t in zip(("out", "dq", "dk", "dv"), (out, gq, gk, gv), ref):
         assert_close_to(got, ref_t, torch.float32, what)
 

@@ -1,6 +1,7 @@
 """Blocks of a banded attention, for the unfused paths of rope_attention (CUDA calls the
-fused kernels do not take): which keys a block of query rows sees and its mask, and the
-soft-capped attention (which SDPA has not) as an autograd.Function over such blocks.
+fused kernels do not take): which keys a block of query rows sees and its mask, and an
+attention over such blocks as an autograd.Function, for what SDPA has not: a soft-cap, and
+a backward without float atomics (bit-identical gradients run to run).
 
 Query i sees key j when i - left <= j <= i + right (a bound of -1: none). Tensors are
 (..., heads, seqlen, headdim) with the same heads in q, k and v."""
@@ -39,43 +40,54 @@ def band_mask(q0: int, q1: int, k0: int, k1: int, left: int, right: int, device)
     return seen
 
 
-def _capped_scores(q, k, seen, scale, cap, slope=False):
-    """The block's capped scores cap * tanh(scale q k^T / cap), -inf where not ``seen``, in
-    the math type; with ``slope``, also 1 - tanh^2 (their derivative by the score).
-    ``cap``: a 0-dim tensor on the device (CUDA divides by a Python number as a product
-    with its reciprocal, which is inf for a tiny cap)."""
-    s = torch.matmul(q.to(cap.dtype), k.to(cap.dtype).transpose(-1, -2)) * scale
-    t = torch.tanh(s / cap)
-    capped = (cap * t).masked_fill(~seen, float("-inf"))
-    return (capped, 1 - t * t) if slope else capped
+def _block_scores(q, k, seen, scale, math, cap=None, slope=False):
+    """The block's scores scale q k^T in the math type, capped to cap * tanh(s / cap) when
+    ``cap`` is given, -inf where not ``seen``; with ``slope``, also the derivative of the
+    cap, 1 - tanh^2 (None without a cap). ``cap``: a 0-dim tensor on the device (CUDA
+    divides by a Python number as a product with its reciprocal, which is inf for a tiny
+    cap)."""
+    s = torch.matmul(q.to(math), k.to(math).transpose(-1, -2)) * scale
+    t = None
+    if cap is not None:
+        t = torch.tanh(s / cap)
+        s = cap * t
+    s = s.masked_fill(~seen, float("-inf"))
+    return (s, None if t is None else 1 - t * t) if slope else s
 
 
-class CappedAttention(torch.autograd.Function):
-    """(out, lse) of softmax(softcap * tanh(q k^T * scale / softcap), within the band) v,
-    computed in float32 (float64 for float64 input) like the fused kernels, over blocks of
-    ``rows`` query rows so that only one block's scores exist at a time; out in q's dtype,
-    lse (..., seqlen) in the math type. The backward recomputes each block's
-    probabilities from lse (as the fused kernels do; the derivative of the cap is 1 -
-    tanh^2, exact for any cap): dq over blocks of query rows, dk and dv over blocks of
-    keys, so that each gradient is a concatenation (vmap and torch.func take it)."""
+def _cap(softcap, math, device):
+    """The cap as a 0-dim tensor of the math type on the device; None for no cap (0)."""
+    return torch.full((), softcap, dtype=math, device=device) if softcap else None
+
+
+class BlockAttention(torch.autograd.Function):
+    """(out, lse) of softmax(q k^T * scale, within the band) v -- each score s capped to
+    softcap * tanh(s / softcap) first when softcap > 0 -- computed in float32 (float64 for
+    float64 input) like the fused kernels, over blocks of ``rows`` query rows so that only
+    one block's scores exist at a time; out in q's dtype, lse (..., seqlen) in the math
+    type. The backward recomputes each block's probabilities from lse (as the fused
+    kernels do; the derivative of the cap is 1 - tanh^2, exact for any cap): dq over
+    blocks of query rows, dk and dv over blocks of keys, so that each gradient is a
+    concatenation (vmap and torch.func take it) of plain products: no float atomics, the
+    same bits run to run."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(q, k, v, scale, softcap, left, right, rows):
-        S = q.shape[-2]
-        cap = torch.full((), softcap, dtype=_math_dtype(q.dtype), device=q.device)
+        S, math = q.shape[-2], _math_dtype(q.dtype)
+        cap = _cap(softcap, math, q.device)
         outs, lses = [], []
         for q0, q1, k0, k1 in query_blocks(S, rows, left, right):
-            s = _capped_scores(q[..., q0:q1, :], k[..., k0:k1, :],
-                               band_mask(q0, q1, k0, k1, left, right, q.device), scale, cap)
+            s = _block_scores(q[..., q0:q1, :], k[..., k0:k1, :],
+                              band_mask(q0, q1, k0, k1, left, right, q.device), scale, math, cap)
             m = s.amax(dim=-1, keepdim=True)  # finite: every row sees its own key
             e = torch.exp(s - m)
             total = e.sum(dim=-1, keepdim=True)
-            outs.append(torch.matmul(e, v[..., k0:k1, :].to(cap.dtype)) / total)
+            outs.append(torch.matmul(e, v[..., k0:k1, :].to(math)) / total)
             lses.append((m + torch.log(total)).squeeze(-1))
         if not outs:  # no query row
-            return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=cap.dtype)
+            return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=math)
         return torch.cat(outs, dim=-2).to(q.dtype), torch.cat(lses, dim=-1)
 
     @staticmethod
@@ -91,17 +103,18 @@ class CappedAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         scale, softcap, left, right, rows = ctx.options
         S, math = q.shape[-2], _math_dtype(q.dtype)
-        cap = torch.full((), softcap, dtype=math, device=q.device)
+        cap = _cap(softcap, math, q.device)
         do = grad_out.to(math)
         delta = (do * out.to(math)).sum(-1)  # rowsum(dO * O), as the fused backward's D
 
         def block(q0, q1, k0, k1):
             """P and dS of queries [q0, q1) x keys [k0, k1)."""
-            s, slope = _capped_scores(q[..., q0:q1, :], k[..., k0:k1, :],
-                                      band_mask(q0, q1, k0, k1, left, right, q.device), scale, cap, slope=True)
+            s, slope = _block_scores(q[..., q0:q1, :], k[..., k0:k1, :],
+                                     band_mask(q0, q1, k0, k1, left, right, q.device), scale, math, cap, slope=True)
             p = torch.exp(s - lse[..., q0:q1, None])
             dp = torch.matmul(do[..., q0:q1, :], v[..., k0:k1, :].to(math).transpose(-1, -2))
-            return p, p * (dp - delta[..., q0:q1, None]) * slope  # 0 where not seen (p = 0)
+            ds = p * (dp - delta[..., q0:q1, None])  # 0 where not seen (p = 0)
+            return p, ds if slope is None else ds * slope
 
         def cat(parts, like):
             return torch.cat(parts, dim=-2).to(like.dtype) if parts else torch.zeros_like(like)

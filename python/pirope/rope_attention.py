@@ -22,9 +22,10 @@ _NO_WINDOW = (-1, -1)
 # Query rows per SDPA call of a windowed unfused attention: its mask is (rows x (rows +
 # window)), never seqlen x seqlen.
 _BAND_ROWS = 1024
-# Score elements of one block of a soft-capped unfused attention (float32: 256 MiB); its
-# rows shrink (down to 16) so that (batch x heads x rows x keys) stays within it.
-_CAPPED_SCORES = 2**26
+# Score elements of one block of the unfused block attention (soft-capped or deterministic
+# calls; float32: 256 MiB); its rows shrink (down to 16) so that (batch x heads x rows x
+# keys) stays within it.
+_BLOCK_SCORES = 2**26
 
 
 def _is_windowed(window, causal) -> bool:
@@ -32,14 +33,17 @@ def _is_windowed(window, causal) -> bool:
     return window[0] >= 0 or (window[1] >= 0 and not causal)
 
 
-def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0):
+def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0, deterministic=False):
     """Scaled dot-product attention of (..., heads, seqlen, headdim) q, k, v, where query
     i sees keys j with i - left <= j <= i + right (a bound of -1: none; causal: right = 0),
     run over blocks of query rows with the keys their band covers and a boolean mask of
-    that block only. Differentiable through SDPA. With a soft-cap (which SDPA has not),
-    _band_attention.CappedAttention over such blocks (recomputed in its backward)."""
+    that block only. Differentiable through SDPA. With a soft-cap (which SDPA has not), or
+    ``deterministic`` (SDPA's CUDA backends add dq with float atomics unless torch's global
+    deterministic mode is on), _band_attention.BlockAttention over such blocks (recomputed
+    in its backward, which has no atomics)."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    if not _is_windowed(window, causal) and not softcap:
+    blocks = bool(softcap) or deterministic
+    if not _is_windowed(window, causal) and not blocks:
         return sdpa(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
     S = q.shape[-2]
     # a bound past the sequence is none (and must not overflow int64 in the comparisons below)
@@ -47,13 +51,13 @@ def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0):
     hq, hkv = q.shape[-3], k.shape[-3]
     if hq != hkv and hkv > 0 and hq % hkv == 0:
         # SDPA's memory-efficient kernels take no mask with enable_gqa (the math one would keep
-        # every block's probabilities), nor does the capped attention: repeat k and v over the
+        # every block's probabilities), nor does the block attention: repeat k and v over the
         # group, as transformers does
         k, v = k.repeat_interleave(hq // hkv, dim=-3), v.repeat_interleave(hq // hkv, dim=-3)
-    if softcap:  # one block's (..., rows, keys) scores at a time: fewer rows for many keys
+    if blocks:  # one block's (..., rows, keys) scores at a time: fewer rows for many keys
         keys = S if left < 0 or right < 0 else min(S, left + right + 1)
-        rows = max(16, min(_BAND_ROWS, _CAPPED_SCORES // max(1, q.shape[:-2].numel() * keys)))
-        return _band_attention.CappedAttention.apply(q, k, v, scale, softcap, left, right, rows)[0]
+        rows = max(16, min(_BAND_ROWS, _BLOCK_SCORES // max(1, q.shape[:-2].numel() * keys)))
+        return _band_attention.BlockAttention.apply(q, k, v, scale, softcap, left, right, rows)[0]
     outs = [sdpa(q[..., q0:q1, :], k[..., k0:k1, :], v[..., k0:k1, :], scale=scale, enable_gqa=True,
                  attn_mask=_band_attention.band_mask(q0, q1, k0, k1, left, right, q.device))
             for q0, q1, k0, k1 in _band_attention.query_blocks(S, _BAND_ROWS, left, right)]
@@ -61,7 +65,7 @@ def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0):
 
 
 def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, window=_NO_WINDOW,
-                   softcap=0.0):
+                   softcap=0.0, deterministic=False):
     # CUDA calls the fused forward does not take: the same math unfused, differentiable
     # through apply_rope_qk's and SDPA's own backward; the arguments checked as the op
     # checks them (the fake kernel's checks, the same messages; not while torch.compile
@@ -70,7 +74,7 @@ def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, inter
         _fake_rope_attention._check("rope_attention", q, k, v, cos, sin, position_ids, softmax_scale)
     qr, kr = apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
     out = _band_sdpa(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale, window,
-                     softcap)
+                     softcap, deterministic)
     return out.transpose(1, 2)
 
 
@@ -94,7 +98,7 @@ def _sequence_bounds(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seql
 
 
 def _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax_scale, interleaved,
-                    window=_NO_WINDOW, softcap=0.0):
+                    window=_NO_WINDOW, softcap=0.0, deterministic=False):
     """Packed sequences where the fused kernels do not take them (CUDA): apply_rope_qk on
     the packed tensors, then scaled_dot_product_attention sequence by sequence.
     Differentiable through both; reads cu_seqlens on the host (one synchronisation, a
@@ -113,7 +117,7 @@ def _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax
     qr, kr = apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
     # no token at all: one empty call, so that the (empty) output still depends on q, k, v
     outs = [_band_sdpa(qr[s:e].transpose(0, 1), kr[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-                       causal, softmax_scale, window, softcap).transpose(0, 1)
+                       causal, softmax_scale, window, softcap, deterministic).transpose(0, 1)
             for s, e in spans or [(0, 0)]]
     return torch.cat(outs)
 
@@ -130,22 +134,33 @@ def _autocast(q, k, v):
                  for t in (q, k, v))
 
 
-def _cuda_kernel_applies(q, k, v, cos, interleaved) -> bool:
-    """Whether the fused CUDA kernels (csrc/pirope/cuda/rope_attention_*) take this call.
-
-    They are opt-in (PIROPE_CUDA_ATTENTION=1): they are verified on H100/H200 (outputs
-    and gradients against float64, compute-sanitizer clean) but run forward + backward
-    at 0.44-0.50x of pirope rope + cuDNN SDPA on H100 (Hopper wgmma kernels; mma.sync
-    elsewhere; see the README), so the default is the faster unfused path. They take float16/bfloat16,
-    head dim 64 or 128 and float32 tables (the op copies rows that are not 16-byte
-    aligned). Traceable by torch.compile (shapes, dtypes and the environment only)."""
-    if os.environ.get("PIROPE_CUDA_ATTENTION", "0") != "1":
-        return False
+def _cuda_kernel_takes(q, k, v, cos, interleaved) -> bool:
+    """Whether the fused CUDA kernels (csrc/pirope/cuda/rope_attention_*) take a dense call
+    without window or cap: float16/bfloat16, head dim 64 or 128, float32 tables (the op
+    copies rows that are not 16-byte aligned). Traceable by torch.compile (shapes and
+    dtypes only)."""
     rotary = 2 * cos.shape[-1] if cos.dim() == 2 else -1
     if q.dtype not in (torch.float16, torch.bfloat16) or cos.dtype != torch.float32:
         return False
     return (q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.shape[-1] in (64, 128)
             and rotary % (8 if interleaved else 16) == 0)
+
+
+def _cuda_kernel_applies(q, k, v, cos, interleaved, deterministic=False) -> bool:
+    """Whether a dense CUDA call without window or cap runs the fused kernels rather than
+    apply_rope_qk + SDPA: when they take it, and either PIROPE_CUDA_ATTENTION=1 or an
+    explicit ``deterministic=True``.
+
+    They are opt-in: they are verified on H100/H200 (outputs and gradients against
+    float64, compute-sanitizer clean) but run forward + backward at 0.44-0.50x of pirope
+    rope + cuDNN SDPA on H100 (Hopper wgmma kernels; mma.sync elsewhere; see the README),
+    so the default is the faster unfused path. Its backward (SDPA's) adds dq with float
+    atomics unless torch's global deterministic mode is on, so deterministic=True takes
+    the fused kernels' deterministic backward (verified bit-identical run to run on
+    H100) where they apply. Traceable by torch.compile (the environment is read as a
+    constant)."""
+    wanted = deterministic or os.environ.get("PIROPE_CUDA_ATTENTION", "0") == "1"
+    return wanted and _cuda_kernel_takes(q, k, v, cos, interleaved)
 
 
 def rope_attention(
@@ -195,10 +210,15 @@ def rope_attention(
         interleaved: rotate pairs ``(2i, 2i+1)`` instead of ``(i, i + rotary_dim/2)``.
         deterministic: bit-identical gradients from run to run. ``None`` (default)
             follows ``torch.use_deterministic_algorithms``. The CPU backward is always
-            deterministic; on CUDA the fast backward adds dq contributions with float
-            atomics (last bits vary), the deterministic one recomputes the scores per
-            query block instead (no atomics; 7 instead of 5 tile products; on an
-            H100, forward + backward take 1.2-1.4x as long, bf16, 2k-16k tokens).
+            deterministic. On CUDA pirope's fused kernels' fast backward adds dq
+            contributions with float atomics (last bits vary), the deterministic one
+            recomputes the scores per query block instead (no atomics; 7 instead of 5
+            tile products; on an H100, forward + backward take 1.2-1.4x as long, bf16,
+            2k-16k tokens). The default CUDA path's SDPA follows torch's global mode
+            itself; ``deterministic=True`` there runs the fused kernels where they apply
+            (float16/bfloat16, head dim 64 or 128, no window, cap or cu_seqlens), else
+            the attention in float32 over blocks of query rows, recomputed in the
+            backward by plain products (slower than SDPA, but no atomics).
         cu_seqlens: packed (variable-length) sequences, as in flash-attn's varlen
             functions: a 1-D int32/int64 tensor ``(nseqs + 1,)`` on q's device,
             ``0 = cu_seqlens[0] <= cu_seqlens[1] <= ... <= cu_seqlens[-1] = total``.
@@ -240,10 +260,11 @@ def rope_attention(
     On CUDA the call runs :func:`pirope.apply_rope_qk` followed by
     ``torch.nn.functional.scaled_dot_product_attention`` (same result, differentiable; it
     keeps the rotated q and k in memory), the fastest path today. With
-    ``PIROPE_CUDA_ATTENTION=1``, float16/bfloat16 calls with head dim 64 or 128 run
-    pirope's fused tensor-core kernels instead (forward and backward, q and k rotated
-    on chip, dq and dk rotated back in the epilogue): verified, but forward + backward
-    take about twice the time of pirope rope + cuDNN's attention on H100 (README, "GPU").
+    ``PIROPE_CUDA_ATTENTION=1`` (or ``deterministic=True``), float16/bfloat16 calls with
+    head dim 64 or 128 run pirope's fused tensor-core kernels instead (forward and
+    backward, q and k rotated on chip, dq and dk rotated back in the epilogue): verified,
+    but forward + backward take about twice the time of pirope rope + cuDNN's attention on
+    H100 (README, "GPU").
     """
     op = "rope_attention"
     _checks.tensor(op, "q", q)
@@ -270,6 +291,9 @@ def rope_attention(
         raise ValueError(f"{op}: softmax_scale must be at most {_FLOAT32_MAX} (the largest float32: {q.dtype} "
                          f"inputs are computed in float32), got {softmax_scale}")
     softcap = _checks.softcap(op, "softcap", softcap, q.dtype)
+    # True as an argument, not by torch's global mode (which SDPA follows itself): the
+    # unfused CUDA paths then avoid SDPA's backward (see _cuda_kernel_applies)
+    asked_deterministic = deterministic is True
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     _checks.flag(op, "deterministic", deterministic)
@@ -281,10 +305,11 @@ def rope_attention(
                 raise RuntimeError(f"{op}: {name} must be on {q.device} like q, got {t.device}")
         if cu_seqlens is not None:
             return _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax_scale, interleaved,
-                                   window, softcap)
-        if _is_windowed(window, causal) or softcap or not _cuda_kernel_applies(q, k, v, cos, interleaved):
+                                   window, softcap, asked_deterministic)
+        if (_is_windowed(window, causal) or softcap
+                or not _cuda_kernel_applies(q, k, v, cos, interleaved, asked_deterministic)):
             return _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, window,
-                                  softcap)
+                                  softcap, asked_deterministic)
     out, _ = _functorch.call("rope_attention", q, k, v, cos, sin, position_ids, causal,
                              softmax_scale, interleaved, deterministic, cu_seqlens, *window, softcap)
     return out
