@@ -261,6 +261,67 @@ def test_inplace_qk_with_autograd_checks_everything_before_writing(device):
         assert torch.equal(q.detach(), before)
 
 
+@pytest.mark.parametrize("make", [
+    lambda h: (h * 1).unbind(2),
+    lambda h: (h * 1).flatten(2, 3).chunk(3, dim=2),
+    lambda h: (h * 1).flatten(2, 3).split(2, dim=2),
+], ids=["unbind", "chunk", "split"])
+@pytest.mark.parametrize("call", ["x", "q", "k", "qk"])
+def test_inplace_refuses_views_autograd_cannot_rebase_before_writing(device, make, call):
+    # q, k, v = qkv.unbind(2): torch refuses to modify such a view in place while it requires
+    # grad, and raises before writing (as q.mul_ does); so must the rotation, or code that
+    # catches the error and retries out of place would rotate twice. "k": q is a plain slice
+    # (rotated one launch per tensor), k such a view: q must stay untouched too
+    cos, sin = tables(16, 7, device)
+    h = torch.randn(2, 7, 3, 2, 16, device=device, requires_grad=True)  # a fused q | k | v
+    views = make(h)
+    plain = (h * 1)[:, :, 0]
+    q, k = {"x": (views[0], views[1]), "q": (views[0], plain), "k": (plain, views[1]),
+            "qk": (views[0], views[1])}[call]
+    before = [t.detach().clone() for t in (q, k)]
+    with pytest.raises(RuntimeError, match="is a view made by a function that returns several views"):
+        if call == "x":
+            pirope.apply_rope(q, cos, sin, inplace=True)
+        else:
+            pirope.apply_rope_qk(q, k, cos, sin, inplace=True)
+    for t, b in zip((q, k), before):
+        assert torch.equal(t.detach(), b)
+    with pytest.raises(RuntimeError):  # torch's own in-place ops refuse the same views
+        make(h)[0].mul_(2)
+    with torch.no_grad():  # without grad the rotation is allowed, as torch's own ops are
+        q = make(h)[0]
+        want = pirope.apply_rope(q.clone(), cos, sin)
+        pirope.apply_rope(q, cos, sin, inplace=True)
+        assert torch.equal(q, want)
+
+
+def test_inplace_refuses_views_made_in_no_grad_mode_before_writing(device):
+    cos, sin = tables(16, 7, device)
+    y = torch.randn(2, 7, 3, 16, device=device, requires_grad=True) * 1
+    with torch.no_grad():
+        q = y[:, :, :2]
+    before = q.detach().clone()
+    with pytest.raises(RuntimeError, match="view made by no_grad mode"):
+        pirope.apply_rope(q, cos, sin, inplace=True)
+    assert torch.equal(q.detach(), before)
+
+
+def test_inplace_qk_refuses_an_inference_k_before_rotating_q(device):
+    # q a view that requires grad (one launch per tensor), k an inference tensor: neither
+    # may be written, and the error names k
+    cos, sin = tables(16, 7, device)
+    q = (torch.randn(2, 7, 4, 16, device=device, requires_grad=True) * 1)[:, :, :2]
+    with torch.inference_mode():
+        k = torch.randn(2, 7, 2, 16, device=device)
+    before = q.detach().clone(), k.clone()
+    with pytest.raises(RuntimeError, match="apply_rope_qk: k is an inference tensor"):
+        pirope.apply_rope_qk(q, k, cos, sin, inplace=True)
+    assert torch.equal(q.detach(), before[0]) and torch.equal(k, before[1])
+    with pytest.raises(RuntimeError, match="apply_rope_qk: q is an inference tensor"):
+        pirope.apply_rope_qk(k, q.detach().clone(), cos, sin, inplace=True)
+    assert torch.equal(k, before[1])
+
+
 def test_inplace_rotation_bumps_the_version_counter(device):
     # like any in-place op: a tensor saved for backward and then rotated in place makes
     # backward raise instead of using the rotated values

@@ -86,6 +86,60 @@ def test_inplace_rejects_overlapping_memory(tabs):
         pirope.apply_rope_qk(q, q, cos, sin, inplace=True)
 
 
+def test_inplace_refuses_memory_shared_with_the_tables_or_positions(tabs):
+    # rotated in place, x must not overlap what the kernel reads while it writes: rows of
+    # cos read after being overwritten would give a wrong result with no error
+    cos, sin = tabs
+    buf = torch.randn(8 * 64 + cos.numel())
+    x = buf[: 8 * 64].view(1, 8, 1, 64)
+    for name, table, call in [
+        ("cos", buf[: cos.numel()].view_as(cos), lambda x, t: pirope.apply_rope(x, t, sin, inplace=True)),
+        ("sin", buf[256: 256 + sin.numel()].view_as(sin), lambda x, t: pirope.apply_rope(x, cos, t, inplace=True)),
+        ("cos", buf[: cos.numel()].view_as(cos),
+         lambda x, t: pirope.apply_rope_qk(x[:, :4], x[:, 4:].clone(), t, sin, inplace=True)),
+    ]:
+        before = x.clone()
+        with pytest.raises(RuntimeError, match=f"shares memory with {name} and cannot be rotated in place"):
+            call(x, table)
+        assert torch.equal(x, before)
+    positions = torch.arange(4 * 64)
+    over_positions = positions.view(torch.float64).view(1, 4, 1, 64)  # x on the positions' bytes
+    with pytest.raises(RuntimeError, match="shares memory with position_ids"):
+        pirope.apply_rope(over_positions, cos.double(), sin.double(), positions[:4], inplace=True)
+    # the views path (q a view that requires grad): k's overlap is found before q is written
+    q = (torch.randn(1, 8, 2, 64, requires_grad=True) * 1)[:, :, :1]
+    k = buf[: 8 * 64].view(1, 8, 1, 64)
+    before = q.detach().clone()
+    with pytest.raises(RuntimeError, match="k shares memory with cos"):
+        pirope.apply_rope_qk(q, k, buf[: cos.numel()].view_as(cos), sin, inplace=True)
+    assert torch.equal(q.detach(), before)
+    # separate memory, or disjoint parts of one buffer, are fine
+    y = buf[cos.numel(): cos.numel() + 4 * 64].view(1, 4, 1, 64)
+    table = buf[: cos.numel()].view_as(cos)
+    want = pirope.apply_rope(y.clone(), table.clone(), sin)
+    pirope.apply_rope(y, table, sin, inplace=True)
+    assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("layout", ["sparse", "nested"])
+def test_non_dense_tensors_are_refused_naming_the_argument(tabs, layout):
+    cos, sin = tabs
+    x = x_(2, 4, 2, 64)
+    make = (lambda t: t.to_sparse()) if layout == "sparse" else (lambda t: torch.nested.nested_tensor([t[0], t[1]]))
+    calls = [(lambda: pirope.apply_rope(make(x), cos, sin), "x"),
+             (lambda: pirope.apply_rope(x, make(cos), sin), "cos"),
+             (lambda: pirope.apply_rope_qk(x, make(x), cos, sin), "k"),
+             (lambda: pirope.rope_attention(x, x, make(x), cos, sin), "v")]
+    if layout == "sparse":  # (1-D tensors: no nested form)
+        inv_freq, _ = pirope.rope_frequencies(64)
+        calls += [(lambda: pirope.apply_rope(x, cos, sin, make(torch.arange(4))), "position_ids"),
+                  (lambda: pirope.rope_cos_sin(make(inv_freq), 8), "inv_freq"),
+                  (lambda: pirope.rope_cos_sin(inv_freq, make(torch.arange(4))), "positions")]
+    for call, name in calls:
+        with pytest.raises(TypeError, match=f"{name} must be a dense \\(strided\\) tensor"):
+            call()
+
+
 def test_inplace_overlap_that_torch_calls_too_hard(tabs):
     # rows that overlap without an expanded (stride 0) dim: torch's check answers "too
     # hard"; pirope compares the rows, or the elements, exactly

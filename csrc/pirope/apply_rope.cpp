@@ -239,10 +239,34 @@ void check_disjoint(const char* op, const char* qname, const char* kname, const 
               " share memory and cannot both be rotated in place");
 }
 
+// Bytes [first, end) of t's storage that its elements can occupy.
+std::pair<int64_t, int64_t> byte_extent(const at::Tensor& t) {
+  int64_t last = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const int64_t item = static_cast<int64_t>(t.element_size());
+  return {t.storage_offset() * item, (last + 1) * item};
+}
+
+// A tensor rotated in place must not share memory with what the kernel reads while it
+// writes (the tables, the positions): a row read after it was overwritten would give a
+// wrong result without any error. Compared by extent in the storage (any layout, any
+// dtype), so a tensor interleaved with a table without sharing an element is refused too.
+void check_not_read(const char* op, const char* wname, const at::Tensor& w, const char* rname,
+                    const at::Tensor& r) {
+  if (w.numel() == 0 || r.numel() == 0 || !w.has_storage() || !r.has_storage() ||
+      !w.storage().is_alias_of(r.storage()))
+    return;
+  const auto [w0, w1] = byte_extent(w);
+  const auto [r0, r1] = byte_extent(r);
+  TORCH_CHECK(w1 <= r0 || r1 <= w0, op, ": ", wname, " shares memory with ", rname,
+              " and cannot be rotated in place (", rname, " would be read after being overwritten)");
+}
+
 }  // namespace
 
 void check_inplace_targets(const char* op, const char* qname, const at::Tensor& q,
-                           const char* kname, const at::Tensor* k) {
+                           const char* kname, const at::Tensor* k, const at::Tensor& cos,
+                           const at::Tensor& sin, const std::optional<at::Tensor>& position_ids) {
   TORCH_CHECK(!shares_elements(q), op, ": ", qname,
               " has elements that share memory (e.g. an expanded tensor) and "
               "cannot be rotated in place");
@@ -251,6 +275,13 @@ void check_inplace_targets(const char* op, const char* qname, const at::Tensor& 
                 " has elements that share memory (e.g. an expanded tensor) and "
                 "cannot be rotated in place");
     check_disjoint(op, qname, kname, q, *k);
+  }
+  for (const auto& [wname, w] : {std::pair{qname, &q}, std::pair{kname, k}}) {
+    if (w == nullptr) continue;
+    check_not_read(op, wname, *w, "cos", cos);
+    check_not_read(op, wname, *w, "sin", sin);
+    if (position_ids.has_value() && position_ids->defined())
+      check_not_read(op, wname, *w, "position_ids", *position_ids);
   }
 }
 
@@ -318,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor> rope_run(
   if (position_ids.has_value() && position_ids->defined())
     pos = plan_positions(op, q, *position_ids, batch, seqlen);
 
-  if (inplace) check_inplace_targets(op, qname, q, kname, k);
+  if (inplace) check_inplace_targets(op, qname, q, kname, k, cos, sin, position_ids);
 
   at::Tensor out_q = inplace ? q : at::empty_like(q);
   at::Tensor out_k = k ? (inplace ? *k : at::empty_like(*k)) : at::Tensor();

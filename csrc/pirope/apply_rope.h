@@ -34,10 +34,12 @@ void check_positions_in_range(const char* op, const std::optional<at::Tensor>& p
                               int64_t seqlen, int64_t max_positions);
 
 // RuntimeError unless q (and k, when not null) can be rotated in place: no element
-// shared within q, within k or between them (it would be rotated twice). Also used by
+// shared within q, within k or between them (it would be rotated twice), no memory
+// shared with cos, sin or position_ids (read while q and k are written). Also used by
 // the Python API before it rotates two views in place one at a time (pirope._C).
 void check_inplace_targets(const char* op, const char* qname, const at::Tensor& q,
-                           const char* kname, const at::Tensor* k);
+                           const char* kname, const at::Tensor* k, const at::Tensor& cos,
+                           const at::Tensor& sin, const std::optional<at::Tensor>& position_ids);
 
 // The kernels need a unit stride on the feature dim; anything else is copied.
 at::Tensor unit_last_stride(const at::Tensor& x);

@@ -14,6 +14,11 @@ def tensor(op: str, name: str, value, *, optional: bool = False) -> None:
         return
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    # the ops take dense tensors only (torch's own error for a sparse, nested or mkldnn
+    # one names the backend, not the argument)
+    if value.layout != torch.strided or value.is_nested:
+        layout = "nested" if value.is_nested else value.layout
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got a {layout} one")
 
 
 def flag(op: str, name: str, value) -> None:

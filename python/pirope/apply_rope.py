@@ -68,6 +68,41 @@ def _refuse_leaf_inplace(op, *named):
                                "in an in-place operation)")
 
 
+# Views autograd refuses to modify in place (torch's CreationMeta other than DEFAULT),
+# with what made them so.
+_UNWRITABLE_VIEWS = {
+    "MULTI_OUTPUT_NODE": "a function that returns several views (unbind, split, chunk, ...)",
+    "NO_GRAD_MODE": "no_grad mode",
+    "INFERENCE_MODE": "inference mode",
+    "IN_CUSTOM_FUNCTION": "a custom autograd Function",
+}
+
+
+def _refuse_inplace(op, *named):
+    """Every rule torch applies to an in-place write, checked for all the tensors before
+    any is written (autograd raises only after the kernel ran, which would leave a tensor
+    rotated behind the error, or q rotated and k not): the leaf rules above; with grad,
+    a view that requires grad and that autograd cannot rebase (see _UNWRITABLE_VIEWS);
+    and, with or without grad, an inference tensor outside inference mode. Not under
+    torch.compile, which raises the same at trace time."""
+    if torch.compiler.is_compiling():
+        return
+    for name, t in named:
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{op}: {name} is an inference tensor (made under torch.inference_mode) and cannot "
+                               "be rotated in place outside inference mode (Inplace update to inference tensor "
+                               "outside InferenceMode is not allowed)")
+    if not torch.is_grad_enabled():
+        return
+    for name, t in named:  # (before the leaf rule: a view made under no_grad is a leaf)
+        if t.requires_grad and t._is_view():
+            made_by = _UNWRITABLE_VIEWS.get(torch._C._autograd._get_creation_meta(t).name)
+            if made_by is not None:
+                raise RuntimeError(f"{op}: {name} is a view made by {made_by} and cannot be rotated in place "
+                                   "while it requires grad; rotate a clone of it, or pass inplace=False")
+    _refuse_leaf_inplace(op, *named)
+
+
 def _copy_both(q, q_rot, k, k_rot):
     """q.copy_(q_rot) and k.copy_(k_rot), or neither: when k cannot take its result
     (under vmap: a per-sample result for a tensor shared by the batch), q is restored
@@ -121,8 +156,8 @@ def apply_rope(
     if _functorch.transforming() or _functorch.vmapping():  # torch.func: rotation copied back
         _refuse_leaf_inplace(op, ("x", x))
         return x.copy_(_functorch.call("apply_rope", x, cos, sin, position_ids, interleaved))
+    _refuse_inplace(op, ("x", x))
     if torch.is_grad_enabled() and x.requires_grad:
-        _refuse_leaf_inplace(op, ("x", x))
         return _RopeInplace.apply(x, None, cos, sin, position_ids, interleaved)
     torch.ops.pirope.apply_rope_(x, cos, sin, position_ids, interleaved)
     return x
@@ -155,11 +190,12 @@ def apply_rope_qk(
         return _functorch.call("apply_rope_qk", q, k, cos, sin, position_ids, interleaved)
     if _functorch.transforming() or _functorch.vmapping():  # torch.func: rotations copied back
         _refuse_leaf_inplace(op, ("q", q), ("k", k))
-        _extension._C.check_rope_inplace(_functorch.unwrapped(q), _functorch.unwrapped(k))
+        _extension._C.check_rope_inplace(*map(_functorch.unwrapped, (q, k, cos, sin)),
+                                         _functorch.unwrapped(position_ids) if position_ids is not None else None)
         q_rot, k_rot = _functorch.call("apply_rope_qk", q, k, cos, sin, position_ids, interleaved)
         return _copy_both(q, q_rot, k, k_rot)
+    _refuse_inplace(op, ("q", q), ("k", k))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        _refuse_leaf_inplace(op, ("q", q), ("k", k))
         compiling = torch.compiler.is_compiling()
         if not (compiling or q._is_view() or k._is_view()):
             return _RopeInplace.apply(q, k, cos, sin, position_ids, interleaved)
@@ -167,11 +203,12 @@ def apply_rope_qk(
         # tensor, and q and k are usually views (of a projection, of a fused qkv): one
         # launch each, then, after every check the single launch makes, so that nothing
         # is written unless both can be (shapes, dtypes, devices, tables, positions as
-        # the fake kernel checks them; then that q and k share no element, which
-        # torch.compile cannot trace: it functionalizes the writes anyway).
+        # the fake kernel checks them; then that q and k share no element, nor any with
+        # the tables and positions, which torch.compile cannot trace: it functionalizes
+        # the writes anyway; torch's own in-place rules: _refuse_inplace above).
         if not compiling:
             _fake_checks.check_qk("apply_rope_qk", q, k, cos, sin, position_ids)
-            _extension._C.check_rope_inplace(q, k)
+            _extension._C.check_rope_inplace(q, k, cos, sin, position_ids)
         q = apply_rope(q, cos, sin, position_ids, interleaved=interleaved, inplace=True)
         return q, apply_rope(k, cos, sin, position_ids, interleaved=interleaved, inplace=True)
     torch.ops.pirope.apply_rope_qk_(q, k, cos, sin, position_ids, interleaved)

@@ -100,6 +100,7 @@ def rope_cos_sin(
         raise ValueError(f"{op}: inv_freq must be finite, got NaN or inf in {tuple(inv_freq.shape)} values")
     device = inv_freq.device
     if isinstance(positions, torch.Tensor):
+        _checks.tensor(op, "positions", positions)
         if positions.dim() != 1:
             raise ValueError(f"{op}: positions must be an int or a 1-D tensor, got shape {tuple(positions.shape)}")
         if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
