@@ -115,6 +115,21 @@ FAMILIES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(MOE, clip_qkv=0.1, pad_token_id=1, eos_token_id=2)),
     "vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM", dict(HYBRID, query_pre_attn_scalar=24)),
     "exaone_moe": ("ExaoneMoeConfig", "ExaoneMoeForCausalLM", dict({**MOE, **HYBRID}, bos_token_id=1, eos_token_id=2)),
+    # EXAONE 4's attention (layer 1, full_attention, is NoPE); shared expert
+    "kolibri1": ("Kolibri1Config", "Kolibri1ForCausalLM", dict({**MOE, **HYBRID}, shared_expert_intermediate_size=32)),
+    # Cohere 2's attention (layer 1 NoPE); dense prefix layers with force_rope rotate anyway (test below)
+    "cohere2_moe": ("Cohere2MoeConfig", "Cohere2MoeForCausalLM",
+                    dict({**MOE, **HYBRID}, prefix_dense_intermediate_size=128, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2)),
+    # Apertus' attention; the config's default RoPE (llama3 for an 8k window) does not fit 64
+    "apertus1p5_text": ("Apertus1p5TextConfig", "Apertus1p5TextForCausalLM",
+                        dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, pad_token_id=0,
+                             bos_token_id=1, eos_token_id=2)),
+    # partial rotary (0.5, the config's default) with rotate-half pairs; per-head RMSNorm q/k
+    # norms with use_qk_norm (test below); layer 0 dense (first_k_dense_replace 1), layer 1 MoE
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", MOE),
+    # partial rotary (0.5, the config's default), rotate-half pairs
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", dict(bos_token_id=1, eos_token_id=2)),
     # GPT-NeoX (Pythia): one query_key_value, q | k | v per head; rotary on the first quarter
     # of each head (rotary_pct 0.25, the config's default); attention / dense / head_size
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
@@ -131,7 +146,7 @@ FAMILIES = {
 # sliding layer with its window, the sdpa mask showing it on CPU): SmolLM3's NoPE layer has no
 # RoPE to fuse and runs transformers' attention unrotated; EXAONE 4's and Cohere 2's full layer
 # is NoPE (Gemma 2's and VaultGemma's soft-capped layers fuse with rope_attention's softcap)
-FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1}
+FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "kolibri1": 1, "cohere2_moe": 1}
 
 
 def test_every_supported_family_is_tested_here():
@@ -238,7 +253,7 @@ def scale_qk_norms(model):
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus", "gemma3_text", "exaone4", "dots1", "hy_v3",
-                                        "mellum", "exaone_moe"])
+                                        "mellum", "exaone_moe", "kolibri1", "apertus1p5_text"])
 def test_qk_norms_run_before_rope(model_type):
     base = scale_qk_norms(make(model_type))
     model = patch_rope(copy.deepcopy(base), attention="fused")
@@ -294,9 +309,11 @@ def test_phi_and_stablelm_qk_layernorms_run_before_rope(model_type, attention, f
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-def test_cohere_per_head_layernorms_run_before_rope_with_use_qk_norm(attention):
-    base = scale_qk_norms(make("cohere", use_qk_norm=True))
-    assert base.model.layers[0].self_attn.q_norm.weight.shape == (4, 16)  # a LayerNorm per head
+@pytest.mark.parametrize(("model_type", "norm_shape"), [("cohere", (4, 16)), ("glm4_moe", (16,))])
+def test_per_head_qk_norms_run_before_rope_with_use_qk_norm(model_type, norm_shape, attention):
+    # Cohere: a LayerNorm per head (weights (heads, head_dim)); GLM-4.5: one RMSNorm over each head's features
+    base = scale_qk_norms(make(model_type, use_qk_norm=True))
+    assert base.model.layers[0].self_attn.q_norm.weight.shape == norm_shape
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     x = ids(2, 100)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
@@ -330,7 +347,7 @@ def test_interleaved_families_rotate_the_pairs_transformers_rotates(model_type):
     assert not torch.allclose(rotate_half_q, want_q, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("model_type", ["glm", "glm4"])
+@pytest.mark.parametrize("model_type", ["glm", "glm4", "glm4_moe", "nemotron"])
 def test_glm_position_interpolation_keeps_the_partial_rotary_and_round_trips(model_type, tmp_path):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0)
@@ -423,7 +440,7 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3", "gemma3_text",
                                         "gemma2", "mixtral", "qwen2_moe", "olmoe", "minimax_m2", "mellum",
-                                        "gpt_neox"])
+                                        "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe", "kolibri1"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -633,7 +650,7 @@ def rotations(monkeypatch):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-@pytest.mark.parametrize("model_type", ["exaone4", "cohere2", "exaone_moe"])
+@pytest.mark.parametrize("model_type", ["exaone4", "cohere2", "exaone_moe", "kolibri1", "cohere2_moe"])
 def test_global_layers_are_nope_where_the_model_has_a_window(model_type, attention, fused_calls, rotations):
     from pirope.integrations.transformers import _sliding_window
 
@@ -645,6 +662,23 @@ def test_global_layers_are_nope_where_the_model_has_a_window(model_type, attenti
     # layer 0 (sliding) rotates once, by apply_rope_qk or inside rope_attention; layer 1 (full) never
     assert (fused_calls if attention == "fused" else rotations) == [(2, 12, 4, 16)]
     assert len(fused_calls) + len(rotations) == 1
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize(("pattern", "rotating"), [(1, 1), (2, 0)])
+def test_cohere2_moe_dense_prefix_layers_rotate_without_a_window(pattern, rotating, attention, fused_calls,
+                                                                 rotations):
+    # Cohere 2 MoE: a full_attention layer is NoPE unless it is a dense prefix layer and
+    # prefix_dense_sliding_window_pattern is 1 (force_rope); here both layers are full_attention,
+    # layer 0 dense, layer 1 MoE
+    base = make("cohere2_moe", layer_types=["full_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
+                prefix_dense_sliding_window_pattern=pattern)
+    assert [layer.self_attn.force_rope for layer in base.model.layers] == [pattern == 1, False]
+    model = patch_rope(copy.deepcopy(base), attention=attention)
+    x = ids(2, 40)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+    assert (fused_calls if attention == "fused" else rotations) == [(2, 40, 4, 16)] * rotating
+    assert len(fused_calls) + len(rotations) == rotating
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
@@ -955,6 +989,7 @@ def _without(model, layer, name):
     ("smollm3", 1, "use_rope", "self_attn.use_rope"),
     ("gemma2", 0, "attn_logit_softcapping", "self_attn.attn_logit_softcapping"),
     ("exaone4", 0, "is_sliding", "is_sliding"),
+    ("cohere2_moe", 1, "force_rope", "self_attn.force_rope"),
 ])
 def test_a_layer_without_what_its_family_needs_is_refused_unchanged(model_type, layer, name, match):
     model = _without(make(model_type), layer, name)

@@ -38,22 +38,28 @@ soft-capping, see below), ``gpt_neox`` (Pythia: one ``query_key_value`` projecti
 holding q | k | v per head, partial rotary, ``attention``/``dense``/``head_size`` for
 LLaMA's ``self_attn``/``o_proj``/``head_dim``), ``phi`` (phi-1/1.5/2: partial rotary,
 ``dense``; with ``qk_layernorm`` a LayerNorm over each head before RoPE), ``persimmon``
-(GPT-NeoX's fused projection, Phi's norms) and ``stablelm`` (partial rotary; with
-``qk_layernorm`` one LayerNorm per head). Architectures whose
+(GPT-NeoX's fused projection, Phi's norms), ``stablelm`` (partial rotary; with
+``qk_layernorm`` one LayerNorm per head), ``nemotron`` (LLaMA's attention, partial rotary)
+and ``glm4_moe`` (GLM-4.5: partial rotary with rotate-half pairs; with ``use_qk_norm``
+per-head RMSNorm q/k norms before RoPE). Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
 ``solar_open``, ``cwm`` (Ministral's), ``ernie4_5_moe`` (ERNIE 4.5's), ``dots1`` (Qwen3's),
-``hy_v3`` (Apertus'), ``mellum`` (Qwen3's, RoPE per layer type), ``flex_olmo`` and
-``minimax_m2`` (OLMo 2's; MiniMax-M2 with partial rotary), ``olmoe`` (OLMo 2's norms, then
-OLMo's clipping), ``vaultgemma`` (Gemma 2's) and ``exaone_moe``
-(EXAONE 4's). A multimodal model (``Gemma3ForConditionalGeneration``, LLaVA, Mistral 3,
-PaliGemma, ...) whose language model (``model.model.language_model``, holding the model's
-own text config) is of one of these types has that language model patched: its RoPE is
+``hy_v3`` and ``apertus1p5_text`` (Apertus'), ``mellum`` (Qwen3's, RoPE per layer type),
+``flex_olmo`` and ``minimax_m2`` (OLMo 2's; MiniMax-M2 with partial rotary), ``olmoe`` (OLMo
+2's norms, then OLMo's clipping), ``vaultgemma`` (Gemma 2's), ``exaone_moe`` and ``kolibri1``
+(EXAONE 4's) and ``cohere2_moe`` (Cohere 2's, except that its dense prefix layers rotate
+without a window where ``prefix_dense_sliding_window_pattern`` is 1: ``force_rope``). A
+multimodal model (``Gemma3ForConditionalGeneration``, LLaVA, Mistral 3, PaliGemma, ...)
+whose language model (``model.model.language_model``, holding the model's own text config)
+is of one of these types has that language model patched: its RoPE is
 scaled, the vision tower is left alone, and ``config.text_config`` is updated (so
 ``save_pretrained`` round-trips). Anything else raises ``TypeError`` rather than risk a
-silently different model (e.g. Hunyuan's q/k norms after RoPE, PhiMoE's rotary embedding
-with its own short/long ``mscale``, Qwen2-VL's multimodal RoPE).
+silently different model (e.g. Hunyuan's and NanoChat's q/k norms after RoPE, PhiMoE's rotary
+embedding with its own short/long ``mscale``, Qwen2-VL's multimodal RoPE, GPT-OSS's attention
+sinks, DeepSeek-style MLA, Ministral 3's position-dependent query scaling, gated attention
+outputs, hybrids with linear-attention or convolution layers).
 Gemma 2's ``attn_logit_softcapping``: ``Gemma2Attention`` passes it to its attention function
 as ``softcap`` (scores ``cap * tanh(scores / cap)``); the patched layers pass it the same way
 (also ``None``), so "eager" (Gemma 2's default: transformers refuses sdpa for it), flex and
@@ -200,6 +206,13 @@ def _rotates_when_windowed(attn) -> bool:
     return attn.sliding_window is not None
 
 
+def _rotates_when_windowed_or_forced(attn) -> bool:
+    # Cohere 2 MoE: `if self.sliding_window is not None or self.force_rope: apply_rotary_pos_emb(...)`,
+    # force_rope set on its dense prefix layers when config.prefix_dense_sliding_window_pattern == 1
+    # (they are all full_attention then, and rotate)
+    return attn.sliding_window is not None or bool(attn.force_rope)
+
+
 class _Family(NamedTuple):
     """How an architecture's attention differs from LLaMA's, where pirope must follow it."""
 
@@ -314,6 +327,19 @@ _FAMILIES: dict[str, _Family] = {
     "vaultgemma": _Family("separate", "module", False, softcap="attn_logit_softcapping"),  # Gemma 2's
     "exaone_moe": _Family("separate", "sliding", False, qk_norm="head",
                           rope_layers=_RopeLayers(("sliding_window", "is_sliding"), _rotates_exaone4)),
+    "kolibri1": _Family("separate", "sliding", False, qk_norm="head",  # EXAONE 4's
+                        rope_layers=_RopeLayers(("sliding_window", "is_sliding"), _rotates_exaone4)),
+    # Cohere 2's, whose dense prefix layers (force_rope) rotate without a window
+    "cohere2_moe": _Family("separate", "module", False, interleaved=True,
+                           rope_layers=_RopeLayers(("sliding_window", "force_rope"),
+                                                   _rotates_when_windowed_or_forced)),
+    # Apertus1p5TextForCausalLM (Apertus 1.5's text model)
+    "apertus1p5_text": _Family("separate", None, False, qk_norm="head"),  # Apertus'
+    # GLM-4.5 (Glm4MoeForCausalLM): partial rotary with rotate-half pairs (not GLM's interleaved ones),
+    # Cohere's optional (use_qk_norm) per-head q/k norms, here RMSNorms
+    "glm4_moe": _Family("separate", None, True, qk_norm="head", qk_norm_flag="use_qk_norm"),
+    # Nemotron: LLaMA's attention, its RoPE on the first rotary_dim features only (partial rotary, rotate-half)
+    "nemotron": _Family("separate", None, True),
     # GPT-NeoX (Pythia): per-head fused q | k | v, partial rotary (rotary_pct), its own names
     "gpt_neox": _Family("qkv_heads", None, True, attn_name="attention", out_proj="dense",
                         head_dim_attr="head_size"),
