@@ -51,6 +51,30 @@ TEST_CASE("in-place and backward ops", "[apply_rope_qk_][apply_rope_backward]") 
   REQUIRE(close(back, reference(q, cos, sin, pos, true, /*conjugate=*/true), 1e-12));
 }
 
+TEST_CASE("in-place rotation refuses memory shared with the tables", "[apply_rope_qk_][errors]") {
+  // rows of cos read after being overwritten would give a wrong result without an error
+  auto [cos, sin] = pi_tables(32, 8, 1.0);
+  auto buf = at::randn({8 * 32 + cos.numel()});
+  auto q = buf.narrow(0, 0, 8 * 32).view({1, 8, 1, 32});
+  auto k = at::randn({1, 8, 1, 32});
+  auto shared_cos = buf.narrow(0, 8 * 16, cos.numel()).view_as(cos);  // overlaps q's second half
+  const auto q0 = q.clone(), k0 = k.clone();
+  try {
+    pirope::apply_rope_qk_(q, k, shared_cos, sin, std::nullopt, false);
+    FAIL("expected an error");
+  } catch (const c10::Error& e) {
+    REQUIRE(std::string(e.what()).find("q shares memory with cos") != std::string::npos);
+  }
+  REQUIRE(at::equal(q, q0));
+  REQUIRE(at::equal(k, k0));
+  // disjoint parts of one buffer are fine
+  auto apart = buf.narrow(0, 8 * 32, cos.numel()).view_as(cos);
+  const auto want = pirope::apply_rope_qk(q, k, apart.clone(), sin, std::nullopt, false);
+  pirope::apply_rope_qk_(q, k, apart, sin, std::nullopt, false);
+  REQUIRE(at::equal(q, std::get<0>(want)));
+  REQUIRE(at::equal(k, std::get<1>(want)));
+}
+
 TEST_CASE("bad input throws, naming the argument", "[errors]") {
   auto [cos, sin] = pi_tables(32, 8, 1.0);
   auto x = at::randn({1, 4, 2, 32});
