@@ -38,6 +38,11 @@ MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_interm
 # layer 0 attends within a 16-token window, layer 1 to everything
 HYBRID = dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"])
 
+# Hunyuan's RoPE as its checkpoints write it: "dynamic" with an alpha, which its rotary embedding
+# takes as static NTK-alpha RoPE (base rope_theta * alpha ** (head_dim / (head_dim - 2))), the
+# other keys unused
+NTK_ALPHA = {"rope_type": "dynamic", "factor": 1.0, "alpha": 1000.0, "rope_theta": 10000.0}
+
 # model_type -> (config class, model class, what sets the family apart in a tiny model)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -139,14 +144,22 @@ FAMILIES = {
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(bos_token_id=1, eos_token_id=2)),
     # GPT-NeoX's fused q | k | v per head (viewed as (..., heads, 3, head_dim)), partial rotary 0.5
     "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(bos_token_id=1, eos_token_id=2)),
+    # q/k RMSNorms (no weights) AFTER RoPE, rotation by the negative angle (tests below);
+    # final_logit_softcapping 15 (the config's default), applied by the model after the layers
+    "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", {}),
+    # q/k RMSNorms query_layernorm / key_layernorm AFTER RoPE; NTK-alpha RoPE (tests below)
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", dict(rope_parameters=NTK_ALPHA)),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", dict(MOE, rope_parameters=NTK_ALPHA)),
 }
 
 
 # layers that take the fused path on a sequence longer than HYBRID's window (default: both; a
 # sliding layer with its window, the sdpa mask showing it on CPU): SmolLM3's NoPE layer has no
 # RoPE to fuse and runs transformers' attention unrotated; EXAONE 4's and Cohere 2's full layer
-# is NoPE (Gemma 2's and VaultGemma's soft-capped layers fuse with rope_attention's softcap)
-FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "kolibri1": 1, "cohere2_moe": 1}
+# is NoPE (Gemma 2's and VaultGemma's soft-capped layers fuse with rope_attention's softcap);
+# NanoChat's and Hunyuan's q/k norms after RoPE keep every layer off the fused path
+FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "kolibri1": 1, "cohere2_moe": 1,
+                "nanochat": 0, "hunyuan_v1_dense": 0, "hunyuan_v1_moe": 0}
 
 
 def test_every_supported_family_is_tested_here():
@@ -245,10 +258,15 @@ def test_patch_rope_keeps_the_model(model_type):
 
 def scale_qk_norms(model):
     # scaled norm weights: a patch that skipped or misplaced the norms would change the logits
+    # (the family's norm names; NanoChat's norms have no weight)
+    from pirope.integrations.transformers import _FAMILIES
+
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_norm.weight.uniform_(0.2, 3.0)
-            layer.self_attn.k_norm.weight.uniform_(0.2, 3.0)
+            for name in _FAMILIES[model.config.model_type].qk_norm_names:
+                weight = getattr(getattr(layer.self_attn, name), "weight", None)
+                if weight is not None:
+                    weight.uniform_(0.2, 3.0)
     return model
 
 
@@ -440,7 +458,8 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3", "gemma3_text",
                                         "gemma2", "mixtral", "qwen2_moe", "olmoe", "minimax_m2", "mellum",
-                                        "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe", "kolibri1"])
+                                        "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe", "kolibri1",
+                                        "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -828,6 +847,166 @@ def test_gemma2_fused_prefill_then_cached_decoding_generates_like_transformers(c
     # the prefill of the full layer (the sliding one masks keys at 70 > 16, and this backend gets
     # no mask tensor to show it), with or without a cap
     assert fused_calls == [(1, 70, 4, 16)]
+
+
+# ---- q/k norms after RoPE (NanoChat, Hunyuan), NanoChat's rotation by the negative angle, -----
+# ---- Hunyuan's NTK-alpha RoPE ----------------------------------------------------------------
+
+NORMS_AFTER_ROPE = ["nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe"]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize("model_type", NORMS_AFTER_ROPE)
+def test_qk_norms_run_after_rope(model_type, attention, fused_calls):
+    # the norms of the rotated q and k, before the cache update: training forwards, and a prefill
+    # then cached decoding, equal transformers' (Hunyuan's norm weights drawn, NanoChat's have none);
+    # never fused (rope_attention rotates inside itself, leaving no place for the norms)
+    base = scale_qk_norms(make(model_type))
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    ref = twin(base, model.config)
+    x = ids(2, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
+    assert_generates_like(model, ref, ids(1, 70))
+    assert fused_calls == []
+
+
+def _with_family(model, **changes):
+    """model with its patched layers' _Family options changed (a patch that got them wrong)."""
+    for layer in model.model.layers:
+        layer.self_attn._pirope_family = layer.self_attn._pirope_family._replace(**changes)
+    return model
+
+
+@pytest.mark.parametrize("model_type", NORMS_AFTER_ROPE)
+def test_norms_before_rope_would_differ_where_they_have_weights(model_type):
+    # the premise of the test above: Hunyuan's norms (weights differing within a rotated pair) do
+    # not commute with the rotation, so norms before RoPE give other logits; NanoChat's weightless
+    # RMSNorm over the whole head does (a rotation keeps the head's RMS): there the placement only
+    # changes float rounding
+    base = scale_qk_norms(make(model_type))
+    x = ids(1, 50)
+    want = logits_and_grads(twin(base), x)[0]
+    before = _with_family(patch_rope(copy.deepcopy(base)), qk_norm_after_rope=False)
+    with torch.no_grad():
+        got = before(x, use_cache=False).logits
+    if model_type == "nanochat":
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert not torch.allclose(got, want, atol=1e-3)
+
+
+def test_nanochat_rotates_by_the_negative_angle():
+    # NanoChat's rotate_half is cat((x2, -x1)): q * cos + rotate_half(q) * sin rotates by -angle,
+    # which the patch computes with pirope's inverse rotation (apply_rope_qk_backward's op) on the
+    # table; the values and their gradients are transformers' apply_rotary_pos_emb's
+    from pirope.integrations.transformers import _rotate_qk
+
+    base = apply_position_interpolation(make("nanochat"), 2.0)
+    ref = twin(base)  # unpatched, from the PI config
+    hf = sys.modules[type(ref.model.layers[0].self_attn).__module__]
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 100, 16, generator=g, requires_grad=True)  # (B, H, S, D) as transformers'
+    k = torch.randn(2, 2, 100, 16, generator=g, requires_grad=True)
+    wq, wk = torch.randn(2, 4, 100, 16, generator=g), torch.randn(2, 2, 100, 16, generator=g)
+    positions = torch.arange(100).expand(2, 100)
+    cos, sin = ref.model.rotary_emb(q, positions)
+    want = hf.apply_rotary_pos_emb(q, k, cos, sin)
+    want_grads = torch.autograd.grad((want[0] * wq).sum() + (want[1] * wk).sum(), (q, k))
+
+    tables = base.model.rotary_emb(q, positions)
+    got = _rotate_qk(q.transpose(1, 2), k.transpose(1, 2), tables.cos, tables.sin, tables.position_ids,
+                     False, True)
+    got = [t.transpose(1, 2) for t in got]
+    got_grads = torch.autograd.grad((got[0] * wq).sum() + (got[1] * wk).sum(), (q, k))
+    for a, b in zip((*got, *got_grads), (*want, *want_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the same as pirope's forward rotation with the sines negated
+    negated = pirope.apply_rope_qk(q.transpose(1, 2), k.transpose(1, 2), tables.cos, -tables.sin,
+                                   tables.position_ids)
+    for a, b in zip(got, negated):
+        torch.testing.assert_close(a, b.transpose(1, 2), rtol=0, atol=1e-6)
+    # not a sign-blind check: the unconjugated rotation (LLaMA's) differs, in the model too
+    plain = pirope.apply_rope(q.transpose(1, 2), tables.cos, tables.sin, tables.position_ids).transpose(1, 2)
+    assert not torch.allclose(plain, want[0], rtol=1e-3, atol=1e-3)
+    x = ids(1, 50)
+    with torch.no_grad():
+        unconjugated = _with_family(copy.deepcopy(base), conjugate=False)(x, use_cache=False).logits
+        assert not torch.allclose(unconjugated, ref(x, use_cache=False).logits, atol=1e-3)
+
+
+# Hunyuan-7B's config.json rope_scaling (rope_theta 1e4): "dynamic" by name, NTK-alpha by alpha
+HUNYUAN_CHECKPOINT_ROPE = {"type": "dynamic", "factor": 1.0, "alpha": 1000.0, "beta_fast": 32, "beta_slow": 1,
+                           "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
+STRETCHED_BASE = 10000.0 * 1000.0 ** (16 / 14)  # rope_theta * alpha ** (head_dim / (head_dim - 2))
+
+
+@pytest.mark.parametrize("model_type", ["hunyuan_v1_dense", "hunyuan_v1_moe"])
+@pytest.mark.parametrize(("rope", "hf_type"), [
+    (NTK_ALPHA, "ntk_alpha"),
+    (HUNYUAN_CHECKPOINT_ROPE, "ntk_alpha"),
+    ({"rope_type": "dynamic", "factor": 2.0, "alpha": 0.0, "rope_theta": 10000.0}, "dynamic"),  # alpha unset
+    ({"rope_type": "linear", "factor": 2.0, "alpha": 1000.0, "rope_theta": 10000.0}, "linear"),  # alpha unused
+    ({"rope_type": "default", "rope_theta": 10000.0}, "default"),
+])
+def test_hunyuan_rope_is_transformers(model_type, rope, hf_type):
+    base = make(model_type, rope_parameters=rope)
+    hf_rotary = base.model.rotary_emb
+    assert hf_rotary.rope_type == hf_type
+    model = patch_rope(copy.deepcopy(base), attention="fused")
+    rotary = model.model.rotary_emb
+    assert torch.equal(rotary.inv_freq, hf_rotary.original_inv_freq)  # the same float32 frequencies
+    if hf_type == "ntk_alpha":  # plain RoPE with the stretched base, which alpha really changes
+        assert (rotary.rope_type, rotary.base) == ("default", STRETCHED_BASE)
+        assert not torch.allclose(rotary.inv_freq, 1.0 / 10000.0 ** (torch.arange(0, 16, 2) / 16), rtol=1e-3)
+    positions = torch.arange(100)
+    cos, _ = hf_rotary(torch.zeros(1, 100, 64), positions[None])
+    torch.testing.assert_close(rotary(torch.zeros(1, 100, 64), positions[None]).cos[positions], cos[0, :, :8],
+                               rtol=1e-5, atol=1e-5)
+    x = ids(2, 100)  # past the window (64): "dynamic" rescales there, NTK-alpha does not
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+
+
+@pytest.mark.parametrize("model_type", ["hunyuan_v1_dense", "hunyuan_v1_moe"])
+def test_hunyuan_position_interpolation_is_linear_on_the_ntk_alpha_base_and_round_trips(model_type, tmp_path):
+    base = make(model_type)  # NTK-alpha RoPE, as its checkpoints
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0)
+    assert model.config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": STRETCHED_BASE}
+    # transformers' model of that config: linear, the NTK-alpha model's frequencies halved
+    ref = twin(base, model.config)
+    assert ref.model.rotary_emb.rope_type == "linear"
+    assert torch.equal(ref.model.rotary_emb.inv_freq, base.model.rotary_emb.inv_freq / 2)
+    # plain transformers reloads it as the same model
+    model.save_pretrained(tmp_path)
+    loaded = getattr(transformers, FAMILIES[model_type][1]).from_pretrained(tmp_path).eval()
+    assert loaded.config.rope_parameters == model.config.rope_parameters
+    assert loaded.config.max_position_embeddings == 2 * WINDOW
+    x = ids(1, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
+    # composes: 2 then 2 is linear 4 on the same base
+    again = apply_position_interpolation(model, 2.0)
+    assert again.config.rope_parameters == {"rope_type": "linear", "factor": 4.0, "rope_theta": STRETCHED_BASE}
+    x = ids(1, 200)
+    assert_same(logits_and_grads(again, x), logits_and_grads(twin(base, again.config), x))
+
+
+def test_patch_rope_takes_hunyuan_alpha_and_refuses_a_bad_one():
+    base = make("hunyuan_v1_dense", rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = copy.deepcopy(base)
+    for bad, error in ((-2.0, ValueError), (float("nan"), ValueError), ("1000", TypeError)):
+        with pytest.raises(error, match="alpha"):
+            patch_rope(model, {"rope_type": "dynamic", "factor": 1.0, "alpha": bad})
+        assert model.config.rope_parameters == base.config.rope_parameters
+        assert type(model.model.rotary_emb).__name__ == "HunYuanDenseV1RotaryEmbedding"
+    patch_rope(model, {"rope_type": "dynamic", "factor": 1.0, "alpha": 50.0})
+    assert model.config.rope_parameters == {"rope_type": "dynamic", "factor": 1.0, "alpha": 50.0,
+                                            "rope_theta": 10000.0}
+    ref = twin(base, model.config)
+    assert ref.model.rotary_emb.rope_type == "ntk_alpha"
+    x = ids(2, 40)
+    assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
+    # alpha is Hunyuan's: other families refuse it as any unknown key
+    with pytest.raises(ValueError, match="alpha"):
+        patch_rope(make("llama"), {"rope_type": "dynamic", "factor": 1.0, "alpha": 50.0})
 
 
 # ---- multimodal models: their language model is patched -----------------------------------

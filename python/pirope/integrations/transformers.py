@@ -39,9 +39,18 @@ holding q | k | v per head, partial rotary, ``attention``/``dense``/``head_size`
 LLaMA's ``self_attn``/``o_proj``/``head_dim``), ``phi`` (phi-1/1.5/2: partial rotary,
 ``dense``; with ``qk_layernorm`` a LayerNorm over each head before RoPE), ``persimmon``
 (GPT-NeoX's fused projection, Phi's norms), ``stablelm`` (partial rotary; with
-``qk_layernorm`` one LayerNorm per head), ``nemotron`` (LLaMA's attention, partial rotary)
-and ``glm4_moe`` (GLM-4.5: partial rotary with rotate-half pairs; with ``use_qk_norm``
-per-head RMSNorm q/k norms before RoPE). Architectures whose
+``qk_layernorm`` one LayerNorm per head), ``nemotron`` (LLaMA's attention, partial rotary),
+``glm4_moe`` (GLM-4.5: partial rotary with rotate-half pairs; with ``use_qk_norm``
+per-head RMSNorm q/k norms before RoPE), ``nanochat`` (per-head RMSNorms without weights
+*after* RoPE, and a ``rotate_half`` with flipped signs: a rotation by the negative angle,
+pirope's inverse rotation) and ``hunyuan_v1_dense`` and ``hunyuan_v1_moe`` (per-head RMSNorms
+``query_layernorm``/``key_layernorm`` after RoPE; ``rope_parameters`` "dynamic" with an
+``alpha``, their checkpoints' form, is static NTK-alpha RoPE: plain RoPE with base ``rope_theta
+* alpha ** (head_dim / (head_dim - 2))``, as transformers' Hunyuan rotary embedding computes
+it; Position Interpolation makes it ``{"rope_type": "linear", "factor": F, "rope_theta": that
+base}``, which transformers loads back as the same model). With norms after RoPE the norms
+run on the rotated q and k, before the cache update, so these layers always take the "sdpa"
+path (rope_attention rotates inside itself). Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
@@ -56,10 +65,10 @@ whose language model (``model.model.language_model``, holding the model's own te
 is of one of these types has that language model patched: its RoPE is
 scaled, the vision tower is left alone, and ``config.text_config`` is updated (so
 ``save_pretrained`` round-trips). Anything else raises ``TypeError`` rather than risk a
-silently different model (e.g. Hunyuan's and NanoChat's q/k norms after RoPE, PhiMoE's rotary
-embedding with its own short/long ``mscale``, Qwen2-VL's multimodal RoPE, GPT-OSS's attention
-sinks, DeepSeek-style MLA, Ministral 3's position-dependent query scaling, gated attention
-outputs, hybrids with linear-attention or convolution layers).
+silently different model (e.g. PhiMoE's rotary embedding with its own short/long
+``mscale``, Qwen2-VL's multimodal RoPE, GPT-OSS's attention sinks, DeepSeek-style MLA,
+Ministral 3's position-dependent query scaling, gated attention outputs, hybrids with
+linear-attention or convolution layers).
 Gemma 2's ``attn_logit_softcapping``: ``Gemma2Attention`` passes it to its attention function
 as ``softcap`` (scores ``cap * tanh(scores / cap)``); the patched layers pass it the same way
 (also ``None``), so "eager" (Gemma 2's default: transformers refuses sdpa for it), flex and
@@ -112,9 +121,11 @@ the projections produce, no copies) and then:
   with ``use_sliding_window``, ...: ``window_size=(sliding_window - 1, 0)``) --, no attention
   dropout in training, causal
   attention (not Gemma's ``use_bidirectional_attention``, nor a call with
-  ``is_causal=False``), a layer with RoPE (SmolLM3's NoPE layers, and EXAONE 4's and
-  Cohere 2's, have nothing to fuse: they take the "sdpa" path, unrotated, as transformers
-  runs them), an attention-logit soft-cap (Gemma 2) only on CPU and only a finite one within
+  ``is_causal=False``), no q/k norms after RoPE (NanoChat, Hunyuan: they would have to run
+  inside rope_attention, between its rotation and its scores; NanoChat's rotation by the
+  negative angle is not fused either), a layer with RoPE (SmolLM3's NoPE layers, and
+  EXAONE 4's and Cohere 2's, have nothing to fuse: they take the "sdpa" path, unrotated, as
+  transformers runs them), an attention-logit soft-cap (Gemma 2) only on CPU and only a finite one within
   float32's range (also ``None``), no sliding window shorter than the
   sequence without a mask tensor that shows it (CUDA; backends that apply the window
   themselves), no score bias (a ``position_bias`` kwarg) and no sequences packed back to back
@@ -166,6 +177,8 @@ from torch import nn
 
 import pirope
 from pirope import _checks
+from pirope._autograd import functorch as _functorch
+from pirope._extension import require_cuda_build
 from pirope.frequencies import FrequencyPlan, PositionsMemo, rows_of_positions, tables_outside_inference_mode
 from pirope.scaling import normalize_scaling
 
@@ -261,6 +274,22 @@ class _Family(NamedTuple):
     # projections and "proj" norms, before the view into heads and RoPE (OLMo's and OLMoE's
     # clip_qkv); None: no clamping
     clip: str | None = None
+    # the q/k norms (qk_norm "head", the only placement supported with it) run AFTER RoPE, on the
+    # rotated q and k, before the cache update and the attention (NanoChat's weightless RMSNorms,
+    # Hunyuan's query_layernorm / key_layernorm): pirope rotates, then the norms run, then the
+    # model's attention function. rope_attention rotates inside itself, leaving no place for them
+    # between: such layers never take the fused path (_layer_can_fuse)
+    qk_norm_after_rope: bool = False
+    # rotate by the negative angle: NanoChat's rotate_half is cat((x2, -x1)) where LLaMA's is
+    # cat((-x2, x1)), i.e. x * cos + rotate_half(x) * sin with sin negated. pirope's inverse rotation
+    # (the apply_rope_qk_backward op, differentiable like apply_rope_qk) computes it on the same
+    # table. Not fused (rope_attention rotates by +angle; the one such family is unfused anyway)
+    conjugate: bool = False
+    # rope_parameters {"rope_type": "dynamic", "alpha": a, ...} with a truthy alpha mean static
+    # plain RoPE with base rope_theta * a ** (head_dim / (head_dim - 2)) (Hunyuan's "ntk_alpha"
+    # rotary embedding; its other keys are ignored), and alpha is ignored with any other rope_type,
+    # as in transformers (see _ntk_alpha_as_default)
+    ntk_alpha: bool = False
     # what the decoder layer and its attention module call things: the attention (LLaMA's
     # self_attn, GPT-NeoX's attention), the output projection (o_proj / dense) and the head
     # size (head_dim / head_size)
@@ -340,6 +369,17 @@ _FAMILIES: dict[str, _Family] = {
     "glm4_moe": _Family("separate", None, True, qk_norm="head", qk_norm_flag="use_qk_norm"),
     # Nemotron: LLaMA's attention, its RoPE on the first rotary_dim features only (partial rotary, rotate-half)
     "nemotron": _Family("separate", None, True),
+    # NanoChat: per-head RMSNorms without weights AFTER RoPE, and a rotate_half with flipped signs
+    # (cat((x2, -x1))): it rotates by the negative angle
+    "nanochat": _Family("separate", None, False, qk_norm="head", qk_norm_after_rope=True, conjugate=True),
+    # Hunyuan (dense and MoE: the same attention): per-head RMSNorms query_layernorm / key_layernorm
+    # AFTER RoPE; "dynamic" RoPE with an alpha is its static NTK-alpha base (its checkpoints' form)
+    "hunyuan_v1_dense": _Family("separate", None, False, qk_norm="head",
+                                qk_norm_names=("query_layernorm", "key_layernorm"), qk_norm_after_rope=True,
+                                ntk_alpha=True),
+    "hunyuan_v1_moe": _Family("separate", None, False, qk_norm="head",
+                              qk_norm_names=("query_layernorm", "key_layernorm"), qk_norm_after_rope=True,
+                              ntk_alpha=True),
     # GPT-NeoX (Pythia): per-head fused q | k | v, partial rotary (rotary_pct), its own names
     "gpt_neox": _Family("qkv_heads", None, True, attn_name="attention", out_proj="dense",
                         head_dim_attr="head_size"),
@@ -631,7 +671,8 @@ def _attention_modules(model, family: _Family):
 
 
 def _qk_norm(attn, family: _Family) -> str | None:
-    """Where this attention module normalizes q and k before RoPE (see _Family.qk_norm)."""
+    """Where this attention module normalizes q and k (see _Family.qk_norm; after RoPE with
+    _Family.qk_norm_after_rope), None where it does not."""
     if family.qk_norm is None or (family.qk_norm_flag is not None and not getattr(attn, family.qk_norm_flag, False)):
         return None
     return family.qk_norm
@@ -756,7 +797,7 @@ def _project(attn, hidden_states):
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
     else:
         q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
-    norm = _qk_norm(attn, family)
+    norm = None if family.qk_norm_after_rope else _qk_norm(attn, family)  # those run after RoPE
     q_norm, k_norm = (getattr(attn, name) for name in family.qk_norm_names) if norm else (None, None)
     if norm == "proj":  # OLMo 2: one RMSNorm over all heads' features, then the view
         q, k = q_norm(q), k_norm(k)
@@ -832,6 +873,11 @@ def _layer_can_fuse(attn, seqlen: int, cache, kwargs) -> bool:
     """Whether rope_attention computes this call, whatever its mask: everything but the mask,
     the packing and the sliding window (see _segments_of_mask)."""
     if attn._pirope_attention != "fused":
+        return False
+    family = attn._pirope_family
+    if family.conjugate or (family.qk_norm_after_rope and _qk_norm(attn, family) is not None):
+        # q/k norms after RoPE (rope_attention rotates inside itself: no place for them between),
+        # or a rotation by the negative angle
         return False
     if any(kwargs.get(name) is not None for name in _UNFUSABLE_KWARGS):
         # transformers' flash attention's packed sequences (cu_seqlens passed in), or a score
@@ -959,7 +1005,12 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         return _out_proj(self, out), None
 
     if rotates:
-        q, k = pirope.apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
+        q, k = _rotate_qk(q, k, cos, sin, position_ids, interleaved, family.conjugate)
+    if family.qk_norm_after_rope and _qk_norm(self, family) is not None:
+        # NanoChat, Hunyuan: per-head norms of the rotated q and k (over the last dimension, so
+        # the (B, S, H, D) layout here gives Hugging Face's (B, H, S, D) values), before the cache
+        q_norm, k_norm = (getattr(self, name) for name in family.qk_norm_names)
+        q, k = q_norm(q), k_norm(k)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) as Hugging Face
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
@@ -978,6 +1029,16 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     return _out_proj(self, out), weights
 
 
+def _rotate_qk(q, k, cos, sin, position_ids, interleaved: bool, conjugate: bool):
+    """q and k rotated by the table's angles, or with ``conjugate`` by their negatives (NanoChat):
+    pirope's inverse rotation, the op apply_rope_qk's backward runs, itself differentiable (its
+    gradient is the forward rotation) and traceable like apply_rope_qk."""
+    if not conjugate:
+        return pirope.apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
+    require_cuda_build(q.device, "apply_rope_qk")
+    return _functorch.call("apply_rope_qk_backward", q, k, cos, sin, position_ids, interleaved)
+
+
 def _out_proj(attn, out):
     out = getattr(attn, attn._pirope_family.out_proj)(out)
     rate = attn._pirope_family.out_dropout
@@ -990,9 +1051,16 @@ def _replaced_rope_parameters(model_type: str, family: _Family, config, attns, p
     """The rope_parameters ``scaling`` (Hugging Face form) gives a model whose current ones
     are ``params``: validated, keeping rope_theta (and partial_rotary_factor where the
     architecture has one) unless ``scaling`` has its own."""
+    alpha = None
+    if family.ntk_alpha and isinstance(scaling, dict) and "alpha" in scaling:  # Hunyuan's NTK-alpha, kept as given
+        scaling = dict(scaling)
+        alpha = scaling.pop("alpha")
     new = normalize_scaling(scaling)  # validates (raises ValueError/TypeError naming the key)
     if new is None:
         new = {"rope_type": "default"}
+    if alpha is not None:
+        new["alpha"] = alpha
+        _ntk_alpha_as_default(config, family, new, _head_dim(attns[0], family))  # validates alpha
     # transformers' families other than phi3 ignore partial_rotary_factor for plain RoPE and
     # fail with it otherwise: it is kept only where the architecture rotates part of a head
     keep = ("rope_theta", "partial_rotary_factor") if family.partial else ("rope_theta",)
@@ -1011,7 +1079,33 @@ def _replaced_rope_parameters(model_type: str, family: _Family, config, attns, p
     return new
 
 
+def _ntk_alpha_as_default(config, family: _Family, params: dict, head_dim: int) -> dict:
+    """``params`` as the RoPE it means for a family with ``ntk_alpha`` (Hunyuan): its rotary
+    embedding turns rope_type "dynamic" with a truthy ``alpha`` into "ntk_alpha", static plain
+    RoPE with base ``rope_theta * alpha ** (head_dim / (head_dim - 2))`` (computed as
+    ``compute_ntk_alpha_rope_parameters`` does, in Python floats, so the table is the same), the
+    dict's other keys (its checkpoints' factor 1.0, beta_fast, mscale, ...) unused; with any other
+    rope_type (or a falsy alpha) ``alpha`` is ignored. Other families' params are returned as
+    they are."""
+    if not family.ntk_alpha or "alpha" not in params:
+        return params
+    params = dict(params)
+    alpha = params.pop("alpha")
+    if params.get("rope_type", params.get("type", "default")) != "dynamic" or not alpha:
+        return params
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"rope_parameters['alpha'] (NTK-alpha RoPE) must be a real number, got "
+                        f"{type(alpha).__name__} {alpha!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"rope_parameters['alpha'] (NTK-alpha RoPE) must be a finite number > 0, got {alpha!r}")
+    theta = params.get("rope_theta")
+    if theta is None:
+        theta = getattr(config, "rope_theta", 10000.0)
+    return {"rope_type": "default", "rope_theta": theta * alpha ** (head_dim / (head_dim - 2))}
+
+
 def _rotary_embedding(model, model_type: str, family: _Family, attns, params: dict) -> PiropeRotaryEmbedding:
+    params = _ntk_alpha_as_default(model.config, family, params, _head_dim(attns[0], family))
     head_dim, theta, pirope_scaling, partial = _rope_setup(model, model_type, family.partial, params,
                                                            _head_dim(attns[0], family))
     return PiropeRotaryEmbedding(
@@ -1048,7 +1142,9 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
             keyed by layer type, e.g. ``{"full_attention": {"rope_type": "linear",
             "factor": 4.0}}``: each named type's parameters are replaced as above, the
             types not named keep theirs; a single ``rope_parameters`` dict raises
-            ``ValueError`` (ambiguous, see the module docstring).
+            ``ValueError`` (ambiguous, see the module docstring). Hunyuan's dicts may also
+            hold ``alpha`` (NTK-alpha RoPE with "dynamic", ignored otherwise, as in
+            transformers).
         attention: ``"sdpa"`` (pirope RoPE, then the model's own attention function) or
             ``"fused"`` (:func:`pirope.rope_attention` where exact, see the module
             docstring).
@@ -1157,6 +1253,13 @@ def apply_position_interpolation(
     pretrained frequencies). Only models with ``rope_type`` "default" or "linear" can be
     interpolated (PI on top of dynamic/yarn/llama3/longrope is not a defined scaling).
 
+    Hunyuan's NTK-alpha RoPE (``hunyuan_v1_dense``/``hunyuan_v1_moe`` with ``rope_parameters``
+    ``{"rope_type": "dynamic", "alpha": a, ...}``, as its checkpoints write it) is plain RoPE
+    with the stretched base ``B = rope_theta * a ** (head_dim / (head_dim - 2))``, so it counts
+    as "default" here: ``rope_parameters`` becomes ``{"rope_type": "linear", "factor": F,
+    "rope_theta": B}`` (``alpha`` and the unused keys dropped), the same frequencies divided by
+    ``F``, which transformers' Hunyuan rotary embedding builds from it (and reloads) exactly.
+
     Args:
         model: transformers ``PreTrainedModel`` with ``config.model_type`` in
             :data:`SUPPORTED_MODEL_TYPES`, or a multimodal model whose language model is
@@ -1221,7 +1324,11 @@ def apply_position_interpolation(
     if family.rope_per_layer_type:
         new_params = _interpolated_by_type(config, factor)
     else:
-        new_params = _interpolated(config, _rope_parameters(config), factor, "config.rope_parameters")
+        params = _rope_parameters(config)
+        if family.ntk_alpha:  # Hunyuan's NTK-alpha RoPE is plain RoPE with a stretched base: PI on that
+            _, attns = _attention_modules(model, family)
+            params = _ntk_alpha_as_default(config, family, params, _head_dim(attns[0], family))
+        new_params = _interpolated(config, params, factor, "config.rope_parameters")
     # patch_rope keeps the config's partial_rotary_factor where the architecture has one and
     # writes "linear" as LongRoPE where the config class accepts nothing else (Phi-3)
 
