@@ -117,12 +117,13 @@ def visibility(s_or_cu, causal, window):
 
 
 def band_reference(q, k, v, cos, sin, position_ids=None, causal=True, window=(-1, -1), softmax_scale=None,
-                   interleaved=False, softcap=0.0, grad_out=None, cu=None, with_lse=False):
+                   interleaved=False, softcap=0.0, grad_out=None, cu=None, with_lse=False, sinks=None):
     """float64 RoPE + band-masked attention (the window rule above; scores capped to
-    softcap * tanh(s / softcap) first when softcap > 0), dense (B, S, H, D) or packed
-    (T, H, D) with cu (a list). Returns out (and lse with with_lse), or with grad_out
-    (out, dq, dk, dv): gradients by autograd, dq and dk rotated back by the inverse
-    rotation."""
+    softcap * tanh(s / softcap) first when softcap > 0; with sinks ((H,)), GPT-OSS's way:
+    one more score column per row holding its head's sink, dropped after the softmax),
+    dense (B, S, H, D) or packed (T, H, D) with cu (a list). Returns out (and lse with
+    with_lse), or with grad_out (out, dq, dk, dv), and dsinks last with sinks: gradients by
+    autograd, dq and dk rotated back by the inverse rotation."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     packed = cu is not None
     if packed:
@@ -135,6 +136,7 @@ def band_reference(q, k, v, cos, sin, position_ids=None, causal=True, window=(-1
     qr = rope_reference(q, cos, sin, pos, interleaved).requires_grad_(need)
     kr = rope_reference(k, cos, sin, pos, interleaved).requires_grad_(need)
     v64 = v.detach().to(torch.float64).cpu().requires_grad_(need)
+    sinks64 = None if sinks is None else sinks.detach().to(torch.float64).cpu().requires_grad_(need)
     hdim = 1 if packed else 2
     group = qr.shape[hdim] // kr.shape[hdim]
     kk, vv = kr.repeat_interleave(group, dim=hdim), v64.repeat_interleave(group, dim=hdim)
@@ -145,17 +147,23 @@ def band_reference(q, k, v, cos, sin, position_ids=None, causal=True, window=(-1
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks64 is not None:
+        column = sinks64[:, None, None] if packed else sinks64[None, :, None, None]
+        scores = torch.cat([scores, column.expand(*scores.shape[:-1], 1)], dim=-1)
     lse = scores.logsumexp(-1)
     p = scores.softmax(-1)
+    if sinks64 is not None:
+        p = p[..., :-1]
     out = torch.einsum("hst,thd->shd", p, vv) if packed else torch.einsum("bhst,bthd->bshd", p, vv)
     if with_lse:
         return out.detach(), lse.detach()
     if not need:
         return out.detach()
-    gq, gk, gv = torch.autograd.grad(out, (qr, kr, v64), grad_out.detach().to(torch.float64).cpu())
+    inputs = (qr, kr, v64) + (() if sinks64 is None else (sinks64,))
+    gq, gk, gv, *gs = torch.autograd.grad(out, inputs, grad_out.detach().to(torch.float64).cpu())
     dq = rope_reference(gq, cos, sin, pos, interleaved, conjugate=True)
     dk = rope_reference(gk, cos, sin, pos, interleaved, conjugate=True)
-    return out.detach(), dq, dk, gv
+    return (out.detach(), dq, dk, gv, *gs)
 
 
 # ---- running pirope against it ----
@@ -167,8 +175,12 @@ def unfused_module():
 
 def run(q, k, v, cos, sin, pos=None, g=None, fn="public", **kw):
     """(out, dq, dk, dv, grad_out) of pirope.rope_attention(..., **kw), or of the unfused
-    paths (fn="sdpa": _sdpa_fallback; fn="varlen": _varlen_unfused)."""
+    paths (fn="sdpa": _sdpa_fallback; fn="varlen": _varlen_unfused); with kw["sinks"],
+    their gradient last."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    sinks = kw.get("sinks")
+    if sinks is not None:
+        sinks = kw["sinks"] = sinks.detach().clone().requires_grad_()
     if fn == "public":
         out = pirope.rope_attention(q, k, v, cos, sin, pos, **kw)
     else:
@@ -179,29 +191,32 @@ def run(q, k, v, cos, sin, pos=None, g=None, fn="public", **kw):
         deterministic = kw.get("deterministic", False)
         if fn == "sdpa":
             out = mod._sdpa_fallback(q, k, v, cos, sin, pos, causal, scale, interleaved, window, softcap,
-                                     deterministic)
+                                     deterministic, sinks)
         else:
             out = mod._varlen_unfused(q, k, v, cos, sin, pos, kw["cu_seqlens"], causal, scale, interleaved,
-                                      window, softcap, deterministic)
+                                      window, softcap, deterministic, sinks)
     assert out.dtype == q.dtype and out.shape == q.shape and out.device == q.device
     g = torch.randn_like(out) if g is None else g
     out.backward(g)
-    return out.detach(), q.grad, k.grad, v.grad, g
+    return (out.detach(), q.grad, k.grad, v.grad, g) + (() if sinks is None else (sinks.grad,))
 
 
 def check_against_reference(q, k, v, cos, sin, pos=None, causal=True, window=(-1, -1), scale=None,
-                            interleaved=False, softcap=0.0, cu=None, fn="public", deterministic=False):
-    """Outputs and gradients of run(...) within ATTENTION_REL of band_reference; returns
-    run's (out, dq, dk, dv, grad_out)."""
+                            interleaved=False, softcap=0.0, cu=None, fn="public", deterministic=False, sinks=None):
+    """Outputs and gradients (of sinks too, when given) of run(...) within ATTENTION_REL of
+    band_reference; returns run's (out, dq, dk, dv, grad_out[, dsinks])."""
     kw = dict(causal=causal, softmax_scale=scale, interleaved=interleaved, window_size=window, softcap=softcap,
               deterministic=deterministic)
+    if sinks is not None:
+        kw["sinks"] = sinks
     if cu is not None:
         kw["cu_seqlens"] = cu_tensor(cu, q.device)
-    out, gq, gk, gv, g = run(q, k, v, cos, sin, pos, fn=fn, **kw)
-    ref = band_reference(q, k, v, cos, sin, pos, causal, window, scale, interleaved, softcap, grad_out=g, cu=cu)
-    for what, got, want in zip(("out", "dq", "dk", "dv"), (out, gq, gk, gv), ref):
-        assert_attention_close(got, want, q.dtype, f"{what} (causal={causal}, window={window}, softcap={softcap})")
-    return out, gq, gk, gv, g
+    got = run(q, k, v, cos, sin, pos, fn=fn, **kw)
+    ref = band_reference(q, k, v, cos, sin, pos, causal, window, scale, interleaved, softcap, grad_out=got[4], cu=cu,
+                         sinks=sinks)
+    for what, a, want in zip(("out", "dq", "dk", "dv", "dsinks"), got[:4] + got[5:], ref):
+        assert_attention_close(a, want, q.dtype, f"{what} (causal={causal}, window={window}, softcap={softcap})")
+    return got
 
 
 def assert_all_equal(a, b, what=("out", "dq", "dk", "dv")):

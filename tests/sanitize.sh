@@ -23,6 +23,6 @@ export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:symbolize=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 export PYTHONPATH="$PWD/python"
 tests=(tests/test_apply_rope.py tests/test_bad_input.py tests/test_rope_properties.py tests/test_malformed_inputs.py)
-for t in tests/test_rope_attention.py tests/test_rope_attention_varlen.py tests/test_rope_attention_window.py tests/test_rope_attention_softcap.py; do [ -f "$t" ] && tests+=("$t"); done
+for t in tests/test_rope_attention.py tests/test_rope_attention_varlen.py tests/test_rope_attention_window.py tests/test_rope_attention_softcap.py tests/test_rope_attention_sinks.py; do [ -f "$t" ] && tests+=("$t"); done
 echo "== tests under ASan/UBSan =="
 python -m pytest -q -p no:cacheprovider "${tests[@]}" "$@"

@@ -43,6 +43,11 @@ struct AttentionParams {
   // q.k becomes softcap * tanh(s / softcap) before the mask and the softmax; 0: none. CPU
   // kernels only (the CUDA ones take 0).
   double softcap = 0.0;
+  // Attention sinks (GPT-OSS): when not null, (heads_q,) logits of the math type, one per
+  // query head, each joining every softmax row of its head as a key without a value (the
+  // forward starts the row's online softmax at max = sink, sum = 1; lse includes it). The
+  // backward needs nothing more: its probabilities come from that lse. CPU kernels only.
+  const void* sinks = nullptr;
   // Backward: bit-identical gradients run to run (CUDA: no float atomics; the CPU
   // backward is always deterministic).
   bool deterministic = false;

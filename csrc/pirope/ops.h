@@ -53,14 +53,18 @@ void apply_rope_qk_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // i + window_right (-1: no bound; causal keeps j <= i whatever window_right says).
 // softcap (CPU): attention-logit soft-cap as in Gemma 2 and flash-attn: each score s
 // becomes softcap * tanh(s / softcap) before the mask and the softmax (lse is of the capped
-// scores); 0: none.
+// scores); 0: none. sinks (CPU): attention sinks as in GPT-OSS, (nheads_q,) logits, one per
+// query head, each joining every softmax row of its head without a value (lse includes
+// it); finite, or -inf for none. Differentiable (their gradient is -sum over rows of
+// exp(sink - lse) * rowsum(grad_out * out)).
 std::tuple<at::Tensor, at::Tensor> rope_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids = std::nullopt,
     bool causal = true, std::optional<double> softmax_scale = std::nullopt,
     bool interleaved = false, bool deterministic = false,
     const std::optional<at::Tensor>& cu_seqlens = std::nullopt, int64_t window_left = -1,
-    int64_t window_right = -1, double softcap = 0.0);
+    int64_t window_right = -1, double softcap = 0.0,
+    const std::optional<at::Tensor>& sinks = std::nullopt);
 
 // Gradients (dq, dk, dv) of rope_attention's out, from the saved out and lse.
 // deterministic: bit-identical results run to run (always so on CPU; on CUDA it

@@ -50,11 +50,13 @@ TORCH_LIBRARY(pirope, m) {
   // window_left/right: sliding-window attention (flash-attn's window_size; -1: no
   // bound; causal overrides window_right); CPU only. softcap: attention-logit soft-cap
   // (Gemma 2; flash-attn's softcap): scores s become softcap * tanh(s / softcap); 0: none;
-  // CPU only.
+  // CPU only. sinks: attention sinks (GPT-OSS), one logit per query head that joins each
+  // row's softmax without a value (lse includes it); CPU only. The backward op takes no
+  // sinks: it recomputes the probabilities from that lse (their gradient is autograd's).
   m.def("rope_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, "
         "Tensor? position_ids, bool causal, float softmax_scale, bool interleaved, "
         "bool deterministic=False, Tensor? cu_seqlens=None, int window_left=-1, "
-        "int window_right=-1, float softcap=0.0) -> (Tensor, Tensor)");
+        "int window_right=-1, float softcap=0.0, Tensor? sinks=None) -> (Tensor, Tensor)");
   m.def("rope_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor out, Tensor lse, Tensor cos, Tensor sin, Tensor? position_ids, "
         "bool causal, float softmax_scale, bool interleaved, bool deterministic=False, "

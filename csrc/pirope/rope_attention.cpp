@@ -125,6 +125,26 @@ void check_softcap(const char* op, double softcap, const at::Tensor& q) {
               "pirope.rope_attention runs it on ", q.device(), " unfused");
 }
 
+// Attention sinks: (heads_q,), floating, on q's device; the CUDA kernels take none. On the
+// CPU the values too: finite, or -inf (that head has no sink); NaN or +inf would make every
+// row of the head NaN. Returned in the math type, contiguous (backs p.sinks).
+at::Tensor check_sinks(const char* op, const at::Tensor& sinks, const at::Tensor& q,
+                       int64_t heads_q) {
+  TORCH_CHECK(sinks.dim() == 1 && sinks.size(0) == heads_q, op,
+              ": sinks must be 1-D (nheads_q,) = (", heads_q, ",), got shape ", sinks.sizes());
+  TORCH_CHECK(is_supported_dtype(sinks.scalar_type()), op,
+              ": sinks must be float32, float64, float16 or bfloat16, got ", sinks.scalar_type());
+  TORCH_CHECK(sinks.device() == q.device(), op, ": sinks must be on ", q.device(),
+              " like q, got ", sinks.device());
+  TORCH_CHECK(q.device().is_cpu(), op,
+              ": sinks (attention sinks) are supported by the CPU kernels only; "
+              "pirope.rope_attention runs them on ", q.device(), " unfused");
+  const at::Tensor s = sinks.to(math_dtype(q.scalar_type())).contiguous();
+  TORCH_CHECK(!(s.isnan() | s.isposinf()).any().item<bool>(), op,
+              ": sinks must be finite or -inf (no sink for that head), got NaN or +inf");
+  return s;
+}
+
 // Packed sequences: cu_seqlens checked (1-D int32/int64 on q's device (CPU), 0 first,
 // non-decreasing, total tokens last) and copied to int64 host memory.
 at::Tensor check_cu_seqlens(const char* op, const at::Tensor& cu, const at::Tensor& q) {
@@ -223,13 +243,19 @@ std::tuple<at::Tensor, at::Tensor> rope_attention_run(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
     double softmax_scale, bool interleaved, const std::optional<at::Tensor>& cu_seqlens,
-    int64_t window_left, int64_t window_right, double softcap, AttentionLauncher launch) {
+    int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& sinks, AttentionLauncher launch) {
   const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
   check_qkv(kFwd, q, k, v, packed);
   const at::Tensor cu = maybe_cu_seqlens(kFwd, cu_seqlens, q);  // backs p.cu_seqlens
   at::Tensor cos_u, sin_u, restart;
   AttentionParams p = plan(kFwd, q, k, cos, sin, position_ids, causal, softmax_scale,
                            interleaved, cu, window_left, window_right, softcap, cos_u, sin_u, restart);
+  at::Tensor sinks_u;  // backs p.sinks
+  if (sinks.has_value() && sinks->defined()) {
+    sinks_u = check_sinks(kFwd, *sinks, q, p.heads_q);
+    p.sinks = sinks_u.const_data_ptr();
+  }
   at::Tensor out = at::empty(q.sizes(), q.options());
   const auto lse_options = q.options().dtype(math_dtype(q.scalar_type()));
   // (batch, heads_q, seqlen), or (heads_q, total) for packed sequences
@@ -322,16 +348,17 @@ std::tuple<at::Tensor, at::Tensor> rope_attention(
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
     std::optional<double> softmax_scale, bool interleaved, bool deterministic,
     const std::optional<at::Tensor>& cu_seqlens, int64_t window_left, int64_t window_right,
-    double softcap) {
+    double softcap, const std::optional<at::Tensor>& sinks) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pirope::rope_attention", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const std::optional<at::Tensor>&, bool, double, bool, bool,
-              const std::optional<at::Tensor>&, int64_t, int64_t, double)>();
+              const std::optional<at::Tensor>&, int64_t, int64_t, double,
+              const std::optional<at::Tensor>&)>();
   return op.call(q, k, v, cos, sin, position_ids, causal, default_scale(q, softmax_scale),
-                 interleaved, deterministic, cu_seqlens, window_left, window_right, softcap);
+                 interleaved, deterministic, cu_seqlens, window_left, window_right, softcap, sinks);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward(

@@ -25,11 +25,13 @@ using AttentionLauncher = void (*)(const AttentionParams& params, at::ScalarType
 // Checks every argument, allocates (out, lse) and runs the forward. cu_seqlens: packed
 // sequences (q, k, v of (total, heads, headdim); CPU only). window_left/right: sliding
 // window (-1: none; CPU only). softcap: attention-logit soft-cap (0: none; CPU only).
+// sinks: (heads_q,) attention-sink logits (none: no sinks; CPU only).
 std::tuple<at::Tensor, at::Tensor> rope_attention_run(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids, bool causal,
     double softmax_scale, bool interleaved, const std::optional<at::Tensor>& cu_seqlens,
-    int64_t window_left, int64_t window_right, double softcap, AttentionLauncher launch);
+    int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& sinks, AttentionLauncher launch);
 
 // Checks every argument, allocates (dq, dk, dv) and runs the backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_attention_backward_run(
@@ -56,9 +58,10 @@ void register_rope_attention_kernels(torch::Library& m) {
                               const T& sin, const OptT& pos, bool causal, double scale,
                               bool interleaved, bool /*deterministic: backward only*/,
                               const OptT& cu_seqlens, int64_t window_left, int64_t window_right,
-                              double softcap) {
+                              double softcap, const OptT& sinks) {
     return rope_attention_run(prep(q), prep(k), prep(v), cos, sin, pos, causal, scale,
-                              interleaved, cu_seqlens, window_left, window_right, softcap, Fwd);
+                              interleaved, cu_seqlens, window_left, window_right, softcap,
+                              sinks, Fwd);
   });
   m.impl("rope_attention_backward",
          [](const T& grad_out, const T& q, const T& k, const T& v, const T& out,

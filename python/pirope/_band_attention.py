@@ -1,7 +1,7 @@
 """Blocks of a banded attention, for the unfused paths of rope_attention (CUDA calls the
 fused kernels do not take): which keys a block of query rows sees and its mask, and an
-attention over such blocks as an autograd.Function, for what SDPA has not: a soft-cap, and
-a backward without float atomics (bit-identical gradients run to run).
+attention over such blocks as an autograd.Function, for what SDPA has not: a soft-cap,
+attention sinks, and a backward without float atomics (bit-identical gradients run to run).
 
 Query i sees key j when i - left <= j <= i + right (a bound of -1: none). Tensors are
 (..., heads, seqlen, headdim) with the same heads in q, k and v."""
@@ -62,28 +62,35 @@ def _cap(softcap, math, device):
 
 class BlockAttention(torch.autograd.Function):
     """(out, lse) of softmax(q k^T * scale, within the band) v -- each score s capped to
-    softcap * tanh(s / softcap) first when softcap > 0 -- computed in float32 (float64 for
-    float64 input) like the fused kernels, over blocks of ``rows`` query rows so that only
-    one block's scores exist at a time; out in q's dtype, lse (..., seqlen) in the math
-    type. The backward recomputes each block's probabilities from lse (as the fused
-    kernels do; the derivative of the cap is 1 - tanh^2, exact for any cap): dq over
-    blocks of query rows, dk and dv over blocks of keys, so that each gradient is a
-    concatenation (vmap and torch.func take it) of plain products: no float atomics, the
-    same bits run to run."""
+    softcap * tanh(s / softcap) first when softcap > 0; with ``sinks`` ((heads,) or None),
+    each row's softmax also has one key of logit sinks[head] and no value -- computed in
+    float32 (float64 for float64 input) like the fused kernels, over blocks of ``rows``
+    query rows so that only one block's scores exist at a time; out in q's dtype, lse
+    (..., seqlen) in the math type. The backward recomputes each block's probabilities from
+    lse (as the fused kernels do; the derivative of the cap is 1 - tanh^2, exact for any
+    cap): dq over blocks of query rows, dk and dv over blocks of keys, so that each
+    gradient is a concatenation (vmap and torch.func take it) of plain products: no float
+    atomics, the same bits run to run. A sink's gradient: -sum over its head's rows of
+    exp(sink - lse) * rowsum(dO * O)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, scale, softcap, left, right, rows):
+    def forward(q, k, v, sinks, scale, softcap, left, right, rows):
         S, math = q.shape[-2], _math_dtype(q.dtype)
         cap = _cap(softcap, math, q.device)
+        sink = None if sinks is None else sinks.to(math)[:, None, None]  # (heads, 1, 1)
         outs, lses = [], []
         for q0, q1, k0, k1 in query_blocks(S, rows, left, right):
             s = _block_scores(q[..., q0:q1, :], k[..., k0:k1, :],
                               band_mask(q0, q1, k0, k1, left, right, q.device), scale, math, cap)
             m = s.amax(dim=-1, keepdim=True)  # finite: every row sees its own key
+            if sink is not None:
+                m = torch.maximum(m, sink)
             e = torch.exp(s - m)
             total = e.sum(dim=-1, keepdim=True)
+            if sink is not None:
+                total = total + torch.exp(sink - m)
             outs.append(torch.matmul(e, v[..., k0:k1, :].to(math)) / total)
             lses.append((m + torch.log(total)).squeeze(-1))
         if not outs:  # no query row
@@ -92,15 +99,15 @@ class BlockAttention(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, softcap, left, right, rows = inputs
+        q, k, v, sinks, scale, softcap, left, right, rows = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.options = (scale, softcap, left, right, rows)
         ctx.mark_non_differentiable(lse)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         scale, softcap, left, right, rows = ctx.options
         S, math = q.shape[-2], _math_dtype(q.dtype)
         cap = _cap(softcap, math, q.device)
@@ -128,4 +135,9 @@ class BlockAttention(torch.autograd.Function):
             p, ds = block(q0, q1, k0, k1)
             dv.append(torch.matmul(p.transpose(-1, -2), do[..., q0:q1, :]))
             dk.append(torch.matmul(ds.transpose(-1, -2), q[..., q0:q1, :].to(math)) * scale)
-        return cat(dq, q), cat(dk, k), cat(dv, v), None, None, None, None, None
+        dsinks = None
+        if sinks is not None:  # summed over the leading dims and the rows of each head
+            heads = sinks.shape[0]
+            p_sink = torch.exp(sinks.to(math)[:, None] - lse)
+            dsinks = -(p_sink * delta).sum(-1).reshape(-1, heads).sum(0).to(sinks.dtype)
+        return cat(dq, q), cat(dk, k), cat(dv, v), dsinks, None, None, None, None, None

@@ -33,16 +33,16 @@ def _is_windowed(window, causal) -> bool:
     return window[0] >= 0 or (window[1] >= 0 and not causal)
 
 
-def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0, deterministic=False):
+def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0, deterministic=False, sinks=None):
     """Scaled dot-product attention of (..., heads, seqlen, headdim) q, k, v, where query
     i sees keys j with i - left <= j <= i + right (a bound of -1: none; causal: right = 0),
     run over blocks of query rows with the keys their band covers and a boolean mask of
-    that block only. Differentiable through SDPA. With a soft-cap (which SDPA has not), or
-    ``deterministic`` (SDPA's CUDA backends add dq with float atomics unless torch's global
-    deterministic mode is on), _band_attention.BlockAttention over such blocks (recomputed
-    in its backward, which has no atomics)."""
+    that block only. Differentiable through SDPA. With a soft-cap or attention sinks (which
+    SDPA has not), or ``deterministic`` (SDPA's CUDA backends add dq with float atomics
+    unless torch's global deterministic mode is on), _band_attention.BlockAttention over
+    such blocks (recomputed in its backward, which has no atomics)."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    blocks = bool(softcap) or deterministic
+    blocks = bool(softcap) or deterministic or sinks is not None
     if not _is_windowed(window, causal) and not blocks:
         return sdpa(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
     S = q.shape[-2]
@@ -57,7 +57,7 @@ def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0, deterministic=False)
     if blocks:  # one block's (..., rows, keys) scores at a time: fewer rows for many keys
         keys = S if left < 0 or right < 0 else min(S, left + right + 1)
         rows = max(16, min(_BAND_ROWS, _BLOCK_SCORES // max(1, q.shape[:-2].numel() * keys)))
-        return _band_attention.BlockAttention.apply(q, k, v, scale, softcap, left, right, rows)[0]
+        return _band_attention.BlockAttention.apply(q, k, v, sinks, scale, softcap, left, right, rows)[0]
     outs = [sdpa(q[..., q0:q1, :], k[..., k0:k1, :], v[..., k0:k1, :], scale=scale, enable_gqa=True,
                  attn_mask=_band_attention.band_mask(q0, q1, k0, k1, left, right, q.device))
             for q0, q1, k0, k1 in _band_attention.query_blocks(S, _BAND_ROWS, left, right)]
@@ -65,17 +65,28 @@ def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0, deterministic=False)
 
 
 def _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, window=_NO_WINDOW,
-                   softcap=0.0, deterministic=False):
+                   softcap=0.0, deterministic=False, sinks=None):
     # CUDA calls the fused forward does not take: the same math unfused, differentiable
     # through apply_rope_qk's and SDPA's own backward; the arguments checked as the op
     # checks them (the fake kernel's checks, the same messages; not while torch.compile
     # traces, which cannot trace their messages: there the calls below check them).
     if not torch.compiler.is_compiling():
         _fake_rope_attention._check("rope_attention", q, k, v, cos, sin, position_ids, softmax_scale)
+        _check_sinks("rope_attention", sinks, q, packed=False)
     qr, kr = apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
     out = _band_sdpa(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale, window,
-                     softcap, deterministic)
+                     softcap, deterministic, sinks)
     return out.transpose(1, 2)
+
+
+def _check_sinks(op, sinks, q, packed):
+    """sinks as the op checks them (the fake kernel's check and device; not their values,
+    which on CUDA would cost a sync: NaN or +inf ones make their heads' rows NaN)."""
+    if sinks is None:
+        return
+    if sinks.device != q.device:
+        raise RuntimeError(f"{op}: sinks must be on {q.device} like q, got {sinks.device}")
+    _fake_rope_attention._check_sinks(op, sinks, q, packed)
 
 
 def _sequence_bounds(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens) -> list[int]:
@@ -98,13 +109,14 @@ def _sequence_bounds(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seql
 
 
 def _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax_scale, interleaved,
-                    window=_NO_WINDOW, softcap=0.0, deterministic=False):
+                    window=_NO_WINDOW, softcap=0.0, deterministic=False, sinks=None):
     """Packed sequences where the fused kernels do not take them (CUDA): apply_rope_qk on
     the packed tensors, then scaled_dot_product_attention sequence by sequence.
     Differentiable through both; reads cu_seqlens on the host (one synchronisation, a
     graph break under torch.compile)."""
     op = "rope_attention"
     bounds = _sequence_bounds(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens)
+    _check_sinks(op, sinks, q, packed=True)
     spans = [(s, e) for s, e in zip(bounds, bounds[1:]) if e > s]
     if position_ids is None:  # positions restart at 0 in each sequence
         longest = max((e - s for s, e in spans), default=0)
@@ -117,7 +129,7 @@ def _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax
     qr, kr = apply_rope_qk(q, k, cos, sin, position_ids, interleaved=interleaved)
     # no token at all: one empty call, so that the (empty) output still depends on q, k, v
     outs = [_band_sdpa(qr[s:e].transpose(0, 1), kr[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-                       causal, softmax_scale, window, softcap, deterministic).transpose(0, 1)
+                       causal, softmax_scale, window, softcap, deterministic, sinks).transpose(0, 1)
             for s, e in spans or [(0, 0)]]
     return torch.cat(outs)
 
@@ -178,6 +190,7 @@ def rope_attention(
     cu_seqlens: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float | None = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotary embedding of ``q`` and ``k`` followed by softmax attention, fused.
 
@@ -248,6 +261,18 @@ def rope_attention(
             backward multiplies dS by ``1 - tanh^2``); on CUDA the call runs unfused
             (:func:`pirope.apply_rope_qk`, then the capped softmax in float32 over blocks
             of query rows, each recomputed in the backward rather than kept).
+        sinks: attention sinks, as in GPT-OSS (its attention's ``sinks`` parameter,
+            transformers' ``s_aux``): a ``(nheads_q,)`` floating tensor on q's device, one
+            logit per query head that joins each softmax row of that head as a key
+            without a value, so ``out = sum_j exp(s_j - lse) v_j`` with ``lse =
+            log(sum_j exp(s_j) + exp(sinks[h]))`` (not scaled, not capped). ``None``
+            (the default): none; ``-inf``: none for that head; NaN and ``+inf`` are
+            refused on CPU. Differentiable: the gradient of ``sinks[h]`` is ``-sum`` over
+            the head's rows of ``exp(sinks[h] - lse) * rowsum(grad_out * out)``, in sinks'
+            dtype. Fused on CPU (a row's online softmax starts from its sink; the
+            backward is unchanged, its probabilities coming from that lse); on CUDA the
+            call runs unfused (:func:`pirope.apply_rope_qk`, then the attention in float32
+            over blocks of query rows, as with ``softcap``).
 
     Under ``torch.autocast``, q, k and v are cast to the autocast dtype first, as
     ``torch.nn.functional.scaled_dot_product_attention`` does (not float64 ones).
@@ -274,11 +299,12 @@ def rope_attention(
     _checks.tensor(op, "sin", sin)
     _checks.tensor(op, "position_ids", position_ids, optional=True)
     _checks.tensor(op, "cu_seqlens", cu_seqlens, optional=True)
+    _checks.tensor(op, "sinks", sinks, optional=True)
     _checks.flag(op, "causal", causal)
     _checks.flag(op, "interleaved", interleaved)
     # a bound past int64 is the same window as INT64_MAX: no sequence is that long
     window = tuple(min(w, _INT64_MAX) for w in _checks.window(op, "window_size", window_size))
-    _checks.no_forward_ad(op, *zip("q k v cos sin".split(), (q, k, v, cos, sin)))
+    _checks.no_forward_ad(op, *zip("q k v cos sin sinks".split(), (q, k, v, cos, sin, sinks)))
     q, k, v = _autocast(q, k, v)
     if softmax_scale is None:
         if q.dim() < 1 or q.shape[-1] < 1:
@@ -305,11 +331,11 @@ def rope_attention(
                 raise RuntimeError(f"{op}: {name} must be on {q.device} like q, got {t.device}")
         if cu_seqlens is not None:
             return _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax_scale, interleaved,
-                                   window, softcap, asked_deterministic)
-        if (_is_windowed(window, causal) or softcap
+                                   window, softcap, asked_deterministic, sinks)
+        if (_is_windowed(window, causal) or softcap or sinks is not None
                 or not _cuda_kernel_applies(q, k, v, cos, interleaved, asked_deterministic)):
             return _sdpa_fallback(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved, window,
-                                  softcap, asked_deterministic)
+                                  softcap, asked_deterministic, sinks)
     out, _ = _functorch.call("rope_attention", q, k, v, cos, sin, position_ids, causal,
-                             softmax_scale, interleaved, deterministic, cu_seqlens, *window, softcap)
+                             softmax_scale, interleaved, deterministic, cu_seqlens, *window, softcap, sinks)
     return out

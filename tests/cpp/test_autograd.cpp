@@ -161,6 +161,35 @@ TEST_CASE("rope_attention with a soft-cap: scores capped by tanh before the soft
   REQUIRE(error.find("softcap") != std::string::npos);
 }
 
+TEST_CASE("rope_attention with attention sinks: a key of logit sink and no value per head", "[autograd]") {
+  at::manual_seed(8);
+  auto [cos, sin] = pi_tables(32, 300, 2.0);
+  auto q = leaf({2, 300, 4, 32}), k = leaf({2, 300, 2, 32}), v = leaf({2, 300, 2, 32});
+  auto sinks = (2 * at::randn({4}, at::kDouble)).requires_grad_();
+  auto g = at::randn({2, 300, 4, 32}, at::kDouble);
+  auto call = [&](const std::optional<at::Tensor>& s) {
+    return pirope::rope_attention(q, k, v, cos, sin, std::nullopt, true, std::nullopt, false, false,
+                                  std::nullopt, 90, -1, 0.0, s);
+  };
+  auto [out, lse] = call(sinks);
+  // against the call without sinks: lse' = logaddexp(lse, sink), out' = out exp(lse - lse')
+  auto [plain, plain_lse] = call(std::nullopt);
+  auto want_lse = at::logaddexp(plain_lse, sinks.detach().view({1, 4, 1}));
+  REQUIRE(close(lse, want_lse, 1e-12));
+  REQUIRE(close(out, plain.detach() * (plain_lse - want_lse).exp().transpose(1, 2).unsqueeze(-1), 1e-12));
+  // the sinks' gradient against central differences of sum(out * g)
+  auto ds = grad_of((out * g).sum(), sinks);
+  for (int64_t h = 0; h < 4; ++h) {
+    const double eps = 1e-6;
+    auto up = sinks.detach().clone(), down = sinks.detach().clone();
+    up[h] += eps;
+    down[h] -= eps;
+    const double fd = ((std::get<0>(call(up)) * g).sum() - (std::get<0>(call(down)) * g).sum()).item<double>() /
+                      (2 * eps);
+    REQUIRE(std::abs(ds[h].item<double>() - fd) < 1e-6 * std::max(1.0, std::abs(fd)));
+  }
+}
+
 TEST_CASE("in-place rotation refuses tensors that require grad", "[autograd]") {
   auto [cos, sin] = pi_tables(32, 8, 1.0);
   auto q = leaf({1, 8, 2, 32}), k = at::randn({1, 8, 1, 32}, at::kDouble);

@@ -1,8 +1,8 @@
 // Autograd of the fused attention, for every caller (Python, torch.compile, LibTorch):
 // the backward is its own op, which recomputes the probabilities from the saved
-// log-sum-exp. q, k and v get gradients; the tables and positions do not, and lse (an
-// auxiliary output) is not differentiable. Gradients of the backward are not
-// implemented, and say so instead of being taken as zero.
+// log-sum-exp. q, k and v get gradients, and attention sinks theirs (below); the tables
+// and positions do not, and lse (an auxiliary output) is not differentiable. Gradients of
+// the backward are not implemented, and say so instead of being taken as zero.
 // (Under torch.func, python/pirope/_autograd takes over with the same backward op.)
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -16,22 +16,40 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The gradient of attention sinks. A sink joins each row's softmax as a key of logit s_h
+// and no value: p_sink = exp(s_h - lse) (lse includes it), and out = sum_j p_j v_j with
+// d p_j / d s_h = -p_j p_sink, so dL/ds_h = -sum over the head's rows of p_sink *
+// rowsum(grad_out * out) (the D of the backward). lse: (batch, heads_q, seqlen), or
+// (heads_q, total) when packed; out, grad_out: (batch, seqlen, heads_q, headdim) or
+// (total, heads_q, headdim).
+at::Tensor sinks_grad(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+                      const at::Tensor& sinks, bool packed) {
+  const auto math = lse.scalar_type();
+  const at::Tensor d = (grad_out.to(math) * out.to(math)).sum(-1);  // (b, s, h) or (t, h)
+  if (packed)
+    return -((sinks.to(math).unsqueeze(1) - lse).exp() * d.t()).sum(1).to(sinks.scalar_type());
+  return -((sinks.to(math).view({1, -1, 1}) - lse).exp() * d.permute({0, 2, 1}))
+              .sum(at::IntArrayRef{0, 2})
+              .to(sinks.scalar_type());
+}
+
 struct Attention : torch::autograd::Function<Attention> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
                                const std::optional<at::Tensor>& pos, bool causal,
                                double softmax_scale, bool interleaved, bool deterministic,
                                const std::optional<at::Tensor>& cu_seqlens, int64_t window_left,
-                               int64_t window_right, double softcap) {
+                               int64_t window_right, double softcap,
+                               const std::optional<at::Tensor>& sinks) {
     at::Tensor out, lse;
     {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(out, lse) = rope_attention(q, k, v, cos, sin, pos, causal, softmax_scale,
                                           interleaved, deterministic, cu_seqlens, window_left,
-                                          window_right, softcap);
+                                          window_right, softcap, sinks);
     }
     ctx->save_for_backward({q, k, v, out, lse, cos, sin, pos.value_or(at::Tensor()),
-                            cu_seqlens.value_or(at::Tensor())});
+                            cu_seqlens.value_or(at::Tensor()), sinks.value_or(at::Tensor())});
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["softmax_scale"] = softmax_scale;
     ctx->saved_data["interleaved"] = interleaved;
@@ -55,7 +73,8 @@ struct Attention : torch::autograd::Function<Attention> {
         d.at("interleaved").toBool(), d.at("deterministic").toBool(), optional(s[8]),
         d.at("window_left").toInt(), d.at("window_right").toInt(), d.at("softcap").toDouble());
     variable_list out = {dq, dk, dv};
-    out.resize(14);  // none for cos, sin, position_ids, the flags, cu_seqlens, the window and softcap
+    out.resize(15);  // none for cos, sin, position_ids, the flags, cu_seqlens, the window and softcap
+    if (s[9].defined()) out[14] = sinks_grad(grads[0], s[3], s[4], s[9], s[8].defined());
     return out;
   }
 };
@@ -87,10 +106,10 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& sin, const std::optional<at::Tensor>& pos, bool causal,
     double softmax_scale, bool interleaved, bool deterministic,
     const std::optional<at::Tensor>& cu_seqlens, int64_t window_left, int64_t window_right,
-    double softcap) {
+    double softcap, const std::optional<at::Tensor>& sinks) {
   check_defined("rope_attention", {{"q", q}, {"k", k}, {"v", v}, {"cos", cos}, {"sin", sin}});
   auto out = Attention::apply(q, k, v, cos, sin, pos, causal, softmax_scale, interleaved,
-                              deterministic, cu_seqlens, window_left, window_right, softcap);
+                              deterministic, cu_seqlens, window_left, window_right, softcap, sinks);
   return {out[0], out[1]};
 }
 

@@ -8,7 +8,8 @@
 // scores live in one (kBlockQ x kBlockK) tile per thread. Packed sequences
 // (cu_seqlens) are the sequences of the batch, each at its own rows
 // (attention_sequence in attention_params.h); tasks past a sequence's end do nothing.
-// A soft-cap (p.softcap) maps the scores a row sees before its softmax (softcap_row).
+// A soft-cap (p.softcap) maps the scores a row sees before its softmax (softcap_row);
+// an attention sink (p.sinks) starts it (see below).
 #include <limits>
 #include <vector>
 
@@ -130,6 +131,7 @@ void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
   const int64_t nchunks = (p.seqlen + kChunkQ - 1) / kChunkQ;
   const acc_t scale = static_cast<acc_t>(p.softmax_scale), cap = static_cast<acc_t>(p.softcap);
   const RopeParams& r = p.rope;
+  const acc_t* sinks = static_cast<const acc_t*>(p.sinks);
 
   const int64_t lse_len = attention_lse_len(p);
 
@@ -182,11 +184,16 @@ void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
       scalar_t* op = static_cast<scalar_t*>(p.out.ptr) + seq.offset(p.out, hq);
       acc_t* lse = static_cast<acc_t*>(p.lse) + seq.lse_offset(p.heads_q, hq, lse_len);
 
+      // A row's online softmax starts empty (max -inf, sum 0), or with its head's sink: a
+      // key of logit sinks[hq] and no value (max = sink, sum = exp(sink - max) = 1; a sink
+      // of -inf drops out at the first key, whose alpha = exp(-inf - max) is 0).
+      const acc_t m0 = sinks ? sinks[hq] : -std::numeric_limits<acc_t>::infinity();
+      const acc_t l0 = sinks ? acc_t(1) : acc_t(0);
       for (int64_t q0 = c0; q0 < c1; q0 += kBlockQ) {
         const int64_t nq = std::min(kBlockQ, c1 - q0);
         prod.load_queries(r, seq, q0, nq, qp + q0 * p.q.stride_s, p.q.stride_s);
-        std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
-        std::fill(l.begin(), l.end(), acc_t(0));
+        std::fill(m.begin(), m.end(), m0);
+        std::fill(l.begin(), l.end(), l0);
         std::fill(ot.begin(), ot.end(), acc_t(0));
         // keys of the tile's rows: from the first row's first to the last row's end
         const int64_t qend = band.end(q0 + nq - 1, S);
@@ -213,7 +220,7 @@ void forward_cpu(const AttentionParams& p, MakeProducts make_products) {
           prod.add_pv(nq, k0, nk, st.data(), kBlockK, ot.data());
         }
         for (int64_t i = 0; i < nq; ++i) {
-          // Every row sees at least its own key: l > 0.
+          // Every row sees at least its own key: l > 0 (and >= 1 with a sink).
           const acc_t inv = acc_t(1) / l[i];
           const acc_t* orow = ot.data() + i * D;
           scalar_t* dst = op + (q0 + i) * p.out.stride_s;

@@ -31,6 +31,15 @@ def _check_softcap(op, softcap, dtype):
                          f"{_FLOAT32_MAX}: {dtype} inputs are computed in float32), got {softcap}")
 
 
+def _check_sinks(op, sinks, q, packed):
+    # rope_attention.cpp's check_sinks, but for its values (data) and its CPU-only rule
+    nheads_q = q.shape[1] if packed else q.shape[2]
+    torch._check(sinks.dim() == 1 and sinks.shape[0] == nheads_q,
+                 lambda: f"{op}: sinks must be 1-D (nheads_q,) = ({nheads_q},), got shape {tuple(sinks.shape)}")
+    torch._check(sinks.dtype in DTYPES,
+                 lambda: f"{op}: sinks must be float32, float64, float16 or bfloat16, got {sinks.dtype}")
+
+
 def _check(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens=None):
     packed = cu_seqlens is not None
     if packed:  # rope_attention.cpp's check_cu_seqlens, but for its values (data)
@@ -83,13 +92,16 @@ def _check(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens=None):
 
 @torch.library.register_fake("pirope::rope_attention")
 def _rope_attention(q, k, v, cos, sin, position_ids, causal, softmax_scale, interleaved,
-                    deterministic=False, cu_seqlens=None, window_left=-1, window_right=-1, softcap=0.0):
+                    deterministic=False, cu_seqlens=None, window_left=-1, window_right=-1, softcap=0.0,
+                    sinks=None):
     op = "rope_attention"
     _check_devices(op, ("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("position_ids", position_ids),
-                   ("cu_seqlens", cu_seqlens))
+                   ("cu_seqlens", cu_seqlens), ("sinks", sinks))
     _check(op, q, k, v, cos, sin, position_ids, softmax_scale, cu_seqlens)
     _check_window(op, window_left, window_right)
     _check_softcap(op, softcap, q.dtype)
+    if sinks is not None:
+        _check_sinks(op, sinks, q, cu_seqlens is not None)
     out = q.new_empty(q.shape)
     # (batch, nheads_q, seqlen), or (nheads_q, total) for packed sequences
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])

@@ -1,12 +1,18 @@
 """Batching rules of the fused attention: the vmapped dim joins the heads of q, k and v
 (and of lse). Query head ``v * nheads_q + h`` then reads key head ``(v * nheads_q + h) //
-group = v * nheads_kv + h // group``: the same grouped-query pairing within each index."""
+group = v * nheads_kv + h // group``: the same grouped-query pairing within each index,
+and attention sinks (one per query head, shared by the batch) repeat once per index."""
 
 import torch
 
 from . import _fold
 
 ops = torch.ops.pirope
+
+
+# Where sinks sit among the arguments after q, k, v (cos, sin, position_ids, causal,
+# softmax_scale, interleaved, deterministic, cu_seqlens, window_left, window_right, softcap).
+_SINKS = 11
 
 
 def _foldable(info, tensors, dims, rest_dims) -> bool:
@@ -18,6 +24,8 @@ def _rope_attention(info, in_dims, q, k, v, *rest):
     if not _foldable(info, (q, k, v), in_dims[:3], in_dims[3:]):
         return _fold.loop(ops.rope_attention, info, in_dims, (q, k, v, *rest))
     nheads_q = _fold.sample_shape(q, in_dims[0])[2]
+    if len(rest) > _SINKS and rest[_SINKS] is not None:
+        rest = (*rest[:_SINKS], rest[_SINKS].repeat(info.batch_size), *rest[_SINKS + 1:])
     out, lse = ops.rope_attention(*_fold.fold_each(info, (q, k, v), in_dims[:3], (2, 2, 2)), *rest)
     (out, out_dim), (lse, lse_dim) = (_fold.out_of_heads(out, info.batch_size, 2, nheads_q),
                                       _fold.out_of_heads(lse, info.batch_size, 1, nheads_q))
