@@ -150,6 +150,10 @@ FAMILIES = {
     # q/k RMSNorms query_layernorm / key_layernorm AFTER RoPE; NTK-alpha RoPE (tests below)
     "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", dict(rope_parameters=NTK_ALPHA)),
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", dict(MOE, rope_parameters=NTK_ALPHA)),
+    # layer 0 sliding (16-token window), layer 1 full; per-head attention sinks (s_aux); plain RoPE
+    # here (its checkpoints' YaRN: test below); transformers gives GPT-OSS "eager" (it refuses sdpa)
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(MOE, **HYBRID, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 
 
@@ -459,7 +463,7 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3", "gemma3_text",
                                         "gemma2", "mixtral", "qwen2_moe", "olmoe", "minimax_m2", "mellum",
                                         "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe", "kolibri1",
-                                        "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe"])
+                                        "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -1155,6 +1159,72 @@ def test_no_fused_call_where_packing_is_unknown():
 # ---- what the patch refuses, naming what is wrong ------------------------------------------
 
 
+# ---- GPT-OSS's attention sinks ----
+
+def with_sinks(model, scale=2.0):
+    """model with sinks of a few units (the random init's are ~0.02), where they take a good
+    part of each row's attention: a patch that dropped them would change the logits a lot."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, scale)
+    return model
+
+
+@pytest.fixture
+def fused_sinks(monkeypatch):
+    """The sinks tensor of every pirope.rope_attention call."""
+    return spy_on(monkeypatch, "rope_attention", lambda q, kwargs: kwargs.get("sinks"))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_gpt_oss_sinks_are_followed_and_trained(attention, fused_sinks):
+    # logits and every gradient (the sinks' included) equal transformers'; the fused path
+    # passes each layer's own sinks parameter
+    base = with_sinks(make("gpt_oss"))
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    x = ids(2, 100)
+    got, want = logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x)
+    assert_same(got, want)
+    assert any("sinks" in name for name in got[1]) and all(g.abs().max() > 0 for n, g in got[1].items() if "sinks" in n)
+    layers = model.model.layers
+    assert [s is layer.self_attn.sinks for s, layer in zip(fused_sinks, layers)] == ([True, True] if attention == "fused"
+                                                                                     else [])
+    # without them the model is another one
+    no_sinks = copy.deepcopy(base)
+    with torch.no_grad():
+        for layer in no_sinks.model.layers:
+            layer.self_attn.sinks.fill_(float("-inf"))
+    assert not torch.allclose(logits_and_grads(twin(no_sinks, model.config), x)[0], want[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_gpt_oss_yarn_is_kept_and_rescaled_by_patch_rope(attention, fused_calls):
+    # its checkpoints' RoPE: YaRN (truncate False, as GPT-OSS writes it); patch_rope keeps it, or
+    # takes a larger factor, as transformers builds the same model (PI on YaRN is not defined)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+            "original_max_position_embeddings": 16, "rope_theta": 150000.0}
+    base = with_sinks(make("gpt_oss", rope_parameters=yarn))
+    x = ids(2, 100)
+    model = patch_rope(copy.deepcopy(base), attention=attention)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+    wider = {**yarn, "factor": 8.0}
+    model = patch_rope(copy.deepcopy(base), wider, attention=attention)
+    assert model.config.rope_parameters["factor"] == 8.0
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+    with pytest.raises(ValueError, match="yarn"):
+        apply_position_interpolation(copy.deepcopy(base), 2.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpt_oss_layers_with_sinks_take_transformers_backend_on_cuda(fused_calls):
+    # rope_attention would run the sinks unfused on CUDA: transformers' attention runs instead
+    base = with_sinks(make("gpt_oss")).cuda()
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    x = ids(2, 100).cuda()
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config).cuda(), x))
+    assert fused_calls == []
+
+
 def _without(model, layer, name):
     """model with attribute `name` of layer `layer`'s self_attn removed (an architecture
     that looks supported by its model_type but is not built as pirope expects)."""
@@ -1168,6 +1238,7 @@ def _without(model, layer, name):
     ("smollm3", 1, "use_rope", "self_attn.use_rope"),
     ("gemma2", 0, "attn_logit_softcapping", "self_attn.attn_logit_softcapping"),
     ("exaone4", 0, "is_sliding", "is_sliding"),
+    ("gpt_oss", 1, "sinks", "self_attn.sinks"),
     ("cohere2_moe", 1, "force_rope", "self_attn.force_rope"),
 ])
 def test_a_layer_without_what_its_family_needs_is_refused_unchanged(model_type, layer, name, match):

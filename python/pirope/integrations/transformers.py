@@ -50,7 +50,10 @@ pirope's inverse rotation) and ``hunyuan_v1_dense`` and ``hunyuan_v1_moe`` (per-
 it; Position Interpolation makes it ``{"rope_type": "linear", "factor": F, "rope_theta": that
 base}``, which transformers loads back as the same model). With norms after RoPE the norms
 run on the rotated q and k, before the cache update, so these layers always take the "sdpa"
-path (rope_attention rotates inside itself). Architectures whose
+path (rope_attention rotates inside itself), and ``gpt_oss`` (GPT-OSS: q/k/v biases, a
+sliding window on its sliding_attention layers, per-head attention sinks, see below; its
+checkpoints' RoPE is YaRN, which patch_rope keeps or rescales: Position Interpolation on top
+of YaRN is not defined). Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
@@ -66,7 +69,7 @@ is of one of these types has that language model patched: its RoPE is
 scaled, the vision tower is left alone, and ``config.text_config`` is updated (so
 ``save_pretrained`` round-trips). Anything else raises ``TypeError`` rather than risk a
 silently different model (e.g. PhiMoE's rotary embedding with its own short/long
-``mscale``, Qwen2-VL's multimodal RoPE, GPT-OSS's attention sinks, DeepSeek-style MLA,
+``mscale``, Qwen2-VL's multimodal RoPE, attention sinks computed from the input, DeepSeek-style MLA,
 Ministral 3's position-dependent query scaling, gated attention outputs, hybrids with
 linear-attention or convolution layers).
 Gemma 2's ``attn_logit_softcapping``: ``Gemma2Attention`` passes it to its attention function
@@ -78,6 +81,11 @@ with no mask tensor, e.g. flash attention without padding). On CUDA a capped lay
 "sdpa" path (transformers' backend: flash attention caps in its kernel, while rope_attention
 would run the cap unfused). ``final_logit_softcapping`` is applied by the model after the
 layers, untouched by the patch.
+GPT-OSS's attention sinks (``self_attn.sinks``, one learned logit per query head that joins
+each softmax row as a key without a value): the patched layers pass them to the attention
+function as ``s_aux``, as ``GptOssAttention`` does, and the fused path as
+``pirope.rope_attention``'s ``sinks`` (on CPU; on CUDA transformers' backend runs, as for a
+soft-cap), so the sinks get their gradients either way.
 Gemma 3's ``attn_logit_softcapping``: transformers' ``Gemma3Attention`` stores it but passes
 no ``softcap`` to its attention function, so its scores are not capped; the patched layers
 do the same (both paths), so the patched model equals transformers' for any config.
@@ -290,6 +298,11 @@ class _Family(NamedTuple):
     # rotary embedding; its other keys are ignored), and alpha is ignored with any other rope_type,
     # as in transformers (see _ntk_alpha_as_default)
     ntk_alpha: bool = False
+    # the attention module's attribute holding per-head attention-sink logits its forward passes
+    # to the attention function as s_aux= (GPT-OSS's sinks: each softmax row gets one more key of
+    # that logit and no value); None: the family has none. The fused path passes them to
+    # pirope.rope_attention's sinks (CPU only, as with softcap)
+    sinks: str | None = None
     # what the decoder layer and its attention module call things: the attention (LLaMA's
     # self_attn, GPT-NeoX's attention), the output projection (o_proj / dense) and the head
     # size (head_dim / head_size)
@@ -380,6 +393,9 @@ _FAMILIES: dict[str, _Family] = {
     "hunyuan_v1_moe": _Family("separate", None, False, qk_norm="head",
                               qk_norm_names=("query_layernorm", "key_layernorm"), qk_norm_after_rope=True,
                               ntk_alpha=True),
+    # GPT-OSS: LLaMA's attention (q/k/v biases) with a sliding window on its sliding_attention
+    # layers (the module's own .sliding_window) and per-head attention sinks passed as s_aux
+    "gpt_oss": _Family("separate", "module", False, sinks="sinks"),
     # GPT-NeoX (Pythia): per-head fused q | k | v, partial rotary (rotary_pct), its own names
     "gpt_neox": _Family("qkv_heads", None, True, attn_name="attention", out_proj="dense",
                         head_dim_attr="head_size"),
@@ -662,6 +678,10 @@ def _attention_modules(model, family: _Family):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn.{family.softcap} "
                 "(its attention-logit soft-cap); this architecture is not supported")
+        if family.sinks is not None and not isinstance(getattr(attn, family.sinks, None), torch.Tensor):
+            raise TypeError(
+                f"model: decoder layer {i} ({type(layer).__name__}) has no tensor self_attn.{family.sinks} "
+                "(its attention-sink logits); this architecture is not supported")
         if family.window == "sliding" and not hasattr(attn, "is_sliding"):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn.is_sliding; "
@@ -974,9 +994,10 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     rotates = family.rope_layers is None or family.rope_layers.rotates(self)
 
     softcap = _softcap(self)  # None, or (where it fuses) a number _layer_can_fuse checked
+    sinks = None if family.sinks is None else getattr(self, family.sinks)
     fuse, cu_seqlens = rotates and _layer_can_fuse(self, q.shape[1], cache, kwargs), None
-    if fuse and softcap is not None and q.device.type != "cpu":
-        # rope_attention runs a soft-cap unfused off CPU: transformers' backend (flash
+    if fuse and (softcap is not None or sinks is not None) and q.device.type != "cpu":
+        # rope_attention runs a soft-cap or sinks unfused off CPU: transformers' backend (flash
         # attention's softcap, or eager) is the one to take there
         fuse = False
     window = _cutting_window(self, q.shape[1])
@@ -997,10 +1018,11 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
                 q.reshape(batch * seqlen, *q.shape[2:]), k.reshape(batch * seqlen, *k.shape[2:]),
                 v.reshape(batch * seqlen, *v.shape[2:]), cos, sin, pos.expand(batch, seqlen).reshape(-1),
                 causal=True, softmax_scale=self.scaling, interleaved=interleaved, cu_seqlens=cu_seqlens,
-                window_size=window_size, softcap=softcap)
+                window_size=window_size, softcap=softcap, sinks=sinks)
         else:  # one sequence per row
             out = pirope.rope_attention(q, k, v, cos, sin, position_ids, causal=True, softmax_scale=self.scaling,
-                                        interleaved=interleaved, window_size=window_size, softcap=softcap)
+                                        interleaved=interleaved, window_size=window_size, softcap=softcap,
+                                        sinks=sinks)
         out = out.reshape(*input_shape, -1).contiguous()
         return _out_proj(self, out), None
 
@@ -1021,6 +1043,8 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         extra["sliding_window"] = _sliding_window(self)
     if family.softcap is not None:  # passed even when None, as Gemma 2 does
         extra["softcap"] = softcap
+    if sinks is not None:  # GPT-OSS's name for them
+        extra["s_aux"] = sinks
     out, weights = interface(
         self, q, k, v, attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,
