@@ -29,6 +29,7 @@ first method ((a) by default).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import types
@@ -36,7 +37,7 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_method_args, method_setup, report, time_methods  # noqa: E402
+from common import add_method_args, time_against_eager  # noqa: E402
 
 import pirope  # noqa: E402
 from pirope.rope_attention import _sdpa_fallback  # noqa: E402
@@ -56,7 +57,7 @@ def _eager(q, k, v, cap, mask):
     return out
 
 
-def hf_eager(q, k, v, cos, sin, window, cap, mask):
+def hf_eager(q, k, v, cos, sin, window, mask, *, cap):
     # transformers' rotation on (B, H, S, D) with per-token cos/sin rows (Gemma2RotaryEmbedding's
     # output: the table duplicated over both halves, in the input dtype)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -66,35 +67,25 @@ def hf_eager(q, k, v, cos, sin, window, cap, mask):
     return _eager(q, k, v, cap, mask)
 
 
-def pirope_eager(q, k, v, cos, sin, window, cap, mask):
+def pirope_eager(q, k, v, cos, sin, window, mask, *, cap):
     qr, kr = pirope.apply_rope_qk(q, k, cos, sin)
     return _eager(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), cap, mask)
 
 
-def blocks(q, k, v, cos, sin, window, cap, mask):
+def blocks(q, k, v, cos, sin, window, mask, *, cap):
     return _sdpa_fallback(q, k, v, cos, sin, None, True, q.shape[-1] ** -0.5, False, (window - 1, 0), cap)
 
 
-def fused(q, k, v, cos, sin, window, cap, mask):
+def fused(q, k, v, cos, sin, window, mask, *, cap):
     return pirope.rope_attention(q, k, v, cos, sin, window_size=(window - 1, 0), softcap=cap)
 
 
-def fused_nocap(q, k, v, cos, sin, window, cap, mask):
+def fused_nocap(q, k, v, cos, sin, window, mask, *, cap):
     return pirope.rope_attention(q, k, v, cos, sin, window_size=(window - 1, 0))
 
 
 METHODS = {"a": ("hf_eager", hf_eager), "b": ("pirope_eager", pirope_eager), "c": ("blocks", blocks),
            "d": ("fused", fused), "e": ("fused_nocap", fused_nocap)}
-
-
-def additive_mask(seqlen: int, window: int, dtype, device) -> torch.Tensor:
-    """transformers' eager mask (1, 1, S, S): 0 where key j is seen from query i (j <= i, and
-    i - W < j with a window W > 0), the dtype's lowest elsewhere."""
-    i = torch.arange(seqlen, device=device)[:, None]
-    j = torch.arange(seqlen, device=device)[None, :]
-    seen = (j <= i) & ((j > i - window) if window > 0 else True)
-    mask = torch.zeros(seqlen, seqlen, dtype=dtype, device=device)
-    return mask.masked_fill(~seen, torch.finfo(dtype).min)[None, None]
 
 
 def main():
@@ -105,31 +96,9 @@ def main():
     add_method_args(ap, "a,b,c,d,e")
     ap.set_defaults(heads="16/8", headdim=256)
     args = ap.parse_args()
-
-    device, hq, hkv, d, chosen, inv_freq = method_setup(args, METHODS)
-    cap = args.softcap
-    rows = []
-    for seqlen in map(int, args.seqlens.split(",")):
-        cos, sin = (t.to(device) for t in pirope.rope_cos_sin(inv_freq, seqlen))
-        for window in map(int, args.windows.split(",")):
-            for dtype_name in args.dtypes.split(","):
-                dtype = getattr(torch, dtype_name)
-                mask = additive_mask(seqlen, window, dtype, device)
-                gen = torch.Generator(device=device).manual_seed(0)
-                # scores of several units (std ~ 2 sqrt(headdim) q.k / sqrt(headdim)): the cap matters
-                mk = lambda h, s: s * torch.randn(1, seqlen, h, d, device=device, dtype=dtype, generator=gen)  # noqa: E731
-                q, k, v, grad = mk(hq, 4.0), mk(hkv, 4.0), mk(hkv, 1.0), mk(hq, 1.0)
-                with torch.no_grad():
-                    exact = [t.double() for t in (q, k, v)]
-                    ref = hf_eager(*exact, cos, sin, window, cap, additive_mask(seqlen, window, torch.float64, device))
-                    diffs = {name: (fn(q, k, v, cos, sin, window, cap, mask).double() - ref).abs().max().item()
-                             for name, fn in chosen if name != "fused_nocap"}
-                    del exact, ref
-                rows += time_methods(chosen, lambda fn, q, k, v: fn(q, k, v, cos, sin, window, cap, mask),
-                                     (q, k, v), grad, device=str(device), repeat=args.repeat,
-                                     modes=args.modes.split(","),
-                                     key={"seqlen": seqlen, "window": window, "dtype": dtype_name}, diffs=diffs)
-    report(rows, args)
+    # scores of several units (std ~ 2 sqrt(headdim) q.k / sqrt(headdim)): the cap matters
+    methods = {key: (name, functools.partial(fn, cap=args.softcap)) for key, (name, fn) in METHODS.items()}
+    time_against_eager(args, methods, methods["a"][1], qk_std=4.0, skip_diff=("fused_nocap",))
 
 
 if __name__ == "__main__":

@@ -128,3 +128,46 @@ def report(rows: list[dict], args) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "heads": args.heads, "headdim": args.headdim, "rows": rows}, f, indent=1)
+
+
+def additive_mask(seqlen: int, window: int, dtype, device) -> torch.Tensor:
+    """transformers' eager mask (1, 1, S, S): 0 where key j is seen from query i (j <= i, and
+    i - W < j with a window W > 0), the dtype's lowest elsewhere."""
+    i = torch.arange(seqlen, device=device)[:, None]
+    j = torch.arange(seqlen, device=device)[None, :]
+    seen = (j <= i) & ((j > i - window) if window > 0 else True)
+    mask = torch.zeros(seqlen, seqlen, dtype=dtype, device=device)
+    return mask.masked_fill(~seen, torch.finfo(dtype).min)[None, None]
+
+
+def time_against_eager(args, methods: dict, reference, *, qk_std: float, skip_diff=()) -> None:
+    """The loop of a benchmark against a model's eager attention (Gemma 2's soft-cap,
+    GPT-OSS's sinks): for each --seqlens x --windows x --dtypes, q and k (std ``qk_std``),
+    v, grad of batch 1 and transformers' additive mask; each chosen method is run as
+    ``fn(q, k, v, cos, sin, window, mask)``, compared (max |difference|) with ``reference``
+    run the same way in float64 (not the methods of ``skip_diff``, which compute another
+    result), then timed; the table (and --json) printed by report()."""
+    import pirope
+
+    device, hq, hkv, d, chosen, inv_freq = method_setup(args, methods)
+    rows = []
+    for seqlen in map(int, args.seqlens.split(",")):
+        cos, sin = (t.to(device) for t in pirope.rope_cos_sin(inv_freq, seqlen))
+        for window in map(int, args.windows.split(",")):
+            for dtype_name in args.dtypes.split(","):
+                dtype = getattr(torch, dtype_name)
+                mask = additive_mask(seqlen, window, dtype, device)
+                gen = torch.Generator(device=device).manual_seed(0)
+                mk = lambda h, s: s * torch.randn(1, seqlen, h, d, device=device, dtype=dtype, generator=gen)  # noqa: E731
+                q, k, v, grad = mk(hq, qk_std), mk(hkv, qk_std), mk(hkv, 1.0), mk(hq, 1.0)
+                with torch.no_grad():
+                    exact = [t.double() for t in (q, k, v)]
+                    ref = reference(*exact, cos, sin, window, additive_mask(seqlen, window, torch.float64, device))
+                    diffs = {name: (fn(q, k, v, cos, sin, window, mask).double() - ref).abs().max().item()
+                             for name, fn in chosen if name not in skip_diff}
+                    del exact, ref
+                rows += time_methods(chosen, lambda fn, q, k, v: fn(q, k, v, cos, sin, window, mask),
+                                     (q, k, v), grad, device=str(device), repeat=args.repeat,
+                                     modes=args.modes.split(","),
+                                     key={"seqlen": seqlen, "window": window, "dtype": dtype_name}, diffs=diffs)
+    report(rows, args)
