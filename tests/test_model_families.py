@@ -1114,7 +1114,7 @@ def test_packed_sequences_attend_within_themselves_as_with_flash_attention(how, 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(integration, "_layer_can_fuse", lambda attn, seqlen, cache, kwargs: real(
             attn, seqlen, cache, {k: v for k, v in kwargs.items() if not k.startswith("cu_seq_lens")}))
-        m.setattr(integration, "_segments_of_mask", lambda q, *rest: torch.tensor([0, q.shape[1]]))  # one per row
+        m.setattr(integration, "_segments_of_mask", lambda q, *rest, **kw: torch.tensor([0, q.shape[1]]))  # one per row
         across = model(x, **inputs, use_cache=False).logits
     assert fused_calls == [(1, 100, 4, 16)] * 2
     torch.testing.assert_close(across[:, :30], got[0][:, :30], rtol=1e-5, atol=1e-5)  # the first sequence
@@ -1157,6 +1157,52 @@ def test_no_fused_call_where_packing_is_unknown():
 
 
 # ---- what the patch refuses, naming what is wrong ------------------------------------------
+
+
+# ---- found by review: training Persimmon, Phi-3's own original window, bool masks under eager ----
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_persimmon_trains_with_its_dropout_module(attention, fused_calls):
+    # Persimmon's attention_dropout is an nn.Dropout (it passes config.attention_dropout to its
+    # attention function): in training mode the patch passed the module as a rate and failed
+    base = make("persimmon").train()
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention).train()
+    x = ids(2, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config).train(), x))
+    assert fused_calls == ([(2, 100, 4, 16)] * 2 if attention == "fused" else [])  # rate 0: fused in training
+    dropping = make("persimmon", attention_dropout=0.5).train()
+    model = apply_position_interpolation(dropping, 2.0, attention=attention).train()
+    fused_calls.clear()
+    logits_and_grads(model, x)  # runs (transformers' attention, with dropout), never fused
+    assert fused_calls == []
+
+
+def test_phi3_longrope_by_patch_rope_uses_the_configs_original_window():
+    # transformers takes Phi-3's config.original_max_position_embeddings over the dict's (and the
+    # window): patch_rope must build the same model, and refuse a dict that says otherwise
+    base = make("phi3", max_position_embeddings=128, original_max_position_embeddings=32)
+    scaling = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}
+    model = patch_rope(copy.deepcopy(base), scaling, attention="fused")
+    assert model.config.rope_parameters["original_max_position_embeddings"] == 32
+    x = ids(1, 48)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+    with pytest.raises(ValueError, match="original_max_position_embeddings 64 differs from "
+                                         r"model.config.original_max_position_embeddings \(32\)"):
+        patch_rope(copy.deepcopy(base), {**scaling, "original_max_position_embeddings": 64})
+
+
+def test_a_bool_mask_under_eager_is_computed_as_transformers_computes_it(fused_calls):
+    # eager adds any mask to the scores (a bool one as +1 / +0: no masking), while SDPA reads
+    # True as "seen": the fused path takes a bool mask as causal only under SDPA
+    x = ids(2, 40)
+    mask = torch.tril(torch.ones(40, 40, dtype=torch.bool)).expand(2, 1, 40, 40)
+    for impl, fused in (("eager", 0), ("sdpa", 2)):
+        base = make("llama", attn_implementation=impl)
+        model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+        fused_calls.clear()
+        got = logits_and_grads(model, x, attention_mask=mask)
+        assert_same(got, logits_and_grads(twin(base, model.config), x, attention_mask=mask))
+        assert len(fused_calls) == fused, impl
 
 
 # ---- GPT-OSS's attention sinks ----

@@ -903,7 +903,7 @@ def _layer_can_fuse(attn, seqlen: int, cache, kwargs) -> bool:
         # transformers' flash attention's packed sequences (cu_seqlens passed in), or a score
         # bias / sink logits that transformers' backends add and rope_attention has not
         return False
-    if attn.training and getattr(attn, "attention_dropout", 0.0):
+    if attn.training and _dropout_rate(attn):
         return False
     if not _fusable_softcap(_softcap(attn)):
         return False  # a cap rope_attention does not take (transformers' eager would divide by 0)
@@ -920,7 +920,16 @@ def _layer_can_fuse(attn, seqlen: int, cache, kwargs) -> bool:
 _MASK_ROWS = 1024  # rows of the mask compared at a time (bounds the temporary)
 
 
-def _segments_of_mask(q, attention_mask, position_ids, packed, window: int | None = None) -> torch.Tensor | None:
+def _dropout_rate(attn) -> float:
+    """The attention dropout rate the layer passes its attention function: its
+    attention_dropout, or where that is an nn.Dropout (Persimmon, which passes
+    config.attention_dropout, the module's p) that module's rate."""
+    rate = getattr(attn, "attention_dropout", 0.0)
+    return rate.p if isinstance(rate, nn.Dropout) else rate
+
+
+def _segments_of_mask(q, attention_mask, position_ids, packed, window: int | None = None,
+                      bool_masks: bool = True) -> torch.Tensor | None:
     """cu_seqlens (over the batch's rows flattened) when ``attention_mask`` lets each query
     see exactly the keys at or before it within its own sequence -- sequences being the
     runs of consecutive positions, as transformers delimits packed ones -- and, with a
@@ -932,8 +941,13 @@ def _segments_of_mask(q, attention_mask, position_ids, packed, window: int | Non
     positions restarting, no attention mask given) with its sdpa or eager backend, the
     causal mask eager always builds, and the sliding-window masks of both. Read on the host:
     CPU tensors only (the fused CUDA path takes neither packed sequences nor windows), and
-    not under torch.compile (``packed`` None)."""
+    not under torch.compile (``packed`` None). A bool mask means "seen" where True only to a
+    backend that reads it so (SDPA); ``bool_masks`` False (eager, which adds any mask to the
+    scores, True as +1) leaves bool ones unfused, so that transformers' backend computes
+    them as it does."""
     if packed is None or q.device.type != "cpu" or not isinstance(attention_mask, torch.Tensor):
+        return None
+    if attention_mask.dtype == torch.bool and not bool_masks:
         return None
     batch, seqlen = q.shape[:2]
     if attention_mask.dim() != 4 or tuple(attention_mask.shape) != (batch, 1, seqlen, seqlen):
@@ -1004,7 +1018,8 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     if fuse and (attention_mask is not None or packed is not False or window is not None):
         # a mask tensor, packed sequences or a sliding window: fused only where the mask is
         # exactly causal (within the window) within the sequences the positions delimit
-        cu_seqlens = _segments_of_mask(q, attention_mask, position_ids, packed, window)
+        cu_seqlens = _segments_of_mask(q, attention_mask, position_ids, packed, window,
+                                       bool_masks=self.config._attn_implementation == "sdpa")
         fuse = cu_seqlens is not None
     window_size = (-1, -1) if window is None else (window - 1, 0)
     if fuse:
@@ -1047,7 +1062,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         extra["s_aux"] = sinks
     out, weights = interface(
         self, q, k, v, attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
+        dropout=0.0 if not self.training else _dropout_rate(self),
         scaling=self.scaling, **extra, **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()
     return _out_proj(self, out), weights
@@ -1092,7 +1107,16 @@ def _replaced_rope_parameters(model_type: str, family: _Family, config, attns, p
         if key not in new and key in params:
             new[key] = params[key]
     if new["rope_type"] in ("llama3", "yarn", "longrope"):
-        new.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+        # as transformers' standardize_rope_params: a config's own original window (Phi-3 keeps
+        # original_max_position_embeddings beside rope_parameters) is the one the model uses
+        original = getattr(config, "original_max_position_embeddings", None)
+        if original is None:
+            new.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+        elif new.setdefault("original_max_position_embeddings", original) != original:
+            raise ValueError(
+                f"scaling: original_max_position_embeddings {new['original_max_position_embeddings']!r} differs from "
+                f"model.config.original_max_position_embeddings ({original}), which transformers uses for this model "
+                "instead: leave it out or pass the config's")
     if model_type in _LONGROPE_ONLY and new["rope_type"] not in ("default", "longrope"):
         if new["rope_type"] != "linear":
             raise ValueError(
