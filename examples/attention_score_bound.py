@@ -154,8 +154,10 @@ def main(argv=None):
     d, L, base = args.head_dim, args.window, args.base
     if d < 2 or d % 2:
         p.error(f"--head-dim must be even and >= 2, got {d}")
-    if L < 2 or args.factor < 1 or base <= 1:
-        p.error("--window must be >= 2, --factor >= 1 and --base > 1")
+    if L < 2 or not args.factor >= 1 or not math.isfinite(base) or base <= 1:
+        p.error("--window must be >= 2, --factor >= 1 and --base finite and > 1")
+    if not (math.isfinite(args.ridge) and args.ridge >= 0):
+        p.error(f"--ridge must be finite and >= 0, got {args.ridge}")
     if args.checkpoint:  # a local directory only: nothing is downloaded from the hub
         here = os.path.dirname(os.path.abspath(__file__))
         if here not in sys.path:

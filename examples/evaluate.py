@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from finetune_pi import check_model_dir, load_tokenizer, read_text_data  # noqa: E402
+from finetune_pi import check_device, check_model_dir, load_tokenizer, read_text_data  # noqa: E402
 
 from pirope.eval import passkey_prompt, passkey_retrieval, sliding_window_perplexity  # noqa: E402
 
@@ -67,12 +67,15 @@ def main(argv=None):
         p.error(f"--passkey-trials must be >= 1, got {args.passkey_trials}")
     if args.passkey_lengths and min(args.passkey_lengths) < 1:
         p.error(f"--passkey-lengths must be >= 1, got {min(args.passkey_lengths)}")
+    if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json!r}: its directory does not exist")
+    device = check_device(args.device, "--device", p.error)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     conf = AutoConfig.from_pretrained(args.model)
     window = int(getattr(conf, "max_position_embeddings", 2048))
     windows = args.windows or [window]
-    if min(windows) < 2 or args.stride > min(windows):
+    if args.data is not None and (min(windows) < 2 or args.stride > min(windows)):  # (perplexity only)
         p.error(f"--windows must be >= 2 and >= --stride ({args.stride}), got {windows}")
     encode, decode, tok = load_tokenizer(args.model, int(getattr(conf, "vocab_size", 0)))
     if encode is None:
@@ -98,7 +101,6 @@ def main(argv=None):
             ids = ids[: args.max_tokens]
         if ids.numel() < max(windows):
             p.error(f"--data has {ids.numel()} tokens, fewer than the largest window {max(windows)}")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
     progress = not args.no_progress
     results = {"model": args.model, "window": window, "rope_parameters": getattr(conf, "rope_parameters", None)}

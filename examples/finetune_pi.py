@@ -831,6 +831,22 @@ def check_model_dir(path: str, flag: str, fail):
     return cfg_path
 
 
+def check_device(spec: str, flag: str, fail, local_rank: int = 0) -> torch.device:
+    """``spec`` as a device this machine can hold tensors on: "auto" is cuda (cuda:LOCAL_RANK)
+    where available, else cpu; a device torch cannot place a tensor on here (cuda on a CPU
+    machine, a misspelt name) or meta (no data) is a usage error, not a traceback."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        fail(f"{flag} {spec!r} is not usable here: {str(e).splitlines()[0]}")
+    if device.type == "meta":
+        fail(f"{flag} {spec!r} holds no data: use cpu or cuda")
+    return device
+
+
 def check_out_writable(out: str, fail):
     """--out must be (or be creatable as) a writable directory; creates nothing."""
     path = os.path.abspath(out)
@@ -884,11 +900,7 @@ def run_finetune(args, fail) -> dict:
     if ws > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
         dist.init_process_group(backend)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = check_device(args.device, "--device", fail, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if args.autocast == "auto":

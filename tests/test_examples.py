@@ -144,6 +144,8 @@ def test_sliding_window_uses_context_and_restores_training_mode():
     (dict(window=1000, stride=8), ValueError, "at least as long as window"),
     (dict(window=16.0, stride=8), TypeError, "window must be an int"),
     (dict(window=16, stride=8, batch_size=0), ValueError, "batch_size must be >= 1"),
+    (dict(window=16, stride=8, device="meta"), ValueError, "device must hold data"),
+    (dict(window=16, stride=8, device="bogus"), ValueError, "device must be a torch device"),
 ])
 def test_sliding_window_bad_input(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
@@ -233,6 +235,10 @@ def test_passkey_bad_input():
         passkey_retrieval(OracleLM(), encode, decode, [300], trials=0, progress=False)
     with pytest.raises(TypeError, match="callables"):
         passkey_retrieval(OracleLM(), None, decode, [300], progress=False)
+    with pytest.raises(TypeError, match="key must be a str, got NoneType"):
+        passkey_prompt(1, 0, None)
+    with pytest.raises(TypeError, match="intro must be a str, got int"):
+        passkey_prompt(1, 0, "12345", intro=3)
 
 
 def test_passkey_with_real_model_and_kv_cache():
@@ -741,6 +747,9 @@ def test_evaluate_default_passkey_lengths_fit_a_short_window(tmp_path):
     (["--passkey-lengths", "0"], "--passkey-lengths must be >= 1"),
     (["--passkey-lengths", "20", "120"], "20 is shorter than the passkey prompt"),
     ([], "--passkey-lengths (default [4, 8,"),  # the default lengths of a 32-token model are too short
+    (["--device", "bogus"], "--device 'bogus' is not usable here"),
+    (["--device", "meta"], "--device 'meta' holds no data"),
+    (["--json", "/nonexistent-dir/r.json"], "--json '/nonexistent-dir/r.json': its directory does not exist"),
 ])
 def test_evaluate_bad_args_before_any_work(tiny_ckpt, tmp_path, capsys, monkeypatch, extra, msg):
     """Usage errors come before the model loads and before any perplexity is computed."""
@@ -760,6 +769,37 @@ def test_evaluate_bad_args_before_any_work(tiny_ckpt, tmp_path, capsys, monkeypa
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert msg in err, err
+
+
+def test_evaluate_passkey_only_ignores_the_perplexity_stride(tiny_ckpt, monkeypatch):
+    # no --data: no perplexity, so a window below the default --stride (256) is no error
+    ev = _load("evaluate")
+    ckpt, _ = tiny_ckpt
+    seen = []
+    monkeypatch.setattr(ev, "passkey_retrieval", lambda *a, **k: seen.append(k) or {"success": {}, "k_max": 0})
+    r = ev.main(["--model", ckpt, "--passkey-lengths", "100", "--passkey-trials", "1", "--passkey-intro", "",
+                 "--no-progress"])
+    assert "perplexity" not in r and len(seen) == 1
+
+
+def test_finetune_bad_device_is_a_usage_error(fp, tiny_ckpt, tmp_path, capsys):
+    ckpt, data = tiny_ckpt
+    _bad(fp, _ft_args(ckpt, data, str(tmp_path / "o"), "--device", "bogus"), capsys, "--device 'bogus' is not usable")
+    _bad(fp, _ft_args(ckpt, data, str(tmp_path / "o"), "--device", "meta"), capsys, "--device 'meta' holds no data")
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--base", "nan"], "--base finite and > 1"),
+    (["--base", "1"], "--base finite and > 1"),
+    (["--ridge", "nan"], "--ridge must be finite and >= 0"),
+    (["--ridge", "-1"], "--ridge must be finite and >= 0"),
+])
+def test_attention_score_bound_bad_numbers(tmp_path, capsys, argv, msg):
+    asb = _load("attention_score_bound")
+    with pytest.raises(SystemExit) as e:
+        asb.main(["--head-dim", "8", "--window", "16", "--out", str(tmp_path / "b.png"), *argv])
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
 
 
 def test_quickstart_seqlen_below_pretrained_window(capsys):

@@ -9,11 +9,18 @@ import operator
 import torch
 
 
+def _kind(value) -> str:
+    """The type of ``value`` for a message: its name, qualified where it is not a builtin
+    (numpy.bool is not bool)."""
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 def tensor(op: str, name: str, value, *, optional: bool = False) -> None:
     if value is None and optional:
         return
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {_kind(value)}")
     # the ops take dense tensors only (torch's own error for a sparse, nested or mkldnn
     # one names the backend, not the argument)
     if value.layout != torch.strided or value.is_nested:
@@ -23,13 +30,13 @@ def tensor(op: str, name: str, value, *, optional: bool = False) -> None:
 
 def flag(op: str, name: str, value) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+        raise TypeError(f"{op}: {name} must be a bool, got {_kind(value)}")
 
 
 def integer(op: str, name: str, value, *, minimum: int | None = None) -> int:
     # any integral number (a NumPy integer too), not a bool
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{op}: {name} must be an int, got {_kind(value)}")
     value = operator.index(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
@@ -66,7 +73,7 @@ def softcap(op: str, name: str, value, dtype: torch.dtype) -> float:
 def number(op: str, name: str, value, *, positive: bool = False) -> float:
     # any real number (a NumPy scalar too), not a bool
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+        raise TypeError(f"{op}: {name} must be a number, got {_kind(value)}")
     try:
         value = float(value)
     except OverflowError:  # an int past the float range

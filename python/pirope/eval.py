@@ -200,6 +200,19 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> List[tuple]:
     return out
 
 
+def _check_device(device) -> torch.device:
+    """``device`` as a torch.device that holds data (not meta: a model there computes nothing),
+    or a ValueError naming the argument."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r} "
+                         f"({str(e).splitlines()[0]})") from None
+    if device.type == "meta":
+        raise ValueError("device must hold data: 'meta' tensors have none (use the model's device)")
+    return device
+
+
 def sliding_window_perplexity(
     model,
     tokens,
@@ -234,7 +247,7 @@ def sliding_window_perplexity(
     windows = sliding_windows(t.numel(), window, stride)
     max_id = int(t.max())
     _check_vocab(max_id, _vocab_size(model), "input embeddings")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = _check_device(device) if device is not None else _model_device(model)
     use_keep = _accepts(model, "logits_to_keep")
     total_nll = 0.0
     n_scored = 0
@@ -277,6 +290,9 @@ def passkey_prompt(n_filler: int, depth: int, key: str, *, intro: str = PASSKEY_
     """
     n_filler = _check_int(n_filler, "n_filler", 0)
     depth = _check_int(depth, "depth", None)
+    for name, value in (("key", key), ("intro", intro)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
     if not 0 <= depth <= n_filler:
         raise ValueError(f"depth must be in [0, n_filler={n_filler}], got {depth}")
     filler = [_FILLER_SENTENCES[i % len(_FILLER_SENTENCES)] for i in range(n_filler)]
