@@ -30,6 +30,17 @@ def packed_qkv(total, hq, hkv, d, dtype=torch.float32, device="cpu"):
     return mk(hq), mk(hkv), mk(hkv)
 
 
+def small_call(packed, dtype=torch.float32):
+    """(q, k, v, cos, sin, kw) of a small call for argument checks: dense (2, 8, 4 / 2 heads, 32)
+    or packed (16 tokens in sequences of 5 and 11, kw holding cu_seqlens)."""
+    cos, sin = tables(32, 16)
+    if packed:
+        q, k, v = packed_qkv(16, 4, 2, 32, dtype=dtype)
+        return q, k, v, cos, sin, dict(cu_seqlens=cu_tensor([0, 5, 16]))
+    q, k, v = qkv(2, 8, 4, 2, 32, dtype=dtype)
+    return q, k, v, cos, sin, {}
+
+
 def cu_tensor(cu, device="cpu", dtype=torch.int32):
     return torch.tensor(cu, dtype=dtype, device=device)
 

@@ -15,7 +15,7 @@ import torch
 
 import pirope
 from attention_inputs import (assert_all_equal, assert_compiled_like_eager, at_thread_counts, band_reference,
-                              check_against_reference, cu_tensor, packed_qkv, qkv, run, tables)
+                              check_against_reference, cu_tensor, packed_qkv, qkv, run, small_call, tables)
 from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import assert_attention_close, rope_reference
 
@@ -231,13 +231,7 @@ def test_unfused_packed_path_matches_reference(dtype):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_bad_sinks_are_refused_naming_the_argument(packed):
-    cos, sin = tables(16, 8)
-    if packed:
-        q, k, v = packed_qkv(8, 4, 2, 16)
-        kw = dict(cu_seqlens=cu_tensor([0, 3, 8]))
-    else:
-        q, k, v = qkv(1, 8, 4, 2, 16)
-        kw = {}
+    q, k, v, cos, sin, kw = small_call(packed)
     for sinks, error, match in [
         (torch.zeros(3), RuntimeError, r"sinks must be 1-D \(nheads_q,\) = \(4,\)"),
         (torch.zeros(1, 4), RuntimeError, r"sinks must be 1-D"),

@@ -22,7 +22,7 @@ import torch
 import pirope
 from attention_inputs import (assert_all_equal, assert_compiled_like_eager, at_thread_counts, band_reference,
                               check_against_reference, cu_tensor, dense_per_sequence, packed_qkv, qkv, run, spans,
-                              tables, unfused_module, visibility, wid)
+                              small_call, tables, unfused_module, visibility, wid)
 from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import ATTENTION_REL, attention_reference, rope_reference
 from reference import assert_attention_close as assert_close_to
@@ -687,20 +687,11 @@ def test_unfused_capped_path_under_torch_func():
 
 # ---- 13. bad input ----
 
-def _inputs(packed, dtype=torch.float32):
-    cos, sin = tables(32, 16)
-    if packed:
-        q, k, v = packed_qkv(16, 4, 2, 32, dtype=dtype)
-        return q, k, v, cos, sin, dict(cu_seqlens=cu_tensor([0, 5, 16]))
-    q, k, v = qkv(2, 8, 4, 2, 32, dtype=dtype)
-    return q, k, v, cos, sin, {}
-
-
 @pytest.mark.parametrize("softcap", [-1.0, -1e-30, -5, float("nan"), float("inf"), float("-inf")], ids=repr)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rejects_negative_or_non_finite_softcap(softcap, packed, dtype):
-    q, k, v, cos, sin, kw = _inputs(packed, dtype)
+    q, k, v, cos, sin, kw = small_call(packed, dtype)
     for causal in (True, False):
         with pytest.raises(ValueError, match="softcap"):
             pirope.rope_attention(q, k, v, cos, sin, causal=causal, softcap=softcap, **kw)
@@ -709,7 +700,7 @@ def test_rejects_negative_or_non_finite_softcap(softcap, packed, dtype):
 @pytest.mark.parametrize("softcap", ["1.0", "", [1.0], (1.0,), True, False, object()], ids=repr)
 @pytest.mark.parametrize("packed", [False, True])
 def test_rejects_non_number_softcap(softcap, packed):
-    q, k, v, cos, sin, kw = _inputs(packed)
+    q, k, v, cos, sin, kw = small_call(packed)
     with pytest.raises(TypeError, match="softcap"):
         pirope.rope_attention(q, k, v, cos, sin, softcap=softcap, **kw)
 
@@ -718,7 +709,7 @@ def test_rejects_non_number_softcap(softcap, packed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True])
 def test_rejects_softcap_outside_float32_range_unless_float64(softcap, dtype, packed):
-    q, k, v, cos, sin, kw = _inputs(packed, dtype)
+    q, k, v, cos, sin, kw = small_call(packed, dtype)
     with pytest.raises(ValueError, match="softcap"):
         pirope.rope_attention(q, k, v, cos, sin, softcap=softcap, **kw)
 
@@ -726,7 +717,7 @@ def test_rejects_softcap_outside_float32_range_unless_float64(softcap, dtype, pa
 @pytest.mark.parametrize("packed", [False, True])
 def test_float32_range_edges_accepted(packed):
     # the largest float32 and the smallest positive (subnormal) float32 are in range
-    q, k, v, cos, sin, kw = _inputs(packed)
+    q, k, v, cos, sin, kw = small_call(packed)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     for cap in (FLOAT32_MAX, FLOAT32_TINIEST):
         out = pirope.rope_attention(q, k, v, cos, sin, causal=False, softcap=cap, **kw)
@@ -741,7 +732,7 @@ def test_float32_range_edges_accepted(packed):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_float64_accepts_extreme_softcap(packed):
-    q, k, v, cos, sin, kw = _inputs(packed, torch.float64)
+    q, k, v, cos, sin, kw = small_call(packed, torch.float64)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     cos, sin = cos.double(), sin.double()
     cu = kw["cu_seqlens"].tolist() if packed else None
@@ -769,7 +760,7 @@ def test_float64_accepts_extreme_softcap(packed):
 @pytest.mark.parametrize("softcap", [-1.0, float("nan"), float("inf")], ids=repr)
 @pytest.mark.parametrize("packed", [False, True])
 def test_raw_ops_reject_bad_softcap(softcap, packed):
-    q, k, v, cos, sin, kw = _inputs(packed)
+    q, k, v, cos, sin, kw = small_call(packed)
     cu = kw.get("cu_seqlens")
     args = (q, k, v, cos, sin, None, True, 0.125, False, False, cu)
     out, lse = torch.ops.pirope.rope_attention(*args)

@@ -23,7 +23,7 @@ import torch
 import pirope
 from attention_inputs import (assert_all_equal, assert_compiled_like_eager, at_thread_counts, band_reference,
                               check_against_reference, cu_tensor, dense_per_sequence, packed_qkv, qkv, run, spans,
-                              tables, unfused_module, visibility, wid)
+                              small_call, tables, unfused_module, visibility, wid)
 from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import ATTENTION_REL, attention_reference
 from reference import assert_attention_close as assert_close_to
@@ -669,13 +669,7 @@ BAD_WINDOWS = [5, (1,), (1, 2, 3), (1.0, 2), (1, 2.0), (True, 0), (0, True), (-2
 @pytest.mark.parametrize("window", BAD_WINDOWS, ids=repr)
 @pytest.mark.parametrize("packed", [False, True])
 def test_rejects_bad_window_size(window, packed):
-    cos, sin = tables(32, 16)
-    if packed:
-        q, k, v = packed_qkv(16, 4, 2, 32)
-        kw = dict(cu_seqlens=cu_tensor([0, 5, 16]))
-    else:
-        q, k, v = qkv(2, 8, 4, 2, 32)
-        kw = {}
+    q, k, v, cos, sin, kw = small_call(packed)
     with pytest.raises(WINDOW_ERRORS, match="window_size"):
         pirope.rope_attention(q, k, v, cos, sin, window_size=window, **kw)
     with pytest.raises(WINDOW_ERRORS, match="window_size"):
