@@ -22,9 +22,9 @@ _NO_WINDOW = (-1, -1)
 # Query rows per SDPA call of a windowed unfused attention: its mask is (rows x (rows +
 # window)), never seqlen x seqlen.
 _BAND_ROWS = 1024
-# Score elements of one block of the unfused block attention (soft-capped or deterministic
-# calls; float32: 256 MiB); its rows shrink (down to 16) so that (batch x heads x rows x
-# keys) stays within it.
+# Score elements of one block of the unfused block attention (soft-capped, sunk or
+# deterministic calls; float32: 256 MiB); its rows shrink (down to 16) so that (batch x
+# heads x rows x keys) stays within it.
 _BLOCK_SCORES = 2**26
 
 

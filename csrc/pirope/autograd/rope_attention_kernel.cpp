@@ -73,7 +73,9 @@ struct Attention : torch::autograd::Function<Attention> {
         d.at("interleaved").toBool(), d.at("deterministic").toBool(), optional(s[8]),
         d.at("window_left").toInt(), d.at("window_right").toInt(), d.at("softcap").toDouble());
     variable_list out = {dq, dk, dv};
-    out.resize(15);  // none for cos, sin, position_ids, the flags, cu_seqlens, the window and softcap
+    // none for cos, sin, position_ids, the flags, cu_seqlens, the window and softcap; the
+    // sinks' own, last
+    out.resize(15);
     if (s[9].defined()) out[14] = sinks_grad(grads[0], s[3], s[4], s[9], s[8].defined());
     return out;
   }
