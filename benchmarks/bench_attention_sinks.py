@@ -27,7 +27,6 @@ gradient, an elementwise pass over out, is not timed).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -36,7 +35,7 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_method_args, time_against_eager  # noqa: E402
+from common import eager_parser, time_against_eager  # noqa: E402
 
 import pirope  # noqa: E402
 from pirope.rope_attention import _sdpa_fallback  # noqa: E402
@@ -87,12 +86,7 @@ METHODS = {"a": ("hf_eager", hf_eager), "b": ("pirope_eager", pirope_eager), "c"
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqlens", default="2048,4096")
-    ap.add_argument("--windows", default="0,128", help="comma-separated sliding windows W (0: none)")
-    add_method_args(ap, "a,b,c,d,e")
-    ap.set_defaults(heads="64/8", headdim=64)
-    args = ap.parse_args()
+    args = eager_parser(__doc__, windows="0,128", heads="64/8", headdim=64).parse_args()  # GPT-OSS 20B's heads
     nheads_q = int(args.heads.split("/")[0])
     sinks = 2.0 * torch.randn(nheads_q, generator=torch.Generator().manual_seed(1)).to(args.device)
     methods = {key: (name, functools.partial(fn, sinks=sinks)) for key, (name, fn) in METHODS.items()}

@@ -28,7 +28,6 @@ first method ((a) by default).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -37,7 +36,7 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_method_args, time_against_eager  # noqa: E402
+from common import eager_parser, time_against_eager  # noqa: E402
 
 import pirope  # noqa: E402
 from pirope.rope_attention import _sdpa_fallback  # noqa: E402
@@ -89,12 +88,8 @@ METHODS = {"a": ("hf_eager", hf_eager), "b": ("pirope_eager", pirope_eager), "c"
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqlens", default="2048,4096")
-    ap.add_argument("--windows", default="0", help="comma-separated sliding windows W (0: none)")
+    ap = eager_parser(__doc__, windows="0", heads="16/8", headdim=256)  # Gemma 2 9B's heads
     ap.add_argument("--softcap", type=float, default=50.0, help="Gemma 2's attn_logit_softcapping")
-    add_method_args(ap, "a,b,c,d,e")
-    ap.set_defaults(heads="16/8", headdim=256)
     args = ap.parse_args()
     # scores of several units (std ~ 2 sqrt(headdim) q.k / sqrt(headdim)): the cap matters
     methods = {key: (name, functools.partial(fn, cap=args.softcap)) for key, (name, fn) in METHODS.items()}

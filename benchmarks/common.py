@@ -140,6 +140,20 @@ def additive_mask(seqlen: int, window: int, dtype, device) -> torch.Tensor:
     return mask.masked_fill(~seen, torch.finfo(dtype).min)[None, None]
 
 
+def eager_parser(doc: str, *, windows: str, heads: str, headdim: int):
+    """The command line of a benchmark against a model's eager attention (time_against_eager):
+    --seqlens, --windows and add_method_args' options for methods a..e, with the model's
+    heads as defaults."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqlens", default="2048,4096")
+    ap.add_argument("--windows", default=windows, help="comma-separated sliding windows W (0: none)")
+    add_method_args(ap, "a,b,c,d,e")
+    ap.set_defaults(heads=heads, headdim=headdim)
+    return ap
+
+
 def time_against_eager(args, methods: dict, reference, *, qk_std: float, skip_diff=()) -> None:
     """The loop of a benchmark against a model's eager attention (Gemma 2's soft-cap,
     GPT-OSS's sinks): for each --seqlens x --windows x --dtypes, q and k (std ``qk_std``),
