@@ -25,6 +25,17 @@ at::Tensor grad_of(const at::Tensor& loss, const at::Tensor& x, bool create_grap
   return torch::autograd::grad({loss}, {x}, {}, /*retain_graph=*/true, create_graph)[0];
 }
 
+// The message of the c10::Error call() throws, or "no error".
+template <typename Call>
+std::string error_of(const Call& call) {
+  try {
+    call();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "no error";
+}
+
 // Causal attention in float64 on the reference rotation, k and v repeated over their
 // query-head group (GQA), scores materialised; with window_left >= 0, query i sees keys
 // i - window_left .. i only.
@@ -123,13 +134,10 @@ TEST_CASE("rope_attention with a sliding window: the keys of the band only", "[a
   REQUIRE(close(out, ref.detach(), 1e-12));
   for (const auto& x : {q, k, v})
     REQUIRE(close(grad_of((out * g).sum(), x), grad_of((ref * g).sum(), x).detach(), 1e-12));
-  std::string error = "no error";
-  try {
+  const std::string error = error_of([&] {
     pirope::rope_attention(q, k, v, cos, sin, std::nullopt, true, std::nullopt, false, false,
                            std::nullopt, -2);
-  } catch (const c10::Error& e) {
-    error = e.what_without_backtrace();
-  }
+  });
   INFO(error);
   REQUIRE(error.find("window_size") != std::string::npos);
 }
@@ -150,13 +158,10 @@ TEST_CASE("rope_attention with a soft-cap: scores capped by tanh before the soft
   REQUIRE_FALSE(close(out, attention_reference(q, k, v, cos, sin, pos, scale, 70).detach(), 1e-3));
   for (const auto& x : {q, k, v})
     REQUIRE(close(grad_of((out * g).sum(), x), grad_of((ref * g).sum(), x).detach(), 1e-12));
-  std::string error = "no error";
-  try {
+  const std::string error = error_of([&] {
     pirope::rope_attention(q, k, v, cos, sin, std::nullopt, true, std::nullopt, false, false,
                            std::nullopt, -1, -1, -1.0);
-  } catch (const c10::Error& e) {
-    error = e.what_without_backtrace();
-  }
+  });
   INFO(error);
   REQUIRE(error.find("softcap") != std::string::npos);
 }
@@ -201,12 +206,7 @@ TEST_CASE("an undefined tensor argument is named, not tripped over by autograd",
   auto [cos, sin] = pi_tables(32, 8, 1.0);
   auto x = at::randn({1, 8, 2, 32}, at::kDouble);
   const auto raises = [](const auto& call, const std::string& prefix) {
-    std::string got = "no error";
-    try {
-      call();
-    } catch (const c10::Error& e) {
-      got = e.what_without_backtrace();
-    }
+    const std::string got = error_of(call);
     INFO("expected \"" << prefix << "...\", got \"" << got << "\"");
     REQUIRE(got.rfind(prefix, 0) == 0);
   };
