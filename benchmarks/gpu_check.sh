@@ -81,7 +81,7 @@ $PY -c "import xdist" 2>/dev/null && xdist="-n 12"
 # GPU_CHECK_QUICK=1: a short re-check (attention, autograd and torch.func tests, a small
 # benchmark grid, memcheck).
 QUICK="${GPU_CHECK_QUICK:-0}"
-tests="tests"; [ "$QUICK" = 1 ] && tests="tests/test_rope_attention_cuda.py tests/test_rope_attention.py tests/test_rope_attention_varlen.py tests/test_rope_attention_window.py tests/test_rope_attention_softcap.py tests/test_rope_attention_sinks.py tests/test_rope_attention_deterministic.py tests/test_apply_rope_autograd.py tests/test_torch_func.py"
+tests="tests"; [ "$QUICK" = 1 ] && tests="tests/test_rope_attention_cuda.py tests/test_rope_attention.py tests/test_rope_attention_varlen.py tests/test_rope_attention_window.py tests/test_rope_attention_softcap.py tests/test_rope_attention_sinks.py tests/test_rope_attention_deterministic.py tests/test_rope_attention_long.py tests/test_apply_rope_autograd.py tests/test_torch_func.py"
 timeout 260 $PY -m pytest -q --tb=short -rf $xdist -k "cuda" -p no:cacheprovider $tests \
   > "$OUT/pytest-cuda.log" 2>&1 || status=1
 tail -25 "$OUT/pytest-cuda.log"

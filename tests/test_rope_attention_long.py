@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import pirope
+from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import cos_sin_table, rope_reference
 
 SEQLEN, HEADS_Q, HEADS_KV, HEAD_DIM, FACTOR = 32768, 2, 1, 128, 16.0
@@ -37,8 +38,8 @@ def sampled_reference(q, k, v, grad_rows, cos64, sin64):
     scale = HEAD_DIM ** -0.5
     qr = rope_reference(q[:, rows], cos64, sin64, rows)[0]  # (R, Hq, D)
     kr = rope_reference(k, cos64, sin64)[0]  # (S, Hkv, D)
-    v64 = v[0].double()
-    do = grad_rows.double()
+    v64 = v[0].double().cpu()
+    do = grad_rows.double().cpu()
     visible = torch.arange(SEQLEN)[None, :] <= rows[:, None]  # (R, S)
     out, dqr = torch.zeros_like(qr), torch.zeros_like(qr)
     dkr, dv = torch.zeros_like(kr), torch.zeros_like(v64)
@@ -57,25 +58,32 @@ def sampled_reference(q, k, v, grad_rows, cos64, sin64):
 
 
 def assert_close(actual, ref, dtype, what):
-    err = (actual.double() - ref).abs().max().item()
+    err = (actual.double().cpu() - ref).abs().max().item()
     bound = REL[dtype] * ref.abs().max().item()
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({dtype})"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pi_to_32k_forward_and_backward_match_float64_on_sampled_rows(dtype):
+# CUDA: the default path (pirope rope + SDPA) in both dtypes, and pirope's fused kernels
+# (deterministic=True takes them for bfloat16, head dim 128)
+CASES = [("cpu", torch.float32, None), ("cpu", torch.bfloat16, None)] + [
+    pytest.param("cuda", dtype, det, marks=pytest.mark.skipif(not cuda_ready(), reason=CUDA_SKIP_REASON))
+    for dtype, det in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, True))]
+
+
+@pytest.mark.parametrize("device, dtype, deterministic", CASES)
+def test_pi_to_32k_forward_and_backward_match_float64_on_sampled_rows(device, dtype, deterministic):
     g = torch.Generator().manual_seed(7)
     (cos, sin), (cos64, sin64) = pi_tables()
     # q scaled so that each row attends to a few keys, as trained models do, rather than
     # averaging 32k random values into noise
-    q = (3.0 * torch.randn(1, SEQLEN, HEADS_Q, HEAD_DIM, generator=g)).to(dtype).requires_grad_()
-    k = torch.randn(1, SEQLEN, HEADS_KV, HEAD_DIM, generator=g).to(dtype).requires_grad_()
-    v = torch.randn(1, SEQLEN, HEADS_KV, HEAD_DIM, generator=g).to(dtype).requires_grad_()
+    q = 3.0 * torch.randn(1, SEQLEN, HEADS_Q, HEAD_DIM, generator=g)
+    k, v = (torch.randn(1, SEQLEN, HEADS_KV, HEAD_DIM, generator=g) for _ in range(2))
     grad_rows = torch.randn(len(ROWS), HEADS_Q, HEAD_DIM, generator=g).to(dtype)
-    grad = torch.zeros(1, SEQLEN, HEADS_Q, HEAD_DIM, dtype=dtype)
-    grad[0, ROWS] = grad_rows
+    q, k, v = (t.to(device, dtype).requires_grad_() for t in (q, k, v))
+    grad = torch.zeros(1, SEQLEN, HEADS_Q, HEAD_DIM, dtype=dtype, device=device)
+    grad[0, ROWS] = grad_rows.to(device)
 
-    out = pirope.rope_attention(q, k, v, cos, sin)
+    out = pirope.rope_attention(q, k, v, cos.to(device), sin.to(device), deterministic=deterministic)
     out.backward(grad)
 
     ref_out, ref_dq, ref_dk, ref_dv = sampled_reference(q.detach(), k.detach(), v.detach(), grad_rows, cos64, sin64)
@@ -83,7 +91,7 @@ def test_pi_to_32k_forward_and_backward_match_float64_on_sampled_rows(dtype):
     assert_close(q.grad[0, ROWS], ref_dq, dtype, "dq")
     assert_close(k.grad[0], ref_dk, dtype, "dk")
     assert_close(v.grad[0], ref_dv, dtype, "dv")
-    others = torch.ones(SEQLEN, dtype=torch.bool)
+    others = torch.ones(SEQLEN, dtype=torch.bool, device=device)
     others[ROWS] = False
     assert torch.count_nonzero(q.grad[0, others]) == 0  # no gradient in, none out
     assert out.isfinite().all()
