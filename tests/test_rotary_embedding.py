@@ -190,6 +190,64 @@ def test_builds_under_a_meta_device_context_and_reset_parameters_restores_after_
     torch.testing.assert_close(rope(q, q.clone())[0], want(q, q.clone())[0], rtol=0, atol=0)
 
 
+def test_to_empty_off_the_meta_device_recomputes_the_tables():
+    # meta tensors hold no values: leaving the meta device rebuilds instead of keeping garbage
+    for scaling in (None, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 2.0}):
+        with torch.device("meta"):
+            rope = pirope.RotaryEmbedding(32, max_position_embeddings=16, scaling=scaling)
+            rope(torch.randn(1, 40, 1, 32), torch.randn(1, 40, 1, 32))  # meta growth, no values read
+        rope.to_empty(device="cpu")
+        want = pirope.RotaryEmbedding(32, max_position_embeddings=16, scaling=scaling)
+        q = torch.randn(1, 40, 2, 32)
+        want(q, q.clone())  # the same growth (for "dynamic": the table of length 40)
+        assert torch.equal(rope.inv_freq, want.inv_freq) and torch.equal(rope.cos, want.cos)
+        assert torch.equal(rope(q, q.clone())[0], want(q, q.clone())[0])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_tables_replaced_from_outside_are_recomputed_at_the_next_call(compiled):
+    # what transformers' from_pretrained does to every non-persistent buffer
+    rope = pirope.RotaryEmbedding(32, max_position_embeddings=16, scaling={"rope_type": "linear", "factor": 2.0})
+    want = pirope.RotaryEmbedding(32, max_position_embeddings=16, scaling={"rope_type": "linear", "factor": 2.0})
+    for name in ("inv_freq", "cos", "sin"):
+        setattr(rope, name, torch.full_like(getattr(rope, name), float("nan")))
+    call = torch.compile(rope, backend="eager") if compiled else rope  # (the rebuild breaks the graph once)
+    q = torch.randn(1, 12, 2, 32)
+    pos = torch.arange(12)[None] if compiled else None  # the compiled path's rows of positions
+    assert torch.equal(call(q, q.clone(), pos)[0], want(q, q.clone())[0])
+    assert torch.equal(rope.cos, want.cos) and torch.equal(rope.inv_freq, want.inv_freq)
+
+
+def test_a_transformers_model_holding_the_module_reloads_with_its_tables(tmp_path):
+    transformers = pytest.importorskip("transformers")
+
+    class Config(transformers.PretrainedConfig):
+        model_type = "pirope_rope_test"
+
+    class Model(transformers.PreTrainedModel):
+        config_class = Config
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.proj = torch.nn.Linear(16, 16)
+            self.rope = pirope.RotaryEmbedding(16, max_position_embeddings=64,
+                                               scaling={"rope_type": "linear", "factor": 2.0})
+            self.post_init()
+
+        def forward(self, x):
+            q = self.proj(x)
+            return self.rope(q, q)[0]
+
+    torch.manual_seed(0)
+    model = Model(Config()).eval()
+    x = torch.randn(1, 40, 2, 16)
+    model.save_pretrained(tmp_path)
+    # from_pretrained builds on the meta device, then fills every non-persistent buffer
+    # with torch.empty_like; transformers' _init_weights refills only its own rotary classes
+    loaded = Model.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(x), model(x))
+
+
 def test_decoding_past_the_table_rebuilds_it_rarely():
     # one token at a time from 16 to 300: the table at least doubles when it grows,
     # so it is rebuilt O(log n) times, not once per token

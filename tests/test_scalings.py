@@ -492,6 +492,21 @@ def test_dynamic_tensor_seq_len_matches_transformers_tensor_path():
     assert int_vs_tensor_differ
 
 
+def test_dynamic_int32_seq_len_against_a_window_past_int32():
+    # the window joins the length in one tensor: an int32 one would overflow
+    params = {"rope_type": "dynamic", "factor": 2.0}
+    for s in (5, 2**41):
+        want, _ = scaling.compute_inv_freq(8, scaling=params, max_position_embeddings=2**40,
+                                           seq_len=torch.tensor(s, dtype=torch.int64))
+        if s < 2**31:
+            got, _ = scaling.compute_inv_freq(8, scaling=params, max_position_embeddings=2**40,
+                                              seq_len=torch.tensor(s, dtype=torch.int32))
+            assert torch.equal(got, want)
+            assert torch.equal(want, scaling.compute_inv_freq(8)[0])  # inside the window: plain RoPE
+        else:
+            assert not torch.equal(want, scaling.compute_inv_freq(8)[0])
+
+
 @pytest.mark.parametrize("seq_len", [100, 4096, 4097, 9000, 31000])
 def test_dynamic_matches_llama_rotary_embedding_forward(seq_len):
     params = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
@@ -854,12 +869,17 @@ INVALID = [
     ("seq-len-float-tensor", dict(seq_len=torch.tensor(4096.0)), TypeError, "seq_len"),
     ("seq-len-tensor-2-elements", dict(seq_len=torch.tensor([1, 2])), ValueError, "seq_len"),
     ("seq-len-tensor-zero", dict(seq_len=torch.tensor(0)), ValueError, "seq_len"),
+    ("seq-len-meta-tensor", dict(seq_len=torch.tensor(8, device="meta"), scaling={"rope_type": "dynamic", "factor": 2.0}),
+     ValueError, "seq_len.*meta"),
     ("mpe-zero", dict(max_position_embeddings=0), ValueError, "max_position_embeddings"),
     ("mpe-float", dict(max_position_embeddings=2048.0), TypeError, "max_position_embeddings"),
     ("misspelt-required-key", dict(scaling={"rope_type": "linear", "facter": 4.0}), ValueError,
      "missing required key.*'factor'.*'facter'.*misspelling"),
     # values each valid alone whose result is not
     ("base-underflows-the-frequencies", dict(base=1e300), ValueError, "non-finite or non-positive frequencies"),
+    ("dynamic-base-overflows-float64", dict(head_dim=4, scaling={"rope_type": "dynamic", "factor": 1e150},
+                                            max_position_embeddings=1, seq_len=10**18), ValueError, "overflows"),
+    ("yarn-beta-fast-past-float64", dict(scaling=dict(_YARN, beta_fast=1e308)), ValueError, "beta_fast"),
     ("yarn-negative-attention-factor", dict(scaling={"rope_type": "yarn", "factor": 4.0, "mscale": -100.0,
                                                      "mscale_all_dim": 1.0}), ValueError, "attention factor"),
     ("longrope-window-1-no-attention-factor",

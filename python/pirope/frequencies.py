@@ -217,8 +217,9 @@ class FrequencyPlan:
             seq_len = self.original_window + 1
         else:
             # dynamic NTK: the length as a tensor, as transformers' forward passes it
-            # (its new base is then computed in float32).
-            seq_len = torch.tensor(key)
+            # (its new base is then computed in float32); on the CPU whatever the default
+            # device (a meta one has no value to read)
+            seq_len = torch.tensor(key, device="cpu")
         return compute_inv_freq(
             self.head_dim, base=self.base, scaling=self.scaling,
             max_position_embeddings=self.max_position_embeddings,

@@ -47,9 +47,13 @@ class RotaryEmbedding(nn.Module):
     ``model.half()`` / ``model.to(torch.bfloat16)`` leave the tables float32 (rounding
     them would move every angle). The buffers live on the default device (a
     ``torch.device(...)`` context or ``torch.set_default_device``), like any module's
-    parameters. They are non-persistent (not in the ``state_dict``): after
-    ``model.to_empty(device=...)`` (meta-device initialisation) call
-    :meth:`reset_parameters` to recompute them, as for any module with computed state.
+    parameters. They are non-persistent (not in the ``state_dict``) and derived from the
+    configuration, so the module recomputes them where they cannot hold its values: when
+    ``model.to_empty(device=...)`` moves it off the meta device, and when something outside
+    replaces them (transformers' ``from_pretrained`` of a model that holds this module sets
+    every non-persistent buffer to uninitialised memory), at the next call. After
+    ``to_empty`` from a real device call :meth:`reset_parameters`, as for any module with
+    computed state.
     """
 
     def __init__(
@@ -101,6 +105,17 @@ class RotaryEmbedding(nn.Module):
     def _build(self, length: int) -> None:
         cos, sin = rope_cos_sin(self.inv_freq, length, self.attention_factor)
         self.cos, self.sin = cos, sin
+        self._adopt_tables()
+
+    def _adopt_tables(self) -> None:
+        # the buffers this module computed (or moved/cast in _apply): any other tensor in
+        # their place was set from outside and holds no table of this configuration
+        self._own_tables = (self.inv_freq, self.cos, self.sin)
+
+    def _ensure_tables(self) -> None:
+        """Recomputes the tables if their buffers were replaced from outside."""
+        if not all(own is now for own, now in zip(self._own_tables, (self.inv_freq, self.cos, self.sin))):
+            self.reset_parameters()
 
     def _rebuild(self, length: int) -> None:
         # float32 frequencies and tables of the current key, on the module's device
@@ -124,12 +139,19 @@ class RotaryEmbedding(nn.Module):
             state["_positions_seen"] = PositionsMemo()
         super().__setstate__(state)
         self._lock = threading.Lock()
+        if "_own_tables" not in state:  # pickled by an older pirope: its tables are its own
+            self._adopt_tables()
 
     def _apply(self, fn, recurse=True):
+        was_meta = self.inv_freq.is_meta
         super()._apply(fn, recurse)
-        if not self.inv_freq.dtype.is_floating_point or self.inv_freq.dtype.itemsize < 4:
-            # .half() / .to(bfloat16): rebuild the frequencies and tables in float32
+        if (not self.inv_freq.dtype.is_floating_point or self.inv_freq.dtype.itemsize < 4
+                or (was_meta and not self.inv_freq.is_meta)):
+            # .half() / .to(bfloat16): rebuild the frequencies and tables in float32;
+            # to_empty() off the meta device: meta tensors had no values to move
             self._rebuild(self.cos.shape[0])
+        else:
+            self._adopt_tables()
         return self
 
     def _positions_range(self, position_ids: torch.Tensor) -> tuple[int, int]:
@@ -143,6 +165,7 @@ class RotaryEmbedding(nn.Module):
 
     def _tables_for(self, needed: int, count: int, low: int, position_ids: torch.Tensor | None):
         """(cos, sin, position_ids) to rotate a call whose positions lie in [low, needed)."""
+        self._ensure_tables()
         key = self._plan.key(needed)
         cached = self.cos.shape[0] if key == self._table_key else 0
         if cached >= needed and low >= 0:
@@ -187,6 +210,7 @@ class RotaryEmbedding(nn.Module):
             # need a host read, which breaks the graph: the rows of exactly these
             # positions instead (the same float64 angles, so the same values as eager),
             # indexed 0..n-1. dynamic/longrope need that length anyway.
+            self._ensure_tables()
             cos, sin, index = rows_of_positions(self.inv_freq, position_ids, self.attention_factor)
             return apply_rope_qk(q, k, cos, sin, index, interleaved=self.interleaved)
         low = 0

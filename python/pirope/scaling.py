@@ -491,7 +491,13 @@ def compute_inv_freq(
         )
 
     fn = _COMPUTE[rope_type]
-    inv_freq, attention_factor = fn(params, dim, base, max_position_embeddings, seq_len)
+    try:
+        inv_freq, attention_factor = fn(params, dim, base, max_position_embeddings, seq_len)
+    except OverflowError:  # Python float arithmetic past float64, e.g. a dynamic base
+        raise ValueError(
+            f"rope_type {rope_type!r} with base={base} overflows float64; check base, the scaling values "
+            "and seq_len"
+        ) from None
     inv_freq = inv_freq.to(dtype=torch.float32)
     attention_factor = float(attention_factor)
     if not (math.isfinite(attention_factor) and attention_factor > 0):
@@ -515,9 +521,11 @@ def _check_seq_len(seq_len: Any) -> int | torch.Tensor | None:
             raise ValueError(f"seq_len must be an int or a one-element tensor, got a tensor of shape {tuple(seq_len.shape)}")
         if seq_len.dtype.is_floating_point or seq_len.dtype.is_complex or seq_len.dtype == torch.bool:
             raise TypeError(f"seq_len tensor must have an integer dtype, got {seq_len.dtype}")
-        seq_len = seq_len.detach().to(device="cpu").reshape(())
-        if seq_len.dtype not in (torch.int32, torch.int64):
-            seq_len = seq_len.to(torch.int64)  # narrower ints would overflow against the window
+        if seq_len.is_meta:
+            raise ValueError("seq_len must hold a value, got a tensor on the meta device")
+        # int64: narrower ints would overflow against the window (transformers' own
+        # results are the same, the length being converted to float32 either way)
+        seq_len = seq_len.detach().to(device="cpu", dtype=torch.int64).reshape(())
         if int(seq_len) < 1:
             raise ValueError(f"seq_len must be >= 1, got {int(seq_len)}")
         return seq_len
@@ -617,8 +625,11 @@ def _yarn(params, dim, base, max_position_embeddings, seq_len):
         return (dim * math.log(max_position_embeddings / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
 
     def find_correction_range(low_rot, high_rot, dim, base, max_position_embeddings, truncate):
-        low = find_correction_dim(low_rot, dim, base, max_position_embeddings)
-        high = find_correction_dim(high_rot, dim, base, max_position_embeddings)
+        try:
+            low = find_correction_dim(low_rot, dim, base, max_position_embeddings)
+            high = find_correction_dim(high_rot, dim, base, max_position_embeddings)
+        except ValueError:  # math.log(0): a rotation count so large that the window over it is 0
+            low = high = math.nan
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError(
                 f"scaling['beta_fast']={beta_fast} / scaling['beta_slow']={beta_slow} (rope_type 'yarn') give a "
