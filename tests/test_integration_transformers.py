@@ -228,6 +228,27 @@ def test_eager_attention_and_output_attentions(base_model):
     torch.testing.assert_close(a.attentions[1], b.attentions[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("attention", ["fused", "sdpa"])
+def test_output_attentions_asked_by_the_config(base_model, attention):
+    # transformers reads config.output_attentions when the call does not pass the keyword,
+    # and then no keyword reaches the attention layers: the fused path must still give way
+    ref = hf_pi_model(base_model, 2.0, attn_implementation="eager")
+    eager = transformers.LlamaForCausalLM(llama_config(attn_implementation="eager")).eval()
+    eager.load_state_dict(base_model.state_dict())
+    model = apply_position_interpolation(eager, 2.0, attention=attention)
+    model.config.output_attentions = ref.config.output_attentions = True
+    x = ids(2, 40)
+    with torch.no_grad():
+        a, b = model(x), ref(x)
+        plain = model(x, output_attentions=False)  # the keyword still wins over the config
+    assert_same_logits(a.logits, b.logits)
+    assert len(a.attentions) == len(b.attentions) == 2
+    for got, want in zip(a.attentions, b.attentions):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not plain.attentions
+    assert_same_logits(plain.logits, b.logits)
+
+
 # ---- (d) save_pretrained / from_pretrained with plain transformers --------------------
 
 

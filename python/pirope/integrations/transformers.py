@@ -912,7 +912,9 @@ def _layer_can_fuse(attn, seqlen: int, cache, kwargs) -> bool:
         return False
     if cache is not None and _past_length(cache, attn.layer_idx) != 0:
         return False
-    if kwargs.get("output_attentions"):
+    # transformers records the attention weights when the call or, without the keyword, the
+    # config asks (its output collector reads config.output_attentions; no keyword reaches here)
+    if kwargs.get("output_attentions", getattr(getattr(attn, "config", None), "output_attentions", False)):
         return False
     return True
 
