@@ -15,7 +15,8 @@ import torch
 
 import pirope
 from attention_inputs import (assert_all_equal, assert_compiled_like_eager, at_thread_counts, band_reference,
-                              check_against_reference, cu_tensor, packed_qkv, qkv, run, small_call, tables)
+                              check_against_reference, cu_tensor, packed_qkv, qkv, run, small_call, tables,
+                              unfused_module)
 from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import assert_attention_close, rope_reference
 
@@ -203,6 +204,22 @@ def test_per_sample_gradients_under_vmap():
                                    rtol=1e-12)
 
 
+def test_second_derivatives_through_the_sinks_raise():
+    # the sinks' gradient reads lse, a function of q, k and the sinks: differentiating it as
+    # plain ops would take lse as a constant (silently wrong), so it refuses like dq, dk, dv
+    q, k, v = (t.requires_grad_() for t in qkv(1, 6, 2, 2, 8, dtype=torch.float64))
+    cos, sin = tables(8, 6, dtype=torch.float64)
+    sinks = sinks_for(2, torch.float64).requires_grad_()
+    (g,) = torch.autograd.grad(pirope.rope_attention(q, k, v, cos, sin, sinks=sinks).square().sum(), sinks,
+                               create_graph=True)
+    for wrt in (sinks, q):
+        with pytest.raises(NotImplementedError, match="double backward"):
+            torch.autograd.grad(g.sum(), wrt, retain_graph=True)
+    loss = lambda s: pirope.rope_attention(q.detach(), k.detach(), v.detach(), cos, sin, sinks=s).square().sum()  # noqa: E731
+    with pytest.raises(NotImplementedError, match="double backward"):
+        func.jacrev(func.grad(loss))(sinks.detach())
+
+
 # ---- 4. the unfused (CUDA) path, on CPU ----
 
 @pytest.mark.parametrize("window, softcap, deterministic", [((-1, -1), 0.0, False), ((9, 0), 0.0, False),
@@ -217,6 +234,18 @@ def test_unfused_dense_path_matches_reference(window, softcap, deterministic, dt
     cos, sin = tables(32, 130)
     check_against_reference(q, k, v, cos, sin, window=window, softcap=softcap, deterministic=deterministic,
                             fn="sdpa", sinks=sinks_for(8, dtype))
+
+
+def test_unfused_path_refuses_second_derivatives():
+    mod = unfused_module()
+    q, k, v = (t.requires_grad_() for t in qkv(1, 6, 2, 2, 8, dtype=torch.float64))
+    cos, sin = tables(8, 6, dtype=torch.float64)
+    sinks = sinks_for(2, torch.float64).requires_grad_()
+    out = mod._sdpa_fallback(q, k, v, cos, sin, None, True, 0.3, False, (-1, -1), 1.5, True, sinks)
+    grads = torch.autograd.grad(out.square().sum(), (q, sinks), create_graph=True)
+    for g in grads:
+        with pytest.raises(NotImplementedError, match="double backward"):
+            torch.autograd.grad(g.sum(), q, retain_graph=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

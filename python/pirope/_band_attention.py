@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd.functorch import first_order
 from ._fake.rope_attention import _math_dtype
 
 
@@ -107,37 +108,44 @@ class BlockAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, sinks = ctx.saved_tensors
-        scale, softcap, left, right, rows = ctx.options
-        S, math = q.shape[-2], _math_dtype(q.dtype)
-        cap = _cap(softcap, math, q.device)
-        do = grad_out.to(math)
-        delta = (do * out.to(math)).sum(-1)  # rowsum(dO * O), as the fused backward's D
+        return _BLOCK_BACKWARD(grad_out, *ctx.saved_tensors, *ctx.options) + (None,) * 5
 
-        def block(q0, q1, k0, k1):
-            """P and dS of queries [q0, q1) x keys [k0, k1)."""
-            s, slope = _block_scores(q[..., q0:q1, :], k[..., k0:k1, :],
-                                     band_mask(q0, q1, k0, k1, left, right, q.device), scale, math, cap, slope=True)
-            p = torch.exp(s - lse[..., q0:q1, None])
-            dp = torch.matmul(do[..., q0:q1, :], v[..., k0:k1, :].to(math).transpose(-1, -2))
-            ds = p * (dp - delta[..., q0:q1, None])  # 0 where not seen (p = 0)
-            return p, ds if slope is None else ds * slope
 
-        def cat(parts, like):
-            return torch.cat(parts, dim=-2).to(like.dtype) if parts else torch.zeros_like(like)
+def _block_backward(grad_out, q, k, v, out, lse, sinks, scale, softcap, left, right, rows):
+    """(dq, dk, dv, dsinks) of BlockAttention (dsinks None without sinks)."""
+    S, math = q.shape[-2], _math_dtype(q.dtype)
+    cap = _cap(softcap, math, q.device)
+    do = grad_out.to(math)
+    delta = (do * out.to(math)).sum(-1)  # rowsum(dO * O), as the fused backward's D
 
-        dq = []
-        for q0, q1, k0, k1 in query_blocks(S, rows, left, right):
-            _, ds = block(q0, q1, k0, k1)
-            dq.append(torch.matmul(ds, k[..., k0:k1, :].to(math)) * scale)
-        dk, dv = [], []
-        for q0, q1, k0, k1 in key_blocks(S, rows, left, right):
-            p, ds = block(q0, q1, k0, k1)
-            dv.append(torch.matmul(p.transpose(-1, -2), do[..., q0:q1, :]))
-            dk.append(torch.matmul(ds.transpose(-1, -2), q[..., q0:q1, :].to(math)) * scale)
-        dsinks = None
-        if sinks is not None:  # summed over the leading dims and the rows of each head
-            heads = sinks.shape[0]
-            p_sink = torch.exp(sinks.to(math)[:, None] - lse)
-            dsinks = -(p_sink * delta).sum(-1).reshape(-1, heads).sum(0).to(sinks.dtype)
-        return cat(dq, q), cat(dk, k), cat(dv, v), dsinks, None, None, None, None, None
+    def block(q0, q1, k0, k1):
+        """P and dS of queries [q0, q1) x keys [k0, k1)."""
+        s, slope = _block_scores(q[..., q0:q1, :], k[..., k0:k1, :],
+                                 band_mask(q0, q1, k0, k1, left, right, q.device), scale, math, cap, slope=True)
+        p = torch.exp(s - lse[..., q0:q1, None])
+        dp = torch.matmul(do[..., q0:q1, :], v[..., k0:k1, :].to(math).transpose(-1, -2))
+        ds = p * (dp - delta[..., q0:q1, None])  # 0 where not seen (p = 0)
+        return p, ds if slope is None else ds * slope
+
+    def cat(parts, like):
+        return torch.cat(parts, dim=-2).to(like.dtype) if parts else torch.zeros_like(like)
+
+    dq = []
+    for q0, q1, k0, k1 in query_blocks(S, rows, left, right):
+        _, ds = block(q0, q1, k0, k1)
+        dq.append(torch.matmul(ds, k[..., k0:k1, :].to(math)) * scale)
+    dk, dv = [], []
+    for q0, q1, k0, k1 in key_blocks(S, rows, left, right):
+        p, ds = block(q0, q1, k0, k1)
+        dv.append(torch.matmul(p.transpose(-1, -2), do[..., q0:q1, :]))
+        dk.append(torch.matmul(ds.transpose(-1, -2), q[..., q0:q1, :].to(math)) * scale)
+    dsinks = None
+    if sinks is not None:  # summed over the leading dims and the rows of each head
+        heads = sinks.shape[0]
+        p_sink = torch.exp(sinks.to(math)[:, None] - lse)
+        dsinks = -(p_sink * delta).sum(-1).reshape(-1, heads).sum(0).to(sinks.dtype)
+    return cat(dq, q), cat(dk, k), cat(dv, v), dsinks
+
+
+# the backward as a node of its own, whose backward raises (its products take lse as a constant)
+_BLOCK_BACKWARD = first_order("rope_attention", _block_backward)

@@ -1,8 +1,9 @@
 // Autograd of the fused attention, for every caller (Python, torch.compile, LibTorch):
 // the backward is its own op, which recomputes the probabilities from the saved
 // log-sum-exp. q, k and v get gradients, and attention sinks theirs (below); the tables
-// and positions do not, and lse (an auxiliary output) is not differentiable. Gradients of
-// the backward are not implemented, and say so instead of being taken as zero.
+// and positions do not, and lse (an auxiliary output) is not differentiable.
+// Gradients of the backward (the sinks' included) are not implemented, and say so instead
+// of being taken as zero.
 // (Under torch.func, python/pirope/_autograd takes over with the same backward op.)
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -33,6 +34,23 @@ at::Tensor sinks_grad(const at::Tensor& grad_out, const at::Tensor& out, const a
               .to(sinks.scalar_type());
 }
 
+[[noreturn]] void no_double_backward() {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      false, "rope_attention: double backward (gradients of gradients) is not supported");
+  std::abort();  // not reached: the check above always throws
+}
+
+// sinks_grad as a node of its own: built from differentiable ops, it would let a second
+// backward through (with lse, which depends on q, k and the sinks, as a constant: wrong)
+struct SinksGrad : torch::autograd::Function<SinksGrad> {
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& out,
+                               const at::Tensor& lse, const at::Tensor& sinks, bool packed) {
+    return {sinks_grad(grad_out, out, lse, sinks, packed)};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) { no_double_backward(); }
+};
+
 struct Attention : torch::autograd::Function<Attention> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
@@ -57,7 +75,6 @@ struct Attention : torch::autograd::Function<Attention> {
     ctx->saved_data["window_left"] = window_left;
     ctx->saved_data["window_right"] = window_right;
     ctx->saved_data["softcap"] = softcap;
-    ctx->mark_non_differentiable({lse});
     return {out, lse};
   }
 
@@ -76,7 +93,7 @@ struct Attention : torch::autograd::Function<Attention> {
     // none for cos, sin, position_ids, the flags, cu_seqlens, the window and softcap; the
     // sinks' own, last
     out.resize(15);
-    if (s[9].defined()) out[14] = sinks_grad(grads[0], s[3], s[4], s[9], s[8].defined());
+    if (s[9].defined()) out[14] = SinksGrad::apply(grads[0], s[3], s[4], s[9], s[8].defined())[0];
     return out;
   }
 };
@@ -96,11 +113,7 @@ struct AttentionBackward : torch::autograd::Function<AttentionBackward> {
     return {dq, dk, dv};
   }
 
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK_NOT_IMPLEMENTED(
-        false, "rope_attention: double backward (gradients of gradients) is not supported");
-    return {};
-  }
+  static variable_list backward(AutogradContext*, variable_list) { no_double_backward(); }
 };
 
 std::tuple<at::Tensor, at::Tensor> attention_autograd(
@@ -112,7 +125,10 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
   check_defined("rope_attention", {{"q", q}, {"k", k}, {"v", v}, {"cos", cos}, {"sin", sin}});
   auto out = Attention::apply(q, k, v, cos, sin, pos, causal, softmax_scale, interleaved,
                               deterministic, cu_seqlens, window_left, window_right, softcap, sinks);
-  return {out[0], out[1]};
+  // lse leaves detached, so no gradient reaches it (its grads[1] in backward is always
+  // zero): the effect of mark_non_differentiable, which compiled autograd does not accept
+  // in a C++ Function
+  return {out[0], out[1].detach()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(

@@ -80,6 +80,25 @@ def unwrapped(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def no_double_backward(op: str):
+    raise NotImplementedError(f"{op}: double backward (gradients of gradients) is not supported")
+
+
+def first_order(op: str, fn):
+    """``fn`` (part of a backward, made of differentiable torch ops) as the ``apply`` of an
+    autograd.Function whose own backward raises: gradients of gradients would otherwise run
+    through those ops with lse, a function of q, k and the sinks, taken as a constant."""
+    def backward(ctx, *grads):
+        no_double_backward(op)
+
+    return type(f"{fn.__name__}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(fn),
+        "setup_context": staticmethod(lambda ctx, inputs, output: None),
+        "backward": staticmethod(backward),
+        "generate_vmap_rule": True,
+    }).apply
+
+
 def call(name: str, *args):
     """``torch.ops.pirope.<name>(*args)``, differentiable under torch.func too."""
     if transforming():

@@ -2,14 +2,12 @@
 torch.compile and LibTorch, is C++: csrc/pirope/autograd/rope_attention_kernel.cpp, the
 same rules): the backward is its own op, which recomputes the probabilities from the
 saved log-sum-exp. q, k and v get gradients, and attention sinks theirs (_sinks_grad); the
-tables and positions do not, and lse (an auxiliary output) is treated as a constant."""
-
-import torch
+tables and positions do not, and lse (an auxiliary output) is not differentiable."""
 
 from . import functorch
 
 
-def _sinks_grad(grad_out, out, lse, sinks, packed):
+def _sinks_grad_math(grad_out, out, lse, sinks, packed):
     """-sum over each head's rows of exp(sink - lse) * rowsum(grad_out * out): the gradient
     of the sinks (autograd/rope_attention_kernel.cpp's sinks_grad). lse: (batch, heads,
     seqlen), or (heads, total) when packed."""
@@ -17,6 +15,9 @@ def _sinks_grad(grad_out, out, lse, sinks, packed):
     if packed:
         return -((sinks.to(lse.dtype)[:, None] - lse).exp() * d.t()).sum(1).to(sinks.dtype)
     return -((sinks.to(lse.dtype)[None, :, None] - lse).exp() * d.transpose(1, 2)).sum((0, 2)).to(sinks.dtype)
+
+
+_sinks_grad = functorch.first_order("rope_attention", _sinks_grad_math)
 
 
 def _setup(ctx, inputs, output):
@@ -33,6 +34,7 @@ def _setup(ctx, inputs, output):
     ctx.interleaved = interleaved
     ctx.deterministic = bool(rest[0]) if rest else False
     ctx.n_inputs = len(inputs)
+    ctx.mark_non_differentiable(lse)
 
 
 def _rope_attention_bw(ctx, grad_out, grad_lse):
@@ -57,8 +59,7 @@ def _setup_backward(ctx, inputs, output):
 def _rope_attention_backward_bw(ctx, *grads):
     # Double backward would need the derivative of the recomputed softmax: not
     # implemented. Raise rather than let autograd treat the op as constant.
-    raise NotImplementedError(
-        "rope_attention: double backward (gradients of gradients) is not supported")
+    functorch.no_double_backward("rope_attention")
 
 
 functorch.register("rope_attention_backward", _rope_attention_backward_bw, _setup_backward, tables=(6, 7))
