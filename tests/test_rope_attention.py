@@ -97,6 +97,21 @@ def test_softmax_scale_past_float32_only_for_float64():
     assert_close_to(out, attention_reference(q, k, v, cos, sin, softmax_scale=1e39), torch.float64, "out")
 
 
+def test_scores_past_float32_give_nan_rows_as_sdpa_does():
+    # a scale within float32 whose scores are not (docstring of softmax_scale): the rows whose
+    # scores overflow come out NaN, never a finite wrong value, the same rows as torch's SDPA
+    q, k, v = qkv(1, 12, 2, 2, 32)
+    cos, sin = tables(32, 12)
+    out = pirope.rope_attention(q, k, v, cos, sin, softmax_scale=3e38)
+    qr, kr = pirope.apply_rope_qk(q, k, cos, sin)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=3e38).transpose(1, 2)
+    nan_rows = out.isnan().any(-1)
+    assert nan_rows.any() and torch.equal(nan_rows, out.isnan().all(-1))
+    assert torch.equal(nan_rows, sdpa.isnan().any(-1))
+    torch.testing.assert_close(out[~nan_rows], sdpa[~nan_rows])
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_gradcheck_float64(causal):
     q, k, v = qkv(2, 6, 4, 2, 12, dtype=torch.float64, requires_grad=True)
