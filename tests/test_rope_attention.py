@@ -363,21 +363,6 @@ def test_lse_is_not_differentiable():
     torch.func.grad(loss)(q.detach())
 
 
-def test_backward_under_compiled_autograd():
-    from torch._dynamo import compiled_autograd
-
-    torch._dynamo.reset()
-    q, k, v = qkv(1, 9, 4, 2, 16, dtype=torch.float64, requires_grad=True)
-    cos, sin = tables(16, 9, dtype=torch.float64)
-    g = torch.randn(1, 9, 4, 16, dtype=torch.float64)
-    _, *want = attention_reference(q, k, v, cos, sin, grad_out=g)
-    # an eager forward (a graph break would do the same), the backward traced by compiled autograd
-    with compiled_autograd._enable(torch.compile(backend="eager")):
-        pirope.rope_attention(q, k, v, cos, sin).backward(g)
-    for got, ref in zip((q.grad, k.grad, v.grad), want):
-        assert_close_to(got, ref, torch.float64)
-
-
 def test_torch_compile_fullgraph_forward_and_backward():
     torch._dynamo.reset()
     cos, sin = tables(32, 16)
