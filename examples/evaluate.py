@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from finetune_pi import check_device, check_model_dir, load_tokenizer, read_text_data  # noqa: E402
 
-from pirope.eval import passkey_prompt, passkey_retrieval, sliding_window_perplexity  # noqa: E402
+from pirope.eval import passkey_min_length, passkey_retrieval, sliding_window_perplexity  # noqa: E402
 
 
 def build_parser():
@@ -84,7 +84,7 @@ def main(argv=None):
     if run_passkey:  # checked before any perplexity is computed
         prefix = [tok.bos_token_id] if tok is not None and tok.bos_token_id is not None else []
         kw = {} if args.passkey_intro is None else {"intro": args.passkey_intro}
-        shortest = len(prefix) + len(encode(passkey_prompt(0, 0, "00000", **kw)))
+        shortest = passkey_min_length(encode, prefix_ids=prefix, **kw)
         lengths = args.passkey_lengths or [window * i // 8 for i in range(1, 9)]
         if not args.passkey_lengths and min(lengths) < shortest <= window:
             # a short window: 8 lengths from the shortest prompt to the window instead

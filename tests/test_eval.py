@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from pirope.eval import passkey_retrieval, sliding_window_perplexity, sliding_windows
+from pirope.eval import passkey_min_length, passkey_retrieval, sliding_window_perplexity, sliding_windows
 
 
 class LengthRecorder(torch.nn.Module):
@@ -63,6 +63,28 @@ def test_passkey_lengths_must_be_ints():
         passkey_retrieval(LengthRecorder(), byte_encode, decode, [300.5], progress=False)
     with pytest.raises(TypeError, match="lengths must be an iterable"):
         passkey_retrieval(LengthRecorder(), byte_encode, decode, 300, progress=False)
+
+
+def test_min_length_is_that_of_the_costliest_key():
+    for encode, costliest in ((byte_encode, "00000"), (digits_cost_more, "99999")):
+        assert passkey_min_length(encode) == len(encode(passkey_prompt(0, 0, costliest)))
+        assert passkey_min_length(encode, intro="", prefix_ids=[1, 2]) == 2 + len(encode(passkey_prompt(
+            0, 0, costliest, intro="")))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lengths_below_the_min_length_are_refused_before_the_model_runs(seed):
+    # with digits costing more, "00000" fits 96 ids where most keys do not: which trials fail
+    # must not depend on the seed, nor come after forward passes
+    shortest = passkey_min_length(digits_cost_more, intro="")
+    model = LengthRecorder()
+    with pytest.raises(ValueError, match=f"passkey length {shortest - 1} is shorter than the prompt without filler"):
+        passkey_retrieval(model, digits_cost_more, decode, [shortest - 1, 300], trials=3, seed=seed,
+                          max_new_tokens=1, intro="", progress=False)
+    assert model.lengths == []
+    passkey_retrieval(model, digits_cost_more, decode, [shortest], trials=20, seed=seed, max_new_tokens=1,
+                      intro="", progress=False)
+    assert len(model.lengths) == 20 and max(model.lengths) <= shortest
 
 
 def test_too_short_names_the_requested_length():

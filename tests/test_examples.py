@@ -725,17 +725,26 @@ def test_evaluate_cli(tiny_ckpt, tmp_path):
         ev.main(["--model", str(tmp_path), "--no-progress"])
 
 
-def test_evaluate_default_passkey_lengths_fit_a_short_window(tmp_path):
+@pytest.mark.parametrize("keys_cost_more", [False, True])
+def test_evaluate_default_passkey_lengths_fit_a_short_window(tmp_path, monkeypatch, keys_cost_more):
     # a 512-token window cannot hold the paper's prompt at 64 tokens (window / 8): the default
-    # lengths then run from the shortest prompt to the window
+    # lengths then run from the shortest prompt to the window. With a tokenizer where digits
+    # 1-9 take two ids (as BPE tokenizers split keys unevenly), the shortest prompt is that of
+    # the costliest key, not of "00000": every trial's key fits the first length.
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ev = _load("evaluate")
+    if keys_cost_more:
+        def encode(text):
+            return [i for b in text.encode() for i in ([b, 256] if 49 <= b <= 57 else [b])]
+
+        monkeypatch.setattr(ev, "load_tokenizer", lambda *a: (encode, lambda ids: bytes(
+            i for i in ids if i < 256).decode("utf-8", "replace"), None))
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, max_position_embeddings=512)).save_pretrained(
         str(tmp_path / "m"))
-    r = ev.main(["--model", str(tmp_path / "m"), "--passkey-trials", "1", "--no-progress"])
+    r = ev.main(["--model", str(tmp_path / "m"), "--passkey-trials", "3", "--no-progress"])
     lengths = sorted(map(int, r["passkey"]["success"]))
     assert len(lengths) == 8 and lengths[-1] == 512 and 64 < lengths[0] < 512
 

@@ -37,6 +37,7 @@ __all__ = [
     "PASSKEY_QUESTION",
     "passkey_prompt",
     "passkey_k_max",
+    "passkey_min_length",
     "passkey_retrieval",
     "sliding_window_perplexity",
     "sliding_windows",
@@ -52,6 +53,7 @@ PASSKEY_FILLER = (
 )
 PASSKEY_KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
+_KEYS = range(10000, 100000)  # the trials' random 5-digit keys
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -304,19 +306,34 @@ def passkey_prompt(n_filler: int, depth: int, key: str, *, intro: str = PASSKEY_
 def _too_short(k: int, n_prefix: int, n_prompt: int) -> ValueError:
     return ValueError(
         f"passkey length {k} is shorter than the prompt without filler ({n_prefix} prefix ids + {n_prompt} "
-        f"tokens); use longer lengths or a shorter intro")
+        f"tokens with the key that takes the most); use longer lengths or a shorter intro")
+
+
+def passkey_min_length(encode: Callable[[str], Sequence[int]], *, intro: str = PASSKEY_INTRO,
+                       prefix_ids: Sequence[int] = ()) -> int:
+    """The shortest length :func:`passkey_retrieval` accepts: ``len(prefix_ids)`` plus the
+    tokens of the prompt without filler, with the 5-digit key that takes the most of them
+    (with a BPE tokenizer keys differ: " 00000" may be 4 tokens and " 12345" 6). Encodes
+    the 90,000 keys' prompts once."""
+    if not callable(encode):
+        raise TypeError("encode must be a callable (text -> ids)")
+    if not isinstance(intro, str):
+        raise TypeError(f"intro must be a str, got {type(intro).__name__}")
+    prefix_ids = _check_prefix_ids(prefix_ids)
+    return len(prefix_ids) + max(len(encode(passkey_prompt(0, 0, str(key), intro=intro))) for key in _KEYS)
 
 
 def _max_filler(encode, k: int, n_prefix: int, intro: str) -> int:
     """Largest number of filler sentences whose prompt (with a key of zeros) has at
-    most k - n_prefix tokens."""
+    most k - n_prefix tokens (0 if none: the trial's own key decides, see
+    passkey_retrieval)."""
     budget = k - n_prefix
 
     def n_tok(n):
         return len(encode(passkey_prompt(n, 0, "00000", intro=intro)))
 
     if n_tok(0) > budget:
-        raise _too_short(k, n_prefix, n_tok(0))
+        return 0
     lo, hi = 0, 1
     while n_tok(hi) <= budget:
         if hi > budget:  # every sentence adds a token with any tokenizer that keeps the text
@@ -421,7 +438,8 @@ def passkey_retrieval(
 
     Args:
         encode / decode: the tokenizer (text -> ids, ids -> text).
-        lengths: prompt lengths k in tokens (each must fit the prompt without filler).
+        lengths: prompt lengths k in tokens, each at least :func:`passkey_min_length`
+            (the prompt without filler fits with any key; checked before the model runs).
         prefix_ids: ids put before every prompt (e.g. the tokenizer's BOS); they
             count towards the length.
 
@@ -449,6 +467,9 @@ def passkey_retrieval(
     max_new_tokens = _check_int(max_new_tokens, "max_new_tokens", 1)
     threshold = _check_threshold(threshold)
     prefix_ids = _check_prefix_ids(prefix_ids)
+    shortest = passkey_min_length(encode, intro=intro, prefix_ids=prefix_ids)
+    if lengths[0] < shortest:
+        raise _too_short(lengths[0], len(prefix_ids), shortest - len(prefix_ids))
     n_fill = {k: _max_filler(encode, k, len(prefix_ids), intro) for k in lengths}
     device = torch.device(device) if device is not None else _model_device(model)
     rng = random.Random(seed)
@@ -458,12 +479,12 @@ def passkey_retrieval(
     hits: Dict[int, int] = {k: 0 for k in lengths}
     with _eval_mode(model):
         for k, t in _progress(jobs, len(jobs), "passkey", progress):
-            key = str(rng.randint(10000, 99999))
+            key = str(rng.randint(_KEYS.start, _KEYS.stop - 1))
             n = n_fill[k]
             depth = rng.randint(0, n)
             ids = prefix_ids + list(encode(passkey_prompt(n, depth, key, intro=intro)))
             while len(ids) > k:  # this key takes more tokens than the zeros n_fill was sized with
-                if n == 0:
+                if n == 0:  # not with an encode that gives a text the same ids every time
                     raise _too_short(k, len(prefix_ids), len(ids) - len(prefix_ids))
                 n, depth = n - 1, min(depth, n - 1)
                 ids = prefix_ids + list(encode(passkey_prompt(n, depth, key, intro=intro)))
