@@ -268,6 +268,9 @@ def test_bad_sinks_are_refused_naming_the_argument(packed):
         (torch.zeros(4, device="meta"), RuntimeError, "sinks must be on cpu like q"),
         (torch.tensor([0.0, float("nan"), 0.0, 0.0]), RuntimeError, "sinks must be finite or -inf"),
         (torch.tensor([0.0, float("inf"), 0.0, 0.0]), RuntimeError, "sinks must be finite or -inf"),
+        (torch.tensor([0.0, 1e300, 0.0, 0.0], dtype=torch.float64), RuntimeError,
+         r"sinks must be at most 3.40282e\+38 \(the largest float32: Float inputs are computed in float32\), "
+         r"got 1e\+300"),
         ([0.0, 0.0, 0.0, 0.0], TypeError, "sinks must be a torch.Tensor"),
         (torch.zeros(4).to_sparse(), TypeError, "sinks must be a dense"),
     ]:

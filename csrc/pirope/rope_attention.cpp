@@ -139,9 +139,14 @@ at::Tensor check_sinks(const char* op, const at::Tensor& sinks, const at::Tensor
   TORCH_CHECK(q.device().is_cpu(), op,
               ": sinks (attention sinks) are supported by the CPU kernels only; "
               "pirope.rope_attention runs them on ", q.device(), " unfused");
-  const at::Tensor s = sinks.to(math_dtype(q.scalar_type())).contiguous();
-  TORCH_CHECK(!(s.isnan() | s.isposinf()).any().item<bool>(), op,
+  TORCH_CHECK(!(sinks.isnan() | sinks.isposinf()).any().item<bool>(), op,
               ": sinks must be finite or -inf (no sink for that head), got NaN or +inf");
+  // in the math type (float32 unless q is float64): a float64 sink past its range would be
+  // +inf there (one past its negative range is -inf: no sink, as exp(sink) is 0 anyway)
+  const at::Tensor s = sinks.to(math_dtype(q.scalar_type())).contiguous();
+  TORCH_CHECK(!s.isposinf().any().item<bool>(), op, ": sinks must be at most ",
+              std::numeric_limits<float>::max(), " (the largest float32: ", q.scalar_type(),
+              " inputs are computed in float32), got ", sinks.max().item<double>());
   return s;
 }
 
