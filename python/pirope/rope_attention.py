@@ -268,7 +268,8 @@ def rope_attention(
             without a value, so ``out = sum_j exp(s_j - lse) v_j`` with ``lse =
             log(sum_j exp(s_j) + exp(sinks[h]))`` (not scaled, not capped). ``None``
             (the default): none; ``-inf``: none for that head; NaN and ``+inf`` are
-            refused on CPU. Differentiable: the gradient of ``sinks[h]`` is ``-sum`` over
+            refused on CPU, as are values past float32's range unless the inputs are
+            float64 (they are computed in float32). Differentiable: the gradient of ``sinks[h]`` is ``-sum`` over
             the head's rows of ``exp(sinks[h] - lse) * rowsum(grad_out * out)``, in sinks'
             dtype. Fused on CPU (a row's online softmax starts from its sink; the
             backward is unchanged, its probabilities coming from that lse); on CUDA the
