@@ -244,6 +244,41 @@ def test_inplace_qk_with_autograd_rejects_overlapping_views(device):
         torch.testing.assert_close(k.detach().double(), rope_reference(original, cos, sin))
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_inplace_qk_with_autograd_refuses_what_eager_refuses(device, dynamic):
+    # compiled, the views path writes q then k as two functionalized launches: shared
+    # elements would come out rotated twice, so the checks run as the graph is traced
+    cos, sin = tables(8, 8, device)
+    h = torch.randn(1, 5, 6, 8, device=device, requires_grad=True)
+
+    def rotate(q_heads, k_heads):
+        def f(x):
+            y = x * 1
+            pirope.apply_rope_qk(y[:, :, q_heads], y[:, :, k_heads], cos, sin, inplace=True)
+            return y
+        return f
+
+    def mismatched(q, k):
+        return pirope.apply_rope_qk(q * 1, k * 1, cos, sin, inplace=True)
+
+    q = torch.randn(2, 5, 3, 8, device=device, requires_grad=True)
+    for f, args, match in ((rotate(slice(0, 3), slice(2, 5)), (h,), "q and k share memory"),
+                           (rotate(slice(0, 6), slice(0, 6)), (h,), "q and k share memory"),
+                           (mismatched, (q, torch.randn(2, 5, 1, 8, device=device, dtype=torch.float64)),
+                            "same dtype"),
+                           (mismatched, (q, torch.randn(2, 4, 1, 8, device=device)), "must agree on batch, seqlen")):
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match=match):
+            f(*args)
+        with pytest.raises(RuntimeError, match=match):
+            torch.compile(f, fullgraph=True, dynamic=dynamic)(*args)
+    # disjoint views of one buffer (a fused qkv) compile and equal eager
+    torch._dynamo.reset()
+    f = rotate(slice(0, 3), slice(3, 6))
+    got = torch.compile(f, fullgraph=True, dynamic=dynamic)(h)
+    torch.testing.assert_close(got, f(h), rtol=0, atol=0)
+
+
 def test_inplace_qk_with_autograd_checks_everything_before_writing(device):
     # q and k are rotated one launch each on this path: a k the single launch would
     # reject must leave q untouched (and a packed k over q's memory must not pass)

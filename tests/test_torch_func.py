@@ -230,6 +230,22 @@ def test_second_derivatives_of_rope_attention_raise(device):
         func.jacrev(func.grad(lambda q: pirope.rope_attention(q, q, q, cos, sin).sum()))(q)
 
 
+def test_inplace_under_a_transform_refuses_an_x_whose_elements_overlap(device):
+    # the rotation is copied back under torch.func, not written by the kernel that checks x
+    cos, sin = tables(device)
+
+    def rotate(flat):
+        x = (flat * 1).as_strided((1, 5, 2, 16), (0, 16, 8, 1))  # heads overlap by half a head
+        return pirope.apply_rope(x, cos, sin, inplace=True).sum()
+
+    with pytest.raises(RuntimeError, match="x has elements that share memory"):
+        rotate(rand(200, device=device))
+    with pytest.raises(RuntimeError, match="x has elements that share memory"):
+        func.grad(rotate)(rand(200, device=device))
+    with pytest.raises(RuntimeError, match="x has elements that share memory"):
+        func.vmap(rotate)(rand(3, 200, device=device))
+
+
 def test_inplace_qk_under_a_transform_refuses_overlap(device):
     cos, sin = tables(device)
     qkv = rand(2, 7, 6, 16, device=device)

@@ -26,15 +26,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "architectures, CPU vector ISA, OpenMP (CPU kernels multi-threaded).");
   m.def(
       "check_rope_inplace",
-      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-         const std::optional<at::Tensor>& position_ids) {
-        pirope::check_inplace_targets("apply_rope_qk", "q", q, "k", &k, cos, sin, position_ids);
+      [](const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
+         const at::Tensor& sin, const std::optional<at::Tensor>& position_ids) {
+        if (k.has_value())
+          pirope::check_inplace_targets("apply_rope_qk", "q", q, "k", &*k, cos, sin, position_ids);
+        else
+          pirope::check_inplace_targets("apply_rope", "x", q, "", nullptr, cos, sin, position_ids);
       },
       pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("cos"), pybind11::arg("sin"),
       pybind11::arg("position_ids") = pybind11::none(),
-      "Raises RuntimeError unless q and k can both be rotated in place (no element "
-      "shared within or between them, none with cos, sin or position_ids), as "
-      "apply_rope_qk(..., inplace=True) requires.");
+      "Raises RuntimeError unless q and k (or, with k None, x = q) can be rotated in place "
+      "(no element shared within or between them, none with cos, sin or position_ids), as "
+      "apply_rope_qk(..., inplace=True) (apply_rope) requires.");
   m.def(
       "cpu_gemm",
       [] {

@@ -103,6 +103,67 @@ def _refuse_inplace(op, *named):
     _refuse_leaf_inplace(op, *named)
 
 
+class _NoHint(Exception):
+    pass
+
+
+@torch.library.custom_op("pirope::check_rope_inplace", mutates_args=())
+def _check_inplace_traced(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          position_ids: torch.Tensor | None) -> None:
+    """Every check of the one-launch in-place op, for a caller that rotates q and k in two:
+    shapes, dtypes, devices, tables and positions (as the fake kernel checks them), then
+    csrc/pirope/apply_rope.cpp's check_inplace_targets (q and k share no element, nor any
+    with what the kernel reads). An op, so that torch.compile traces it: its fake kernel
+    runs the same checks as the graph is traced, on the fake tensors' layouts (which keep
+    the real ones' aliasing)."""
+    _fake_checks.check_qk("apply_rope_qk", q, k, cos, sin, position_ids)
+    _extension._C.check_rope_inplace(q, k, cos, sin, position_ids)
+
+
+@_check_inplace_traced.register_fake
+def _(q, k, cos, sin, position_ids):
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    _fake_checks.check_qk("apply_rope_qk", q, k, cos, sin, position_ids)
+
+    def value(n):
+        # a symbolic size (dynamic shapes) by the value it has in the call being traced,
+        # read without a guard: the layouts are compared for that call's shapes
+        if isinstance(n, torch.SymInt):
+            if not n.node.has_hint():
+                raise _NoHint
+            return int(n.node.hint)
+        return n
+
+    # CPU stand-ins with the same sizes, strides and offsets, sharing a buffer where the
+    # fake tensors share a storage, and the real check on those
+    buffers = {}
+
+    def stand_in(t):
+        if t is None:
+            return None
+        key = StorageWeakRef(t.untyped_storage())
+        if key not in buffers:
+            buffers[key] = torch.empty(value(t.untyped_storage().nbytes()), dtype=torch.uint8).untyped_storage()
+        return torch.empty(0, dtype=t.dtype).set_(buffers[key], value(t.storage_offset()),
+                                                  [value(n) for n in t.shape], [value(n) for n in t.stride()])
+
+    try:
+        stand_ins = [stand_in(t) for t in (q, k, cos, sin, position_ids)]
+    except _NoHint:
+        return  # a size without a value at trace time (data-dependent): nothing to compare
+
+    _extension._C.check_rope_inplace(*stand_ins)
+
+
+def _check_unwrapped_targets(q, k, cos, sin, position_ids):
+    """The in-place targets' memory check (csrc/pirope/apply_rope.cpp's
+    check_inplace_targets; k None: x = q alone) on the plain tensors under torch.func's
+    wrappers, where the rotation is copied back rather than written by the kernel."""
+    _extension._C.check_rope_inplace(*(None if t is None else _functorch.unwrapped(t)
+                                       for t in (q, k, cos, sin, position_ids)))
+
+
 def _copy_both(q, q_rot, k, k_rot):
     """q.copy_(q_rot) and k.copy_(k_rot), or neither: when k cannot take its result
     (under vmap: a per-sample result for a tensor shared by the batch), q is restored
@@ -155,6 +216,7 @@ def apply_rope(
         return _functorch.call("apply_rope", x, cos, sin, position_ids, interleaved)
     if _functorch.transforming() or _functorch.vmapping():  # torch.func: rotation copied back
         _refuse_leaf_inplace(op, ("x", x))
+        _check_unwrapped_targets(x, None, cos, sin, position_ids)
         return x.copy_(_functorch.call("apply_rope", x, cos, sin, position_ids, interleaved))
     _refuse_inplace(op, ("x", x))
     if torch.is_grad_enabled() and x.requires_grad:
@@ -190,8 +252,7 @@ def apply_rope_qk(
         return _functorch.call("apply_rope_qk", q, k, cos, sin, position_ids, interleaved)
     if _functorch.transforming() or _functorch.vmapping():  # torch.func: rotations copied back
         _refuse_leaf_inplace(op, ("q", q), ("k", k))
-        _extension._C.check_rope_inplace(*map(_functorch.unwrapped, (q, k, cos, sin)),
-                                         _functorch.unwrapped(position_ids) if position_ids is not None else None)
+        _check_unwrapped_targets(q, k, cos, sin, position_ids)
         q_rot, k_rot = _functorch.call("apply_rope_qk", q, k, cos, sin, position_ids, interleaved)
         return _copy_both(q, q_rot, k, k_rot)
     _refuse_inplace(op, ("q", q), ("k", k))
@@ -202,13 +263,12 @@ def apply_rope_qk(
         # Autograd lets a Function that modifies a view in place return only that one
         # tensor, and q and k are usually views (of a projection, of a fused qkv): one
         # launch each, then, after every check the single launch makes, so that nothing
-        # is written unless both can be (shapes, dtypes, devices, tables, positions as
-        # the fake kernel checks them; then that q and k share no element, nor any with
-        # the tables and positions, which torch.compile cannot trace: it functionalizes
-        # the writes anyway; torch's own in-place rules: _refuse_inplace above).
-        if not compiling:
-            _fake_checks.check_qk("apply_rope_qk", q, k, cos, sin, position_ids)
-            _extension._C.check_rope_inplace(q, k, cos, sin, position_ids)
+        # is written unless both can be (elements shared by q and k would be rotated twice,
+        # compiled too); torch's own in-place rules: _refuse_inplace above.
+        if compiling:  # the op: its checks run as the graph is traced
+            torch.ops.pirope.check_rope_inplace(q, k, cos, sin, position_ids)
+        else:
+            _check_inplace_traced(q, k, cos, sin, position_ids)
         q = apply_rope(q, cos, sin, position_ids, interleaved=interleaved, inplace=True)
         return q, apply_rope(k, cos, sin, position_ids, interleaved=interleaved, inplace=True)
     torch.ops.pirope.apply_rope_qk_(q, k, cos, sin, position_ids, interleaved)
