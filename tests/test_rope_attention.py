@@ -108,8 +108,8 @@ def test_scores_past_float32_give_nan_rows_as_with_sdpa():
         qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=3e38).transpose(1, 2)
     nan_rows = out.isnan().any(-1)
     assert nan_rows.any() and torch.equal(nan_rows, out.isnan().all(-1))  # whole rows, never part
-    # every row SDPA loses is lost here too (the kernels may overflow a little earlier: their
-    # exponentials fold log2(e) into the scale), and the rows kept agree
+    # every row SDPA loses is lost here too (the kernels may overflow a little earlier: a
+    # BLAS tile product may apply the scale before summing), and the rows kept agree
     assert not (sdpa.isnan().any(-1) & ~nan_rows).any()
     torch.testing.assert_close(out[~nan_rows], sdpa[~nan_rows])
 

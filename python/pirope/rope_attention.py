@@ -219,9 +219,9 @@ def rope_attention(
         softmax_scale: multiplies the scores before the softmax; default
             ``headdim ** -0.5``. Must be finite and > 0 (and at most the largest
             float32, 3.4e38, unless the inputs are float64: other dtypes are computed
-            in float32). Scores near float32's limit (``|softmax_scale * q.k|`` above
-            about 2e38) overflow, and their row's output is NaN (torch's SDPA's too, past
-            3.4e38).
+            in float32). A scale so large that scores overflow float32 (near
+            ``|softmax_scale * q.k| = 3.4e38``, or earlier where a tile product applies the
+            scale before summing) gives NaN for their rows, as torch's SDPA does.
         interleaved: rotate pairs ``(2i, 2i+1)`` instead of ``(i, i + rotary_dim/2)``.
         deterministic: bit-identical gradients from run to run. ``None`` (default)
             follows ``torch.use_deterministic_algorithms``. The CPU backward is always
