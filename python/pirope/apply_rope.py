@@ -107,17 +107,22 @@ class _NoHint(Exception):
     pass
 
 
-@torch.library.custom_op("pirope::check_rope_inplace", mutates_args=())
-def _check_inplace_traced(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          position_ids: torch.Tensor | None) -> None:
+def _check_inplace_qk(q, k, cos, sin, position_ids):
     """Every check of the one-launch in-place op, for a caller that rotates q and k in two:
     shapes, dtypes, devices, tables and positions (as the fake kernel checks them), then
     csrc/pirope/apply_rope.cpp's check_inplace_targets (q and k share no element, nor any
-    with what the kernel reads). An op, so that torch.compile traces it: its fake kernel
-    runs the same checks as the graph is traced, on the fake tensors' layouts (which keep
-    the real ones' aliasing)."""
+    with what the kernel reads)."""
     _fake_checks.check_qk("apply_rope_qk", q, k, cos, sin, position_ids)
     _extension._C.check_rope_inplace(q, k, cos, sin, position_ids)
+
+
+@torch.library.custom_op("pirope::check_rope_inplace", mutates_args=())
+def _check_inplace_traced(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          position_ids: torch.Tensor | None) -> None:
+    """_check_inplace_qk as an op, so that torch.compile traces it: its fake kernel runs the
+    same checks as the graph is traced, on the fake tensors' layouts (which keep the real
+    ones' aliasing). Eager calls take the function itself (the op's dispatch costs ~15x)."""
+    _check_inplace_qk(q, k, cos, sin, position_ids)
 
 
 @_check_inplace_traced.register_fake
@@ -268,7 +273,7 @@ def apply_rope_qk(
         if compiling:  # the op: its checks run as the graph is traced
             torch.ops.pirope.check_rope_inplace(q, k, cos, sin, position_ids)
         else:
-            _check_inplace_traced(q, k, cos, sin, position_ids)
+            _check_inplace_qk(q, k, cos, sin, position_ids)
         q = apply_rope(q, cos, sin, position_ids, interleaved=interleaved, inplace=True)
         return q, apply_rope(k, cos, sin, position_ids, interleaved=interleaved, inplace=True)
     torch.ops.pirope.apply_rope_qk_(q, k, cos, sin, position_ids, interleaved)
