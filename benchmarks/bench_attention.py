@@ -29,7 +29,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import rotate_half  # noqa: E402
+from common import (DTYPES, MODES, choice_list, device_name, head_dim, heads_list, int_list,  # noqa: E402
+                    positive_int, rotate_half)
 
 import pirope  # noqa: E402
 
@@ -134,22 +135,22 @@ def _exec_with_returning_malloc():
 def main():
     _exec_with_returning_malloc()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqlens", default="512,1024,2048")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--heads", default="32/32,32/8", help="nheads_q/nheads_kv pairs")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--headdim", type=int, default=128)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--methods", default="a,b,c,d")
-    ap.add_argument("--modes", default="fwd,fwd+bwd")
+    ap.add_argument("--seqlens", default="512,1024,2048", type=int_list(1))
+    ap.add_argument("--heads", default="32/32,32/8", type=heads_list, help="nheads_q/nheads_kv pairs")
+    ap.add_argument("--dtypes", default="float32,bfloat16", type=choice_list(DTYPES))
+    ap.add_argument("--batch", type=positive_int, default=1)
+    ap.add_argument("--headdim", type=head_dim, default=128)
+    ap.add_argument("--device", default="cpu", type=device_name)
+    ap.add_argument("--repeat", type=positive_int, default=3)
+    ap.add_argument("--methods", default="a,b,c,d", type=choice_list("abcd"))
+    ap.add_argument("--modes", default="fwd,fwd+bwd", type=choice_list(MODES))
     ap.add_argument("--json", default=None, help="write the results to this path")
     args = ap.parse_args()
 
     device = torch.device(args.device)
     methods = {"a": ("hf_eager", hf_eager), "b": ("pirope_sdpa", pirope_sdpa),
                "c": ("compiled", "compile"), "d": ("fused", fused)}
-    chosen = [methods[m] for m in args.methods.split(",")]
+    chosen = [methods[m] for m in args.methods]
     d = args.headdim
     inv_freq, _ = pirope.rope_frequencies(d, scaling={"rope_type": "linear", "factor": 4.0})
     rows = []
@@ -162,16 +163,16 @@ def main():
         f"{name:>22}" for name, _ in chosen)
     print(header)
     print("-" * len(header))
-    for dtype_name in args.dtypes.split(","):
+    for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        for heads in args.heads.split(","):
+        for heads in args.heads:
             hq, hkv = map(int, heads.split("/"))
-            for s in map(int, args.seqlens.split(",")):
+            for s in args.seqlens:
                 cos, sin = pirope.rope_cos_sin(inv_freq, s)
                 cos, sin = cos.to(device), sin.to(device)
                 cos_hf = torch.cat((cos, cos), -1).to(dtype).expand(args.batch, s, d)
                 sin_hf = torch.cat((sin, sin), -1).to(dtype).expand(args.batch, s, d)
-                for mode in args.modes.split(","):
+                for mode in args.modes:
                     backward = mode == "fwd+bwd"
                     gen = torch.Generator(device=device).manual_seed(0)
                     mk = lambda h: torch.randn(args.batch, s, h, d, device=device, dtype=dtype,  # noqa: E731

@@ -37,7 +37,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_ms  # noqa: E402
+from common import (MODES, choice_list, head_dim, heads_list, int_list, median_ms, positive_int,  # noqa: E402
+                    require_cuda)
 
 import pirope  # noqa: E402
 
@@ -161,17 +162,19 @@ def run_case(dtype, hq, hkv, seqlen, tokens, d, causal, mode, repeat, methods):
 def main():
     os.environ["PIROPE_CUDA_ATTENTION"] = "1"  # the fused kernels are opt-in
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
-    ap.add_argument("--heads", default="32/32,32/8")
-    ap.add_argument("--tokens", type=int, default=16384, help="batch x seqlen")
-    ap.add_argument("--headdim", type=int, default=128)
-    ap.add_argument("--dtypes", default="bfloat16")
-    ap.add_argument("--causal", default="1,0")
-    ap.add_argument("--modes", default="fwd,fwd+bwd")
-    ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--methods", default="fused,fused_ws,fused_ws_atomic,fused_det,flash,efficient,cudnn")
+    ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384", type=int_list(1))
+    ap.add_argument("--heads", default="32/32,32/8", type=heads_list)
+    ap.add_argument("--tokens", type=positive_int, default=16384, help="batch x seqlen")
+    ap.add_argument("--headdim", type=head_dim, default=128)
+    ap.add_argument("--dtypes", default="bfloat16", type=choice_list(("float16", "bfloat16")))
+    ap.add_argument("--causal", default="1,0", type=choice_list("10"))
+    ap.add_argument("--modes", default="fwd,fwd+bwd", type=choice_list(MODES))
+    ap.add_argument("--repeat", type=positive_int, default=20)
+    methods = "fused,fused_ws,fused_ws_atomic,fused_det,flash,efficient,cudnn"
+    ap.add_argument("--methods", default=methods, type=choice_list(methods.split(",")))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    require_cuda(ap)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, pirope {pirope.__version__}, "
           f"{args.tokens} tokens per config, headdim {args.headdim}, "
           f"PIROPE_ATTENTION_K_PREPASS={os.environ.get('PIROPE_ATTENTION_K_PREPASS', 'default')}")
@@ -181,14 +184,14 @@ def main():
     print(hdr)
     print("-" * len(hdr))
     rows = []
-    for dtype in (getattr(torch, n) for n in args.dtypes.split(",")):
-        for heads in args.heads.split(","):
+    for dtype in (getattr(torch, n) for n in args.dtypes):
+        for heads in args.heads:
             hq, hkv = map(int, heads.split("/"))
-            for causal in (c == "1" for c in args.causal.split(",")):
-                for mode in args.modes.split(","):
-                    for s in map(int, args.seqlens.split(",")):
+            for causal in (c == "1" for c in args.causal):
+                for mode in args.modes:
+                    for s in args.seqlens:
                         r = run_case(dtype, hq, hkv, s, args.tokens, args.headdim, causal, mode, args.repeat,
-                                     args.methods.split(","))
+                                     args.methods)
                         rows.append(r)
                         f = lambda key: f"{r[key]:8.3f}" if r.get(key) is not None else f"{'-':>8}"  # noqa: E731
                         print(f"{r['dtype']:8} {heads:6} {s:6d} {str(causal):6} {mode:8} "

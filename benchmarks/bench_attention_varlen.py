@@ -27,7 +27,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_method_args, method_setup, report, rotate_half, time_methods  # noqa: E402
+from common import add_method_args, int_list, method_setup, report, rotate_half, time_methods  # noqa: E402
 
 import pirope  # noqa: E402
 from pirope.rope_attention import _varlen_unfused  # noqa: E402
@@ -67,19 +67,19 @@ def packing(lengths: list[int], device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", nargs="+", default=["1024,1024,1024,1024", "2048,1024,512,256,128,64,64"],
+    ap.add_argument("--lengths", nargs="+", type=int_list(1),
+                    default=[[1024, 1024, 1024, 1024], [2048, 1024, 512, 256, 128, 64, 64]],
                     help="one packing per argument: comma-separated sequence lengths")
     add_method_args(ap, "a,b,c")
     args = ap.parse_args()
 
     device, hq, hkv, d, chosen, inv_freq = method_setup(args, METHODS)
     rows = []
-    for lengths_arg in args.lengths:
-        lengths = [int(n) for n in lengths_arg.split(",")]
+    for lengths in args.lengths:
         total = sum(lengths)
         cos, sin = (t.to(device) for t in pirope.rope_cos_sin(inv_freq, max(lengths)))
         cu, pos, mask = packing(lengths, device)
-        for dtype_name in args.dtypes.split(","):
+        for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
             gen = torch.Generator(device=device).manual_seed(0)
             mk = lambda h: torch.randn(total, h, d, device=device, dtype=dtype, generator=gen)  # noqa: E731
@@ -89,8 +89,9 @@ def main():
                 diffs = {name: (fn(q, k, v, cos, sin, cu, pos, mask).float() - ref).abs().max().item()
                          for name, fn in chosen}
             rows += time_methods(chosen, lambda fn, q, k, v: fn(q, k, v, cos, sin, cu, pos, mask), (q, k, v), grad,
-                                 device=str(device), repeat=args.repeat, modes=args.modes.split(","),
-                                 key={"lengths": lengths_arg, "total": total, "dtype": dtype_name}, diffs=diffs)
+                                 device=str(device), repeat=args.repeat, modes=args.modes,
+                                 key={"lengths": ",".join(map(str, lengths)), "total": total, "dtype": dtype_name},
+                                 diffs=diffs)
     report(rows, args)
 
 

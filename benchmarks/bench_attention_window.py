@@ -30,7 +30,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_method_args, method_setup, report, rotate_half, time_methods  # noqa: E402
+from common import add_method_args, int_list, method_setup, report, rotate_half, time_methods  # noqa: E402
 
 import pirope  # noqa: E402
 from pirope.rope_attention import _sdpa_fallback  # noqa: E402
@@ -79,18 +79,18 @@ def sliding_mask(seqlen: int, window: int, device) -> torch.Tensor:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqlens", default="4096,8192")
-    ap.add_argument("--windows", default="1024", help="comma-separated sliding windows W")
+    ap.add_argument("--seqlens", default="4096,8192", type=int_list(1))
+    ap.add_argument("--windows", default="1024", type=int_list(1), help="comma-separated sliding windows W")
     add_method_args(ap, "a,b,c,d,e")
     args = ap.parse_args()
 
     device, hq, hkv, d, chosen, inv_freq = method_setup(args, METHODS)
     rows = []
-    for seqlen in map(int, args.seqlens.split(",")):
+    for seqlen in args.seqlens:
         cos, sin = (t.to(device) for t in pirope.rope_cos_sin(inv_freq, seqlen))
-        for window in map(int, args.windows.split(",")):
+        for window in args.windows:
             mask = sliding_mask(seqlen, window, device)
-            for dtype_name in args.dtypes.split(","):
+            for dtype_name in args.dtypes:
                 dtype = getattr(torch, dtype_name)
                 gen = torch.Generator(device=device).manual_seed(0)
                 mk = lambda h: torch.randn(1, seqlen, h, d, device=device, dtype=dtype, generator=gen)  # noqa: E731
@@ -100,7 +100,7 @@ def main():
                     diffs = {name: (fn(q, k, v, cos, sin, window, mask).float() - ref).abs().max().item()
                              for name, fn in chosen if name != "fused_full"}
                 rows += time_methods(chosen, lambda fn, q, k, v: fn(q, k, v, cos, sin, window, mask), (q, k, v),
-                                     grad, device=str(device), repeat=args.repeat, modes=args.modes.split(","),
+                                     grad, device=str(device), repeat=args.repeat, modes=args.modes,
                                      key={"seqlen": seqlen, "window": window, "dtype": dtype_name}, diffs=diffs)
     report(rows, args)
 

@@ -51,7 +51,7 @@ import transformers
 from transformers import Gemma2Config, Gemma2Model, LlamaConfig, LlamaModel, MistralConfig, MistralModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median_ms  # noqa: E402
+from common import DTYPES, choice_list, device_name, int_list, machine, median_ms, positive_int  # noqa: E402
 
 import pirope  # noqa: E402
 from pirope.integrations.transformers import patch_rope  # noqa: E402
@@ -137,22 +137,23 @@ def free(device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqlens", default="2048,8192,16384")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA); 8 for GQA")
-    ap.add_argument("--head-dim", type=int, default=None, help="default: --hidden / --heads (Gemma 2 9B: 256)")
-    ap.add_argument("--intermediate", type=int, default=11008)
-    ap.add_argument("--window", type=int, default=2048, help="the pretrained context window")
+    ap.add_argument("--seqlens", default="2048,8192,16384", type=int_list(1))
+    ap.add_argument("--batch", type=positive_int, default=1)
+    ap.add_argument("--hidden", type=positive_int, default=4096)
+    ap.add_argument("--heads", type=positive_int, default=32)
+    ap.add_argument("--kv-heads", type=positive_int, default=None, help="default: --heads (MHA); 8 for GQA")
+    ap.add_argument("--head-dim", type=positive_int, default=None,
+                    help="default: --hidden / --heads (Gemma 2 9B: 256)")
+    ap.add_argument("--intermediate", type=positive_int, default=11008)
+    ap.add_argument("--window", type=positive_int, default=2048, help="the pretrained context window")
     ap.add_argument("--factor", type=float, default=8.0, help="PI factor (default: 2k -> 16k)")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--pack", type=int, default=1,
+    ap.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_name)
+    ap.add_argument("--repeat", type=positive_int, default=10)
+    ap.add_argument("--variants", default=",".join(VARIANTS), type=choice_list(VARIANTS))
+    ap.add_argument("--pack", type=positive_int, default=1,
                     help="sequences packed into each row (positions restarting; default 1: none)")
-    ap.add_argument("--sliding-window", type=int, default=None,
+    ap.add_argument("--sliding-window", type=positive_int, default=None,
                     help="a Mistral layer (with --softcap: Gemma 2's sliding layer) attending within this "
                          "many tokens (default: none, LLaMA)")
     ap.add_argument("--softcap", type=float, default=None,
@@ -161,12 +162,14 @@ def main():
     args = ap.parse_args()
     args.kv_heads = args.kv_heads or args.heads
     args.head_dim = args.head_dim or args.hidden // args.heads
-    if args.pack < 1:
-        ap.error("--pack must be >= 1")
+    if args.heads % args.kv_heads:
+        ap.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    if args.head_dim % 2:
+        ap.error(f"the head dimension must be even for RoPE, got {args.head_dim} (--hidden / --heads or --head-dim)")
+    if not args.factor > 0:
+        ap.error(f"--factor must be > 0, got {args.factor}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    variants = args.variants.split(",")
-    if set(variants) - set(VARIANTS):
-        ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    variants = args.variants
 
     print(f"{machine()}, transformers {transformers.__version__}, pirope {pirope.__version__}")
     print(f"device {device}, {args.dtype}, batch {args.batch}, hidden {args.hidden}, heads "
@@ -184,7 +187,7 @@ def main():
     print("-" * len(hdr))
     base = build_model(args, device, dtype)
     rows = []
-    for s in map(int, args.seqlens.split(",")):
+    for s in args.seqlens:
         gen = torch.Generator(device=device).manual_seed(s)
         x = torch.randn(args.batch, s, args.hidden, device=device, dtype=dtype, generator=gen)
         grad = torch.randn(args.batch, s, args.hidden, device=device, dtype=dtype, generator=gen)

@@ -25,7 +25,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median_ms, print_table, rotate_half  # noqa: E402
+from common import DTYPES, device_name, head_dim, heads_pair, machine, median_ms, positive_int, print_table, \
+    rotate_half  # noqa: E402
 
 import pirope  # noqa: E402
 
@@ -104,15 +105,15 @@ def bench_case(device, dtype, batch, seqlen, hq, hk, head_dim, repeat, compiled)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
-    p.add_argument("--batch", nargs="+", type=int, default=[1])
-    p.add_argument("--seqlen", nargs="+", type=int, default=[2048, 8192])
-    p.add_argument("--heads", nargs="+", default=["32/32", "32/8"], help="q/kv head counts")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_name)
+    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=DTYPES)
+    p.add_argument("--batch", nargs="+", type=positive_int, default=[1])
+    p.add_argument("--seqlen", nargs="+", type=positive_int, default=[2048, 8192])
+    p.add_argument("--heads", nargs="+", type=heads_pair, default=["32/32", "32/8"], help="q/kv head counts")
+    p.add_argument("--head-dim", type=head_dim, default=128)
+    p.add_argument("--repeat", type=positive_int, default=10)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", help="write the rows to this file")
     args = p.parse_args(argv)
     if args.threads:

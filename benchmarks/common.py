@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -63,15 +64,96 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(str(r.get(c, "")).rjust(widths[c]) for c in columns))
 
 
+# Command-line values, as argparse `type=` converters: a bad value ends in argparse's usage
+# error naming the flag (exit status 2), not in a traceback from deep inside a run.
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+MODES = ("fwd", "fwd+bwd")
+
+
+def _expected(what: str, text: str):
+    raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+
+
+def int_list(minimum: int = 1):
+    """Comma-separated integers >= minimum ("512,1024")."""
+    what = f"comma-separated integers >= {minimum}"
+
+    def convert(text: str) -> list[int]:
+        try:
+            values = [int(s) for s in text.split(",")]
+        except ValueError:
+            _expected(what, text)
+        if any(v < minimum for v in values):
+            _expected(what, text)
+        return values
+    return convert
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    return value if value >= 1 else _expected("an integer >= 1", text)
+
+
+def head_dim(text: str) -> int:
+    """A rotary head dimension: a positive even integer."""
+    value = positive_int(text)
+    return value if value % 2 == 0 else _expected("an even head dimension", text)
+
+
+def heads_pair(text: str) -> str:
+    """"Q/KV" head counts (Q a multiple of KV, as GQA needs), kept as written (a row key)."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts) or int(parts[0]) % int(parts[1]):
+        _expected("nheads_q/nheads_kv such as 32/8 (nheads_q a multiple of nheads_kv)", text)
+    return text
+
+
+def heads_list(text: str) -> list[str]:
+    return [heads_pair(h) for h in text.split(",")]
+
+
+def choice_list(allowed):
+    """Comma-separated names out of ``allowed``, in the order given."""
+    def convert(text: str) -> list[str]:
+        names = text.split(",")
+        if any(n not in allowed for n in names):
+            _expected(f"comma-separated names out of {', '.join(allowed)}", text)
+        return names
+    return convert
+
+
+def device_name(text: str) -> str:
+    """A torch device that exists here (cuda only where torch sees a GPU)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        _expected("a device such as cpu or cuda", text)
+    if device.type not in ("cpu", "cuda"):
+        _expected("a device such as cpu or cuda", text)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees no CUDA GPU here")
+    return text
+
+
+def require_cuda(ap) -> None:
+    """For a GPU-only benchmark: a usage error where torch sees no CUDA GPU."""
+    if not torch.cuda.is_available():
+        ap.error("this benchmark needs a CUDA GPU, and torch sees none here")
+
+
 def add_method_args(ap, methods: str, dtypes: str = "float32,bfloat16") -> None:
-    """The options of a benchmark that times --methods over --dtypes and --modes."""
-    ap.add_argument("--dtypes", default=dtypes)
-    ap.add_argument("--heads", default="32/8", help="nheads_q/nheads_kv")
-    ap.add_argument("--headdim", type=int, default=128)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--methods", default=methods)
-    ap.add_argument("--modes", default="fwd,fwd+bwd")
+    """The options of a benchmark that times --methods (any of the default ``methods``)
+    over --dtypes and --modes."""
+    ap.add_argument("--dtypes", default=dtypes, type=choice_list(DTYPES))
+    ap.add_argument("--heads", default="32/8", type=heads_pair, help="nheads_q/nheads_kv")
+    ap.add_argument("--headdim", type=head_dim, default=128)
+    ap.add_argument("--device", default="cpu", type=device_name)
+    ap.add_argument("--repeat", type=positive_int, default=3)
+    ap.add_argument("--methods", default=methods, type=choice_list(methods.split(",")))
+    ap.add_argument("--modes", default="fwd,fwd+bwd", type=choice_list(MODES))
     ap.add_argument("--json", default=None, help="write the results to this path")
 
 
@@ -113,7 +195,7 @@ def method_setup(args, methods: dict):
 
     device = torch.device(args.device)
     hq, hkv = map(int, args.heads.split("/"))
-    chosen = [methods[m] for m in args.methods.split(",")]
+    chosen = [methods[m] for m in args.methods]
     inv_freq, _ = pirope.rope_frequencies(args.headdim, scaling={"rope_type": "linear", "factor": 4.0})
     print(f"{machine()}; heads {hq}/{hkv}, headdim {args.headdim}, causal, repeat {args.repeat}")
     return device, hq, hkv, args.headdim, chosen, inv_freq
@@ -144,11 +226,10 @@ def eager_parser(doc: str, *, windows: str, heads: str, headdim: int):
     """The command line of a benchmark against a model's eager attention (time_against_eager):
     --seqlens, --windows and add_method_args' options for methods a..e, with the model's
     heads as defaults."""
-    import argparse
-
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqlens", default="2048,4096")
-    ap.add_argument("--windows", default=windows, help="comma-separated sliding windows W (0: none)")
+    ap.add_argument("--seqlens", default="2048,4096", type=int_list(1))
+    ap.add_argument("--windows", default=windows, type=int_list(0),
+                    help="comma-separated sliding windows W (0: none)")
     add_method_args(ap, "a,b,c,d,e")
     ap.set_defaults(heads=heads, headdim=headdim)
     return ap
@@ -165,10 +246,10 @@ def time_against_eager(args, methods: dict, reference, *, qk_std: float, skip_di
 
     device, hq, hkv, d, chosen, inv_freq = method_setup(args, methods)
     rows = []
-    for seqlen in map(int, args.seqlens.split(",")):
+    for seqlen in args.seqlens:
         cos, sin = (t.to(device) for t in pirope.rope_cos_sin(inv_freq, seqlen))
-        for window in map(int, args.windows.split(",")):
-            for dtype_name in args.dtypes.split(","):
+        for window in args.windows:
+            for dtype_name in args.dtypes:
                 dtype = getattr(torch, dtype_name)
                 mask = additive_mask(seqlen, window, dtype, device)
                 gen = torch.Generator(device=device).manual_seed(0)
@@ -182,6 +263,6 @@ def time_against_eager(args, methods: dict, reference, *, qk_std: float, skip_di
                     del exact, ref
                 rows += time_methods(chosen, lambda fn, q, k, v: fn(q, k, v, cos, sin, window, mask),
                                      (q, k, v), grad, device=str(device), repeat=args.repeat,
-                                     modes=args.modes.split(","),
+                                     modes=args.modes,
                                      key={"seqlen": seqlen, "window": window, "dtype": dtype_name}, diffs=diffs)
     report(rows, args)

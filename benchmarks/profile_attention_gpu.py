@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import pirope
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import head_dim, heads_pair, positive_int, require_cuda  # noqa: E402
+
+import pirope  # noqa: E402
 
 
 def short(name: str) -> str:
@@ -30,15 +34,16 @@ def short(name: str) -> str:
 def main():
     os.environ["PIROPE_CUDA_ATTENTION"] = "1"  # the fused kernels are opt-in
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqlen", type=int, default=16384)
-    ap.add_argument("--tokens", type=int, default=16384, help="batch x seqlen")
-    ap.add_argument("--heads", default="32/8")
-    ap.add_argument("--headdim", type=int, default=128)
-    ap.add_argument("--causal", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--seqlen", type=positive_int, default=16384)
+    ap.add_argument("--tokens", type=positive_int, default=16384, help="batch x seqlen")
+    ap.add_argument("--heads", default="32/8", type=heads_pair)
+    ap.add_argument("--headdim", type=head_dim, default=128)
+    ap.add_argument("--causal", type=int, default=1, choices=(0, 1))
+    ap.add_argument("--iters", type=positive_int, default=5)
     ap.add_argument("--plain", action="store_true",
                     help="one step per mode, no torch.profiler (to run under ncu or nsys)")
     args = ap.parse_args()
+    require_cuda(ap)
     hq, hkv = map(int, args.heads.split("/"))
     batch, s, d = max(1, args.tokens // args.seqlen), args.seqlen, args.headdim
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -1,0 +1,134 @@
+"""The benchmarks (benchmarks/*.py) as users run them: each CPU benchmark end to end on a
+tiny configuration (its rows written, its own correctness columns small), and every
+command line refusing bad values with argparse's usage error naming the flag (exit
+status 2, no traceback). Timings are not checked: they are the benchmarks' output."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+TINY = ["--headdim", "32", "--heads", "4/2", "--repeat", "1", "--dtypes", "float32"]
+
+
+def run(script, *args, tmp_path):
+    """Runs benchmarks/<script> in a fresh process (2 threads); returns its JSON output."""
+    out = tmp_path / "rows.json"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    p = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args, "--json", str(out)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def diffs(rows):
+    """Every max |difference| from the baseline a table row reports."""
+    return [float(v) for row in rows for key, v in row.items() if "diff" in key and v is not None]
+
+
+@pytest.mark.parametrize("script,args,methods,configs", [
+    ("bench_attention_window.py", ["--seqlens", "64", "--windows", "16"], "a,b,c,d,e", 1),
+    ("bench_attention_softcap.py", ["--seqlens", "64", "--windows", "0,16"], "a,b,c,d,e", 2),
+    ("bench_attention_sinks.py", ["--seqlens", "64", "--windows", "0,16"], "a,b,c,d,e", 2),
+    ("bench_attention_varlen.py", ["--lengths", "40,24", "7,1,30"], "a,b,c", 2),
+])
+def test_eager_baseline_benchmarks_run_and_agree(script, args, methods, configs, tmp_path):
+    result = run(script, *TINY, *args, "--methods", methods, tmp_path=tmp_path)
+    rows = result["rows"]
+    assert len(rows) == 2 * configs  # a row per configuration and mode
+    assert {row["mode"] for row in rows} == {"fwd", "fwd+bwd"}
+    found = diffs(rows)
+    assert found and max(found) < 1e-4, found  # float32 against the baseline (or a float64 reference)
+
+
+def test_attention_benchmark_runs(tmp_path):
+    rows = run("bench_attention.py", *TINY[:4], "--heads", "4/2,4/4", "--seqlens", "48,64", "--repeat", "1",
+               "--dtypes", "float32,bfloat16", "--methods", "a,b,d", tmp_path=tmp_path)
+    assert len(rows) == 2 * 2 * 2 * 2 * 3  # dtypes x heads x seqlens x modes x methods
+    fused = [r for r in rows if r["method"] == "fused"]
+    assert all(r["median_s"] > 0 and r["speedup_vs_hf"] > 0 for r in fused)
+
+
+def test_decoder_layer_benchmark_runs_and_agrees(tmp_path):
+    rows = run("bench_decoder_layer.py", "--device", "cpu", "--seqlens", "64", "--hidden", "128", "--heads", "4",
+               "--kv-heads", "2", "--intermediate", "256", "--window", "32", "--repeat", "1", "--dtype", "float32",
+               tmp_path=tmp_path)
+    assert {r["variant"] for r in rows} >= {"hf", "pirope_sdpa", "pirope_fused"}
+    assert not [r for r in rows if "error" in r]
+    compared = [r for r in rows if r["variant"] != "hf"]
+    assert all(r["diff_out"] < 1e-5 and r["diff_grad"] < 1e-4 for r in compared), compared
+
+
+def test_rope_benchmark_runs(tmp_path):
+    result = run("bench_rope.py", "--device", "cpu", "--seqlen", "64", "--heads", "4/2", "--head-dim", "32",
+                 "--repeat", "1", "--no-compile", "--dtype", "float32", tmp_path=tmp_path)
+    assert [r["mode"] for r in result["rows"]] == ["fwd", "fwd+bwd"]
+    assert all(r["pirope_ms"] > 0 for r in result["rows"])
+
+
+def _main(script):
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(BENCHMARKS, script))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+BAD_FLAGS = [
+    ("bench_attention.py", ["--heads", "32"], "--heads"),
+    ("bench_attention.py", ["--heads", "32/5"], "--heads"),
+    ("bench_attention.py", ["--seqlens", "512,abc"], "--seqlens"),
+    ("bench_attention.py", ["--seqlens", "0"], "--seqlens"),
+    ("bench_attention.py", ["--dtypes", "float33"], "--dtypes"),
+    ("bench_attention.py", ["--methods", "a,z"], "--methods"),
+    ("bench_attention.py", ["--modes", "bwd"], "--modes"),
+    ("bench_attention.py", ["--headdim", "63"], "--headdim"),
+    ("bench_attention.py", ["--repeat", "0"], "--repeat"),
+    ("bench_attention.py", ["--device", "tpu9"], "--device"),
+    ("bench_attention_window.py", ["--windows", "-3"], "--windows"),
+    ("bench_attention_softcap.py", ["--windows", "x"], "--windows"),
+    ("bench_attention_sinks.py", ["--heads", "a/b"], "--heads"),
+    ("bench_attention_varlen.py", ["--lengths", "10,,5"], "--lengths"),
+    ("bench_decoder_layer.py", ["--variants", "hf,nope"], "--variants"),
+    ("bench_decoder_layer.py", ["--dtype", "int8"], "--dtype"),
+    ("bench_decoder_layer.py", ["--device", "cpu", "--heads", "32", "--kv-heads", "5"], "--kv-heads"),
+    ("bench_decoder_layer.py", ["--device", "cpu", "--pack", "0"], "--pack"),
+    ("bench_decoder_layer.py", ["--device", "cpu", "--seqlens", "2k"], "--seqlens"),
+    ("bench_rope.py", ["--heads", "32/8", "7"], "--heads"),
+    ("bench_rope.py", ["--seqlen", "-1"], "--seqlen"),
+    ("bench_attention_gpu.py", ["--causal", "yes"], "--causal"),
+    ("bench_attention_gpu.py", ["--dtypes", "float32"], "--dtypes"),
+    ("profile_attention_gpu.py", ["--heads", "8/32"], "--heads"),
+]
+
+
+@pytest.mark.parametrize("script,argv,flag", BAD_FLAGS, ids=[f"{s}{' '.join(a)}" for s, a, _ in BAD_FLAGS])
+def test_bad_flags_are_usage_errors_naming_the_flag(script, argv, flag, monkeypatch, capsys):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # bench_attention.py re-executes itself without it
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        _main(script)()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:"), err
+    assert flag in err.strip().splitlines()[-1] and "error:" in err.strip().splitlines()[-1], err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where torch sees no GPU")
+@pytest.mark.parametrize("script,argv", [("bench_attention_gpu.py", []), ("profile_attention_gpu.py", []),
+                                         ("bench_rope.py", ["--device", "cuda"]),
+                                         ("bench_attention_window.py", ["--device", "cuda:0"])])
+def test_gpu_runs_without_a_gpu_are_usage_errors(script, argv, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        _main(script)()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and "CUDA GPU" in err.strip().splitlines()[-1], err
