@@ -45,3 +45,14 @@ def test_drop_in_recipes_name_every_supported_model_type():
         recipes = f.read().split("## Drop-in recipes", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"`([a-z0-9_]+)`", recipes.split("other architectures raise", 1)[0]))
     assert set(SUPPORTED_MODEL_TYPES) <= listed, sorted(set(SUPPORTED_MODEL_TYPES) - listed)
+
+
+def test_markdown_headings_stand_alone():
+    # a heading marker glued to the end of a line (a paste gone wrong) renders as text and
+    # leaves its section without a title; code blocks may hold any text
+    with open(README, encoding="utf-8") as f:
+        prose = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+    glued = [line for line in prose.splitlines() if re.search(r"\S#{1,6} \S", line) and not line.startswith("#")]
+    assert not glued, glued
+    headings = [line for line in prose.splitlines() if line.startswith("#")]
+    assert len(headings) == len(set(headings)), "a heading appears twice"
