@@ -56,6 +56,13 @@ def _block_scores(q, k, seen, scale, math, cap=None, slope=False):
     return (s, None if t is None else 1 - t * t) if slope else s
 
 
+def _as(t: torch.Tensor, dtype) -> torch.Tensor:
+    """t in dtype, never by a no-op .to(): that returns t itself, and torch 2.11's Dynamo,
+    which lifts an autograd.Function's intermediates into its outputs, then routes the
+    output's gradient to the intermediate (silently wrong gradients under torch.compile)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _cap(softcap, math, device):
     """The cap as a 0-dim tensor of the math type on the device; None for no cap (0)."""
     return torch.full((), softcap, dtype=math, device=device) if softcap else None
@@ -96,7 +103,7 @@ class BlockAttention(torch.autograd.Function):
             lses.append((m + torch.log(total)).squeeze(-1))
         if not outs:  # no query row
             return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=math)
-        return torch.cat(outs, dim=-2).to(q.dtype), torch.cat(lses, dim=-1)
+        return _as(torch.cat(outs, dim=-2), q.dtype), torch.cat(lses, dim=-1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -128,7 +135,7 @@ def _block_backward(grad_out, q, k, v, out, lse, sinks, scale, softcap, left, ri
         return p, ds if slope is None else ds * slope
 
     def cat(parts, like):
-        return torch.cat(parts, dim=-2).to(like.dtype) if parts else torch.zeros_like(like)
+        return _as(torch.cat(parts, dim=-2), like.dtype) if parts else torch.zeros_like(like)
 
     dq = []
     for q0, q1, k0, k1 in query_blocks(S, rows, left, right):
@@ -143,7 +150,7 @@ def _block_backward(grad_out, q, k, v, out, lse, sinks, scale, softcap, left, ri
     if sinks is not None:  # summed over the leading dims and the rows of each head
         heads = sinks.shape[0]
         p_sink = torch.exp(sinks.to(math)[:, None] - lse)
-        dsinks = -(p_sink * delta).sum(-1).reshape(-1, heads).sum(0).to(sinks.dtype)
+        dsinks = _as(-(p_sink * delta).sum(-1).reshape(-1, heads).sum(0), sinks.dtype)
     return cat(dq, q), cat(dk, k), cat(dv, v), dsinks
 
 

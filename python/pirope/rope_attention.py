@@ -134,12 +134,19 @@ def _varlen_unfused(q, k, v, cos, sin, position_ids, cu_seqlens, causal, softmax
     return torch.cat(outs)
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """torch.amp.is_autocast_available, a constant to torch.compile (torch 2.11's Dynamo
+    cannot trace the C++ function it calls; later versions fold it themselves)."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _autocast(q, k, v):
     """Under torch.autocast, q, k and v in the autocast dtype, as torch's
     scaled_dot_product_attention takes them (float64 and non-float tensors stay as
     they are; the tables stay float32). The casts are differentiable."""
     device_type = q.device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    if not (_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return q, k, v
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t

@@ -48,9 +48,9 @@ def register(name: str, backward, setup_context, *, tables: tuple[int, int], jvp
 
 
 def _kinds() -> set:
-    """The kinds of torch.func transforms active here (none inside torch.compile, which
-    must not trace the interpreter stack: is_compiling comes first)."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+    """The kinds of torch.func transforms active here (not for torch.compile to trace:
+    its callers ask is_compiling first)."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
         return set()
     return {level.key() for level in torch._C._functorch.get_interpreter_stack()}
 
@@ -61,15 +61,17 @@ _AUTOGRAD_KINDS = {torch._C._functorch.TransformType.Grad, torch._C._functorch.T
 def transforming() -> bool:
     """Whether autograd runs through torch.func here: a grad/vjp/jacrev or jvp/jacfwd
     transform, or a torch.autograd.forward_ad dual level. (vmap alone and functionalize
-    take the ops themselves: their batching rules and C++ autograd.)"""
-    if torch.autograd.forward_ad._current_level >= 0 and not torch.compiler.is_compiling():
-        return True
-    return bool(_kinds() & _AUTOGRAD_KINDS)
+    take the ops themselves: their batching rules and C++ autograd.) Never inside
+    torch.compile, which must not trace the set operation below either (torch 2.11's
+    Dynamo cannot hash a TransformType)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch.autograd.forward_ad._current_level >= 0 or bool(_kinds() & _AUTOGRAD_KINDS)
 
 
 def vmapping() -> bool:
-    """Whether a torch.func.vmap is active here (outside torch.compile)."""
-    return torch._C._functorch.TransformType.Vmap in _kinds()
+    """Whether a torch.func.vmap is active here (outside torch.compile, as transforming)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.TransformType.Vmap in _kinds()
 
 
 def unwrapped(t: torch.Tensor) -> torch.Tensor:
