@@ -36,7 +36,7 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import eager_parser, time_against_eager  # noqa: E402
+from common import eager_parser, positive_float, time_against_eager  # noqa: E402
 
 import pirope  # noqa: E402
 from pirope.rope_attention import _sdpa_fallback  # noqa: E402
@@ -89,7 +89,7 @@ METHODS = {"a": ("hf_eager", hf_eager), "b": ("pirope_eager", pirope_eager), "c"
 
 def main():
     ap = eager_parser(__doc__, windows="0", heads="16/8", headdim=256)  # Gemma 2 9B's heads
-    ap.add_argument("--softcap", type=float, default=50.0, help="Gemma 2's attn_logit_softcapping")
+    ap.add_argument("--softcap", type=positive_float, default=50.0, help="Gemma 2's attn_logit_softcapping")
     args = ap.parse_args()
     # scores of several units (std ~ 2 sqrt(headdim) q.k / sqrt(headdim)): the cap matters
     methods = {key: (name, functools.partial(fn, cap=args.softcap)) for key, (name, fn) in METHODS.items()}

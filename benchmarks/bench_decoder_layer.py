@@ -51,7 +51,8 @@ import transformers
 from transformers import Gemma2Config, Gemma2Model, LlamaConfig, LlamaModel, MistralConfig, MistralModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DTYPES, choice_list, device_name, int_list, machine, median_ms, positive_int  # noqa: E402
+from common import (DTYPES, choice_list, device_name, int_list, machine, median_ms, positive_float,  # noqa: E402
+                    positive_int)
 
 import pirope  # noqa: E402
 from pirope.integrations.transformers import patch_rope  # noqa: E402
@@ -146,7 +147,7 @@ def main():
                     help="default: --hidden / --heads (Gemma 2 9B: 256)")
     ap.add_argument("--intermediate", type=positive_int, default=11008)
     ap.add_argument("--window", type=positive_int, default=2048, help="the pretrained context window")
-    ap.add_argument("--factor", type=float, default=8.0, help="PI factor (default: 2k -> 16k)")
+    ap.add_argument("--factor", type=positive_float, default=8.0, help="PI factor (default: 2k -> 16k)")
     ap.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_name)
     ap.add_argument("--repeat", type=positive_int, default=10)
@@ -156,7 +157,7 @@ def main():
     ap.add_argument("--sliding-window", type=positive_int, default=None,
                     help="a Mistral layer (with --softcap: Gemma 2's sliding layer) attending within this "
                          "many tokens (default: none, LLaMA)")
-    ap.add_argument("--softcap", type=float, default=None,
+    ap.add_argument("--softcap", type=positive_float, default=None,
                     help="a Gemma 2 layer capping its scores to C tanh(s / C) (Gemma 2: 50)")
     ap.add_argument("--json", default=None, help="write the rows to this path")
     args = ap.parse_args()
@@ -166,8 +167,6 @@ def main():
         ap.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     if args.head_dim % 2:
         ap.error(f"the head dimension must be even for RoPE, got {args.head_dim} (--hidden / --heads or --head-dim)")
-    if not args.factor > 0:
-        ap.error(f"--factor must be > 0, got {args.factor}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     variants = args.variants
 

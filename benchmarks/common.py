@@ -97,6 +97,15 @@ def positive_int(text: str) -> int:
     return value if value >= 1 else _expected("an integer >= 1", text)
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    return value if 0 < value < float("inf") else _expected("a finite number > 0", text)
+
+
 def head_dim(text: str) -> int:
     """A rotary head dimension: a positive even integer."""
     value = positive_int(text)

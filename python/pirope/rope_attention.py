@@ -172,8 +172,8 @@ def _cuda_kernel_applies(q, k, v, cos, interleaved, deterministic=False) -> bool
 
     They are opt-in: they are verified on H100 (earlier versions also on H200; outputs
     and gradients against float64, compute-sanitizer clean) but run forward + backward at
-    0.44-0.50x of pirope rope + cuDNN SDPA on H100 (Hopper wgmma kernels; mma.sync elsewhere; see the README),
-    so the default is the faster unfused path. Its backward (SDPA's) adds dq with float
+    0.44-0.50x of pirope rope + cuDNN SDPA on H100 (Hopper wgmma kernels; mma.sync
+    elsewhere; see the README), so the default is the faster unfused path. Its backward (SDPA's) adds dq with float
     atomics unless torch's global deterministic mode is on, so deterministic=True takes
     the fused kernels' deterministic backward (verified bit-identical run to run on
     H100) where they apply. Traceable by torch.compile (the environment is read as a
