@@ -10,6 +10,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>  // vec_reduce_all (not included by vec.h in older torch)
 #include <ATen/cpu/vec/vec.h>
 
 #include "../attention_params.h"
@@ -206,7 +207,7 @@ acc_t row_max(const acc_t* x, int64_t n) {
     Vec vm = Vec::loadu(x);
     for (j = W; j + W <= n; j += W) vm = at::vec::maximum(vm, Vec::loadu(x + j));
     m = at::vec::vec_reduce_all<acc_t>(
-        [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+        [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vm);
   }
   for (; j < n; ++j) m = std::max(m, x[j]);
   return m;
@@ -225,7 +226,7 @@ acc_t exp_row(acc_t* x, int64_t n, acc_t sub) {
     e.store(x + j);
     vsum = vsum + e;
   }
-  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  acc_t sum = at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return a + b; }, vsum);
   for (; j < n; ++j) {
     x[j] = std::exp(x[j] - sub);
     sum += x[j];
