@@ -81,6 +81,18 @@ def _main(script):
     return mod.main
 
 
+def usage_error(script, argv, monkeypatch, capsys) -> str:
+    """The error line of ``script argv``, after checking that it ended as argparse's usage
+    error (exit status 2, the usage printed; no traceback)."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        _main(script)()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:"), err
+    return err.strip().splitlines()[-1]
+
+
 BAD_FLAGS = [
     ("bench_attention.py", ["--heads", "32"], "--heads"),
     ("bench_attention.py", ["--heads", "32/5"], "--heads"),
@@ -115,13 +127,8 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("script,argv,flag", BAD_FLAGS, ids=[f"{s}{' '.join(a)}" for s, a, _ in BAD_FLAGS])
 def test_bad_flags_are_usage_errors_naming_the_flag(script, argv, flag, monkeypatch, capsys):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # bench_attention.py re-executes itself without it
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    with pytest.raises(SystemExit) as exit_:
-        _main(script)()
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("usage:"), err
-    assert flag in err.strip().splitlines()[-1] and "error:" in err.strip().splitlines()[-1], err
+    error = usage_error(script, argv, monkeypatch, capsys)
+    assert flag in error and "error:" in error, error
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where torch sees no GPU")
@@ -129,9 +136,5 @@ def test_bad_flags_are_usage_errors_naming_the_flag(script, argv, flag, monkeypa
                                          ("bench_rope.py", ["--device", "cuda"]),
                                          ("bench_attention_window.py", ["--device", "cuda:0"])])
 def test_gpu_runs_without_a_gpu_are_usage_errors(script, argv, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    with pytest.raises(SystemExit) as exit_:
-        _main(script)()
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("usage:") and "CUDA GPU" in err.strip().splitlines()[-1], err
+    error = usage_error(script, argv, monkeypatch, capsys)
+    assert "CUDA GPU" in error, error
