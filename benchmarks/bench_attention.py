@@ -29,8 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (DTYPES, MODES, choice_list, device_name, head_dim, heads_list, int_list,  # noqa: E402
-                    positive_int, rotate_half)
+from common import add_method_args, heads_list, int_list, positive_int, rotate_half  # noqa: E402
 
 import pirope  # noqa: E402
 
@@ -136,15 +135,8 @@ def main():
     _exec_with_returning_malloc()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlens", default="512,1024,2048", type=int_list(1))
-    ap.add_argument("--heads", default="32/32,32/8", type=heads_list, help="nheads_q/nheads_kv pairs")
-    ap.add_argument("--dtypes", default="float32,bfloat16", type=choice_list(DTYPES))
     ap.add_argument("--batch", type=positive_int, default=1)
-    ap.add_argument("--headdim", type=head_dim, default=128)
-    ap.add_argument("--device", default="cpu", type=device_name)
-    ap.add_argument("--repeat", type=positive_int, default=3)
-    ap.add_argument("--methods", default="a,b,c,d", type=choice_list("abcd"))
-    ap.add_argument("--modes", default="fwd,fwd+bwd", type=choice_list(MODES))
-    ap.add_argument("--json", default=None, help="write the results to this path")
+    add_method_args(ap, "a,b,c,d", heads="32/32,32/8", heads_type=heads_list)
     args = ap.parse_args()
 
     device = torch.device(args.device)

@@ -25,8 +25,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DTYPES, device_name, head_dim, heads_pair, machine, median_ms, positive_int, print_table, \
-    rotate_half  # noqa: E402
+from common import (DTYPES, device_name, head_dim, heads_pair, machine, median_ms, positive_int,  # noqa: E402
+                    print_table, rotate_half)
 
 import pirope  # noqa: E402
 

@@ -153,11 +153,13 @@ def require_cuda(ap) -> None:
         ap.error("this benchmark needs a CUDA GPU, and torch sees none here")
 
 
-def add_method_args(ap, methods: str, dtypes: str = "float32,bfloat16") -> None:
+def add_method_args(ap, methods: str, dtypes: str = "float32,bfloat16", heads: str = "32/8",
+                    heads_type=heads_pair) -> None:
     """The options of a benchmark that times --methods (any of the default ``methods``)
-    over --dtypes and --modes."""
+    over --dtypes and --modes; --heads one pair (heads_pair) or several (heads_list)."""
     ap.add_argument("--dtypes", default=dtypes, type=choice_list(DTYPES))
-    ap.add_argument("--heads", default="32/8", type=heads_pair, help="nheads_q/nheads_kv")
+    several = " (comma-separated pairs)" if heads_type is heads_list else ""
+    ap.add_argument("--heads", default=heads, type=heads_type, help="nheads_q/nheads_kv" + several)
     ap.add_argument("--headdim", type=head_dim, default=128)
     ap.add_argument("--device", default="cpu", type=device_name)
     ap.add_argument("--repeat", type=positive_int, default=3)
