@@ -679,6 +679,7 @@ def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(EXAMPLES, "finetune_pi.py"), *_ft_args(ckpt, data, dist_out)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    full = p.stdout + p.stderr  # what the retry below looks for may be far from the end
     output = p.stdout[-3000:] + p.stderr[-3000:]
     # This launch failed about once in 20 full test runs, never when run alone. A second
     # launch is allowed only for failures of the launcher's sockets and rendezvous (a race
@@ -688,10 +689,10 @@ def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
     # exception") after the run had finished and saved its results, as torch's gloo
     # process groups are described doing at interpreter exit in pytorch/pytorch PR 179291. Not
     # for anything the example computes; both outputs are kept if it fails again.
-    finished_then_aborted = "[finetune] done" in output and "terminate called without an active exception" in output
+    finished_then_aborted = "[finetune] done" in full and "terminate called without an active exception" in full
     if p.returncode != 0 and (finished_then_aborted or re.search(
             r"(?i)address already in use|connection (refused|reset)|rendezvous|EADDRINUSE|ECONNREFUSED|timed out",
-            output)):
+            full)):
         shutil.rmtree(dist_out, ignore_errors=True)
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
         output = "first launch:\n" + output + "\nsecond launch:\n" + p.stdout[-3000:] + p.stderr[-3000:]
