@@ -42,6 +42,9 @@ CONFIGS = {
                 "rope_theta": 500000.0, "original_max_position_embeddings": 32}, 8 * 32),
     "longrope": ({"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG, "rope_theta": 10000.0,
                   "original_max_position_embeddings": WINDOW}, 4 * WINDOW),
+    # Gemma 4's: the first half of the head's pairs rotate (divided by the factor), the rest do not
+    "proportional": ({"rope_type": "proportional", "partial_rotary_factor": 0.5, "factor": 4.0,
+                      "rope_theta": 10000.0}, 4 * WINDOW),
 }
 
 
@@ -72,7 +75,7 @@ def compare(model, lengths, batch=2):
 # ---- every rope_scaling type through the patched model ------------------------------
 
 
-@pytest.mark.parametrize("name", ["default", "linear", "yarn", "yarn_mscale", "llama3"])
+@pytest.mark.parametrize("name", ["default", "linear", "yarn", "yarn_mscale", "llama3", "proportional"])
 def test_static_scalings_equal_transformers(name):
     rope, window = CONFIGS[name]
     compare(llama(rope, window), [17, 128])
@@ -125,6 +128,23 @@ def test_scaling_argument_replaces_the_config():
     x = ids(1, 90)
     with torch.no_grad():
         torch.testing.assert_close(patched(x).logits, ref(x).logits, **TOL)
+
+
+def test_scaling_argument_proportional_keeps_the_configs_partial_rotary_factor():
+    # "proportional" reads partial_rotary_factor (the share of the pairs that rotate) on any
+    # architecture, so a new proportional dict without its own keeps the config's, as rope_theta
+    rope = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 10000.0}
+    model = llama(rope, WINDOW)
+    patched = patch_rope(copy.deepcopy(model), {"rope_type": "proportional", "factor": 4.0})
+    assert patched.config.rope_parameters == dict(rope, factor=4.0)
+    ref = llama(dict(rope, factor=4.0), WINDOW)
+    ref.load_state_dict(model.state_dict())
+    x = ids(1, 90)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x).logits, ref(x).logits, **TOL)
+        # it matters: a quarter of the pairs rotating is not the whole head
+        assert not torch.allclose(patched(x).logits, patch_rope(copy.deepcopy(model), {
+            "rope_type": "proportional", "factor": 4.0, "partial_rotary_factor": 1.0})(x).logits, **TOL)
 
 
 def test_llama_ignores_partial_rotary_factor_like_transformers():
@@ -258,7 +278,7 @@ def test_rotary_embedding_longrope_switches_at_original_window():
         torch.testing.assert_close(module.sin[:n], sin, **angle_tol(n))
 
 
-@pytest.mark.parametrize("name", ["linear", "yarn", "llama3"])
+@pytest.mark.parametrize("name", ["linear", "yarn", "llama3", "proportional"])
 def test_rotary_embedding_static_tables_equal_transformers(name):
     rope, window = CONFIGS[name]
     module = pirope_rotary(rope, window)

@@ -84,6 +84,12 @@ def assert_same(ours, theirs, rotary_dim):
     assert attn == ref_attn
 
 
+def table_dim(head_dim, params, prf):
+    """2 x the table's length: the rotated features, or for "proportional" the whole head (its
+    unrotated pairs have frequency 0)."""
+    return head_dim if params.get("rope_type") == "proportional" else int(head_dim * prf)
+
+
 def check_against_hf(head_dim, theta, params, max_position_embeddings, seq_len=None, prf=1.0):
     """Compare both ways of calling pirope with transformers for one configuration.
 
@@ -93,7 +99,7 @@ def check_against_hf(head_dim, theta, params, max_position_embeddings, seq_len=N
     if prf != 1.0:
         hf_params["partial_rotary_factor"] = prf
     ref_inv_freq, ref_attn, config = hf_rope(head_dim, hf_params, max_position_embeddings, seq_len)
-    rotary_dim = int(head_dim * prf)
+    rotary_dim = table_dim(head_dim, params, prf)
 
     # 1. pirope style: base and partial_rotary_factor as arguments
     ours = scaling.compute_inv_freq(
@@ -141,6 +147,10 @@ REAL_WORLD = [
     ("codellama-7b-pi-2x", 128, 1000000.0, {"rope_type": "linear", "factor": 2.0}, 32768, [None]),
     ("gpt-neox-20b-partial-0.25", 96, 10000.0, {"rope_type": "default"}, 2048, [None]),
     ("phi-2-partial-0.4", 80, 10000.0, {"rope_type": "default"}, 2048, [None]),
+    # Gemma 4's full-attention layers (Gemma4TextConfig's defaults: global head_dim 512, a quarter of
+    # the pairs rotating), and those extended 4x by Position Interpolation
+    ("gemma4-global", 512, 1000000.0, {"rope_type": "proportional"}, 131072, [None]),
+    ("gemma4-global-pi-4x", 512, 1000000.0, {"rope_type": "proportional", "factor": 4.0}, 524288, [None]),
     (
         "llama3.1-8b",
         128,
@@ -385,7 +395,8 @@ REAL_WORLD = [
     ),
 ]
 
-_REAL_WORLD_PRF = {"gpt-neox-20b-partial-0.25": 0.25, "phi-2-partial-0.4": 0.4}
+_REAL_WORLD_PRF = {"gpt-neox-20b-partial-0.25": 0.25, "phi-2-partial-0.4": 0.4, "gemma4-global": 0.25,
+                   "gemma4-global-pi-4x": 0.25}
 
 
 @pytest.mark.parametrize(
@@ -414,6 +425,8 @@ def _typed_params(rope_type, rotary_dim):
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 1024,
         }, [None]
+    if rope_type == "proportional":
+        return {"rope_type": "proportional", "factor": 4.0}, [None]
     short, long = phi3_factors(rotary_dim // 2)
     return {
         "rope_type": "longrope",
@@ -431,7 +444,7 @@ def test_partial_rotary_matches_transformers(rope_type, prf):
     for theta in (10000.0, 500000.0):
         for seq_len in seq_lens:
             inv_freq, _ = check_against_hf(head_dim, theta, params, 16384, seq_len=seq_len, prf=prf)
-            assert inv_freq.shape == (int(head_dim * prf) // 2,)
+            assert inv_freq.shape == (table_dim(head_dim, params, prf) // 2,)
 
 
 def test_default_matches_llama_rotary_embedding():
@@ -551,6 +564,15 @@ def test_scalings_change_the_table_as_documented():
     plain, _ = scaling.compute_inv_freq(128, base=10000.0)
     assert torch.allclose(plain, 10000.0 ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128).float())
 
+    # proportional: plain RoPE's pairs over the whole head, the first quarter rotating (divided by
+    # the factor), the rest frequency 0
+    prop, attn = scaling.compute_inv_freq(128, scaling={"rope_type": "proportional", "factor": 4.0},
+                                          partial_rotary_factor=0.25)
+    assert prop.shape == (64,) and attn == 1.0
+    assert torch.allclose(prop[:16], plain[:16] / 4) and torch.equal(prop[16:], torch.zeros(48))
+    whole, _ = scaling.compute_inv_freq(128, scaling={"rope_type": "proportional"})
+    assert torch.equal(whole, plain)  # every pair rotates: plain RoPE
+
     pi, attn = scaling.compute_inv_freq(128, scaling={"rope_type": "linear", "factor": 4.0})
     assert torch.allclose(pi, plain / 4) and attn == 1.0
 
@@ -633,6 +655,10 @@ def test_random_configs_match_transformers(hp, theta, factor, mpe, data):
             "high_freq_factor": low + data.draw(st.floats(0.5, 8.0)),
             "original_max_position_embeddings": ompe,
         }
+    elif rope_type == "proportional":
+        params = {"rope_type": "proportional"}
+        if data.draw(st.booleans()):
+            params["factor"] = factor
     else:
         n = rotary_dim // 2
         factors = st.lists(st.floats(1.0, 100.0), min_size=n, max_size=n)
@@ -716,6 +742,7 @@ def test_compute_does_not_mutate_scaling():
         ({"rope_type": "yarn", "factor": 2.0}, False),
         ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, False),
         ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}, True),
+        ({"rope_type": "proportional", "factor": 4.0}, False),
     ],
 )
 def test_scaling_needs_seq_len(params, expected):
@@ -751,7 +778,7 @@ INVALID = [
     ("scaling-list", dict(scaling=[("rope_type", "linear")]), TypeError, "scaling"),
     ("scaling-non-str-key", dict(scaling={1: 2}), TypeError, "scaling keys"),
     ("rope-type-unknown", dict(scaling={"rope_type": "ntk", "factor": 2.0}), ValueError, "rope_type.*'ntk'"),
-    ("rope-type-proportional", dict(scaling={"rope_type": "proportional"}), ValueError, "rope_type.*proportional"),
+    ("rope-type-axial", dict(scaling={"rope_type": "axial"}), ValueError, "rope_type.*'axial'.*vision"),
     ("rope-type-not-str", dict(scaling={"rope_type": 3}), TypeError, "rope_type"),
     ("type-alias-conflict", dict(scaling={"rope_type": "linear", "type": "dynamic", "factor": 2.0}), ValueError,
      "'type'"),
@@ -850,6 +877,19 @@ INVALID = [
      ValueError, "partial_rotary_factor"),
     ("dynamic-rotary-dim-2", dict(head_dim=2, scaling={"rope_type": "dynamic", "factor": 2.0}), ValueError,
      "rotary_dim"),
+    # proportional (its table spans the whole head: head_dim, not rotary_dim, must be even)
+    ("proportional-head-dim-odd", dict(head_dim=127, scaling={"rope_type": "proportional"}), ValueError,
+     "proportional.*even head_dim.*127"),
+    ("proportional-factor-below-1", dict(scaling={"rope_type": "proportional", "factor": 0.5}), ValueError,
+     "factor.*>= 1"),
+    ("proportional-factor-str", dict(scaling={"rope_type": "proportional", "factor": "4"}), TypeError, "factor"),
+    ("proportional-factor-none", dict(scaling={"rope_type": "proportional", "factor": None}), TypeError, "factor"),
+    ("proportional-unknown-key", dict(scaling={"rope_type": "proportional", "original_max_position_embeddings": 8}),
+     ValueError, "original_max_position_embeddings.*proportional"),
+    ("proportional-factor-underflows", dict(scaling={"rope_type": "proportional", "factor": 1e300}), ValueError,
+     "proportional.*frequency of 0"),
+    ("proportional-base-underflows", dict(base=1e300, scaling={"rope_type": "proportional"}), ValueError,
+     "proportional.*frequency of 0"),
     # base / rope_theta
     ("base-zero", dict(base=0.0), ValueError, "base"),
     ("base-negative", dict(base=-10000.0), ValueError, "base"),

@@ -40,8 +40,9 @@ def rope_frequencies(
         scaling: ``None`` for plain RoPE, or a Hugging Face ``rope_scaling`` dict, e.g.
             ``{"rope_type": "linear", "factor": 4.0}`` for Position Interpolation
             (positions divided by 4: a 2k model extended to 8k). Also ``"dynamic"``,
-            ``"yarn"``, ``"llama3"`` and ``"longrope"`` with Hugging Face's keys;
-            ``"type"`` is accepted as an alias of ``"rope_type"``.
+            ``"yarn"``, ``"llama3"``, ``"longrope"`` and ``"proportional"`` (Gemma 4)
+            with Hugging Face's keys; ``"type"`` is accepted as an alias of
+            ``"rope_type"``.
         max_position_embeddings: the model's context window (used by dynamic NTK, as the
             default ``original_max_position_embeddings`` of yarn, llama3 and longrope, and
             to derive yarn's / longrope's ``factor`` when the dict's is ``None``).
@@ -51,7 +52,12 @@ def rope_frequencies(
     Returns:
         ``(inv_freq, attention_factor)``: float32 ``(rotary_dim // 2,)`` tensor equal to
         transformers' ``ROPE_INIT_FUNCTIONS`` for the same configuration, and the factor
-        cos and sin are multiplied by (1.0 except for yarn and longrope).
+        cos and sin are multiplied by (1.0 except for yarn and longrope). With
+        ``"proportional"`` the table covers the whole head (``(head_dim // 2,)``,
+        rotary_dim = head_dim), as transformers builds it: its first
+        ``int(partial_rotary_factor * head_dim // 2)`` pairs rotate, the others have
+        frequency 0 (cos 1, sin 0), so :func:`pirope.apply_rope` passes them through
+        unchanged.
     """
     with _checks.prefixed("rope_frequencies"):
         return compute_inv_freq(

@@ -5,25 +5,30 @@ embeddings (RoPE) and the attention factor that multiplies cos and sin, for plai
 and for the scalings Hugging Face transformers implements in
 ``transformers/modeling_rope_utils.py``:
 
-========== ===========================================================================
-rope_type  what it does (notation: ``theta_i = base ** (-2i / d)``, factor ``s``,
-           original context ``L``, ``d`` = rotary dim)
-========== ===========================================================================
-default    Plain RoPE: ``theta_i``.
-linear     Position Interpolation (Chen et al. 2023): ``theta_i / s``.
-dynamic    Dynamic NTK: ``base' = base * (s * l / L - (s - 1)) ** (d / (d - 2))`` with
-           ``l = max(seq_len, L)``, ``L = max_position_embeddings``; recomputed as the
-           sequence grows.
-yarn       YaRN: per-pair linear-ramp blend of ``theta_i / s`` and ``theta_i`` between the
-           correction dims of ``beta_fast`` and ``beta_slow``; attention factor
-           ``0.1 * ln(s) + 1`` (or the mscale ratio, or ``attention_factor``).
-llama3     Llama 3.1: pairs with wavelength below ``L / high_freq_factor`` keep
-           ``theta_i``, above ``L / low_freq_factor`` use ``theta_i / s``, smooth blend
-           in between.
-longrope   LongRoPE (Phi-3): ``theta_i / f_i`` with ``f`` the ``short_factor`` list, or
-           the ``long_factor`` list once ``seq_len > original_max_position_embeddings``;
-           attention factor ``sqrt(1 + ln s / ln L)``.
-========== ===========================================================================
+============ ===========================================================================
+rope_type    what it does (notation: ``theta_i = base ** (-2i / d)``, factor ``s``,
+             original context ``L``, ``d`` = rotary dim)
+============ ===========================================================================
+default      Plain RoPE: ``theta_i``.
+linear       Position Interpolation (Chen et al. 2023): ``theta_i / s``.
+dynamic      Dynamic NTK: ``base' = base * (s * l / L - (s - 1)) ** (d / (d - 2))`` with
+             ``l = max(seq_len, L)``, ``L = max_position_embeddings``; recomputed as the
+             sequence grows.
+yarn         YaRN: per-pair linear-ramp blend of ``theta_i / s`` and ``theta_i`` between the
+             correction dims of ``beta_fast`` and ``beta_slow``; attention factor
+             ``0.1 * ln(s) + 1`` (or the mscale ratio, or ``attention_factor``).
+llama3       Llama 3.1: pairs with wavelength below ``L / high_freq_factor`` keep
+             ``theta_i``, above ``L / low_freq_factor`` use ``theta_i / s``, smooth blend
+             in between.
+longrope     LongRoPE (Phi-3): ``theta_i / f_i`` with ``f`` the ``short_factor`` list, or
+             the ``long_factor`` list once ``seq_len > original_max_position_embeddings``;
+             attention factor ``sqrt(1 + ln s / ln L)``.
+proportional Gemma 4's global layers: ``base ** (-2i / head_dim) / s`` for the first
+             ``int(partial_rotary_factor * head_dim // 2)`` pairs, 0 (no rotation) for
+             the others; the table spans the whole head (``head_dim // 2`` pairs ``(i,
+             i + head_dim/2)``), unlike partial rotary, which rotates the first
+             rotary_dim features only.
+============ ===========================================================================
 
 The values are bit-identical to ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS``
 (and to ``LlamaRotaryEmbedding.compute_default_rope_parameters`` /
@@ -51,7 +56,7 @@ __all__ = [
 ]
 
 #: The ``rope_type`` values :func:`compute_inv_freq` accepts.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "proportional")
 
 _DEFAULT_BASE = 10000.0
 _DEFAULT_PARTIAL_ROTARY_FACTOR = 1.0
@@ -89,6 +94,9 @@ _KEYS: dict[str, tuple[frozenset, frozenset]] = {
         frozenset({"short_factor", "long_factor"}),
         frozenset({"original_max_position_embeddings", "attention_factor", "factor"}),
     ),
+    # transformers validates no "factor" for it (and warns that it does not know the key) but its
+    # computation divides by rope_parameters.get("factor", 1.0): Position Interpolation of Gemma 4
+    "proportional": (frozenset(), frozenset({"factor"})),
 }
 
 # rope_types whose `factor` value may be None (transformers then derives it as
@@ -96,7 +104,6 @@ _KEYS: dict[str, tuple[frozenset, frozenset]] = {
 _FACTOR_MAY_BE_NONE = frozenset({"yarn", "longrope"})
 
 _UNSUPPORTED_HF_TYPES = {
-    "proportional": "its table has head_dim // 2 entries with zeros for the non-rotated pairs",
     "axial": "it is a multi-axis (vision) RoPE",
 }
 
@@ -403,6 +410,15 @@ def compute_inv_freq(
       ``short_factor``, ``long_factor`` (required, ``rotary_dim // 2`` positive
       numbers each), ``original_max_position_embeddings`` (default
       ``max_position_embeddings``), ``factor``, ``attention_factor``.
+    * ``"proportional"`` (Gemma 4's full-attention layers): the table covers the whole
+      head, ``head_dim // 2`` pairs ``(i, i + head_dim / 2)`` as plain RoPE's, so
+      ``rotary_dim`` is ``head_dim`` (even) whatever ``partial_rotary_factor`` says:
+      the first ``n = int(partial_rotary_factor * head_dim // 2)`` pairs get
+      ``base ** (-2i / head_dim) / s``, the other pairs frequency 0 (cos 1, sin 0: not
+      rotated). Partial rotary of the other types rotates the first ``rotary_dim``
+      features instead, pairs ``(i, i + rotary_dim / 2)``. Keys: ``factor`` (optional,
+      default 1: Position Interpolation of the rotated pairs; transformers computes
+      with it but its config validation warns that it does not know the key).
 
     Every type also accepts ``rope_theta`` and ``partial_rotary_factor`` keys (the
     transformers 5 ``rope_parameters`` form keeps them in the dict). As in transformers,
@@ -440,7 +456,8 @@ def compute_inv_freq(
 
     Returns:
         ``(inv_freq, attention_factor)``: a float32 CPU tensor of shape
-        ``(rotary_dim // 2,)`` and a Python float.
+        ``(rotary_dim // 2,)`` (``(head_dim // 2,)`` for ``"proportional"``) and a
+        Python float.
 
     Raises:
         TypeError: an argument or scaling value has the wrong type.
@@ -483,12 +500,22 @@ def compute_inv_freq(
             )
         partial_rotary_factor = prf
 
-    dim = int(head_dim * partial_rotary_factor)
-    if dim < 2 or dim % 2:
-        raise ValueError(
-            f"rotary_dim = int(head_dim * partial_rotary_factor) = int({head_dim} * {partial_rotary_factor}) = {dim} "
-            "must be even and >= 2"
-        )
+    if rope_type == "proportional":
+        # the table spans the whole head; partial_rotary_factor tells how many of its pairs rotate
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(
+                f"rope_type 'proportional' needs an even head_dim >= 2 (its table has one entry per pair "
+                f"(i, i + head_dim/2) of the whole head), got head_dim={head_dim}"
+            )
+        dim = head_dim
+        params = {**params, "partial_rotary_factor": partial_rotary_factor}
+    else:
+        dim = int(head_dim * partial_rotary_factor)
+        if dim < 2 or dim % 2:
+            raise ValueError(
+                f"rotary_dim = int(head_dim * partial_rotary_factor) = int({head_dim} * {partial_rotary_factor}) = "
+                f"{dim} must be even and >= 2"
+            )
 
     fn = _COMPUTE[rope_type]
     try:
@@ -505,7 +532,9 @@ def compute_inv_freq(
             f"the attention factor computed for rope_type {rope_type!r} is {attention_factor}; "
             "check scaling['mscale'] / scaling['mscale_all_dim'] / scaling['attention_factor']"
         )
-    if not bool(torch.isfinite(inv_freq).all()) or not bool((inv_freq > 0).all()):
+    # (proportional's unrotated pairs are 0 by design; _proportional checks its rotated ones)
+    lowest_ok = inv_freq >= 0 if rope_type == "proportional" else inv_freq > 0
+    if not bool(torch.isfinite(inv_freq).all()) or not bool(lowest_ok.all()):
         raise ValueError(
             f"rope_type {rope_type!r} with base={base} gave non-finite or non-positive frequencies; "
             "check base and the scaling values"
@@ -722,6 +751,29 @@ def _llama3(params, dim, base, max_position_embeddings, seq_len):
     return inv_freq_llama, attention_factor
 
 
+def _proportional(params, head_dim, base, max_position_embeddings, seq_len):
+    # _compute_proportional_rope_parameters: dim is the whole head_dim here (see compute_inv_freq)
+    factor = params.get("factor", 1.0)
+    rope_proportion = params["partial_rotary_factor"]
+    attention_factor = 1.0
+    rope_angles = int(rope_proportion * head_dim // 2)
+    inv_freq_rotated = 1.0 / (
+        base ** (torch.arange(0, 2 * rope_angles, 2, device="cpu", dtype=torch.int64).to(dtype=torch.float) / head_dim)
+    )
+    nope_angles = head_dim // 2 - rope_angles
+    if nope_angles > 0:
+        inv_freq = torch.cat((inv_freq_rotated, torch.zeros(nope_angles, device="cpu", dtype=torch.float32)), dim=0)
+    else:
+        inv_freq = inv_freq_rotated
+    inv_freq /= factor
+    if not bool((inv_freq[:rope_angles] > 0).all()):
+        raise ValueError(
+            f"rope_type 'proportional' with base={base} and factor={factor} gives rotated pairs a frequency of 0 "
+            "or less (float32 underflow); check base and scaling['factor']"
+        )
+    return inv_freq, attention_factor
+
+
 _COMPUTE = {
     "default": _default,
     "linear": _linear,
@@ -729,4 +781,5 @@ _COMPUTE = {
     "yarn": _yarn,
     "llama3": _llama3,
     "longrope": _longrope,
+    "proportional": _proportional,
 }

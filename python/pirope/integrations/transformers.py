@@ -740,7 +740,9 @@ def _rope_setup(model, model_type: str, partial_supported: bool, params: dict, h
     partial = params.pop("partial_rotary_factor", None)
     if partial is None:
         partial = getattr(model.config, "partial_rotary_factor", None) or 1.0
-    if partial != 1.0 and not partial_supported:
+    if partial != 1.0 and not partial_supported and rope_type != "proportional":
+        # (proportional's table spans the whole head, partial_rotary_factor zeroing its last
+        # pairs' frequencies: every architecture rotates it as plain RoPE)
         if rope_type == "default":
             # e.g. LlamaRotaryEmbedding's default init ignores partial_rotary_factor
             partial = 1.0
@@ -1103,8 +1105,10 @@ def _replaced_rope_parameters(model_type: str, family: _Family, config, attns, p
         new["alpha"] = alpha
         _ntk_alpha_as_default(config, family, new, _head_dim(attns[0], family))  # validates alpha
     # transformers' families other than phi3 ignore partial_rotary_factor for plain RoPE and
-    # fail with it otherwise: it is kept only where the architecture rotates part of a head
-    keep = ("rope_theta", "partial_rotary_factor") if family.partial else ("rope_theta",)
+    # fail with it otherwise: it is kept only where the architecture rotates part of a head, or
+    # for "proportional", which reads it as the share of the head's pairs that rotate (Gemma 4)
+    keep = (("rope_theta", "partial_rotary_factor") if family.partial or new["rope_type"] == "proportional"
+            else ("rope_theta",))
     for key in keep:
         if key not in new and key in params:
             new[key] = params[key]
