@@ -89,6 +89,11 @@ FAMILIES = {
     # final_logit_softcapping 30.0; transformers gives Gemma 2 "eager" (it refuses sdpa)
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(HYBRID, query_pre_attn_scalar=24)),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(HYBRID, query_pre_attn_scalar=24)),
+    # RoPE per layer type: "proportional" on the full layer (1e6, a quarter of its 16 pairs rotating),
+    # whose heads are larger (global_head_dim 32); per-head q/k RMSNorms before RoPE, a weightless one
+    # on v; scaling 1.0; per-layer input embeddings kept small; KV sharing and k = v (tests below)
+    "gemma4_text": ("Gemma4TextConfig", "Gemma4ForCausalLM",
+                    dict(HYBRID, global_head_dim=32, vocab_size_per_layer_input=256, hidden_size_per_layer_input=8)),
     # RoPE per layer type (thetas made to differ here), OLMo 2's q/k norms over the projection
     "olmo3": ("Olmo3Config", "Olmo3ForCausalLM",
               dict(HYBRID, pad_token_id=1, eos_token_id=2,
@@ -164,6 +169,16 @@ FAMILIES = {
 # NanoChat's and Hunyuan's q/k norms after RoPE keep every layer off the fused path
 FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "kolibri1": 1, "cohere2_moe": 1,
                 "nanochat": 0, "hunyuan_v1_dense": 0, "hunyuan_v1_moe": 0}
+
+# the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
+# layer has heads of global_head_dim
+FUSED_HEAD_DIMS = {"gemma4_text": [16, 32]}
+
+
+def fused_shapes(model_type, batch, seqlen):
+    """The q shapes of the rope_attention calls of one forward of a make(model_type) model."""
+    dims = FUSED_HEAD_DIMS.get(model_type, [16] * FUSED_LAYERS.get(model_type, 2))
+    return [(batch, seqlen, 4, d) for d in dims]
 
 
 def test_every_supported_family_is_tested_here():
@@ -247,7 +262,7 @@ def test_position_interpolation_equals_transformers(model_type, attention, fused
     x = ids(2, 100)  # past the original window
     assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
     # the fused kernel ran in every layer with RoPE (no window here is shorter than the sequence)
-    assert fused_calls == ([(2, 100, 4, 16)] * FUSED_LAYERS.get(model_type, 2) if attention == "fused" else [])
+    assert fused_calls == (fused_shapes(model_type, 2, 100) if attention == "fused" else [])
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))
@@ -268,7 +283,8 @@ def scale_qk_norms(model):
     with torch.no_grad():
         for layer in model.model.layers:
             for name in _FAMILIES[model.config.model_type].qk_norm_names:
-                weight = getattr(getattr(layer.self_attn, name), "weight", None)
+                weight = getattr(getattr(layer.self_attn, name, None), "weight", None)  # (Gemma 4's KV-shared
+                # layers have no k_norm)
                 if weight is not None:
                     weight.uniform_(0.2, 3.0)
     return model
@@ -461,8 +477,8 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3", "gemma3_text",
-                                        "gemma2", "mixtral", "qwen2_moe", "olmoe", "minimax_m2", "mellum",
-                                        "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe", "kolibri1",
+                                        "gemma4_text", "gemma2", "mixtral", "qwen2_moe", "olmoe", "minimax_m2",
+                                        "mellum", "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe", "kolibri1",
                                         "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
@@ -470,7 +486,7 @@ def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_ty
     ref = twin(base, model.config)
     assert_generates_like(model, ref, ids(1, 70))
     # the prefill; the decode steps take the cached path
-    assert fused_calls == [(1, 70, 4, 16)] * FUSED_LAYERS.get(model_type, 2)
+    assert fused_calls == fused_shapes(model_type, 1, 70)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text"])
@@ -540,16 +556,123 @@ def test_residual_dropout_after_o_proj_is_applied_in_training(model_type, fused_
     assert not torch.allclose(model(x, use_cache=False).logits, got[0])
 
 
+# ---- Gemma 4: KV sharing, keys as values, proportional RoPE ----------------------------------
+
+GEMMA4 = {
+    # 4 layers: the last two attend to the rotated keys and values that layers 0 and 1 (the last
+    # of their type before them) stored
+    "kv_sharing": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                       num_kv_shared_layers=2),
+    # the full layers have no v_proj (values: k_proj's output) and one KV head; layer 2 shares layer 1's
+    "k_eq_v": dict(num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "full_attention"],
+                   num_kv_shared_layers=1, attention_k_eq_v=True, num_global_key_value_heads=1),
+}
+
+
+@pytest.fixture
+def float64_angles(monkeypatch):
+    """transformers' Gemma 4 rotary embedding with its angles in float64, as pirope's tables have
+    them: a float64 model then differs from its patched copy by rounding alone (its attention has
+    scale 1.0, so in float32 the two kinds of angle rounding move its gradients by ~1e-5)."""
+    from transformers.models.gemma4 import modeling_gemma4
+
+    def forward(self, x, position_ids, layer_type):
+        inv_freq = getattr(self, f"{layer_type}_inv_freq")
+        scale = getattr(self, f"{layer_type}_attention_scaling")
+        angles = position_ids[..., None].double() * inv_freq.double()
+        angles = torch.cat((angles, angles), dim=-1)
+        return (angles.cos() * scale).float().to(x.dtype), (angles.sin() * scale).float().to(x.dtype)
+
+    monkeypatch.setattr(modeling_gemma4.Gemma4TextRotaryEmbedding, "forward", forward)
+
+
+def assert_same_float64(a, b):
+    """Logits and gradients of float64 models: transformers' Gemma 4 RMSNorms compute in float32
+    whatever the dtype (their weights' gradients then differ by float32 summation order only)."""
+    (la, ga), (lb, gb) = a, b
+    torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-10)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=0, atol=1e-6 * gb[name].abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize("variant", list(GEMMA4))
+def test_gemma4_kv_sharing_and_keys_as_values_equal_transformers(variant, attention, float64_angles, fused_calls):
+    base = scale_qk_norms(make("gemma4_text", **GEMMA4[variant])).double()
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    ref = twin(base, model.config).double()
+    x = ids(2, 100)
+    got, want = logits_and_grads(model, x), logits_and_grads(ref, x)
+    assert_same_float64(got, want)
+    # the layers with keys of their own fuse (the sliding one with its window); the shared ones cannot
+    assert fused_calls == ([(2, 100, 4, 16), (2, 100, 4, 32)] if attention == "fused" else [])
+
+
+@pytest.mark.parametrize("variant", list(GEMMA4))
+def test_gemma4_generates_like_transformers_with_shared_layers(variant, float64_angles, fused_calls):
+    base = make("gemma4_text", **GEMMA4[variant]).double()
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    ref = twin(base, model.config).double()
+    seen = {}  # the tokens each model's shared layers attend from (transformers may keep only the
+    for name, m in (("pirope", model), ("transformers", ref)):  # last before them in a prefill)
+        seen[name] = []
+        m.model.layers[-1].self_attn.register_forward_pre_hook(
+            lambda mod, args, kwargs, out=seen[name]: out.append(kwargs["hidden_states"].shape[1]), with_kwargs=True)
+    x = ids(1, 70)
+    with torch.no_grad():
+        a = model.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        b = ref.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-10, atol=1e-10)
+    assert seen["pirope"] == seen["transformers"] and len(seen["pirope"]) == 6
+    assert fused_calls == [(1, 70, 4, 16), (1, 70, 4, 32)]  # the prefill's own-key layers
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_gemma4_with_shared_layers_compiles_fullgraph(attention, float64_angles):
+    torch._dynamo.reset()
+    base = make("gemma4_text", **GEMMA4["kv_sharing"]).double()
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = ids(2, 60)
+    logits, grads = logits_and_grads(compiled, x)
+    assert_same_float64((logits, {n.removeprefix("_orig_mod."): g for n, g in grads.items()}),
+                        logits_and_grads(twin(base, model.config).double(), x))
+
+
+def test_gemma4_full_layers_rotate_a_quarter_of_their_pairs():
+    # "proportional": the full layer's table spans its 32-feature heads, the first 4 of its 16 pairs
+    # rotating (divided by the PI factor), the other 12 not at all
+    model = apply_position_interpolation(make("gemma4_text"), 4.0)
+    full = model.model.rotary_emb.by_type["full_attention"]
+    assert full.rotary_dim == 32 and model.model.rotary_emb.by_type["sliding_attention"].rotary_dim == 16
+    cos, sin = full.tables(300, "cpu")
+    assert torch.equal(cos[:, 4:], torch.ones(len(cos), 12)) and torch.equal(sin[:, 4:], torch.zeros(len(sin), 12))
+    plain = pirope.rope_frequencies(32, base=1e6)[0][:4]
+    torch.testing.assert_close(cos[:300, :4], torch.cos(torch.arange(300.0)[:, None] * plain / 4))
+
+
+def test_gemma4_layers_of_one_type_with_different_head_sizes_are_refused_unchanged():
+    # one table per layer type serves its layers: heads of another size in one of them cannot be
+    model = make("gemma4_text", **GEMMA4["k_eq_v"])
+    model.model.layers[2].self_attn.head_dim = 16
+    rotary = model.model.rotary_emb
+    with pytest.raises(TypeError, match="full_attention layers have heads of different sizes"):
+        patch_rope(model)
+    assert model.model.rotary_emb is rotary and "forward" not in model.model.layers[0].self_attn.__dict__
+
+
 # ---- RoPE per layer type (Gemma 3, OLMo 3) ------------------------------------------------
 
 
 def hf_rows(ref, layer_type, positions):
     """cos of transformers' own rotary embedding for one layer type: (positions, head_dim // 2)."""
     cos, _ = ref.model.rotary_emb(torch.zeros(1, len(positions), 64), positions[None], layer_type)
-    return cos[0, :, :8]
+    return cos[0, :, :cos.shape[-1] // 2]
 
 
-@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3", "mellum"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3", "mellum", "gemma4_text"])
 def test_each_layer_gets_the_table_of_its_layer_type(model_type, fused_calls):
     from pirope.integrations.transformers import PiropeLayerTypeRotaryEmbedding
 
@@ -564,7 +687,8 @@ def test_each_layer_gets_the_table_of_its_layer_type(model_type, fused_calls):
                      for t in ("full_attention", "sliding_attention"))
     for t, tables in (("full_attention", full), ("sliding_attention", sliding)):
         torch.testing.assert_close(tables.cos[positions], hf_rows(base, t, positions), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(full.cos[positions], sliding.cos[positions], atol=1e-2)
+    pairs = min(full.cos.shape[1], sliding.cos.shape[1])  # (Gemma 4's full heads are larger)
+    assert not torch.allclose(full.cos[positions, :pairs], sliding.cos[positions, :pairs], atol=1e-2)
     # what each layer is handed: the tables of its config.layer_types[i]
     received = []
     for layer in model.model.layers:
@@ -573,18 +697,21 @@ def test_each_layer_gets_the_table_of_its_layer_type(model_type, fused_calls):
     x = ids(2, 40)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
     assert [r.cos for r in received] == [rotary.by_type[t].tables(40, "cpu")[0] for t in model.config.layer_types]
-    assert fused_calls == [(2, 40, 4, 16)] * 2  # the sliding one with its window (40 > 16)
+    assert fused_calls == fused_shapes(model_type, 2, 40)  # the sliding one with its window (40 > 16)
 
 
-@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3", "gemma4_text"])
 def test_position_interpolation_extends_only_the_full_attention_layers_and_round_trips(model_type, tmp_path):
     base = make(model_type)
     before = copy.deepcopy(base.config.rope_parameters)
     model = apply_position_interpolation(copy.deepcopy(base), 4.0)
     params = model.config.rope_parameters
     assert params["sliding_attention"] == before["sliding_attention"]
-    assert params["full_attention"] == {"rope_type": "linear", "factor": 4.0,
-                                        "rope_theta": before["full_attention"]["rope_theta"]}
+    if before["full_attention"]["rope_type"] == "proportional":  # Gemma 4: PI of the same rotating pairs
+        assert params["full_attention"] == {**before["full_attention"], "factor": 4.0}
+    else:
+        assert params["full_attention"] == {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": before["full_attention"]["rope_theta"]}
     assert model.config.max_position_embeddings == 4 * WINDOW
     # position 4m of a full layer is rotated as position m was; the sliding layers' table is unchanged
     old = patch_rope(copy.deepcopy(base)).model.rotary_emb
@@ -1038,26 +1165,32 @@ IMAGE_TOKEN = 255
 TEXT = {**COMMON, "vocab_size": 256}
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
               patch_size=14)
-# name -> (config class, model class, config kwargs, layers fused on a text-only sequence of 100
-# (Gemma 3's sliding one with its window; PaliGemma always hands its layers a prefix-LM mask
-# tensor), whether the test feeds an image (28 x 28: 4 patches of 14, 4 image tokens))
+# name -> (config class, model class, config kwargs, the head size of each layer fused on a
+# text-only sequence of 100 (Gemma 3's sliding one with its window; PaliGemma always hands its
+# layers a prefix-LM mask tensor; Gemma 4's full layer has larger heads), whether the test feeds
+# an image (28 x 28: 4 patches of 14, 4 image tokens))
 MULTIMODAL = {
     "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration",
                dict(text_config={**TEXT, **HYBRID, "query_pre_attn_scalar": 24}, vision_config=VISION,
                     mm_tokens_per_image=4, image_token_index=IMAGE_TOKEN, boi_token_index=253,
-                    eoi_token_index=254), 2, True),
+                    eoi_token_index=254), [16, 16], True),
     "llava": ("LlavaConfig", "LlavaForConditionalGeneration",
               dict(text_config={**TEXT, "model_type": "llama"},
                    vision_config={**VISION, "model_type": "clip_vision_model"},
-                   image_token_index=IMAGE_TOKEN), 2, True),
+                   image_token_index=IMAGE_TOKEN), [16, 16], True),
     "mistral3": ("Mistral3Config", "Mistral3ForConditionalGeneration",
                  dict(text_config={**TEXT, "model_type": "mistral"},
                       vision_config={**VISION, "model_type": "pixtral", "head_dim": 16},
-                      image_token_index=IMAGE_TOKEN), 2, False),
+                      image_token_index=IMAGE_TOKEN), [16, 16], False),
     "paligemma": ("PaliGemmaConfig", "PaliGemmaForConditionalGeneration",
                   dict(text_config={**TEXT, "model_type": "gemma"},
                        vision_config={**VISION, "model_type": "siglip_vision_model"},
-                       image_token_index=IMAGE_TOKEN), 0, False),
+                       image_token_index=IMAGE_TOKEN), [], False),
+    # Gemma 4 without its vision and audio towers (optional in its config): the text model inside
+    "gemma4": ("Gemma4Config", "Gemma4ForConditionalGeneration",
+               dict(text_config={**TEXT, **FAMILIES["gemma4_text"][2]}, vision_config=None, audio_config=None,
+                    audio_token_id=249, boi_token_id=250, eoi_token_id=251, image_token_id=252, video_token_id=253,
+                    boa_token_id=254, eoa_token_index=IMAGE_TOKEN), [16, 32], False),
 }
 
 
@@ -1078,7 +1211,7 @@ def test_position_interpolation_of_a_multimodal_model_extends_its_language_model
     ref = twin(base, model.config)
     x = ids(1, 100, seed=2)
     assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
-    assert fused_calls == [(1, 100, 4, 16)] * MULTIMODAL[name][3]
+    assert fused_calls == [(1, 100, 4, d) for d in MULTIMODAL[name][3]]
     if MULTIMODAL[name][4]:  # with an image: its tokens in the sequence (Gemma 3 attends to them bidirectionally)
         x = x.clone()
         x[0, 5:9] = IMAGE_TOKEN
@@ -1305,6 +1438,8 @@ def _without(model, layer, name):
     ("exaone4", 0, "is_sliding", "is_sliding"),
     ("gpt_oss", 1, "sinks", "self_attn.sinks"),
     ("cohere2_moe", 1, "force_rope", "self_attn.force_rope"),
+    ("gemma4_text", 1, "store_full_length_kv", "self_attn.is_kv_shared_layer.*KV sharing"),
+    ("gemma4_text", 0, "v_norm", "decoder layer 0 .*v_norm"),
 ])
 def test_a_layer_without_what_its_family_needs_is_refused_unchanged(model_type, layer, name, match):
     model = _without(make(model_type), layer, name)

@@ -28,7 +28,14 @@ RoPE), ``helium`` and ``ernie4_5`` (interleaved pairs), ``glm`` and ``glm4`` (in
 pairs on the first ``rotary_dim`` features: partial rotary), ``smollm3`` (NoPE layers:
 ``use_rope`` 0, from ``config.no_rope_layers``), ``phi3`` (fused ``qkv_proj``, partial
 rotary), ``gemma3_text`` (``Gemma3ForCausalLM``: RoPE per layer type, per-head ``(1 +
-weight)`` RMSNorm q/k norms, scaling ``query_pre_attn_scalar ** -0.5``) and ``olmo3`` (RoPE
+weight)`` RMSNorm q/k norms, scaling ``query_pre_attn_scalar ** -0.5``), ``gemma4_text``
+(``Gemma4ForCausalLM``: RoPE per layer type, "proportional" on its full_attention layers, whose
+heads are larger (``global_head_dim``); per-head q/k RMSNorms before RoPE and a weightless one on
+v; scaling 1.0; ``attention_k_eq_v``: layers without ``v_proj`` take k_proj's output as values;
+KV sharing: from ``num_kv_shared_layers`` before the end, a layer has only a query and attends to
+the rotated keys and values the last earlier layer of its type stored in the forward's
+``shared_kv_states``, which the patched layers store and read as transformers' do; the shared
+layers, whose keys come rotated, always take the "sdpa" path) and ``olmo3`` (RoPE
 per layer type, OLMo 2's q/k norms), ``exaone4`` (per-head q/k norms) and ``cohere2``
 (interleaved pairs), whose full_attention layers are NoPE when the model has a sliding
 window (EXAONE 4: a layer rotates iff ``sliding_window is None or is_sliding``; Cohere 2:
@@ -63,9 +70,9 @@ in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe`
 2's norms, then OLMo's clipping), ``vaultgemma`` (Gemma 2's), ``exaone_moe`` and ``kolibri1``
 (EXAONE 4's) and ``cohere2_moe`` (Cohere 2's, except that its dense prefix layers rotate
 without a window where ``prefix_dense_sliding_window_pattern`` is 1: ``force_rope``). A
-multimodal model (``Gemma3ForConditionalGeneration``, LLaVA, Mistral 3, PaliGemma, ...)
-whose language model (``model.model.language_model``, holding the model's own text config)
-is of one of these types has that language model patched: its RoPE is
+multimodal model (``Gemma3ForConditionalGeneration``, ``Gemma4ForConditionalGeneration``, LLaVA,
+Mistral 3, PaliGemma, ...) whose language model (``model.model.language_model``, holding the
+model's own text config) is of one of these types has that language model patched: its RoPE is
 scaled, the vision tower is left alone, and ``config.text_config`` is updated (so
 ``save_pretrained`` round-trips). Anything else raises ``TypeError`` rather than risk a
 silently different model (e.g. PhiMoE's rotary embedding with its own short/long
@@ -90,7 +97,7 @@ Gemma 3's ``attn_logit_softcapping``: transformers' ``Gemma3Attention`` stores i
 no ``softcap`` to its attention function, so its scores are not capped; the patched layers
 do the same (both paths), so the patched model equals transformers' for any config.
 
-RoPE per layer type (Gemma 3, OLMo 3: ``config.rope_parameters`` keyed by layer type,
+RoPE per layer type (Gemma 3, Gemma 4, OLMo 3: ``config.rope_parameters`` keyed by layer type,
 ``{"full_attention": {...}, "sliding_attention": {...}}``). Transformers' model calls its
 rotary embedding once per layer type with a ``layer_type`` argument and hands layer ``i``
 the ``(cos, sin)`` of ``config.layer_types[i]``. The patched ``rotary_emb`` is a
@@ -309,6 +316,14 @@ class _Family(NamedTuple):
     attn_name: str = "self_attn"
     out_proj: str = "o_proj"
     head_dim_attr: str = "head_dim"
+    # the attention module's norm of the values, per head after the view (Gemma 4's v_norm, an
+    # RMSNorm without weight); None: the values are not normalized
+    v_norm: str | None = None
+    # Gemma 4's KV sharing: a layer with is_kv_shared_layer has only q_proj (and q_norm) and
+    # attends to the rotated keys and values the last earlier layer of its type stored in the
+    # forward's shared_kv_states (a layer with store_full_length_kv stores them, after its cache
+    # update); and a layer whose v_proj is None (attention_k_eq_v) takes k_proj's output as values
+    kv_sharing: bool = False
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
@@ -338,6 +353,11 @@ _FAMILIES: dict[str, _Family] = {
     "ernie4_5": _Family("separate", None, False, interleaved=True),
     "seed_oss": _Family("separate", None, False, out_dropout="residual_dropout"),
     "starcoder2": _Family("separate", "config", False, out_dropout="residual_dropout"),
+    # Gemma4ForCausalLM (text only; Gemma4ForConditionalGeneration's language model is one): RoPE per
+    # layer type ("proportional" on its full_attention layers, whose heads are larger), per-head q/k
+    # RMSNorms before RoPE and a weightless one on v, scaling 1.0, KV sharing between layers
+    "gemma4_text": _Family("separate", "module", False, qk_norm="head", rope_per_layer_type=True, v_norm="v_norm",
+                           kv_sharing=True),
     # Gemma3ForCausalLM (text only; Gemma3ForConditionalGeneration, "gemma3", has one as its language model)
     # Gemma2ForCausalLM: sliding_window on the sliding_attention layers' modules, scaling
     # query_pre_attn_scalar ** -0.5, attn_logit_softcapping passed as softcap
@@ -664,6 +684,14 @@ def _attention_modules(model, family: _Family):
     for i, layer in enumerate(base.layers):
         attn = getattr(layer, family.attn_name, None)
         layer_need = need + (family.qk_norm_names if attn is not None and _qk_norm(attn, family) else ())
+        layer_need += (family.v_norm,) if family.v_norm is not None else ()
+        if family.kv_sharing:
+            if attn is None or not all(hasattr(attn, n) for n in _KV_SHARING_ATTRS):
+                raise TypeError(
+                    f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn."
+                    f"{', self_attn.'.join(_KV_SHARING_ATTRS)} (its KV sharing); this architecture is not supported")
+            if _kv_shared(attn, family):  # q_proj and o_proj, and its q_norm, only
+                layer_need = ("q_proj", family.out_proj) + family.qk_norm_names[:1]
         if (attn is None or not all(hasattr(attn, n) for n in layer_need)
                 or not hasattr(attn, family.head_dim_attr)):
             raise TypeError(
@@ -688,6 +716,15 @@ def _attention_modules(model, family: _Family):
                 "this architecture is not supported")
         modules.append(attn)
     return base, modules
+
+
+# what the attention module of a family with kv_sharing tells about it (Gemma 4)
+_KV_SHARING_ATTRS = ("is_kv_shared_layer", "store_full_length_kv", "layer_type")
+
+
+def _kv_shared(attn, family: _Family) -> bool:
+    """Whether this layer attends to keys and values an earlier layer stored (Gemma 4)."""
+    return family.kv_sharing and bool(attn.is_kv_shared_layer)
 
 
 def _qk_norm(attn, family: _Family) -> str | None:
@@ -760,11 +797,12 @@ def _rope_setup(model, model_type: str, partial_supported: bool, params: dict, h
 def _interpolation_factor(params: dict) -> float | None:
     """The Position Interpolation factor of a model's RoPE (1.0 for plain RoPE), or None
     when its scaling is not PI. PI written as LongRoPE (_linear_as_longrope: one factor
-    for every pair, short and long, attention_factor 1) counts as PI."""
+    for every pair, short and long, attention_factor 1) counts as PI, and so does
+    "proportional" (Gemma 4's), whose factor divides the frequencies of the pairs it rotates."""
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return 1.0
-    if rope_type == "linear":
+    if rope_type in ("linear", "proportional"):  # proportional: PI of the pairs that rotate (Gemma 4)
         return float(params.get("factor", 1.0))
     if rope_type == "longrope":
         short, long = params.get("short_factor"), params.get("long_factor")
@@ -805,10 +843,14 @@ def _head_dim(attn, family: _Family) -> int:
 
 
 def _project(attn, hidden_states):
-    """q, k, v as (batch, seqlen, heads, head_dim) views, exactly as Hugging Face projects."""
+    """q, k, v as (batch, seqlen, heads, head_dim) views, exactly as Hugging Face projects (k and v
+    None in a KV-shared layer: see _Family.kv_sharing)."""
     family = attn._pirope_family
     head_dim = _head_dim(attn, family)
     shape = (*hidden_states.shape[:-1], -1, head_dim)
+    if _kv_shared(attn, family):  # Gemma 4: a query of its own, the keys and values of an earlier layer
+        q = attn.q_proj(hidden_states).view(shape)
+        return getattr(attn, family.qk_norm_names[0])(q), None, None
     if family.proj == "qkv_heads":  # GPT-NeoX: per head q | k | v; views with head stride 3 * head_dim
         qkv = attn.query_key_value(hidden_states).view(*hidden_states.shape[:-1], -1, 3 * head_dim)
         q, k, v = qkv.chunk(3, dim=-1)  # already (batch, seqlen, heads, head_dim): the view below keeps them
@@ -818,7 +860,9 @@ def _project(attn, hidden_states):
         nkv = attn.config.num_key_value_heads * head_dim
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
     else:
-        q, k, v = attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
+        q, k = attn.q_proj(hidden_states), attn.k_proj(hidden_states)
+        # Gemma 4's attention_k_eq_v layers have no v_proj: the values are k_proj's output (before k_norm)
+        v = k if family.kv_sharing and attn.v_proj is None else attn.v_proj(hidden_states)
     norm = None if family.qk_norm_after_rope else _qk_norm(attn, family)  # those run after RoPE
     q_norm, k_norm = (getattr(attn, name) for name in family.qk_norm_names) if norm else (None, None)
     if norm == "proj":  # OLMo 2: one RMSNorm over all heads' features, then the view
@@ -831,6 +875,8 @@ def _project(attn, hidden_states):
         q, k = q_norm(q), k_norm(k)
     elif norm == "heads_first":  # StableLM: its per-head norms take (batch, heads, seqlen, head_dim)
         q, k = q_norm(q.transpose(1, 2)).transpose(1, 2), k_norm(k.transpose(1, 2)).transpose(1, 2)
+    if family.v_norm is not None:
+        v = getattr(attn, family.v_norm)(v)
     return q, k, v
 
 
@@ -993,6 +1039,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     for alias in ("past_key_values", "layer_past"):  # the deprecated name; GPT-NeoX's
         if alias in kwargs and cache is None:
             cache = kwargs.pop(alias)
+    shared_kv = kwargs.pop("shared_kv_states", None)  # Gemma 4's (see _Family.kv_sharing)
     if not isinstance(position_embeddings, RopeTables):
         raise RuntimeError(
             f"{type(self).__name__} was patched by pirope but got position_embeddings of type "
@@ -1013,7 +1060,9 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
 
     softcap = _softcap(self)  # None, or (where it fuses) a number _layer_can_fuse checked
     sinks = None if family.sinks is None else getattr(self, family.sinks)
-    fuse, cu_seqlens = rotates and _layer_can_fuse(self, q.shape[1], cache, kwargs), None
+    # (a KV-shared layer's keys come rotated: nothing to fuse)
+    shared = _kv_shared(self, family)
+    fuse, cu_seqlens = rotates and not shared and _layer_can_fuse(self, q.shape[1], cache, kwargs), None
     if fuse and (softcap is not None or sinks is not None) and q.device.type != "cpu":
         # rope_attention runs a soft-cap or sinks unfused off CPU: transformers' backend (flash
         # attention's softcap, or eager) is the one to take there
@@ -1026,10 +1075,15 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
                                        bool_masks=self.config._attn_implementation == "sdpa")
         fuse = cu_seqlens is not None
     window_size = (-1, -1) if window is None else (window - 1, 0)
+    store = family.kv_sharing and bool(self.store_full_length_kv)  # Gemma 4: for the KV-shared layers
     if fuse:
-        if cache is not None:  # prefill: the cache gets the rotated keys, as Hugging Face's
+        if cache is not None or store:  # prefill: the cache (and the shared layers) get the rotated keys
             k_rot = pirope.apply_rope(k, cos, sin, position_ids, interleaved=interleaved)
-            cache.update(k_rot.transpose(1, 2), v.transpose(1, 2), self.layer_idx, kwargs=kwargs)
+            kv = (k_rot.transpose(1, 2), v.transpose(1, 2))
+            if cache is not None:
+                kv = cache.update(*kv, self.layer_idx, kwargs=kwargs)
+            if store:
+                shared_kv[self.layer_type] = kv
         batch, seqlen = q.shape[:2]
         if cu_seqlens is not None and cu_seqlens.numel() - 1 > batch:  # packed: (total, heads, head_dim)
             pos = (torch.arange(seqlen, device=q.device)[None] if position_ids is None else position_ids)
@@ -1045,16 +1099,22 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         out = out.reshape(*input_shape, -1).contiguous()
         return _out_proj(self, out), None
 
-    if rotates:
-        q, k = _rotate_qk(q, k, cos, sin, position_ids, interleaved, family.conjugate)
-    if family.qk_norm_after_rope and _qk_norm(self, family) is not None:
-        # NanoChat, Hunyuan: per-head norms of the rotated q and k (over the last dimension, so
-        # the (B, S, H, D) layout here gives Hugging Face's (B, H, S, D) values), before the cache
-        q_norm, k_norm = (getattr(self, name) for name in family.qk_norm_names)
-        q, k = q_norm(q), k_norm(k)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) as Hugging Face
-    if cache is not None:
-        k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+    if shared:  # Gemma 4: the keys and values (rotated, (B, H, S, D)) of the layer that stored them
+        q = pirope.apply_rope(q, cos, sin, position_ids, interleaved=interleaved).transpose(1, 2)
+        k, v = (t.to(q.device) for t in shared_kv[self.layer_type])  # (that layer may be on another device)
+    else:
+        if rotates:
+            q, k = _rotate_qk(q, k, cos, sin, position_ids, interleaved, family.conjugate)
+        if family.qk_norm_after_rope and _qk_norm(self, family) is not None:
+            # NanoChat, Hunyuan: per-head norms of the rotated q and k (over the last dimension, so
+            # the (B, S, H, D) layout here gives Hugging Face's (B, H, S, D) values), before the cache
+            q_norm, k_norm = (getattr(self, name) for name in family.qk_norm_names)
+            q, k = q_norm(q), k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) as Hugging Face
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        if store:
+            shared_kv[self.layer_type] = k, v
     eager = getattr(sys.modules[type(self).__module__], "eager_attention_forward", None)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
     extra = {}
@@ -1167,6 +1227,40 @@ def _rotary_embedding(model, model_type: str, family: _Family, attns, params: di
         scaling=pirope_scaling, partial_rotary_factor=partial)
 
 
+def _attention_modules_of_type(config, family: _Family, attns, layer_type: str):
+    """The attention modules of the layers of one type (``config.layer_types``), whose head size
+    is that of the type's table (Gemma 4's full_attention heads are larger than its sliding ones)."""
+    of_type = [attn for attn, t in zip(attns, config.layer_types) if t == layer_type] or attns
+    sizes = sorted({_head_dim(attn, family) for attn in of_type})
+    if len(sizes) > 1:
+        raise TypeError(f"model: the {layer_type} layers have heads of different sizes {sizes} (one RoPE table per "
+                        "layer type cannot serve them); this architecture is not supported")
+    return of_type
+
+
+def _slice_kv_shared_inputs(base, hidden_states, per_layer_inputs, position_embeddings, causal_mask_mapping,
+                            logits_to_keep, cache=None, **kwargs):
+    """Gemma 4's ``_maybe_slice_kv_shared_inputs`` for the patched model (installed on its base model
+    by :func:`patch_rope`, a partial pickling by name): before its KV-shared layers, transformers keeps
+    the last ``logits_to_keep`` tokens only (a prefill of generate) and slices each layer type's
+    ``(cos, sin)`` along the sequence. Those are :class:`RopeTables` here, the rows of which the
+    tokens' positions pick: transformers' own method decides and slices the positions instead."""
+    seqlen = hidden_states.shape[1]
+    stand_ins = {}
+    for layer_type, tables in position_embeddings.items():
+        pos = tables.position_ids
+        if pos is None:
+            pos = torch.arange(seqlen, device=hidden_states.device)[None]
+        pos = pos.expand(hidden_states.shape[0], seqlen)[..., None]
+        stand_ins[layer_type] = (pos, pos)
+    hidden_states, per_layer_inputs, sliced, causal_mask_mapping = type(base)._maybe_slice_kv_shared_inputs(
+        base, hidden_states, per_layer_inputs, stand_ins, causal_mask_mapping, logits_to_keep, cache=cache, **kwargs)
+    if sliced is not stand_ins:
+        position_embeddings = {t: tables._replace(position_ids=sliced[t][0][..., 0])
+                               for t, tables in position_embeddings.items()}
+    return hidden_states, per_layer_inputs, position_embeddings, causal_mask_mapping
+
+
 def _resolve_attention(attention) -> str:
     if not isinstance(attention, str) or attention not in _ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(map(repr, _ATTENTION_MODES))}, got {attention!r}")
@@ -1192,7 +1286,7 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
             ``rope_type``). A dict in Hugging Face ``rope_parameters`` form replaces it
             -- in ``model.config`` too, so the config keeps describing the model (its
             ``rope_theta`` and ``partial_rotary_factor`` are kept unless the dict has
-            its own). For a model with RoPE per layer type (Gemma 3, OLMo 3) a dict
+            its own). For a model with RoPE per layer type (Gemma 3, Gemma 4, OLMo 3) a dict
             keyed by layer type, e.g. ``{"full_attention": {"rope_type": "linear",
             "factor": 4.0}}``: each named type's parameters are replaced as above, the
             types not named keep theirs; a single ``rope_parameters`` dict raises
@@ -1234,7 +1328,8 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
             by_type = {t: _replaced_rope_parameters(model_type, family, config, attns, p, scaling[t])
                        if t in scaling else p for t, p in by_type.items()}
         rotary = PiropeLayerTypeRotaryEmbedding(
-            {t: _rotary_embedding(model, model_type, family, attns, p) for t, p in by_type.items()})
+            {t: _rotary_embedding(model, model_type, family, _attention_modules_of_type(config, family, attns, t), p)
+             for t, p in by_type.items()})
         if scaling is not None:
             config.rope_parameters = {**config.rope_parameters, **by_type}
     else:
@@ -1245,6 +1340,8 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
         if scaling is not None:
             config.rope_parameters = params
     base.rotary_emb = rotary
+    if family.kv_sharing and hasattr(type(base), "_maybe_slice_kv_shared_inputs"):
+        base._maybe_slice_kv_shared_inputs = functools.partial(_slice_kv_shared_inputs, base)
     for attn in attns:
         attn._pirope_family = family
         attn._pirope_attention = mode
@@ -1280,14 +1377,17 @@ def apply_position_interpolation(
       :func:`patch_rope`); the output equals transformers' own linear-scaled model on
       the same weights.
 
-    RoPE per layer type (Gemma 3, OLMo 3). Only the full_attention layers are extended:
-    ``config.rope_parameters["full_attention"]`` becomes linear with the (composed) factor,
-    every other layer type keeps its parameters and tables -- sliding-window layers only
-    ever see distances within their window, which PI does not change; this is what Gemma 3
+    RoPE per layer type (Gemma 3, Gemma 4, OLMo 3). Only the full_attention layers are
+    extended: ``config.rope_parameters["full_attention"]`` becomes linear with the (composed)
+    factor, every other layer type keeps its parameters and tables -- sliding-window layers
+    only ever see distances within their window, which PI does not change; this is what Gemma 3
     itself does for its 128k models (linear factor 8 on the global layers only, local ones
-    untouched, as transformers' legacy ``rope_scaling`` is applied). The other layer types
-    must have rope_type "default" or "linear" (whose tables do not depend on
-    ``max_position_embeddings``, which grows), and the model must have full_attention
+    untouched, as transformers' legacy ``rope_scaling`` is applied). Gemma 4's full_attention
+    layers have "proportional" RoPE (a share of their pairs rotating): it stays "proportional",
+    with the composed ``factor`` dividing the rotating pairs' frequencies (transformers computes
+    with that key, though its config validation logs that it does not know it). The other layer
+    types must have rope_type "default", "linear" or "proportional" (whose tables do not depend
+    on ``max_position_embeddings``, which grows), and the model must have full_attention
     layers. The updated config reloads with plain transformers as the same model.
 
     NoPE global layers (EXAONE 4, Cohere 2 with a window): their one ``rope_parameters``
@@ -1304,8 +1404,9 @@ def apply_position_interpolation(
     again by ``f`` gets ``factor = s * f`` in its config and window ``f * L`` -- the
     positions of the new model are divided by ``s * f`` relative to pretraining, which
     is what transformers' single linear ``factor`` means (it always divides the
-    pretrained frequencies). Only models with ``rope_type`` "default" or "linear" can be
-    interpolated (PI on top of dynamic/yarn/llama3/longrope is not a defined scaling).
+    pretrained frequencies). Only models with ``rope_type`` "default" or "linear" (or
+    "proportional", above) can be interpolated (PI on top of dynamic/yarn/llama3/longrope is
+    not a defined scaling).
 
     Hunyuan's NTK-alpha RoPE (``hunyuan_v1_dense``/``hunyuan_v1_moe`` with ``rope_parameters``
     ``{"rope_type": "dynamic", "alpha": a, ...}``, as its checkpoints write it) is plain RoPE
@@ -1339,7 +1440,7 @@ def apply_position_interpolation(
             unchanged), ``max_position_embeddings`` not larger than the model's window,
             a model whose ``rope_type`` is not "default"/"linear" (or PI written as LongRoPE, as
             above; per layer type: the full_attention layers', and every type's must be
-            "default"/"linear"), or an unknown ``attention``.
+            "default"/"linear"/"proportional"), or an unknown ``attention``.
     """
     whole, model = model, _language_model(model)
     _, family = _family(model)  # TypeError for an unsupported model, before anything else
@@ -1393,14 +1494,18 @@ def apply_position_interpolation(
 
 
 def _interpolated(config, params: dict, factor: float, where: str) -> dict:
-    """Linear rope_parameters extending ``params`` (default or linear) by ``factor``."""
+    """Linear rope_parameters extending ``params`` (default or linear) by ``factor``; for
+    "proportional" ones (Gemma 4's) proportional ones with the composed factor, the same pairs
+    rotating (its partial_rotary_factor kept): no linear dict describes that table."""
     old_factor = _interpolation_factor(params)
     if old_factor is None:
         raise ValueError(
-            f"model: Position Interpolation needs a model with rope_type 'default' or 'linear', this one has "
-            f"{where}={params!r}")
-    return {"rope_type": "linear", "factor": old_factor * factor,
-            "rope_theta": params.get("rope_theta", getattr(config, "rope_theta", 10000.0))}
+            f"model: Position Interpolation needs a model with rope_type 'default', 'linear' or 'proportional', "
+            f"this one has {where}={params!r}")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if params.get("rope_type") == "proportional":
+        return {**params, "factor": old_factor * factor, "rope_theta": theta}
+    return {"rope_type": "linear", "factor": old_factor * factor, "rope_theta": theta}
 
 
 def _interpolated_by_type(config, factor: float) -> dict:
@@ -1417,7 +1522,8 @@ def _interpolated_by_type(config, factor: float) -> dict:
         if layer_type != "full_attention" and _interpolation_factor(params) is None:
             raise ValueError(
                 f"model: Position Interpolation leaves the {layer_type} layers' RoPE as it is, which needs their "
-                f"rope_type to be 'default' or 'linear' (tables independent of max_position_embeddings); "
+                "rope_type to be 'default', 'linear' or 'proportional' (tables independent of "
+                f"max_position_embeddings); "
                 f"config.rope_parameters[{layer_type!r}]={params!r}")
     return {"full_attention": _interpolated(config, by_type["full_attention"], factor,
                                             "config.rope_parameters['full_attention']")}
