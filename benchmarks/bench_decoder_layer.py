@@ -6,6 +6,8 @@
         --heads 4 --kv-heads 2 --intermediate 512 --repeat 2       # CPU smoke test
     python benchmarks/bench_decoder_layer.py --device cpu --seqlens 2048 --pack 4 ...  # padding-free
     python benchmarks/bench_decoder_layer.py --device cpu --seqlens 4096 --sliding-window 1024 ...
+    python benchmarks/bench_decoder_layer.py --device cpu --gemma4 --hidden 2304 --heads 8 --kv-heads 4 \
+        --head-dim 512 --intermediate 9216 ...                     # a Gemma 4 full-attention layer
     python benchmarks/bench_decoder_layer.py --device cpu --softcap 50 --hidden 3584 --heads 16 \
         --kv-heads 8 --head-dim 256 --intermediate 14336 ...           # a Gemma 2 9B layer
 
@@ -21,6 +23,9 @@ transformers builds the sliding-window causal mask). --softcap C makes it a Gemm
 (Gemma 2's layer: scores capped to C tanh(s / C), query_pre_attn_scalar = head dim; its
 full-attention layer, or with --sliding-window W its sliding one), run with eager attention,
 the only one transformers takes for Gemma 2 (it refuses sdpa: SDPA has no soft-cap).
+--gemma4 makes it a Gemma4TextModel with one full-attention layer: heads of --head-dim (its
+global_head_dim), "proportional" RoPE (theta 1e6, a quarter of the pairs rotating) extended by
+PI as {"rope_type": "proportional", "factor": --factor}, q/k/v norms, attention scale 1.
 Variants, all deep copies of one model (same weights, same config):
   hf            transformers as is: its linear-scaled rotary_emb + SDPA
   pirope_sdpa   patch_rope(model, attention="sdpa"): pirope.apply_rope_qk, then the
@@ -48,7 +53,8 @@ import sys
 
 import torch
 import transformers
-from transformers import Gemma2Config, Gemma2Model, LlamaConfig, LlamaModel, MistralConfig, MistralModel
+from transformers import (Gemma2Config, Gemma2Model, Gemma4TextConfig, Gemma4TextModel, LlamaConfig, LlamaModel,
+                          MistralConfig, MistralModel)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (DTYPES, choice_list, device_name, int_list, machine, median_ms, positive_float,  # noqa: E402
@@ -61,12 +67,19 @@ VARIANTS = ("hf", "pirope_sdpa", "pirope_fused")
 
 
 def build_model(args, device, dtype):
-    """A 1-layer LlamaModel (MistralModel with --sliding-window, Gemma2Model with --softcap)
-    extended from --window to --window x --factor by PI, on device."""
+    """A 1-layer LlamaModel (MistralModel with --sliding-window, Gemma2Model with --softcap,
+    Gemma4TextModel with --gemma4) extended from --window to --window x --factor by PI, on device."""
     hd = args.head_dim
     config_cls, model_cls = (MistralConfig, MistralModel) if args.sliding_window else (LlamaConfig, LlamaModel)
     windowed = {"sliding_window": args.sliding_window} if args.sliding_window else {}
+    rope = {"rope_type": "linear", "factor": args.factor, "rope_theta": 10000.0}
     attn_implementation = "sdpa"
+    if args.gemma4:  # its full-attention layer: heads of --head-dim, "proportional" RoPE extended by PI
+        config_cls, model_cls = Gemma4TextConfig, Gemma4TextModel
+        windowed = dict(layer_types=["full_attention"], global_head_dim=hd, hidden_size_per_layer_input=0)
+        rope = {"full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                   "rope_theta": 1000000.0, "factor": args.factor},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
     if args.softcap:
         config_cls, model_cls, attn_implementation = Gemma2Config, Gemma2Model, "eager"
         windowed = dict(attn_logit_softcapping=args.softcap, query_pre_attn_scalar=hd,
@@ -77,8 +90,7 @@ def build_model(args, device, dtype):
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=hd,
         vocab_size=32,  # the embedding is never used (inputs_embeds); keep it small
         max_position_embeddings=int(args.window * args.factor),
-        rope_parameters={"rope_type": "linear", "factor": args.factor, "rope_theta": 10000.0},
-        attn_implementation=attn_implementation, **windowed)
+        rope_parameters=rope, attn_implementation=attn_implementation, **windowed)
     torch.manual_seed(0)
     with torch.device(device):  # random init directly on the device (fast for 7B shapes)
         model = model_cls(config)
@@ -159,10 +171,15 @@ def main():
                          "many tokens (default: none, LLaMA)")
     ap.add_argument("--softcap", type=positive_float, default=None,
                     help="a Gemma 2 layer capping its scores to C tanh(s / C) (Gemma 2: 50)")
+    ap.add_argument("--gemma4", action="store_true",
+                    help="a Gemma 4 full-attention layer (proportional RoPE on a quarter of the pairs, q/k/v "
+                         "norms, scale 1; --head-dim is its global head size, 512 in Gemma 4)")
     ap.add_argument("--json", default=None, help="write the rows to this path")
     args = ap.parse_args()
     args.kv_heads = args.kv_heads or args.heads
     args.head_dim = args.head_dim or args.hidden // args.heads
+    if args.gemma4 and (args.softcap or args.sliding_window or args.pack > 1):
+        ap.error("--gemma4 benchmarks Gemma 4's full-attention layer alone: no --softcap, --sliding-window or --pack")
     if args.heads % args.kv_heads:
         ap.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     if args.head_dim % 2:
@@ -176,6 +193,7 @@ def main():
           f"window {args.window} x PI factor {args.factor:g}, repeat {args.repeat}"
           + (f", {args.pack} packed sequences per row" if args.pack > 1 else "")
           + (f", Gemma 2 soft-cap {args.softcap:g} (eager)" if args.softcap else "")
+          + (", Gemma 4 full-attention layer (proportional RoPE)" if args.gemma4 else "")
           + (f", sliding window {args.sliding_window} ({'Gemma 2' if args.softcap else 'Mistral'})"
              if args.sliding_window else "")
           + (f", PIROPE_CUDA_ATTENTION={os.environ.get('PIROPE_CUDA_ATTENTION', '0 (default)')}"
@@ -200,7 +218,7 @@ def main():
                        kv_heads=args.kv_heads, head_dim=args.head_dim, intermediate=args.intermediate,
                        factor=args.factor,
                        dtype=args.dtype, device=str(device), pack=args.pack, sliding_window=args.sliding_window,
-                       softcap=args.softcap)
+                       softcap=args.softcap, gemma4=args.gemma4)
             try:
                 row.update(run_variant(base, name, x, grad, args.repeat, device, ref, pos))
             except RuntimeError as e:  # OOM or an unsupported call: note it, go on
