@@ -574,8 +574,10 @@ def float64_angles(monkeypatch):
     """transformers' Gemma 4 rotary embedding with its angles in float64, as pirope's tables have
     them: a float64 model then differs from its patched copy by rounding alone (its attention has
     scale 1.0, so in float32 the two kinds of angle rounding move its gradients by ~1e-5)."""
+    from transformers.modeling_rope_utils import dynamic_rope_update
     from transformers.models.gemma4 import modeling_gemma4
 
+    @dynamic_rope_update  # as transformers' own (the length-dependent types' tables)
     def forward(self, x, position_ids, layer_type):
         inv_freq = getattr(self, f"{layer_type}_inv_freq")
         scale = getattr(self, f"{layer_type}_attention_scaling")
@@ -651,6 +653,25 @@ def test_gemma4_full_layers_rotate_a_quarter_of_their_pairs():
     assert torch.equal(cos[:, 4:], torch.ones(len(cos), 12)) and torch.equal(sin[:, 4:], torch.zeros(len(sin), 12))
     plain = pirope.rope_frequencies(32, base=1e6)[0][:4]
     torch.testing.assert_close(cos[:300, :4], torch.cos(torch.arange(300.0)[:, None] * plain / 4))
+
+
+@pytest.mark.parametrize("model_type", ["phi", "persimmon", "stablelm", "gpt_neox", "glm", "nemotron"])
+def test_proportional_rope_where_the_architecture_can_rotate_it(model_type):
+    # "proportional" spans the whole head: GPT-NeoX, GLM, ... rotate as many features as the table
+    # has, and equal transformers; Phi, Persimmon and StableLM rotate a fixed int(head_dim *
+    # partial_rotary_factor), which transformers cannot run with it: refused, nothing changed
+    base = make(model_type)
+    scaling = {"rope_type": "proportional", "factor": 2.0, "partial_rotary_factor": 0.5}
+    if model_type in ("phi", "persimmon", "stablelm"):
+        model = copy.deepcopy(base)
+        before = copy.deepcopy(model.config.rope_parameters)
+        with pytest.raises(ValueError, match=f"proportional.*not supported by model_type '{model_type}'"):
+            patch_rope(model, scaling)
+        assert model.config.rope_parameters == before and "forward" not in model.model.layers[0].self_attn.__dict__
+        return
+    model = patch_rope(copy.deepcopy(base), scaling, attention="fused")
+    x = ids(2, 40)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
 
 
 def test_gemma4_layers_of_one_type_with_different_head_sizes_are_refused_unchanged():

@@ -146,8 +146,8 @@ the projections produce, no copies) and then:
   themselves), no score bias (a ``position_bias`` kwarg) and no sequences packed back to back
   other than as above (``cu_seq_lens_q``/``_k`` passed in, or restarting ``position_ids``
   without a mask tensor: flash attention attends within each sequence; on CUDA; under
-  ``torch.compile``, where the tables cannot read whether positions restart, nothing with
-  a mask fuses). Any other call of that layer -- a decode step with cached keys, a padded
+  ``torch.compile``, where the tables cannot read whether positions restart, no call
+  fuses, with a mask or without). Any other call of that layer -- a decode step with cached keys, a padded
   batch, ``output_attentions`` -- takes the "sdpa" path, so results never depend on which
   path ran.
 
@@ -324,6 +324,10 @@ class _Family(NamedTuple):
     # forward's shared_kv_states (a layer with store_full_length_kv stores them, after its cache
     # update); and a layer whose v_proj is None (attention_k_eq_v) takes k_proj's output as values
     kv_sharing: bool = False
+    # the attention rotates its first rotary_ndims = int(head_dim * partial_rotary_factor) features,
+    # fixed when it is built, rather than the table's width (Phi, Persimmon, StableLM): a
+    # "proportional" table, which spans the whole head, does not fit (transformers fails on it)
+    fixed_rotary_dim: bool = False
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
@@ -421,13 +425,13 @@ _FAMILIES: dict[str, _Family] = {
                         head_dim_attr="head_size"),
     # Phi (phi-1, phi-1.5, phi-2): partial rotary, dense, a LayerNorm over each head with qk_layernorm
     "phi": _Family("separate", None, True, qk_norm="head", qk_norm_flag="qk_layernorm",
-                   qk_norm_names=("q_layernorm", "k_layernorm"), out_proj="dense"),
+                   qk_norm_names=("q_layernorm", "k_layernorm"), out_proj="dense", fixed_rotary_dim=True),
     # Persimmon: GPT-NeoX's per-head fused q | k | v, Phi's optional q/k LayerNorms
     "persimmon": _Family("qkv_heads", None, True, qk_norm="head", qk_norm_flag="qk_layernorm",
-                         qk_norm_names=("q_layernorm", "k_layernorm"), out_proj="dense"),
+                         qk_norm_names=("q_layernorm", "k_layernorm"), out_proj="dense", fixed_rotary_dim=True),
     # StableLM: partial rotary; with qk_layernorm a LayerNorm per head, on (batch, heads, ...)
     "stablelm": _Family("separate", None, True, qk_norm="heads_first", qk_norm_flag="qk_layernorm",
-                        qk_norm_names=("q_layernorm", "k_layernorm")),
+                        qk_norm_names=("q_layernorm", "k_layernorm"), fixed_rotary_dim=True),
 }
 
 # the projection modules each kind of _Family.proj needs
@@ -1222,6 +1226,11 @@ def _rotary_embedding(model, model_type: str, family: _Family, attns, params: di
     params = _ntk_alpha_as_default(model.config, family, params, _head_dim(attns[0], family))
     head_dim, theta, pirope_scaling, partial = _rope_setup(model, model_type, family.partial, params,
                                                            _head_dim(attns[0], family))
+    if family.fixed_rotary_dim and pirope_scaling is not None and pirope_scaling["rope_type"] == "proportional":
+        raise ValueError(
+            f"scaling: rope_type 'proportional' (a table over the whole head) is not supported by model_type "
+            f"{model_type!r}, whose attention rotates its first int(head_dim * partial_rotary_factor) features "
+            "whatever the table (transformers fails on it too)")
     return PiropeRotaryEmbedding(
         head_dim, max_position_embeddings=model.config.max_position_embeddings, base=theta,
         scaling=pirope_scaling, partial_rotary_factor=partial)
