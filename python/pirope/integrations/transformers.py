@@ -147,9 +147,9 @@ the projections produce, no copies) and then:
   other than as above (``cu_seq_lens_q``/``_k`` passed in, or restarting ``position_ids``
   without a mask tensor: flash attention attends within each sequence; on CUDA; under
   ``torch.compile``, where the tables cannot read whether positions restart, no call
-  fuses, with a mask or without). Any other call of that layer -- a decode step with cached keys, a padded
-  batch, ``output_attentions`` -- takes the "sdpa" path, so results never depend on which
-  path ran.
+  fuses, with a mask or without). Any other call of that layer -- a decode step with cached
+  keys, a padded batch, ``output_attentions`` -- takes the "sdpa" path, so results never
+  depend on which path ran.
 
 The table is float32 whatever the model's dtype (``model.half()`` does not round it)
 and lives on the device of the hidden states. Finding the table length needs the
@@ -783,7 +783,8 @@ def _rope_setup(model, model_type: str, partial_supported: bool, params: dict, h
         partial = getattr(model.config, "partial_rotary_factor", None) or 1.0
     if partial != 1.0 and not partial_supported and rope_type != "proportional":
         # (proportional's table spans the whole head, partial_rotary_factor zeroing its last
-        # pairs' frequencies: every architecture rotates it as plain RoPE)
+        # pairs' frequencies: rotated as plain RoPE; _rotary_embedding refuses it where the
+        # attention rotates a fixed part of the head)
         if rope_type == "default":
             # e.g. LlamaRotaryEmbedding's default init ignores partial_rotary_factor
             partial = 1.0
