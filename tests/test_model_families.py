@@ -94,6 +94,11 @@ FAMILIES = {
     # on v; scaling 1.0; per-layer input embeddings kept small; KV sharing and k = v (tests below)
     "gemma4_text": ("Gemma4TextConfig", "Gemma4ForCausalLM",
                     dict(HYBRID, global_head_dim=32, vocab_size_per_layer_input=256, hidden_size_per_layer_input=8)),
+    # Gemma 4's attention (one head size, plain RoPE per layer type); AltUp, LAuReL and per-layer
+    # inputs kept small; its default KV sharing (15 layers) off here (tests below)
+    "gemma3n_text": ("Gemma3nTextConfig", "Gemma3nForCausalLM",
+                     dict(HYBRID, vocab_size_per_layer_input=256, hidden_size_per_layer_input=8, laurel_rank=4,
+                          altup_num_inputs=2, num_kv_shared_layers=0)),
     # RoPE per layer type (thetas made to differ here), OLMo 2's q/k norms over the projection
     "olmo3": ("Olmo3Config", "Olmo3ForCausalLM",
               dict(HYBRID, pad_token_id=1, eos_token_id=2,
@@ -477,8 +482,9 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3", "gemma3_text",
-                                        "gemma4_text", "gemma2", "mixtral", "qwen2_moe", "olmoe", "minimax_m2",
-                                        "mellum", "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe", "kolibri1",
+                                        "gemma4_text", "gemma3n_text", "gemma2", "mixtral", "qwen2_moe", "olmoe",
+                                        "minimax_m2", "mellum", "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe",
+                                        "kolibri1",
                                         "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
@@ -556,25 +562,30 @@ def test_residual_dropout_after_o_proj_is_applied_in_training(model_type, fused_
     assert not torch.allclose(model(x, use_cache=False).logits, got[0])
 
 
-# ---- Gemma 4: KV sharing, keys as values, proportional RoPE ----------------------------------
+# ---- Gemma 4 and Gemma 3n: KV sharing, keys as values, proportional RoPE ----------------------
 
-GEMMA4 = {
-    # 4 layers: the last two attend to the rotated keys and values that layers 0 and 1 (the last
-    # of their type before them) stored
-    "kv_sharing": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
-                       num_kv_shared_layers=2),
+# 4 layers: the last two attend to the rotated keys and values that layers 0 and 1 (the last of
+# their type before them) stored
+SHARING = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2)
+# name -> (model_type, config, the head size of each layer with keys of its own (they fuse))
+KV_SHARING = {
+    "gemma4": ("gemma4_text", SHARING, [16, 32]),
     # the full layers have no v_proj (values: k_proj's output) and one KV head; layer 2 shares layer 1's
-    "k_eq_v": dict(num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "full_attention"],
-                   num_kv_shared_layers=1, attention_k_eq_v=True, num_global_key_value_heads=1),
+    "gemma4_k_eq_v": ("gemma4_text", dict(num_hidden_layers=3, num_kv_shared_layers=1, attention_k_eq_v=True,
+                                          layer_types=["sliding_attention", "full_attention", "full_attention"],
+                                          num_global_key_value_heads=1), [16, 32]),
+    "gemma3n": ("gemma3n_text", SHARING, [16, 16]),
 }
 
 
 @pytest.fixture
 def float64_angles(monkeypatch):
-    """transformers' Gemma 4 rotary embedding with its angles in float64, as pirope's tables have
-    them: a float64 model then differs from its patched copy by rounding alone (its attention has
-    scale 1.0, so in float32 the two kinds of angle rounding move its gradients by ~1e-5)."""
+    """transformers' Gemma 4 and Gemma 3n rotary embeddings with their angles in float64, as
+    pirope's tables have them: a float64 model then differs from its patched copy by rounding alone
+    (their attention has scale 1.0, so in float32 the two kinds of angle rounding move the
+    gradients by ~1e-5)."""
     from transformers.modeling_rope_utils import dynamic_rope_update
+    from transformers.models.gemma3n import modeling_gemma3n
     from transformers.models.gemma4 import modeling_gemma4
 
     @dynamic_rope_update  # as transformers' own (the length-dependent types' tables)
@@ -586,10 +597,11 @@ def float64_angles(monkeypatch):
         return (angles.cos() * scale).float().to(x.dtype), (angles.sin() * scale).float().to(x.dtype)
 
     monkeypatch.setattr(modeling_gemma4.Gemma4TextRotaryEmbedding, "forward", forward)
+    monkeypatch.setattr(modeling_gemma3n.Gemma3nRotaryEmbedding, "forward", forward)
 
 
 def assert_same_float64(a, b):
-    """Logits and gradients of float64 models: transformers' Gemma 4 RMSNorms compute in float32
+    """Logits and gradients of float64 models: transformers' Gemma 4 / 3n RMSNorms compute in float32
     whatever the dtype (their weights' gradients then differ by float32 summation order only)."""
     (la, ga), (lb, gb) = a, b
     torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-10)
@@ -599,21 +611,23 @@ def assert_same_float64(a, b):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-@pytest.mark.parametrize("variant", list(GEMMA4))
-def test_gemma4_kv_sharing_and_keys_as_values_equal_transformers(variant, attention, float64_angles, fused_calls):
-    base = scale_qk_norms(make("gemma4_text", **GEMMA4[variant])).double()
+@pytest.mark.parametrize("variant", list(KV_SHARING))
+def test_kv_sharing_and_keys_as_values_equal_transformers(variant, attention, float64_angles, fused_calls):
+    model_type, config, heads = KV_SHARING[variant]
+    base = scale_qk_norms(make(model_type, **config)).double()
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     ref = twin(base, model.config).double()
     x = ids(2, 100)
     got, want = logits_and_grads(model, x), logits_and_grads(ref, x)
     assert_same_float64(got, want)
     # the layers with keys of their own fuse (the sliding one with its window); the shared ones cannot
-    assert fused_calls == ([(2, 100, 4, 16), (2, 100, 4, 32)] if attention == "fused" else [])
+    assert fused_calls == ([(2, 100, 4, d) for d in heads] if attention == "fused" else [])
 
 
-@pytest.mark.parametrize("variant", list(GEMMA4))
-def test_gemma4_generates_like_transformers_with_shared_layers(variant, float64_angles, fused_calls):
-    base = make("gemma4_text", **GEMMA4[variant]).double()
+@pytest.mark.parametrize("variant", list(KV_SHARING))
+def test_generates_like_transformers_with_shared_layers(variant, float64_angles, fused_calls):
+    model_type, config, heads = KV_SHARING[variant]
+    base = make(model_type, **config).double()
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
     ref = twin(base, model.config).double()
     seen = {}  # the tokens each model's shared layers attend from (transformers may keep only the
@@ -628,13 +642,13 @@ def test_gemma4_generates_like_transformers_with_shared_layers(variant, float64_
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-10, atol=1e-10)
     assert seen["pirope"] == seen["transformers"] and len(seen["pirope"]) == 6
-    assert fused_calls == [(1, 70, 4, 16), (1, 70, 4, 32)]  # the prefill's own-key layers
+    assert fused_calls == [(1, 70, 4, d) for d in heads]  # the prefill's own-key layers
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 def test_gemma4_with_shared_layers_compiles_fullgraph(attention, float64_angles):
     torch._dynamo.reset()
-    base = make("gemma4_text", **GEMMA4["kv_sharing"]).double()
+    base = make("gemma4_text", **SHARING).double()
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = ids(2, 60)
@@ -676,7 +690,7 @@ def test_proportional_rope_where_the_architecture_can_rotate_it(model_type):
 
 def test_gemma4_layers_of_one_type_with_different_head_sizes_are_refused_unchanged():
     # one table per layer type serves its layers: heads of another size in one of them cannot be
-    model = make("gemma4_text", **GEMMA4["k_eq_v"])
+    model = make("gemma4_text", **KV_SHARING["gemma4_k_eq_v"][1])
     model.model.layers[2].self_attn.head_dim = 16
     rotary = model.model.rotary_emb
     with pytest.raises(TypeError, match="full_attention layers have heads of different sizes"):
@@ -693,7 +707,7 @@ def hf_rows(ref, layer_type, positions):
     return cos[0, :, :cos.shape[-1] // 2]
 
 
-@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3", "mellum", "gemma4_text"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3", "mellum", "gemma4_text", "gemma3n_text"])
 def test_each_layer_gets_the_table_of_its_layer_type(model_type, fused_calls):
     from pirope.integrations.transformers import PiropeLayerTypeRotaryEmbedding
 
@@ -721,7 +735,7 @@ def test_each_layer_gets_the_table_of_its_layer_type(model_type, fused_calls):
     assert fused_calls == fused_shapes(model_type, 2, 40)  # the sliding one with its window (40 > 16)
 
 
-@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3", "gemma4_text"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3", "gemma4_text", "gemma3n_text"])
 def test_position_interpolation_extends_only_the_full_attention_layers_and_round_trips(model_type, tmp_path):
     base = make(model_type)
     before = copy.deepcopy(base.config.rope_parameters)

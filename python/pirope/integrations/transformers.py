@@ -35,7 +35,9 @@ v; scaling 1.0; ``attention_k_eq_v``: layers without ``v_proj`` take k_proj's ou
 KV sharing: from ``num_kv_shared_layers`` before the end, a layer has only a query and attends to
 the rotated keys and values the last earlier layer of its type stored in the forward's
 ``shared_kv_states``, which the patched layers store and read as transformers' do; the shared
-layers, whose keys come rotated, always take the "sdpa" path) and ``olmo3`` (RoPE
+layers, whose keys come rotated, always take the "sdpa" path), ``gemma3n_text``
+(``Gemma3nForCausalLM``: the same attention with one head size, no ``attention_k_eq_v``, plain
+RoPE per layer type; its AltUp, LAuReL and per-layer inputs are outside the attention) and ``olmo3`` (RoPE
 per layer type, OLMo 2's q/k norms), ``exaone4`` (per-head q/k norms) and ``cohere2``
 (interleaved pairs), whose full_attention layers are NoPE when the model has a sliding
 window (EXAONE 4: a layer rotates iff ``sliding_window is None or is_sliding``; Cohere 2:
@@ -362,6 +364,10 @@ _FAMILIES: dict[str, _Family] = {
     # RMSNorms before RoPE and a weightless one on v, scaling 1.0, KV sharing between layers
     "gemma4_text": _Family("separate", "module", False, qk_norm="head", rope_per_layer_type=True, v_norm="v_norm",
                            kv_sharing=True),
+    # Gemma3nForCausalLM (Gemma 3n's text model): Gemma 4's attention without attention_k_eq_v, RoPE
+    # per layer type (one head size); its AltUp / LAuReL / per-layer inputs live outside the attention
+    "gemma3n_text": _Family("separate", "module", False, qk_norm="head", rope_per_layer_type=True, v_norm="v_norm",
+                            kv_sharing=True),
     # Gemma3ForCausalLM (text only; Gemma3ForConditionalGeneration, "gemma3", has one as its language model)
     # Gemma2ForCausalLM: sliding_window on the sliding_attention layers' modules, scaling
     # query_pre_attn_scalar ** -0.5, attn_logit_softcapping passed as softcap
