@@ -94,6 +94,8 @@ FAMILIES = {
     # on v; scaling 1.0; per-layer input embeddings kept small; KV sharing and k = v (tests below)
     "gemma4_text": ("Gemma4TextConfig", "Gemma4ForCausalLM",
                     dict(HYBRID, global_head_dim=32, vocab_size_per_layer_input=256, hidden_size_per_layer_input=8)),
+    # Gemma 4 Unified's text model: Gemma 4's attention (and RoPE), no per-layer inputs
+    "gemma4_unified_text": ("Gemma4UnifiedTextConfig", "Gemma4UnifiedForCausalLM", dict(HYBRID, global_head_dim=32)),
     # Gemma 4's attention (one head size, plain RoPE per layer type); AltUp, LAuReL and per-layer
     # inputs kept small; its default KV sharing (15 layers) off here (tests below)
     "gemma3n_text": ("Gemma3nTextConfig", "Gemma3nForCausalLM",
@@ -177,7 +179,7 @@ FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "koli
 
 # the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
 # layer has heads of global_head_dim
-FUSED_HEAD_DIMS = {"gemma4_text": [16, 32]}
+FUSED_HEAD_DIMS = {"gemma4_text": [16, 32], "gemma4_unified_text": [16, 32]}
 
 
 def fused_shapes(model_type, batch, seqlen):
@@ -575,18 +577,21 @@ KV_SHARING = {
                                           layer_types=["sliding_attention", "full_attention", "full_attention"],
                                           num_global_key_value_heads=1), [16, 32]),
     "gemma3n": ("gemma3n_text", SHARING, [16, 16]),
+    # (its _maybe_slice_kv_shared_inputs takes no per-layer inputs)
+    "gemma4_unified": ("gemma4_unified_text", SHARING, [16, 32]),
 }
 
 
 @pytest.fixture
 def float64_angles(monkeypatch):
-    """transformers' Gemma 4 and Gemma 3n rotary embeddings with their angles in float64, as
+    """transformers' Gemma 4 (and Unified) and Gemma 3n rotary embeddings with their angles in float64, as
     pirope's tables have them: a float64 model then differs from its patched copy by rounding alone
     (their attention has scale 1.0, so in float32 the two kinds of angle rounding move the
     gradients by ~1e-5)."""
     from transformers.modeling_rope_utils import dynamic_rope_update
     from transformers.models.gemma3n import modeling_gemma3n
     from transformers.models.gemma4 import modeling_gemma4
+    from transformers.models.gemma4_unified import modeling_gemma4_unified
 
     @dynamic_rope_update  # as transformers' own (the length-dependent types' tables)
     def forward(self, x, position_ids, layer_type):
@@ -598,6 +603,7 @@ def float64_angles(monkeypatch):
 
     monkeypatch.setattr(modeling_gemma4.Gemma4TextRotaryEmbedding, "forward", forward)
     monkeypatch.setattr(modeling_gemma3n.Gemma3nRotaryEmbedding, "forward", forward)
+    monkeypatch.setattr(modeling_gemma4_unified.Gemma4UnifiedTextRotaryEmbedding, "forward", forward)
 
 
 def assert_same_float64(a, b):

@@ -37,7 +37,8 @@ the rotated keys and values the last earlier layer of its type stored in the for
 ``shared_kv_states``, which the patched layers store and read as transformers' do; the shared
 layers, whose keys come rotated, always take the "sdpa" path), ``gemma3n_text``
 (``Gemma3nForCausalLM``: the same attention with one head size, no ``attention_k_eq_v``, plain
-RoPE per layer type; its AltUp, LAuReL and per-layer inputs are outside the attention) and ``olmo3`` (RoPE
+RoPE per layer type; its AltUp, LAuReL and per-layer inputs are outside the attention),
+``gemma4_unified_text`` (``Gemma4UnifiedForCausalLM``: Gemma 4's attention) and ``olmo3`` (RoPE
 per layer type, OLMo 2's q/k norms), ``exaone4`` (per-head q/k norms) and ``cohere2``
 (interleaved pairs), whose full_attention layers are NoPE when the model has a sliding
 window (EXAONE 4: a layer rotates iff ``sliding_window is None or is_sliding``; Cohere 2:
@@ -364,6 +365,9 @@ _FAMILIES: dict[str, _Family] = {
     # RMSNorms before RoPE and a weightless one on v, scaling 1.0, KV sharing between layers
     "gemma4_text": _Family("separate", "module", False, qk_norm="head", rope_per_layer_type=True, v_norm="v_norm",
                            kv_sharing=True),
+    # Gemma4UnifiedForCausalLM: Gemma 4's attention module itself (no per-layer inputs)
+    "gemma4_unified_text": _Family("separate", "module", False, qk_norm="head", rope_per_layer_type=True,
+                                   v_norm="v_norm", kv_sharing=True),
     # Gemma3nForCausalLM (Gemma 3n's text model): Gemma 4's attention without attention_k_eq_v, RoPE
     # per layer type (one head size); its AltUp / LAuReL / per-layer inputs live outside the attention
     "gemma3n_text": _Family("separate", "module", False, qk_norm="head", rope_per_layer_type=True, v_norm="v_norm",
@@ -1254,27 +1258,31 @@ def _attention_modules_of_type(config, family: _Family, attns, layer_type: str):
     return of_type
 
 
-def _slice_kv_shared_inputs(base, hidden_states, per_layer_inputs, position_embeddings, causal_mask_mapping,
-                            logits_to_keep, cache=None, **kwargs):
+def _slice_kv_shared_inputs(base, hidden_states, *args, **kwargs):
     """Gemma 4's ``_maybe_slice_kv_shared_inputs`` for the patched model (installed on its base model
     by :func:`patch_rope`, a partial pickling by name): before its KV-shared layers, transformers keeps
     the last ``logits_to_keep`` tokens only (a prefill of generate) and slices each layer type's
     ``(cos, sin)`` along the sequence. Those are :class:`RopeTables` here, the rows of which the
-    tokens' positions pick: transformers' own method decides and slices the positions instead."""
+    tokens' positions pick: transformers' own method decides and slices the positions instead.
+    The layer-type dict of tables is found among the arguments (Gemma 4's method also takes and
+    returns the per-layer inputs, Gemma 4 Unified's does not) and comes back at the same place."""
+    at = next(i for i, a in enumerate(args)
+              if isinstance(a, dict) and a and all(isinstance(t, RopeTables) for t in a.values()))
+    tables = args[at]
     seqlen = hidden_states.shape[1]
     stand_ins = {}
-    for layer_type, tables in position_embeddings.items():
-        pos = tables.position_ids
+    for layer_type, t in tables.items():
+        pos = t.position_ids
         if pos is None:
             pos = torch.arange(seqlen, device=hidden_states.device)[None]
         pos = pos.expand(hidden_states.shape[0], seqlen)[..., None]
         stand_ins[layer_type] = (pos, pos)
-    hidden_states, per_layer_inputs, sliced, causal_mask_mapping = type(base)._maybe_slice_kv_shared_inputs(
-        base, hidden_states, per_layer_inputs, stand_ins, causal_mask_mapping, logits_to_keep, cache=cache, **kwargs)
-    if sliced is not stand_ins:
-        position_embeddings = {t: tables._replace(position_ids=sliced[t][0][..., 0])
-                               for t, tables in position_embeddings.items()}
-    return hidden_states, per_layer_inputs, position_embeddings, causal_mask_mapping
+    out = list(type(base)._maybe_slice_kv_shared_inputs(base, hidden_states, *args[:at], stand_ins, *args[at + 1:],
+                                                          **kwargs))
+    sliced = out[at + 1]  # (the outputs lead with hidden_states)
+    out[at + 1] = tables if sliced is stand_ins else {
+        layer_type: t._replace(position_ids=sliced[layer_type][0][..., 0]) for layer_type, t in tables.items()}
+    return tuple(out)
 
 
 def _resolve_attention(attention) -> str:
