@@ -290,8 +290,8 @@ def scale_qk_norms(model):
     with torch.no_grad():
         for layer in model.model.layers:
             for name in _FAMILIES[model.config.model_type].qk_norm_names:
-                weight = getattr(getattr(layer.self_attn, name, None), "weight", None)  # (Gemma 4's KV-shared
-                # layers have no k_norm)
+                # (Gemma 4's KV-shared layers have no k_norm)
+                weight = getattr(getattr(layer.self_attn, name, None), "weight", None)
                 if weight is not None:
                     weight.uniform_(0.2, 3.0)
     return model
@@ -486,8 +486,7 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3", "gemma3_text",
                                         "gemma4_text", "gemma3n_text", "gemma2", "mixtral", "qwen2_moe", "olmoe",
                                         "minimax_m2", "mellum", "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe",
-                                        "kolibri1",
-                                        "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss"])
+                                        "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -564,7 +563,7 @@ def test_residual_dropout_after_o_proj_is_applied_in_training(model_type, fused_
     assert not torch.allclose(model(x, use_cache=False).logits, got[0])
 
 
-# ---- Gemma 4 and Gemma 3n: KV sharing, keys as values, proportional RoPE ----------------------
+# ---- Gemma 4 (and 4 Unified), Gemma 3n: KV sharing, keys as values, proportional RoPE ----------
 
 # 4 layers: the last two attend to the rotated keys and values that layers 0 and 1 (the last of
 # their type before them) stored
@@ -584,10 +583,10 @@ KV_SHARING = {
 
 @pytest.fixture
 def float64_angles(monkeypatch):
-    """transformers' Gemma 4 (and Unified) and Gemma 3n rotary embeddings with their angles in float64, as
-    pirope's tables have them: a float64 model then differs from its patched copy by rounding alone
-    (their attention has scale 1.0, so in float32 the two kinds of angle rounding move the
-    gradients by ~1e-5)."""
+    """transformers' Gemma 4 (and 4 Unified) and Gemma 3n rotary embeddings with their angles in
+    float64, as pirope's tables have them: a float64 model then differs from its patched copy by
+    rounding alone (their attention has scale 1.0, so in float32 the two kinds of angle rounding
+    move the gradients by ~1e-5)."""
     from transformers.modeling_rope_utils import dynamic_rope_update
     from transformers.models.gemma3n import modeling_gemma3n
     from transformers.models.gemma4 import modeling_gemma4
