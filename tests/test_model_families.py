@@ -568,16 +568,17 @@ def test_residual_dropout_after_o_proj_is_applied_in_training(model_type, fused_
 # 4 layers: the last two attend to the rotated keys and values that layers 0 and 1 (the last of
 # their type before them) stored
 SHARING = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2)
-# name -> (model_type, config, the head size of each layer with keys of its own (they fuse))
+# name -> (model_type, config); in each, the layers with keys of their own (they fuse) are one
+# sliding and one full layer, as in the two-layer make(model_type): fused_shapes gives them
 KV_SHARING = {
-    "gemma4": ("gemma4_text", SHARING, [16, 32]),
+    "gemma4": ("gemma4_text", SHARING),
     # the full layers have no v_proj (values: k_proj's output) and one KV head; layer 2 shares layer 1's
     "gemma4_k_eq_v": ("gemma4_text", dict(num_hidden_layers=3, num_kv_shared_layers=1, attention_k_eq_v=True,
                                           layer_types=["sliding_attention", "full_attention", "full_attention"],
-                                          num_global_key_value_heads=1), [16, 32]),
-    "gemma3n": ("gemma3n_text", SHARING, [16, 16]),
+                                          num_global_key_value_heads=1)),
+    "gemma3n": ("gemma3n_text", SHARING),
     # (its _maybe_slice_kv_shared_inputs takes no per-layer inputs)
-    "gemma4_unified": ("gemma4_unified_text", SHARING, [16, 32]),
+    "gemma4_unified": ("gemma4_unified_text", SHARING),
 }
 
 
@@ -618,7 +619,7 @@ def assert_same_float64(a, b):
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 @pytest.mark.parametrize("variant", list(KV_SHARING))
 def test_kv_sharing_and_keys_as_values_equal_transformers(variant, attention, float64_angles, fused_calls):
-    model_type, config, heads = KV_SHARING[variant]
+    model_type, config = KV_SHARING[variant]
     base = scale_qk_norms(make(model_type, **config)).double()
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     ref = twin(base, model.config).double()
@@ -626,12 +627,12 @@ def test_kv_sharing_and_keys_as_values_equal_transformers(variant, attention, fl
     got, want = logits_and_grads(model, x), logits_and_grads(ref, x)
     assert_same_float64(got, want)
     # the layers with keys of their own fuse (the sliding one with its window); the shared ones cannot
-    assert fused_calls == ([(2, 100, 4, d) for d in heads] if attention == "fused" else [])
+    assert fused_calls == (fused_shapes(model_type, 2, 100) if attention == "fused" else [])
 
 
 @pytest.mark.parametrize("variant", list(KV_SHARING))
 def test_generates_like_transformers_with_shared_layers(variant, float64_angles, fused_calls):
-    model_type, config, heads = KV_SHARING[variant]
+    model_type, config = KV_SHARING[variant]
     base = make(model_type, **config).double()
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
     ref = twin(base, model.config).double()
@@ -647,7 +648,7 @@ def test_generates_like_transformers_with_shared_layers(variant, float64_angles,
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-10, atol=1e-10)
     assert seen["pirope"] == seen["transformers"] and len(seen["pirope"]) == 6
-    assert fused_calls == [(1, 70, 4, d) for d in heads]  # the prefill's own-key layers
+    assert fused_calls == fused_shapes(model_type, 1, 70)  # the prefill's own-key layers
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
