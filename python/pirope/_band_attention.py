@@ -21,14 +21,6 @@ def query_blocks(S: int, rows: int, left: int, right: int):
         yield q0, q1, (0 if left < 0 else max(0, q0 - left)), (S if right < 0 else min(S, q1 + right))
 
 
-def key_blocks(S: int, rows: int, left: int, right: int):
-    """(q0, q1, k0, k1) of each block of ``rows`` keys and the query rows that see them
-    (j - right <= i <= j + left)."""
-    for k0 in range(0, S, rows):
-        k1 = min(S, k0 + rows)
-        yield (0 if right < 0 else max(0, k0 - right)), (S if left < 0 else min(S, k1 + left)), k0, k1
-
-
 def band_mask(q0: int, q1: int, k0: int, k1: int, left: int, right: int, device) -> torch.Tensor:
     """(q1 - q0, k1 - k0) bool: True where query q0 + a sees key k0 + b."""
     i = torch.arange(q0, q1, device=device)[:, None]
@@ -75,10 +67,10 @@ class BlockAttention(torch.autograd.Function):
     float32 (float64 for float64 input) like the fused kernels, over blocks of ``rows``
     query rows so that only one block's scores exist at a time; out in q's dtype, lse
     (..., seqlen) in the math type. The backward recomputes each block's probabilities from
-    lse (as the fused kernels do; the derivative of the cap is 1 - tanh^2, exact for any
-    cap): dq over blocks of query rows, dk and dv over blocks of keys, so that each
-    gradient is a concatenation (vmap and torch.func take it) of plain products: no float
-    atomics, the same bits run to run. A sink's gradient: -sum over its head's rows of
+    lse once (as the fused kernels do; the derivative of the cap is 1 - tanh^2, exact for
+    any cap) and takes all three gradients from them: dq block by block, dk and dv summed
+    over the query blocks in their order, with plain products and adds: no float atomics,
+    the same bits run to run. A sink's gradient: -sum over its head's rows of
     exp(sink - lse) * rowsum(dO * O)."""
 
     generate_vmap_rule = True
@@ -134,24 +126,24 @@ def _block_backward(grad_out, q, k, v, out, lse, sinks, scale, softcap, left, ri
         ds = p * (dp - delta[..., q0:q1, None])  # 0 where not seen (p = 0)
         return p, ds if slope is None else ds * slope
 
-    def cat(parts, like):
-        return _as(torch.cat(parts, dim=-2), like.dtype) if parts else torch.zeros_like(like)
-
-    dq = []
+    dq, dk, dv = [], None, None
     for q0, q1, k0, k1 in query_blocks(S, rows, left, right):
-        _, ds = block(q0, q1, k0, k1)
-        dq.append(torch.matmul(ds, k[..., k0:k1, :].to(math)) * scale)
-    dk, dv = [], []
-    for q0, q1, k0, k1 in key_blocks(S, rows, left, right):
         p, ds = block(q0, q1, k0, k1)
-        dv.append(torch.matmul(p.transpose(-1, -2), do[..., q0:q1, :]))
-        dk.append(torch.matmul(ds.transpose(-1, -2), q[..., q0:q1, :].to(math)) * scale)
+        dq.append(torch.matmul(ds, k[..., k0:k1, :].to(math)) * scale)
+        dk_part = torch.matmul(ds.transpose(-1, -2), q[..., q0:q1, :].to(math)) * scale
+        dv_part = torch.matmul(p.transpose(-1, -2), do[..., q0:q1, :])
+        if dk is None:  # from a part, so that under vmap they are batched as the parts are
+            dk, dv = dk_part.new_zeros(k.shape, dtype=math), dv_part.new_zeros(v.shape, dtype=math)
+        dk[..., k0:k1, :] += dk_part
+        dv[..., k0:k1, :] += dv_part
     dsinks = None
     if sinks is not None:  # summed over the leading dims and the rows of each head
         heads = sinks.shape[0]
         p_sink = torch.exp(sinks.to(math)[:, None] - lse)
         dsinks = _as(-(p_sink * delta).sum(-1).reshape(-1, heads).sum(0), sinks.dtype)
-    return cat(dq, q), cat(dk, k), cat(dv, v), dsinks
+    if dk is None:  # no query row
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dsinks
+    return _as(torch.cat(dq, dim=-2), q.dtype), _as(dk, k.dtype), _as(dv, v.dtype), dsinks
 
 
 # the backward as a node of its own, whose backward raises (its products take lse as a constant)
