@@ -685,6 +685,28 @@ def test_unfused_capped_path_under_torch_func():
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("batched", ["q", "k", "v", "grad"])
+def test_unfused_capped_path_vmap_of_grad_batched_in_one_argument(batched):
+    # the backward sums dk and dv over the query blocks into accumulators made from the
+    # first block's parts: batched under vmap exactly when those parts are, whichever one
+    # argument vmap batches
+    mod = unfused_module()
+    cos, sin = tables(16, 20, dtype=torch.float64)
+    args = {n: torch.randn(1, 20, 2 if n != "q" else 4, 16, dtype=torch.float64) * 3 for n in ("q", "k", "v")}
+    args["grad"] = torch.randn(1, 20, 4, 16, dtype=torch.float64)
+    args[batched] = torch.randn((3,) + args[batched].shape, dtype=torch.float64) * 3
+
+    def loss(q, k, v, g):
+        return (mod._sdpa_fallback(q, k, v, cos, sin, None, False, 0.3, False, (4, 2), 1.5) * g).sum()
+
+    dims = tuple(0 if n == batched else None for n in ("q", "k", "v", "grad"))
+    grads = func.vmap(func.grad(loss, argnums=(0, 1, 2)), in_dims=dims)(*args.values())
+    for i in range(3):
+        q, k, v, g = (t[i] if n == batched else t for n, t in args.items())
+        ref = band_reference(q, k, v, cos, sin, None, False, (4, 2), 0.3, softcap=1.5, grad_out=g)[1:]
+        for what, a, b in zip(("dq", "dk", "dv"), (t[i] for t in grads), ref):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m: f"{what}: {m}")
+
 # ---- 13. bad input ----
 
 @pytest.mark.parametrize("softcap", [-1.0, -1e-30, -5, float("nan"), float("inf"), float("-inf")], ids=repr)
