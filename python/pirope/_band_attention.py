@@ -4,7 +4,9 @@ attention over such blocks as an autograd.Function, for what SDPA has not: a sof
 attention sinks, and a backward without float atomics (bit-identical gradients run to run).
 
 Query i sees key j when i - left <= j <= i + right (a bound of -1: none). Tensors are
-(..., heads, seqlen, headdim) with the same heads in q, k and v."""
+(..., heads, seqlen, headdim); k and v may have fewer heads than q (GQA/MQA: a divisor of
+them), never repeated: the query heads of a group are the rows of one product with their
+key/value head."""
 
 from __future__ import annotations
 
@@ -33,13 +35,31 @@ def band_mask(q0: int, q1: int, k0: int, k1: int, left: int, right: int, device)
     return seen
 
 
+def _grouped_matmul(a, b):
+    """a (..., heads_kv, group, rows, n) @ b (..., heads_kv, n, m) -> (..., heads_kv, group,
+    rows, m): the query heads of a group stacked as the rows of one product."""
+    return torch.matmul(a.flatten(-3, -2), b).unflatten(-2, a.shape[-3:-1])
+
+
+def _group_summed_matmul(a, b):
+    """The sum over the group of a^T b: a (..., heads_kv, group, rows, n), b (...,
+    heads_kv, group, rows, m) -> (..., heads_kv, n, m), in one product."""
+    return torch.matmul(a.flatten(-3, -2).transpose(-1, -2), b.flatten(-3, -2))
+
+
+def _grouped(t: torch.Tensor, heads_kv: int, dim: int) -> torch.Tensor:
+    """t with its query-head dimension ``dim`` split into (heads_kv, group): a view."""
+    return t.unflatten(dim, (heads_kv, t.shape[dim] // heads_kv if heads_kv else 1))
+
+
 def _block_scores(q, k, seen, scale, math, cap=None, slope=False):
-    """The block's scores scale q k^T in the math type, capped to cap * tanh(s / cap) when
-    ``cap`` is given, -inf where not ``seen``; with ``slope``, also the derivative of the
-    cap, 1 - tanh^2 (None without a cap). ``cap``: a 0-dim tensor on the device (CUDA
-    divides by a Python number as a product with its reciprocal, which is inf for a tiny
-    cap)."""
-    s = torch.matmul(q.to(math), k.to(math).transpose(-1, -2)) * scale
+    """The block's scores scale q k^T in the math type, (..., heads_kv, group, rows, keys) for
+    q (..., heads_kv, group, rows, d) and k (..., heads_kv, keys, d), capped to cap *
+    tanh(s / cap) when ``cap`` is given, -inf where not ``seen``; with ``slope``, also the
+    derivative of the cap, 1 - tanh^2 (None without a cap). ``cap``: a 0-dim tensor on the
+    device (CUDA divides by a Python number as a product with its reciprocal, which is inf
+    for a tiny cap)."""
+    s = _grouped_matmul(q.to(math), k.to(math).transpose(-1, -2)) * scale
     t = None
     if cap is not None:
         t = torch.tanh(s / cap)
@@ -62,7 +82,7 @@ def _cap(softcap, math, device):
 
 class BlockAttention(torch.autograd.Function):
     """(out, lse) of softmax(q k^T * scale, within the band) v -- each score s capped to
-    softcap * tanh(s / softcap) first when softcap > 0; with ``sinks`` ((heads,) or None),
+    softcap * tanh(s / softcap) first when softcap > 0; with ``sinks`` ((heads_q,) or None),
     each row's softmax also has one key of logit sinks[head] and no value -- computed in
     float32 (float64 for float64 input) like the fused kernels, over blocks of ``rows``
     query rows so that only one block's scores exist at a time; out in q's dtype, lse
@@ -77,12 +97,14 @@ class BlockAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, sinks, scale, softcap, left, right, rows):
-        S, math = q.shape[-2], _math_dtype(q.dtype)
+        S, math, hkv = q.shape[-2], _math_dtype(q.dtype), k.shape[-3]
         cap = _cap(softcap, math, q.device)
-        sink = None if sinks is None else sinks.to(math)[:, None, None]  # (heads, 1, 1)
+        # (heads_kv, group, 1, 1)
+        sink = None if sinks is None else _grouped(sinks.to(math), hkv, 0)[..., None, None]
+        qg = _grouped(q, hkv, -3)
         outs, lses = [], []
         for q0, q1, k0, k1 in query_blocks(S, rows, left, right):
-            s = _block_scores(q[..., q0:q1, :], k[..., k0:k1, :],
+            s = _block_scores(qg[..., q0:q1, :], k[..., k0:k1, :],
                               band_mask(q0, q1, k0, k1, left, right, q.device), scale, math, cap)
             m = s.amax(dim=-1, keepdim=True)  # finite: every row sees its own key
             if sink is not None:
@@ -91,11 +113,12 @@ class BlockAttention(torch.autograd.Function):
             total = e.sum(dim=-1, keepdim=True)
             if sink is not None:
                 total = total + torch.exp(sink - m)
-            outs.append(torch.matmul(e, v[..., k0:k1, :].to(math)) / total)
+            outs.append(_grouped_matmul(e, v[..., k0:k1, :].to(math)) / total)
             lses.append((m + torch.log(total)).squeeze(-1))
         if not outs:  # no query row
             return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=math)
-        return _as(torch.cat(outs, dim=-2), q.dtype), torch.cat(lses, dim=-1)
+        out, lse = torch.cat(outs, dim=-2).flatten(-4, -3), torch.cat(lses, dim=-1).flatten(-3, -2)
+        return _as(out, q.dtype), lse
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -112,26 +135,29 @@ class BlockAttention(torch.autograd.Function):
 
 def _block_backward(grad_out, q, k, v, out, lse, sinks, scale, softcap, left, right, rows):
     """(dq, dk, dv, dsinks) of BlockAttention (dsinks None without sinks)."""
-    S, math = q.shape[-2], _math_dtype(q.dtype)
+    S, math, hkv = q.shape[-2], _math_dtype(q.dtype), k.shape[-3]
     cap = _cap(softcap, math, q.device)
     do = grad_out.to(math)
     delta = (do * out.to(math)).sum(-1)  # rowsum(dO * O), as the fused backward's D
+    # the query heads of a key/value head as one group
+    qg, dog, lseg, deltag = _grouped(q, hkv, -3), _grouped(do, hkv, -3), _grouped(lse, hkv, -2), _grouped(delta, hkv, -2)
 
     def block(q0, q1, k0, k1):
         """P and dS of queries [q0, q1) x keys [k0, k1)."""
-        s, slope = _block_scores(q[..., q0:q1, :], k[..., k0:k1, :],
+        s, slope = _block_scores(qg[..., q0:q1, :], k[..., k0:k1, :],
                                  band_mask(q0, q1, k0, k1, left, right, q.device), scale, math, cap, slope=True)
-        p = torch.exp(s - lse[..., q0:q1, None])
-        dp = torch.matmul(do[..., q0:q1, :], v[..., k0:k1, :].to(math).transpose(-1, -2))
-        ds = p * (dp - delta[..., q0:q1, None])  # 0 where not seen (p = 0)
+        p = torch.exp(s - lseg[..., q0:q1, None])
+        dp = _grouped_matmul(dog[..., q0:q1, :], v[..., k0:k1, :].to(math).transpose(-1, -2))
+        ds = p * (dp - deltag[..., q0:q1, None])  # 0 where not seen (p = 0)
         return p, ds if slope is None else ds * slope
 
     dq, dk, dv = [], None, None
     for q0, q1, k0, k1 in query_blocks(S, rows, left, right):
         p, ds = block(q0, q1, k0, k1)
-        dq.append(torch.matmul(ds, k[..., k0:k1, :].to(math)) * scale)
-        dk_part = torch.matmul(ds.transpose(-1, -2), q[..., q0:q1, :].to(math)) * scale
-        dv_part = torch.matmul(p.transpose(-1, -2), do[..., q0:q1, :])
+        dq.append(_grouped_matmul(ds, k[..., k0:k1, :].to(math)) * scale)
+        # summed over the group's query heads
+        dk_part = _group_summed_matmul(ds, qg[..., q0:q1, :].to(math)) * scale
+        dv_part = _group_summed_matmul(p, dog[..., q0:q1, :])
         if dk is None:  # from a part, so that under vmap they are batched as the parts are
             dk, dv = dk_part.new_zeros(k.shape, dtype=math), dv_part.new_zeros(v.shape, dtype=math)
         dk[..., k0:k1, :] += dk_part
@@ -143,7 +169,7 @@ def _block_backward(grad_out, q, k, v, out, lse, sinks, scale, softcap, left, ri
         dsinks = _as(-(p_sink * delta).sum(-1).reshape(-1, heads).sum(0), sinks.dtype)
     if dk is None:  # no query row
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dsinks
-    return _as(torch.cat(dq, dim=-2), q.dtype), _as(dk, k.dtype), _as(dv, v.dtype), dsinks
+    return _as(torch.cat(dq, dim=-2).flatten(-4, -3), q.dtype), _as(dk, k.dtype), _as(dv, v.dtype), dsinks
 
 
 # the backward as a node of its own, whose backward raises (its products take lse as a constant)

@@ -48,16 +48,15 @@ def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0, deterministic=False,
     S = q.shape[-2]
     # a bound past the sequence is none (and must not overflow int64 in the comparisons below)
     left, right = min(window[0], S), (0 if causal else min(window[1], S))
-    hq, hkv = q.shape[-3], k.shape[-3]
-    if hq != hkv and hkv > 0 and hq % hkv == 0:
-        # SDPA's memory-efficient kernels take no mask with enable_gqa (the math one would keep
-        # every block's probabilities), nor does the block attention: repeat k and v over the
-        # group, as transformers does
-        k, v = k.repeat_interleave(hq // hkv, dim=-3), v.repeat_interleave(hq // hkv, dim=-3)
     if blocks:  # one block's (..., rows, keys) scores at a time: fewer rows for many keys
         keys = S if left < 0 or right < 0 else min(S, left + right + 1)
         rows = max(16, min(_BAND_ROWS, _BLOCK_SCORES // max(1, q.shape[:-2].numel() * keys)))
         return _band_attention.BlockAttention.apply(q, k, v, sinks, scale, softcap, left, right, rows)[0]
+    hq, hkv = q.shape[-3], k.shape[-3]
+    if hq != hkv and hkv > 0 and hq % hkv == 0:
+        # SDPA's memory-efficient kernels take no mask with enable_gqa (the math one would keep
+        # every block's probabilities): repeat k and v over the group, as transformers does
+        k, v = k.repeat_interleave(hq // hkv, dim=-3), v.repeat_interleave(hq // hkv, dim=-3)
     outs = [sdpa(q[..., q0:q1, :], k[..., k0:k1, :], v[..., k0:k1, :], scale=scale, enable_gqa=True,
                  attn_mask=_band_attention.band_mask(q0, q1, k0, k1, left, right, q.device))
             for q0, q1, k0, k1 in _band_attention.query_blocks(S, _BAND_ROWS, left, right)]
