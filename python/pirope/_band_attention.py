@@ -140,7 +140,8 @@ def _block_backward(grad_out, q, k, v, out, lse, sinks, scale, softcap, left, ri
     do = grad_out.to(math)
     delta = (do * out.to(math)).sum(-1)  # rowsum(dO * O), as the fused backward's D
     # the query heads of a key/value head as one group
-    qg, dog, lseg, deltag = _grouped(q, hkv, -3), _grouped(do, hkv, -3), _grouped(lse, hkv, -2), _grouped(delta, hkv, -2)
+    qg, dog = _grouped(q, hkv, -3), _grouped(do, hkv, -3)
+    lseg, deltag = _grouped(lse, hkv, -2), _grouped(delta, hkv, -2)
 
     def block(q0, q1, k0, k1):
         """P and dS of queries [q0, q1) x keys [k0, k1)."""
