@@ -256,6 +256,22 @@ def test_unfused_packed_path_matches_reference(dtype):
                             sinks=sinks_for(4, dtype))
 
 
+@pytest.mark.parametrize("fn", ["public", "sdpa", "varlen", "varlen_public"])
+def test_no_query_heads_give_empty_gradients(fn):
+    # nheads_q = 0 (a multiple of any nheads_kv) with (0,) sinks: empty output and gradients,
+    # zero ones for k and v, on the fused (CPU) and the unfused (CUDA) paths alike
+    packed = fn.startswith("varlen")
+    make = (lambda h: packed_qkv(9, h, 2, 8, dtype=torch.float64)) if packed else \
+        (lambda h: qkv(1, 9, h, 2, 8, dtype=torch.float64))
+    q, k, v = make(0)
+    cos, sin = tables(8, 9, dtype=torch.float64)
+    kw = dict(sinks=torch.zeros(0, dtype=torch.float64), window_size=(3, 0))
+    if packed:
+        kw["cu_seqlens"] = cu_tensor([0, 4, 9], q.device)
+    out, dq, dk, dv, _, dsinks = run(q, k, v, cos, sin, fn="public" if fn == "varlen_public" else fn, **kw)
+    assert out.shape == q.shape and dq.shape == q.shape and dsinks.shape == (0,)
+    assert torch.equal(dk, torch.zeros_like(k)) and torch.equal(dv, torch.zeros_like(v))
+
 # ---- 5. bad input ----
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -164,10 +164,11 @@ def _block_backward(grad_out, q, k, v, out, lse, sinks, scale, softcap, left, ri
         dk[..., k0:k1, :] += dk_part
         dv[..., k0:k1, :] += dv_part
     dsinks = None
-    if sinks is not None:  # summed over the leading dims and the rows of each head
-        heads = sinks.shape[0]
-        p_sink = torch.exp(sinks.to(math)[:, None] - lse)
-        dsinks = _as(-(p_sink * delta).sum(-1).reshape(-1, heads).sum(0), sinks.dtype)
+    if sinks is not None:  # summed over the rows of each head and the leading dims
+        per_head = (torch.exp(sinks.to(math)[:, None] - lse) * delta).sum(-1)  # (..., heads)
+        if per_head.dim() > 1:  # (not reshape(-1, heads): -1 is ambiguous with no query heads)
+            per_head = per_head.flatten(0, -2).sum(0)
+        dsinks = _as(-per_head, sinks.dtype)
     if dk is None:  # no query row
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dsinks
     return _as(torch.cat(dq, dim=-2).flatten(-4, -3), q.dtype), _as(dk, k.dtype), _as(dv, v.dtype), dsinks
