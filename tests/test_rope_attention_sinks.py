@@ -248,6 +248,40 @@ def test_unfused_path_refuses_second_derivatives():
             torch.autograd.grad(g.sum(), q, retain_graph=True)
 
 
+@pytest.mark.parametrize("softcap", [0.0, 1.5], ids=["plain", "capped"])
+@pytest.mark.parametrize("batched", ["q", "k", "v", "sinks", "grad"])
+@pytest.mark.parametrize("how", ["grad", "vjp"])
+def test_unfused_path_per_sample_gradients_batched_in_one_argument(how, batched, softcap):
+    # the block attention steps in place on each block's scores only where they hold every
+    # input of the other operand (under vmap an unbatched tensor cannot take a batched one
+    # in place): per-sample gradients right whichever one argument vmap batches, the sinks
+    # (which reach the log-sum-exp, not the scores) included; through vmap of grad (whose
+    # seed, the gradient of a batched loss, is batched) and of vjp with an unbatched
+    # cotangent (dO unbatched, its products with v too, unless v is batched)
+    mod = unfused_module()
+    cos, sin = tables(16, 20, dtype=torch.float64)
+    args = {n: torch.randn(1, 20, 2 if n != "q" else 4, 16, dtype=torch.float64) * 3 for n in ("q", "k", "v")}
+    args["sinks"] = sinks_for(4, torch.float64)
+    args["grad"] = torch.randn(1, 20, 4, 16, dtype=torch.float64)
+    args[batched] = torch.stack([args[batched] * (1 + i / 4) for i in range(3)])
+
+    def attention(q, k, v, s):
+        return mod._sdpa_fallback(q, k, v, cos, sin, None, True, 0.3, False, (6, 0), softcap, True, s)
+
+    def grads_of(q, k, v, s, g):
+        if how == "grad":
+            return func.grad(lambda *a: (attention(*a) * g).sum(), argnums=(0, 1, 2, 3))(q, k, v, s)
+        return func.vjp(attention, q, k, v, s)[1](g)
+
+    dims = tuple(0 if n == batched else None for n in args)
+    grads = func.vmap(grads_of, in_dims=dims)(*args.values())
+    for i in range(3):
+        q, k, v, s, g = (t[i] if n == batched else t for n, t in args.items())
+        ref = band_reference(q, k, v, cos, sin, None, True, (6, 0), 0.3, softcap=softcap, grad_out=g, sinks=s)[1:]
+        for what, a, b in zip(("dq", "dk", "dv", "dsinks"), (t[i] for t in grads), ref):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m: f"{batched} {what}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_unfused_packed_path_matches_reference(dtype):
     q, k, v = packed_qkv(60, 4, 2, 32, dtype=dtype)

@@ -17,6 +17,9 @@ the right window, a row depends on its window only, the backward does not depend
 the thread count), gradcheck, opcheck, torch.compile, torch.func, the unfused CUDA
 path (run on CPU), bad input, and CUDA (skipped without a GPU)."""
 
+import importlib
+import itertools
+
 import pytest
 import torch
 
@@ -658,6 +661,20 @@ def test_unfused_paths_equal_fused_on_cpu():
         plain = run(qp, kp, vp, cos, sin, g=gp, fn="varlen", causal=causal, window_size=window, cu_seqlens=cu)[:4]
         for what, a, b in zip(("out", "dq", "dk", "dv"), fused, plain):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m: f"packed {what}: {m}")
+
+
+def test_unfused_block_masks_are_the_band():
+    # the block attention (capped, sunk or deterministic calls) masks each block's scores
+    # only in the columns at the band's edges, every row of the block seeing the others:
+    # over every block of short sequences, -inf exactly where the band rule hides the key
+    band = importlib.import_module("pirope._band_attention")
+    for S, rows, left, right in itertools.product((1, 5, 17), (1, 3, 4, 16), (-1, 0, 1, 3, 20), (-1, 0, 2, 20)):
+        for q0, q1, k0, k1 in band.query_blocks(S, rows, left, right):
+            got = band._mask_unseen_(torch.zeros(2, q1 - q0, k1 - k0), q0, q1, k0, k1, left, right)
+            i, j = torch.arange(q0, q1)[:, None], torch.arange(k0, k1)[None, :]
+            seen = ((j >= i - left) | (left < 0)) & ((j <= i + right) | (right < 0))
+            assert torch.equal(got == float("-inf"), ~seen.expand(2, -1, -1)), (S, rows, left, right, q0)
+            assert (got[:, seen.expand(1, -1, -1)[0]] == 0).all()
 
 
 # ---- 14. bad input ----

@@ -52,20 +52,39 @@ def _grouped(t: torch.Tensor, heads_kv: int, dim: int) -> torch.Tensor:
     return t.unflatten(dim, (heads_kv, t.shape[dim] // heads_kv if heads_kv else 1))
 
 
-def _block_scores(q, k, seen, scale, math, cap=None, slope=False):
-    """The block's scores scale q k^T in the math type, (..., heads_kv, group, rows, keys) for
-    q (..., heads_kv, group, rows, d) and k (..., heads_kv, keys, d), capped to cap *
-    tanh(s / cap) when ``cap`` is given, -inf where not ``seen``; with ``slope``, also the
-    derivative of the cap, 1 - tanh^2 (None without a cap). ``cap``: a 0-dim tensor on the
-    device (CUDA divides by a Python number as a product with its reciprocal, which is inf
-    for a tiny cap)."""
-    s = _grouped_matmul(q.to(math), k.to(math).transpose(-1, -2)) * scale
-    t = None
+def _mask_unseen_(s, q0: int, q1: int, k0: int, k1: int, left: int, right: int):
+    """-inf in place where queries [q0, q1) do not see keys [k0, k1) of s (..., rows,
+    keys): only in the columns at the band's edges, the others being seen by every row
+    (with causal blocks of 1024 rows over 8192 keys, one column in eight)."""
+    # every row sees column j when (q1 - 1) - left <= j <= q0 + right
+    lo = k0 if left < 0 else min(k1, max(k0, q1 - 1 - left))
+    hi = k1 if right < 0 else min(k1, max(k0, q0 + right + 1))
+    if lo >= hi:  # no column seen by every row: the whole block once (not two overlapping edges)
+        lo = hi = k1
+    for c0, c1 in ((k0, lo), (hi, k1)):
+        if c1 > c0:
+            s[..., c0 - k0:c1 - k0].masked_fill_(~band_mask(q0, q1, c0, c1, left, right, s.device), float("-inf"))
+    return s
+
+
+def _block_scores(q, k, block, left, right, math, cap=None, slope=False):
+    """The block's scores q k^T in the math type, (..., heads_kv, group, rows, keys) for q
+    (..., heads_kv, group, rows, d; already scaled by the softmax scale, in the math type:
+    a pass over rows x d, not rows x keys) and k (..., heads_kv, keys, d), capped to cap *
+    tanh(s / cap) when ``cap`` is given, -inf where the queries of ``block`` (q0, q1, k0,
+    k1) do not see the key; with ``slope``, also the derivative of the cap, 1 - tanh^2
+    (None without a cap). ``cap``: a 0-dim tensor on the device (CUDA divides by a Python
+    number as a product with its reciprocal, which is inf for a tiny cap). Elementwise
+    steps in place, on the product's own output."""
+    s = _grouped_matmul(q, k.to(math).transpose(-1, -2))
+    d = None
     if cap is not None:
-        t = torch.tanh(s / cap)
-        s = cap * t
-    s = s.masked_fill(~seen, float("-inf"))
-    return (s, None if t is None else 1 - t * t) if slope else s
+        t = s.div_(cap).tanh_()
+        if slope:
+            d = torch.addcmul(torch.ones((), dtype=math, device=t.device), t, t, value=-1)  # 1 - t^2
+        s = t.mul_(cap)
+    s = _mask_unseen_(s, *block, left, right)
+    return (s, d) if slope else s
 
 
 def _as(t: torch.Tensor, dtype) -> torch.Tensor:
@@ -103,13 +122,15 @@ class BlockAttention(torch.autograd.Function):
         sink = None if sinks is None else _grouped(sinks.to(math), hkv, 0)[..., None, None]
         qg = _grouped(q, hkv, -3)
         outs, lses = [], []
-        for q0, q1, k0, k1 in query_blocks(S, rows, left, right):
-            s = _block_scores(qg[..., q0:q1, :], k[..., k0:k1, :],
-                              band_mask(q0, q1, k0, k1, left, right, q.device), scale, math, cap)
+        for block in query_blocks(S, rows, left, right):
+            q0, q1, k0, k1 = block
+            s = _block_scores(qg[..., q0:q1, :].to(math) * scale, k[..., k0:k1, :], block, left, right, math, cap)
             m = s.amax(dim=-1, keepdim=True)  # finite: every row sees its own key
             if sink is not None:
                 m = torch.maximum(m, sink)
-            e = torch.exp(s - m)
+            # in place only where s holds every input of m: under vmap an unbatched s cannot
+            # take a batched operand in place (the same rule below)
+            e = (s.sub_(m) if sink is None else s - m).exp_()
             total = e.sum(dim=-1, keepdim=True)
             if sink is not None:
                 total = total + torch.exp(sink - m)
@@ -143,21 +164,22 @@ def _block_backward(grad_out, q, k, v, out, lse, sinks, scale, softcap, left, ri
     qg, dog = _grouped(q, hkv, -3), _grouped(do, hkv, -3)
     lseg, deltag = _grouped(lse, hkv, -2), _grouped(delta, hkv, -2)
 
-    def block(q0, q1, k0, k1):
-        """P and dS of queries [q0, q1) x keys [k0, k1)."""
-        s, slope = _block_scores(qg[..., q0:q1, :], k[..., k0:k1, :],
-                                 band_mask(q0, q1, k0, k1, left, right, q.device), scale, math, cap, slope=True)
-        p = torch.exp(s - lseg[..., q0:q1, None])
-        dp = _grouped_matmul(dog[..., q0:q1, :], v[..., k0:k1, :].to(math).transpose(-1, -2))
-        ds = p * (dp - deltag[..., q0:q1, None])  # 0 where not seen (p = 0)
-        return p, ds if slope is None else ds * slope
-
     dq, dk, dv = [], None, None
-    for q0, q1, k0, k1 in query_blocks(S, rows, left, right):
-        p, ds = block(q0, q1, k0, k1)
+    for block in query_blocks(S, rows, left, right):
+        q0, q1, k0, k1 = block
+        # P and dS of queries [q0, q1) x keys [k0, k1), each step in place
+        qs = qg[..., q0:q1, :].to(math) * scale
+        s, slope = _block_scores(qs, k[..., k0:k1, :], block, left, right, math, cap, slope=True)
+        lse_rows = lseg[..., q0:q1, None]  # (of q, k and the sinks)
+        p = (s.sub_(lse_rows) if sinks is None else s - lse_rows).exp_()
+        dp = _grouped_matmul(dog[..., q0:q1, :], v[..., k0:k1, :].to(math).transpose(-1, -2))
+        # (delta: of dO and every input of p)
+        ds = (dp - deltag[..., q0:q1, None]).mul_(p)  # 0 where not seen (p = 0)
+        if slope is not None:
+            ds.mul_(slope)
         dq.append(_grouped_matmul(ds, k[..., k0:k1, :].to(math)) * scale)
-        # summed over the group's query heads
-        dk_part = _group_summed_matmul(ds, qg[..., q0:q1, :].to(math)) * scale
+        # summed over the group's query heads (q already scaled)
+        dk_part = _group_summed_matmul(ds, qs)
         dv_part = _group_summed_matmul(p, dog[..., q0:q1, :])
         if dk is None:  # from a part, so that under vmap they are batched as the parts are
             dk, dv = dk_part.new_zeros(k.shape, dtype=math), dv_part.new_zeros(v.shape, dtype=math)
