@@ -663,6 +663,39 @@ def test_unfused_paths_equal_fused_on_cpu():
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m: f"packed {what}: {m}")
 
 
+@pytest.mark.parametrize("options", [{}, dict(softcap=2.0)], ids=["sdpa", "blocks"])
+@pytest.mark.parametrize("window, min_rows, budget, want_rows, sdpa_rows", [
+    ((9, 0), None, None, 256, 256),  # _MIN_BAND_ROWS rows: one block
+    ((9, 0), 16, None, 16, 16),  # not fewer than _MIN_BAND_ROWS
+    ((40, 0), 16, None, 41, 41),  # about the band's width (41 keys per query row)
+    # the score budget (the block attention's only), for blocks of up to 41 + 41 - 1 keys
+    ((40, 0), 16, 2 * 4 * 20 * (41 + 41 - 1), 20, 41),
+    ((200, 0), 16, None, 130, 130),  # a band as wide as the sequence
+])
+def test_unfused_blocks_follow_the_band_width(monkeypatch, options, window, min_rows, budget, want_rows, sdpa_rows):
+    # a block of r rows computes r x (r + width - 1) scores: the unfused paths take blocks of
+    # about the band's width (GPT-OSS's window of 128 took blocks of 1024 rows: 9x the
+    # scores seen), at least _MIN_BAND_ROWS rows, at most _BAND_ROWS; the block attention's
+    # also within _BLOCK_SCORES (batch x heads x rows x the keys of a block)
+    mod = unfused_module()
+    band = importlib.import_module("pirope._band_attention")
+    if min_rows is not None:
+        monkeypatch.setattr(mod, "_MIN_BAND_ROWS", min_rows)
+    if budget is not None:
+        monkeypatch.setattr(mod, "_BLOCK_SCORES", budget)
+    rows, blocks = set(), band.query_blocks
+
+    def spy(S, r, left, right):
+        rows.add(r)
+        return blocks(S, r, left, right)
+
+    monkeypatch.setattr(band, "query_blocks", spy)
+    q, k, v = qkv(2, 130, 4, 2, 32)
+    cos, sin = tables(32, 130)
+    check_against_reference(q, k, v, cos, sin, window=window, fn="sdpa", **options)
+    assert rows == {want_rows if options else sdpa_rows}
+
+
 def test_unfused_block_masks_are_the_band():
     # the block attention (capped, sunk or deterministic calls) masks each block's scores
     # only in the columns at the band's edges, every row of the block seeing the others:

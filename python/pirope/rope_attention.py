@@ -19,9 +19,12 @@ _INT64_MAX = 2**63 - 1
 
 
 _NO_WINDOW = (-1, -1)
-# Query rows per SDPA call of a windowed unfused attention: its mask is (rows x (rows +
-# window)), never seqlen x seqlen.
+# Query rows per block of the unfused attentions (one SDPA call of a windowed attention,
+# one block of the block attention): at most _BAND_ROWS, and about the band's width where
+# that is more than _MIN_BAND_ROWS (a block of r rows computes r x (r + width - 1) scores,
+# r x width of them seen). Masks are (rows x (rows + width - 1)), never seqlen x seqlen.
 _BAND_ROWS = 1024
+_MIN_BAND_ROWS = 256
 # Score elements of one block of the unfused block attention (soft-capped, sunk or
 # deterministic calls; float32: 256 MiB); its rows shrink (down to 16) so that (batch x
 # heads x rows x keys) stays within it.
@@ -48,9 +51,14 @@ def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0, deterministic=False,
     S = q.shape[-2]
     # a bound past the sequence is none (and must not overflow int64 in the comparisons below)
     left, right = min(window[0], S), (0 if causal else min(window[1], S))
+    # the keys a query row sees at most; blocks of about as many rows waste at most half of
+    # what they compute (blocks of 1024 rows computed 9x the seen scores of GPT-OSS's window
+    # of 128), of no fewer than _MIN_BAND_ROWS rows (the steps of a block are launches)
+    width = S if left < 0 or right < 0 else min(S, left + right + 1)
+    rows = min(_BAND_ROWS, max(_MIN_BAND_ROWS, width))
     if blocks:  # one block's (..., rows, keys) scores at a time: fewer rows for many keys
-        keys = S if left < 0 or right < 0 else min(S, left + right + 1)
-        rows = max(16, min(_BAND_ROWS, _BLOCK_SCORES // max(1, q.shape[:-2].numel() * keys)))
+        keys = min(S, rows + width - 1)  # of a block
+        rows = max(16, min(rows, _BLOCK_SCORES // max(1, q.shape[:-2].numel() * keys)))
         return _band_attention.BlockAttention.apply(q, k, v, sinks, scale, softcap, left, right, rows)[0]
     hq, hkv = q.shape[-3], k.shape[-3]
     if hq != hkv and hkv > 0 and hq % hkv == 0:
@@ -59,7 +67,7 @@ def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0, deterministic=False,
         k, v = k.repeat_interleave(hq // hkv, dim=-3), v.repeat_interleave(hq // hkv, dim=-3)
     outs = [sdpa(q[..., q0:q1, :], k[..., k0:k1, :], v[..., k0:k1, :], scale=scale, enable_gqa=True,
                  attn_mask=_band_attention.band_mask(q0, q1, k0, k1, left, right, q.device))
-            for q0, q1, k0, k1 in _band_attention.query_blocks(S, _BAND_ROWS, left, right)]
+            for q0, q1, k0, k1 in _band_attention.query_blocks(S, rows, left, right)]
     return torch.cat(outs, dim=-2) if outs else sdpa(q, k, v, scale=scale, enable_gqa=True)
 
 
