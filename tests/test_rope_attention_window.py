@@ -698,16 +698,21 @@ def test_unfused_blocks_follow_the_band_width(monkeypatch, options, window, min_
 
 def test_unfused_block_masks_are_the_band():
     # the block attention (capped, sunk or deterministic calls) masks each block's scores
-    # only in the columns at the band's edges, every row of the block seeing the others:
-    # over every block of short sequences, -inf exactly where the band rule hides the key
+    # only in the columns at the band's edges, every row of the block seeing the others,
+    # with masks shared by the blocks of the same geometry (BandMasks, one per call; the
+    # windowed SDPA path takes its masks whole): over every block of short sequences, -inf
+    # exactly where the band rule hides the key
     band = importlib.import_module("pirope._band_attention")
     for S, rows, left, right in itertools.product((1, 5, 17), (1, 3, 4, 16), (-1, 0, 1, 3, 20), (-1, 0, 2, 20)):
+        masks = band.BandMasks(left, right, "cpu")
         for q0, q1, k0, k1 in band.query_blocks(S, rows, left, right):
-            got = band._mask_unseen_(torch.zeros(2, q1 - q0, k1 - k0), q0, q1, k0, k1, left, right)
+            got = band._mask_unseen_(torch.zeros(2, q1 - q0, k1 - k0), q0, q1, k0, k1, masks)
             i, j = torch.arange(q0, q1)[:, None], torch.arange(k0, k1)[None, :]
             seen = ((j >= i - left) | (left < 0)) & ((j <= i + right) | (right < 0))
-            assert torch.equal(got == float("-inf"), ~seen.expand(2, -1, -1)), (S, rows, left, right, q0)
-            assert (got[:, seen.expand(1, -1, -1)[0]] == 0).all()
+            where = (S, rows, left, right, q0)
+            assert torch.equal(got == float("-inf"), ~seen.expand(2, -1, -1)), where
+            assert (got[:, seen.expand(1, -1, -1)[0]] == 0).all(), where
+            assert torch.equal(masks(q0, q1, k0, k1), seen), where
 
 
 # ---- 14. bad input ----

@@ -35,6 +35,25 @@ def band_mask(q0: int, q1: int, k0: int, k1: int, left: int, right: int, device)
     return seen
 
 
+class BandMasks:
+    """The band_mask of each block of one call (``unseen``: its negation), made once per
+    block geometry: query q0 + a sees key k0 + b by (q0 - k0) + a - b alone, so blocks of
+    the same size at the same offset from their keys (the full blocks inside the band)
+    share one mask, and a call makes a handful of masks, not a few launches per block."""
+
+    def __init__(self, left: int, right: int, device):
+        self.left, self.right, self.device = left, right, device
+        self._made: dict = {}
+
+    def __call__(self, q0: int, q1: int, k0: int, k1: int, unseen: bool = False) -> torch.Tensor:
+        key = (q1 - q0, k1 - k0, q0 - k0, unseen)
+        mask = self._made.get(key)
+        if mask is None:
+            mask = band_mask(q0, q1, k0, k1, self.left, self.right, self.device)
+            mask = self._made[key] = ~mask if unseen else mask
+        return mask
+
+
 def _grouped_matmul(a, b):
     """a (..., heads_kv, group, rows, n) @ b (..., heads_kv, n, m) -> (..., heads_kv, group,
     rows, m): the query heads of a group stacked as the rows of one product."""
@@ -52,10 +71,11 @@ def _grouped(t: torch.Tensor, heads_kv: int, dim: int) -> torch.Tensor:
     return t.unflatten(dim, (heads_kv, t.shape[dim] // heads_kv if heads_kv else 1))
 
 
-def _mask_unseen_(s, q0: int, q1: int, k0: int, k1: int, left: int, right: int):
+def _mask_unseen_(s, q0: int, q1: int, k0: int, k1: int, masks: BandMasks):
     """-inf in place where queries [q0, q1) do not see keys [k0, k1) of s (..., rows,
     keys): only in the columns at the band's edges, the others being seen by every row
     (with causal blocks of 1024 rows over 8192 keys, one column in eight)."""
+    left, right = masks.left, masks.right
     # every row sees column j when (q1 - 1) - left <= j <= q0 + right
     lo = k0 if left < 0 else min(k1, max(k0, q1 - 1 - left))
     hi = k1 if right < 0 else min(k1, max(k0, q0 + right + 1))
@@ -63,16 +83,16 @@ def _mask_unseen_(s, q0: int, q1: int, k0: int, k1: int, left: int, right: int):
         lo = hi = k1
     for c0, c1 in ((k0, lo), (hi, k1)):
         if c1 > c0:
-            s[..., c0 - k0:c1 - k0].masked_fill_(~band_mask(q0, q1, c0, c1, left, right, s.device), float("-inf"))
+            s[..., c0 - k0:c1 - k0].masked_fill_(masks(q0, q1, c0, c1, unseen=True), float("-inf"))
     return s
 
 
-def _block_scores(q, k, block, left, right, math, cap=None, slope=False):
+def _block_scores(q, k, block, masks, math, cap=None, slope=False):
     """The block's scores q k^T in the math type, (..., heads_kv, group, rows, keys) for q
     (..., heads_kv, group, rows, d; already scaled by the softmax scale, in the math type:
     a pass over rows x d, not rows x keys) and k (..., heads_kv, keys, d), capped to cap *
     tanh(s / cap) when ``cap`` is given, -inf where the queries of ``block`` (q0, q1, k0,
-    k1) do not see the key; with ``slope``, also the derivative of the cap, 1 - tanh^2
+    k1) do not see the key (``masks``: the call's BandMasks); with ``slope``, also the derivative of the cap, 1 - tanh^2
     (None without a cap). ``cap``: a 0-dim tensor on the device (CUDA divides by a Python
     number as a product with its reciprocal, which is inf for a tiny cap). Elementwise
     steps in place, on the product's own output."""
@@ -83,7 +103,7 @@ def _block_scores(q, k, block, left, right, math, cap=None, slope=False):
         if slope:
             d = torch.addcmul(torch.ones((), dtype=math, device=t.device), t, t, value=-1)  # 1 - t^2
         s = t.mul_(cap)
-    s = _mask_unseen_(s, *block, left, right)
+    s = _mask_unseen_(s, *block, masks)
     return (s, d) if slope else s
 
 
@@ -121,10 +141,11 @@ class BlockAttention(torch.autograd.Function):
         # (heads_kv, group, 1, 1)
         sink = None if sinks is None else _grouped(sinks.to(math), hkv, 0)[..., None, None]
         qg = _grouped(q, hkv, -3)
+        masks = BandMasks(left, right, q.device)
         outs, lses = [], []
         for block in query_blocks(S, rows, left, right):
             q0, q1, k0, k1 = block
-            s = _block_scores(qg[..., q0:q1, :].to(math) * scale, k[..., k0:k1, :], block, left, right, math, cap)
+            s = _block_scores(qg[..., q0:q1, :].to(math) * scale, k[..., k0:k1, :], block, masks, math, cap)
             m = s.amax(dim=-1, keepdim=True)  # finite: every row sees its own key
             if sink is not None:
                 m = torch.maximum(m, sink)
@@ -163,13 +184,14 @@ def _block_backward(grad_out, q, k, v, out, lse, sinks, scale, softcap, left, ri
     # the query heads of a key/value head as one group
     qg, dog = _grouped(q, hkv, -3), _grouped(do, hkv, -3)
     lseg, deltag = _grouped(lse, hkv, -2), _grouped(delta, hkv, -2)
+    masks = BandMasks(left, right, q.device)
 
     dq, dk, dv = [], None, None
     for block in query_blocks(S, rows, left, right):
         q0, q1, k0, k1 = block
         # P and dS of queries [q0, q1) x keys [k0, k1), each step in place
         qs = qg[..., q0:q1, :].to(math) * scale
-        s, slope = _block_scores(qs, k[..., k0:k1, :], block, left, right, math, cap, slope=True)
+        s, slope = _block_scores(qs, k[..., k0:k1, :], block, masks, math, cap, slope=True)
         lse_rows = lseg[..., q0:q1, None]  # (of q, k and the sinks)
         p = (s.sub_(lse_rows) if sinks is None else s - lse_rows).exp_()
         dp = _grouped_matmul(dog[..., q0:q1, :], v[..., k0:k1, :].to(math).transpose(-1, -2))

@@ -65,8 +65,9 @@ def _band_sdpa(q, k, v, causal, scale, window, softcap=0.0, deterministic=False,
         # SDPA's memory-efficient kernels take no mask with enable_gqa (the math one would keep
         # every block's probabilities): repeat k and v over the group, as transformers does
         k, v = k.repeat_interleave(hq // hkv, dim=-3), v.repeat_interleave(hq // hkv, dim=-3)
+    masks = _band_attention.BandMasks(left, right, q.device)
     outs = [sdpa(q[..., q0:q1, :], k[..., k0:k1, :], v[..., k0:k1, :], scale=scale, enable_gqa=True,
-                 attn_mask=_band_attention.band_mask(q0, q1, k0, k1, left, right, q.device))
+                 attn_mask=masks(q0, q1, k0, k1))
             for q0, q1, k0, k1 in _band_attention.query_blocks(S, rows, left, right)]
     return torch.cat(outs, dim=-2) if outs else sdpa(q, k, v, scale=scale, enable_gqa=True)
 
