@@ -15,7 +15,7 @@ exec > >(tee "$LOG") 2>&1
 status=0
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 step() { echo; echo "== $* =="; }
-# GPU_CHECK_SKIP="rope prepass racecheck memcheck": leave those steps out (a short lease).
+# GPU_CHECK_SKIP="rope prepass racecheck memcheck block": leave those steps out (a short lease).
 skip() { case " ${GPU_CHECK_SKIP:-} " in *" $1 "*) echo "(skipped: GPU_CHECK_SKIP)"; return 0;; esac; return 1; }
 # sanitize TOOL [--quick]: every CUDA kernel of tests/cuda_sanitize_cases.py under
 # compute-sanitizer; the log's tail is echoed on failure.
@@ -118,12 +118,25 @@ hopper_vs_mma() {
     --seqlens "$1" --heads 32/8 --causal 1 --repeat 10 || status=1
 }
 methods="fused,${ws_methods}fused_det,flash,efficient,cudnn"
+# block_attention: soft-capped (Gemma 2) and sunk (GPT-OSS, with and without its window of
+# 128) calls, which rope_attention runs on CUDA as its block attention (the fused kernels
+# take neither), against transformers' eager attention; bfloat16, the float64 reference
+# run too (its scores fit at 4096 tokens).
+block_attention() {
+  step "soft-cap and sinks: the block attention vs transformers' eager"
+  skip block && return 0
+  timeout 90 $PY benchmarks/bench_attention_softcap.py --device cuda --seqlens 2048,4096 --dtypes bfloat16 \
+    --repeat 10 --json "$OUT/bench_attention_softcap.json" || status=1
+  timeout 90 $PY benchmarks/bench_attention_sinks.py --device cuda --seqlens 2048,4096 --windows 0,128 \
+    --dtypes bfloat16 --repeat 10 --json "$OUT/bench_attention_sinks.json" || status=1
+}
 if [ "$QUICK" = 1 ]; then
   timeout 120 $PY benchmarks/bench_attention_gpu.py --seqlens 2048,16384 --heads 32/8 --causal 1 \
     --repeat 10 --methods "$methods" --json "$OUT/bench_attention_gpu.json" || status=1
   hopper_vs_mma 2048,16384
   step "compute-sanitizer memcheck (attention kernels)"
   skip memcheck || sanitize memcheck --quick
+  block_attention
   echo "gpu_check status: $status (log: $LOG)"
   exit $status
 fi
@@ -131,6 +144,7 @@ timeout 190 $PY benchmarks/bench_attention_gpu.py --seqlens "${ATTN_SEQLENS:-512
   --repeat 10 --methods "$methods" --json "$OUT/bench_attention_gpu.json" || status=1
 
 hopper_vs_mma 2048,16384
+block_attention
 
 step "decoder layer (LLaMA-7B shapes): pirope vs transformers"
 timeout 100 $PY benchmarks/bench_decoder_layer.py --repeat 5 --json "$OUT/bench_decoder_layer.json" || status=1
