@@ -184,6 +184,16 @@ def unfused_module():
     return importlib.import_module("pirope.rope_attention")
 
 
+def unfused_with(monkeypatch, **constants):
+    """(unfused_module(), pirope._band_attention), the first with its block constants
+    (_BAND_ROWS, _MIN_BAND_ROWS, _BLOCK_SCORES) set to those given (None: left as is)."""
+    mod = unfused_module()
+    for name, value in constants.items():
+        if value is not None:
+            monkeypatch.setattr(mod, name, value)
+    return mod, importlib.import_module("pirope._band_attention")
+
+
 def run(q, k, v, cos, sin, pos=None, g=None, fn="public", **kw):
     """(out, dq, dk, dv, grad_out) of pirope.rope_attention(..., **kw), or of the unfused
     paths (fn="sdpa": _sdpa_fallback; fn="varlen": _varlen_unfused); with kw["sinks"],

@@ -13,7 +13,6 @@ plain call, the backward does not depend on the thread count), gradcheck, opchec
 torch.compile, torch.func, the unfused (CUDA) paths run on CPU, bad input, and CUDA
 (skipped without a GPU)."""
 
-import importlib
 import math
 
 import pytest
@@ -22,7 +21,7 @@ import torch
 import pirope
 from attention_inputs import (assert_all_equal, assert_compiled_like_eager, at_thread_counts, band_reference,
                               check_against_reference, cu_tensor, dense_per_sequence, packed_qkv, qkv, run, spans,
-                              small_call, tables, unfused_module, visibility, wid)
+                              small_call, tables, unfused_module, unfused_with, visibility, wid)
 from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import ATTENTION_REL, attention_reference, rope_reference
 from reference import assert_attention_close as assert_close_to
@@ -600,12 +599,7 @@ def test_unfused_blocks_follow_the_score_budget(monkeypatch, band_rows, budget, 
     # blocks of query rows (all keys: not causal), then the backward's, the same blocks once
     # more (all three gradients from one recomputation of each block's scores); the same
     # blocks for a deterministic call without a cap (tests/test_rope_attention_deterministic.py)
-    mod = unfused_module()
-    band_attention = importlib.import_module("pirope._band_attention")
-    if band_rows is not None:
-        monkeypatch.setattr(mod, "_BAND_ROWS", band_rows)
-    if budget is not None:
-        monkeypatch.setattr(mod, "_BLOCK_SCORES", budget)
+    _, band_attention = unfused_with(monkeypatch, _BAND_ROWS=band_rows, _BLOCK_SCORES=budget)
     blocks = []
     scores = band_attention._block_scores
 

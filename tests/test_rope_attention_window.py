@@ -26,7 +26,7 @@ import torch
 import pirope
 from attention_inputs import (assert_all_equal, assert_compiled_like_eager, at_thread_counts, band_reference,
                               check_against_reference, cu_tensor, dense_per_sequence, packed_qkv, qkv, run, spans,
-                              small_call, tables, unfused_module, visibility, wid)
+                              small_call, tables, unfused_module, unfused_with, visibility, wid)
 from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import ATTENTION_REL, attention_reference
 from reference import assert_attention_close as assert_close_to
@@ -677,12 +677,7 @@ def test_unfused_blocks_follow_the_band_width(monkeypatch, options, window, min_
     # about the band's width (GPT-OSS's window of 128 took blocks of 1024 rows: 9x the
     # scores seen), at least _MIN_BAND_ROWS rows, at most _BAND_ROWS; the block attention's
     # also within _BLOCK_SCORES (batch x heads x rows x the keys of a block)
-    mod = unfused_module()
-    band = importlib.import_module("pirope._band_attention")
-    if min_rows is not None:
-        monkeypatch.setattr(mod, "_MIN_BAND_ROWS", min_rows)
-    if budget is not None:
-        monkeypatch.setattr(mod, "_BLOCK_SCORES", budget)
+    _, band = unfused_with(monkeypatch, _MIN_BAND_ROWS=min_rows, _BLOCK_SCORES=budget)
     rows, blocks = set(), band.query_blocks
 
     def spy(S, r, left, right):
