@@ -648,6 +648,24 @@ def test_unfused_tiny_cap_is_finite():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{cap} {what}: {m}")
 
 
+@pytest.mark.parametrize("softcap", [0.0, 50.0], ids=["deterministic", "capped"])
+def test_unfused_huge_softmax_scale_stays_finite(softcap):
+    # the block attention folds the softmax scale into q only where that is at most 1: q * 1e10
+    # overflows float32 at |q| = 1e30, where every score times 1e10 is finite (~1e10 here);
+    # outputs and gradients as the fused CPU kernels give them, all finite
+    torch.manual_seed(0)
+    q = torch.tensor([1e30, 0.0]).repeat(1, 6, 2, 1)
+    k, v = torch.randn(1, 6, 1, 2) * 1e-30, torch.randn(1, 6, 1, 2)
+    cos, sin = torch.ones(6, 1), torch.zeros(6, 1)
+    g = torch.randn_like(q)
+    kw = dict(softmax_scale=1e10, softcap=softcap, deterministic=True)
+    blocks = run(q, k, v, cos, sin, g=g, fn="sdpa", **kw)[:4]
+    fused = run(q, k, v, cos, sin, g=g, **kw)[:4]
+    for what, a, b in zip(("out", "dq", "dk", "dv"), blocks, fused):
+        assert torch.isfinite(a).all(), what
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
 @pytest.mark.parametrize("softcap, window", [(0.0, (-1, -1)), (0.0, (5, 0)), (1.5, (-1, -1)), (1.5, (5, 0))],
                          ids=["plain", "window", "cap", "cap_window"])
 def test_unfused_path_compiles_fullgraph(softcap, window):

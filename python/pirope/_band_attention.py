@@ -87,16 +87,27 @@ def _mask_unseen_(s, q0: int, q1: int, k0: int, k1: int, masks: BandMasks):
     return s
 
 
-def _block_scores(q, k, block, masks, math, cap=None, slope=False):
-    """The block's scores q k^T in the math type, (..., heads_kv, group, rows, keys) for q
-    (..., heads_kv, group, rows, d; already scaled by the softmax scale, in the math type:
-    a pass over rows x d, not rows x keys) and k (..., heads_kv, keys, d), capped to cap *
+def _scaled_q(q, scale, math):
+    """(q in the math type, the factor its products with k still need, or None): q times the
+    softmax scale where that is at most 1, which cannot overflow (a pass over rows x d, not
+    over the rows x keys scores); a larger scale multiplies the scores (q * 1e10 may
+    overflow where every score times 1e10 is finite)."""
+    q = q.to(math)
+    return (q * scale, None) if scale <= 1 else (q, scale)
+
+
+def _block_scores(q, k, block, masks, math, cap=None, slope=False, scale=None):
+    """The block's scores q k^T (times ``scale``, unless None) in the math type, (...,
+    heads_kv, group, rows, keys) for q (..., heads_kv, group, rows, d; in the math type, as
+    _scaled_q gives it) and k (..., heads_kv, keys, d), capped to cap *
     tanh(s / cap) when ``cap`` is given, -inf where the queries of ``block`` (q0, q1, k0,
-    k1) do not see the key (``masks``: the call's BandMasks); with ``slope``, also the derivative of the cap, 1 - tanh^2
-    (None without a cap). ``cap``: a 0-dim tensor on the device (CUDA divides by a Python
+    k1) do not see the key (``masks``: the call's BandMasks); with ``slope``, also the
+    derivative of the cap, 1 - tanh^2 (None without a cap). ``cap``: a 0-dim tensor on the device (CUDA divides by a Python
     number as a product with its reciprocal, which is inf for a tiny cap). Elementwise
     steps in place, on the product's own output."""
     s = _grouped_matmul(q, k.to(math).transpose(-1, -2))
+    if scale is not None:
+        s.mul_(scale)
     d = None
     if cap is not None:
         t = s.div_(cap).tanh_()
@@ -145,7 +156,8 @@ class BlockAttention(torch.autograd.Function):
         outs, lses = [], []
         for block in query_blocks(S, rows, left, right):
             q0, q1, k0, k1 = block
-            s = _block_scores(qg[..., q0:q1, :].to(math) * scale, k[..., k0:k1, :], block, masks, math, cap)
+            qs, rest = _scaled_q(qg[..., q0:q1, :], scale, math)
+            s = _block_scores(qs, k[..., k0:k1, :], block, masks, math, cap, scale=rest)
             m = s.amax(dim=-1, keepdim=True)  # finite: every row sees its own key
             if sink is not None:
                 m = torch.maximum(m, sink)
@@ -190,8 +202,8 @@ def _block_backward(grad_out, q, k, v, out, lse, sinks, scale, softcap, left, ri
     for block in query_blocks(S, rows, left, right):
         q0, q1, k0, k1 = block
         # P and dS of queries [q0, q1) x keys [k0, k1), each step in place
-        qs = qg[..., q0:q1, :].to(math) * scale
-        s, slope = _block_scores(qs, k[..., k0:k1, :], block, masks, math, cap, slope=True)
+        qs, rest = _scaled_q(qg[..., q0:q1, :], scale, math)
+        s, slope = _block_scores(qs, k[..., k0:k1, :], block, masks, math, cap, slope=True, scale=rest)
         lse_rows = lseg[..., q0:q1, None]  # (of q, k and the sinks)
         p = (s.sub_(lse_rows) if sinks is None else s - lse_rows).exp_()
         dp = _grouped_matmul(dog[..., q0:q1, :], v[..., k0:k1, :].to(math).transpose(-1, -2))
@@ -200,8 +212,10 @@ def _block_backward(grad_out, q, k, v, out, lse, sinks, scale, softcap, left, ri
         if slope is not None:
             ds.mul_(slope)
         dq.append(_grouped_matmul(ds, k[..., k0:k1, :].to(math)) * scale)
-        # summed over the group's query heads (q already scaled)
+        # summed over the group's query heads (q scaled, or the scale still to multiply)
         dk_part = _group_summed_matmul(ds, qs)
+        if rest is not None:
+            dk_part = dk_part * rest
         dv_part = _group_summed_matmul(p, dog[..., q0:q1, :])
         if dk is None:  # from a part, so that under vmap they are batched as the parts are
             dk, dv = dk_part.new_zeros(k.shape, dtype=math), dv_part.new_zeros(v.shape, dtype=math)
