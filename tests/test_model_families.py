@@ -43,11 +43,17 @@ HYBRID = dict(sliding_window=16, layer_types=["sliding_attention", "full_attenti
 # other keys unused
 NTK_ALPHA = {"rope_type": "dynamic", "factor": 1.0, "alpha": 1000.0, "rope_theta": 10000.0}
 
+MINISTRAL3_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
+                   "original_max_position_embeddings": 16}
+
 # model_type -> (config class, model class, what sets the family apart in a tiny model)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
     "ministral": ("MinistralConfig", "MinistralForCausalLM", dict(sliding_window=4096)),
+    # Llama 4's attention temperature after RoPE: q times 1 + 0.1 log(1 + floor(position / 16)),
+    # up to 1.19 over the tests' 100 tokens (a patch that skipped it would change the logits)
+    "ministral3": ("Ministral3Config", "Ministral3ForCausalLM", dict(rope_parameters=MINISTRAL3_ROPE)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
@@ -486,7 +492,8 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "cohere", "glm", "smollm3", "gemma3_text",
                                         "gemma4_text", "gemma3n_text", "gemma2", "mixtral", "qwen2_moe", "olmoe",
                                         "minimax_m2", "mellum", "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe",
-                                        "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss"])
+                                        "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
+                                        "ministral3"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -494,6 +501,29 @@ def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_ty
     assert_generates_like(model, ref, ids(1, 70))
     # the prefill; the decode steps take the cached path
     assert fused_calls == fused_shapes(model_type, 1, 70)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_ministral3_checkpoint_rope_is_kept_and_position_interpolation_refused(attention, fused_calls):
+    # Ministral 3's checkpoints: YaRN (factor 16 over a 16k window there; 4 over 16 here) with the
+    # attention temperature's keys and a max_position_embeddings beside them in rope_parameters:
+    # patch_rope keeps the model (the table from the YaRN keys alone, the temperature from the
+    # others); PI, defined on plain RoPE, is refused naming the rope_parameters, model unchanged
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+            "max_position_embeddings": WINDOW, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}
+    base = make("ministral3", rope_parameters=rope)
+    model = patch_rope(copy.deepcopy(base), attention=attention)
+    x = ids(2, 60)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+    assert fused_calls == (fused_shapes("ministral3", 2, 60) if attention == "fused" else [])
+    with pytest.raises(ValueError, match="rope_type 'default', 'linear'"):
+        apply_position_interpolation(copy.deepcopy(base), 2.0)
+    # a replaced scaling keeps the temperature's keys (transformers' attention reads them)
+    model = patch_rope(copy.deepcopy(base), {"rope_type": "linear", "factor": 2.0}, attention=attention)
+    kept = {k: rope[k] for k in ("llama_4_scaling_beta", "original_max_position_embeddings", "max_position_embeddings")}
+    assert model.config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0, **kept}
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text"])
@@ -1223,6 +1253,11 @@ MULTIMODAL = {
                  dict(text_config={**TEXT, "model_type": "mistral"},
                       vision_config={**VISION, "model_type": "pixtral", "head_dim": 16},
                       image_token_index=IMAGE_TOKEN), [16, 16], False),
+    # Ministral 3's checkpoints: Mistral 3 with a Ministral 3 language model (attention temperature)
+    "mistral3_ministral3": ("Mistral3Config", "Mistral3ForConditionalGeneration",
+                            dict(text_config={**TEXT, "model_type": "ministral3", "rope_parameters": MINISTRAL3_ROPE},
+                                 vision_config={**VISION, "model_type": "pixtral", "head_dim": 16},
+                                 image_token_index=IMAGE_TOKEN), [16, 16], False),
     "paligemma": ("PaliGemmaConfig", "PaliGemmaForConditionalGeneration",
                   dict(text_config={**TEXT, "model_type": "gemma"},
                        vision_config={**VISION, "model_type": "siglip_vision_model"},

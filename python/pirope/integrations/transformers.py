@@ -63,7 +63,12 @@ run on the rotated q and k, before the cache update, so these layers always take
 path (rope_attention rotates inside itself), and ``gpt_oss`` (GPT-OSS: q/k/v biases, a
 sliding window on its sliding_attention layers, per-head attention sinks, see below; its
 checkpoints' RoPE is YaRN, which patch_rope keeps or rescales: Position Interpolation on top
-of YaRN is not defined). Architectures whose
+of YaRN is not defined), and ``ministral3`` (Ministral 3: Ministral's attention, then, after
+RoPE, q times Llama 4's attention temperature ``1 + beta * log(1 + floor(position / W))``,
+``beta`` and ``W`` being ``rope_parameters["llama_4_scaling_beta"]`` and
+``["original_max_position_embeddings"]``, which a replaced scaling keeps; the fused path scales
+q before its rotation, the same per-token factor; its checkpoints' RoPE is YaRN, kept or
+rescaled by patch_rope, not interpolated). Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
@@ -80,7 +85,7 @@ scaled, the vision tower is left alone, and ``config.text_config`` is updated (s
 ``save_pretrained`` round-trips). Anything else raises ``TypeError`` rather than risk a
 silently different model (e.g. PhiMoE's rotary embedding with its own short/long
 ``mscale``, Qwen2-VL's multimodal RoPE, attention sinks computed from the input, DeepSeek-style MLA,
-Ministral 3's position-dependent query scaling, gated attention outputs, hybrids with
+gated attention outputs, hybrids with
 linear-attention or convolution layers).
 Gemma 2's ``attn_logit_softcapping``: ``Gemma2Attention`` passes it to its attention function
 as ``softcap`` (scores ``cap * tanh(scores / cap)``); the patched layers pass it the same way
@@ -331,6 +336,14 @@ class _Family(NamedTuple):
     # fixed when it is built, rather than the table's width (Phi, Persimmon, StableLM): a
     # "proportional" table, which spans the whole head, does not fit (transformers fails on it)
     fixed_rotary_dim: bool = False
+    # Llama 4's attention temperature (Ministral 3): after RoPE, q times 1 + beta * log(1 +
+    # floor(position / window)), beta = rope_parameters["llama_4_scaling_beta"] and window =
+    # rope_parameters["original_max_position_embeddings"] (transformers' get_llama_4_attn_scale of
+    # the model's module, on the position_ids the decoder layer passes). Those keys (and the
+    # "max_position_embeddings" such configs write beside them) are the attention's, not the
+    # table's: kept when the scaling is replaced, left out of pirope's table (the window where
+    # the rope_type's table does not read it)
+    attn_temperature: bool = False
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
@@ -393,6 +406,9 @@ _FAMILIES: dict[str, _Family] = {
     "jais2": _Family("separate", None, False),
     "solar_open": _Family("separate", None, False),
     "cwm": _Family("separate", "module", False),  # Ministral's
+    # Ministral 3 (Ministral3ForCausalLM; Mistral3ForConditionalGeneration's language model is one):
+    # Ministral's attention with Llama 4's attention temperature after RoPE
+    "ministral3": _Family("separate", "module", False, attn_temperature=True),
     "ernie4_5_moe": _Family("separate", None, False, interleaved=True),
     "dots1": _Family("separate", "module", False, qk_norm="head"),  # Qwen3's
     "hy_v3": _Family("separate", None, False, qk_norm="head"),  # Apertus'
@@ -780,10 +796,21 @@ def _checked_rope_dict(params, where: str, note: str = "") -> dict:
     return dict(params)
 
 
-def _rope_setup(model, model_type: str, partial_supported: bool, params: dict, head_dim: int):
+# rope_parameters keys that a family with _Family.attn_temperature reads for its attention
+_TEMPERATURE_KEYS = ("llama_4_scaling_beta", "original_max_position_embeddings", "max_position_embeddings")
+# the rope types whose tables read original_max_position_embeddings
+_WINDOWED_ROPE_TYPES = ("yarn", "llama3", "longrope")
+
+
+def _rope_setup(model, model_type: str, family: _Family, params: dict, head_dim: int):
     """(head_dim, base, scaling-for-pirope, partial_rotary_factor) of a model's RoPE."""
+    partial_supported = family.partial
     params = dict(params)
     rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if family.attn_temperature:  # the attention's keys, not the table's
+        for key in _TEMPERATURE_KEYS:
+            if key != "original_max_position_embeddings" or rope_type not in _WINDOWED_ROPE_TYPES:
+                params.pop(key, None)
     params.pop("type", None)
     base = params.pop("rope_theta", None)
     if base is None:
@@ -1091,7 +1118,11 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         fuse = cu_seqlens is not None
     window_size = (-1, -1) if window is None else (window - 1, 0)
     store = family.kv_sharing and bool(self.store_full_length_kv)  # Gemma 4: for the KV-shared layers
+    temperature = _attn_temperature(self, kwargs.get("position_ids"), position_ids, q) if family.attn_temperature \
+        else None
     if fuse:
+        if temperature is not None:  # a factor per token commutes with its rotation: applied before it
+            q = q * temperature
         if cache is not None or store:  # prefill: the cache (and the shared layers) get the rotated keys
             k_rot = pirope.apply_rope(k, cos, sin, position_ids, interleaved=interleaved)
             kv = (k_rot.transpose(1, 2), v.transpose(1, 2))
@@ -1120,6 +1151,8 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     else:
         if rotates:
             q, k = _rotate_qk(q, k, cos, sin, position_ids, interleaved, family.conjugate)
+        if temperature is not None:  # Ministral 3: after RoPE, as transformers
+            q = q * temperature
         if family.qk_norm_after_rope and _qk_norm(self, family) is not None:
             # NanoChat, Hunyuan: per-head norms of the rotated q and k (over the last dimension, so
             # the (B, S, H, D) layout here gives Hugging Face's (B, H, S, D) values), before the cache
@@ -1145,6 +1178,21 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         scaling=self.scaling, **extra, **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()
     return _out_proj(self, out), weights
+
+
+def _attn_temperature(attn, layer_positions, table_positions, q):
+    """Llama 4's attention temperature of each token (_Family.attn_temperature), (B, S, 1, 1) in
+    q's dtype for q (B, S, H, D): transformers' get_llama_4_attn_scale of the model's module on
+    the positions the decoder layer passed (else those of the RoPE tables, else 0..S-1)."""
+    positions = layer_positions if layer_positions is not None else table_positions
+    if positions is None:
+        positions = torch.arange(q.shape[1], device=q.device)
+    if positions.dim() == 1:
+        positions = positions[None]
+    params = attn.config.rope_parameters
+    scale = sys.modules[type(attn).__module__].get_llama_4_attn_scale(
+        positions, params.get("llama_4_scaling_beta"), params.get("original_max_position_embeddings"))
+    return scale.to(q.dtype).transpose(1, 2)
 
 
 def _rotate_qk(q, k, cos, sin, position_ids, interleaved: bool, conjugate: bool):
@@ -1184,6 +1232,8 @@ def _replaced_rope_parameters(model_type: str, family: _Family, config, attns, p
     # for "proportional", which reads it as the share of the head's pairs that rotate (Gemma 4)
     keep = (("rope_theta", "partial_rotary_factor") if family.partial or new["rope_type"] == "proportional"
             else ("rope_theta",))
+    if family.attn_temperature:  # the attention's own keys (before the window's default below)
+        keep += _TEMPERATURE_KEYS
     for key in keep:
         if key not in new and key in params:
             new[key] = params[key]
@@ -1235,7 +1285,7 @@ def _ntk_alpha_as_default(config, family: _Family, params: dict, head_dim: int) 
 
 def _rotary_embedding(model, model_type: str, family: _Family, attns, params: dict) -> PiropeRotaryEmbedding:
     params = _ntk_alpha_as_default(model.config, family, params, _head_dim(attns[0], family))
-    head_dim, theta, pirope_scaling, partial = _rope_setup(model, model_type, family.partial, params,
+    head_dim, theta, pirope_scaling, partial = _rope_setup(model, model_type, family, params,
                                                            _head_dim(attns[0], family))
     if family.fixed_rotary_dim and pirope_scaling is not None and pirope_scaling["rope_type"] == "proportional":
         raise ValueError(
