@@ -441,20 +441,20 @@ def test_smollm3_nope_layers_attend_without_rotation(attention, fused_calls, rot
 
 def windowed(model_type):
     """A model whose layer 0 attends within a 16-token window (layer 1: as configured)."""
-    if model_type in ("mistral", "starcoder2", "mixtral"):
+    if model_type in ("mistral", "starcoder2", "mixtral", "ministral3"):
         return make(model_type, sliding_window=16)  # every layer
     return make(model_type, sliding_window=16, use_sliding_window=True,
                 layer_types=["sliding_attention", "full_attention"])
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "ministral", "qwen2", "qwen3", "smollm3", "starcoder2", "mixtral",
-                                        "cwm", "dots1"])
+                                        "cwm", "dots1", "ministral3"])
 def test_sliding_windows_are_followed(model_type, fused_windows):
     # past the window, transformers' sdpa mask shows it: the windowed layers (layer 0, or all)
     # fuse with rope_attention's window_size = (window - 1, 0) on CPU
     base = windowed(model_type)
     model = patch_rope(copy.deepcopy(base), attention="fused")
-    windowed_layers = 2 if model_type in ("mistral", "starcoder2", "mixtral") else 1
+    windowed_layers = 2 if model_type in ("mistral", "starcoder2", "mixtral", "ministral3") else 1
     fusable = FUSED_LAYERS.get(model_type, 2)
     for seqlen, windows in ((40, [(15, 0)] * windowed_layers + [(-1, -1)] * (fusable - windowed_layers)),
                             (15, [(-1, -1)] * fusable)):  # past the window / within it

@@ -63,7 +63,7 @@ run on the rotated q and k, before the cache update, so these layers always take
 path (rope_attention rotates inside itself), and ``gpt_oss`` (GPT-OSS: q/k/v biases, a
 sliding window on its sliding_attention layers, per-head attention sinks, see below; its
 checkpoints' RoPE is YaRN, which patch_rope keeps or rescales: Position Interpolation on top
-of YaRN is not defined), and ``ministral3`` (Ministral 3: Ministral's attention, then, after
+of YaRN is not defined), and ``ministral3`` (Ministral 3: Mistral's attention, then, after
 RoPE, q times Llama 4's attention temperature ``1 + beta * log(1 + floor(position / W))``,
 ``beta`` and ``W`` being ``rope_parameters["llama_4_scaling_beta"]`` and
 ``["original_max_position_embeddings"]``, which a replaced scaling keeps; the fused path scales
@@ -407,8 +407,9 @@ _FAMILIES: dict[str, _Family] = {
     "solar_open": _Family("separate", None, False),
     "cwm": _Family("separate", "module", False),  # Ministral's
     # Ministral 3 (Ministral3ForCausalLM; Mistral3ForConditionalGeneration's language model is one):
-    # Ministral's attention with Llama 4's attention temperature after RoPE
-    "ministral3": _Family("separate", "module", False, attn_temperature=True),
+    # Mistral's attention (the config's sliding_window: its modules hold none) with Llama 4's
+    # attention temperature after RoPE
+    "ministral3": _Family("separate", "config", False, attn_temperature=True),
     "ernie4_5_moe": _Family("separate", None, False, interleaved=True),
     "dots1": _Family("separate", "module", False, qk_norm="head"),  # Qwen3's
     "hy_v3": _Family("separate", None, False, qk_norm="head"),  # Apertus'
