@@ -89,11 +89,11 @@ def _mask_unseen_(s, q0: int, q1: int, k0: int, k1: int, masks: BandMasks):
 
 def _scaled_q(q, scale, math):
     """(q in the math type, the factor its products with k still need, or None): q times the
-    softmax scale where that is at most 1, which cannot overflow (a pass over rows x d, not
-    over the rows x keys scores); a larger scale multiplies the scores (q * 1e10 may
-    overflow where every score times 1e10 is finite)."""
+    softmax scale where that is at most 1 in magnitude, which cannot overflow (a pass over
+    rows x d, not over the rows x keys scores); a larger scale multiplies the scores (q * 1e10
+    may overflow where every score times 1e10 is finite)."""
     q = q.to(math)
-    return (q * scale, None) if scale <= 1 else (q, scale)
+    return (q * scale, None) if abs(scale) <= 1 else (q, scale)
 
 
 def _block_scores(q, k, block, masks, math, cap=None, slope=False, scale=None):
@@ -102,9 +102,9 @@ def _block_scores(q, k, block, masks, math, cap=None, slope=False, scale=None):
     _scaled_q gives it) and k (..., heads_kv, keys, d), capped to cap *
     tanh(s / cap) when ``cap`` is given, -inf where the queries of ``block`` (q0, q1, k0,
     k1) do not see the key (``masks``: the call's BandMasks); with ``slope``, also the
-    derivative of the cap, 1 - tanh^2 (None without a cap). ``cap``: a 0-dim tensor on the device (CUDA divides by a Python
-    number as a product with its reciprocal, which is inf for a tiny cap). Elementwise
-    steps in place, on the product's own output."""
+    derivative of the cap, 1 - tanh^2 (None without a cap). ``cap``: a 0-dim tensor on the
+    device (CUDA divides by a Python number as a product with its reciprocal, which is inf
+    for a tiny cap). Elementwise steps in place, on the product's own output."""
     s = _grouped_matmul(q, k.to(math).transpose(-1, -2))
     if scale is not None:
         s.mul_(scale)
