@@ -54,6 +54,8 @@ FAMILIES = {
     # Llama 4's attention temperature after RoPE: q times 1 + 0.1 log(1 + floor(position / 16)),
     # up to 1.19 over the tests' 100 tokens (a patch that skipped it would change the logits)
     "ministral3": ("Ministral3Config", "Ministral3ForCausalLM", dict(rope_parameters=MINISTRAL3_ROPE)),
+    # an RMSNorm of the attention output (attn_sub_norm) before o_proj
+    "bitnet": ("BitNetConfig", "BitNetForCausalLM", dict(bos_token_id=1, eos_token_id=2)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
@@ -493,7 +495,7 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "gemma4_text", "gemma3n_text", "gemma2", "mixtral", "qwen2_moe", "olmoe",
                                         "minimax_m2", "mellum", "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe",
                                         "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
-                                        "ministral3"])
+                                        "ministral3", "bitnet"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")

@@ -60,15 +60,16 @@ pirope's inverse rotation) and ``hunyuan_v1_dense`` and ``hunyuan_v1_moe`` (per-
 it; Position Interpolation makes it ``{"rope_type": "linear", "factor": F, "rope_theta": that
 base}``, which transformers loads back as the same model). With norms after RoPE the norms
 run on the rotated q and k, before the cache update, so these layers always take the "sdpa"
-path (rope_attention rotates inside itself), and ``gpt_oss`` (GPT-OSS: q/k/v biases, a
+path (rope_attention rotates inside itself), ``gpt_oss`` (GPT-OSS: q/k/v biases, a
 sliding window on its sliding_attention layers, per-head attention sinks, see below; its
 checkpoints' RoPE is YaRN, which patch_rope keeps or rescales: Position Interpolation on top
-of YaRN is not defined), and ``ministral3`` (Ministral 3: Mistral's attention, then, after
+of YaRN is not defined), ``ministral3`` (Ministral 3: Mistral's attention, then, after
 RoPE, q times Llama 4's attention temperature ``1 + beta * log(1 + floor(position / W))``,
 ``beta`` and ``W`` being ``rope_parameters["llama_4_scaling_beta"]`` and
 ``["original_max_position_embeddings"]``, which a replaced scaling keeps; the fused path scales
 q before its rotation, the same per-token factor; its checkpoints' RoPE is YaRN, kept or
-rescaled by patch_rope, not interpolated). Architectures whose
+rescaled by patch_rope, not interpolated), and ``bitnet`` (BitNet b1.58: LLaMA's attention
+with an RMSNorm of its output, ``attn_sub_norm``, before ``o_proj``). Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
@@ -344,6 +345,9 @@ class _Family(NamedTuple):
     # table's: kept when the scaling is replaced, left out of pirope's table (the window where
     # the rope_type's table does not read it)
     attn_temperature: bool = False
+    # the attention module's norm of the attention output, over the whole (heads x head_dim)
+    # features, before the output projection (BitNet's attn_sub_norm); None: no such norm
+    out_norm: str | None = None
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
@@ -410,6 +414,8 @@ _FAMILIES: dict[str, _Family] = {
     # Mistral's attention (the config's sliding_window: its modules hold none) with Llama 4's
     # attention temperature after RoPE
     "ministral3": _Family("separate", "config", False, attn_temperature=True),
+    # BitNet b1.58 (BitNetForCausalLM): LLaMA's attention with an RMSNorm of its output before o_proj
+    "bitnet": _Family("separate", None, False, out_norm="attn_sub_norm"),
     "ernie4_5_moe": _Family("separate", None, False, interleaved=True),
     "dots1": _Family("separate", "module", False, qk_norm="head"),  # Qwen3's
     "hy_v3": _Family("separate", None, False, qk_norm="head"),  # Apertus'
@@ -711,6 +717,7 @@ def _attention_modules(model, family: _Family):
     base = _base_model(model)
     need = _PROJECTIONS[family.proj] + (family.out_proj,)
     need += (family.out_dropout,) if family.out_dropout is not None else ()
+    need += (family.out_norm,) if family.out_norm is not None else ()
     modules = []
     for i, layer in enumerate(base.layers):
         attn = getattr(layer, family.attn_name, None)
@@ -1207,6 +1214,8 @@ def _rotate_qk(q, k, cos, sin, position_ids, interleaved: bool, conjugate: bool)
 
 
 def _out_proj(attn, out):
+    if attn._pirope_family.out_norm is not None:  # BitNet's attn_sub_norm
+        out = getattr(attn, attn._pirope_family.out_norm)(out)
     out = getattr(attn, attn._pirope_family.out_proj)(out)
     rate = attn._pirope_family.out_dropout
     if rate is not None:
