@@ -126,6 +126,7 @@ FAMILIES = {
                          dict(MOE, attention_multiplier=0.11, shared_intermediate_size=32)),
     "hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", dict(attention_multiplier=0.11)),
     "jais2": ("Jais2Config", "Jais2ForCausalLM", {}),
+    "emu3_text_model": ("Emu3TextConfig", "Emu3ForCausalLM", dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(MOE, n_group=1, topk_group=1)),
     "cwm": ("CwmConfig", "CwmForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(moe_num_experts=4, moe_k=2,

@@ -73,7 +73,7 @@ with an RMSNorm of its output, ``attn_sub_norm``, before ``o_proj``). Architectu
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
-``solar_open``, ``cwm`` (Ministral's), ``ernie4_5_moe`` (ERNIE 4.5's), ``dots1`` (Qwen3's),
+``emu3_text_model`` (``Emu3ForCausalLM``, Emu3's text model: LLaMA's), ``solar_open``, ``cwm`` (Ministral's), ``ernie4_5_moe`` (ERNIE 4.5's), ``dots1`` (Qwen3's),
 ``hy_v3`` and ``apertus1p5_text`` (Apertus'), ``mellum`` (Qwen3's, RoPE per layer type),
 ``flex_olmo`` and ``minimax_m2`` (OLMo 2's; MiniMax-M2 with partial rotary), ``olmoe`` (OLMo
 2's norms, then OLMo's clipping), ``vaultgemma`` (Gemma 2's), ``exaone_moe`` and ``kolibri1``
@@ -408,6 +408,7 @@ _FAMILIES: dict[str, _Family] = {
     "granitemoeshared": _Family("separate", None, False),
     "hyperclovax": _Family("separate", None, False),  # Granite's
     "jais2": _Family("separate", None, False),
+    "emu3_text_model": _Family("separate", None, False),  # Emu3ForCausalLM (Emu3's text model)
     "solar_open": _Family("separate", None, False),
     "cwm": _Family("separate", "module", False),  # Ministral's
     # Ministral 3 (Ministral3ForCausalLM; Mistral3ForConditionalGeneration's language model is one):
