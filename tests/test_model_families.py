@@ -126,6 +126,9 @@ FAMILIES = {
                          dict(MOE, attention_multiplier=0.11, shared_intermediate_size=32)),
     "hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", dict(attention_multiplier=0.11)),
     "jais2": ("Jais2Config", "Jais2ForCausalLM", {}),
+    # q and an output gate from one q_gate_proj (per head q | gate; output times sigmoid(gate))
+    "minicpm5_moe": ("MiniCPM5MoeConfig", "MiniCPM5MoeForCausalLM",
+                     dict(MOE, n_shared_experts=1, n_group=1, topk_group=1, eos_token_id=2)),
     "emu3_text_model": ("Emu3TextConfig", "Emu3ForCausalLM", dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(MOE, n_group=1, topk_group=1)),
     "cwm": ("CwmConfig", "CwmForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
@@ -496,7 +499,7 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "gemma4_text", "gemma3n_text", "gemma2", "mixtral", "qwen2_moe", "olmoe",
                                         "minimax_m2", "mellum", "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe",
                                         "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
-                                        "ministral3", "bitnet"])
+                                        "ministral3", "bitnet", "minicpm5_moe"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")

@@ -68,8 +68,10 @@ RoPE, q times Llama 4's attention temperature ``1 + beta * log(1 + floor(positio
 ``beta`` and ``W`` being ``rope_parameters["llama_4_scaling_beta"]`` and
 ``["original_max_position_embeddings"]``, which a replaced scaling keeps; the fused path scales
 q before its rotation, the same per-token factor; its checkpoints' RoPE is YaRN, kept or
-rescaled by patch_rope, not interpolated), and ``bitnet`` (BitNet b1.58: LLaMA's attention
-with an RMSNorm of its output, ``attn_sub_norm``, before ``o_proj``). Architectures whose
+rescaled by patch_rope, not interpolated), ``bitnet`` (BitNet b1.58: LLaMA's attention
+with an RMSNorm of its output, ``attn_sub_norm``, before ``o_proj``) and ``minicpm5_moe``
+(MiniCPM5-MoE: q from a ``q_gate_proj`` that gives, per head, q | gate; the attention's output
+times ``sigmoid(gate)`` before ``o_proj``). Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
@@ -86,7 +88,7 @@ scaled, the vision tower is left alone, and ``config.text_config`` is updated (s
 ``save_pretrained`` round-trips). Anything else raises ``TypeError`` rather than risk a
 silently different model (e.g. PhiMoE's rotary embedding with its own short/long
 ``mscale``, Qwen2-VL's multimodal RoPE, attention sinks computed from the input, DeepSeek-style MLA,
-gated attention outputs, hybrids with
+outputs gated by half of q_proj (Qwen3-Next, Qwen3.5), hybrids with
 linear-attention or convolution layers).
 Gemma 2's ``attn_logit_softcapping``: ``Gemma2Attention`` passes it to its attention function
 as ``softcap`` (scores ``cap * tanh(scores / cap)``); the patched layers pass it the same way
@@ -255,7 +257,9 @@ class _Family(NamedTuple):
 
     # "separate": q_proj, k_proj, v_proj;  "qkv": one qkv_proj split as q | k | v;  "qkv_heads":
     # one query_key_value whose output is, per head, q | k | v (GPT-NeoX: viewed as (..., heads,
-    # 3 * head_dim) and chunked)
+    # 3 * head_dim) and chunked);  "q_gate": k_proj, v_proj and one q_gate_proj whose output is,
+    # per head, q | gate, the attention's output (all heads) multiplied by sigmoid(gate) before
+    # the output projection (MiniCPM5-MoE's gated attention)
     proj: str
     # None: the attention gets no sliding_window kwarg (Llama); "config":
     # getattr(config, "sliding_window", None) (Mistral, Phi-3); "module": the attention
@@ -408,6 +412,8 @@ _FAMILIES: dict[str, _Family] = {
     "granitemoeshared": _Family("separate", None, False),
     "hyperclovax": _Family("separate", None, False),  # Granite's
     "jais2": _Family("separate", None, False),
+    # MiniCPM5-MoE: LLaMA's attention with q from a q_gate_proj whose other half gates the output
+    "minicpm5_moe": _Family("q_gate", None, False),
     "emu3_text_model": _Family("separate", None, False),  # Emu3ForCausalLM (Emu3's text model)
     "solar_open": _Family("separate", None, False),
     "cwm": _Family("separate", "module", False),  # Ministral's
@@ -469,7 +475,8 @@ _FAMILIES: dict[str, _Family] = {
 }
 
 # the projection modules each kind of _Family.proj needs
-_PROJECTIONS = {"separate": ("q_proj", "k_proj", "v_proj"), "qkv": ("qkv_proj",), "qkv_heads": ("query_key_value",)}
+_PROJECTIONS = {"separate": ("q_proj", "k_proj", "v_proj"), "qkv": ("qkv_proj",), "qkv_heads": ("query_key_value",),
+                "q_gate": ("q_gate_proj", "k_proj", "v_proj")}
 
 #: ``config.model_type`` values :func:`patch_rope` and :func:`apply_position_interpolation` accept.
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
@@ -895,14 +902,20 @@ def _head_dim(attn, family: _Family) -> int:
 
 def _project(attn, hidden_states):
     """q, k, v as (batch, seqlen, heads, head_dim) views, exactly as Hugging Face projects (k and v
-    None in a KV-shared layer: see _Family.kv_sharing)."""
+    None in a KV-shared layer: see _Family.kv_sharing), and the output gate (batch, seqlen,
+    heads * head_dim; None but for proj "q_gate")."""
     family = attn._pirope_family
     head_dim = _head_dim(attn, family)
     shape = (*hidden_states.shape[:-1], -1, head_dim)
     if _kv_shared(attn, family):  # Gemma 4: a query of its own, the keys and values of an earlier layer
         q = attn.q_proj(hidden_states).view(shape)
-        return getattr(attn, family.qk_norm_names[0])(q), None, None
-    if family.proj == "qkv_heads":  # GPT-NeoX: per head q | k | v; views with head stride 3 * head_dim
+        return getattr(attn, family.qk_norm_names[0])(q), None, None, None
+    gate = None
+    if family.proj == "q_gate":  # MiniCPM5-MoE: per head q | gate (views with head stride 2 * head_dim)
+        q, gate = attn.q_gate_proj(hidden_states).view(*hidden_states.shape[:-1], -1, 2 * head_dim).chunk(2, dim=-1)
+        gate = gate.reshape(*hidden_states.shape[:-1], -1)
+        k, v = attn.k_proj(hidden_states), attn.v_proj(hidden_states)
+    elif family.proj == "qkv_heads":  # GPT-NeoX: per head q | k | v; views with head stride 3 * head_dim
         qkv = attn.query_key_value(hidden_states).view(*hidden_states.shape[:-1], -1, 3 * head_dim)
         q, k, v = qkv.chunk(3, dim=-1)  # already (batch, seqlen, heads, head_dim): the view below keeps them
     elif family.proj == "qkv":
@@ -928,7 +941,7 @@ def _project(attn, hidden_states):
         q, k = q_norm(q.transpose(1, 2)).transpose(1, 2), k_norm(k.transpose(1, 2)).transpose(1, 2)
     if family.v_norm is not None:
         v = getattr(attn, family.v_norm)(v)
-    return q, k, v
+    return q, k, v, gate
 
 
 def _sliding_window(attn):
@@ -1098,7 +1111,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
             "was replaced or bypassed after patch_rope(); call patch_rope() again")
     cos, sin, position_ids, packed = position_embeddings
     input_shape = hidden_states.shape[:-1]
-    q, k, v = _project(self, hidden_states)  # (B, S, H, D)
+    q, k, v, gate = _project(self, hidden_states)  # (B, S, H, D); gate: None, or (B, S, H * D)
     if cos.device != q.device:  # a model split over devices: the table follows the layer
         cos, sin = cos.to(q.device), sin.to(q.device)
         position_ids = None if position_ids is None else position_ids.to(q.device)
@@ -1152,7 +1165,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
                                         interleaved=interleaved, window_size=window_size, softcap=softcap,
                                         sinks=sinks)
         out = out.reshape(*input_shape, -1).contiguous()
-        return _out_proj(self, out), None
+        return _out_proj(self, out, gate), None
 
     if shared:  # Gemma 4: the keys and values (rotated, (B, H, S, D)) of the layer that stored them
         q = pirope.apply_rope(q, cos, sin, position_ids, interleaved=interleaved).transpose(1, 2)
@@ -1186,7 +1199,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         dropout=0.0 if not self.training else _dropout_rate(self),
         scaling=self.scaling, **extra, **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()
-    return _out_proj(self, out), weights
+    return _out_proj(self, out, gate), weights
 
 
 def _attn_temperature(attn, layer_positions, table_positions, q):
@@ -1214,7 +1227,9 @@ def _rotate_qk(q, k, cos, sin, position_ids, interleaved: bool, conjugate: bool)
     return _functorch.call("apply_rope_qk_backward", q, k, cos, sin, position_ids, interleaved)
 
 
-def _out_proj(attn, out):
+def _out_proj(attn, out, gate=None):
+    if gate is not None:  # MiniCPM5-MoE's gated attention (_Family.proj "q_gate")
+        out = out * gate.sigmoid()
     if attn._pirope_family.out_norm is not None:  # BitNet's attn_sub_norm
         out = getattr(attn, attn._pirope_family.out_norm)(out)
     out = getattr(attn, attn._pirope_family.out_proj)(out)
