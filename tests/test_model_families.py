@@ -129,6 +129,12 @@ FAMILIES = {
     # q and an output gate from one q_gate_proj (per head q | gate; output times sigmoid(gate))
     "minicpm5_moe": ("MiniCPM5MoeConfig", "MiniCPM5MoeForCausalLM",
                      dict(MOE, n_shared_experts=1, n_group=1, topk_group=1, eos_token_id=2)),
+    # layer 0 linear attention (Gated DeltaNet, no RoPE: left alone), layer 1 full attention: q_proj
+    # giving q | gate per head, (1 + w) RMSNorm q/k norms, partial rotary (its default 0.25)
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                   dict(MOE, shared_expert_intermediate_size=32, layer_types=["linear_attention", "full_attention"],
+                        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                        linear_value_head_dim=8)),
     "emu3_text_model": ("Emu3TextConfig", "Emu3ForCausalLM", dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(MOE, n_group=1, topk_group=1)),
     "cwm": ("CwmConfig", "CwmForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
@@ -187,7 +193,7 @@ FAMILIES = {
 # is NoPE (Gemma 2's and VaultGemma's soft-capped layers fuse with rope_attention's softcap);
 # NanoChat's and Hunyuan's q/k norms after RoPE keep every layer off the fused path
 FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "kolibri1": 1, "cohere2_moe": 1,
-                "nanochat": 0, "hunyuan_v1_dense": 0, "hunyuan_v1_moe": 0}
+                "nanochat": 0, "hunyuan_v1_dense": 0, "hunyuan_v1_moe": 0, "qwen3_next": 1}
 
 # the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
 # layer has heads of global_head_dim
@@ -499,7 +505,7 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "gemma4_text", "gemma3n_text", "gemma2", "mixtral", "qwen2_moe", "olmoe",
                                         "minimax_m2", "mellum", "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe",
                                         "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
-                                        "ministral3", "bitnet", "minicpm5_moe"])
+                                        "ministral3", "bitnet", "minicpm5_moe", "qwen3_next"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")

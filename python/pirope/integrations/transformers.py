@@ -69,9 +69,11 @@ RoPE, q times Llama 4's attention temperature ``1 + beta * log(1 + floor(positio
 ``["original_max_position_embeddings"]``, which a replaced scaling keeps; the fused path scales
 q before its rotation, the same per-token factor; its checkpoints' RoPE is YaRN, kept or
 rescaled by patch_rope, not interpolated), ``bitnet`` (BitNet b1.58: LLaMA's attention
-with an RMSNorm of its output, ``attn_sub_norm``, before ``o_proj``) and ``minicpm5_moe``
+with an RMSNorm of its output, ``attn_sub_norm``, before ``o_proj``), ``minicpm5_moe``
 (MiniCPM5-MoE: q from a ``q_gate_proj`` that gives, per head, q | gate; the attention's output
-times ``sigmoid(gate)`` before ``o_proj``). Architectures whose
+times ``sigmoid(gate)`` before ``o_proj``) and ``qwen3_next`` (Qwen3-Next: on its full_attention
+layers Qwen3's attention with partial rotary and such a gate from ``q_proj``; its
+linear_attention layers, Gated DeltaNets without RoPE, are left as they are). Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
@@ -88,8 +90,7 @@ scaled, the vision tower is left alone, and ``config.text_config`` is updated (s
 ``save_pretrained`` round-trips). Anything else raises ``TypeError`` rather than risk a
 silently different model (e.g. PhiMoE's rotary embedding with its own short/long
 ``mscale``, Qwen2-VL's multimodal RoPE, attention sinks computed from the input, DeepSeek-style MLA,
-outputs gated by half of q_proj (Qwen3-Next, Qwen3.5), hybrids with
-linear-attention or convolution layers).
+Qwen3.5's multimodal RoPE sections, hybrids with convolution or recurrent layers).
 Gemma 2's ``attn_logit_softcapping``: ``Gemma2Attention`` passes it to its attention function
 as ``softcap`` (scores ``cap * tanh(scores / cap)``); the patched layers pass it the same way
 (also ``None``), so "eager" (Gemma 2's default: transformers refuses sdpa for it), flex and
@@ -257,9 +258,7 @@ class _Family(NamedTuple):
 
     # "separate": q_proj, k_proj, v_proj;  "qkv": one qkv_proj split as q | k | v;  "qkv_heads":
     # one query_key_value whose output is, per head, q | k | v (GPT-NeoX: viewed as (..., heads,
-    # 3 * head_dim) and chunked);  "q_gate": k_proj, v_proj and one q_gate_proj whose output is,
-    # per head, q | gate, the attention's output (all heads) multiplied by sigmoid(gate) before
-    # the output projection (MiniCPM5-MoE's gated attention)
+    # 3 * head_dim) and chunked)
     proj: str
     # None: the attention gets no sliding_window kwarg (Llama); "config":
     # getattr(config, "sliding_window", None) (Mistral, Phi-3); "module": the attention
@@ -352,6 +351,14 @@ class _Family(NamedTuple):
     # the attention module's norm of the attention output, over the whole (heads x head_dim)
     # features, before the output projection (BitNet's attn_sub_norm); None: no such norm
     out_norm: str | None = None
+    # gated attention (proj "separate"): the attention module's projection whose output is, per
+    # head, q | gate (MiniCPM5-MoE's q_gate_proj, Qwen3-Next's q_proj), the attention's output
+    # (all heads) multiplied by sigmoid(gate) before the output projection; None: no gate
+    q_gate: str | None = None
+    # the config.layer_types entry of the decoder layers that have no attention (Qwen3-Next's
+    # "linear_attention": a Gated DeltaNet, no RoPE), which the patch leaves as they are; None:
+    # every layer has the attention
+    linear_layers: str | None = None
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
@@ -413,7 +420,11 @@ _FAMILIES: dict[str, _Family] = {
     "hyperclovax": _Family("separate", None, False),  # Granite's
     "jais2": _Family("separate", None, False),
     # MiniCPM5-MoE: LLaMA's attention with q from a q_gate_proj whose other half gates the output
-    "minicpm5_moe": _Family("q_gate", None, False),
+    "minicpm5_moe": _Family("separate", None, False, q_gate="q_gate_proj"),
+    # Qwen3-Next (Qwen3NextForCausalLM): its full_attention layers' attention is Qwen3's with
+    # partial rotary and q_proj giving q | gate per head; its linear_attention layers (Gated
+    # DeltaNet, no RoPE) are left alone
+    "qwen3_next": _Family("separate", None, True, qk_norm="head", q_gate="q_proj", linear_layers="linear_attention"),
     "emu3_text_model": _Family("separate", None, False),  # Emu3ForCausalLM (Emu3's text model)
     "solar_open": _Family("separate", None, False),
     "cwm": _Family("separate", "module", False),  # Ministral's
@@ -475,8 +486,7 @@ _FAMILIES: dict[str, _Family] = {
 }
 
 # the projection modules each kind of _Family.proj needs
-_PROJECTIONS = {"separate": ("q_proj", "k_proj", "v_proj"), "qkv": ("qkv_proj",), "qkv_heads": ("query_key_value",),
-                "q_gate": ("q_gate_proj", "k_proj", "v_proj")}
+_PROJECTIONS = {"separate": ("q_proj", "k_proj", "v_proj"), "qkv": ("qkv_proj",), "qkv_heads": ("query_key_value",)}
 
 #: ``config.model_type`` values :func:`patch_rope` and :func:`apply_position_interpolation` accept.
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
@@ -721,14 +731,24 @@ def _base_model(model):
     return base
 
 
+def _projections(family: _Family) -> tuple[str, ...]:
+    """The names of an attention module's q, k, v projections (see _Family.proj, .q_gate)."""
+    names = _PROJECTIONS[family.proj]
+    return names if family.q_gate is None else (family.q_gate,) + names[1:]
+
+
 def _attention_modules(model, family: _Family):
     base = _base_model(model)
-    need = _PROJECTIONS[family.proj] + (family.out_proj,)
+    need = _projections(family) + (family.out_proj,)
     need += (family.out_dropout,) if family.out_dropout is not None else ()
     need += (family.out_norm,) if family.out_norm is not None else ()
     modules = []
+    layer_types = getattr(model.config, "layer_types", None) or ()
     for i, layer in enumerate(base.layers):
         attn = getattr(layer, family.attn_name, None)
+        if family.linear_layers is not None and i < len(layer_types) and layer_types[i] == family.linear_layers \
+                and attn is None:  # Qwen3-Next's linear-attention layers: no RoPE, left alone
+            continue
         layer_need = need + (family.qk_norm_names if attn is not None and _qk_norm(attn, family) else ())
         layer_need += (family.v_norm,) if family.v_norm is not None else ()
         if family.kv_sharing:
@@ -911,8 +931,8 @@ def _project(attn, hidden_states):
         q = attn.q_proj(hidden_states).view(shape)
         return getattr(attn, family.qk_norm_names[0])(q), None, None, None
     gate = None
-    if family.proj == "q_gate":  # MiniCPM5-MoE: per head q | gate (views with head stride 2 * head_dim)
-        q, gate = attn.q_gate_proj(hidden_states).view(*hidden_states.shape[:-1], -1, 2 * head_dim).chunk(2, dim=-1)
+    if family.q_gate is not None:  # per head q | gate (views with head stride 2 * head_dim)
+        q, gate = getattr(attn, family.q_gate)(hidden_states).view(*shape[:-1], 2 * head_dim).chunk(2, dim=-1)
         gate = gate.reshape(*hidden_states.shape[:-1], -1)
         k, v = attn.k_proj(hidden_states), attn.v_proj(hidden_states)
     elif family.proj == "qkv_heads":  # GPT-NeoX: per head q | k | v; views with head stride 3 * head_dim
@@ -1228,7 +1248,7 @@ def _rotate_qk(q, k, cos, sin, position_ids, interleaved: bool, conjugate: bool)
 
 
 def _out_proj(attn, out, gate=None):
-    if gate is not None:  # MiniCPM5-MoE's gated attention (_Family.proj "q_gate")
+    if gate is not None:  # gated attention (_Family.q_gate)
         out = out * gate.sigmoid()
     if attn._pirope_family.out_norm is not None:  # BitNet's attn_sub_norm
         out = getattr(attn, attn._pirope_family.out_norm)(out)
