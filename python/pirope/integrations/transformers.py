@@ -77,7 +77,8 @@ linear_attention layers, Gated DeltaNets without RoPE, are left as they are). Ar
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
-``emu3_text_model`` (``Emu3ForCausalLM``, Emu3's text model: LLaMA's), ``solar_open``, ``cwm`` (Ministral's), ``ernie4_5_moe`` (ERNIE 4.5's), ``dots1`` (Qwen3's),
+``emu3_text_model`` (``Emu3ForCausalLM``, Emu3's text model: LLaMA's), ``solar_open``,
+``cwm`` (Ministral's), ``ernie4_5_moe`` (ERNIE 4.5's), ``dots1`` (Qwen3's),
 ``hy_v3`` and ``apertus1p5_text`` (Apertus'), ``mellum`` (Qwen3's, RoPE per layer type),
 ``flex_olmo`` and ``minimax_m2`` (OLMo 2's; MiniMax-M2 with partial rotary), ``olmoe`` (OLMo
 2's norms, then OLMo's clipping), ``vaultgemma`` (Gemma 2's), ``exaone_moe`` and ``kolibri1``
@@ -923,7 +924,7 @@ def _head_dim(attn, family: _Family) -> int:
 def _project(attn, hidden_states):
     """q, k, v as (batch, seqlen, heads, head_dim) views, exactly as Hugging Face projects (k and v
     None in a KV-shared layer: see _Family.kv_sharing), and the output gate (batch, seqlen,
-    heads * head_dim; None but for proj "q_gate")."""
+    heads * head_dim; None without _Family.q_gate)."""
     family = attn._pirope_family
     head_dim = _head_dim(attn, family)
     shape = (*hidden_states.shape[:-1], -1, head_dim)
