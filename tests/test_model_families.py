@@ -515,6 +515,18 @@ def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_ty
     assert fused_calls == fused_shapes(model_type, 1, 70)
 
 
+def test_qwen3_next_without_attention_layers_is_refused_unchanged():
+    # Qwen3-Next below its full_attention_interval (4) has linear-attention layers only: no RoPE
+    # anywhere, so nothing to patch or extend; refused naming the layer types, model unchanged
+    base = make("qwen3_next", layer_types=["linear_attention", "linear_attention"])
+    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
+        model = copy.deepcopy(base)
+        rotary = model.model.rotary_emb
+        with pytest.raises(ValueError, match="none of the 2 decoder layers .*'linear_attention'"):
+            call(model)
+        assert model.model.rotary_emb is rotary and model.config.max_position_embeddings == WINDOW
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 def test_ministral3_checkpoint_rope_is_kept_and_position_interpolation_refused(attention, fused_calls):
     # Ministral 3's checkpoints: YaRN (factor 16 over a 16k window there; 4 over 16 here) with the

@@ -782,6 +782,10 @@ def _attention_modules(model, family: _Family):
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn.is_sliding; "
                 "this architecture is not supported")
         modules.append(attn)
+    if not modules:  # Qwen3-Next with fewer layers than its full_attention_interval: all linear
+        raise ValueError(
+            f"model: none of the {len(base.layers)} decoder layers of {type(model).__name__} has an attention "
+            f"with RoPE (config.layer_types are all {family.linear_layers!r}): nothing for pirope to patch")
     return base, modules
 
 
@@ -1425,7 +1429,8 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
     Raises:
         TypeError: ``model`` is not a supported transformers model, or ``scaling`` is not
             a dict (or has a value of the wrong type).
-        ValueError: bad ``attention`` or ``scaling``.
+        ValueError: bad ``attention`` or ``scaling``, or a model none of whose layers has an
+            attention with RoPE (a Qwen3-Next of linear-attention layers only).
     """
     whole, model = model, _language_model(model)
     model_type, family = _family(model)
