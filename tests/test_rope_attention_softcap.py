@@ -652,7 +652,9 @@ def test_unfused_tiny_cap_is_finite():
 def test_unfused_huge_softmax_scale_stays_finite(softcap):
     # the block attention folds the softmax scale into q only where that is at most 1: q * 1e10
     # overflows float32 at |q| = 1e30, where every score times 1e10 is finite (~1e10 here);
-    # outputs and gradients as the fused CPU kernels give them, all finite
+    # all outputs and gradients finite, and out, dq and dv as the fused CPU kernels give them.
+    # dk is dS^T (q * 1e10) with dS = P (dP - rowsum(dO * O)) rounding noise of one-hot rows (0 in
+    # exact arithmetic): noise of order 1e32 that differs between builds, so finite only
     torch.manual_seed(0)
     q = torch.tensor([1e30, 0.0]).repeat(1, 6, 2, 1)
     k, v = torch.randn(1, 6, 1, 2) * 1e-30, torch.randn(1, 6, 1, 2)
@@ -663,7 +665,8 @@ def test_unfused_huge_softmax_scale_stays_finite(softcap):
     fused = run(q, k, v, cos, sin, g=g, **kw)[:4]
     for what, a, b in zip(("out", "dq", "dk", "dv"), blocks, fused):
         assert torch.isfinite(a).all(), what
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+        if what != "dk":
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("softcap, window", [(0.0, (-1, -1)), (0.0, (5, 0)), (1.5, (-1, -1)), (1.5, (5, 0))],
