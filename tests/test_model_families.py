@@ -43,6 +43,13 @@ HYBRID = dict(sliding_window=16, layer_types=["sliding_attention", "full_attenti
 # other keys unused
 NTK_ALPHA = {"rope_type": "dynamic", "factor": 1.0, "alpha": 1000.0, "rope_theta": 10000.0}
 
+# Qwen3.5's text layers: layer 0 linear attention (a Gated DeltaNet, left alone), layer 1 full
+# attention (Qwen3-Next's), multimodal RoPE sections on its 4 rotary pairs (partial rotary 0.5)
+QWEN3_5 = dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
+               linear_key_head_dim=8, linear_value_head_dim=8,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+
 MINISTRAL3_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
                    "original_max_position_embeddings": 16}
 
@@ -136,6 +143,11 @@ FAMILIES = {
                         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
                         linear_value_head_dim=8)),
     "emu3_text_model": ("Emu3TextConfig", "Emu3ForCausalLM", dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    # Qwen3.5's language model on its own (Qwen3_5ForCausalLM): Qwen3-Next's layers with multimodal
+    # RoPE, here on text (the three sections agree); images in test_multimodal_rope.py
+    "qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(QWEN3_5, bos_token_id=1, eos_token_id=2)),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                         dict(MOE, **QWEN3_5, shared_expert_intermediate_size=32, bos_token_id=1, eos_token_id=2)),
     "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(MOE, n_group=1, topk_group=1)),
     "cwm": ("CwmConfig", "CwmForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(moe_num_experts=4, moe_k=2,
@@ -193,7 +205,8 @@ FAMILIES = {
 # is NoPE (Gemma 2's and VaultGemma's soft-capped layers fuse with rope_attention's softcap);
 # NanoChat's and Hunyuan's q/k norms after RoPE keep every layer off the fused path
 FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "kolibri1": 1, "cohere2_moe": 1,
-                "nanochat": 0, "hunyuan_v1_dense": 0, "hunyuan_v1_moe": 0, "qwen3_next": 1}
+                "nanochat": 0, "hunyuan_v1_dense": 0, "hunyuan_v1_moe": 0, "qwen3_next": 1, "qwen3_5_text": 1,
+                "qwen3_5_moe_text": 1}
 
 # the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
 # layer has heads of global_head_dim
@@ -206,8 +219,13 @@ def fused_shapes(model_type, batch, seqlen):
     return [(batch, seqlen, 4, d) for d in dims]
 
 
+# language models of multimodal RoPE (Qwen2-VL, Qwen3-VL) with no ForCausalLM of their own: tested
+# inside their multimodal models, with images, in test_multimodal_rope.py
+MROPE_LANGUAGE_MODELS_ONLY = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
+
+
 def test_every_supported_family_is_tested_here():
-    assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES)
+    assert set(FAMILIES) | set(MROPE_LANGUAGE_MODELS_ONLY) == set(SUPPORTED_MODEL_TYPES)
 
 
 def make(model_type, seed=0, **kw):
@@ -505,7 +523,8 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "gemma4_text", "gemma3n_text", "gemma2", "mixtral", "qwen2_moe", "olmoe",
                                         "minimax_m2", "mellum", "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe",
                                         "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
-                                        "ministral3", "bitnet", "minicpm5_moe", "qwen3_next"])
+                                        "ministral3", "bitnet", "minicpm5_moe", "qwen3_next", "qwen3_5_text",
+                                        "qwen3_5_moe_text"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")

@@ -162,6 +162,26 @@ def rows_of_positions(inv_freq: torch.Tensor, position_ids: torch.Tensor, attent
     return cos, sin, index
 
 
+def rows_of_sectioned_positions(inv_freq: torch.Tensor, position_ids: torch.Tensor, pair_rows,
+                                attention_factor: float = 1.0):
+    """``(cos, sin, index)`` as :func:`rows_of_positions` gives, for multimodal RoPE (mRoPE:
+    Qwen2-VL and its successors), where a token has one position per section (temporal,
+    height, width): ``position_ids`` is ``(sections, *shape)`` and pair ``j`` of a token turns
+    by ``inv_freq[j]`` times its position in section ``pair_rows[j]``. One row per token of
+    ``shape``; the same float64 angles as a table's rows."""
+    sections, n = position_ids.shape[0], position_ids[0].numel()
+    pair_rows = tuple(pair_rows)
+    if len(pair_rows) != inv_freq.numel() or not all(0 <= r < sections for r in pair_rows):
+        raise ValueError(f"pair_rows must give one section in [0, {sections}) for each of the {inv_freq.numel()} "
+                         f"pairs, got {list(pair_rows)}")
+    cos, sin = rope_cos_sin(inv_freq, position_ids.reshape(-1), attention_factor)  # (sections * n, pairs)
+    rows = torch.tensor(pair_rows, dtype=torch.int64, device=cos.device)
+    # row of token t for pair j: section pair_rows[j]'s row of t
+    pick = rows[None, :] * n + torch.arange(n, device=cos.device)[:, None]
+    index = torch.arange(n, device=position_ids.device).view(position_ids.shape[1:])
+    return cos.gather(0, pick), sin.gather(0, pick), index
+
+
 class FrequencyPlan:
     """Which frequencies a sequence of a given length uses, for one RoPE configuration.
 

@@ -88,10 +88,28 @@ multimodal model (``Gemma3ForConditionalGeneration``, ``Gemma4ForConditionalGene
 Mistral 3, PaliGemma, ...) whose language model (``model.model.language_model``, holding the
 model's own text config) is of one of these types has that language model patched: its RoPE is
 scaled, the vision tower is left alone, and ``config.text_config`` is updated (so
-``save_pretrained`` round-trips). Anything else raises ``TypeError`` rather than risk a
-silently different model (e.g. PhiMoE's rotary embedding with its own short/long
-``mscale``, Qwen2-VL's multimodal RoPE, attention sinks computed from the input, DeepSeek-style MLA,
-Qwen3.5's multimodal RoPE sections, hybrids with convolution or recurrent layers).
+``save_pretrained`` round-trips). So do the language models with multimodal RoPE (mRoPE, below):
+``qwen2_vl_text`` and ``qwen2_5_vl_text`` (Qwen2-VL, Qwen2.5-VL: Qwen2's attention),
+``qwen3_vl_text`` and ``qwen3_vl_moe_text`` (Qwen3-VL and its MoE: Qwen3's, no window),
+``qwen3_5_text`` and ``qwen3_5_moe_text`` (Qwen3.5 and its MoE, also ``Qwen3_5ForCausalLM``:
+Qwen3-Next's). Anything else raises ``TypeError`` rather than risk a silently different model
+(e.g. PhiMoE's rotary embedding with its own short/long ``mscale``, a multimodal RoPE that moves
+frequencies between pairs (ERNIE 4.5-VL), attention sinks computed from the input, DeepSeek-style
+MLA, hybrids with convolution or recurrent layers).
+
+Multimodal RoPE: these models' rotary embedding takes position_ids ``(3, batch, seqlen)``, a
+temporal, height and width position per token (the same three for text), and each pair of the
+table turns by one of the three: which one, transformers' ``recomposition_frequencies`` of the
+model's rotary embedding says (contiguous ``mrope_section`` sections in Qwen2-VL, interleaved ones
+from Qwen3-VL on), read when patching by giving it frequencies that name their section and pair.
+The patched ``rotary_emb`` is a :class:`PiropeMultimodalRotaryEmbedding`: where the three sections
+agree (text) it hands the layers the cached table and those positions, as for any model; otherwise
+one float32 row per token (float64 angles) and position_ids indexing them, which both paths take
+as they take a table. Position Interpolation divides every section's positions (transformers'
+linear scaling of these models) and keeps the ``mrope_section`` keys. The sequences of a call are
+the runs of the text positions transformers passes the layers (``position_ids``, the first row of
+its 4-row form; its masks and flash attention read packing from them), not of the rotary positions,
+whose image tokens repeat and jump.
 Gemma 2's ``attn_logit_softcapping``: ``Gemma2Attention`` passes it to its attention function
 as ``softcap`` (scores ``cap * tanh(scores / cap)``); the patched layers pass it the same way
 (also ``None``), so "eager" (Gemma 2's default: transformers refuses sdpa for it), flex and
@@ -207,7 +225,8 @@ import pirope
 from pirope import _checks
 from pirope._autograd import functorch as _functorch
 from pirope._extension import require_cuda_build
-from pirope.frequencies import FrequencyPlan, PositionsMemo, rows_of_positions, tables_outside_inference_mode
+from pirope.frequencies import (FrequencyPlan, PositionsMemo, rows_of_positions, rows_of_sectioned_positions,
+                                tables_outside_inference_mode)
 from pirope.scaling import normalize_scaling
 
 __all__ = [
@@ -360,6 +379,12 @@ class _Family(NamedTuple):
     # "linear_attention": a Gated DeltaNet, no RoPE), which the patch leaves as they are; None:
     # every layer has the attention
     linear_layers: str | None = None
+    # multimodal RoPE (mRoPE: Qwen2-VL, Qwen3-VL, Qwen3.5): the rotary embedding takes position_ids
+    # (3, batch, seqlen), a temporal, height and width position per token, and each pair of the
+    # table turns by the position of one of them (its recomposition_frequencies says which, read
+    # when patching); the layers get the text positions (transformers' text_position_ids, which
+    # delimit packed sequences) as their position_ids kwarg
+    mrope: bool = False
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
@@ -427,6 +452,16 @@ _FAMILIES: dict[str, _Family] = {
     # DeltaNet, no RoPE) are left alone
     "qwen3_next": _Family("separate", None, True, qk_norm="head", q_gate="q_proj", linear_layers="linear_attention"),
     "emu3_text_model": _Family("separate", None, False),  # Emu3ForCausalLM (Emu3's text model)
+    # Multimodal RoPE (the language models of Qwen2-VL, Qwen2.5-VL: Qwen2's attention; Qwen3-VL and its
+    # MoE: Qwen3's without a window; Qwen3.5 and its MoE, also Qwen3_5ForCausalLM: Qwen3-Next's)
+    "qwen2_vl_text": _Family("separate", "module", False, mrope=True),
+    "qwen2_5_vl_text": _Family("separate", "module", False, mrope=True),
+    "qwen3_vl_text": _Family("separate", None, False, qk_norm="head", mrope=True),
+    "qwen3_vl_moe_text": _Family("separate", None, False, qk_norm="head", mrope=True),
+    "qwen3_5_text": _Family("separate", None, True, qk_norm="head", q_gate="q_proj",
+                            linear_layers="linear_attention", mrope=True),
+    "qwen3_5_moe_text": _Family("separate", None, True, qk_norm="head", q_gate="q_proj",
+                                linear_layers="linear_attention", mrope=True),
     "solar_open": _Family("separate", None, False),
     "cwm": _Family("separate", "module", False),  # Ministral's
     # Ministral 3 (Ministral3ForCausalLM; Mistral3ForConditionalGeneration's language model is one):
@@ -514,16 +549,30 @@ class RopeTables(NamedTuple):
     packed: bool | None = False
 
 
+def _jumps(position_ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Whether some position is not its predecessor's + 1 along the sequence (packed
+    sequences), as a 0-d tensor of ``like``'s dtype."""
+    if position_ids.dim() == 0 or position_ids.shape[-1] < 2:
+        return torch.zeros((), dtype=like.dtype, device=like.device)
+    return (torch.diff(position_ids, dim=-1) != 1).any().to(like.dtype)
+
+
 def _position_summary(position_ids: torch.Tensor) -> tuple[int, int, bool]:
     """Smallest and largest position, and whether some position is not its predecessor's
     + 1 along the sequence (packed sequences), read in one host sync."""
     low, high = torch.aminmax(position_ids)
-    if position_ids.dim() == 0 or position_ids.shape[-1] < 2:
-        jump = torch.zeros((), dtype=low.dtype, device=low.device)
-    else:
-        jump = (torch.diff(position_ids, dim=-1) != 1).any().to(low.dtype)
-    low, high, jump = torch.stack([low, high, jump]).tolist()
+    low, high, jump = torch.stack([low, high, _jumps(position_ids, low)]).tolist()
     return low, high, bool(jump)
+
+
+def _sectioned_summary(position_ids: torch.Tensor) -> tuple[int, int, bool, bool]:
+    """For mRoPE's ``(sections, batch, seqlen)`` position_ids: smallest and largest position of
+    any section, whether the first section's are packed (see _position_summary) and whether
+    every section holds the same positions (text), read in one host sync."""
+    low, high = torch.aminmax(position_ids)
+    agree = (position_ids == position_ids[:1]).all().to(low.dtype)
+    low, high, jump, agree = torch.stack([low, high, _jumps(position_ids[0], low), agree]).tolist()
+    return low, high, bool(jump), bool(agree)
 
 
 class PiropeRotaryEmbedding(nn.Module):
@@ -616,12 +665,20 @@ class PiropeRotaryEmbedding(nn.Module):
             # of exactly these positions instead. dynamic/longrope need that length anyway.
             # Whether they are packed is not known then either.
             return self._own_rows(None, position_ids, x.device, None)
+        summary = None
+        if position_ids is not None and position_ids.numel() > 0:
+            summary = self._positions.get(position_ids, _position_summary)
+        return self._tables_for(x, position_ids, summary)
+
+    def _tables_for(self, x: torch.Tensor, position_ids: torch.Tensor | None, summary) -> RopeTables:
+        """The tables of a call whose positions have ``(low, high, packed) = summary`` (None:
+        no positions, token i at position i)."""
         packed = False
-        if position_ids is None or position_ids.numel() == 0:
+        if summary is None:
             length = x.shape[1] if x.dim() >= 2 else 1
             count = None
         else:
-            low, high, packed = self._positions.get(position_ids, _position_summary)
+            low, high, packed = summary
             length, count = high + 1, position_ids.numel()
             if low < 0:  # transformers rotates them by negative angles (e.g. cumsum - 1 at padding)
                 return self._own_rows(self._plan.key(max(length, 1)), position_ids, x.device, packed)
@@ -634,6 +691,59 @@ class PiropeRotaryEmbedding(nn.Module):
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, "
                 f"max_position_embeddings={self.max_position_embeddings}, base={self.base}, "
                 f"scaling={self.scaling}")
+
+
+_MROPE_SECTIONS = 3  # mRoPE's position sections: temporal, height, width
+
+
+class PiropeMultimodalRotaryEmbedding(PiropeRotaryEmbedding):
+    """Drop-in replacement of the ``rotary_emb`` of a model with multimodal RoPE (mRoPE:
+    Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), whose ``position_ids`` are ``(3, batch,
+    seqlen)``: a temporal, height and width position per token (the same three for text,
+    different ones for image and video tokens). Pair ``j`` of the table turns by the
+    position in section ``pair_rows[j]`` (what transformers' ``recomposition_frequencies``
+    of the model's own rotary embedding does; read from it when patching).
+
+    Where the three sections agree (text) this is plain RoPE on those positions: the
+    cached table, as :class:`PiropeRotaryEmbedding`. Otherwise the :class:`RopeTables`
+    hold one row per token (float64 angles, rounded once) and ``position_ids`` index them
+    (``0 .. batch * seqlen - 1``), which every pirope op and both attention paths take as
+    they take a table. ``(batch, seqlen)`` position_ids (or one section) mean text.
+    """
+
+    def __init__(self, head_dim: int, *, pair_rows, **kwargs):
+        super().__init__(head_dim, **kwargs)
+        self.pair_rows = tuple(int(r) for r in pair_rows)
+        if len(self.pair_rows) != self.rotary_dim // 2 or not all(0 <= r < _MROPE_SECTIONS for r in self.pair_rows):
+            raise ValueError(f"pair_rows must give a section in [0, {_MROPE_SECTIONS}) for each of the "
+                             f"{self.rotary_dim // 2} rotary pairs, got {list(pair_rows)}")
+
+    def _sectioned_rows(self, key, position_ids: torch.Tensor, device, packed: bool | None) -> RopeTables:
+        inv_freq, attention_factor = self._static if key is None else self._plan.frequencies(key)
+        return RopeTables(*rows_of_sectioned_positions(inv_freq.to(device), position_ids, self.pair_rows,
+                                                       attention_factor), packed)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> RopeTables:
+        if position_ids is None or position_ids.dim() != 3:
+            return super().forward(x, position_ids)
+        if position_ids.shape[0] not in (1, _MROPE_SECTIONS):
+            raise ValueError(
+                f"pirope rotary embedding: position_ids of multimodal RoPE must be (batch, seqlen) or "
+                f"({_MROPE_SECTIONS}, batch, seqlen) (temporal, height, width), got shape {tuple(position_ids.shape)}")
+        if position_ids.shape[0] == 1 or position_ids.numel() == 0:
+            return super().forward(x, position_ids[0])
+        if position_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"pirope rotary embedding: position_ids must be int32 or int64, got {position_ids.dtype}")
+        if torch.compiler.is_compiling() and not self._plan.length_dependent:
+            return self._sectioned_rows(None, position_ids, x.device, None)  # (as PiropeRotaryEmbedding)
+        low, high, packed, agree = self._positions.get(position_ids, _sectioned_summary)
+        if agree:  # text: plain RoPE on those positions
+            return self._tables_for(x, position_ids[0], (low, high, packed))
+        # the packing of the call is the text positions' (see _Family.mrope), read by the layers
+        return self._sectioned_rows(self._plan.key(max(high + 1, 1)), position_ids, x.device, False)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pair_rows={self.pair_rows}"
 
 
 class PiropeLayerTypeRotaryEmbedding(nn.Module):
@@ -839,6 +949,9 @@ def _checked_rope_dict(params, where: str, note: str = "") -> dict:
 
 # rope_parameters keys that a family with _Family.attn_temperature reads for its attention
 _TEMPERATURE_KEYS = ("llama_4_scaling_beta", "original_max_position_embeddings", "max_position_embeddings")
+# rope_parameters keys of a family with _Family.mrope: its sections, read by its rotary embedding's
+# recomposition_frequencies (pirope reads the pairs' sections from that), not by the table
+_MROPE_KEYS = ("mrope_section", "mrope_interleaved")
 # the rope types whose tables read original_max_position_embeddings
 _WINDOWED_ROPE_TYPES = ("yarn", "llama3", "longrope")
 
@@ -852,6 +965,9 @@ def _rope_setup(model, model_type: str, family: _Family, params: dict, head_dim:
         for key in _TEMPERATURE_KEYS:
             if key != "original_max_position_embeddings" or rope_type not in _WINDOWED_ROPE_TYPES:
                 params.pop(key, None)
+    if family.mrope:
+        for key in _MROPE_KEYS:
+            params.pop(key, None)
     params.pop("type", None)
     base = params.pop("rope_theta", None)
     if base is None:
@@ -1135,13 +1251,23 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
             f"{type(position_embeddings).__name__}, not pirope's RopeTables: the model's rotary_emb "
             "was replaced or bypassed after patch_rope(); call patch_rope() again")
     cos, sin, position_ids, packed = position_embeddings
+    family = self._pirope_family
+    segment_positions = position_ids  # the positions whose runs are the sequences of the call
+    if family.mrope and kwargs.get("position_ids") is not None:
+        # multimodal RoPE: the text positions transformers passes the layers (not those of the
+        # tables, whose image tokens jump) delimit packed sequences, as in its masks
+        segment_positions = kwargs["position_ids"]
+        if torch.compiler.is_compiling():
+            packed = None
+        else:
+            packed = segment_positions.numel() > 0 and \
+                self._pirope_text_positions.get(segment_positions, _position_summary)[2]
     input_shape = hidden_states.shape[:-1]
     q, k, v, gate = _project(self, hidden_states)  # (B, S, H, D); gate: None, or (B, S, H * D)
     if cos.device != q.device:  # a model split over devices: the table follows the layer
         cos, sin = cos.to(q.device), sin.to(q.device)
         position_ids = None if position_ids is None else position_ids.to(q.device)
 
-    family = self._pirope_family
     interleaved = family.interleaved
     # a NoPE layer (SmolLM3's use_rope 0, EXAONE 4's and Cohere 2's global layers) skips RoPE
     # like Hugging Face's and has nothing to fuse: it takes the "sdpa" path, unrotated
@@ -1160,7 +1286,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     if fuse and (attention_mask is not None or packed is not False or window is not None):
         # a mask tensor, packed sequences or a sliding window: fused only where the mask is
         # exactly causal (within the window) within the sequences the positions delimit
-        cu_seqlens = _segments_of_mask(q, attention_mask, position_ids, packed, window,
+        cu_seqlens = _segments_of_mask(q, attention_mask, segment_positions, packed, window,
                                        bool_masks=self.config._attn_implementation == "sdpa")
         fuse = cu_seqlens is not None
     window_size = (-1, -1) if window is None else (window - 1, 0)
@@ -1285,6 +1411,8 @@ def _replaced_rope_parameters(model_type: str, family: _Family, config, attns, p
             else ("rope_theta",))
     if family.attn_temperature:  # the attention's own keys (before the window's default below)
         keep += _TEMPERATURE_KEYS
+    if family.mrope:  # the sections: transformers' rotary embedding reads them from here
+        keep += _MROPE_KEYS
     for key in keep:
         if key not in new and key in params:
             new[key] = params[key]
@@ -1343,9 +1471,45 @@ def _rotary_embedding(model, model_type: str, family: _Family, attns, params: di
             f"scaling: rope_type 'proportional' (a table over the whole head) is not supported by model_type "
             f"{model_type!r}, whose attention rotates its first int(head_dim * partial_rotary_factor) features "
             "whatever the table (transformers fails on it too)")
-    return PiropeRotaryEmbedding(
-        head_dim, max_position_embeddings=model.config.max_position_embeddings, base=theta,
-        scaling=pirope_scaling, partial_rotary_factor=partial)
+    kwargs = dict(max_position_embeddings=model.config.max_position_embeddings, base=theta, scaling=pirope_scaling,
+                  partial_rotary_factor=partial)
+    if family.mrope:
+        pair_rows = _mrope_pair_rows(model_type, family, _base_model(model).rotary_emb, int(head_dim * partial) // 2)
+        return PiropeMultimodalRotaryEmbedding(head_dim, pair_rows=pair_rows, **kwargs)
+    return PiropeRotaryEmbedding(head_dim, **kwargs)
+
+
+def _mrope_pair_rows(model_type: str, family: _Family, rotary, pairs: int) -> tuple[int, ...]:
+    """For each of the ``pairs`` rotary pairs of a model with multimodal RoPE, the section
+    (temporal 0, height 1, width 2) whose position turns it, as the model's own rotary
+    embedding composes them: its ``recomposition_frequencies`` maps per-section frequencies
+    ``(3, batch, seqlen, pairs)`` to the per-feature ones of its attention (rotate-half's
+    ``cat((f, f))``, or each pair's twice in a row where pairs are interleaved), and is given
+    frequencies that name their own section and pair. Every pair must keep its place (only its
+    section chosen): a layout that moves frequencies between pairs is refused."""
+    if isinstance(rotary, PiropeMultimodalRotaryEmbedding):  # patched before: the sections it read then
+        if len(rotary.pair_rows) != pairs:
+            raise ValueError(f"scaling: model_type {model_type!r} rotates {len(rotary.pair_rows)} pairs per head "
+                             f"with multimodal RoPE sections; a scaling of {pairs} pairs does not fit them")
+        return rotary.pair_rows
+    recompose = getattr(rotary, "recomposition_frequencies", None)
+    if not callable(recompose):
+        raise TypeError(f"model: the rotary embedding {type(rotary).__name__} of model_type {model_type!r} has no "
+                        "recomposition_frequencies telling its multimodal RoPE sections; this version of the "
+                        "architecture is not supported")
+    probe = torch.arange(_MROPE_SECTIONS * pairs, dtype=torch.float64).view(_MROPE_SECTIONS, 1, 1, pairs)
+    try:
+        out = recompose(probe).reshape(-1)
+    except (RuntimeError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"model: the multimodal RoPE sections (config.rope_parameters['mrope_section'] = "
+            f"{getattr(rotary, 'mrope_section', None)!r}) do not fit the {pairs} rotary pairs of a head: {e}") from e
+    halves = (out[0::2], out[1::2]) if family.interleaved else (out[:pairs], out[pairs:])
+    if (out.numel() != 2 * pairs or not torch.equal(*halves)
+            or not torch.equal(halves[0] % pairs, torch.arange(pairs, dtype=torch.float64))):
+        raise TypeError(f"model: the multimodal RoPE of model_type {model_type!r} ({type(rotary).__name__}) moves "
+                        "frequencies between pairs; not supported")
+    return tuple(int(r) for r in (halves[0] // pairs).tolist())
 
 
 def _attention_modules_of_type(config, family: _Family, attns, layer_type: str):
@@ -1468,9 +1632,12 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
     base.rotary_emb = rotary
     if family.kv_sharing and hasattr(type(base), "_maybe_slice_kv_shared_inputs"):
         base._maybe_slice_kv_shared_inputs = functools.partial(_slice_kv_shared_inputs, base)
+    text_positions = PositionsMemo()  # mRoPE: the layers' text positions, read once per forward
     for attn in attns:
         attn._pirope_family = family
         attn._pirope_attention = mode
+        if family.mrope:
+            attn._pirope_text_positions = text_positions
         # a partial of a module-level function pickles (torch.save(model), multiprocessing)
         # and deep-copies onto the copy; a bound MethodType would not unpickle
         attn.forward = functools.partial(_pirope_attention_forward, attn)

@@ -1,0 +1,296 @@
+"""Multimodal RoPE (mRoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and its MoE, Qwen3.5 and its MoE), against
+transformers' own models on the same weights.
+
+Their language models take position_ids (3, batch, seqlen): a temporal, height and width position
+per token, the same three for text and different ones for the tokens of an image, and each rotary
+pair turns by one of them (contiguous sections for Qwen2-VL, interleaved ones for Qwen3-VL).
+Position Interpolation of the whole multimodal model gives the logits and gradients of the model
+transformers builds from the updated config, with and without an image, on both attention paths;
+a fused prefill then cached decoding generates what transformers generates; packed sequences
+(text positions prepended, transformers' 4-row form) are followed.
+
+Tiny random float32 models (hidden 64, 2 layers, 4 heads / 2 KV heads; a one-block vision tower),
+seconds on a CPU.
+"""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+import pirope.integrations.transformers as integration  # noqa: E402
+from pirope.frequencies import rows_of_sectioned_positions  # noqa: E402
+from pirope.integrations.transformers import (  # noqa: E402
+    PiropeMultimodalRotaryEmbedding, apply_position_interpolation, patch_rope)
+from hf_compare import assert_same_logits, logits_and_grads  # noqa: E402
+from test_model_families import (  # noqa: E402,F401  (mask_free: a fixture)
+    COMMON, MASK_FREE, MOE, MROPE_LANGUAGE_MODELS_ONLY, QWEN3_5, WINDOW, assert_same, ids, mask_free, spy_on, twin)
+
+IMAGE, VIDEO, VISION_START, VISION_END = 250, 251, 252, 253
+TOKENS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
+              vision_end_token_id=VISION_END)
+# an image of 4 x 8 patches of 14 pixels, merged 2 x 2: 8 tokens at heights 0-1 and widths 0-3
+GRID = torch.tensor([[1, 4, 8]])
+PIXELS = torch.randn(32, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(3))
+
+QWEN2_VL_VISION = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, spatial_merge_size=2, patch_size=14)
+QWEN3_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
+                       spatial_merge_size=2, deepstack_visual_indexes=[], num_position_embeddings=16, patch_size=14)
+# contiguous sections over the 8 rotary pairs of a head of 16: pairs 0-1 temporal, 2-4 height, 5-7 width
+SECTIONS = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+# interleaved ones: pair j height where j % 3 == 1 (j < 9), width where j % 3 == 2 (j < 6), else temporal
+INTERLEAVED = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2], "mrope_interleaved": True}
+SHARPEN = 6.0
+QWEN3_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+
+# name -> (config class, model class, text config, vision config, model_type of the language model,
+# the section of each rotary pair, layers with RoPE)
+MROPE = {
+    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", dict(COMMON, rope_parameters=SECTIONS),
+                 QWEN2_VL_VISION, "qwen2_vl_text", (0, 0, 1, 1, 1, 2, 2, 2), 2),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", dict(COMMON, rope_parameters=SECTIONS),
+                   dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
+                        spatial_merge_size=2, fullatt_block_indexes=[0], window_size=56, patch_size=14),
+                   "qwen2_5_vl_text", (0, 0, 1, 1, 1, 2, 2, 2), 2),
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", dict(COMMON, rope_parameters=INTERLEAVED),
+                 QWEN3_VL_VISION, "qwen3_vl_text", (0, 1, 2, 0, 1, 2, 0, 1), 2),
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration",
+                     dict(COMMON, **QWEN3_MOE, rope_parameters=INTERLEAVED), QWEN3_VL_VISION, "qwen3_vl_moe_text",
+                     (0, 1, 2, 0, 1, 2, 0, 1), 2),
+    # layer 0 linear attention, layer 1 full attention rotating 4 of its 8 pairs, sections [2, 1, 1]
+    "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", dict(COMMON, **QWEN3_5), QWEN3_VL_VISION,
+                "qwen3_5_text", (0, 1, 2, 0), 1),
+    "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration",
+                    dict(COMMON, **MOE, **QWEN3_5, shared_expert_intermediate_size=32), QWEN3_VL_VISION,
+                    "qwen3_5_moe_text", (0, 1, 2, 0), 1),
+}
+
+
+def make(name, **text):
+    config_cls, model_cls, text_config, vision_config, *_ = MROPE[name]
+    if not hasattr(transformers, config_cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {config_cls}")
+    config = getattr(transformers, config_cls)(text_config=copy.deepcopy({**text_config, **text}),
+                                               vision_config=copy.deepcopy(vision_config), **TOKENS)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).eval()
+    if not hasattr(model.model.language_model.layers[-1].self_attn, "q_norm"):
+        # Qwen2-VL's height and width sections turn its slowest pairs: scores of a few units (the
+        # random init's are ~0.1) so that their angles show in the logits (q/k norms would undo it)
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                layer.self_attn.q_proj.weight.mul_(SHARPEN)
+                layer.self_attn.k_proj.weight.mul_(SHARPEN)
+    return model
+
+
+def with_image(x, at=10):
+    """x with an image (vision start, 8 image tokens, vision end) from token `at`, and the inputs
+    that go with it."""
+    x = x.clone()
+    x[:, at] = VISION_START
+    x[:, at + 1:at + 9] = IMAGE
+    x[:, at + 9] = VISION_END
+    return x, dict(pixel_values=PIXELS.repeat(x.shape[0], 1), image_grid_thw=GRID.repeat(x.shape[0], 1),
+                   mm_token_type_ids=(x == IMAGE).int())
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    return spy_on(monkeypatch, "rope_attention")
+
+
+@pytest.fixture
+def sectioned(monkeypatch):
+    """The position_ids shape of every build of per-token rows from sections that disagree."""
+    calls = []
+    real = integration.rows_of_sectioned_positions
+
+    def spy(inv_freq, position_ids, *args):
+        calls.append(tuple(position_ids.shape))
+        return real(inv_freq, position_ids, *args)
+
+    monkeypatch.setattr(integration, "rows_of_sectioned_positions", spy)
+    return calls
+
+
+def test_every_multimodal_rope_language_model_is_tested_here():
+    assert set(MROPE_LANGUAGE_MODELS_ONLY) <= {entry[4] for entry in MROPE.values()}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize("name", list(MROPE))
+def test_position_interpolation_equals_transformers_with_and_without_an_image(name, attention, fused_calls,
+                                                                               sectioned, tmp_path):
+    base = make(name)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    lm = model.model.language_model
+    assert lm.config.model_type == MROPE[name][4] and lm.config is model.config.get_text_config()
+    assert isinstance(lm.rotary_emb, PiropeMultimodalRotaryEmbedding)
+    assert lm.rotary_emb.pair_rows == MROPE[name][5]
+    params = model.config.get_text_config().rope_parameters
+    assert params["rope_type"] == "linear" and params["factor"] == 2.0
+    assert params["mrope_section"] == base.config.get_text_config().rope_parameters["mrope_section"]
+    ref = twin(base, model.config)  # the PI model as transformers builds it from the config
+    layers = MROPE[name][6]
+    fused = [(1, 100, 4, 16)] * layers if attention == "fused" else []
+    x = ids(1, 100)  # text, past the original window: the three sections agree, the table path
+    assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
+    assert fused_calls == fused and sectioned == []
+    x, image = with_image(x)  # an image: the sections disagree on its tokens and the text after it
+    fused_calls.clear()
+    assert_same(logits_and_grads(model, x, **image), logits_and_grads(ref, x, **image))
+    assert fused_calls == fused and sectioned == [(3, 1, 100)]
+    # the saved model (its sections kept) loads with plain transformers as the extended one
+    model.save_pretrained(tmp_path)
+    loaded = type(base).from_pretrained(tmp_path).eval()
+    assert loaded.config.get_text_config().rope_parameters == params
+    assert_same(logits_and_grads(model, x, **image), logits_and_grads(loaded, x, **image))
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl", "qwen3_5"])
+def test_patch_rope_keeps_the_model_with_images_in_a_batch(name, fused_calls):
+    base = make(name)
+    model = patch_rope(copy.deepcopy(base), attention="fused")
+    x, image = with_image(ids(2, 40))
+    x[1, 30:] = ids(1, 10, seed=5)  # two rows, different tokens after the image
+    assert_same(logits_and_grads(model, x, **image), logits_and_grads(twin(base), x, **image))
+    assert fused_calls == [(2, 40, 4, 16)] * MROPE[name][6]
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+def test_the_sections_are_what_makes_the_image_tokens_right(name, monkeypatch):
+    # the premise of the tests above: with every pair turned by the temporal section (plain RoPE on
+    # it), the image's logits are not transformers'
+    base = make(name)
+    model = patch_rope(copy.deepcopy(base), attention="fused")
+    x, image = with_image(ids(1, 40))
+    monkeypatch.setattr(model.model.language_model.rotary_emb, "pair_rows", (0,) * 8)
+    with torch.no_grad():
+        got, want = model(x, **image).logits, base(x, **image).logits
+    torch.testing.assert_close(got[:, :11], want[:, :11], rtol=1e-5, atol=1e-5)  # before the image
+    assert not torch.allclose(got[:, 11:], want[:, 11:], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl", "qwen3_5"])
+def test_fused_prefill_then_cached_decoding_with_an_image_generates_like_transformers(name, fused_calls):
+    base = make(name)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    ref = twin(base, model.config)
+    x, image = with_image(ids(1, 70))
+    with torch.no_grad():
+        a = model.generate(x, **image, max_new_tokens=6, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True)
+        b = ref.generate(x, **image, max_new_tokens=6, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
+    assert fused_calls == [(1, 70, 4, 16)] * MROPE[name][6]  # the prefill; decode steps take the cached path
+
+
+def packed_positions(name):
+    """Two sequences of 50 packed into one row, an image in each, as transformers' 4-row
+    position_ids: the text positions (restarting at the second sequence), then the three sections."""
+    model = make(name)
+    x, image = with_image(ids(1, 50))
+    with torch.no_grad():
+        one = model.model.get_rope_index(x, image_grid_thw=GRID, mm_token_type_ids=image["mm_token_type_ids"])[0]
+    text = torch.arange(50)[None, None]
+    return torch.cat([torch.cat([text, one], dim=0)] * 2, dim=-1)  # (4, 1, 100)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", MASK_FREE])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+def test_packed_sequences_with_images_attend_within_themselves(name, impl, mask_free, fused_calls):
+    # the language model on embeddings and 4-row position_ids: sdpa gets a packed-sequence mask
+    # tensor from the text positions (fused on CPU as rope_attention's packed sequences); a backend
+    # without a mask (flash attention's way) reads the packing from the position_ids the layers get,
+    # so the fused path, which would attend across the sequences, must not be taken
+    positions = packed_positions(name)
+    base = make(name).model.language_model
+    base.config._attn_implementation = impl
+    model = patch_rope(copy.deepcopy(base), attention="fused")
+    embeds = torch.randn(1, 100, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got = model(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
+        want = base(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
+        alone = base(inputs_embeds=embeds[:, 50:], position_ids=positions[1:, :, 50:] - 50,
+                     use_cache=False).last_hidden_state
+    assert_same_logits(got, want)
+    torch.testing.assert_close(got[:, 50:], alone, rtol=1e-5, atol=1e-5)  # the premise: attended within
+    assert fused_calls == ([(100, 4, 16)] * 2 if impl == "sdpa" else [])
+
+
+def test_sectioned_rows_equal_a_float64_reference():
+    # each token's row: pair j turns by inv_freq[j] times the token's position in section rows[j]
+    inv_freq = 10000.0 ** -(torch.arange(8, dtype=torch.float64) / 8)
+    positions = torch.randint(-5, 40000, (3, 2, 7), generator=torch.Generator().manual_seed(0))
+    rows = (2, 0, 1, 1, 0, 2, 2, 0)
+    cos, sin, index = rows_of_sectioned_positions(inv_freq.float(), positions, rows, 0.75)
+    assert index.shape == (2, 7) and torch.equal(index.flatten(), torch.arange(14))
+    picked = torch.stack([positions[r].flatten() for r in rows], dim=-1).double()  # (14, 8)
+    angles = picked * inv_freq.float().double()
+    torch.testing.assert_close(cos, (angles.cos() * 0.75).float(), rtol=0, atol=0)
+    torch.testing.assert_close(sin, (angles.sin() * 0.75).float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pair_rows"):
+        rows_of_sectioned_positions(inv_freq.float(), positions, (0, 1, 2, 3, 0, 0, 0, 0))
+    with pytest.raises(ValueError, match="pair_rows"):
+        rows_of_sectioned_positions(inv_freq.float(), positions, (0, 1))
+
+
+def test_the_rotary_embedding_rejects_malformed_position_ids():
+    rotary = patch_rope(make("qwen2_vl")).model.language_model.rotary_emb
+    x = torch.zeros(1, 5, 64)
+    with pytest.raises(ValueError, match=r"position_ids .*\(3, batch, seqlen\)"):
+        rotary(x, torch.zeros(2, 1, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="position_ids must be int32 or int64"):
+        rotary(x, torch.zeros(3, 1, 5))
+    # one section, or (batch, seqlen): text, the plain table
+    tables = rotary(x, torch.arange(5)[None, None])
+    assert torch.equal(tables.position_ids, torch.arange(5)[None])
+    assert torch.equal(rotary(x, torch.arange(5)[None]).cos, tables.cos)
+    with pytest.raises(ValueError, match="pair_rows"):
+        PiropeMultimodalRotaryEmbedding(16, pair_rows=(0, 1, 2), max_position_embeddings=WINDOW)
+
+
+def test_sections_that_do_not_fit_the_head_are_refused_unchanged():
+    # Qwen2-VL's sections must split the 8 pairs exactly (transformers' own forward fails otherwise)
+    base = make("qwen2_vl")
+    base.model.language_model.rotary_emb.mrope_section = [2, 3, 4]
+    with pytest.raises(ValueError, match="mrope_section"):
+        apply_position_interpolation(base, 2.0)
+    assert type(base.model.language_model.rotary_emb).__module__.startswith("transformers")
+    assert base.config.get_text_config().max_position_embeddings == WINDOW
+
+
+def test_a_layout_that_moves_frequencies_between_pairs_is_refused(monkeypatch):
+    base = make("qwen2_vl")
+    rotary = base.model.language_model.rotary_emb
+    monkeypatch.setattr(rotary, "recomposition_frequencies", lambda f: torch.cat([f[0].flip(-1)] * 2, dim=-1))
+    with pytest.raises(TypeError, match="moves frequencies between pairs"):
+        patch_rope(base)
+    assert base.model.language_model.rotary_emb is rotary
+
+
+def test_patching_again_keeps_the_sections(fused_calls):
+    base = make("qwen3_vl")
+    model = patch_rope(copy.deepcopy(base))
+    model = apply_position_interpolation(model, 2.0)  # the rotary embedding is pirope's now
+    assert model.model.language_model.rotary_emb.pair_rows == MROPE["qwen3_vl"][5]
+    x, image = with_image(ids(1, 100))
+    assert_same(logits_and_grads(model, x, **image), logits_and_grads(twin(base, model.config), x, **image))
+
+
+def test_compiled_model_with_an_image_equals_transformers():
+    # under torch.compile the rows of the call's own positions are built (no host read of them)
+    base = make("qwen2_vl")
+    model = patch_rope(copy.deepcopy(base), attention="fused")
+    lm = torch.compile(model.model.language_model)
+    x, image = with_image(ids(1, 40))
+    with torch.no_grad():
+        positions = base.model.get_rope_index(x, image_grid_thw=GRID, mm_token_type_ids=image["mm_token_type_ids"])[0]
+        embeds = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(7))
+        got = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
+        want = base.model.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
+    assert_same_logits(got, want)
