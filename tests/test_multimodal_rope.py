@@ -1,9 +1,9 @@
-"""Multimodal RoPE (mRoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and its MoE, Qwen3.5 and its MoE), against
-transformers' own models on the same weights.
+"""Multimodal RoPE (mRoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and its MoE, Qwen3.5 and its MoE, GLM-4V and
+its MoE, GLM-OCR), against transformers' own models on the same weights.
 
 Their language models take position_ids (3, batch, seqlen): a temporal, height and width position
 per token, the same three for text and different ones for the tokens of an image, and each rotary
-pair turns by one of them (contiguous sections for Qwen2-VL, interleaved ones for Qwen3-VL).
+pair turns by one of them (contiguous sections for Qwen2-VL and GLM-4V, interleaved ones for Qwen3-VL).
 Position Interpolation of the whole multimodal model gives the logits and gradients of the model
 transformers builds from the updated config, with and without an image, on both attention paths;
 a fused prefill then cached decoding generates what transformers generates; packed sequences
@@ -29,7 +29,8 @@ from test_model_families import (  # noqa: E402,F401  (mask_free: a fixture)
 
 IMAGE, VIDEO, VISION_START, VISION_END = 250, 251, 252, 253
 TOKENS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
-              vision_end_token_id=VISION_END)
+              vision_end_token_id=VISION_END, image_start_token_id=VISION_START, image_end_token_id=VISION_END,
+              video_start_token_id=248, video_end_token_id=249)  # (Qwen's names, then GLM's)
 # an image of 4 x 8 patches of 14 pixels, merged 2 x 2: 8 tokens at heights 0-1 and widths 0-3
 GRID = torch.tensor([[1, 4, 8]])
 PIXELS = torch.randn(32, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(3))
@@ -41,6 +42,10 @@ QWEN3_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate
 SECTIONS = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
 # interleaved ones: pair j height where j % 3 == 1 (j < 9), width where j % 3 == 2 (j < 6), else temporal
 INTERLEAVED = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2], "mrope_interleaved": True}
+GLM_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
+                  spatial_merge_size=2, patch_size=14, image_size=56)
+# GLM-4V's partial rotary: 4 of the 8 pairs of a head of 16 turn, sections [1, 2, 1]
+GLM_SECTIONS = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [1, 2, 1]}
 SHARPEN = 6.0
 QWEN3_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 
@@ -64,6 +69,16 @@ MROPE = {
     "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration",
                     dict(COMMON, **MOE, **QWEN3_5, shared_expert_intermediate_size=32), QWEN3_VL_VISION,
                     "qwen3_5_moe_text", (0, 1, 2, 0), 1),
+    # interleaved pairs (2i, 2i+1), partial rotary
+    "glm4v": ("Glm4vConfig", "Glm4vForConditionalGeneration", dict(COMMON, rope_parameters=GLM_SECTIONS), GLM_VISION,
+              "glm4v_text", (0, 1, 1, 2), 2),
+    "glm_ocr": ("GlmOcrConfig", "GlmOcrForConditionalGeneration", dict(COMMON, rope_parameters=SECTIONS), GLM_VISION,
+                "glm_ocr_text", (0, 0, 1, 1, 1, 2, 2, 2), 2),
+    # rotate-half pairs (GLM-4.5's), partial rotary; layer 0 dense, layer 1 MoE
+    "glm4v_moe": ("Glm4vMoeConfig", "Glm4vMoeForConditionalGeneration",
+                  dict(COMMON, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                       n_group=1, topk_group=1, rope_parameters=GLM_SECTIONS), GLM_VISION, "glm4v_moe_text",
+                  (0, 1, 1, 2), 2),
 }
 
 
@@ -141,7 +156,9 @@ def test_position_interpolation_equals_transformers_with_and_without_an_image(na
     x, image = with_image(x)  # an image: the sections disagree on its tokens and the text after it
     fused_calls.clear()
     assert_same(logits_and_grads(model, x, **image), logits_and_grads(ref, x, **image))
-    assert fused_calls == fused and sectioned == [(3, 1, 100)]
+    # (GLM-4V-MoE hands its layers the three sections as their position_ids, not the text positions:
+    # an image's repeated positions there read as packed sequences, which are not fused)
+    assert fused_calls == (fused if name != "glm4v_moe" else []) and sectioned == [(3, 1, 100)]
     # the saved model (its sections kept) loads with plain transformers as the extended one
     model.save_pretrained(tmp_path)
     loaded = type(base).from_pretrained(tmp_path).eval()
@@ -149,7 +166,7 @@ def test_position_interpolation_equals_transformers_with_and_without_an_image(na
     assert_same(logits_and_grads(model, x, **image), logits_and_grads(loaded, x, **image))
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl", "qwen3_5", "glm4v"])
 def test_patch_rope_keeps_the_model_with_images_in_a_batch(name, fused_calls):
     base = make(name)
     model = patch_rope(copy.deepcopy(base), attention="fused")
@@ -173,7 +190,7 @@ def test_the_sections_are_what_makes_the_image_tokens_right(name, monkeypatch):
     assert not torch.allclose(got[:, 11:], want[:, 11:], atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl", "qwen3_5", "glm4v"])
 def test_fused_prefill_then_cached_decoding_with_an_image_generates_like_transformers(name, fused_calls):
     base = make(name)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -201,7 +218,7 @@ def packed_positions(name):
 
 
 @pytest.mark.parametrize("impl", ["sdpa", MASK_FREE])
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl", "glm4v"])
 def test_packed_sequences_with_images_attend_within_themselves(name, impl, mask_free, fused_calls):
     # the language model on embeddings and 4-row position_ids: sdpa gets a packed-sequence mask
     # tensor from the text positions (fused on CPU as rope_attention's packed sequences); a backend

@@ -92,7 +92,9 @@ scaled, the vision tower is left alone, and ``config.text_config`` is updated (s
 ``qwen2_vl_text`` and ``qwen2_5_vl_text`` (Qwen2-VL, Qwen2.5-VL: Qwen2's attention),
 ``qwen3_vl_text`` and ``qwen3_vl_moe_text`` (Qwen3-VL and its MoE: Qwen3's, no window),
 ``qwen3_5_text`` and ``qwen3_5_moe_text`` (Qwen3.5 and its MoE, also ``Qwen3_5ForCausalLM``:
-Qwen3-Next's). Anything else raises ``TypeError`` rather than risk a silently different model
+Qwen3-Next's), ``glm4v_text`` and ``glm_ocr_text`` (GLM-4.1V, GLM-OCR: LLaMA's attention, interleaved
+pairs, partial rotary) and ``glm4v_moe_text`` (GLM-4.5V: rotate-half pairs, partial rotary; its layers
+get the three sections as position_ids, so its calls with an image take the "sdpa" path). Anything else raises ``TypeError`` rather than risk a silently different model
 (e.g. PhiMoE's rotary embedding with its own short/long ``mscale``, a multimodal RoPE that moves
 frequencies between pairs (ERNIE 4.5-VL), attention sinks computed from the input, DeepSeek-style
 MLA, hybrids with convolution or recurrent layers).
@@ -100,8 +102,8 @@ MLA, hybrids with convolution or recurrent layers).
 Multimodal RoPE: these models' rotary embedding takes position_ids ``(3, batch, seqlen)``, a
 temporal, height and width position per token (the same three for text), and each pair of the
 table turns by one of the three: which one, transformers' ``recomposition_frequencies`` of the
-model's rotary embedding says (contiguous ``mrope_section`` sections in Qwen2-VL, interleaved ones
-from Qwen3-VL on), read when patching by giving it frequencies that name their section and pair.
+model's rotary embedding says (contiguous ``mrope_section`` sections in Qwen2-VL and GLM-4V,
+interleaved ones from Qwen3-VL on), read when patching by giving it frequencies that name their section and pair.
 The patched ``rotary_emb`` is a :class:`PiropeMultimodalRotaryEmbedding`: where the three sections
 agree (text) it hands the layers the cached table and those positions, as for any model; otherwise
 one float32 row per token (float64 angles) and position_ids indexing them, which both paths take
@@ -379,11 +381,13 @@ class _Family(NamedTuple):
     # "linear_attention": a Gated DeltaNet, no RoPE), which the patch leaves as they are; None:
     # every layer has the attention
     linear_layers: str | None = None
-    # multimodal RoPE (mRoPE: Qwen2-VL, Qwen3-VL, Qwen3.5): the rotary embedding takes position_ids
-    # (3, batch, seqlen), a temporal, height and width position per token, and each pair of the
-    # table turns by the position of one of them (its recomposition_frequencies says which, read
-    # when patching); the layers get the text positions (transformers' text_position_ids, which
-    # delimit packed sequences) as their position_ids kwarg
+    # multimodal RoPE (mRoPE: Qwen2-VL, Qwen3-VL, Qwen3.5, GLM-4V): the rotary embedding takes
+    # position_ids (3, batch, seqlen), a temporal, height and width position per token, and each pair
+    # of the table turns by the position of one of them (its recomposition_frequencies says which,
+    # read when patching); the layers get the text positions (transformers' text_position_ids, which
+    # delimit packed sequences) as their position_ids kwarg, or None (GLM-4V-MoE passes the three
+    # sections there: packing is then read from all three, where an image's positions repeat, so
+    # calls with an image do not fuse)
     mrope: bool = False
 
 
@@ -462,6 +466,11 @@ _FAMILIES: dict[str, _Family] = {
                             linear_layers="linear_attention", mrope=True),
     "qwen3_5_moe_text": _Family("separate", None, True, qk_norm="head", q_gate="q_proj",
                                 linear_layers="linear_attention", mrope=True),
+    # GLM-4.1V / GLM-4.5V's language models: LLaMA's attention (q/k/v biases in GLM-4V), partial rotary;
+    # GLM-4V and GLM-OCR rotate interleaved pairs, GLM-4V-MoE rotate-half ones (GLM-4.5's)
+    "glm4v_text": _Family("separate", None, True, interleaved=True, mrope=True),
+    "glm_ocr_text": _Family("separate", None, True, interleaved=True, mrope=True),
+    "glm4v_moe_text": _Family("separate", None, True, mrope=True),  # (GLM-4.5's attention, no q/k norms)
     "solar_open": _Family("separate", None, False),
     "cwm": _Family("separate", "module", False),  # Ministral's
     # Ministral 3 (Ministral3ForCausalLM; Mistral3ForConditionalGeneration's language model is one):
@@ -1255,7 +1264,8 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     segment_positions = position_ids  # the positions whose runs are the sequences of the call
     if family.mrope and kwargs.get("position_ids") is not None:
         # multimodal RoPE: the text positions transformers passes the layers (not those of the
-        # tables, whose image tokens jump) delimit packed sequences, as in its masks
+        # tables, whose image tokens jump) delimit packed sequences, as in its masks (where they
+        # are the three sections, GLM-4V-MoE's, any jump in them counts: see _Family.mrope)
         segment_positions = kwargs["position_ids"]
         if torch.compiler.is_compiling():
             packed = None
