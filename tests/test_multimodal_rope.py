@@ -1,5 +1,5 @@
 """Multimodal RoPE (mRoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and its MoE, Qwen3.5 and its MoE, GLM-4V and
-its MoE, GLM-OCR), against transformers' own models on the same weights.
+its MoE, GLM-OCR, PaddleOCR-VL), against transformers' own models on the same weights.
 
 Their language models take position_ids (3, batch, seqlen): a temporal, height and width position
 per token, the same three for text and different ones for the tokens of an image, and each rotary
@@ -79,6 +79,11 @@ MROPE = {
                   dict(COMMON, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
                        n_group=1, topk_group=1, rope_parameters=GLM_SECTIONS), GLM_VISION, "glm4v_moe_text",
                   (0, 1, 1, 2), 2),
+    # PaddleOCR-VL: ERNIE 4.5 0.3B with Qwen2-VL's attention and sections
+    "paddleocr_vl": ("PaddleOCRVLConfig", "PaddleOCRVLForConditionalGeneration", dict(COMMON, rope_parameters=SECTIONS),
+                     dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          patch_size=14, spatial_merge_size=2, image_size=56),
+                     "paddleocr_vl_text", (0, 0, 1, 1, 1, 2, 2, 2), 2),
 }
 
 
@@ -100,14 +105,15 @@ def make(name, **text):
     return model
 
 
-def with_image(x, at=10):
+def with_image(name, x, at=10):
     """x with an image (vision start, 8 image tokens, vision end) from token `at`, and the inputs
-    that go with it."""
+    of model `name` that go with it."""
     x = x.clone()
     x[:, at] = VISION_START
     x[:, at + 1:at + 9] = IMAGE
     x[:, at + 9] = VISION_END
-    return x, dict(pixel_values=PIXELS.repeat(x.shape[0], 1), image_grid_thw=GRID.repeat(x.shape[0], 1),
+    pixels = PIXELS if name != "paddleocr_vl" else PIXELS.view(32, 3, 2, 14, 14)[:, :, 0]  # its patches: one frame
+    return x, dict(pixel_values=torch.cat([pixels] * x.shape[0]), image_grid_thw=GRID.repeat(x.shape[0], 1),
                    mm_token_type_ids=(x == IMAGE).int())
 
 
@@ -153,7 +159,7 @@ def test_position_interpolation_equals_transformers_with_and_without_an_image(na
     x = ids(1, 100)  # text, past the original window: the three sections agree, the table path
     assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
     assert fused_calls == fused and sectioned == []
-    x, image = with_image(x)  # an image: the sections disagree on its tokens and the text after it
+    x, image = with_image(name, x)  # an image: the sections disagree on its tokens and the text after it
     fused_calls.clear()
     assert_same(logits_and_grads(model, x, **image), logits_and_grads(ref, x, **image))
     # (GLM-4V-MoE hands its layers the three sections as their position_ids, not the text positions:
@@ -170,7 +176,7 @@ def test_position_interpolation_equals_transformers_with_and_without_an_image(na
 def test_patch_rope_keeps_the_model_with_images_in_a_batch(name, fused_calls):
     base = make(name)
     model = patch_rope(copy.deepcopy(base), attention="fused")
-    x, image = with_image(ids(2, 40))
+    x, image = with_image(name, ids(2, 40))
     x[1, 30:] = ids(1, 10, seed=5)  # two rows, different tokens after the image
     assert_same(logits_and_grads(model, x, **image), logits_and_grads(twin(base), x, **image))
     assert fused_calls == [(2, 40, 4, 16)] * MROPE[name][6]
@@ -182,7 +188,7 @@ def test_the_sections_are_what_makes_the_image_tokens_right(name, monkeypatch):
     # it), the image's logits are not transformers'
     base = make(name)
     model = patch_rope(copy.deepcopy(base), attention="fused")
-    x, image = with_image(ids(1, 40))
+    x, image = with_image(name, ids(1, 40))
     monkeypatch.setattr(model.model.language_model.rotary_emb, "pair_rows", (0,) * 8)
     with torch.no_grad():
         got, want = model(x, **image).logits, base(x, **image).logits
@@ -195,7 +201,7 @@ def test_fused_prefill_then_cached_decoding_with_an_image_generates_like_transfo
     base = make(name)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
     ref = twin(base, model.config)
-    x, image = with_image(ids(1, 70))
+    x, image = with_image(name, ids(1, 70))
     with torch.no_grad():
         a = model.generate(x, **image, max_new_tokens=6, do_sample=False, output_logits=True,
                            return_dict_in_generate=True)
@@ -210,7 +216,7 @@ def packed_positions(name):
     """Two sequences of 50 packed into one row, an image in each, as transformers' 4-row
     position_ids: the text positions (restarting at the second sequence), then the three sections."""
     model = make(name)
-    x, image = with_image(ids(1, 50))
+    x, image = with_image(name, ids(1, 50))
     with torch.no_grad():
         one = model.model.get_rope_index(x, image_grid_thw=GRID, mm_token_type_ids=image["mm_token_type_ids"])[0]
     text = torch.arange(50)[None, None]
@@ -295,7 +301,7 @@ def test_patching_again_keeps_the_sections(fused_calls):
     model = patch_rope(copy.deepcopy(base))
     model = apply_position_interpolation(model, 2.0)  # the rotary embedding is pirope's now
     assert model.model.language_model.rotary_emb.pair_rows == MROPE["qwen3_vl"][5]
-    x, image = with_image(ids(1, 100))
+    x, image = with_image("qwen3_vl", ids(1, 100))
     assert_same(logits_and_grads(model, x, **image), logits_and_grads(twin(base, model.config), x, **image))
 
 
@@ -304,7 +310,7 @@ def test_compiled_model_with_an_image_equals_transformers():
     base = make("qwen2_vl")
     model = patch_rope(copy.deepcopy(base), attention="fused")
     lm = torch.compile(model.model.language_model)
-    x, image = with_image(ids(1, 40))
+    x, image = with_image("qwen2_vl", ids(1, 40))
     with torch.no_grad():
         positions = base.model.get_rope_index(x, image_grid_thw=GRID, mm_token_type_ids=image["mm_token_type_ids"])[0]
         embeds = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(7))

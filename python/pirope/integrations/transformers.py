@@ -94,7 +94,8 @@ scaled, the vision tower is left alone, and ``config.text_config`` is updated (s
 ``qwen3_5_text`` and ``qwen3_5_moe_text`` (Qwen3.5 and its MoE, also ``Qwen3_5ForCausalLM``:
 Qwen3-Next's), ``glm4v_text`` and ``glm_ocr_text`` (GLM-4.1V, GLM-OCR: LLaMA's attention, interleaved
 pairs, partial rotary) and ``glm4v_moe_text`` (GLM-4.5V: rotate-half pairs, partial rotary; its layers
-get the three sections as position_ids, so its calls with an image take the "sdpa" path). Anything else raises ``TypeError`` rather than risk a silently different model
+get the three sections as position_ids, so its calls with an image take the "sdpa" path),
+``paddleocr_vl_text`` (PaddleOCR-VL: Qwen2-VL's attention). Anything else raises ``TypeError`` rather than risk a silently different model
 (e.g. PhiMoE's rotary embedding with its own short/long ``mscale``, a multimodal RoPE that moves
 frequencies between pairs (ERNIE 4.5-VL), attention sinks computed from the input, DeepSeek-style
 MLA, hybrids with convolution or recurrent layers).
@@ -471,6 +472,8 @@ _FAMILIES: dict[str, _Family] = {
     "glm4v_text": _Family("separate", None, True, interleaved=True, mrope=True),
     "glm_ocr_text": _Family("separate", None, True, interleaved=True, mrope=True),
     "glm4v_moe_text": _Family("separate", None, True, mrope=True),  # (GLM-4.5's attention, no q/k norms)
+    # PaddleOCR-VL's language model (ERNIE 4.5 0.3B with multimodal RoPE): Qwen2-VL's attention
+    "paddleocr_vl_text": _Family("separate", "module", False, mrope=True),
     "solar_open": _Family("separate", None, False),
     "cwm": _Family("separate", "module", False),  # Ministral's
     # Ministral 3 (Ministral3ForCausalLM; Mistral3ForConditionalGeneration's language model is one):
