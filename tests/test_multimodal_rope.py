@@ -35,7 +35,8 @@ TOKENS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=
 GRID = torch.tensor([[1, 4, 8]])
 PIXELS = torch.randn(32, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(3))
 
-QWEN2_VL_VISION = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, spatial_merge_size=2, patch_size=14)
+QWEN2_VL_VISION = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, spatial_merge_size=2,
+                       patch_size=14)
 QWEN3_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
                        spatial_merge_size=2, deepstack_visual_indexes=[], num_position_embeddings=16, patch_size=14)
 # contiguous sections over the 8 rotary pairs of a head of 16: pairs 0-1 temporal, 2-4 height, 5-7 width
@@ -76,8 +77,8 @@ MROPE = {
                 "glm_ocr_text", (0, 0, 1, 1, 1, 2, 2, 2), 2),
     # rotate-half pairs (GLM-4.5's), partial rotary; layer 0 dense, layer 1 MoE
     "glm4v_moe": ("Glm4vMoeConfig", "Glm4vMoeForConditionalGeneration",
-                  dict(COMMON, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
-                       n_group=1, topk_group=1, rope_parameters=GLM_SECTIONS), GLM_VISION, "glm4v_moe_text",
+                  dict(COMMON, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       first_k_dense_replace=1, n_group=1, topk_group=1, rope_parameters=GLM_SECTIONS), GLM_VISION, "glm4v_moe_text",
                   (0, 1, 1, 2), 2),
     # PaddleOCR-VL: ERNIE 4.5 0.3B with Qwen2-VL's attention and sections
     "paddleocr_vl": ("PaddleOCRVLConfig", "PaddleOCRVLForConditionalGeneration", dict(COMMON, rope_parameters=SECTIONS),
@@ -315,5 +316,6 @@ def test_compiled_model_with_an_image_equals_transformers():
         positions = base.model.get_rope_index(x, image_grid_thw=GRID, mm_token_type_ids=image["mm_token_type_ids"])[0]
         embeds = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(7))
         got = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
-        want = base.model.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
+        want = base.model.language_model(inputs_embeds=embeds, position_ids=positions,
+                                         use_cache=False).last_hidden_state
     assert_same_logits(got, want)

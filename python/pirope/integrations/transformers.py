@@ -92,20 +92,21 @@ scaled, the vision tower is left alone, and ``config.text_config`` is updated (s
 ``qwen2_vl_text`` and ``qwen2_5_vl_text`` (Qwen2-VL, Qwen2.5-VL: Qwen2's attention),
 ``qwen3_vl_text`` and ``qwen3_vl_moe_text`` (Qwen3-VL and its MoE: Qwen3's, no window),
 ``qwen3_5_text`` and ``qwen3_5_moe_text`` (Qwen3.5 and its MoE, also ``Qwen3_5ForCausalLM``:
-Qwen3-Next's), ``glm4v_text`` and ``glm_ocr_text`` (GLM-4.1V, GLM-OCR: LLaMA's attention, interleaved
-pairs, partial rotary) and ``glm4v_moe_text`` (GLM-4.5V: rotate-half pairs, partial rotary; its layers
-get the three sections as position_ids, so its calls with an image take the "sdpa" path),
-``paddleocr_vl_text`` (PaddleOCR-VL: Qwen2-VL's attention). Anything else raises ``TypeError`` rather than risk a silently different model
-(e.g. PhiMoE's rotary embedding with its own short/long ``mscale``, a multimodal RoPE that moves
-frequencies between pairs (ERNIE 4.5-VL), attention sinks computed from the input, DeepSeek-style
-MLA, hybrids with convolution or recurrent layers).
+Qwen3-Next's), ``glm4v_text`` and ``glm_ocr_text`` (GLM-4.1V, GLM-OCR: LLaMA's attention,
+interleaved pairs, partial rotary), ``glm4v_moe_text`` (GLM-4.5V: rotate-half pairs, partial
+rotary; its layers get the three sections as position_ids, so its calls with an image take the
+"sdpa" path) and ``paddleocr_vl_text`` (PaddleOCR-VL: Qwen2-VL's attention). Anything else raises
+``TypeError`` rather than risk a silently different model (e.g. PhiMoE's rotary embedding with its
+own short/long ``mscale``, a multimodal RoPE that moves frequencies between pairs (ERNIE 4.5-VL),
+attention sinks computed from the input, DeepSeek-style MLA, hybrids with convolution or recurrent
+layers).
 
 Multimodal RoPE: these models' rotary embedding takes position_ids ``(3, batch, seqlen)``, a
 temporal, height and width position per token (the same three for text), and each pair of the
 table turns by one of the three: which one, transformers' ``recomposition_frequencies`` of the
 model's rotary embedding says (contiguous ``mrope_section`` sections in Qwen2-VL and GLM-4V,
-interleaved ones from Qwen3-VL on), read when patching by giving it frequencies that name their section and pair.
-The patched ``rotary_emb`` is a :class:`PiropeMultimodalRotaryEmbedding`: where the three sections
+interleaved ones from Qwen3-VL on), read when patching by giving it frequencies that name their
+section and pair. The patched ``rotary_emb`` is a :class:`PiropeMultimodalRotaryEmbedding`: where the three sections
 agree (text) it hands the layers the cached table and those positions, as for any model; otherwise
 one float32 row per token (float64 angles) and position_ids indexing them, which both paths take
 as they take a table. Position Interpolation divides every section's positions (transformers'
@@ -710,7 +711,7 @@ _MROPE_SECTIONS = 3  # mRoPE's position sections: temporal, height, width
 
 class PiropeMultimodalRotaryEmbedding(PiropeRotaryEmbedding):
     """Drop-in replacement of the ``rotary_emb`` of a model with multimodal RoPE (mRoPE:
-    Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), whose ``position_ids`` are ``(3, batch,
+    Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V, PaddleOCR-VL), whose ``position_ids`` are ``(3, batch,
     seqlen)``: a temporal, height and width position per token (the same three for text,
     different ones for image and video tokens). Pair ``j`` of the table turns by the
     position in section ``pair_rows[j]`` (what transformers' ``recomposition_frequencies``
