@@ -306,12 +306,14 @@ def test_patching_again_keeps_the_sections(fused_calls):
     assert_same(logits_and_grads(model, x, **image), logits_and_grads(twin(base, model.config), x, **image))
 
 
-def test_compiled_model_with_an_image_equals_transformers():
-    # under torch.compile the rows of the call's own positions are built (no host read of them)
-    base = make("qwen2_vl")
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+def test_compiled_model_with_an_image_equals_transformers(name):
+    # under torch.compile the rows of the call's own positions are built (no host read of them,
+    # nor of the text positions: one graph)
+    base = make(name)
     model = patch_rope(copy.deepcopy(base), attention="fused")
-    lm = torch.compile(model.model.language_model)
-    x, image = with_image("qwen2_vl", ids(1, 40))
+    lm = torch.compile(model.model.language_model, fullgraph=True)
+    x, image = with_image(name, ids(1, 40))
     with torch.no_grad():
         positions = base.model.get_rope_index(x, image_grid_thw=GRID, mm_token_type_ids=image["mm_token_type_ids"])[0]
         embeds = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(7))
