@@ -10,6 +10,8 @@
         --head-dim 512 --intermediate 9216 ...                     # a Gemma 4 full-attention layer
     python benchmarks/bench_decoder_layer.py --device cpu --softcap 50 --hidden 3584 --heads 16 \
         --kv-heads 8 --head-dim 256 --intermediate 14336 ...           # a Gemma 2 9B layer
+    python benchmarks/bench_decoder_layer.py --device cpu --mrope --hidden 3584 --heads 28 --kv-heads 4 \
+        --intermediate 18944 ...                                    # a Qwen2-VL 7B layer, an image
 
 The model is a Hugging Face LlamaModel with one decoder layer (random weights, --dtype,
 attn_implementation="sdpa"), a 2048-token window extended by Position Interpolation
@@ -26,6 +28,12 @@ the only one transformers takes for Gemma 2 (it refuses sdpa: SDPA has no soft-c
 --gemma4 makes it a Gemma4TextModel with one full-attention layer: heads of --head-dim (its
 global_head_dim), "proportional" RoPE (theta 1e6, a quarter of the pairs rotating) extended by
 PI as {"rope_type": "proportional", "factor": --factor}, q/k/v norms, attention scale 1.
+--mrope makes it a Qwen2VLTextModel (Qwen2-VL's language model: Qwen2's layer with q/k/v biases and
+multimodal RoPE, sections [P/4, 3P/8, 3P/8] of the P = head-dim / 2 pairs as in Qwen2-VL 7B) fed
+(3, batch, seqlen) positions of an image filling the middle half of each sequence (a square grid of
+tokens: one temporal position, a height and width position each, text after it continuing from
+the image's largest), as transformers' get_rope_index gives them: the sections disagree, so pirope
+builds one table row per token.
 Variants, all deep copies of one model (same weights, same config):
   hf            transformers as is: its linear-scaled rotary_emb + SDPA
   pirope_sdpa   patch_rope(model, attention="sdpa"): pirope.apply_rope_qk, then the
@@ -54,7 +62,7 @@ import sys
 import torch
 import transformers
 from transformers import (Gemma2Config, Gemma2Model, Gemma4TextConfig, Gemma4TextModel, LlamaConfig, LlamaModel,
-                          MistralConfig, MistralModel)
+                          MistralConfig, MistralModel, Qwen2VLTextConfig)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (DTYPES, choice_list, device_name, int_list, machine, median_ms, positive_float,  # noqa: E402
@@ -80,6 +88,12 @@ def build_model(args, device, dtype):
         rope = {"full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                    "rope_theta": 1000000.0, "factor": args.factor},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    if args.mrope:  # Qwen2-VL's language model: Qwen2's layer, multimodal RoPE sections
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+
+        config_cls, model_cls = Qwen2VLTextConfig, Qwen2VLTextModel
+        pairs = hd // 2
+        rope["mrope_section"] = [pairs // 4, 3 * pairs // 8, pairs - pairs // 4 - 3 * pairs // 8]
     if args.softcap:
         config_cls, model_cls, attn_implementation = Gemma2Config, Gemma2Model, "eager"
         windowed = dict(attn_logit_softcapping=args.softcap, query_pre_attn_scalar=hd,
@@ -95,6 +109,18 @@ def build_model(args, device, dtype):
     with torch.device(device):  # random init directly on the device (fast for 7B shapes)
         model = model_cls(config)
     return model.to(dtype).train()
+
+
+def image_positions(batch: int, seqlen: int) -> torch.Tensor:
+    """(3, batch, seqlen) multimodal RoPE positions of text, a square image of about seqlen / 2
+    tokens from seqlen / 4, then text, as transformers' get_rope_index lays them out."""
+    side = max(1, int((seqlen // 2) ** 0.5))
+    start, n = seqlen // 4, side * side
+    pos = torch.arange(seqlen).repeat(3, 1)
+    grid = torch.arange(n)
+    pos[:, start:start + n] = torch.stack([torch.zeros_like(grid), grid // side, grid % side]) + start
+    pos[:, start + n:] = torch.arange(seqlen - start - n) + start + side  # text after the image
+    return pos[:, None].expand(3, batch, seqlen).contiguous()
 
 
 def make_variant(base, name):
@@ -174,12 +200,16 @@ def main():
     ap.add_argument("--gemma4", action="store_true",
                     help="a Gemma 4 full-attention layer (proportional RoPE on a quarter of the pairs, q/k/v "
                          "norms, scale 1; --head-dim is its global head size, 512 in Gemma 4)")
+    ap.add_argument("--mrope", action="store_true",
+                    help="a Qwen2-VL language-model layer (multimodal RoPE) on the positions of an image")
     ap.add_argument("--json", default=None, help="write the rows to this path")
     args = ap.parse_args()
     args.kv_heads = args.kv_heads or args.heads
     args.head_dim = args.head_dim or args.hidden // args.heads
     if args.gemma4 and (args.softcap or args.sliding_window or args.pack > 1):
         ap.error("--gemma4 benchmarks Gemma 4's full-attention layer alone: no --softcap, --sliding-window or --pack")
+    if args.mrope and (args.gemma4 or args.softcap or args.sliding_window or args.pack > 1):
+        ap.error("--mrope benchmarks Qwen2-VL's layer alone: no --gemma4, --softcap, --sliding-window or --pack")
     if args.heads % args.kv_heads:
         ap.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     if args.head_dim % 2:
@@ -194,6 +224,7 @@ def main():
           + (f", {args.pack} packed sequences per row" if args.pack > 1 else "")
           + (f", Gemma 2 soft-cap {args.softcap:g} (eager)" if args.softcap else "")
           + (", Gemma 4 full-attention layer (proportional RoPE)" if args.gemma4 else "")
+          + (", Qwen2-VL layer (multimodal RoPE), an image in each sequence" if args.mrope else "")
           + (f", sliding window {args.sliding_window} ({'Gemma 2' if args.softcap else 'Mistral'})"
              if args.sliding_window else "")
           + (f", PIROPE_CUDA_ATTENTION={os.environ.get('PIROPE_CUDA_ATTENTION', '0 (default)')}"
@@ -212,13 +243,15 @@ def main():
         if args.pack > 1:  # N sequences per row, as even as the length allows
             bounds = [s * i // args.pack for i in range(args.pack + 1)]
             pos = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])]).to(device)[None]
+        if args.mrope:
+            pos = image_positions(args.batch, s).to(device)
         ref, hf_ms = {}, None
         for name in variants:
             row = dict(seqlen=s, variant=name, batch=args.batch, hidden=args.hidden, heads=args.heads,
                        kv_heads=args.kv_heads, head_dim=args.head_dim, intermediate=args.intermediate,
                        factor=args.factor,
                        dtype=args.dtype, device=str(device), pack=args.pack, sliding_window=args.sliding_window,
-                       softcap=args.softcap, gemma4=args.gemma4)
+                       softcap=args.softcap, gemma4=args.gemma4, mrope=args.mrope)
             try:
                 row.update(run_variant(base, name, x, grad, args.repeat, device, ref, pos))
             except RuntimeError as e:  # OOM or an unsupported call: note it, go on
