@@ -183,6 +183,27 @@ def test_patch_rope_keeps_the_model_with_images_in_a_batch(name, fused_calls):
     assert fused_calls == [(2, 40, 4, 16)] * MROPE[name][6]
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl", "glm4v", "glm4v_moe"])
+def test_a_left_padded_batch_with_an_image_equals_transformers(name, impl, fused_calls):
+    # a padding mask: the "sdpa" path (transformers' backend with it) on both paths; eager's causal
+    # mask of an unpadded call fuses (GLM-4V-MoE's layers get the three sections as position_ids:
+    # a mask's sequences are then its rows)
+    base = make(name)
+    base.model.language_model.config._attn_implementation = impl
+    model = patch_rope(copy.deepcopy(base), attention="fused")
+    x, image = with_image(name, ids(2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :3] = 0
+    assert_same(logits_and_grads(model, x, attention_mask=mask, **image),
+                logits_and_grads(base, x, attention_mask=mask, **image))
+    assert fused_calls == []
+    x, image = with_image(name, ids(1, 40))
+    assert_same(logits_and_grads(model, x, **image), logits_and_grads(base, x, **image))
+    fused = impl == "eager" or name != "glm4v_moe"  # (sdpa: no mask tensor, packing unknown)
+    assert fused_calls == ([(1, 40, 4, 16)] * 2 if fused else [])
+
+
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
 def test_the_sections_are_what_makes_the_image_tokens_right(name, monkeypatch):
     # the premise of the tests above: with every pair turned by the temporal section (plain RoPE on

@@ -94,8 +94,8 @@ scaled, the vision tower is left alone, and ``config.text_config`` is updated (s
 ``qwen3_5_text`` and ``qwen3_5_moe_text`` (Qwen3.5 and its MoE, also ``Qwen3_5ForCausalLM``:
 Qwen3-Next's), ``glm4v_text`` and ``glm_ocr_text`` (GLM-4.1V, GLM-OCR: LLaMA's attention,
 interleaved pairs, partial rotary), ``glm4v_moe_text`` (GLM-4.5V: rotate-half pairs, partial
-rotary; its layers get the three sections as position_ids, so its calls with an image take the
-"sdpa" path) and ``paddleocr_vl_text`` (PaddleOCR-VL: Qwen2-VL's attention). Anything else raises
+rotary; its layers get the three sections as position_ids, so its calls with an image fuse only
+with eager's causal mask) and ``paddleocr_vl_text`` (PaddleOCR-VL: Qwen2-VL's attention). Anything else raises
 ``TypeError`` rather than risk a silently different model (e.g. PhiMoE's rotary embedding with its
 own short/long ``mscale``, a multimodal RoPE that moves frequencies between pairs (ERNIE 4.5-VL),
 attention sinks computed from the input, DeepSeek-style MLA, hybrids with convolution or recurrent
@@ -389,7 +389,7 @@ class _Family(NamedTuple):
     # read when patching); the layers get the text positions (transformers' text_position_ids, which
     # delimit packed sequences) as their position_ids kwarg, or None (GLM-4V-MoE passes the three
     # sections there: packing is then read from all three, where an image's positions repeat, so
-    # calls with an image do not fuse)
+    # its calls with an image fuse only with a mask tensor that shows them causal, eager's)
     mrope: bool = False
 
 
@@ -1268,14 +1268,16 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     segment_positions = position_ids  # the positions whose runs are the sequences of the call
     if family.mrope and kwargs.get("position_ids") is not None:
         # multimodal RoPE: the text positions transformers passes the layers (not those of the
-        # tables, whose image tokens jump) delimit packed sequences, as in its masks (where they
-        # are the three sections, GLM-4V-MoE's, any jump in them counts: see _Family.mrope)
-        segment_positions = kwargs["position_ids"]
+        # tables, whose image tokens jump) delimit packed sequences, as in its masks. Where they
+        # are the three sections (GLM-4V-MoE's), any jump in them counts as packing, and a mask
+        # tensor's sequences are its rows (transformers builds it without positions then)
+        text_positions = kwargs["position_ids"]
+        segment_positions = text_positions if text_positions.dim() < 3 else None
         if torch.compiler.is_compiling():
             packed = None
         else:
-            packed = segment_positions.numel() > 0 and \
-                self._pirope_text_positions.get(segment_positions, _position_summary)[2]
+            packed = text_positions.numel() > 0 and \
+                self._pirope_text_positions.get(text_positions, _position_summary)[2]
     input_shape = hidden_states.shape[:-1]
     q, k, v, gate = _project(self, hidden_states)  # (B, S, H, D); gate: None, or (B, S, H * D)
     if cos.device != q.device:  # a model split over devices: the table follows the layer
