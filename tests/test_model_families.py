@@ -222,7 +222,8 @@ def fused_shapes(model_type, batch, seqlen):
 # language models of multimodal RoPE (Qwen2-VL, Qwen3-VL, GLM-4V) with no ForCausalLM of their own: tested
 # inside their multimodal models, with images, in test_multimodal_rope.py
 MROPE_LANGUAGE_MODELS_ONLY = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text", "glm4v_text",
-                              "glm_ocr_text", "glm4v_moe_text", "paddleocr_vl_text")
+                              "glm_ocr_text", "glm4v_moe_text", "paddleocr_vl_text", "qwen2_5_omni_text",
+                              "qwen3_omni_moe_text")
 
 
 def test_every_supported_family_is_tested_here():

@@ -1,5 +1,6 @@
 """Multimodal RoPE (mRoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and its MoE, Qwen3.5 and its MoE, GLM-4V and
-its MoE, GLM-OCR, PaddleOCR-VL), against transformers' own models on the same weights.
+its MoE, GLM-OCR, PaddleOCR-VL, the Qwen2.5-Omni and Qwen3-Omni thinkers), against transformers' own
+models on the same weights.
 
 Their language models take position_ids (3, batch, seqlen): a temporal, height and width position
 per token, the same three for text and different ones for the tokens of an image, and each rotary
@@ -30,13 +31,20 @@ from test_model_families import (  # noqa: E402,F401  (mask_free: a fixture)
 IMAGE, VIDEO, VISION_START, VISION_END = 250, 251, 252, 253
 TOKENS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
               vision_end_token_id=VISION_END, image_start_token_id=VISION_START, image_end_token_id=VISION_END,
-              video_start_token_id=248, video_end_token_id=249)  # (Qwen's names, then GLM's)
+              video_start_token_id=248, video_end_token_id=249,  # (Qwen's names, GLM's, Qwen2.5-Omni's)
+              image_token_index=IMAGE, video_token_index=VIDEO, audio_token_index=0, audio_token_id=0,
+              audio_start_token_id=1, audio_end_token_id=2)  # (ids() never draws 0-2)
+# the Omni thinkers' audio tower, as small as the rest
+AUDIO = dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, output_dim=64,
+             num_mel_bins=16, downsample_hidden_size=16)
 # an image of 4 x 8 patches of 14 pixels, merged 2 x 2: 8 tokens at heights 0-1 and widths 0-3
 GRID = torch.tensor([[1, 4, 8]])
 PIXELS = torch.randn(32, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(3))
 
 QWEN2_VL_VISION = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, spatial_merge_size=2,
                        patch_size=14)
+QWEN2_5_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
+                               spatial_merge_size=2, fullatt_block_indexes=[0], window_size=56, patch_size=14)
 QWEN3_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
                        spatial_merge_size=2, deepstack_visual_indexes=[], num_position_embeddings=16, patch_size=14)
 # contiguous sections over the 8 rotary pairs of a head of 16: pairs 0-1 temporal, 2-4 height, 5-7 width
@@ -56,9 +64,7 @@ MROPE = {
     "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", dict(COMMON, rope_parameters=SECTIONS),
                  QWEN2_VL_VISION, "qwen2_vl_text", (0, 0, 1, 1, 1, 2, 2, 2), 2),
     "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", dict(COMMON, rope_parameters=SECTIONS),
-                   dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
-                        spatial_merge_size=2, fullatt_block_indexes=[0], window_size=56, patch_size=14),
-                   "qwen2_5_vl_text", (0, 0, 1, 1, 1, 2, 2, 2), 2),
+                   QWEN2_5_VL_VISION, "qwen2_5_vl_text", (0, 0, 1, 1, 1, 2, 2, 2), 2),
     "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", dict(COMMON, rope_parameters=INTERLEAVED),
                  QWEN3_VL_VISION, "qwen3_vl_text", (0, 1, 2, 0, 1, 2, 0, 1), 2),
     "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration",
@@ -78,13 +84,22 @@ MROPE = {
     # rotate-half pairs (GLM-4.5's), partial rotary; layer 0 dense, layer 1 MoE
     "glm4v_moe": ("Glm4vMoeConfig", "Glm4vMoeForConditionalGeneration",
                   dict(COMMON, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       first_k_dense_replace=1, n_group=1, topk_group=1, rope_parameters=GLM_SECTIONS), GLM_VISION, "glm4v_moe_text",
+                       first_k_dense_replace=1, n_group=1, topk_group=1, rope_parameters=GLM_SECTIONS), GLM_VISION,
+                  "glm4v_moe_text",
                   (0, 1, 1, 2), 2),
     # PaddleOCR-VL: ERNIE 4.5 0.3B with Qwen2-VL's attention and sections
     "paddleocr_vl": ("PaddleOCRVLConfig", "PaddleOCRVLForConditionalGeneration", dict(COMMON, rope_parameters=SECTIONS),
                      dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                           patch_size=14, spatial_merge_size=2, image_size=56),
                      "paddleocr_vl_text", (0, 0, 1, 1, 1, 2, 2, 2), 2),
+    # the Omni thinkers (text, image, audio in; text out): Qwen2.5-Omni's is Qwen2.5-VL's language model,
+    # Qwen3-Omni's Qwen3-VL-MoE's (with a sliding_window kwarg)
+    "qwen2_5_omni": ("Qwen2_5OmniThinkerConfig", "Qwen2_5OmniThinkerForConditionalGeneration",
+                     dict(COMMON, rope_parameters=SECTIONS), QWEN2_5_VL_VISION, "qwen2_5_omni_text",
+                     (0, 0, 1, 1, 1, 2, 2, 2), 2),
+    "qwen3_omni_moe": ("Qwen3OmniMoeThinkerConfig", "Qwen3OmniMoeThinkerForConditionalGeneration",
+                       dict(COMMON, **QWEN3_MOE, rope_parameters=INTERLEAVED), QWEN3_VL_VISION, "qwen3_omni_moe_text",
+                       (0, 1, 2, 0, 1, 2, 0, 1), 2),
 }
 
 
@@ -92,18 +107,25 @@ def make(name, **text):
     config_cls, model_cls, text_config, vision_config, *_ = MROPE[name]
     if not hasattr(transformers, config_cls):
         pytest.skip(f"transformers {transformers.__version__} has no {config_cls}")
+    audio = {"audio_config": dict(AUDIO)} if "Omni" in config_cls else {}
     config = getattr(transformers, config_cls)(text_config=copy.deepcopy({**text_config, **text}),
-                                               vision_config=copy.deepcopy(vision_config), **TOKENS)
+                                               vision_config=copy.deepcopy(vision_config), **audio, **TOKENS)
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config).eval()
-    if not hasattr(model.model.language_model.layers[-1].self_attn, "q_norm"):
+    if not hasattr(language_model(model).layers[-1].self_attn, "q_norm"):
         # Qwen2-VL's height and width sections turn its slowest pairs: scores of a few units (the
         # random init's are ~0.1) so that their angles show in the logits (q/k norms would undo it)
         with torch.no_grad():
-            for layer in model.model.language_model.layers:
+            for layer in language_model(model).layers:
                 layer.self_attn.q_proj.weight.mul_(SHARPEN)
                 layer.self_attn.k_proj.weight.mul_(SHARPEN)
     return model
+
+
+def language_model(model):
+    """The language model of a multimodal model (the text model itself in older transformers' Omni
+    thinkers, which hold it as .model)."""
+    return getattr(model.model, "language_model", model.model)
 
 
 def with_image(name, x, at=10):
@@ -114,8 +136,11 @@ def with_image(name, x, at=10):
     x[:, at + 1:at + 9] = IMAGE
     x[:, at + 9] = VISION_END
     pixels = PIXELS if name != "paddleocr_vl" else PIXELS.view(32, 3, 2, 14, 14)[:, :, 0]  # its patches: one frame
-    return x, dict(pixel_values=torch.cat([pixels] * x.shape[0]), image_grid_thw=GRID.repeat(x.shape[0], 1),
-                   mm_token_type_ids=(x == IMAGE).int())
+    inputs = dict(pixel_values=torch.cat([pixels] * x.shape[0]), image_grid_thw=GRID.repeat(x.shape[0], 1),
+                  mm_token_type_ids=(x == IMAGE).int())
+    if "omni" in name:  # (the Omni thinkers lay out multimodal positions only given an attention mask)
+        inputs["attention_mask"] = torch.ones_like(x)
+    return x, inputs
 
 
 @pytest.fixture
@@ -147,7 +172,7 @@ def test_position_interpolation_equals_transformers_with_and_without_an_image(na
                                                                                sectioned, tmp_path):
     base = make(name)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
-    lm = model.model.language_model
+    lm = language_model(model)
     assert lm.config.model_type == MROPE[name][4] and lm.config is model.config.get_text_config()
     assert isinstance(lm.rotary_emb, PiropeMultimodalRotaryEmbedding)
     assert lm.rotary_emb.pair_rows == MROPE[name][5]
@@ -190,7 +215,7 @@ def test_a_left_padded_batch_with_an_image_equals_transformers(name, impl, fused
     # mask of an unpadded call fuses (GLM-4V-MoE's layers get the three sections as position_ids:
     # a mask's sequences are then its rows)
     base = make(name)
-    base.model.language_model.config._attn_implementation = impl
+    language_model(base).config._attn_implementation = impl
     model = patch_rope(copy.deepcopy(base), attention="fused")
     x, image = with_image(name, ids(2, 40))
     mask = torch.ones(2, 40, dtype=torch.long)
@@ -211,7 +236,7 @@ def test_the_sections_are_what_makes_the_image_tokens_right(name, monkeypatch):
     base = make(name)
     model = patch_rope(copy.deepcopy(base), attention="fused")
     x, image = with_image(name, ids(1, 40))
-    monkeypatch.setattr(model.model.language_model.rotary_emb, "pair_rows", (0,) * 8)
+    monkeypatch.setattr(language_model(model).rotary_emb, "pair_rows", (0,) * 8)
     with torch.no_grad():
         got, want = model(x, **image).logits, base(x, **image).logits
     torch.testing.assert_close(got[:, :11], want[:, :11], rtol=1e-5, atol=1e-5)  # before the image
@@ -253,7 +278,7 @@ def test_packed_sequences_with_images_attend_within_themselves(name, impl, mask_
     # without a mask (flash attention's way) reads the packing from the position_ids the layers get,
     # so the fused path, which would attend across the sequences, must not be taken
     positions = packed_positions(name)
-    base = make(name).model.language_model
+    base = language_model(make(name))
     base.config._attn_implementation = impl
     model = patch_rope(copy.deepcopy(base), attention="fused")
     embeds = torch.randn(1, 100, 64, generator=torch.Generator().manual_seed(6))
@@ -285,12 +310,12 @@ def test_sectioned_rows_equal_a_float64_reference():
 
 
 def test_the_rotary_embedding_rejects_malformed_position_ids():
-    rotary = patch_rope(make("qwen2_vl")).model.language_model.rotary_emb
+    rotary = language_model(patch_rope(make("qwen2_vl"))).rotary_emb
     x = torch.zeros(1, 5, 64)
     with pytest.raises(ValueError, match=r"position_ids .*\(3, batch, seqlen\)"):
         rotary(x, torch.zeros(2, 1, 5, dtype=torch.long))
-    with pytest.raises(TypeError, match="position_ids must be int32 or int64"):
-        rotary(x, torch.zeros(3, 1, 5))
+    with pytest.raises(TypeError, match="position_ids must be int32, int64 or floating-point"):
+        rotary(x, torch.zeros(3, 1, 5, dtype=torch.bool))
     # one section, or (batch, seqlen): text, the plain table
     tables = rotary(x, torch.arange(5)[None, None])
     assert torch.equal(tables.position_ids, torch.arange(5)[None])
@@ -299,30 +324,45 @@ def test_the_rotary_embedding_rejects_malformed_position_ids():
         PiropeMultimodalRotaryEmbedding(16, pair_rows=(0, 1, 2), max_position_embeddings=WINDOW)
 
 
+def test_floating_point_positions_get_the_rows_of_their_own_positions():
+    # Qwen3-Omni's positions are float32 (video and audio timed in fractions of a position)
+    rotary = language_model(patch_rope(make("qwen3_vl"))).rotary_emb
+    x = torch.zeros(1, 4, 64)
+    positions = torch.tensor([[[0.0, 1.0, 2.5, 7.25]], [[0.0, 1.0, 2.0, 3.0]], [[0.0, 1.5, 2.0, 40000.75]]])
+    tables = rotary(x, positions)
+    assert torch.equal(tables.position_ids, torch.arange(4)[None])
+    picked = torch.stack([positions[r, 0].double() for r in rotary.pair_rows], dim=-1)  # (4, 8)
+    angles = picked * rotary.inv_freq.double()  # (the frequencies are rope_frequencies', tested on their own)
+    torch.testing.assert_close(tables.cos, angles.cos().float(), rtol=0, atol=0)
+    torch.testing.assert_close(tables.sin, angles.sin().float(), rtol=0, atol=0)
+    whole = positions.floor()  # whole positions as floats: the rows of the same positions as ints
+    assert torch.equal(rotary(x, whole).cos, rotary(x, whole.long()).cos[rotary(x, whole.long()).position_ids[0]])
+
+
 def test_sections_that_do_not_fit_the_head_are_refused_unchanged():
     # Qwen2-VL's sections must split the 8 pairs exactly (transformers' own forward fails otherwise)
     base = make("qwen2_vl")
-    base.model.language_model.rotary_emb.mrope_section = [2, 3, 4]
+    language_model(base).rotary_emb.mrope_section = [2, 3, 4]
     with pytest.raises(ValueError, match="mrope_section"):
         apply_position_interpolation(base, 2.0)
-    assert type(base.model.language_model.rotary_emb).__module__.startswith("transformers")
+    assert type(language_model(base).rotary_emb).__module__.startswith("transformers")
     assert base.config.get_text_config().max_position_embeddings == WINDOW
 
 
 def test_a_layout_that_moves_frequencies_between_pairs_is_refused(monkeypatch):
     base = make("qwen2_vl")
-    rotary = base.model.language_model.rotary_emb
+    rotary = language_model(base).rotary_emb
     monkeypatch.setattr(rotary, "recomposition_frequencies", lambda f: torch.cat([f[0].flip(-1)] * 2, dim=-1))
     with pytest.raises(TypeError, match="moves frequencies between pairs"):
         patch_rope(base)
-    assert base.model.language_model.rotary_emb is rotary
+    assert language_model(base).rotary_emb is rotary
 
 
 def test_patching_again_keeps_the_sections(fused_calls):
     base = make("qwen3_vl")
     model = patch_rope(copy.deepcopy(base))
     model = apply_position_interpolation(model, 2.0)  # the rotary embedding is pirope's now
-    assert model.model.language_model.rotary_emb.pair_rows == MROPE["qwen3_vl"][5]
+    assert language_model(model).rotary_emb.pair_rows == MROPE["qwen3_vl"][5]
     x, image = with_image("qwen3_vl", ids(1, 100))
     assert_same(logits_and_grads(model, x, **image), logits_and_grads(twin(base, model.config), x, **image))
 
@@ -333,12 +373,12 @@ def test_compiled_model_with_an_image_equals_transformers(name):
     # nor of the text positions: one graph)
     base = make(name)
     model = patch_rope(copy.deepcopy(base), attention="fused")
-    lm = torch.compile(model.model.language_model, fullgraph=True)
+    lm = torch.compile(language_model(model), fullgraph=True)
     x, image = with_image(name, ids(1, 40))
     with torch.no_grad():
         positions = base.model.get_rope_index(x, image_grid_thw=GRID, mm_token_type_ids=image["mm_token_type_ids"])[0]
         embeds = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(7))
         got = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
-        want = base.model.language_model(inputs_embeds=embeds, position_ids=positions,
+        want = language_model(base)(inputs_embeds=embeds, position_ids=positions,
                                          use_cache=False).last_hidden_state
     assert_same_logits(got, want)

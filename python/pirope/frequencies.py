@@ -115,7 +115,12 @@ def rope_cos_sin(
     else:
         n = _checks.integer(op, "positions", positions, minimum=0)
         pos = torch.arange(n, device=device, dtype=torch.float64)
-    angles = pos[:, None] * inv_freq.to(torch.float64)[None, :]
+    return _cos_sin_of(pos, inv_freq, factor)
+
+
+def _cos_sin_of(pos: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin ``(len(pos), len(inv_freq))`` of the float64 angles pos * inv_freq, times factor."""
+    angles = pos.to(device=inv_freq.device, dtype=torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]
     cos = angles.cos()
     sin = angles.sin()
     if factor != 1.0:
@@ -168,13 +173,17 @@ def rows_of_sectioned_positions(inv_freq: torch.Tensor, position_ids: torch.Tens
     Qwen2-VL and its successors), where a token has one position per section (temporal,
     height, width): ``position_ids`` is ``(sections, *shape)`` and pair ``j`` of a token turns
     by ``inv_freq[j]`` times its position in section ``pair_rows[j]``. One row per token of
-    ``shape``; the same float64 angles as a table's rows."""
+    ``shape``; the same float64 angles as a table's rows. Positions may be floating-point
+    (Qwen3-Omni times video and audio tokens in fractions of a position)."""
     sections, n = position_ids.shape[0], position_ids[0].numel()
     pair_rows = tuple(pair_rows)
     if len(pair_rows) != inv_freq.numel() or not all(0 <= r < sections for r in pair_rows):
         raise ValueError(f"pair_rows must give one section in [0, {sections}) for each of the {inv_freq.numel()} "
                          f"pairs, got {list(pair_rows)}")
-    cos, sin = rope_cos_sin(inv_freq, position_ids.reshape(-1), attention_factor)  # (sections * n, pairs)
+    if position_ids.is_floating_point():
+        cos, sin = _cos_sin_of(position_ids.reshape(-1), inv_freq, attention_factor)  # (sections * n, pairs)
+    else:
+        cos, sin = rope_cos_sin(inv_freq, position_ids.reshape(-1), attention_factor)
     rows = torch.tensor(pair_rows, dtype=torch.int64, device=cos.device)
     # row of token t for pair j: section pair_rows[j]'s row of t
     pick = rows[None, :] * n + torch.arange(n, device=cos.device)[:, None]

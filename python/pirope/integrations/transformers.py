@@ -95,11 +95,14 @@ scaled, the vision tower is left alone, and ``config.text_config`` is updated (s
 Qwen3-Next's), ``glm4v_text`` and ``glm_ocr_text`` (GLM-4.1V, GLM-OCR: LLaMA's attention,
 interleaved pairs, partial rotary), ``glm4v_moe_text`` (GLM-4.5V: rotate-half pairs, partial
 rotary; its layers get the three sections as position_ids, so its calls with an image fuse only
-with eager's causal mask) and ``paddleocr_vl_text`` (PaddleOCR-VL: Qwen2-VL's attention). Anything else raises
-``TypeError`` rather than risk a silently different model (e.g. PhiMoE's rotary embedding with its
-own short/long ``mscale``, a multimodal RoPE that moves frequencies between pairs (ERNIE 4.5-VL),
-attention sinks computed from the input, DeepSeek-style MLA, hybrids with convolution or recurrent
-layers).
+with eager's causal mask), ``paddleocr_vl_text`` (PaddleOCR-VL: Qwen2-VL's attention),
+``qwen2_5_omni_text`` and ``qwen3_omni_moe_text`` (the language models of the Qwen2.5-Omni and
+Qwen3-Omni thinkers, ``*ThinkerForConditionalGeneration``: Qwen2.5-VL's and Qwen3-VL-MoE's, the
+latter with a window; Qwen3-Omni's float positions, fractional for timed video and audio, always
+get rows of their own). Anything else raises ``TypeError`` rather than risk a silently different
+model (e.g. PhiMoE's rotary embedding with its own short/long ``mscale``, a multimodal RoPE that
+moves frequencies between pairs (ERNIE 4.5-VL), attention sinks computed from the input,
+DeepSeek-style MLA, hybrids with convolution or recurrent layers).
 
 Multimodal RoPE: these models' rotary embedding takes position_ids ``(3, batch, seqlen)``, a
 temporal, height and width position per token (the same three for text), and each pair of the
@@ -475,6 +478,10 @@ _FAMILIES: dict[str, _Family] = {
     "glm4v_moe_text": _Family("separate", None, True, mrope=True),  # (GLM-4.5's attention, no q/k norms)
     # PaddleOCR-VL's language model (ERNIE 4.5 0.3B with multimodal RoPE): Qwen2-VL's attention
     "paddleocr_vl_text": _Family("separate", "module", False, mrope=True),
+    # the thinkers' language models of Qwen2.5-Omni (Qwen2-VL's attention) and Qwen3-Omni (Qwen3's, with
+    # Qwen3-VL's interleaved sections)
+    "qwen2_5_omni_text": _Family("separate", "module", False, mrope=True),
+    "qwen3_omni_moe_text": _Family("separate", "module", False, qk_norm="head", mrope=True),
     "solar_open": _Family("separate", None, False),
     "cwm": _Family("separate", "module", False),  # Ministral's
     # Ministral 3 (Ministral3ForCausalLM; Mistral3ForConditionalGeneration's language model is one):
@@ -722,6 +729,8 @@ class PiropeMultimodalRotaryEmbedding(PiropeRotaryEmbedding):
     hold one row per token (float64 angles, rounded once) and ``position_ids`` index them
     (``0 .. batch * seqlen - 1``), which every pirope op and both attention paths take as
     they take a table. ``(batch, seqlen)`` position_ids (or one section) mean text.
+    Floating-point position_ids (Qwen3-Omni's, which time video and audio tokens in fractions of
+    a position) always get the rows of their own positions.
     """
 
     def __init__(self, head_dim: int, *, pair_rows, **kwargs):
@@ -743,12 +752,19 @@ class PiropeMultimodalRotaryEmbedding(PiropeRotaryEmbedding):
             raise ValueError(
                 f"pirope rotary embedding: position_ids of multimodal RoPE must be (batch, seqlen) or "
                 f"({_MROPE_SECTIONS}, batch, seqlen) (temporal, height, width), got shape {tuple(position_ids.shape)}")
-        if position_ids.shape[0] == 1 or position_ids.numel() == 0:
+        floating = position_ids.is_floating_point()
+        if floating:  # every section, for the rows of their own positions
+            position_ids = position_ids.expand(_MROPE_SECTIONS, *position_ids.shape[1:])
+        elif position_ids.shape[0] == 1 or position_ids.numel() == 0:
             return super().forward(x, position_ids[0])
-        if position_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"pirope rotary embedding: position_ids must be int32 or int64, got {position_ids.dtype}")
+        elif position_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"pirope rotary embedding: position_ids must be int32, int64 or floating-point, got "
+                            f"{position_ids.dtype}")
         if torch.compiler.is_compiling() and not self._plan.length_dependent:
             return self._sectioned_rows(None, position_ids, x.device, None)  # (as PiropeRotaryEmbedding)
+        if floating:
+            high = position_ids.max().item() if position_ids.numel() else 0  # (transformers' length: max + 1)
+            return self._sectioned_rows(self._plan.key(max(math.floor(high) + 1, 1)), position_ids, x.device, False)
         low, high, packed, agree = self._positions.get(position_ids, _sectioned_summary)
         if agree:  # text: plain RoPE on those positions
             return self._tables_for(x, position_ids[0], (low, high, packed))
@@ -838,8 +854,10 @@ def _language_model(model):
     if not isinstance(model, PreTrainedModel) or getattr(model.config, "model_type", None) in _FAMILIES:
         return model
     text_config = model.config.get_text_config()
-    for owner in (getattr(model, "model", None), model):
-        lm = getattr(owner, "language_model", None)
+    inner = getattr(model, "model", None)
+    # model.model.language_model (LLaVA, Gemma 3, Qwen2-VL, ...), model.language_model, or model.model
+    # itself (the Omni thinkers of older transformers, 5.17 among them, hold their text model there)
+    for lm in (getattr(inner, "language_model", None), getattr(model, "language_model", None), inner):
         if (isinstance(lm, PreTrainedModel) and lm.config is text_config
                 and getattr(lm.config, "model_type", None) in _FAMILIES):
             return lm
