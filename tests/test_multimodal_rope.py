@@ -335,6 +335,9 @@ def test_floating_point_positions_get_the_rows_of_their_own_positions():
     angles = picked * rotary.inv_freq.double()  # (the frequencies are rope_frequencies', tested on their own)
     torch.testing.assert_close(tables.cos, angles.cos().float(), rtol=0, atol=0)
     torch.testing.assert_close(tables.sin, angles.sin().float(), rtol=0, atol=0)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="position_ids must be finite"):
+            rotary(x, positions.index_fill(-1, torch.tensor([1]), bad))
     whole = positions.floor()  # whole positions as floats: the rows of the same positions as ints
     assert torch.equal(rotary(x, whole).cos, rotary(x, whole.long()).cos[rotary(x, whole.long()).position_ids[0]])
 

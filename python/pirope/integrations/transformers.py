@@ -763,7 +763,10 @@ class PiropeMultimodalRotaryEmbedding(PiropeRotaryEmbedding):
         if torch.compiler.is_compiling() and not self._plan.length_dependent:
             return self._sectioned_rows(None, position_ids, x.device, None)  # (as PiropeRotaryEmbedding)
         if floating:
-            high = position_ids.max().item() if position_ids.numel() else 0  # (transformers' length: max + 1)
+            low, high = torch.stack(torch.aminmax(position_ids)).tolist() if position_ids.numel() else (0, 0)
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"pirope rotary embedding: position_ids must be finite, got values in [{low}, {high}]")
+            # (transformers' length: the largest position + 1)
             return self._sectioned_rows(self._plan.key(max(math.floor(high) + 1, 1)), position_ids, x.device, False)
         low, high, packed, agree = self._positions.get(position_ids, _sectioned_summary)
         if agree:  # text: plain RoPE on those positions
