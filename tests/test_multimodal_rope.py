@@ -342,6 +342,25 @@ def test_floating_point_positions_get_the_rows_of_their_own_positions():
     assert torch.equal(rotary(x, whole).cos, rotary(x, whole.long()).cos[rotary(x, whole.long()).position_ids[0]])
 
 
+@pytest.mark.parametrize("scaling", [{"rope_type": "dynamic", "factor": 2.0},
+                                     {"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0] * 8,
+                                      "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]}],
+                         ids=["dynamic", "longrope"])
+@pytest.mark.parametrize("largest", [63.25, 73.25])
+def test_fractional_positions_pick_the_length_dependent_table_as_transformers(scaling, largest):
+    # transformers' length is max(position_ids) + 1 with the fraction: 64.25 is past the window of 64
+    base = language_model(make("qwen3_vl"))
+    model = patch_rope(copy.deepcopy(base), scaling=scaling)
+    ref = twin(base, model.config)
+    positions = torch.arange(40, dtype=torch.float32).expand(3, 1, 40).clone()
+    positions[0, :, 10:] += largest - 39  # temporal positions with a fraction
+    embeds = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        got = model(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
+        want = ref(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
+    assert_same_logits(got, want)
+
+
 def test_sections_that_do_not_fit_the_head_are_refused_unchanged():
     # Qwen2-VL's sections must split the 8 pairs exactly (transformers' own forward fails otherwise)
     base = make("qwen2_vl")

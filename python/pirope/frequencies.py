@@ -9,7 +9,7 @@ import weakref
 import torch
 
 from . import _checks
-from .scaling import compute_inv_freq, normalize_scaling
+from .scaling import _compute_inv_freq, compute_inv_freq, normalize_scaling
 
 __all__ = ["rope_frequencies", "rope_cos_sin", "rows_of_positions", "FrequencyPlan"]
 
@@ -223,7 +223,7 @@ class FrequencyPlan:
             self.base = self.scaling.get("rope_theta", base)
             self.partial_rotary_factor = self.scaling.get("partial_rotary_factor", partial_rotary_factor)
 
-    def key(self, length: int):
+    def key(self, length: int | float):
         """Identifies the table of a sequence of this length: None for the original one,
         "long" for longrope's long factors, the length itself for dynamic NTK."""
         if not self.length_dependent or length <= self.original_window:
@@ -253,9 +253,10 @@ class FrequencyPlan:
         else:
             # dynamic NTK: the length as a tensor, as transformers' forward passes it
             # (its new base is then computed in float32); on the CPU whatever the default
-            # device (a meta one has no value to read)
-            seq_len = torch.tensor(key, device="cpu")
-        return compute_inv_freq(
+            # device (a meta one has no value to read). A float length (floating-point
+            # positions, Qwen3-Omni's) is float32, as transformers reads it from them
+            seq_len = torch.tensor(key, device="cpu", dtype=torch.float32 if isinstance(key, float) else None)
+        return _compute_inv_freq(
             self.head_dim, base=self.base, scaling=self.scaling,
             max_position_embeddings=self.max_position_embeddings,
-            partial_rotary_factor=self.partial_rotary_factor, seq_len=seq_len)
+            partial_rotary_factor=self.partial_rotary_factor, seq_len=seq_len, fractional_seq_len=True)

@@ -464,6 +464,15 @@ def compute_inv_freq(
         ValueError: an argument or scaling value is out of range or inconsistent; the
             message names it.
     """
+    return _compute_inv_freq(head_dim, base=base, scaling=scaling, max_position_embeddings=max_position_embeddings,
+                             partial_rotary_factor=partial_rotary_factor, seq_len=seq_len)
+
+
+def _compute_inv_freq(head_dim, *, base, scaling, max_position_embeddings, partial_rotary_factor, seq_len,
+                      fractional_seq_len: bool = False) -> tuple[torch.Tensor, float]:
+    """:func:`compute_inv_freq`; with ``fractional_seq_len`` a floating-point one-element
+    ``seq_len`` tensor is taken as it is (the length transformers reads from floating-point
+    position_ids, Qwen3-Omni's: ``max(position_ids) + 1`` with its fraction)."""
     # ---- arguments -------------------------------------------------------------------
     head_dim = _as_int(head_dim, "head_dim")
     if head_dim < 1:
@@ -477,7 +486,7 @@ def compute_inv_freq(
     partial_rotary_factor = _as_number(partial_rotary_factor, "partial_rotary_factor")
     if not 0 < partial_rotary_factor <= 1:
         raise ValueError(f"partial_rotary_factor must be in (0, 1], got {partial_rotary_factor}")
-    seq_len = _check_seq_len(seq_len)
+    seq_len = _check_seq_len(seq_len, fractional_seq_len)
 
     params = normalize_scaling(scaling)
     if params is None:
@@ -542,12 +551,17 @@ def compute_inv_freq(
     return inv_freq, attention_factor
 
 
-def _check_seq_len(seq_len: Any) -> int | torch.Tensor | None:
+def _check_seq_len(seq_len: Any, fractional: bool = False) -> int | torch.Tensor | None:
     if seq_len is None:
         return None
     if isinstance(seq_len, torch.Tensor):
         if seq_len.numel() != 1:
             raise ValueError(f"seq_len must be an int or a one-element tensor, got a tensor of shape {tuple(seq_len.shape)}")
+        if fractional and seq_len.dtype.is_floating_point and not seq_len.is_meta:
+            seq_len = seq_len.detach().to(device="cpu").reshape(())
+            if not (math.isfinite(float(seq_len)) and float(seq_len) >= 1):
+                raise ValueError(f"seq_len must be finite and >= 1, got {float(seq_len)}")
+            return seq_len
         if seq_len.dtype.is_floating_point or seq_len.dtype.is_complex or seq_len.dtype == torch.bool:
             raise TypeError(f"seq_len tensor must have an integer dtype, got {seq_len.dtype}")
         if seq_len.is_meta:

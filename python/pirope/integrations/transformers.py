@@ -763,11 +763,13 @@ class PiropeMultimodalRotaryEmbedding(PiropeRotaryEmbedding):
         if torch.compiler.is_compiling() and not self._plan.length_dependent:
             return self._sectioned_rows(None, position_ids, x.device, None)  # (as PiropeRotaryEmbedding)
         if floating:
-            low, high = torch.stack(torch.aminmax(position_ids)).tolist() if position_ids.numel() else (0, 0)
+            # the length "dynamic" and "longrope" read: transformers' max(position_ids) + 1 in the
+            # positions' dtype, a fraction included (its dynamic base is computed from it)
+            low, high, length = (torch.stack([*torch.aminmax(position_ids), position_ids.max() + 1]).tolist()
+                                 if position_ids.numel() else (0, 0, 1))
             if not (math.isfinite(low) and math.isfinite(high)):
                 raise ValueError(f"pirope rotary embedding: position_ids must be finite, got values in [{low}, {high}]")
-            # (transformers' length: the largest position + 1)
-            return self._sectioned_rows(self._plan.key(max(math.floor(high) + 1, 1)), position_ids, x.device, False)
+            return self._sectioned_rows(self._plan.key(max(length, 1)), position_ids, x.device, False)
         low, high, packed, agree = self._positions.get(position_ids, _sectioned_summary)
         if agree:  # text: plain RoPE on those positions
             return self._tables_for(x, position_ids[0], (low, high, packed))
