@@ -180,10 +180,7 @@ def rows_of_sectioned_positions(inv_freq: torch.Tensor, position_ids: torch.Tens
     if len(pair_rows) != inv_freq.numel() or not all(0 <= r < sections for r in pair_rows):
         raise ValueError(f"pair_rows must give one section in [0, {sections}) for each of the {inv_freq.numel()} "
                          f"pairs, got {list(pair_rows)}")
-    if position_ids.is_floating_point():
-        cos, sin = _cos_sin_of(position_ids.reshape(-1), inv_freq, attention_factor)  # (sections * n, pairs)
-    else:
-        cos, sin = rope_cos_sin(inv_freq, position_ids.reshape(-1), attention_factor)
+    cos, sin = _cos_sin_of(position_ids.reshape(-1), inv_freq, attention_factor)  # (sections * n, pairs)
     rows = torch.tensor(pair_rows, dtype=torch.int64, device=cos.device)
     # row of token t for pair j: section pair_rows[j]'s row of t
     pick = rows[None, :] * n + torch.arange(n, device=cos.device)[:, None]
