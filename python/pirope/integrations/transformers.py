@@ -765,8 +765,10 @@ class PiropeMultimodalRotaryEmbedding(PiropeRotaryEmbedding):
         if floating:
             # the length "dynamic" and "longrope" read: transformers' max(position_ids) + 1 in the
             # positions' dtype, a fraction included (its dynamic base is computed from it)
-            low, high, length = (torch.stack([*torch.aminmax(position_ids), position_ids.max() + 1]).tolist()
-                                 if position_ids.numel() else (0, 0, 1))
+            low, high, length = (0, 0, 1)
+            if position_ids.numel():
+                low, high = torch.aminmax(position_ids)
+                low, high, length = torch.stack([low, high, high + 1]).tolist()
             if not (math.isfinite(low) and math.isfinite(high)):
                 raise ValueError(f"pirope rotary embedding: position_ids must be finite, got values in [{low}, {high}]")
             return self._sectioned_rows(self._plan.key(max(length, 1)), position_ids, x.device, False)
