@@ -25,8 +25,9 @@ from pirope.frequencies import rows_of_sectioned_positions  # noqa: E402
 from pirope.integrations.transformers import (  # noqa: E402
     PiropeMultimodalRotaryEmbedding, apply_position_interpolation, patch_rope)
 from hf_compare import assert_same_logits, logits_and_grads  # noqa: E402
-from test_model_families import (  # noqa: E402,F401  (mask_free: a fixture)
-    COMMON, MASK_FREE, MOE, MROPE_LANGUAGE_MODELS_ONLY, QWEN3_5, WINDOW, assert_same, ids, mask_free, spy_on, twin)
+from test_model_families import (  # noqa: E402,F401  (fused_calls, mask_free: fixtures)
+    COMMON, MASK_FREE, MOE, MROPE_LANGUAGE_MODELS_ONLY, QWEN3_5, WINDOW, assert_same, fused_calls, ids, mask_free,
+    twin)
 
 IMAGE, VIDEO, VISION_START, VISION_END = 250, 251, 252, 253
 TOKENS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
@@ -141,11 +142,6 @@ def with_image(name, x, at=10):
     if "omni" in name:  # (the Omni thinkers lay out multimodal positions only given an attention mask)
         inputs["attention_mask"] = torch.ones_like(x)
     return x, inputs
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    return spy_on(monkeypatch, "rope_attention")
 
 
 @pytest.fixture
