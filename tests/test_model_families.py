@@ -50,6 +50,10 @@ QWEN3_5 = dict(layer_types=["linear_attention", "full_attention"], linear_num_ke
                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                 "mrope_section": [2, 1, 1], "mrope_interleaved": True})
 
+# Llama 4's text model: layer 0 rotates (chunked attention), layer 1 is NoPE; both MoE (its
+# intermediate_size_mlp is the dense layers' MLP, none here, but the config's default is 16384)
+LLAMA4 = dict(no_rope_layers=[1, 0], floor_scale=16, use_qk_norm=False, intermediate_size_mlp=128)
+
 MINISTRAL3_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
                    "original_max_position_embeddings": 16}
 
@@ -192,6 +196,10 @@ FAMILIES = {
     # q/k RMSNorms query_layernorm / key_layernorm AFTER RoPE; NTK-alpha RoPE (tests below)
     "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", dict(rope_parameters=NTK_ALPHA)),
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", dict(MOE, rope_parameters=NTK_ALPHA)),
+    # Llama 4 (Maverick's form: no q/k norm): interleaved pairs, layer 1 NoPE with attention temperature
+    # tuning (floor_scale 16, so that it bites at these lengths), layer 0 chunked (8192 tokens: one
+    # chunk here; chunks, the Scout form's norms after RoPE and the multimodal model: tests below)
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM", dict(MOE, **LLAMA4)),
     # layer 0 sliding (16-token window), layer 1 full; per-head attention sinks (s_aux); plain RoPE
     # here (its checkpoints' YaRN: test below); transformers gives GPT-OSS "eager" (it refuses sdpa)
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
@@ -206,7 +214,7 @@ FAMILIES = {
 # NanoChat's and Hunyuan's q/k norms after RoPE keep every layer off the fused path
 FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "kolibri1": 1, "cohere2_moe": 1,
                 "nanochat": 0, "hunyuan_v1_dense": 0, "hunyuan_v1_moe": 0, "qwen3_next": 1, "qwen3_5_text": 1,
-                "qwen3_5_moe_text": 1}
+                "qwen3_5_moe_text": 1, "llama4_text": 1}
 
 # the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
 # layer has heads of global_head_dim
@@ -1561,6 +1569,8 @@ def _without(model, layer, name):
     ("cohere2_moe", 1, "force_rope", "self_attn.force_rope"),
     ("gemma4_text", 1, "store_full_length_kv", "self_attn.is_kv_shared_layer.*KV sharing"),
     ("gemma4_text", 0, "v_norm", "decoder layer 0 .*v_norm"),
+    ("llama4_text", 0, "use_rope", "self_attn.use_rope"),
+    ("llama4_text", 1, "floor_scale", "self_attn.attn_temperature_tuning.*temperature tuning"),
 ])
 def test_a_layer_without_what_its_family_needs_is_refused_unchanged(model_type, layer, name, match):
     model = _without(make(model_type), layer, name)

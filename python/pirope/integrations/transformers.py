@@ -73,7 +73,16 @@ with an RMSNorm of its output, ``attn_sub_norm``, before ``o_proj``), ``minicpm5
 (MiniCPM5-MoE: q from a ``q_gate_proj`` that gives, per head, q | gate; the attention's output
 times ``sigmoid(gate)`` before ``o_proj``) and ``qwen3_next`` (Qwen3-Next: on its full_attention
 layers Qwen3's attention with partial rotary and such a gate from ``q_proj``; its
-linear_attention layers, Gated DeltaNets without RoPE, are left as they are). Architectures whose
+linear_attention layers, Gated DeltaNets without RoPE, are left as they are), ``llama4_text``
+(Llama 4: ``Llama4ForCausalLM``, and the language model of ``Llama4ForConditionalGeneration``,
+whose ``base_model`` is itself: its decoder is ``.model``; RoPE as a complex rotation, i.e.
+interleaved pairs; NoPE layers, ``config.no_rope_layers`` 0, whose q is multiplied by the
+attention temperature ``1 + attn_scale * log1p(floor((i + 1) / floor_scale))`` of its index in
+the call plus the cache length; on the rotating layers, with ``use_qk_norm`` (Scout), a
+weightless RMSNorm of the rotated q and k, so they take the "sdpa" path, and attention within
+chunks of ``attention_chunk_size`` tokens, by transformers' mask: fused only where a call fits
+in one chunk; its checkpoints' "llama3" RoPE is kept or replaced by patch_rope, not
+interpolated). Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
@@ -257,7 +266,8 @@ class _RopeLayers(NamedTuple):
 
 
 def _rotates_by_use_rope(attn) -> bool:
-    # SmolLM3: `if self.use_rope: apply_rotary_pos_emb(...)`, use_rope 0 on its NoPE layers
+    # SmolLM3: `if self.use_rope: apply_rotary_pos_emb(...)`, use_rope 0 on its NoPE layers (Llama 4
+    # the same: `if self.use_rope: apply_rotary_emb(...)`, use_rope its config.no_rope_layers entry)
     return bool(attn.use_rope)
 
 
@@ -301,7 +311,8 @@ class _Family(NamedTuple):
     # (StableLM's LayerNorm per head, which splits its input along dim 1)
     qk_norm: str | None = None
     # the attention module's attribute that switches the norms on (Cohere's use_qk_norm: the
-    # modules exist only then); None: a family with qk_norm always has them
+    # modules exist only then; Llama 4's qk_norm module itself, present only where it normalizes);
+    # None: a family with qk_norm always has them
     qk_norm_flag: str | None = None
     # the attention module's names of the q and k norms
     qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
@@ -394,6 +405,16 @@ class _Family(NamedTuple):
     # sections there: packing is then read from all three, where an image's positions repeat, so
     # its calls with an image fuse only with a mask tensor that shows them causal, eager's)
     mrope: bool = False
+    # the config attribute holding the chunk size of the layers whose config.layer_types entry is
+    # "chunked_attention" (Llama 4's attention_chunk_size: a query sees the keys at or before it in
+    # its own chunk of that many tokens, through the mask transformers builds). Such a layer takes
+    # the fused path only where the call fits in one chunk (plain causal there); None: no chunks
+    chunked: str | None = None
+    # Llama 4's attention temperature tuning of its NoPE layers: where the module's
+    # attn_temperature_tuning is set and it does not rotate, q times 1 + attn_scale * log1p(
+    # floor((p + 1) / floor_scale)), p the token's index in the call plus the cache's length (not
+    # its position_ids), in float32 (see _nope_temperature)
+    nope_temperature: bool = False
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
@@ -539,6 +560,14 @@ _FAMILIES: dict[str, _Family] = {
     # StableLM: partial rotary; with qk_layernorm a LayerNorm per head, on (batch, heads, ...)
     "stablelm": _Family("separate", None, True, qk_norm="heads_first", qk_norm_flag="qk_layernorm",
                         qk_norm_names=("q_layernorm", "k_layernorm"), fixed_rotary_dim=True),
+    # Llama 4 (Llama4ForCausalLM; Llama4ForConditionalGeneration's language model is one): interleaved
+    # pairs (its complex rotation), NoPE layers (config.no_rope_layers 0: use_rope) with attention
+    # temperature tuning, a weightless RMSNorm `qk_norm` of the rotated q and k on the rotating layers
+    # where config.use_qk_norm (the module exists only there), chunked attention on the rotating layers
+    "llama4_text": _Family("separate", None, False, qk_norm="head", qk_norm_flag="qk_norm",
+                           qk_norm_names=("qk_norm", "qk_norm"), qk_norm_after_rope=True, interleaved=True,
+                           rope_layers=_RopeLayers(("use_rope",), _rotates_by_use_rope),
+                           chunked="attention_chunk_size", nope_temperature=True),
 }
 
 # the projection modules each kind of _Family.proj needs
@@ -873,6 +902,10 @@ def _language_model(model):
 
 def _base_model(model):
     base = model.base_model
+    if base is model and not hasattr(base, "layers"):
+        # Llama4ForCausalLM: base_model_prefix "language_model" names no attribute of it (base_model is
+        # the model itself); its decoder is .model, as in every other ...ForCausalLM
+        base = getattr(model, "model", base)
     if not (hasattr(base, "layers") and hasattr(base, "rotary_emb")):
         raise TypeError(
             f"model: could not find the decoder layers and rotary_emb of {type(model).__name__} "
@@ -925,6 +958,11 @@ def _attention_modules(model, family: _Family):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no tensor self_attn.{family.sinks} "
                 "(its attention-sink logits); this architecture is not supported")
+        if family.nope_temperature and not all(hasattr(attn, n) for n in _NOPE_TEMPERATURE_ATTRS):
+            raise TypeError(
+                f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn."
+                f"{', self_attn.'.join(_NOPE_TEMPERATURE_ATTRS)} (its attention temperature tuning); "
+                "this architecture is not supported")
         if family.window == "sliding" and not hasattr(attn, "is_sliding"):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn.is_sliding; "
@@ -936,6 +974,9 @@ def _attention_modules(model, family: _Family):
             f"with RoPE (config.layer_types are all {family.linear_layers!r}): nothing for pirope to patch")
     return base, modules
 
+
+# what the attention module of a family with nope_temperature holds for it (Llama 4)
+_NOPE_TEMPERATURE_ATTRS = ("attn_temperature_tuning", "floor_scale", "attn_scale")
 
 # what the attention module of a family with kv_sharing tells about it (Gemma 4)
 _KV_SHARING_ATTRS = ("is_kv_shared_layer", "store_full_length_kv", "layer_type")
@@ -1180,10 +1221,24 @@ def _cutting_window(attn, seqlen: int) -> int | None:
     return window if window is not None and seqlen > window >= 1 else None
 
 
+def _chunk(attn) -> int | None:
+    """The layer's attention chunk size (_Family.chunked), None where it attends unchunked."""
+    src = attn._pirope_family.chunked
+    layer_types = getattr(attn.config, "layer_types", None) or ()
+    if src is None or attn.layer_idx >= len(layer_types) or layer_types[attn.layer_idx] != "chunked_attention":
+        return None
+    return getattr(attn.config, src, None)
+
+
 def _layer_can_fuse(attn, seqlen: int, cache, kwargs) -> bool:
     """Whether rope_attention computes this call, whatever its mask: everything but the mask,
     the packing and the sliding window (see _segments_of_mask)."""
     if attn._pirope_attention != "fused":
+        return False
+    chunk = _chunk(attn)
+    if chunk is not None and seqlen > chunk:
+        # chunked attention across chunks (Llama 4): the chunks are in transformers' mask only, which
+        # a mask-free backend would not even get; its backend computes it, on the rotated q and k
         return False
     family = attn._pirope_family
     if family.conjugate or (family.qk_norm_after_rope and _qk_norm(attn, family) is not None):
@@ -1372,6 +1427,8 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
             # the (B, S, H, D) layout here gives Hugging Face's (B, H, S, D) values), before the cache
             q_norm, k_norm = (getattr(self, name) for name in family.qk_norm_names)
             q, k = q_norm(q), k_norm(k)
+        if family.nope_temperature and not rotates and self.attn_temperature_tuning:
+            q = _nope_temperature(self, q, cache)  # Llama 4's NoPE layers
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) as Hugging Face
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
@@ -1407,6 +1464,16 @@ def _attn_temperature(attn, layer_positions, table_positions, q):
     scale = sys.modules[type(attn).__module__].get_llama_4_attn_scale(
         positions, params.get("llama_4_scaling_beta"), params.get("original_max_position_embeddings"))
     return scale.to(q.dtype).transpose(1, 2)
+
+
+def _nope_temperature(attn, q, cache):
+    """q (B, S, H, D) of a Llama 4 NoPE layer times its attention temperature (_Family.nope_temperature),
+    as transformers' Llama4TextAttention computes it: from the token's index in the call plus the
+    cache's length (its position_ids are not read), in float32, rounded once to q's dtype."""
+    past = cache.get_seq_length(attn.layer_idx) if cache is not None else 0
+    positions = torch.arange(q.shape[1], device=q.device) + past
+    scales = torch.log1p(torch.floor((positions.float() + 1.0) / attn.floor_scale)) * attn.attn_scale + 1.0
+    return (q * scales.view(1, -1, 1, 1)).to(q.dtype)
 
 
 def _rotate_qk(q, k, cos, sin, position_ids, interleaved: bool, conjugate: bool):
@@ -1823,7 +1890,7 @@ def apply_position_interpolation(
 
     patch_rope(model, new_params, attention=attention)  # validates everything before changing the model
     config.max_position_embeddings = new_window
-    model.base_model.rotary_emb.max_position_embeddings = new_window
+    _base_model(model).rotary_emb.max_position_embeddings = new_window
     return whole
 
 
