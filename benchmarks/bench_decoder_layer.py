@@ -12,6 +12,8 @@
         --kv-heads 8 --head-dim 256 --intermediate 14336 ...           # a Gemma 2 9B layer
     python benchmarks/bench_decoder_layer.py --device cpu --mrope --hidden 3584 --heads 28 --kv-heads 4 \
         --intermediate 18944 ...                                    # a Qwen2-VL 7B layer, an image
+    python benchmarks/bench_decoder_layer.py --device cpu --llama4 --hidden 5120 --heads 40 --kv-heads 8 \
+        --head-dim 128 --intermediate 16384 ...                      # a Llama 4 Scout rotating layer
 
 The model is a Hugging Face LlamaModel with one decoder layer (random weights, --dtype,
 attn_implementation="sdpa"), a 2048-token window extended by Position Interpolation
@@ -34,6 +36,11 @@ multimodal RoPE, sections [P/4, 3P/8, 3P/8] of the P = head-dim / 2 pairs as in 
 tokens: one temporal position, a height and width position each, text after it continuing from
 the image's largest), as transformers' get_rope_index gives them: the sections disagree, so pirope
 builds one table row per token.
+--llama4 makes it a Llama4TextModel with one rotating layer as in Llama 4 Scout: RoPE as a complex
+rotation of pairs (2i, 2i+1), theta 5e5, a weightless RMSNorm of the rotated q and k (so pirope's
+"fused" variant runs its rotation, then SDPA, like "pirope_sdpa"), chunked attention (8192-token
+chunks: one chunk up to 8k) and a dense MLP of --intermediate (Scout's layers are MoE, one 8192
+expert and an 8192 shared expert per token: --intermediate 16384 does the same work per token).
 Variants, all deep copies of one model (same weights, same config):
   hf            transformers as is: its linear-scaled rotary_emb + SDPA
   pirope_sdpa   patch_rope(model, attention="sdpa"): pirope.apply_rope_qk, then the
@@ -62,7 +69,7 @@ import sys
 import torch
 import transformers
 from transformers import (Gemma2Config, Gemma2Model, Gemma4TextConfig, Gemma4TextModel, LlamaConfig, LlamaModel,
-                          MistralConfig, MistralModel, Qwen2VLTextConfig)
+                          Llama4TextConfig, Llama4TextModel, MistralConfig, MistralModel, Qwen2VLTextConfig)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (DTYPES, choice_list, device_name, int_list, machine, median_ms, positive_float,  # noqa: E402
@@ -76,7 +83,7 @@ VARIANTS = ("hf", "pirope_sdpa", "pirope_fused")
 
 def build_model(args, device, dtype):
     """A 1-layer LlamaModel (MistralModel with --sliding-window, Gemma2Model with --softcap,
-    Gemma4TextModel with --gemma4) extended from --window to --window x --factor by PI, on device."""
+    Gemma4TextModel with --gemma4, Llama4TextModel with --llama4) extended from --window to --window x --factor by PI, on device."""
     hd = args.head_dim
     config_cls, model_cls = (MistralConfig, MistralModel) if args.sliding_window else (LlamaConfig, LlamaModel)
     windowed = {"sliding_window": args.sliding_window} if args.sliding_window else {}
@@ -94,6 +101,11 @@ def build_model(args, device, dtype):
         config_cls, model_cls = Qwen2VLTextConfig, Qwen2VLTextModel
         pairs = hd // 2
         rope["mrope_section"] = [pairs // 4, 3 * pairs // 8, pairs - pairs // 4 - 3 * pairs // 8]
+    if args.llama4:  # Scout's rotating layer (q/k norms after RoPE, chunks), a dense MLP
+        config_cls, model_cls = Llama4TextConfig, Llama4TextModel
+        rope["rope_theta"] = 500000.0
+        windowed = dict(no_rope_layers=[1], use_qk_norm=True, attention_chunk_size=8192, moe_layers=[],
+                        intermediate_size_mlp=args.intermediate)
     if args.softcap:
         config_cls, model_cls, attn_implementation = Gemma2Config, Gemma2Model, "eager"
         windowed = dict(attn_logit_softcapping=args.softcap, query_pre_attn_scalar=hd,
@@ -202,6 +214,8 @@ def main():
                          "norms, scale 1; --head-dim is its global head size, 512 in Gemma 4)")
     ap.add_argument("--mrope", action="store_true",
                     help="a Qwen2-VL language-model layer (multimodal RoPE) on the positions of an image")
+    ap.add_argument("--llama4", action="store_true",
+                    help="a Llama 4 Scout rotating layer (complex RoPE, q/k norms after it, chunked attention)")
     ap.add_argument("--json", default=None, help="write the rows to this path")
     args = ap.parse_args()
     args.kv_heads = args.kv_heads or args.heads
@@ -210,6 +224,9 @@ def main():
         ap.error("--gemma4 benchmarks Gemma 4's full-attention layer alone: no --softcap, --sliding-window or --pack")
     if args.mrope and (args.gemma4 or args.softcap or args.sliding_window or args.pack > 1):
         ap.error("--mrope benchmarks Qwen2-VL's layer alone: no --gemma4, --softcap, --sliding-window or --pack")
+    if args.llama4 and (args.mrope or args.gemma4 or args.softcap or args.sliding_window or args.pack > 1):
+        ap.error("--llama4 benchmarks Llama 4's layer alone: no --mrope, --gemma4, --softcap, --sliding-window or "
+                 "--pack")
     if args.heads % args.kv_heads:
         ap.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     if args.head_dim % 2:
@@ -225,6 +242,7 @@ def main():
           + (f", Gemma 2 soft-cap {args.softcap:g} (eager)" if args.softcap else "")
           + (", Gemma 4 full-attention layer (proportional RoPE)" if args.gemma4 else "")
           + (", Qwen2-VL layer (multimodal RoPE), an image in each sequence" if args.mrope else "")
+          + (", Llama 4 Scout layer (q/k norms after RoPE, 8192-token chunks)" if args.llama4 else "")
           + (f", sliding window {args.sliding_window} ({'Gemma 2' if args.softcap else 'Mistral'})"
              if args.sliding_window else "")
           + (f", PIROPE_CUDA_ATTENTION={os.environ.get('PIROPE_CUDA_ATTENTION', '0 (default)')}"
@@ -251,7 +269,7 @@ def main():
                        kv_heads=args.kv_heads, head_dim=args.head_dim, intermediate=args.intermediate,
                        factor=args.factor,
                        dtype=args.dtype, device=str(device), pack=args.pack, sliding_window=args.sliding_window,
-                       softcap=args.softcap, gemma4=args.gemma4, mrope=args.mrope)
+                       softcap=args.softcap, gemma4=args.gemma4, mrope=args.mrope, llama4=args.llama4)
             try:
                 row.update(run_variant(base, name, x, grad, args.repeat, device, ref, pos))
             except RuntimeError as e:  # OOM or an unsupported call: note it, go on
