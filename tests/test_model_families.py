@@ -196,6 +196,10 @@ FAMILIES = {
     # q/k RMSNorms query_layernorm / key_layernorm AFTER RoPE; NTK-alpha RoPE (tests below)
     "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", dict(rope_parameters=NTK_ALPHA)),
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", dict(MOE, rope_parameters=NTK_ALPHA)),
+    # LFM2 and its MoE: hybrids, layer 0 a short convolution (left alone), layer 1 attention with
+    # per-head q/k RMSNorms (q_layernorm / k_layernorm) before RoPE; LFM2-MoE's rotary embedding is pos_emb
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
+    "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM", dict(MOE, layer_types=["conv", "full_attention"])),
     # Llama 4 (Maverick's form: no q/k norm): interleaved pairs, layer 1 NoPE with attention temperature
     # tuning (floor_scale 16, so that it bites at these lengths), layer 0 chunked (8192 tokens: one
     # chunk here; chunks, the Scout form's norms after RoPE and the multimodal model: tests below)
@@ -214,7 +218,7 @@ FAMILIES = {
 # NanoChat's and Hunyuan's q/k norms after RoPE keep every layer off the fused path
 FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "kolibri1": 1, "cohere2_moe": 1,
                 "nanochat": 0, "hunyuan_v1_dense": 0, "hunyuan_v1_moe": 0, "qwen3_next": 1, "qwen3_5_text": 1,
-                "qwen3_5_moe_text": 1, "llama4_text": 1}
+                "qwen3_5_moe_text": 1, "llama4_text": 1, "lfm2": 1, "lfm2_moe": 1}
 
 # the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
 # layer has heads of global_head_dim
@@ -336,14 +340,15 @@ def scale_qk_norms(model):
     with torch.no_grad():
         for layer in model.model.layers:
             for name in _FAMILIES[model.config.model_type].qk_norm_names:
-                # (Gemma 4's KV-shared layers have no k_norm)
-                weight = getattr(getattr(layer.self_attn, name, None), "weight", None)
+                # (Gemma 4's KV-shared layers have no k_norm, the convolution layers of hybrids no self_attn)
+                weight = getattr(getattr(getattr(layer, "self_attn", None), name, None), "weight", None)
                 if weight is not None:
                     weight.uniform_(0.2, 3.0)
     return model
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus", "gemma3_text", "exaone4", "dots1", "hy_v3",
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus", "gemma3_text", "exaone4", "dots1", "hy_v3", "lfm2",
+                                        "lfm2_moe",
                                         "mellum", "exaone_moe", "kolibri1", "apertus1p5_text"])
 def test_qk_norms_run_before_rope(model_type):
     base = scale_qk_norms(make(model_type))
@@ -534,7 +539,7 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "minimax_m2", "mellum", "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe",
                                         "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
                                         "ministral3", "bitnet", "minicpm5_moe", "qwen3_next", "qwen3_5_text",
-                                        "qwen3_5_moe_text"])
+                                        "qwen3_5_moe_text", "lfm2", "lfm2_moe", "llama4_text"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -1311,6 +1316,12 @@ MULTIMODAL = {
                             dict(text_config={**TEXT, "model_type": "ministral3", "rope_parameters": MINISTRAL3_ROPE},
                                  vision_config={**VISION, "model_type": "pixtral", "head_dim": 16},
                                  image_token_index=IMAGE_TOKEN), [16, 16], False),
+    # LFM2-VL: an LFM2 hybrid (layer 0 a convolution) as its language model; text only (its SigLIP 2
+    # tower takes patch masks and shapes of its own processor)
+    "lfm2_vl": ("Lfm2VlConfig", "Lfm2VlForConditionalGeneration",
+                dict(text_config={**TEXT, "model_type": "lfm2", "layer_types": ["conv", "full_attention"]},
+                     vision_config={**VISION, "model_type": "siglip2_vision_model", "num_patches": 4},
+                     image_token_id=IMAGE_TOKEN), [16], False),
     "paligemma": ("PaliGemmaConfig", "PaliGemmaForConditionalGeneration",
                   dict(text_config={**TEXT, "model_type": "gemma"},
                        vision_config={**VISION, "model_type": "siglip_vision_model"},

@@ -82,7 +82,10 @@ the call plus the cache length; on the rotating layers, with ``use_qk_norm`` (Sc
 weightless RMSNorm of the rotated q and k, so they take the "sdpa" path, and attention within
 chunks of ``attention_chunk_size`` tokens, by transformers' mask: fused only where a call fits
 in one chunk; its checkpoints' "llama3" RoPE is kept or replaced by patch_rope, not
-interpolated). Architectures whose
+interpolated), ``lfm2`` and ``lfm2_moe`` (LFM2 and LFM2-MoE: hybrids whose attention layers are
+LLaMA's with per-head q/k RMSNorms, ``q_layernorm`` / ``k_layernorm``, before RoPE and ``out_proj``;
+their "conv" layers, short convolutions without RoPE, are left as they are; LFM2-MoE's rotary
+embedding is ``pos_emb``). Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
@@ -405,6 +408,9 @@ class _Family(NamedTuple):
     # sections there: packing is then read from all three, where an image's positions repeat, so
     # its calls with an image fuse only with a mask tensor that shows them causal, eager's)
     mrope: bool = False
+    # the base model's attribute holding the rotary embedding, which the patch replaces (LLaMA's
+    # rotary_emb; LFM2-MoE's pos_emb)
+    rotary_name: str = "rotary_emb"
     # the config attribute holding the chunk size of the layers whose config.layer_types entry is
     # "chunked_attention" (Llama 4's attention_chunk_size: a query sees the keys at or before it in
     # its own chunk of that many tokens, through the mask transformers builds). Such a layer takes
@@ -560,6 +566,12 @@ _FAMILIES: dict[str, _Family] = {
     # StableLM: partial rotary; with qk_layernorm a LayerNorm per head, on (batch, heads, ...)
     "stablelm": _Family("separate", None, True, qk_norm="heads_first", qk_norm_flag="qk_layernorm",
                         qk_norm_names=("q_layernorm", "k_layernorm"), fixed_rotary_dim=True),
+    # LFM2 and LFM2-MoE (Liquid): LLaMA's attention with per-head RMSNorms q_layernorm / k_layernorm
+    # before RoPE and out_proj; hybrids whose "conv" layers (short convolutions, no RoPE) are left alone
+    "lfm2": _Family("separate", None, False, qk_norm="head", qk_norm_names=("q_layernorm", "k_layernorm"),
+                    out_proj="out_proj", linear_layers="conv"),
+    "lfm2_moe": _Family("separate", None, False, qk_norm="head", qk_norm_names=("q_layernorm", "k_layernorm"),
+                        out_proj="out_proj", linear_layers="conv", rotary_name="pos_emb"),
     # Llama 4 (Llama4ForCausalLM; Llama4ForConditionalGeneration's language model is one): interleaved
     # pairs (its complex rotation), NoPE layers (config.no_rope_layers 0: use_rope) with attention
     # temperature tuning, a weightless RMSNorm `qk_norm` of the rotated q and k on the rotating layers
@@ -906,11 +918,17 @@ def _base_model(model):
         # Llama4ForCausalLM: base_model_prefix "language_model" names no attribute of it (base_model is
         # the model itself); its decoder is .model, as in every other ...ForCausalLM
         base = getattr(model, "model", base)
-    if not (hasattr(base, "layers") and hasattr(base, "rotary_emb")):
+    rotary = _rotary_name(model)
+    if not (hasattr(base, "layers") and hasattr(base, rotary)):
         raise TypeError(
-            f"model: could not find the decoder layers and rotary_emb of {type(model).__name__} "
-            f"(its base model {type(base).__name__} has no .layers / .rotary_emb)")
+            f"model: could not find the decoder layers and {rotary} of {type(model).__name__} "
+            f"(its base model {type(base).__name__} has no .layers / .{rotary})")
     return base
+
+
+def _rotary_name(model) -> str:
+    """The name of the rotary embedding in the base model of ``model`` (of a supported type)."""
+    return _FAMILIES[model.config.model_type].rotary_name
 
 
 def _projections(family: _Family) -> tuple[str, ...]:
@@ -1582,7 +1600,8 @@ def _rotary_embedding(model, model_type: str, family: _Family, attns, params: di
     kwargs = dict(max_position_embeddings=model.config.max_position_embeddings, base=theta, scaling=pirope_scaling,
                   partial_rotary_factor=partial)
     if family.mrope:
-        pair_rows = _mrope_pair_rows(model_type, family, _base_model(model).rotary_emb, int(head_dim * partial) // 2)
+        rotary = getattr(_base_model(model), family.rotary_name)
+        pair_rows = _mrope_pair_rows(model_type, family, rotary, int(head_dim * partial) // 2)
         return PiropeMultimodalRotaryEmbedding(head_dim, pair_rows=pair_rows, **kwargs)
     return PiropeRotaryEmbedding(head_dim, **kwargs)
 
@@ -1737,7 +1756,7 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
         rotary = _rotary_embedding(model, model_type, family, attns, params)
         if scaling is not None:
             config.rope_parameters = params
-    base.rotary_emb = rotary
+    setattr(base, family.rotary_name, rotary)
     if family.kv_sharing and hasattr(type(base), "_maybe_slice_kv_shared_inputs"):
         base._maybe_slice_kv_shared_inputs = functools.partial(_slice_kv_shared_inputs, base)
     text_positions = PositionsMemo()  # mRoPE: the layers' text positions, read once per forward
@@ -1890,7 +1909,7 @@ def apply_position_interpolation(
 
     patch_rope(model, new_params, attention=attention)  # validates everything before changing the model
     config.max_position_embeddings = new_window
-    _base_model(model).rotary_emb.max_position_embeddings = new_window
+    getattr(_base_model(model), family.rotary_name).max_position_embeddings = new_window
     return whole
 
 
