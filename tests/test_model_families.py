@@ -50,6 +50,11 @@ QWEN3_5 = dict(layer_types=["linear_attention", "full_attention"], linear_num_ke
                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                 "mrope_section": [2, 1, 1], "mrope_interleaved": True})
 
+# Granite 4.0's hybrid: a Mamba-2 layer, then an attention layer with RoPE, a dense MLP and a shared one
+GRANITE_HYBRID = dict(layer_types=["linear_attention", "attention"], position_embedding_type="rope",
+                      num_local_experts=0, mamba_n_heads=4, mamba_d_state=8, mamba_d_head=32, mamba_chunk_size=16,
+                      shared_intermediate_size=64, attention_multiplier=0.3)
+
 # Llama 4's text model: layer 0 rotates (chunked attention), layer 1 is NoPE; both MoE (its
 # intermediate_size_mlp is the dense layers' MLP, none here, but the config's default is 16384)
 LLAMA4 = dict(no_rope_layers=[1, 0], floor_scale=16, use_qk_norm=False, intermediate_size_mlp=128)
@@ -196,6 +201,9 @@ FAMILIES = {
     # q/k RMSNorms query_layernorm / key_layernorm AFTER RoPE; NTK-alpha RoPE (tests below)
     "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", dict(rope_parameters=NTK_ALPHA)),
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", dict(MOE, rope_parameters=NTK_ALPHA)),
+    # Granite 4.0's hybrid with RoPE (its checkpoints' default is NoPE: refused, test below): layer 0 a
+    # Mamba-2 layer (left alone), layer 1 Granite's attention (attention_multiplier as its scaling)
+    "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(GRANITE_HYBRID)),
     # LFM2 and its MoE: hybrids, layer 0 a short convolution (left alone), layer 1 attention with
     # per-head q/k RMSNorms (q_layernorm / k_layernorm) before RoPE; LFM2-MoE's rotary embedding is pos_emb
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
@@ -218,7 +226,7 @@ FAMILIES = {
 # NanoChat's and Hunyuan's q/k norms after RoPE keep every layer off the fused path
 FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "kolibri1": 1, "cohere2_moe": 1,
                 "nanochat": 0, "hunyuan_v1_dense": 0, "hunyuan_v1_moe": 0, "qwen3_next": 1, "qwen3_5_text": 1,
-                "qwen3_5_moe_text": 1, "llama4_text": 1, "lfm2": 1, "lfm2_moe": 1}
+                "qwen3_5_moe_text": 1, "llama4_text": 1, "lfm2": 1, "lfm2_moe": 1, "granitemoehybrid": 1}
 
 # the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
 # layer has heads of global_head_dim
@@ -539,7 +547,7 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "minimax_m2", "mellum", "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe",
                                         "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
                                         "ministral3", "bitnet", "minicpm5_moe", "qwen3_next", "qwen3_5_text",
-                                        "qwen3_5_moe_text", "lfm2", "lfm2_moe", "llama4_text"])
+                                        "qwen3_5_moe_text", "lfm2", "lfm2_moe", "llama4_text", "granitemoehybrid"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -1589,6 +1597,18 @@ def test_a_layer_without_what_its_family_needs_is_refused_unchanged(model_type, 
     with pytest.raises(TypeError, match=match):
         apply_position_interpolation(model, 2.0)
     assert model.model.rotary_emb is rotary and "forward" not in model.model.layers[0].self_attn.__dict__
+
+
+def test_a_model_without_rope_is_refused_unchanged():
+    # Granite 4.0's checkpoints are NoPE (position_embedding_type None: rotary_emb None): patching would
+    # add a rotation the model never had
+    model = make("granitemoehybrid", position_embedding_type=None)
+    assert model.model.rotary_emb is None
+    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
+        with pytest.raises(TypeError, match="no rotary embedding .*position_embedding_type None"):
+            call(model)
+        assert model.model.rotary_emb is None and "forward" not in vars(model.model.layers[1].self_attn)
+        assert model.config.rope_parameters["rope_type"] == "default"
 
 
 def test_a_model_without_rotary_emb_is_refused():
