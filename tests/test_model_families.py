@@ -204,6 +204,12 @@ FAMILIES = {
     # Granite 4.0's hybrid with RoPE (its checkpoints' default is NoPE: refused, test below): layer 0 a
     # Mamba-2 layer (left alone), layer 1 Granite's attention (attention_multiplier as its scaling)
     "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(GRANITE_HYBRID)),
+    # OLMo Hybrid with RoPE (its checkpoints have none: refused, test below): layer 0 a Gated DeltaNet
+    # (left alone), layer 1 OLMo 2's attention (q/k norms over the whole projection)
+    "olmo_hybrid": ("OlmoHybridConfig", "OlmoHybridForCausalLM",
+                    dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                         linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, pad_token_id=1,
+                         bos_token_id=1, eos_token_id=2)),
     # LFM2 and its MoE: hybrids, layer 0 a short convolution (left alone), layer 1 attention with
     # per-head q/k RMSNorms (q_layernorm / k_layernorm) before RoPE; LFM2-MoE's rotary embedding is pos_emb
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
@@ -226,7 +232,8 @@ FAMILIES = {
 # NanoChat's and Hunyuan's q/k norms after RoPE keep every layer off the fused path
 FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "kolibri1": 1, "cohere2_moe": 1,
                 "nanochat": 0, "hunyuan_v1_dense": 0, "hunyuan_v1_moe": 0, "qwen3_next": 1, "qwen3_5_text": 1,
-                "qwen3_5_moe_text": 1, "llama4_text": 1, "lfm2": 1, "lfm2_moe": 1, "granitemoehybrid": 1}
+                "qwen3_5_moe_text": 1, "llama4_text": 1, "lfm2": 1, "lfm2_moe": 1, "granitemoehybrid": 1,
+                "olmo_hybrid": 1}
 
 # the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
 # layer has heads of global_head_dim
@@ -366,10 +373,10 @@ def test_qk_norms_run_before_rope(model_type):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-@pytest.mark.parametrize("model_type", ["olmo2", "olmo3", "flex_olmo", "minimax_m2", "olmoe"])
+@pytest.mark.parametrize("model_type", ["olmo2", "olmo3", "flex_olmo", "minimax_m2", "olmoe", "olmo_hybrid"])
 def test_olmo_norms_over_the_whole_projection_run_before_the_view_into_heads(model_type, attention, fused_calls):
     base = scale_qk_norms(make(model_type))
-    norm = base.model.layers[0].self_attn.q_norm
+    norm = base.model.layers[-1].self_attn.q_norm  # (OLMo Hybrid's layer 0 is linear attention)
     assert norm.weight.shape == (4 * 16,)  # one RMSNorm over all heads: not the per-head norm of Qwen3
     model = patch_rope(copy.deepcopy(base), attention=attention)
     x = ids(2, 50)
@@ -547,7 +554,8 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "minimax_m2", "mellum", "gpt_neox", "glm4_moe", "nemotron", "cohere2_moe",
                                         "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
                                         "ministral3", "bitnet", "minicpm5_moe", "qwen3_next", "qwen3_5_text",
-                                        "qwen3_5_moe_text", "lfm2", "lfm2_moe", "llama4_text", "granitemoehybrid"])
+                                        "qwen3_5_moe_text", "lfm2", "lfm2_moe", "llama4_text", "granitemoehybrid",
+                                        "olmo_hybrid"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -1599,16 +1607,21 @@ def test_a_layer_without_what_its_family_needs_is_refused_unchanged(model_type, 
     assert model.model.rotary_emb is rotary and "forward" not in model.model.layers[0].self_attn.__dict__
 
 
-def test_a_model_without_rope_is_refused_unchanged():
-    # Granite 4.0's checkpoints are NoPE (position_embedding_type None: rotary_emb None): patching would
-    # add a rotation the model never had
-    model = make("granitemoehybrid", position_embedding_type=None)
+@pytest.mark.parametrize(("model_type", "no_rope"), [
+    ("granitemoehybrid", dict(position_embedding_type=None)),
+    ("olmo_hybrid", dict(rope_parameters={"rope_type": "default", "rope_theta": None})),
+])
+def test_a_model_without_rope_is_refused_unchanged(model_type, no_rope):
+    # Granite 4.0's and OLMo Hybrid's checkpoints are NoPE (their rotary_emb None): patching would add
+    # a rotation the models never had
+    model = make(model_type, **no_rope)
     assert model.model.rotary_emb is None
+    before = copy.deepcopy(model.config.rope_parameters)
     for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
-        with pytest.raises(TypeError, match="no rotary embedding .*position_embedding_type None"):
+        with pytest.raises(TypeError, match="no rotary embedding .*rotary_emb is None"):
             call(model)
         assert model.model.rotary_emb is None and "forward" not in vars(model.model.layers[1].self_attn)
-        assert model.config.rope_parameters["rope_type"] == "default"
+        assert model.config.rope_parameters == before
 
 
 def test_a_model_without_rotary_emb_is_refused():

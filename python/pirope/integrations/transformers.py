@@ -87,7 +87,9 @@ LLaMA's with per-head q/k RMSNorms, ``q_layernorm`` / ``k_layernorm``, before Ro
 their "conv" layers, short convolutions without RoPE, are left as they are; LFM2-MoE's rotary
 embedding is ``pos_emb``), ``granitemoehybrid`` (Granite 4.0's hybrids with ``position_embedding_type``
 "rope": Granite's attention; the Mamba-2 layers left as they are; a model without RoPE, the
-checkpoints' default, is refused). Architectures whose
+checkpoints' default, is refused), ``olmo_hybrid`` (OLMo Hybrid with RoPE: OLMo 2's attention, the
+Gated DeltaNet layers left as they are; its released checkpoints have no RoPE: refused).
+Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
@@ -572,6 +574,9 @@ _FAMILIES: dict[str, _Family] = {
     # attention (attention_multiplier) on its "attention" layers; the Mamba-2 layers ("linear_attention")
     # are left alone (with NoPE, the checkpoints' default, the model has no rotary_emb: nothing to patch)
     "granitemoehybrid": _Family("separate", None, False, linear_layers="linear_attention"),
+    # OLMo Hybrid with RoPE (its released checkpoints have none: refused): OLMo 2's attention on its
+    # full_attention layers, Gated DeltaNets ("linear_attention") left alone
+    "olmo_hybrid": _Family("separate", None, False, qk_norm="proj", linear_layers="linear_attention"),
     # LFM2 and LFM2-MoE (Liquid): LLaMA's attention with per-head RMSNorms q_layernorm / k_layernorm
     # before RoPE and out_proj; hybrids whose "conv" layers (short convolutions, no RoPE) are left alone
     "lfm2": _Family("separate", None, False, qk_norm="head", qk_norm_names=("q_layernorm", "k_layernorm"),
@@ -929,11 +934,11 @@ def _base_model(model):
         raise TypeError(
             f"model: could not find the decoder layers and {rotary} of {type(model).__name__} "
             f"(its base model {type(base).__name__} has no .layers / .{rotary})")
-    if getattr(base, rotary) is None:  # a model without positions (Granite 4.0's NoPE): none to scale
+    if getattr(base, rotary) is None:
+        # configured without RoPE (Granite 4.0's position_embedding_type None, OLMo Hybrid's rope_theta None)
         raise TypeError(
             f"model: {type(model).__name__} has no rotary embedding ({type(base).__name__}.{rotary} is None: "
-            f"a model without RoPE, e.g. position_embedding_type "
-            f"{getattr(model.config, 'position_embedding_type', None)!r}); there is no RoPE to patch or interpolate")
+            "its config has no RoPE); there is no RoPE to patch or interpolate")
     return base
 
 
