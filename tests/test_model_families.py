@@ -210,6 +210,9 @@ FAMILIES = {
                     dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
                          linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, pad_token_id=1,
                          bos_token_id=1, eos_token_id=2)),
+    # Flint: layer 0 sliding (16-token window) with RoPE, layer 1 full and NoPE; per-head q/k norms
+    # before RoPE, GPT-OSS's attention sinks (transformers gives it "eager")
+    "flint": ("FlintConfig", "FlintForCausalLM", dict(HYBRID)),
     # LFM2 and its MoE: hybrids, layer 0 a short convolution (left alone), layer 1 attention with
     # per-head q/k RMSNorms (q_layernorm / k_layernorm) before RoPE; LFM2-MoE's rotary embedding is pos_emb
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
@@ -233,7 +236,7 @@ FAMILIES = {
 FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "kolibri1": 1, "cohere2_moe": 1,
                 "nanochat": 0, "hunyuan_v1_dense": 0, "hunyuan_v1_moe": 0, "qwen3_next": 1, "qwen3_5_text": 1,
                 "qwen3_5_moe_text": 1, "llama4_text": 1, "lfm2": 1, "lfm2_moe": 1, "granitemoehybrid": 1,
-                "olmo_hybrid": 1}
+                "olmo_hybrid": 1, "flint": 1}
 
 # the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
 # layer has heads of global_head_dim
@@ -362,7 +365,7 @@ def scale_qk_norms(model):
     return model
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus", "gemma3_text", "exaone4", "dots1", "hy_v3", "lfm2",
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus", "gemma3_text", "exaone4", "dots1", "hy_v3", "lfm2", "flint",
                                         "lfm2_moe",
                                         "mellum", "exaone_moe", "kolibri1", "apertus1p5_text"])
 def test_qk_norms_run_before_rope(model_type):
@@ -555,7 +558,7 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
                                         "ministral3", "bitnet", "minicpm5_moe", "qwen3_next", "qwen3_5_text",
                                         "qwen3_5_moe_text", "lfm2", "lfm2_moe", "llama4_text", "granitemoehybrid",
-                                        "olmo_hybrid"])
+                                        "olmo_hybrid", "flint"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -945,7 +948,7 @@ def rotations(monkeypatch):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-@pytest.mark.parametrize("model_type", ["exaone4", "cohere2", "exaone_moe", "kolibri1", "cohere2_moe"])
+@pytest.mark.parametrize("model_type", ["exaone4", "cohere2", "exaone_moe", "kolibri1", "cohere2_moe", "flint"])
 def test_global_layers_are_nope_where_the_model_has_a_window(model_type, attention, fused_calls, rotations):
     from pirope.integrations.transformers import _sliding_window
 
@@ -1531,18 +1534,19 @@ def fused_sinks(monkeypatch):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-def test_gpt_oss_sinks_are_followed_and_trained(attention, fused_sinks):
+@pytest.mark.parametrize("model_type", ["gpt_oss", "flint"])
+def test_sinks_are_followed_and_trained(model_type, attention, fused_sinks):
     # logits and every gradient (the sinks' included) equal transformers'; the fused path
-    # passes each layer's own sinks parameter
-    base = with_sinks(make("gpt_oss"))
+    # passes each layer's own sinks parameter (Flint's NoPE layer 1 is not fused)
+    base = with_sinks(make(model_type))
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     x = ids(2, 100)
     got, want = logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x)
     assert_same(got, want)
     assert any("sinks" in name for name in got[1]) and all(g.abs().max() > 0 for n, g in got[1].items() if "sinks" in n)
     layers = model.model.layers
-    assert [s is layer.self_attn.sinks for s, layer in zip(fused_sinks, layers)] == ([True, True] if attention == "fused"
-                                                                                     else [])
+    fused = FUSED_LAYERS.get(model_type, 2) if attention == "fused" else 0
+    assert len(fused_sinks) == fused and all(s is layer.self_attn.sinks for s, layer in zip(fused_sinks, layers))
     # without them the model is another one
     no_sinks = copy.deepcopy(base)
     with torch.no_grad():

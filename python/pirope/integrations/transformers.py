@@ -88,8 +88,9 @@ their "conv" layers, short convolutions without RoPE, are left as they are; LFM2
 embedding is ``pos_emb``), ``granitemoehybrid`` (Granite 4.0's hybrids with ``position_embedding_type``
 "rope": Granite's attention; the Mamba-2 layers left as they are; a model without RoPE, the
 checkpoints' default, is refused), ``olmo_hybrid`` (OLMo Hybrid with RoPE: OLMo 2's attention, the
-Gated DeltaNet layers left as they are; its released checkpoints have no RoPE: refused).
-Architectures whose
+Gated DeltaNet layers left as they are; its released checkpoints have no RoPE: refused), ``flint``
+(per-head q/k RMSNorms before RoPE, GPT-OSS's attention sinks, RoPE on its sliding_attention layers
+only, as Cohere 2). Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
@@ -577,6 +578,10 @@ _FAMILIES: dict[str, _Family] = {
     # OLMo Hybrid with RoPE (its released checkpoints have none: refused): OLMo 2's attention on its
     # full_attention layers, Gated DeltaNets ("linear_attention") left alone
     "olmo_hybrid": _Family("separate", None, False, qk_norm="proj", linear_layers="linear_attention"),
+    # Flint: per-head q/k RMSNorms before RoPE, GPT-OSS's attention sinks, RoPE on the sliding layers only
+    # (its full_attention layers, whose module has no window, are NoPE: Cohere 2's rule)
+    "flint": _Family("separate", "module", False, qk_norm="head", sinks="sinks",
+                     rope_layers=_RopeLayers(("sliding_window",), _rotates_when_windowed)),
     # LFM2 and LFM2-MoE (Liquid): LLaMA's attention with per-head RMSNorms q_layernorm / k_layernorm
     # before RoPE and out_proj; hybrids whose "conv" layers (short convolutions, no RoPE) are left alone
     "lfm2": _Family("separate", None, False, qk_norm="head", qk_norm_names=("q_layernorm", "k_layernorm"),
