@@ -213,6 +213,9 @@ FAMILIES = {
     # Flint: layer 0 sliding (16-token window) with RoPE, layer 1 full and NoPE; per-head q/k norms
     # before RoPE, GPT-OSS's attention sinks (transformers gives it "eager")
     "flint": ("FlintConfig", "FlintForCausalLM", dict(HYBRID)),
+    # AFMoE (Arcee's Trinity): layer 0 sliding with RoPE, layer 1 full and NoPE; per-head q/k norms before
+    # RoPE; the output gated by sigmoid(gate_proj(hidden)); layer 0's MLP dense, layer 1's the experts
+    "afmoe": ("AfmoeConfig", "AfmoeForCausalLM", dict(MOE, **HYBRID, num_dense_layers=1)),
     # LFM2 and its MoE: hybrids, layer 0 a short convolution (left alone), layer 1 attention with
     # per-head q/k RMSNorms (q_layernorm / k_layernorm) before RoPE; LFM2-MoE's rotary embedding is pos_emb
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
@@ -236,7 +239,7 @@ FAMILIES = {
 FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "kolibri1": 1, "cohere2_moe": 1,
                 "nanochat": 0, "hunyuan_v1_dense": 0, "hunyuan_v1_moe": 0, "qwen3_next": 1, "qwen3_5_text": 1,
                 "qwen3_5_moe_text": 1, "llama4_text": 1, "lfm2": 1, "lfm2_moe": 1, "granitemoehybrid": 1,
-                "olmo_hybrid": 1, "flint": 1}
+                "olmo_hybrid": 1, "flint": 1, "afmoe": 1}
 
 # the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
 # layer has heads of global_head_dim
@@ -366,6 +369,7 @@ def scale_qk_norms(model):
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus", "gemma3_text", "exaone4", "dots1", "hy_v3", "lfm2", "flint",
+                                        "afmoe",
                                         "lfm2_moe",
                                         "mellum", "exaone_moe", "kolibri1", "apertus1p5_text"])
 def test_qk_norms_run_before_rope(model_type):
@@ -558,7 +562,7 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
                                         "ministral3", "bitnet", "minicpm5_moe", "qwen3_next", "qwen3_5_text",
                                         "qwen3_5_moe_text", "lfm2", "lfm2_moe", "llama4_text", "granitemoehybrid",
-                                        "olmo_hybrid", "flint"])
+                                        "olmo_hybrid", "flint", "afmoe"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -948,7 +952,8 @@ def rotations(monkeypatch):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-@pytest.mark.parametrize("model_type", ["exaone4", "cohere2", "exaone_moe", "kolibri1", "cohere2_moe", "flint"])
+@pytest.mark.parametrize("model_type", ["exaone4", "cohere2", "exaone_moe", "kolibri1", "cohere2_moe", "flint",
+                                        "afmoe"])
 def test_global_layers_are_nope_where_the_model_has_a_window(model_type, attention, fused_calls, rotations):
     from pirope.integrations.transformers import _sliding_window
 
@@ -1172,6 +1177,20 @@ def test_norms_before_rope_would_differ_where_they_have_weights(model_type):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
         assert not torch.allclose(got, want, atol=1e-3)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_afmoe_gates_the_attention_output_with_its_own_projection(attention, fused_calls):
+    # sigmoid(gate_proj(hidden)) times the attention output, on both paths (the sliding layer fuses);
+    # without the gate the same patch gives other logits
+    base = make("afmoe")
+    model = patch_rope(copy.deepcopy(base), attention=attention)
+    x = ids(2, 12)  # within the window
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+    assert len(fused_calls) == (1 if attention == "fused" else 0)
+    with torch.no_grad():
+        ungated = _with_family(copy.deepcopy(model), gate=None)(x, use_cache=False).logits
+        assert not torch.allclose(ungated, model(x, use_cache=False).logits, rtol=0, atol=1e-4)
 
 
 def test_nanochat_rotates_by_the_negative_angle():
@@ -1601,6 +1620,7 @@ def _without(model, layer, name):
     ("gemma4_text", 1, "store_full_length_kv", "self_attn.is_kv_shared_layer.*KV sharing"),
     ("gemma4_text", 0, "v_norm", "decoder layer 0 .*v_norm"),
     ("llama4_text", 0, "use_rope", "self_attn.use_rope"),
+    ("afmoe", 0, "gate_proj", "decoder layer 0 .*gate_proj"),
     ("llama4_text", 1, "floor_scale", "self_attn.attn_temperature_tuning.*temperature tuning"),
 ])
 def test_a_layer_without_what_its_family_needs_is_refused_unchanged(model_type, layer, name, match):

@@ -90,7 +90,9 @@ embedding is ``pos_emb``), ``granitemoehybrid`` (Granite 4.0's hybrids with ``po
 checkpoints' default, is refused), ``olmo_hybrid`` (OLMo Hybrid with RoPE: OLMo 2's attention, the
 Gated DeltaNet layers left as they are; its released checkpoints have no RoPE: refused), ``flint``
 (per-head q/k RMSNorms before RoPE, GPT-OSS's attention sinks, RoPE on its sliding_attention layers
-only, as Cohere 2). Architectures whose
+only, as Cohere 2), ``afmoe`` (AFMoE, Arcee's Trinity: per-head q/k RMSNorms before RoPE, RoPE on
+its sliding_attention layers only, the attention's output times ``sigmoid(gate_proj(hidden))``).
+Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
@@ -298,6 +300,11 @@ def _rotates_when_windowed_or_forced(attn) -> bool:
     return attn.sliding_window is not None or bool(attn.force_rope)
 
 
+def _rotates_when_local(attn) -> bool:
+    # AFMoE: `if self.is_local_attention: apply_rotary_pos_emb(...)`, its sliding_attention layers
+    return bool(attn.is_local_attention)
+
+
 class _Family(NamedTuple):
     """How an architecture's attention differs from LLaMA's, where pirope must follow it."""
 
@@ -401,6 +408,10 @@ class _Family(NamedTuple):
     # head, q | gate (MiniCPM5-MoE's q_gate_proj, Qwen3-Next's q_proj), the attention's output
     # (all heads) multiplied by sigmoid(gate) before the output projection; None: no gate
     q_gate: str | None = None
+    # gated attention by a projection of its own: the attention module's projection of the hidden
+    # states (all heads' width) whose sigmoid multiplies the attention's output before the output
+    # projection (AFMoE's gate_proj); None: no such gate
+    gate: str | None = None
     # the config.layer_types entry of the decoder layers that have no attention (Qwen3-Next's
     # "linear_attention": a Gated DeltaNet, no RoPE), which the patch leaves as they are; None:
     # every layer has the attention
@@ -582,6 +593,10 @@ _FAMILIES: dict[str, _Family] = {
     # (its full_attention layers, whose module has no window, are NoPE: Cohere 2's rule)
     "flint": _Family("separate", "module", False, qk_norm="head", sinks="sinks",
                      rope_layers=_RopeLayers(("sliding_window",), _rotates_when_windowed)),
+    # AFMoE (Arcee's Trinity): per-head q/k RMSNorms before RoPE, RoPE on its sliding_attention layers
+    # only (is_local_attention), the output gated by sigmoid(gate_proj(hidden_states))
+    "afmoe": _Family("separate", "module", False, qk_norm="head", gate="gate_proj",
+                     rope_layers=_RopeLayers(("is_local_attention",), _rotates_when_local)),
     # LFM2 and LFM2-MoE (Liquid): LLaMA's attention with per-head RMSNorms q_layernorm / k_layernorm
     # before RoPE and out_proj; hybrids whose "conv" layers (short convolutions, no RoPE) are left alone
     "lfm2": _Family("separate", None, False, qk_norm="head", qk_norm_names=("q_layernorm", "k_layernorm"),
@@ -963,6 +978,7 @@ def _attention_modules(model, family: _Family):
     need = _projections(family) + (family.out_proj,)
     need += (family.out_dropout,) if family.out_dropout is not None else ()
     need += (family.out_norm,) if family.out_norm is not None else ()
+    need += (family.gate,) if family.gate is not None else ()
     modules = []
     layer_types = getattr(model.config, "layer_types", None) or ()
     for i, layer in enumerate(base.layers):
@@ -1162,7 +1178,7 @@ def _head_dim(attn, family: _Family) -> int:
 def _project(attn, hidden_states):
     """q, k, v as (batch, seqlen, heads, head_dim) views, exactly as Hugging Face projects (k and v
     None in a KV-shared layer: see _Family.kv_sharing), and the output gate (batch, seqlen,
-    heads * head_dim; None without _Family.q_gate)."""
+    heads * head_dim; None without _Family.q_gate or .gate)."""
     family = attn._pirope_family
     head_dim = _head_dim(attn, family)
     shape = (*hidden_states.shape[:-1], -1, head_dim)
@@ -1186,6 +1202,8 @@ def _project(attn, hidden_states):
         q, k = attn.q_proj(hidden_states), attn.k_proj(hidden_states)
         # Gemma 4's attention_k_eq_v layers have no v_proj: the values are k_proj's output (before k_norm)
         v = k if family.kv_sharing and attn.v_proj is None else attn.v_proj(hidden_states)
+        if family.gate is not None:  # AFMoE: a gate projection of its own
+            gate = getattr(attn, family.gate)(hidden_states)
     norm = None if family.qk_norm_after_rope else _qk_norm(attn, family)  # those run after RoPE
     q_norm, k_norm = (getattr(attn, name) for name in family.qk_norm_names) if norm else (None, None)
     if norm == "proj":  # OLMo 2: one RMSNorm over all heads' features, then the view
@@ -1526,7 +1544,7 @@ def _rotate_qk(q, k, cos, sin, position_ids, interleaved: bool, conjugate: bool)
 
 
 def _out_proj(attn, out, gate=None):
-    if gate is not None:  # gated attention (_Family.q_gate)
+    if gate is not None:  # gated attention (_Family.q_gate, .gate)
         out = out * gate.sigmoid()
     if attn._pirope_family.out_norm is not None:  # BitNet's attn_sub_norm
         out = getattr(attn, attn._pirope_family.out_norm)(out)
