@@ -1620,6 +1620,7 @@ def _without(model, layer, name):
     ("gemma4_text", 1, "store_full_length_kv", "self_attn.is_kv_shared_layer.*KV sharing"),
     ("gemma4_text", 0, "v_norm", "decoder layer 0 .*v_norm"),
     ("llama4_text", 0, "use_rope", "self_attn.use_rope"),
+    ("llama4_text", 0, "layer_idx", "decoder layer 0 .*layer_idx"),
     ("afmoe", 0, "gate_proj", "decoder layer 0 .*gate_proj"),
     ("llama4_text", 1, "floor_scale", "self_attn.attn_temperature_tuning.*temperature tuning"),
 ])

@@ -979,6 +979,7 @@ def _attention_modules(model, family: _Family):
     need += (family.out_dropout,) if family.out_dropout is not None else ()
     need += (family.out_norm,) if family.out_norm is not None else ()
     need += (family.gate,) if family.gate is not None else ()
+    need += ("layer_idx",) if family.chunked is not None else ()  # which config.layer_types entry is its
     modules = []
     layer_types = getattr(model.config, "layer_types", None) or ()
     for i, layer in enumerate(base.layers):
