@@ -949,7 +949,7 @@ def _base_model(model):
         # Llama4ForCausalLM: base_model_prefix "language_model" names no attribute of it (base_model is
         # the model itself); its decoder is .model, as in every other ...ForCausalLM
         base = getattr(model, "model", base)
-    rotary = _rotary_name(model)
+    rotary = _FAMILIES[model.config.model_type].rotary_name
     if not (hasattr(base, "layers") and hasattr(base, rotary)):
         raise TypeError(
             f"model: could not find the decoder layers and {rotary} of {type(model).__name__} "
@@ -960,11 +960,6 @@ def _base_model(model):
             f"model: {type(model).__name__} has no rotary embedding ({type(base).__name__}.{rotary} is None: "
             "its config has no RoPE); there is no RoPE to patch or interpolate")
     return base
-
-
-def _rotary_name(model) -> str:
-    """The name of the rotary embedding in the base model of ``model`` (of a supported type)."""
-    return _FAMILIES[model.config.model_type].rotary_name
 
 
 def _projections(family: _Family) -> tuple[str, ...]:
