@@ -55,6 +55,9 @@ GRANITE_HYBRID = dict(layer_types=["linear_attention", "attention"], position_em
                       num_local_experts=0, mamba_n_heads=4, mamba_d_state=8, mamba_d_head=32, mamba_chunk_size=16,
                       shared_intermediate_size=64, attention_multiplier=0.3)
 
+# Llama 3.2 Vision's text model (its vocabulary has 8 more rows, its pad id must fit in the tiny one)
+MLLAMA_TEXT = dict(num_hidden_layers=3, cross_attention_layers=[1], pad_token_id=1, bos_token_id=1, eos_token_id=2)
+
 # Llama 4's text model: layer 0 rotates (chunked attention), layer 1 is NoPE; both MoE (its
 # intermediate_size_mlp is the dense layers' MLP, none here, but the config's default is 16384)
 LLAMA4 = dict(no_rope_layers=[1, 0], floor_scale=16, use_qk_norm=False, intermediate_size_mlp=128)
@@ -216,6 +219,9 @@ FAMILIES = {
     # AFMoE (Arcee's Trinity): layer 0 sliding with RoPE, layer 1 full and NoPE; per-head q/k norms before
     # RoPE; the output gated by sigmoid(gate_proj(hidden)); layer 0's MLP dense, layer 1's the experts
     "afmoe": ("AfmoeConfig", "AfmoeForCausalLM", dict(MOE, **HYBRID, num_dense_layers=1)),
+    # Llama 3.2 Vision's language model alone: 3 layers, layer 1 a cross-attention layer (left alone;
+    # skipped by transformers without an image), layers 0 and 2 LLaMA's self-attention
+    "mllama_text_model": ("MllamaTextConfig", "MllamaForCausalLM", dict(MLLAMA_TEXT)),
     # LFM2 and its MoE: hybrids, layer 0 a short convolution (left alone), layer 1 attention with
     # per-head q/k RMSNorms (q_layernorm / k_layernorm) before RoPE; LFM2-MoE's rotary embedding is pos_emb
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
@@ -562,7 +568,7 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
                                         "ministral3", "bitnet", "minicpm5_moe", "qwen3_next", "qwen3_5_text",
                                         "qwen3_5_moe_text", "lfm2", "lfm2_moe", "llama4_text", "granitemoehybrid",
-                                        "olmo_hybrid", "flint", "afmoe"])
+                                        "olmo_hybrid", "flint", "afmoe", "mllama_text_model"])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -656,6 +662,55 @@ def test_no_fused_call_where_a_window_without_mask_would_cut_keys(model_type):
     assert _can_fuse(windowed_attn, 16, None, None, {})
     # layer 1 attends to every key, except in StarCoder2 (one window for all layers)
     assert _can_fuse(other_attn, 17, None, None, {}) == (model_type != "starcoder2")
+
+
+def test_mllama_attention_dropout_is_applied_in_training(fused_calls):
+    # Llama 3.2 Vision's self-attention keeps its dropout rate in .dropout (not attention_dropout):
+    # passed to the attention function in training, as transformers does (never fused then)
+    base = make("mllama_text_model", dropout=0.3)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0).train()
+    ref = twin(base, model.config).train()
+    x = ids(2, 40)
+    torch.manual_seed(5)
+    got = logits_and_grads(model, x)
+    torch.manual_seed(5)
+    assert_same(got, logits_and_grads(ref, x))
+    assert fused_calls == []
+    model.eval()  # without the dropout: fused, and other logits
+    assert not torch.allclose(model(x, use_cache=False).logits, got[0])
+    assert fused_calls == [(2, 40, 4, 16)] * 2
+
+
+MLLAMA_VISION = dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, image_size=28, patch_size=14,
+                     max_num_tiles=2, vision_output_dim=64, intermediate_layers_indices=[0],
+                     supported_aspect_ratios=[[1, 1], [1, 2]], attention_heads=2, intermediate_size=64)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_llama_3_2_vision_with_an_image_equals_transformers(attention, fused_calls, tmp_path):
+    # MllamaForConditionalGeneration: PI extends its language model; with an image (2 tiles) its
+    # cross-attention layer attends to it, untouched, between the patched self-attention layers
+    if not hasattr(transformers, "MllamaConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Mllama")
+    config = transformers.MllamaConfig(text_config={**COMMON, **MLLAMA_TEXT}, vision_config=MLLAMA_VISION,
+                                       image_token_index=250)
+    torch.manual_seed(0)
+    base = transformers.MllamaForConditionalGeneration(config).eval()
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    assert model.model.language_model.config is model.config.get_text_config()
+    ref = twin(base, model.config)
+    x = ids(1, 100)
+    x[0, 3] = 250
+    image = dict(pixel_values=torch.randn(1, 1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(2)),
+                 aspect_ratio_ids=torch.tensor([[1]]), aspect_ratio_mask=torch.tensor([[[1, 1]]]),
+                 cross_attention_mask=torch.ones(1, 100, 1, 2, dtype=torch.long))
+    got = logits_and_grads(model, x, **image)
+    assert_same(got, logits_and_grads(ref, x, **image))
+    assert any(".cross_attn." in name for name in got[1])  # the cross-attention layer ran
+    assert fused_calls == ([(1, 100, 4, 16)] * 2 if attention == "fused" else [])
+    model.save_pretrained(tmp_path)
+    loaded = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path).eval()  # plain transformers
+    assert_same(logits_and_grads(model, x, **image), logits_and_grads(loaded, x, **image))
 
 
 @pytest.mark.parametrize("model_type", ["seed_oss", "starcoder2"])

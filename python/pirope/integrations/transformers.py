@@ -91,7 +91,11 @@ checkpoints' default, is refused), ``olmo_hybrid`` (OLMo Hybrid with RoPE: OLMo 
 Gated DeltaNet layers left as they are; its released checkpoints have no RoPE: refused), ``flint``
 (per-head q/k RMSNorms before RoPE, GPT-OSS's attention sinks, RoPE on its sliding_attention layers
 only, as Cohere 2), ``afmoe`` (AFMoE, Arcee's Trinity: per-head q/k RMSNorms before RoPE, RoPE on
-its sliding_attention layers only, the attention's output times ``sigmoid(gate_proj(hidden))``).
+its sliding_attention layers only, the attention's output times ``sigmoid(gate_proj(hidden))``),
+``mllama_text_model`` (Llama 3.2 Vision's language model: ``MllamaForCausalLM``, and that of
+``MllamaForConditionalGeneration``; LLaMA's self-attention, its dropout rate in ``.dropout``; the
+cross-attention layers, ``config.cross_attention_layers``, which attend to the image without RoPE,
+are left as they are; its checkpoints' "llama3" RoPE is kept or replaced by patch_rope).
 Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
@@ -416,6 +420,12 @@ class _Family(NamedTuple):
     # "linear_attention": a Gated DeltaNet, no RoPE), which the patch leaves as they are; None:
     # every layer has the attention
     linear_layers: str | None = None
+    # the config attribute listing the decoder layers that attend to the image instead of themselves
+    # (Mllama's cross_attention_layers: cross_attn, no self_attn, no RoPE), which the patch leaves as they
+    # are; None: no such layers
+    cross_layers: str | None = None
+    # the attention module's attribute holding its attention dropout rate (Mllama's dropout)
+    dropout_attr: str = "attention_dropout"
     # multimodal RoPE (mRoPE: Qwen2-VL, Qwen3-VL, Qwen3.5, GLM-4V): the rotary embedding takes
     # position_ids (3, batch, seqlen), a temporal, height and width position per token, and each pair
     # of the table turns by the position of one of them (its recomposition_frequencies says which,
@@ -597,6 +607,9 @@ _FAMILIES: dict[str, _Family] = {
     # only (is_local_attention), the output gated by sigmoid(gate_proj(hidden_states))
     "afmoe": _Family("separate", "module", False, qk_norm="head", gate="gate_proj",
                      rope_layers=_RopeLayers(("is_local_attention",), _rotates_when_local)),
+    # Llama 3.2 Vision's language model (MllamaForCausalLM; MllamaForConditionalGeneration's is one):
+    # LLaMA's self-attention (its dropout rate in .dropout) between cross-attention layers (left alone)
+    "mllama_text_model": _Family("separate", None, False, cross_layers="cross_attention_layers", dropout_attr="dropout"),
     # LFM2 and LFM2-MoE (Liquid): LLaMA's attention with per-head RMSNorms q_layernorm / k_layernorm
     # before RoPE and out_proj; hybrids whose "conv" layers (short convolutions, no RoPE) are left alone
     "lfm2": _Family("separate", None, False, qk_norm="head", qk_norm_names=("q_layernorm", "k_layernorm"),
@@ -977,10 +990,13 @@ def _attention_modules(model, family: _Family):
     need += ("layer_idx",) if family.chunked is not None else ()  # which config.layer_types entry is its
     modules = []
     layer_types = getattr(model.config, "layer_types", None) or ()
+    cross_layers = (getattr(model.config, family.cross_layers, None) or ()) if family.cross_layers else ()
     for i, layer in enumerate(base.layers):
         attn = getattr(layer, family.attn_name, None)
         if family.linear_layers is not None and i < len(layer_types) and layer_types[i] == family.linear_layers \
                 and attn is None:  # Qwen3-Next's linear-attention layers: no RoPE, left alone
+            continue
+        if attn is None and i in cross_layers:  # Mllama's cross-attention layers: no RoPE, left alone
             continue
         layer_need = need + (family.qk_norm_names if attn is not None and _qk_norm(attn, family) else ())
         layer_need += (family.v_norm,) if family.v_norm is not None else ()
@@ -1325,7 +1341,7 @@ def _dropout_rate(attn) -> float:
     """The attention dropout rate the layer passes its attention function: its
     attention_dropout, or where that is an nn.Dropout (Persimmon, which passes
     config.attention_dropout, the module's p) that module's rate."""
-    rate = getattr(attn, "attention_dropout", 0.0)
+    rate = getattr(attn, attn._pirope_family.dropout_attr, 0.0)
     return rate.p if isinstance(rate, nn.Dropout) else rate
 
 
