@@ -38,7 +38,8 @@ the image's largest), as transformers' get_rope_index gives them: the sections d
 builds one table row per token.
 --llama4 makes it a Llama4TextModel with one rotating layer as in Llama 4 Scout: RoPE as a complex
 rotation of pairs (2i, 2i+1), theta 5e5, a weightless RMSNorm of the rotated q and k (so pirope's
-"fused" variant runs its rotation, then SDPA, like "pirope_sdpa"), chunked attention (8192-token
+"fused" variant rotates and normalizes first, then runs rope_attention with an identity rotation;
+on CUDA rotation, then SDPA), chunked attention (8192-token
 chunks: one chunk up to 8k) and a dense MLP of --intermediate (Scout's layers are MoE, one 8192
 expert and an 8192 shared expert per token: --intermediate 16384 does the same work per token).
 Variants, all deep copies of one model (same weights, same config):

@@ -24,9 +24,9 @@ import pirope
 transformers = pytest.importorskip("transformers")
 from pirope.integrations.transformers import apply_position_interpolation, patch_rope  # noqa: E402
 from hf_compare import logits_and_grads  # noqa: E402
-from test_model_families import (  # noqa: E402,F401  (fused_calls, rotations: fixtures)
-    COMMON, LLAMA4, MOE, WINDOW, _with_family, assert_generates_like, assert_same, fused_calls, ids, make, rotations,
-    twin)
+from test_model_families import (  # noqa: E402,F401  (fused_calls, fused_tables, rotations: fixtures)
+    COMMON, LLAMA4, MOE, WINDOW, _with_family, assert_generates_like, assert_same, fused_calls, fused_tables, ids, make,
+    rotations, twin)
 
 if not hasattr(transformers, "Llama4TextConfig"):
     pytest.skip(f"transformers {transformers.__version__} has no Llama 4", allow_module_level=True)
@@ -44,7 +44,7 @@ def scout(**kw):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-def test_scout_form_position_interpolation_equals_transformers(attention, fused_calls, rotations):
+def test_scout_form_position_interpolation_equals_transformers(attention, fused_calls, fused_tables, rotations):
     base = scout()
     assert [hasattr(layer.self_attn, "qk_norm") for layer in base.model.layers] == [True, False]
     assert base.config.layer_types == ["chunked_attention", "full_attention"]
@@ -53,11 +53,13 @@ def test_scout_form_position_interpolation_equals_transformers(attention, fused_
     x = ids(2, 100)
     assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
     assert_generates_like(model, ref, ids(1, 70))  # prefill and decoding past a chunk's end
-    # the norms after RoPE keep the rotating layer off the fused path (rope_attention rotates
-    # inside itself); it rotates once per forward, the NoPE layer never
-    assert fused_calls == []
-    # (logits_and_grads' forward, generate's prefill, then its 5 decoding steps: layer 0 only)
+    # the rotating layer (norms after RoPE, chunks of 32) rotates by apply_rope_qk in each forward
+    # (logits_and_grads', generate's prefill, then its 5 decoding steps) and attends through
+    # transformers' chunked mask; the NoPE layer never rotates, and fused it takes rope_attention
+    # with the identity rotation in the two forwards without a cache
     assert rotations == [(2, 100, 4, 16), (1, 70, 4, 16)] + [(1, 1, 4, 16)] * 5
+    assert fused_calls == ([(2, 100, 4, 16), (1, 70, 4, 16)] if attention == "fused" else [])
+    assert fused_tables == [True] * len(fused_calls)
 
 
 def test_the_chunks_and_the_norms_change_the_result():
@@ -75,14 +77,18 @@ def test_the_chunks_and_the_norms_change_the_result():
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-def test_nope_layers_attend_unrotated_with_their_temperature(attention, fused_calls, rotations):
+def test_nope_layers_attend_unrotated_with_their_temperature(attention, fused_calls, fused_tables, rotations):
     base = make("llama4_text")
     assert [layer.self_attn.use_rope for layer in base.model.layers] == [1, 0]  # layer 1 is NoPE
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     x = ids(2, 100)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
-    # layer 0 rotates (inside rope_attention, or by apply_rope_qk), layer 1 never
-    assert (fused_calls if attention == "fused" else rotations) == [(2, 100, 4, 16)]
+    # layer 0 rotates (inside rope_attention, or by apply_rope_qk), layer 1 never (fused: its q, with
+    # the temperature, through rope_attention's identity rotation)
+    if attention == "fused":
+        assert (fused_calls, fused_tables, rotations) == ([(2, 100, 4, 16)] * 2, [False, True], [])
+    else:
+        assert (fused_calls, rotations) == ([], [(2, 100, 4, 16)])
     # the temperature (floor_scale 16: every 16 tokens) is what makes the NoPE layer exact: the
     # same patch without it gives other logits
     with torch.no_grad():
@@ -109,14 +115,16 @@ def test_nope_temperature_counts_the_cache_as_transformers_does():
 
 
 @pytest.mark.parametrize(("seqlen", "fused"), [(CHUNK, True), (CHUNK + 1, False), (100, False)])
-def test_a_chunked_layer_fuses_only_within_one_chunk(seqlen, fused, fused_calls):
+def test_a_chunked_layer_fuses_only_within_one_chunk(seqlen, fused, fused_calls, fused_tables):
     # Maverick's form (no norms) with chunks: rope_attention computes a call that fits in one chunk
-    # (plain causal there); past it transformers' backend takes the chunked mask
+    # (plain causal there); past it transformers' backend takes the chunked mask (the NoPE layer,
+    # unchunked, always fuses, through the identity rotation)
     base = make("llama4_text", attention_chunk_size=CHUNK)
     model = patch_rope(copy.deepcopy(base), attention="fused")
     x = ids(2, seqlen)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
-    assert fused_calls == ([(2, seqlen, 4, 16)] if fused else [])
+    assert fused_calls == [(2, seqlen, 4, 16)] * (2 if fused else 1)
+    assert fused_tables == ([False, True] if fused else [True])
 
 
 def test_a_mask_free_backend_never_fuses_across_chunks():

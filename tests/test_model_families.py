@@ -238,14 +238,19 @@ FAMILIES = {
 
 
 # layers that take the fused path on a sequence longer than HYBRID's window (default: both; a
-# sliding layer with its window, the sdpa mask showing it on CPU): SmolLM3's NoPE layer has no
-# RoPE to fuse and runs transformers' attention unrotated; EXAONE 4's and Cohere 2's full layer
-# is NoPE (Gemma 2's and VaultGemma's soft-capped layers fuse with rope_attention's softcap);
-# NanoChat's and Hunyuan's q/k norms after RoPE keep every layer off the fused path
-FUSED_LAYERS = {"smollm3": 1, "exaone4": 1, "cohere2": 1, "exaone_moe": 1, "kolibri1": 1, "cohere2_moe": 1,
-                "nanochat": 0, "hunyuan_v1_dense": 0, "hunyuan_v1_moe": 0, "qwen3_next": 1, "qwen3_5_text": 1,
-                "qwen3_5_moe_text": 1, "llama4_text": 1, "lfm2": 1, "lfm2_moe": 1, "granitemoehybrid": 1,
-                "olmo_hybrid": 1, "flint": 1, "afmoe": 1}
+# sliding layer with its window, the sdpa mask showing it on CPU; on CPU also the layers that
+# rope_attention cannot rotate itself -- NoPE layers (SmolLM3, EXAONE 4, Cohere 2, Llama 4, ...) and
+# NanoChat's and Hunyuan's q/k norms after RoPE --, through an identity rotation, see
+# IDENTITY_LAYERS; Gemma 2's and VaultGemma's soft-capped layers fuse with rope_attention's
+# softcap): the hybrids' one attention layer
+FUSED_LAYERS = {"qwen3_next": 1, "qwen3_5_text": 1, "qwen3_5_moe_text": 1, "lfm2": 1, "lfm2_moe": 1,
+                "granitemoehybrid": 1, "olmo_hybrid": 1}
+
+# which layers of a make(model_type) model rotate outside rope_attention (NoPE, or norms after RoPE, or
+# the negative angle) and so call it with the identity table (1 x 1: cos 1, sin 0), where not none
+IDENTITY_LAYERS = {"smollm3": [1], "exaone4": [1], "cohere2": [1], "exaone_moe": [1], "kolibri1": [1],
+                   "cohere2_moe": [1], "nanochat": [0, 1], "hunyuan_v1_dense": [0, 1], "hunyuan_v1_moe": [0, 1],
+                   "llama4_text": [1], "flint": [1], "afmoe": [1]}
 
 # the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
 # layer has heads of global_head_dim
@@ -331,6 +336,20 @@ def fused_softcaps(monkeypatch):
 
 
 @pytest.fixture
+def fused_tables(monkeypatch):
+    """Whether each pirope.rope_attention call got the identity table (q and k made ready before it)."""
+    calls = []
+    real = pirope.rope_attention
+
+    def spy(q, k, v, cos, *args, **kwargs):
+        calls.append(tuple(cos.shape) == (1, 1))
+        return real(q, k, v, cos, *args, **kwargs)
+
+    monkeypatch.setattr(pirope, "rope_attention", spy)
+    return calls
+
+
+@pytest.fixture
 def fused_windows(monkeypatch):
     """The window_size of every pirope.rope_attention call."""
     return spy_on(monkeypatch, "rope_attention", lambda q, kwargs: kwargs.get("window_size", (-1, -1)))
@@ -338,15 +357,17 @@ def fused_windows(monkeypatch):
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 @pytest.mark.parametrize("model_type", list(FAMILIES))
-def test_position_interpolation_equals_transformers(model_type, attention, fused_calls):
+def test_position_interpolation_equals_transformers(model_type, attention, fused_calls, fused_tables):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     assert model.config.max_position_embeddings == 2 * WINDOW
     ref = twin(base, model.config)  # the PI model as transformers builds it from the config
     x = ids(2, 100)  # past the original window
     assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
-    # the fused kernel ran in every layer with RoPE (no window here is shorter than the sequence)
+    # the fused kernel ran in every layer with attention (no window here is shorter than the sequence),
+    # those it cannot rotate itself on q and k rotated (or not) and normalized before it
     assert fused_calls == (fused_shapes(model_type, 2, 100) if attention == "fused" else [])
+    assert fused_tables == [i in IDENTITY_LAYERS.get(model_type, []) for i in range(len(fused_calls))]
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))
@@ -500,16 +521,19 @@ def test_gpt_neox_keeps_its_partial_rotary_and_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-def test_smollm3_nope_layers_attend_without_rotation(attention, fused_calls, rotations):
+def test_smollm3_nope_layers_attend_without_rotation(attention, fused_calls, fused_tables, rotations):
     rotated = rotations  # the q shape of every pirope.apply_rope_qk call (the "sdpa" path's rotation)
     base = make("smollm3")
     assert [layer.self_attn.use_rope for layer in base.model.layers] == [1, 0]  # layer 1 is NoPE
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     x = ids(2, 100)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
-    # layer 0 rotates once (by apply_rope_qk or inside rope_attention), layer 1 never
-    calls = fused_calls if attention == "fused" else rotated
-    assert (fused_calls + rotated, calls) == ([(2, 100, 4, 16)], [(2, 100, 4, 16)])
+    # layer 0 rotates once (by apply_rope_qk or inside rope_attention), layer 1 never: fused, it
+    # attends through the identity rotation
+    if attention == "fused":
+        assert (fused_calls, fused_tables, rotated) == ([(2, 100, 4, 16)] * 2, [False, True], [])
+    else:
+        assert (fused_calls, rotated) == ([], [(2, 100, 4, 16)])
 
 
 def windowed(model_type):
@@ -576,6 +600,16 @@ def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_ty
     assert_generates_like(model, ref, ids(1, 70))
     # the prefill; the decode steps take the cached path
     assert fused_calls == fused_shapes(model_type, 1, 70)
+
+
+def test_mllama_with_cross_attention_layers_only_is_refused_unchanged():
+    base = make("mllama_text_model", num_hidden_layers=2, cross_attention_layers=[0, 1])
+    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
+        model = copy.deepcopy(base)
+        rotary = model.model.rotary_emb
+        with pytest.raises(ValueError, match="none of the 2 decoder layers .*cross_attention_layers lists them all"):
+            call(model)
+        assert model.model.rotary_emb is rotary and model.config.rope_parameters == base.config.rope_parameters
 
 
 def test_qwen3_next_without_attention_layers_is_refused_unchanged():
@@ -1009,7 +1043,8 @@ def rotations(monkeypatch):
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 @pytest.mark.parametrize("model_type", ["exaone4", "cohere2", "exaone_moe", "kolibri1", "cohere2_moe", "flint",
                                         "afmoe"])
-def test_global_layers_are_nope_where_the_model_has_a_window(model_type, attention, fused_calls, rotations):
+def test_global_layers_are_nope_where_the_model_has_a_window(model_type, attention, fused_calls, fused_tables,
+                                                           rotations):
     from pirope.integrations.transformers import _sliding_window
 
     base = make(model_type)
@@ -1018,14 +1053,17 @@ def test_global_layers_are_nope_where_the_model_has_a_window(model_type, attenti
     x = ids(2, 12)  # within the window: the sliding layer may fuse
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
     # layer 0 (sliding) rotates once, by apply_rope_qk or inside rope_attention; layer 1 (full) never
-    assert (fused_calls if attention == "fused" else rotations) == [(2, 12, 4, 16)]
-    assert len(fused_calls) + len(rotations) == 1
+    # (fused: through the identity rotation)
+    if attention == "fused":
+        assert (fused_calls, fused_tables, rotations) == ([(2, 12, 4, 16)] * 2, [False, True], [])
+    else:
+        assert (fused_calls, rotations) == ([], [(2, 12, 4, 16)])
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 @pytest.mark.parametrize(("pattern", "rotating"), [(1, 1), (2, 0)])
 def test_cohere2_moe_dense_prefix_layers_rotate_without_a_window(pattern, rotating, attention, fused_calls,
-                                                                 rotations):
+                                                                 fused_tables, rotations):
     # Cohere 2 MoE: a full_attention layer is NoPE unless it is a dense prefix layer and
     # prefix_dense_sliding_window_pattern is 1 (force_rope); here both layers are full_attention,
     # layer 0 dense, layer 1 MoE
@@ -1035,8 +1073,12 @@ def test_cohere2_moe_dense_prefix_layers_rotate_without_a_window(pattern, rotati
     model = patch_rope(copy.deepcopy(base), attention=attention)
     x = ids(2, 40)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
-    assert (fused_calls if attention == "fused" else rotations) == [(2, 40, 4, 16)] * rotating
-    assert len(fused_calls) + len(rotations) == rotating
+    # fused: both layers, the NoPE ones through the identity rotation; else apply_rope_qk where rotating
+    if attention == "fused":
+        assert (fused_calls, fused_tables, rotations) == ([(2, 40, 4, 16)] * 2, [False] * rotating + [True] * (2 - rotating),
+                                                          [])
+    else:
+        assert (fused_calls, rotations) == ([], [(2, 40, 4, 16)] * rotating)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
@@ -1196,17 +1238,20 @@ NORMS_AFTER_ROPE = ["nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe"]
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 @pytest.mark.parametrize("model_type", NORMS_AFTER_ROPE)
-def test_qk_norms_run_after_rope(model_type, attention, fused_calls):
+def test_qk_norms_run_after_rope(model_type, attention, fused_calls, fused_tables):
     # the norms of the rotated q and k, before the cache update: training forwards, and a prefill
     # then cached decoding, equal transformers' (Hunyuan's norm weights drawn, NanoChat's have none);
-    # never fused (rope_attention rotates inside itself, leaving no place for the norms)
+    # rope_attention rotates inside itself, leaving no place for the norms: fused (on CPU), q and k
+    # are rotated and normalized before it, which attends through the identity rotation
     base = scale_qk_norms(make(model_type))
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     ref = twin(base, model.config)
     x = ids(2, 100)
     assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
     assert_generates_like(model, ref, ids(1, 70))
-    assert fused_calls == []
+    # two forwards' layers (the training one, the prefill), then the decoding steps unfused
+    assert fused_calls == ([(2, 100, 4, 16)] * 2 + [(1, 70, 4, 16)] * 2 if attention == "fused" else [])
+    assert fused_tables == [True] * len(fused_calls)
 
 
 def _with_family(model, **changes):
@@ -1242,7 +1287,7 @@ def test_afmoe_gates_the_attention_output_with_its_own_projection(attention, fus
     model = patch_rope(copy.deepcopy(base), attention=attention)
     x = ids(2, 12)  # within the window
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
-    assert len(fused_calls) == (1 if attention == "fused" else 0)
+    assert len(fused_calls) == (2 if attention == "fused" else 0)  # (layer 1, NoPE, by the identity rotation)
     with torch.no_grad():
         ungated = _with_family(copy.deepcopy(model), gate=None)(x, use_cache=False).logits
         assert not torch.allclose(ungated, model(x, use_cache=False).logits, rtol=0, atol=1e-4)
@@ -1677,6 +1722,8 @@ def _without(model, layer, name):
     ("llama4_text", 0, "use_rope", "self_attn.use_rope"),
     ("llama4_text", 0, "layer_idx", "decoder layer 0 .*layer_idx"),
     ("afmoe", 0, "gate_proj", "decoder layer 0 .*gate_proj"),
+    ("afmoe", 0, "sliding_window", "decoder layer 0 .*sliding_window"),
+    ("qwen2", 1, "sliding_window", "decoder layer 1 .*sliding_window"),
     ("llama4_text", 1, "floor_scale", "self_attn.attn_temperature_tuning.*temperature tuning"),
 ])
 def test_a_layer_without_what_its_family_needs_is_refused_unchanged(model_type, layer, name, match):

@@ -59,8 +59,9 @@ pirope's inverse rotation) and ``hunyuan_v1_dense`` and ``hunyuan_v1_moe`` (per-
 * alpha ** (head_dim / (head_dim - 2))``, as transformers' Hunyuan rotary embedding computes
 it; Position Interpolation makes it ``{"rope_type": "linear", "factor": F, "rope_theta": that
 base}``, which transformers loads back as the same model). With norms after RoPE the norms
-run on the rotated q and k, before the cache update, so these layers always take the "sdpa"
-path (rope_attention rotates inside itself), ``gpt_oss`` (GPT-OSS: q/k/v biases, a
+run on the rotated q and k, before the cache update (rope_attention rotates inside itself: on
+CPU these layers fuse through its identity rotation, see below; elsewhere they take the "sdpa"
+path), ``gpt_oss`` (GPT-OSS: q/k/v biases, a
 sliding window on its sliding_attention layers, per-head attention sinks, see below; its
 checkpoints' RoPE is YaRN, which patch_rope keeps or rescales: Position Interpolation on top
 of YaRN is not defined), ``ministral3`` (Ministral 3: Mistral's attention, then, after
@@ -79,7 +80,7 @@ whose ``base_model`` is itself: its decoder is ``.model``; RoPE as a complex rot
 interleaved pairs; NoPE layers, ``config.no_rope_layers`` 0, whose q is multiplied by the
 attention temperature ``1 + attn_scale * log1p(floor((i + 1) / floor_scale))`` of its index in
 the call plus the cache length; on the rotating layers, with ``use_qk_norm`` (Scout), a
-weightless RMSNorm of the rotated q and k, so they take the "sdpa" path, and attention within
+weightless RMSNorm of the rotated q and k (fused on CPU only, as NanoChat's), and attention within
 chunks of ``attention_chunk_size`` tokens, by transformers' mask: fused only where a call fits
 in one chunk; its checkpoints' "llama3" RoPE is kept or replaced by patch_rope, not
 interpolated), ``lfm2`` and ``lfm2_moe`` (LFM2 and LFM2-MoE: hybrids whose attention layers are
@@ -197,11 +198,13 @@ the projections produce, no copies) and then:
   with ``use_sliding_window``, ...: ``window_size=(sliding_window - 1, 0)``) --, no attention
   dropout in training, causal
   attention (not Gemma's ``use_bidirectional_attention``, nor a call with
-  ``is_causal=False``), no q/k norms after RoPE (NanoChat, Hunyuan: they would have to run
-  inside rope_attention, between its rotation and its scores; NanoChat's rotation by the
-  negative angle is not fused either), a layer with RoPE (SmolLM3's NoPE layers, and
-  EXAONE 4's and Cohere 2's, have nothing to fuse: they take the "sdpa" path, unrotated, as
-  transformers runs them), an attention-logit soft-cap (Gemma 2) only on CPU and only a finite one within
+  ``is_causal=False``), on CUDA no q/k norms after RoPE (NanoChat, Hunyuan, Llama 4 Scout: they
+  would have to run inside rope_attention, between its rotation and its scores), no rotation
+  by the negative angle (NanoChat) and a layer with RoPE (SmolLM3's NoPE layers, EXAONE 4's,
+  Cohere 2's, Llama 4's: they take the "sdpa" path there, unrotated, as transformers runs
+  them) -- on CPU, where rope_attention's kernels beat SDPA, such layers rotate (or not) and
+  normalize q and k as the "sdpa" path does, then run rope_attention with an identity
+  rotation (a 1 x 1 table, cos 1 and sin 0: exact) --, an attention-logit soft-cap (Gemma 2) only on CPU and only a finite one within
   float32's range (also ``None``), no sliding window shorter than the
   sequence without a mask tensor that shows it (CUDA; backends that apply the window
   themselves), no score bias (a ``position_bias`` kwarg) and no sequences packed back to back
@@ -362,7 +365,7 @@ class _Family(NamedTuple):
     # rotated q and k, before the cache update and the attention (NanoChat's weightless RMSNorms,
     # Hunyuan's query_layernorm / key_layernorm): pirope rotates, then the norms run, then the
     # model's attention function. rope_attention rotates inside itself, leaving no place for them
-    # between: such layers never take the fused path (_layer_can_fuse)
+    # between: such layers fuse on CPU only, through its identity rotation (_rotates_inside)
     qk_norm_after_rope: bool = False
     # rotate by the negative angle: NanoChat's rotate_half is cat((x2, -x1)) where LLaMA's is
     # cat((-x2, x1)), i.e. x * cos + rotate_half(x) * sin with sin negated. pirope's inverse rotation
@@ -988,6 +991,8 @@ def _attention_modules(model, family: _Family):
     need += (family.out_norm,) if family.out_norm is not None else ()
     need += (family.gate,) if family.gate is not None else ()
     need += ("layer_idx",) if family.chunked is not None else ()  # which config.layer_types entry is its
+    # the window the family's attention passes (and where it rotates, AFMoE's, Flint's), read from the module
+    need += ("sliding_window",) if family.window in ("module", "sliding") else ()
     modules = []
     layer_types = getattr(model.config, "layer_types", None) or ()
     cross_layers = (getattr(model.config, family.cross_layers, None) or ()) if family.cross_layers else ()
@@ -1036,9 +1041,11 @@ def _attention_modules(model, family: _Family):
                 "this architecture is not supported")
         modules.append(attn)
     if not modules:  # Qwen3-Next with fewer layers than its full_attention_interval: all linear
+        which = (f"config.{family.cross_layers} lists them all" if family.cross_layers
+                 else f"config.layer_types are all {family.linear_layers!r}")
         raise ValueError(
             f"model: none of the {len(base.layers)} decoder layers of {type(model).__name__} has an attention "
-            f"with RoPE (config.layer_types are all {family.linear_layers!r}): nothing for pirope to patch")
+            f"with RoPE ({which}): nothing for pirope to patch")
     return base, modules
 
 
@@ -1299,20 +1306,27 @@ def _chunk(attn) -> int | None:
     return getattr(attn.config, src, None)
 
 
+def _rotates_inside(attn) -> bool:
+    """Whether rope_attention can rotate this layer's q and k itself: the layer rotates (not NoPE),
+    by the positive angle, with nothing between the rotation and the attention (no q/k norms after
+    RoPE). Elsewhere the fused path rotates (or not) and normalizes as the other path does, then
+    runs rope_attention with an identity rotation (_IDENTITY_TABLE): on CPU only, where its kernels
+    beat SDPA; on CUDA rope_attention would just add a pass over q and k there."""
+    family = attn._pirope_family
+    return ((family.rope_layers is None or family.rope_layers.rotates(attn)) and not family.conjugate
+            and not (family.qk_norm_after_rope and _qk_norm(attn, family) is not None))
+
+
 def _layer_can_fuse(attn, seqlen: int, cache, kwargs) -> bool:
-    """Whether rope_attention computes this call, whatever its mask: everything but the mask,
-    the packing and the sliding window (see _segments_of_mask)."""
+    """Whether rope_attention computes this call's attention, whatever its mask: everything but the
+    mask, the packing and the sliding window (see _segments_of_mask), and where the rotation happens
+    (see _rotates_inside)."""
     if attn._pirope_attention != "fused":
         return False
     chunk = _chunk(attn)
     if chunk is not None and seqlen > chunk:
         # chunked attention across chunks (Llama 4): the chunks are in transformers' mask only, which
         # a mask-free backend would not even get; its backend computes it, on the rotated q and k
-        return False
-    family = attn._pirope_family
-    if family.conjugate or (family.qk_norm_after_rope and _qk_norm(attn, family) is not None):
-        # q/k norms after RoPE (rope_attention rotates inside itself: no place for them between),
-        # or a rotation by the negative angle
         return False
     if any(kwargs.get(name) is not None for name in _UNFUSABLE_KWARGS):
         # transformers' flash attention's packed sequences (cu_seqlens passed in), or a score
@@ -1434,15 +1448,18 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         position_ids = None if position_ids is None else position_ids.to(q.device)
 
     interleaved = family.interleaved
-    # a NoPE layer (SmolLM3's use_rope 0, EXAONE 4's and Cohere 2's global layers) skips RoPE
-    # like Hugging Face's and has nothing to fuse: it takes the "sdpa" path, unrotated
+    # a NoPE layer (SmolLM3's use_rope 0, EXAONE 4's and Cohere 2's global layers) skips RoPE like
+    # Hugging Face's; where rope_attention cannot rotate (NoPE, norms after RoPE, the negative angle)
+    # the fused path runs it on q and k made ready here (on CPU: see _rotates_inside)
     rotates = family.rope_layers is None or family.rope_layers.rotates(self)
+    inside = _rotates_inside(self)
 
     softcap = _softcap(self)  # None, or (where it fuses) a number _layer_can_fuse checked
     sinks = None if family.sinks is None else getattr(self, family.sinks)
     # (a KV-shared layer's keys come rotated: nothing to fuse)
     shared = _kv_shared(self, family)
-    fuse, cu_seqlens = rotates and not shared and _layer_can_fuse(self, q.shape[1], cache, kwargs), None
+    fuse = not shared and (inside or q.device.type == "cpu") and _layer_can_fuse(self, q.shape[1], cache, kwargs)
+    cu_seqlens = None
     if fuse and (softcap is not None or sinks is not None) and q.device.type != "cpu":
         # rope_attention runs a soft-cap or sinks unfused off CPU: transformers' backend (flash
         # attention's softcap, or eager) is the one to take there
@@ -1459,10 +1476,14 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     temperature = _attn_temperature(self, kwargs.get("position_ids"), position_ids, q) if family.attn_temperature \
         else None
     if fuse:
-        if temperature is not None:  # a factor per token commutes with its rotation: applied before it
+        if not inside:  # q and k as the other path hands them to the attention, then no rotation
+            q, k = _ready_qk(self, q, k, cos, sin, position_ids, rotates, temperature, cache)
+            cos, sin = (t.to(q.device) for t in _IDENTITY_TABLE)
+            position_ids = torch.zeros(q.shape[1], dtype=torch.int64, device=q.device)
+        elif temperature is not None:  # a factor per token commutes with its rotation: applied before it
             q = q * temperature
         if cache is not None or store:  # prefill: the cache (and the shared layers) get the rotated keys
-            k_rot = pirope.apply_rope(k, cos, sin, position_ids, interleaved=interleaved)
+            k_rot = pirope.apply_rope(k, cos, sin, position_ids, interleaved=interleaved) if inside else k
             kv = (k_rot.transpose(1, 2), v.transpose(1, 2))
             if cache is not None:
                 kv = cache.update(*kv, self.layer_idx, kwargs=kwargs)
@@ -1487,17 +1508,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         q = pirope.apply_rope(q, cos, sin, position_ids, interleaved=interleaved).transpose(1, 2)
         k, v = (t.to(q.device) for t in shared_kv[self.layer_type])  # (that layer may be on another device)
     else:
-        if rotates:
-            q, k = _rotate_qk(q, k, cos, sin, position_ids, interleaved, family.conjugate)
-        if temperature is not None:  # Ministral 3: after RoPE, as transformers
-            q = q * temperature
-        if family.qk_norm_after_rope and _qk_norm(self, family) is not None:
-            # NanoChat, Hunyuan: per-head norms of the rotated q and k (over the last dimension, so
-            # the (B, S, H, D) layout here gives Hugging Face's (B, H, S, D) values), before the cache
-            q_norm, k_norm = (getattr(self, name) for name in family.qk_norm_names)
-            q, k = q_norm(q), k_norm(k)
-        if family.nope_temperature and not rotates and self.attn_temperature_tuning:
-            q = _nope_temperature(self, q, cache)  # Llama 4's NoPE layers
+        q, k = _ready_qk(self, q, k, cos, sin, position_ids, rotates, temperature, cache)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) as Hugging Face
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
@@ -1518,6 +1529,30 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         scaling=self.scaling, **extra, **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()
     return _out_proj(self, out, gate), weights
+
+
+# rope_attention's tables for q and k rotated outside it (see _rotates_inside): rotary_dim 2, angle 0
+# (cos 1, sin 0: x * 1 + rotate(x) * 0 is x exactly), the other features passed through
+_IDENTITY_TABLE = (torch.ones(1, 1), torch.zeros(1, 1))
+
+
+def _ready_qk(attn, q, k, cos, sin, position_ids, rotates: bool, temperature, cache):
+    """q and k (B, S, H, D) as transformers' attention hands them to its attention function: rotated
+    where the layer rotates, times Ministral 3's temperature, through the q/k norms after RoPE,
+    times Llama 4's NoPE temperature."""
+    family = attn._pirope_family
+    if rotates:
+        q, k = _rotate_qk(q, k, cos, sin, position_ids, family.interleaved, family.conjugate)
+    if temperature is not None:  # Ministral 3: after RoPE, as transformers
+        q = q * temperature
+    if family.qk_norm_after_rope and _qk_norm(attn, family) is not None:
+        # NanoChat, Hunyuan, Llama 4: per-head norms of the rotated q and k (over the last dimension,
+        # so the (B, S, H, D) layout here gives Hugging Face's (B, H, S, D) values), before the cache
+        q_norm, k_norm = (getattr(attn, name) for name in family.qk_norm_names)
+        q, k = q_norm(q), k_norm(k)
+    if family.nope_temperature and not rotates and attn.attn_temperature_tuning:
+        q = _nope_temperature(attn, q, cache)  # Llama 4's NoPE layers
+    return q, k
 
 
 def _attn_temperature(attn, layer_positions, table_positions, q):
