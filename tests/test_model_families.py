@@ -521,9 +521,10 @@ def test_gpt_neox_keeps_its_partial_rotary_and_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-def test_smollm3_nope_layers_attend_without_rotation(attention, fused_calls, fused_tables, rotations):
+@pytest.mark.parametrize("model_type", ["smollm3", "llama4_text"])  # (Llama 4's NoPE temperature: test_llama4.py)
+def test_nope_layers_attend_without_rotation(model_type, attention, fused_calls, fused_tables, rotations):
     rotated = rotations  # the q shape of every pirope.apply_rope_qk call (the "sdpa" path's rotation)
-    base = make("smollm3")
+    base = make(model_type)
     assert [layer.self_attn.use_rope for layer in base.model.layers] == [1, 0]  # layer 1 is NoPE
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     x = ids(2, 100)
