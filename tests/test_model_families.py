@@ -310,13 +310,14 @@ def assert_generates_like(model, ref, x):
     torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
 
 
-def spy_on(monkeypatch, name, record=lambda q, kwargs: tuple(q.shape)):
-    """Records record(q, kwargs) (default: the q shape) for every call of pirope.<name>."""
+def spy_on(monkeypatch, name, record=lambda q, args, kwargs: tuple(q.shape)):
+    """Records record(q, args, kwargs) (default: the q shape) for every call of pirope.<name>(q, *args,
+    **kwargs)."""
     calls = []
     real = getattr(pirope, name)
 
     def spy(q, *args, **kwargs):
-        calls.append(record(q, kwargs))
+        calls.append(record(q, args, kwargs))
         return real(q, *args, **kwargs)
 
     monkeypatch.setattr(pirope, name, spy)
@@ -332,27 +333,20 @@ def fused_calls(monkeypatch):
 @pytest.fixture
 def fused_softcaps(monkeypatch):
     """The (q shape, softcap) of every pirope.rope_attention call."""
-    return spy_on(monkeypatch, "rope_attention", lambda q, kwargs: (tuple(q.shape), kwargs.get("softcap", 0.0)))
+    return spy_on(monkeypatch, "rope_attention", lambda q, args, kwargs: (tuple(q.shape), kwargs.get("softcap", 0.0)))
 
 
 @pytest.fixture
 def fused_tables(monkeypatch):
-    """Whether each pirope.rope_attention call got the identity table (q and k made ready before it)."""
-    calls = []
-    real = pirope.rope_attention
-
-    def spy(q, k, v, cos, *args, **kwargs):
-        calls.append(tuple(cos.shape) == (1, 1))
-        return real(q, k, v, cos, *args, **kwargs)
-
-    monkeypatch.setattr(pirope, "rope_attention", spy)
-    return calls
+    """Whether each pirope.rope_attention(q, k, v, cos, ...) call got the identity table (1 x 1 cos: q
+    and k made ready before it)."""
+    return spy_on(monkeypatch, "rope_attention", lambda q, args, kwargs: tuple(args[2].shape) == (1, 1))
 
 
 @pytest.fixture
 def fused_windows(monkeypatch):
     """The window_size of every pirope.rope_attention call."""
-    return spy_on(monkeypatch, "rope_attention", lambda q, kwargs: kwargs.get("window_size", (-1, -1)))
+    return spy_on(monkeypatch, "rope_attention", lambda q, args, kwargs: kwargs.get("window_size", (-1, -1)))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
@@ -395,10 +389,9 @@ def scale_qk_norms(model):
     return model
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus", "gemma3_text", "exaone4", "dots1", "hy_v3", "lfm2", "flint",
-                                        "afmoe",
-                                        "lfm2_moe",
-                                        "mellum", "exaone_moe", "kolibri1", "apertus1p5_text"])
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus", "gemma3_text", "exaone4", "dots1", "hy_v3",
+                                        "mellum", "exaone_moe", "kolibri1", "apertus1p5_text", "lfm2", "lfm2_moe",
+                                        "flint", "afmoe"])
 def test_qk_norms_run_before_rope(model_type):
     base = scale_qk_norms(make(model_type))
     model = patch_rope(copy.deepcopy(base), attention="fused")
@@ -1650,7 +1643,7 @@ def with_sinks(model, scale=2.0):
 @pytest.fixture
 def fused_sinks(monkeypatch):
     """The sinks tensor of every pirope.rope_attention call."""
-    return spy_on(monkeypatch, "rope_attention", lambda q, kwargs: kwargs.get("sinks"))
+    return spy_on(monkeypatch, "rope_attention", lambda q, args, kwargs: kwargs.get("sinks"))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
