@@ -247,7 +247,7 @@ FUSED_LAYERS = {"qwen3_next": 1, "qwen3_5_text": 1, "qwen3_5_moe_text": 1, "lfm2
                 "granitemoehybrid": 1, "olmo_hybrid": 1}
 
 # which layers of a make(model_type) model rotate outside rope_attention (NoPE, or norms after RoPE, or
-# the negative angle) and so call it with the identity table (1 x 1: cos 1, sin 0), where not none
+# the negative angle) and so call it with the identity table (width 0: no feature rotates), where not none
 IDENTITY_LAYERS = {"smollm3": [1], "exaone4": [1], "cohere2": [1], "exaone_moe": [1], "kolibri1": [1],
                    "cohere2_moe": [1], "nanochat": [0, 1], "hunyuan_v1_dense": [0, 1], "hunyuan_v1_moe": [0, 1],
                    "llama4_text": [1], "flint": [1], "afmoe": [1]}
@@ -338,9 +338,9 @@ def fused_softcaps(monkeypatch):
 
 @pytest.fixture
 def fused_tables(monkeypatch):
-    """Whether each pirope.rope_attention(q, k, v, cos, ...) call got the identity table (1 x 1 cos: q
-    and k made ready before it)."""
-    return spy_on(monkeypatch, "rope_attention", lambda q, args, kwargs: tuple(args[2].shape) == (1, 1))
+    """Whether each pirope.rope_attention(q, k, v, cos, ...) call got the identity table (width 0: q and k
+    made ready before it)."""
+    return spy_on(monkeypatch, "rope_attention", lambda q, args, kwargs: args[2].shape[1] == 0)
 
 
 @pytest.fixture

@@ -295,6 +295,28 @@ def test_non_contiguous_inputs(device):
     check_against_reference(qt, kt, vt, cos, sin, causal=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_table_of_width_zero_rotates_nothing(dtype):
+    # rotary_dim 0: every feature passes through, so the op is plain attention (what the transformers
+    # integration runs on q and k it rotated itself): the reference with rotary_dim 0, output and
+    # gradients; and exactly so for infinite features, where a rotation by angle 0 (x * 1 + y * 0) gives NaN
+    q, k, v = qkv(2, 33, 4, 2, 64, dtype=dtype)
+    empty = torch.empty(1, 0)
+    pos = torch.zeros(33, dtype=torch.int64)
+    check_against_reference(q, k, v, empty, empty, pos)
+    q = q.float().abs() + 0.1  # positive scores against the infinite key feature: that key scores -inf
+    k, v = k.float().clone(), v.float()
+    k[:, 1, 0, 1] = float("-inf")
+    out = pirope.rope_attention(q, k, v, empty, empty, pos)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(2, 2).transpose(1, 2), v.repeat_interleave(2, 2).transpose(1, 2),
+        is_causal=True).transpose(1, 2)
+    assert not out.isnan().any() and not want.isnan().any()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    one, zero = torch.ones(1, 1), torch.zeros(1, 1)  # a rotation by 0, by contrast: NaN where the key is -inf
+    assert pirope.rope_attention(q, k, v, one, zero, pos)[:, 1:].isnan().any()
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
 def test_empty_batch_or_seqlen(shape):
     q, k, v = qkv(*shape, 4, 2, 64, requires_grad=True)

@@ -204,7 +204,7 @@ the projections produce, no copies) and then:
   Cohere 2's, Llama 4's: they take the "sdpa" path there, unrotated, as transformers runs
   them) -- on CPU, where rope_attention's kernels beat SDPA, such layers rotate (or not) and
   normalize q and k as the "sdpa" path does, then run rope_attention with an identity
-  rotation (a 1 x 1 table, cos 1 and sin 0: exact) --, an attention-logit soft-cap (Gemma 2) only on CPU and only a finite one within
+  rotation (a table of width 0: rotary_dim 0, every feature passes through) --, an attention-logit soft-cap (Gemma 2) only on CPU and only a finite one within
   float32's range (also ``None``), no sliding window shorter than the
   sequence without a mask tensor that shows it (CUDA; backends that apply the window
   themselves), no score bias (a ``position_bias`` kwarg) and no sequences packed back to back
@@ -1283,7 +1283,7 @@ _UNFUSABLE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "position_bias", "s_aux")
 
 def _can_fuse(attn, seqlen: int, attention_mask, cache, kwargs, packed: bool | None = False) -> bool:
     """Whether the dense fused call (no mask tensor, one sequence per row, no window) is exact
-    here."""
+    here, on CPU (elsewhere also only where _rotates_inside)."""
     return (attention_mask is None and packed is False and _cutting_window(attn, seqlen) is None
             and _layer_can_fuse(attn, seqlen, cache, kwargs))
 
@@ -1310,7 +1310,7 @@ def _rotates_inside(attn) -> bool:
     """Whether rope_attention can rotate this layer's q and k itself: the layer rotates (not NoPE),
     by the positive angle, with nothing between the rotation and the attention (no q/k norms after
     RoPE). Elsewhere the fused path rotates (or not) and normalizes as the other path does, then
-    runs rope_attention with an identity rotation (_IDENTITY_TABLE): on CPU only, where its kernels
+    runs rope_attention with an identity rotation (_identity_table): on CPU only, where its kernels
     beat SDPA; on CUDA rope_attention would just add a pass over q and k there."""
     family = attn._pirope_family
     return ((family.rope_layers is None or family.rope_layers.rotates(attn)) and not family.conjugate
@@ -1478,8 +1478,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     if fuse:
         if not inside:  # q and k as the other path hands them to the attention, then no rotation
             q, k = _ready_qk(self, q, k, cos, sin, position_ids, rotates, temperature, cache)
-            cos, sin = (t.to(q.device) for t in _IDENTITY_TABLE)
-            position_ids = torch.zeros(q.shape[1], dtype=torch.int64, device=q.device)
+            cos, sin, position_ids = _identity_table(q)
         elif temperature is not None:  # a factor per token commutes with its rotation: applied before it
             q = q * temperature
         if cache is not None or store:  # prefill: the cache (and the shared layers) get the rotated keys
@@ -1531,9 +1530,13 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     return _out_proj(self, out, gate), weights
 
 
-# rope_attention's tables for q and k rotated outside it (see _rotates_inside): rotary_dim 2, angle 0
-# (cos 1, sin 0: x * 1 + rotate(x) * 0 is x exactly), the other features passed through
-_IDENTITY_TABLE = (torch.ones(1, 1), torch.zeros(1, 1))
+def _identity_table(q):
+    """rope_attention's cos, sin and position_ids for q (B, S, H, D) and k made ready outside it (see
+    _rotates_inside): one position, width 0 (rotary_dim 0: every feature passes through, exactly,
+    infinities included, where a rotation by angle 0 would make inf * sin(0) a NaN). Made per call,
+    so that none is an inference tensor saved for a backward."""
+    empty = torch.empty(1, 0, dtype=torch.float32, device=q.device)
+    return empty, empty, torch.zeros(q.shape[1], dtype=torch.int64, device=q.device)
 
 
 def _ready_qk(attn, q, k, cos, sin, position_ids, rotates: bool, temperature, cache):
