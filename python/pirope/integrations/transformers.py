@@ -1306,14 +1306,14 @@ def _chunk(attn) -> int | None:
     return getattr(attn.config, src, None)
 
 
-def _rotates_inside(attn) -> bool:
-    """Whether rope_attention can rotate this layer's q and k itself: the layer rotates (not NoPE),
-    by the positive angle, with nothing between the rotation and the attention (no q/k norms after
+def _rotates_inside(attn, rotates: bool) -> bool:
+    """Whether rope_attention can rotate this layer's q and k itself: the layer ``rotates`` (not NoPE:
+    _Family.rope_layers, as the forward decides), by the positive angle, with nothing between the rotation and the attention (no q/k norms after
     RoPE). Elsewhere the fused path rotates (or not) and normalizes as the other path does, then
     runs rope_attention with an identity rotation (_identity_table): on CPU only, where its kernels
     beat SDPA; on CUDA rope_attention would just add a pass over q and k there."""
     family = attn._pirope_family
-    return ((family.rope_layers is None or family.rope_layers.rotates(attn)) and not family.conjugate
+    return (rotates and not family.conjugate
             and not (family.qk_norm_after_rope and _qk_norm(attn, family) is not None))
 
 
@@ -1353,7 +1353,7 @@ _MASK_ROWS = 1024  # rows of the mask compared at a time (bounds the temporary)
 
 def _dropout_rate(attn) -> float:
     """The attention dropout rate the layer passes its attention function: its
-    attention_dropout, or where that is an nn.Dropout (Persimmon, which passes
+    attention_dropout (_Family.dropout_attr: Mllama's dropout), or where that is an nn.Dropout (Persimmon, which passes
     config.attention_dropout, the module's p) that module's rate."""
     rate = getattr(attn, attn._pirope_family.dropout_attr, 0.0)
     return rate.p if isinstance(rate, nn.Dropout) else rate
@@ -1452,7 +1452,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     # Hugging Face's; where rope_attention cannot rotate (NoPE, norms after RoPE, the negative angle)
     # the fused path runs it on q and k made ready here (on CPU: see _rotates_inside)
     rotates = family.rope_layers is None or family.rope_layers.rotates(self)
-    inside = _rotates_inside(self)
+    inside = _rotates_inside(self, rotates)
 
     softcap = _softcap(self)  # None, or (where it fuses) a number _layer_can_fuse checked
     sinks = None if family.sinks is None else getattr(self, family.sinks)
