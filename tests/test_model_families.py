@@ -62,6 +62,12 @@ MLLAMA_TEXT = dict(num_hidden_layers=3, cross_attention_layers=[1], pad_token_id
 # intermediate_size_mlp is the dense layers' MLP, none here, but the config's default is 16384)
 LLAMA4 = dict(no_rope_layers=[1, 0], floor_scale=16, use_qk_norm=False, intermediate_size_mlp=128)
 
+# Multi-head Latent Attention (DeepSeek-V2's MLA): q per head 16 features without RoPE then 8 with (a
+# low-rank q, rank 24), one rotary key of 8 shared by the heads, keys' other part and values (12 per head,
+# fewer than q's 24) from a latent of 16; MoE after a dense first layer (first_k_dense_replace 1)
+MLA = dict(MOE, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, head_dim=8, v_head_dim=12,
+           num_key_value_heads=4, first_k_dense_replace=1, n_group=1, topk_group=1)
+
 MINISTRAL3_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
                    "original_max_position_embeddings": 16}
 
@@ -234,7 +240,20 @@ FAMILIES = {
     # here (its checkpoints' YaRN: test below); transformers gives GPT-OSS "eager" (it refuses sdpa)
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                 dict(MOE, **HYBRID, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # Multi-head Latent Attention: DeepSeek-V2 (its complex rotation: interleaved pairs; q from one q_proj
+    # here, q_lora_rank None), DeepSeek-V3 and the architectures with its attention (interleaved pairs,
+    # config.rope_interleave's default; rotate-half ones: tests in test_mla.py), MiniCPM3 (rotate-half)
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(MLA, q_lora_rank=None)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", MLA),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", MLA),
+    "youtu": ("YoutuConfig", "YoutuForCausalLM", dict(MLA, bos_token_id=1, eos_token_id=2)),
+    "axk1": ("AXK1Config", "AXK1ForCausalLM", dict(MLA, bos_token_id=1, eos_token_id=2)),
+    "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", MLA),
 }
+
+# MLA families: q and k made ready outside rope_attention (its rotary part rotated by pirope, as transformers
+# caches the shared key), the values padded to q's head size (24)
+MLA_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "youtu", "axk1", "minicpm3")
 
 
 # layers that take the fused path on a sequence longer than HYBRID's window (default: both; a
@@ -250,11 +269,11 @@ FUSED_LAYERS = {"qwen3_next": 1, "qwen3_5_text": 1, "qwen3_5_moe_text": 1, "lfm2
 # the negative angle) and so call it with the identity table (width 0: no feature rotates), where not none
 IDENTITY_LAYERS = {"smollm3": [1], "exaone4": [1], "cohere2": [1], "exaone_moe": [1], "kolibri1": [1],
                    "cohere2_moe": [1], "nanochat": [0, 1], "hunyuan_v1_dense": [0, 1], "hunyuan_v1_moe": [0, 1],
-                   "llama4_text": [1], "flint": [1], "afmoe": [1]}
+                   "llama4_text": [1], "flint": [1], "afmoe": [1], **{t: [0, 1] for t in MLA_TYPES}}
 
 # the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
 # layer has heads of global_head_dim
-FUSED_HEAD_DIMS = {"gemma4_text": [16, 32], "gemma4_unified_text": [16, 32]}
+FUSED_HEAD_DIMS = {"gemma4_text": [16, 32], "gemma4_unified_text": [16, 32], **{t: [24, 24] for t in MLA_TYPES}}
 
 
 def fused_shapes(model_type, batch, seqlen):
@@ -301,11 +320,11 @@ def assert_same(a, b):
     assert_same_grads(ga, gb)
 
 
-def assert_generates_like(model, ref, x):
+def assert_generates_like(model, ref, x, **inputs):
     """Greedy generate() of model (a fused prefill, then cached decoding) gives ref's tokens and logits."""
     with torch.no_grad():
-        a = model.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        b = ref.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        a, b = (m.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                           **inputs) for m in (model, ref))
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
 
@@ -586,7 +605,7 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
                                         "ministral3", "bitnet", "minicpm5_moe", "qwen3_next", "qwen3_5_text",
                                         "qwen3_5_moe_text", "lfm2", "lfm2_moe", "llama4_text", "granitemoehybrid",
-                                        "olmo_hybrid", "flint", "afmoe", "mllama_text_model"])
+                                        "olmo_hybrid", "flint", "afmoe", "mllama_text_model", *MLA_TYPES])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")

@@ -96,7 +96,11 @@ its sliding_attention layers only, the attention's output times ``sigmoid(gate_p
 ``mllama_text_model`` (Llama 3.2 Vision's language model: ``MllamaForCausalLM``, and that of
 ``MllamaForConditionalGeneration``; LLaMA's self-attention, its dropout rate in ``.dropout``; the
 cross-attention layers, ``config.cross_attention_layers``, which attend to the image without RoPE,
-are left as they are; its checkpoints' "llama3" RoPE is kept or replaced by patch_rope).
+are left as they are; its checkpoints' "llama3" RoPE is kept or replaced by patch_rope), and
+Multi-head Latent Attention (DeepSeek-V2's MLA, below): ``deepseek_v2`` (its complex rotation:
+interleaved pairs), ``deepseek_v3`` (interleaved pairs where ``config.rope_interleave``, else
+rotate-half ones), ``glm4_moe_lite`` (GLM-4.7-Flash), ``youtu`` and ``axk1`` (A.X K1), whose
+attention is DeepSeek-V3's line for line, and ``minicpm3`` (rotate-half pairs).
 Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
@@ -126,7 +130,24 @@ latter with a window; Qwen3-Omni's float positions, fractional for timed video a
 get rows of their own). Anything else raises ``TypeError`` rather than risk a silently different
 model (e.g. PhiMoE's rotary embedding with its own short/long ``mscale``, a multimodal RoPE that
 moves frequencies between pairs (ERNIE 4.5-VL), attention sinks computed from the input,
-DeepSeek-style MLA, hybrids with convolution or recurrent layers).
+MLA with more than the above (LongCat-Flash's two attentions per layer and LoRA scales, Mistral 4's
+temperature and a table over the whole head, DeepSeek-V3.2's indexer), hybrids with convolution or
+recurrent layers other than the above).
+
+Multi-head Latent Attention: each query head is a part without RoPE (``qk_nope_head_dim``) then a
+rotary part (``qk_rope_head_dim``); the keys' rotary part is one head shared by all heads
+(``kv_a_proj_with_mqa``'s last features), their other part and the values (``v_head_dim`` per head)
+come from a compressed latent (``kv_lora_rank``, after ``kv_a_layernorm``) through ``kv_b_proj``
+(the module's ``expand_kv``); the cache holds that latent and the rotated shared key, as in
+transformers. The pirope table has the rotary part's width; pirope rotates q's rotary part and the
+shared key (interleaved pairs in place, where DeepSeek-V3's code writes them as evens | odds: the
+same permutation of q's and k's features, every score the same). On CPU the fused path then runs
+``pirope.rope_attention`` through its identity rotation, the smaller of the query and value head
+sizes padded with zero features (which change no score and no output), under the same conditions
+as any layer; elsewhere transformers' backend runs. The softmax scale of DeepSeek's YaRN holds
+``yarn_get_mscale(factor, mscale_all_dim) ** 2``: a scaling replaced by :func:`patch_rope` sets each
+attention module's ``scaling`` as transformers' ``yarn_apply_mscale`` computes it from the new
+``rope_parameters``.
 
 Multimodal RoPE: these models' rotary embedding takes position_ids ``(3, batch, seqlen)``, a
 temporal, height and width position per token (the same three for text), and each pair of the
@@ -317,7 +338,8 @@ class _Family(NamedTuple):
 
     # "separate": q_proj, k_proj, v_proj;  "qkv": one qkv_proj split as q | k | v;  "qkv_heads":
     # one query_key_value whose output is, per head, q | k | v (GPT-NeoX: viewed as (..., heads,
-    # 3 * head_dim) and chunked)
+    # 3 * head_dim) and chunked);  "mla": DeepSeek-V2's Multi-head Latent Attention (its own forward,
+    # _pirope_mla_attention_forward; head_dim_attr names the rotary part's size)
     proj: str
     # None: the attention gets no sliding_window kwarg (Llama); "config":
     # getattr(config, "sliding_window", None) (Mistral, Phi-3); "module": the attention
@@ -341,6 +363,9 @@ class _Family(NamedTuple):
     # rotate pairs (2i, 2i+1) of the rotary features (Cohere, GLM) instead of rotate-half's
     # (i, i + rotary_dim/2)
     interleaved: bool = False
+    # the config attribute that, where true, makes the family rotate interleaved pairs (DeepSeek-V3's
+    # rope_interleave); None: interleaved alone decides
+    interleave_flag: str | None = None
     # which layers rotate at all (NoPE layers: SmolLM3's use_rope 0, EXAONE 4's and Cohere 2's
     # global layers), derived from attention-module attributes; None: every layer rotates
     rope_layers: _RopeLayers | None = None
@@ -627,10 +652,25 @@ _FAMILIES: dict[str, _Family] = {
                            qk_norm_names=("qk_norm", "qk_norm"), qk_norm_after_rope=True, interleaved=True,
                            rope_layers=_RopeLayers(("use_rope",), _rotates_by_use_rope),
                            chunked="attention_chunk_size", nope_temperature=True),
+    # Multi-head Latent Attention (DeepSeek-V2's MLA): the rotary part of each head (qk_rope_head_dim) and
+    # one rotary key shared by the heads; DeepSeek-V2 rotates interleaved pairs (its complex rotation),
+    # DeepSeek-V3 and the architectures that take its attention line for line (GLM-4.7-Flash's
+    # glm4_moe_lite, Youtu, A.X K1) interleaved pairs where config.rope_interleave, else rotate-half ones
+    # (MiniCPM3 always rotate-half)
+    "deepseek_v2": _Family("mla", None, False, interleaved=True, head_dim_attr="qk_rope_head_dim"),
+    "deepseek_v3": _Family("mla", None, False, interleave_flag="rope_interleave", head_dim_attr="qk_rope_head_dim"),
+    "glm4_moe_lite": _Family("mla", None, False, interleave_flag="rope_interleave", head_dim_attr="qk_rope_head_dim"),
+    "youtu": _Family("mla", None, False, interleave_flag="rope_interleave", head_dim_attr="qk_rope_head_dim"),
+    "axk1": _Family("mla", None, False, interleave_flag="rope_interleave", head_dim_attr="qk_rope_head_dim"),
+    "minicpm3": _Family("mla", None, False, head_dim_attr="qk_rope_head_dim"),
 }
 
 # the projection modules each kind of _Family.proj needs
-_PROJECTIONS = {"separate": ("q_proj", "k_proj", "v_proj"), "qkv": ("qkv_proj",), "qkv_heads": ("query_key_value",)}
+_PROJECTIONS = {"separate": ("q_proj", "k_proj", "v_proj"), "qkv": ("qkv_proj",), "qkv_heads": ("query_key_value",),
+                # (q from q_proj, or with a q_lora_rank from q_b_proj(q_a_layernorm(q_a_proj(.)))): see
+                # _pirope_mla_attention_forward
+                "mla": ("q_lora_rank", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "expand_kv",
+                        "qk_nope_head_dim", "qk_head_dim", "kv_lora_rank", "v_head_dim")}
 
 #: ``config.model_type`` values :func:`patch_rope` and :func:`apply_position_interpolation` accept.
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
@@ -1005,6 +1045,9 @@ def _attention_modules(model, family: _Family):
             continue
         layer_need = need + (family.qk_norm_names if attn is not None and _qk_norm(attn, family) else ())
         layer_need += (family.v_norm,) if family.v_norm is not None else ()
+        if family.proj == "mla":  # q from one projection, or from a low-rank pair with a norm between
+            layer_need += (("q_proj",) if getattr(attn, "q_lora_rank", None) is None
+                           else ("q_a_proj", "q_a_layernorm", "q_b_proj"))
         if family.kv_sharing:
             if attn is None or not all(hasattr(attn, n) for n in _KV_SHARING_ATTRS):
                 raise TypeError(
@@ -1415,18 +1458,8 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     """The patched ``self_attn.forward`` (bound to each attention module with
     functools.partial, so copy.deepcopy and pickling of a patched model rebind it to the
     copy)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    for alias in ("past_key_values", "layer_past"):  # the deprecated name; GPT-NeoX's
-        if alias in kwargs and cache is None:
-            cache = kwargs.pop(alias)
     shared_kv = kwargs.pop("shared_kv_states", None)  # Gemma 4's (see _Family.kv_sharing)
-    if not isinstance(position_embeddings, RopeTables):
-        raise RuntimeError(
-            f"{type(self).__name__} was patched by pirope but got position_embeddings of type "
-            f"{type(position_embeddings).__name__}, not pirope's RopeTables: the model's rotary_emb "
-            "was replaced or bypassed after patch_rope(); call patch_rope() again")
-    cos, sin, position_ids, packed = position_embeddings
+    cache, (cos, sin, position_ids, packed) = _call_inputs(self, position_embeddings, cache, kwargs)
     family = self._pirope_family
     segment_positions = position_ids  # the positions whose runs are the sequences of the call
     if family.mrope and kwargs.get("position_ids") is not None:
@@ -1443,11 +1476,9 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
                 self._pirope_text_positions.get(text_positions, _position_summary)[2]
     input_shape = hidden_states.shape[:-1]
     q, k, v, gate = _project(self, hidden_states)  # (B, S, H, D); gate: None, or (B, S, H * D)
-    if cos.device != q.device:  # a model split over devices: the table follows the layer
-        cos, sin = cos.to(q.device), sin.to(q.device)
-        position_ids = None if position_ids is None else position_ids.to(q.device)
+    cos, sin, position_ids = _tables_to(q.device, cos, sin, position_ids)
 
-    interleaved = family.interleaved
+    interleaved = _interleaved(self)
     # a NoPE layer (SmolLM3's use_rope 0, EXAONE 4's and Cohere 2's global layers) skips RoPE like
     # Hugging Face's; where rope_attention cannot rotate (NoPE, norms after RoPE, the negative angle)
     # the fused path runs it on q and k made ready here (on CPU: see _rotates_inside)
@@ -1459,18 +1490,12 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     # (a KV-shared layer's keys come rotated: nothing to fuse)
     shared = _kv_shared(self, family)
     fuse = not shared and (inside or q.device.type == "cpu") and _layer_can_fuse(self, q.shape[1], cache, kwargs)
-    cu_seqlens = None
     if fuse and (softcap is not None or sinks is not None) and q.device.type != "cpu":
         # rope_attention runs a soft-cap or sinks unfused off CPU: transformers' backend (flash
         # attention's softcap, or eager) is the one to take there
         fuse = False
     window = _cutting_window(self, q.shape[1])
-    if fuse and (attention_mask is not None or packed is not False or window is not None):
-        # a mask tensor, packed sequences or a sliding window: fused only where the mask is
-        # exactly causal (within the window) within the sequences the positions delimit
-        cu_seqlens = _segments_of_mask(q, attention_mask, segment_positions, packed, window,
-                                       bool_masks=self.config._attn_implementation == "sdpa")
-        fuse = cu_seqlens is not None
+    fuse, cu_seqlens = _fused_segments(self, fuse, q, attention_mask, segment_positions, packed, window)
     window_size = (-1, -1) if window is None else (window - 1, 0)
     store = family.kv_sharing and bool(self.store_full_length_kv)  # Gemma 4: for the KV-shared layers
     temperature = _attn_temperature(self, kwargs.get("position_ids"), position_ids, q) if family.attn_temperature \
@@ -1488,18 +1513,8 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
                 kv = cache.update(*kv, self.layer_idx, kwargs=kwargs)
             if store:
                 shared_kv[self.layer_type] = kv
-        batch, seqlen = q.shape[:2]
-        if cu_seqlens is not None and cu_seqlens.numel() - 1 > batch:  # packed: (total, heads, head_dim)
-            pos = (torch.arange(seqlen, device=q.device)[None] if position_ids is None else position_ids)
-            out = pirope.rope_attention(
-                q.reshape(batch * seqlen, *q.shape[2:]), k.reshape(batch * seqlen, *k.shape[2:]),
-                v.reshape(batch * seqlen, *v.shape[2:]), cos, sin, pos.expand(batch, seqlen).reshape(-1),
-                causal=True, softmax_scale=self.scaling, interleaved=interleaved, cu_seqlens=cu_seqlens,
-                window_size=window_size, softcap=softcap, sinks=sinks)
-        else:  # one sequence per row
-            out = pirope.rope_attention(q, k, v, cos, sin, position_ids, causal=True, softmax_scale=self.scaling,
-                                        interleaved=interleaved, window_size=window_size, softcap=softcap,
-                                        sinks=sinks)
+        out = _fused_attention(self, q, k, v, cos, sin, position_ids, cu_seqlens, interleaved=interleaved,
+                               window_size=window_size, softcap=softcap, sinks=sinks)
         out = out.reshape(*input_shape, -1).contiguous()
         return _out_proj(self, out, gate), None
 
@@ -1513,8 +1528,6 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         if store:
             shared_kv[self.layer_type] = k, v
-    eager = getattr(sys.modules[type(self).__module__], "eager_attention_forward", None)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
     extra = {}
     if family.window is not None:
         extra["sliding_window"] = _sliding_window(self)
@@ -1522,12 +1535,118 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         extra["softcap"] = softcap
     if sinks is not None:  # GPT-OSS's name for them
         extra["s_aux"] = sinks
-    out, weights = interface(
-        self, q, k, v, attention_mask,
-        dropout=0.0 if not self.training else _dropout_rate(self),
-        scaling=self.scaling, **extra, **kwargs)
+    out, weights = _transformers_attention(self, q, k, v, attention_mask, **extra, **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()
     return _out_proj(self, out, gate), weights
+
+
+def _call_inputs(attn, position_embeddings, cache, kwargs):
+    """A patched attention forward's cache (also passed under a deprecated name, popped from
+    ``kwargs``: past_key_values, GPT-NeoX's layer_past) and its pirope tables (cos, sin, position_ids,
+    packed), or a RuntimeError where the rotary embedding was not pirope's."""
+    for alias in ("past_key_values", "layer_past"):
+        if alias in kwargs and cache is None:
+            cache = kwargs.pop(alias)
+    if not isinstance(position_embeddings, RopeTables):
+        raise RuntimeError(
+            f"{type(attn).__name__} was patched by pirope but got position_embeddings of type "
+            f"{type(position_embeddings).__name__}, not pirope's RopeTables: the model's rotary_emb "
+            "was replaced or bypassed after patch_rope(); call patch_rope() again")
+    return cache, tuple(position_embeddings)
+
+
+def _tables_to(device, cos, sin, position_ids):
+    """The tables on the layer's device (a model split over devices: the table follows the layer)."""
+    if cos.device != device:
+        cos, sin = cos.to(device), sin.to(device)
+        position_ids = None if position_ids is None else position_ids.to(device)
+    return cos, sin, position_ids
+
+
+def _interleaved(attn) -> bool:
+    """Whether the layer rotates pairs (2i, 2i+1) (_Family.interleaved, or .interleave_flag set in its config)."""
+    family = attn._pirope_family
+    flag = family.interleave_flag
+    return family.interleaved or (flag is not None and bool(getattr(attn.config, flag, False)))
+
+
+def _fused_segments(attn, fuse: bool, q, attention_mask, positions, packed, window):
+    """(fuse, cu_seqlens): with a mask tensor, packed sequences or a sliding window, the call fuses
+    only where the mask is exactly causal (within the window) within the sequences the positions
+    delimit (_segments_of_mask); cu_seqlens None otherwise."""
+    if not fuse or (attention_mask is None and packed is False and window is None):
+        return fuse, None
+    cu_seqlens = _segments_of_mask(q, attention_mask, positions, packed, window,
+                                   bool_masks=attn.config._attn_implementation == "sdpa")
+    return cu_seqlens is not None, cu_seqlens
+
+
+def _fused_attention(attn, q, k, v, cos, sin, position_ids, cu_seqlens, **kwargs):
+    """pirope.rope_attention of q (B, S, H, D), k and v (B, S, Hkv, D), causal, at the layer's scaling;
+    with cu_seqlens of more sequences than rows as packed (total, heads, head_dim) sequences."""
+    batch, seqlen = q.shape[:2]
+    if cu_seqlens is not None and cu_seqlens.numel() - 1 > batch:  # packed: (total, heads, head_dim)
+        pos = (torch.arange(seqlen, device=q.device)[None] if position_ids is None else position_ids)
+        out = pirope.rope_attention(
+            q.reshape(batch * seqlen, *q.shape[2:]), k.reshape(batch * seqlen, *k.shape[2:]),
+            v.reshape(batch * seqlen, *v.shape[2:]), cos, sin, pos.expand(batch, seqlen).reshape(-1),
+            causal=True, softmax_scale=attn.scaling, cu_seqlens=cu_seqlens, **kwargs)
+        return out.view(batch, seqlen, *out.shape[1:])
+    return pirope.rope_attention(q, k, v, cos, sin, position_ids, causal=True, softmax_scale=attn.scaling, **kwargs)
+
+
+def _transformers_attention(attn, q, k, v, attention_mask, **kwargs):
+    """The layer's own attention function (its config's _attn_implementation, else its module's eager one)
+    on q, k, v (B, H, S, D), with its dropout in training and its scaling: (output (B, S, H, D), weights)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
+    return interface(attn, q, k, v, attention_mask, dropout=0.0 if not attn.training else _dropout_rate(attn),
+                     scaling=attn.scaling, **kwargs)
+
+
+def _pirope_mla_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                                  **kwargs):
+    """The patched forward of Multi-head Latent Attention (DeepSeek-V2's MLA, _Family.proj "mla"),
+    transformers' own steps: q per head is a part without RoPE (qk_nope_head_dim) then a rotary part
+    (qk_rope_head_dim); the keys' rotary part is one head shared by all (kv_a_proj_with_mqa's last
+    features), their other part and the values come from the compressed latent (kv_lora_rank, after
+    kv_a_layernorm) through kv_b_proj (the module's expand_kv); the cache holds that latent and the
+    rotated shared key. pirope rotates q's rotary part and the shared key (the table's width:
+    qk_rope_head_dim); on CPU rope_attention then computes the attention through its identity
+    rotation, the smaller of the qk and v head sizes padded with zero features (which add nothing to
+    a score or an output); elsewhere, and where it is not exact, the layer's attention function."""
+    cache, (cos, sin, position_ids, packed) = _call_inputs(self, position_embeddings, cache, kwargs)
+    batch, seqlen = hidden_states.shape[:-1]
+    if self.q_lora_rank is None:
+        q = self.q_proj(hidden_states)
+    else:
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+    rope = self.qk_rope_head_dim
+    q_pass, q_rot = q.view(batch, seqlen, -1, self.qk_head_dim).split([self.qk_nope_head_dim, rope], dim=-1)
+    kv_latent, k_rot = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, rope], dim=-1)
+    kv_latent = self.kv_a_layernorm(kv_latent).view(batch, 1, seqlen, self.kv_lora_rank)
+    cos, sin, position_ids = _tables_to(q.device, cos, sin, position_ids)
+    # (interleaved pairs come out in place: transformers' DeepSeek-V3 writes them as evens | odds instead,
+    # a permutation of the features of q and k alike, which leaves every score as it is)
+    q_rot, k_rot = pirope.apply_rope_qk(q_rot, k_rot.view(batch, seqlen, 1, rope), cos, sin, position_ids,
+                                        interleaved=_interleaved(self))
+    k_rot = k_rot.transpose(1, 2)  # (B, 1, S, rope), as transformers caches it
+    fuse = q.device.type == "cpu" and _layer_can_fuse(self, seqlen, cache, kwargs)
+    fuse, cu_seqlens = _fused_segments(self, fuse, q, attention_mask, position_ids, packed, None)
+    if cache is not None:
+        kv_latent, k_rot = cache.update(kv_latent, k_rot, self.layer_idx, kwargs=kwargs)
+    q = torch.cat((q_pass, q_rot), dim=-1)  # (B, S, H, qk_head_dim)
+    k, v = self.expand_kv(kv_latent, k_rot)  # (B, H, S, qk_head_dim), (B, H, S, v_head_dim)
+    if fuse:
+        width = max(q.shape[-1], v.shape[-1])
+        q, k, v = (nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+        out = _fused_attention(self, q, k.transpose(1, 2), v.transpose(1, 2), *_identity_table(q), cu_seqlens)
+        out, weights = out[..., :self.v_head_dim], None
+    else:
+        out, weights = _transformers_attention(self, q.transpose(1, 2), k, v, attention_mask, **kwargs)
+    return _out_proj(self, out.reshape(batch, seqlen, -1).contiguous()), weights
 
 
 def _identity_table(q):
@@ -1545,7 +1664,7 @@ def _ready_qk(attn, q, k, cos, sin, position_ids, rotates: bool, temperature, ca
     times Llama 4's NoPE temperature."""
     family = attn._pirope_family
     if rotates:
-        q, k = _rotate_qk(q, k, cos, sin, position_ids, family.interleaved, family.conjugate)
+        q, k = _rotate_qk(q, k, cos, sin, position_ids, _interleaved(attn), family.conjugate)
     if temperature is not None:  # Ministral 3: after RoPE, as transformers
         q = q * temperature
     if family.qk_norm_after_rope and _qk_norm(attn, family) is not None:
@@ -1766,6 +1885,21 @@ def _slice_kv_shared_inputs(base, hidden_states, *args, **kwargs):
     return tuple(out)
 
 
+def _mla_scaling(attn, params: dict) -> float:
+    """The softmax scale an MLA attention module of transformers builds for rope_parameters ``params``:
+    qk_head_dim ** -0.5, times yarn_get_mscale(factor, mscale_all_dim) ** 2 for a scaled RoPE with
+    mscale_all_dim (DeepSeek's YaRN), computed by transformers' own yarn_apply_mscale."""
+    import transformers
+    from transformers import modeling_rope_utils
+
+    apply = getattr(sys.modules[type(attn).__module__], "yarn_apply_mscale", None) or \
+        getattr(modeling_rope_utils, "yarn_apply_mscale", None)
+    if apply is None:
+        raise TypeError(f"model: transformers {transformers.__version__} has no yarn_apply_mscale telling the "
+                        f"softmax scale of {type(attn).__name__} under a new RoPE scaling; this version is not supported")
+    return apply(params, attn.qk_head_dim ** -0.5)
+
+
 def _resolve_attention(attention) -> str:
     if not isinstance(attention, str) or attention not in _ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(map(repr, _ATTENTION_MODES))}, got {attention!r}")
@@ -1820,6 +1954,7 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
     if scaling is not None and not isinstance(scaling, dict):
         raise TypeError(
             f"scaling must be None or a dict in Hugging Face rope_parameters form, got {type(scaling).__name__}")
+    mla_scales = None
     if family.rope_per_layer_type:
         by_type = _rope_parameters_by_type(config)
         if scaling is not None:
@@ -1843,6 +1978,9 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
         if scaling is not None:
             params = _replaced_rope_parameters(model_type, family, config, attns, params, scaling)
         rotary = _rotary_embedding(model, model_type, family, attns, params)
+        # MLA's softmax scale holds YaRN's mscale_all_dim (transformers' yarn_apply_mscale at init)
+        if family.proj == "mla" and scaling is not None:
+            mla_scales = [_mla_scaling(attn, params) for attn in attns]
         if scaling is not None:
             config.rope_parameters = params
     setattr(base, family.rotary_name, rotary)
@@ -1856,7 +1994,10 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
             attn._pirope_text_positions = text_positions
         # a partial of a module-level function pickles (torch.save(model), multiprocessing)
         # and deep-copies onto the copy; a bound MethodType would not unpickle
-        attn.forward = functools.partial(_pirope_attention_forward, attn)
+        forward = _pirope_mla_attention_forward if family.proj == "mla" else _pirope_attention_forward
+        attn.forward = functools.partial(forward, attn)
+    for attn, scale in zip(attns, mla_scales or ()):
+        attn.scaling = scale
     return whole
 
 
