@@ -14,6 +14,8 @@
         --intermediate 18944 ...                                    # a Qwen2-VL 7B layer, an image
     python benchmarks/bench_decoder_layer.py --device cpu --llama4 --hidden 5120 --heads 40 --kv-heads 8 \
         --head-dim 128 --intermediate 16384 ...                      # a Llama 4 Scout rotating layer
+    python benchmarks/bench_decoder_layer.py --device cpu --mla --hidden 2048 --heads 16 \
+        --intermediate 10944 ...                                     # a DeepSeek-V2-Lite layer (MLA)
 
 The model is a Hugging Face LlamaModel with one decoder layer (random weights, --dtype,
 attn_implementation="sdpa"), a 2048-token window extended by Position Interpolation
@@ -42,6 +44,12 @@ rotation of pairs (2i, 2i+1), theta 5e5, a weightless RMSNorm of the rotated q a
 on CUDA rotation, then SDPA), chunked attention (8192-token
 chunks: one chunk up to 8k) and a dense MLP of --intermediate (Scout's layers are MoE, one 8192
 expert and an 8192 shared expert per token: --intermediate 16384 does the same work per token).
+--mla makes it a DeepseekV2Model with one layer of DeepSeek-V2-Lite's Multi-head Latent Attention
+(--heads heads of 128 features without RoPE and 64 with, q from one q_proj, keys and values from a
+latent of 512, values of 128 per head, one rotary key shared by the heads; complex RoPE, i.e. pairs
+(2i, 2i+1)) and a dense MLP of --intermediate (DeepSeek-V2-Lite's first layer; --kv-heads and
+--head-dim do not apply). pirope's "fused" variant rotates the rotary parts, then on CPU runs
+rope_attention with an identity rotation on q and k of 192 features and the values padded to 192.
 Variants, all deep copies of one model (same weights, same config):
   hf            transformers as is: its linear-scaled rotary_emb + SDPA
   pirope_sdpa   patch_rope(model, attention="sdpa"): pirope.apply_rope_qk, then the
@@ -69,8 +77,9 @@ import sys
 
 import torch
 import transformers
-from transformers import (Gemma2Config, Gemma2Model, Gemma4TextConfig, Gemma4TextModel, LlamaConfig, LlamaModel,
-                          Llama4TextConfig, Llama4TextModel, MistralConfig, MistralModel, Qwen2VLTextConfig)
+from transformers import (DeepseekV2Config, DeepseekV2Model, Gemma2Config, Gemma2Model, Gemma4TextConfig,
+                          Gemma4TextModel, LlamaConfig, LlamaModel, Llama4TextConfig, Llama4TextModel, MistralConfig,
+                          MistralModel, Qwen2VLTextConfig)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (DTYPES, choice_list, device_name, int_list, machine, median_ms, positive_float,  # noqa: E402
@@ -84,7 +93,8 @@ VARIANTS = ("hf", "pirope_sdpa", "pirope_fused")
 
 def build_model(args, device, dtype):
     """A 1-layer LlamaModel (MistralModel with --sliding-window, Gemma2Model with --softcap,
-    Gemma4TextModel with --gemma4, Llama4TextModel with --llama4) extended from --window to --window x --factor by PI, on device."""
+    Gemma4TextModel with --gemma4, Llama4TextModel with --llama4, DeepseekV2Model with --mla) extended from
+    --window to --window x --factor by PI, on device."""
     hd = args.head_dim
     config_cls, model_cls = (MistralConfig, MistralModel) if args.sliding_window else (LlamaConfig, LlamaModel)
     windowed = {"sliding_window": args.sliding_window} if args.sliding_window else {}
@@ -107,6 +117,11 @@ def build_model(args, device, dtype):
         rope["rope_theta"] = 500000.0
         windowed = dict(no_rope_layers=[1], use_qk_norm=True, attention_chunk_size=8192, moe_layers=[],
                         intermediate_size_mlp=args.intermediate)
+    if args.mla:  # DeepSeek-V2-Lite's attention (its dims), a dense MLP (its first layer)
+        config_cls, model_cls = DeepseekV2Config, DeepseekV2Model
+        windowed = dict(q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, first_k_dense_replace=1)
+        hd = 64  # (its config's head_dim: the rotary part, the table's width)
     if args.softcap:
         config_cls, model_cls, attn_implementation = Gemma2Config, Gemma2Model, "eager"
         windowed = dict(attn_logit_softcapping=args.softcap, query_pre_attn_scalar=hd,
@@ -152,7 +167,8 @@ def run_variant(base, name, x, grad, repeat, device, ref, position_ids=None):
     """Time one variant; fills ref (output, grads) when it is hf, else compares to it."""
     model = make_variant(base, name)
     attn = model.layers[0].self_attn
-    weights = (attn.q_proj.weight, attn.k_proj.weight)
+    # (MLA: its key's rotary part comes from kv_a_proj_with_mqa)
+    weights = (attn.q_proj.weight, getattr(attn, "kv_a_proj_with_mqa", getattr(attn, "k_proj", None)).weight)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -217,10 +233,14 @@ def main():
                     help="a Qwen2-VL language-model layer (multimodal RoPE) on the positions of an image")
     ap.add_argument("--llama4", action="store_true",
                     help="a Llama 4 Scout rotating layer (complex RoPE, q/k norms after it, chunked attention)")
+    ap.add_argument("--mla", action="store_true",
+                    help="a DeepSeek-V2-Lite layer (Multi-head Latent Attention, complex RoPE, a dense MLP)")
     ap.add_argument("--json", default=None, help="write the rows to this path")
     args = ap.parse_args()
     args.kv_heads = args.kv_heads or args.heads
     args.head_dim = args.head_dim or args.hidden // args.heads
+    if args.mla:  # its q and k heads: 128 features without RoPE, 64 with (values: 128)
+        args.head_dim = 192
     if args.gemma4 and (args.softcap or args.sliding_window or args.pack > 1):
         ap.error("--gemma4 benchmarks Gemma 4's full-attention layer alone: no --softcap, --sliding-window or --pack")
     if args.mrope and (args.gemma4 or args.softcap or args.sliding_window or args.pack > 1):
@@ -228,6 +248,10 @@ def main():
     if args.llama4 and (args.mrope or args.gemma4 or args.softcap or args.sliding_window or args.pack > 1):
         ap.error("--llama4 benchmarks Llama 4's layer alone: no --mrope, --gemma4, --softcap, --sliding-window or "
                  "--pack")
+    if args.mla and (args.llama4 or args.mrope or args.gemma4 or args.softcap or args.sliding_window
+                     or args.kv_heads != args.heads):
+        ap.error("--mla benchmarks DeepSeek-V2-Lite's layer alone: no --llama4, --mrope, --gemma4, --softcap, "
+                 "--sliding-window or --kv-heads")
     if args.heads % args.kv_heads:
         ap.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     if args.head_dim % 2:
@@ -244,6 +268,7 @@ def main():
           + (", Gemma 4 full-attention layer (proportional RoPE)" if args.gemma4 else "")
           + (", Qwen2-VL layer (multimodal RoPE), an image in each sequence" if args.mrope else "")
           + (", Llama 4 Scout layer (q/k norms after RoPE, 8192-token chunks)" if args.llama4 else "")
+          + (", DeepSeek-V2-Lite layer (MLA: q/k 128 + 64 rotary, v 128, latent 512)" if args.mla else "")
           + (f", sliding window {args.sliding_window} ({'Gemma 2' if args.softcap else 'Mistral'})"
              if args.sliding_window else "")
           + (f", PIROPE_CUDA_ATTENTION={os.environ.get('PIROPE_CUDA_ATTENTION', '0 (default)')}"
@@ -270,7 +295,8 @@ def main():
                        kv_heads=args.kv_heads, head_dim=args.head_dim, intermediate=args.intermediate,
                        factor=args.factor,
                        dtype=args.dtype, device=str(device), pack=args.pack, sliding_window=args.sliding_window,
-                       softcap=args.softcap, gemma4=args.gemma4, mrope=args.mrope, llama4=args.llama4)
+                       softcap=args.softcap, gemma4=args.gemma4, mrope=args.mrope, llama4=args.llama4,
+                       mla=args.mla)
             try:
                 row.update(run_variant(base, name, x, grad, args.repeat, device, ref, pos))
             except RuntimeError as e:  # OOM or an unsupported call: note it, go on

@@ -55,16 +55,17 @@ def test_attention_benchmark_runs(tmp_path):
     assert all(r["median_s"] > 0 and r["speedup_vs_hf"] > 0 for r in fused)
 
 
-@pytest.mark.parametrize("layer", [[], ["--gemma4", "--head-dim", "64"], ["--mrope"], ["--llama4"]],
-                         ids=["llama", "gemma4", "mrope", "llama4"])
+@pytest.mark.parametrize("layer", [[], ["--gemma4", "--head-dim", "64"], ["--mrope"], ["--llama4"],
+                                   ["--mla", "--kv-heads", "4"]],
+                         ids=["llama", "gemma4", "mrope", "llama4", "mla"])
 def test_decoder_layer_benchmark_runs_and_agrees(tmp_path, layer):
     rows = run("bench_decoder_layer.py", "--device", "cpu", "--seqlens", "64", "--hidden", "128", "--heads", "4",
                "--kv-heads", "2", "--intermediate", "256", "--window", "32", "--repeat", "1", "--dtype", "float32",
                *layer, tmp_path=tmp_path)
     assert {r["variant"] for r in rows} >= {"hf", "pirope_sdpa", "pirope_fused"}
-    gemma4, mrope, llama4 = "--gemma4" in layer, "--mrope" in layer, "--llama4" in layer
-    assert all(r["gemma4"] == gemma4 and r["mrope"] == mrope and r["llama4"] == llama4
-               and r["head_dim"] == (64 if gemma4 else 32) for r in rows)
+    gemma4, mrope, llama4, mla = "--gemma4" in layer, "--mrope" in layer, "--llama4" in layer, "--mla" in layer
+    assert all(r["gemma4"] == gemma4 and r["mrope"] == mrope and r["llama4"] == llama4 and r["mla"] == mla
+               and r["head_dim"] == (64 if gemma4 else 192 if mla else 32) for r in rows)
     assert not [r for r in rows if "error" in r]
     compared = [r for r in rows if r["variant"] != "hf"]
     assert all(r["diff_out"] < 1e-5 and r["diff_grad"] < 1e-4 for r in compared), compared
@@ -123,6 +124,8 @@ BAD_FLAGS = [
     ("bench_decoder_layer.py", ["--device", "cpu", "--gemma4", "--softcap", "50"], "--gemma4"),
     ("bench_decoder_layer.py", ["--device", "cpu", "--mrope", "--pack", "2"], "--mrope"),
     ("bench_decoder_layer.py", ["--device", "cpu", "--llama4", "--sliding-window", "16"], "--llama4"),
+    ("bench_decoder_layer.py", ["--device", "cpu", "--mla", "--softcap", "50"], "--mla"),
+    ("bench_decoder_layer.py", ["--device", "cpu", "--mla", "--kv-heads", "8"], "--mla"),
     ("bench_decoder_layer.py", ["--device", "cpu", "--seqlens", "2k"], "--seqlens"),
     ("bench_rope.py", ["--heads", "32/8", "7"], "--heads"),
     ("bench_rope.py", ["--seqlen", "-1"], "--seqlen"),
