@@ -1637,15 +1637,17 @@ def _pirope_mla_attention_forward(self, hidden_states, position_embeddings=None,
     fuse, cu_seqlens = _fused_segments(self, fuse, q, attention_mask, position_ids, packed, None)
     if cache is not None:
         kv_latent, k_rot = cache.update(kv_latent, k_rot, self.layer_idx, kwargs=kwargs)
-    q = torch.cat((q_pass, q_rot), dim=-1)  # (B, S, H, qk_head_dim)
+    # (B, H, S, qk_head_dim) laid out as transformers' (its backend's fast layout), like expand_kv's keys
+    q = torch.cat((q_pass.transpose(1, 2), q_rot.transpose(1, 2)), dim=-1)
     k, v = self.expand_kv(kv_latent, k_rot)  # (B, H, S, qk_head_dim), (B, H, S, v_head_dim)
     if fuse:
         width = max(q.shape[-1], v.shape[-1])
-        q, k, v = (nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
-        out = _fused_attention(self, q, k.transpose(1, 2), v.transpose(1, 2), *_identity_table(q), cu_seqlens)
+        q, k, v = (t if t.shape[-1] == width else nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # rope_attention's (B, S, H, D) views
+        out = _fused_attention(self, q, k, v, *_identity_table(q), cu_seqlens)
         out, weights = out[..., :self.v_head_dim], None
     else:
-        out, weights = _transformers_attention(self, q.transpose(1, 2), k, v, attention_mask, **kwargs)
+        out, weights = _transformers_attention(self, q, k, v, attention_mask, **kwargs)
     return _out_proj(self, out.reshape(batch, seqlen, -1).contiguous()), weights
 
 
