@@ -25,8 +25,8 @@ transformers = pytest.importorskip("transformers")
 from pirope.integrations.transformers import apply_position_interpolation, patch_rope  # noqa: E402
 from hf_compare import logits_and_grads  # noqa: E402
 from test_model_families import (  # noqa: E402,F401  (fused_calls, fused_tables, rotations: fixtures)
-    COMMON, LLAMA4, MOE, WINDOW, _with_family, assert_generates_like, assert_same, fused_calls, fused_tables, ids, make,
-    rotations, twin)
+    COMMON, LLAMA4, MOE, WINDOW, _with_family, assert_checkpoint_rope_kept_then_replaced, assert_generates_like,
+    assert_same, fused_calls, fused_tables, ids, make, rotations, twin)
 
 if not hasattr(transformers, "Llama4TextConfig"):
     pytest.skip(f"transformers {transformers.__version__} has no Llama 4", allow_module_level=True)
@@ -151,22 +151,9 @@ def test_the_rotation_is_transformers_complex_rotation():
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 def test_scouts_llama3_rope_is_kept_by_patch_rope_and_replaced_by_a_longer_one(attention, tmp_path):
-    base = scout(rope_parameters=SCOUT_ROPE)
-    x = ids(2, 100)
-    patched = patch_rope(copy.deepcopy(base), attention=attention)
-    assert_same(logits_and_grads(patched, x), logits_and_grads(twin(base), x))
-    # Position Interpolation composes with no scaling but its own: refused, naming the llama3 one
-    with pytest.raises(ValueError, match="llama3"):
-        apply_position_interpolation(copy.deepcopy(base), 2.0)
     # a longer llama3 scaling (what extending Scout further means) is transformers' with that config
-    longer = dict(SCOUT_ROPE, factor=32.0)
-    model = patch_rope(copy.deepcopy(base), longer, attention=attention)
-    assert model.config.rope_parameters == longer
-    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
-    model.save_pretrained(tmp_path)
-    loaded = transformers.Llama4ForCausalLM.from_pretrained(tmp_path).eval()  # plain transformers
-    assert loaded.config.rope_parameters == longer
-    assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
+    assert_checkpoint_rope_kept_then_replaced(scout(rope_parameters=SCOUT_ROPE), "llama3",
+                                              dict(SCOUT_ROPE, factor=32.0), attention, tmp_path, ids(2, 100))
 
 
 def test_compiles_fullgraph():

@@ -21,8 +21,8 @@ transformers = pytest.importorskip("transformers")
 from pirope.integrations.transformers import apply_position_interpolation, patch_rope  # noqa: E402
 from hf_compare import logits_and_grads  # noqa: E402
 from test_model_families import (  # noqa: E402,F401  (fused_calls, fused_tables, rotations: fixtures)
-    PACKED, WINDOW, _with_family, assert_generates_like, assert_same, fused_calls, fused_tables, ids, make, rotations,
-    twin)
+    PACKED, WINDOW, _with_family, assert_checkpoint_rope_kept_then_replaced, assert_generates_like, assert_same,
+    fused_calls, fused_tables, ids, make, rotations, twin)
 
 # DeepSeek-V3's RoPE as its checkpoints write it (YaRN with both mscales; the window scaled down)
 DEEPSEEK_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
@@ -57,26 +57,13 @@ def test_a_fixed_layout_ignores_rope_interleave(model_type):
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 def test_deepseek_yarn_is_kept_and_a_longer_one_rescales_the_softmax(attention, tmp_path):
-    base = make("deepseek_v3", rope_parameters=DEEPSEEK_YARN)
-    x = ids(2, 100)
-    patched = patch_rope(copy.deepcopy(base), attention=attention)
-    assert_same(logits_and_grads(patched, x), logits_and_grads(twin(base), x))
-    # Position Interpolation composes with no scaling but its own: refused, naming the yarn one
-    with pytest.raises(ValueError, match="yarn"):
-        apply_position_interpolation(copy.deepcopy(base), 2.0)
     # a longer YaRN: the table's and the softmax's mscale change (yarn_get_mscale(factor, mscale_all_dim) ** 2)
-    longer = dict(DEEPSEEK_YARN, factor=8.0)
-    model = patch_rope(copy.deepcopy(base), longer, attention=attention)
-    assert model.config.rope_parameters == longer
-    ref = twin(base, model.config)
-    scales = [layer.self_attn.scaling for layer in model.model.layers]
-    assert scales == [layer.self_attn.scaling for layer in ref.model.layers]
-    assert scales[0] > base.model.layers[0].self_attn.scaling * 1.01  # (mscale 1 + 0.1 ln 8 > 1 + 0.1 ln 4)
-    assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
-    model.save_pretrained(tmp_path)
-    loaded = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()  # plain transformers
-    assert loaded.model.layers[0].self_attn.scaling == scales[0]
-    assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
+    base = make("deepseek_v3", rope_parameters=DEEPSEEK_YARN)
+    models = assert_checkpoint_rope_kept_then_replaced(base, "yarn", dict(DEEPSEEK_YARN, factor=8.0), attention,
+                                                       tmp_path, ids(2, 100))
+    model_scales, ref_scales, loaded_scales = ([layer.self_attn.scaling for layer in m.model.layers] for m in models)
+    assert model_scales == ref_scales == loaded_scales
+    assert model_scales[0] > base.model.layers[0].self_attn.scaling * 1.01  # (mscale 1 + 0.1 ln 8 > 1 + 0.1 ln 4)
 
 
 def test_a_refused_scaling_leaves_the_softmax_scale_as_it_was():

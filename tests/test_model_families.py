@@ -329,6 +329,27 @@ def assert_generates_like(model, ref, x, **inputs):
     torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
 
 
+def assert_checkpoint_rope_kept_then_replaced(base, rope_type, longer, attention, tmp_path, x):
+    """A checkpoint's own non-linear RoPE (``rope_type``): patch_rope keeps the model; Position
+    Interpolation, which composes with no scaling but its own, is refused naming it; a replaced
+    scaling (``longer``) is transformers' model with that config, which plain transformers loads back
+    from save_pretrained as the same model. Returns (the replaced model, transformers' twin, the
+    loaded one)."""
+    patched = patch_rope(copy.deepcopy(base), attention=attention)
+    assert_same(logits_and_grads(patched, x), logits_and_grads(twin(base), x))
+    with pytest.raises(ValueError, match=rope_type):
+        apply_position_interpolation(copy.deepcopy(base), 2.0)
+    model = patch_rope(copy.deepcopy(base), longer, attention=attention)
+    assert model.config.rope_parameters == longer
+    ref = twin(base, model.config)
+    assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
+    model.save_pretrained(tmp_path)
+    loaded = type(base).from_pretrained(tmp_path).eval()  # plain transformers
+    assert loaded.config.rope_parameters == longer
+    assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
+    return model, ref, loaded
+
+
 def spy_on(monkeypatch, name, record=lambda q, args, kwargs: tuple(q.shape)):
     """Records record(q, args, kwargs) (default: the q shape) for every call of pirope.<name>(q, *args,
     **kwargs)."""
