@@ -165,3 +165,41 @@ def test_on_cuda_transformers_attention_runs_on_pirope_rotation(fused_calls, rot
     x = ids(2, 100).cuda()
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config).cuda(), x))
     assert fused_calls == [] and rotations == [(2, 100, 4, 8)] * 2
+
+
+# Mistral 4's checkpoints' RoPE: YaRN over the whole head's table, a third of it rotating (the rotary part), with
+# Llama 4's temperature keys (the window scaled down)
+MISTRAL4_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                 "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0,
+                 "partial_rotary_factor": 1 / 3, "llama_4_scaling_beta": 0.1}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_mistral4_yarn_is_kept_and_a_longer_one_keeps_the_temperature(attention, tmp_path):
+    base = make("mistral4", rope_parameters=MISTRAL4_YARN)
+    models = assert_checkpoint_rope_kept_then_replaced(base, "yarn", dict(MISTRAL4_YARN, factor=8.0), attention,
+                                                       tmp_path, ids(2, 100))
+    model_scales, ref_scales, loaded_scales = ([layer.self_attn.scaling for layer in m.model.layers] for m in models)
+    assert model_scales == ref_scales == loaded_scales
+
+
+def test_mistral4_temperature_scales_the_whole_query():
+    base = make("mistral4")
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    x = ids(2, 100)
+    ref = logits_and_grads(twin(base, model.config), x)
+    assert_same(logits_and_grads(model, x), ref)
+    # (scores of ~0.1 here: the temperature moves the logits by ~1e-4, ten times what assert_same allows)
+    assert not torch.allclose(logits_and_grads(_with_family(model, attn_temperature=False), x)[0], ref[0], rtol=1e-5,
+                              atol=1e-5)
+
+
+def test_a_table_that_does_not_fit_the_rotary_part_is_refused_unchanged():
+    # Mistral 4's table spans the whole head (24): a partial_rotary_factor of 1/2 would rotate 12 features
+    # where its heads have 8 rotary ones
+    base = make("mistral4")
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="qk_rope_head_dim"):
+        patch_rope(model, {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5})
+    assert model.config.rope_parameters == base.config.rope_parameters
+    assert type(model.model.rotary_emb) is type(base.model.rotary_emb)

@@ -249,11 +249,19 @@ FAMILIES = {
     "youtu": ("YoutuConfig", "YoutuForCausalLM", dict(MLA, bos_token_id=1, eos_token_id=2)),
     "axk1": ("AXK1Config", "AXK1ForCausalLM", dict(MLA, bos_token_id=1, eos_token_id=2)),
     "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", MLA),
+    # Mistral 4: its table over the whole head (24) with partial_rotary_factor 1/3 (the rotary part's 8),
+    # Llama 4's attention temperature on the whole query (up to 1.19 over 100 tokens); "linear" with factor
+    # 1 as plain RoPE (transformers' own "default" for it ignores the factor and fails)
+    "mistral4": ("Mistral4Config", "Mistral4ForCausalLM",
+                 dict(MLA, head_dim=24, bos_token_id=1, eos_token_id=2,
+                      rope_parameters={"rope_type": "linear", "factor": 1.0, "rope_theta": 10000.0,
+                                       "partial_rotary_factor": 1 / 3, "llama_4_scaling_beta": 0.1,
+                                       "original_max_position_embeddings": 16})),
 }
 
 # MLA families: q and k made ready outside rope_attention (its rotary part rotated by pirope, as transformers
 # caches the shared key), the values padded to q's head size (24)
-MLA_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "youtu", "axk1", "minicpm3")
+MLA_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "youtu", "axk1", "minicpm3", "mistral4")
 
 
 # layers that take the fused path on a sequence longer than HYBRID's window (default: both; a
@@ -679,6 +687,25 @@ def test_ministral3_checkpoint_rope_is_kept_and_position_interpolation_refused(a
     kept = {k: rope[k] for k in ("llama_4_scaling_beta", "original_max_position_embeddings", "max_position_embeddings")}
     assert model.config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0, **kept}
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+    # the checkpoint's rope_parameters with a longer factor, passed as they are (the temperature's keys given,
+    # a new beta taken): transformers' model with that config
+    longer = dict(rope, factor=8.0, llama_4_scaling_beta=0.2)
+    model = patch_rope(copy.deepcopy(base), longer, attention=attention)
+    assert model.config.rope_parameters == longer
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+
+
+@pytest.mark.parametrize(("key", "value", "error"), [("llama_4_scaling_beta", "0.1", TypeError),
+                                                     ("llama_4_scaling_beta", float("nan"), TypeError),
+                                                     ("max_position_embeddings", 64.0, TypeError),
+                                                     ("max_position_embeddings", 0, ValueError),
+                                                     ("original_max_position_embeddings", True, TypeError)])
+def test_bad_attention_temperature_keys_are_refused_unchanged(key, value, error):
+    base = make("ministral3")
+    model = copy.deepcopy(base)
+    with pytest.raises(error, match=key):
+        patch_rope(model, {"rope_type": "linear", "factor": 2.0, key: value})
+    assert model.config.rope_parameters == base.config.rope_parameters
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text"])

@@ -100,7 +100,10 @@ are left as they are; its checkpoints' "llama3" RoPE is kept or replaced by patc
 Multi-head Latent Attention (DeepSeek-V2's MLA, below): ``deepseek_v2`` (its complex rotation:
 interleaved pairs), ``deepseek_v3`` (interleaved pairs where ``config.rope_interleave``, else
 rotate-half ones), ``glm4_moe_lite`` (GLM-4.7-Flash), ``youtu`` and ``axk1`` (A.X K1), whose
-attention is DeepSeek-V3's line for line, and ``minicpm3`` (rotate-half pairs).
+attention is DeepSeek-V3's line for line, ``minicpm3`` (rotate-half pairs) and ``mistral4`` (Mistral 4:
+DeepSeek-V3's attention, its table over the whole head, ``qk_head_dim``, with a
+``partial_rotary_factor`` that makes it the rotary part's, and Ministral 3's attention temperature,
+below, on the whole query).
 Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
@@ -130,8 +133,8 @@ latter with a window; Qwen3-Omni's float positions, fractional for timed video a
 get rows of their own). Anything else raises ``TypeError`` rather than risk a silently different
 model (e.g. PhiMoE's rotary embedding with its own short/long ``mscale``, a multimodal RoPE that
 moves frequencies between pairs (ERNIE 4.5-VL), attention sinks computed from the input,
-MLA with more than the above (LongCat-Flash's two attentions per layer and LoRA scales, Mistral 4's
-temperature and a table over the whole head, DeepSeek-V3.2's indexer), hybrids with convolution or
+MLA with more than the above (LongCat-Flash's two attentions per layer and LoRA scales, DeepSeek-V3.2's
+indexer, Mistral Large 4's KV-shared layers), hybrids with convolution or
 recurrent layers other than the above).
 
 Multi-head Latent Attention: each query head is a part without RoPE (``qk_nope_head_dim``) then a
@@ -663,6 +666,10 @@ _FAMILIES: dict[str, _Family] = {
     "youtu": _Family("mla", None, False, interleave_flag="rope_interleave", head_dim_attr="qk_rope_head_dim"),
     "axk1": _Family("mla", None, False, interleave_flag="rope_interleave", head_dim_attr="qk_rope_head_dim"),
     "minicpm3": _Family("mla", None, False, head_dim_attr="qk_rope_head_dim"),
+    # Mistral 4: DeepSeek-V3's attention, its table over the whole head (qk_head_dim) with a partial_rotary_factor
+    # making it the rotary part's, and Ministral 3's attention temperature on the whole query
+    "mistral4": _Family("mla", None, True, interleave_flag="rope_interleave", head_dim_attr="qk_head_dim",
+                        attn_temperature=True),
 }
 
 # the projection modules each kind of _Family.proj needs
@@ -1639,6 +1646,8 @@ def _pirope_mla_attention_forward(self, hidden_states, position_embeddings=None,
         kv_latent, k_rot = cache.update(kv_latent, k_rot, self.layer_idx, kwargs=kwargs)
     # (B, H, S, qk_head_dim) laid out as transformers' (its backend's fast layout), like expand_kv's keys
     q = torch.cat((q_pass.transpose(1, 2), q_rot.transpose(1, 2)), dim=-1)
+    if self._pirope_family.attn_temperature:  # Mistral 4: the whole query times Llama 4's temperature
+        q = q * _attn_temperature(self, kwargs.get("position_ids"), position_ids, q_pass).transpose(1, 2)
     k, v = self.expand_kv(kv_latent, k_rot)  # (B, H, S, qk_head_dim), (B, H, S, v_head_dim)
     if fuse:
         width = max(q.shape[-1], v.shape[-1])
@@ -1734,9 +1743,13 @@ def _replaced_rope_parameters(model_type: str, family: _Family, config, attns, p
     if family.ntk_alpha and isinstance(scaling, dict) and "alpha" in scaling:  # Hunyuan's NTK-alpha, kept as given
         scaling = dict(scaling)
         alpha = scaling.pop("alpha")
+    given = {}
+    if family.attn_temperature and isinstance(scaling, dict):  # the attention's keys, given beside the table's
+        scaling, given = _temperature_keys(scaling)
     new = normalize_scaling(scaling)  # validates (raises ValueError/TypeError naming the key)
     if new is None:
         new = {"rope_type": "default"}
+    new.update(given)
     if alpha is not None:
         new["alpha"] = alpha
         _ntk_alpha_as_default(config, family, new, _head_dim(attns[0], family))  # validates alpha
@@ -1771,6 +1784,32 @@ def _replaced_rope_parameters(model_type: str, family: _Family, config, attns, p
         new.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
         new = _linear_as_longrope(config, params, _head_dim(attns[0], family), new, config.max_position_embeddings)
     return new
+
+
+def _temperature_keys(scaling: dict) -> tuple[dict, dict]:
+    """(the table's keys, the attention temperature's keys) of a ``scaling`` dict for a family with
+    _Family.attn_temperature (Ministral 3, Mistral 4), so that a checkpoint's rope_parameters with a
+    new factor can be passed as they are: ``llama_4_scaling_beta`` (a real number) and the window
+    keys (ints >= 1), original_max_position_embeddings staying with the table where its rope_type
+    reads it."""
+    table, given = dict(scaling), {}
+    rope_type = table.get("rope_type", table.get("type", "default"))
+    for key in _TEMPERATURE_KEYS:
+        if key not in table or (key == "original_max_position_embeddings" and rope_type in _WINDOWED_ROPE_TYPES):
+            continue
+        value = table.pop(key)
+        if key == "llama_4_scaling_beta":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise TypeError(f"scaling['{key}'] (the attention temperature's) must be a finite real number, got "
+                                f"{type(value).__name__} {value!r}")
+            value = float(value)
+        elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"scaling['{key}'] (the attention temperature's window) must be an int >= 1, got "
+                            f"{type(value).__name__} {value!r}")
+        elif value < 1:
+            raise ValueError(f"scaling['{key}'] (the attention temperature's window) must be an int >= 1, got {value}")
+        given[key] = value if key == "llama_4_scaling_beta" else int(value)
+    return table, given
 
 
 def _ntk_alpha_as_default(config, family: _Family, params: dict, head_dim: int) -> dict:
@@ -1933,7 +1972,9 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
             types not named keep theirs; a single ``rope_parameters`` dict raises
             ``ValueError`` (ambiguous, see the module docstring). Hunyuan's dicts may also
             hold ``alpha`` (NTK-alpha RoPE with "dynamic", ignored otherwise, as in
-            transformers).
+            transformers); Ministral 3's and Mistral 4's the attention temperature's keys
+            (``llama_4_scaling_beta``, ``original_max_position_embeddings``,
+            ``max_position_embeddings``), kept from the config where not given.
         attention: ``"sdpa"`` (pirope RoPE, then the model's own attention function) or
             ``"fused"`` (:func:`pirope.rope_attention` where exact, see the module
             docstring).
@@ -1980,6 +2021,11 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
         if scaling is not None:
             params = _replaced_rope_parameters(model_type, family, config, attns, params, scaling)
         rotary = _rotary_embedding(model, model_type, family, attns, params)
+        if family.proj == "mla" and rotary.rotary_dim != attns[0].qk_rope_head_dim:
+            raise ValueError(
+                f"scaling: a RoPE table of {rotary.rotary_dim} features does not fit the {attns[0].qk_rope_head_dim} "
+                f"rotary features (qk_rope_head_dim) of model_type {model_type!r}'s heads; rope_parameters "
+                f"{params!r} (its partial_rotary_factor) must give them")
         # MLA's softmax scale holds YaRN's mscale_all_dim (transformers' yarn_apply_mscale at init)
         if family.proj == "mla" and scaling is not None:
             mla_scales = [_mla_scaling(attn, params) for attn in attns]
