@@ -1802,13 +1802,14 @@ def _temperature_keys(scaling: dict) -> tuple[dict, dict]:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise TypeError(f"scaling['{key}'] (the attention temperature's) must be a finite real number, got "
                                 f"{type(value).__name__} {value!r}")
-            value = float(value)
-        elif isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            given[key] = float(value)
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"scaling['{key}'] (the attention temperature's window) must be an int >= 1, got "
                             f"{type(value).__name__} {value!r}")
-        elif value < 1:
+        if value < 1:
             raise ValueError(f"scaling['{key}'] (the attention temperature's window) must be an int >= 1, got {value}")
-        given[key] = value if key == "llama_4_scaling_beta" else int(value)
+        given[key] = int(value)
     return table, given
 
 
