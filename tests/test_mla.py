@@ -109,6 +109,16 @@ def test_left_padded_generation_follows_transformers(fused_calls):
     assert fused_calls == []  # the padded row's mask is not causal: transformers' attention, on pirope's rotation
 
 
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3", "minicpm3"])
+def test_a_static_cache_prefill_fuses_on_the_calls_own_keys(model_type, fused_calls):
+    # with a static cache transformers' sdpa mask is None (exactly causal): the prefill fuses, on this call's
+    # keys, not the cache's whole (zero-padded) buffer
+    base = make(model_type)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    assert_generates_like(model, twin(base, model.config), ids(1, 20), cache_implementation="static")
+    assert fused_calls == [(1, 20, 4, 24)] * 2
+
+
 def cache_of(output):
     """The cache a forward returned (`cache` in newer transformers, `past_key_values` before)."""
     cache = getattr(output, "cache", None)

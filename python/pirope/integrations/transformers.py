@@ -1642,13 +1642,16 @@ def _pirope_mla_attention_forward(self, hidden_states, position_embeddings=None,
     k_rot = k_rot.transpose(1, 2)  # (B, 1, S, rope), as transformers caches it
     fuse = q.device.type == "cpu" and _layer_can_fuse(self, seqlen, cache, kwargs)
     fuse, cu_seqlens = _fused_segments(self, fuse, q, attention_mask, position_ids, packed, None)
+    cached = (kv_latent, k_rot)
     if cache is not None:
-        kv_latent, k_rot = cache.update(kv_latent, k_rot, self.layer_idx, kwargs=kwargs)
+        cached = cache.update(kv_latent, k_rot, self.layer_idx, kwargs=kwargs)
     # (B, H, S, qk_head_dim) laid out as transformers' (its backend's fast layout), like expand_kv's keys
     q = torch.cat((q_pass.transpose(1, 2), q_rot.transpose(1, 2)), dim=-1)
     if self._pirope_family.attn_temperature:  # Mistral 4: the whole query times Llama 4's temperature
         q = q * _attn_temperature(self, kwargs.get("position_ids"), position_ids, q_pass).transpose(1, 2)
-    k, v = self.expand_kv(kv_latent, k_rot)  # (B, H, S, qk_head_dim), (B, H, S, v_head_dim)
+    # (B, H, S, qk_head_dim), (B, H, S, v_head_dim): where it fuses (no past keys), those of this call, as the
+    # cache may hand back more (a static cache: its whole buffer)
+    k, v = self.expand_kv(*((kv_latent, k_rot) if fuse else cached))
     if fuse:
         width = max(q.shape[-1], v.shape[-1])
         q, k, v = (t if t.shape[-1] == width else nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
