@@ -696,7 +696,7 @@ def test_ministral3_checkpoint_rope_is_kept_and_position_interpolation_refused(a
 
 
 @pytest.mark.parametrize(("key", "value", "error"), [("llama_4_scaling_beta", "0.1", TypeError),
-                                                     ("llama_4_scaling_beta", float("nan"), TypeError),
+                                                     ("llama_4_scaling_beta", float("nan"), ValueError),
                                                      ("max_position_embeddings", 64.0, TypeError),
                                                      ("max_position_embeddings", 0, ValueError),
                                                      ("original_max_position_embeddings", True, TypeError)])

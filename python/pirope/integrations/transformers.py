@@ -1802,9 +1802,12 @@ def _temperature_keys(scaling: dict) -> tuple[dict, dict]:
             continue
         value = table.pop(key)
         if key == "llama_4_scaling_beta":
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"scaling['{key}'] (the attention temperature's) must be a finite real number, got "
                                 f"{type(value).__name__} {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"scaling['{key}'] (the attention temperature's) must be a finite real number, got "
+                                 f"{value!r}")
             given[key] = float(value)
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
