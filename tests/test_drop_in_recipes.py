@@ -2,7 +2,8 @@
 code they replace:
 
 (i)   Hugging Face: apply_position_interpolation(model, 4.0) == transformers' own
-      rope_parameters {"rope_type": "linear", "factor": 4.0} model;
+      rope_parameters {"rope_type": "linear", "factor": 4.0} model; a YaRN checkpoint's
+      factor doubled by patch_rope == transformers' model with that config;
 (ii)  Meta-style LLaMA code: precompute_freqs_cis / apply_rotary_emb (complex numbers
       on interleaved pairs) with PI as t = arange(end) / factor ==
       pirope.apply_rope_qk(..., interleaved=True) with pirope.rope_cos_sin tables;
@@ -47,6 +48,37 @@ def test_recipe_huggingface():
     model = apply_position_interpolation(copy.deepcopy(original), 4.0)  # 64 -> 256 tokens
     # --------------
     x = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, hf(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_recipe_huggingface_yarn_checkpoint():
+    # an MLA checkpoint's YaRN (DeepSeek-V3's form, the windows scaled down) extended by a longer YaRN ==
+    # transformers' model with that config (its table and its softmax scale's mscale_all_dim factor)
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DeepseekV3Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no DeepSeek-V3")
+    from pirope.integrations.transformers import patch_rope
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
+            "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
+    config = transformers.DeepseekV3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+        max_position_embeddings=64, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        head_dim=8, v_head_dim=12, first_k_dense_replace=2, rope_parameters=yarn)
+    torch.manual_seed(0)
+    original = transformers.DeepseekV3ForCausalLM(config).eval()
+
+    # --- recipe ---
+    model = copy.deepcopy(original)
+    params = model.config.rope_parameters
+    model = patch_rope(model, {**params, "factor": 2 * params["factor"]}, attention="fused")
+    model.config.max_position_embeddings *= 2
+    # --------------
+    assert model.config.rope_parameters == {**yarn, "factor": 8.0} and model.config.max_position_embeddings == 128
+    hf = transformers.DeepseekV3ForCausalLM(copy.deepcopy(model.config)).eval()
+    hf.load_state_dict(original.state_dict())
+    x = torch.randint(0, 256, (2, 120), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, hf(x).logits, rtol=1e-5, atol=1e-5)
 
