@@ -1,5 +1,5 @@
 """Multi-head Latent Attention (DeepSeek-V2's MLA: DeepSeek-V2/V3, GLM-4.7-Flash, Youtu, A.X K1,
-MiniCPM3) against transformers' own model on the same weights.
+MiniCPM3, Mistral 4, LongCat-Flash) against transformers' own model on the same weights.
 
 What sets MLA apart from LLaMA's attention: each query head is a part without RoPE then a rotary part;
 the keys' rotary part is one head shared by all heads, their other part and the values come from a
@@ -109,7 +109,7 @@ def test_left_padded_generation_follows_transformers(fused_calls):
     assert fused_calls == []  # the padded row's mask is not causal: transformers' attention, on pirope's rotation
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3", "minicpm3"])
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3", "minicpm3", "longcat_flash"])
 def test_a_static_cache_prefill_fuses_on_the_calls_own_keys(model_type, fused_calls):
     # with a static cache transformers' sdpa mask is None (exactly causal): the prefill fuses, on this call's
     # keys, not the cache's whole (zero-padded) buffer

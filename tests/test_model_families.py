@@ -257,11 +257,16 @@ FAMILIES = {
                       rope_parameters={"rope_type": "linear", "factor": 1.0, "rope_theta": 10000.0,
                                        "partial_rotary_factor": 1 / 3, "llama_4_scaling_beta": 0.1,
                                        "original_max_position_embeddings": 16})),
+    # LongCat-Flash: one decoder layer holding two MLAs (a ModuleList self_attn, called in turn), q and the
+    # latent scaled by (hidden / rank) ** 0.5; its MoE with "zero experts" (identity) beside the routed ones
+    "longcat_flash": ("LongcatFlashConfig", "LongcatFlashForCausalLM",
+                      dict(MLA, num_layers=1, ffn_hidden_size=128, expert_ffn_hidden_size=32, moe_topk=2,
+                           zero_expert_num=2)),
 }
 
 # MLA families: q and k made ready outside rope_attention (its rotary part rotated by pirope, as transformers
 # caches the shared key), the values padded to q's head size (24)
-MLA_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "youtu", "axk1", "minicpm3", "mistral4")
+MLA_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "youtu", "axk1", "minicpm3", "mistral4", "longcat_flash")
 
 
 # layers that take the fused path on a sequence longer than HYBRID's window (default: both; a

@@ -103,7 +103,9 @@ rotate-half ones), ``glm4_moe_lite`` (GLM-4.7-Flash), ``youtu`` and ``axk1`` (A.
 attention is DeepSeek-V3's line for line, ``minicpm3`` (rotate-half pairs) and ``mistral4`` (Mistral 4:
 DeepSeek-V3's attention, its table over the whole head, ``qk_head_dim``, with a
 ``partial_rotary_factor`` that makes it the rotary part's, and Ministral 3's attention temperature,
-below, on the whole query).
+below, on the whole query) and ``longcat_flash`` (LongCat-Flash: two such attentions per decoder
+layer, a ModuleList ``self_attn``, with q and the latent scaled by ``mla_scale_q_lora`` /
+``mla_scale_kv_lora``; interleaved pairs).
 Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
@@ -133,8 +135,7 @@ latter with a window; Qwen3-Omni's float positions, fractional for timed video a
 get rows of their own). Anything else raises ``TypeError`` rather than risk a silently different
 model (e.g. PhiMoE's rotary embedding with its own short/long ``mscale``, a multimodal RoPE that
 moves frequencies between pairs (ERNIE 4.5-VL), attention sinks computed from the input,
-MLA with more than the above (LongCat-Flash's two attentions per layer and LoRA scales, DeepSeek-V3.2's
-indexer, Mistral Large 4's KV-shared layers), hybrids with convolution or
+MLA with more than the above (DeepSeek-V3.2's indexer, Mistral Large 4's KV-shared layers), hybrids with convolution or
 recurrent layers other than the above).
 
 Multi-head Latent Attention: each query head is a part without RoPE (``qk_nope_head_dim``) then a
@@ -473,6 +474,9 @@ class _Family(NamedTuple):
     # its own chunk of that many tokens, through the mask transformers builds). Such a layer takes
     # the fused path only where the call fits in one chunk (plain causal there); None: no chunks
     chunked: str | None = None
+    # LongCat-Flash's MLA: q times the module's mla_scale_q_lora and the normalized latent times its
+    # mla_scale_kv_lora, before RoPE and the cache
+    mla_lora_scales: bool = False
     # Llama 4's attention temperature tuning of its NoPE layers: where the module's
     # attn_temperature_tuning is set and it does not rotate, q times 1 + attn_scale * log1p(
     # floor((p + 1) / floor_scale)), p the token's index in the call plus the cache's length (not
@@ -670,6 +674,10 @@ _FAMILIES: dict[str, _Family] = {
     # making it the rotary part's, and Ministral 3's attention temperature on the whole query
     "mistral4": _Family("mla", None, True, interleave_flag="rope_interleave", head_dim_attr="qk_head_dim",
                         attn_temperature=True),
+    # LongCat-Flash: two MLAs per decoder layer (a ModuleList self_attn), q and the latent scaled by
+    # mla_scale_q_lora / mla_scale_kv_lora, interleaved pairs
+    "longcat_flash": _Family("mla", None, False, interleaved=True, head_dim_attr="qk_rope_head_dim",
+                             mla_lora_scales=True),
 }
 
 # the projection modules each kind of _Family.proj needs
@@ -1043,8 +1051,8 @@ def _attention_modules(model, family: _Family):
     modules = []
     layer_types = getattr(model.config, "layer_types", None) or ()
     cross_layers = (getattr(model.config, family.cross_layers, None) or ()) if family.cross_layers else ()
-    for i, layer in enumerate(base.layers):
-        attn = getattr(layer, family.attn_name, None)
+    layers = ((i, layer, attn) for i, layer in enumerate(base.layers) for attn in _attentions_of(layer, family))
+    for i, layer, attn in layers:
         if family.linear_layers is not None and i < len(layer_types) and layer_types[i] == family.linear_layers \
                 and attn is None:  # Qwen3-Next's linear-attention layers: no RoPE, left alone
             continue
@@ -1055,6 +1063,7 @@ def _attention_modules(model, family: _Family):
         if family.proj == "mla":  # q from one projection, or from a low-rank pair with a norm between
             layer_need += (("q_proj",) if getattr(attn, "q_lora_rank", None) is None
                            else ("q_a_proj", "q_a_layernorm", "q_b_proj"))
+            layer_need += ("mla_scale_q_lora", "mla_scale_kv_lora") if family.mla_lora_scales else ()
         if family.kv_sharing:
             if attn is None or not all(hasattr(attn, n) for n in _KV_SHARING_ATTRS):
                 raise TypeError(
@@ -1097,6 +1106,13 @@ def _attention_modules(model, family: _Family):
             f"model: none of the {len(base.layers)} decoder layers of {type(model).__name__} has an attention "
             f"with RoPE ({which}): nothing for pirope to patch")
     return base, modules
+
+
+def _attentions_of(layer, family: _Family) -> list:
+    """A decoder layer's attention modules: its ``family.attn_name`` module (None where it has none), or
+    each of a ModuleList of them (LongCat-Flash's two per layer, which it calls one after the other)."""
+    attn = getattr(layer, family.attn_name, None)
+    return list(attn) if isinstance(attn, nn.ModuleList) else [attn]
 
 
 # what the attention module of a family with nope_temperature holds for it (Llama 4)
@@ -1631,9 +1647,12 @@ def _pirope_mla_attention_forward(self, hidden_states, position_embeddings=None,
     else:
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
     rope = self.qk_rope_head_dim
-    q_pass, q_rot = q.view(batch, seqlen, -1, self.qk_head_dim).split([self.qk_nope_head_dim, rope], dim=-1)
     kv_latent, k_rot = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, rope], dim=-1)
-    kv_latent = self.kv_a_layernorm(kv_latent).view(batch, 1, seqlen, self.kv_lora_rank)
+    kv_latent = self.kv_a_layernorm(kv_latent)
+    if self._pirope_family.mla_lora_scales:  # LongCat-Flash
+        q, kv_latent = q * self.mla_scale_q_lora, kv_latent * self.mla_scale_kv_lora
+    q_pass, q_rot = q.view(batch, seqlen, -1, self.qk_head_dim).split([self.qk_nope_head_dim, rope], dim=-1)
+    kv_latent = kv_latent.view(batch, 1, seqlen, self.kv_lora_rank)
     cos, sin, position_ids = _tables_to(q.device, cos, sin, position_ids)
     # (interleaved pairs come out in place: transformers' DeepSeek-V3 writes them as evens | odds instead,
     # a permutation of the features of q and k alike, which leaves every score as it is)
