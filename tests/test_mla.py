@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 from pirope.integrations.transformers import apply_position_interpolation, patch_rope  # noqa: E402
 from hf_compare import logits_and_grads  # noqa: E402
 from test_model_families import (  # noqa: E402,F401  (fused_calls, fused_tables, rotations: fixtures)
-    PACKED, WINDOW, _with_family, assert_checkpoint_rope_kept_then_replaced, assert_generates_like, assert_same,
+    COMMON, MLA, PACKED, WINDOW, _with_family, assert_checkpoint_rope_kept_then_replaced, assert_generates_like, assert_same,
     fused_calls, fused_tables, ids, make, rotations, twin)
 
 # DeepSeek-V3's RoPE as its checkpoints write it (YaRN with both mscales; the window scaled down)
@@ -213,3 +213,25 @@ def test_a_table_that_does_not_fit_the_rotary_part_is_refused_unchanged():
         patch_rope(model, {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5})
     assert model.config.rope_parameters == base.config.rope_parameters
     assert type(model.model.rotary_emb) is type(base.model.rotary_emb)
+
+
+def test_kimi_k25_gets_its_deepseek_v3_language_model_extended(tmp_path):
+    # Kimi K2.5: a vision tower and a DeepSeek-V3 language model (text-only calls here)
+    if not hasattr(transformers, "Kimi_K25Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no Kimi K2.5")
+    config = transformers.Kimi_K25Config(
+        text_config=dict(COMMON, **MLA, model_type="deepseek_v3"),
+        vision_config=dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64))
+    torch.manual_seed(0)
+    base = transformers.Kimi_K25ForConditionalGeneration(config).eval()
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0)
+    text = model.config.text_config
+    assert text.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert text.max_position_embeddings == 2 * WINDOW
+    x = ids(2, 100)
+    ref = type(base)(copy.deepcopy(model.config)).eval()
+    ref.load_state_dict(base.state_dict())
+    assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
+    model.save_pretrained(tmp_path)
+    loaded = type(base).from_pretrained(tmp_path).eval()  # plain transformers
+    assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
