@@ -21,8 +21,8 @@ transformers = pytest.importorskip("transformers")
 from pirope.integrations.transformers import apply_position_interpolation, patch_rope  # noqa: E402
 from hf_compare import logits_and_grads  # noqa: E402
 from test_model_families import (  # noqa: E402,F401  (fused_calls, fused_tables, rotations: fixtures)
-    COMMON, MLA, PACKED, WINDOW, _with_family, assert_checkpoint_rope_kept_then_replaced, assert_generates_like, assert_same,
-    fused_calls, fused_tables, ids, make, rotations, twin)
+    COMMON, MLA, PACKED, WINDOW, _with_family, assert_checkpoint_rope_kept_then_replaced, assert_generates_like,
+    assert_same, fused_calls, fused_tables, ids, make, rotations, twin)
 
 # DeepSeek-V3's RoPE as its checkpoints write it (YaRN with both mscales; the window scaled down)
 DEEPSEEK_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,

@@ -1963,7 +1963,8 @@ def _mla_scaling(attn, params: dict) -> float:
         getattr(modeling_rope_utils, "yarn_apply_mscale", None)
     if apply is None:
         raise TypeError(f"model: transformers {transformers.__version__} has no yarn_apply_mscale telling the "
-                        f"softmax scale of {type(attn).__name__} under a new RoPE scaling; this version is not supported")
+                        f"softmax scale of {type(attn).__name__} under a new RoPE scaling; this version is not "
+                        "supported")
     return apply(params, attn.qk_head_dim ** -0.5)
 
 
