@@ -204,15 +204,27 @@ def test_mistral4_temperature_scales_the_whole_query():
                               atol=1e-5)
 
 
-def test_a_table_that_does_not_fit_the_rotary_part_is_refused_unchanged():
-    # Mistral 4's table spans the whole head (24): a partial_rotary_factor of 1/2 would rotate 12 features
-    # where its heads have 8 rotary ones
+@pytest.mark.parametrize(("scaling", "match"), [
+    # Mistral 4's table spans the whole head (24): a partial_rotary_factor of 1/2 would rotate 12 features where its
+    # heads have 8 rotary ones
+    ({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}, "qk_rope_head_dim"),
+    # transformers' own "default" table ignores the factor (12 frequencies for 4 pairs: its model fails), also
+    # where a dict without a rope_type means it
+    ({"rope_type": "default"}, "'default'"),
+    ({"llama_4_scaling_beta": 0.2}, "'default'")])
+def test_a_table_that_does_not_fit_the_rotary_part_is_refused_unchanged(scaling, match):
     base = make("mistral4")
     model = copy.deepcopy(base)
-    with pytest.raises(ValueError, match="qk_rope_head_dim"):
-        patch_rope(model, {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match=match):
+        patch_rope(model, scaling)
     assert model.config.rope_parameters == base.config.rope_parameters
     assert type(model.model.rotary_emb) is type(base.model.rotary_emb)
+    # (what the refusals spare: transformers' model with that config fails)
+    if match == "'default'":
+        config = copy.deepcopy(base.config)
+        config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1 / 3}
+        with pytest.raises(RuntimeError, match="size of tensor"):
+            twin(base, config)(ids(1, 8))
 
 
 def test_kimi_k25_gets_its_deepseek_v3_language_model_extended(tmp_path):

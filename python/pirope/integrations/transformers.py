@@ -474,6 +474,10 @@ class _Family(NamedTuple):
     # its own chunk of that many tokens, through the mask transformers builds). Such a layer takes
     # the fused path only where the call fits in one chunk (plain causal there); None: no chunks
     chunked: str | None = None
+    # transformers' own plain ("default") table of the family spans the whole head, its partial_rotary_factor
+    # ignored (Mistral 4's compute_default_rope_parameters): where the family rotates part of the head it does
+    # not fit, and is refused (the scaled rope types read the factor)
+    default_spans_head: bool = False
     # LongCat-Flash's MLA: q times the module's mla_scale_q_lora and the normalized latent times its
     # mla_scale_kv_lora, before RoPE and the cache
     mla_lora_scales: bool = False
@@ -673,7 +677,7 @@ _FAMILIES: dict[str, _Family] = {
     # Mistral 4: DeepSeek-V3's attention, its table over the whole head (qk_head_dim) with a partial_rotary_factor
     # making it the rotary part's, and Ministral 3's attention temperature on the whole query
     "mistral4": _Family("mla", None, True, interleave_flag="rope_interleave", head_dim_attr="qk_head_dim",
-                        attn_temperature=True),
+                        attn_temperature=True, default_spans_head=True),
     # LongCat-Flash: two MLAs per decoder layer (a ModuleList self_attn), q and the latent scaled by
     # mla_scale_q_lora / mla_scale_kv_lora, interleaved pairs
     "longcat_flash": _Family("mla", None, False, interleaved=True, head_dim_attr="qk_rope_head_dim",
@@ -1872,6 +1876,11 @@ def _rotary_embedding(model, model_type: str, family: _Family, attns, params: di
             f"scaling: rope_type 'proportional' (a table over the whole head) is not supported by model_type "
             f"{model_type!r}, whose attention rotates its first int(head_dim * partial_rotary_factor) features "
             "whatever the table (transformers fails on it too)")
+    if family.default_spans_head and pirope_scaling is None and partial != 1.0:
+        raise ValueError(
+            f"scaling: rope_type 'default' of model_type {model_type!r} is a table over the whole head in transformers "
+            f"(its partial_rotary_factor {partial} ignored), which does not fit the rotary part of its heads "
+            "(transformers fails on it too); plain RoPE on the rotary part is {'rope_type': 'linear', 'factor': 1.0}")
     kwargs = dict(max_position_embeddings=model.config.max_position_embeddings, base=theta, scaling=pirope_scaling,
                   partial_rotary_factor=partial)
     if family.mrope:
