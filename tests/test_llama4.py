@@ -99,13 +99,7 @@ def test_nope_temperature_counts_the_cache_as_transformers_does():
     x = ids(2, 40)
     mask = torch.ones_like(x)
     mask[0, :7] = 0
-    with torch.no_grad():
-        a = model.generate(x, attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True)
-        b = ref.generate(x, attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True)
-    assert torch.equal(a.sequences, b.sequences)
-    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
+    assert_generates_like(model, ref, x, attention_mask=mask)
 
 
 @pytest.mark.parametrize(("seqlen", "fused"), [(CHUNK, True), (CHUNK + 1, False), (100, False)])

@@ -28,6 +28,12 @@ from test_model_families import (  # noqa: E402,F401  (fused_calls, fused_tables
 DEEPSEEK_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
                  "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
 
+# Mistral 4's checkpoints' RoPE: YaRN over the whole head's table, a third of it rotating (the rotary part), with
+# Llama 4's temperature keys (the window scaled down)
+MISTRAL4_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                 "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0,
+                 "partial_rotary_factor": 1 / 3, "llama_4_scaling_beta": 0.1}
+
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 @pytest.mark.parametrize("rope_interleave", [False, True])
@@ -56,11 +62,14 @@ def test_a_fixed_layout_ignores_rope_interleave(model_type):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-def test_deepseek_yarn_is_kept_and_a_longer_one_rescales_the_softmax(attention, tmp_path):
-    # a longer YaRN: the table's and the softmax's mscale change (yarn_get_mscale(factor, mscale_all_dim) ** 2)
-    base = make("deepseek_v3", rope_parameters=DEEPSEEK_YARN)
-    models = assert_checkpoint_rope_kept_then_replaced(base, "yarn", dict(DEEPSEEK_YARN, factor=8.0), attention,
-                                                       tmp_path, ids(2, 100))
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "mistral4"])
+def test_a_checkpoints_yarn_is_kept_and_a_longer_one_rescales_the_softmax(model_type, attention, tmp_path):
+    # a longer YaRN: the table's and the softmax's mscale change (yarn_get_mscale(factor, mscale_all_dim) ** 2);
+    # Mistral 4's dict also holds its temperature's keys, passed along
+    yarn = {"deepseek_v3": DEEPSEEK_YARN, "mistral4": MISTRAL4_YARN}[model_type]
+    base = make(model_type, rope_parameters=yarn)
+    models = assert_checkpoint_rope_kept_then_replaced(base, "yarn", dict(yarn, factor=8.0), attention, tmp_path,
+                                                       ids(2, 100))
     model_scales, ref_scales, loaded_scales = ([layer.self_attn.scaling for layer in m.model.layers] for m in models)
     assert model_scales == ref_scales == loaded_scales
     assert model_scales[0] > base.model.layers[0].self_attn.scaling * 1.01  # (mscale 1 + 0.1 ln 8 > 1 + 0.1 ln 4)
@@ -177,20 +186,6 @@ def test_on_cuda_transformers_attention_runs_on_pirope_rotation(fused_calls, rot
     assert fused_calls == [] and rotations == [(2, 100, 4, 8)] * 2
 
 
-# Mistral 4's checkpoints' RoPE: YaRN over the whole head's table, a third of it rotating (the rotary part), with
-# Llama 4's temperature keys (the window scaled down)
-MISTRAL4_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
-                 "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0,
-                 "partial_rotary_factor": 1 / 3, "llama_4_scaling_beta": 0.1}
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "fused"])
-def test_mistral4_yarn_is_kept_and_a_longer_one_keeps_the_temperature(attention, tmp_path):
-    base = make("mistral4", rope_parameters=MISTRAL4_YARN)
-    models = assert_checkpoint_rope_kept_then_replaced(base, "yarn", dict(MISTRAL4_YARN, factor=8.0), attention,
-                                                       tmp_path, ids(2, 100))
-    model_scales, ref_scales, loaded_scales = ([layer.self_attn.scaling for layer in m.model.layers] for m in models)
-    assert model_scales == ref_scales == loaded_scales
 
 
 def test_mistral4_temperature_scales_the_whole_query():
