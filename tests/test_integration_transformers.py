@@ -493,6 +493,14 @@ def test_segments_of_mask_accepts_only_the_exact_mask():
     assert _segments_of_mask(q, block[None, None], pos, True, window=2) is None  # no band in the mask
     assert _segments_of_mask(q, banded[None, None], pos, True) is None  # a band rope_attention was not told of
     assert _segments_of_mask(q, block[None, None], pos, None) is None  # packing unknown (compile)
+    # with chunks of 2 tokens (Llama 4's, by index in the row), intersected with the sequences: starts 0 2 3 4
+    plain = torch.arange(6)[None]
+    chunks = torch.ones(6, 6, dtype=torch.bool).tril() & (plain.T // 2 == plain // 2)
+    assert _segments_of_mask(q, chunks[None, None], plain, False, chunk=2).tolist() == [0, 2, 4, 6]
+    both = block & (plain.T // 2 == plain // 2)
+    assert _segments_of_mask(q, both[None, None], pos, True, chunk=2).tolist() == [0, 2, 3, 4, 6]
+    assert _segments_of_mask(q, chunks[None, None], plain, False) is None  # chunks rope_attention was not told of
+    assert _segments_of_mask(q, block[None, None], pos, True, chunk=2) is None  # no chunks in the mask
     assert _segments_of_mask(q, None, pos, True) is None
     assert _segments_of_mask(q, block[None, None, :5, :5], pos, True) is None  # wrong shape
 

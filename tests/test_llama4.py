@@ -25,8 +25,8 @@ transformers = pytest.importorskip("transformers")
 from pirope.integrations.transformers import apply_position_interpolation, patch_rope  # noqa: E402
 from hf_compare import logits_and_grads  # noqa: E402
 from test_model_families import (  # noqa: E402,F401  (fused_calls, fused_tables, rotations: fixtures)
-    COMMON, LLAMA4, MOE, WINDOW, _with_family, assert_checkpoint_rope_kept_then_replaced, assert_generates_like,
-    assert_same, fused_calls, fused_tables, ids, make, rotations, twin)
+    COMMON, LLAMA4, MOE, PACKED, WINDOW, _with_family, assert_checkpoint_rope_kept_then_replaced, assert_generates_like,
+    assert_same, fused_calls, fused_tables, ids, make, rotations, spy_on, twin)
 
 if not hasattr(transformers, "Llama4TextConfig"):
     pytest.skip(f"transformers {transformers.__version__} has no Llama 4", allow_module_level=True)
@@ -54,11 +54,12 @@ def test_scout_form_position_interpolation_equals_transformers(attention, fused_
     assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
     assert_generates_like(model, ref, ids(1, 70))  # prefill and decoding past a chunk's end
     # the rotating layer (norms after RoPE, chunks of 32) rotates by apply_rope_qk in each forward
-    # (logits_and_grads', generate's prefill, then its 5 decoding steps) and attends through
-    # transformers' chunked mask; the NoPE layer never rotates, and fused it takes rope_attention
-    # with the identity rotation in the two forwards without a cache
+    # (logits_and_grads', generate's prefill, then its 5 decoding steps) and, fused, attends through
+    # rope_attention with its chunks as packed sequences (transformers' chunked mask, checked), in the two
+    # forwards without a cache, as the NoPE layer, which never rotates; both with the identity rotation
     assert rotations == [(2, 100, 4, 16), (1, 70, 4, 16)] + [(1, 1, 4, 16)] * 5
-    assert fused_calls == ([(2, 100, 4, 16), (1, 70, 4, 16)] if attention == "fused" else [])
+    assert fused_calls == ([(200, 4, 16), (2, 100, 4, 16), (70, 4, 16), (1, 70, 4, 16)] if attention == "fused"
+                           else [])
     assert fused_tables == [True] * len(fused_calls)
 
 
@@ -102,27 +103,50 @@ def test_nope_temperature_counts_the_cache_as_transformers_does():
     assert_generates_like(model, ref, x, attention_mask=mask)
 
 
-@pytest.mark.parametrize(("seqlen", "fused"), [(CHUNK, True), (CHUNK + 1, False), (100, False)])
-def test_a_chunked_layer_fuses_only_within_one_chunk(seqlen, fused, fused_calls, fused_tables):
-    # Maverick's form (no norms) with chunks: rope_attention computes a call that fits in one chunk
-    # (plain causal there); past it transformers' backend takes the chunked mask (the NoPE layer,
-    # unchunked, always fuses, through the identity rotation)
+@pytest.mark.parametrize("seqlen", [CHUNK, CHUNK + 1, 100])
+def test_a_chunked_layer_fuses_its_chunks_as_sequences(seqlen, monkeypatch):
+    # Maverick's form (no norms) with chunks: a call within one chunk is plain causal; past it, transformers'
+    # chunked mask (sdpa's, checked) makes each chunk a sequence, rope_attention's cu_seqlens, the positions
+    # running on (the NoPE layer, unchunked, fuses as one sequence per row, through the identity rotation)
+    calls = spy_on(monkeypatch, "rope_attention", lambda q, args, kwargs: (
+        tuple(q.shape), args[2].shape[1] == 0, kwargs.get("cu_seqlens")))
     base = make("llama4_text", attention_chunk_size=CHUNK)
     model = patch_rope(copy.deepcopy(base), attention="fused")
     x = ids(2, seqlen)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
-    assert fused_calls == [(2, seqlen, 4, 16)] * (2 if fused else 1)
-    assert fused_tables == ([False, True] if fused else [True])
+    chunks = [0, *range(CHUNK, seqlen, CHUNK)]
+    rotating = ((2, seqlen, 4, 16), False, None) if seqlen <= CHUNK else (
+        (2 * seqlen, 4, 16), False, [*chunks, *(seqlen + c for c in chunks), 2 * seqlen])
+    nope = ((2, seqlen, 4, 16), True, None)
+    assert [(shape, identity, None if cu is None else cu.tolist()) for shape, identity, cu in calls] == \
+        [rotating, nope]
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_sequences_in_a_chunked_layer_follow_transformers_mask(attn_implementation, monkeypatch):
+    # padding-free packing (3 sequences: 30, 45, 25 tokens) in a layer with chunks of 32: transformers 5.17's
+    # chunked mask keeps a key where sequence and chunk agree, so rope_attention's sequences start at every
+    # sequence and chunk start; 5.25's lets a query see the keys of its chunk across a sequence start, which is
+    # no set of sequences rope_attention takes: that layer takes transformers' attention. Either way the mask
+    # decides (the NoPE layer fuses the 3 sequences)
+    calls = spy_on(monkeypatch, "rope_attention", lambda q, args, kwargs: kwargs.get("cu_seqlens"))
+    base = make("llama4_text", attention_chunk_size=CHUNK, attn_implementation=attn_implementation)
+    model = patch_rope(copy.deepcopy(base), attention="fused")
+    x = ids(1, 100)
+    assert_same(logits_and_grads(model, x, position_ids=PACKED), logits_and_grads(twin(base), x, position_ids=PACKED))
+    assert [cu.tolist() for cu in calls] in ([[0, 30, 32, 64, 75, 96, 100], [0, 30, 75, 100]], [[0, 30, 75, 100]])
 
 
 def test_a_mask_free_backend_never_fuses_across_chunks():
     # the chunks live in the mask only: a backend transformers hands no mask would lose them, so
-    # the decision reads the layer's chunk size, not the mask
+    # the decision reads the layer's chunk size, and fuses past one chunk only with a mask tensor
+    # (which _segments_of_mask then reads the chunks from)
     from pirope.integrations.transformers import _layer_can_fuse
 
     model = patch_rope(make("llama4_text", attention_chunk_size=CHUNK), attention="fused")
     attn = model.model.layers[0].self_attn
     assert _layer_can_fuse(attn, CHUNK, None, {}) and not _layer_can_fuse(attn, CHUNK + 1, None, {})
+    assert _layer_can_fuse(attn, CHUNK + 1, None, {}, torch.zeros(1, 1, CHUNK + 1, CHUNK + 1))
 
 
 def test_the_rotation_is_transformers_complex_rotation():

@@ -1608,8 +1608,8 @@ def test_packed_sequences_attend_within_themselves_as_with_flash_attention(how, 
 
     real = integration._layer_can_fuse
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(integration, "_layer_can_fuse", lambda attn, seqlen, cache, kwargs: real(
-            attn, seqlen, cache, {k: v for k, v in kwargs.items() if not k.startswith("cu_seq_lens")}))
+        m.setattr(integration, "_layer_can_fuse", lambda attn, seqlen, cache, kwargs, *mask: real(
+            attn, seqlen, cache, {k: v for k, v in kwargs.items() if not k.startswith("cu_seq_lens")}, *mask))
         m.setattr(integration, "_segments_of_mask", lambda q, *rest, **kw: torch.tensor([0, q.shape[1]]))  # one per row
         across = model(x, **inputs, use_cache=False).logits
     assert fused_calls == [(1, 100, 4, 16)] * 2

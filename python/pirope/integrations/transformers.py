@@ -81,8 +81,9 @@ interleaved pairs; NoPE layers, ``config.no_rope_layers`` 0, whose q is multipli
 attention temperature ``1 + attn_scale * log1p(floor((i + 1) / floor_scale))`` of its index in
 the call plus the cache length; on the rotating layers, with ``use_qk_norm`` (Scout), a
 weightless RMSNorm of the rotated q and k (fused on CPU only, as NanoChat's), and attention within
-chunks of ``attention_chunk_size`` tokens, by transformers' mask: fused only where a call fits
-in one chunk; its checkpoints' "llama3" RoPE is kept or replaced by patch_rope, not
+chunks of ``attention_chunk_size`` tokens, by transformers' mask: fused within one chunk, and past
+it on CPU with that mask, each chunk a sequence of rope_attention's ``cu_seqlens``; a mask-free backend
+never fuses across chunks; its checkpoints' "llama3" RoPE is kept or replaced by patch_rope, not
 interpolated), ``lfm2`` and ``lfm2_moe`` (LFM2 and LFM2-MoE: hybrids whose attention layers are
 LLaMA's with per-head q/k RMSNorms, ``q_layernorm`` / ``k_layernorm``, before RoPE and ``out_proj``;
 their "conv" layers, short convolutions without RoPE, are left as they are; LFM2-MoE's rotary
@@ -220,7 +221,8 @@ the projections produce, no copies) and then:
   within the runs of consecutive positions (transformers' mask for packed sequences, which
   then run as rope_attention's ``cu_seqlens``, and eager's causal mask), and within the
   layer's sliding window where it has one (Mistral, Gemma 2/3's sliding layers, Qwen2/3
-  with ``use_sliding_window``, ...: ``window_size=(sliding_window - 1, 0)``) --, no attention
+  with ``use_sliding_window``, ...: ``window_size=(sliding_window - 1, 0)``), and within Llama 4's
+  chunks (each one a sequence) --, no attention
   dropout in training, causal
   attention (not Gemma's ``use_bidirectional_attention``, nor a call with
   ``is_causal=False``), on CUDA no q/k norms after RoPE (NanoChat, Hunyuan, Llama 4 Scout: they
@@ -472,7 +474,8 @@ class _Family(NamedTuple):
     # the config attribute holding the chunk size of the layers whose config.layer_types entry is
     # "chunked_attention" (Llama 4's attention_chunk_size: a query sees the keys at or before it in
     # its own chunk of that many tokens, through the mask transformers builds). Such a layer takes
-    # the fused path only where the call fits in one chunk (plain causal there); None: no chunks
+    # the fused path where the call fits in one chunk (plain causal there), or with a mask tensor that
+    # shows the chunks (_segments_of_mask: each chunk a sequence of cu_seqlens); None: no chunks
     chunked: str | None = None
     # transformers' own plain ("default") table of the family spans the whole head, its partial_rotary_factor
     # ignored (Mistral 4's compute_default_rope_parameters): where the family rotates part of the head it does
@@ -1376,6 +1379,12 @@ def _chunk(attn) -> int | None:
     return getattr(attn.config, src, None)
 
 
+def _cutting_chunk(attn, seqlen: int) -> int | None:
+    """The layer's attention chunk size where a call of this length spans more than one chunk, else None."""
+    chunk = _chunk(attn)
+    return chunk if chunk is not None and seqlen > chunk else None
+
+
 def _rotates_inside(attn, rotates: bool) -> bool:
     """Whether rope_attention can rotate this layer's q and k itself: the layer ``rotates`` (not NoPE:
     _Family.rope_layers, as the forward decides), by the positive angle, with nothing between the rotation and the attention (no q/k norms after
@@ -1387,14 +1396,13 @@ def _rotates_inside(attn, rotates: bool) -> bool:
             and not (family.qk_norm_after_rope and _qk_norm(attn, family) is not None))
 
 
-def _layer_can_fuse(attn, seqlen: int, cache, kwargs) -> bool:
+def _layer_can_fuse(attn, seqlen: int, cache, kwargs, attention_mask=None) -> bool:
     """Whether rope_attention computes this call's attention, whatever its mask: everything but the
-    mask, the packing and the sliding window (see _segments_of_mask), and where the rotation happens
-    (see _rotates_inside)."""
+    mask, the packing, the sliding window and the chunks (see _segments_of_mask), and where the
+    rotation happens (see _rotates_inside)."""
     if attn._pirope_attention != "fused":
         return False
-    chunk = _chunk(attn)
-    if chunk is not None and seqlen > chunk:
+    if _cutting_chunk(attn, seqlen) is not None and not isinstance(attention_mask, torch.Tensor):
         # chunked attention across chunks (Llama 4): the chunks are in transformers' mask only, which
         # a mask-free backend would not even get; its backend computes it, on the rotated q and k
         return False
@@ -1430,7 +1438,7 @@ def _dropout_rate(attn) -> float:
 
 
 def _segments_of_mask(q, attention_mask, position_ids, packed, window: int | None = None,
-                      bool_masks: bool = True) -> torch.Tensor | None:
+                      bool_masks: bool = True, chunk: int | None = None) -> torch.Tensor | None:
     """cu_seqlens (over the batch's rows flattened) when ``attention_mask`` lets each query
     see exactly the keys at or before it within its own sequence -- sequences being the
     runs of consecutive positions, as transformers delimits packed ones -- and, with a
@@ -1459,7 +1467,10 @@ def _segments_of_mask(q, attention_mask, position_ids, packed, window: int | Non
     positions = positions.expand(batch, seqlen)
     # sequence index of each token in its row: a new sequence wherever a position is not
     # its predecessor's + 1 (transformers' find_packed_sequence_indices)
-    segment = (torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    starts = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1
+    if chunk is not None:  # Llama 4's chunks, by the token's index in the row (transformers' q_idx // chunk)
+        starts = starts | (torch.arange(seqlen) % chunk == 0)
+    segment = starts.cumsum(-1)
     keys = torch.arange(seqlen)
     for r0 in range(0, seqlen, _MASK_ROWS):
         rows = torch.arange(r0, min(seqlen, r0 + _MASK_ROWS))
@@ -1516,7 +1527,8 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
     sinks = None if family.sinks is None else getattr(self, family.sinks)
     # (a KV-shared layer's keys come rotated: nothing to fuse)
     shared = _kv_shared(self, family)
-    fuse = not shared and (inside or q.device.type == "cpu") and _layer_can_fuse(self, q.shape[1], cache, kwargs)
+    fuse = not shared and (inside or q.device.type == "cpu") and _layer_can_fuse(self, q.shape[1], cache, kwargs,
+                                                                                  attention_mask)
     if fuse and (softcap is not None or sinks is not None) and q.device.type != "cpu":
         # rope_attention runs a soft-cap or sinks unfused off CPU: transformers' backend (flash
         # attention's softcap, or eager) is the one to take there
@@ -1598,13 +1610,14 @@ def _interleaved(attn) -> bool:
 
 
 def _fused_segments(attn, fuse: bool, q, attention_mask, positions, packed, window):
-    """(fuse, cu_seqlens): with a mask tensor, packed sequences or a sliding window, the call fuses
-    only where the mask is exactly causal (within the window) within the sequences the positions
-    delimit (_segments_of_mask); cu_seqlens None otherwise."""
-    if not fuse or (attention_mask is None and packed is False and window is None):
+    """(fuse, cu_seqlens): with a mask tensor, packed sequences, a sliding window or chunks, the call
+    fuses only where the mask is exactly causal (within the window) within the sequences the
+    positions delimit and the chunks (_segments_of_mask); cu_seqlens None otherwise."""
+    chunk = _cutting_chunk(attn, q.shape[1])
+    if not fuse or (attention_mask is None and packed is False and window is None and chunk is None):
         return fuse, None
     cu_seqlens = _segments_of_mask(q, attention_mask, positions, packed, window,
-                                   bool_masks=attn.config._attn_implementation == "sdpa")
+                                   bool_masks=attn.config._attn_implementation == "sdpa", chunk=chunk)
     return cu_seqlens is not None, cu_seqlens
 
 
