@@ -25,7 +25,8 @@ transformers = pytest.importorskip("transformers")
 from pirope.integrations.transformers import apply_position_interpolation, patch_rope  # noqa: E402
 from hf_compare import logits_and_grads  # noqa: E402
 from test_model_families import (  # noqa: E402,F401  (fused_calls, fused_tables, rotations: fixtures)
-    COMMON, LLAMA4, MOE, PACKED, WINDOW, _with_family, assert_checkpoint_rope_kept_then_replaced, assert_generates_like,
+    COMMON, LLAMA4, MOE, PACKED, WINDOW, _with_family, assert_checkpoint_rope_kept_then_replaced,
+    assert_compiled_pi_equals_transformers, assert_generates_like, assert_left_padded_generation_like_transformers,
     assert_same, fused_calls, fused_tables, ids, make, rotations, spy_on, twin)
 
 if not hasattr(transformers, "Llama4TextConfig"):
@@ -94,13 +95,7 @@ def test_nope_layers_take_their_temperature(attention):
 def test_nope_temperature_counts_the_cache_as_transformers_does():
     # decoding: the temperature of a new token comes from the cache's length (not position_ids);
     # left padding shifts the positions but not that count, in transformers as here
-    base = make("llama4_text")
-    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
-    ref = twin(base, model.config)
-    x = ids(2, 40)
-    mask = torch.ones_like(x)
-    mask[0, :7] = 0
-    assert_generates_like(model, ref, x, attention_mask=mask)
+    assert_left_padded_generation_like_transformers("llama4_text", 40, 7)
 
 
 @pytest.mark.parametrize("seqlen", [CHUNK, CHUNK + 1, 100])
@@ -176,13 +171,7 @@ def test_scouts_llama3_rope_is_kept_by_patch_rope_and_replaced_by_a_longer_one(a
 
 def test_compiles_fullgraph():
     # both paths in one model: the rotating layer fused, the NoPE layer with its temperature
-    base = make("llama4_text")
-    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = ids(2, 50)
-    logits, grads = logits_and_grads(compiled, x)
-    assert_same((logits, {n.removeprefix("_orig_mod."): g for n, g in grads.items()}),
-                logits_and_grads(twin(base, model.config), x))
+    assert_compiled_pi_equals_transformers(make("llama4_text"))
 
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,

@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 from pirope.integrations.transformers import apply_position_interpolation, patch_rope  # noqa: E402
 from hf_compare import logits_and_grads  # noqa: E402
 from test_model_families import (  # noqa: E402,F401  (fused_calls, fused_tables, rotations: fixtures)
-    COMMON, MLA, PACKED, WINDOW, _with_family, assert_checkpoint_rope_kept_then_replaced, assert_generates_like,
+    COMMON, MLA, PACKED, WINDOW, _with_family, assert_checkpoint_rope_kept_then_replaced,
+    assert_compiled_pi_equals_transformers, assert_generates_like, assert_left_padded_generation_like_transformers,
     assert_same, fused_calls, fused_tables, ids, make, rotations, twin)
 
 # DeepSeek-V3's RoPE as its checkpoints write it (YaRN with both mscales; the window scaled down)
@@ -108,13 +109,7 @@ def test_packed_sequences_fuse_as_one_call_of_three_sequences(fused_calls):
 
 
 def test_left_padded_generation_follows_transformers(fused_calls):
-    base = make("deepseek_v3")
-    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
-    ref = twin(base, model.config)
-    x = ids(2, 70)
-    mask = torch.ones_like(x)
-    mask[0, :5] = 0
-    assert_generates_like(model, ref, x, attention_mask=mask)
+    assert_left_padded_generation_like_transformers("deepseek_v3", 70, 5)
     assert fused_calls == []  # the padded row's mask is not causal: transformers' attention, on pirope's rotation
 
 
@@ -168,13 +163,7 @@ def test_training_with_attention_dropout_takes_transformers_attention(fused_call
 def test_compiles_fullgraph():
     # both layers dense (first_k_dense_replace 2): the experts' grouped matmul of older transformers (5.17)
     # has a backward that does not compile, with or without pirope
-    base = make("deepseek_v3", first_k_dense_replace=2)
-    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = ids(2, 50)
-    logits, grads = logits_and_grads(compiled, x)
-    assert_same((logits, {n.removeprefix("_orig_mod."): g for n, g in grads.items()}),
-                logits_and_grads(twin(base, model.config), x))
+    assert_compiled_pi_equals_transformers(make("deepseek_v3", first_k_dense_replace=2))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

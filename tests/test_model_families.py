@@ -342,6 +342,28 @@ def assert_generates_like(model, ref, x, **inputs):
     torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
 
 
+def assert_left_padded_generation_like_transformers(model_type, seqlen, padding):
+    """make(model_type) extended 2x by PI (fused) generates like transformers' model from the new config,
+    for a batch of two rows of ``seqlen`` tokens, the first left-padded by ``padding``."""
+    base = make(model_type)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    x = ids(2, seqlen)
+    mask = torch.ones_like(x)
+    mask[0, :padding] = 0
+    assert_generates_like(model, twin(base, model.config), x, attention_mask=mask)
+
+
+def assert_compiled_pi_equals_transformers(base):
+    """torch.compile(fullgraph=True) of ``base`` extended 2x by PI (fused) gives the logits and gradients of
+    transformers' model from the new config."""
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = ids(2, 50)
+    logits, grads = logits_and_grads(compiled, x)
+    assert_same((logits, {n.removeprefix("_orig_mod."): g for n, g in grads.items()}),
+                logits_and_grads(twin(base, model.config), x))
+
+
 def assert_checkpoint_rope_kept_then_replaced(base, rope_type, longer, attention, tmp_path, x):
     """A checkpoint's own non-linear RoPE (``rope_type``): patch_rope keeps the model; Position
     Interpolation, which composes with no scaling but its own, is refused naming it; a replaced
