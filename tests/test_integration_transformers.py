@@ -468,7 +468,7 @@ def test_packed_positions_with_an_attention_mask_are_not_split(base_model, fused
 
 
 def test_segments_of_mask_accepts_only_the_exact_mask():
-    from pirope.integrations.transformers import _segments_of_mask
+    from pirope.integrations.transformers.fusing import _segments_of_mask
 
     q = torch.zeros(1, 6, 2, 8)
     pos = torch.tensor([[0, 1, 2, 0, 1, 2]])

@@ -136,7 +136,7 @@ def test_a_mask_free_backend_never_fuses_across_chunks():
     # the chunks live in the mask only: a backend transformers hands no mask would lose them, so
     # the decision reads the layer's chunk size, and fuses past one chunk only with a mask tensor
     # (which _segments_of_mask then reads the chunks from)
-    from pirope.integrations.transformers import _layer_can_fuse
+    from pirope.integrations.transformers.fusing import _layer_can_fuse
 
     model = patch_rope(make("llama4_text", attention_chunk_size=CHUNK), attention="fused")
     attn = model.model.layers[0].self_attn

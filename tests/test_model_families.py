@@ -452,7 +452,7 @@ def test_patch_rope_keeps_the_model(model_type):
 def scale_qk_norms(model):
     # scaled norm weights: a patch that skipped or misplaced the norms would change the logits
     # (the family's norm names; NanoChat's norms have no weight)
-    from pirope.integrations.transformers import _FAMILIES
+    from pirope.integrations.transformers.families import _FAMILIES
 
     with torch.no_grad():
         for layer in model.model.layers:
@@ -537,7 +537,7 @@ def test_interleaved_families_rotate_the_pairs_transformers_rotates(model_type):
     # q and k rotated by transformers' own rotary embedding and apply_rotary_pos_emb against
     # pirope's op with the patched model's table and the family's pairing; GLM rotates
     # pairs (2i, 2i+1) of the first half of each head and passes the second half through
-    from pirope.integrations.transformers import _FAMILIES
+    from pirope.integrations.transformers.families import _FAMILIES
 
     base = apply_position_interpolation(make(model_type), 2.0)
     ref = twin(base)  # unpatched, from the PI config
@@ -776,7 +776,7 @@ def test_bidirectional_gemma_takes_the_exact_path(fused_calls):
 def test_no_fused_call_where_a_window_without_mask_would_cut_keys(model_type):
     # attention implementations that apply the window themselves (flash_attention_2) get no
     # mask tensor: the window alone must keep such a layer off the fused path
-    from pirope.integrations.transformers import _can_fuse
+    from pirope.integrations.transformers.fusing import _can_fuse
 
     model = patch_rope(windowed(model_type), attention="fused")
     windowed_attn, other_attn = (layer.self_attn for layer in model.model.layers)
@@ -1133,7 +1133,7 @@ def rotations(monkeypatch):
                                         "afmoe"])
 def test_global_layers_are_nope_where_the_model_has_a_window(model_type, attention, fused_calls, fused_tables,
                                                            rotations):
-    from pirope.integrations.transformers import _sliding_window
+    from pirope.integrations.transformers.fusing import _sliding_window
 
     base = make(model_type)
     model = patch_rope(copy.deepcopy(base), attention=attention)
@@ -1282,7 +1282,7 @@ def test_gemma2_without_softcapping_fuses_where_exact(attention, mask_free, fuse
 
 
 def test_gemma2_can_fuse_with_no_cap_or_a_finite_positive_one(mask_free):
-    from pirope.integrations.transformers import _can_fuse
+    from pirope.integrations.transformers.fusing import _can_fuse
 
     # a cap of 0 (transformers would divide by it), inf, or past float32 (rope_attention computes
     # in float32) is left to transformers
@@ -1385,7 +1385,7 @@ def test_nanochat_rotates_by_the_negative_angle():
     # NanoChat's rotate_half is cat((x2, -x1)): q * cos + rotate_half(q) * sin rotates by -angle,
     # which the patch computes with pirope's inverse rotation (apply_rope_qk_backward's op) on the
     # table; the values and their gradients are transformers' apply_rotary_pos_emb's
-    from pirope.integrations.transformers import _rotate_qk
+    from pirope.integrations.transformers.attention import _rotate_qk
 
     base = apply_position_interpolation(make("nanochat"), 2.0)
     ref = twin(base)  # unpatched, from the PI config
@@ -1626,7 +1626,7 @@ def test_packed_sequences_attend_within_themselves_as_with_flash_attention(how, 
     assert_same(got, logits_and_grads(ref, x, **inputs))
     assert fused_calls == []
     # the premise: the dense fused path, were it taken, would attend across the sequences
-    import pirope.integrations.transformers as integration
+    import pirope.integrations.transformers.attention as integration
 
     real = integration._layer_can_fuse
     with pytest.MonkeyPatch.context() as m:
@@ -1665,7 +1665,7 @@ def test_rope_tables_say_whether_the_positions_are_packed():
 
 def test_no_fused_call_where_packing_is_unknown():
     # under torch.compile the tables cannot say whether the positions are packed: no fusing
-    from pirope.integrations.transformers import _can_fuse
+    from pirope.integrations.transformers.fusing import _can_fuse
 
     attn = patch_rope(make("llama"), attention="fused").model.layers[0].self_attn
     assert _can_fuse(attn, 10, None, None, {}, packed=False)
@@ -1885,7 +1885,7 @@ def test_a_rotary_embedding_replaced_after_patching_is_an_error_saying_so():
 
 
 def test_a_cache_that_cannot_tell_its_length_never_fuses():
-    from pirope.integrations.transformers import _can_fuse
+    from pirope.integrations.transformers.fusing import _can_fuse
 
     class Opaque:
         def get_seq_length(self, layer_idx):

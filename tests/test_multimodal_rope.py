@@ -20,7 +20,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-import pirope.integrations.transformers as integration  # noqa: E402
+import pirope.integrations.transformers.rotary as integration  # noqa: E402
 from pirope.frequencies import rows_of_sectioned_positions  # noqa: E402
 from pirope.integrations.transformers import (  # noqa: E402
     PiropeMultimodalRotaryEmbedding, apply_position_interpolation, patch_rope)
