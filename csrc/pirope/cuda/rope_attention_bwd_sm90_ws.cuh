@@ -220,7 +220,8 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
 }
 
 // Returns false (nothing launched) when TMA cannot describe q, dO, k, v or (dQ by TMA
-// reductions) the dQ accumulator.
+// reductions) the dQ accumulator, or the kernel was built with fewer registers than its
+// warpgroups' split.
 template <typename T, int kD>
 bool launch_rope_attention_bwd_dkdv_sm90_ws(const AttentionParams& p, const BackwardScratch& sc,
                                             cudaStream_t stream) {
@@ -232,7 +233,11 @@ bool launch_rope_attention_bwd_dkdv_sm90_ws(const AttentionParams& p, const Back
   CUtensorMap q_map, do_map, k_map, v_map, dq_map{};
   // The float32 dQ accumulator (batch, seqlen, heads_q, kD), contiguous (atomic mode).
   const AttentionTensor dq_accum{sc.dq_accum, p.seqlen * p.heads_q * kD, p.heads_q * kD, kD};
-  if (!encode_tile_map(&q_map, p.q, p.batch, p.seqlen, p.heads_q, kD, kElem, kBlockM) ||
+  const auto kernel = p.deterministic ? rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, false, false>
+                      : tma_dq        ? rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, true, true>
+                                      : rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, true, false>;
+  if (!has_register_budget(kernel, kThreads, (kThreads - kConsumers) * kProducerRegs + kConsumers * kConsumerRegs) ||
+      !encode_tile_map(&q_map, p.q, p.batch, p.seqlen, p.heads_q, kD, kElem, kBlockM) ||
       !encode_tile_map(&do_map, p.grad_out, p.batch, p.seqlen, p.heads_q, kD, kElem, kBlockM) ||
       !encode_tile_map(&k_map, p.k, p.batch, p.seqlen, p.heads_kv, kD, kElem, kBlockN) ||
       !encode_tile_map(&v_map, p.v, p.batch, p.seqlen, p.heads_kv, kD, kElem, kBlockN) ||
@@ -245,11 +250,8 @@ bool launch_rope_attention_bwd_dkdv_sm90_ws(const AttentionParams& p, const Back
                            2 * kStages * kBlockM * sizeof(float) + (1 + 2 * kStages) * sizeof(uint64_t) + 1024;
   static_assert(kSmem + kDsSmem + kDqSmem <= kSm90SmemPerBlock, "smem of the ws dkdv kernel exceeds the sm_90 limit");
   const size_t smem = kSmem + (p.deterministic ? 0 : kDsSmem) + (tma_dq ? kDqSmem : 0);
-  launch_kernel(p.deterministic ? rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, false, false>
-                : tma_dq        ? rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, true, true>
-                                : rope_attention_bwd_dkdv_sm90_ws_kernel<T, kD, true, false>,
-                attention_grid(p, kBlockN, p.heads_kv), kThreads, smem, stream, q_map, do_map, k_map, v_map, dq_map, p,
-                sc);
+  launch_kernel(kernel, attention_grid(p, kBlockN, p.heads_kv), kThreads, smem, stream, q_map, do_map, k_map, v_map,
+                dq_map, p, sc);
   return true;
 }
 

@@ -180,21 +180,23 @@ __global__ void __launch_bounds__(fwd90ws::kThreads, 1)
 #endif
 }
 
-// Returns false (nothing launched) when TMA cannot describe k or v.
+// Returns false (nothing launched) when TMA cannot describe k or v, or the kernel was
+// built with fewer registers than its warpgroups' split.
 template <typename T, int kD>
 bool launch_rope_attention_fwd_sm90_ws(const AttentionParams& p, cudaStream_t stream) {
   using namespace fwd90ws;
   constexpr TileElem kElem = tile_elem<T>();
+  constexpr auto kernel = rope_attention_fwd_sm90_ws_kernel<T, kD>;
   CUtensorMap k_map, v_map;
-  if (!encode_tile_map(&k_map, p.k, p.batch, p.seqlen, p.heads_kv, kD, kElem, fwd90::kBlockN) ||
+  if (!has_register_budget(kernel, kThreads, (kThreads - kConsumers) * kProducerRegs + kConsumers * kConsumerRegs) ||
+      !encode_tile_map(&k_map, p.k, p.batch, p.seqlen, p.heads_kv, kD, kElem, fwd90::kBlockN) ||
       !encode_tile_map(&v_map, p.v, p.batch, p.seqlen, p.heads_kv, kD, kElem, fwd90::kBlockN))
     return false;
   // q, kStages x (K, V), the 4 x kStages barriers, + 1 KB of alignment slack.
   constexpr size_t smem = static_cast<size_t>(fwd90::kBlockM + 2 * kStages * fwd90::kBlockN) * kD * sizeof(T) +
                           4 * kStages * sizeof(uint64_t) + 1024;
   static_assert(smem <= kSm90SmemPerBlock, "smem of the ws forward kernel exceeds the sm_90 limit");
-  launch_kernel(rope_attention_fwd_sm90_ws_kernel<T, kD>, attention_grid(p, fwd90::kBlockM, p.heads_q), kThreads,
-                smem, stream, k_map, v_map, p);
+  launch_kernel(kernel, attention_grid(p, fwd90::kBlockM, p.heads_q), kThreads, smem, stream, k_map, v_map, p);
   return true;
 }
 

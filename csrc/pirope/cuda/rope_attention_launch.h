@@ -27,6 +27,18 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, size_t sme
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Whether a warp-specialised kernel has the registers its setmaxnreg split hands out
+// (split_regs over all threads): setmaxnreg moves registers between a block's warpgroups
+// within what the block was launched with (the kernel's count x threads), so with fewer
+// (another ptxas, -maxrregcount) setmaxnreg.inc would wait forever. Its launcher then
+// returns false and the caller runs the other Hopper kernel.
+template <typename... Params>
+bool has_register_budget(void (*kernel)(Params...), int threads, int split_regs) {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return attr.numRegs * threads >= split_regs;
+}
+
 // Whether this call runs on the Hopper kernels (wgmma.cuh): the build has sm_90a code
 // (TORCH_CUDA_ARCH_LIST with 9.0a), the current device is sm_90, k (and, for the
 // backward, q) is pre-rotated, and PIROPE_ATTENTION_SM90 is not "0". Otherwise the
