@@ -319,6 +319,43 @@ def test_phi3_real_longrope_is_not_interpolated():
         apply_position_interpolation(model, 2.0)
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": WINDOW // 2, "rope_theta": THETA},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": WINDOW // 2, "rope_theta": THETA},
+])
+def test_position_interpolation_refused_on_a_scaled_checkpoint_says_how_to_extend_it(rope):
+    # Llama 3.x and YaRN checkpoints: PI on top of their scaling is not defined; the error names
+    # the patch_rope call that extends them by their own scaling, and that call, followed as
+    # written, gives transformers' own model with that config
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(llama_config(rope=rope)).eval()
+    with pytest.raises(ValueError, match=r"rope_type .*is not defined") as refused:
+        apply_position_interpolation(copy.deepcopy(base), 2.0)
+    advice = "patch_rope(model, {**model.config.rope_parameters, 'factor': 4})"
+    assert advice in str(refused.value)
+    model = copy.deepcopy(base)
+    model = eval(advice, {"patch_rope": patch_rope, "model": model})  # noqa: S307 - the message's own call
+    model.config.max_position_embeddings = 2 * WINDOW
+    ref = transformers.LlamaForCausalLM(llama_config(2 * WINDOW, {**rope, "factor": 4.0})).eval()
+    ref.load_state_dict(base.state_dict())
+    x = ids(2, 100)
+    with torch.no_grad():
+        assert_same_logits(model(x).logits, ref(x).logits)
+
+
+def test_position_interpolation_refused_on_longrope_gives_no_factor_recipe():
+    # LongRoPE's per-pair factors are searched for one window: a larger "factor" key would not
+    # extend it, so the message names patch_rope without a recipe
+    model = phi3_model()
+    model.config.rope_parameters = {
+        "rope_type": "longrope", "rope_theta": THETA, "factor": 2.0, "short_factor": [1.0] * 8,
+        "long_factor": [2.0 + i for i in range(8)], "original_max_position_embeddings": WINDOW}
+    with pytest.raises(ValueError, match="patch_rope") as refused:
+        apply_position_interpolation(model, 2.0)
+    assert "'factor':" not in str(refused.value).split("is not defined", 1)[1]
+
+
 # ---- (e) bad input -------------------------------------------------------------------
 
 
