@@ -36,7 +36,11 @@ Two modes.
    autocast where supported, gradient checkpointing. The saved checkpoint (config with
    rope_parameters {"rope_type": "linear", "factor": F}; Phi-3: the equal LongRoPE; RoPE
    per layer type: the full_attention layers') loads with plain
-   transformers.AutoModelForCausalLM.from_pretrained.
+   transformers.AutoModelForCausalLM.from_pretrained. ``--scaling ntk-by-parts``
+   interpolates only the rotary pairs slower than the window instead (the demo's control
+   arm, which keeps what PI loses there); ``--scaling own`` extends a checkpoint whose RoPE
+   is already scaled (Llama 3.x's "llama3", YaRN), on which PI is not defined, by its own
+   scaling with a factor F times larger.
 """
 
 from __future__ import annotations
@@ -167,9 +171,39 @@ def extend_model_ntk_by_parts(model, factor: float):
 
     window = int(model.config.max_position_embeddings)
     patch_rope(model, ntk_by_parts_scaling(window, factor), attention="fused")  # as apply_position_interpolation
-    new = int(round(window * factor))
-    model.config.max_position_embeddings = new
-    model.base_model.rotary_emb.max_position_embeddings = new
+    set_patched_window(model, int(round(window * factor)))
+    return model
+
+
+def set_patched_window(model, new_window: int):
+    """The new window in the config and in the patched rotary embeddings, as
+    apply_position_interpolation sets it (their tables do not depend on it for these scalings)."""
+    from pirope.integrations.transformers import PiropeLayerTypeRotaryEmbedding, PiropeRotaryEmbedding
+
+    model.config.max_position_embeddings = int(new_window)
+    for module in model.modules():
+        if isinstance(module, (PiropeRotaryEmbedding, PiropeLayerTypeRotaryEmbedding)):
+            module.max_position_embeddings = int(new_window)
+
+
+OWN_SCALINGS = ("yarn", "llama3")  # what --scaling own extends: a factor over an original window
+
+
+def extend_model_own_scaling(model, factor: float):
+    """Window L -> factor * L for a checkpoint whose RoPE is already scaled (Llama 3.x's
+    "llama3", YaRN): its own rope_parameters with their factor times ``factor`` (the same
+    original window, so the same pairs stay unscaled), through pirope's ops
+    (pirope.integrations.transformers.patch_rope, fused attention where exact). The saved
+    config holds that scaling and loads with plain transformers. Returns the model
+    (modified in place)."""
+    from pirope.integrations.transformers import patch_rope
+
+    params = dict(model.config.rope_parameters)
+    if params.get("rope_type") not in OWN_SCALINGS or not isinstance(params.get("factor"), (int, float)):
+        raise ValueError(f"extends a rope_type {' or '.join(map(repr, OWN_SCALINGS))} with a factor; this model "
+                         f"has rope_parameters {params!r}")
+    patch_rope(model, {**params, "factor": float(params["factor"]) * float(factor)}, attention="fused")
+    set_patched_window(model, int(round(model.config.max_position_embeddings * factor)))
     return model
 
 
@@ -764,13 +798,25 @@ def validate_finetune_args(args, fail) -> dict:
         fail(f"--model {args.model!r} is a {model_type!r} model; this example extends the architectures "
              f"pirope.integrations.transformers supports (model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})")
     refusal = transformers_pi_refusal(model_type, conf.get("rope_parameters"))
+    if args.pi_impl == "transformers" and args.scaling != "pi":
+        fail(f"--pi-impl transformers is a Position Interpolation implementation (--scaling pi), not for "
+             f"--scaling {args.scaling}")
     if args.pi_impl == "transformers" and refusal is not None:
         fail(f"--pi-impl transformers cannot extend a {model_type!r} model: {refusal}; use --pi-impl pirope")
     rope = conf.get("rope_parameters") or conf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in ("default", None):
-        fail(f"--model {args.model!r} already uses rope scaling {rope_type!r}; this example extends plain-RoPE "
-             "models")
+    by_layer_type = isinstance(rope, dict) and bool(rope) and all(isinstance(v, dict) for v in rope.values())
+    if args.scaling != "pi" and by_layer_type:
+        fail(f"--scaling {args.scaling}: --model {args.model!r} has RoPE per layer type; this example extends "
+             "those by --scaling pi (the full_attention layers)")
+    if args.scaling == "own":
+        if rope_type not in OWN_SCALINGS:
+            fail(f"--scaling own extends a checkpoint's own {' or '.join(map(repr, OWN_SCALINGS))} scaling; "
+                 f"--model {args.model!r} has rope_type {rope_type!r}")
+    elif rope_type not in ("default", None):
+        hint = "; extend it by its own scaling with --scaling own" if rope_type in OWN_SCALINGS else ""
+        fail(f"--model {args.model!r} already uses rope scaling {rope_type!r}; --scaling {args.scaling} extends "
+             f"plain-RoPE models{hint}")
     old = conf.get("max_position_embeddings")
     if not isinstance(old, int) or old < 1:
         fail(f"--model {args.model!r}: config.json has no valid max_position_embeddings")
@@ -913,10 +959,18 @@ def run_finetune(args, fail) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     # exactly one of factor / window, as the user gave it: every --pi-impl applies the
     # same factor and window, the ones validate_finetune_args computed (logged and saved)
-    if args.max_position_embeddings is not None:
-        extend_model(model, max_position_embeddings=window, impl=args.pi_impl)
-    else:
-        extend_model(model, info["factor"], impl=args.pi_impl)
+    try:
+        if args.scaling == "ntk-by-parts":
+            extend_model_ntk_by_parts(model, info["factor"])
+        elif args.scaling == "own":
+            extend_model_own_scaling(model, info["factor"])
+        elif args.max_position_embeddings is not None:
+            extend_model(model, max_position_embeddings=window, impl=args.pi_impl)
+        else:
+            extend_model(model, info["factor"], impl=args.pi_impl)
+    except (ValueError, TypeError) as e:  # what only the loaded model tells (e.g. a config class's refusal)
+        fail(f"--scaling {args.scaling}: {e}")
+    assert model.config.max_position_embeddings == window, (model.config.max_position_embeddings, window)
     model.config.use_cache = False
     if not args.no_gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -931,9 +985,12 @@ def run_finetune(args, fail) -> dict:
             fully_shard(layer)
         fully_shard(model)
     if rank == 0:
+        extension = {"pi": f"PI: {PI_BACKEND if args.pi_impl != 'transformers' else 'transformers'}",
+                     "ntk-by-parts": "NTK-by-parts", "own": "its own scaling"}[args.scaling]
+        extension += f" (rope_parameters {model.config.rope_parameters})"
         print(f"[finetune] {args.model}: window {info['old_window']} -> {window} (factor {info['factor']:g}); "
               f"{ids.numel()} tokens of data; {args.steps} steps, global batch {args.batch_size}, lr {args.lr}; "
-              f"world size {ws}; device {device}; bf16 autocast {bf16}; PI: {PI_BACKEND if args.pi_impl != 'transformers' else 'transformers'}",
+              f"world size {ws}; device {device}; bf16 autocast {bf16}; {extension}",
               flush=True)
     t0 = time.time()
     losses = train(model, ids, steps=args.steps, seq_len=window, batch_size=args.batch_size, lr=args.lr,
@@ -959,7 +1016,8 @@ def run_finetune(args, fail) -> dict:
         if tok is not None:
             tok.save_pretrained(args.out)
         log = {"losses": losses, "world_size": ws, "steps": args.steps, "train_time_s": train_time,
-               "old_window": info["old_window"], "new_window": window, "factor": info["factor"], "bf16": bf16}
+               "old_window": info["old_window"], "new_window": window, "factor": info["factor"], "bf16": bf16,
+               "scaling": args.scaling, "rope_parameters": model.config.rope_parameters}
         with open(os.path.join(args.out, "train_log.json"), "w") as f:
             json.dump(log, f, indent=1)
         print(f"[finetune] done in {train_time:.0f}s, final loss {losses[-1]:.4f}; saved to {args.out}", flush=True)
@@ -973,7 +1031,7 @@ def run_finetune(args, fail) -> dict:
 # Defaults of the fine-tuning flags (the paper's recipe); the demo has its own settings.
 FINETUNE_DEFAULTS = dict(steps=1000, batch_size=64, grad_accum=1, lr=2e-5, warmup_steps=20, warmup_start=0.1,
                          beta1=0.9, beta2=0.95, weight_decay=0.0, grad_clip=1.0, device="auto", autocast="auto",
-                         pi_impl="auto")
+                         pi_impl="auto", scaling="pi")
 # Flags that only fine-tuning a checkpoint uses (argparse dests): rejected without --model.
 FINETUNE_ONLY = ("data", "factor", "max_position_embeddings", *FINETUNE_DEFAULTS, "no_gradient_checkpointing")
 
@@ -1013,6 +1071,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--autocast", choices=["auto", "bf16", "none"],
                    help="auto (the default): bf16 autocast on CUDA GPUs that support it")
     g.add_argument("--no-gradient-checkpointing", action="store_true")
+    g.add_argument("--scaling", choices=["pi", "ntk-by-parts", "own"],
+                   help="how the window grows: pi (Position Interpolation, the default), ntk-by-parts (only "
+                        "the rotary pairs slower than the window interpolated), own (a Llama 3.x or YaRN "
+                        "checkpoint: its own scaling with a factor F times larger)")
     g.add_argument("--pi-impl", choices=["auto", "pirope", "transformers"],
                    help="PI implementation: pirope's integration (auto, the default, or pirope), or "
                         "transformers' linear scaling")

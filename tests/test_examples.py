@@ -481,6 +481,86 @@ def test_finetune_max_position_embeddings_flag(fp, tiny_ckpt, tmp_path):
     assert r["new_window"] == 96 and r["factor"] == pytest.approx(3.0)
 
 
+def _scaled_ckpt(tmp_path, rope):
+    """A tiny LLaMA checkpoint (window 32) whose RoPE is already scaled by ``rope``, and data."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, max_position_embeddings=32,
+                                 rope_parameters=rope)).save_pretrained(str(tmp_path / "scaled"))
+    data = tmp_path / "data.txt"
+    data.write_bytes(open(os.path.join(os.path.dirname(os.__file__), "os.py"), "rb").read()[:20000])
+    return str(tmp_path / "scaled"), str(data)
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+YARN = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("scaling", ["ntk-by-parts", "own-llama3", "own-yarn"])
+def test_finetune_by_another_scaling_saves_it_and_round_trips(fp, tiny_ckpt, tmp_path, scaling):
+    # --scaling ntk-by-parts on a plain-RoPE checkpoint: the demo's control arm's dict over its
+    # window; --scaling own on a Llama 3.x / YaRN checkpoint: its own dict with the factor times
+    # --factor (the same original window); either saved, and loaded back by plain transformers
+    from transformers import AutoModelForCausalLM
+
+    flag = "own" if scaling.startswith("own") else scaling
+    if scaling == "ntk-by-parts":
+        (ckpt, data), expected = tiny_ckpt, {**fp.ntk_by_parts_scaling(32, 2.0), "rope_theta": 10000.0}
+    else:
+        rope = LLAMA3 if scaling == "own-llama3" else YARN
+        (ckpt, data), expected = _scaled_ckpt(tmp_path, rope), {**rope, "factor": 4.0}
+    out = str(tmp_path / "ft")
+    r = fp.main(_ft_args(ckpt, data, out, "--scaling", flag))
+    assert r["new_window"] == 64 and all(math.isfinite(x) for x in r["losses"])
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers
+    assert type(loaded.model.rotary_emb).__name__ == "LlamaRotaryEmbedding"
+    assert loaded.config.rope_parameters == expected and loaded.config.max_position_embeddings == 64
+    ids = torch.randint(0, 256, (2, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, r["model"].eval()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+    with open(os.path.join(out, "train_log.json")) as f:
+        log = json.load(f)
+    assert log["scaling"] == flag
+    assert log["rope_parameters"] == expected
+
+
+def test_finetune_scaling_bad_input(fp, tiny_ckpt, tmp_path, capsys):
+    import transformers
+
+    ckpt, data = tiny_ckpt
+    out = str(tmp_path / "o")
+    _bad(fp, _ft_args(ckpt, data, out, "--scaling", "own"), capsys,
+         "--scaling own extends a checkpoint's own 'yarn' or 'llama3' scaling; --model")
+    _bad(fp, _ft_args(ckpt, data, out, "--scaling", "ntk-by-parts", "--pi-impl", "transformers"), capsys,
+         "--pi-impl transformers is a Position Interpolation implementation (--scaling pi), not for --scaling "
+         "ntk-by-parts")
+    llama3, data = _scaled_ckpt(tmp_path, LLAMA3)
+    for scaling in ("pi", "ntk-by-parts"):
+        _bad(fp, _ft_args(llama3, data, out, "--scaling", scaling), capsys,
+             f"already uses rope scaling 'llama3'; --scaling {scaling} extends plain-RoPE models; extend it by its "
+             "own scaling with --scaling own")
+    gemma3 = transformers.Gemma3TextConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                           max_position_embeddings=32, sliding_window=16,
+                                           layer_types=["sliding_attention", "full_attention"])
+    transformers.Gemma3ForCausalLM(gemma3).save_pretrained(str(tmp_path / "gemma3"))
+    _bad(fp, _ft_args(str(tmp_path / "gemma3"), data, out, "--scaling", "ntk-by-parts"), capsys,
+         "has RoPE per layer type; this example extends those by --scaling pi")
+    # refused only once the model is loaded: Phi-3's config class takes no llama3 scaling
+    phi3 = transformers.Phi3Config(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                   original_max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                                   eos_token_id=2)
+    transformers.Phi3ForCausalLM(phi3).save_pretrained(str(tmp_path / "phi3"))
+    _bad(fp, _ft_args(str(tmp_path / "phi3"), data, out, "--scaling", "ntk-by-parts"), capsys,
+         "--scaling ntk-by-parts: ")
+    assert not os.path.exists(out)
+
+
 def _bad(fp, argv, capsys, msg):
     with pytest.raises(SystemExit) as e:
         fp.main(argv)
@@ -586,6 +666,7 @@ def test_finetune_bad_numeric_flags(fp, tiny_ckpt, tmp_path, capsys, flag, value
     (["--tiny", "--batch-size", "2", "--lr", "1e-3"], "--batch-size / --lr need --model"),
     (["--no-gradient-checkpointing"], "--no-gradient-checkpointing need --model"),
     (["--pi-impl", "transformers"], "--pi-impl need --model"),
+    (["--scaling", "ntk-by-parts"], "--scaling need --model"),
     (["--steps", "-5"], "--steps must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--threads", "-1"], "--threads must be >= 1"),

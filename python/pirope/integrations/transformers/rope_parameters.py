@@ -268,9 +268,12 @@ def _interpolated(config, params: dict, factor: float, where: str) -> dict:
     rotating (its partial_rotary_factor kept): no linear dict describes that table."""
     old_factor = _interpolation_factor(params)
     if old_factor is None:
-        # (a Llama 3.x, YaRN or LongRoPE checkpoint: say how to extend it instead)
+        # (a Llama 3.x, YaRN or LongRoPE checkpoint: say how to extend it instead; a recipe where the
+        # factor is over a fixed original window: yarn, llama3; not dynamic NTK, whose threshold is
+        # max_position_embeddings itself, nor LongRoPE, whose per-pair factors a larger factor key
+        # would not change)
         how = "its own scaling with new parameters through patch_rope"
-        if (params.get("rope_type") in ("yarn", "llama3", "dynamic") and isinstance(params.get("factor"), numbers.Real)
+        if (params.get("rope_type") in ("yarn", "llama3") and isinstance(params.get("factor"), numbers.Real)
                 and where == "config.rope_parameters"):
             how += (f", e.g. its factor times {factor:g}: patch_rope(model, {{**model.config.rope_parameters, "
                     f"'factor': {params['factor'] * factor:g}}}), then config.max_position_embeddings set to the new "
@@ -278,7 +281,7 @@ def _interpolated(config, params: dict, factor: float, where: str) -> dict:
         raise ValueError(
             f"model: Position Interpolation needs a model with rope_type 'default', 'linear' or 'proportional', "
             f"this one has {where}={params!r}; PI on top of rope_type {params.get('rope_type')!r} is not "
-            f"defined: extend it by {how} (README: Choosing a RoPE scaling)")
+            f"defined: extend it by {how} (README: Drop-in recipes)")
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     if params.get("rope_type") == "proportional":
         return {**params, "factor": old_factor * factor, "rope_theta": theta}
