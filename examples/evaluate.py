@@ -10,20 +10,25 @@
         --passkey-lengths 256 512 768 1024 --passkey-trials 10
 
 Tokenises with the model's tokenizer when AutoTokenizer loads from --model, else
-with bytes (the demo's byte-level models).
+with bytes (the demo's byte-level models). ``--factor F`` evaluates the model extended
+zero-shot, as the paper's "no fine-tuning" rows: its window times F by ``--scaling`` (pi,
+the default; ntk-by-parts; own: a Llama 3.x or YaRN checkpoint's own scaling), through
+pirope's integration, as examples/finetune_pi.py extends before fine-tuning.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from finetune_pi import check_device, check_model_dir, load_tokenizer, read_text_data  # noqa: E402
+from finetune_pi import (check_device, check_model_dir, check_scaling, extend_checkpoint,  # noqa: E402
+                         load_tokenizer, read_text_data)
 
 from pirope.eval import passkey_min_length, passkey_retrieval, sliding_window_perplexity  # noqa: E402
 
@@ -35,6 +40,10 @@ def build_parser():
     p.add_argument("--data", help="text file or directory for perplexity (omit to skip perplexity)")
     p.add_argument("--windows", type=int, nargs="+", help="evaluation windows (default: the model's window)")
     p.add_argument("--stride", type=int, default=256, help="sliding-window stride (paper: 256)")
+    p.add_argument("--factor", type=float, default=None,
+                   help="evaluate the model extended zero-shot to F x its window (omit: the model as saved)")
+    p.add_argument("--scaling", choices=["pi", "ntk-by-parts", "own"], default=None,
+                   help="with --factor: how the window grows (as examples/finetune_pi.py; default pi)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens of --data")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--passkey-lengths", type=int, nargs="*", default=None,
@@ -54,7 +63,15 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    check_model_dir(args.model, "--model", p.error)
+    cfg_path = check_model_dir(args.model, "--model", p.error)
+    if args.scaling is not None and args.factor is None:
+        p.error("--scaling needs --factor F (the zero-shot extension to evaluate)")
+    if args.factor is not None:
+        if not (math.isfinite(args.factor) and args.factor >= 1.0):
+            p.error(f"--factor must be >= 1 (the window grows by this factor), got {args.factor}")
+        args.scaling = args.scaling or "pi"
+        with open(cfg_path) as f:
+            check_scaling(json.load(f), args.model, args.scaling, "auto", p.error)
     if args.data is not None and not os.path.exists(args.data):
         p.error(f"--data {args.data!r} does not exist")
     if args.stride < 1:
@@ -74,6 +91,8 @@ def main(argv=None):
 
     conf = AutoConfig.from_pretrained(args.model)
     window = int(getattr(conf, "max_position_embeddings", 2048))
+    if args.factor is not None:
+        window = int(round(window * args.factor))  # what the extension below sets
     windows = args.windows or [window]
     if args.data is not None and (min(windows) < 2 or args.stride > min(windows)):  # (perplexity only)
         p.error(f"--windows must be >= 2 and >= --stride ({args.stride}), got {windows}")
@@ -101,9 +120,15 @@ def main(argv=None):
             ids = ids[: args.max_tokens]
         if ids.numel() < max(windows):
             p.error(f"--data has {ids.numel()} tokens, fewer than the largest window {max(windows)}")
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    if args.factor is not None:
+        extend_checkpoint(model, args.scaling, args.factor, fail=p.error)
+    model = model.to(device).eval()
     progress = not args.no_progress
-    results = {"model": args.model, "window": window, "rope_parameters": getattr(conf, "rope_parameters", None)}
+    results = {"model": args.model, "window": window,
+               "rope_parameters": getattr(model.config, "rope_parameters", None)}
+    if args.factor is not None:
+        results["extension"] = {"factor": args.factor, "scaling": args.scaling}
     if ids is not None:
         results["perplexity"] = {}
         for w in windows:

@@ -777,6 +777,52 @@ def read_text_data(path: str) -> bytes:
         return fh.read()
 
 
+def check_scaling(conf: dict, model_dir: str, scaling: str, pi_impl: str, fail):
+    """--scaling (and --pi-impl) against the checkpoint's config.json, before any heavy work;
+    `fail(msg)` must not return."""
+    model_type = conf.get("model_type")
+    refusal = transformers_pi_refusal(model_type, conf.get("rope_parameters"))
+    if pi_impl == "transformers" and scaling != "pi":
+        fail(f"--pi-impl transformers is a Position Interpolation implementation (--scaling pi), not for "
+             f"--scaling {scaling}")
+    if pi_impl == "transformers" and refusal is not None:
+        fail(f"--pi-impl transformers cannot extend a {model_type!r} model: {refusal}; use --pi-impl pirope")
+    rope = conf.get("rope_parameters") or conf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    by_layer_type = isinstance(rope, dict) and bool(rope) and all(isinstance(v, dict) for v in rope.values())
+    if scaling != "pi" and by_layer_type:
+        fail(f"--scaling {scaling}: --model {model_dir!r} has RoPE per layer type; this example extends "
+             "those by --scaling pi (the full_attention layers)")
+    if scaling == "own":
+        if rope_type not in OWN_SCALINGS:
+            fail(f"--scaling own extends a checkpoint's own {' or '.join(map(repr, OWN_SCALINGS))} scaling; "
+                 f"--model {model_dir!r} has rope_type {rope_type!r}")
+    elif rope_type not in ("default", None):
+        hint = "; extend it by its own scaling with --scaling own" if rope_type in OWN_SCALINGS else ""
+        fail(f"--model {model_dir!r} already uses rope scaling {rope_type!r}; --scaling {scaling} extends "
+             f"plain-RoPE models{hint}")
+
+
+def extend_checkpoint(model, scaling: str, factor: float, *, max_position_embeddings: Optional[int] = None,
+                      impl: str = "auto", fail=None):
+    """The model's window times ``factor`` (or ``max_position_embeddings`` exactly, for PI) by
+    ``scaling``: "pi" (extend_model), "ntk-by-parts" (extend_model_ntk_by_parts) or "own"
+    (extend_model_own_scaling). A refusal only the loaded model can give (a config class's)
+    goes to ``fail(msg)`` when given. Returns the model (modified in place)."""
+    try:
+        if scaling == "ntk-by-parts":
+            return extend_model_ntk_by_parts(model, factor)
+        if scaling == "own":
+            return extend_model_own_scaling(model, factor)
+        if max_position_embeddings is not None:
+            return extend_model(model, max_position_embeddings=max_position_embeddings, impl=impl)
+        return extend_model(model, factor, impl=impl)
+    except (ValueError, TypeError) as e:
+        if fail is None:
+            raise
+        fail(f"--scaling {scaling}: {e}")
+
+
 def validate_finetune_args(args, fail) -> dict:
     """Every check that needs no heavy work; `fail(msg)` must not return."""
     if args.factor is None and args.max_position_embeddings is None:
@@ -797,26 +843,7 @@ def validate_finetune_args(args, fail) -> dict:
     if model_type not in SUPPORTED_MODEL_TYPES:
         fail(f"--model {args.model!r} is a {model_type!r} model; this example extends the architectures "
              f"pirope.integrations.transformers supports (model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})")
-    refusal = transformers_pi_refusal(model_type, conf.get("rope_parameters"))
-    if args.pi_impl == "transformers" and args.scaling != "pi":
-        fail(f"--pi-impl transformers is a Position Interpolation implementation (--scaling pi), not for "
-             f"--scaling {args.scaling}")
-    if args.pi_impl == "transformers" and refusal is not None:
-        fail(f"--pi-impl transformers cannot extend a {model_type!r} model: {refusal}; use --pi-impl pirope")
-    rope = conf.get("rope_parameters") or conf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    by_layer_type = isinstance(rope, dict) and bool(rope) and all(isinstance(v, dict) for v in rope.values())
-    if args.scaling != "pi" and by_layer_type:
-        fail(f"--scaling {args.scaling}: --model {args.model!r} has RoPE per layer type; this example extends "
-             "those by --scaling pi (the full_attention layers)")
-    if args.scaling == "own":
-        if rope_type not in OWN_SCALINGS:
-            fail(f"--scaling own extends a checkpoint's own {' or '.join(map(repr, OWN_SCALINGS))} scaling; "
-                 f"--model {args.model!r} has rope_type {rope_type!r}")
-    elif rope_type not in ("default", None):
-        hint = "; extend it by its own scaling with --scaling own" if rope_type in OWN_SCALINGS else ""
-        fail(f"--model {args.model!r} already uses rope scaling {rope_type!r}; --scaling {args.scaling} extends "
-             f"plain-RoPE models{hint}")
+    check_scaling(conf, args.model, args.scaling, args.pi_impl, fail)
     old = conf.get("max_position_embeddings")
     if not isinstance(old, int) or old < 1:
         fail(f"--model {args.model!r}: config.json has no valid max_position_embeddings")
@@ -959,17 +986,8 @@ def run_finetune(args, fail) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     # exactly one of factor / window, as the user gave it: every --pi-impl applies the
     # same factor and window, the ones validate_finetune_args computed (logged and saved)
-    try:
-        if args.scaling == "ntk-by-parts":
-            extend_model_ntk_by_parts(model, info["factor"])
-        elif args.scaling == "own":
-            extend_model_own_scaling(model, info["factor"])
-        elif args.max_position_embeddings is not None:
-            extend_model(model, max_position_embeddings=window, impl=args.pi_impl)
-        else:
-            extend_model(model, info["factor"], impl=args.pi_impl)
-    except (ValueError, TypeError) as e:  # what only the loaded model tells (e.g. a config class's refusal)
-        fail(f"--scaling {args.scaling}: {e}")
+    extend_checkpoint(model, args.scaling, info["factor"], impl=args.pi_impl, fail=fail,
+                      max_position_embeddings=window if args.max_position_embeddings is not None else None)
     assert model.config.max_position_embeddings == window, (model.config.max_position_embeddings, window)
     model.config.use_cache = False
     if not args.no_gradient_checkpointing:

@@ -1,6 +1,7 @@
 """Tests of pirope.eval and the examples (examples/finetune_pi.py, evaluate.py,
 attention_score_bound.py) on tiny configurations: seconds each, CPU only."""
 
+import copy
 import importlib.util
 import json
 import math
@@ -841,6 +842,10 @@ def test_evaluate_default_passkey_lengths_fit_a_short_window(tmp_path, monkeypat
     (["--device", "bogus"], "--device 'bogus' is not usable here"),
     (["--device", "meta"], "--device 'meta' holds no data"),
     (["--json", "/nonexistent-dir/r.json"], "--json '/nonexistent-dir/r.json': its directory does not exist"),
+    (["--scaling", "pi"], "--scaling needs --factor F"),
+    (["--factor", "0.5"], "--factor must be >= 1"),
+    (["--factor", "nan"], "--factor must be >= 1"),
+    (["--factor", "2", "--scaling", "own"], "--scaling own extends a checkpoint's own 'yarn' or 'llama3' scaling"),
 ])
 def test_evaluate_bad_args_before_any_work(tiny_ckpt, tmp_path, capsys, monkeypatch, extra, msg):
     """Usage errors come before the model loads and before any perplexity is computed."""
@@ -860,6 +865,44 @@ def test_evaluate_bad_args_before_any_work(tiny_ckpt, tmp_path, capsys, monkeypa
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert msg in err, err
+
+
+@pytest.mark.parametrize("scaling", ["pi", "ntk-by-parts"])
+def test_evaluate_zero_shot_extension_equals_the_extended_checkpoint(tiny_ckpt, tmp_path, scaling):
+    # --factor 2 evaluates the model extended as examples/finetune_pi.py extends it, without
+    # fine-tuning: the same perplexities as that extension written into a checkpoint of plain
+    # transformers (same weights) and evaluated as saved
+    from transformers import AutoModelForCausalLM
+
+    ev = _load("evaluate")
+    fp = _load("finetune_pi")
+    ckpt, data = tiny_ckpt
+    rope = ({"rope_type": "linear", "factor": 2.0} if scaling == "pi" else fp.ntk_by_parts_scaling(32, 2.0))
+    base = AutoModelForCausalLM.from_pretrained(ckpt)
+    with torch.no_grad():  # sharper attention than at init, so that positions move the perplexity
+        for layer in base.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    ckpt = str(tmp_path / "sharp")
+    base.save_pretrained(ckpt)
+    config = copy.deepcopy(base.config)
+    config.rope_parameters = {**rope, "rope_theta": 10000.0}
+    config.max_position_embeddings = 64
+    extended = AutoModelForCausalLM.from_config(config)
+    extended.load_state_dict(base.state_dict())
+    extended.save_pretrained(str(tmp_path / "extended"))
+    common = ["--data", data, "--windows", "32", "64", "--stride", "16", "--max-tokens", "400", "--no-passkey",
+              "--no-progress"]
+    r = ev.main(["--model", ckpt, "--factor", "2", "--scaling", scaling, *common])
+    ref = ev.main(["--model", str(tmp_path / "extended"), *common])
+    assert r["window"] == ref["window"] == 64
+    assert r["rope_parameters"] == ref["rope_parameters"] == config.rope_parameters
+    assert r["extension"] == {"factor": 2.0, "scaling": scaling} and "extension" not in ref
+    # (a random model's perplexity is near its vocabulary size: the extension moves it by ~1e-4)
+    for w in ("32", "64"):
+        assert r["perplexity"][w] == pytest.approx(ref["perplexity"][w], rel=1e-6, abs=0)
+    plain = ev.main(["--model", ckpt, *common])  # the control: not extended, another perplexity
+    assert plain["perplexity"]["64"] != pytest.approx(r["perplexity"]["64"], rel=3e-5, abs=0)
 
 
 def test_evaluate_passkey_only_ignores_the_perplexity_stride(tiny_ckpt, monkeypatch):
