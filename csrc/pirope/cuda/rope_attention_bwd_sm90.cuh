@@ -92,7 +92,11 @@ __device__ __forceinline__ void probs_ds_t(float (&pt)[kBlockM / 8][4], float (&
 
 // P^T and dS^T rounded to T as A operands (pf, dsf: they must stay unchanged until the
 // products have been waited for), then dV += P^T dO and dK += dS^T Q issued (rotated
-// basis; scale and un-rotation in the epilogue), not waited for.
+// basis; scale and un-rotation in the epilogue), not waited for. The callers then read dsf
+// (stage_ds_t) while dK's wgmma may still be reading it: reads only, so that the stores
+// overlap the product, which the PTX ISA nonetheless calls undefined before the wait
+// (FlashAttention-3 stores dS first). The kernel below, which does this, was verified on an
+// H100 (the ws one not yet); should a toolchain or device ever break it, stage dS^T first.
 template <typename T, int kD>
 __device__ __forceinline__ void issue_dv_dk(float (&dv)[kD / 8][4], float (&dk)[kD / 8][4],
                                             uint32_t (&pf)[kBlockM / 16][4], uint32_t (&dsf)[kBlockM / 16][4],
