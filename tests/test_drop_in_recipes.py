@@ -71,9 +71,10 @@ def test_recipe_huggingface_yarn_checkpoint():
 
     # --- recipe ---
     model = copy.deepcopy(original)
-    params = model.config.rope_parameters
+    config = model.config.get_text_config()
+    params = config.rope_parameters
     model = patch_rope(model, {**params, "factor": 2 * params["factor"]}, attention="fused")
-    model.config.max_position_embeddings *= 2
+    config.max_position_embeddings *= 2
     # --------------
     assert model.config.rope_parameters == {**yarn, "factor": 8.0} and model.config.max_position_embeddings == 128
     hf = transformers.DeepseekV3ForCausalLM(copy.deepcopy(model.config)).eval()

@@ -332,7 +332,7 @@ def test_position_interpolation_refused_on_a_scaled_checkpoint_says_how_to_exten
     base = transformers.LlamaForCausalLM(llama_config(rope=rope)).eval()
     with pytest.raises(ValueError, match=r"rope_type .*is not defined") as refused:
         apply_position_interpolation(copy.deepcopy(base), 2.0)
-    advice = "patch_rope(model, {**model.config.rope_parameters, 'factor': 4})"
+    advice = "patch_rope(model, {**model.config.get_text_config().rope_parameters, 'factor': 4.0})"
     assert advice in str(refused.value)
     model = copy.deepcopy(base)
     model = eval(advice, {"patch_rope": patch_rope, "model": model})  # noqa: S307 - the message's own call
@@ -629,6 +629,29 @@ def test_saved_pickled_or_copied_patched_model_loads_and_still_runs_pirope(base_
             p.mul_(0.5)
         assert not torch.allclose(loaded(x).logits, before)
         assert_same_logits(model(x).logits, before)
+
+
+def test_pickle_from_before_the_integration_became_a_package_loads(base_model):
+    # whole-model pickles saved when the integration was one module (before commit d81f6d3) name
+    # its private classes and functions there: simulated by a text-protocol pickle whose module
+    # paths are rewritten to the package's, then loaded and run
+    model = apply_position_interpolation(copy.deepcopy(base_model), 2.0, attention="fused")
+    data = pickle.dumps(model, protocol=2)  # GLOBAL opcodes: "c<module>\n<name>\n"
+    old = data
+    for sub in ("families", "layout", "rope_parameters", "rotary", "fusing", "attention", "patch"):
+        old = old.replace(f"cpirope.integrations.transformers.{sub}\n".encode(),
+                          b"cpirope.integrations.transformers\n")
+    assert old != data and b"transformers.families" not in old and b"cpirope.integrations.transformers\n_" in old
+    loaded = pickle.loads(old)
+    x = ids(1, 20)
+    with torch.no_grad():
+        assert_same_logits(loaded(x).logits, model(x).logits)
+    import pirope.integrations.transformers as package
+    from pirope.integrations.transformers import families
+
+    assert package._Family is families._Family
+    with pytest.raises(AttributeError, match="no attribute '_not_a_name'"):
+        package._not_a_name
 
 
 # ---- (h) Phi-3: patch_rope with a linear scaling dict ---------------------------------

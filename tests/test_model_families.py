@@ -808,6 +808,29 @@ MLLAMA_VISION = dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, i
                      supported_aspect_ratios=[[1, 1], [1, 2]], attention_heads=2, intermediate_size=64)
 
 
+def test_llama_3_2_vision_llama3_rope_refused_with_a_recipe_that_works():
+    # Llama 3.2 Vision ships Llama 3's "llama3" RoPE in its text config: PI is refused, and the
+    # patch_rope call the error names (through get_text_config(), which a multimodal config
+    # needs), followed as written, gives transformers' model with that config
+    if not hasattr(transformers, "MllamaConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Mllama")
+    rope = {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": WINDOW // 2, "rope_theta": 10000.0}
+    config = transformers.MllamaConfig(text_config={**COMMON, **MLLAMA_TEXT, "rope_parameters": rope},
+                                       vision_config=MLLAMA_VISION, image_token_index=250)
+    torch.manual_seed(0)
+    base = transformers.MllamaForConditionalGeneration(config).eval()
+    with pytest.raises(ValueError, match="is not defined") as refused:
+        apply_position_interpolation(copy.deepcopy(base), 2.0)
+    advice = "patch_rope(model, {**model.config.get_text_config().rope_parameters, 'factor': 4.0})"
+    assert advice in str(refused.value)
+    model = eval(advice, {"patch_rope": patch_rope, "model": copy.deepcopy(base)})  # noqa: S307 - its own call
+    model.config.get_text_config().max_position_embeddings = 2 * WINDOW
+    assert model.config.get_text_config().rope_parameters == {**rope, "factor": 4.0}
+    x = ids(1, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 def test_llama_3_2_vision_with_an_image_equals_transformers(attention, fused_calls, tmp_path):
     # MllamaForConditionalGeneration: PI extends its language model; with an image (2 tiles) its

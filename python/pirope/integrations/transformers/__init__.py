@@ -284,3 +284,15 @@ __all__ = [
     "apply_position_interpolation",
     "patch_rope",
 ]
+
+
+def __getattr__(name):
+    # PEP 562: the private names of the one-module integration this package was until commit d81f6d3,
+    # which whole-model pickles of patched models saved then refer to (_Family, _rotates_*, the patched
+    # forwards); looked up in the submodules that hold them now. Patch internals there, not here.
+    from . import attention, families, fusing, layout, patch, rope_parameters, rotary
+
+    for module in (families, layout, rope_parameters, rotary, fusing, attention, patch):
+        if name.startswith("_") and not name.startswith("__") and name in vars(module):
+            return vars(module)[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
