@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from finetune_pi import (check_device, check_model_dir, check_scaling, extend_checkpoint,  # noqa: E402
-                         load_tokenizer, read_text_data)
+                         load_tokenizer, read_text_config, read_text_data)
 
 from pirope.eval import passkey_min_length, passkey_retrieval, sliding_window_perplexity  # noqa: E402
 
@@ -63,15 +63,11 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    cfg_path = check_model_dir(args.model, "--model", p.error)
+    check_model_dir(args.model, "--model", p.error)
     if args.scaling is not None and args.factor is None:
         p.error("--scaling needs --factor F (the zero-shot extension to evaluate)")
-    if args.factor is not None:
-        if not (math.isfinite(args.factor) and args.factor >= 1.0):
-            p.error(f"--factor must be >= 1 (the window grows by this factor), got {args.factor}")
-        args.scaling = args.scaling or "pi"
-        with open(cfg_path) as f:
-            check_scaling(json.load(f), args.model, args.scaling, "auto", p.error)
+    if args.factor is not None and not (math.isfinite(args.factor) and args.factor > 1.0):
+        p.error(f"--factor must be > 1 (the window grows by this factor), got {args.factor}")
     if args.data is not None and not os.path.exists(args.data):
         p.error(f"--data {args.data!r} does not exist")
     if args.stride < 1:
@@ -87,16 +83,18 @@ def main(argv=None):
     if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json!r}: its directory does not exist")
     device = check_device(args.device, "--device", p.error)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    conf = AutoConfig.from_pretrained(args.model)
-    window = int(getattr(conf, "max_position_embeddings", 2048))
+    conf, text = read_text_config(args.model, p.error)  # (text: a multimodal model's language model's)
+    window = int(getattr(text, "max_position_embeddings", None) or 2048)
     if args.factor is not None:
+        args.scaling = args.scaling or "pi"
+        check_scaling(conf, text, args.model, args.scaling, "auto", p.error)
         window = int(round(window * args.factor))  # what the extension below sets
     windows = args.windows or [window]
     if args.data is not None and (min(windows) < 2 or args.stride > min(windows)):  # (perplexity only)
         p.error(f"--windows must be >= 2 and >= --stride ({args.stride}), got {windows}")
-    encode, decode, tok = load_tokenizer(args.model, int(getattr(conf, "vocab_size", 0)))
+    encode, decode, tok = load_tokenizer(args.model, int(getattr(text, "vocab_size", 0) or 0))
     if encode is None:
         p.error(f"--model {args.model!r} has no tokenizer and a vocabulary smaller than 256 bytes")
     run_passkey = not args.no_passkey and args.passkey_lengths != []
@@ -126,7 +124,7 @@ def main(argv=None):
     model = model.to(device).eval()
     progress = not args.no_progress
     results = {"model": args.model, "window": window,
-               "rope_parameters": getattr(model.config, "rope_parameters", None)}
+               "rope_parameters": getattr(model.config.get_text_config(), "rope_parameters", None)}
     if args.factor is not None:
         results["extension"] = {"factor": args.factor, "scaling": args.scaling}
     if ids is not None:

@@ -51,6 +51,7 @@ import copy
 import glob
 import json
 import math
+import numbers
 import os
 import time
 import zlib
@@ -169,7 +170,7 @@ def extend_model_ntk_by_parts(model, factor: float):
     transformers. Returns the model (modified in place)."""
     from pirope.integrations.transformers import patch_rope
 
-    window = int(model.config.max_position_embeddings)
+    window = int(model.config.get_text_config().max_position_embeddings)
     patch_rope(model, ntk_by_parts_scaling(window, factor), attention="fused")  # as apply_position_interpolation
     set_patched_window(model, int(round(window * factor)))
     return model
@@ -180,7 +181,7 @@ def set_patched_window(model, new_window: int):
     apply_position_interpolation sets it (their tables do not depend on it for these scalings)."""
     from pirope.integrations.transformers import PiropeLayerTypeRotaryEmbedding, PiropeRotaryEmbedding
 
-    model.config.max_position_embeddings = int(new_window)
+    model.config.get_text_config().max_position_embeddings = int(new_window)
     for module in model.modules():
         if isinstance(module, (PiropeRotaryEmbedding, PiropeLayerTypeRotaryEmbedding)):
             module.max_position_embeddings = int(new_window)
@@ -198,12 +199,16 @@ def extend_model_own_scaling(model, factor: float):
     (modified in place)."""
     from pirope.integrations.transformers import patch_rope
 
-    params = dict(model.config.rope_parameters)
+    params = dict(model.config.get_text_config().rope_parameters)
     if params.get("rope_type") not in OWN_SCALINGS or not isinstance(params.get("factor"), (int, float)):
         raise ValueError(f"extends a rope_type {' or '.join(map(repr, OWN_SCALINGS))} with a factor; this model "
                          f"has rope_parameters {params!r}")
-    patch_rope(model, {**params, "factor": float(params["factor"]) * float(factor)}, attention="fused")
-    set_patched_window(model, int(round(model.config.max_position_embeddings * factor)))
+    new = int(round(model.config.get_text_config().max_position_embeddings * factor))
+    scaled = {**params, "factor": float(params["factor"]) * float(factor)}
+    if "max_position_embeddings" in scaled:  # (Ministral 3's attention-temperature keys carry the window too)
+        scaled["max_position_embeddings"] = new
+    patch_rope(model, scaled, attention="fused")
+    set_patched_window(model, new)
     return model
 
 
@@ -777,26 +782,47 @@ def read_text_data(path: str) -> bytes:
         return fh.read()
 
 
-def check_scaling(conf: dict, model_dir: str, scaling: str, pi_impl: str, fail):
-    """--scaling (and --pi-impl) against the checkpoint's config.json, before any heavy work;
-    `fail(msg)` must not return."""
-    model_type = conf.get("model_type")
-    refusal = transformers_pi_refusal(model_type, conf.get("rope_parameters"))
+def read_text_config(model_dir: str, fail):
+    """The checkpoint's config as transformers reads it (config.json only, no weights; legacy
+    rope_scaling keys normalised into rope_parameters), and its text config: a multimodal
+    model's language model's, which holds the RoPE and the window; the config itself
+    otherwise. `fail(msg)` must not return."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # noqa: BLE001 - whatever transformers refuses in it, said as a usage error
+        fail(f"--model {model_dir!r}: transformers cannot read its config.json ({type(e).__name__}: {e})")
+    return config, config.get_text_config()
+
+
+def check_scaling(config, text, model_dir: str, scaling: str, pi_impl: str, fail):
+    """The checkpoint (``config`` and its text config ``text``, see read_text_config) against
+    what --scaling (and --pi-impl) extend, before any heavy work; `fail(msg)` must not return."""
+    from pirope.integrations.transformers import SUPPORTED_MODEL_TYPES
+
+    model_type = text.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        fail(f"--model {model_dir!r} is a {model_type!r} model; this example extends the architectures "
+             f"pirope.integrations.transformers supports (model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})")
+    rope = getattr(text, "rope_parameters", None) or {}
+    refusal = transformers_pi_refusal(model_type, rope)
     if pi_impl == "transformers" and scaling != "pi":
         fail(f"--pi-impl transformers is a Position Interpolation implementation (--scaling pi), not for "
              f"--scaling {scaling}")
+    if pi_impl == "transformers" and text is not config:
+        refusal = f"its RoPE is in a multimodal model's text config ({config.model_type!r})"
     if pi_impl == "transformers" and refusal is not None:
         fail(f"--pi-impl transformers cannot extend a {model_type!r} model: {refusal}; use --pi-impl pirope")
-    rope = conf.get("rope_parameters") or conf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    by_layer_type = isinstance(rope, dict) and bool(rope) and all(isinstance(v, dict) for v in rope.values())
+    rope_type = rope.get("rope_type", "default")
+    by_layer_type = bool(rope) and all(isinstance(v, dict) for v in rope.values())
     if scaling != "pi" and by_layer_type:
         fail(f"--scaling {scaling}: --model {model_dir!r} has RoPE per layer type; this example extends "
              "those by --scaling pi (the full_attention layers)")
     if scaling == "own":
-        if rope_type not in OWN_SCALINGS:
-            fail(f"--scaling own extends a checkpoint's own {' or '.join(map(repr, OWN_SCALINGS))} scaling; "
-                 f"--model {model_dir!r} has rope_type {rope_type!r}")
+        if rope_type not in OWN_SCALINGS or not isinstance(rope.get("factor"), numbers.Real):
+            fail(f"--scaling own extends a checkpoint's own {' or '.join(map(repr, OWN_SCALINGS))} scaling (its "
+                 f"factor times F); --model {model_dir!r} has rope_parameters {rope!r}")
     elif rope_type not in ("default", None):
         hint = "; extend it by its own scaling with --scaling own" if rope_type in OWN_SCALINGS else ""
         fail(f"--model {model_dir!r} already uses rope scaling {rope_type!r}; --scaling {scaling} extends "
@@ -831,20 +857,10 @@ def validate_finetune_args(args, fail) -> dict:
         fail("--data PATH is required with --model (a text file or a directory of text files)")
     if args.factor is not None and not (args.factor >= 1.0 and math.isfinite(args.factor)):
         fail(f"--factor must be >= 1 (the window grows by this factor), got {args.factor}")
-    cfg_path = check_model_dir(args.model, "--model", fail)
-    try:
-        with open(cfg_path) as f:
-            conf = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        fail(f"--model {args.model!r}: cannot read config.json ({e})")
-    from pirope.integrations.transformers import SUPPORTED_MODEL_TYPES
-
-    model_type = conf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        fail(f"--model {args.model!r} is a {model_type!r} model; this example extends the architectures "
-             f"pirope.integrations.transformers supports (model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})")
-    check_scaling(conf, args.model, args.scaling, args.pi_impl, fail)
-    old = conf.get("max_position_embeddings")
+    check_model_dir(args.model, "--model", fail)
+    config, text = read_text_config(args.model, fail)
+    check_scaling(config, text, args.model, args.scaling, args.pi_impl, fail)
+    old = getattr(text, "max_position_embeddings", None)
     if not isinstance(old, int) or old < 1:
         fail(f"--model {args.model!r}: config.json has no valid max_position_embeddings")
     if args.max_position_embeddings is not None:
@@ -872,7 +888,7 @@ def validate_finetune_args(args, fail) -> dict:
     if size < new + 1:  # a token is at least one byte (byte-level / byte-fallback tokenizers)
         fail(f"--data has {size} bytes, fewer than the new window + 1 ({new + 1} tokens needed)")
     check_out_writable(args.out, fail)
-    return {"config": conf, "old_window": old, "new_window": new, "factor": factor, "data_bytes": size}
+    return {"config": text, "old_window": old, "new_window": new, "factor": factor, "data_bytes": size}
 
 
 def check_numeric_args(args, fail):
@@ -956,7 +972,7 @@ def load_tokenizer(model_dir: str, vocab_size: int):
 def run_finetune(args, fail) -> dict:
     info = validate_finetune_args(args, fail)
     ws, rank = dist_info()
-    encode, decode, tok = load_tokenizer(args.model, int(info["config"].get("vocab_size", 0)))
+    encode, decode, tok = load_tokenizer(args.model, int(getattr(info["config"], "vocab_size", 0) or 0))
     if encode is None:
         fail(f"--model {args.model!r} has no tokenizer and its vocabulary is smaller than 256 bytes")
     text = read_text_data(args.data)
@@ -988,7 +1004,7 @@ def run_finetune(args, fail) -> dict:
     # same factor and window, the ones validate_finetune_args computed (logged and saved)
     extend_checkpoint(model, args.scaling, info["factor"], impl=args.pi_impl, fail=fail,
                       max_position_embeddings=window if args.max_position_embeddings is not None else None)
-    assert model.config.max_position_embeddings == window, (model.config.max_position_embeddings, window)
+    assert model.config.get_text_config().max_position_embeddings == window, (model.config, window)
     model.config.use_cache = False
     if not args.no_gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x

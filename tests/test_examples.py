@@ -482,14 +482,15 @@ def test_finetune_max_position_embeddings_flag(fp, tiny_ckpt, tmp_path):
     assert r["new_window"] == 96 and r["factor"] == pytest.approx(3.0)
 
 
-def _scaled_ckpt(tmp_path, rope):
-    """A tiny LLaMA checkpoint (window 32) whose RoPE is already scaled by ``rope``, and data."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _scaled_ckpt(tmp_path, rope, family="Llama"):
+    """A tiny checkpoint of ``family`` (window 32) whose RoPE is already scaled by ``rope``, and data."""
+    import transformers
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, max_position_embeddings=32,
-                                 rope_parameters=rope)).save_pretrained(str(tmp_path / "scaled"))
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=32, rope_parameters=rope)
+    getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(str(tmp_path / "scaled"))
     data = tmp_path / "data.txt"
     data.write_bytes(open(os.path.join(os.path.dirname(os.__file__), "os.py"), "rb").read()[:20000])
     return str(tmp_path / "scaled"), str(data)
@@ -498,9 +499,12 @@ def _scaled_ckpt(tmp_path, rope):
 LLAMA3 = {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16, "rope_theta": 10000.0}
 YARN = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+# Ministral 3's checkpoints: YaRN with its attention temperature's keys, the window among them
+MINISTRAL3 = {**YARN, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+              "llama_4_scaling_beta": 0.1, "max_position_embeddings": 32}
 
 
-@pytest.mark.parametrize("scaling", ["ntk-by-parts", "own-llama3", "own-yarn"])
+@pytest.mark.parametrize("scaling", ["ntk-by-parts", "own-llama3", "own-yarn", "own-ministral3"])
 def test_finetune_by_another_scaling_saves_it_and_round_trips(fp, tiny_ckpt, tmp_path, scaling):
     # --scaling ntk-by-parts on a plain-RoPE checkpoint: the demo's control arm's dict over its
     # window; --scaling own on a Llama 3.x / YaRN checkpoint: its own dict with the factor times
@@ -510,6 +514,9 @@ def test_finetune_by_another_scaling_saves_it_and_round_trips(fp, tiny_ckpt, tmp
     flag = "own" if scaling.startswith("own") else scaling
     if scaling == "ntk-by-parts":
         (ckpt, data), expected = tiny_ckpt, {**fp.ntk_by_parts_scaling(32, 2.0), "rope_theta": 10000.0}
+    elif scaling == "own-ministral3":  # (the window inside its rope_parameters follows the new one)
+        (ckpt, data), expected = (_scaled_ckpt(tmp_path, MINISTRAL3, "Ministral3"),
+                                  {**MINISTRAL3, "factor": 4.0, "max_position_embeddings": 64})
     else:
         rope = LLAMA3 if scaling == "own-llama3" else YARN
         (ckpt, data), expected = _scaled_ckpt(tmp_path, rope), {**rope, "factor": 4.0}
@@ -517,7 +524,7 @@ def test_finetune_by_another_scaling_saves_it_and_round_trips(fp, tiny_ckpt, tmp
     r = fp.main(_ft_args(ckpt, data, out, "--scaling", flag))
     assert r["new_window"] == 64 and all(math.isfinite(x) for x in r["losses"])
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers
-    assert type(loaded.model.rotary_emb).__name__ == "LlamaRotaryEmbedding"
+    assert "Pirope" not in type(loaded.model.rotary_emb).__name__
     assert loaded.config.rope_parameters == expected and loaded.config.max_position_embeddings == 64
     ids = torch.randint(0, 256, (2, 64))
     with torch.no_grad():
@@ -535,7 +542,7 @@ def test_finetune_scaling_bad_input(fp, tiny_ckpt, tmp_path, capsys):
     ckpt, data = tiny_ckpt
     out = str(tmp_path / "o")
     _bad(fp, _ft_args(ckpt, data, out, "--scaling", "own"), capsys,
-         "--scaling own extends a checkpoint's own 'yarn' or 'llama3' scaling; --model")
+         "--scaling own extends a checkpoint's own 'yarn' or 'llama3' scaling (its factor times F); --model")
     _bad(fp, _ft_args(ckpt, data, out, "--scaling", "ntk-by-parts", "--pi-impl", "transformers"), capsys,
          "--pi-impl transformers is a Position Interpolation implementation (--scaling pi), not for --scaling "
          "ntk-by-parts")
@@ -560,6 +567,62 @@ def test_finetune_scaling_bad_input(fp, tiny_ckpt, tmp_path, capsys):
     _bad(fp, _ft_args(str(tmp_path / "phi3"), data, out, "--scaling", "ntk-by-parts"), capsys,
          "--scaling ntk-by-parts: ")
     assert not os.path.exists(out)
+
+
+def test_scaling_checks_read_the_config_as_transformers_does(fp, tmp_path, capsys):
+    # the checks before any weights load read config.json through transformers: a multimodal
+    # model's text config (Llama 3.2 Vision's llama3 RoPE and window), a Gemma 3 config in its
+    # legacy form (no rope_parameters: RoPE per layer type all the same), a YaRN without its factor
+    import transformers
+
+    failures = []
+
+    def fail(msg):
+        failures.append(msg)
+        raise SystemExit(2)
+
+    mllama = transformers.MllamaConfig(
+        text_config=dict(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                         cross_attention_layers=[1], rope_parameters=LLAMA3),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, image_size=28, patch_size=14,
+                           max_num_tiles=2, vision_output_dim=64, intermediate_layers_indices=[0],
+                           supported_aspect_ratios=[[1, 1], [1, 2]], attention_heads=2, intermediate_size=64))
+    mllama.save_pretrained(str(tmp_path / "mllama"))
+    config, text = fp.read_text_config(str(tmp_path / "mllama"), fail)
+    assert text is config.text_config and text.max_position_embeddings == 32
+    fp.check_scaling(config, text, "mllama", "own", "auto", fail)  # accepted
+    with pytest.raises(SystemExit):
+        fp.check_scaling(config, text, "mllama", "pi", "auto", fail)
+    assert "already uses rope scaling 'llama3'" in failures[-1]
+    with pytest.raises(SystemExit):
+        fp.check_scaling(config, text, "mllama", "pi", "transformers", fail)
+    assert "its RoPE is in a multimodal model's text config ('mllama')" in failures[-1]
+    (tmp_path / "gemma3").mkdir()
+    (tmp_path / "gemma3" / "config.json").write_text(json.dumps({
+        "model_type": "gemma3_text", "vocab_size": 260, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+        "max_position_embeddings": 32, "sliding_window": 16, "rope_theta": 10000.0, "rope_local_base_freq": 10000.0,
+        "rope_scaling": None, "layer_types": ["sliding_attention", "full_attention"]}))
+    config, text = fp.read_text_config(str(tmp_path / "gemma3"), fail)
+    with pytest.raises(SystemExit):
+        fp.check_scaling(config, text, "gemma3", "ntk-by-parts", "auto", fail)
+    assert "has RoPE per layer type" in failures[-1]
+    (tmp_path / "yarn").mkdir()
+    (tmp_path / "yarn" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 260, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 32,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "original_max_position_embeddings": 16}}))
+    data = tmp_path / "data.txt"
+    data.write_bytes(b"x" * 1000)
+    _bad(fp, _ft_args(str(tmp_path / "yarn"), str(data), str(tmp_path / "o"), "--scaling", "own"), capsys,
+         f"--model {str(tmp_path / 'yarn')!r}: transformers cannot read its config.json (KeyError")
+    assert not os.path.exists(tmp_path / "o")
+    # evaluate.py --factor: the same checks, before any weights load
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 64}))
+    _bad(_load("evaluate"), ["--model", str(tmp_path / "gpt2"), "--factor", "2", "--no-progress"], capsys,
+         "is a 'gpt2' model; this example extends the architectures")
 
 
 def _bad(fp, argv, capsys, msg):
@@ -843,8 +906,9 @@ def test_evaluate_default_passkey_lengths_fit_a_short_window(tmp_path, monkeypat
     (["--device", "meta"], "--device 'meta' holds no data"),
     (["--json", "/nonexistent-dir/r.json"], "--json '/nonexistent-dir/r.json': its directory does not exist"),
     (["--scaling", "pi"], "--scaling needs --factor F"),
-    (["--factor", "0.5"], "--factor must be >= 1"),
-    (["--factor", "nan"], "--factor must be >= 1"),
+    (["--factor", "0.5"], "--factor must be > 1"),
+    (["--factor", "1", "--scaling", "ntk-by-parts"], "--factor must be > 1"),
+    (["--factor", "nan"], "--factor must be > 1"),
     (["--factor", "2", "--scaling", "own"], "--scaling own extends a checkpoint's own 'yarn' or 'llama3' scaling"),
 ])
 def test_evaluate_bad_args_before_any_work(tiny_ckpt, tmp_path, capsys, monkeypatch, extra, msg):
