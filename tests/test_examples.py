@@ -453,25 +453,37 @@ def test_finetune_checkpoint_of_another_family(fp, tmp_path, family, impl):
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_finetune_transformers_impl_refuses_what_it_cannot_write(fp, tmp_path, capsys):
+def _phi3_ckpt(path):
+    """A tiny Phi-3 checkpoint (window 32; its config class takes only default or LongRoPE) at path."""
     import transformers
 
     config = transformers.Phi3Config(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
                                      original_max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
                                      eos_token_id=2)
-    transformers.Phi3ForCausalLM(config).save_pretrained(str(tmp_path / "phi3"))
-    data = tmp_path / "data.txt"
-    data.write_bytes(b"x" * 1000)
-    _bad(fp, _ft_args(str(tmp_path / "phi3"), str(data), str(tmp_path / "o"), "--pi-impl", "transformers"), capsys,
-         "--pi-impl transformers cannot extend a 'phi3' model")
-    gemma3 = transformers.Gemma3TextConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    transformers.Phi3ForCausalLM(config).save_pretrained(str(path))
+    return str(path)
+
+
+def _gemma3_ckpt(path):
+    """A tiny Gemma 3 text checkpoint (window 32, RoPE per layer type) at path."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, num_key_value_heads=2, head_dim=16,
                                            max_position_embeddings=32, sliding_window=16,
                                            layer_types=["sliding_attention", "full_attention"])
-    transformers.Gemma3ForCausalLM(gemma3).save_pretrained(str(tmp_path / "gemma3"))
-    _bad(fp, _ft_args(str(tmp_path / "gemma3"), str(data), str(tmp_path / "o"), "--pi-impl", "transformers"), capsys,
-         "cannot extend a 'gemma3_text' model: RoPE per layer type")
+    transformers.Gemma3ForCausalLM(config).save_pretrained(str(path))
+    return str(path)
+
+
+def test_finetune_transformers_impl_refuses_what_it_cannot_write(fp, tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_bytes(b"x" * 1000)
+    _bad(fp, _ft_args(_phi3_ckpt(tmp_path / "phi3"), str(data), str(tmp_path / "o"), "--pi-impl", "transformers"),
+         capsys, "--pi-impl transformers cannot extend a 'phi3' model")
+    _bad(fp, _ft_args(_gemma3_ckpt(tmp_path / "gemma3"), str(data), str(tmp_path / "o"), "--pi-impl", "transformers"),
+         capsys, "cannot extend a 'gemma3_text' model: RoPE per layer type")
 
 
 def test_finetune_max_position_embeddings_flag(fp, tiny_ckpt, tmp_path):
@@ -537,8 +549,6 @@ def test_finetune_by_another_scaling_saves_it_and_round_trips(fp, tiny_ckpt, tmp
 
 
 def test_finetune_scaling_bad_input(fp, tiny_ckpt, tmp_path, capsys):
-    import transformers
-
     ckpt, data = tiny_ckpt
     out = str(tmp_path / "o")
     _bad(fp, _ft_args(ckpt, data, out, "--scaling", "own"), capsys,
@@ -551,20 +561,10 @@ def test_finetune_scaling_bad_input(fp, tiny_ckpt, tmp_path, capsys):
         _bad(fp, _ft_args(llama3, data, out, "--scaling", scaling), capsys,
              f"already uses rope scaling 'llama3'; --scaling {scaling} extends plain-RoPE models; extend it by its "
              "own scaling with --scaling own")
-    gemma3 = transformers.Gemma3TextConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-                                           max_position_embeddings=32, sliding_window=16,
-                                           layer_types=["sliding_attention", "full_attention"])
-    transformers.Gemma3ForCausalLM(gemma3).save_pretrained(str(tmp_path / "gemma3"))
-    _bad(fp, _ft_args(str(tmp_path / "gemma3"), data, out, "--scaling", "ntk-by-parts"), capsys,
+    _bad(fp, _ft_args(_gemma3_ckpt(tmp_path / "gemma3"), data, out, "--scaling", "ntk-by-parts"), capsys,
          "has RoPE per layer type; this example extends those by --scaling pi")
     # refused only once the model is loaded: Phi-3's config class takes no llama3 scaling
-    phi3 = transformers.Phi3Config(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                   original_max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
-                                   eos_token_id=2)
-    transformers.Phi3ForCausalLM(phi3).save_pretrained(str(tmp_path / "phi3"))
-    _bad(fp, _ft_args(str(tmp_path / "phi3"), data, out, "--scaling", "ntk-by-parts"), capsys,
+    _bad(fp, _ft_args(_phi3_ckpt(tmp_path / "phi3"), data, out, "--scaling", "ntk-by-parts"), capsys,
          "--scaling ntk-by-parts: ")
     assert not os.path.exists(out)
 
