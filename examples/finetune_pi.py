@@ -200,7 +200,7 @@ def extend_model_own_scaling(model, factor: float):
     from pirope.integrations.transformers import patch_rope
 
     params = dict(model.config.get_text_config().rope_parameters)
-    if params.get("rope_type") not in OWN_SCALINGS or not isinstance(params.get("factor"), (int, float)):
+    if params.get("rope_type") not in OWN_SCALINGS or not isinstance(params.get("factor"), numbers.Real):
         raise ValueError(f"extends a rope_type {' or '.join(map(repr, OWN_SCALINGS))} with a factor; this model "
                          f"has rope_parameters {params!r}")
     new = int(round(model.config.get_text_config().max_position_embeddings * factor))

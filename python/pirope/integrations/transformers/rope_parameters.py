@@ -276,9 +276,10 @@ def _interpolated(config, params: dict, factor: float, where: str) -> dict:
         if (params.get("rope_type") in ("yarn", "llama3") and isinstance(params.get("factor"), numbers.Real)
                 and where == "config.rope_parameters"):
             # (get_text_config(): the config itself, or a multimodal model's text config, which holds them)
+            new_factor = float(params["factor"] * factor)
             how += (f", e.g. its factor times {float(factor)!r}: patch_rope(model, "
-                    f"{{**model.config.get_text_config().rope_parameters, 'factor': {float(params['factor'] * factor)!r}}}"
-                    "), then model.config.get_text_config().max_position_embeddings set to the new window")
+                    f"{{**model.config.get_text_config().rope_parameters, 'factor': {new_factor!r}}}), "
+                    "then model.config.get_text_config().max_position_embeddings set to the new window")
         raise ValueError(
             f"model: Position Interpolation needs a model with rope_type 'default', 'linear' or 'proportional', "
             f"this one has {where}={params!r}; PI on top of rope_type {params.get('rope_type')!r} is not "
