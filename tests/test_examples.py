@@ -569,6 +569,15 @@ def test_finetune_scaling_bad_input(fp, tiny_ckpt, tmp_path, capsys):
     assert not os.path.exists(out)
 
 
+def _config_json(path, **fields):
+    """A directory holding only a hand-written config.json: a tiny model's sizes (window 32) and ``fields``."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "vocab_size": 260, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "max_position_embeddings": 32, **fields}))
+    return str(path)
+
+
 def test_scaling_checks_read_the_config_as_transformers_does(fp, tmp_path, capsys):
     # the checks before any weights load read config.json through transformers: a multimodal
     # model's text config (Llama 3.2 Vision's llama3 RoPE and window), a Gemma 3 config in its
@@ -598,25 +607,19 @@ def test_scaling_checks_read_the_config_as_transformers_does(fp, tmp_path, capsy
     with pytest.raises(SystemExit):
         fp.check_scaling(config, text, "mllama", "pi", "transformers", fail)
     assert "its RoPE is in a multimodal model's text config ('mllama')" in failures[-1]
-    (tmp_path / "gemma3").mkdir()
-    (tmp_path / "gemma3" / "config.json").write_text(json.dumps({
-        "model_type": "gemma3_text", "vocab_size": 260, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
-        "max_position_embeddings": 32, "sliding_window": 16, "rope_theta": 10000.0, "rope_local_base_freq": 10000.0,
-        "rope_scaling": None, "layer_types": ["sliding_attention", "full_attention"]}))
-    config, text = fp.read_text_config(str(tmp_path / "gemma3"), fail)
+    gemma3 = _config_json(tmp_path / "gemma3", model_type="gemma3_text", num_key_value_heads=2, head_dim=16,
+                          sliding_window=16, rope_theta=10000.0, rope_local_base_freq=10000.0, rope_scaling=None,
+                          layer_types=["sliding_attention", "full_attention"])
+    config, text = fp.read_text_config(gemma3, fail)
     with pytest.raises(SystemExit):
         fp.check_scaling(config, text, "gemma3", "ntk-by-parts", "auto", fail)
     assert "has RoPE per layer type" in failures[-1]
-    (tmp_path / "yarn").mkdir()
-    (tmp_path / "yarn" / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": 260, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 32,
-        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "original_max_position_embeddings": 16}}))
+    yarn = _config_json(tmp_path / "yarn", model_type="llama", rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "original_max_position_embeddings": 16})  # (no factor)
     data = tmp_path / "data.txt"
     data.write_bytes(b"x" * 1000)
-    _bad(fp, _ft_args(str(tmp_path / "yarn"), str(data), str(tmp_path / "o"), "--scaling", "own"), capsys,
-         f"--model {str(tmp_path / 'yarn')!r}: transformers cannot read its config.json (KeyError")
+    _bad(fp, _ft_args(yarn, str(data), str(tmp_path / "o"), "--scaling", "own"), capsys,
+         f"--model {yarn!r}: transformers cannot read its config.json (KeyError")
     assert not os.path.exists(tmp_path / "o")
     # evaluate.py --factor: the same checks, before any weights load
     (tmp_path / "gpt2").mkdir()
