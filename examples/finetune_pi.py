@@ -199,11 +199,12 @@ def extend_model_own_scaling(model, factor: float):
     (modified in place)."""
     from pirope.integrations.transformers import patch_rope
 
-    params = dict(model.config.get_text_config().rope_parameters)
+    text = model.config.get_text_config()  # (a multimodal model's text config holds the RoPE and the window)
+    params = dict(text.rope_parameters)
     if params.get("rope_type") not in OWN_SCALINGS or not isinstance(params.get("factor"), numbers.Real):
         raise ValueError(f"extends a rope_type {' or '.join(map(repr, OWN_SCALINGS))} with a factor; this model "
                          f"has rope_parameters {params!r}")
-    new = int(round(model.config.get_text_config().max_position_embeddings * factor))
+    new = int(round(text.max_position_embeddings * factor))
     scaled = {**params, "factor": float(params["factor"]) * float(factor)}
     if "max_position_embeddings" in scaled:  # (Ministral 3's attention-temperature keys carry the window too)
         scaled["max_position_embeddings"] = new
