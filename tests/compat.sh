@@ -37,4 +37,6 @@ echo "== building pirope (CPU kernels) against torch $torch_version =="
 PIROPE_FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" "$venv/bin/python" setup.py build_ext --inplace > "$root/build.log" 2>&1 ||
   { tail -40 "$root/build.log"; exit 1; }
 echo "== tests under torch $torch_version =="
-PYTHONPATH="$PWD/python" "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+. tests/pytest_workers.sh
+# shellcheck disable=SC2046
+PYTHONPATH="$PWD/python" "$venv/bin/python" -m pytest -q -p no:cacheprovider $(pytest_workers "$venv/bin/python") "$@"

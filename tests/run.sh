@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of pirope: the C++ (Catch2) tests through CMake/ctest, then pytest.
 # Assumes pirope is installed (pip install --no-build-isolation .). CUDA tests run when
-# a GPU is present and skip otherwise. Extra arguments go to pytest.
+# a GPU is present and skip otherwise. Extra arguments go to pytest (after the default
+# "-n N" of tests/pytest_workers.sh, so "-n 0" runs them in one process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== C++ tests (Catch2, LibTorch) =="
@@ -9,4 +10,6 @@ mkdir -p build && cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release 
 cmake --build build/cmake -j "${MAX_JOBS:-2}"
 ctest --test-dir build/cmake --output-on-failure
 echo "== Python tests =="
-python -m pytest -q "$@"
+. tests/pytest_workers.sh
+# shellcheck disable=SC2046  # "-n N" is two words
+python -m pytest -q $(pytest_workers python) "$@"
