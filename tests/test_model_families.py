@@ -71,6 +71,9 @@ MLA = dict(MOE, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_he
 MINISTRAL3_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
                    "original_max_position_embeddings": 16}
 
+# an extra entry of FAMILIES with this value leaves out the key of COMMON (a config that computes it)
+OMIT = object()
+
 # model_type -> (config class, model class, what sets the family apart in a tiny model)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -198,6 +201,12 @@ FAMILIES = {
     # GPT-NeoX (Pythia): one query_key_value, q | k | v per head; rotary on the first quarter
     # of each head (rotary_pct 0.25, the config's default); attention / dense / head_size
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    # Falcon-40B / -180B's layout (new_decoder_architecture): one query_key_value holding, per KV group,
+    # the group's queries then its key and value (GQA 4 / 2); self_attention / dense, layers in .h; its
+    # head size is hidden / heads (a config property: COMMON's head_dim omitted). The 7B's multi-query
+    # layout, the per-head one and ALiBi: tests below
+    "falcon": ("FalconConfig", "FalconForCausalLM",
+               dict(new_decoder_architecture=True, num_kv_heads=2, ffn_hidden_size=128, head_dim=OMIT)),
     # partial rotary (phi: 0.5, stablelm: 0.25, the configs' defaults), per-head LayerNorm q/k
     # norms with qk_layernorm (test below); phi's output projection is `dense`
     "phi": ("PhiConfig", "PhiForCausalLM", dict(resid_pdrop=0.0, embd_pdrop=0.0)),
@@ -310,10 +319,21 @@ def make(model_type, seed=0, **kw):
     config_cls, model_cls, extra = FAMILIES[model_type]
     if not hasattr(transformers, config_cls):  # an older transformers than requirements-dev.txt's
         pytest.skip(f"transformers {transformers.__version__} has no {config_cls}")
-    config = getattr(transformers, config_cls)(**copy.deepcopy({**COMMON, **extra, **kw}))
+    values = {key: value for key, value in {**COMMON, **extra, **kw}.items() if value is not OMIT}
+    config = getattr(transformers, config_cls)(**copy.deepcopy(values))
     assert config.model_type == model_type
     torch.manual_seed(seed)
-    return getattr(transformers, model_cls)(config).eval()
+    model = getattr(transformers, model_cls)(config).eval()
+    if model_type == "falcon" and not falcon_runs_attention_functions(model):
+        pytest.skip(f"transformers {transformers.__version__}'s Falcon attention computes attention itself "
+                    "(refused: test_falcon_of_older_transformers_is_refused_naming_the_version)")
+    return model
+
+
+def falcon_runs_attention_functions(model):
+    """Whether transformers' Falcon attention is the one pirope follows (5.25 on: it runs transformers'
+    attention functions, at its .scaling)."""
+    return hasattr(model.transformer.h[0].self_attention, "scaling")
 
 
 def twin(model, config=None):
@@ -588,6 +608,65 @@ def test_gpt_neox_keeps_its_partial_rotary_and_round_trips(tmp_path):
     assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
 
 
+# Falcon's other layouts of query_key_value: all queries then one key and one value (multi_query,
+# Falcon-7B's), or q | k | v per head (neither flag); with biases (config.bias)
+FALCON_LAYOUTS = {"multi_query": dict(new_decoder_architecture=False, multi_query=True),
+                  "per_head": dict(new_decoder_architecture=False, multi_query=False, num_kv_heads=4),
+                  "grouped_with_bias": dict(bias=True)}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize("layout", list(FALCON_LAYOUTS))
+def test_falcon_query_key_value_layouts_equal_transformers(layout, attention, fused_calls):
+    base = make("falcon", **FALCON_LAYOUTS[layout])
+    attn = base.transformer.h[0].self_attention
+    heads_kv = {"multi_query": 1, "per_head": 4, "grouped_with_bias": 2}[layout]
+    assert attn.num_kv_heads == heads_kv and (attn.query_key_value.bias is not None) == (layout == "grouped_with_bias")
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    x = ids(2, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+    assert fused_calls == (fused_shapes("falcon", 2, 100) if attention == "fused" else [])
+    # (the keys and values of a fused call are those heads: the spy saw q only, the logits say the rest)
+    model.config._attn_implementation = "eager"  # its eager attention, as transformers' eager model has it
+    ref = twin(base, model.config)
+    assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
+
+
+def test_falcon_left_padded_batch_generates_like_transformers():
+    # Falcon's model builds its own masks (and decoder layers that pass no extra keywords on)
+    assert_left_padded_generation_like_transformers("falcon", 70, 5)
+
+
+def test_falcon_compiles_fullgraph():
+    assert_compiled_pi_equals_transformers(make("falcon", new_decoder_architecture=False, multi_query=True))
+
+
+def test_falcon_of_older_transformers_is_refused_naming_the_version():
+    # before 5.25 transformers' Falcon attention computed attention itself (no .scaling, its own
+    # eager / sdpa / flash code): refused where it is so, the model unchanged
+    config = transformers.FalconConfig(**{k: v for k, v in COMMON.items() if k != "head_dim"})
+    base = transformers.FalconForCausalLM(config).eval()
+    if falcon_runs_attention_functions(base):
+        pytest.skip(f"transformers {transformers.__version__}'s Falcon attention is the one pirope follows")
+    model = copy.deepcopy(base)
+    with pytest.raises(TypeError, match=r"has no self_attention with .*scaling.* transformers >= 5\.25"):
+        apply_position_interpolation(model, 2.0)
+    assert model.config.max_position_embeddings == WINDOW and "forward" not in vars(model.transformer.h[0].self_attention)
+
+
+def test_falcon_with_alibi_is_refused_unchanged():
+    # Falcon-RW's form: positions by an ALiBi bias in the mask; the model still builds a rotary
+    # embedding, which it never uses: nothing to patch or extend
+    base = make("falcon", alibi=True)
+    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
+        model = copy.deepcopy(base)
+        rotary = model.transformer.rotary_emb
+        with pytest.raises(TypeError, match="config.alibi set: its positions are not RoPE"):
+            call(model)
+        assert model.transformer.rotary_emb is rotary and model.config.max_position_embeddings == WINDOW
+        assert "forward" not in vars(model.transformer.h[0].self_attention)  # no patched forward bound
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 @pytest.mark.parametrize("model_type", ["smollm3", "llama4_text"])  # (Llama 4's NoPE temperature: test_llama4.py)
 def test_nope_layers_attend_without_rotation(model_type, attention, fused_calls, fused_tables, rotations):
@@ -661,7 +740,7 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
                                         "ministral3", "bitnet", "minicpm5_moe", "qwen3_next", "qwen3_5_text",
                                         "qwen3_5_moe_text", "lfm2", "lfm2_moe", "llama4_text", "granitemoehybrid",
-                                        "olmo_hybrid", "flint", "afmoe", "mllama_text_model", *MLA_TYPES])
+                                        "olmo_hybrid", "flint", "afmoe", "mllama_text_model", "falcon", *MLA_TYPES])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")

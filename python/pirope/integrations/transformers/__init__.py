@@ -46,7 +46,12 @@ iff the layer's ``sliding_window`` is set), ``gemma2`` (``Gemma2ForCausalLM``: s
 windows on its sliding_attention layers, scaling ``query_pre_attn_scalar ** -0.5``, logit
 soft-capping, see below), ``gpt_neox`` (Pythia: one ``query_key_value`` projection
 holding q | k | v per head, partial rotary, ``attention``/``dense``/``head_size`` for
-LLaMA's ``self_attn``/``o_proj``/``head_dim``), ``phi`` (phi-1/1.5/2: partial rotary,
+LLaMA's ``self_attn``/``o_proj``/``head_dim``), ``falcon`` (Falcon-7B/40B/180B, Falcon 2: one
+``query_key_value`` in its three layouts -- per KV group the group's queries then its key and
+value with ``new_decoder_architecture``, all queries then one key and value with ``multi_query``,
+else q | k | v per head --, ``self_attention``/``dense``, layers in ``.h``; a config with ``alibi``
+has no RoPE and is refused; transformers >= 5.25, whose Falcon attention runs its attention
+functions), ``phi`` (phi-1/1.5/2: partial rotary,
 ``dense``; with ``qk_layernorm`` a LayerNorm over each head before RoPE), ``persimmon``
 (GPT-NeoX's fused projection, Phi's norms), ``stablelm`` (partial rotary; with
 ``qk_layernorm`` one LayerNorm per head), ``nemotron`` (LLaMA's attention, partial rotary),

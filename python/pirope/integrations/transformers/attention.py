@@ -37,6 +37,8 @@ def _project(attn, hidden_states):
     elif family.proj == "qkv_heads":  # GPT-NeoX: per head q | k | v; views with head stride 3 * head_dim
         qkv = attn.query_key_value(hidden_states).view(*hidden_states.shape[:-1], -1, 3 * head_dim)
         q, k, v = qkv.chunk(3, dim=-1)  # already (batch, seqlen, heads, head_dim): the view below keeps them
+    elif family.proj == "falcon_qkv":
+        q, k, v = _falcon_qkv(attn, hidden_states, head_dim)
     elif family.proj == "qkv":
         qkv = attn.qkv_proj(hidden_states)
         nq = attn.config.num_attention_heads * head_dim
@@ -63,6 +65,20 @@ def _project(attn, hidden_states):
     if family.v_norm is not None:
         v = getattr(attn, family.v_norm)(v)
     return q, k, v, gate
+
+
+def _falcon_qkv(attn, hidden_states, head_dim: int):
+    """q, k, v (batch, seqlen, heads, head_dim) of Falcon's query_key_value, laid out as its
+    transformers attention splits it: per KV group, the group's queries then its key and value
+    (new_decoder_architecture: Falcon-40B, -180B, Falcon 2); all queries then one key and one
+    value (multi_query: Falcon-7B); else per head q | k | v."""
+    qkv = attn.query_key_value(hidden_states).view(*hidden_states.shape[:-1], -1, head_dim)
+    if attn.new_decoder_architecture:
+        grouped = qkv.unflatten(-2, (attn.num_kv_heads, -1))
+        return grouped[..., :-2, :].flatten(-3, -2), grouped[..., -2, :], grouped[..., -1, :]
+    if attn.multi_query:
+        return qkv.split([qkv.shape[-2] - 2, 1, 1], dim=-2)
+    return qkv.unflatten(-2, (-1, 3)).unbind(-2)
 
 
 def _pirope_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,

@@ -51,7 +51,7 @@ class _Family(NamedTuple):
 
     # "separate": q_proj, k_proj, v_proj;  "qkv": one qkv_proj split as q | k | v;  "qkv_heads":
     # one query_key_value whose output is, per head, q | k | v (GPT-NeoX: viewed as (..., heads,
-    # 3 * head_dim) and chunked);  "mla": DeepSeek-V2's Multi-head Latent Attention (its own forward,
+    # 3 * head_dim) and chunked);  "falcon_qkv": Falcon's query_key_value, three layouts (_falcon_qkv);  "mla": DeepSeek-V2's Multi-head Latent Attention (its own forward,
     # _pirope_mla_attention_forward; head_dim_attr names the rotary part's size)
     proj: str
     # None: the attention gets no sliding_window kwarg (Llama); "config":
@@ -178,6 +178,14 @@ class _Family(NamedTuple):
     # the base model's attribute holding the rotary embedding, which the patch replaces (LLaMA's
     # rotary_emb; LFM2-MoE's pos_emb)
     rotary_name: str = "rotary_emb"
+    # the base model's attribute holding the decoder layers (LLaMA's layers, Falcon's h)
+    layers_name: str = "layers"
+    # the first transformers version whose attention of this family pirope follows (Falcon's before
+    # 5.25 computed its attention itself): named where an older one's modules lack what is needed
+    since: str | None = None
+    # the config attribute that, where true, gives the model positions another way than RoPE, its
+    # rotary embedding unused (Falcon's alibi: an ALiBi bias in the mask); such a model is refused
+    no_rope_flag: str | None = None
     # the config attribute holding the chunk size of the layers whose config.layer_types entry is
     # "chunked_attention" (Llama 4's attention_chunk_size: a query sees the keys at or before it in
     # its own chunk of that many tokens, through the mask transformers builds). Such a layer takes
@@ -332,6 +340,10 @@ _FAMILIES: dict[str, _Family] = {
     # GPT-NeoX (Pythia): per-head fused q | k | v, partial rotary (rotary_pct), its own names
     "gpt_neox": _Family("qkv_heads", None, True, attn_name="attention", out_proj="dense",
                         head_dim_attr="head_size"),
+    # Falcon (7B, 40B, 180B, Falcon 2): one query_key_value in one of three layouts (_falcon_qkv), full
+    # rotary; its ALiBi configurations (config.alibi: Falcon-RW) have no RoPE and are refused
+    "falcon": _Family("falcon_qkv", None, False, attn_name="self_attention", out_proj="dense", layers_name="h",
+                      no_rope_flag="alibi", since="5.25"),
     # Phi (phi-1, phi-1.5, phi-2): partial rotary, dense, a LayerNorm over each head with qk_layernorm
     "phi": _Family("separate", None, True, qk_norm="head", qk_norm_flag="qk_layernorm",
                    qk_norm_names=("q_layernorm", "k_layernorm"), out_proj="dense", fixed_rotary_dim=True),
@@ -397,6 +409,10 @@ _FAMILIES: dict[str, _Family] = {
 
 # the projection modules each kind of _Family.proj needs
 _PROJECTIONS = {"separate": ("q_proj", "k_proj", "v_proj"), "qkv": ("qkv_proj",), "qkv_heads": ("query_key_value",),
+                # (with what says which layout; and scaling, which transformers' Falcon attention has since it
+                # runs transformers' attention functions, 5.25: its earlier one computed attention itself)
+                "falcon_qkv": ("query_key_value", "new_decoder_architecture", "multi_query", "num_kv_heads",
+                               "scaling"),
                 # (q from q_proj, or with a q_lora_rank from q_b_proj(q_a_layernorm(q_a_proj(.)))): see
                 # _pirope_mla_attention_forward
                 "mla": ("q_lora_rank", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "expand_kv",

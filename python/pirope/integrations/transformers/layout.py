@@ -58,11 +58,17 @@ def _base_model(model):
         # Llama4ForCausalLM: base_model_prefix "language_model" names no attribute of it (base_model is
         # the model itself); its decoder is .model, as in every other ...ForCausalLM
         base = getattr(model, "model", base)
-    rotary = _FAMILIES[model.config.model_type].rotary_name
-    if not (hasattr(base, "layers") and hasattr(base, rotary)):
+    family = _FAMILIES[model.config.model_type]
+    rotary, layers = family.rotary_name, family.layers_name
+    if not (hasattr(base, layers) and hasattr(base, rotary)):
         raise TypeError(
             f"model: could not find the decoder layers and {rotary} of {type(model).__name__} "
-            f"(its base model {type(base).__name__} has no .layers / .{rotary})")
+            f"(its base model {type(base).__name__} has no .{layers} / .{rotary})")
+    if family.no_rope_flag is not None and getattr(model.config, family.no_rope_flag, False):
+        # Falcon-RW: ALiBi biases in the mask, the rotary embedding built but unused
+        raise TypeError(
+            f"model: {type(model).__name__} has config.{family.no_rope_flag} set: its positions are not RoPE "
+            f"(its {rotary} is unused); there is no RoPE to patch or interpolate")
     if getattr(base, rotary) is None:
         # configured without RoPE (Granite 4.0's position_embedding_type None, OLMo Hybrid's rope_theta None)
         raise TypeError(
@@ -89,7 +95,8 @@ def _attention_modules(model, family: _Family):
     modules = []
     layer_types = getattr(model.config, "layer_types", None) or ()
     cross_layers = (getattr(model.config, family.cross_layers, None) or ()) if family.cross_layers else ()
-    layers = ((i, layer, attn) for i, layer in enumerate(base.layers) for attn in _attentions_of(layer, family))
+    decoder_layers = getattr(base, family.layers_name)
+    layers = ((i, layer, attn) for i, layer in enumerate(decoder_layers) for attn in _attentions_of(layer, family))
     for i, layer, attn in layers:
         if family.linear_layers is not None and i < len(layer_types) and layer_types[i] == family.linear_layers \
                 and attn is None:  # Qwen3-Next's linear-attention layers: no RoPE, left alone
@@ -113,7 +120,9 @@ def _attention_modules(model, family: _Family):
                 or not hasattr(attn, family.head_dim_attr)):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no {family.attn_name} with "
-                f"{', '.join(layer_need)} and {family.head_dim_attr}; this architecture is not supported")
+                f"{', '.join(layer_need)} and {family.head_dim_attr}; this architecture is not supported"
+                + ("" if family.since is None else
+                   f" (pirope follows the {model.config.model_type} attention of transformers >= {family.since})"))
         if family.rope_layers is not None and not all(hasattr(attn, n) for n in family.rope_layers.needs):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn."
@@ -141,7 +150,7 @@ def _attention_modules(model, family: _Family):
         which = (f"config.{family.cross_layers} lists them all" if family.cross_layers
                  else f"config.layer_types are all {family.linear_layers!r}")
         raise ValueError(
-            f"model: none of the {len(base.layers)} decoder layers of {type(model).__name__} has an attention "
+            f"model: none of the {len(decoder_layers)} decoder layers of {type(model).__name__} has an attention "
             f"with RoPE ({which}): nothing for pirope to patch")
     return base, modules
 
