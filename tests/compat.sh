@@ -38,5 +38,6 @@ PIROPE_FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" "$venv/bin/python" setup.py build_
   { tail -40 "$root/build.log"; exit 1; }
 echo "== tests under torch $torch_version =="
 . tests/pytest_workers.sh
-# shellcheck disable=SC2046
-PYTHONPATH="$PWD/python" "$venv/bin/python" -m pytest -q -p no:cacheprovider $(pytest_workers "$venv/bin/python") "$@"
+workers="$(pytest_workers "$venv/bin/python")"
+# shellcheck disable=SC2086
+PYTHONPATH="$PWD/python" "$venv/bin/python" -m pytest -q -p no:cacheprovider $workers "$@"

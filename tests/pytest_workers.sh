@@ -1,4 +1,5 @@
-# Sourced by run.sh and compat.sh. `pytest_workers PYTHON` prints pytest's "-n N" when
+# Sourced by run.sh and compat.sh. `workers="$(pytest_workers PYTHON)"` (an assignment, so that
+# set -e stops at a bad PIROPE_TEST_WORKERS) gives pytest's "-n N" when
 # pytest-xdist is installed for PYTHON (requirements-dev.txt has it), so the Python tests
 # run in N processes; else nothing, and they run one after another.
 # N: $PIROPE_TEST_WORKERS, or one per core up to 4 (each process imports torch and
@@ -12,6 +13,9 @@ pytest_workers() {
     n="$(nproc)"
     [ "$n" -gt 4 ] && n=4
   fi
+  case "$n" in
+    *[!0-9]*) echo "PIROPE_TEST_WORKERS must be a number of processes (0 or 1: one), got '$n'" >&2; return 1 ;;
+  esac
   if [ "$n" -gt 1 ] && "$1" -c "import xdist" 2>/dev/null; then
     echo "-n $n"
   fi

@@ -2,7 +2,8 @@
 # Runs every test of pirope: the C++ (Catch2) tests through CMake/ctest, then pytest.
 # Assumes pirope is installed (pip install --no-build-isolation .). CUDA tests run when
 # a GPU is present and skip otherwise. Extra arguments go to pytest (after the default
-# "-n N" of tests/pytest_workers.sh, so "-n 0" runs them in one process).
+# "-n N" of tests/pytest_workers.sh, so "-n 0" runs them in one process; for --pdb, -s or
+# -p no:xdist set PIROPE_TEST_WORKERS=0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== C++ tests (Catch2, LibTorch) =="
@@ -11,5 +12,6 @@ cmake --build build/cmake -j "${MAX_JOBS:-2}"
 ctest --test-dir build/cmake --output-on-failure
 echo "== Python tests =="
 . tests/pytest_workers.sh
-# shellcheck disable=SC2046  # "-n N" is two words
-python -m pytest -q $(pytest_workers python) "$@"
+workers="$(pytest_workers python)"
+# shellcheck disable=SC2086  # "-n N" is two words
+python -m pytest -q $workers "$@"

@@ -622,6 +622,10 @@ def test_falcon_query_key_value_layouts_equal_transformers(layout, attention, fu
     attn = base.transformer.h[0].self_attention
     heads_kv = {"multi_query": 1, "per_head": 4, "grouped_with_bias": 2}[layout]
     assert attn.num_kv_heads == heads_kv and (attn.query_key_value.bias is not None) == (layout == "grouped_with_bias")
+    with torch.no_grad():  # (Falcon initializes biases to zero: made to count)
+        for module in base.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.5)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     x = ids(2, 100)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
@@ -630,6 +634,17 @@ def test_falcon_query_key_value_layouts_equal_transformers(layout, attention, fu
     model.config._attn_implementation = "eager"  # its eager attention, as transformers' eager model has it
     ref = twin(base, model.config)
     assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
+
+
+def test_falcon_position_interpolation_round_trips(tmp_path):
+    base = make("falcon", new_decoder_architecture=False, multi_query=True)  # Falcon-7B's layout
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0)
+    assert model.config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    model.save_pretrained(tmp_path)
+    loaded = transformers.FalconForCausalLM.from_pretrained(tmp_path).eval()  # plain transformers
+    assert loaded.config.max_position_embeddings == 2 * WINDOW
+    x = ids(1, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
 
 
 def test_falcon_left_padded_batch_generates_like_transformers():

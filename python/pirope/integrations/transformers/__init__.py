@@ -51,7 +51,8 @@ LLaMA's ``self_attn``/``o_proj``/``head_dim``), ``falcon`` (Falcon-7B/40B/180B, 
 value with ``new_decoder_architecture``, all queries then one key and value with ``multi_query``,
 else q | k | v per head --, ``self_attention``/``dense``, layers in ``.h``; a config with ``alibi``
 has no RoPE and is refused; transformers >= 5.25, whose Falcon attention runs its attention
-functions), ``phi`` (phi-1/1.5/2: partial rotary,
+functions; its model hands every layer a mask tensor, even a plain causal one, so the fused path
+reads it on CPU, and on CUDA its layers take transformers' attention after pirope's rotation), ``phi`` (phi-1/1.5/2: partial rotary,
 ``dense``; with ``qk_layernorm`` a LayerNorm over each head before RoPE), ``persimmon``
 (GPT-NeoX's fused projection, Phi's norms), ``stablelm`` (partial rotary; with
 ``qk_layernorm`` one LayerNorm per head), ``nemotron`` (LLaMA's attention, partial rotary),

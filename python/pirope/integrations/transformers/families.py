@@ -51,7 +51,8 @@ class _Family(NamedTuple):
 
     # "separate": q_proj, k_proj, v_proj;  "qkv": one qkv_proj split as q | k | v;  "qkv_heads":
     # one query_key_value whose output is, per head, q | k | v (GPT-NeoX: viewed as (..., heads,
-    # 3 * head_dim) and chunked);  "falcon_qkv": Falcon's query_key_value, three layouts (_falcon_qkv);  "mla": DeepSeek-V2's Multi-head Latent Attention (its own forward,
+    # 3 * head_dim) and chunked);  "falcon_qkv": Falcon's query_key_value in its three layouts
+    # (_falcon_qkv);  "mla": DeepSeek-V2's Multi-head Latent Attention (its own forward,
     # _pirope_mla_attention_forward; head_dim_attr names the rotary part's size)
     proj: str
     # None: the attention gets no sliding_window kwarg (Llama); "config":
