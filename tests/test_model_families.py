@@ -164,6 +164,9 @@ FAMILIES = {
                         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
                         linear_value_head_dim=8)),
     "emu3_text_model": ("Emu3TextConfig", "Emu3ForCausalLM", dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    # Aria's text model: LLaMA's attention; MoE MLPs (4 experts, 2 per token, one shared)
+    "aria_text": ("AriaTextConfig", "AriaTextForCausalLM", dict(moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1,
+                                                                pad_token_id=0)),
     # Qwen3.5's language model on its own (Qwen3_5ForCausalLM): Qwen3-Next's layers with multimodal
     # RoPE, here on text (the three sections agree); images in test_multimodal_rope.py
     "qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(QWEN3_5, bos_token_id=1, eos_token_id=2)),
@@ -180,6 +183,14 @@ FAMILIES = {
     "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(MOE, pad_token_id=1, eos_token_id=2)),
     # partial rotary: the first 8 of 16 features (rotary_dim, as its checkpoints write it)
     "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(MOE, rotary_dim=8)),
+    # MiniMax M3's text model: per-head (1 + w) RMSNorm q/k norms before RoPE, partial rotary (0.5 in
+    # rope_parameters: its config does not read rotary_dim); layer 0 a dense MLP, layer 1 the experts with
+    # a shared one; full attention (its sparse layers are refused, test below)
+    "minimax_m3_vl_text": ("MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM",
+                           dict(MOE, shared_intermediate_size=32, dense_intermediate_size=128,
+                                mlp_layer_types=["dense", "sparse"], bos_token_id=1, eos_token_id=2,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "partial_rotary_factor": 0.5})),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(MOE, clip_qkv=0.1, pad_token_id=1, eos_token_id=2)),
     "vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM", dict(HYBRID, query_pre_attn_scalar=24)),
     "exaone_moe": ("ExaoneMoeConfig", "ExaoneMoeForCausalLM", dict({**MOE, **HYBRID}, bos_token_id=1, eos_token_id=2)),
@@ -234,6 +245,11 @@ FAMILIES = {
     # AFMoE (Arcee's Trinity): layer 0 sliding with RoPE, layer 1 full and NoPE; per-head q/k norms before
     # RoPE; the output gated by sigmoid(gate_proj(hidden)); layer 0's MLP dense, layer 1's the experts
     "afmoe": ("AfmoeConfig", "AfmoeForCausalLM", dict(MOE, **HYBRID, num_dense_layers=1)),
+    # Laguna: AFMoE's attention rotating in every layer, RoPE per layer type (the config's: layer 1 full,
+    # 5e5, its first half rotating; layer 0 sliding, 1e4, the whole head), the output times
+    # softplus(g_proj(hidden)), one gate per head (gating "per-head", the default; per feature and heads
+    # per layer: test below); layer 0's MLP dense, layer 1's the experts
+    "laguna": ("LagunaConfig", "LagunaForCausalLM", dict(MOE, **HYBRID, shared_expert_intermediate_size=32)),
     # Llama 3.2 Vision's language model alone: 3 layers, layer 1 a cross-attention layer (left alone;
     # skipped by transformers without an image), layers 0 and 2 LLaMA's self-attention
     "mllama_text_model": ("MllamaTextConfig", "MllamaForCausalLM", dict(MLLAMA_TEXT)),
@@ -241,6 +257,18 @@ FAMILIES = {
     # per-head q/k RMSNorms (q_layernorm / k_layernorm) before RoPE; LFM2-MoE's rotary embedding is pos_emb
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
     "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM", dict(MOE, layer_types=["conv", "full_attention"])),
+    # LFM3: layer 0 a short convolution (left alone), layer 1 sliding (16-token window, plain RoPE 1e4),
+    # layer 2 full ("proportional" 1e6, half its pairs rotating); Qwen3's q/k norms, a sigmoid gate per head
+    "lfm3": ("Lfm3Config", "Lfm3ForCausalLM",
+             dict(num_hidden_layers=3, layer_types=["conv", "sliding_attention", "full_attention"], sliding_window=16,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # LaraMini: layer 0 a Gated DeltaNet (left alone), layer 1 sliding (16-token window) with RoPE, layer 2
+    # full and NoPE (handed no tables); Qwen3's q/k norms; MoE with a shared expert
+    "lara_mini": ("LaraMiniConfig", "LaraMiniForCausalLM",
+                  dict(MOE, num_hidden_layers=3, sliding_window=16,
+                       layer_types=["linear_attention", "sliding_attention", "full_attention"],
+                       shared_expert_intermediate_size=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=8, linear_value_head_dim=8)),
     # Llama 4 (Maverick's form: no q/k norm): interleaved pairs, layer 1 NoPE with attention temperature
     # tuning (floor_scale 16, so that it bites at these lengths), layer 0 chunked (8192 tokens: one
     # chunk here; chunks, the Scout form's norms after RoPE and the multimodal model: tests below)
@@ -285,13 +313,14 @@ MLA_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "youtu", "axk1", "mi
 # IDENTITY_LAYERS; Gemma 2's and VaultGemma's soft-capped layers fuse with rope_attention's
 # softcap): the hybrids' one attention layer
 FUSED_LAYERS = {"qwen3_next": 1, "qwen3_5_text": 1, "qwen3_5_moe_text": 1, "lfm2": 1, "lfm2_moe": 1,
-                "granitemoehybrid": 1, "olmo_hybrid": 1}
+                "granitemoehybrid": 1, "olmo_hybrid": 1, "lfm3": 2, "lara_mini": 2}
 
 # which layers of a make(model_type) model rotate outside rope_attention (NoPE, or norms after RoPE, or
 # the negative angle) and so call it with the identity table (width 0: no feature rotates), where not none
 IDENTITY_LAYERS = {"smollm3": [1], "exaone4": [1], "cohere2": [1], "exaone_moe": [1], "kolibri1": [1],
                    "cohere2_moe": [1], "nanochat": [0, 1], "hunyuan_v1_dense": [0, 1], "hunyuan_v1_moe": [0, 1],
-                   "llama4_text": [1], "flint": [1], "afmoe": [1], **{t: [0, 1] for t in MLA_TYPES}}
+                   "llama4_text": [1], "flint": [1], "afmoe": [1], "lara_mini": [1],
+                   **{t: [0, 1] for t in MLA_TYPES}}
 
 # the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
 # layer has heads of global_head_dim
@@ -304,15 +333,21 @@ def fused_shapes(model_type, batch, seqlen):
     return [(batch, seqlen, 4, d) for d in dims]
 
 
-# language models of multimodal RoPE (Qwen2-VL, Qwen3-VL, GLM-4V) with no ForCausalLM of their own: tested
+# language models of multimodal RoPE (Qwen2-VL, Qwen3-VL, GLM-4V, GLM-Image) with no ForCausalLM of their own: tested
 # inside their multimodal models, with images, in test_multimodal_rope.py
 MROPE_LANGUAGE_MODELS_ONLY = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text", "glm4v_text",
                               "glm_ocr_text", "glm4v_moe_text", "paddleocr_vl_text", "qwen2_5_omni_text",
-                              "qwen3_omni_moe_text")
+                              "qwen3_omni_moe_text", "glm_image_text")
+
+
+# language models with neither a ForCausalLM nor multimodal RoPE (DeepSeek-OCR 2's, Granite 4.0 Vision's): tested
+# inside their multimodal models, on text, in MULTIMODAL below
+MULTIMODAL_LANGUAGE_MODELS_ONLY = ("deepseek_ocr2_text", "granite4_vision_text", "step3p5")
 
 
 def test_every_supported_family_is_tested_here():
-    assert set(FAMILIES) | set(MROPE_LANGUAGE_MODELS_ONLY) == set(SUPPORTED_MODEL_TYPES)
+    assert set(FAMILIES) | set(MROPE_LANGUAGE_MODELS_ONLY) | set(MULTIMODAL_LANGUAGE_MODELS_ONLY) == \
+        set(SUPPORTED_MODEL_TYPES)
 
 
 def make(model_type, seed=0, **kw):
@@ -486,7 +521,7 @@ def scale_qk_norms(model):
 
 @pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "apertus", "gemma3_text", "exaone4", "dots1", "hy_v3",
                                         "mellum", "exaone_moe", "kolibri1", "apertus1p5_text", "lfm2", "lfm2_moe",
-                                        "flint", "afmoe"])
+                                        "flint", "afmoe", "laguna", "minimax_m3_vl_text"])
 def test_qk_norms_run_before_rope(model_type):
     base = scale_qk_norms(make(model_type))
     model = patch_rope(copy.deepcopy(base), attention="fused")
@@ -755,7 +790,9 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "kolibri1", "nanochat", "hunyuan_v1_dense", "hunyuan_v1_moe", "gpt_oss",
                                         "ministral3", "bitnet", "minicpm5_moe", "qwen3_next", "qwen3_5_text",
                                         "qwen3_5_moe_text", "lfm2", "lfm2_moe", "llama4_text", "granitemoehybrid",
-                                        "olmo_hybrid", "flint", "afmoe", "mllama_text_model", "falcon", *MLA_TYPES])
+                                        "olmo_hybrid", "flint", "afmoe", "mllama_text_model", "falcon", "aria_text",
+                                        "lfm3", "lara_mini", "laguna", "minimax_m3_vl_text",
+                                        *MLA_TYPES])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -1146,7 +1183,7 @@ def test_each_layer_gets_the_table_of_its_layer_type(model_type, fused_calls):
     assert fused_calls == fused_shapes(model_type, 2, 40)  # the sliding one with its window (40 > 16)
 
 
-@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3", "gemma4_text", "gemma3n_text"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3", "gemma4_text", "gemma3n_text", "lfm3"])
 def test_position_interpolation_extends_only_the_full_attention_layers_and_round_trips(model_type, tmp_path):
     base = make(model_type)
     before = copy.deepcopy(base.config.rope_parameters)
@@ -1498,6 +1535,59 @@ def test_afmoe_gates_the_attention_output_with_its_own_projection(attention, fus
         assert not torch.allclose(ungated, model(x, use_cache=False).logits, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_lfm3_gates_each_head_with_its_own_projection(attention, fused_calls):
+    # sigmoid(g_proj(hidden)), one value per head, times that head's output, on both paths; without the
+    # gate the same patch gives other logits; use_attention_gate False: no g_proj, no gate
+    base = make("lfm3")
+    model = patch_rope(copy.deepcopy(base), attention=attention)
+    x = ids(2, 40)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+    assert len(fused_calls) == (2 if attention == "fused" else 0)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.self_attn._pirope_family = layer.self_attn._pirope_family._replace(gate=None)
+        assert not torch.allclose(model(x, use_cache=False).logits, twin(base)(x, use_cache=False).logits, atol=1e-4)
+    base = make("lfm3", use_attention_gate=False)
+    model = patch_rope(copy.deepcopy(base), attention=attention)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_lara_mini_full_layers_get_no_tables_and_attend_without_rotation(attention, fused_calls, fused_tables,
+                                                                        rotations):
+    # its model hands the full_attention layer (2) position_embeddings None: NoPE; the sliding one (1) rotates
+    base = make("lara_mini")
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    x = ids(1, 100)
+    for position_ids in (None, PACKED):  # packed sequences: delimited by the positions the layers get
+        fused_calls.clear(), fused_tables.clear(), rotations.clear()
+        assert_same(logits_and_grads(model, x, position_ids=position_ids),
+                    logits_and_grads(twin(base, model.config), x, position_ids=position_ids))
+        if attention == "fused":  # (packed: as (tokens, heads, head_dim) sequences, cu_seqlens)
+            shape = (1, 100, 4, 16) if position_ids is None else (100, 4, 16)
+            assert (fused_calls, fused_tables, rotations) == ([shape] * 2, [False, True], [])
+        else:
+            assert (fused_calls, rotations) == ([], [(1, 100, 4, 16)])
+
+
+@pytest.mark.parametrize("gating", [True, "per-element"])
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_laguna_gates_the_attention_output_by_softplus_per_head_or_per_feature(gating, attention, fused_calls):
+    # softplus(g_proj(hidden)) (in float32) times the attention output: one gate per head, broadcast over
+    # its features, or one per feature; 8 heads in the full layer, 4 in the sliding one (heads per layer);
+    # PI extends the full layer, whose first half of each head rotates; a sigmoid gate gives other logits
+    base = make("laguna", gating=gating, num_attention_heads_per_layer=[4, 8])
+    assert base.model.layers[1].self_attn.g_proj.out_features == (8 if gating is True else 8 * 16)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    x = ids(2, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+    assert fused_calls == ([(2, 100, 4, 16), (2, 100, 8, 16)] if attention == "fused" else [])
+    with torch.no_grad():
+        sigmoid = _with_family(copy.deepcopy(model), gate_act="sigmoid")(x, use_cache=False).logits
+        assert not torch.allclose(sigmoid, model(x, use_cache=False).logits, rtol=0, atol=1e-4)
+
+
 def test_nanochat_rotates_by_the_negative_angle():
     # NanoChat's rotate_half is cat((x2, -x1)): q * cos + rotate_half(q) * sin rotates by -angle,
     # which the patch computes with pirope's inverse rotation (apply_rope_qk_backward's op) on the
@@ -1669,11 +1759,39 @@ MULTIMODAL = {
                   dict(text_config={**TEXT, "model_type": "gemma"},
                        vision_config={**VISION, "model_type": "siglip_vision_model"},
                        image_token_index=IMAGE_TOKEN), [], False),
+    # DeepSeek-OCR 2: LLaMA's attention, layer 0's MLP dense, layer 1's MoE; text only (tiny SAM and Qwen2 towers)
+    "deepseek_ocr2": ("DeepseekOcr2Config", "DeepseekOcr2ForConditionalGeneration",
+                      dict(text_config={**TEXT, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                                        "moe_intermediate_size": 32, "n_shared_experts": 1,
+                                        "mlp_layer_types": ["dense", "sparse"]},
+                           vision_config=dict(
+                               sam_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                               image_size=64, patch_size=16, global_attn_indexes=[0],
+                                               downsample_channels=[16, 32], output_channels=16, window_size=2),
+                               encoder_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=2, num_key_value_heads=2, vocab_size=16)),
+                           image_token_id=IMAGE_TOKEN), [16, 16], False),
+    # Granite 4.0 Vision: Granite's attention (attention_multiplier) and multipliers; text only (its deepstack and
+    # spatial Q-Former projectors feed image features into chosen layers)
+    "granite4_vision": ("Granite4VisionConfig", "Granite4VisionForConditionalGeneration",
+                        dict(text_config={**TEXT, **FAMILIES["granite"][2]},
+                             vision_config={**VISION, "hidden_size": 64, "model_type": "clip_vision_model"},
+                             qformer_config={"intermediate_size": 64, "vocab_size": 16}, deepstack_layer_map=[[0, 0]],
+                             spatial_target_layers=[1, 1, 1, 1], downsample_rate="1/2", image_token_index=IMAGE_TOKEN),
+                        [16, 16], False),
     # Gemma 4 without its vision and audio towers (optional in its config): the text model inside
     "gemma4": ("Gemma4Config", "Gemma4ForConditionalGeneration",
                dict(text_config={**TEXT, **FAMILIES["gemma4_text"][2]}, vision_config=None, audio_config=None,
                     audio_token_id=249, boi_token_id=250, eoi_token_id=251, image_token_id=252, video_token_id=253,
                     boa_token_id=254, eoa_token_index=IMAGE_TOKEN), [16, 32], False),
+    # Step 3.7 (its language model "step3p5": Laguna's attention with a sigmoid gate per head, g_proj): RoPE
+    # per layer type as its checkpoints write it (per-layer thetas and partial_rotary_factors: layer 0 sliding,
+    # 1e4, the whole head; layer 1 full, 5e5, half of it), scaling query_pre_attn_scalar ** -0.5; text only
+    "step3p7": ("Step3p7Config", "Step3p7ForConditionalGeneration",
+                dict(text_config={**TEXT, **MOE, **HYBRID, "share_expert_dim": 32, "query_pre_attn_scalar": 24,
+                                  "mlp_layer_types": ["dense", "sparse"], "rope_theta": [10000.0, 500000.0],
+                                  "partial_rotary_factors": [1.0, 0.5]},
+                     vision_config=dict(VISION, image_size=56), image_token_id=IMAGE_TOKEN), [16, 16], False),
 }
 
 
@@ -1709,6 +1827,36 @@ def test_position_interpolation_of_a_multimodal_model_extends_its_language_model
     assert loaded.config.get_text_config().rope_parameters == model.config.get_text_config().rope_parameters
     x = ids(1, 100, seed=4)
     assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
+
+
+def test_every_multimodal_only_language_model_is_tested_here():
+    text_types = {getattr(transformers, config_cls)(**copy.deepcopy(kwargs)).get_text_config().model_type
+                  for config_cls, _, kwargs, _, _ in MULTIMODAL.values() if hasattr(transformers, config_cls)}
+    assert set(MULTIMODAL_LANGUAGE_MODELS_ONLY) <= text_types
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_step3p7_language_model_keeps_the_model_and_generates_like_transformers(attention, fused_calls):
+    # Step 3.7's language model ("step3p5"), 8 heads in its sliding layer (num_sliding_attention_heads, a
+    # per-layer config): patch_rope keeps it; the output's gate, sigmoid(g_proj(hidden)), one per head,
+    # bites; PI (the full layer, half of whose head rotates) generates like transformers
+    config_cls, model_cls, kwargs, _, _ = MULTIMODAL["step3p7"]
+    kwargs = copy.deepcopy(kwargs)
+    kwargs["text_config"]["num_sliding_attention_heads"] = 8
+    torch.manual_seed(0)
+    base = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+    assert [layer.self_attn.g_proj.out_features for layer in base.model.language_model.layers] == [8, 4]
+    model = patch_rope(copy.deepcopy(base), attention=attention)
+    x = ids(2, 40)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+    assert fused_calls == ([(2, 40, 8, 16), (2, 40, 4, 16)] if attention == "fused" else [])
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn._pirope_family = layer.self_attn._pirope_family._replace(gate=None)
+        ungated = model(x, use_cache=False).logits
+        assert not torch.allclose(ungated, twin(base)(x, use_cache=False).logits, rtol=0, atol=1e-4)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    assert_generates_like(model, twin(base, model.config), ids(1, 70))
 
 
 def test_a_multimodal_model_whose_language_model_is_unsupported_is_refused_unchanged():
@@ -1954,6 +2102,19 @@ def test_a_model_without_rope_is_refused_unchanged(model_type, no_rope):
             call(model)
         assert model.model.rotary_emb is None and "forward" not in vars(model.model.layers[1].self_attn)
         assert model.config.rope_parameters == before
+
+
+def test_minimax_m3_sparse_layers_are_refused_unchanged():
+    # MiniMax M3's "minimax_m3_sparse" layers: a lightning indexer rotates projections of its own by the
+    # model's cos/sin and restricts the attention to the key blocks it picks, which pirope does not follow
+    model = make("minimax_m3_vl_text", layer_types=["full_attention", "minimax_m3_sparse"], index_n_heads=2,
+                 index_head_dim=16, index_block_size=8, index_topk_blocks=2)
+    rotary, before = model.model.rotary_emb, copy.deepcopy(model.config.rope_parameters)
+    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
+        with pytest.raises(TypeError, match="decoder layer 1 .*sparse-attention indexer"):
+            call(model)
+        assert model.model.rotary_emb is rotary and "forward" not in vars(model.model.layers[0].self_attn)
+        assert model.config.rope_parameters == before and model.config.max_position_embeddings == WINDOW
 
 
 def test_a_model_without_rotary_emb_is_refused():

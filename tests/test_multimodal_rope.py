@@ -159,7 +159,8 @@ def sectioned(monkeypatch):
 
 
 def test_every_multimodal_rope_language_model_is_tested_here():
-    assert set(MROPE_LANGUAGE_MODELS_ONLY) <= {entry[4] for entry in MROPE.values()}
+    # (GLM-Image's, whose image tokens are VQ codes, below)
+    assert set(MROPE_LANGUAGE_MODELS_ONLY) <= {entry[4] for entry in MROPE.values()} | {"glm_image_text"}
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
@@ -400,3 +401,86 @@ def test_compiled_model_with_an_image_equals_transformers(name):
         want = language_model(base)(inputs_embeds=embeds, position_ids=positions,
                                          use_cache=False).last_hidden_state
     assert_same_logits(got, want)
+
+
+# ---- GLM-Image: an autoregressive image generator --------------------------------------------
+
+# its language model: GLM-4V-MoE's attention (rotate-half pairs, partial rotary: 4 of the 8 pairs of a head of
+# 16 turn, sections [1, 2, 1]) handed the text positions; the tokens of an image are VQ codes (the vision tower
+# and VQ-VAE kept tiny, unused here), laid out on a grid of 2D positions like the tokens it generates
+GLM_IMAGE = dict(text_config=dict(COMMON, vision_vocab_size=256, rope_parameters=GLM_SECTIONS, pad_token_id=0,
+                                  eos_token_id=2),
+                 vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=14,
+                                    image_size=56),
+                 vq_config=dict(embed_dim=16, num_embeddings=32, latent_channels=32),
+                 image_token_id=IMAGE, image_start_token_id=VISION_START, image_end_token_id=VISION_END)
+GLM_IMAGE_GRID = torch.tensor([[1, 4, 4]])  # 16 tokens, 4 rows of 4
+
+
+def make_glm_image():
+    if not hasattr(transformers, "GlmImageConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no GlmImageConfig")
+    torch.manual_seed(0)
+    model = transformers.GlmImageForConditionalGeneration(transformers.GlmImageConfig(**copy.deepcopy(GLM_IMAGE)))
+    with torch.no_grad():  # scores of a few units, so that the sections' angles show (as make's SHARPEN)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(SHARPEN)
+            layer.self_attn.k_proj.weight.mul_(SHARPEN)
+    return model.eval()
+
+
+def glm_image_positions(model, seqlen, at=10):
+    """(3, 1, seqlen) positions of text with an image of GLM_IMAGE_GRID's tokens from token `at`, as its
+    get_rope_index lays out a source image: the text's own position in all three sections, the image's rows
+    and columns from `at` on, the text after it from `at` plus the grid's larger side."""
+    image = model.model.get_vision_position_ids(start_position=at, grid_thw=GLM_IMAGE_GRID[0])
+    size = image.shape[1]
+    after = torch.arange(at + 4, at + 4 + seqlen - at - size).expand(3, -1)
+    return torch.cat([torch.arange(at).expand(3, -1), image, after], dim=-1)[:, None]
+
+
+def test_glm_image_language_model_is_patched():
+    lm = make_glm_image().model.language_model
+    assert lm.config.model_type == "glm_image_text" and lm.config is lm.config.get_text_config()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_glm_image_position_interpolation_with_an_image_equals_transformers(attention, fused_calls, sectioned,
+                                                                            monkeypatch, tmp_path):
+    base = make_glm_image()
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    lm = model.model.language_model
+    assert isinstance(lm.rotary_emb, PiropeMultimodalRotaryEmbedding) and lm.rotary_emb.pair_rows == (0, 1, 1, 2)
+    params = model.config.get_text_config().rope_parameters
+    assert params["rope_type"] == "linear" and params["factor"] == 2.0 and params["mrope_section"] == [1, 2, 1]
+    ref = twin(base, model.config)
+    x = ids(1, 100)  # text past the original window, then the same with an image's 2D positions
+    assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
+    positions = glm_image_positions(base, 100)
+    assert_same(logits_and_grads(model, x, position_ids=positions), logits_and_grads(ref, x, position_ids=positions))
+    assert fused_calls == ([(1, 100, 4, 16)] * 4 if attention == "fused" else []) and sectioned == [(3, 1, 100)]
+    model.save_pretrained(tmp_path)
+    loaded = type(base).from_pretrained(tmp_path).eval()
+    assert loaded.config.get_text_config().rope_parameters == params
+    assert_same(logits_and_grads(model, x, position_ids=positions), logits_and_grads(loaded, x, position_ids=positions))
+    # the premise: with every pair turned by the temporal section, the image's logits are not transformers'
+    monkeypatch.setattr(lm.rotary_emb, "pair_rows", (0,) * 4)
+    with torch.no_grad():
+        got, want = model(x, position_ids=positions).logits, ref(x, position_ids=positions).logits
+    torch.testing.assert_close(got[:, :11], want[:, :11], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[:, 11:], want[:, 11:], atol=1e-3)
+
+
+def test_glm_image_generates_an_image_grid_like_transformers(fused_calls):
+    # text to image: the prefill is text (fused), each token generated then turns by its place on the grid
+    # of the image asked for (image_grid_thw), which the model's cached decode positions give
+    base = make_glm_image()
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    ref = twin(base, model.config)
+    x = ids(1, 70)
+    with torch.no_grad():
+        a, b = (m.generate(x, image_grid_thw=GLM_IMAGE_GRID, max_new_tokens=10, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True) for m in (model, ref))
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=1e-5, atol=1e-5)
+    assert fused_calls == [(1, 70, 4, 16)] * 2  # the prefill; decode steps take the cached path

@@ -100,6 +100,19 @@ Gated DeltaNet layers left as they are; its released checkpoints have no RoPE: r
 (per-head q/k RMSNorms before RoPE, GPT-OSS's attention sinks, RoPE on its sliding_attention layers
 only, as Cohere 2), ``afmoe`` (AFMoE, Arcee's Trinity: per-head q/k RMSNorms before RoPE, RoPE on
 its sliding_attention layers only, the attention's output times ``sigmoid(gate_proj(hidden))``),
+``laguna`` (Poolside's Laguna: AFMoE's q/k norms, RoPE on every layer, per layer type with partial
+rotary (its full_attention layers rotate half the head), heads per layer, the output times
+``softplus(g_proj(hidden))`` in float32, one gate per head or per feature) and ``step3p5`` (the
+language model of Step 3.7, ``Step3p7ForConditionalGeneration``: Laguna's attention with a sigmoid
+gate per head and ``query_pre_attn_scalar ** -0.5`` scaling), ``lfm3`` (LFM3: Qwen3's attention with a
+window on its sliding_attention layers, RoPE per layer type, "proportional" on full_attention, the
+output times ``sigmoid(g_proj(hidden))`` per head where ``use_attention_gate``; "conv" layers left as
+they are), ``lara_mini`` (Qwen3's attention on Qwen3-Next's hybrid layout: RoPE and the window on the
+sliding_attention layers only; its model hands the full_attention layers no tables, NoPE; the Gated
+DeltaNet layers left as they are), ``minimax_m3_vl_text`` (MiniMax M3's text model,
+``MiniMaxM3VLForCausalLM``: Qwen3's per-head q/k norms, partial rotary from ``rope_parameters``'
+``partial_rotary_factor``; a model with "minimax_m3_sparse" layers, whose lightning indexer reads the
+RoPE tables itself and selects the keys attended to, is refused),
 ``mllama_text_model`` (Llama 3.2 Vision's language model: ``MllamaForCausalLM``, and that of
 ``MllamaForConditionalGeneration``; LLaMA's self-attention, its dropout rate in ``.dropout``; the
 cross-attention layers, ``config.cross_attention_layers``, which attend to the image without RoPE,
@@ -117,7 +130,9 @@ Architectures whose
 attention is one of these line for line, most of them mixtures of experts (the experts live
 in the MLP, which the patch leaves alone): ``mixtral`` (Mistral's), ``qwen2_moe``,
 ``granitemoe``, ``granitemoeshared`` and ``hyperclovax`` (Granite's), ``jais2``,
-``emu3_text_model`` (``Emu3ForCausalLM``, Emu3's text model: LLaMA's), ``solar_open``,
+``emu3_text_model`` (``Emu3ForCausalLM``, Emu3's text model: LLaMA's), ``aria_text``
+(``AriaTextForCausalLM``: LLaMA's), ``deepseek_ocr2_text`` (DeepSeek-OCR 2's language model:
+LLaMA's), ``granite4_vision_text`` (Granite 4.0 Vision's language model: Granite's), ``solar_open``,
 ``cwm`` (Ministral's), ``ernie4_5_moe`` (ERNIE 4.5's), ``dots1`` (Qwen3's),
 ``hy_v3`` and ``apertus1p5_text`` (Apertus'), ``mellum`` (Qwen3's, RoPE per layer type),
 ``flex_olmo`` and ``minimax_m2`` (OLMo 2's; MiniMax-M2 with partial rotary), ``olmoe`` (OLMo
@@ -139,7 +154,8 @@ with eager's causal mask), ``paddleocr_vl_text`` (PaddleOCR-VL: Qwen2-VL's atten
 ``qwen2_5_omni_text`` and ``qwen3_omni_moe_text`` (the language models of the Qwen2.5-Omni and
 Qwen3-Omni thinkers, ``*ThinkerForConditionalGeneration``: Qwen2.5-VL's and Qwen3-VL-MoE's, the
 latter with a window; Qwen3-Omni's float positions, fractional for timed video and audio, always
-get rows of their own). Anything else raises ``TypeError`` rather than risk a silently different
+get rows of their own) and ``glm_image_text`` (GLM-Image's: GLM-4.5V's attention, its layers handed
+the text positions). Anything else raises ``TypeError`` rather than risk a silently different
 model (e.g. PhiMoE's rotary embedding with its own short/long ``mscale``, a multimodal RoPE that
 moves frequencies between pairs (ERNIE 4.5-VL), attention sinks computed from the input,
 MLA with more than the above (DeepSeek-V3.2's indexer, Mistral Large 4's KV-shared layers), hybrids with convolution or

@@ -48,8 +48,9 @@ def _project(attn, hidden_states):
         q, k = attn.q_proj(hidden_states), attn.k_proj(hidden_states)
         # Gemma 4's attention_k_eq_v layers have no v_proj: the values are k_proj's output (before k_norm)
         v = k if family.kv_sharing and attn.v_proj is None else attn.v_proj(hidden_states)
-        if family.gate is not None:  # AFMoE: a gate projection of its own
-            gate = getattr(attn, family.gate)(hidden_states)
+        gate_proj = None if family.gate is None else getattr(attn, family.gate)
+        if gate_proj is not None:  # AFMoE, LFM3 (where use_attention_gate): a gate projection of its own
+            gate = gate_proj(hidden_states)
     norm = None if family.qk_norm_after_rope else _qk_norm(attn, family)  # those run after RoPE
     q_norm, k_norm = (getattr(attn, name) for name in family.qk_norm_names) if norm else (None, None)
     if norm == "proj":  # OLMo 2: one RMSNorm over all heads' features, then the view
@@ -176,6 +177,18 @@ def _call_inputs(attn, position_embeddings, cache, kwargs):
     for alias in ("past_key_values", "layer_past"):
         if alias in kwargs and cache is None:
             cache = kwargs.pop(alias)
+    family = attn._pirope_family
+    if position_embeddings is None and family.rope_layers is not None and not family.rope_layers.rotates(attn):
+        # a NoPE layer its model hands no tables (LaraMini's full_attention layers): no rotation; the
+        # positions the decoder layer passes delimit packed sequences, as in transformers' masks
+        positions = kwargs.get("position_ids")
+        packed = False
+        if positions is not None and positions.numel() > 0:
+            packed = None if torch.compiler.is_compiling() else \
+                attn._pirope_text_positions.get(positions, _position_summary)[2]
+        device = "cpu" if positions is None else positions.device
+        empty = torch.empty(1, 0, dtype=torch.float32, device=device)
+        return cache, (empty, empty, positions, packed)
     if not isinstance(position_embeddings, RopeTables):
         raise RuntimeError(
             f"{type(attn).__name__} was patched by pirope but got position_embeddings of type "
@@ -353,8 +366,15 @@ def _rotate_qk(q, k, cos, sin, position_ids, interleaved: bool, conjugate: bool)
 
 
 def _out_proj(attn, out, gate=None):
-    if gate is not None:  # gated attention (_Family.q_gate, .gate)
-        out = out * gate.sigmoid()
+    if gate is not None:  # gated attention (_Family.q_gate, .gate, .gate_act)
+        if attn._pirope_family.gate_act == "softplus":  # Laguna: in float32, rounded to the output's dtype
+            gate = nn.functional.softplus(gate.float()).to(out.dtype)
+        else:
+            gate = gate.sigmoid()
+        if gate.shape[-1] != out.shape[-1]:  # one gate per head (LFM3's, Laguna's, Step 3.7's), (B, S, H)
+            out = (out.unflatten(-1, (gate.shape[-1], -1)) * gate[..., None]).flatten(-2)
+        else:
+            out = out * gate
     if attn._pirope_family.out_norm is not None:  # BitNet's attn_sub_norm
         out = getattr(attn, attn._pirope_family.out_norm)(out)
     out = getattr(attn, attn._pirope_family.out_proj)(out)

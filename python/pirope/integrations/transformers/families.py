@@ -46,6 +46,12 @@ def _rotates_when_local(attn) -> bool:
     return bool(attn.is_local_attention)
 
 
+def _rotates_when_sliding(attn) -> bool:
+    # LaraMini: its model hands position_embeddings to the sliding_attention layers only (None to the
+    # full_attention ones, NoPE) and the attention rotates `if position_embeddings is not None`
+    return attn.layer_type == "sliding_attention"
+
+
 class _Family(NamedTuple):
     """How an architecture's attention differs from LLaMA's, where pirope must follow it."""
 
@@ -155,9 +161,13 @@ class _Family(NamedTuple):
     # (all heads) multiplied by sigmoid(gate) before the output projection; None: no gate
     q_gate: str | None = None
     # gated attention by a projection of its own: the attention module's projection of the hidden
-    # states (all heads' width) whose sigmoid multiplies the attention's output before the output
-    # projection (AFMoE's gate_proj); None: no such gate
+    # states whose activation (gate_act) multiplies the attention's output before the output projection:
+    # all heads' width (AFMoE's gate_proj), or one value per head gating that head's features (LFM3's
+    # g_proj, None where its config has no gate; Laguna's and Step 3.7's g_proj with gating "per-head");
+    # None: no such gate
     gate: str | None = None
+    # the gate's activation: "sigmoid" (AFMoE's), or "softplus" (Laguna's: in float32, then the output's dtype)
+    gate_act: str = "sigmoid"
     # the config.layer_types entry of the decoder layers that have no attention (Qwen3-Next's
     # "linear_attention": a Gated DeltaNet, no RoPE), which the patch leaves as they are; None:
     # every layer has the attention
@@ -205,6 +215,11 @@ class _Family(NamedTuple):
     # floor((p + 1) / floor_scale)), p the token's index in the call plus the cache's length (not
     # its position_ids), in float32 (see _nope_temperature)
     nope_temperature: bool = False
+    # the attention module's attribute holding a sparse-attention indexer, None on the layers without one
+    # (MiniMax M3's lightning indexer on its "minimax_m3_sparse" layers: it rotates projections of its own by
+    # the model's cos/sin and masks the attention to the key blocks it selects), which pirope does not
+    # follow: a model with such a layer is refused; None: the family has no indexer
+    indexer: str | None = None
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
@@ -272,6 +287,11 @@ _FAMILIES: dict[str, _Family] = {
     # DeltaNet, no RoPE) are left alone
     "qwen3_next": _Family("separate", None, True, qk_norm="head", q_gate="q_proj", linear_layers="linear_attention"),
     "emu3_text_model": _Family("separate", None, False),  # Emu3ForCausalLM (Emu3's text model)
+    "aria_text": _Family("separate", None, False),  # AriaTextForCausalLM (Aria's text model, MoE MLPs)
+    # the language models of DeepSeek-OCR 2 (LLaMA's attention, MoE MLPs) and Granite 4.0 Vision (Granite's
+    # attention: attention_multiplier), inside their multimodal models only
+    "deepseek_ocr2_text": _Family("separate", None, False),
+    "granite4_vision_text": _Family("separate", None, False),
     # Multimodal RoPE (the language models of Qwen2-VL, Qwen2.5-VL: Qwen2's attention; Qwen3-VL and its
     # MoE: Qwen3's without a window; Qwen3.5 and its MoE, also Qwen3_5ForCausalLM: Qwen3-Next's)
     "qwen2_vl_text": _Family("separate", "module", False, mrope=True),
@@ -287,6 +307,9 @@ _FAMILIES: dict[str, _Family] = {
     "glm4v_text": _Family("separate", None, True, interleaved=True, mrope=True),
     "glm_ocr_text": _Family("separate", None, True, interleaved=True, mrope=True),
     "glm4v_moe_text": _Family("separate", None, True, mrope=True),  # (GLM-4.5's attention, no q/k norms)
+    # GLM-Image's language model (an autoregressive image generator): GLM-4V-MoE's fields (LLaMA's attention with
+    # q/k/v biases, partial rotary, rotate-half pairs, contiguous sections), its layers handed the text positions
+    "glm_image_text": _Family("separate", None, True, mrope=True),
     # PaddleOCR-VL's language model (ERNIE 4.5 0.3B with multimodal RoPE): Qwen2-VL's attention
     "paddleocr_vl_text": _Family("separate", "module", False, mrope=True),
     # the thinkers' language models of Qwen2.5-Omni (Qwen2-VL's attention) and Qwen3-Omni (Qwen3's, with
@@ -307,6 +330,10 @@ _FAMILIES: dict[str, _Family] = {
     "mellum": _Family("separate", "module", False, qk_norm="head", rope_per_layer_type=True),
     "flex_olmo": _Family("separate", None, False, qk_norm="proj"),  # OLMo 2's
     "minimax_m2": _Family("separate", None, True, qk_norm="proj"),  # OLMo 2's, partial rotary
+    # MiniMax M3 (MiniMaxM3VLForCausalLM; MiniMaxM3SparseForConditionalGeneration's language model): Qwen3's
+    # per-head q/k norms before RoPE, partial rotary (rope_parameters' partial_rotary_factor: its config's
+    # rotary_dim is not read); its sparse layers (a lightning indexer) are refused
+    "minimax_m3_vl_text": _Family("separate", None, True, qk_norm="head", indexer="indexer"),
     "olmoe": _Family("separate", "config", False, qk_norm="proj", clip="clip_qkv"),
     "vaultgemma": _Family("separate", "module", False, softcap="attn_logit_softcapping"),  # Gemma 2's
     "exaone_moe": _Family("separate", "sliding", False, qk_norm="head",
@@ -369,6 +396,14 @@ _FAMILIES: dict[str, _Family] = {
     # only (is_local_attention), the output gated by sigmoid(gate_proj(hidden_states))
     "afmoe": _Family("separate", "module", False, qk_norm="head", gate="gate_proj",
                      rope_layers=_RopeLayers(("is_local_attention",), _rotates_when_local)),
+    # Laguna (Poolside): AFMoE's attention, rotating in every layer, partial rotary and RoPE per layer type
+    # (the full_attention layers' 0.5 of a head, the sliding ones' whole head), heads per layer, and the output
+    # gated by softplus(g_proj(hidden_states)), one gate per head (gating "per-head") or per feature
+    "laguna": _Family("separate", "module", True, qk_norm="head", gate="g_proj", gate_act="softplus",
+                      rope_per_layer_type=True),
+    # Step 3.5 / 3.7's language model (Step3p7ForConditionalGeneration's): Laguna's attention with the
+    # gate's sigmoid (query_pre_attn_scalar as its scaling, (1 + w) RMSNorm q/k norms)
+    "step3p5": _Family("separate", "module", True, qk_norm="head", gate="g_proj", rope_per_layer_type=True),
     # Llama 3.2 Vision's language model (MllamaForCausalLM; MllamaForConditionalGeneration's is one):
     # LLaMA's self-attention (its dropout rate in .dropout) between cross-attention layers (left alone)
     "mllama_text_model": _Family("separate", None, False, cross_layers="cross_attention_layers", dropout_attr="dropout"),
@@ -378,6 +413,15 @@ _FAMILIES: dict[str, _Family] = {
                     out_proj="out_proj", linear_layers="conv"),
     "lfm2_moe": _Family("separate", None, False, qk_norm="head", qk_norm_names=("q_layernorm", "k_layernorm"),
                         out_proj="out_proj", linear_layers="conv", rotary_name="pos_emb"),
+    # LFM3 (Liquid): Qwen3's attention (per-head q/k RMSNorms before RoPE) with a window on its
+    # sliding_attention layers, RoPE per layer type ("proportional" on full_attention), its output times
+    # sigmoid(g_proj(hidden)) per head (where use_attention_gate); "conv" layers left alone
+    "lfm3": _Family("separate", "module", False, qk_norm="head", rope_per_layer_type=True, gate="g_proj",
+                    linear_layers="conv"),
+    # LaraMini: Qwen3-Next's layout (Gated DeltaNets, "linear_attention", left alone) with Qwen3's attention;
+    # RoPE on the sliding_attention layers only (windowed), the full_attention ones handed no tables (NoPE)
+    "lara_mini": _Family("separate", "module", False, qk_norm="head", linear_layers="linear_attention",
+                         rope_layers=_RopeLayers(("layer_type",), _rotates_when_sliding)),
     # Llama 4 (Llama4ForCausalLM; Llama4ForConditionalGeneration's language model is one): interleaved
     # pairs (its complex rotation), NoPE layers (config.no_rope_layers 0: use_rope) with attention
     # temperature tuning, a weightless RMSNorm `qk_norm` of the rotated q and k on the rotating layers

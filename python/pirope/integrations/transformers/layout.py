@@ -141,6 +141,11 @@ def _attention_modules(model, family: _Family):
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn."
                 f"{', self_attn.'.join(_NOPE_TEMPERATURE_ATTRS)} (its attention temperature tuning); "
                 "this architecture is not supported")
+        if family.indexer is not None and getattr(attn, family.indexer, None) is not None:
+            raise TypeError(
+                f"model: decoder layer {i} ({type(layer).__name__}) has a sparse-attention indexer "
+                f"(self_attn.{family.indexer}, which reads the RoPE tables itself and selects the keys attended to); "
+                "pirope does not follow it: this architecture is supported without such layers only")
         if family.window == "sliding" and not hasattr(attn, "is_sliding"):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn.is_sliding; "
@@ -190,7 +195,9 @@ def _head_dim(attn, family: _Family) -> int:
 def _attention_modules_of_type(config, family: _Family, attns, layer_type: str):
     """The attention modules of the layers of one type (``config.layer_types``), whose head size
     is that of the type's table (Gemma 4's full_attention heads are larger than its sliding ones)."""
-    of_type = [attn for attn, t in zip(attns, config.layer_types) if t == layer_type] or attns
+    # (attns: those of the layers with attention, LFM3's "conv" layers left out)
+    types = [t for t in config.layer_types if t != family.linear_layers]
+    of_type = [attn for attn, t in zip(attns, types) if t == layer_type] or attns
     sizes = sorted({_head_dim(attn, family) for attn in of_type})
     if len(sizes) > 1:
         raise TypeError(f"model: the {layer_type} layers have heads of different sizes {sizes} (one RoPE table per "

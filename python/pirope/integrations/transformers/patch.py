@@ -75,7 +75,7 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
             f"scaling must be None or a dict in Hugging Face rope_parameters form, got {type(scaling).__name__}")
     mla_scales = None
     if family.rope_per_layer_type:
-        by_type = _rope_parameters_by_type(config)
+        by_type = _rope_parameters_by_type(config, family.linear_layers)
         if scaling is not None:
             unknown = set(scaling) - set(by_type)
             if not scaling or unknown or not all(isinstance(v, dict) for v in scaling.values()):
@@ -114,7 +114,7 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
     for attn in attns:
         attn._pirope_family = family
         attn._pirope_attention = mode
-        if family.mrope:
+        if family.mrope or family.rope_layers is not None:  # (NoPE layers without tables: LaraMini's)
             attn._pirope_text_positions = text_positions
         # a partial of a module-level function pickles (torch.save(model), multiprocessing)
         # and deep-copies onto the copy; a bound MethodType would not unpickle
@@ -251,7 +251,7 @@ def apply_position_interpolation(
         factor = new_window / old_window
 
     if family.rope_per_layer_type:
-        new_params = _interpolated_by_type(config, factor)
+        new_params = _interpolated_by_type(config, factor, family.linear_layers)
     else:
         params = _rope_parameters(config)
         if family.ntk_alpha:  # Hunyuan's NTK-alpha RoPE is plain RoPE with a stretched base: PI on that

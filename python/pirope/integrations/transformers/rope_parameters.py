@@ -20,11 +20,13 @@ from .layout import _head_dim
 _LONGROPE_ONLY = ("phi3",)
 
 
-def _rope_parameters_by_type(config) -> dict[str, dict]:
+
+def _rope_parameters_by_type(config, linear_layers: str | None = None) -> dict[str, dict]:
     """``{layer_type: rope_parameters}`` of a family with RoPE per layer type, for the layer
-    types the model has (``set(config.layer_types)``, as its rotary embedding builds them)."""
+    types the model has (``set(config.layer_types)``, as its rotary embedding builds them), but
+    its layers without attention (_Family.linear_layers: LFM3's "conv", which have no RoPE)."""
     params = getattr(config, "rope_parameters", None)
-    layer_types = sorted(set(getattr(config, "layer_types", None) or ()))
+    layer_types = sorted(set(getattr(config, "layer_types", None) or ()) - {linear_layers})
     if not layer_types or not isinstance(params, dict):
         raise ValueError(
             "model.config must have layer_types and rope_parameters keyed by layer type such as "
@@ -290,10 +292,10 @@ def _interpolated(config, params: dict, factor: float, where: str) -> dict:
     return {"rope_type": "linear", "factor": old_factor * factor, "rope_theta": theta}
 
 
-def _interpolated_by_type(config, factor: float) -> dict:
+def _interpolated_by_type(config, factor: float, linear_layers: str | None = None) -> dict:
     """PI of a model with RoPE per layer type: the full_attention layers' RoPE extended by
     ``factor`` (composing with a linear factor they have), the others' left as they are."""
-    by_type = _rope_parameters_by_type(config)
+    by_type = _rope_parameters_by_type(config, linear_layers)
     if "full_attention" not in by_type:
         raise ValueError(
             "model: Position Interpolation extends the RoPE of the full_attention layers, and this model has "
