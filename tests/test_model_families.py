@@ -55,6 +55,13 @@ GRANITE_HYBRID = dict(layer_types=["linear_attention", "attention"], position_em
                       num_local_experts=0, mamba_n_heads=4, mamba_d_state=8, mamba_d_head=32, mamba_chunk_size=16,
                       shared_intermediate_size=64, attention_multiplier=0.3)
 
+# GraniteSWA: Granite's multipliers; layers 0 and 1 sliding (16-token window), layer 2 full; RoPE per layer
+# by layer_rope_theta: 1e4 and 5e5 (a rotary embedding each, in rotary_embs), 0 (NoPE: handed no tables)
+GRANITE_SWA = dict(attention_multiplier=0.11, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=3.0,
+                   num_hidden_layers=3, sliding_window=16,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                   layer_rope_theta=[10000.0, 500000.0, 0], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
 # Llama 3.2 Vision's text model (its vocabulary has 8 more rows, its pad id must fit in the tiny one)
 MLLAMA_TEXT = dict(num_hidden_layers=3, cross_attention_layers=[1], pad_token_id=1, bos_token_id=1, eos_token_id=2)
 
@@ -250,6 +257,11 @@ FAMILIES = {
     # softplus(g_proj(hidden)), one gate per head (gating "per-head", the default; per feature and heads
     # per layer: test below); layer 0's MLP dense, layer 1's the experts
     "laguna": ("LagunaConfig", "LagunaForCausalLM", dict(MOE, **HYBRID, shared_expert_intermediate_size=32)),
+    # GraniteSWA (GRANITE_SWA above) with GPT-OSS's attention sinks (zero at init; transformers gives it
+    # "eager"), and its MoE (4 experts, 2 per token, a shared MLP)
+    "granite_swa": ("GraniteSWAConfig", "GraniteSWAForCausalLM", dict(GRANITE_SWA)),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM",
+                       dict(MOE, **GRANITE_SWA, shared_intermediate_size=32)),
     # Llama 3.2 Vision's language model alone: 3 layers, layer 1 a cross-attention layer (left alone;
     # skipped by transformers without an image), layers 0 and 2 LLaMA's self-attention
     "mllama_text_model": ("MllamaTextConfig", "MllamaForCausalLM", dict(MLLAMA_TEXT)),
@@ -277,6 +289,11 @@ FAMILIES = {
     # here (its checkpoints' YaRN: test below); transformers gives GPT-OSS "eager" (it refuses sdpa)
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                 dict(MOE, **HYBRID, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # MiMo-V2-Flash: layer 0 sliding (16-token window) with attention sinks and twice the KV heads, layer 1 full
+    # without sinks; RoPE per layer type, the config's (1e4 sliding, 5e6 full, 0.334 of the 24-feature heads: 8
+    # rotate); values of 16 features (v_head_dim) times 0.707 (attention_value_scale); layer 1's MLP the experts;
+    # transformers gives it "eager" (it refuses sdpa)
+    "mimo_v2_flash": ("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", dict(MOE, **HYBRID, head_dim=24, v_head_dim=16)),
     # Multi-head Latent Attention: DeepSeek-V2 (its complex rotation: interleaved pairs; q from one q_proj
     # here, q_lora_rank None), DeepSeek-V3 and the architectures with its attention (interleaved pairs,
     # config.rope_interleave's default; rotate-half ones: tests in test_mla.py), MiniCPM3 (rotate-half)
@@ -313,18 +330,21 @@ MLA_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "youtu", "axk1", "mi
 # IDENTITY_LAYERS; Gemma 2's and VaultGemma's soft-capped layers fuse with rope_attention's
 # softcap): the hybrids' one attention layer
 FUSED_LAYERS = {"qwen3_next": 1, "qwen3_5_text": 1, "qwen3_5_moe_text": 1, "lfm2": 1, "lfm2_moe": 1,
-                "granitemoehybrid": 1, "olmo_hybrid": 1, "lfm3": 2, "lara_mini": 2}
+                "granitemoehybrid": 1, "olmo_hybrid": 1, "lfm3": 2, "lara_mini": 2,
+                "granite_swa": 3, "granitemoe_swa": 3}
 
 # which layers of a make(model_type) model rotate outside rope_attention (NoPE, or norms after RoPE, or
 # the negative angle) and so call it with the identity table (width 0: no feature rotates), where not none
 IDENTITY_LAYERS = {"smollm3": [1], "exaone4": [1], "cohere2": [1], "exaone_moe": [1], "kolibri1": [1],
                    "cohere2_moe": [1], "nanochat": [0, 1], "hunyuan_v1_dense": [0, 1], "hunyuan_v1_moe": [0, 1],
                    "llama4_text": [1], "flint": [1], "afmoe": [1], "lara_mini": [1],
+                   "granite_swa": [2], "granitemoe_swa": [2],
                    **{t: [0, 1] for t in MLA_TYPES}}
 
 # the head size of each layer on the fused path, where not 16 in every layer: Gemma 4's full
 # layer has heads of global_head_dim
-FUSED_HEAD_DIMS = {"gemma4_text": [16, 32], "gemma4_unified_text": [16, 32], **{t: [24, 24] for t in MLA_TYPES}}
+FUSED_HEAD_DIMS = {"gemma4_text": [16, 32], "gemma4_unified_text": [16, 32], "mimo_v2_flash": [24, 24],
+                   **{t: [24, 24] for t in MLA_TYPES}}
 
 
 def fused_shapes(model_type, batch, seqlen):
@@ -791,8 +811,8 @@ def test_packed_sequences_within_sliding_windows_equal_transformers(model_type, 
                                         "ministral3", "bitnet", "minicpm5_moe", "qwen3_next", "qwen3_5_text",
                                         "qwen3_5_moe_text", "lfm2", "lfm2_moe", "llama4_text", "granitemoehybrid",
                                         "olmo_hybrid", "flint", "afmoe", "mllama_text_model", "falcon", "aria_text",
-                                        "lfm3", "lara_mini", "laguna", "minimax_m3_vl_text",
-                                        *MLA_TYPES])
+                                        "lfm3", "lara_mini", "laguna", "minimax_m3_vl_text", "mimo_v2_flash",
+                                        "granite_swa", "granitemoe_swa", *MLA_TYPES])
 def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_type, fused_calls):
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
@@ -1571,6 +1591,71 @@ def test_lara_mini_full_layers_get_no_tables_and_attend_without_rotation(attenti
             assert (fused_calls, rotations) == ([], [(1, 100, 4, 16)])
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize("model_type", ["granite_swa", "granitemoe_swa"])
+def test_granite_swa_layers_of_theta_0_get_no_tables_and_attend_without_rotation(model_type, attention, fused_calls,
+                                                                                  fused_tables, rotations):
+    # its model hands layer 2 (layer_rope_theta 0) position_embeddings None: NoPE; layers 0 and 1 rotate
+    base = make(model_type)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    x = ids(1, 100)
+    for position_ids in (None, PACKED):  # packed sequences: delimited by the positions the layers get
+        fused_calls.clear(), fused_tables.clear(), rotations.clear()
+        assert_same(logits_and_grads(model, x, position_ids=position_ids),
+                    logits_and_grads(twin(base, model.config), x, position_ids=position_ids))
+        if attention == "fused":  # (packed: as (tokens, heads, head_dim) sequences, cu_seqlens)
+            shape = (1, 100, 4, 16) if position_ids is None else (100, 4, 16)
+            assert (fused_calls, fused_tables, rotations) == ([shape] * 3, [False, False, True], [])
+        else:
+            assert (fused_calls, rotations) == ([], [(1, 100, 4, 16)] * 2)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize("model_type", ["granite_swa", "granitemoe_swa"])
+def test_granite_swa_position_interpolation_scales_the_rope_of_every_theta_and_round_trips(model_type, attention,
+                                                                                          tmp_path):
+    # transformers builds one rotary embedding per non-zero theta of layer_rope_theta from the config's
+    # rope_parameters with that rope_theta: PI's linear factor scales each; the model finds each layer's
+    # tables by its embedding's config's rope_theta; plain transformers loads the saved model back
+    from pirope.integrations.transformers.rotary import PiropeRotaryEmbedding
+
+    base = sharpen(make(model_type))  # (scores of a few units, where the angles show)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    params = model.config.rope_parameters
+    assert params == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    rotaries = model.model.rotary_embs
+    assert [(type(r), r.base, r.scaling["factor"]) for r in rotaries] == \
+        [(PiropeRotaryEmbedding, 10000.0, 2.0), (PiropeRotaryEmbedding, 500000.0, 2.0)]
+    assert [r.config.rope_parameters for r in rotaries] == [{**params, "rope_theta": t} for t in (10000.0, 500000.0)]
+    assert [r.config.max_position_embeddings for r in rotaries] == [2 * WINDOW] * 2
+    x = ids(2, 100)
+    got = logits_and_grads(model, x)
+    assert_same(got, logits_and_grads(twin(base, model.config), x))
+    model.save_pretrained(tmp_path)
+    loaded = type(base).from_pretrained(tmp_path).eval()
+    assert loaded.config.rope_parameters == params and loaded.config.layer_rope_theta == [10000.0, 500000.0, 0]
+    assert_same(got, logits_and_grads(loaded, x))
+    # the premise: layer 1 turned by layer 0's theta (5e5's embedding built at 1e4) gives other logits
+    rotaries[1] = copy.deepcopy(rotaries[0])
+    rotaries[1].config.rope_parameters["rope_theta"] = 500000.0
+    with torch.no_grad():
+        assert not torch.allclose(model(x).logits, got[0], rtol=0, atol=1e-4)
+
+
+def test_granite_swa_rotary_embeddings_not_one_per_theta_are_refused_unchanged():
+    # a model whose rotary_embs do not serve config.layer_rope_theta (here a theta changed after building,
+    # which transformers' forward would not find either) is refused before anything changes
+    model = make("granite_swa")
+    model.config.layer_rope_theta = [10000.0, 1000000.0, 0]
+    rotary, rotaries, before = model.model.rotary_emb, model.model.rotary_embs, copy.deepcopy(model.config.to_dict())
+    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
+        with pytest.raises(TypeError, match=r"rotary_embs \(of thetas \[10000.0, 500000.0\]\) .*layer_rope_theta"):
+            call(model)
+        assert model.model.rotary_emb is rotary and model.model.rotary_embs is rotaries
+        assert all("forward" not in vars(layer.self_attn) for layer in model.model.layers)
+        assert model.config.to_dict() == before
+
+
 @pytest.mark.parametrize("gating", [True, "per-element"])
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 def test_laguna_gates_the_attention_output_by_softplus_per_head_or_per_feature(gating, attention, fused_calls):
@@ -1586,6 +1671,72 @@ def test_laguna_gates_the_attention_output_by_softplus_per_head_or_per_feature(g
     with torch.no_grad():
         sigmoid = _with_family(copy.deepcopy(model), gate_act="sigmoid")(x, use_cache=False).logits
         assert not torch.allclose(sigmoid, model(x, use_cache=False).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("v_head_dim", [16, 32])
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_mimo_v2_flash_values_have_their_own_head_size_times_v_scale(v_head_dim, attention, fused_calls):
+    # v_proj gives heads x v_head_dim, viewed so, times v_scale (attention_value_scale 0.707) before the
+    # cache; transformers runs its own eager attention (no sdpa); the fused path pads the values (16) to
+    # q's head size (24), or q and k to the values' (32), with zero features and slices the output back
+    base = make("mimo_v2_flash", v_head_dim=v_head_dim)
+    attn = base.model.layers[0].self_attn
+    assert base.config._attn_implementation == "eager" and attn.v_proj.out_features == 4 * v_head_dim
+    assert attn.head_dim == 24 and attn.v_scale == 0.707
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    x = ids(2, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+    assert fused_calls == ([(2, 100, 4, max(24, v_head_dim))] * 2 if attention == "fused" else [])
+    with torch.no_grad():  # without the scale the same patch gives other logits
+        unscaled = _with_family(copy.deepcopy(model), v_scale=None)(x, use_cache=False).logits
+        assert not torch.allclose(unscaled, model(x, use_cache=False).logits, rtol=0, atol=1e-4)
+
+
+MIMO_ROPE_WITHOUT_PARTIAL = {"full_attention": {"rope_type": "default", "rope_theta": 5e6},
+                             "sliding_attention": {"rope_type": "linear", "factor": 1.0, "rope_theta": 1e4}}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_mimo_v2_flash_rotates_its_default_share_where_rope_parameters_have_no_partial_factor(attention, tmp_path):
+    # its own "default" table rotates 0.334 of the head (8 of 24 features) where the type's dict has no
+    # partial_rotary_factor, a scaled one the whole head (transformers' 1.0); PI writes the share out, and
+    # plain transformers reloads the same model
+    base = make("mimo_v2_flash", rope_parameters=copy.deepcopy(MIMO_ROPE_WITHOUT_PARTIAL))
+    x = ids(2, 100)
+    model = patch_rope(copy.deepcopy(base), attention=attention)
+    assert {t: r.rotary_dim for t, r in model.model.rotary_emb.by_type.items()} == \
+        {"full_attention": 8, "sliding_attention": 24}
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    assert model.config.rope_parameters == {
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e6, "partial_rotary_factor": 0.334},
+        "sliding_attention": MIMO_ROPE_WITHOUT_PARTIAL["sliding_attention"]}
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+    model.save_pretrained(tmp_path)
+    loaded = transformers.MiMoV2FlashForCausalLM.from_pretrained(tmp_path).eval()  # plain transformers
+    assert loaded.config.rope_parameters == model.config.rope_parameters
+    assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
+    # a replaced scaling keeps the share that rotates: the sliding layers' whole head, even as "default"
+    model = patch_rope(copy.deepcopy(base), {"sliding_attention": {"rope_type": "default"}}, attention=attention)
+    assert model.config.rope_parameters["sliding_attention"] == {"rope_type": "default", "rope_theta": 1e4,
+                                                                 "partial_rotary_factor": 1.0}
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+
+
+def test_mimo_v2_flash_rope_parameters_without_partial_factor_beside_the_configs_are_refused_unchanged():
+    # transformers' MiMo-V2-Flash rotates 0.334 of the head by such a "default" dict but copies
+    # config.partial_rotary_factor into it once a scaled type's table is built (PI's): refused, nothing changed
+    base = make("mimo_v2_flash", rope_parameters={t: {"rope_type": "default", "rope_theta": 1e4}
+                                                  for t in ("full_attention", "sliding_attention")})
+    base.config.partial_rotary_factor = 0.5
+    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
+        model = copy.deepcopy(base)
+        before = copy.deepcopy(model.config.rope_parameters)
+        with pytest.raises(ValueError, match=r"config.partial_rotary_factor=0.5 beside rope_parameters without one"):
+            call(model)
+        assert model.config.rope_parameters == before and model.config.max_position_embeddings == WINDOW
+        assert type(model.model.rotary_emb).__name__ == "MiMoV2FlashRotaryEmbedding"
+        assert "forward" not in vars(model.model.layers[0].self_attn)
 
 
 def test_nanochat_rotates_by_the_negative_angle():
@@ -1995,7 +2146,8 @@ def with_sinks(model, scale=2.0):
     part of each row's attention: a patch that dropped them would change the logits a lot."""
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.sinks.normal_(0.0, scale)
+            if layer.self_attn.sinks is not None:  # (MiMo-V2-Flash's full_attention layers have none)
+                layer.self_attn.sinks.normal_(0.0, scale)
     return model
 
 
@@ -2006,10 +2158,11 @@ def fused_sinks(monkeypatch):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-@pytest.mark.parametrize("model_type", ["gpt_oss", "flint"])
+@pytest.mark.parametrize("model_type", ["gpt_oss", "flint", "granite_swa", "granitemoe_swa", "mimo_v2_flash"])
 def test_sinks_are_followed_and_trained(model_type, attention, fused_sinks):
     # logits and every gradient (the sinks' included) equal transformers'; the fused path
-    # passes each layer's own sinks parameter (Flint's NoPE layer 1 is not fused)
+    # passes each layer's own sinks parameter (Flint's NoPE layer 1 is not fused; MiMo-V2-Flash's
+    # full_attention layer 1 has sinks None: none passed)
     base = with_sinks(make(model_type))
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     x = ids(2, 100)
@@ -2023,7 +2176,8 @@ def test_sinks_are_followed_and_trained(model_type, attention, fused_sinks):
     no_sinks = copy.deepcopy(base)
     with torch.no_grad():
         for layer in no_sinks.model.layers:
-            layer.self_attn.sinks.fill_(float("-inf"))
+            if layer.self_attn.sinks is not None:
+                layer.self_attn.sinks.fill_(float("-inf"))
     assert not torch.allclose(logits_and_grads(twin(no_sinks, model.config), x)[0], want[0], atol=1e-3)
 
 
@@ -2078,6 +2232,11 @@ def _without(model, layer, name):
     ("afmoe", 0, "sliding_window", "decoder layer 0 .*sliding_window"),
     ("qwen2", 1, "sliding_window", "decoder layer 1 .*sliding_window"),
     ("llama4_text", 1, "floor_scale", "self_attn.attn_temperature_tuning.*temperature tuning"),
+    ("mimo_v2_flash", 0, "sinks", r"self_attn.sinks \(its attention-sink logits, or None\)"),
+    ("mimo_v2_flash", 1, "sinks", r"self_attn.sinks \(its attention-sink logits, or None\)"),  # (None there)
+    ("mimo_v2_flash", 0, "v_head_dim", "decoder layer 0 .*v_head_dim"),
+    ("mimo_v2_flash", 1, "v_scale", "decoder layer 1 .*v_scale"),
+    ("granite_swa", 2, "layer_idx", "self_attn.layer_idx telling whether it rotates"),
 ])
 def test_a_layer_without_what_its_family_needs_is_refused_unchanged(model_type, layer, name, match):
     model = _without(make(model_type), layer, name)

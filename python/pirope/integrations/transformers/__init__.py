@@ -102,7 +102,11 @@ only, as Cohere 2), ``afmoe`` (AFMoE, Arcee's Trinity: per-head q/k RMSNorms bef
 its sliding_attention layers only, the attention's output times ``sigmoid(gate_proj(hidden))``),
 ``laguna`` (Poolside's Laguna: AFMoE's q/k norms, RoPE on every layer, per layer type with partial
 rotary (its full_attention layers rotate half the head), heads per layer, the output times
-``softplus(g_proj(hidden))`` in float32, one gate per head or per feature) and ``step3p5`` (the
+``softplus(g_proj(hidden))`` in float32, one gate per head or per feature), ``mimo_v2_flash``
+(Xiaomi's MiMo-V2-Flash: Qwen2's attention, RoPE per layer type with partial rotary, 0.334 of the
+head where a type's ``rope_parameters`` give no ``partial_rotary_factor``, a window and GPT-OSS's
+attention sinks on its sliding_attention layers, values of their own head size ``v_head_dim`` times
+``attention_value_scale``, zero-padded to q's head size on the fused path) and ``step3p5`` (the
 language model of Step 3.7, ``Step3p7ForConditionalGeneration``: Laguna's attention with a sigmoid
 gate per head and ``query_pre_attn_scalar ** -0.5`` scaling), ``lfm3`` (LFM3: Qwen3's attention with a
 window on its sliding_attention layers, RoPE per layer type, "proportional" on full_attention, the
@@ -112,7 +116,11 @@ sliding_attention layers only; its model hands the full_attention layers no tabl
 DeltaNet layers left as they are), ``minimax_m3_vl_text`` (MiniMax M3's text model,
 ``MiniMaxM3VLForCausalLM``: Qwen3's per-head q/k norms, partial rotary from ``rope_parameters``'
 ``partial_rotary_factor``; a model with "minimax_m3_sparse" layers, whose lightning indexer reads the
-RoPE tables itself and selects the keys attended to, is refused),
+RoPE tables itself and selects the keys attended to, is refused), ``granite_swa`` and ``granitemoe_swa``
+(GraniteSWA and its MoE: Granite's attention with a window on its sliding_attention layers and GPT-OSS's
+attention sinks; RoPE per layer by ``config.layer_rope_theta``, one rotary embedding per theta, its
+``rotary_embs``, each replaced by pirope's of that theta, which PI's linear factor scales; the layers
+of theta 0, handed no tables, NoPE),
 ``mllama_text_model`` (Llama 3.2 Vision's language model: ``MllamaForCausalLM``, and that of
 ``MllamaForConditionalGeneration``; LLaMA's self-attention, its dropout rate in ``.dropout``; the
 cross-attention layers, ``config.cross_attention_layers``, which attend to the image without RoPE,

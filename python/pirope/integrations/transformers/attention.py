@@ -58,13 +58,17 @@ def _project(attn, hidden_states):
     clip = None if family.clip is None else getattr(attn.config, family.clip, None)
     if clip is not None:  # OLMo, OLMoE (after its norms): clamped before RoPE, so fusing stays exact
         q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
-    q, k, v = q.view(shape), k.view(shape), v.view(shape)
+    # (MiMo-V2-Flash: values of their own head size)
+    v_shape = shape if family.v_head_dim is None else (*shape[:-1], getattr(attn, family.v_head_dim))
+    q, k, v = q.view(shape), k.view(shape), v.view(v_shape)
     if norm == "head":
         q, k = q_norm(q), k_norm(k)
     elif norm == "heads_first":  # StableLM: its per-head norms take (batch, heads, seqlen, head_dim)
         q, k = q_norm(q.transpose(1, 2)).transpose(1, 2), k_norm(k.transpose(1, 2)).transpose(1, 2)
     if family.v_norm is not None:
         v = getattr(attn, family.v_norm)(v)
+    if family.v_scale is not None:  # MiMo-V2-Flash: before the cache, as transformers
+        v = v * getattr(attn, family.v_scale)
     return q, k, v, gate
 
 
@@ -143,9 +147,10 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
                 kv = cache.update(*kv, self.layer_idx, kwargs=kwargs)
             if store:
                 shared_kv[self.layer_type] = kv
-        out = _fused_attention(self, q, k, v, cos, sin, position_ids, cu_seqlens, interleaved=interleaved,
-                               window_size=window_size, softcap=softcap, sinks=sinks)
-        out = out.reshape(*input_shape, -1).contiguous()
+        width = v.shape[-1]  # (MiMo-V2-Flash's values: their own head size, padded to q's and sliced back)
+        out = _fused_attention(self, *_one_head_size(q, k, v), cos, sin, position_ids, cu_seqlens,
+                               interleaved=interleaved, window_size=window_size, softcap=softcap, sinks=sinks)
+        out = out[..., :width].reshape(*input_shape, -1).contiguous()
         return _out_proj(self, out, gate), None
 
     if shared:  # Gemma 4: the keys and values (rotated, (B, H, S, D)) of the layer that stored them
@@ -292,14 +297,21 @@ def _pirope_mla_attention_forward(self, hidden_states, position_embeddings=None,
     # cache may hand back more (a static cache: its whole buffer)
     k, v = self.expand_kv(*((kv_latent, k_rot) if fuse else cached))
     if fuse:
-        width = max(q.shape[-1], v.shape[-1])
-        q, k, v = (t if t.shape[-1] == width else nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+        q, k, v = _one_head_size(q, k, v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # rope_attention's (B, S, H, D) views
         out = _fused_attention(self, q, k, v, *_identity_table(q), cu_seqlens)
         out, weights = out[..., :self.v_head_dim], None
     else:
         out, weights = _transformers_attention(self, q, k, v, attention_mask, **kwargs)
     return _out_proj(self, out.reshape(batch, seqlen, -1).contiguous()), weights
+
+
+def _one_head_size(q, k, v):
+    """q, k and v with the head size of the widest, for rope_attention (one head size): the others padded with
+    zero features, which add nothing to a score (q, k: past the rotary ones, unrotated) or are output features
+    sliced off after (v). MLA's qk and v head sizes, MiMo-V2-Flash's v_head_dim."""
+    width = max(q.shape[-1], v.shape[-1])
+    return tuple(t if t.shape[-1] == width else nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
 
 
 def _identity_table(q):

@@ -52,6 +52,12 @@ def _rotates_when_sliding(attn) -> bool:
     return attn.layer_type == "sliding_attention"
 
 
+def _rotates_by_layer_theta(attn) -> bool:
+    # GraniteSWA: its model hands position_embeddings to the layers whose config.layer_rope_theta is not 0
+    # (None to the others, NoPE) and the attention rotates `if position_embeddings is not None`
+    return bool(attn.config.layer_rope_theta[attn.layer_idx])
+
+
 class _Family(NamedTuple):
     """How an architecture's attention differs from LLaMA's, where pirope must follow it."""
 
@@ -215,11 +221,38 @@ class _Family(NamedTuple):
     # floor((p + 1) / floor_scale)), p the token's index in the call plus the cache's length (not
     # its position_ids), in float32 (see _nope_temperature)
     nope_temperature: bool = False
+    # the module's sinks attribute (_Family.sinks) is None on the layers without sinks, whose attention then has
+    # none (MiMo-V2-Flash's full_attention layers: it passes s_aux None, its eager attention tests
+    # `module.sinks is not None`); False: every layer must hold a sinks tensor
+    sinks_optional: bool = False
+    # the attention module's attribute holding the values' head size where it differs from q's and k's
+    # (MiMo-V2-Flash's v_head_dim: v_proj gives heads x it, v is viewed with it, o_proj takes heads x it); the
+    # fused path pads the values with zero features to q's head size (or q and k to theirs) and slices the
+    # output back (see _one_head_size); None: the values have head_dim features
+    v_head_dim: str | None = None
+    # the attention module's attribute holding a constant the values are multiplied by after the projection,
+    # before the cache and the attention (MiMo-V2-Flash's v_scale, config.attention_value_scale); None: none
+    v_scale: str | None = None
+    # transformers' own "default" table of the family (a rotary embedding with RoPE per layer type) reads
+    # partial_rotary_factor from the type's rope_parameters only, this value where that has none
+    # (MiMo-V2-Flash's compute_default_rope_parameters: 0.334), while its scaled rope types read 1.0 there
+    # (transformers' default); pirope does the same and writes the factor out in a replaced scaling, which
+    # keeps the part of the head that rotates. Such a dict beside a config.partial_rotary_factor (which the
+    # scaled types' init copies into every type's dict, the default table not reading it) is refused.
+    # None: the config's partial_rotary_factor, else 1.0
+    default_partial: float | None = None
     # the attention module's attribute holding a sparse-attention indexer, None on the layers without one
     # (MiniMax M3's lightning indexer on its "minimax_m3_sparse" layers: it rotates projections of its own by
     # the model's cos/sin and masks the attention to the key blocks it selects), which pirope does not
     # follow: a model with such a layer is refused; None: the family has no indexer
     indexer: str | None = None
+    # the base model's ModuleList of rotary embeddings, one per distinct non-zero theta of
+    # config.layer_rope_theta in increasing order, each built from a copy of the config whose
+    # rope_parameters' rope_theta is that theta (their scaling applying to every theta), whose tables the
+    # model hands the layers of that theta, finding them by that copy's rope_parameters["rope_theta"]
+    # (GraniteSWA's rotary_embs; its rotary_name embedding is built but unused): each replaced by pirope's
+    # of its theta; None: the model's one rotary_name embedding
+    rotary_per_theta: str | None = None
 
 
 # Families whose attention is LLaMA's up to the differences above (checked against
@@ -396,6 +429,13 @@ _FAMILIES: dict[str, _Family] = {
     # only (is_local_attention), the output gated by sigmoid(gate_proj(hidden_states))
     "afmoe": _Family("separate", "module", False, qk_norm="head", gate="gate_proj",
                      rope_layers=_RopeLayers(("is_local_attention",), _rotates_when_local)),
+    # GraniteSWA (dense and MoE): Granite's attention (attention_multiplier) with a window on its
+    # sliding_attention layers and GPT-OSS's sinks (its eager applies them as sigmoid(logsumexp - sink), the
+    # same), RoPE per layer by config.layer_rope_theta (one rotary embedding per theta), NoPE where it is 0
+    "granite_swa": _Family("separate", "module", False, sinks="sinks", rotary_per_theta="rotary_embs",
+                           rope_layers=_RopeLayers(("layer_idx",), _rotates_by_layer_theta)),
+    "granitemoe_swa": _Family("separate", "module", False, sinks="sinks", rotary_per_theta="rotary_embs",
+                              rope_layers=_RopeLayers(("layer_idx",), _rotates_by_layer_theta)),
     # Laguna (Poolside): AFMoE's attention, rotating in every layer, partial rotary and RoPE per layer type
     # (the full_attention layers' 0.5 of a head, the sliding ones' whole head), heads per layer, and the output
     # gated by softplus(g_proj(hidden_states)), one gate per head (gating "per-head") or per feature
@@ -404,6 +444,12 @@ _FAMILIES: dict[str, _Family] = {
     # Step 3.5 / 3.7's language model (Step3p7ForConditionalGeneration's): Laguna's attention with the
     # gate's sigmoid (query_pre_attn_scalar as its scaling, (1 + w) RMSNorm q/k norms)
     "step3p5": _Family("separate", "module", True, qk_norm="head", gate="g_proj", rope_per_layer_type=True),
+    # MiMo-V2-Flash (Xiaomi): Qwen2's attention (q/k/v biases with attention_bias), RoPE per layer type with
+    # partial rotary (0.334 of the head where the type's rope_parameters say nothing), a window and GPT-OSS's
+    # attention sinks on its sliding_attention layers (None on the full_attention ones), values of their own
+    # head size (v_head_dim) times v_scale
+    "mimo_v2_flash": _Family("separate", "module", True, sinks="sinks", sinks_optional=True, rope_per_layer_type=True,
+                             v_head_dim="v_head_dim", v_scale="v_scale", default_partial=0.334),
     # Llama 3.2 Vision's language model (MllamaForCausalLM; MllamaForConditionalGeneration's is one):
     # LLaMA's self-attention (its dropout rate in .dropout) between cross-attention layers (left alone)
     "mllama_text_model": _Family("separate", None, False, cross_layers="cross_attention_layers", dropout_attr="dropout"),

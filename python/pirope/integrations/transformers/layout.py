@@ -89,6 +89,7 @@ def _attention_modules(model, family: _Family):
     need += (family.out_dropout,) if family.out_dropout is not None else ()
     need += (family.out_norm,) if family.out_norm is not None else ()
     need += (family.gate,) if family.gate is not None else ()
+    need += tuple(name for name in (family.v_head_dim, family.v_scale) if name is not None)  # MiMo-V2-Flash's
     need += ("layer_idx",) if family.chunked is not None else ()  # which config.layer_types entry is its
     # the window the family's attention passes (and where it rotates, AFMoE's, Flint's), read from the module
     need += ("sliding_window",) if family.window in ("module", "sliding") else ()
@@ -132,10 +133,13 @@ def _attention_modules(model, family: _Family):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn.{family.softcap} "
                 "(its attention-logit soft-cap); this architecture is not supported")
-        if family.sinks is not None and not isinstance(getattr(attn, family.sinks, None), torch.Tensor):
+        sinks = getattr(attn, family.sinks, None) if family.sinks is not None else None
+        if family.sinks is not None and not isinstance(sinks, torch.Tensor) and not (
+                family.sinks_optional and sinks is None and hasattr(attn, family.sinks)):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no tensor self_attn.{family.sinks} "
-                "(its attention-sink logits); this architecture is not supported")
+                f"(its attention-sink logits{', or None' if family.sinks_optional else ''}); "
+                "this architecture is not supported")
         if family.nope_temperature and not all(hasattr(attn, n) for n in _NOPE_TEMPERATURE_ATTRS):
             raise TypeError(
                 f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn."

@@ -13,7 +13,7 @@ from .layout import _attention_modules, _attention_modules_of_type, _base_model,
 from .rope_parameters import (_interpolated, _interpolated_by_type, _mla_scaling, _ntk_alpha_as_default,
                               _replaced_rope_parameters, _rope_parameters, _rope_parameters_by_type)
 
-from .rotary import _rotary_embedding, PiropeLayerTypeRotaryEmbedding
+from .rotary import _rotary_embedding, _rotary_embeddings_per_theta, PiropeLayerTypeRotaryEmbedding
 
 
 _ATTENTION_MODES = ("fused", "sdpa")
@@ -73,7 +73,7 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
     if scaling is not None and not isinstance(scaling, dict):
         raise TypeError(
             f"scaling must be None or a dict in Hugging Face rope_parameters form, got {type(scaling).__name__}")
-    mla_scales = None
+    mla_scales = per_theta = None
     if family.rope_per_layer_type:
         by_type = _rope_parameters_by_type(config, family.linear_layers)
         if scaling is not None:
@@ -97,6 +97,8 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
         if scaling is not None:
             params = _replaced_rope_parameters(model_type, family, config, attns, params, scaling)
         rotary = _rotary_embedding(model, model_type, family, attns, params)
+        if family.rotary_per_theta is not None:  # (GraniteSWA: its model's rotary_emb is unused)
+            per_theta = _rotary_embeddings_per_theta(model, model_type, family, attns, params)
         if family.proj == "mla" and rotary.rotary_dim != attns[0].qk_rope_head_dim:
             raise ValueError(
                 f"scaling: a RoPE table of {rotary.rotary_dim} features does not fit the {attns[0].qk_rope_head_dim} "
@@ -108,6 +110,8 @@ def patch_rope(model, scaling: dict | None = None, *, attention: str = "sdpa"):
         if scaling is not None:
             config.rope_parameters = params
     setattr(base, family.rotary_name, rotary)
+    if per_theta is not None:
+        setattr(base, family.rotary_per_theta, per_theta)
     if family.kv_sharing and hasattr(type(base), "_maybe_slice_kv_shared_inputs"):
         base._maybe_slice_kv_shared_inputs = functools.partial(_slice_kv_shared_inputs, base)
     text_positions = PositionsMemo()  # mRoPE: the layers' text positions, read once per forward
@@ -264,4 +268,6 @@ def apply_position_interpolation(
     patch_rope(model, new_params, attention=attention)  # validates everything before changing the model
     config.max_position_embeddings = new_window
     getattr(_base_model(model), family.rotary_name).max_position_embeddings = new_window
+    for rotary in getattr(_base_model(model), family.rotary_per_theta) if family.rotary_per_theta else ():
+        rotary.max_position_embeddings = rotary.config.max_position_embeddings = new_window  # (its config copy's)
     return whole

@@ -83,7 +83,17 @@ def _rope_setup(model, model_type: str, family: _Family, params: dict, head_dim:
     if base is None:
         base = getattr(model.config, "rope_theta", 10000.0)
     partial = params.pop("partial_rotary_factor", None)
-    if partial is None:
+    if partial is None and family.default_partial is not None:  # MiMo-V2-Flash: the type's dict only
+        if getattr(model.config, "partial_rotary_factor", None) is not None:
+            # its "default" table ignores the config's, while its scaled types' init (standardize_rope_params)
+            # copies it into every type's dict without one: which share rotates depends on what ran first
+            raise ValueError(
+                f"model: config.partial_rotary_factor={model.config.partial_rotary_factor!r} beside rope_parameters "
+                f"without one ({params!r}): model_type {model_type!r} rotates {family.default_partial} of the head "
+                "with that dict's 'default' table, the config's share once another rope_type's table was built; "
+                "put partial_rotary_factor in each layer type's rope_parameters")
+        partial = family.default_partial if rope_type == "default" else 1.0
+    elif partial is None:
         partial = getattr(model.config, "partial_rotary_factor", None) or 1.0
     if partial != 1.0 and not partial_supported and rope_type != "proportional":
         # (proportional's table spans the whole head, partial_rotary_factor zeroing its last
@@ -172,6 +182,11 @@ def _replaced_rope_parameters(model_type: str, family: _Family, config, attns, p
     for key in keep:
         if key not in new and key in params:
             new[key] = params[key]
+    if family.default_partial is not None and "partial_rotary_factor" not in new:
+        # MiMo-V2-Flash: the share of the head the model rotates now, written out (where the dict has none,
+        # "default" and the scaled rope types read different defaults)
+        old_type = params.get("rope_type", params.get("type", "default"))
+        new["partial_rotary_factor"] = family.default_partial if old_type == "default" else 1.0
     if new["rope_type"] in ("llama3", "yarn", "longrope"):
         # as transformers' standardize_rope_params: a config's own original window (Phi-3 keeps
         # original_max_position_embeddings beside rope_parameters) is the one the model uses

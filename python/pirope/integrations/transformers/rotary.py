@@ -3,6 +3,7 @@ float32 cos/sin tables shared by all layers, handed to them as :class:`RopeTable
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, NamedTuple
 
@@ -307,6 +308,39 @@ def _rotary_embedding(model, model_type: str, family: _Family, attns, params: di
         pair_rows = _mrope_pair_rows(model_type, family, rotary, int(head_dim * partial) // 2)
         return PiropeMultimodalRotaryEmbedding(head_dim, pair_rows=pair_rows, **kwargs)
     return PiropeRotaryEmbedding(head_dim, **kwargs)
+
+
+def _rotary_embeddings_per_theta(model, model_type: str, family: _Family, attns, params: dict) -> nn.ModuleList:
+    """pirope's embeddings in place of a model's rotary embedding per theta (_Family.rotary_per_theta:
+    GraniteSWA's rotary_embs), built as transformers builds its own: for each distinct non-zero theta of
+    config.layer_rope_theta, increasing, the RoPE of ``params`` (the model's rope_parameters) with that
+    rope_theta -- a linear factor scales every theta --, holding that copy of the config, by whose
+    rope_parameters["rope_theta"] the model finds the tables of each layer. A model whose embeddings are
+    not those (so that the layers would not get the tables the model means) is refused."""
+    config, name = model.config, family.rotary_per_theta
+    thetas = sorted({theta for theta in getattr(config, "layer_rope_theta", None) or () if theta})
+    old = getattr(_base_model(model), name, None)
+    found = [_rope_theta_of(r) for r in old] if isinstance(old, nn.ModuleList) else None
+    if found != thetas:
+        raise TypeError(
+            f"model: {type(model).__name__}'s {name} (of thetas {found}) is not one rotary embedding per distinct "
+            f"non-zero theta of config.layer_rope_theta={getattr(config, 'layer_rope_theta', None)!r}; this "
+            "architecture is not supported")
+    positions = PositionsMemo()  # the model calls each with the same position_ids: read them once
+    rotaries = []
+    for theta in thetas:
+        theta_config = copy.deepcopy(config)
+        theta_config.rope_parameters = {**params, "rope_theta": theta}
+        rotary = _rotary_embedding(model, model_type, family, attns, theta_config.rope_parameters)
+        rotary.config, rotary._positions = theta_config, positions
+        rotaries.append(rotary)
+    return nn.ModuleList(rotaries)
+
+
+def _rope_theta_of(rotary):
+    """The rope_theta of a rotary embedding's own config (GraniteSWA's per-theta ones), None without one."""
+    params = getattr(getattr(rotary, "config", None), "rope_parameters", None)
+    return params.get("rope_theta") if isinstance(params, dict) else None
 
 
 def _mrope_pair_rows(model_type: str, family: _Family, rotary, pairs: int) -> tuple[int, ...]:
