@@ -460,6 +460,19 @@ def assert_checkpoint_rope_kept_then_replaced(base, rope_type, longer, attention
     return model, ref, loaded
 
 
+def assert_refused_unchanged(model, error, match, calls=None):
+    """Each of ``calls`` (default: patch_rope, and apply_position_interpolation by 2) refuses ``model``
+    with ``error`` matching ``match`` and leaves it as it was: the same config, the same module objects
+    under the same names (no rotary embedding replaced), no attention forward bound."""
+    calls = calls or (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0))
+    config, modules = model.config.to_dict(), dict(model.named_modules())
+    for call in calls:
+        with pytest.raises(error, match=match):
+            call(model)
+        assert model.config.to_dict() == config and dict(model.named_modules()) == modules
+        assert not any("forward" in vars(module) for module in model.modules())
+
+
 def spy_on(monkeypatch, name, record=lambda q, args, kwargs: tuple(q.shape)):
     """Records record(q, args, kwargs) (default: the q shape) for every call of pirope.<name>(q, *args,
     **kwargs)."""
@@ -727,14 +740,7 @@ def test_falcon_of_older_transformers_is_refused_naming_the_version():
 def test_falcon_with_alibi_is_refused_unchanged():
     # Falcon-RW's form: positions by an ALiBi bias in the mask; the model still builds a rotary
     # embedding, which it never uses: nothing to patch or extend
-    base = make("falcon", alibi=True)
-    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
-        model = copy.deepcopy(base)
-        rotary = model.transformer.rotary_emb
-        with pytest.raises(TypeError, match="config.alibi set: its positions are not RoPE"):
-            call(model)
-        assert model.transformer.rotary_emb is rotary and model.config.max_position_embeddings == WINDOW
-        assert "forward" not in vars(model.transformer.h[0].self_attention)  # no patched forward bound
+    assert_refused_unchanged(make("falcon", alibi=True), TypeError, "config.alibi set: its positions are not RoPE")
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
@@ -823,25 +829,15 @@ def test_fused_prefill_then_cached_decoding_generates_like_transformers(model_ty
 
 
 def test_mllama_with_cross_attention_layers_only_is_refused_unchanged():
-    base = make("mllama_text_model", num_hidden_layers=2, cross_attention_layers=[0, 1])
-    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
-        model = copy.deepcopy(base)
-        rotary = model.model.rotary_emb
-        with pytest.raises(ValueError, match="none of the 2 decoder layers .*cross_attention_layers lists them all"):
-            call(model)
-        assert model.model.rotary_emb is rotary and model.config.rope_parameters == base.config.rope_parameters
+    assert_refused_unchanged(make("mllama_text_model", num_hidden_layers=2, cross_attention_layers=[0, 1]),
+                             ValueError, "none of the 2 decoder layers .*cross_attention_layers lists them all")
 
 
 def test_qwen3_next_without_attention_layers_is_refused_unchanged():
     # Qwen3-Next below its full_attention_interval (4) has linear-attention layers only: no RoPE
     # anywhere, so nothing to patch or extend; refused naming the layer types, model unchanged
-    base = make("qwen3_next", layer_types=["linear_attention", "linear_attention"])
-    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
-        model = copy.deepcopy(base)
-        rotary = model.model.rotary_emb
-        with pytest.raises(ValueError, match="none of the 2 decoder layers .*'linear_attention'"):
-            call(model)
-        assert model.model.rotary_emb is rotary and model.config.max_position_embeddings == WINDOW
+    assert_refused_unchanged(make("qwen3_next", layer_types=["linear_attention", "linear_attention"]),
+                             ValueError, "none of the 2 decoder layers .*'linear_attention'")
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
@@ -1160,10 +1156,8 @@ def test_gemma4_layers_of_one_type_with_different_head_sizes_are_refused_unchang
     # one table per layer type serves its layers: heads of another size in one of them cannot be
     model = make("gemma4_text", **KV_SHARING["gemma4_k_eq_v"][1])
     model.model.layers[2].self_attn.head_dim = 16
-    rotary = model.model.rotary_emb
-    with pytest.raises(TypeError, match="full_attention layers have heads of different sizes"):
-        patch_rope(model)
-    assert model.model.rotary_emb is rotary and "forward" not in model.model.layers[0].self_attn.__dict__
+    assert_refused_unchanged(model, TypeError, "full_attention layers have heads of different sizes",
+                             calls=[patch_rope])
 
 
 # ---- RoPE per layer type (Gemma 3, OLMo 3) ------------------------------------------------
@@ -1573,29 +1567,16 @@ def test_lfm3_gates_each_head_with_its_own_projection(attention, fused_calls):
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "fused"])
-def test_lara_mini_full_layers_get_no_tables_and_attend_without_rotation(attention, fused_calls, fused_tables,
-                                                                        rotations):
-    # its model hands the full_attention layer (2) position_embeddings None: NoPE; the sliding one (1) rotates
-    base = make("lara_mini")
-    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
-    x = ids(1, 100)
-    for position_ids in (None, PACKED):  # packed sequences: delimited by the positions the layers get
-        fused_calls.clear(), fused_tables.clear(), rotations.clear()
-        assert_same(logits_and_grads(model, x, position_ids=position_ids),
-                    logits_and_grads(twin(base, model.config), x, position_ids=position_ids))
-        if attention == "fused":  # (packed: as (tokens, heads, head_dim) sequences, cu_seqlens)
-            shape = (1, 100, 4, 16) if position_ids is None else (100, 4, 16)
-            assert (fused_calls, fused_tables, rotations) == ([shape] * 2, [False, True], [])
-        else:
-            assert (fused_calls, rotations) == ([], [(1, 100, 4, 16)])
+# models whose model hands some layers no tables (position_embeddings None: NoPE), and which layers rotate:
+# LaraMini's full_attention layer (2; layer 0 a Gated DeltaNet), GraniteSWA's layer of layer_rope_theta 0 (2)
+TABLELESS_NOPE = {"lara_mini": [False, True], "granite_swa": [False, False, True],
+                  "granitemoe_swa": [False, False, True]}
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-@pytest.mark.parametrize("model_type", ["granite_swa", "granitemoe_swa"])
-def test_granite_swa_layers_of_theta_0_get_no_tables_and_attend_without_rotation(model_type, attention, fused_calls,
-                                                                                  fused_tables, rotations):
-    # its model hands layer 2 (layer_rope_theta 0) position_embeddings None: NoPE; layers 0 and 1 rotate
+@pytest.mark.parametrize("model_type", list(TABLELESS_NOPE))
+def test_layers_handed_no_tables_attend_without_rotation(model_type, attention, fused_calls, fused_tables, rotations):
+    nope = TABLELESS_NOPE[model_type]  # per layer with attention: whether it is NoPE
     base = make(model_type)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     x = ids(1, 100)
@@ -1605,9 +1586,9 @@ def test_granite_swa_layers_of_theta_0_get_no_tables_and_attend_without_rotation
                     logits_and_grads(twin(base, model.config), x, position_ids=position_ids))
         if attention == "fused":  # (packed: as (tokens, heads, head_dim) sequences, cu_seqlens)
             shape = (1, 100, 4, 16) if position_ids is None else (100, 4, 16)
-            assert (fused_calls, fused_tables, rotations) == ([shape] * 3, [False, False, True], [])
+            assert (fused_calls, fused_tables, rotations) == ([shape] * len(nope), nope, [])
         else:
-            assert (fused_calls, rotations) == ([], [(1, 100, 4, 16)] * 2)
+            assert (fused_calls, rotations) == ([], [(1, 100, 4, 16)] * nope.count(False))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
@@ -1647,13 +1628,7 @@ def test_granite_swa_rotary_embeddings_not_one_per_theta_are_refused_unchanged()
     # which transformers' forward would not find either) is refused before anything changes
     model = make("granite_swa")
     model.config.layer_rope_theta = [10000.0, 1000000.0, 0]
-    rotary, rotaries, before = model.model.rotary_emb, model.model.rotary_embs, copy.deepcopy(model.config.to_dict())
-    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
-        with pytest.raises(TypeError, match=r"rotary_embs \(of thetas \[10000.0, 500000.0\]\) .*layer_rope_theta"):
-            call(model)
-        assert model.model.rotary_emb is rotary and model.model.rotary_embs is rotaries
-        assert all("forward" not in vars(layer.self_attn) for layer in model.model.layers)
-        assert model.config.to_dict() == before
+    assert_refused_unchanged(model, TypeError, r"rotary_embs \(of thetas \[10000.0, 500000.0\]\) .*layer_rope_theta")
 
 
 @pytest.mark.parametrize("gating", [True, "per-element"])
@@ -1729,14 +1704,7 @@ def test_mimo_v2_flash_rope_parameters_without_partial_factor_beside_the_configs
     base = make("mimo_v2_flash", rope_parameters={t: {"rope_type": "default", "rope_theta": 1e4}
                                                   for t in ("full_attention", "sliding_attention")})
     base.config.partial_rotary_factor = 0.5
-    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
-        model = copy.deepcopy(base)
-        before = copy.deepcopy(model.config.rope_parameters)
-        with pytest.raises(ValueError, match=r"config.partial_rotary_factor=0.5 beside rope_parameters without one"):
-            call(model)
-        assert model.config.rope_parameters == before and model.config.max_position_embeddings == WINDOW
-        assert type(model.model.rotary_emb).__name__ == "MiMoV2FlashRotaryEmbedding"
-        assert "forward" not in vars(model.model.layers[0].self_attn)
+    assert_refused_unchanged(base, ValueError, r"config.partial_rotary_factor=0.5 beside rope_parameters without one")
 
 
 def test_nanochat_rotates_by_the_negative_angle():
@@ -2239,11 +2207,7 @@ def _without(model, layer, name):
     ("granite_swa", 2, "layer_idx", "self_attn.layer_idx telling whether it rotates"),
 ])
 def test_a_layer_without_what_its_family_needs_is_refused_unchanged(model_type, layer, name, match):
-    model = _without(make(model_type), layer, name)
-    rotary = model.model.rotary_emb
-    with pytest.raises(TypeError, match=match):
-        apply_position_interpolation(model, 2.0)
-    assert model.model.rotary_emb is rotary and "forward" not in model.model.layers[0].self_attn.__dict__
+    assert_refused_unchanged(_without(make(model_type), layer, name), TypeError, match)
 
 
 @pytest.mark.parametrize(("model_type", "no_rope"), [
@@ -2268,12 +2232,7 @@ def test_minimax_m3_sparse_layers_are_refused_unchanged():
     # model's cos/sin and restricts the attention to the key blocks it picks, which pirope does not follow
     model = make("minimax_m3_vl_text", layer_types=["full_attention", "minimax_m3_sparse"], index_n_heads=2,
                  index_head_dim=16, index_block_size=8, index_topk_blocks=2)
-    rotary, before = model.model.rotary_emb, copy.deepcopy(model.config.rope_parameters)
-    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
-        with pytest.raises(TypeError, match="decoder layer 1 .*sparse-attention indexer"):
-            call(model)
-        assert model.model.rotary_emb is rotary and "forward" not in vars(model.model.layers[0].self_attn)
-        assert model.config.rope_parameters == before and model.config.max_position_embeddings == WINDOW
+    assert_refused_unchanged(model, TypeError, "decoder layer 1 .*sparse-attention indexer")
 
 
 def test_a_model_without_rotary_emb_is_refused():
