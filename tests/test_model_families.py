@@ -328,13 +328,14 @@ MLA_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "youtu", "axk1", "mi
 # rope_attention cannot rotate itself -- NoPE layers (SmolLM3, EXAONE 4, Cohere 2, Llama 4, ...) and
 # NanoChat's and Hunyuan's q/k norms after RoPE --, through an identity rotation, see
 # IDENTITY_LAYERS; Gemma 2's and VaultGemma's soft-capped layers fuse with rope_attention's
-# softcap): the hybrids' one attention layer
+# softcap): the number of layers with attention where the model has fewer (hybrids) or more
 FUSED_LAYERS = {"qwen3_next": 1, "qwen3_5_text": 1, "qwen3_5_moe_text": 1, "lfm2": 1, "lfm2_moe": 1,
                 "granitemoehybrid": 1, "olmo_hybrid": 1, "lfm3": 2, "lara_mini": 2,
                 "granite_swa": 3, "granitemoe_swa": 3}
 
-# which layers of a make(model_type) model rotate outside rope_attention (NoPE, or norms after RoPE, or
-# the negative angle) and so call it with the identity table (width 0: no feature rotates), where not none
+# which of the fused calls of a make(model_type) model (one per layer with attention, in order) are of
+# layers that rotate outside rope_attention (NoPE, or norms after RoPE, or the negative angle) and so call
+# it with the identity table (width 0: no feature rotates), where not none
 IDENTITY_LAYERS = {"smollm3": [1], "exaone4": [1], "cohere2": [1], "exaone_moe": [1], "kolibri1": [1],
                    "cohere2_moe": [1], "nanochat": [0, 1], "hunyuan_v1_dense": [0, 1], "hunyuan_v1_moe": [0, 1],
                    "llama4_text": [1], "flint": [1], "afmoe": [1], "lara_mini": [1],
@@ -360,8 +361,8 @@ MROPE_LANGUAGE_MODELS_ONLY = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text
                               "qwen3_omni_moe_text", "glm_image_text")
 
 
-# language models with neither a ForCausalLM nor multimodal RoPE (DeepSeek-OCR 2's, Granite 4.0 Vision's): tested
-# inside their multimodal models, on text, in MULTIMODAL below
+# language models with neither a ForCausalLM nor multimodal RoPE (DeepSeek-OCR 2's, Granite 4.0 Vision's,
+# Step 3.7's): tested inside their multimodal models, on text, in MULTIMODAL below
 MULTIMODAL_LANGUAGE_MODELS_ONLY = ("deepseek_ocr2_text", "granite4_vision_text", "step3p5")
 
 
@@ -1547,6 +1548,14 @@ def test_afmoe_gates_the_attention_output_with_its_own_projection(attention, fus
     with torch.no_grad():
         ungated = _with_family(copy.deepcopy(model), gate=None)(x, use_cache=False).logits
         assert not torch.allclose(ungated, model(x, use_cache=False).logits, rtol=0, atol=1e-4)
+
+
+def test_a_gate_neither_per_head_nor_per_feature_raises_naming_its_width():
+    model = patch_rope(make("lfm3"), attention="fused")
+    model.model.layers[1].self_attn.g_proj = torch.nn.Linear(64, 3, bias=False)  # 4 heads of 16
+    with pytest.raises(RuntimeError, match=r"gate has 3 features, neither one per head \(4\) nor one per output "
+                                           r"feature \(64\)"):
+        model(ids(1, 10))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])

@@ -108,7 +108,8 @@ head where a type's ``rope_parameters`` give no ``partial_rotary_factor``, a win
 attention sinks on its sliding_attention layers, values of their own head size ``v_head_dim`` times
 ``attention_value_scale``, zero-padded to q's head size on the fused path) and ``step3p5`` (the
 language model of Step 3.7, ``Step3p7ForConditionalGeneration``: Laguna's attention with a sigmoid
-gate per head and ``query_pre_attn_scalar ** -0.5`` scaling), ``lfm3`` (LFM3: Qwen3's attention with a
+gate per head and ``query_pre_attn_scalar ** -0.5`` scaling; its multi-token-prediction draft
+layers, ``generate(use_mtp=True)``, are not patched and fail on pirope's tables: generate without them), ``lfm3`` (LFM3: Qwen3's attention with a
 window on its sliding_attention layers, RoPE per layer type, "proportional" on full_attention, the
 output times ``sigmoid(g_proj(hidden))`` per head where ``use_attention_gate``; "conv" layers left as
 they are), ``lara_mini`` (Qwen3's attention on Qwen3-Next's hybrid layout: RoPE and the window on the

@@ -21,8 +21,9 @@ from .rotary import _position_summary, RopeTables
 
 def _project(attn, hidden_states):
     """q, k, v as (batch, seqlen, heads, head_dim) views, exactly as Hugging Face projects (k and v
-    None in a KV-shared layer: see _Family.kv_sharing), and the output gate (batch, seqlen,
-    heads * head_dim; None without _Family.q_gate or .gate)."""
+    None in a KV-shared layer: see _Family.kv_sharing), and the output gate: (batch, seqlen,
+    heads * head_dim), or (batch, seqlen, heads, 1) for a gate per head; None without _Family.q_gate
+    or .gate."""
     family = attn._pirope_family
     head_dim = _head_dim(attn, family)
     shape = (*hidden_states.shape[:-1], -1, head_dim)
@@ -69,6 +70,13 @@ def _project(attn, hidden_states):
         v = getattr(attn, family.v_norm)(v)
     if family.v_scale is not None:  # MiMo-V2-Flash: before the cache, as transformers
         v = v * getattr(attn, family.v_scale)
+    if gate is not None and gate.shape[-1] != q.shape[-2] * v.shape[-1]:
+        # a gate per head (LFM3's, Laguna's, Step 3.7's g_proj): (B, S, H, 1), broadcast over the head's output
+        if gate.shape[-1] != q.shape[-2]:
+            raise RuntimeError(
+                f"{type(attn).__name__}: its gate has {gate.shape[-1]} features, neither one per head ({q.shape[-2]}) "
+                f"nor one per output feature ({q.shape[-2] * v.shape[-1]})")
+        gate = gate.unsqueeze(-1)
     return q, k, v, gate
 
 
@@ -108,7 +116,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
             packed = text_positions.numel() > 0 and \
                 self._pirope_text_positions.get(text_positions, _position_summary)[2]
     input_shape = hidden_states.shape[:-1]
-    q, k, v, gate = _project(self, hidden_states)  # (B, S, H, D); gate: None, or (B, S, H * D)
+    q, k, v, gate = _project(self, hidden_states)  # (B, S, H, D); gate: None, (B, S, H * D) or (B, S, H, 1)
     cos, sin, position_ids = _tables_to(q.device, cos, sin, position_ids)
 
     interleaved = _interleaved(self)
@@ -178,7 +186,8 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
 def _call_inputs(attn, position_embeddings, cache, kwargs):
     """A patched attention forward's cache (also passed under a deprecated name, popped from
     ``kwargs``: past_key_values, GPT-NeoX's layer_past) and its pirope tables (cos, sin, position_ids,
-    packed), or a RuntimeError where the rotary embedding was not pirope's."""
+    packed) -- empty ones for a NoPE layer its model hands none (LaraMini, GraniteSWA) --, or a
+    RuntimeError where the rotary embedding was not pirope's."""
     for alias in ("past_key_values", "layer_past"):
         if alias in kwargs and cache is None:
             cache = kwargs.pop(alias)
@@ -383,8 +392,8 @@ def _out_proj(attn, out, gate=None):
             gate = nn.functional.softplus(gate.float()).to(out.dtype)
         else:
             gate = gate.sigmoid()
-        if gate.shape[-1] != out.shape[-1]:  # one gate per head (LFM3's, Laguna's, Step 3.7's), (B, S, H)
-            out = (out.unflatten(-1, (gate.shape[-1], -1)) * gate[..., None]).flatten(-2)
+        if gate.dim() > out.dim():  # one gate per head, (B, S, H, 1): see _project
+            out = (out.unflatten(-1, (gate.shape[-2], -1)) * gate).flatten(-2)
         else:
             out = out * gate
     if attn._pirope_family.out_norm is not None:  # BitNet's attn_sub_norm

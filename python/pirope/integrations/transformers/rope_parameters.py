@@ -20,7 +20,6 @@ from .layout import _head_dim
 _LONGROPE_ONLY = ("phi3",)
 
 
-
 def _rope_parameters_by_type(config, linear_layers: str | None = None) -> dict[str, dict]:
     """``{layer_type: rope_parameters}`` of a family with RoPE per layer type, for the layer
     types the model has (``set(config.layer_types)``, as its rotary embedding builds them), but
