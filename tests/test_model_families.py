@@ -1713,7 +1713,13 @@ def test_mimo_v2_flash_rope_parameters_without_partial_factor_beside_the_configs
     base = make("mimo_v2_flash", rope_parameters={t: {"rope_type": "default", "rope_theta": 1e4}
                                                   for t in ("full_attention", "sliding_attention")})
     base.config.partial_rotary_factor = 0.5
-    assert_refused_unchanged(base, ValueError, r"config.partial_rotary_factor=0.5 beside rope_parameters without one")
+    assert_refused_unchanged(base, ValueError, r"config.partial_rotary_factor=0.5 beside rope_parameters without one "
+                                               r"\(\{'rope_type': 'default', 'rope_theta': 10000.0\}\)")
+    # where the config's share is the one the dict means (0.334), both readings agree: accepted
+    base.config.partial_rotary_factor = 0.334
+    model = patch_rope(copy.deepcopy(base))
+    x = ids(1, 40)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base), x))
 
 
 def test_nanochat_rotates_by_the_negative_angle():

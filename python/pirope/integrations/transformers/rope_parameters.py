@@ -68,7 +68,7 @@ _WINDOWED_ROPE_TYPES = ("yarn", "llama3", "longrope")
 def _rope_setup(model, model_type: str, family: _Family, params: dict, head_dim: int):
     """(head_dim, base, scaling-for-pirope, partial_rotary_factor) of a model's RoPE."""
     partial_supported = family.partial
-    params = dict(params)
+    given, params = params, dict(params)
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     if family.attn_temperature:  # the attention's keys, not the table's
         for key in _TEMPERATURE_KEYS:
@@ -83,15 +83,16 @@ def _rope_setup(model, model_type: str, family: _Family, params: dict, head_dim:
         base = getattr(model.config, "rope_theta", 10000.0)
     partial = params.pop("partial_rotary_factor", None)
     if partial is None and family.default_partial is not None:  # MiMo-V2-Flash: the type's dict only
-        if getattr(model.config, "partial_rotary_factor", None) is not None:
+        partial = family.default_partial if rope_type == "default" else 1.0
+        config_partial = getattr(model.config, "partial_rotary_factor", None)
+        if config_partial is not None and config_partial != partial:
             # its "default" table ignores the config's, while its scaled types' init (standardize_rope_params)
             # copies it into every type's dict without one: which share rotates depends on what ran first
             raise ValueError(
-                f"model: config.partial_rotary_factor={model.config.partial_rotary_factor!r} beside rope_parameters "
-                f"without one ({params!r}): model_type {model_type!r} rotates {family.default_partial} of the head "
-                "with that dict's 'default' table, the config's share once another rope_type's table was built; "
-                "put partial_rotary_factor in each layer type's rope_parameters")
-        partial = family.default_partial if rope_type == "default" else 1.0
+                f"model: config.partial_rotary_factor={config_partial!r} beside rope_parameters without one "
+                f"({given!r}): model_type {model_type!r} rotates {partial} of the head with that dict, the config's "
+                "share once another rope_type's table was built; put partial_rotary_factor in each layer type's "
+                "rope_parameters")
     elif partial is None:
         partial = getattr(model.config, "partial_rotary_factor", None) or 1.0
     if partial != 1.0 and not partial_supported and rope_type != "proportional":
