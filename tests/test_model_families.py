@@ -1632,6 +1632,19 @@ def test_granite_swa_position_interpolation_scales_the_rope_of_every_theta_and_r
         assert not torch.allclose(model(x).logits, got[0], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_granite_swa_checkpoint_yarn_is_kept_and_rescaled_for_every_theta(attention, tmp_path):
+    # a YaRN checkpoint: each theta's embedding holds the checkpoint's YaRN at that theta; patch_rope keeps
+    # the model, PI (undefined on YaRN) is refused, a longer YaRN replaces it at every theta, and plain
+    # transformers loads that back
+    yarn = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0, "original_max_position_embeddings": 32}
+    base = sharpen(make("granite_swa", rope_parameters=yarn))
+    longer = dict(yarn, factor=4.0)
+    model, _, _ = assert_checkpoint_rope_kept_then_replaced(base, "yarn", longer, attention, tmp_path, ids(2, 100))
+    assert [(r.base, r.scaling["rope_type"], r.scaling["factor"]) for r in model.model.rotary_embs] == \
+        [(10000.0, "yarn", 4.0), (500000.0, "yarn", 4.0)]
+
+
 def test_granite_swa_rotary_embeddings_not_one_per_theta_are_refused_unchanged():
     # a model whose rotary_embs do not serve config.layer_rope_theta (here a theta changed after building,
     # which transformers' forward would not find either) is refused before anything changes
