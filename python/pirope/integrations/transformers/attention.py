@@ -110,11 +110,7 @@ def _pirope_attention_forward(self, hidden_states, position_embeddings=None, att
         # tensor's sequences are its rows (transformers builds it without positions then)
         text_positions = kwargs["position_ids"]
         segment_positions = text_positions if text_positions.dim() < 3 else None
-        if torch.compiler.is_compiling():
-            packed = None
-        else:
-            packed = text_positions.numel() > 0 and \
-                self._pirope_text_positions.get(text_positions, _position_summary)[2]
+        packed = _packed_text_positions(self, text_positions)
     input_shape = hidden_states.shape[:-1]
     q, k, v, gate = _project(self, hidden_states)  # (B, S, H, D); gate: None, (B, S, H * D) or (B, S, H, 1)
     cos, sin, position_ids = _tables_to(q.device, cos, sin, position_ids)
@@ -196,10 +192,7 @@ def _call_inputs(attn, position_embeddings, cache, kwargs):
         # a NoPE layer its model hands no tables (LaraMini's full_attention layers): no rotation; the
         # positions the decoder layer passes delimit packed sequences, as in transformers' masks
         positions = kwargs.get("position_ids")
-        packed = False
-        if positions is not None and positions.numel() > 0:
-            packed = None if torch.compiler.is_compiling() else \
-                attn._pirope_text_positions.get(positions, _position_summary)[2]
+        packed = False if positions is None or positions.numel() == 0 else _packed_text_positions(attn, positions)
         device = "cpu" if positions is None else positions.device
         empty = torch.empty(1, 0, dtype=torch.float32, device=device)
         return cache, (empty, empty, positions, packed)
@@ -209,6 +202,15 @@ def _call_inputs(attn, position_embeddings, cache, kwargs):
             f"{type(position_embeddings).__name__}, not pirope's RopeTables: the model's rotary_emb "
             "was replaced or bypassed after patch_rope(); call patch_rope() again")
     return cache, tuple(position_embeddings)
+
+
+def _packed_text_positions(attn, positions):
+    """Whether the positions a decoder layer passes its attention (not the tables') hold packed
+    sequences, read once per forward for all layers (their shared PositionsMemo); None under
+    torch.compile, which cannot read them."""
+    if torch.compiler.is_compiling():
+        return None
+    return positions.numel() > 0 and attn._pirope_text_positions.get(positions, _position_summary)[2]
 
 
 def _tables_to(device, cos, sin, position_ids):

@@ -267,7 +267,8 @@ def apply_position_interpolation(
 
     patch_rope(model, new_params, attention=attention)  # validates everything before changing the model
     config.max_position_embeddings = new_window
-    getattr(_base_model(model), family.rotary_name).max_position_embeddings = new_window
-    for rotary in getattr(_base_model(model), family.rotary_per_theta) if family.rotary_per_theta else ():
+    base = _base_model(model)
+    getattr(base, family.rotary_name).max_position_embeddings = new_window
+    for rotary in getattr(base, family.rotary_per_theta) if family.rotary_per_theta else ():
         rotary.max_position_embeddings = rotary.config.max_position_embeddings = new_window  # (its config copy's)
     return whole
