@@ -410,7 +410,7 @@ def readme_torchtune_module():
     with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md"), encoding="utf-8") as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
     (block,) = [b for b in blocks if "class PiropeRotaryPositionalEmbeddings" in b]
-    scope = {"nn": nn, "pirope": pirope}
+    scope = {"nn": nn, "pirope": pirope, "torch": torch}
     exec(compile(block.split("\nrope = ")[0], "README.md", "exec"), scope)  # noqa: S102 - our own README
     return scope["PiropeRotaryPositionalEmbeddings"]
 
@@ -435,6 +435,27 @@ def test_recipe_torchtune(dtype, input_pos):
     out = rope(x, input_pos=pos)
     tol = ANGLE_TOL if dtype == torch.float32 else dict(rtol=1.6e-2, atol=3e-2)
     torch.testing.assert_close(out, ref, **tol)
+    # torchtune casts the model (its RoPE module included) to the training dtype: the tables stay float32
+    rope.to(dtype)
+    torch.testing.assert_close(rope(x, input_pos=pos), out, rtol=0, atol=0)
+
+
+def test_recipe_torchtune_built_on_meta_then_rope_init():
+    # torchtune's distributed recipes build the model on the meta device, shard it, then call
+    # rope_init() of every module that has one under the training device (and dtype) as default
+    with torch.device("meta"):
+        rope = PiropeRotaryPositionalEmbeddings(32, 256, scaling={"rope_type": "linear", "factor": 4.0})
+    assert rope.cos.is_meta
+    with torch.device("cpu"):
+        rope.rope_init()
+    x = torch.randn(2, 50, 4, 32, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(150, 200).expand(2, 50)
+    fresh = PiropeRotaryPositionalEmbeddings(32, 256, scaling={"rope_type": "linear", "factor": 4.0})
+    torch.testing.assert_close(rope(x, input_pos=pos), fresh(x, input_pos=pos), rtol=0, atol=0)
+    # rope_init on a module already on its device recomputes the same tables (to_empty alone
+    # would leave uninitialised memory there)
+    fresh.rope_init()
+    torch.testing.assert_close(fresh(x, input_pos=pos), rope(x, input_pos=pos), rtol=0, atol=0)
 
 
 def test_recipe_torchtune_llama3_scaled():

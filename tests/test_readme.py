@@ -27,6 +27,7 @@ def test_api_examples_run_and_do_what_they_say():
     assert scope["cos"].shape == (8192, 64) and scope["cos"].dtype == torch.float32
     assert scope["q_rot"].shape == (2, 512, 32, 128) and scope["k_rot"].shape == (2, 512, 8, 128)
     assert scope["x"].shape == (512, 32, 128)
+    assert scope["k_new"].shape == (2, 1, 8, 128) and scope["rope"].cos.shape[0] > 8192  # grew for position 8192
     assert scope["out"].shape == scope["q"].shape
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (scope["q"], scope["k"], scope["v"]))
     # packed sequences: one output row per token, gradients through the fused kernels

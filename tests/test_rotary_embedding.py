@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pirope
-from reference import cos_sin_table, rope_reference
+from reference import cos_sin_table, rope_reference, tolerance
 
 
 def test_tables_cover_the_window_and_match_float64():
@@ -408,3 +408,73 @@ def test_modules_pickled_before_the_positions_memo_load():
     module = PiropeRotaryEmbedding.__new__(PiropeRotaryEmbedding)
     module.__setstate__(old)
     assert module(torch.zeros(1, 4, 64), torch.arange(4)[None]).cos.shape[1] == 32
+
+
+# ---- rotate(x): one tensor, for code that rotates q and k apart -------------------------
+
+ROTATE_SCALINGS = [
+    None,
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "dynamic", "factor": 2.0},                       # tables depend on the length
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},  # attention factor
+    {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [3.0] * 8,
+     "original_max_position_embeddings": 16},
+]
+
+
+@pytest.mark.parametrize("scaling", ROTATE_SCALINGS)
+@pytest.mark.parametrize("positions", ["none", "shared", "per-row", "packed", "past the table"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotate_is_forward_on_one_tensor(scaling, positions, interleaved):
+    # rotate(x, position_ids) rotates x exactly as forward rotates q (and k): the same table,
+    # chosen by the same positions, and both equal the float64 rotation by that table
+    def fresh():
+        return pirope.RotaryEmbedding(16, max_position_embeddings=32, scaling=scaling, interleaved=interleaved)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 24, 3, 16, generator=g, dtype=torch.float64)
+    position_ids = {"none": None, "shared": torch.arange(5, 29), "per-row": torch.stack((torch.arange(24),
+                    torch.arange(40, 64))), "packed": torch.cat((torch.arange(10), torch.arange(14))),
+                    "past the table": torch.arange(100, 124)}[positions]
+    if positions == "packed":
+        x = x[0]
+    rope, twin = fresh(), fresh()
+    out = rope.rotate(x, position_ids)
+    q, k = twin(x, x[..., :1, :], position_ids)
+    torch.testing.assert_close(out, q, rtol=0, atol=0)
+    torch.testing.assert_close(out[..., :1, :], k, rtol=0, atol=0)
+    # the table the call used: plain positions index it, rows of the call's own otherwise
+    needed = 24 if position_ids is None else int(position_ids.max()) + 1
+    inv_freq, attention_factor = pirope.rope_frequencies(16, scaling=scaling, max_position_embeddings=32,
+                                                         seq_len=needed)
+    cos, sin = cos_sin_table(inv_freq, needed, attention_factor)
+    torch.testing.assert_close(out, rope_reference(x, cos, sin, position_ids, interleaved=interleaved),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_rotate_in_bfloat16_backward_and_compiled():
+    rope = pirope.RotaryEmbedding(32, max_position_embeddings=64, scaling={"rope_type": "linear", "factor": 2.0})
+    x = torch.randn(1, 40, 2, 32, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(10, 50)
+    out = rope.rotate(x, pos)
+    torch.testing.assert_close(out.double(), rope_reference(x, rope.cos, rope.sin, pos), **tolerance(torch.bfloat16))
+    # backward: the rotation by the negative angle
+    grad = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, grad)
+    torch.testing.assert_close(gx.double(), rope_reference(grad, rope.cos, rope.sin, pos, conjugate=True),
+                               **tolerance(torch.bfloat16))
+    compiled = torch.compile(rope.rotate, fullgraph=True)
+    torch.testing.assert_close(compiled(x.detach(), pos), out.detach(), rtol=0, atol=0)
+
+
+def test_rotate_rejects_bad_input_naming_it():
+    rope = pirope.RotaryEmbedding(16, max_position_embeddings=8)
+    with pytest.raises(ValueError, match=r"RotaryEmbedding.rotate: x must have head_dim 16"):
+        rope.rotate(torch.randn(1, 4, 2, 8))
+    with pytest.raises(ValueError, match=r"RotaryEmbedding.rotate: x must be \(batch, seqlen, heads, head_dim\)"):
+        rope.rotate(torch.randn(4, 16))
+    with pytest.raises(TypeError, match=r"RotaryEmbedding.rotate: position_ids must be int32 or int64"):
+        rope.rotate(torch.randn(1, 4, 2, 16), torch.arange(4.0))
+    with pytest.raises(TypeError, match=r"RotaryEmbedding.rotate: x must be a torch.Tensor"):
+        rope.rotate([[1.0]])
+    assert rope.cos.shape[0] == 8  # nothing grew

@@ -1,5 +1,5 @@
 """nn.Module front end: RotaryEmbedding holds the cos/sin tables of one configuration
-and rotates q and k with pirope's fused op."""
+and rotates q and k (or one tensor) with pirope's fused ops."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .apply_rope import apply_rope_qk
+from .apply_rope import apply_rope, apply_rope_qk
 from .frequencies import (FrequencyPlan, PositionsMemo, rope_cos_sin, rows_of_positions,
                           tables_outside_inference_mode)
 
@@ -25,6 +25,7 @@ class RotaryEmbedding(nn.Module):
         rope = pirope.RotaryEmbedding(128, max_position_embeddings=8192,
                                       scaling={"rope_type": "linear", "factor": 4.0})
         q, k = rope(q, k)            # q, k: (batch, seqlen, heads, 128)
+        x = rope.rotate(x)           # or one tensor alone (code that rotates q and k apart)
 
     The float32 ``cos``/``sin`` buffers cover ``max_position_embeddings`` positions and
     grow when a longer sequence arrives: ``seqlen`` of the input, or ``max(position_ids)
@@ -187,22 +188,36 @@ class RotaryEmbedding(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | None = None):
         """Rotates q and k: ``(batch, seqlen, heads, head_dim)`` or packed
         ``(total_tokens, heads, head_dim)``; see :func:`pirope.apply_rope_qk`."""
-        op = "RotaryEmbedding"
-        _checks.tensor(op, "q", q)
-        _checks.tensor(op, "k", k)
+        cos, sin, position_ids = self._call_tables("RotaryEmbedding", {"q": q, "k": k}, position_ids)
+        return apply_rope_qk(q, k, cos, sin, position_ids, interleaved=self.interleaved)
+
+    def rotate(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotates one tensor, ``(batch, seqlen, heads, head_dim)`` or packed
+        ``(total_tokens, heads, head_dim)``: what :meth:`forward` does to q (or k) alone, with
+        the same tables, for code that rotates q and k apart (torchtune's attention calls its
+        RoPE module on each); see :func:`pirope.apply_rope`."""
+        cos, sin, position_ids = self._call_tables("RotaryEmbedding.rotate", {"x": x}, position_ids)
+        return apply_rope(x, cos, sin, position_ids, interleaved=self.interleaved)
+
+    def _call_tables(self, op: str, tensors: dict, position_ids: torch.Tensor | None):
+        """Checks a call's tensors (by name) and position_ids; (cos, sin, position_ids) that
+        rotate it: the module's tables, or rows of the call's own positions."""
+        for name, t in tensors.items():
+            _checks.tensor(op, name, t)
         _checks.tensor(op, "position_ids", position_ids, optional=True)
-        if q.dim() not in (3, 4):
+        first_name, first = next(iter(tensors.items()))
+        if first.dim() not in (3, 4):
             raise ValueError(
-                "RotaryEmbedding: q must be (batch, seqlen, heads, head_dim) or packed "
-                f"(total_tokens, heads, head_dim), got shape {tuple(q.shape)}")
-        for name, t in (("q", q), ("k", k)):
+                f"{op}: {first_name} must be (batch, seqlen, heads, head_dim) or packed "
+                f"(total_tokens, heads, head_dim), got shape {tuple(first.shape)}")
+        for name, t in tensors.items():
             if t.shape[-1] != self.head_dim:
                 raise ValueError(
-                    f"RotaryEmbedding: {name} must have head_dim {self.head_dim} (the module's) as its last "
+                    f"{op}: {name} must have head_dim {self.head_dim} (the module's) as its last "
                     f"dimension, got shape {tuple(t.shape)}")
         if position_ids is not None and position_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"RotaryEmbedding: position_ids must be int32 or int64, got {position_ids.dtype}")
-        seqlen = q.shape[-3]
+            raise TypeError(f"{op}: position_ids must be int32 or int64, got {position_ids.dtype}")
+        seqlen = first.shape[-3]
         compiling = torch.compiler.is_compiling()
         if (compiling and not self._plan.length_dependent
                 and position_ids is not None and position_ids.numel() > 0):
@@ -211,8 +226,7 @@ class RotaryEmbedding(nn.Module):
             # positions instead (the same float64 angles, so the same values as eager),
             # indexed 0..n-1. dynamic/longrope need that length anyway.
             self._ensure_tables()
-            cos, sin, index = rows_of_positions(self.inv_freq, position_ids, self.attention_factor)
-            return apply_rope_qk(q, k, cos, sin, index, interleaved=self.interleaved)
+            return rows_of_positions(self.inv_freq, position_ids, self.attention_factor)
         low = 0
         if position_ids is None or position_ids.numel() == 0:
             needed, count = seqlen, seqlen
@@ -220,11 +234,9 @@ class RotaryEmbedding(nn.Module):
             low, needed = self._positions_range(position_ids)
             count = position_ids.numel()
         if compiling:
-            cos, sin, position_ids = self._tables_for(needed, count, low, position_ids)
-        else:
-            with self._lock, tables_outside_inference_mode():
-                cos, sin, position_ids = self._tables_for(needed, count, low, position_ids)
-        return apply_rope_qk(q, k, cos, sin, position_ids, interleaved=self.interleaved)
+            return self._tables_for(needed, count, low, position_ids)
+        with self._lock, tables_outside_inference_mode():
+            return self._tables_for(needed, count, low, position_ids)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, "
