@@ -114,6 +114,27 @@ def test_scores_past_float32_give_nan_rows_as_with_sdpa():
     torch.testing.assert_close(out[~nan_rows], sdpa[~nan_rows])
 
 
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_a_non_finite_key_or_value_reaches_the_rows_that_see_it(where):
+    # NaN at key j (causal): every row i >= j that sees it is non-finite, as in float64 math. A
+    # NaN key leaves the output of the rows before j exactly as it was; a NaN value, and a NaN
+    # key in dq, also reach the other rows of their tile (0 x NaN in the products with P or dS:
+    # torch's CPU SDPA and autograd spread it to every row), but never rows far before j
+    S, j = 1200, 1100
+    q, k, v = qkv(1, S, 2, 1, 32)
+    cos, sin = tables(32, S)
+    {"k": k, "v": v}[where][0, j, 0, 5] = float("nan")
+    q.requires_grad_(True)
+    out = pirope.rope_attention(q, k, v, cos, sin)
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    for name, t in (("out", out), ("dq", dq)):
+        bad = ~torch.isfinite(t[0]).all(-1).all(-1)              # per row
+        assert bad[j:].all(), name
+        assert not bad[:j - 512].any(), name
+    if where == "k":
+        assert torch.isfinite(out[0, :j]).all()
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_gradcheck_float64(causal):
     q, k, v = qkv(2, 6, 4, 2, 12, dtype=torch.float64, requires_grad=True)
