@@ -529,6 +529,23 @@ def test_position_interpolation_equals_transformers(model_type, attention, fused
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_output_attentions_returns_transformers_attention_weights(model_type, fused_calls):
+    # the fused kernel computes no weights: a call whose weights transformers records takes the model's
+    # eager attention, also where the decoder layer does not pass output_attentions on (Nemotron, StableLM)
+    base = make(model_type, attn_implementation="eager")
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    ref = twin(base, model.config)
+    x = ids(1, 40)
+    with torch.no_grad():
+        a, b = model(x, output_attentions=True), ref(x, output_attentions=True)
+    assert_same_logits(a.logits, b.logits)
+    assert len(a.attentions) == len(b.attentions) > 0
+    for got, want in zip(a.attentions, b.attentions):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert fused_calls == []
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_patch_rope_keeps_the_model(model_type):
     # the model's own RoPE (partial rotary, per-layer-type tables, ... as configured) through
     # pirope: the unpatched model's logits and gradients

@@ -11,6 +11,11 @@ from pirope import _checks
 
 from .layout import _qk_norm
 
+try:  # the collector of a model's requested outputs (transformers 5: every version pirope supports)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - a transformers without it passes the keyword to the attention
+    _active_collector = None
+
 
 def _sliding_window(attn):
     src = attn._pirope_family.window
@@ -118,11 +123,21 @@ def _layer_can_fuse(attn, seqlen: int, cache, kwargs, attention_mask=None) -> bo
         return False
     if cache is not None and _past_length(cache, attn.layer_idx) != 0:
         return False
-    # transformers records the attention weights when the call or, without the keyword, the
-    # config asks (its output collector reads config.output_attentions; no keyword reaches here)
-    if kwargs.get("output_attentions", getattr(getattr(attn, "config", None), "output_attentions", False)):
+    if _attention_weights_requested(attn, kwargs):
         return False
     return True
+
+
+def _attention_weights_requested(attn, kwargs) -> bool:
+    """Whether transformers records this call's attention weights, which rope_attention does not
+    compute: the call or, without the keyword, the config asks. The keyword reaches the attention
+    only where the decoder layer passes it on (Nemotron's and StableLM's do not), so the output
+    collector the model's forward sets up (transformers.utils.output_capturing, the one its
+    recording hooks read) is asked too."""
+    if kwargs.get("output_attentions", getattr(getattr(attn, "config", None), "output_attentions", False)):
+        return True
+    collector = _active_collector.get() if _active_collector is not None else None
+    return collector is not None and "attentions" in collector
 
 
 _MASK_ROWS = 1024  # rows of the mask compared at a time (bounds the temporary)
