@@ -694,6 +694,14 @@ def test_gpt_neox_keeps_its_partial_rotary_and_round_trips(tmp_path):
     assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
 
 
+@pytest.mark.parametrize("head_dim", [8, 32])
+def test_gpt_neox_with_a_config_head_dim_its_attention_does_not_use_is_refused_unchanged(head_dim):
+    # GPTNeoXConfig has no head_dim: one set in the config sizes transformers' rotary table but not the
+    # attention's heads (hidden_size / num_attention_heads = 16), a model no pirope table reproduces
+    assert_refused_unchanged(make("gpt_neox", head_dim=head_dim), ValueError,
+                             rf"config.head_dim = {head_dim} is not the head size .*'gpt_neox'.* = 16\)")
+
+
 # Falcon's other layouts of query_key_value: all queries then one key and one value (multi_query,
 # Falcon-7B's), or q | k | v per head (neither flag); with biases (config.bias)
 FALCON_LAYOUTS = {"multi_query": dict(new_decoder_architecture=False, multi_query=True),

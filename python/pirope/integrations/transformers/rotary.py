@@ -288,6 +288,15 @@ class PiropeLayerTypeRotaryEmbedding(nn.Module):
 
 
 def _rotary_embedding(model, model_type: str, family: _Family, attns, params: dict) -> PiropeRotaryEmbedding:
+    stray = getattr(model.config, "head_dim", None)
+    if family.head_dim_attr == "head_size" and stray and stray != _head_dim(attns[0], family):
+        # GPT-NeoX: the attention's heads are hidden_size / num_attention_heads, where its rotary
+        # embedding reads a config.head_dim first (GPTNeoXConfig has none): the table transformers
+        # would build does not fit the heads, and no rotation pirope computes is that model's
+        raise ValueError(
+            f"model: config.head_dim = {stray} is not the head size of model_type {model_type!r}'s attention "
+            f"(hidden_size / num_attention_heads = {_head_dim(attns[0], family)}), which transformers' rotary "
+            "embedding would read instead of it; its config class has no head_dim: remove it from the config")
     params = _ntk_alpha_as_default(model.config, family, params, _head_dim(attns[0], family))
     head_dim, theta, pirope_scaling, partial = _rope_setup(model, model_type, family, params,
                                                            _head_dim(attns[0], family))
