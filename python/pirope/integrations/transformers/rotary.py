@@ -288,8 +288,9 @@ class PiropeLayerTypeRotaryEmbedding(nn.Module):
 
 
 def _rotary_embedding(model, model_type: str, family: _Family, attns, params: dict) -> PiropeRotaryEmbedding:
-    stray = getattr(model.config, "head_dim", None)
-    if family.head_dim_attr == "head_size" and stray and stray != _head_dim(attns[0], family):
+    # (config.head_dim read only there: a per-layer attribute of Gemma 4's configs raises when read globally)
+    stray = getattr(model.config, "head_dim", None) if family.head_dim_attr == "head_size" else None
+    if stray and stray != _head_dim(attns[0], family):
         # GPT-NeoX: the attention's heads are hidden_size / num_attention_heads, where its rotary
         # embedding reads a config.head_dim first (GPTNeoXConfig has none): the table transformers
         # would build does not fit the heads, and no rotation pirope computes is that model's
