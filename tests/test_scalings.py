@@ -807,6 +807,8 @@ INVALID = [
     ("longrope-factor-below-1", dict(scaling=dict(_LONGROPE, factor=0.5)), ValueError, "factor"),
     ("longrope-derived-factor-below-1", dict(scaling=_LONGROPE, max_position_embeddings=2048), ValueError,
      "factor.*max_position_embeddings"),
+    # an int base past torch's int64 (1e30 as a float works)
+    ("base-int-past-int64", dict(base=10**30), ValueError, "base=1000000000000000000000000000000 overflows.*int64"),
     # yarn options
     ("yarn-attention-factor-negative", dict(scaling=dict(_YARN, attention_factor=-1.0)), ValueError,
      "attention_factor"),
@@ -927,6 +929,24 @@ INVALID = [
                                "long_factor": [1.0] * 4, "original_max_position_embeddings": 1}),
      ValueError, "original_max_position_embeddings"),
 ]
+
+
+@pytest.mark.parametrize("seq_len", [None, 5000])
+def test_longrope_with_an_attention_factor_derives_no_factor(seq_len):
+    # transformers uses the factor for the attention factor only: with one given, a window below the
+    # original (this call's max_position_embeddings 2048 < 4096) derives none, and nothing is refused
+    params = dict(_LONGROPE, attention_factor=1.2)
+    _, attention_factor = check_against_hf(128, 10000.0, params, 2048, seq_len)
+    assert attention_factor == 1.2
+
+
+def test_yarn_truncate_takes_numpy_bools():
+    import numpy as np
+    for flag in (False, True):
+        ours = scaling.compute_inv_freq(128, scaling=dict(_YARN, truncate=np.bool_(flag)))
+        want = scaling.compute_inv_freq(128, scaling=dict(_YARN, truncate=flag))
+        assert torch.equal(ours[0], want[0]) and ours[1] == want[1]
+    assert scaling.normalize_scaling(dict(_YARN, truncate=np.bool_(False)))["truncate"] is False
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [pytest.param(*c[1:], id=c[0]) for c in INVALID])

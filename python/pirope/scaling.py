@@ -310,9 +310,11 @@ def _check_value(rope_type: str, key: str, value: Any) -> Any:
             return None
         return _as_number(value, name)
     if key == "truncate":
-        if value is not None and not isinstance(value, bool):
+        if value is None:
+            return None
+        if not (isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))):
             raise TypeError(f"{name} must be a bool (or None), got {type(value).__name__} {value!r}")
-        return value
+        return bool(value)  # (a numpy bool as Python's)
     if key in ("low_freq_factor", "high_freq_factor"):
         value = _as_number(value, name)
         if value <= 0:
@@ -529,10 +531,10 @@ def _compute_inv_freq(head_dim, *, base, scaling, max_position_embeddings, parti
     fn = _COMPUTE[rope_type]
     try:
         inv_freq, attention_factor = fn(params, dim, base, max_position_embeddings, seq_len)
-    except OverflowError:  # Python float arithmetic past float64, e.g. a dynamic base
+    except OverflowError:  # Python float arithmetic past float64 (a dynamic base), or an int past torch's int64
         raise ValueError(
-            f"rope_type {rope_type!r} with base={base} overflows float64; check base, the scaling values "
-            "and seq_len"
+            f"rope_type {rope_type!r} with base={base} overflows float64 (or, for an int value, torch's int64); "
+            "check base, the scaling values and seq_len"
         ) from None
     inv_freq = inv_freq.to(dtype=torch.float32)
     attention_factor = float(attention_factor)
@@ -566,8 +568,8 @@ def _check_seq_len(seq_len: Any, fractional: bool = False) -> int | torch.Tensor
             raise TypeError(f"seq_len tensor must have an integer dtype, got {seq_len.dtype}")
         if seq_len.is_meta:
             raise ValueError("seq_len must hold a value, got a tensor on the meta device")
-        # int64: narrower ints would overflow against the window (transformers' own
-        # results are the same, the length being converted to float32 either way)
+        # int64: narrower ints would overflow against the window (transformers computes in the
+        # tensor's dtype: an int32 length times an int factor can wrap there, where pirope's does not)
         seq_len = seq_len.detach().to(device="cpu", dtype=torch.int64).reshape(())
         if int(seq_len) < 1:
             raise ValueError(f"seq_len must be >= 1, got {int(seq_len)}")
@@ -720,10 +722,9 @@ def _longrope(params, dim, base, max_position_embeddings, seq_len):
     attention_factor = params.get("attention_factor")
     original_max_position_embeddings = params.get("original_max_position_embeddings", max_position_embeddings)
 
-    if factor is None:
-        factor = _derived_factor("longrope", max_position_embeddings, original_max_position_embeddings)
-
     if attention_factor is None:
+        if factor is None:  # (used for nothing else: with an attention factor given, none is derived)
+            factor = _derived_factor("longrope", max_position_embeddings, original_max_position_embeddings)
         if factor <= 1.0:
             attention_factor = 1.0
         else:
