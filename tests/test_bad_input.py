@@ -86,6 +86,29 @@ def test_inplace_rejects_overlapping_memory(tabs):
         pirope.apply_rope_qk(q, q, cos, sin, inplace=True)
 
 
+def test_inplace_sees_memory_shared_by_two_storages(tabs):
+    # torch.from_numpy of one array twice: two storages over the same bytes, where torch's
+    # overlap checks see nothing; rotating both in place would rotate each element twice
+    np = pytest.importorskip("numpy")
+    cos, sin = tabs
+    a = np.random.default_rng(0).standard_normal((1, 8, 2, 64), dtype=np.float32)
+    q, k = torch.from_numpy(a), torch.from_numpy(a)
+    assert q.untyped_storage()._cdata != k.untyped_storage()._cdata  # two storages indeed
+    with pytest.raises(RuntimeError, match="q and k share memory"):
+        pirope.apply_rope_qk(q, k, cos, sin, inplace=True)
+    buf = np.random.default_rng(1).standard_normal(8 * 64 + cos.numel(), dtype=np.float32)
+    x, table = torch.from_numpy(buf)[: 8 * 64].view(1, 8, 1, 64), torch.from_numpy(buf)[: cos.numel()].view_as(cos)
+    with pytest.raises(RuntimeError, match="x shares memory with cos"):
+        pirope.apply_rope(x, table, sin, inplace=True)
+    assert np.array_equal(a, q.numpy())  # nothing written
+    # disjoint halves of one array through two storages: rotated, each once
+    b = np.random.default_rng(2).standard_normal((2, 1, 8, 2, 64), dtype=np.float32)
+    q, k = torch.from_numpy(b)[0], torch.from_numpy(b)[1]
+    want_q, want_k = pirope.apply_rope_qk(q.clone(), k.clone(), cos, sin)
+    pirope.apply_rope_qk(q, k, cos, sin, inplace=True)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+
+
 def test_inplace_refuses_memory_shared_with_the_tables_or_positions(tabs):
     # rotated in place, x must not overlap what the kernel reads while it writes: rows of
     # cos read after being overwritten would give a wrong result with no error

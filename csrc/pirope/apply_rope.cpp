@@ -213,16 +213,47 @@ bool shares_elements(const at::Tensor& x) {
   return (offsets.slice(0, 1) == offsets.slice(0, 0, -1)).any().item<bool>();
 }
 
+// Bytes [first, end) of t's storage that its elements can occupy.
+std::pair<int64_t, int64_t> byte_extent(const at::Tensor& t) {
+  int64_t last = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const int64_t item = static_cast<int64_t>(t.element_size());
+  return {t.storage_offset() * item, (last + 1) * item};
+}
+
+// Whether the memory a and b can occupy meets: by extent in their storage where they share
+// one, else by address, for two storages may hold one memory (torch.from_numpy of one array
+// twice) where torch's own overlap checks see none. Storages without memory (fake tensors
+// under torch.compile, meta) are compared only with themselves.
+bool extents_meet(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
+      a.device() != b.device())
+    return false;
+  uintptr_t base_a = 0, base_b = 0;
+  if (!a.storage().is_alias_of(b.storage())) {
+    base_a = reinterpret_cast<uintptr_t>(a.storage().data());
+    base_b = reinterpret_cast<uintptr_t>(b.storage().data());
+    if (base_a == 0 || base_b == 0) return false;
+  }
+  const auto [a0, a1] = byte_extent(a);
+  const auto [b0, b1] = byte_extent(b);
+  return base_a + a0 < base_b + b1 && base_b + b0 < base_a + a1;
+}
+
 // q and k rotated in place must not share an element (one would be rotated twice).
 void check_disjoint(const char* op, const char* qname, const char* kname, const at::Tensor& q,
                     const at::Tensor& k) {
-  // Offsets below count elements: q and k have one dtype (checked before). Tensors of
-  // different storages never overlap (torch says "too hard" for any non-dense one).
+  // Offsets below count elements: q and k have one dtype (checked before).
   // (Storage-less tensors, e.g. functorch's wrappers, cannot be compared: the in-place
   // path refuses those transforms itself.)
-  if (q.numel() == 0 || k.numel() == 0 || !q.has_storage() || !k.has_storage() ||
-      !q.storage().is_alias_of(k.storage()))
+  if (q.numel() == 0 || k.numel() == 0 || !q.has_storage() || !k.has_storage()) return;
+  if (!q.storage().is_alias_of(k.storage())) {
+    // Two storages may still hold the same memory (torch.from_numpy of one array twice),
+    // where torch's overlap checks see nothing: refused where their extents meet.
+    TORCH_CHECK(!extents_meet(q, k), op, ": ", qname, " and ", kname,
+                " share memory and cannot both be rotated in place");
     return;
+  }
   const auto status = at::get_overlap_status(q, k);
   bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
   if (status == at::MemOverlapStatus::TooHard) {  // strided views of one storage, e.g. q/k of a fused qkv
@@ -239,26 +270,14 @@ void check_disjoint(const char* op, const char* qname, const char* kname, const 
               " share memory and cannot both be rotated in place");
 }
 
-// Bytes [first, end) of t's storage that its elements can occupy.
-std::pair<int64_t, int64_t> byte_extent(const at::Tensor& t) {
-  int64_t last = t.storage_offset();
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-  const int64_t item = static_cast<int64_t>(t.element_size());
-  return {t.storage_offset() * item, (last + 1) * item};
-}
-
 // A tensor rotated in place must not share memory with what the kernel reads while it
 // writes (the tables, the positions): a row read after it was overwritten would give a
-// wrong result without any error. Compared by extent in the storage (any layout, any
-// dtype), so a tensor interleaved with a table without sharing an element is refused too.
+// wrong result without any error. Compared by extent in memory (any layout, any dtype, any
+// storage: two storages may hold one numpy array), so a tensor interleaved with a table
+// without sharing an element is refused too.
 void check_not_read(const char* op, const char* wname, const at::Tensor& w, const char* rname,
                     const at::Tensor& r) {
-  if (w.numel() == 0 || r.numel() == 0 || !w.has_storage() || !r.has_storage() ||
-      !w.storage().is_alias_of(r.storage()))
-    return;
-  const auto [w0, w1] = byte_extent(w);
-  const auto [r0, r1] = byte_extent(r);
-  TORCH_CHECK(w1 <= r0 || r1 <= w0, op, ": ", wname, " shares memory with ", rname,
+  TORCH_CHECK(!extents_meet(w, r), op, ": ", wname, " shares memory with ", rname,
               " and cannot be rotated in place (", rname, " would be read after being overwritten)");
 }
 
