@@ -219,12 +219,14 @@ def test_raising_leaves_inputs_untouched(tabs):
     assert torch.equal(x, x0)
 
 
-@pytest.mark.parametrize("form", ["shared", "batched last row", "broadcast", "packed", "int32", "huge", "negative"])
+@pytest.mark.parametrize("form", ["shared", "batched last row", "broadcast", "packed", "int32", "huge", "negative",
+                                  "no heads"])
 @pytest.mark.parametrize("op", ["apply_rope", "apply_rope_qk"])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_out_of_range_position_ids_raise_index_error_in_every_form(tabs, form, op, inplace):
     # on CPU a position outside [0, max_positions) raises, whatever the position_ids
-    # form or dtype and whichever op, and nothing is written
+    # form or dtype and whichever op, also for inputs without elements (zero heads: nothing
+    # to read, but the positions are as wrong), and nothing is written
     cos, sin = tabs  # 16 rows
     b, s = 2, 4
     good = torch.arange(s)
@@ -236,9 +238,11 @@ def test_out_of_range_position_ids_raise_index_error_in_every_form(tabs, form, o
         "int32": (torch.tensor([[0, 1, 2, 3], [16, 0, 1, 2]], dtype=torch.int32), False),
         "huge": (torch.tensor([0, 2**40, 1, 2]), False),
         "negative": (torch.tensor([0, 1, -1, 2], dtype=torch.int32), False),
+        "no heads": (torch.tensor([0, 16, 1, 2]), False),
     }[form]
     shape = (b * s,) if packed else (b, s)
-    q, k = x_(*shape, 2, 64), x_(*shape, 1, 64)
+    heads = (0, 0) if form == "no heads" else (2, 1)
+    q, k = x_(*shape, heads[0], 64), x_(*shape, heads[1], 64)
     before = q.clone(), k.clone()
     call = (lambda: pirope.apply_rope(q, cos, sin, pos, inplace=inplace)) if op == "apply_rope" else (
         lambda: pirope.apply_rope_qk(q, k, cos, sin, pos, inplace=inplace))
@@ -442,6 +446,8 @@ _FAKE_CASES = {
         _e(4, 2, 32, dev=d), _e(4, 1, 32, dev=d), *_tabs(d), torch.zeros(1, 4, dtype=torch.long, device=d)),
     "apply_rope seqlen past the table without position_ids": lambda d: pirope.apply_rope(
         _e(1, 40, 2, 32, dev=d), *_tabs(d)),
+    "apply_rope_qk zero heads, seqlen past the table without position_ids": lambda d: pirope.apply_rope_qk(
+        _e(1, 40, 0, 32, dev=d), _e(1, 40, 0, 32, dev=d), *_tabs(d)),
     "rope_attention float position_ids": lambda d: pirope.rope_attention(
         *_QKV4(d), *_tabs(d), torch.zeros(4, device=d)),
     "rope_attention position_ids of another batch": lambda d: pirope.rope_attention(

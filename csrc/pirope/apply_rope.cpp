@@ -372,13 +372,14 @@ std::tuple<at::Tensor, at::Tensor> rope_run(
 
   at::Tensor out_q = inplace ? q : at::empty_like(q);
   at::Tensor out_k = k ? (inplace ? *k : at::empty_like(*k)) : at::Tensor();
-  if (q.numel() == 0 && (!k || k->numel() == 0)) return {out_q, out_k};
-
-  // Positions are checked here on CPU; CUDA kernels turn an out-of-range position
-  // into NaN rows instead (a check there would cost a device synchronisation).
+  // Positions are checked here on CPU, also for inputs without elements (zero heads:
+  // nothing is read, but the call is as wrong as with heads); CUDA kernels turn an
+  // out-of-range position into NaN rows instead (a check there would cost a device
+  // synchronisation).
   const int64_t max_positions = cos.size(0);
   if (q.device().is_cpu() && batch * seqlen > 0)
     check_positions_in_range(op, pos, seqlen, max_positions);
+  if (q.numel() == 0 && (!k || k->numel() == 0)) return {out_q, out_k};
 
   // Kernels read and write rows with a unit feature stride; other layouts go
   // through a temporary (rare: a view that transposes the feature dim).

@@ -30,15 +30,16 @@ def check_tables(op, x, cos, sin):
                  lambda: f"{op}: rotary_dim = 2 * cos.size(1) = {2 * cos.shape[1]} exceeds the head dim {x.shape[-1]}")
 
 
-def check_positions(op, x, cos, position_ids, any_elements=True):
+def check_positions(op, x, cos, position_ids):
     """apply_rope.cpp's plan_positions (shapes, dtype) and, where the real kernels check
-    positions (CPU; meta stands in for it) and there is something to rotate, the row
-    count needed without position_ids. x: the rotated input (4-D, or 3-D packed)."""
+    positions (CPU; meta stands in for it) and there are rows (also rows without
+    elements: zero heads), the row count needed without position_ids. x: the rotated
+    input (4-D, or 3-D packed)."""
     packed = x.dim() == 3
     seqlen = x.shape[0] if packed else x.shape[1]
     rows = seqlen if packed else x.shape[0] * seqlen
     if position_ids is None:
-        if x.device.type != "cuda" and any_elements and rows > 0:
+        if x.device.type != "cuda" and rows > 0:
             torch._check(seqlen <= cos.shape[0],
                          lambda: f"{op}: position_ids is None, so positions run 0..{seqlen - 1}, but cos/sin have "
                                  f"only {cos.shape[0]} rows")
@@ -74,7 +75,7 @@ def _check(op, cos, sin, *inputs, position_ids=None):
                                                            f"headdim, got shapes {tuple(q.shape)} and {tuple(k.shape)}")
     check_tables(op, inputs[0][1], cos, sin)
     # the kernels return early only when every rotated tensor is empty
-    check_positions(op, inputs[0][1], cos, position_ids, any_elements=any(t.numel() > 0 for _, t in inputs))
+    check_positions(op, inputs[0][1], cos, position_ids)
 
 
 def check_qk(op, q, k, cos, sin, position_ids):
