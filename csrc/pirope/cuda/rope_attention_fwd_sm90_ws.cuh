@@ -110,18 +110,19 @@ __global__ void __launch_bounds__(fwd90ws::kThreads, 1)
   uint32_t pf[kBlockN / 16][4];  // P of the previous tile as A operands of O += P V
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, corr[2];
 
-  const auto issue_s = [&](int j) {  // S = Q K_j^T (overwrites s)
-    const int st = j % kStages;
-    tma::mbar_wait(&k_full[st], (j / kStages) & 1);
-    const T* k_tile = k_s + st * kTile;
+  // The waits for a tile's TMA load come before wg::fence(), not between it and the
+  // products: code after the fence that writes the products' registers (pf, the
+  // descriptors) makes ptxas inject a warpgroup.arrive of its own (its C7519 note).
+  const auto wait_k = [&](int j) { tma::mbar_wait(&k_full[j % kStages], (j / kStages) & 1); };
+  const auto wait_v = [&](int j) { tma::mbar_wait(&v_full[j % kStages], (j / kStages) & 1); };
+  const auto issue_s = [&](int j) {  // S = Q K_j^T (overwrites s); K_j waited for
+    const T* k_tile = k_s + (j % kStages) * kTile;
     wg::gemm_ss<T, kBlockN, 0, 0, kD / 16>(
         s, [&](int k) { return wg::desc_k<T, kD, kBlockM>(q_s, 64 * wg, 16 * k); },
         [&](int k) { return wg::desc_k<T, kD, kBlockN>(k_tile, 0, 16 * k); }, false);
   };
-  const auto issue_pv = [&](int j) {  // O += P_j V_j, P_j in pf
-    const int st = j % kStages;
-    tma::mbar_wait(&v_full[st], (j / kStages) & 1);
-    const T* v_tile = v_s + st * kTile;
+  const auto issue_pv = [&](int j) {  // O += P_j V_j, P_j in pf; V_j waited for
+    const T* v_tile = v_s + (j % kStages) * kTile;
     wg::gemm_rs<T, kD, 1, kBlockN / 16>(o, pf, [&](int k) { return wg::desc_mn<T, kD, kBlockN>(v_tile, 16 * k, 0); });
   };
   const auto softmax = [&](int j) {  // S_j (waited for) -> P_j in s; corr for O
@@ -135,6 +136,7 @@ __global__ void __launch_bounds__(fwd90ws::kThreads, 1)
 
   // Tile 0: S only (O is still zero).
   tma::bar_sync<kConsumers>(my_turn);
+  wait_k(0);
   wg::fence();
   issue_s(0);
   tma::bar_arrive<kConsumers>(other_turn);
@@ -146,6 +148,8 @@ __global__ void __launch_bounds__(fwd90ws::kThreads, 1)
 
   for (int j = 1; j < n_tiles; ++j) {
     tma::bar_sync<kConsumers>(my_turn);
+    wait_v(j - 1);  // V_{j-1} was loaded before K_j
+    wait_k(j);
     wg::fence();  // orders the register writes above (o rescaled, pf) before both products
     issue_s(j);
     issue_pv(j - 1);
@@ -163,6 +167,7 @@ __global__ void __launch_bounds__(fwd90ws::kThreads, 1)
   }
 
   tma::bar_sync<kConsumers>(my_turn);
+  wait_v(n_tiles - 1);
   wg::fence();
   issue_pv(n_tiles - 1);
   // Warpgroup 1 waits for this last hand-over; warpgroup 0 waits for none after it.
