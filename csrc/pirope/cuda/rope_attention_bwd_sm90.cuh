@@ -90,30 +90,8 @@ __device__ __forceinline__ void probs_ds_t(float (&pt)[kBlockM / 8][4], float (&
     }
 }
 
-// P^T and dS^T rounded to T as A operands (pf, dsf: they must stay unchanged until the
-// products have been waited for), then dV += P^T dO and dK += dS^T Q issued (rotated
-// basis; scale and un-rotation in the epilogue), not waited for. The callers then read dsf
-// (stage_ds_t) while dK's wgmma may still be reading it: reads only, so that the stores
-// overlap the product, which the PTX ISA nonetheless calls undefined before the wait
-// (FlashAttention-3 stores dS first). The kernel below, which does this, was verified on an
-// H100 (the ws one not yet); should a toolchain or device ever break it, stage dS^T first.
-template <typename T, int kD>
-__device__ __forceinline__ void issue_dv_dk(float (&dv)[kD / 8][4], float (&dk)[kD / 8][4],
-                                            uint32_t (&pf)[kBlockM / 16][4], uint32_t (&dsf)[kBlockM / 16][4],
-                                            const float (&pt)[kBlockM / 8][4], const float (&dst)[kBlockM / 8][4],
-                                            const T* q_s, const T* do_s) {
-#pragma unroll
-  for (int k = 0; k < kBlockM / 16; ++k) {
-    attn::acc_to_a<T>(pf[k], pt, k);
-    attn::acc_to_a<T>(dsf[k], dst, k);
-  }
-  wg::fence();
-  wg::gemm_rs<T, kD, 1, kBlockM / 16>(dv, pf, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(do_s, 16 * k, 0); });
-  wg::gemm_rs<T, kD, 1, kBlockM / 16>(dk, dsf, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(q_s, 16 * k, 0); });
-}
-
 // Atomic mode: dS^T (this warp's rows row0 + g, + 8 of the block's keys, as the A
-// operands of issue_dv_dk: a[k] holds n8 blocks 2k (registers 0, 1: rows g, g + 8) and
+// operands of issue_dv_dk below: a[k] holds n8 blocks 2k (registers 0, 1: rows g, g + 8) and
 // 2k + 1 (registers 2, 3)) into smem as [key][query], the swizzled layout dQ = dS K
 // reads as an MN-major A operand.
 template <typename T>
@@ -126,6 +104,30 @@ __device__ __forceinline__ void stage_ds_t(T* ds_s, const uint32_t (&a)[kBlockM 
       const int off = attn::tile_offset<kBlockM, kBlockN, kSmem>(row0 + g + 8 * r, 8 * j + 2 * tq);
       *reinterpret_cast<uint32_t*>(ds_s + off) = a[j / 2][2 * (j % 2) + r];
     }
+}
+
+// P^T and dS^T rounded to T as A operands (pf, dsf: they must stay unchanged until the
+// products have been waited for), then dV += P^T dO and dK += dS^T Q issued (rotated
+// basis; scale and un-rotation in the epilogue), not waited for. With ds_stage, dS^T goes
+// to smem (stage_ds_t) before the products are issued, as FlashAttention-3 orders it (the
+// warp-specialised kernel). Without, the caller stages it while dK's wgmma may still be
+// reading dsf: reads only, so that the stores overlap the product, which the PTX ISA
+// nonetheless calls undefined before the wait. The kernel below does this and was
+// verified on an H100; should a toolchain or device ever break it, pass ds_stage.
+template <typename T, int kD>
+__device__ __forceinline__ void issue_dv_dk(float (&dv)[kD / 8][4], float (&dk)[kD / 8][4],
+                                            uint32_t (&pf)[kBlockM / 16][4], uint32_t (&dsf)[kBlockM / 16][4],
+                                            const float (&pt)[kBlockM / 8][4], const float (&dst)[kBlockM / 8][4],
+                                            const T* q_s, const T* do_s, T* ds_stage = nullptr, int row0 = 0) {
+#pragma unroll
+  for (int k = 0; k < kBlockM / 16; ++k) {
+    attn::acc_to_a<T>(pf[k], pt, k);
+    attn::acc_to_a<T>(dsf[k], dst, k);
+  }
+  if (ds_stage != nullptr) stage_ds_t<T>(ds_stage, dsf, row0);
+  wg::fence();
+  wg::gemm_rs<T, kD, 1, kBlockM / 16>(dv, pf, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(do_s, 16 * k, 0); });
+  wg::gemm_rs<T, kD, 1, kBlockM / 16>(dk, dsf, [&](int k) { return wg::desc_mn<T, kD, kBlockM>(q_s, 16 * k, 0); });
 }
 
 // dQ columns per warpgroup: whole 64-column panels (head dim 64: warpgroup 0 alone).

@@ -163,17 +163,16 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
     wg::fence_operand(dst);
     ds_t<kBlockM>(dst, pt, d_s);
 
-    // P^T and dS^T as A operands; then dV += P^T dO and dK += dS^T Q (rotated basis;
-    // scale and un-rotation in the epilogue) run while dS^T goes to smem and dQ = dS K
-    // is issued.
+    // P^T and dS^T as A operands, dS^T into smem for dQ (before the products read its
+    // registers: FlashAttention-3's order); then dV += P^T dO and dK += dS^T Q (rotated
+    // basis; scale and un-rotation in the epilogue) run while dQ = dS K is issued.
+    // dQ (64 queries x kCols columns of this warpgroup) = dS K over both warpgroups'
+    // keys: dS^T of item it in buffer it % 2 (a warpgroup may still be reading the
+    // other one: it has passed this item's barrier, not the next).
+    T* ds_buf = kAtomicDq ? ds_s + (it % 2) * kBlockN * kBlockM : nullptr;
     uint32_t pf[kBlockM / 16][4], dsf[kBlockM / 16][4];
-    bwd90::issue_dv_dk<T, kD>(dv, dk, pf, dsf, pt, dst, q_s, do_s);
+    bwd90::issue_dv_dk<T, kD>(dv, dk, pf, dsf, pt, dst, q_s, do_s, ds_buf, row0);
     if constexpr (kAtomicDq) {
-      // dQ (64 queries x kCols columns of this warpgroup) = dS K over both warpgroups'
-      // keys: dS^T of item it in buffer it % 2 (a warpgroup may still be reading the
-      // other one: it has passed this item's barrier, not the next).
-      T* ds_buf = ds_s + (it % 2) * kBlockN * kBlockM;
-      bwd90::stage_ds_t<T>(ds_buf, dsf, row0);
       wg::fence_proxy_async();
       // The previous item's dQ reduction has read this warpgroup's dQ tile (long done by
       // now); the barrier below passes that on to the warpgroup's other threads.
