@@ -482,6 +482,11 @@ def test_passkey_k_max_bad_input(success, threshold, exc, msg):
     (dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1"),
     (dict(lengths=[300, True]), TypeError, "lengths must be ints"),
     (dict(lengths=[300, 0]), ValueError, "lengths must be positive"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(seed="abc"), TypeError, "seed must be an int"),
+    (dict(progress="yes"), TypeError, "progress must be a bool"),
+    (dict(device="meta"), ValueError, "device must hold data"),  # NaN logits: silently 0%
+    (dict(device="bogus"), ValueError, "device must be a torch device"),
 ])
 def test_passkey_retrieval_bad_input(kwargs, exc, msg):
     kw = {**dict(lengths=[300], trials=1, progress=False), **kwargs}
@@ -506,10 +511,12 @@ def test_numpy_ints_are_accepted_like_lengths():
     (dict(window=0, stride=1), ValueError, "window must be >= 2"),
     (dict(window=16, stride=8, batch_size=2.0), TypeError, "batch_size must be an int"),
     (dict(window=16, stride=8, batch_size=False), TypeError, "batch_size must be an int"),
+    (dict(window=16, stride=8, progress="no"), TypeError, "progress must be a bool"),
+    (dict(window=16, stride=8, return_nll="no"), TypeError, "return_nll must be a bool"),  # was: a tuple
 ])
 def test_perplexity_bad_counts(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
-        sliding_window_perplexity(LengthRecorder(), torch.zeros(40, dtype=torch.long), progress=False, **kwargs)
+        sliding_window_perplexity(LengthRecorder(), torch.zeros(40, dtype=torch.long), **{"progress": False, **kwargs})
 
 
 @pytest.mark.parametrize("tokens,exc,msg", [
@@ -547,3 +554,81 @@ def test_filler_count_is_the_largest_that_fits(encode):
         n_tok = [len(encode(passkey_prompt(n, 0, "00000"))) for n in range(80)]
         best = max(n for n in range(80) if n_tok[n] <= k - 3)
         assert _max_filler(encode, k, 3, PASSKEY_INTRO) == best
+
+
+def test_passkey_ids_beyond_the_vocabulary_are_a_clear_value_error():
+    """Ids >= the model's vocabulary, from prefix_ids or from encode: a ValueError naming
+    them before the model runs, not an IndexError from the embedding."""
+    model = tiny_llama(vocab=VOCAB, window=512, layers=1)
+    small = lambda text: [b % VOCAB for b in text.encode()]  # noqa: E731
+    with pytest.raises(ValueError, match=r"prefix_ids.*id 500.*vocabulary of 40"):
+        passkey_retrieval(model, small, decode, [300], trials=1, progress=False, prefix_ids=[500])
+    with pytest.raises(ValueError, match=r"encode's ids.*vocabulary of 40"):
+        passkey_retrieval(model, byte_encode, decode, [300], trials=1, progress=False)
+
+
+def test_passkey_seed_none_draws_fresh_trials_and_an_int_seed_repeats_them():
+    runs = [passkey_retrieval(LengthRecorder(), byte_encode, decode, [300], trials=4, seed=seed,
+                              max_new_tokens=1, progress=False)["samples"] for seed in (7, 7, None, None)]
+    assert runs[0] == runs[1]
+    keys = {tuple(s["key"] for s in r) for r in runs[2:]}
+    assert len(keys) == 2  # two fresh draws of a 5-digit key: equal with probability 1e-5
+
+
+class Wrapper(torch.nn.Module):
+    """A wrapper whose forward is (*args, **kwargs), as PEFT's PeftModel (get_base_model)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base = model
+
+    def get_base_model(self):
+        return self.base
+
+    def forward(self, *args, **kwargs):
+        return self.base(*args, **kwargs)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_passkey_prompt_pass_keeps_one_position_and_decodes_with_the_cache(wrapped):
+    """The prompt's forward asks for the last position's logits only (not a (len, vocab)
+    matrix: 8 GB at 32k tokens with a 128k vocabulary), and every later step feeds one
+    token with the KV cache, also through a wrapper that passes **kwargs on (PEFT's;
+    torch.compile's module, checked below by signature)."""
+    model = tiny_llama(vocab=260, window=512, layers=1)
+    calls = []
+    h = model.register_forward_hook(lambda m, a, kw, out: calls.append(
+        (kw["input_ids"].shape[1], tuple(out.logits.shape))), with_kwargs=True)
+    runner = Wrapper(model) if wrapped else model
+    passkey_retrieval(runner, byte_encode, decode, [300], trials=1, max_new_tokens=4, progress=False)
+    h.remove()
+    assert [c[0] for c in calls[1:]] == [1, 1, 1] and calls[0][0] > 250
+    assert [c[1] for c in calls] == [(1, 1, 260)] * 4
+
+
+def test_keyword_support_is_read_through_torch_compile():
+    from pirope.eval import _accepts
+
+    model = tiny_llama(layers=1)
+    compiled = torch.compile(model)  # never called: its forward's signature is (*args, **kwargs)
+    for name in ("logits_to_keep", "use_cache"):
+        assert _accepts(compiled, name) and _accepts(Wrapper(model), name)
+    assert not _accepts(compiled, "no_such_keyword") and not _accepts(LengthRecorder(), "logits_to_keep")
+
+
+def test_min_length_is_computed_once_for_the_same_tokenizer():
+    """evaluate.py asks for the min length before passkey_retrieval asks again: the 90,000
+    prompts are encoded once for the same encode and intro, again for another."""
+    class Tok:
+        calls = 0
+
+        def encode(self, text):
+            Tok.calls += 1
+            return list(text.encode())
+
+    tok = Tok()
+    first = passkey_min_length(tok.encode, intro="")
+    n = Tok.calls
+    assert passkey_min_length(tok.encode, intro="", prefix_ids=[1, 2]) == first + 2 and Tok.calls == n
+    assert passkey_min_length(tok.encode) > first and Tok.calls == 2 * n  # another intro
+    assert passkey_min_length(Tok().encode) > first and Tok.calls == 3 * n  # another tokenizer

@@ -84,11 +84,29 @@ def _logits(out) -> torch.Tensor:
 
 
 def _accepts(model, name: str) -> bool:
+    """Whether ``model``'s forward takes the keyword ``name``; through the wrappers whose
+    forward is ``(*args, **kwargs)`` and passes them on (``torch.compile``'s module, PEFT's
+    model), by the wrapped model's signature."""
     fn = getattr(model, "forward", model)
     try:
-        return name in inspect.signature(fn).parameters
+        params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+    if name in params:
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        inner = getattr(model, "_orig_mod", None)  # torch.compile(model)
+        if inner is None and callable(getattr(model, "get_base_model", None)):  # PEFT
+            inner = model.get_base_model()
+        if isinstance(inner, torch.nn.Module) and inner is not model:
+            return _accepts(inner, name)
+    return False
+
+
+def _check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
 
 
 @contextlib.contextmanager
@@ -166,9 +184,9 @@ def _vocab_size(model):
     return int(n) if isinstance(n, int) else None
 
 
-def _check_vocab(max_id: int, vocab, what: str) -> None:
+def _check_vocab(max_id: int, vocab, what: str, name: str = "tokens") -> None:
     if vocab is not None and max_id >= vocab:
-        raise ValueError(f"tokens contain id {max_id}, outside the model's vocabulary of {vocab} ids ({what})")
+        raise ValueError(f"{name} contain id {max_id}, outside the model's vocabulary of {vocab} ids ({what})")
 
 
 def sliding_windows(n_tokens: int, window: int, stride: int) -> List[tuple]:
@@ -246,6 +264,8 @@ def sliding_window_perplexity(
     """
     t = _as_token_tensor(tokens)
     batch_size = _check_int(batch_size, "batch_size", 1)
+    progress = _check_flag(progress, "progress")
+    return_nll = _check_flag(return_nll, "return_nll")
     windows = sliding_windows(t.numel(), window, stride)
     max_id = int(t.max())
     _check_vocab(max_id, _vocab_size(model), "input embeddings")
@@ -320,7 +340,26 @@ def passkey_min_length(encode: Callable[[str], Sequence[int]], *, intro: str = P
     if not isinstance(intro, str):
         raise TypeError(f"intro must be a str, got {type(intro).__name__}")
     prefix_ids = _check_prefix_ids(prefix_ids)
-    return len(prefix_ids) + max(len(encode(passkey_prompt(0, 0, str(key), intro=intro))) for key in _KEYS)
+    # The last answer is kept (a slow Python tokenizer takes seconds for the 90,000 prompts,
+    # and callers ask before passkey_retrieval does), for the same encode (a bound method
+    # of the same tokenizer compares equal) and intro; only the last, so that no more than
+    # one tokenizer is kept alive by it.
+    last = _MIN_LENGTH_MEMO.get("last")
+    if last is not None and last[1] == intro and _same_encode(last[0], encode):
+        return len(prefix_ids) + last[2]
+    n = max(len(encode(passkey_prompt(0, 0, str(key), intro=intro))) for key in _KEYS)
+    _MIN_LENGTH_MEMO["last"] = (encode, intro, n)
+    return len(prefix_ids) + n
+
+
+_MIN_LENGTH_MEMO: dict = {}
+
+
+def _same_encode(a, b) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # an object whose == raises or is not a bool (an array)
+        return False
 
 
 def _max_filler(encode, k: int, n_prefix: int, intro: str) -> int:
@@ -396,8 +435,10 @@ def _greedy(model, ids: torch.Tensor, n_new: int) -> List[int]:
     # transformers >= 5.2x names the cache argument/output `cache`, older ones `past_key_values`.
     cache_arg = "cache" if _accepts(model, "cache") else ("past_key_values" if _accepts(model, "past_key_values") else None)
     use_cache = cache_arg is not None and _accepts(model, "use_cache")
+    # the prompt's pass needs only its last position's logits (not a (len, vocab) matrix)
+    keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     out: List[int] = []
-    res = model(input_ids=ids, use_cache=True) if use_cache else model(input_ids=ids)
+    res = model(input_ids=ids, use_cache=True, **keep) if use_cache else model(input_ids=ids, **keep)
     for step in range(n_new):
         nxt = int(_logits(res)[0, -1].argmax())
         out.append(nxt)
@@ -408,7 +449,7 @@ def _greedy(model, ids: torch.Tensor, n_new: int) -> List[int]:
             res = model(input_ids=torch.tensor([[nxt]], device=ids.device), use_cache=True, **{cache_arg: past})
         else:
             ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
-            res = model(input_ids=ids)
+            res = model(input_ids=ids, **keep)
     return out
 
 
@@ -418,7 +459,7 @@ def passkey_retrieval(
     decode: Callable[[Sequence[int]], str],
     lengths: Iterable[int],
     trials: int = 10,
-    seed: int = 0,
+    seed: int | None = 0,
     *,
     max_new_tokens: int = 10,
     threshold: float = 0.2,
@@ -440,8 +481,16 @@ def passkey_retrieval(
         encode / decode: the tokenizer (text -> ids, ids -> text).
         lengths: prompt lengths k in tokens, each at least :func:`passkey_min_length`
             (the prompt without filler fits with any key; checked before the model runs).
+        trials: trials per length.
+        seed: seeds the keys and depths of all trials (one random stream over the lengths
+            in increasing order, then the trials); ``None``: fresh ones every call.
+        max_new_tokens: tokens decoded per trial.
+        threshold: the success rate :func:`passkey_k_max` asks of every length.
+        intro: the sentence before the filler (the paper's; ``""`` for short windows).
         prefix_ids: ids put before every prompt (e.g. the tokenizer's BOS); they
             count towards the length.
+        progress: show a tqdm bar.
+        device: where the prompts go (default: the model's parameters' device).
 
     Returns:
         dict with ``lengths`` (sorted), ``success`` ({k: success rate}), ``k_max``
@@ -464,14 +513,20 @@ def passkey_retrieval(
     if lengths[0] < 1:
         raise ValueError(f"lengths must be positive, got {lengths[0]}")
     trials = _check_int(trials, "trials", 1)
+    if seed is not None:
+        seed = _check_int(seed, "seed", None)
     max_new_tokens = _check_int(max_new_tokens, "max_new_tokens", 1)
     threshold = _check_threshold(threshold)
+    progress = _check_flag(progress, "progress")
     prefix_ids = _check_prefix_ids(prefix_ids)
+    device = _check_device(device) if device is not None else _model_device(model)
+    vocab = _vocab_size(model)
+    if prefix_ids:
+        _check_vocab(max(prefix_ids), vocab, "input embeddings", "prefix_ids")
     shortest = passkey_min_length(encode, intro=intro, prefix_ids=prefix_ids)
     if lengths[0] < shortest:
         raise _too_short(lengths[0], len(prefix_ids), shortest - len(prefix_ids))
     n_fill = {k: _max_filler(encode, k, len(prefix_ids), intro) for k in lengths}
-    device = torch.device(device) if device is not None else _model_device(model)
     rng = random.Random(seed)
     success: Dict[int, float] = {}
     samples = []
@@ -488,6 +543,9 @@ def passkey_retrieval(
                     raise _too_short(k, len(prefix_ids), len(ids) - len(prefix_ids))
                 n, depth = n - 1, min(depth, n - 1)
                 ids = prefix_ids + list(encode(passkey_prompt(n, depth, key, intro=intro)))
+            if min(ids) < 0:
+                raise ValueError(f"encode's ids contain a negative id ({min(ids)})")
+            _check_vocab(max(ids), vocab, "input embeddings", "encode's ids")
             ids_t = torch.tensor([ids], dtype=torch.long, device=device)
             text = decode(_greedy(model, ids_t, max_new_tokens))
             m = re.search(r"\d+", text)
