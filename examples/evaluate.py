@@ -9,8 +9,8 @@
         --data /usr/lib/python3.11/json --windows 256 512 1024 --stride 32 \\
         --passkey-lengths 256 512 768 1024 --passkey-trials 10
 
-Tokenises with the model's tokenizer when AutoTokenizer loads from --model, else
-with bytes (the demo's byte-level models). ``--factor F`` evaluates the model extended
+Tokenises with the model's tokenizer (an error if it does not load); a model without
+tokenizer files and with a byte-level vocabulary (the demo's) reads its text as bytes. ``--factor F`` evaluates the model extended
 zero-shot, as the paper's "no fine-tuning" rows: its window times F by ``--scaling`` (pi,
 the default; ntk-by-parts; own: a Llama 3.x or YaRN checkpoint's own scaling), through
 pirope's integration, as examples/finetune_pi.py extends before fine-tuning.
@@ -80,6 +80,8 @@ def main(argv=None):
         p.error(f"--passkey-trials must be >= 1, got {args.passkey_trials}")
     if args.passkey_lengths and min(args.passkey_lengths) < 1:
         p.error(f"--passkey-lengths must be >= 1, got {min(args.passkey_lengths)}")
+    if args.json is not None and (os.path.isdir(args.json) or args.json.endswith(os.sep)):
+        p.error(f"--json {args.json!r} is a directory: name the file to write")
     if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json!r}: its directory does not exist")
     device = check_device(args.device, "--device", p.error)
@@ -94,9 +96,7 @@ def main(argv=None):
     windows = args.windows or [window]
     if args.data is not None and (min(windows) < 2 or args.stride > min(windows)):  # (perplexity only)
         p.error(f"--windows must be >= 2 and >= --stride ({args.stride}), got {windows}")
-    encode, decode, tok = load_tokenizer(args.model, int(getattr(text, "vocab_size", 0) or 0))
-    if encode is None:
-        p.error(f"--model {args.model!r} has no tokenizer and a vocabulary smaller than 256 bytes")
+    encode, decode, tok = load_tokenizer(args.model, int(getattr(text, "vocab_size", 0) or 0), p.error)
     run_passkey = not args.no_passkey and args.passkey_lengths != []
     if run_passkey:  # checked before any perplexity is computed
         prefix = [tok.bos_token_id] if tok is not None and tok.bos_token_id is not None else []

@@ -53,6 +53,7 @@ import json
 import math
 import numbers
 import os
+import sys
 import time
 import zlib
 from typing import Callable, Dict, List, Optional
@@ -771,16 +772,32 @@ def plot_demo(summary: dict, path: str) -> str:
 # Fine-tuning a real checkpoint
 # ----------------------------------------------------------------------------------
 def read_text_data(path: str) -> bytes:
-    """A text file, or every file under a directory (sorted), joined by blank lines."""
-    if os.path.isdir(path):
-        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
-        parts = []
-        for f in files:
-            with open(f, "rb") as fh:
-                parts.append(fh.read())
-        return b"\n\n".join(p for p in parts if p)
-    with open(path, "rb") as fh:
-        return fh.read()
+    """A text file, or the text files under a directory (sorted by path), joined by blank
+    lines. Under a directory, hidden files and folders, ``__pycache__`` and files that are
+    not UTF-8 text (compiled bytecode, images, archives) are left out: a source tree's
+    ``.pyc`` files would otherwise be most of the bytes."""
+    if not os.path.isdir(path):
+        with open(path, "rb") as fh:
+            return fh.read()
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+        files += [os.path.join(root, f) for f in names if not f.startswith(".")]
+    parts = []
+    for f in sorted(files):
+        with open(f, "rb") as fh:
+            data = fh.read()
+        if data and b"\0" not in data and is_utf8(data):
+            parts.append(data)
+    return b"\n\n".join(parts)
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def read_text_config(model_dir: str, fail):
@@ -923,12 +940,16 @@ def check_model_dir(path: str, flag: str, fail):
 
 def check_device(spec: str, flag: str, fail, local_rank: int = 0) -> torch.device:
     """``spec`` as a device this machine can hold tensors on: "auto" is cuda (cuda:LOCAL_RANK)
-    where available, else cpu; a device torch cannot place a tensor on here (cuda on a CPU
+    where available, else cpu, and "cuda" is cuda:LOCAL_RANK; a device torch cannot place a
+    tensor on here (cuda on a CPU
     machine, a misspelt name) or meta (no data) is a usage error, not a traceback."""
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(spec)
+        if device.type == "cuda" and device.index is None:
+            # this process's GPU (torch.cuda.set_device needs an index)
+            device = torch.device("cuda", local_rank)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         fail(f"{flag} {spec!r} is not usable here: {str(e).splitlines()[0]}")
@@ -954,28 +975,41 @@ def check_out_writable(out: str, fail):
         fail(f"--out {out!r} is not writable (no write permission on {probe!r})")
 
 
-def load_tokenizer(model_dir: str, vocab_size: int):
-    """(encode, decode, tokenizer-or-None): the model's tokenizer, else bytes."""
-    try:
+# what a Hugging Face tokenizer is saved as (any of them: AutoTokenizer reads the rest)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "tekken.json")
+
+
+def load_tokenizer(model_dir: str, vocab_size: int, fail):
+    """(encode, decode, tokenizer-or-None): the model's tokenizer; bytes for a model without
+    tokenizer files whose vocabulary is byte-level (256 bytes and at most 256 specials, as
+    the demo's 260). A tokenizer that does not load, or no tokenizer for any other
+    vocabulary, is a usage error (bytes read as a 32k vocabulary's ids give numbers, not
+    results). `fail(msg)` must not return."""
+    if any(os.path.exists(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        try:
+            tok = AutoTokenizer.from_pretrained(model_dir)
+        except Exception as e:  # noqa: BLE001 - whatever transformers refuses, said as a usage error
+            fail(f"--model {model_dir!r}: its tokenizer does not load ({type(e).__name__}: "
+                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})")
         if not tok("pass key", add_special_tokens=False)["input_ids"]:
-            # no tokenizer files: some classes (Qwen2's) then build an empty vocabulary
-            raise ValueError(f"{model_dir}: the tokenizer encodes nothing")
+            fail(f"--model {model_dir!r}: its tokenizer encodes nothing")
         return (lambda t: tok(t, add_special_tokens=False)["input_ids"]), tok.decode, tok
-    except Exception:  # no / unreadable / empty tokenizer: fall back to bytes
-        if vocab_size < 256:
-            return None, None, None
+    if 256 <= vocab_size <= 512:
+        print(f"--model {model_dir!r} has no tokenizer files: its text is read as UTF-8 bytes (ids 0-255), "
+              "as for the demo's byte-level models", file=sys.stderr, flush=True)
         return byte_encode, byte_decode, None
+    fail(f"--model {model_dir!r} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...) and its vocabulary "
+         f"of {vocab_size} ids is not byte-level: save the tokenizer it was trained with into it "
+         "(tokenizer.save_pretrained(DIR))")
 
 
 def run_finetune(args, fail) -> dict:
     info = validate_finetune_args(args, fail)
     ws, rank = dist_info()
-    encode, decode, tok = load_tokenizer(args.model, int(getattr(info["config"], "vocab_size", 0) or 0))
-    if encode is None:
-        fail(f"--model {args.model!r} has no tokenizer and its vocabulary is smaller than 256 bytes")
+    encode, decode, tok = load_tokenizer(args.model, int(getattr(info["config"], "vocab_size", 0) or 0), fail)
     text = read_text_data(args.data)
     window = info["new_window"]
     if len(text) < window + 1 and tok is None:

@@ -908,6 +908,8 @@ def test_evaluate_default_passkey_lengths_fit_a_short_window(tmp_path, monkeypat
     (["--device", "bogus"], "--device 'bogus' is not usable here"),
     (["--device", "meta"], "--device 'meta' holds no data"),
     (["--json", "/nonexistent-dir/r.json"], "--json '/nonexistent-dir/r.json': its directory does not exist"),
+    (["--json", "/tmp"], "--json '/tmp' is a directory"),  # not after the whole evaluation
+    (["--json", "results/"], "--json 'results/' is a directory"),
     (["--scaling", "pi"], "--scaling needs --factor F"),
     (["--factor", "0.5"], "--factor must be > 1"),
     (["--factor", "1", "--scaling", "ntk-by-parts"], "--factor must be > 1"),
@@ -981,6 +983,66 @@ def test_evaluate_passkey_only_ignores_the_perplexity_stride(tiny_ckpt, monkeypa
     r = ev.main(["--model", ckpt, "--passkey-lengths", "100", "--passkey-trials", "1", "--passkey-intro", "",
                  "--no-progress"])
     assert "perplexity" not in r and len(seen) == 1
+
+
+def _vocab_ckpt(path, vocab):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=32)).save_pretrained(str(path))
+    return str(path)
+
+
+def test_a_missing_or_broken_tokenizer_is_a_usage_error_not_bytes(fp, tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """Bytes stand in for a tokenizer only for a byte-level vocabulary without tokenizer
+    files (the demo's models): a 32k-vocabulary model without one, or a tokenizer that
+    does not load, is a usage error, not byte ids read as token ids (perplexity ~3e4)."""
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("no model must load without a tokenizer")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    ev = _load("evaluate")
+    _, data = tiny_ckpt
+    no_tok = _vocab_ckpt(tmp_path / "no_tok", 32000)
+    broken = _vocab_ckpt(tmp_path / "broken", 32000)
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    for ckpt, msg in ((no_tok, "has no tokenizer (tokenizer.json"), (broken, "its tokenizer does not load")):
+        _bad(ev, ["--model", ckpt, "--data", data, "--windows", "16", "--stride", "8", "--no-passkey",
+                  "--no-progress"], capsys, msg)
+        _bad(fp, _ft_args(ckpt, data, str(tmp_path / "o")), capsys, msg)
+    # a byte-level vocabulary without tokenizer files: bytes, and it says so
+    encode, decode, tok = fp.load_tokenizer(_vocab_ckpt(tmp_path / "bytes", 260), 260, None)
+    assert tok is None and encode("ab") == [97, 98] and decode([97, 98]) == "ab"
+    assert "read as UTF-8 bytes" in capsys.readouterr().err
+
+
+def test_data_directory_reads_its_text_files_only(fp, tmp_path):
+    """--data DIR: the text files under it, sorted by path; hidden files and folders,
+    __pycache__ and files that are not UTF-8 text (a source tree's .pyc) left out."""
+    d = tmp_path / "src"
+    (d / "pkg" / "__pycache__").mkdir(parents=True)
+    (d / ".git").mkdir()
+    (d / "b.py").write_text("b = 2\n")
+    (d / "pkg" / "a.py").write_text("a = 'é'\n")
+    (d / "pkg" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\0\0\0\0code")
+    (d / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (d / ".hidden.txt").write_text("secret\n")
+    (d / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0")
+    (d / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (d / "empty.txt").write_text("")
+    assert fp.read_text_data(str(d)) == "b = 2\n\n\na = 'é'\n".encode()  # b.py, pkg/a.py
+    assert fp.read_text_data(str(d / "latin1.txt")) == "caf\xe9".encode("latin-1")  # a file named: as it is
+
+
+def test_device_cuda_is_this_processs_gpu(fp, monkeypatch):
+    """--device cuda means cuda:LOCAL_RANK: torch.cuda.set_device refuses a device without
+    an index, and torchrun's ranks each have their own GPU."""
+    monkeypatch.setattr(fp.torch, "empty", lambda *a, **k: None)  # no GPU here to place a tensor on
+    assert fp.check_device("cuda", "--device", None, local_rank=3) == torch.device("cuda", 3)
+    assert fp.check_device("cuda:1", "--device", None, local_rank=3) == torch.device("cuda", 1)
+    assert fp.check_device("cpu", "--device", None, local_rank=3) == torch.device("cpu")
 
 
 def test_finetune_bad_device_is_a_usage_error(fp, tiny_ckpt, tmp_path, capsys):

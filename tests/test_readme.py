@@ -33,6 +33,8 @@ def test_api_examples_run_and_do_what_they_say():
     # packed sequences: one output row per token, gradients through the fused kernels
     assert scope["out_packed"].shape == (4096, 32, 128)
     assert scope["q_packed"].grad is not None and torch.isfinite(scope["q_packed"].grad).all()
+    # the evaluations: a finite perplexity, a success rate per passkey length
+    assert 1 < scope["ppl"] < float("inf") and sorted(scope["pk"]["success"]) == [300, 400, 512]
 
 
 def test_drop_in_recipes_name_every_supported_model_type():
