@@ -180,6 +180,7 @@ __global__ void __launch_bounds__(bwd90ws::kThreads, 1)
       tma::bar_sync<kConsumers>(kBarConsumers);
       if (kCols * wg < kD) {
         float dq[kCols / 8][4];
+        attn::zero(dq);  // (the product overwrites it: defined values for the asm operands)
         wg::fence();
         wg::gemm_ss<T, kCols, 1, 1, kBlockN / 16>(
             dq, [&](int k) { return wg::desc_mn<T, kBlockM, kBlockN>(ds_buf, 16 * k, 0); },

@@ -107,6 +107,7 @@ __global__ void __launch_bounds__(fwd90ws::kThreads, 1)
   float o[kD / 8][4];
   attn::zero(o);
   float s[kBlockN / 8][4];
+  attn::zero(s);  // (every S product overwrites it: defined values for the asm operands)
   uint32_t pf[kBlockN / 16][4];  // P of the previous tile as A operands of O += P V
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, corr[2];
 
