@@ -632,3 +632,24 @@ def test_min_length_is_computed_once_for_the_same_tokenizer():
     assert passkey_min_length(tok.encode, intro="", prefix_ids=[1, 2]) == first + 2 and Tok.calls == n
     assert passkey_min_length(tok.encode) > first and Tok.calls == 2 * n  # another intro
     assert passkey_min_length(Tok().encode) > first and Tok.calls == 3 * n  # another tokenizer
+
+
+@pytest.mark.parametrize("encode,name", [
+    (lambda t: {"input_ids": list(t.encode()), "attention_mask": [1] * len(t.encode())}, "dict"),  # tok as encode
+    (lambda t: t, "str"),
+    (lambda t: [float(b) for b in t.encode()], "list"),
+    (lambda t: torch.tensor([list(t.encode())]), "Tensor"),  # 2-D: a batch of one
+    (lambda t: None, "NoneType"),
+])
+def test_encode_must_return_token_ids(encode, name):
+    """A tokenizer called as encode returns a dict, whose len counts its keys: the
+    prompt lengths would be nonsense. What encode returns is checked first."""
+    with pytest.raises(TypeError, match=f"encode must return a 1-D sequence of int token ids, got {name}"):
+        passkey_retrieval(LengthRecorder(), encode, decode, [300], trials=1, progress=False)
+
+
+def test_encode_may_return_a_tensor_or_numpy_array():
+    np = pytest.importorskip("numpy")
+    ref = passkey_min_length(byte_encode)
+    assert passkey_min_length(lambda t: torch.tensor(byte_encode(t))) == ref
+    assert passkey_min_length(lambda t: np.frombuffer(t.encode(), dtype=np.uint8)) == ref

@@ -347,12 +347,28 @@ def passkey_min_length(encode: Callable[[str], Sequence[int]], *, intro: str = P
     last = _MIN_LENGTH_MEMO.get("last")
     if last is not None and last[1] == intro and _same_encode(last[0], encode):
         return len(prefix_ids) + last[2]
+    _check_encoded(encode(passkey_prompt(0, 0, str(_KEYS.start), intro=intro)))
     n = max(len(encode(passkey_prompt(0, 0, str(key), intro=intro))) for key in _KEYS)
     _MIN_LENGTH_MEMO["last"] = (encode, intro, n)
     return len(prefix_ids) + n
 
 
 _MIN_LENGTH_MEMO: dict = {}
+
+
+def _check_encoded(ids) -> None:
+    """What encode returned must be a sequence of int ids (a Hugging Face tokenizer called
+    as encode returns a dict: its len would count its keys)."""
+    kind = type(ids).__name__
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist() if ids.dim() == 1 else None
+    elif hasattr(ids, "tolist") and getattr(ids, "ndim", None) == 1:  # a numpy array
+        ids = ids.tolist()
+    if isinstance(ids, (Mapping, str, bytes)) or not isinstance(ids, Iterable) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
+        hint = " (for a tokenizer: lambda text: tok(text, add_special_tokens=False)['input_ids'])" if isinstance(
+            ids, Mapping) else ""
+        raise TypeError(f"encode must return a 1-D sequence of int token ids, got {kind}{hint}")
 
 
 def _same_encode(a, b) -> bool:
