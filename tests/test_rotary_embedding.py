@@ -478,3 +478,19 @@ def test_rotate_rejects_bad_input_naming_it():
     with pytest.raises(TypeError, match=r"RotaryEmbedding.rotate: x must be a torch.Tensor"):
         rope.rotate([[1.0]])
     assert rope.cos.shape[0] == 8  # nothing grew
+
+
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_compiled_dynamic_ntk_tables_equal_eager(with_positions):
+    # dynamic NTK's frequencies of a length are computed eagerly under torch.compile (as
+    # transformers computes them): traced, inductor's float32 pow moved them by 1.5e-7,
+    # 2e-3 in the output at 5k positions, and the module kept that table for eager calls
+    torch._dynamo.reset()
+    scaling = {"rope_type": "dynamic", "factor": 4.0}
+    rope, want = (pirope.RotaryEmbedding(128, max_position_embeddings=1600, scaling=scaling) for _ in range(2))
+    q = torch.randn(1, 5000, 1, 128)
+    pos = torch.arange(5000)[None] if with_positions else None
+    got = torch.compile(rope)(q, q.clone(), pos)
+    ref = want(q, q.clone(), pos)
+    assert torch.equal(rope.inv_freq, want.inv_freq) and torch.equal(rope.cos, want.cos)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
