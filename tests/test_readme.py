@@ -59,3 +59,14 @@ def test_markdown_headings_stand_alone():
     assert not glued, glued
     headings = [line for line in prose.splitlines() if line.startswith("#")]
     assert len(headings) == len(set(headings)), "a heading appears twice"
+
+
+def test_links_to_sections_resolve():
+    # GitHub's heading anchors: lower case, punctuation but - and _ dropped, spaces as -
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    anchors = {re.sub(r"[^\w\- ]", "", h.lstrip("#").strip().lower()).replace(" ", "-")
+               for h in prose.splitlines() if h.startswith("#")}
+    links = re.findall(r"\]\(#([^)]+)\)", prose)
+    assert links and set(links) <= anchors, sorted(set(links) - anchors)
