@@ -208,7 +208,11 @@ class FrequencyPlan:
         self.base = base
         self.partial_rotary_factor = partial_rotary_factor
         self.rope_type = self.scaling["rope_type"] if self.scaling else "default"
-        self.length_dependent = self.rope_type in ("dynamic", "longrope")
+        # longrope with short_factor == long_factor (how Phi-3-style configs write PI) has
+        # one table for every length: static, so torch.compile needs no host read of it
+        self.length_dependent = self.rope_type == "dynamic" or (
+            self.rope_type == "longrope"
+            and list(self.scaling["short_factor"]) != list(self.scaling["long_factor"]))
         self.original_window = max_position_embeddings
         if self.rope_type == "longrope":
             self.original_window = int(self.scaling.get("original_max_position_embeddings",

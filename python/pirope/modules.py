@@ -39,11 +39,11 @@ class RotaryEmbedding(nn.Module):
     in place, not through ``.data`` or shared NumPy memory, which torch cannot see).
     Under ``torch.compile`` the read is skipped for the types that do not need it: the
     rows of the call's own positions are computed instead (the same values). For the
-    length-dependent scalings ("dynamic" NTK and "longrope") the table is the one of the
-    current sequence length, ``max(position_ids) + 1``: it is recomputed when the length
-    changes above the original window and returns to the original table inside it, so a
-    long request never changes the result of a later short one. Threads may share the
-    module.
+    length-dependent scalings ("dynamic" NTK, and "longrope" whose long factors differ from
+    its short ones) the table is the one of the current sequence length,
+    ``max(position_ids) + 1``: it is recomputed when the length changes above the original
+    window and returns to the original table inside it, so a long request never changes
+    the result of a later short one. Threads may share the module.
 
     ``model.half()`` / ``model.to(torch.bfloat16)`` leave the tables float32 (rounding
     them would move every angle). The buffers live on the default device (a

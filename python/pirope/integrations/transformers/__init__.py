@@ -283,7 +283,9 @@ decode step past the window, whose table would serve one length only) get the ro
 their own positions instead, so memory and time follow the call, not the largest id.
 Under ``torch.compile`` (where that sync would break the graph) the rows of the
 forward's own positions are built instead, for every type except "dynamic" and
-"longrope", so ``torch.compile(model, fullgraph=True)`` works as with transformers.
+"longrope" with long factors other than its short ones (Phi-3's PI, a "longrope" of
+equal factors, is one table), so ``torch.compile(model, fullgraph=True)`` works as with
+transformers.
 
 For the length-dependent types the table is the one of the current sequence length
 ``max(position_ids) + 1``, like :class:`pirope.RotaryEmbedding`: "dynamic" recomputes
