@@ -746,6 +746,37 @@ def test_falcon_left_padded_batch_generates_like_transformers():
     assert_left_padded_generation_like_transformers("falcon", 70, 5)
 
 
+def test_phi3_compiles_fullgraph():
+    # Phi-3's PI is written as a "longrope" of equal short and long factors (what transformers
+    # reads back): one table for every length, so no host read of the length under compile
+    assert_compiled_pi_equals_transformers(make("phi3"))
+
+
+def test_static_cache_decoding_reads_no_cached_length_per_layer(monkeypatch):
+    # A static cache keeps its length as a tensor: reading it per layer and decode step would
+    # be a device sync on a GPU, and breaks a compiled forward's graph (transformers' has none).
+    # A decode step (one query) never fuses, so it is not read; under compile it is not read.
+    from pirope.integrations.transformers import fusing
+
+    reads = []
+    past_length = fusing._past_length
+    monkeypatch.setattr(fusing, "_past_length", lambda *a: reads.append(a[1]) or past_length(*a))
+    base = make("llama")
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    x = ids(1, 40)
+    assert_generates_like(model, twin(base, model.config), x, cache_implementation="static")
+    layers = base.config.num_hidden_layers
+    assert len(reads) == layers  # the prefill's (6 steps: 1 prefill + 5 decode steps)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, backend="eager")
+    assert_generates_like(compiled, twin(base, model.config), x, cache_implementation="static")
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 def test_falcon_compiles_fullgraph():
     assert_compiled_pi_equals_transformers(make("falcon", new_decoder_architecture=False, multi_query=True))
 

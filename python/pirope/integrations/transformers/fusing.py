@@ -46,8 +46,15 @@ def _fusable_softcap(cap) -> bool:
 
 
 def _past_length(cache, layer_idx: int) -> int:
+    """The layer's cached length, -1 where unknown (never fused then). A static cache keeps it
+    as a tensor: read on the host (a device sync per layer on a GPU; callers ask only for
+    calls of more than one token), except under torch.compile, where the read would break
+    the graph."""
     try:
-        return int(cache.get_seq_length(layer_idx))
+        n = cache.get_seq_length(layer_idx)
+        if isinstance(n, torch.Tensor) and torch.compiler.is_compiling():
+            return -1
+        return int(n)
     except Exception:  # a cache type that cannot tell: never take the fused path
         return -1
 
@@ -104,7 +111,8 @@ def _layer_can_fuse(attn, seqlen: int, cache, kwargs, attention_mask=None) -> bo
     """Whether rope_attention computes this call's attention, whatever its mask: everything but the
     mask, the packing, the sliding window and the chunks (see _segments_of_mask), and where the
     rotation happens (see _rotates_inside)."""
-    if attn._pirope_attention != "fused":
+    if attn._pirope_attention != "fused" or seqlen <= 1:
+        # (one query, a decode step: nothing for a fused kernel to gain, and no cache read)
         return False
     if _cutting_chunk(attn, seqlen) is not None and not isinstance(attention_mask, torch.Tensor):
         # chunked attention across chunks (Llama 4): the chunks are in transformers' mask only, which
