@@ -31,9 +31,12 @@ Two modes.
        torchrun --nproc_per_node 8 examples/finetune_pi.py --model DIR --data PATH \\
            --max-position-embeddings 8192 --out OUT          # FSDP2 (NCCL / gloo)
 
-   Defaults are the paper's: AdamW(0.9, 0.95), weight decay 0, lr 2e-5, linear
-   warm-up over 20 steps from 10% of the lr, 1000 steps, global batch 64; bf16
-   autocast where supported, gradient checkpointing. The saved checkpoint (config with
+   Defaults are the paper's: AdamW(0.9, 0.95), weight decay 0, lr 2e-5 (its 7B/13B
+   value; 1e-5 for 33B/65B), linear warm-up over 20 steps from 10% of the lr, 1000
+   steps, global batch 64, each process taking one sequence per micro-step
+   (--grad-accum); and, not in the paper, gradient clipping at 1.0 (--grad-clip 0: off).
+   bf16 autocast where supported, gradient checkpointing. The saved checkpoint (its own
+   dtype; config with
    rope_parameters {"rope_type": "linear", "factor": F}; Phi-3: the equal LongRoPE; RoPE
    per layer type: the full_attention layers') loads with plain
    transformers.AutoModelForCausalLM.from_pretrained. ``--scaling ntk-by-parts``
@@ -308,6 +311,7 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
             total += loss.detach().double().cpu() / grad_accum
         if grad_clip and grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        step_lr = sched.get_last_lr()[0]  # the lr this step uses (logged below)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -317,10 +321,10 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
             total = t.double().cpu() / ws
         losses.append(float(total))
         if progress and rank == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{step_lr:.2e}")
         elif rank == 0 and ((step + 1) % max(1, steps // 10) == 0 or step + 1 == steps):
             # no bar: a plain line every tenth of the run, so a long quiet run still shows it is alive
-            print(f"[{desc}] step {step + 1}/{steps} loss {losses[-1]:.4f} lr {sched.get_last_lr()[0]:.2e}",
+            print(f"[{desc}] step {step + 1}/{steps} loss {losses[-1]:.4f} lr {step_lr:.2e}",
                   flush=True)
         if callback is not None:
             callback(step + 1, model)
@@ -792,6 +796,34 @@ def read_text_data(path: str) -> bytes:
     return b"\n\n".join(parts)
 
 
+def checkpoint_dtype(config) -> torch.dtype:
+    """The floating-point dtype a checkpoint's config says its weights have (float32 if none)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def encode_data(text: bytes, encode=None, chunk: int = 1 << 20) -> torch.Tensor:
+    """``text`` as a 1-D int64 tensor of token ids: its bytes without ``encode``, else ``encode``
+    of its UTF-8 text in pieces of about ``chunk`` bytes cut after a newline, so that the
+    tokenizer's Python lists (tens of bytes per token) never hold the whole corpus."""
+    if encode is None:
+        return torch.tensor(bytearray(text), dtype=torch.uint8).long()
+    parts, begin = [], 0
+    while begin < len(text):
+        end = min(begin + chunk, len(text))
+        if end < len(text):
+            cut = text.rfind(b"\n", begin, end)
+            if cut >= begin:
+                end = cut + 1
+            while end > begin + 1 and text[end] & 0xC0 == 0x80:  # not inside a UTF-8 character
+                end -= 1
+        parts.append(torch.tensor(encode(text[begin:end].decode("utf-8", "replace")), dtype=torch.long))
+        begin = end
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
 def is_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
@@ -894,6 +926,10 @@ def validate_finetune_args(args, fail) -> dict:
              "use --factor > 1 or a larger --max-position-embeddings")
     check_numeric_args(args, fail)
     ws, _ = dist_info()
+    if args.grad_accum is None:  # one sequence per process and micro-step
+        if args.batch_size % ws:
+            fail(f"--batch-size {args.batch_size} must be divisible by the world size {ws}")
+        args.grad_accum = args.batch_size // ws
     if args.batch_size % (ws * args.grad_accum):
         fail(f"--batch-size {args.batch_size} must be divisible by world size x --grad-accum = "
              f"{ws * args.grad_accum}")
@@ -1014,9 +1050,13 @@ def run_finetune(args, fail) -> dict:
     window = info["new_window"]
     if len(text) < window + 1 and tok is None:
         fail(f"--data has {len(text)} bytes, fewer than the new window + 1 ({window + 1})")
-    ids = torch.tensor(encode(text.decode("utf-8", "replace")) if tok is not None else list(text), dtype=torch.long)
+    ids = encode_data(text, encode if tok is not None else None)
     if ids.numel() < window + 1:
         fail(f"--data has {ids.numel()} tokens, fewer than the new window + 1 ({window + 1})")
+    vocab = int(getattr(info["config"], "vocab_size", 0) or 0)
+    if vocab and int(ids.max()) >= vocab:
+        fail(f"--data's tokens reach id {int(ids.max())}, outside the model's vocabulary of {vocab} ids "
+             "(a tokenizer of another model?)")
 
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
@@ -1046,8 +1086,11 @@ def run_finetune(args, fail) -> dict:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
-    if ws > 1:
+    if ws == 1:
+        model.to(device)
+    else:
+        # fully_shard moves each rank's shards to the device itself: moving first would put
+        # the whole float32 model on every GPU (28 GB for 7B, 132 GB for 33B)
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
@@ -1077,10 +1120,15 @@ def run_finetune(args, fail) -> dict:
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         model.config.use_cache = True
+        # saved in the checkpoint's own dtype (trained in float32 master weights): a bfloat16
+        # checkpoint stays bfloat16, not twice its size
+        dtype = checkpoint_dtype(info["config"])
         save_model = model
         if ws > 1:  # save from a plain (unsharded) copy of the model
-            save_model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+            save_model = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
             save_model.load_state_dict(state)
+        else:
+            save_model.to(dtype)
         save_model.save_pretrained(args.out, state_dict=None)
         if tok is not None:
             tok.save_pretrained(args.out)
@@ -1098,7 +1146,9 @@ def run_finetune(args, fail) -> dict:
 
 # ----------------------------------------------------------------------------------
 # Defaults of the fine-tuning flags (the paper's recipe); the demo has its own settings.
-FINETUNE_DEFAULTS = dict(steps=1000, batch_size=64, grad_accum=1, lr=2e-5, warmup_steps=20, warmup_start=0.1,
+# grad_accum None: batch_size / world size micro-steps of one sequence each (the paper's 64 x 8192
+# tokens ran 1-2 sequences per GPU; the whole global batch in one forward needs ~100 GB for logits alone)
+FINETUNE_DEFAULTS = dict(steps=1000, batch_size=64, grad_accum=None, lr=2e-5, warmup_steps=20, warmup_start=0.1,
                          beta1=0.9, beta2=0.95, weight_decay=0.0, grad_clip=1.0, device="auto", autocast="auto",
                          pi_impl="auto", scaling="pi")
 # Flags that only fine-tuning a checkpoint uses (argparse dests): rejected without --model.
@@ -1127,7 +1177,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-position-embeddings", type=int, help="the new window (instead of --factor)")
     g.add_argument("--steps", type=int, help=f"default {d['steps']}")
     g.add_argument("--batch-size", type=int, help=f"global batch (sequences per step; default {d['batch_size']})")
-    g.add_argument("--grad-accum", type=int, help=f"gradient accumulation micro-steps (default {d['grad_accum']})")
+    g.add_argument("--grad-accum", type=int, help="gradient accumulation micro-steps per optimizer step (default: "
+                   "global batch / world size, one sequence per process and micro-step; fewer, larger "
+                   "micro-batches are faster where memory allows)")
     g.add_argument("--lr", type=float, help=f"default {d['lr']}")
     g.add_argument("--warmup-steps", type=int, help=f"default {d['warmup_steps']}")
     g.add_argument("--warmup-start", type=float,

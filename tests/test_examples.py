@@ -1045,6 +1045,84 @@ def test_device_cuda_is_this_processs_gpu(fp, monkeypatch):
     assert fp.check_device("cpu", "--device", None, local_rank=3) == torch.device("cpu")
 
 
+def test_finetune_token_ids_past_the_vocabulary_are_a_usage_error(fp, tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """A tokenizer with more ids than the model (another model's): a usage error before the
+    model loads, not an IndexError from the embedding at some random step."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    _, data = tiny_ckpt
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train([data], trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                         show_progress=False))
+    ckpt = _vocab_ckpt(tmp_path / "m", 300)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk).save_pretrained(ckpt)
+
+    def boom(*a, **k):
+        raise AssertionError("no model must load")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    _bad(fp, _ft_args(ckpt, data, str(tmp_path / "o")), capsys, "outside the model's vocabulary of 300 ids")
+
+
+def test_finetune_takes_one_sequence_per_micro_step_by_default(fp, tiny_ckpt, tmp_path, monkeypatch):
+    """The global batch (64 by default) is not one forward: --grad-accum defaults to the batch
+    per process (one sequence per micro-step), as the paper's 1-2 sequences per GPU."""
+    ckpt, data = tiny_ckpt
+    seen = []
+    monkeypatch.setattr(fp, "train", lambda model, ids, **kw: seen.append(kw["grad_accum"]) or [1.0])
+    fp.main(_ft_args(ckpt, data, str(tmp_path / "a")))
+    fp.main(_ft_args(ckpt, data, str(tmp_path / "b"), "--grad-accum", "2"))
+    assert seen == [4, 2]  # --batch-size 4
+
+
+def test_training_log_shows_the_lr_each_step_used(fp, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=32))
+    seen = []
+    capture = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return capture(self, *a, **k)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(torch.optim.AdamW, "step", step):
+        fp.train(model, torch.randint(0, 256, (500,)), steps=3, seq_len=16, batch_size=2, lr=1e-3,
+                 lr_lambda=fp.warmup_lambda(20, 0.1), progress=False)
+    logged = [float(m) for m in re.findall(r"lr (\S+)", capsys.readouterr().out)]
+    assert logged == pytest.approx(seen, rel=1e-2) and seen[0] == pytest.approx(1e-4)
+
+
+def test_finetune_saves_in_the_checkpoints_own_dtype(fp, tiny_ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ckpt, data = tiny_ckpt
+    AutoModelForCausalLM.from_pretrained(ckpt).to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
+    fp.main(_ft_args(str(tmp_path / "bf16"), data, str(tmp_path / "o"), "--steps", "1"))
+    saved = json.load(open(tmp_path / "o" / "config.json"))
+    assert saved["dtype"] == "bfloat16", saved.get("dtype")
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"), dtype="auto")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+
+
+def test_data_is_tokenized_in_pieces_cut_at_lines(fp):
+    """Tokenizing the corpus in ~chunk-byte pieces (cut after a newline, never inside a UTF-8
+    character) gives the ids of the whole text for a tokenizer that splits at lines."""
+    def encode(text):
+        return list(text.encode())
+
+    for text in (("héllo wörld\n" * 500 + "x" * 3000).encode(), ("é" * 2000).encode(), b"", b"abc"):
+        ids = fp.encode_data(text, encode, chunk=101)
+        assert ids.dtype == torch.int64 and ids.tolist() == list(text)
+        assert fp.encode_data(text).tolist() == list(text)  # bytes
+
+
 def test_finetune_bad_device_is_a_usage_error(fp, tiny_ckpt, tmp_path, capsys):
     ckpt, data = tiny_ckpt
     _bad(fp, _ft_args(ckpt, data, str(tmp_path / "o"), "--device", "bogus"), capsys, "--device 'bogus' is not usable")
