@@ -98,15 +98,23 @@ def run_once(fn, inputs, grad, backward):
 
 
 def measure(fn, inputs, grad, backward, repeat, device):
-    run_once(fn, inputs, grad, backward)  # warm-up (and compilation)
+    """(median seconds, peak memory growth, the output and gradients of the warm-up run in
+    float32, for the correctness column)."""
+    out = run_once(fn, inputs, grad, backward)  # warm-up (and compilation)
     sync(device)
+    check = (out.detach().float(), *((t.grad.float() for t in inputs[:3]) if backward else ()))
+    del out
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         run_once(fn, inputs, grad, backward)
         sync(device)
         times.append(time.perf_counter() - t0)
-    # memory: one more run
+    # memory: one more run, from no gradients (the last run's would be freed inside the
+    # measured block and hide the new ones' size)
+    if backward:
+        for t in inputs[:3]:
+            t.grad = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -118,7 +126,12 @@ def measure(fn, inputs, grad, backward, repeat, device):
             out = run_once(fn, inputs, grad, backward)
             del out
         mem = m.growth
-    return statistics.median(times), mem
+    return statistics.median(times), mem, check
+
+
+def rel_diff(got, want) -> float:
+    """max |got - want| / max |want| over the output (and gradients)."""
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(got, want))
 
 
 def _exec_with_returning_malloc():
@@ -179,18 +192,19 @@ def main():
                             torch._dynamo.reset()
                             fn = torch.compile(pirope_sdpa)
                         with ctx:
-                            t, mem = measure(fn, inputs, grad, backward, args.repeat, device)
-                        results[name] = (t, mem)
-                    base = results.get("hf_eager", (None,))[0]
+                            results[name] = measure(fn, inputs, grad, backward, args.repeat, device)
+                    base, _, reference = results.get("hf_eager", (None, None, None))
                     cells = []
                     for name, _ in chosen:
-                        t, mem = results[name]
+                        t, mem, check = results[name]
                         ratio = f"{base / t:4.2f}x" if base else "  -  "
                         cells.append(f"{t * 1e3:8.1f}ms {ratio} {mem / 2**20:5.0f}M")
                         rows.append(dict(dtype=dtype_name, heads=heads, seqlen=s, mode=mode, method=name,
                                          batch=args.batch, headdim=d, device=str(device),
                                          median_s=t, speedup_vs_hf=(base / t if base else None),
                                          peak_mem_bytes=mem, threads=torch.get_num_threads(),
+                                         # the output (and gradients) against (a)'s, same inputs
+                                         rel_diff_vs_hf=(rel_diff(check, reference) if reference else None),
                                          cpu_gemm=cpu_gemm.get(dtype_name)))
                     print(f"{dtype_name:9} {heads:6} {s:6d} {mode:8} " + " ".join(f"{c:>22}" for c in cells),
                           flush=True)

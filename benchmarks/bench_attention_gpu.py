@@ -29,6 +29,7 @@ tests/), over fused, fused_ws and fused_ws_atomic.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -46,7 +47,9 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIE
             "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-def peak_mem(fn):
+def peak_mem(fn, *leaves):
+    for t in leaves:  # the previous step's gradients are not part of this one's growth
+        t.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -55,21 +58,20 @@ def peak_mem(fn):
     return torch.cuda.max_memory_allocated() - base
 
 
-def with_env(fn, **env):
-    """fn with the environment variables env set during the call (pirope's CUDA
-    dispatch reads them at each call)."""
-    def run(*args):
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            return fn(*args)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    return run
+@contextlib.contextmanager
+def env_vars(**env):
+    """The environment variables env set inside the block (pirope's CUDA dispatch reads them
+    at each call, the backward's included: a method's whole step runs inside)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def make_methods(cos, sin, causal, backward):
@@ -90,13 +92,30 @@ def make_methods(cos, sin, causal, backward):
                                                False)[0]
 
     ws = os.environ.get("PIROPE_WS_VARIANT", "ws")  # gpu_check.sh: ws_fwd / ws_bwd if one direction failed
-    methods = {"fused": fused, "fused_ws": with_env(fused, PIROPE_ATTENTION_SM90=ws)}
+    # name -> (fn, the environment its forward and backward run in)
+    methods = {"fused": (fused, {}), "fused_ws": (fused, {"PIROPE_ATTENTION_SM90": ws})}
     if backward:  # the deterministic backward (no float atomics: its cost, measured)
-        methods["fused_det"] = lambda q, k, v: pirope.rope_attention(q, k, v, cos, sin, causal=causal,
-                                                                     deterministic=True)
-        methods["fused_ws_atomic"] = with_env(fused, PIROPE_ATTENTION_SM90=ws, PIROPE_WS_DQ="atomic")
-    methods.update({name: sdpa(b) for name, b in BACKENDS.items()})
+        methods["fused_det"] = (lambda q, k, v: pirope.rope_attention(q, k, v, cos, sin, causal=causal,
+                                                                      deterministic=True), {})
+        methods["fused_ws_atomic"] = (fused, {"PIROPE_ATTENTION_SM90": ws, "PIROPE_WS_DQ": "atomic"})
+    methods.update({name: (sdpa(b), {}) for name, b in BACKENDS.items()})
     return methods
+
+
+def make_step(fn, env, q, k, v, grad=None):
+    """One timed step of a method: its forward (and, with grad, its backward into fresh
+    .grad), all of it inside its environment."""
+    def step():
+        with env_vars(**env):
+            if grad is not None:
+                for t in (q, k, v):
+                    t.grad = None
+                out = fn(q, k, v)
+                out.backward(grad)
+                return out
+            with torch.inference_mode():
+                return fn(q, k, v)
+    return step
 
 
 def run_case(dtype, hq, hkv, seqlen, tokens, d, causal, mode, repeat, methods):
@@ -115,18 +134,10 @@ def run_case(dtype, hq, hkv, seqlen, tokens, d, causal, mode, repeat, methods):
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     flops = 4 * batch * hq * seqlen * seqlen * d * (0.5 if causal else 1.0) * (3.5 if backward else 1.0)
     results, outs = {}, {}
-    for name, fn in make_methods(cos, sin, causal, backward).items():
+    for name, (fn, env) in make_methods(cos, sin, causal, backward).items():
         if name not in methods:
             continue
-        def step(fn=fn):
-            if backward:
-                for t in (q, k, v):
-                    t.grad = None
-                out = fn(q, k, v)
-                out.backward(grad)
-                return out
-            with torch.inference_mode():
-                return fn(q, k, v)
+        step = make_step(fn, env, q, k, v, grad if backward else None)
         try:
             out = step()
             torch.cuda.synchronize()
@@ -136,7 +147,7 @@ def run_case(dtype, hq, hkv, seqlen, tokens, d, causal, mode, repeat, methods):
             continue
         outs[name] = (out.detach().float(), *(t.grad.float() if backward else None for t in (q, k, v)))
         ms = median_ms(step, "cuda", warmup=3, repeat=repeat)
-        results[name] = dict(ms=ms, tflops=flops / ms / 1e9, mem=peak_mem(step))
+        results[name] = dict(ms=ms, tflops=flops / ms / 1e9, mem=peak_mem(step, q, k, v))
     baselines = {n: r for n, r in results.items() if not n.startswith("fused") and r}
     best = min(baselines, key=lambda n: baselines[n]["ms"]) if baselines else None
     row = dict(dtype=str(dtype).replace("torch.", ""), heads=f"{hq}/{hkv}", seqlen=seqlen, batch=batch,
@@ -149,7 +160,7 @@ def run_case(dtype, hq, hkv, seqlen, tokens, d, causal, mode, repeat, methods):
     if best and results.get("fused_ws"):
         row["ratio_ws_vs_best_sdpa"] = baselines[best]["ms"] / results["fused_ws"]["ms"]
     errs = []
-    for name in ("fused", "fused_ws", "fused_ws_atomic"):
+    for name in ("fused", "fused_ws", "fused_ws_atomic", "fused_det"):
         if best and name in outs:
             for a, b in zip(outs[name], outs[best]):
                 if a is not None:

@@ -63,6 +63,9 @@ def bench_case(device, dtype, batch, seqlen, hq, hk, head_dim, repeat, compiled)
     def hf_fn(a, b):
         return hf_apply_rotary_pos_emb(a, b, cos_hf, sin_hf)
 
+    # a compile cache of this case's own: dynamo's recompile limit (8) would otherwise turn
+    # the later cases' "compiled" baseline into eager (2 entries per case: fwd and fwd+bwd)
+    torch._dynamo.reset()
     hf_comp = torch.compile(hf_apply_rotary_pos_emb, dynamic=False) if compiled else None
 
     def hf_comp_fn(a, b):
@@ -79,6 +82,12 @@ def bench_case(device, dtype, batch, seqlen, hq, hk, head_dim, repeat, compiled)
              "copy": (copy_fn, q, k, gq, gk)}
     if compiled:
         impls["hf_compile"] = (hf_comp_fn, q_hf, k_hf, gq_hf, gk_hf)
+    # correct first: pirope's rotation against Hugging Face's on the timed inputs
+    with torch.no_grad():
+        got, want = pirope_fn(q, k), hf_fn(q_hf, k_hf)
+        diff = max(((g.float() - w.transpose(1, 2).float()).abs().max() / w.float().abs().max()).item()
+                   for g, w in zip(got, want))
+    del got, want
     rows = []
     for mode in ("fwd", "fwd+bwd"):
         t = {}
@@ -95,7 +104,7 @@ def bench_case(device, dtype, batch, seqlen, hq, hk, head_dim, repeat, compiled)
                    hf_eager_ms=round(t["hf_eager"], 3), copy_ms=round(t["copy"], 3),
                    x_vs_hf_eager=round(t["hf_eager"] / t["pirope"], 2),
                    copy_floor_frac=round(t["copy"] / t["pirope"], 2),
-                   pirope_GBps=round(moved / t["pirope"] / 1e6, 1))
+                   pirope_GBps=round(moved / t["pirope"] / 1e6, 1), rel_diff_vs_hf=float(f"{diff:.2g}"))
         if compiled:
             row["hf_compile_ms"] = round(t["hf_compile"], 3)
             row["x_vs_hf_compile"] = round(t["hf_compile"] / t["pirope"], 2)
@@ -131,7 +140,7 @@ def main(argv=None):
     cols = ["device", "dtype", "batch", "seqlen", "heads", "mode", "pirope_ms", "hf_eager_ms"]
     cols += [] if args.no_compile else ["hf_compile_ms"]
     cols += ["copy_ms", "x_vs_hf_eager"] + ([] if args.no_compile else ["x_vs_hf_compile"])
-    cols += ["copy_floor_frac", "pirope_GBps"]
+    cols += ["copy_floor_frac", "pirope_GBps", "rel_diff_vs_hf"]
     print_table(rows, cols)
     if args.json:
         with open(args.json, "w") as f:

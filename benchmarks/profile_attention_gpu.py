@@ -57,7 +57,8 @@ def main():
     for deterministic in (False, True):
         def step():
             out = pirope.rope_attention(q, k, v, cos, sin, causal=bool(args.causal), deterministic=deterministic)
-            out.backward(grad)
+            # into fresh gradients: accumulating into the last step's would add kernels of its own
+            torch.autograd.grad(out, (q, k, v), grad)
 
         if args.plain:
             step()

@@ -53,6 +53,10 @@ def test_attention_benchmark_runs(tmp_path):
     assert len(rows) == 2 * 2 * 2 * 2 * 3  # dtypes x heads x seqlens x modes x methods
     fused = [r for r in rows if r["method"] == "fused"]
     assert all(r["median_s"] > 0 and r["speedup_vs_hf"] > 0 for r in fused)
+    # the correctness column: every method's output (and gradients) against (a)'s
+    for r in rows:
+        assert r["rel_diff_vs_hf"] < (1e-5 if r["dtype"] == "float32" else 3e-2), r
+    assert all(r["peak_mem_bytes"] > 0 for r in rows if r["mode"] == "fwd+bwd")
 
 
 @pytest.mark.parametrize("layer", [[], ["--gemma4", "--head-dim", "64"], ["--mrope"], ["--llama4"],
@@ -75,16 +79,39 @@ def test_rope_benchmark_runs(tmp_path):
     result = run("bench_rope.py", "--device", "cpu", "--seqlen", "64", "--heads", "4/2", "--head-dim", "32",
                  "--repeat", "1", "--no-compile", "--dtype", "float32", tmp_path=tmp_path)
     assert [r["mode"] for r in result["rows"]] == ["fwd", "fwd+bwd"]
-    assert all(r["pirope_ms"] > 0 for r in result["rows"])
+    assert all(r["pirope_ms"] > 0 and r["rel_diff_vs_hf"] < 1e-6 for r in result["rows"])
 
 
-def _main(script):
+def test_rope_benchmark_compiles_every_case_it_times(monkeypatch):
+    # one compile cache per case: with one shared by all, dynamo's recompile limit (8; 2
+    # entries per case, fwd and fwd+bwd) turned the later cases' "compiled" baseline into
+    # eager, silently. Here with a limit of 2 (one case's worth) and a recording backend.
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=backend, dynamic=kw.get("dynamic")))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    bench = _module("bench_rope.py")
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):
+        bench.bench_case("cpu", dtype, 1, 16, 2, 1, 16, 1, True)
+    assert len(graphs) == 3 * 2
+
+
+def _module(script):
     if BENCHMARKS not in sys.path:
         sys.path.insert(0, BENCHMARKS)
     spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(BENCHMARKS, script))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.main
+    return mod
+
+
+def _main(script):
+    return _module(script).main
 
 
 def usage_error(script, argv, monkeypatch, capsys) -> str:
@@ -149,3 +176,30 @@ def test_bad_flags_are_usage_errors_naming_the_flag(script, argv, flag, monkeypa
 def test_gpu_runs_without_a_gpu_are_usage_errors(script, argv, monkeypatch, capsys):
     error = usage_error(script, argv, monkeypatch, capsys)
     assert "CUDA GPU" in error, error
+
+
+def test_gpu_benchmark_runs_a_methods_backward_in_its_environment(monkeypatch):
+    # pirope's CUDA dispatch reads PIROPE_ATTENTION_SM90 / PIROPE_WS_DQ in the backward too: a
+    # method's whole step (not its forward alone) runs in its environment, then it is restored
+    bench = _module("bench_attention_gpu.py")
+    monkeypatch.delenv("PIROPE_ATTENTION_SM90", raising=False)
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("fwd", os.environ.get("PIROPE_ATTENTION_SM90")))
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("bwd", os.environ.get("PIROPE_ATTENTION_SM90")))
+            return g
+
+    q, k, v = (torch.randn(1, 4, 2, 8, requires_grad=True) for _ in range(3))
+    methods = bench.make_methods(torch.ones(4, 4), torch.zeros(4, 4), True, backward=True)
+    fn, env = methods["fused_ws"]
+    assert env == {"PIROPE_ATTENTION_SM90": "ws"} and methods["fused_ws_atomic"][1]["PIROPE_WS_DQ"] == "atomic"
+    bench.make_step(lambda q, k, v: Probe.apply(q * k * v), env, q, k, v, torch.ones(1, 4, 2, 8))()
+    assert seen == [("fwd", "ws"), ("bwd", "ws")] and "PIROPE_ATTENTION_SM90" not in os.environ
+    assert q.grad is not None
