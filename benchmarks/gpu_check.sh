@@ -17,6 +17,32 @@ PY="${PYTHON:-$(command -v python3 || command -v python)}"
 step() { echo; echo "== $* =="; }
 # GPU_CHECK_SKIP="rope prepass racecheck memcheck block": leave those steps out (a short lease).
 skip() { case " ${GPU_CHECK_SKIP:-} " in *" $1 "*) echo "(skipped: GPU_CHECK_SKIP)"; return 0;; esac; return 1; }
+# GPU_CHECK_QUICK=1: a short re-check (the attention benchmark first, then the attention,
+# autograd and torch.func tests, memcheck, the block attention).
+QUICK="${GPU_CHECK_QUICK:-0}"
+# GPU_CHECK_BUDGET=S: the whole check within S seconds (quick mode: 560 unless set, for a
+# lease's 600 s call); each step's timeout is cut to what is left, a step with no time left
+# is skipped, so the log and the JSON of the steps that ran come back. 0: no budget.
+START=$(date +%s)
+BUDGET="${GPU_CHECK_BUDGET:-$([ "$QUICK" = 1 ] && echo 560 || echo 0)}"
+# bounded N CMD...: CMD under a timeout of N seconds, or of what the budget has left (SIGINT
+# first, so pytest still prints its summary); exit status 200 where no time was left.
+bounded() {
+  local n=$1; shift
+  if [ "$BUDGET" -gt 0 ]; then
+    local rest=$(( START + BUDGET - 15 - $(date +%s) ))
+    [ "$rest" -lt "$n" ] && n=$rest
+  fi
+  if [ "$n" -lt 10 ]; then echo "(skipped: GPU_CHECK_BUDGET spent: $*)"; return 200; fi
+  timeout -s INT -k 10 "$n" "$@"
+}
+# the short table of every benchmark JSON under $OUT, last (benchmarks/gpu_summary.py)
+finish() {
+  step "summary"
+  $PY benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
+  echo "gpu_check status: $status in $(( $(date +%s) - START )) s (log: $LOG)"
+  exit $status
+}
 # sanitize TOOL [--quick]: every CUDA kernel of tests/cuda_sanitize_cases.py under
 # compute-sanitizer; the log's tail is echoed on failure.
 sanitize() {
@@ -24,7 +50,7 @@ sanitize() {
     echo "compute-sanitizer not found: $1 skipped"; return
   fi
   local log="$SCRATCH/sanitizer-$1.log"
-  if timeout 150 compute-sanitizer --tool "$1" --error-exitcode 99 \
+  if bounded 150 compute-sanitizer --tool "$1" --error-exitcode 99 \
       $PY tests/cuda_sanitize_cases.py "${@:2}" > "$log" 2>&1; then
     echo "$1: clean"; tail -2 "$log"
   else
@@ -48,7 +74,7 @@ skip build || PIROPE_FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIS
   $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "built in $(( $(date +%s) - t0 )) s"
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-$PY -c "import pirope; print(pirope.build_info())"
+$PY -c "import pirope; print(pirope.build_info())" || { echo "pirope does not import: nothing to check"; exit 1; }
 
 # The warp-specialised kernels (PIROPE_ATTENTION_SM90=ws*) before anything else uses them:
 # one bounded run per direction, so that a hang (an mbarrier phase that never completes)
@@ -58,7 +84,7 @@ $PY -c "import pirope; print(pirope.build_info())"
 step "warp-specialised Hopper kernels: bounded first runs (tests/cuda_ws_smoke.py)"
 ws_ok=""
 for dir in fwd bwd; do
-  timeout -k 10 90 $PY tests/cuda_ws_smoke.py $dir > "$SCRATCH/ws-$dir.log" 2>&1
+  bounded 90 $PY tests/cuda_ws_smoke.py $dir > "$SCRATCH/ws-$dir.log" 2>&1
   rc=$?
   if [ $rc = 0 ]; then
     tail -1 "$SCRATCH/ws-$dir.log"; ws_ok="$ws_ok $dir"
@@ -75,47 +101,52 @@ echo "warp-specialised variant used below: $ws"
 ws_methods=""; [ "$ws" != skip ] && ws_methods="fused_ws,"
 case "$ws" in ws|ws_bwd) ws_methods="${ws_methods}fused_ws_atomic," ;; esac  # the dQ path's A/B
 
-step "CUDA tests"
-xdist=""
-$PY -c "import xdist" 2>/dev/null && xdist="-n 12"
-# GPU_CHECK_QUICK=1: a short re-check (attention, autograd and torch.func tests, a small
-# benchmark grid, memcheck).
-QUICK="${GPU_CHECK_QUICK:-0}"
-tests="tests"; [ "$QUICK" = 1 ] && tests="tests/test_rope_attention_cuda.py tests/test_rope_attention.py tests/test_rope_attention_varlen.py tests/test_rope_attention_window.py tests/test_rope_attention_softcap.py tests/test_rope_attention_sinks.py tests/test_rope_attention_deterministic.py tests/test_rope_attention_long.py tests/test_apply_rope_autograd.py tests/test_torch_func.py"
-timeout 260 $PY -m pytest -q --tb=short -rf $xdist -k "cuda" -p no:cacheprovider $tests \
-  > "$OUT/pytest-cuda.log" 2>&1 || status=1
-tail -25 "$OUT/pytest-cuda.log"
+cuda_tests() {
+  step "CUDA tests"
+  local xdist="" tests="tests"
+  $PY -c "import xdist" 2>/dev/null && xdist="-n 12"
+  [ "$QUICK" = 1 ] && tests="tests/test_rope_attention_cuda.py tests/test_rope_attention.py tests/test_rope_attention_varlen.py tests/test_rope_attention_window.py tests/test_rope_attention_softcap.py tests/test_rope_attention_sinks.py tests/test_rope_attention_deterministic.py tests/test_rope_attention_long.py tests/test_apply_rope_autograd.py tests/test_torch_func.py"
+  bounded 260 $PY -m pytest -q --tb=short -rf $xdist -k "cuda" -p no:cacheprovider $tests \
+    > "$OUT/pytest-cuda.log" 2>&1 || status=1
+  tail -25 "$OUT/pytest-cuda.log"
+}
 
 # The CPU ops' error paths on this machine's toolchain, one process. Its g++ (/opt/gcc)
 # has only a static libstdc++, which it linked into pirope: every error message that
 # formats a number crashed (H100 runs of 2026-11-26; setup.py now links the shared
 # libstdc++ torch runs on). Kept as a regression check; on a crash, a native backtrace.
+bad_input() {
 step "CPU error paths (tests/test_bad_input.py, one process)"
-if ! timeout 90 $PY -X faulthandler -m pytest -q -x --tb=short -p no:cacheprovider -p no:xdist \
-    tests/test_bad_input.py -k "not cuda" > "$SCRATCH/bad-input.log" 2>&1; then
+bounded 90 $PY -X faulthandler -m pytest -q -x --tb=short -p no:cacheprovider -p no:xdist \
+  tests/test_bad_input.py -k "not cuda" > "$SCRATCH/bad-input.log" 2>&1
+local rc=$?
+if [ $rc = 200 ]; then  # no time left: said in the log
+  cat "$SCRATCH/bad-input.log"
+elif [ $rc != 0 ]; then
   status=1
   # The failing test (faulthandler names it in its first frames), then the innermost
   # native frames and the C++ runtimes the process had loaded.
   grep -m1 -B2 -A14 "Fatal Python error" "$SCRATCH/bad-input.log" || tail -30 "$SCRATCH/bad-input.log"
   ldd python/pirope/_C*.so | grep -E "stdc|gcc_s|gomp|c10|torch_cpu"
   GDB="$(command -v gdb || command -v cuda-gdb || true)"
-  [ -n "$GDB" ] && timeout 120 "$GDB" -batch -ex run -ex "bt 18" -ex "info sharedlibrary" --args $PY -m pytest -q \
+  [ -n "$GDB" ] && bounded 120 "$GDB" -batch -ex run -ex "bt 18" -ex "info sharedlibrary" --args $PY -m pytest -q \
     -x -p no:cacheprovider -p no:xdist tests/test_bad_input.py -k "not cuda" 2>&1 |
     grep -v "^\[New Thread\|^\[Thread" | grep -E "^#|signal|stdc|gcc_s|gomp|pirope" | cut -c1-400 | head -60
 else
   tail -1 "$SCRATCH/bad-input.log"
 fi
+}
 
 # Benchmarks print straight into this log (a lease returns few files). The fused CUDA
-# attention kernels are opt-in: the benchmarks compare them, so turn them on.
-export PYTHONWARNINGS=ignore PIROPE_CUDA_ATTENTION=1
-step "attention: fused vs pirope rope + each SDPA backend"
+# attention kernels are opt-in: the benchmarks compare them, so turn them on (in the
+# benchmarks only: the tests choose for themselves).
+BENCH="env PYTHONWARNINGS=ignore PIROPE_CUDA_ATTENTION=1 $PY"
 # hopper_vs_mma SEQLENS: the fused kernels with the Hopper (wgmma) kernels turned off,
 # beside the default run's "fused" rows (which use them on sm_90 with a 9.0a build).
 hopper_vs_mma() {
   echo "-- PIROPE_ATTENTION_SM90=0 (mma.sync kernels) --"
-  PIROPE_ATTENTION_SM90=0 timeout 60 $PY benchmarks/bench_attention_gpu.py --methods fused,fused_det \
-    --seqlens "$1" --heads 32/8 --causal 1 --repeat 10 || status=1
+  PIROPE_ATTENTION_SM90=0 bounded 60 $BENCH benchmarks/bench_attention_gpu.py --methods fused,fused_det \
+    --seqlens "$1" --heads 32/8 --causal 1 --repeat 10 --json "$OUT/bench_attention_gpu_mma.json" || status=1
 }
 methods="fused,${ws_methods}fused_det,flash,efficient,cudnn"
 # block_attention: soft-capped (Gemma 2) and sunk (GPT-OSS, with and without its window of
@@ -125,47 +156,57 @@ methods="fused,${ws_methods}fused_det,flash,efficient,cudnn"
 block_attention() {
   step "soft-cap and sinks: the block attention vs transformers' eager"
   skip block && return 0
-  timeout 90 $PY benchmarks/bench_attention_softcap.py --device cuda --seqlens 2048,4096 --dtypes bfloat16 \
-    --repeat 10 --json "$OUT/bench_attention_softcap.json" || status=1
-  timeout 90 $PY benchmarks/bench_attention_sinks.py --device cuda --seqlens 2048,4096 --windows 0,128 \
+  bounded 90 $BENCH benchmarks/bench_attention_softcap.py --device cuda --seqlens 2048,4096 \
+    --dtypes bfloat16 --repeat 10 --json "$OUT/bench_attention_softcap.json" || status=1
+  bounded 90 $BENCH benchmarks/bench_attention_sinks.py --device cuda --seqlens 2048,4096 --windows 0,128 \
     --dtypes bfloat16 --repeat 10 --json "$OUT/bench_attention_sinks.json" || status=1
 }
 if [ "$QUICK" = 1 ]; then
-  timeout 120 $PY benchmarks/bench_attention_gpu.py --seqlens 2048,16384 --heads 32/8 --causal 1 \
+  # the figures issue 6 waits for first (every method's output and gradients are checked
+  # against cuDNN's in the table's err column), then the tests
+  step "attention: fused vs pirope rope + each SDPA backend"
+  bounded 120 $BENCH benchmarks/bench_attention_gpu.py --seqlens 2048,16384 --heads 32/8 --causal 1 \
     --repeat 10 --methods "$methods" --json "$OUT/bench_attention_gpu.json" || status=1
   hopper_vs_mma 2048,16384
+  cuda_tests
+  bad_input
   step "compute-sanitizer memcheck (attention kernels)"
   skip memcheck || sanitize memcheck --quick
   block_attention
-  echo "gpu_check status: $status (log: $LOG)"
-  exit $status
+  finish
 fi
-timeout 190 $PY benchmarks/bench_attention_gpu.py --seqlens "${ATTN_SEQLENS:-512,2048,8192,16384}" \
+cuda_tests
+bad_input
+step "attention: fused vs pirope rope + each SDPA backend"
+bounded 190 $BENCH benchmarks/bench_attention_gpu.py --seqlens "${ATTN_SEQLENS:-512,2048,8192,16384}" \
   --repeat 10 --methods "$methods" --json "$OUT/bench_attention_gpu.json" || status=1
 
 hopper_vs_mma 2048,16384
 block_attention
 
 step "decoder layer (LLaMA-7B shapes): pirope vs transformers"
-timeout 100 $PY benchmarks/bench_decoder_layer.py --repeat 5 --json "$OUT/bench_decoder_layer.json" || status=1
+bounded 100 $BENCH benchmarks/bench_decoder_layer.py --repeat 5 --json "$OUT/bench_decoder_layer.json" \
+  || status=1
 if [ -n "$ws_methods" ]; then
   echo "-- PIROPE_ATTENTION_SM90=$ws (the fused rows on the warp-specialised kernels) --"
-  PIROPE_ATTENTION_SM90=$ws timeout 100 $PY benchmarks/bench_decoder_layer.py --repeat 5 || status=1
+  PIROPE_ATTENTION_SM90=$ws bounded 100 $BENCH benchmarks/bench_decoder_layer.py --repeat 5 \
+    --json "$OUT/bench_decoder_layer_ws.json" || status=1
 fi
 
 step "rotary ops vs HF eager and the copy floor"
-skip rope || timeout 120 $PY benchmarks/bench_rope.py --device cuda --batch 1 4 --seqlen 2048 8192 --repeat 30 \
+skip rope || bounded 120 $BENCH benchmarks/bench_rope.py --device cuda --batch 1 4 --seqlen 2048 8192 --repeat 30 \
   --json "$OUT/bench_rope.json" || status=1
 
 step "compute-sanitizer over every CUDA kernel (tests/cuda_sanitize_cases.py)"
 skip memcheck || sanitize memcheck
 skip racecheck || sanitize racecheck --quick  # racecheck is slow: fewer shapes
 
-step "q, k rotation: pre-pass vs on load (fused only)"
+# (on the mma.sync kernels: the Hopper ones need the pre-pass, so without it an sm_90 build
+# would compare two kernel families, not the two rotations)
+step "q, k rotation: pre-pass vs on load (fused mma.sync kernels only)"
 skip prepass || for pre in 1 0; do
-  PIROPE_ATTENTION_K_PREPASS=$pre timeout 40 $PY benchmarks/bench_attention_gpu.py --methods fused \
-    --seqlens 2048,16384 --heads 32/8 --causal 1 --repeat 10 || status=1
+  PIROPE_ATTENTION_SM90=0 PIROPE_ATTENTION_K_PREPASS=$pre bounded 40 $BENCH benchmarks/bench_attention_gpu.py \
+    --methods fused --seqlens 2048,16384 --heads 32/8 --causal 1 --repeat 10 || status=1
 done
 
-echo "gpu_check status: $status (log: $LOG)"
-exit $status
+finish

@@ -203,3 +203,18 @@ def test_gpu_benchmark_runs_a_methods_backward_in_its_environment(monkeypatch):
     bench.make_step(lambda q, k, v: Probe.apply(q * k * v), env, q, k, v, torch.ones(1, 4, 2, 8))()
     assert seen == [("fwd", "ws"), ("bwd", "ws")] and "PIROPE_ATTENTION_SM90" not in os.environ
     assert q.grad is not None
+
+
+def test_gpu_summary_tabulates_what_a_lease_left(tmp_path):
+    # gpu_check.sh's last table, from the JSON files of the steps that ran (here an H100
+    # run's committed results); a folder without any says so instead of failing
+    import shutil
+
+    results = os.path.join(BENCHMARKS, "results")
+    shutil.copy(os.path.join(results, "h100_s6_run2_attention.json"), tmp_path / "bench_attention_gpu.json")
+    shutil.copy(os.path.join(results, "h100_s6_run2_decoder_layer.json"), tmp_path / "bench_decoder_layer.json")
+    (tmp_path / "bench_decoder_layer_ws.json").write_text('[{"seqlen": 2048')  # killed while writing
+    text = _module("gpu_summary.py").summary(str(tmp_path))
+    assert "| bfloat16 | 32/8 | 16384 | True | fwd+bwd | 29.448 | - | cudnn | 14.676 | 0.50 | - | 6.0e-03 |" in text
+    assert "Decoder layer (target" in text and "warp-specialised" not in text
+    assert _module("gpu_summary.py").summary(str(tmp_path / "nothing")) == "(no benchmark results under this folder)"
