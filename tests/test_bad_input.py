@@ -1,8 +1,6 @@
 """Every public function rejects bad input with an exception that names the argument.
 Nothing may crash, read out of bounds or silently return a wrong result."""
 
-import re
-
 import pytest
 import torch
 
