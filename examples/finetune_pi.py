@@ -1045,7 +1045,8 @@ def load_tokenizer(model_dir: str, vocab_size: int, fail):
 def run_finetune(args, fail) -> dict:
     info = validate_finetune_args(args, fail)
     ws, rank = dist_info()
-    encode, decode, tok = load_tokenizer(args.model, int(getattr(info["config"], "vocab_size", 0) or 0), fail)
+    vocab = int(getattr(info["config"], "vocab_size", 0) or 0)
+    encode, decode, tok = load_tokenizer(args.model, vocab, fail)
     text = read_text_data(args.data)
     window = info["new_window"]
     if len(text) < window + 1 and tok is None:
@@ -1053,7 +1054,6 @@ def run_finetune(args, fail) -> dict:
     ids = encode_data(text, encode if tok is not None else None)
     if ids.numel() < window + 1:
         fail(f"--data has {ids.numel()} tokens, fewer than the new window + 1 ({window + 1})")
-    vocab = int(getattr(info["config"], "vocab_size", 0) or 0)
     if vocab and int(ids.max()) >= vocab:
         fail(f"--data's tokens reach id {int(ids.max())}, outside the model's vocabulary of {vocab} ids "
              "(a tokenizer of another model?)")
