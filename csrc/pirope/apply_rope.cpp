@@ -8,7 +8,14 @@
 #include <vector>
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/isin.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/zeros.h>
 
 #include "ops.h"
 

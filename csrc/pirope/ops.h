@@ -7,7 +7,7 @@
 #include <optional>
 #include <tuple>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace pirope {
 

@@ -1,7 +1,7 @@
 // The pybind11 module pirope._C. Importing it loads the library, which registers
 // every op under torch.ops.pirope; the module itself reports how it was built so
 // Python can refuse to run against a different torch than it was compiled for.
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include "apply_rope.h"
 #include "cpu/avx512_gemm.h"

@@ -5,6 +5,7 @@
 // Gradients of the backward (the sinks' included) are not implemented, and say so instead
 // of being taken as zero.
 // (Under torch.func, python/pirope/_autograd takes over with the same backward op.)
+#include <ATen/TensorOperators.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 

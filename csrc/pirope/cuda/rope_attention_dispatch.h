@@ -2,8 +2,10 @@
 // (rope_attention_backward_kernel.cu) dispatchers of rope_attention.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../attention_params.h"
