@@ -44,6 +44,8 @@ Two modes.
    arm, which keeps what PI loses there); ``--scaling own`` extends a checkpoint whose RoPE
    is already scaled (Llama 3.x's "llama3", YaRN), on which PI is not defined, by its own
    scaling with a factor F times larger.
+   ``--save-every N`` keeps the training state in OUT/training_state (ResumePoint), and
+   ``--resume`` continues a stopped run from it (the same command; --steps may grow).
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ import json
 import math
 import numbers
 import os
+import shutil
 import sys
 import time
+import warnings
 import zlib
 from typing import Callable, Dict, List, Optional
 
@@ -271,7 +275,8 @@ def sample_batch(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Genera
 def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
           lr_lambda: Callable[[int], float], betas=(0.9, 0.95), weight_decay: float = 0.0,
           grad_clip: float = 1.0, grad_accum: int = 1, seed: int = 0, device="cpu",
-          autocast_dtype=None, callback=None, desc="train", progress=True) -> List[float]:
+          autocast_dtype=None, callback=None, desc="train", progress=True,
+          resume: Optional["ResumePoint"] = None) -> List[float]:
     """Next-token prediction on random windows of `data`; returns the loss per step.
 
     `data` is a 1-D token tensor (random windows are drawn from it) or a callable
@@ -280,6 +285,9 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
     batch_size is the global batch (per step, summed over ranks and accumulation);
     under torch.distributed every rank draws the same global batch and takes its
     share, so the result matches a single-process run.
+
+    resume: where the run is saved every resume.every steps and, with resume.load set,
+    continued from (the losses returned include the steps done before).
     """
     import torch.distributed as dist
 
@@ -292,8 +300,12 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
     gen = torch.Generator().manual_seed(seed)
     device = torch.device(device)
     losses: List[float] = []
+    start = 0
+    if resume is not None and resume.load:
+        start, losses = resume.restore(model, opt, sched, gen, steps)
     model.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress or rank != 0,
+               dynamic_ncols=True)
     for step in bar:
         batch = (data(batch_size, seq_len + 1, gen) if callable(data)
                  else sample_batch(data, batch_size, seq_len + 1, gen))
@@ -328,8 +340,120 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
                   flush=True)
         if callback is not None:
             callback(step + 1, model)
+        if resume is not None and resume.every and ((step + 1) % resume.every == 0 or step + 1 == steps):
+            resume.save(step + 1, model, opt, sched, gen, losses)
     model.eval()
     return losses
+
+
+@contextlib.contextmanager
+def single_process_checkpoint_quiet():
+    """torch.distributed.checkpoint warns at every save and load outside torchrun that it
+    assumes a single process: what a single-process run is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+class ResumePoint:
+    """A fine-tuning run's state, saved every `every` steps into `path` (--out/training_state)
+    so that --resume continues the run as if it had not stopped: float32 weights and
+    AdamW's moments (torch.distributed.checkpoint: each rank writes its own shards, and a
+    run may resume with another number of processes), the step, the losses so far, the
+    learning-rate schedule, and the random state of the data sampler. 12 bytes per
+    parameter (84 GB for a 7B model). Only the latest state is kept: written beside it,
+    then swapped in by renames, so that a run killed while saving leaves the previous one.
+
+    settings: what makes another run a continuation of this one (the model, the new
+    window, the data, the optimiser's settings, ...); restore refuses a state saved with
+    other settings, naming them. `fail(msg)` must not return."""
+
+    STATE_FILE = "trainer_state.pt"
+
+    def __init__(self, path: str, every: int, load: bool, settings: dict, fail):
+        self.path, self.every, self.load, self.settings, self.fail = path, every, load, settings, fail
+        self.resumed_from = 0  # the step restore continued from
+
+    def _barrier(self):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+    def save(self, step, model, opt, sched, gen, losses):
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        tmp, old = self.path + ".tmp", self.path + ".old"
+        if rank == 0 and os.path.exists(tmp):  # a save that was cut short
+            shutil.rmtree(tmp)
+        self._barrier()
+        model_sd, optim_sd = get_state_dict(model, opt)
+        with single_process_checkpoint_quiet():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        if rank == 0:
+            torch.save({"step": step, "losses": list(losses), "generator": gen.get_state(),
+                        "scheduler": sched.state_dict(), "settings": self.settings},
+                       os.path.join(tmp, self.STATE_FILE))
+            if os.path.exists(self.path):
+                if os.path.exists(old):
+                    shutil.rmtree(old)
+                os.replace(self.path, old)
+            os.replace(tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+
+    def find(self) -> Optional[str]:
+        """The saved state: path, or path.old when a save was cut between its renames."""
+        for p in (self.path, self.path + ".old"):
+            if os.path.isfile(os.path.join(p, self.STATE_FILE)):
+                return p
+        return None
+
+    def check(self, steps: int):
+        """Refuses (fail) a saved state that this run cannot continue: called before the
+        model loads, so that a wrong --resume costs seconds, not the loading of a 7B model."""
+        path = self.find()
+        if path is None:
+            return
+        meta = torch.load(os.path.join(path, self.STATE_FILE), weights_only=True)
+        differ = [f"{k} {meta['settings'].get(k)!r} there, {v!r} here" for k, v in self.settings.items()
+                  if meta["settings"].get(k) != v]
+        if differ:
+            self.fail(f"--resume: the state in {path} was saved by a run with other settings ("
+                      + "; ".join(differ) + "): resume with the same ones, or give another --out")
+        if meta["step"] >= steps:
+            self.fail(f"--resume: the state in {path} is at step {meta['step']} already; give --steps larger "
+                      f"than that to train further (this run has --steps {steps})")
+
+    def restore(self, model, opt, sched, gen, steps: int):
+        """(step, losses) of the saved state, loaded into model, opt, sched and gen;
+        (0, []) when there is none yet."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.check(steps)
+        path = self.find()
+        if path is None:
+            if rank == 0:
+                print(f"[finetune] --resume: no saved state in {self.path}: starting at step 0", flush=True)
+            return 0, []
+        meta = torch.load(os.path.join(path, self.STATE_FILE), weights_only=True)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        with single_process_checkpoint_quiet():
+            dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        sched.load_state_dict(meta["scheduler"])
+        gen.set_state(meta["generator"])
+        if rank == 0:
+            print(f"[finetune] --resume: continuing from step {meta['step']} ({path})", flush=True)
+        self.resumed_from = meta["step"]
+        return meta["step"], list(meta["losses"])
 
 
 # ----------------------------------------------------------------------------------
@@ -955,6 +1079,7 @@ def check_numeric_args(args, fail):
     for name in ("steps", "batch_size", "grad_accum", "threads"):
         check(name, lambda v: v >= 1, ">= 1")
     check("warmup_steps", lambda v: v >= 0, ">= 0")
+    check("save_every", lambda v: v >= 0, ">= 0 (0: no saved training state)")
     check("lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
     check("warmup_start", lambda v: 0 <= v <= 1, "in [0, 1] (the warm-up starts at this fraction of --lr)")
     for name in ("beta1", "beta2"):
@@ -1042,6 +1167,20 @@ def load_tokenizer(model_dir: str, vocab_size: int, fail):
          "(tokenizer.save_pretrained(DIR))")
 
 
+def run_settings(args, info, ids: torch.Tensor) -> dict:
+    """What makes another run a continuation of this one (ResumePoint.settings), keyed by
+    the flags that set them. Not in it: --steps (a run may be continued for more steps),
+    --grad-accum, --device, --autocast, the number of processes, --threads."""
+    config = {k: v for k, v in info["config"].to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    digest = zlib.crc32(json.dumps(config, sort_keys=True, default=str).encode())
+    return {"--model (its config, crc32)": f"{digest:08x}", "--factor": info["factor"],
+            "--max-position-embeddings": info["new_window"], "--scaling": args.scaling, "--pi-impl": args.pi_impl,
+            "--data (tokens, crc32)": f"{ids.numel()}, {zlib.crc32(ids.numpy().tobytes()):08x}",
+            **{"--" + k.replace("_", "-"): getattr(args, k)
+               for k in ("batch_size", "seed", "lr", "warmup_steps", "warmup_start", "beta1", "beta2",
+                         "weight_decay", "grad_clip")}}
+
+
 def run_finetune(args, fail) -> dict:
     info = validate_finetune_args(args, fail)
     ws, rank = dist_info()
@@ -1057,6 +1196,13 @@ def run_finetune(args, fail) -> dict:
     if vocab and int(ids.max()) >= vocab:
         fail(f"--data's tokens reach id {int(ids.max())}, outside the model's vocabulary of {vocab} ids "
              "(a tokenizer of another model?)")
+
+    resume = None
+    if args.save_every or args.resume:
+        resume = ResumePoint(os.path.join(args.out, "training_state"), args.save_every, args.resume,
+                             run_settings(args, info, ids), fail)
+        if args.resume:
+            resume.check(args.steps)
 
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
@@ -1109,7 +1255,7 @@ def run_finetune(args, fail) -> dict:
                    lr_lambda=warmup_lambda(args.warmup_steps, args.warmup_start), betas=(args.beta1, args.beta2),
                    weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
                    seed=args.seed, device=device, autocast_dtype=torch.bfloat16 if bf16 else None,
-                   desc="fine-tune", progress=not args.no_progress)
+                   desc="fine-tune", progress=not args.no_progress, resume=resume)
     train_time = time.time() - t0
     if ws > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -1133,6 +1279,7 @@ def run_finetune(args, fail) -> dict:
         if tok is not None:
             tok.save_pretrained(args.out)
         log = {"losses": losses, "world_size": ws, "steps": args.steps, "train_time_s": train_time,
+               "resumed_from_step": resume.resumed_from if resume is not None else 0,
                "old_window": info["old_window"], "new_window": window, "factor": info["factor"], "bf16": bf16,
                "scaling": args.scaling, "rope_parameters": model.config.rope_parameters}
         with open(os.path.join(args.out, "train_log.json"), "w") as f:
@@ -1150,9 +1297,10 @@ def run_finetune(args, fail) -> dict:
 # tokens ran 1-2 sequences per GPU; the whole global batch in one forward needs ~100 GB for logits alone)
 FINETUNE_DEFAULTS = dict(steps=1000, batch_size=64, grad_accum=None, lr=2e-5, warmup_steps=20, warmup_start=0.1,
                          beta1=0.9, beta2=0.95, weight_decay=0.0, grad_clip=1.0, device="auto", autocast="auto",
-                         pi_impl="auto", scaling="pi")
+                         pi_impl="auto", scaling="pi", save_every=0)
 # Flags that only fine-tuning a checkpoint uses (argparse dests): rejected without --model.
-FINETUNE_ONLY = ("data", "factor", "max_position_embeddings", *FINETUNE_DEFAULTS, "no_gradient_checkpointing")
+FINETUNE_ONLY = ("data", "factor", "max_position_embeddings", *FINETUNE_DEFAULTS, "no_gradient_checkpointing",
+                 "resume")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1199,6 +1347,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pi-impl", choices=["auto", "pirope", "transformers"],
                    help="PI implementation: pirope's integration (auto, the default, or pirope), or "
                         "transformers' linear scaling")
+    g.add_argument("--save-every", type=int,
+                   help="save the training state (weights, optimiser, step, data order) into OUT/training_state "
+                        "every N steps and at the end, for --resume; 12 bytes per parameter (default 0: never)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT/training_state (the same command and settings; --steps may grow); "
+                        "starts at step 0 when there is none yet")
     return p
 
 

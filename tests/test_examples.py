@@ -720,6 +720,7 @@ def test_finetune_non_integer_factor_applied_and_logged_exactly(fp, tiny_ckpt, t
     ("--weight-decay", "-1", "--weight-decay must be a finite number >= 0"),
     ("--grad-clip", "nan", "--grad-clip must be a finite number >= 0"),
     ("--threads", "0", "--threads must be >= 1"),
+    ("--save-every", "-1", "--save-every must be >= 0"),
 ])
 def test_finetune_bad_numeric_flags(fp, tiny_ckpt, tmp_path, capsys, flag, value, msg):
     ckpt, data = tiny_ckpt
@@ -734,6 +735,7 @@ def test_finetune_bad_numeric_flags(fp, tiny_ckpt, tmp_path, capsys, flag, value
     (["--no-gradient-checkpointing"], "--no-gradient-checkpointing need --model"),
     (["--pi-impl", "transformers"], "--pi-impl need --model"),
     (["--scaling", "ntk-by-parts"], "--scaling need --model"),
+    (["--save-every", "5", "--resume"], "--save-every / --resume need --model"),
     (["--steps", "-5"], "--steps must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--threads", "-1"], "--threads must be >= 1"),
@@ -806,13 +808,12 @@ def test_demo_cache_with_corrupt_weights_is_a_miss(fp, tmp_path):
         assert fp._load_cached(d, cfg) == (None, None)
 
 
-def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    ckpt, data = tiny_ckpt
-    single = str(tmp_path / "single")
-    r = fp.main(_ft_args(ckpt, data, single))
-    dist_out = str(tmp_path / "fsdp")
+def _torchrun_finetune(argv, out):
+    """examples/finetune_pi.py argv (writing into out) in two CPU processes (FSDP2, gloo);
+    a second launch (below) starts from what out held before the first."""
+    before = out + ".before"
+    if os.path.exists(out):
+        shutil.copytree(out, before)
     # the children must import the same pirope as this process (installed, or built in place)
     import pirope
 
@@ -825,7 +826,7 @@ def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
         # two local processes cannot reach each other on.
         env["GLOO_SOCKET_IFNAME"] = "lo"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(EXAMPLES, "finetune_pi.py"), *_ft_args(ckpt, data, dist_out)]
+           os.path.join(EXAMPLES, "finetune_pi.py"), *argv]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
     full = p.stdout + p.stderr  # what the retry below looks for may be far from the end
     output = p.stdout[-3000:] + p.stderr[-3000:]
@@ -841,10 +842,24 @@ def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
     if p.returncode != 0 and (finished_then_aborted or re.search(
             r"(?i)address already in use|connection (refused|reset)|rendezvous|EADDRINUSE|ECONNREFUSED|timed out",
             full)):
-        shutil.rmtree(dist_out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        if os.path.exists(before):
+            shutil.copytree(before, out)
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
         output = "first launch:\n" + output + "\nsecond launch:\n" + p.stdout[-3000:] + p.stderr[-3000:]
     assert p.returncode == 0, output
+    shutil.rmtree(before, ignore_errors=True)
+    return p.stdout + p.stderr
+
+
+def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ckpt, data = tiny_ckpt
+    single = str(tmp_path / "single")
+    r = fp.main(_ft_args(ckpt, data, single))
+    dist_out = str(tmp_path / "fsdp")
+    _torchrun_finetune(_ft_args(ckpt, data, dist_out), dist_out)
     with open(os.path.join(dist_out, "train_log.json")) as f:
         log = json.load(f)
     assert log["world_size"] == 2
@@ -855,6 +870,77 @@ def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, single_model(input_ids=ids).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def test_finetune_resume_continues_as_if_never_stopped(fp, tiny_ckpt, tmp_path, capsys):
+    """--save-every / --resume: a run stopped after 2 of 4 steps and resumed gives the
+    uninterrupted run's losses and weights bit for bit (weights, AdamW's moments, the
+    schedule and the data order restored); a run killed between the renames of a save
+    resumes from the state it kept; --resume without a state starts at step 0."""
+    ckpt, data = tiny_ckpt
+    whole = str(tmp_path / "whole")
+    ref = fp.main(_ft_args(ckpt, data, whole, "--steps", "4"))["losses"]
+    out = str(tmp_path / "out")
+    first = fp.main(_ft_args(ckpt, data, out, "--steps", "2", "--save-every", "1"))["losses"]
+    assert first == ref[:2]
+    state = os.path.join(out, "training_state")
+    assert sorted(os.listdir(out)) == sorted(os.listdir(whole) + ["training_state"])  # only the latest state
+    # killed between a save's two renames: the last state is training_state.old, a partial one .tmp
+    os.replace(state, state + ".old")
+    os.makedirs(state + ".tmp")
+    capsys.readouterr()
+    resumed = fp.main(_ft_args(ckpt, data, out, "--steps", "4", "--resume"))
+    assert "--resume: continuing from step 2" in capsys.readouterr().out
+    assert resumed["losses"] == ref
+    with open(os.path.join(out, "train_log.json")) as f:
+        log = json.load(f)
+    assert log["losses"] == ref and log["resumed_from_step"] == 2
+    a, b = _weights(whole), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # no state yet: step 0, as without --resume; the final state is saved (to continue later)
+    fresh = str(tmp_path / "fresh")
+    assert fp.main(_ft_args(ckpt, data, fresh, "--steps", "4", "--resume", "--save-every", "3"))["losses"] == ref
+    assert "no saved state" in capsys.readouterr().out
+    assert torch.load(os.path.join(fresh, "training_state", "trainer_state.pt"), weights_only=True)["step"] == 4
+
+
+def test_finetune_resume_refuses_another_run(fp, tiny_ckpt, tmp_path, capsys):
+    """A saved state continues only the run that saved it: other settings or data, or no
+    steps left, are usage errors that name what differs."""
+    ckpt, data = tiny_ckpt
+    out = str(tmp_path / "out")
+    fp.main(_ft_args(ckpt, data, out, "--steps", "2", "--save-every", "2"))
+    base = _ft_args(ckpt, data, out, "--steps", "3", "--resume")
+    i = base.index("--lr")
+    _bad(fp, base[:i + 1] + ["2e-3"] + base[i + 2:], capsys, "--lr 0.001 there, 0.002 here")
+    _bad(fp, base + ["--seed", "1"], capsys, "--seed 0 there, 1 here")
+    other = tmp_path / "other.txt"
+    other.write_bytes(open(data, "rb").read()[::-1])
+    j = base.index("--data")
+    _bad(fp, base[:j + 1] + [str(other)] + base[j + 2:], capsys, "--data (tokens, crc32)")
+    _bad(fp, base + ["--steps", "2"], capsys, "is at step 2 already; give --steps larger")
+
+
+def test_fsdp2_saves_and_resumes_with_another_number_of_processes(fp, tiny_ckpt, tmp_path):
+    """The training state is torch.distributed.checkpoint's: two FSDP2 processes resume a
+    single process's state and save theirs, which a single process resumes; the losses
+    are those of one uninterrupted run (to FSDP's reduction order)."""
+    ckpt, data = tiny_ckpt
+    ref = fp.main(_ft_args(ckpt, data, str(tmp_path / "whole"), "--steps", "4"))["losses"]
+    out = str(tmp_path / "out")
+    fp.main(_ft_args(ckpt, data, out, "--steps", "1", "--save-every", "1"))
+    log = _torchrun_finetune(_ft_args(ckpt, data, out, "--steps", "3", "--resume", "--save-every", "1"), out)
+    assert "continuing from step 1" in log
+    with open(os.path.join(out, "train_log.json")) as f:
+        assert json.load(f)["world_size"] == 2
+    last = fp.main(_ft_args(ckpt, data, out, "--steps", "4", "--resume"))["losses"]
+    assert last == pytest.approx(ref, rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------
