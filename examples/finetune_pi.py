@@ -1167,6 +1167,60 @@ def load_tokenizer(model_dir: str, vocab_size: int, fail):
          "(tokenizer.save_pretrained(DIR))")
 
 
+def load_for_training(args, factor: float, window: int, device: torch.device, fail):
+    """The float32 model of --model, extended to `window` by --scaling, with gradient
+    checkpointing unless turned off; on `device`, or under torch.distributed sharded by
+    FSDP2 (each layer, then the rest), every rank holding its shards and whole buffers."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    ws, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    if ws > 1 and rank != 0:
+        # built without memory (meta tensors): rank 0 alone reads the checkpoint, and each rank
+        # receives its shards once the model is sharded (below). Every rank holding the whole
+        # float32 model in host RAM would need 8 x 260 GB for a 65B model on 8 GPUs.
+        from transformers import AutoConfig
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    # exactly one of factor / window, as the user gave it: every --pi-impl applies the
+    # same factor and window, the ones validate_finetune_args computed (logged and saved)
+    extend_checkpoint(model, args.scaling, factor, impl=args.pi_impl, fail=fail,
+                      max_position_embeddings=window if args.max_position_embeddings is not None else None)
+    assert model.config.get_text_config().max_position_embeddings == window, (model.config, window)
+    model.config.use_cache = False
+    if not args.no_gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if ws == 1:
+        model.to(device)
+    else:
+        # fully_shard moves each rank's shards to the device itself: moving first would put
+        # the whole float32 model on every GPU (28 GB for 7B, 132 GB for 33B)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.fsdp import fully_shard
+
+        full = model.state_dict() if rank == 0 else {}
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        if rank != 0:
+            model.to_empty(device=device)  # this rank's shards and buffers, filled from rank 0 below
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+        for module in model.modules():  # buffers (RoPE's inv_freq, ...) are not sharded: rank 0's, whole
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    buf = buf.to(device)
+                    dist.broadcast(buf, src=0)
+                    module._buffers[name] = buf
+    return model
+
+
 def run_settings(args, info, ids: torch.Tensor) -> dict:
     """What makes another run a continuation of this one (ResumePoint.settings), keyed by
     the flags that set them. Not in it: --steps (a run may be continued for more steps),
@@ -1220,28 +1274,7 @@ def run_finetune(args, fail) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    # exactly one of factor / window, as the user gave it: every --pi-impl applies the
-    # same factor and window, the ones validate_finetune_args computed (logged and saved)
-    extend_checkpoint(model, args.scaling, info["factor"], impl=args.pi_impl, fail=fail,
-                      max_position_embeddings=window if args.max_position_embeddings is not None else None)
-    assert model.config.get_text_config().max_position_embeddings == window, (model.config, window)
-    model.config.use_cache = False
-    if not args.no_gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if ws == 1:
-        model.to(device)
-    else:
-        # fully_shard moves each rank's shards to the device itself: moving first would put
-        # the whole float32 model on every GPU (28 GB for 7B, 132 GB for 33B)
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+    model = load_for_training(args, info["factor"], window, device, fail)
     if rank == 0:
         extension = {"pi": f"PI: {PI_BACKEND if args.pi_impl != 'transformers' else 'transformers'}",
                      "ntk-by-parts": "NTK-by-parts", "own": "its own scaling"}[args.scaling]

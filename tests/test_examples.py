@@ -808,9 +808,9 @@ def test_demo_cache_with_corrupt_weights_is_a_miss(fp, tmp_path):
         assert fp._load_cached(d, cfg) == (None, None)
 
 
-def _torchrun_finetune(argv, out):
-    """examples/finetune_pi.py argv (writing into out) in two CPU processes (FSDP2, gloo);
-    a second launch (below) starts from what out held before the first."""
+def _torchrun_finetune(argv, out, script=os.path.join(EXAMPLES, "finetune_pi.py")):
+    """script (examples/finetune_pi.py) argv, writing into out, in two CPU processes (FSDP2,
+    gloo); a second launch (below) starts from what out held before the first."""
     before = out + ".before"
     if os.path.exists(out):
         shutil.copytree(out, before)
@@ -826,7 +826,7 @@ def _torchrun_finetune(argv, out):
         # two local processes cannot reach each other on.
         env["GLOO_SOCKET_IFNAME"] = "lo"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(EXAMPLES, "finetune_pi.py"), *argv]
+           script, *argv]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
     full = p.stdout + p.stderr  # what the retry below looks for may be far from the end
     output = p.stdout[-3000:] + p.stderr[-3000:]
@@ -870,6 +870,57 @@ def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, single_model(input_ids=ids).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+LOAD_SHARDED = """
+import json, os, sys
+from argparse import Namespace
+import torch, torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+sys.path.insert(0, {examples!r})
+import finetune_pi as fp
+from transformers import AutoModelForCausalLM
+
+ckpt, out, impl = sys.argv[1:4]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+args = Namespace(model=ckpt, scaling="pi", pi_impl=impl, max_position_embeddings=None,
+                 no_gradient_checkpointing=False)
+model = fp.load_for_training(args, 2.0, 64, torch.device("cpu"), sys.exit)
+full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+local = {{n: p.to_local().numel() for n, p in model.named_parameters()}}
+ref = fp.extend_checkpoint(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), "pi", 2.0, impl=impl)
+ref_buffers = dict(ref.named_buffers())
+result = {{"params_equal": sorted(full) == sorted(ref.state_dict())
+                         and all(torch.equal(full[k], v) for k, v in ref.state_dict().items()),
+           "buffers": sorted(ref_buffers),
+           "buffers_equal": all(torch.equal(b, ref_buffers[n]) for n, b in model.named_buffers()),
+           "sharded": sum(local.values()) < sum(p.numel() for p in ref.parameters())}}
+with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
+    json.dump(result, f)
+dist.barrier()
+dist.destroy_process_group()
+print("[finetune] done")
+"""
+
+
+@pytest.mark.parametrize("impl", ["pirope", "transformers"])
+def test_fsdp2_ranks_receive_rank0s_weights_and_buffers(tiny_ckpt, tmp_path, impl):
+    """Only rank 0 reads the checkpoint (other ranks build the model on the meta device):
+    after load_for_training every rank's shards gather to the checkpoint's weights and its
+    buffers (transformers' RoPE inv_freq with --pi-impl transformers) equal the extended
+    checkpoint's, and each rank holds only a share of the parameters."""
+    ckpt, _ = tiny_ckpt
+    script = tmp_path / "load_sharded.py"
+    script.write_text(LOAD_SHARDED.format(examples=EXAMPLES))
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    _torchrun_finetune([ckpt, out, impl], out, script=str(script))
+    for rank in (0, 1):
+        with open(os.path.join(out, f"rank{rank}.json")) as f:
+            r = json.load(f)
+        assert r["params_equal"] and r["buffers_equal"] and r["sharded"], (rank, r)
+        assert ("model.rotary_emb.inv_freq" in r["buffers"]) == (impl == "transformers"), r["buffers"]
 
 
 def _weights(out):
@@ -930,16 +981,19 @@ def test_finetune_resume_refuses_another_run(fp, tiny_ckpt, tmp_path, capsys):
 def test_fsdp2_saves_and_resumes_with_another_number_of_processes(fp, tiny_ckpt, tmp_path):
     """The training state is torch.distributed.checkpoint's: two FSDP2 processes resume a
     single process's state and save theirs, which a single process resumes; the losses
-    are those of one uninterrupted run (to FSDP's reduction order)."""
+    are those of one uninterrupted run (to FSDP's reduction order). With transformers' own
+    RoPE (--pi-impl transformers), whose inv_freq buffer ranks other than 0, built on the
+    meta device, receive from rank 0."""
     ckpt, data = tiny_ckpt
-    ref = fp.main(_ft_args(ckpt, data, str(tmp_path / "whole"), "--steps", "4"))["losses"]
+    hf = ("--pi-impl", "transformers")
+    ref = fp.main(_ft_args(ckpt, data, str(tmp_path / "whole"), "--steps", "4", *hf))["losses"]
     out = str(tmp_path / "out")
-    fp.main(_ft_args(ckpt, data, out, "--steps", "1", "--save-every", "1"))
-    log = _torchrun_finetune(_ft_args(ckpt, data, out, "--steps", "3", "--resume", "--save-every", "1"), out)
+    fp.main(_ft_args(ckpt, data, out, "--steps", "1", "--save-every", "1", *hf))
+    log = _torchrun_finetune(_ft_args(ckpt, data, out, "--steps", "3", "--resume", "--save-every", "1", *hf), out)
     assert "continuing from step 1" in log
     with open(os.path.join(out, "train_log.json")) as f:
         assert json.load(f)["world_size"] == 2
-    last = fp.main(_ft_args(ckpt, data, out, "--steps", "4", "--resume"))["losses"]
+    last = fp.main(_ft_args(ckpt, data, out, "--steps", "4", "--resume", *hf))["losses"]
     assert last == pytest.approx(ref, rel=1e-4)
 
 
