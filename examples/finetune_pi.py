@@ -363,6 +363,8 @@ class ResumePoint:
     learning-rate schedule, and the random state of the data sampler. 12 bytes per
     parameter (84 GB for a 7B model). Only the latest state is kept: written beside it,
     then swapped in by renames, so that a run killed while saving leaves the previous one.
+    Across nodes, --out must be on a file system every rank sees (rank 0 does the renames).
+    Not saved: torch's global random state (the recipe has no dropout).
 
     settings: what makes another run a continuation of this one (the model, the new
     window, the data, the optimiser's settings, ...); restore refuses a state saved with
