@@ -346,6 +346,20 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
     return losses
 
 
+def rng_state() -> dict:
+    """This process's torch random state: CPU, and its current GPU's once CUDA is in use."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 @contextlib.contextmanager
 def single_process_checkpoint_quiet():
     """torch.distributed.checkpoint warns at every save and load outside torchrun that it
@@ -363,8 +377,9 @@ class ResumePoint:
     learning-rate schedule, and the random state of the data sampler. 12 bytes per
     parameter (84 GB for a 7B model). Only the latest state is kept: written beside it,
     then swapped in by renames, so that a run killed while saving leaves the previous one.
-    Across nodes, --out must be on a file system every rank sees (rank 0 does the renames).
-    Not saved: torch's global random state (the recipe has no dropout).
+    Each rank's torch random state (CPU and its GPU: dropout, in the families that have it)
+    is restored when the process count is the same. Across nodes, --out must be on a file
+    system every rank sees (rank 0 does the renames).
 
     settings: what makes another run a continuation of this one (the model, the new
     window, the data, the optimiser's settings, ...); restore refuses a state saved with
@@ -387,7 +402,7 @@ class ResumePoint:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        ws, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
         tmp, old = self.path + ".tmp", self.path + ".old"
         if rank == 0 and os.path.exists(tmp):  # a save that was cut short
             shutil.rmtree(tmp)
@@ -395,9 +410,11 @@ class ResumePoint:
         model_sd, optim_sd = get_state_dict(model, opt)
         with single_process_checkpoint_quiet():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+        self._barrier()
         if rank == 0:
             torch.save({"step": step, "losses": list(losses), "generator": gen.get_state(),
-                        "scheduler": sched.state_dict(), "settings": self.settings},
+                        "scheduler": sched.state_dict(), "settings": self.settings, "world_size": ws},
                        os.path.join(tmp, self.STATE_FILE))
             if os.path.exists(self.path):
                 if os.path.exists(old):
@@ -437,7 +454,7 @@ class ResumePoint:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        ws, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
         self.check(steps)
         path = self.find()
         if path is None:
@@ -452,8 +469,14 @@ class ResumePoint:
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         sched.load_state_dict(meta["scheduler"])
         gen.set_state(meta["generator"])
+        rng = os.path.join(path, f"rng_rank{rank}.pt")
+        same_ranks = meta["world_size"] == ws and os.path.isfile(rng)
+        if same_ranks:
+            set_rng_state(torch.load(rng, weights_only=True))
         if rank == 0:
-            print(f"[finetune] --resume: continuing from step {meta['step']} ({path})", flush=True)
+            print(f"[finetune] --resume: continuing from step {meta['step']} ({path})"
+                  + ("" if same_ranks else f"; saved by {meta['world_size']} processes, so dropout draws anew"),
+                  flush=True)
         self.resumed_from = meta["step"]
         return meta["step"], list(meta["losses"])
 

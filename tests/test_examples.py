@@ -932,9 +932,15 @@ def _weights(out):
 def test_finetune_resume_continues_as_if_never_stopped(fp, tiny_ckpt, tmp_path, capsys):
     """--save-every / --resume: a run stopped after 2 of 4 steps and resumed gives the
     uninterrupted run's losses and weights bit for bit (weights, AdamW's moments, the
-    schedule and the data order restored); a run killed between the renames of a save
-    resumes from the state it kept; --resume without a state starts at step 0."""
-    ckpt, data = tiny_ckpt
+    schedule, the data order and the dropout draws restored); a run killed between the
+    renames of a save resumes from the state it kept; --resume without a state starts at
+    step 0."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, data = tiny_ckpt
+    ckpt = str(tmp_path / "dropout")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_ckpt[0], attention_dropout=0.2)).save_pretrained(ckpt)
     whole = str(tmp_path / "whole")
     ref = fp.main(_ft_args(ckpt, data, whole, "--steps", "4"))["losses"]
     out = str(tmp_path / "out")
