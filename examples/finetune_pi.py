@@ -276,7 +276,7 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
           lr_lambda: Callable[[int], float], betas=(0.9, 0.95), weight_decay: float = 0.0,
           grad_clip: float = 1.0, grad_accum: int = 1, seed: int = 0, device="cpu",
           autocast_dtype=None, callback=None, desc="train", progress=True,
-          resume: Optional["ResumePoint"] = None) -> List[float]:
+          resume: Optional["ResumePoint"] = None, decay_matrices_only: bool = False) -> List[float]:
     """Next-token prediction on random windows of `data`; returns the loss per step.
 
     `data` is a 1-D token tensor (random windows are drawn from it) or a callable
@@ -288,6 +288,8 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
 
     resume: where the run is saved every resume.every steps and, with resume.load set,
     continued from (the losses returned include the steps done before).
+    decay_matrices_only: weight decay on the weight matrices (and embeddings) only, not on
+    norms' scales and biases (as transformers' Trainer does); else on every parameter.
     """
     import torch.distributed as dist
 
@@ -295,7 +297,12 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
     if batch_size % (ws * grad_accum):
         raise ValueError(f"batch size {batch_size} must be divisible by world size x grad accum = {ws * grad_accum}")
     micro = batch_size // (ws * grad_accum)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    params = list(model.parameters())
+    if decay_matrices_only:
+        groups = [{"params": [p for p in params if p.dim() >= 2]},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        params = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     gen = torch.Generator().manual_seed(seed)
     device = torch.device(device)
@@ -1313,7 +1320,7 @@ def run_finetune(args, fail) -> dict:
                    lr_lambda=warmup_lambda(args.warmup_steps, args.warmup_start), betas=(args.beta1, args.beta2),
                    weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
                    seed=args.seed, device=device, autocast_dtype=torch.bfloat16 if bf16 else None,
-                   desc="fine-tune", progress=not args.no_progress, resume=resume)
+                   desc="fine-tune", progress=not args.no_progress, resume=resume, decay_matrices_only=True)
     train_time = time.time() - t0
     if ws > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -1392,7 +1399,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"warm-up starts at this fraction of --lr, in [0, 1] (default {d['warmup_start']})")
     g.add_argument("--beta1", type=float, help=f"default {d['beta1']}")
     g.add_argument("--beta2", type=float, help=f"default {d['beta2']}")
-    g.add_argument("--weight-decay", type=float, help=f"default {d['weight_decay']}")
+    g.add_argument("--weight-decay", type=float,
+                   help=f"AdamW's, on weight matrices and embeddings (not norms, biases); default {d['weight_decay']}")
     g.add_argument("--grad-clip", type=float, help=f"max grad norm (0: off; default {d['grad_clip']})")
     g.add_argument("--device", help="auto (cuda:LOCAL_RANK if available, else cpu; the default), cpu, cuda")
     g.add_argument("--autocast", choices=["auto", "bf16", "none"],

@@ -967,6 +967,40 @@ def test_finetune_resume_continues_as_if_never_stopped(fp, tiny_ckpt, tmp_path, 
     assert torch.load(os.path.join(fresh, "training_state", "trainer_state.pt"), weights_only=True)["step"] == 4
 
 
+def test_finetune_weight_decay_spares_norms_and_biases(fp, tmp_path, monkeypatch):
+    """--weight-decay decays weight matrices and embeddings; norms' scales and biases (1-D)
+    are in a group without decay, as in transformers' Trainer. (The demo's pretraining keeps
+    its decay on every parameter: its committed results came from that.)"""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    ckpt = str(tmp_path / "qwen2")  # q/k/v projections with biases
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1,
+                                 max_position_embeddings=32)).save_pretrained(ckpt)
+    data = tmp_path / "data.txt"
+    data.write_bytes(open(os.path.join(os.path.dirname(os.__file__), "os.py"), "rb").read()[:5000])
+    made = []
+    adamw = torch.optim.AdamW
+
+    def spy(params, **kw):
+        made.append((params, kw))
+        return adamw(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    r = fp.main(_ft_args(ckpt, str(data), str(tmp_path / "o"), "--weight-decay", "0.1", "--steps", "1"))
+    (groups, kw), = made
+    assert kw["weight_decay"] == 0.1
+    names = {id(p): n for n, p in r["model"].named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    spared = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert decayed | spared == set(names.values()) and not decayed & spared
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight"} <= decayed
+    assert {"model.norm.weight", "model.layers.0.input_layernorm.weight",
+            "model.layers.0.self_attn.q_proj.bias"} <= spared
+    assert all(n.endswith(("norm.weight", ".bias")) for n in spared)
+
+
 def test_finetune_resume_refuses_another_run(fp, tiny_ckpt, tmp_path, capsys):
     """A saved state continues only the run that saved it: other settings or data, or no
     steps left, are usage errors that name what differs."""
