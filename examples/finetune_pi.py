@@ -353,6 +353,24 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
     return losses
 
 
+def save_synced(obj, path: str):
+    """torch.save, on disk before it returns (a rename after it must not publish a file a
+    power cut would truncate)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sync_dir(path: str):
+    """The directory's entries (renames) on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def rng_state() -> dict:
     """This process's torch random state: CPU, and its current GPU's once CUDA is in use."""
     state = {"cpu": torch.get_rng_state()}
@@ -417,19 +435,21 @@ class ResumePoint:
         model_sd, optim_sd = get_state_dict(model, opt)
         with single_process_checkpoint_quiet():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+        save_synced(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
         self._barrier()
         if rank == 0:
-            torch.save({"step": step, "losses": list(losses), "generator": gen.get_state(),
-                        "scheduler": sched.state_dict(), "settings": self.settings, "world_size": ws},
-                       os.path.join(tmp, self.STATE_FILE))
+            save_synced({"step": step, "losses": list(losses), "generator": gen.get_state(),
+                         "scheduler": sched.state_dict(), "settings": self.settings, "world_size": ws,
+                         "save_every": self.every}, os.path.join(tmp, self.STATE_FILE))
             if os.path.exists(self.path):
                 if os.path.exists(old):
                     shutil.rmtree(old)
                 os.replace(self.path, old)
             os.replace(tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
+            sync_dir(os.path.dirname(os.path.abspath(self.path)))
         self._barrier()
+        if rank == 0:  # (not between barriers: 84 GB take a while on a network file system)
+            shutil.rmtree(old, ignore_errors=True)
 
     def find(self) -> Optional[str]:
         """The saved state: path, or path.old when a save was cut between its renames."""
@@ -438,13 +458,18 @@ class ResumePoint:
                 return p
         return None
 
-    def check(self, steps: int):
-        """Refuses (fail) a saved state that this run cannot continue: called before the
-        model loads, so that a wrong --resume costs seconds, not the loading of a 7B model."""
+    def check(self, steps: int) -> Optional[dict]:
+        """Refuses (fail) a saved state that this run cannot continue, or would overwrite (a
+        run without --resume); called before the model loads, so that a wrong command costs
+        seconds, not the loading of a 7B model. Returns the saved state's trainer state, or
+        None when there is none."""
         path = self.find()
         if path is None:
-            return
+            return None
         meta = torch.load(os.path.join(path, self.STATE_FILE), weights_only=True)
+        if not self.load:
+            self.fail(f"--save-every: {path} holds the training state of a run at step {meta['step']}; "
+                      "add --resume to continue it, or give another --out (or delete it) to start anew")
         differ = [f"{k} {meta['settings'].get(k)!r} there, {v!r} here" for k, v in self.settings.items()
                   if meta["settings"].get(k) != v]
         if differ:
@@ -453,13 +478,15 @@ class ResumePoint:
         if meta["step"] >= steps:
             self.fail(f"--resume: the state in {path} is at step {meta['step']} already; give --steps larger "
                       f"than that to train further (this run has --steps {steps})")
+        return meta
 
     def restore(self, model, opt, sched, gen, steps: int):
         """(step, losses) of the saved state, loaded into model, opt, sched and gen;
         (0, []) when there is none yet."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
 
         ws, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
         self.check(steps)
@@ -470,19 +497,29 @@ class ResumePoint:
             return 0, []
         meta = torch.load(os.path.join(path, self.STATE_FILE), weights_only=True)
         model_sd, optim_sd = get_state_dict(model, opt)
+        # get_state_dict gave every parameter AdamW state (torch's _init_optim_state); the save
+        # has state only for parameters that had a gradient (not a frozen tower, an unrouted
+        # expert): load those, and leave the others without state, as the run had them
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        with_state = {name for name in optim_sd["state"] if f"optim.state.{name}.step" in saved}
+        optim_sd["state"] = {name: v for name, v in optim_sd["state"].items() if name in with_state}
         state = {"model": model_sd, "optim": optim_sd}
         with single_process_checkpoint_quiet():
             dcp.load(state, checkpoint_id=path)
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"], options=StateDictOptions(strict=False))
+        for name, p in model.named_parameters():
+            if name not in with_state:
+                opt.state.pop(p, None)
         sched.load_state_dict(meta["scheduler"])
         gen.set_state(meta["generator"])
         rng = os.path.join(path, f"rng_rank{rank}.pt")
-        same_ranks = meta["world_size"] == ws and os.path.isfile(rng)
-        if same_ranks:
+        if meta["world_size"] == ws:
             set_rng_state(torch.load(rng, weights_only=True))
         if rank == 0:
             print(f"[finetune] --resume: continuing from step {meta['step']} ({path})"
-                  + ("" if same_ranks else f"; saved by {meta['world_size']} processes, so dropout draws anew"),
+                  + ("" if meta["world_size"] == ws else
+                     f"; saved by {meta['world_size']} processes, this run has {ws}: dropout draws anew"),
                   flush=True)
         self.resumed_from = meta["step"]
         return meta["step"], list(meta["losses"])
@@ -1287,8 +1324,9 @@ def run_finetune(args, fail) -> dict:
     if args.save_every or args.resume:
         resume = ResumePoint(os.path.join(args.out, "training_state"), args.save_every, args.resume,
                              run_settings(args, info, ids), fail)
-        if args.resume:
-            resume.check(args.steps)
+        saved = resume.check(args.steps)
+        if saved is not None and not args.save_every:  # a continued run goes on saving as it did
+            resume.every = int(saved.get("save_every", 0))
 
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM

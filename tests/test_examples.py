@@ -959,6 +959,9 @@ def test_finetune_resume_continues_as_if_never_stopped(fp, tiny_ckpt, tmp_path, 
     with open(os.path.join(out, "train_log.json")) as f:
         log = json.load(f)
     assert log["losses"] == ref and log["resumed_from_step"] == 2
+    # it went on saving every step, as the run it continued did; the older states are gone
+    assert torch.load(os.path.join(state, "trainer_state.pt"), weights_only=True)["step"] == 4
+    assert not os.path.exists(state + ".old") and not os.path.exists(state + ".tmp")
     a, b = _weights(whole), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # no state yet: step 0, as without --resume; the final state is saved (to continue later)
@@ -1017,6 +1020,35 @@ def test_finetune_resume_refuses_another_run(fp, tiny_ckpt, tmp_path, capsys):
     j = base.index("--data")
     _bad(fp, base[:j + 1] + [str(other)] + base[j + 2:], capsys, "--data (tokens, crc32)")
     _bad(fp, base + ["--steps", "2"], capsys, "is at step 2 already; give --steps larger")
+    # the same command again without --resume would start anew and overwrite the saved state
+    _bad(fp, _ft_args(ckpt, data, out, "--steps", "2", "--save-every", "2"), capsys,
+         "holds the training state of a run at step 2; add --resume to continue it")
+
+
+def test_resume_leaves_parameters_without_gradients_without_state(fp, tiny_ckpt, tmp_path):
+    """A parameter that never gets a gradient (a frozen or unused module, an expert no token
+    was routed to) has no AdamW state in the save; resuming loads the others' and leaves it
+    without, as the uninterrupted run has it (bit for bit)."""
+    from transformers import AutoModelForCausalLM
+
+    data = torch.randint(0, 256, (2000,))
+
+    def model():
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_pretrained(tiny_ckpt[0], dtype=torch.float32)
+        m.unused = torch.nn.Linear(32, 4)  # not in forward
+        return m
+
+    kw = dict(seq_len=16, batch_size=2, lr=1e-3, lr_lambda=fp.warmup_lambda(2, 0.1), progress=False,
+              weight_decay=0.1, decay_matrices_only=True)
+    whole = model()
+    ref = fp.train(whole, data, steps=3, **kw)
+    path = str(tmp_path / "state")
+    fp.train(model(), data, steps=2, resume=fp.ResumePoint(path, 1, False, {}, pytest.fail), **kw)
+    resumed = model()
+    assert fp.train(resumed, data, steps=3, resume=fp.ResumePoint(path, 0, True, {}, pytest.fail), **kw) == ref
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_fsdp2_saves_and_resumes_with_another_number_of_processes(fp, tiny_ckpt, tmp_path):
