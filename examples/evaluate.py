@@ -27,8 +27,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from finetune_pi import (check_device, check_model_dir, check_scaling, extend_checkpoint,  # noqa: E402
-                         load_tokenizer, read_text_config, read_text_data)
+from finetune_pi import (check_device, check_model_dir, check_scaling, encode_data,  # noqa: E402
+                         extend_checkpoint, load_tokenizer, read_text_config, read_text_data)
 
 from pirope.eval import passkey_min_length, passkey_retrieval, sliding_window_perplexity  # noqa: E402
 
@@ -112,10 +112,10 @@ def main(argv=None):
                     "tokens); use longer lengths, or a shorter --passkey-intro")
     ids = None
     if args.data is not None:
-        text = read_text_data(args.data)
-        ids = torch.tensor(encode(text.decode("utf-8", "replace")) if tok is not None else list(text), dtype=torch.long)
-        if args.max_tokens is not None:
-            ids = ids[: args.max_tokens]
+        # in ~1 MB pieces cut after a newline, as for fine-tuning (a held-out set of any size
+        # fits in memory; a piece's first word may tokenize as after a space: one id in ~250k),
+        # and only as many as --max-tokens asks for
+        ids = encode_data(read_text_data(args.data), encode if tok is not None else None, limit=args.max_tokens)
         if ids.numel() < max(windows):
             p.error(f"--data has {ids.numel()} tokens, fewer than the largest window {max(windows)}")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))

@@ -997,14 +997,15 @@ def checkpoint_dtype(config) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def encode_data(text: bytes, encode=None, chunk: int = 1 << 20) -> torch.Tensor:
+def encode_data(text: bytes, encode=None, chunk: int = 1 << 20, limit: Optional[int] = None) -> torch.Tensor:
     """``text`` as a 1-D int64 tensor of token ids: its bytes without ``encode``, else ``encode``
     of its UTF-8 text in pieces of about ``chunk`` bytes cut after a newline, so that the
-    tokenizer's Python lists (tens of bytes per token) never hold the whole corpus."""
+    tokenizer's Python lists (tens of bytes per token) never hold the whole corpus.
+    ``limit``: the first ``limit`` ids only (the pieces after them are not tokenized)."""
     if encode is None:
-        return torch.tensor(bytearray(text), dtype=torch.uint8).long()
-    parts, begin = [], 0
-    while begin < len(text):
+        return torch.tensor(bytearray(text[:limit]), dtype=torch.uint8).long()
+    parts, begin, count = [], 0, 0
+    while begin < len(text) and (limit is None or count < limit):
         end = min(begin + chunk, len(text))
         if end < len(text):
             cut = text.rfind(b"\n", begin, end)
@@ -1013,8 +1014,9 @@ def encode_data(text: bytes, encode=None, chunk: int = 1 << 20) -> torch.Tensor:
             while end > begin + 1 and text[end] & 0xC0 == 0x80:  # not inside a UTF-8 character
                 end -= 1
         parts.append(torch.tensor(encode(text[begin:end].decode("utf-8", "replace")), dtype=torch.long))
+        count += parts[-1].numel()
         begin = end
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))[:limit]
 
 
 def is_utf8(data: bytes) -> bool:

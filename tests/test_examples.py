@@ -1334,6 +1334,22 @@ def test_data_is_tokenized_in_pieces_cut_at_lines(fp):
         ids = fp.encode_data(text, encode, chunk=101)
         assert ids.dtype == torch.int64 and ids.tolist() == list(text)
         assert fp.encode_data(text).tolist() == list(text)  # bytes
+        for limit in (1, 150, 10**6):  # the first ids only, and no piece tokenized past them
+            pieces = []
+            ids = fp.encode_data(text, lambda t: pieces.append(t) or encode(t), chunk=101, limit=limit)
+            assert ids.tolist() == list(text)[:limit] and fp.encode_data(text, limit=limit).tolist() == ids.tolist()
+            assert sum(len(p.encode()) for p in pieces[:-1]) < limit
+
+
+def test_evaluate_tokenizes_only_what_max_tokens_keeps(tiny_ckpt, tmp_path, monkeypatch):
+    ev = _load("evaluate")
+    ckpt, data = tiny_ckpt
+    seen = []
+    real = ev.encode_data
+    monkeypatch.setattr(ev, "encode_data", lambda *a, **kw: seen.append(kw.get("limit")) or real(*a, **kw))
+    r = ev.main(["--model", ckpt, "--data", data, "--windows", "32", "--stride", "16", "--max-tokens", "300",
+                 "--no-passkey", "--no-progress"])
+    assert seen == [300] and set(r["perplexity"]) == {"32"}
 
 
 def test_finetune_bad_device_is_a_usage_error(fp, tiny_ckpt, tmp_path, capsys):
