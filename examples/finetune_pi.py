@@ -1296,9 +1296,10 @@ def run_settings(args, info, ids: torch.Tensor) -> dict:
     """What makes another run a continuation of this one (ResumePoint.settings), keyed by
     the flags that set them. Not in it: --steps (a run may be continued for more steps),
     --grad-accum, --device, --autocast, the number of processes, --threads."""
-    config = {k: v for k, v in info["config"].to_dict().items() if k not in ("_name_or_path", "transformers_version")}
-    digest = zlib.crc32(json.dumps(config, sort_keys=True, default=str).encode())
-    return {"--model (its config, crc32)": f"{digest:08x}", "--factor": info["factor"],
+    # the file's bytes, not transformers' reading of it (which another transformers may change)
+    with open(os.path.join(args.model, "config.json"), "rb") as f:
+        digest = zlib.crc32(f.read())
+    return {"--model (its config.json, crc32)": f"{digest:08x}", "--factor": info["factor"],
             "--max-position-embeddings": info["new_window"], "--scaling": args.scaling, "--pi-impl": args.pi_impl,
             "--data (tokens, crc32)": f"{ids.numel()}, {zlib.crc32(ids.numpy().tobytes()):08x}",
             **{"--" + k.replace("_", "-"): getattr(args, k)

@@ -1020,6 +1020,12 @@ def test_finetune_resume_refuses_another_run(fp, tiny_ckpt, tmp_path, capsys):
     j = base.index("--data")
     _bad(fp, base[:j + 1] + [str(other)] + base[j + 2:], capsys, "--data (tokens, crc32)")
     _bad(fp, base + ["--steps", "2"], capsys, "is at step 2 already; give --steps larger")
+    edited = str(tmp_path / "edited")
+    shutil.copytree(ckpt, edited)
+    cfg = json.load(open(os.path.join(edited, "config.json")))
+    json.dump({**cfg, "rms_norm_eps": 1e-5}, open(os.path.join(edited, "config.json"), "w"))
+    m = base.index("--model")
+    _bad(fp, base[:m + 1] + [edited] + base[m + 2:], capsys, "--model (its config.json, crc32)")
     # the same command again without --resume would start anew and overwrite the saved state
     _bad(fp, _ft_args(ckpt, data, out, "--steps", "2", "--save-every", "2"), capsys,
          "holds the training state of a run at step 2; add --resume to continue it")
