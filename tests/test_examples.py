@@ -1022,8 +1022,10 @@ def test_finetune_resume_refuses_another_run(fp, tiny_ckpt, tmp_path, capsys):
     _bad(fp, base + ["--steps", "2"], capsys, "is at step 2 already; give --steps larger")
     edited = str(tmp_path / "edited")
     shutil.copytree(ckpt, edited)
-    cfg = json.load(open(os.path.join(edited, "config.json")))
-    json.dump({**cfg, "rms_norm_eps": 1e-5}, open(os.path.join(edited, "config.json"), "w"))
+    with open(os.path.join(edited, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(edited, "config.json"), "w") as f:
+        json.dump({**cfg, "rms_norm_eps": 1e-5}, f)
     m = base.index("--model")
     _bad(fp, base[:m + 1] + [edited] + base[m + 2:], capsys, "--model (its config.json, crc32)")
     # the same command again without --resume would start anew and overwrite the saved state
