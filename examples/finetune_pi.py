@@ -1363,6 +1363,9 @@ def run_finetune(args, fail) -> dict:
                    seed=args.seed, device=device, autocast_dtype=torch.bfloat16 if bf16 else None,
                    desc="fine-tune", progress=not args.no_progress, resume=resume, decay_matrices_only=True)
     train_time = time.time() - t0
+    # training tokens this process's run went through (all ranks; a resumed run: its own steps)
+    done_steps = args.steps - (resume.resumed_from if resume is not None else 0)
+    tokens_per_s = done_steps * args.batch_size * window / max(train_time, 1e-9)
     if ws > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -1385,12 +1388,14 @@ def run_finetune(args, fail) -> dict:
         if tok is not None:
             tok.save_pretrained(args.out)
         log = {"losses": losses, "world_size": ws, "steps": args.steps, "train_time_s": train_time,
+               "tokens_per_s": tokens_per_s,
                "resumed_from_step": resume.resumed_from if resume is not None else 0,
                "old_window": info["old_window"], "new_window": window, "factor": info["factor"], "bf16": bf16,
                "scaling": args.scaling, "rope_parameters": model.config.rope_parameters}
         with open(os.path.join(args.out, "train_log.json"), "w") as f:
             json.dump(log, f, indent=1)
-        print(f"[finetune] done in {train_time:.0f}s, final loss {losses[-1]:.4f}; saved to {args.out}", flush=True)
+        print(f"[finetune] done in {train_time:.0f}s ({tokens_per_s:.0f} tokens/s), final loss {losses[-1]:.4f}; "
+              f"saved to {args.out}", flush=True)
     if ws > 1:
         dist.barrier()
         dist.destroy_process_group()
