@@ -1039,14 +1039,16 @@ def test_finetune_resume_refuses_another_run(fp, tiny_ckpt, tmp_path, capsys):
 def test_resume_leaves_parameters_without_gradients_without_state(fp, tiny_ckpt, tmp_path):
     """A parameter that never gets a gradient (a frozen or unused module, an expert no token
     was routed to) has no AdamW state in the save; resuming loads the others' and leaves it
-    without, as the uninterrupted run has it (bit for bit)."""
-    from transformers import AutoModelForCausalLM
+    without, as the uninterrupted run has it (bit for bit). With tied embeddings (one
+    parameter under two names)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     data = torch.randint(0, 256, (2000,))
 
     def model():
         torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_pretrained(tiny_ckpt[0], dtype=torch.float32)
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_ckpt[0], tie_word_embeddings=True))
+        assert m.lm_head.weight is m.model.embed_tokens.weight
         m.unused = torch.nn.Linear(32, 4)  # not in forward
         return m
 
