@@ -116,25 +116,25 @@ cuda_tests() {
 # formats a number crashed (H100 runs of 2026-11-26; setup.py now links the shared
 # libstdc++ torch runs on). Kept as a regression check; on a crash, a native backtrace.
 bad_input() {
-step "CPU error paths (tests/test_bad_input.py, one process)"
-bounded 90 $PY -X faulthandler -m pytest -q -x --tb=short -p no:cacheprovider -p no:xdist \
-  tests/test_bad_input.py -k "not cuda" > "$SCRATCH/bad-input.log" 2>&1
-local rc=$?
-if [ $rc = 200 ]; then  # no time left: said in the log
-  cat "$SCRATCH/bad-input.log"
-elif [ $rc != 0 ]; then
-  status=1
-  # The failing test (faulthandler names it in its first frames), then the innermost
-  # native frames and the C++ runtimes the process had loaded.
-  grep -m1 -B2 -A14 "Fatal Python error" "$SCRATCH/bad-input.log" || tail -30 "$SCRATCH/bad-input.log"
-  ldd python/pirope/_C*.so | grep -E "stdc|gcc_s|gomp|c10|torch_cpu"
-  GDB="$(command -v gdb || command -v cuda-gdb || true)"
-  [ -n "$GDB" ] && bounded 120 "$GDB" -batch -ex run -ex "bt 18" -ex "info sharedlibrary" --args $PY -m pytest -q \
-    -x -p no:cacheprovider -p no:xdist tests/test_bad_input.py -k "not cuda" 2>&1 |
-    grep -v "^\[New Thread\|^\[Thread" | grep -E "^#|signal|stdc|gcc_s|gomp|pirope" | cut -c1-400 | head -60
-else
-  tail -1 "$SCRATCH/bad-input.log"
-fi
+  step "CPU error paths (tests/test_bad_input.py, one process)"
+  bounded 90 $PY -X faulthandler -m pytest -q -x --tb=short -p no:cacheprovider -p no:xdist \
+    tests/test_bad_input.py -k "not cuda" > "$SCRATCH/bad-input.log" 2>&1
+  local rc=$?
+  if [ $rc = 200 ]; then  # no time left: said in the log
+    cat "$SCRATCH/bad-input.log"
+  elif [ $rc != 0 ]; then
+    status=1
+    # The failing test (faulthandler names it in its first frames), then the innermost
+    # native frames and the C++ runtimes the process had loaded.
+    grep -m1 -B2 -A14 "Fatal Python error" "$SCRATCH/bad-input.log" || tail -30 "$SCRATCH/bad-input.log"
+    ldd python/pirope/_C*.so | grep -E "stdc|gcc_s|gomp|c10|torch_cpu"
+    GDB="$(command -v gdb || command -v cuda-gdb || true)"
+    [ -n "$GDB" ] && bounded 120 "$GDB" -batch -ex run -ex "bt 18" -ex "info sharedlibrary" --args $PY -m pytest -q \
+      -x -p no:cacheprovider -p no:xdist tests/test_bad_input.py -k "not cuda" 2>&1 |
+      grep -v "^\[New Thread\|^\[Thread" | grep -E "^#|signal|stdc|gcc_s|gomp|pirope" | cut -c1-400 | head -60
+  else
+    tail -1 "$SCRATCH/bad-input.log"
+  fi
 }
 
 # Benchmarks print straight into this log (a lease returns few files). The fused CUDA

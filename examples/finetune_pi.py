@@ -238,9 +238,17 @@ def scale_pairs(model, factor: float, pairs) -> "torch.nn.Module":
 # Training (single process or FSDP2 under torchrun)
 # ----------------------------------------------------------------------------------
 def dist_info():
+    """(world size, rank) as torchrun sets them (before the process group exists)."""
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     return ws, rank
+
+
+def group_info():
+    """(world size, rank) of the initialised process group; (1, 0) without one."""
+    import torch.distributed as dist
+
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
 
 
 def warmup_lambda(warmup_steps: int, warmup_start: float) -> Callable[[int], float]:
@@ -293,7 +301,7 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
     """
     import torch.distributed as dist
 
-    ws, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    ws, rank = group_info()
     if batch_size % (ws * grad_accum):
         raise ValueError(f"batch size {batch_size} must be divisible by world size x grad accum = {ws * grad_accum}")
     micro = batch_size // (ws * grad_accum)
@@ -423,11 +431,10 @@ class ResumePoint:
             dist.barrier()
 
     def save(self, step, model, opt, sched, gen, losses):
-        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        ws, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        ws, rank = group_info()
         tmp, old = self.path + ".tmp", self.path + ".old"
         if rank == 0 and os.path.exists(tmp):  # a save that was cut short
             shutil.rmtree(tmp)
@@ -483,19 +490,17 @@ class ResumePoint:
     def restore(self, model, opt, sched, gen, steps: int):
         """(step, losses) of the saved state, loaded into model, opt, sched and gen;
         (0, []) when there is none yet."""
-        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                              set_model_state_dict, set_optimizer_state_dict)
 
-        ws, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-        self.check(steps)
-        path = self.find()
-        if path is None:
+        ws, rank = group_info()
+        meta = self.check(steps)
+        if meta is None:
             if rank == 0:
                 print(f"[finetune] --resume: no saved state in {self.path}: starting at step 0", flush=True)
             return 0, []
-        meta = torch.load(os.path.join(path, self.STATE_FILE), weights_only=True)
+        path = self.find()
         model_sd, optim_sd = get_state_dict(model, opt)
         # get_state_dict gave every parameter AdamW state (torch's _init_optim_state); the save
         # has state only for parameters that had a gradient (not a frozen tower, an unrouted
@@ -1245,7 +1250,7 @@ def load_for_training(args, factor: float, window: int, device: torch.device, fa
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    ws, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    ws, rank = group_info()
     if ws > 1 and rank != 0:
         # built without memory (meta tensors): rank 0 alone reads the checkpoint, and each rank
         # receives its shards once the model is sharded (below). Every rank holding the whole
