@@ -35,8 +35,9 @@ Two modes.
    value; 1e-5 for 33B/65B), linear warm-up over 20 steps from 10% of the lr, 1000
    steps, global batch 64, each process taking one sequence per micro-step
    (--grad-accum); and, not in the paper, gradient clipping at 1.0 (--grad-clip 0: off).
-   bf16 autocast where supported, gradient checkpointing. The saved checkpoint (its own
-   dtype; config with
+   bf16 autocast where supported, gradient checkpointing, and the loss a chunk of tokens
+   at a time (pirope.training.causal_lm_loss; --loss-chunk), never the whole
+   (tokens x vocabulary) logits. The saved checkpoint (its own dtype; config with
    rope_parameters {"rope_type": "linear", "factor": F}; Phi-3: the equal LongRoPE; RoPE
    per layer type: the full_attention layers') loads with plain
    transformers.AutoModelForCausalLM.from_pretrained. ``--scaling ntk-by-parts``
@@ -74,6 +75,7 @@ except ImportError:  # pragma: no cover
         return it
 
 from pirope.eval import passkey_retrieval, sliding_window_perplexity
+from pirope.training import causal_lm_loss
 
 # ----------------------------------------------------------------------------------
 # Byte-level tokenizer of the demo (256 bytes + specials)
@@ -284,7 +286,8 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
           lr_lambda: Callable[[int], float], betas=(0.9, 0.95), weight_decay: float = 0.0,
           grad_clip: float = 1.0, grad_accum: int = 1, seed: int = 0, device="cpu",
           autocast_dtype=None, callback=None, desc="train", progress=True,
-          resume: Optional["ResumePoint"] = None, decay_matrices_only: bool = False) -> List[float]:
+          resume: Optional["ResumePoint"] = None, decay_matrices_only: bool = False,
+          loss_chunk: Optional[int] = 0) -> List[float]:
     """Next-token prediction on random windows of `data`; returns the loss per step.
 
     `data` is a 1-D token tensor (random windows are drawn from it) or a callable
@@ -298,6 +301,8 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
     continued from (the losses returned include the steps done before).
     decay_matrices_only: weight decay on the weight matrices (and embeddings) only, not on
     norms' scales and biases (as transformers' Trainer does); else on every parameter.
+    loss_chunk: tokens per chunk of the loss (pirope.training.causal_lm_loss's chunk_tokens:
+    None its default, 0 the whole logits at once).
     """
     import torch.distributed as dist
 
@@ -331,9 +336,7 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
             ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                    else contextlib.nullcontext())
             with ctx:
-                logits = model(input_ids=x[:, :-1]).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                     x[:, 1:].reshape(-1))
+                loss = causal_lm_loss(model, x[:, :-1], x[:, 1:], chunk_tokens=loss_chunk)
             (loss / grad_accum).backward()
             total += loss.detach().double().cpu() / grad_accum
         if grad_clip and grad_clip > 0:
@@ -1156,6 +1159,7 @@ def check_numeric_args(args, fail):
         check(name, lambda v: v >= 1, ">= 1")
     check("warmup_steps", lambda v: v >= 0, ">= 0")
     check("save_every", lambda v: v >= 0, ">= 0 (0: no saved training state)")
+    check("loss_chunk", lambda v: v >= 0, ">= 0 (0: the whole logits at once)")
     check("lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
     check("warmup_start", lambda v: 0 <= v <= 1, "in [0, 1] (the warm-up starts at this fraction of --lr)")
     for name in ("beta1", "beta2"):
@@ -1366,7 +1370,8 @@ def run_finetune(args, fail) -> dict:
                    lr_lambda=warmup_lambda(args.warmup_steps, args.warmup_start), betas=(args.beta1, args.beta2),
                    weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
                    seed=args.seed, device=device, autocast_dtype=torch.bfloat16 if bf16 else None,
-                   desc="fine-tune", progress=not args.no_progress, resume=resume, decay_matrices_only=True)
+                   desc="fine-tune", progress=not args.no_progress, resume=resume, decay_matrices_only=True,
+                   loss_chunk=args.loss_chunk)
     train_time = time.time() - t0
     # training tokens this process's run went through (all ranks; a resumed run: its own steps)
     done_steps = args.steps - (resume.resumed_from if resume is not None else 0)
@@ -1416,7 +1421,7 @@ FINETUNE_DEFAULTS = dict(steps=1000, batch_size=64, grad_accum=None, lr=2e-5, wa
                          pi_impl="auto", scaling="pi", save_every=0)
 # Flags that only fine-tuning a checkpoint uses (argparse dests): rejected without --model.
 FINETUNE_ONLY = ("data", "factor", "max_position_embeddings", *FINETUNE_DEFAULTS, "no_gradient_checkpointing",
-                 "resume")
+                 "resume", "loss_chunk")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1457,6 +1462,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--autocast", choices=["auto", "bf16", "none"],
                    help="auto (the default): bf16 autocast on CUDA GPUs that support it")
     g.add_argument("--no-gradient-checkpointing", action="store_true")
+    g.add_argument("--loss-chunk", type=int,
+                   help="tokens per chunk of the loss: the logits of that many tokens at a time, recomputed in "
+                        "the backward pass (default: 2**26 / vocabulary size, 512 for a 128k vocabulary; 0: the "
+                        "whole (tokens x vocabulary) logits at once, as transformers does)")
     g.add_argument("--scaling", choices=["pi", "ntk-by-parts", "own"],
                    help="how the window grows: pi (Position Interpolation, the default), ntk-by-parts (only "
                         "the rotary pairs slower than the window interpolated), own (a Llama 3.x or YaRN "

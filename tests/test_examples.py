@@ -724,6 +724,7 @@ def test_finetune_non_integer_factor_applied_and_logged_exactly(fp, tiny_ckpt, t
     ("--grad-clip", "nan", "--grad-clip must be a finite number >= 0"),
     ("--threads", "0", "--threads must be >= 1"),
     ("--save-every", "-1", "--save-every must be >= 0"),
+    ("--loss-chunk", "-1", "--loss-chunk must be >= 0"),
 ])
 def test_finetune_bad_numeric_flags(fp, tiny_ckpt, tmp_path, capsys, flag, value, msg):
     ckpt, data = tiny_ckpt
@@ -739,6 +740,7 @@ def test_finetune_bad_numeric_flags(fp, tiny_ckpt, tmp_path, capsys, flag, value
     (["--pi-impl", "transformers"], "--pi-impl need --model"),
     (["--scaling", "ntk-by-parts"], "--scaling need --model"),
     (["--save-every", "5", "--resume"], "--save-every / --resume need --model"),
+    (["--loss-chunk", "512"], "--loss-chunk need --model"),
     (["--steps", "-5"], "--steps must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--threads", "-1"], "--threads must be >= 1"),
@@ -862,7 +864,9 @@ def test_fsdp2_two_process_cpu_matches_single_process(fp, tiny_ckpt, tmp_path):
     single = str(tmp_path / "single")
     r = fp.main(_ft_args(ckpt, data, single))
     dist_out = str(tmp_path / "fsdp")
-    _torchrun_finetune(_ft_args(ckpt, data, dist_out), dist_out)
+    # and the loss 7 tokens at a time (its output projection gathered and its gradient
+    # reduced by FSDP inside the model's forward), against one process's whole logits
+    _torchrun_finetune(_ft_args(ckpt, data, dist_out, "--loss-chunk", "7"), dist_out)
     with open(os.path.join(dist_out, "train_log.json")) as f:
         log = json.load(f)
     assert log["world_size"] == 2

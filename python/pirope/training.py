@@ -1,0 +1,272 @@
+"""Training helpers for long-context fine-tuning.
+
+* :func:`causal_lm_loss` - the next-token cross entropy of a Hugging Face causal LM
+  computed a chunk of tokens at a time, so that a long sequence with a large
+  vocabulary never holds its whole ``(tokens, vocab)`` logits. At 32k tokens a
+  128k-token vocabulary (Llama 3) makes 8 GB of bfloat16 logits per sequence, plus
+  their float32 copy, log-softmax and gradient (~40 GB), more than the 8B model's
+  weights; chunked, the loss holds one chunk's (256 MB by default) and recomputes
+  each chunk's logits in the backward pass (one more pass of the output projection,
+  ~2% of a LLaMA step).
+
+    from pirope.training import causal_lm_loss
+    loss = causal_lm_loss(model, batch[:, :-1], batch[:, 1:])   # batch: (B, L + 1) token ids
+    loss.backward()
+
+Works under torch.autocast, activation checkpointing and FSDP2 (the loss is computed
+inside the model's own forward call, so FSDP's hooks gather and reduce the output
+projection as they do for the logits). This module needs only torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .eval import _accepts, _eval_mode, _logits, _vocab_size
+
+__all__ = ["causal_lm_loss", "default_loss_chunk"]
+
+# Logits per chunk by default: 2**26 values are 256 MB in float32 (512 tokens of a
+# 128k vocabulary, 2048 tokens of LLaMA's 32k).
+_CHUNK_LOGITS = 1 << 26
+
+# Config attributes of families whose forward post-processes the output projection
+# (Gemma 2/3's tanh soft-capping, Cohere's logit scale, Granite's logit divisor,
+# Falcon-H1's head multiplier): their logits are not lm_head(hidden), so they take the
+# whole-logits path. A probe (below) catches the families this list misses.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+
+# model -> (output projection, whether logits == output_projection(last hidden state))
+_PLAIN_HEAD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def default_loss_chunk(vocab_size: int) -> int:
+    """Tokens per chunk that :func:`causal_lm_loss` uses by default for a vocabulary of
+    ``vocab_size``: 2**26 logits (256 MB in float32) per chunk, at least one token."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    return max(1, _CHUNK_LOGITS // int(vocab_size))
+
+
+def _check_ids(t, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, seqlen), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_ranges(input_ids, n_in: Optional[int], targets, n_out: Optional[int], ignore_index: int) -> None:
+    """ValueError if a token id is outside the embedding (n_in) or a scored target outside the
+    logits (n_out); None skips a check. One device sync: CUDA would assert inside the
+    embedding or the loss kernel instead, losing the process."""
+    flags = []
+    if input_ids is not None:
+        flags.append(((input_ids < 0) | (input_ids >= n_in)).any() if n_in is not None else (input_ids < 0).any())
+    if targets is not None and n_out is not None:
+        flags.append(((targets != ignore_index) & ((targets < 0) | (targets >= n_out))).any())
+    bad = torch.stack(flags).tolist() if flags else []
+    if input_ids is not None and bad.pop(0):
+        raise ValueError(f"input_ids must be token ids in [0, {n_in if n_in is not None else 'vocab'}), "
+                         f"found values in [{int(input_ids.min())}, {int(input_ids.max())}]")
+    if bad and bad[0]:
+        t = targets[targets != ignore_index]
+        raise ValueError(f"targets must be in [0, {n_out}) (the logits' size) or ignore_index={ignore_index}, "
+                         f"found values in [{int(t.min())}, {int(t.max())}]")
+
+
+@contextlib.contextmanager
+def _forward_replaced(model: torch.nn.Module, fn):
+    """model(...) runs fn(...) in place of model.forward, inside the module's own call
+    (its hooks: FSDP2 gathers the root's parameters, reduces their gradients)."""
+    had = "forward" in model.__dict__
+    old = model.__dict__.get("forward")
+    model.forward = fn
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = old
+        else:
+            del model.forward
+
+
+def _parts(model):
+    """(decoder, output projection) of a Hugging Face causal LM, or None when the model is not
+    one (or its logits are not a plain linear projection of the decoder's last hidden state)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    get_head = getattr(model, "get_output_embeddings", None)
+    base = getattr(model, "base_model", None)
+    try:
+        head = get_head() if callable(get_head) else None
+    except Exception:  # a model that defines no output projection
+        return None
+    if (not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward
+            or not isinstance(base, torch.nn.Module) or base is model):
+        return None  # (a quantised or adapted Linear computes something else from its weight)
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        for attr in _LOGIT_POSTPROCESSING:
+            if getattr(cfg, attr, None) not in (None, 1, 1.0):
+                return None
+    return base, head
+
+
+def _hidden(base, input_ids):
+    kwargs = {"use_cache": False} if _accepts(base, "use_cache") else {}
+    return base(input_ids=input_ids, **kwargs)[0]  # last_hidden_state (ModelOutput or tuple)
+
+
+def _plain_head(model, base, head, input_ids) -> bool:
+    """Whether model(input_ids).logits is head(last hidden state), bit for bit, on a few tokens
+    (in eval mode: no dropout, no random numbers drawn). Cached per model and head."""
+    cached = _PLAIN_HEAD.get(model)
+    if cached is not None and cached[0] is head:
+        return cached[1]
+    probe = input_ids[:1, :8]
+    with _eval_mode(model):
+        ref = _logits(model(input_ids=probe))
+        with _forward_replaced(model, lambda input_ids: head(_hidden(base, input_ids))):
+            got = model(input_ids=probe)
+    plain = isinstance(ref, torch.Tensor) and ref.shape == got.shape and torch.equal(ref, got)
+    _PLAIN_HEAD[model] = (head, plain)
+    return plain
+
+
+def _compute_dtype(hidden, weight) -> torch.dtype:
+    """The dtype nn.Linear computes the logits in: autocast's (float64 is never cast) or the weight's."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev) and torch.float64 not in (hidden.dtype, weight.dtype):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(float(linear(hidden_i, weight, bias)), targets_i) over the tokens
+    i, `chunk` tokens at a time: forward keeps no logits; backward recomputes each chunk's.
+
+    Each chunk computes what Hugging Face's loss computes for its rows (logits in `dtype`,
+    upcast to float32, torch's cross entropy and its gradient, cast back to `dtype`), so the
+    logits' gradients are the same; the weight's gradient is summed over the chunks in
+    float32 (each chunk's rounded to `dtype` once, as the whole matmul's is)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, ignore_index: int, dtype):
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk, ctx.ignore_index, ctx.dtype = chunk, ignore_index, dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for i in range(0, hidden.shape[0], chunk):
+                logits = F.linear(hidden[i : i + chunk].to(dtype), w, b).float()
+                total += F.cross_entropy(logits, targets[i : i + chunk], ignore_index=ignore_index, reduction="sum")
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dtype = ctx.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            for i in range(0, hidden.shape[0], ctx.chunk):
+                h = hidden[i : i + ctx.chunk].to(dtype)
+                with torch.enable_grad():  # the gradient of torch's own cross entropy, for this chunk
+                    logits = F.linear(h, w, b).float().requires_grad_()
+                    loss = F.cross_entropy(logits, targets[i : i + ctx.chunk], ignore_index=ctx.ignore_index,
+                                           reduction="sum")
+                    (dlogits,) = torch.autograd.grad(loss, logits, grad)
+                dlogits = dlogits.to(dtype)
+                del logits, loss
+                if need_h:
+                    grad_h[i : i + ctx.chunk] = dlogits @ w
+                if need_w:
+                    grad_w += (dlogits.t() @ h).float()
+                if need_b:
+                    grad_b += dlogits.sum(0).float()
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _chunked_loss(base, head, input_ids, targets, chunk: int, ignore_index: int):
+    hidden = _hidden(base, input_ids).flatten(0, 1)  # (tokens, hidden)
+    targets = targets.flatten()
+    total = _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, ignore_index,
+                                    _compute_dtype(hidden, head.weight))
+    return total / (targets != ignore_index).sum()  # nan when every target is ignored, as F.cross_entropy
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
+                   chunk_tokens: Optional[int] = None, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross entropy of ``model``'s predictions at ``input_ids`` against ``targets``.
+
+    Equals ``F.cross_entropy(model(input_ids=input_ids).logits.float().flatten(0, 1),
+    targets.flatten(), ignore_index=ignore_index)`` (Hugging Face's causal-LM loss, with the
+    labels already shifted) up to float rounding, computed ``chunk_tokens`` tokens at a time
+    so that the whole ``(batch * seqlen, vocab)`` logits never exist.
+
+    Args:
+        model: a Hugging Face causal LM (any model whose ``forward(input_ids=...)`` returns
+            logits is accepted; one that is not a decoder plus a linear output projection,
+            or whose forward transforms the projection's output (Gemma 2's soft-capping,
+            Cohere's logit scale, ...), takes the whole-logits path).
+        input_ids: (batch, seqlen) integer token ids.
+        targets: (batch, seqlen) the token each position predicts (for a training window
+            ``w`` of seqlen + 1 tokens: ``input_ids = w[:, :-1]``, ``targets = w[:, 1:]``);
+            ``ignore_index`` marks positions that are not scored.
+        chunk_tokens: tokens per chunk (None: :func:`default_loss_chunk` of the vocabulary;
+            0: the whole logits at once, as transformers does).
+        ignore_index: the target value of unscored positions.
+
+    Returns:
+        A float32 scalar tensor (nan when every target is ignored). The model's auxiliary
+        losses (a mixture of experts' router balance) are not added.
+    """
+    input_ids = _check_ids(input_ids, "input_ids")
+    targets = _check_ids(targets, "targets")
+    if targets.shape != input_ids.shape:
+        raise ValueError(f"targets must have input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {tuple(targets.shape)}")
+    if targets.device != input_ids.device:
+        raise ValueError(f"targets must be on input_ids' device {input_ids.device}, got {targets.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or
+                                     not isinstance(chunk_tokens, numbers.Integral)):
+        raise TypeError(f"chunk_tokens must be an int or None, got {type(chunk_tokens).__name__}")
+    if chunk_tokens is not None and chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens must be >= 0 (0: the whole logits at once), got {chunk_tokens}")
+    if not callable(model):
+        raise TypeError(f"model must be a callable causal LM, got {type(model).__name__}")
+    parts = _parts(model)
+    ignore_index = int(ignore_index)
+    n_out = parts[1].out_features if parts is not None else None
+    if chunk_tokens is None:
+        chunk_tokens = default_loss_chunk(n_out) if n_out else 0
+    _check_ranges(input_ids, _vocab_size(model), targets, n_out, ignore_index)
+    if parts is None or chunk_tokens == 0 or input_ids.numel() <= chunk_tokens or \
+            not _plain_head(model, *parts, input_ids):
+        logits = _logits(model(input_ids=input_ids))
+        if n_out is None or logits.shape[-1] != n_out:
+            _check_ranges(None, None, targets, logits.shape[-1], ignore_index)
+        return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
+    base, head = parts
+    with _forward_replaced(model, lambda input_ids: _chunked_loss(base, head, input_ids, targets,
+                                                                  int(chunk_tokens), ignore_index)):
+        return model(input_ids=input_ids)

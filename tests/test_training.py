@@ -1,0 +1,307 @@
+"""pirope.training.causal_lm_loss: Hugging Face's own causal-LM loss and its gradients,
+computed a chunk of tokens at a time (never the whole (tokens, vocab) logits)."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("transformers")
+import transformers  # noqa: E402
+
+from pirope.training import causal_lm_loss, default_loss_chunk  # noqa: E402
+
+VOCAB = 300
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+
+
+def llama(seed=0, **kw):
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**SMALL, **kw})).eval()
+
+
+def family(name, **kw):
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{name}Config")(**{**SMALL, **kw})
+    return getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
+
+
+def window(batch=2, seqlen=33, seed=1, device="cpu"):
+    """(input_ids, targets) of random training windows of seqlen tokens."""
+    w = torch.randint(0, VOCAB, (batch, seqlen + 1), generator=torch.Generator().manual_seed(seed))
+    return w[:, :-1].to(device), w[:, 1:].to(device)
+
+
+def hf_loss(model, ids, targets):
+    """transformers' own loss (ForCausalLMLoss): labels shifted inside, so the target of
+    position i is given at i + 1; the last position has none."""
+    labels = torch.cat([torch.full_like(targets[:, :1], -100), targets], 1)
+    return model(input_ids=torch.cat([ids, ids[:, -1:]], 1), labels=labels).loss
+
+
+def grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class LogitRows(TorchDispatchMode):
+    """The most rows (tokens) of any (..., vocab) tensor an op creates, but the output
+    projection's (hidden, vocab) weight gradient."""
+
+    def __init__(self, vocab, hidden=SMALL["hidden_size"]):
+        super().__init__()
+        self.vocab, self.hidden, self.rows = vocab, hidden, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab
+                    and tuple(t.shape) != (self.hidden, self.vocab)):
+                self.rows = max(self.rows, t.numel() // self.vocab)
+        return out
+
+
+@pytest.mark.parametrize("chunk", [None, 0, 1, 5, 64, 65, 1000])
+def test_loss_and_gradients_equal_transformers_own(chunk):
+    model = llama()
+    ids, targets = window()
+    # transformers' loss over one more input token (its last position predicts nothing)
+    # equals ours: causal attention keeps the extra token out of every scored position
+    want = hf_loss(model, ids, targets)
+    want_g = grads(model, want)
+    got = causal_lm_loss(model, ids, targets, chunk_tokens=chunk)
+    got_g = grads(model, got)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert got_g.keys() == want_g.keys()
+    for name in want_g:
+        torch.testing.assert_close(got_g[name], want_g[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_float64_reference():
+    """Against a float64 log-softmax of the model's own hidden states and head."""
+    model = llama().double()
+    ids, targets = window(seqlen=20)
+    with torch.no_grad():
+        h = model.model(input_ids=ids).last_hidden_state
+        logp = torch.log_softmax(h @ model.lm_head.weight.T, -1)
+        want = -logp.gather(-1, targets.unsqueeze(-1)).mean()
+        got = causal_lm_loss(model, ids, targets, chunk_tokens=7)
+    # the loss upcasts the logits to float32 (as transformers'): float32 rounding
+    assert abs(float(got) - float(want)) < 1e-6 * abs(float(want))
+
+
+@pytest.mark.parametrize("chunk,rows", [(5, 5), (64, 64), (0, 66)])
+def test_never_holds_more_than_a_chunk_of_logits(chunk, rows):
+    model = llama()
+    ids, targets = window()  # 66 tokens
+    causal_lm_loss(model, ids, targets, chunk_tokens=chunk)  # the first call probes the head
+    with LogitRows(VOCAB) as seen:
+        loss = causal_lm_loss(model, ids, targets, chunk_tokens=chunk)
+        loss.backward()
+    assert seen.rows == rows
+
+
+def test_default_chunk_is_2_to_the_26_logits():
+    assert default_loss_chunk(128256) == 523 and default_loss_chunk(32000) == 2097
+    assert default_loss_chunk(1 << 27) == 1
+    model = llama(vocab_size=1 << 20, hidden_size=8, intermediate_size=8, num_attention_heads=2,
+                  num_key_value_heads=1, num_hidden_layers=1)
+    ids = torch.randint(0, 1 << 20, (1, 130))
+    with LogitRows(1 << 20, hidden=8) as seen:
+        causal_lm_loss(model, ids, ids.roll(-1, 1)).backward()
+    assert seen.rows == 64  # 2**26 / 2**20 tokens a chunk (130 = 64 + 64 + 2)
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("Qwen2", dict(tie_word_embeddings=True)),  # biases in q/k/v, lm_head = embed_tokens
+    ("Mistral", {}),
+    ("Phi", {}),  # lm_head with a bias, partial rotary
+])
+def test_plain_head_families_are_chunked_exactly(name, extra):
+    model = family(name, **extra)
+    ids, targets = window()
+    want = hf_loss(model, ids, targets)
+    want_g = grads(model, want)
+    with LogitRows(VOCAB) as seen:
+        got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
+        got_g = grads(model, got)
+    assert seen.rows <= 4 + 8  # the chunks, and the 8-token probe of the first call
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("Gemma2", dict(head_dim=8, final_logit_softcapping=2.0)),  # tanh soft-capping of the logits
+    ("Cohere", dict(logit_scale=0.5)),                           # scaled logits
+    ("Granite", dict(logits_scaling=4.0)),                       # divided logits
+])
+def test_families_that_transform_logits_take_the_whole_path(name, extra):
+    model = family(name, **extra)
+    ids, targets = window()
+    want = hf_loss(model, ids, targets)
+    with LogitRows(VOCAB) as seen:
+        got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    assert seen.rows == ids.numel()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+class ScaledLogits(transformers.LlamaForCausalLM):
+    """A family whose forward rescales the logits without a config attribute saying so:
+    the probe must notice."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 3.0
+        return out
+
+
+def test_probe_catches_unknown_logit_transforms():
+    torch.manual_seed(0)
+    model = ScaledLogits(transformers.LlamaConfig(**SMALL)).eval()
+    ids, targets = window()
+    logits = model(input_ids=ids).logits
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert "forward" not in model.__dict__  # the forward is the class's again
+
+
+def test_probe_runs_once_per_model():
+    model = llama()
+    ids, targets = window()
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    first = len(calls)
+    causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    assert first == 3 and len(calls) == first + 1  # probe: 2 calls; then one call per loss
+
+
+def test_train_mode_dropout_draws_the_same_random_numbers():
+    """In training mode (dropout on) the chunked loss draws what the whole path draws: the
+    probe runs in eval mode and consumes no random numbers, so resumed runs stay exact."""
+    ids, targets = window()
+    losses = []
+    for chunk in (0, 4):
+        model = llama(attention_dropout=0.5).train()
+        torch.manual_seed(123)
+        losses.append(causal_lm_loss(model, ids, targets, chunk_tokens=chunk))
+        assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    torch.manual_seed(124)  # dropout is on: other random numbers, another loss
+    assert abs(float(causal_lm_loss(model, ids, targets, chunk_tokens=4)) - float(losses[1])) > 1e-3
+
+
+def test_gradient_checkpointing_and_bf16_autocast_as_accurate_as_whole_logits():
+    """Under bfloat16 autocast the chunks' weight gradients are summed in float32: the
+    gradients are as close to the float32 ones as transformers' whole-logits loss is
+    (summing 80 chunks' in bfloat16, as autocast's one cached weight cast would, is 3.6x
+    further off here)."""
+    model = llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids, targets = window(seqlen=200)
+    exact = grads(model, causal_lm_loss(model, ids, targets, chunk_tokens=0))  # float32
+    err = {}
+    for chunk in (0, 5):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = causal_lm_loss(model, ids, targets, chunk_tokens=chunk)
+        g = grads(model, loss)
+        err[chunk] = {n: float((g[n] - exact[n]).norm() / exact[n].norm()) for n in exact}
+    for n in exact:
+        assert err[5][n] <= 1.2 * err[0][n] + 1e-6, (n, err[5][n], err[0][n])
+    assert 1e-4 < err[0]["lm_head.weight"] < 1e-2  # bfloat16 rounding, seen
+
+
+def test_bfloat16_model():
+    model = llama().to(torch.bfloat16)
+    ids, targets = window(seqlen=100)
+    want = hf_loss(model, ids, targets)
+    want_g = grads(model, want)
+    got = causal_lm_loss(model, ids, targets, chunk_tokens=7)
+    got_g = grads(model, got)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # float32 loss of the same logits
+    for n in want_g:  # the head's weight gradient: rounded to bfloat16 per chunk, not once
+        assert got_g[n].dtype == torch.bfloat16
+        torch.testing.assert_close(got_g[n].float(), want_g[n].float(), rtol=2e-2, atol=2e-3, msg=n)
+
+
+def test_no_grad_and_ignore_index():
+    model = llama()
+    ids, targets = window()
+    targets = targets.clone()
+    targets[0, :10] = -100
+    targets[1, 5] = -100
+    with torch.no_grad():
+        got = causal_lm_loss(model, ids, targets, chunk_tokens=6)
+        want = causal_lm_loss(model, ids, targets, chunk_tokens=0)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    logits = model(input_ids=ids).logits.float()
+    mask = targets != -100
+    ref = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    other = torch.where(mask, targets, 7)
+    torch.testing.assert_close(causal_lm_loss(model, ids, other, chunk_tokens=6, ignore_index=7),
+                               causal_lm_loss(model, ids, torch.where(other == 7, -100, other), chunk_tokens=6))
+    for chunk in (0, 6):  # nothing scored: nan, as F.cross_entropy
+        assert torch.isnan(causal_lm_loss(model, ids, torch.full_like(ids, -100), chunk_tokens=chunk))
+
+
+def test_device(device):
+    model = llama().to(device)
+    ids, targets = window(device=device)
+    want = hf_loss(model, ids, targets)
+    torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=5), want, rtol=1e-5, atol=1e-5)
+
+
+def test_any_model_that_returns_logits():
+    """A model that is not a Hugging Face causal LM is computed whole."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(VOCAB, 16), torch.nn.Linear(16, VOCAB))
+    model = lambda input_ids: net(input_ids)  # noqa: E731
+    ids, targets = window()
+    want = torch.nn.functional.cross_entropy(net(ids).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=3), want)
+
+
+@pytest.mark.parametrize("args,kwargs,exc,match", [
+    (("ids", "ids.float()"), {}, TypeError, "targets must hold integer"),
+    (("ids.float()", "ids"), {}, TypeError, "input_ids must hold integer"),
+    (("ids[0]", "ids[0]"), {}, ValueError, r"input_ids must be 2-D \(batch, seqlen\)"),
+    (("ids[:, :0]", "ids[:, :0]"), {}, ValueError, "input_ids must not be empty"),
+    (("ids", "ids[:, 1:]"), {}, ValueError, "targets must have input_ids' shape"),
+    (("ids.tolist()", "ids"), {}, TypeError, "input_ids must be a torch.Tensor"),
+    (("ids", "ids"), {"chunk_tokens": -1}, ValueError, "chunk_tokens must be >= 0"),
+    (("ids", "ids"), {"chunk_tokens": 2.0}, TypeError, "chunk_tokens must be an int"),
+    (("ids", "ids"), {"chunk_tokens": True}, TypeError, "chunk_tokens must be an int"),
+    (("ids", "ids"), {"ignore_index": None}, TypeError, "ignore_index must be an int"),
+    (("ids", "ids + 1000"), {"chunk_tokens": 4}, ValueError, r"targets must be in \[0, 300\)"),
+    (("ids", "ids - 1000"), {"chunk_tokens": 0}, ValueError, r"targets must be in \[0, 300\)"),
+    (("ids + 1000", "ids"), {"chunk_tokens": 4}, ValueError, r"input_ids must be token ids in \[0, 300\)"),
+    (("ids - 1000", "ids"), {}, ValueError, r"input_ids must be token ids in \[0, 300\)"),
+])
+def test_bad_input(args, kwargs, exc, match):
+    model = llama()
+    ids, _ = window()
+    a, b = (eval(x, {"ids": ids}) for x in args)
+    with pytest.raises(exc, match=match):
+        causal_lm_loss(model, a, b, **kwargs)
+
+
+def test_bad_model_and_vocab_size():
+    ids, targets = window()
+    with pytest.raises(TypeError, match="model must be a callable"):
+        causal_lm_loss("llama", ids, targets)
+    for bad in (0, -3, 2.5, True, None):
+        with pytest.raises(ValueError, match="vocab_size must be a positive int"):
+            default_loss_chunk(bad)
+
+
+def test_targets_on_another_device():
+    ids, targets = window()
+    with pytest.raises(ValueError, match="targets must be on input_ids' device"):
+        causal_lm_loss(llama(), ids, targets.to("meta"))
