@@ -23,13 +23,13 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_method_args, heads_list, int_list, positive_int, rotate_half  # noqa: E402
+from common import (PeakRSS, add_method_args, exec_with_returning_malloc, heads_list, int_list,  # noqa: E402
+                    positive_int, rotate_half)
 
 import pirope  # noqa: E402
 
@@ -52,33 +52,6 @@ def pirope_sdpa(q, k, v, cos_hf, sin_hf, cos, sin):
 
 def fused(q, k, v, cos_hf, sin_hf, cos, sin):
     return pirope.rope_attention(q, k, v, cos, sin, causal=True)
-
-
-class PeakRSS:
-    """Peak resident set size growth (bytes) while the block runs (CPU)."""
-
-    def __enter__(self):
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.base = self.peak = self._rss()
-        self.stop = False
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _rss(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def _watch(self):
-        while not self.stop:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.0002)
-
-    def __exit__(self, *exc):
-        self.stop = True
-        self.thread.join()
-        self.peak = max(self.peak, self._rss())
-        self.growth = self.peak - self.base
 
 
 def sync(device):
@@ -134,18 +107,8 @@ def rel_diff(got, want) -> float:
     return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(got, want))
 
 
-def _exec_with_returning_malloc():
-    """glibc raises its mmap threshold after large frees, so freed tensors stay in the
-    heap and the resident set no longer follows live memory. A fixed threshold keeps
-    every large block mmap'ed and returned on free; it must be set before start-up,
-    hence the re-exec."""
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
-
-
 def main():
-    _exec_with_returning_malloc()
+    exec_with_returning_malloc()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqlens", default="512,1024,2048", type=int_list(1))
     ap.add_argument("--batch", type=positive_int, default=1)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
+import threading
 import time
 
 import torch
@@ -33,6 +36,44 @@ def median_ms(fn, device: str, *, warmup: int = 2, repeat: int = 10) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+class PeakRSS:
+    """Peak resident set size growth (bytes) while the block runs (CPU): sampled every
+    0.2 ms from /proc/self/statm (torch's ops run without the GIL)."""
+
+    def __enter__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self._rss()
+        self.stop = False
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _watch(self):
+        while not self.stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.0002)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.growth = self.peak - self.base
+
+
+def exec_with_returning_malloc():
+    """glibc raises its mmap threshold after large frees, so freed tensors stay in the
+    heap and the resident set no longer follows live memory. A fixed threshold keeps
+    every large block mmap'ed and returned on free; it must be set before start-up,
+    hence the re-exec (of this process's command line; before PeakRSS measures)."""
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ exec > >(tee "$LOG") 2>&1
 status=0
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 step() { echo; echo "== $* =="; }
-# GPU_CHECK_SKIP="rope prepass racecheck memcheck block": leave those steps out (a short lease).
+# GPU_CHECK_SKIP="rope prepass racecheck memcheck block loss": leave those steps out (a short lease).
 skip() { case " ${GPU_CHECK_SKIP:-} " in *" $1 "*) echo "(skipped: GPU_CHECK_SKIP)"; return 0;; esac; return 1; }
 # GPU_CHECK_QUICK=1: a short re-check (the attention benchmark first, then the attention,
 # autograd and torch.func tests, memcheck, the block attention).
@@ -161,6 +161,15 @@ block_attention() {
   bounded 90 $BENCH benchmarks/bench_attention_sinks.py --device cuda --seqlens 2048,4096 --windows 0,128 \
     --dtypes bfloat16 --repeat 10 --json "$OUT/bench_attention_sinks.json" || status=1
 }
+# loss_benchmark: the fine-tuning loss of one long sequence with Llama 3's vocabulary and
+# Llama 3 8B's output projection (hidden 4096), transformers' whole logits vs
+# pirope.training.causal_lm_loss's chunks (transformers' may run out of memory at 32k).
+loss_benchmark() {
+  step "loss: transformers' whole logits vs pirope's chunks (vocab 128256, hidden 4096, bf16 autocast)"
+  skip loss && return 0
+  bounded 90 $BENCH benchmarks/bench_loss.py --device cuda --hidden 4096 --seqlens 8192,16384,32768 \
+    --autocast bf16 --repeat 3 --json "$OUT/bench_loss.json" || status=1
+}
 if [ "$QUICK" = 1 ]; then
   # the figures issue 6 waits for first (every method's output and gradients are checked
   # against cuDNN's in the table's err column), then the tests
@@ -173,6 +182,7 @@ if [ "$QUICK" = 1 ]; then
   step "compute-sanitizer memcheck (attention kernels)"
   skip memcheck || sanitize memcheck --quick
   block_attention
+  loss_benchmark
   finish
 fi
 cuda_tests
@@ -192,6 +202,8 @@ if [ -n "$ws_methods" ]; then
   PIROPE_ATTENTION_SM90=$ws bounded 100 $BENCH benchmarks/bench_decoder_layer.py --repeat 5 \
     --json "$OUT/bench_decoder_layer_ws.json" || status=1
 fi
+
+loss_benchmark
 
 step "rotary ops vs HF eager and the copy floor"
 skip rope || bounded 120 $BENCH benchmarks/bench_rope.py --device cuda --batch 1 4 --seqlen 2048 8192 --repeat 30 \

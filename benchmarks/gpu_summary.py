@@ -53,6 +53,13 @@ def decoder_lines(rows) -> list[str]:
     return out
 
 
+def loss_lines(rows) -> list[str]:
+    keys = ("seqlen", "transformers ms", "transformers MiB", "pirope ms", "pirope MiB", "x", "memory /",
+            "loss diff", "grad diff")
+    return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+            *("| " + " | ".join(str(r.get(k, "-")) for k in keys) + " |" for r in rows)]
+
+
 def summary(folder: str) -> str:
     parts = []
     for name, title, lines in (
@@ -61,7 +68,9 @@ def summary(folder: str) -> str:
             ("bench_attention_gpu_mma.json", "Attention, mma.sync kernels (PIROPE_ATTENTION_SM90=0)",
              attention_lines),
             ("bench_decoder_layer.json", "Decoder layer (target >= 1.0 vs transformers)", decoder_lines),
-            ("bench_decoder_layer_ws.json", "Decoder layer, warp-specialised kernels", decoder_lines)):
+            ("bench_decoder_layer_ws.json", "Decoder layer, warp-specialised kernels", decoder_lines),
+            ("bench_loss.json", "Loss of one sequence, Llama 3 8B's output projection (bf16 autocast)",
+             loss_lines)):
         rows = _load(folder, name)
         if rows:
             parts += [f"### {title}", "", *lines(rows), ""]

@@ -1463,9 +1463,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (the default): bf16 autocast on CUDA GPUs that support it")
     g.add_argument("--no-gradient-checkpointing", action="store_true")
     g.add_argument("--loss-chunk", type=int,
-                   help="tokens per chunk of the loss: the logits of that many tokens at a time, recomputed in "
-                        "the backward pass (default: 2**26 / vocabulary size, 512 for a 128k vocabulary; 0: the "
-                        "whole (tokens x vocabulary) logits at once, as transformers does)")
+                   help="tokens per chunk of the loss: the logits (and their gradient) of that many tokens at a "
+                        "time (default: 2**26 / vocabulary size, 523 for a 128k vocabulary; 0: the whole "
+                        "(tokens x vocabulary) logits at once, as transformers does)")
     g.add_argument("--scaling", choices=["pi", "ntk-by-parts", "own"],
                    help="how the window grows: pi (Position Interpolation, the default), ntk-by-parts (only "
                         "the rotary pairs slower than the window interpolated), own (a Llama 3.x or YaRN "

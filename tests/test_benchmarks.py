@@ -75,6 +75,15 @@ def test_decoder_layer_benchmark_runs_and_agrees(tmp_path, layer):
     assert all(r["diff_out"] < 1e-5 and r["diff_grad"] < 1e-4 for r in compared), compared
 
 
+def test_loss_benchmark_runs_and_agrees(tmp_path):
+    result = run("bench_loss.py", "--seqlens", "64,100", "--vocab", "500", "--hidden", "32", "--chunk", "16",
+                 "--repeat", "1", tmp_path=tmp_path)
+    assert result["chunk"] == 16 and [r["seqlen"] for r in result["rows"]] == [64, 100]
+    for r in result["rows"]:  # float32: pirope's chunked loss and lm_head gradient are transformers'
+        assert float(r["loss diff"]) < 1e-5 and float(r["grad diff"]) < 1e-5, r
+        assert r["transformers ms"] > 0 and r["pirope ms"] > 0 and r["x"] > 0, r
+
+
 def test_rope_benchmark_runs(tmp_path):
     result = run("bench_rope.py", "--device", "cpu", "--seqlen", "64", "--heads", "4/2", "--head-dim", "32",
                  "--repeat", "1", "--no-compile", "--dtype", "float32", tmp_path=tmp_path)
@@ -154,6 +163,9 @@ BAD_FLAGS = [
     ("bench_decoder_layer.py", ["--device", "cpu", "--mla", "--softcap", "50"], "--mla"),
     ("bench_decoder_layer.py", ["--device", "cpu", "--mla", "--kv-heads", "8"], "--mla"),
     ("bench_decoder_layer.py", ["--device", "cpu", "--seqlens", "2k"], "--seqlens"),
+    ("bench_loss.py", ["--seqlens", "1"], "--seqlens"),
+    ("bench_loss.py", ["--chunk", "0"], "--chunk"),
+    ("bench_loss.py", ["--autocast", "fp8"], "--autocast"),
     ("bench_rope.py", ["--heads", "32/8", "7"], "--heads"),
     ("bench_rope.py", ["--seqlen", "-1"], "--seqlen"),
     ("bench_attention_gpu.py", ["--causal", "yes"], "--causal"),

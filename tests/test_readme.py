@@ -35,6 +35,8 @@ def test_api_examples_run_and_do_what_they_say():
     assert scope["q_packed"].grad is not None and torch.isfinite(scope["q_packed"].grad).all()
     # the evaluations: a finite perplexity, a success rate per passkey length
     assert 1 < scope["ppl"] < float("inf") and sorted(scope["pk"]["success"]) == [300, 400, 512]
+    # the chunked loss: a finite loss, gradients in the model
+    assert torch.isfinite(scope["loss"]) and scope["lm"].lm_head.weight.grad is not None
 
 
 def test_drop_in_recipes_name_every_supported_model_type():

@@ -169,6 +169,53 @@ def test_probe_catches_unknown_logit_transforms():
     assert "forward" not in model.__dict__  # the forward is the class's again
 
 
+class PeftLike(torch.nn.Module):
+    """What causal_lm_loss relies on of peft.PeftModel: get_base_model() returns the wrapped
+    transformers model, whose forward PEFT calls directly with every keyword of its own."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base = model
+
+    def get_base_model(self):
+        return self.base
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        return self.base.forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=None,
+                                 labels=labels, output_attentions=None, **kwargs)
+
+
+def test_a_peft_wrapped_model_is_chunked():
+    model = PeftLike(llama())
+    ids, targets = window()
+    want = hf_loss(model.base, ids, targets)
+    want_g = grads(model, want)
+    with LogitRows(VOCAB) as seen:
+        got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
+        got_g = grads(model, got)
+    assert seen.rows <= 8  # the chunks, and the 8-token probe of the first call
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert "forward" not in model.base.__dict__
+
+
+def test_a_decoder_the_probe_cannot_call_takes_the_whole_path():
+    class OddDecoder(transformers.LlamaForCausalLM):  # base_model that wants more than input_ids
+        @property
+        def base_model(self):
+            return torch.nn.Linear(2, 2)
+
+    torch.manual_seed(0)
+    model = OddDecoder(transformers.LlamaConfig(**SMALL)).eval()
+    ids, targets = window()
+    want = torch.nn.functional.cross_entropy(model(input_ids=ids).logits.flatten(0, 1), targets.flatten())
+    with LogitRows(VOCAB) as seen:
+        got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    assert seen.rows == ids.numel()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_probe_runs_once_per_model():
     model = llama()
     ids, targets = window()

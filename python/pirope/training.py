@@ -5,9 +5,9 @@
   vocabulary never holds its whole ``(tokens, vocab)`` logits. At 32k tokens a
   128k-token vocabulary (Llama 3) makes 8 GB of bfloat16 logits per sequence, plus
   their float32 copy, log-softmax and gradient (~40 GB), more than the 8B model's
-  weights; chunked, the loss holds one chunk's (256 MB by default) and recomputes
-  each chunk's logits in the backward pass (one more pass of the output projection,
-  ~2% of a LLaMA step).
+  weights; chunked, the loss holds one chunk's (256 MB by default), computing each
+  chunk's gradients while its logits exist (the same three matmuls as the whole
+  logits' forward and backward, nothing recomputed).
 
     from pirope.training import causal_lm_loss
     loss = causal_lm_loss(model, batch[:, :-1], batch[:, 1:])   # batch: (B, L + 1) token ids
@@ -32,8 +32,8 @@ from .eval import _accepts, _eval_mode, _logits, _vocab_size
 
 __all__ = ["causal_lm_loss", "default_loss_chunk"]
 
-# Logits per chunk by default: 2**26 values are 256 MB in float32 (512 tokens of a
-# 128k vocabulary, 2048 tokens of LLaMA's 32k).
+# Logits per chunk by default: 2**26 values are 256 MB in float32 (523 tokens of a
+# 128k vocabulary, 2097 tokens of LLaMA's 32k).
 _CHUNK_LOGITS = 1 << 26
 
 # Config attributes of families whose forward post-processes the output projection
@@ -87,11 +87,13 @@ def _check_ranges(input_ids, n_in: Optional[int], targets, n_out: Optional[int],
 
 @contextlib.contextmanager
 def _forward_replaced(model: torch.nn.Module, fn):
-    """model(...) runs fn(...) in place of model.forward, inside the module's own call
-    (its hooks: FSDP2 gathers the root's parameters, reduces their gradients)."""
+    """Calls of model (or of a wrapper around it) run fn(input_ids) in place of model.forward,
+    inside the module's own call (its hooks: FSDP2 gathers the root's parameters, reduces
+    their gradients). A wrapper's other keywords (PEFT passes attention_mask=None, ...) are
+    dropped: only input_ids is ever passed."""
     had = "forward" in model.__dict__
     old = model.__dict__.get("forward")
-    model.forward = fn
+    model.forward = lambda input_ids=None, **unused: fn(input_ids)
     try:
         yield
     finally:
@@ -102,8 +104,15 @@ def _forward_replaced(model: torch.nn.Module, fn):
 
 
 def _parts(model):
-    """(decoder, output projection) of a Hugging Face causal LM, or None when the model is not
-    one (or its logits are not a plain linear projection of the decoder's last hidden state)."""
+    """(causal LM, its decoder, its output projection) of a Hugging Face causal LM (or the one
+    a PEFT wrapper holds), or None when the model is not one (or its logits are not a plain
+    linear projection of the decoder's last hidden state)."""
+    get_inner = getattr(model, "get_base_model", None)  # peft.PeftModel
+    if callable(get_inner):
+        try:
+            model = get_inner()
+        except Exception:
+            return None
     if not isinstance(model, torch.nn.Module):
         return None
     get_head = getattr(model, "get_output_embeddings", None)
@@ -121,7 +130,7 @@ def _parts(model):
         for attr in _LOGIT_POSTPROCESSING:
             if getattr(cfg, attr, None) not in (None, 1, 1.0):
                 return None
-    return base, head
+    return model, base, head
 
 
 def _hidden(base, input_ids):
@@ -129,18 +138,23 @@ def _hidden(base, input_ids):
     return base(input_ids=input_ids, **kwargs)[0]  # last_hidden_state (ModelOutput or tuple)
 
 
-def _plain_head(model, base, head, input_ids) -> bool:
-    """Whether model(input_ids).logits is head(last hidden state), bit for bit, on a few tokens
-    (in eval mode: no dropout, no random numbers drawn). Cached per model and head."""
+def _plain_head(model, lm, base, head, input_ids) -> bool:
+    """Whether model(input_ids).logits is head(last hidden state of lm's decoder), bit for bit,
+    on a few tokens (in eval mode: no dropout, no random numbers drawn). Cached per model and
+    head."""
     cached = _PLAIN_HEAD.get(model)
     if cached is not None and cached[0] is head:
         return cached[1]
     probe = input_ids[:1, :8]
     with _eval_mode(model):
         ref = _logits(model(input_ids=probe))
-        with _forward_replaced(model, lambda input_ids: head(_hidden(base, input_ids))):
-            got = model(input_ids=probe)
-    plain = isinstance(ref, torch.Tensor) and ref.shape == got.shape and torch.equal(ref, got)
+        try:
+            with _forward_replaced(lm, lambda ids: head(_hidden(base, ids))):
+                got = model(input_ids=probe)
+        except Exception:  # a decoder that does not take input_ids alone, a head of another width
+            got = None
+    plain = isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor) and ref.shape == got.shape \
+        and torch.equal(ref, got)
     _PLAIN_HEAD[model] = (head, plain)
     return plain
 
@@ -154,62 +168,69 @@ def _compute_dtype(hidden, weight) -> torch.dtype:
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
-    """sum_i cross_entropy(float(linear(hidden_i, weight, bias)), targets_i) over the tokens
-    i, `chunk` tokens at a time: forward keeps no logits; backward recomputes each chunk's.
+    """The mean over scored tokens of cross_entropy(float(linear(hidden, weight, bias)),
+    targets), `chunk` tokens at a time, with its gradients: each chunk's are computed
+    while its logits exist (in forward, where gradients are wanted), kept, and scaled by
+    the incoming gradient in backward, so no logits are kept or recomputed.
 
-    Each chunk computes what Hugging Face's loss computes for its rows (logits in `dtype`,
-    upcast to float32, torch's cross entropy and its gradient, cast back to `dtype`), so the
-    logits' gradients are the same; the weight's gradient is summed over the chunks in
-    float32 (each chunk's rounded to `dtype` once, as the whole matmul's is)."""
+    Each chunk computes what Hugging Face's loss computes for its rows: logits in `dtype`
+    upcast to float32, -log softmax at the target, and the logits' gradient
+    (softmax - one_hot(target)) / count cast back to `dtype`, the softmax written over
+    the float32 logits (one chunk-sized float32 buffer). The weight's gradient is summed
+    over the chunks in float32 (each chunk's rounded to `dtype` once, as the whole
+    matmul's is)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk: int, ignore_index: int, dtype):
-        ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.chunk, ctx.ignore_index, ctx.dtype = chunk, ignore_index, dtype
-        with torch.autocast(hidden.device.type, enabled=False):
-            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            for i in range(0, hidden.shape[0], chunk):
-                logits = F.linear(hidden[i : i + chunk].to(dtype), w, b).float()
-                total += F.cross_entropy(logits, targets[i : i + chunk], ignore_index=ignore_index, reduction="sum")
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, bias, targets = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dtype = ctx.dtype
+        scored = targets != ignore_index
+        scale = 1.0 / scored.sum().float()  # inf when nothing is scored: a nan loss, as F.cross_entropy's
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
-            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            for i in range(0, hidden.shape[0], ctx.chunk):
-                h = hidden[i : i + ctx.chunk].to(dtype)
-                with torch.enable_grad():  # the gradient of torch's own cross entropy, for this chunk
-                    logits = F.linear(h, w, b).float().requires_grad_()
-                    loss = F.cross_entropy(logits, targets[i : i + ctx.chunk], ignore_index=ctx.ignore_index,
-                                           reduction="sum")
-                    (dlogits,) = torch.autograd.grad(loss, logits, grad)
-                dlogits = dlogits.to(dtype)
-                del logits, loss
+            w = weight.detach().to(dtype)
+            b = None if bias is None else bias.detach().to(dtype)
+            for i in range(0, hidden.shape[0], chunk):
+                h = hidden[i : i + chunk].detach().to(dtype)
+                keep = scored[i : i + chunk]
+                t = targets[i : i + chunk].masked_fill(~keep, 0).unsqueeze(1)  # (rows, 1), in range
+                logits = F.linear(h, w, b).float()
+                lse = torch.logsumexp(logits, dim=1, keepdim=True)
+                nll = lse - logits.gather(1, t)
+                total += torch.where(keep.unsqueeze(1), nll, 0.0).sum()
+                if not (need_h or need_w or need_b):
+                    continue
+                # d(nll_r)/d(logits_r) = softmax(logits_r) - one_hot(t_r), scaled by 1/count; 0 if unscored
+                probs = logits.sub_(lse).exp_()
+                probs.scatter_add_(1, t, torch.full_like(lse, -1.0))
+                dlogits = probs.mul_(keep.unsqueeze(1) * scale).to(dtype)
+                del logits, probs
                 if need_h:
-                    grad_h[i : i + ctx.chunk] = dlogits @ w
+                    grad_h[i : i + chunk] = dlogits @ w
                 if need_w:
                     grad_w += (dlogits.t() @ h).float()
                 if need_b:
                     grad_b += dlogits.sum(0).float()
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        grad_b = grad_b.to(bias.dtype) if need_b else None
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        grad_h = None if grad_h is None else grad_h * grad.to(grad_h.dtype)
+        grad_w = None if grad_w is None else (grad_w * grad).to(w_dtype)
+        grad_b = None if grad_b is None else (grad_b * grad).to(b_dtype)
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def _chunked_loss(base, head, input_ids, targets, chunk: int, ignore_index: int):
     hidden = _hidden(base, input_ids).flatten(0, 1)  # (tokens, hidden)
-    targets = targets.flatten()
-    total = _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, ignore_index,
-                                    _compute_dtype(hidden, head.weight))
-    return total / (targets != ignore_index).sum()  # nan when every target is ignored, as F.cross_entropy
+    return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets.flatten(), chunk, ignore_index,
+                                   _compute_dtype(hidden, head.weight))
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
@@ -256,17 +277,16 @@ def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
         raise TypeError(f"model must be a callable causal LM, got {type(model).__name__}")
     parts = _parts(model)
     ignore_index = int(ignore_index)
-    n_out = parts[1].out_features if parts is not None else None
+    n_out = parts[2].out_features if parts is not None else None
     if chunk_tokens is None:
         chunk_tokens = default_loss_chunk(n_out) if n_out else 0
-    _check_ranges(input_ids, _vocab_size(model), targets, n_out, ignore_index)
+    _check_ranges(input_ids, _vocab_size(parts[0] if parts is not None else model), targets, n_out, ignore_index)
     if parts is None or chunk_tokens == 0 or input_ids.numel() <= chunk_tokens or \
             not _plain_head(model, *parts, input_ids):
         logits = _logits(model(input_ids=input_ids))
         if n_out is None or logits.shape[-1] != n_out:
             _check_ranges(None, None, targets, logits.shape[-1], ignore_index)
         return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
-    base, head = parts
-    with _forward_replaced(model, lambda input_ids: _chunked_loss(base, head, input_ids, targets,
-                                                                  int(chunk_tokens), ignore_index)):
+    lm, base, head = parts
+    with _forward_replaced(lm, lambda ids: _chunked_loss(base, head, ids, targets, int(chunk_tokens), ignore_index)):
         return model(input_ids=input_ids)
