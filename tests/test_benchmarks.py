@@ -226,7 +226,9 @@ def test_gpu_summary_tabulates_what_a_lease_left(tmp_path):
     shutil.copy(os.path.join(results, "h100_s6_run2_attention.json"), tmp_path / "bench_attention_gpu.json")
     shutil.copy(os.path.join(results, "h100_s6_run2_decoder_layer.json"), tmp_path / "bench_decoder_layer.json")
     (tmp_path / "bench_decoder_layer_ws.json").write_text('[{"seqlen": 2048')  # killed while writing
+    shutil.copy(os.path.join(results, "cpu_loss.json"), tmp_path / "bench_loss.json")
     text = _module("gpu_summary.py").summary(str(tmp_path))
+    assert "| 8192 | 30673.0 | 12200 | 21520.0 | 1076 | 1.43 | 11.3 | 0.0e+00 | 2.5e-07 |" in text
     assert "| bfloat16 | 32/8 | 16384 | True | fwd+bwd | 29.448 | - | cudnn | 14.676 | 0.50 | - | 6.0e-03 |" in text
     assert "Decoder layer (target" in text and "warp-specialised" not in text
     assert _module("gpu_summary.py").summary(str(tmp_path / "nothing")) == "(no benchmark results under this folder)"
