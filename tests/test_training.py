@@ -103,6 +103,25 @@ def test_never_holds_more_than_a_chunk_of_logits(chunk, rows):
     assert seen.rows == rows
 
 
+def test_only_scored_tokens_get_logits():
+    """A masked prompt (or a perplexity window's context) costs no output projection."""
+    model = llama()
+    ids, targets = window()  # 66 tokens
+    targets = torch.full_like(targets, -100)
+    targets[0, 10:13] = ids[0, 11:14]
+    targets[1, -3:] = 5
+    want = hf_loss(model, ids, targets)
+    want_g = grads(model, want)
+    causal_lm_loss(model, ids, targets, chunk_tokens=50)  # the first call probes the head
+    with LogitRows(VOCAB) as seen:
+        got = causal_lm_loss(model, ids, targets, chunk_tokens=50)
+        got_g = grads(model, got)
+    assert seen.rows == 6
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_default_chunk_is_2_to_the_26_logits():
     assert default_loss_chunk(128256) == 523 and default_loss_chunk(32000) == 2097
     assert default_loss_chunk(1 << 27) == 1

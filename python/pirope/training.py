@@ -173,18 +173,22 @@ class _HeadCrossEntropy(torch.autograd.Function):
     while its logits exist (in forward, where gradients are wanted), kept, and scaled by
     the incoming gradient in backward, so no logits are kept or recomputed.
 
-    Each chunk computes what Hugging Face's loss computes for its rows: logits in `dtype`
-    upcast to float32, -log softmax at the target, and the logits' gradient
-    (softmax - one_hot(target)) / count cast back to `dtype`, the softmax written over
-    the float32 logits (one chunk-sized float32 buffer). The weight's gradient is summed
-    over the chunks in float32 (each chunk's rounded to `dtype` once, as the whole
-    matmul's is)."""
+    Only the scored tokens' logits are computed. Each chunk computes what Hugging Face's
+    loss computes for its rows: logits in `dtype` upcast to float32, -log softmax at the
+    target, and the logits' gradient (softmax - one_hot(target)) / count cast back to
+    `dtype`, the softmax written over the float32 logits (one chunk-sized float32 buffer).
+    The weight's gradient is summed over the chunks in float32 (each chunk's rounded to
+    `dtype` once, as the whole matmul's is)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk: int, ignore_index: int, dtype):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         scored = targets != ignore_index
-        scale = 1.0 / scored.sum().float()  # inf when nothing is scored: a nan loss, as F.cross_entropy's
+        rows = None if bool(scored.all()) else scored.nonzero().squeeze(1)
+        if rows is not None:  # only the scored tokens' logits are computed (a prompt, a window's context)
+            hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
+        # (no token scored: 0 * inf, a nan loss, as F.cross_entropy's)
+        scale = 1.0 / targets.shape[0] if targets.shape[0] else float("inf")
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
@@ -193,19 +197,16 @@ class _HeadCrossEntropy(torch.autograd.Function):
             w = weight.detach().to(dtype)
             b = None if bias is None else bias.detach().to(dtype)
             for i in range(0, hidden.shape[0], chunk):
-                h = hidden[i : i + chunk].detach().to(dtype)
-                keep = scored[i : i + chunk]
-                t = targets[i : i + chunk].masked_fill(~keep, 0).unsqueeze(1)  # (rows, 1), in range
+                h, t = hidden[i : i + chunk].detach().to(dtype), targets[i : i + chunk].unsqueeze(1)
                 logits = F.linear(h, w, b).float()
                 lse = torch.logsumexp(logits, dim=1, keepdim=True)
-                nll = lse - logits.gather(1, t)
-                total += torch.where(keep.unsqueeze(1), nll, 0.0).sum()
+                total += (lse - logits.gather(1, t)).sum()
                 if not (need_h or need_w or need_b):
                     continue
-                # d(nll_r)/d(logits_r) = softmax(logits_r) - one_hot(t_r), scaled by 1/count; 0 if unscored
+                # d(nll_r)/d(logits_r) = (softmax(logits_r) - one_hot(t_r)) / count
                 probs = logits.sub_(lse).exp_()
                 probs.scatter_add_(1, t, torch.full_like(lse, -1.0))
-                dlogits = probs.mul_(keep.unsqueeze(1) * scale).to(dtype)
+                dlogits = probs.mul_(scale).to(dtype)
                 del logits, probs
                 if need_h:
                     grad_h[i : i + chunk] = dlogits @ w
@@ -213,6 +214,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
                     grad_w += (dlogits.t() @ h).float()
                 if need_b:
                     grad_b += dlogits.sum(0).float()
+        if need_h and rows is not None:  # unscored tokens: no gradient
+            grad_h = hidden.new_zeros((scored.shape[0], hidden.shape[1])).index_copy_(0, rows, grad_h)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
         return total * scale
