@@ -138,6 +138,44 @@ def test_sliding_window_uses_context_and_restores_training_mode():
     assert n == 31 and tot == pytest.approx(float(nll), rel=1e-5)
 
 
+@pytest.mark.parametrize("window,stride,batch", [(32, 8, 1), (32, 8, 3), (40, 40, 2), (100, 100, 1)])
+def test_sliding_window_scores_by_chunks_as_from_the_logits(window, stride, batch, monkeypatch):
+    """A Hugging Face causal LM is scored by pirope.training's chunked loss (the output
+    projection of the scored tokens only, no (window, vocab) logits): the same perplexity
+    as from its logits."""
+    import pirope.training
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=128))
+    tokens = torch.randint(0, 50, (150,), generator=torch.Generator().manual_seed(2))
+    calls = []
+    chunkable = pirope.training._chunkable
+    monkeypatch.setattr(pirope.training, "_chunkable", lambda *a: calls.append(1) or chunkable(*a))
+    got = sliding_window_perplexity(model, tokens, window, stride, batch_size=batch, progress=False, return_nll=True)
+    monkeypatch.setattr(pirope.training, "_chunkable", lambda *a: False)
+    want = sliding_window_perplexity(model, tokens, window, stride, batch_size=batch, progress=False,
+                                     return_nll=True)
+    assert calls == [1] and got[2] == want[2] == 149
+    assert got[1] == pytest.approx(want[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("use_keep", [True, False])
+def test_sliding_window_upcasts_logits_a_block_of_rows_at_a_time(use_keep):
+    # the logits path (models the chunked loss does not take) never holds (window, vocab) float32
+    # copies: blocks of rows, the same numbers (log_softmax is row by row)
+    from pirope.eval import _scored_nll_from_logits
+
+    model = BigramLM(11)
+    ids = torch.randint(0, 11, (2, 40), generator=torch.Generator().manual_seed(3))
+    batch = [(0, 39), (10, 5)]
+    whole = _scored_nll_from_logits(model, ids, batch, 10, use_keep)
+    assert _scored_nll_from_logits(model, ids, batch, 10, use_keep, rows=7) == whole
+    logp = torch.log_softmax(model.table[ids[:, :-1]].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    assert whole == pytest.approx(-float(logp[0].double().sum() + logp[1, -5:].double().sum()), rel=1e-12)
+
+
 @pytest.mark.parametrize("kwargs,exc,msg", [
     (dict(window=1, stride=1), ValueError, "window must be >= 2"),
     (dict(window=16, stride=17), ValueError, "stride must be <= window"),

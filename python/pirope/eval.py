@@ -233,6 +233,36 @@ def _check_device(device) -> torch.device:
     return device
 
 
+def _scored_nll(model, ids, batch) -> float:
+    """Summed NLL of the windows' scored tokens by pirope.training's chunked loss: the output
+    projection of the scored tokens only, a chunk at a time (no (window, vocab) logits)."""
+    from .training import causal_lm_loss
+
+    window = ids.shape[1]
+    targets = torch.full_like(ids, -100)
+    for row, (_, n) in enumerate(batch):  # position i predicts token i + 1
+        targets[row, window - 1 - n : window - 1] = ids[row, window - n :]
+    n_total = sum(n for _, n in batch)
+    return float(causal_lm_loss(model, ids, targets).double()) * n_total
+
+
+def _scored_nll_from_logits(model, ids, batch, max_id: int, use_keep: bool, rows: int = 1024) -> float:
+    """Summed NLL of the windows' scored tokens from the model's logits (of the last positions
+    only where the model takes logits_to_keep), upcast a block of `rows` positions at a time."""
+    window = ids.shape[1]
+    keep = max(n for _, n in batch) + 1  # logits for the last keep positions
+    kwargs = {"logits_to_keep": keep} if use_keep and keep < window else {}
+    logits = _logits(model(input_ids=ids, **kwargs))
+    _check_vocab(max_id, logits.shape[-1], "logits")
+    logits = logits[:, -keep:] if logits.shape[1] >= keep else logits
+    # logits[:, j] predicts token window - keep + j + 1; the last one predicts nothing.
+    target = ids[:, window - keep + 1 :]
+    nll = torch.cat([
+        -torch.log_softmax(logits[:, j : j + rows].float(), dim=-1).gather(-1, target[:, j : j + rows, None])[..., 0]
+        for j in range(0, keep - 1, rows)], dim=1)  # (B, keep - 1)
+    return sum(float(nll[row, nll.shape[1] - n :].double().sum()) for row, (_, n) in enumerate(batch))
+
+
 def sliding_window_perplexity(
     model,
     tokens,
@@ -257,6 +287,13 @@ def sliding_window_perplexity(
         device: where to run (default: the model's parameters' device).
         return_nll: also return ``(total_nll, n_scored)``.
 
+    A Hugging Face causal LM whose logits are its output projection of the last hidden
+    state (most; not Gemma 2's soft-capped ones) is scored by
+    :func:`pirope.training.causal_lm_loss`: the logits of the scored tokens only, a chunk at
+    a time (a 32k window with a 128k vocabulary otherwise makes 8 GB of bfloat16 logits for
+    the first window, which scores all of its tokens). Other models' logits are upcast and
+    scored a block of rows at a time.
+
     Returns:
         ``exp(mean negative log-likelihood)`` over ``len(tokens) - 1`` predictions
         (a float; ``inf`` past the float range), or ``(ppl, total_nll, n_scored)`` with
@@ -275,21 +312,17 @@ def sliding_window_perplexity(
     n_scored = 0
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     with _eval_mode(model):
-        for batch in _progress(batches, len(batches), f"ppl@{window}", progress):
+        for k, batch in enumerate(_progress(batches, len(batches), f"ppl@{window}", progress)):
             ids = torch.stack([t[b : b + window] for b, _ in batch]).to(device)
-            keep = max(n for _, n in batch) + 1  # logits for the last keep positions
-            kwargs = {"logits_to_keep": keep} if use_keep and keep < window else {}
-            logits = _logits(model(input_ids=ids, **kwargs))
-            _check_vocab(max_id, logits.shape[-1], "logits")
-            logits = logits[:, -keep:] if logits.shape[1] >= keep else logits
-            # logits[:, j] predicts token window - keep + j + 1; drop the last one.
-            pred = logits[:, :-1].float()
-            target = ids[:, window - keep + 1 :]
-            logp = torch.log_softmax(pred, dim=-1)
-            nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, keep - 1)
-            for row, (_, n) in enumerate(batch):
-                total_nll += float(nll[row, nll.shape[1] - n :].double().sum())
-                n_scored += n
+            if k == 0:  # a Hugging Face causal LM whose logits are its output projection's
+                from .training import _chunkable  # (the training module imports this one)
+
+                chunked = _chunkable(model, ids)
+            if chunked:
+                total_nll += _scored_nll(model, ids, batch)
+            else:
+                total_nll += _scored_nll_from_logits(model, ids, batch, max_id, use_keep)
+            n_scored += sum(n for _, n in batch)
     ppl = _perplexity(total_nll, n_scored)
     if return_nll:
         return ppl, total_nll, n_scored

@@ -159,6 +159,13 @@ def _plain_head(model, lm, base, head, input_ids) -> bool:
     return plain
 
 
+def _chunkable(model, input_ids) -> bool:
+    """Whether causal_lm_loss computes model's loss by chunks (a Hugging Face causal LM whose
+    logits are its output projection of the decoder's last hidden state)."""
+    parts = _parts(model)
+    return parts is not None and _plain_head(model, *parts, input_ids)
+
+
 def _compute_dtype(hidden, weight) -> torch.dtype:
     """The dtype nn.Linear computes the logits in: autocast's (float64 is never cast) or the weight's."""
     dev = hidden.device.type
@@ -284,8 +291,7 @@ def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
     if chunk_tokens is None:
         chunk_tokens = default_loss_chunk(n_out) if n_out else 0
     _check_ranges(input_ids, _vocab_size(parts[0] if parts is not None else model), targets, n_out, ignore_index)
-    if parts is None or chunk_tokens == 0 or input_ids.numel() <= chunk_tokens or \
-            not _plain_head(model, *parts, input_ids):
+    if parts is None or chunk_tokens == 0 or not _plain_head(model, *parts, input_ids):
         logits = _logits(model(input_ids=input_ids))
         if n_out is None or logits.shape[-1] != n_out:
             _check_ranges(None, None, targets, logits.shape[-1], ignore_index)
