@@ -301,8 +301,9 @@ def train(model, data, *, steps: int, seq_len: int, batch_size: int, lr: float,
     continued from (the losses returned include the steps done before).
     decay_matrices_only: weight decay on the weight matrices (and embeddings) only, not on
     norms' scales and biases (as transformers' Trainer does); else on every parameter.
-    loss_chunk: tokens per chunk of the loss (pirope.training.causal_lm_loss's chunk_tokens:
-    None its default, 0 the whole logits at once).
+    loss_chunk: tokens per chunk of the loss (pirope.training.causal_lm_loss's chunk_tokens):
+    0 (the default, the demo's) the whole logits at once; None causal_lm_loss's default
+    (what fine-tuning a checkpoint passes unless --loss-chunk says otherwise).
     """
     import torch.distributed as dist
 

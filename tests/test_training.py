@@ -235,6 +235,117 @@ def test_a_decoder_the_probe_cannot_call_takes_the_whole_path():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_a_head_with_hooks_or_an_instance_forward_takes_the_whole_path():
+    """FSDP2 sharding lm_head by itself gathers its weight in a forward pre-hook; accelerate's
+    offloading loads it in a forward set on the instance: the chunks, which read head.weight
+    without calling head, would see the sharded or offloaded weight."""
+    ids, targets = window()
+    model = llama()
+    want = hf_loss(model, ids, targets)
+    model.lm_head.register_forward_pre_hook(lambda m, a: None)
+    with LogitRows(VOCAB) as seen:
+        got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    assert seen.rows == ids.numel()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+    model = llama()
+    head = model.lm_head
+    stored = head.weight.detach().clone()  # "offloaded": the module's weight is on meta
+    head.weight = torch.nn.Parameter(torch.empty_like(stored, device="meta"))
+    head.forward = lambda x: torch.nn.functional.linear(x, stored)
+    got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_probe_on_equal_logits_decides_nothing():
+    """A zero-initialised head makes every logit 0, which a logit transform (here x3) leaves
+    alone: the probe must not conclude (and cache) that the logits are the head's."""
+    torch.manual_seed(0)
+    model = ScaledLogits(transformers.LlamaConfig(**SMALL)).eval()
+    trained = model.lm_head.weight.detach().clone()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    ids, targets = window()
+    torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=4),
+                               torch.tensor(float(torch.log(torch.tensor(float(VOCAB))))))
+    with torch.no_grad():
+        model.lm_head.weight.copy_(trained)  # trained since
+    logits = model(input_ids=ids).logits
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=4), want, rtol=1e-6, atol=1e-6)
+
+
+class Shapes(TorchDispatchMode):
+    """The shapes of the tensors ops allocate (not views of their inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.seen.add(tuple(t.shape))
+        return out
+
+
+def test_no_gradient_work_without_grad_mode():
+    """Under no_grad (evaluation) no gradient is computed: no (vocab, hidden) weight gradient."""
+    model = llama()
+    ids, targets = window()
+    causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx(), Shapes() as shapes:
+            causal_lm_loss(model, ids, targets, chunk_tokens=4)
+        assert (VOCAB, SMALL["hidden_size"]) not in shapes.seen
+    with Shapes() as shapes:  # (what the check sees when gradients are computed)
+        causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    assert (VOCAB, SMALL["hidden_size"]) in shapes.seen
+
+
+def test_double_backward_is_refused_not_wrong():
+    model = llama()
+    ids, targets = window()
+    loss = causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    with pytest.raises(RuntimeError, match=r"differentiable once.*chunk_tokens=0"):
+        torch.autograd.grad(loss, [model.model.norm.weight], create_graph=True)
+    loss = causal_lm_loss(model, ids, targets, chunk_tokens=0)  # the whole logits: as transformers'
+    (g,) = torch.autograd.grad(loss, [model.model.norm.weight], create_graph=True)
+    assert torch.autograd.grad(g.pow(2).sum(), [model.lm_head.weight])[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_int32_ids_and_targets(chunk):
+    model = llama()
+    ids, targets = window()
+    torch.testing.assert_close(causal_lm_loss(model, ids.int(), targets.int(), chunk_tokens=chunk),
+                               hf_loss(model, ids, targets), rtol=1e-6, atol=1e-6)
+
+
+def test_a_ddp_wrapped_model_is_chunked(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = llama()
+        ids, targets = window()
+        want = hf_loss(model, ids, targets)
+        want_g = grads(model, want)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        with LogitRows(VOCAB) as seen:
+            got = causal_lm_loss(ddp, ids, targets, chunk_tokens=4)
+            got_g = grads(model, got)
+        assert seen.rows <= 8  # the chunks, and the probe
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for n in want_g:
+            torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-6, msg=n)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_probe_runs_once_per_model():
     model = llama()
     ids, targets = window()

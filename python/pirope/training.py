@@ -5,17 +5,22 @@
   vocabulary never holds its whole ``(tokens, vocab)`` logits. At 32k tokens a
   128k-token vocabulary (Llama 3) makes 8 GB of bfloat16 logits per sequence, plus
   their float32 copy, log-softmax and gradient (~40 GB), more than the 8B model's
-  weights; chunked, the loss holds one chunk's (256 MB by default), computing each
-  chunk's gradients while its logits exist (the same three matmuls as the whole
-  logits' forward and backward, nothing recomputed).
+  weights; chunked, the loss holds one chunk's (256 MB in float32 by default, with its
+  copy in the autocast dtype), computing each chunk's gradients while its logits exist
+  (the same three matmuls as the whole logits' forward and backward, nothing
+  recomputed), and the output projection's float32 weight gradient from the forward to
+  the backward (2.1 GB for Llama 3 8B's 128k x 4096; one per loss not yet backpropagated).
 
     from pirope.training import causal_lm_loss
     loss = causal_lm_loss(model, batch[:, :-1], batch[:, 1:])   # batch: (B, L + 1) token ids
     loss.backward()
 
-Works under torch.autocast, activation checkpointing and FSDP2 (the loss is computed
-inside the model's own forward call, so FSDP's hooks gather and reduce the output
-projection as they do for the logits). This module needs only torch.
+Works under torch.autocast, activation checkpointing, DDP and FSDP2 (the loss is
+computed inside the model's own forward call, so FSDP's hooks gather and reduce the
+output projection as they do for the logits; an output projection sharded as its own
+FSDP unit, or with any forward hook, gets the whole logits). Under torch.compile the
+model's forward runs uncompiled for the loss (compile its layers instead). Higher-order
+gradients need chunk_tokens=0. This module needs only torch.
 """
 
 from __future__ import annotations
@@ -37,10 +42,11 @@ __all__ = ["causal_lm_loss", "default_loss_chunk"]
 _CHUNK_LOGITS = 1 << 26
 
 # Config attributes of families whose forward post-processes the output projection
-# (Gemma 2/3's tanh soft-capping, Cohere's logit scale, Granite's logit divisor,
-# Falcon-H1's head multiplier): their logits are not lm_head(hidden), so they take the
-# whole-logits path. A probe (below) catches the families this list misses.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+# (Gemma 2/3's and RecurrentGemma's tanh soft-capping, Cohere's logit scale, Granite's
+# logit divisor, Falcon-H1's head multiplier): their logits are not lm_head(hidden), so
+# they take the whole-logits path. A probe (below) catches the families this list misses.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logits_soft_cap", "logit_scale", "logits_scaling",
+                         "lm_head_multiplier")
 
 # model -> (output projection, whether logits == output_projection(last hidden state))
 _PLAIN_HEAD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -107,6 +113,8 @@ def _parts(model):
     """(causal LM, its decoder, its output projection) of a Hugging Face causal LM (or the one
     a PEFT wrapper holds), or None when the model is not one (or its logits are not a plain
     linear projection of the decoder's last hidden state)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module  # its forward calls the module's
     get_inner = getattr(model, "get_base_model", None)  # peft.PeftModel
     if callable(get_inner):
         try:
@@ -124,6 +132,8 @@ def _parts(model):
     if (not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward
             or not isinstance(base, torch.nn.Module) or base is model):
         return None  # (a quantised or adapted Linear computes something else from its weight)
+    if _has_hooks(head):
+        return None  # the chunks read head.weight without calling head
     cfg = getattr(model, "config", None)
     if cfg is not None:
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -131,6 +141,16 @@ def _parts(model):
             if getattr(cfg, attr, None) not in (None, 1, 1.0):
                 return None
     return model, base, head
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling module runs more than its class's forward: its own or global forward
+    hooks (FSDP2 sharding lm_head by itself gathers its weight in one), or a forward set on
+    the instance (accelerate's offloading loads the weight in it)."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
 
 def _hidden(base, input_ids):
@@ -148,6 +168,8 @@ def _plain_head(model, lm, base, head, input_ids) -> bool:
     probe = input_ids[:1, :8]
     with _eval_mode(model):
         ref = _logits(model(input_ids=probe))
+        if not isinstance(ref, torch.Tensor) or bool(ref.max() == ref.min()):
+            return False  # equal logits (a zero head) cannot tell a transform apart: not cached
         try:
             with _forward_replaced(lm, lambda ids: head(_hidden(base, ids))):
                 got = model(input_ids=probe)
@@ -188,8 +210,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
     `dtype` once, as the whole matmul's is)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, ignore_index: int, dtype):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, ignore_index: int, dtype, grad_enabled: bool):
+        # (needs_input_grad says requires_grad only, also under no_grad: the caller's grad mode decides)
+        need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
         scored = targets != ignore_index
         rows = None if bool(scored.all()) else scored.nonzero().squeeze(1)
         if rows is not None:  # only the scored tokens' logits are computed (a prompt, a window's context)
@@ -229,18 +252,26 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: the stored gradients have no graph of their own
+            raise RuntimeError("causal_lm_loss: the chunked loss is differentiable once; for higher-order "
+                               "gradients (create_graph=True) compute it with chunk_tokens=0")
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         grad_h = None if grad_h is None else grad_h * grad.to(grad_h.dtype)
         grad_w = None if grad_w is None else (grad_w * grad).to(w_dtype)
         grad_b = None if grad_b is None else (grad_b * grad).to(b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def _chunked_loss(base, head, input_ids, targets, chunk: int, ignore_index: int):
     hidden = _hidden(base, input_ids).flatten(0, 1)  # (tokens, hidden)
-    return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets.flatten(), chunk, ignore_index,
-                                   _compute_dtype(hidden, head.weight))
+    weight = head.weight
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter) or weight.device != hidden.device:
+        # a sharded (DTensor) or offloaded weight the model's forward would have gathered:
+        # the whole logits, through the head's own call
+        return F.cross_entropy(head(hidden).float(), targets.flatten(), ignore_index=ignore_index)
+    return _HeadCrossEntropy.apply(hidden, weight, head.bias, targets.flatten(), chunk, ignore_index,
+                                   _compute_dtype(hidden, weight), torch.is_grad_enabled())
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
@@ -270,7 +301,7 @@ def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
         losses (a mixture of experts' router balance) are not added.
     """
     input_ids = _check_ids(input_ids, "input_ids")
-    targets = _check_ids(targets, "targets")
+    targets = _check_ids(targets, "targets").long()  # (F.cross_entropy takes int64 targets only)
     if targets.shape != input_ids.shape:
         raise ValueError(f"targets must have input_ids' shape {tuple(input_ids.shape)}, "
                          f"got {tuple(targets.shape)}")
