@@ -27,8 +27,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from finetune_pi import (check_device, check_model_dir, check_scaling, encode_data,  # noqa: E402
-                         extend_checkpoint, load_tokenizer, read_text_config, read_text_data)
+from finetune_pi import (check_device, check_model_dir, check_scaling, document_markers,  # noqa: E402
+                         encode_data, encode_documents, extend_checkpoint, load_tokenizer, read_text_config,
+                         read_text_data, read_text_documents)
 
 from pirope.eval import passkey_min_length, passkey_retrieval, sliding_window_perplexity  # noqa: E402
 
@@ -114,8 +115,13 @@ def main(argv=None):
     if args.data is not None:
         # in ~1 MB pieces cut after a newline, as for fine-tuning (a held-out set of any size
         # fits in memory; a piece's first word may tokenize as after a space: one id in ~250k),
-        # and only as many as --max-tokens asks for
-        ids = encode_data(read_text_data(args.data), encode if tok is not None else None, limit=args.max_tokens)
+        # each file a document marked as fine-tuning marks them, and only as many as
+        # --max-tokens asks for
+        if tok is None:
+            ids = encode_data(read_text_data(args.data), limit=args.max_tokens)
+        else:
+            ids = encode_documents(read_text_documents(args.data), encode, *document_markers(tok),
+                                   limit=args.max_tokens)
         if ids.numel() < max(windows):
             p.error(f"--data has {ids.numel()} tokens, fewer than the largest window {max(windows)}")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))

@@ -978,13 +978,19 @@ def plot_demo(summary: dict, path: str) -> str:
 # Fine-tuning a real checkpoint
 # ----------------------------------------------------------------------------------
 def read_text_data(path: str) -> bytes:
-    """A text file, or the text files under a directory (sorted by path), joined by blank
-    lines. Under a directory, hidden files and folders, ``__pycache__`` and files that are
-    not UTF-8 text (compiled bytecode, images, archives) are left out: a source tree's
-    ``.pyc`` files would otherwise be most of the bytes."""
+    """A text file, or the text files under a directory (read_text_documents) joined by
+    blank lines."""
+    return b"\n\n".join(read_text_documents(path))
+
+
+def read_text_documents(path: str) -> List[bytes]:
+    """A text file (one document), or the text files under a directory, sorted by path.
+    Under a directory, hidden files and folders, ``__pycache__`` and files that are not
+    UTF-8 text (compiled bytecode, images, archives) are left out: a source tree's ``.pyc``
+    files would otherwise be most of the bytes."""
     if not os.path.isdir(path):
         with open(path, "rb") as fh:
-            return fh.read()
+            return [fh.read()]
     files = []
     for root, dirs, names in os.walk(path):
         dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
@@ -995,7 +1001,38 @@ def read_text_data(path: str) -> bytes:
             data = fh.read()
         if data and b"\0" not in data and is_utf8(data):
             parts.append(data)
-    return b"\n\n".join(parts)
+    return parts
+
+
+def document_markers(tok) -> tuple:
+    """(ids before, ids after) each document: the special tokens the tokenizer adds to a text
+    (Llama's and Mistral's BOS, Gemma's), as transformers' run_clm tokenizes each document;
+    for one that adds none (Qwen, GPT-NeoX, GPT-2), its EOS after each document, as their
+    pretraining separated documents; nothing for one with neither."""
+    full = list(tok("pass key")["input_ids"])
+    bare = list(tok("pass key", add_special_tokens=False)["input_ids"])
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            before, after = full[:i], full[i + len(bare):]
+            if before or after:
+                return before, after
+            break
+    return [], ([tok.eos_token_id] if getattr(tok, "eos_token_id", None) is not None else [])
+
+
+def encode_documents(docs: List[bytes], encode, before=(), after=(), limit: Optional[int] = None) -> torch.Tensor:
+    """The documents' token ids (encode_data each), each between the ids `before` and `after`,
+    one after the other: a training window that spans two documents sees where one ends.
+    ``limit``: the first ``limit`` ids only (the documents after them are not tokenized)."""
+    parts, count = [], 0
+    for doc in docs:
+        if limit is not None and count >= limit:
+            break
+        left = None if limit is None else limit - count
+        parts += [torch.tensor(list(before), dtype=torch.long), encode_data(doc, encode, limit=left),
+                  torch.tensor(list(after), dtype=torch.long)]
+        count += sum(p.numel() for p in parts[-3:])
+    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))[:limit]
 
 
 def checkpoint_dtype(config) -> torch.dtype:
@@ -1322,11 +1359,18 @@ def run_finetune(args, fail) -> dict:
     ws, rank = dist_info()
     vocab = int(getattr(info["config"], "vocab_size", 0) or 0)
     encode, decode, tok = load_tokenizer(args.model, vocab, fail)
-    text = read_text_data(args.data)
     window = info["new_window"]
-    if len(text) < window + 1 and tok is None:
-        fail(f"--data has {len(text)} bytes, fewer than the new window + 1 ({window + 1})")
-    ids = encode_data(text, encode if tok is not None else None)
+    if tok is None:  # bytes (a byte-level model without a tokenizer, as the demo's)
+        text = read_text_data(args.data)
+        if len(text) < window + 1:
+            fail(f"--data has {len(text)} bytes, fewer than the new window + 1 ({window + 1})")
+        ids = encode_data(text)
+    else:
+        before, after = document_markers(tok)
+        ids = encode_documents(read_text_documents(args.data), encode, before, after)
+        if rank == 0:
+            print(f"[finetune] documents marked by {tok.convert_ids_to_tokens(before)} before and "
+                  f"{tok.convert_ids_to_tokens(after)} after", flush=True)
     if ids.numel() < window + 1:
         fail(f"--data has {ids.numel()} tokens, fewer than the new window + 1 ({window + 1})")
     if vocab and int(ids.max()) >= vocab:

@@ -1334,6 +1334,67 @@ def test_finetune_token_ids_past_the_vocabulary_are_a_usage_error(fp, tiny_ckpt,
     _bad(fp, _ft_args(ckpt, data, str(tmp_path / "o")), capsys, "outside the model's vocabulary of 300 ids")
 
 
+def _bpe_tokenizer(data, template=None, **specials):
+    """A small byte-level BPE tokenizer trained on `data` (<s>, </s> as ids 0 and 1); with
+    `template`, the special tokens it adds to a text (TemplateProcessing)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train([data], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    if template:
+        tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 0), ("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, **specials)
+
+
+@pytest.mark.parametrize("template,specials,before,after", [
+    ("<s> $A", dict(bos_token="<s>", eos_token="</s>"), [0], []),      # Llama, Mistral, Gemma: BOS first
+    ("<s> $A </s>", dict(bos_token="<s>", eos_token="</s>"), [0], [1]),
+    (None, dict(eos_token="</s>"), [], [1]),                            # Qwen, GPT-NeoX: EOS between
+    (None, {}, [], []),
+])
+def test_documents_are_marked_as_the_tokenizer_marks_a_text(fp, tiny_ckpt, template, specials, before, after):
+    _, data = tiny_ckpt
+    tok = _bpe_tokenizer(data, template, **specials)
+    assert fp.document_markers(tok) == (before, after)
+    encode = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731 (load_tokenizer's)
+    ids = fp.encode_documents([b"import os\n", b"def f():\n    pass\n"], encode, before, after)
+    want = before + encode("import os\n") + after + before + encode("def f():\n    pass\n") + after
+    assert ids.tolist() == want
+    for limit in (1, 3, len(want) - 2, len(want) + 5):  # --max-tokens: the documents after it not tokenized
+        seen = []
+        got = fp.encode_documents([b"import os\n", b"def f():\n    pass\n", b"x = 1\n"],
+                                  lambda t: seen.append(t) or encode(t), before, after, limit=limit)
+        assert got.tolist() == (want + before + encode("x = 1\n") + after)[:limit]
+        assert len(seen) == (1 if limit <= len(before) + len(encode("import os\n")) + len(after) else
+                             2 if limit <= len(want) else 3)
+
+
+def test_finetune_on_a_directory_marks_each_file_as_a_document(fp, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    ckpt, data = tiny_ckpt
+    model = _vocab_ckpt(tmp_path / "m", 300)
+    _bpe_tokenizer(data, "<s> $A", bos_token="<s>").save_pretrained(model)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = open(data, "rb").read()
+    (corpus / "a.py").write_bytes(text[:6000])
+    (corpus / "b.py").write_bytes(text[6000:12000])
+    seen = []
+    monkeypatch.setattr(fp, "train", lambda model, ids, **kw: seen.append(ids) or [1.0])
+    fp.main(_ft_args(model, str(corpus), str(tmp_path / "o")))
+    assert "documents marked by ['<s>'] before and [] after" in capsys.readouterr().out
+    (ids,) = seen
+    assert ids[0] == 0 and int((ids == 0).sum()) == 2  # a BOS before each of the two files
+    second = int((ids == 0).nonzero()[1])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    assert tok.decode(ids[1:second]) == text[:6000].decode() and tok.decode(ids[second + 1:]) == text[6000:12000].decode()
+
+
 def test_finetune_takes_one_sequence_per_micro_step_by_default(fp, tiny_ckpt, tmp_path, monkeypatch):
     """The global batch (64 by default) is not one forward: --grad-accum defaults to the batch
     per process (one sequence per micro-step), as the paper's 1-2 sequences per GPU."""
