@@ -3,6 +3,7 @@ computed a chunk of tokens at a time (never the whole (tokens, vocab) logits).""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("transformers")
@@ -165,6 +166,98 @@ def test_families_that_transform_logits_take_the_whole_path(name, extra):
         got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
     assert seen.rows == ids.numel()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+MOE = {  # tiny mixtures of experts: 4 experts, 2 per token
+    "Mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "Qwen2Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                     shared_expert_intermediate_size=16),
+    "Olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "JetMoe": dict(num_local_experts=4, num_experts_per_tok=2, kv_channels=8),  # aux_loss_coef
+}
+
+
+def moe_window():
+    """(input_ids, targets) whose last target is unscored: transformers' labels= loss over
+    exactly these input_ids then scores the same tokens (no extra token routed)."""
+    ids, targets = window(seqlen=17)
+    targets = targets.clone()
+    targets[:, -1] = -100
+    labels = torch.cat([torch.full_like(targets[:, :1], -100), targets[:, :-1]], 1)
+    return ids, targets, labels
+
+
+@pytest.mark.parametrize("chunk", [None, 0, 3])
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_router_balance_loss_added_as_transformers_adds_it(name, chunk):
+    """config.output_router_logits: transformers' labels= loss is the cross entropy plus
+    router_aux_loss_coef * aux_loss, and so is ours, with every gradient (the routers')."""
+    model = family(name, **MOE[name], output_router_logits=True)
+    ids, targets, labels = moe_window()
+    out = model(input_ids=ids, labels=labels)
+    # (JetMoE under older transformers (5.17) computes no balance loss: nor do we, then)
+    routed = name != "JetMoe" or out.aux_loss is not None
+    assert not routed or float(out.aux_loss.detach()) > 1.0  # the term is not negligible...
+    want_g = grads(model, out.loss)
+    with LogitRows(VOCAB) as seen:
+        got = causal_lm_loss(model, ids, targets, chunk_tokens=chunk)
+        got_g = grads(model, got)
+    if chunk == 3:
+        assert seen.rows <= 8  # chunked (and the first call's 8-token probe)
+    torch.testing.assert_close(got, out.loss, rtol=1e-6, atol=1e-6)
+    ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+    assert not routed or abs(float(got) - float(ce)) > 1e-3  # ...so leaving it out would fail the line above
+    assert got_g.keys() == want_g.keys()
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_router_balance_loss_in_train_mode_with_router_noise():
+    """Train mode, Mixtral's router jitter (random numbers drawn in the forward): the same
+    draws, the same loss and gradients."""
+    model = family("Mixtral", **MOE["Mixtral"], output_router_logits=True, router_jitter_noise=0.1).train()
+    ids, targets, labels = moe_window()
+    torch.manual_seed(5)
+    want = model(input_ids=ids, labels=labels).loss
+    want_g = grads(model, want)
+    causal_lm_loss(model, ids, targets, chunk_tokens=4)  # the first call probes the head (in eval mode)
+    torch.manual_seed(5)
+    got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    got_g = grads(model, got)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("chunk", [None, 0])
+def test_no_router_balance_loss_without_output_router_logits(chunk):
+    model = family("Mixtral", **MOE["Mixtral"])  # output_router_logits=False (the default)
+    ids, targets, labels = moe_window()
+    want = model(input_ids=ids, labels=labels)
+    assert want.aux_loss is None
+    torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=chunk), want.loss,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_perplexity_leaves_the_router_balance_loss_out():
+    from pirope.eval import sliding_window_perplexity
+
+    routed = family("Mixtral", **MOE["Mixtral"], output_router_logits=True)
+    plain = family("Mixtral", **MOE["Mixtral"])  # the same weights (seed 0)
+    tokens = window(batch=1, seqlen=60)[0][0]
+    got = sliding_window_perplexity(routed, tokens, 24, 8, progress=False, return_nll=True)
+    want = sliding_window_perplexity(plain, tokens, 24, 8, progress=False, return_nll=True)
+    assert got == want
+
+
+def test_router_balance_loss_without_a_coefficient_is_refused():
+    model = family("Mixtral", **MOE["Mixtral"], output_router_logits=True)
+    del model.router_aux_loss_coef
+    model.config.__dict__["router_aux_loss_coef"] = None  # (past the config's type validation)
+    ids, targets, _ = moe_window()
+    for chunk in (None, 0):
+        with pytest.raises(ValueError, match="router_aux_loss_coef"):
+            causal_lm_loss(model, ids, targets, chunk_tokens=chunk)
 
 
 class ScaledLogits(transformers.LlamaForCausalLM):

@@ -235,15 +235,17 @@ def _check_device(device) -> torch.device:
 
 def _scored_nll(model, ids, batch) -> float:
     """Summed NLL of the windows' scored tokens by pirope.training's chunked loss: the output
-    projection of the scored tokens only, a chunk at a time (no (window, vocab) logits)."""
-    from .training import causal_lm_loss
+    projection of the scored tokens only, a chunk at a time (no (window, vocab) logits); the
+    cross entropy alone (a mixture of experts' router balance loss left out)."""
+    from .training import _causal_lm_loss
 
     window = ids.shape[1]
     targets = torch.full_like(ids, -100)
     for row, (_, n) in enumerate(batch):  # position i predicts token i + 1
         targets[row, window - 1 - n : window - 1] = ids[row, window - n :]
     n_total = sum(n for _, n in batch)
-    return float(causal_lm_loss(model, ids, targets)) * n_total  # (a float32 mean: 1e-7 relative)
+    mean = _causal_lm_loss(model, ids, targets, None, -100, aux=False)
+    return float(mean) * n_total  # (a float32 mean: 1e-7 relative)
 
 
 def _scored_nll_from_logits(model, ids, batch, max_id: int, use_keep: bool, rows: int = 1024) -> float:

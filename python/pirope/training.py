@@ -20,12 +20,15 @@ computed inside the model's own forward call, so FSDP's hooks gather and reduce 
 output projection as they do for the logits; an output projection sharded as its own
 FSDP unit, or with any forward hook, gets the whole logits). Under torch.compile the
 model's forward runs uncompiled for the loss (compile its layers instead). Higher-order
-gradients need chunk_tokens=0. This module needs only torch.
+gradients need chunk_tokens=0. A mixture of experts whose config sets
+``output_router_logits`` gets its router balance loss added as transformers adds it to the
+``labels=`` loss (``router_aux_loss_coef * aux_loss``). This module needs only torch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import numbers
 import weakref
 from typing import Optional
@@ -109,10 +112,8 @@ def _forward_replaced(model: torch.nn.Module, fn):
             del model.forward
 
 
-def _parts(model):
-    """(causal LM, its decoder, its output projection) of a Hugging Face causal LM (or the one
-    a PEFT wrapper holds), or None when the model is not one (or its logits are not a plain
-    linear projection of the decoder's last hidden state)."""
+def _unwrapped(model):
+    """The model a DDP or PEFT wrapper calls (model itself if none), None if it cannot be had."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module  # its forward calls the module's
     get_inner = getattr(model, "get_base_model", None)  # peft.PeftModel
@@ -121,7 +122,15 @@ def _parts(model):
             model = get_inner()
         except Exception:
             return None
-    if not isinstance(model, torch.nn.Module):
+    return model if isinstance(model, torch.nn.Module) else None
+
+
+def _parts(model):
+    """(causal LM, its decoder, its output projection) of a Hugging Face causal LM (or the one
+    a PEFT wrapper holds), or None when the model is not one (or its logits are not a plain
+    linear projection of the decoder's last hidden state)."""
+    model = _unwrapped(model)
+    if model is None:
         return None
     get_head = getattr(model, "get_output_embeddings", None)
     base = getattr(model, "base_model", None)
@@ -156,6 +165,62 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 def _hidden(base, input_ids):
     kwargs = {"use_cache": False} if _accepts(base, "use_cache") else {}
     return base(input_ids=input_ids, **kwargs)[0]  # last_hidden_state (ModelOutput or tuple)
+
+
+def _text_config(model):
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _routes(lm) -> bool:
+    """Whether lm is a mixture of experts whose forward computes its router balance loss
+    (config.output_router_logits; transformers adds it to the labels= loss)."""
+    return bool(getattr(_text_config(lm), "output_router_logits", False))
+
+
+def _aux_term(lm, aux):
+    """What lm's forward adds to its labels= loss for the router balance loss aux (None, or a
+    tensor, from its output's aux_loss): router_aux_loss_coef * aux (JetMoE: aux_loss_coef)."""
+    if not isinstance(aux, torch.Tensor):
+        return None  # (a family that reports none, or none computed)
+    cfg = _text_config(lm)
+    for owner, attr in ((lm, "router_aux_loss_coef"), (lm, "aux_loss_coef"),
+                        (cfg, "router_aux_loss_coef"), (cfg, "aux_loss_coef")):
+        coef = getattr(owner, attr, None)
+        if isinstance(coef, numbers.Real) and not isinstance(coef, bool):
+            return float(coef) * aux
+    raise ValueError(f"causal_lm_loss: {type(lm).__name__} returns a router balance loss (aux_loss) but no "
+                     f"router_aux_loss_coef to weigh it by; set config.output_router_logits=False to leave it out")
+
+
+def _head_name(lm, head):
+    """The attribute of lm that holds head (None when head is not lm's own child)."""
+    return next((name for name, child in lm.named_children() if child is head), None)
+
+
+class _LastHidden(torch.nn.Module):
+    """Stands in for the output projection: the forward's logits are then its hidden states."""
+
+    def forward(self, hidden):
+        return hidden
+
+
+def _hidden_and_aux(lm, base, head, input_ids, aux: bool):
+    """(the last hidden state at input_ids, what lm's forward adds to its labels= loss for its
+    router balance loss or None). A routing mixture of experts runs its own forward (it computes
+    the balance loss from its decoder's router logits) with the output projection replaced by
+    _LastHidden; other models run the decoder alone."""
+    if not (aux and _routes(lm)):
+        return _hidden(base, input_ids), None
+    name = _head_name(lm, head)
+    forward = type(lm).forward  # (the instance's is _forward_replaced's)
+    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(forward).parameters else {}
+    setattr(lm, name, _LastHidden())
+    try:
+        out = forward(lm, input_ids=input_ids, **kwargs)
+    finally:
+        setattr(lm, name, head)
+    return _logits(out), _aux_term(lm, getattr(out, "aux_loss", None))
 
 
 def _plain_head(model, lm, base, head, input_ids) -> bool:
@@ -263,15 +328,18 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
-def _chunked_loss(base, head, input_ids, targets, chunk: int, ignore_index: int):
-    hidden = _hidden(base, input_ids).flatten(0, 1)  # (tokens, hidden)
+def _chunked_loss(lm, base, head, input_ids, targets, chunk: int, ignore_index: int, aux: bool):
+    hidden, aux_term = _hidden_and_aux(lm, base, head, input_ids, aux)
+    hidden = hidden.flatten(0, 1)  # (tokens, hidden)
     weight = head.weight
     if type(weight) not in (torch.Tensor, torch.nn.Parameter) or weight.device != hidden.device:
         # a sharded (DTensor) or offloaded weight the model's forward would have gathered:
         # the whole logits, through the head's own call
-        return F.cross_entropy(head(hidden).float(), targets.flatten(), ignore_index=ignore_index)
-    return _HeadCrossEntropy.apply(hidden, weight, head.bias, targets.flatten(), chunk, ignore_index,
-                                   _compute_dtype(hidden, weight), torch.is_grad_enabled())
+        loss = F.cross_entropy(head(hidden).float(), targets.flatten(), ignore_index=ignore_index)
+    else:
+        loss = _HeadCrossEntropy.apply(hidden, weight, head.bias, targets.flatten(), chunk, ignore_index,
+                                       _compute_dtype(hidden, weight), torch.is_grad_enabled())
+    return loss if aux_term is None else loss + aux_term.to(loss.device)
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
@@ -297,9 +365,16 @@ def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
         ignore_index: the target value of unscored positions.
 
     Returns:
-        A float32 scalar tensor (nan when every target is ignored). The model's auxiliary
-        losses (a mixture of experts' router balance) are not added.
+        A float32 scalar tensor (nan when every target is ignored). A mixture of experts
+        whose config sets ``output_router_logits`` adds its router balance loss as
+        transformers' ``labels=`` loss does (``router_aux_loss_coef * aux_loss``).
     """
+    return _causal_lm_loss(model, input_ids, targets, chunk_tokens, ignore_index, aux=True)
+
+
+def _causal_lm_loss(model, input_ids, targets, chunk_tokens, ignore_index, aux: bool) -> torch.Tensor:
+    """causal_lm_loss; aux=False leaves a mixture of experts' router balance loss out (the
+    cross entropy alone: pirope.eval's perplexity)."""
     input_ids = _check_ids(input_ids, "input_ids")
     targets = _check_ids(targets, "targets").long()  # (F.cross_entropy takes int64 targets only)
     if targets.shape != input_ids.shape:
@@ -322,11 +397,19 @@ def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
     if chunk_tokens is None:
         chunk_tokens = default_loss_chunk(n_out) if n_out else 0
     _check_ranges(input_ids, _vocab_size(parts[0] if parts is not None else model), targets, n_out, ignore_index)
-    if parts is None or chunk_tokens == 0 or not _plain_head(model, *parts, input_ids):
-        logits = _logits(model(input_ids=input_ids))
+    routed = aux and parts is not None and _routes(parts[0])
+    if (parts is None or chunk_tokens == 0 or (routed and _head_name(parts[0], parts[2]) is None)
+            or not _plain_head(model, *parts, input_ids)):
+        out = model(input_ids=input_ids)
+        logits = _logits(out)
         if n_out is None or logits.shape[-1] != n_out:
             _check_ranges(None, None, targets, logits.shape[-1], ignore_index)
-        return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
+        loss = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
+        inner = _unwrapped(model)
+        routed = aux and inner is not None and _routes(inner)
+        aux_term = _aux_term(inner, getattr(out, "aux_loss", None)) if routed else None
+        return loss if aux_term is None else loss + aux_term.to(loss.device)
     lm, base, head = parts
-    with _forward_replaced(lm, lambda ids: _chunked_loss(base, head, ids, targets, int(chunk_tokens), ignore_index)):
+    with _forward_replaced(lm, lambda ids: _chunked_loss(lm, base, head, ids, targets, int(chunk_tokens),
+                                                          ignore_index, aux)):
         return model(input_ids=input_ids)
