@@ -439,6 +439,31 @@ def test_a_ddp_wrapped_model_is_chunked(tmp_path):
         dist.destroy_process_group()
 
 
+class Syncs(TorchDispatchMode):
+    """The ops that copy a value to the host (a device sync on CUDA) or size their output by
+    the data (nonzero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_device_sync_per_call():
+    """The range check (before the forward) is the only sync when every target is scored: no
+    stall between the decoder's forward and the loss's chunks."""
+    model = llama()
+    ids, targets = window()
+    causal_lm_loss(model, ids, targets, chunk_tokens=5)  # the first call probes the head
+    with Syncs() as seen:
+        causal_lm_loss(model, ids, targets, chunk_tokens=5).backward()
+    assert seen.ops == ["_local_scalar_dense.default"]
+
+
 def test_probe_runs_once_per_model():
     model = llama()
     ids, targets = window()

@@ -75,16 +75,18 @@ def _check_ids(t, name: str) -> torch.Tensor:
     return t
 
 
-def _check_ranges(input_ids, n_in: Optional[int], targets, n_out: Optional[int], ignore_index: int) -> None:
+def _check_ranges(input_ids, n_in: Optional[int], targets, n_out: Optional[int], ignore_index: int) -> bool:
     """ValueError if a token id is outside the embedding (n_in) or a scored target outside the
-    logits (n_out); None skips a check. One device sync: CUDA would assert inside the
-    embedding or the loss kernel instead, losing the process."""
-    flags = []
+    logits (n_out); None skips a check. Returns whether every target is scored (the chunked
+    loss then selects no rows). One device sync, before the forward: CUDA would assert inside
+    the embedding or the loss kernel instead, losing the process."""
+    flags = [(targets != ignore_index).all()]
     if input_ids is not None:
         flags.append(((input_ids < 0) | (input_ids >= n_in)).any() if n_in is not None else (input_ids < 0).any())
-    if targets is not None and n_out is not None:
+    if n_out is not None:
         flags.append(((targets != ignore_index) & ((targets < 0) | (targets >= n_out))).any())
-    bad = torch.stack(flags).tolist() if flags else []
+    bad = torch.stack(flags).tolist()
+    all_scored = bool(bad.pop(0))
     if input_ids is not None and bad.pop(0):
         raise ValueError(f"input_ids must be token ids in [0, {n_in if n_in is not None else 'vocab'}), "
                          f"found values in [{int(input_ids.min())}, {int(input_ids.max())}]")
@@ -92,6 +94,7 @@ def _check_ranges(input_ids, n_in: Optional[int], targets, n_out: Optional[int],
         t = targets[targets != ignore_index]
         raise ValueError(f"targets must be in [0, {n_out}) (the logits' size) or ignore_index={ignore_index}, "
                          f"found values in [{int(t.min())}, {int(t.max())}]")
+    return all_scored
 
 
 @contextlib.contextmanager
@@ -275,11 +278,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
     `dtype` once, as the whole matmul's is)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, ignore_index: int, dtype, grad_enabled: bool):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, ignore_index: int, dtype, grad_enabled: bool,
+                all_scored: bool):
         # (needs_input_grad says requires_grad only, also under no_grad: the caller's grad mode decides)
         need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
-        scored = targets != ignore_index
-        rows = None if bool(scored.all()) else scored.nonzero().squeeze(1)
+        tokens = targets.shape[0]
+        # (all_scored: known from the range check's sync, so the usual case syncs no more here)
+        rows = None if all_scored else (targets != ignore_index).nonzero().squeeze(1)
         if rows is not None:  # only the scored tokens' logits are computed (a prompt, a window's context)
             hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
         # (no token scored: 0 * inf, a nan loss, as F.cross_entropy's)
@@ -310,7 +315,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 if need_b:
                     grad_b += dlogits.sum(0).float()
         if need_h and rows is not None:  # unscored tokens: no gradient
-            grad_h = hidden.new_zeros((scored.shape[0], hidden.shape[1])).index_copy_(0, rows, grad_h)
+            grad_h = hidden.new_zeros((tokens, hidden.shape[1])).index_copy_(0, rows, grad_h)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
         return total * scale
@@ -325,10 +330,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
         grad_h = None if grad_h is None else grad_h * grad.to(grad_h.dtype)
         grad_w = None if grad_w is None else (grad_w * grad).to(w_dtype)
         grad_b = None if grad_b is None else (grad_b * grad).to(b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
-def _chunked_loss(lm, base, head, input_ids, targets, chunk: int, ignore_index: int, aux: bool):
+def _chunked_loss(lm, base, head, input_ids, targets, chunk: int, ignore_index: int, aux: bool,
+                  all_scored: bool):
     hidden, aux_term = _hidden_and_aux(lm, base, head, input_ids, aux)
     hidden = hidden.flatten(0, 1)  # (tokens, hidden)
     weight = head.weight
@@ -338,7 +344,7 @@ def _chunked_loss(lm, base, head, input_ids, targets, chunk: int, ignore_index: 
         loss = F.cross_entropy(head(hidden).float(), targets.flatten(), ignore_index=ignore_index)
     else:
         loss = _HeadCrossEntropy.apply(hidden, weight, head.bias, targets.flatten(), chunk, ignore_index,
-                                       _compute_dtype(hidden, weight), torch.is_grad_enabled())
+                                       _compute_dtype(hidden, weight), torch.is_grad_enabled(), all_scored)
     return loss if aux_term is None else loss + aux_term.to(loss.device)
 
 
@@ -396,7 +402,8 @@ def _causal_lm_loss(model, input_ids, targets, chunk_tokens, ignore_index, aux: 
     n_out = parts[2].out_features if parts is not None else None
     if chunk_tokens is None:
         chunk_tokens = default_loss_chunk(n_out) if n_out else 0
-    _check_ranges(input_ids, _vocab_size(parts[0] if parts is not None else model), targets, n_out, ignore_index)
+    all_scored = _check_ranges(input_ids, _vocab_size(parts[0] if parts is not None else model), targets, n_out,
+                               ignore_index)
     routed = aux and parts is not None and _routes(parts[0])
     if (parts is None or chunk_tokens == 0 or (routed and _head_name(parts[0], parts[2]) is None)
             or not _plain_head(model, *parts, input_ids)):
@@ -411,5 +418,5 @@ def _causal_lm_loss(model, input_ids, targets, chunk_tokens, ignore_index, aux: 
         return loss if aux_term is None else loss + aux_term.to(loss.device)
     lm, base, head = parts
     with _forward_replaced(lm, lambda ids: _chunked_loss(lm, base, head, ids, targets, int(chunk_tokens),
-                                                          ignore_index, aux)):
+                                                          ignore_index, aux, all_scored)):
         return model(input_ids=input_ids)
