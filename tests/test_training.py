@@ -464,6 +464,74 @@ def test_one_device_sync_per_call():
     assert seen.ops == ["_local_scalar_dense.default"]
 
 
+class Graphs:
+    """A torch.compile backend that runs each graph as traced (no code generation) and keeps it."""
+
+    def __init__(self):
+        self.graphs, self.shapes = [], set()
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        self.shapes |= {tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)}
+        return gm.forward
+
+    def ops(self):  # (of the graphs and their subgraphs: an autograd.Function's fwd_body / bwd_body)
+        return {str(n.target) for g in self.graphs for sub in g.modules() if isinstance(sub, torch.fx.GraphModule)
+                for n in sub.graph.nodes if n.op in ("call_function", "call_method")}
+
+
+@pytest.mark.parametrize("name", ["Llama", "Mixtral"])
+def test_a_compiled_model_compiles_its_forward_not_the_loss(name):
+    """torch.compile(model): the decoder runs in compiled graphs (before, the loss replaced the
+    compiled forward and everything ran eagerly), the chunks' loop as it is (a graph break);
+    the probe compiles nothing; the next calls reuse the graphs."""
+    torch._dynamo.reset()
+    if name == "Llama":
+        model = llama().train()
+        ids, targets = window()
+        targets = targets.clone()
+        targets[:, -1] = -100
+    else:  # the router balance loss's path (the model's own forward, lm_head replaced)
+        model = family("Mixtral", **MOE["Mixtral"], output_router_logits=True).train()
+        ids, targets, _ = moe_window()
+    want = causal_lm_loss(model, ids, targets, chunk_tokens=0)
+    want_g = grads(model, want)
+    backend = Graphs()
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(2):
+        got = causal_lm_loss(compiled, ids, targets, chunk_tokens=5)
+        got_g = grads(model, got)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for n in want_g:
+            torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-6, msg=n)
+        if not backend.graphs:
+            raise AssertionError("nothing was compiled")
+        graphs = len(backend.graphs)
+    assert len(backend.graphs) == graphs  # the second call compiled nothing new
+    ops = backend.ops()
+    assert any("scaled_dot_product_attention" in op or "matmul" in op for op in ops)  # the decoder's attention
+    assert tuple(ids.shape) in backend.shapes and (1, 8) not in backend.shapes  # the batch's, not the probe's
+    assert not any("logsumexp" in op for op in ops)  # the loss ran as it is
+    torch._dynamo.reset()
+
+
+def test_a_model_compiled_with_fullgraph_traces_the_loss():
+    """fullgraph=True allows no graph break: the chunks' loop is traced into the graph."""
+    torch._dynamo.reset()
+    model = llama().train()
+    ids, targets = window()
+    want = causal_lm_loss(model, ids, targets, chunk_tokens=0)
+    want_g = grads(model, want)
+    backend = Graphs()
+    got = causal_lm_loss(torch.compile(model, backend=backend, fullgraph=True), ids, targets, chunk_tokens=16)
+    got_g = grads(model, got)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert len(backend.graphs) == 1 and any("logsumexp" in op for op in backend.ops())
+    torch._dynamo.reset()
+
+
 def test_probe_runs_once_per_model():
     model = llama()
     ids, targets = window()

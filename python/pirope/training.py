@@ -18,9 +18,9 @@
 Works under torch.autocast, activation checkpointing, DDP and FSDP2 (the loss is
 computed inside the model's own forward call, so FSDP's hooks gather and reduce the
 output projection as they do for the logits; an output projection sharded as its own
-FSDP unit, or with any forward hook, gets the whole logits). Under torch.compile the
-model's forward runs uncompiled for the loss (compile its layers instead). Higher-order
-gradients need chunk_tokens=0. A mixture of experts whose config sets
+FSDP unit, or with any forward hook, gets the whole logits). A torch.compile'd model compiles
+its forward but the loss, which runs as it is (a graph break; with fullgraph=True the chunks'
+loop is traced, unrolled). Higher-order gradients need chunk_tokens=0. A mixture of experts whose config sets
 ``output_router_logits`` gets its router balance loss added as transformers adds it to the
 ``labels=`` loss (``router_aux_loss_coef * aux_loss``). This module needs only torch.
 """
@@ -115,16 +115,35 @@ def _forward_replaced(model: torch.nn.Module, fn):
             del model.forward
 
 
+def _compiled_inner(model):
+    """The module torch.compile(module) wraps (None if model is not such a wrapper)."""
+    if not (isinstance(model, torch.nn.Module) and type(model).__name__ == "OptimizedModule"):
+        return None
+    inner = model._modules.get("_orig_mod")
+    return inner if isinstance(inner, torch.nn.Module) else None
+
+
 def _unwrapped(model):
-    """The model a DDP or PEFT wrapper calls (model itself if none), None if it cannot be had."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module  # its forward calls the module's
-    get_inner = getattr(model, "get_base_model", None)  # peft.PeftModel
-    if callable(get_inner):
-        try:
-            model = get_inner()
-        except Exception:
-            return None
+    """The model that DDP, torch.compile and PEFT wrappers (any nesting) end up calling (model
+    itself if none), None if it cannot be had."""
+    for _ in range(8):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module  # its forward calls the module's
+            continue
+        inner = _compiled_inner(model)
+        if inner is not None:  # (its compiled forward calls the module's; the patched one is traced)
+            model = inner
+            continue
+        get_inner = getattr(model, "get_base_model", None)  # peft.PeftModel
+        if callable(get_inner):
+            try:
+                inner = get_inner()
+            except Exception:
+                return None
+            if inner is not model:
+                model = inner
+                continue
+        break
     return model if isinstance(model, torch.nn.Module) else None
 
 
@@ -234,13 +253,15 @@ def _plain_head(model, lm, base, head, input_ids) -> bool:
     if cached is not None and cached[0] is head:
         return cached[1]
     probe = input_ids[:1, :8]
+    # (the module torch.compile wraps, called directly: the probe compiles no graphs of its own)
+    caller = _compiled_inner(model) or model
     with _eval_mode(model):
-        ref = _logits(model(input_ids=probe))
+        ref = _logits(caller(input_ids=probe))
         if not isinstance(ref, torch.Tensor) or bool(ref.max() == ref.min()):
             return False  # equal logits (a zero head) cannot tell a transform apart: not cached
         try:
             with _forward_replaced(lm, lambda ids: head(_hidden(base, ids))):
-                got = model(input_ids=probe)
+                got = caller(input_ids=probe)
         except Exception:  # a decoder that does not take input_ids alone, a head of another width
             got = None
     plain = isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor) and ref.shape == got.shape \
@@ -333,8 +354,36 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
+def _traced_head_loss(hidden, weight, bias, targets, chunk: int, ignore_index: int, all_scored: bool):
+    """_HeadCrossEntropy of the output projection (traced into a compiled model's graph when it is
+    compiled with fullgraph=True, which allows no graph break: its loop unrolled)."""
+    return _HeadCrossEntropy.apply(hidden, weight, bias, targets, chunk, ignore_index,
+                                   _compute_dtype(hidden, weight), torch.is_grad_enabled(), all_scored)
+
+
+# A torch.compile'd model's graph breaks here and the chunks run as they are: a traced loop
+# would be unrolled (compile time growing with the chunks: ~1 s a chunk on a slow CPU) and its
+# buffers planned by the compiler, not freed a chunk at a time.
+_head_loss = torch.compiler.disable(_traced_head_loss)
+
+
+def _fullgraph(model) -> bool:
+    """Whether model is (or wraps) a module compiled with torch.compile(fullgraph=True)."""
+    for _ in range(8):
+        inner = _compiled_inner(model)
+        if inner is not None:
+            if getattr(getattr(model, "dynamo_ctx", None), "fullgraph", False) is True:
+                return True
+            model = inner
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return False
+    return False
+
+
 def _chunked_loss(lm, base, head, input_ids, targets, chunk: int, ignore_index: int, aux: bool,
-                  all_scored: bool):
+                  all_scored: bool, head_loss):
     hidden, aux_term = _hidden_and_aux(lm, base, head, input_ids, aux)
     hidden = hidden.flatten(0, 1)  # (tokens, hidden)
     weight = head.weight
@@ -343,8 +392,7 @@ def _chunked_loss(lm, base, head, input_ids, targets, chunk: int, ignore_index: 
         # the whole logits, through the head's own call
         loss = F.cross_entropy(head(hidden).float(), targets.flatten(), ignore_index=ignore_index)
     else:
-        loss = _HeadCrossEntropy.apply(hidden, weight, head.bias, targets.flatten(), chunk, ignore_index,
-                                       _compute_dtype(hidden, weight), torch.is_grad_enabled(), all_scored)
+        loss = head_loss(hidden, weight, head.bias, targets.flatten(), chunk, ignore_index, all_scored)
     return loss if aux_term is None else loss + aux_term.to(loss.device)
 
 
@@ -417,6 +465,7 @@ def _causal_lm_loss(model, input_ids, targets, chunk_tokens, ignore_index, aux: 
         aux_term = _aux_term(inner, getattr(out, "aux_loss", None)) if routed else None
         return loss if aux_term is None else loss + aux_term.to(loss.device)
     lm, base, head = parts
+    head_loss = _traced_head_loss if _fullgraph(model) else _head_loss
     with _forward_replaced(lm, lambda ids: _chunked_loss(lm, base, head, ids, targets, int(chunk_tokens),
-                                                          ignore_index, aux, all_scored)):
+                                                          ignore_index, aux, all_scored, head_loss)):
         return model(input_ids=input_ids)
