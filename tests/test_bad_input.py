@@ -267,6 +267,10 @@ _RAW_NONE_CASES = {
         x, x, x, x, x, None, c, c, None, True, 0.1, False), "lse"),
     "rope_attention_backward grad_out": (lambda x, c, l: torch.ops.pirope.rope_attention_backward(
         None, x, x, x, x, l, c, c, None, True, 0.1, False), "grad_out"),
+    # (a Python op: torch passes None through its Tensor arguments)
+    "check_rope_inplace q": (lambda x, c, l: torch.ops.pirope.check_rope_inplace(None, x, c, c, None), "q"),
+    "check_rope_inplace k": (lambda x, c, l: torch.ops.pirope.check_rope_inplace(x, None, c, c, None), "k"),
+    "check_rope_inplace sin": (lambda x, c, l: torch.ops.pirope.check_rope_inplace(x, x, c, None, None), "sin"),
 }
 
 
@@ -346,6 +350,11 @@ def test_rope_cos_sin_rejects():
         pirope.rope_cos_sin(inv_freq, torch.arange(4.0))
     with pytest.raises(ValueError, match="positions must be an int or a 1-D tensor"):
         pirope.rope_cos_sin(inv_freq, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="positions must hold values to make cpu tables"):
+        pirope.rope_cos_sin(inv_freq, torch.arange(4, device="meta"))
+    for n in (2**50, 2**62):  # more than any address space; a size that overflows int64 bytes
+        with pytest.raises(RuntimeError, match=f"tables of {n} positions x 32 pairs do not fit in cpu memory"):
+            pirope.rope_cos_sin(inv_freq, n)
     with pytest.raises(ValueError, match="attention_factor must be finite"):
         pirope.rope_cos_sin(inv_freq, 4, float("nan"))
     # tables that would be zero, negated or inf rather than an error

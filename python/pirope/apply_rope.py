@@ -107,6 +107,16 @@ class _NoHint(Exception):
     pass
 
 
+def _check_op_tensors(q, k, cos, sin, position_ids):
+    """torch.ops.pirope.check_rope_inplace's Tensor arguments are tensors (torch passes None
+    through a Python op's; the message is the C++ ops' for theirs)."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        if t is None:
+            raise RuntimeError(f"check_rope_inplace: {name} must be a tensor, got None")
+        _checks.tensor("check_rope_inplace", name, t)
+    _checks.tensor("check_rope_inplace", "position_ids", position_ids, optional=True)
+
+
 def _check_inplace_qk(q, k, cos, sin, position_ids):
     """Every check of the one-launch in-place op, for a caller that rotates q and k in two:
     shapes, dtypes, devices, tables and positions (as the fake kernel checks them), then
@@ -122,6 +132,7 @@ def _check_inplace_traced(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, s
     """_check_inplace_qk as an op, so that torch.compile traces it: its fake kernel runs the
     same checks as the graph is traced, on the fake tensors' layouts (which keep the real
     ones' aliasing). Eager calls take the function itself (the op's dispatch costs ~15x)."""
+    _check_op_tensors(q, k, cos, sin, position_ids)
     _check_inplace_qk(q, k, cos, sin, position_ids)
 
 
@@ -129,6 +140,7 @@ def _check_inplace_traced(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, s
 def _(q, k, cos, sin, position_ids):
     from torch.multiprocessing.reductions import StorageWeakRef
 
+    _check_op_tensors(q, k, cos, sin, position_ids)
     _fake_checks.check_qk("apply_rope_qk", q, k, cos, sin, position_ids)
 
     def value(n):

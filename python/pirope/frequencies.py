@@ -111,11 +111,20 @@ def rope_cos_sin(
             raise ValueError(f"{op}: positions must be an int or a 1-D tensor, got shape {tuple(positions.shape)}")
         if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
             raise TypeError(f"{op}: positions must be an integer tensor, got {positions.dtype}")
-        pos = positions.to(device=device, dtype=torch.float64)
+        if positions.device.type == "meta" and device.type != "meta":
+            raise ValueError(f"{op}: positions must hold values to make {device} tables from, got a meta tensor")
+        n = positions.shape[0]
     else:
         n = _checks.integer(op, "positions", positions, minimum=0)
-        pos = torch.arange(n, device=device, dtype=torch.float64)
-    return _cos_sin_of(pos, inv_freq, factor)
+    try:
+        pos = (positions.to(device=device, dtype=torch.float64) if isinstance(positions, torch.Tensor)
+               else torch.arange(n, device=device, dtype=torch.float64))
+        return _cos_sin_of(pos, inv_freq, factor)
+    except RuntimeError as e:  # an allocation failure names no argument
+        if not (isinstance(e, torch.OutOfMemoryError) or "allocate" in str(e) or "size calculation overflow" in str(e)):
+            raise
+        raise RuntimeError(f"{op}: the tables of {n} positions x {inv_freq.shape[0]} pairs do not fit in "
+                           f"{device} memory: {str(e).splitlines()[0]}") from e
 
 
 def _cos_sin_of(pos: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
