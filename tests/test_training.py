@@ -250,6 +250,57 @@ def test_perplexity_leaves_the_router_balance_loss_out():
     assert got == want
 
 
+class PassOn(torch.nn.Module):
+    """A wrapper pirope does not know: no config, no get_base_model."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+@pytest.mark.parametrize("chunk", [None, 0])
+def test_router_balance_loss_through_data_parallel_or_an_unknown_wrapper(chunk):
+    model = family("Mixtral", **MOE["Mixtral"], output_router_logits=True)
+    ids, targets, labels = moe_window()
+    want = model(input_ids=ids, labels=labels).loss
+    got = causal_lm_loss(torch.nn.DataParallel(model), ids, targets, chunk_tokens=chunk)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.warns(UserWarning, match="holds an aux_loss, but it has no config"):
+        got = causal_lm_loss(PassOn(model), ids, targets, chunk_tokens=chunk)
+    ce = F.cross_entropy(model(input_ids=ids).logits.float().flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(got, ce, rtol=1e-6, atol=1e-6)  # (said, not silently)
+
+
+BAMBA = dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=4)
+
+
+@pytest.mark.parametrize("chunk", [None, 0, 3])
+def test_bamba_z_loss_added_as_transformers_adds_it(chunk):
+    """Bamba's labels= loss adds z_loss_coefficient * mean(logsumexp(logits) ** 2) over every
+    position: that takes the whole logits; perplexity leaves it out."""
+    from pirope.eval import sliding_window_perplexity
+
+    model = family("Bamba", **BAMBA, z_loss_coefficient=0.1)
+    ids, targets, labels = moe_window()
+    want = model(input_ids=ids, labels=labels).loss
+    want_g = grads(model, want)
+    got = causal_lm_loss(model, ids, targets, chunk_tokens=chunk)
+    got_g = grads(model, got)
+    ce = F.cross_entropy(model(input_ids=ids).logits.float().flatten(0, 1), targets.flatten())
+    assert float(got) - float(ce) > 1.0  # the z-loss is there
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-6, msg=n)
+    if chunk is None:
+        tokens = window(batch=1, seqlen=40)[0][0]
+        plain = family("Bamba", **BAMBA)  # z_loss_coefficient 0, the same weights
+        assert sliding_window_perplexity(model, tokens, 16, 8, progress=False, return_nll=True) == \
+            sliding_window_perplexity(plain, tokens, 16, 8, progress=False, return_nll=True)
+
+
 def test_router_balance_loss_without_a_coefficient_is_refused():
     model = family("Mixtral", **MOE["Mixtral"], output_router_logits=True)
     del model.router_aux_loss_coef
@@ -410,11 +461,12 @@ def test_double_backward_is_refused_not_wrong():
     assert torch.autograd.grad(g.pow(2).sum(), [model.lm_head.weight])[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
 @pytest.mark.parametrize("chunk", [0, 4])
-def test_int32_ids_and_targets(chunk):
+def test_other_integer_ids_and_targets(chunk, dtype):
     model = llama()
-    ids, targets = window()
-    torch.testing.assert_close(causal_lm_loss(model, ids.int(), targets.int(), chunk_tokens=chunk),
+    ids, targets = (t % 256 for t in window())  # (uint8's range)
+    torch.testing.assert_close(causal_lm_loss(model, ids.to(dtype), targets.to(dtype), chunk_tokens=chunk),
                                hf_loss(model, ids, targets), rtol=1e-6, atol=1e-6)
 
 
@@ -642,6 +694,8 @@ def test_any_model_that_returns_logits():
     (("ids", "ids"), {"chunk_tokens": 2.0}, TypeError, "chunk_tokens must be an int"),
     (("ids", "ids"), {"chunk_tokens": True}, TypeError, "chunk_tokens must be an int"),
     (("ids", "ids"), {"ignore_index": None}, TypeError, "ignore_index must be an int"),
+    (("ids", "ids"), {"ignore_index": -2**63 - 1}, ValueError, "ignore_index must fit in int64"),
+    (("ids", "ids"), {"ignore_index": 2**70}, ValueError, "ignore_index must fit in int64"),
     (("ids", "ids + 1000"), {"chunk_tokens": 4}, ValueError, r"targets must be in \[0, 300\)"),
     (("ids", "ids - 1000"), {"chunk_tokens": 0}, ValueError, r"targets must be in \[0, 300\)"),
     (("ids + 1000", "ids"), {"chunk_tokens": 4}, ValueError, r"input_ids must be token ids in \[0, 300\)"),

@@ -22,7 +22,8 @@ FSDP unit, or with any forward hook, gets the whole logits). A torch.compile'd m
 its forward but the loss, which runs as it is (a graph break; with fullgraph=True the chunks'
 loop is traced, unrolled). Higher-order gradients need chunk_tokens=0. A mixture of experts whose config sets
 ``output_router_logits`` gets its router balance loss added as transformers adds it to the
-``labels=`` loss (``router_aux_loss_coef * aux_loss``). This module needs only torch.
+``labels=`` loss (``router_aux_loss_coef * aux_loss``), and Bamba with a ``z_loss_coefficient``
+its z-loss (which takes the whole logits). This module needs only torch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
+import warnings
 import weakref
 from typing import Optional
 
@@ -123,11 +125,14 @@ def _compiled_inner(model):
     return inner if isinstance(inner, torch.nn.Module) else None
 
 
-def _unwrapped(model):
-    """The model that DDP, torch.compile and PEFT wrappers (any nesting) end up calling (model
-    itself if none), None if it cannot be had."""
+def _unwrapped(model, data_parallel: bool = False):
+    """The model that DDP, torch.compile and PEFT wrappers (any nesting; data_parallel: also
+    nn.DataParallel, which calls copies of it) end up calling (model itself if none), None if it
+    cannot be had."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel) if data_parallel else \
+        torch.nn.parallel.DistributedDataParallel
     for _ in range(8):
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        if isinstance(model, wrappers):
             model = model.module  # its forward calls the module's
             continue
         inner = _compiled_inner(model)
@@ -213,6 +218,34 @@ def _aux_term(lm, aux):
             return float(coef) * aux
     raise ValueError(f"causal_lm_loss: {type(lm).__name__} returns a router balance loss (aux_loss) but no "
                      f"router_aux_loss_coef to weigh it by; set config.output_router_logits=False to leave it out")
+
+
+def _z_loss_coefficient(lm) -> float:
+    """The weight Bamba's forward adds its z-loss to its labels= loss with (mean over every position
+    of logsumexp(logits) ** 2; config.z_loss_coefficient), 0.0 for other models."""
+    coef = getattr(lm, "z_loss_coefficient", None)
+    ok = isinstance(coef, numbers.Real) and not isinstance(coef, bool) and coef > 0
+    return float(coef) if ok else 0.0
+
+
+def _with_extra_losses(loss, model, out, logits):
+    """loss (the cross entropy of the whole logits) plus what model's forward adds to its labels=
+    loss: a routing mixture of experts' balance term, Bamba's z-loss."""
+    inner = _unwrapped(model, data_parallel=True)
+    if inner is None:
+        return loss
+    aux = getattr(out, "aux_loss", None)
+    if isinstance(aux, torch.Tensor) and _routes(inner):
+        # (nn.DataParallel gathers one balance loss per replica, as it does their labels= losses)
+        loss = loss + _aux_term(inner, aux.mean() if aux.dim() else aux).to(loss.device)
+    elif isinstance(aux, torch.Tensor) and _text_config(inner) is None:
+        warnings.warn(f"causal_lm_loss: the output of {type(inner).__name__} holds an aux_loss, but it has no config "
+                      "saying how transformers weighs it: left out (pass the Hugging Face model, or a DDP, PEFT or "
+                      "torch.compile wrapper of it)", stacklevel=4)
+    z_coef = _z_loss_coefficient(inner)
+    if z_coef:
+        loss = loss + z_coef * logits.logsumexp(dim=-1).to(loss.dtype).pow(2).mean()
+    return loss
 
 
 def _head_name(lm, head):
@@ -421,7 +454,8 @@ def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
     Returns:
         A float32 scalar tensor (nan when every target is ignored). A mixture of experts
         whose config sets ``output_router_logits`` adds its router balance loss as
-        transformers' ``labels=`` loss does (``router_aux_loss_coef * aux_loss``).
+        transformers' ``labels=`` loss does (``router_aux_loss_coef * aux_loss``); Bamba
+        its z-loss (``z_loss_coefficient``).
     """
     return _causal_lm_loss(model, input_ids, targets, chunk_tokens, ignore_index, aux=True)
 
@@ -430,6 +464,8 @@ def _causal_lm_loss(model, input_ids, targets, chunk_tokens, ignore_index, aux: 
     """causal_lm_loss; aux=False leaves a mixture of experts' router balance loss out (the
     cross entropy alone: pirope.eval's perplexity)."""
     input_ids = _check_ids(input_ids, "input_ids")
+    if input_ids.dtype not in (torch.int32, torch.int64):  # (an embedding takes these only)
+        input_ids = input_ids.long()
     targets = _check_ids(targets, "targets").long()  # (F.cross_entropy takes int64 targets only)
     if targets.shape != input_ids.shape:
         raise ValueError(f"targets must have input_ids' shape {tuple(input_ids.shape)}, "
@@ -438,6 +474,8 @@ def _causal_lm_loss(model, input_ids, targets, chunk_tokens, ignore_index, aux: 
         raise ValueError(f"targets must be on input_ids' device {input_ids.device}, got {targets.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(1 << 63) <= ignore_index < (1 << 63):
+        raise ValueError(f"ignore_index must fit in int64 (the targets' dtype), got {ignore_index}")
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or
                                      not isinstance(chunk_tokens, numbers.Integral)):
         raise TypeError(f"chunk_tokens must be an int or None, got {type(chunk_tokens).__name__}")
@@ -453,17 +491,15 @@ def _causal_lm_loss(model, input_ids, targets, chunk_tokens, ignore_index, aux: 
     all_scored = _check_ranges(input_ids, _vocab_size(parts[0] if parts is not None else model), targets, n_out,
                                ignore_index)
     routed = aux and parts is not None and _routes(parts[0])
-    if (parts is None or chunk_tokens == 0 or (routed and _head_name(parts[0], parts[2]) is None)
+    z_loss = aux and parts is not None and _z_loss_coefficient(parts[0]) > 0  # (from all the logits)
+    if (parts is None or chunk_tokens == 0 or z_loss or (routed and _head_name(parts[0], parts[2]) is None)
             or not _plain_head(model, *parts, input_ids)):
         out = model(input_ids=input_ids)
         logits = _logits(out)
         if n_out is None or logits.shape[-1] != n_out:
             _check_ranges(None, None, targets, logits.shape[-1], ignore_index)
         loss = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
-        inner = _unwrapped(model)
-        routed = aux and inner is not None and _routes(inner)
-        aux_term = _aux_term(inner, getattr(out, "aux_loss", None)) if routed else None
-        return loss if aux_term is None else loss + aux_term.to(loss.device)
+        return _with_extra_losses(loss, model, out, logits) if aux else loss
     lm, base, head = parts
     head_loss = _traced_head_loss if _fullgraph(model) else _head_loss
     with _forward_replaced(lm, lambda ids: _chunked_loss(lm, base, head, ids, targets, int(chunk_tokens),
