@@ -236,7 +236,7 @@ def _check_device(device) -> torch.device:
 def _scored_nll(model, ids, batch) -> float:
     """Summed NLL of the windows' scored tokens by pirope.training's chunked loss: the output
     projection of the scored tokens only, a chunk at a time (no (window, vocab) logits); the
-    cross entropy alone (a mixture of experts' router balance loss left out)."""
+    cross entropy alone (a mixture of experts' router balance loss, Bamba's z-loss left out)."""
     from .training import _causal_lm_loss
 
     window = ids.shape[1]

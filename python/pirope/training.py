@@ -20,10 +20,12 @@ computed inside the model's own forward call, so FSDP's hooks gather and reduce 
 output projection as they do for the logits; an output projection sharded as its own
 FSDP unit, or with any forward hook, gets the whole logits). A torch.compile'd model compiles
 its forward but the loss, which runs as it is (a graph break; with fullgraph=True the chunks'
-loop is traced, unrolled). Higher-order gradients need chunk_tokens=0. A mixture of experts whose config sets
-``output_router_logits`` gets its router balance loss added as transformers adds it to the
-``labels=`` loss (``router_aux_loss_coef * aux_loss``), and Bamba with a ``z_loss_coefficient``
-its z-loss (which takes the whole logits). This module needs only torch.
+loop is traced, unrolled). Higher-order gradients need chunk_tokens=0.
+
+A mixture of experts whose config sets ``output_router_logits`` gets its router balance loss
+added as transformers adds it to the ``labels=`` loss (``router_aux_loss_coef * aux_loss``),
+and Bamba with a ``z_loss_coefficient`` its z-loss (which takes the whole logits). This
+module needs only torch.
 """
 
 from __future__ import annotations
@@ -461,8 +463,8 @@ def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
 
 
 def _causal_lm_loss(model, input_ids, targets, chunk_tokens, ignore_index, aux: bool) -> torch.Tensor:
-    """causal_lm_loss; aux=False leaves a mixture of experts' router balance loss out (the
-    cross entropy alone: pirope.eval's perplexity)."""
+    """causal_lm_loss; aux=False leaves the losses transformers adds to the cross entropy out (a
+    mixture of experts' router balance, Bamba's z-loss: pirope.eval's perplexity)."""
     input_ids = _check_ids(input_ids, "input_ids")
     if input_ids.dtype not in (torch.int32, torch.int64):  # (an embedding takes these only)
         input_ids = input_ids.long()
