@@ -653,3 +653,39 @@ def test_encode_may_return_a_tensor_or_numpy_array():
     ref = passkey_min_length(byte_encode)
     assert passkey_min_length(lambda t: torch.tensor(byte_encode(t))) == ref
     assert passkey_min_length(lambda t: np.frombuffer(t.encode(), dtype=np.uint8)) == ref
+
+
+def learned_positions(kind, n_positions):
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "GPT2":
+        cfg = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=n_positions)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.OPTConfig(vocab_size=300, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                                 max_position_embeddings=n_positions, word_embed_proj_dim=32)
+    return transformers.OPTForCausalLM(cfg).eval()  # (its table holds 2 more rows: an offset of 2)
+
+
+@pytest.mark.parametrize("kind", ["GPT2", "OPT"])
+def test_learned_position_embeddings_bound_the_lengths(kind):
+    """A model with learned absolute positions has none past its table: a longer window,
+    prompt or training sequence is a ValueError naming it (it indexed past the table: an
+    IndexError on CPU, a device-side assert that ends the process on CUDA). The lengths
+    that fit run; RoPE models take any length (tested throughout)."""
+    pytest.importorskip("transformers")
+    from pirope.training import causal_lm_loss
+
+    model = learned_positions(kind, 256)
+    tokens = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(sliding_window_perplexity(model, tokens, 256, 128, progress=False))
+    with pytest.raises(ValueError, match="window must be at most 256 tokens: .* has learned position embeddings"):
+        sliding_window_perplexity(model, tokens, 257, 128, progress=False)
+    ok = passkey_retrieval(model, byte_encode, decode, [250], trials=1, max_new_tokens=7, intro="", progress=False)
+    assert ok["lengths"] == [250]  # 250 + 7 - 1 = 256 positions
+    with pytest.raises(ValueError, match=r"lengths \(the longest plus max_new_tokens - 1\) must be at most 256"):
+        passkey_retrieval(model, byte_encode, decode, [250], trials=1, max_new_tokens=8, intro="", progress=False)
+    ids = tokens[None, :257]
+    assert math.isfinite(float(causal_lm_loss(model, ids[:, :-1], ids[:, 1:])))
+    with pytest.raises(ValueError, match="input_ids' seqlen must be at most 256 tokens"):
+        causal_lm_loss(model, tokens[None, :257], tokens[None, 1:258])

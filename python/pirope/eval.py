@@ -27,7 +27,8 @@ import math
 import numbers
 import random
 import re
-from typing import Callable, Dict, Iterable, List, Mapping, Sequence
+import weakref
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -184,6 +185,45 @@ def _vocab_size(model):
     return int(n) if isinstance(n, int) else None
 
 
+# What transformers names learned absolute position embeddings beside the token embeddings
+# (GPT-2, GPT-Neo, GPT-BigCode: wpe; OPT, BioGPT: embed_positions, offset by 2; ...)
+_LEARNED_POSITIONS = ("wpe", "embed_positions", "position_embeddings")
+_POSITION_LIMITS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _position_limit(model) -> Optional[int]:
+    """How many positions a model with learned absolute position embeddings has (GPT-2's
+    n_positions: a longer input indexes past them, an IndexError on CPU and a device-side
+    assert, which ends the process, on CUDA), or None (RoPE, ALiBi, ...: any length)."""
+    try:
+        emb = model.get_input_embeddings()
+    except Exception:  # not a Hugging Face model
+        return None
+    if not isinstance(model, torch.nn.Module) or not isinstance(emb, torch.nn.Module):
+        return None
+    cached = _POSITION_LIMITS.get(model)
+    if cached is not None and cached[0] is emb:
+        return cached[1]
+    limit = None
+    for owner in model.modules():  # the module holding the token embeddings, and beside them...
+        children = dict(owner.named_children())
+        if any(child is emb for child in children.values()):
+            pos = next((children[n] for n in _LEARNED_POSITIONS if isinstance(children.get(n), torch.nn.Embedding)),
+                       None)  # ...a table of positions
+            if pos is not None:
+                limit = pos.num_embeddings - int(getattr(pos, "offset", 0) or 0)
+            break
+    _POSITION_LIMITS[model] = (emb, limit)
+    return limit
+
+
+def _check_positions(n: int, model, name: str) -> None:
+    limit = _position_limit(model)
+    if limit is not None and n > limit:
+        raise ValueError(f"{name} must be at most {limit} tokens: {type(model).__name__} has learned position "
+                         f"embeddings for {limit} positions and none beyond (got {n})")
+
+
 def _check_vocab(max_id: int, vocab, what: str, name: str = "tokens") -> None:
     if vocab is not None and max_id >= vocab:
         raise ValueError(f"{name} contain id {max_id}, outside the model's vocabulary of {vocab} ids ({what})")
@@ -306,6 +346,7 @@ def sliding_window_perplexity(
     progress = _check_flag(progress, "progress")
     return_nll = _check_flag(return_nll, "return_nll")
     windows = sliding_windows(t.numel(), window, stride)
+    _check_positions(window, model, "window")
     max_id = int(t.max())
     _check_vocab(max_id, _vocab_size(model), "input embeddings")
     device = _check_device(device) if device is not None else _model_device(model)
@@ -574,6 +615,8 @@ def passkey_retrieval(
     vocab = _vocab_size(model)
     if prefix_ids:
         _check_vocab(max(prefix_ids), vocab, "input embeddings", "prefix_ids")
+    # (the prompt and the answer's tokens but the last, which is decoded, not read)
+    _check_positions(lengths[-1] + max_new_tokens - 1, model, "lengths (the longest plus max_new_tokens - 1)")
     shortest = passkey_min_length(encode, intro=intro, prefix_ids=prefix_ids)
     if lengths[0] < shortest:
         raise _too_short(lengths[0], len(prefix_ids), shortest - len(prefix_ids))

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .eval import _accepts, _eval_mode, _logits, _vocab_size
+from .eval import _accepts, _check_positions, _eval_mode, _logits, _vocab_size
 
 __all__ = ["causal_lm_loss", "default_loss_chunk"]
 
@@ -486,6 +486,7 @@ def _causal_lm_loss(model, input_ids, targets, chunk_tokens, ignore_index, aux: 
     if not callable(model):
         raise TypeError(f"model must be a callable causal LM, got {type(model).__name__}")
     parts = _parts(model)
+    _check_positions(input_ids.shape[1], parts[0] if parts is not None else model, "input_ids' seqlen")
     ignore_index = int(ignore_index)
     n_out = parts[2].out_features if parts is not None else None
     if chunk_tokens is None:
