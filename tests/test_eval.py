@@ -662,12 +662,16 @@ def learned_positions(kind, n_positions):
     if kind == "GPT2":
         cfg = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=n_positions)
         return transformers.GPT2LMHeadModel(cfg).eval()
+    if kind == "Roberta":  # positions start past padding_idx (1): a table of n + 2 rows
+        cfg = transformers.RobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=n_positions + 2, is_decoder=True)
+        return transformers.RobertaForCausalLM(cfg).eval()
     cfg = transformers.OPTConfig(vocab_size=300, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
                                  max_position_embeddings=n_positions, word_embed_proj_dim=32)
     return transformers.OPTForCausalLM(cfg).eval()  # (its table holds 2 more rows: an offset of 2)
 
 
-@pytest.mark.parametrize("kind", ["GPT2", "OPT"])
+@pytest.mark.parametrize("kind", ["GPT2", "OPT", "Roberta"])
 def test_learned_position_embeddings_bound_the_lengths(kind):
     """A model with learned absolute positions has none past its table: a longer window,
     prompt or training sequence is a ValueError naming it (it indexed past the table: an
@@ -689,3 +693,19 @@ def test_learned_position_embeddings_bound_the_lengths(kind):
     assert math.isfinite(float(causal_lm_loss(model, ids[:, :-1], ids[:, 1:])))
     with pytest.raises(ValueError, match="input_ids' seqlen must be at most 256 tokens"):
         causal_lm_loss(model, tokens[None, :257], tokens[None, 1:258])
+
+
+def test_a_replaced_position_table_is_read_again():
+    """Extending a learned-position baseline (a longer table) lifts the bound at once."""
+    model = learned_positions("GPT2", 32)
+    tokens = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(0))
+    sliding_window_perplexity(model, tokens, 32, 16, progress=False)
+    with pytest.raises(ValueError, match="window must be at most 32 tokens"):
+        sliding_window_perplexity(torch.nn.DataParallel(model), tokens, 48, 16, progress=False)
+    old = model.transformer.wpe.weight.data
+    model.transformer.wpe = torch.nn.Embedding(64, 32)
+    model.transformer.wpe.weight.data[:32] = old
+    assert math.isfinite(sliding_window_perplexity(model, tokens, 64, 16, progress=False))
+    model.transformer.wpe.weight = torch.nn.Parameter(torch.randn(48, 32))  # (num_embeddings still says 64)
+    with pytest.raises(ValueError, match="window must be at most 48 tokens: GPT2LMHeadModel"):
+        sliding_window_perplexity(model, tokens, 64, 16, progress=False)

@@ -567,11 +567,17 @@ def test_a_compiled_model_compiles_its_forward_not_the_loss(name):
     torch._dynamo.reset()
 
 
-def test_a_model_compiled_with_fullgraph_traces_the_loss():
-    """fullgraph=True allows no graph break: the chunks' loop is traced into the graph."""
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_model_compiled_with_fullgraph_traces_the_loss(masked):
+    """fullgraph=True allows no graph break: the chunks' loop is traced into the graph (with
+    unscored targets, whose rows cannot be selected there, every row weighed)."""
     torch._dynamo.reset()
     model = llama().train()
     ids, targets = window()
+    if masked:
+        targets = targets.clone()
+        targets[:, -1] = -100
+        targets[0, 3:9] = -100
     want = causal_lm_loss(model, ids, targets, chunk_tokens=0)
     want_g = grads(model, want)
     backend = Graphs()
@@ -581,6 +587,41 @@ def test_a_model_compiled_with_fullgraph_traces_the_loss():
     for n in want_g:
         torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-6, msg=n)
     assert len(backend.graphs) == 1 and any("logsumexp" in op for op in backend.ops())
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_model_compiled_in_place(fullgraph):
+    """model.compile() (its own call compiled; the options unknown to the loss, which is traced
+    into the graph under either): the loss as eager's, the probe compiles nothing."""
+    torch._dynamo.reset()
+    model = llama().train()
+    ids, targets = window()
+    targets = targets.clone()
+    targets[:, -1] = -100
+    want = causal_lm_loss(model, ids, targets, chunk_tokens=0)
+    want_g = grads(model, want)
+    backend = Graphs()
+    model.compile(backend=backend, fullgraph=fullgraph)
+    got = causal_lm_loss(model, ids, targets, chunk_tokens=7)
+    got_g = grads(model, got)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert len(backend.graphs) == 1 and (1, 8) not in backend.shapes
+    torch._dynamo.reset()
+
+
+def test_perplexity_of_a_model_compiled_with_fullgraph():
+    from pirope.eval import sliding_window_perplexity
+
+    torch._dynamo.reset()
+    model = llama()
+    tokens = window(batch=1, seqlen=60)[0][0]
+    want = sliding_window_perplexity(model, tokens, 24, 8, progress=False)
+    got = sliding_window_perplexity(torch.compile(model, backend="eager", fullgraph=True), tokens, 24, 8,
+                                    progress=False)
+    assert abs(got - want) < 1e-5 * want
     torch._dynamo.reset()
 
 

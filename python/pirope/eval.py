@@ -27,7 +27,6 @@ import math
 import numbers
 import random
 import re
-import weakref
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
@@ -186,42 +185,52 @@ def _vocab_size(model):
 
 
 # What transformers names learned absolute position embeddings beside the token embeddings
-# (GPT-2, GPT-Neo, GPT-BigCode: wpe; OPT, BioGPT: embed_positions, offset by 2; ...)
-_LEARNED_POSITIONS = ("wpe", "embed_positions", "position_embeddings")
-_POSITION_LIMITS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# (GPT-2, GPT-Neo, GPT-BigCode: wpe; OPT, BioGPT: embed_positions, offset by 2; OpenAI GPT:
+# positions_embed; RoBERTa-style decoders: position_embeddings, starting past padding_idx)
+_LEARNED_POSITIONS = ("wpe", "embed_positions", "positions_embed", "position_embeddings")
+
+
+def _innermost(model):
+    """The model DDP, nn.DataParallel and torch.compile wrappers call (for its attributes)."""
+    for _ in range(8):
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None),
+                                                                       torch.nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model
 
 
 def _position_limit(model) -> Optional[int]:
     """How many positions a model with learned absolute position embeddings has (GPT-2's
     n_positions: a longer input indexes past them, an IndexError on CPU and a device-side
     assert, which ends the process, on CUDA), or None (RoPE, ALiBi, ...: any length)."""
+    model = _innermost(model)
     try:
         emb = model.get_input_embeddings()
     except Exception:  # not a Hugging Face model
         return None
     if not isinstance(model, torch.nn.Module) or not isinstance(emb, torch.nn.Module):
         return None
-    cached = _POSITION_LIMITS.get(model)
-    if cached is not None and cached[0] is emb:
-        return cached[1]
-    limit = None
     for owner in model.modules():  # the module holding the token embeddings, and beside them...
         children = dict(owner.named_children())
         if any(child is emb for child in children.values()):
             pos = next((children[n] for n in _LEARNED_POSITIONS if isinstance(children.get(n), torch.nn.Embedding)),
-                       None)  # ...a table of positions
-            if pos is not None:
-                limit = pos.num_embeddings - int(getattr(pos, "offset", 0) or 0)
-            break
-    _POSITION_LIMITS[model] = (emb, limit)
-    return limit
+                       None)  # ...a table of positions: its rows, less those before the first position
+            if pos is None:
+                return None
+            first = int(getattr(pos, "offset", 0) or 0) + (pos.padding_idx + 1 if pos.padding_idx is not None else 0)
+            return pos.weight.shape[0] - first
+    return None
 
 
 def _check_positions(n: int, model, name: str) -> None:
     limit = _position_limit(model)
     if limit is not None and n > limit:
-        raise ValueError(f"{name} must be at most {limit} tokens: {type(model).__name__} has learned position "
-                         f"embeddings for {limit} positions and none beyond (got {n})")
+        raise ValueError(f"{name} must be at most {limit} tokens: {type(_innermost(model)).__name__} has learned "
+                         f"position embeddings for {limit} positions and none beyond (got {n})")
 
 
 def _check_vocab(max_id: int, vocab, what: str, name: str = "tokens") -> None:

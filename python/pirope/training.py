@@ -127,31 +127,37 @@ def _compiled_inner(model):
     return inner if isinstance(inner, torch.nn.Module) else None
 
 
-def _unwrapped(model, data_parallel: bool = False):
-    """The model that DDP, torch.compile and PEFT wrappers (any nesting; data_parallel: also
-    nn.DataParallel, which calls copies of it) end up calling (model itself if none), None if it
-    cannot be had."""
+def _chain(model, data_parallel: bool = False):
+    """model, then what each DDP, torch.compile and PEFT wrapper around it calls in turn
+    (data_parallel: also nn.DataParallel, which calls copies of it); None at the end where a
+    wrapper's model cannot be had."""
     wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel) if data_parallel else \
         torch.nn.parallel.DistributedDataParallel
+    chain = [model]
     for _ in range(8):
         if isinstance(model, wrappers):
             model = model.module  # its forward calls the module's
-            continue
-        inner = _compiled_inner(model)
-        if inner is not None:  # (its compiled forward calls the module's; the patched one is traced)
-            model = inner
-            continue
-        get_inner = getattr(model, "get_base_model", None)  # peft.PeftModel
-        if callable(get_inner):
+        elif _compiled_inner(model) is not None:  # (its compiled forward calls the module's)
+            model = _compiled_inner(model)
+        elif callable(getattr(model, "get_base_model", None)):  # peft.PeftModel
             try:
-                inner = get_inner()
+                inner = model.get_base_model()
             except Exception:
-                return None
-            if inner is not model:
-                model = inner
-                continue
-        break
-    return model if isinstance(model, torch.nn.Module) else None
+                return chain + [None]
+            if inner is model:
+                break
+            model = inner
+        else:
+            break
+        chain.append(model)
+    return chain
+
+
+def _unwrapped(model, data_parallel: bool = False):
+    """The model that DDP, torch.compile and PEFT wrappers (any nesting; data_parallel: also
+    nn.DataParallel) end up calling (model itself if none), None if it cannot be had."""
+    inner = _chain(model, data_parallel)[-1]
+    return inner if isinstance(inner, torch.nn.Module) else None
 
 
 def _parts(model):
@@ -288,8 +294,11 @@ def _plain_head(model, lm, base, head, input_ids) -> bool:
     if cached is not None and cached[0] is head:
         return cached[1]
     probe = input_ids[:1, :8]
-    # (the module torch.compile wraps, called directly: the probe compiles no graphs of its own)
+    # (the module torch.compile wraps, or a module compiled in place by its own call: the probe
+    # compiles no graphs of its own)
     caller = _compiled_inner(model) or model
+    if getattr(caller, "_compiled_call_impl", None) is not None:
+        caller = caller._call_impl
     with _eval_mode(model):
         ref = _logits(caller(input_ids=probe))
         if not isinstance(ref, torch.Tensor) or bool(ref.max() == ref.min()):
@@ -340,11 +349,20 @@ class _HeadCrossEntropy(torch.autograd.Function):
         need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
         tokens = targets.shape[0]
         # (all_scored: known from the range check's sync, so the usual case syncs no more here)
-        rows = None if all_scored else (targets != ignore_index).nonzero().squeeze(1)
-        if rows is not None:  # only the scored tokens' logits are computed (a prompt, a window's context)
+        rows = weights = None
+        if not all_scored and torch.compiler.is_compiling():
+            # traced (fullgraph=True), where a row count cannot depend on the data: every row's
+            # logits, the unscored rows weighed 0
+            scored = targets != ignore_index
+            weights, targets = scored.to(torch.float32).unsqueeze(1), targets.masked_fill(~scored, 0)
+        elif not all_scored:  # only the scored tokens' logits are computed (a prompt, a window's context)
+            rows = (targets != ignore_index).nonzero().squeeze(1)
             hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
         # (no token scored: 0 * inf, a nan loss, as F.cross_entropy's)
-        scale = 1.0 / targets.shape[0] if targets.shape[0] else float("inf")
+        if weights is not None:
+            scale = 1.0 / weights.sum()
+        else:
+            scale = 1.0 / targets.shape[0] if targets.shape[0] else float("inf")
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
@@ -356,12 +374,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 h, t = hidden[i : i + chunk].detach().to(dtype), targets[i : i + chunk].unsqueeze(1)
                 logits = F.linear(h, w, b).float()
                 lse = torch.logsumexp(logits, dim=1, keepdim=True)
-                total += (lse - logits.gather(1, t)).sum()
+                nll = lse - logits.gather(1, t)
+                total += (nll if weights is None else nll * weights[i : i + chunk]).sum()
                 if not (need_h or need_w or need_b):
                     continue
                 # d(nll_r)/d(logits_r) = (softmax(logits_r) - one_hot(t_r)) / count
                 probs = logits.sub_(lse).exp_()
                 probs.scatter_add_(1, t, torch.full_like(lse, -1.0))
+                if weights is not None:
+                    probs.mul_(weights[i : i + chunk])
                 dlogits = probs.mul_(scale).to(dtype)
                 del logits, probs
                 if need_h:
@@ -402,19 +423,16 @@ def _traced_head_loss(hidden, weight, bias, targets, chunk: int, ignore_index: i
 _head_loss = torch.compiler.disable(_traced_head_loss)
 
 
-def _fullgraph(model) -> bool:
-    """Whether model is (or wraps) a module compiled with torch.compile(fullgraph=True)."""
-    for _ in range(8):
-        inner = _compiled_inner(model)
-        if inner is not None:
-            if getattr(getattr(model, "dynamo_ctx", None), "fullgraph", False) is True:
-                return True
-            model = inner
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return False
-    return False
+def _traces_loss(model) -> bool:
+    """Whether compiling model traces the loss into its graph: torch.compile(module,
+    fullgraph=True) somewhere in its wrappers (no graph break allowed), or module.compile()
+    in place (its options unknown: traced, which works under any)."""
+    def traces(m) -> bool:
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            return True
+        return _compiled_inner(m) is not None and getattr(getattr(m, "dynamo_ctx", None), "fullgraph", False) is True
+
+    return any(traces(m) for m in _chain(model) if m is not None)
 
 
 def _chunked_loss(lm, base, head, input_ids, targets, chunk: int, ignore_index: int, aux: bool,
@@ -437,8 +455,9 @@ def causal_lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, *,
 
     Equals ``F.cross_entropy(model(input_ids=input_ids).logits.float().flatten(0, 1),
     targets.flatten(), ignore_index=ignore_index)`` (Hugging Face's causal-LM loss, with the
-    labels already shifted) up to float rounding, computed ``chunk_tokens`` tokens at a time
-    so that the whole ``(batch * seqlen, vocab)`` logits never exist.
+    labels already shifted; plus the losses its ``labels=`` loss adds, under Returns) up to
+    float rounding, computed ``chunk_tokens`` tokens at a time so that the whole
+    ``(batch * seqlen, vocab)`` logits never exist.
 
     Args:
         model: a Hugging Face causal LM (any model whose ``forward(input_ids=...)`` returns
@@ -504,7 +523,7 @@ def _causal_lm_loss(model, input_ids, targets, chunk_tokens, ignore_index, aux: 
         loss = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
         return _with_extra_losses(loss, model, out, logits) if aux else loss
     lm, base, head = parts
-    head_loss = _traced_head_loss if _fullgraph(model) else _head_loss
+    head_loss = _traced_head_loss if _traces_loss(model) else _head_loss
     with _forward_replaced(lm, lambda ids: _chunked_loss(lm, base, head, ids, targets, int(chunk_tokens),
                                                           ignore_index, aux, all_scored, head_loss)):
         return model(input_ids=input_ids)
