@@ -19,8 +19,9 @@ Works under torch.autocast, activation checkpointing, DDP and FSDP2 (the loss is
 computed inside the model's own forward call, so FSDP's hooks gather and reduce the
 output projection as they do for the logits; an output projection sharded as its own
 FSDP unit, or with any forward hook, gets the whole logits). A torch.compile'd model compiles
-its forward but the loss, which runs as it is (a graph break; with fullgraph=True the chunks'
-loop is traced, unrolled). Higher-order gradients need chunk_tokens=0.
+its forward but the loss, which runs as it is (a graph break; with fullgraph=True, or
+model.compile() in place, the chunks' loop is traced, unrolled, weighing unscored rows 0).
+Higher-order gradients need chunk_tokens=0.
 
 A mixture of experts whose config sets ``output_router_logits`` gets its router balance loss
 added as transformers adds it to the ``labels=`` loss (``router_aux_loss_coef * aux_loss``),
