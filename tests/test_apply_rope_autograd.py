@@ -40,7 +40,7 @@ def test_backward_is_the_inverse_rotation(device):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_tables_are_constants_with_no_gradient(device, inplace):
     # cos and sin that require grad (e.g. a learnable table) get no gradient from the
-    # rotary ops, while x / q / k still get the inverse rotation
+    # rotary ops (said by a warning), while x / q / k still get the inverse rotation
     cos, sin = tables(16, 6, device)
     cos, sin = cos.clone().requires_grad_(), sin.clone().requires_grad_()
     pos = torch.tensor([5, 0, 2, 1, 3, 4], device=device)
@@ -48,14 +48,16 @@ def test_tables_are_constants_with_no_gradient(device, inplace):
     k0 = torch.randn(2, 6, 1, 24, device=device, requires_grad=True)
     gq, gk = torch.randn_like(q0), torch.randn_like(k0)
     q, k = (q0 * 1, k0 * 1) if inplace else (q0, k0)  # non-leaf copies may be rotated in place
-    out = pirope.apply_rope(q, cos, sin, pos, inplace=inplace)
+    with pytest.warns(UserWarning, match="apply_rope: cos and sin require grad, but the tables are constants"):
+        out = pirope.apply_rope(q, cos, sin, pos, inplace=inplace)
     out.backward(gq)
     assert cos.grad is None and sin.grad is None
     torch.testing.assert_close(q0.grad.double().cpu(), rope_reference(gq, cos, sin, pos, conjugate=True),
                                atol=2e-6, rtol=2e-6)
     q0.grad = None
     q, k = (q0 * 1, k0 * 1) if inplace else (q0, k0)
-    oq, ok = pirope.apply_rope_qk(q, k, cos, sin, pos, inplace=inplace)
+    with pytest.warns(UserWarning, match="apply_rope_qk: cos and sin require grad"):
+        oq, ok = pirope.apply_rope_qk(q, k, cos, sin, pos, inplace=inplace)
     torch.autograd.backward((oq, ok), (gq, gk))
     assert cos.grad is None and sin.grad is None
     torch.testing.assert_close(q0.grad.double().cpu(), rope_reference(gq, cos, sin, pos, conjugate=True),
@@ -470,3 +472,19 @@ def test_forward_mode_ad_through_the_tables_is_refused(device):
     with fwAD.dual_level():
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
             pirope.rope_attention(x, x, x, fwAD.make_dual(cos, torch.ones_like(cos)), sin)
+
+
+def test_constant_tables_warn_only_where_a_gradient_could_be_wanted():
+    import warnings
+
+    cos, sin = tables(16, 6, "cpu")
+    x = torch.randn(1, 6, 2, 16, requires_grad=True)
+    q, k, v = (torch.randn(1, 6, 2, 16, requires_grad=True) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pirope.apply_rope(x, cos, sin)  # constant tables: nothing said
+        pirope.rope_attention(q, k, v, cos, sin)
+        with torch.no_grad():  # no gradient wanted at all
+            pirope.apply_rope(x, cos.requires_grad_(), sin)
+    with pytest.warns(UserWarning, match=r"rope_attention: cos requires grad, but the tables are constants"):
+        pirope.rope_attention(q, k, v, cos, sin)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import operator
+import warnings
 
 import torch
 
@@ -109,6 +110,21 @@ def _carries_jvp_tangent(t, levels) -> bool:
             return True
         t = functorch.get_unwrapped(t)
     return False
+
+
+def constant_tables(op: str, cos, sin, *, stacklevel: int = 3) -> None:
+    """cos and sin are constants (no gradient flows to them, DESIGN.md): tables that require
+    grad (built from a learnable inv_freq, say) would get none silently, so it is said, once per
+    call site. Not inside torch.compile, where a warning breaks the graph, nor under torch.func
+    transforms, whose gradients with respect to the tables raise (python/pirope/_autograd)."""
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
+        return
+    names = [name for name, t in (("cos", cos), ("sin", sin)) if t.requires_grad]
+    if names:
+        warnings.warn(f"{op}: {' and '.join(names)} {'require' if len(names) > 1 else 'requires'} grad, but the "
+                      "tables are constants and get no gradient (detach them, or rotate with PyTorch ops to learn "
+                      "the frequencies)", UserWarning, stacklevel=stacklevel)
 
 
 def no_forward_ad(op: str, *named, what: str = "") -> None:

@@ -19,6 +19,7 @@ def _check_common(op, cos, sin, position_ids, interleaved, inplace):
     _checks.tensor(op, "position_ids", position_ids, optional=True)
     _checks.flag(op, "interleaved", interleaved)
     _checks.flag(op, "inplace", inplace)
+    _checks.constant_tables(op, cos, sin, stacklevel=4)  # (the caller of apply_rope / apply_rope_qk)
 
 
 class _RopeInplace(torch.autograd.Function):

@@ -323,6 +323,7 @@ def rope_attention(
     # a bound past int64 is the same window as INT64_MAX: no sequence is that long
     window = tuple(min(w, _INT64_MAX) for w in _checks.window(op, "window_size", window_size))
     _checks.no_forward_ad(op, *zip("q k v cos sin sinks".split(), (q, k, v, cos, sin, sinks)))
+    _checks.constant_tables(op, cos, sin)
     q, k, v = _autocast(q, k, v)
     if softmax_scale is None:
         if q.dim() < 1 or q.shape[-1] < 1:
