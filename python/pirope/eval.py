@@ -190,24 +190,52 @@ def _vocab_size(model):
 _LEARNED_POSITIONS = ("wpe", "embed_positions", "positions_embed", "position_embeddings")
 
 
-def _innermost(model):
-    """The model DDP, nn.DataParallel and torch.compile wrappers call (for its attributes)."""
+def _compiled_inner(model):
+    """The module torch.compile(module) wraps (None if model is not such a wrapper)."""
+    if not (isinstance(model, torch.nn.Module) and type(model).__name__ == "OptimizedModule"):
+        return None
+    inner = model._modules.get("_orig_mod")
+    return inner if isinstance(inner, torch.nn.Module) else None
+
+
+def _chain(model, data_parallel: bool = False):
+    """model, then what each DDP, torch.compile and PEFT wrapper around it calls in turn
+    (data_parallel: also nn.DataParallel, which calls copies of it); None at the end where a
+    wrapper's model cannot be had."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel) if data_parallel else \
+        torch.nn.parallel.DistributedDataParallel
+    chain = [model]
     for _ in range(8):
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None),
-                                                                       torch.nn.Module):
-            model = model._orig_mod
+        if isinstance(model, wrappers):
+            model = model.module  # its forward calls the module's
+        elif _compiled_inner(model) is not None:  # (its compiled forward calls the module's)
+            model = _compiled_inner(model)
+        elif callable(getattr(model, "get_base_model", None)):  # peft.PeftModel
+            try:
+                inner = model.get_base_model()
+            except Exception:
+                return chain + [None]
+            if inner is model:
+                break
+            model = inner
         else:
             break
-    return model
+        chain.append(model)
+    return chain
+
+
+def _unwrapped(model, data_parallel: bool = False):
+    """The model that DDP, torch.compile and PEFT wrappers (any nesting; data_parallel: also
+    nn.DataParallel) end up calling (model itself if none), None if it cannot be had."""
+    inner = _chain(model, data_parallel)[-1]
+    return inner if isinstance(inner, torch.nn.Module) else None
 
 
 def _position_limit(model) -> Optional[int]:
     """How many positions a model with learned absolute position embeddings has (GPT-2's
     n_positions: a longer input indexes past them, an IndexError on CPU and a device-side
     assert, which ends the process, on CUDA), or None (RoPE, ALiBi, ...: any length)."""
-    model = _innermost(model)
+    model = _unwrapped(model, data_parallel=True)
     try:
         emb = model.get_input_embeddings()
     except Exception:  # not a Hugging Face model
@@ -229,7 +257,7 @@ def _position_limit(model) -> Optional[int]:
 def _check_positions(n: int, model, name: str) -> None:
     limit = _position_limit(model)
     if limit is not None and n > limit:
-        raise ValueError(f"{name} must be at most {limit} tokens: {type(_innermost(model)).__name__} has learned "
+        raise ValueError(f"{name} must be at most {limit} tokens: {type(_unwrapped(model, True)).__name__} has learned "
                          f"position embeddings for {limit} positions and none beyond (got {n})")
 
 

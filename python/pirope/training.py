@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .eval import _accepts, _check_positions, _eval_mode, _logits, _vocab_size
+from .eval import _accepts, _check_positions, _chain, _compiled_inner, _eval_mode, _logits, _unwrapped, _vocab_size
 
 __all__ = ["causal_lm_loss", "default_loss_chunk"]
 
@@ -118,47 +118,6 @@ def _forward_replaced(model: torch.nn.Module, fn):
             model.forward = old
         else:
             del model.forward
-
-
-def _compiled_inner(model):
-    """The module torch.compile(module) wraps (None if model is not such a wrapper)."""
-    if not (isinstance(model, torch.nn.Module) and type(model).__name__ == "OptimizedModule"):
-        return None
-    inner = model._modules.get("_orig_mod")
-    return inner if isinstance(inner, torch.nn.Module) else None
-
-
-def _chain(model, data_parallel: bool = False):
-    """model, then what each DDP, torch.compile and PEFT wrapper around it calls in turn
-    (data_parallel: also nn.DataParallel, which calls copies of it); None at the end where a
-    wrapper's model cannot be had."""
-    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel) if data_parallel else \
-        torch.nn.parallel.DistributedDataParallel
-    chain = [model]
-    for _ in range(8):
-        if isinstance(model, wrappers):
-            model = model.module  # its forward calls the module's
-        elif _compiled_inner(model) is not None:  # (its compiled forward calls the module's)
-            model = _compiled_inner(model)
-        elif callable(getattr(model, "get_base_model", None)):  # peft.PeftModel
-            try:
-                inner = model.get_base_model()
-            except Exception:
-                return chain + [None]
-            if inner is model:
-                break
-            model = inner
-        else:
-            break
-        chain.append(model)
-    return chain
-
-
-def _unwrapped(model, data_parallel: bool = False):
-    """The model that DDP, torch.compile and PEFT wrappers (any nesting; data_parallel: also
-    nn.DataParallel) end up calling (model itself if none), None if it cannot be had."""
-    inner = _chain(model, data_parallel)[-1]
-    return inner if isinstance(inner, torch.nn.Module) else None
 
 
 def _parts(model):
