@@ -66,6 +66,12 @@ def dense_per_sequence(q, k, v, cos, sin, cu, pos, g, **kw):
     return outs, dqs, dks, dvs
 
 
+def many_threads():
+    """The thread count to compare against 1 thread: this process's, at least 2 (pytest
+    workers run with their share of the cores, one thread each on 2 cores: tests/pytest_workers.sh)."""
+    return max(2, torch.get_num_threads())
+
+
 def at_thread_counts(counts, fn):
     """[fn() with torch.set_num_threads(n) for n in counts]; the thread count restored after."""
     threads = torch.get_num_threads()

@@ -1,12 +1,10 @@
-# Sourced by run.sh and compat.sh. `workers="$(pytest_workers PYTHON)"` (an assignment, so that
-# set -e stops at a bad PIROPE_TEST_WORKERS) gives pytest's "-n N" when
+# Sourced by run.sh, compat.sh and sanitize.sh. `workers="$(pytest_workers PYTHON)"` (an
+# assignment, so that set -e stops at a bad PIROPE_TEST_WORKERS) gives pytest's "-n N" when
 # pytest-xdist is installed for PYTHON (requirements-dev.txt has it), so the Python tests
 # run in N processes; else nothing, and they run one after another.
 # N: $PIROPE_TEST_WORKERS, or one per core up to 4 (each process imports torch and
-# transformers, about 1 GB; torch's own threads still run the CPU kernels in parallel,
-# so at::parallel_for's multi-threaded paths stay tested). PIROPE_TEST_WORKERS=0 or 1: serial.
-# Not for sanitize.sh: its kernel tests keep the cores busy already (on 2 cores, two
-# processes under ASan took 280 s where one takes 160 s).
+# transformers, about 1 GB). PIROPE_TEST_WORKERS=0 or 1: serial.
+# `share_cores "$workers"` then gives each process its share of the cores (below).
 pytest_workers() {
   local n="${PIROPE_TEST_WORKERS:-}"
   if [ -z "$n" ]; then
@@ -18,5 +16,21 @@ pytest_workers() {
   esac
   if [ "$n" -gt 1 ] && "$1" -c "import xdist" 2>/dev/null; then
     echo "-n $n"
+  fi
+}
+
+# `share_cores "$workers"` (after pytest_workers): each of the N processes gets cores / N torch
+# threads (at least 1), exported as OMP_NUM_THREADS unless that is set already. N processes of
+# one thread per core each oversubscribe the cores: on 2 cores the suite took 533 s so and
+# 386 s with one thread each, the ASan run 180 s in one process and 118 s in two. The tests of
+# the kernels' multi-threaded paths set their thread counts themselves
+# (tests/attention_inputs.py: at_thread_counts, many_threads).
+share_cores() {
+  local n="${1#-n }"
+  if [ -n "$1" ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+    local t=$(( $(nproc) / n ))
+    [ "$t" -lt 1 ] && t=1
+    export OMP_NUM_THREADS="$t"
+    echo "pytest: $n processes of $t torch thread(s) each (OMP_NUM_THREADS)"
   fi
 }

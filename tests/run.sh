@@ -13,5 +13,6 @@ ctest --test-dir build/cmake --output-on-failure
 echo "== Python tests =="
 . tests/pytest_workers.sh
 workers="$(pytest_workers python)"
+share_cores "$workers"
 # shellcheck disable=SC2086  # "-n N" is two words
 python -m pytest -q $workers "$@"

@@ -26,4 +26,8 @@ export PYTHONPATH="$PWD/python"
 tests=(tests/test_apply_rope.py tests/test_bad_input.py tests/test_rope_properties.py tests/test_malformed_inputs.py)
 for t in tests/test_rope_attention.py tests/test_rope_attention_varlen.py tests/test_rope_attention_window.py tests/test_rope_attention_softcap.py tests/test_rope_attention_sinks.py; do [ -f "$t" ] && tests+=("$t"); done
 echo "== tests under ASan/UBSan =="
-python -m pytest -q -p no:cacheprovider "${tests[@]}" "$@"
+. tests/pytest_workers.sh
+workers="$(pytest_workers python)"
+share_cores "$workers"
+# shellcheck disable=SC2086  # "-n N" is two words
+python -m pytest -q -p no:cacheprovider $workers "${tests[@]}" "$@"

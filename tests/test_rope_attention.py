@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pirope
-from attention_inputs import at_thread_counts, qkv, tables
+from attention_inputs import at_thread_counts, many_threads, qkv, tables
 from reference import assert_attention_close as assert_close_to
 from reference import attention_reference
 
@@ -154,7 +154,7 @@ def test_backward_is_deterministic():
         pirope.rope_attention(q, k, v, cos, sin).backward(g)
         return [t.grad.clone() for t in (q, k, v)]
 
-    threads = torch.get_num_threads()
+    threads = many_threads()
     grads = at_thread_counts((threads, threads, 1), grads_of_one_run)
     for other in grads[1:]:  # bit-identical, whatever the thread count
         for a, b in zip(grads[0], other):
@@ -268,7 +268,7 @@ def test_cpu_default_products_are_taken_and_deterministic(monkeypatch, dtype):
     monkeypatch.setenv("PIROPE_CPU_GEMM", "blas")
     blas = run()
     monkeypatch.delenv("PIROPE_CPU_GEMM")
-    threads = torch.get_num_threads()
+    threads = many_threads()
     runs = at_thread_counts((threads, threads, 1), run)
     for other in runs[1:]:  # bit-identical, whatever the thread count
         for a, b in zip(runs[0], other):

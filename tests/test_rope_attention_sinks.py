@@ -15,8 +15,8 @@ import torch
 
 import pirope
 from attention_inputs import (assert_all_equal, assert_compiled_like_eager, at_thread_counts, band_reference,
-                              check_against_reference, cu_tensor, packed_qkv, qkv, run, small_call, tables,
-                              unfused_module)
+                              check_against_reference, cu_tensor, many_threads, packed_qkv, qkv, run, small_call,
+                              tables, unfused_module)
 from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import assert_attention_close, rope_reference
 
@@ -139,8 +139,7 @@ def test_gradients_do_not_depend_on_the_thread_count():
     cos, sin = tables(64, 300)
     sinks = sinks_for(4)
     g = torch.randn(2, 300, 4, 64)
-    threads = torch.get_num_threads()
-    runs = at_thread_counts((threads, 1), lambda: run(q, k, v, cos, sin, g=g, sinks=sinks, window_size=(90, 0)))
+    runs = at_thread_counts((many_threads(), 1), lambda: run(q, k, v, cos, sin, g=g, sinks=sinks, window_size=(90, 0)))
     assert_all_equal(runs[0], runs[1], what=("out", "dq", "dk", "dv", "g", "dsinks"))
 
 

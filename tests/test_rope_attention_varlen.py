@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import pirope
-from attention_inputs import at_thread_counts, cu_tensor, dense_per_sequence, packed_qkv, spans, tables, token_positions
+from attention_inputs import (at_thread_counts, cu_tensor, dense_per_sequence, many_threads, packed_qkv, spans, tables,
+                              token_positions)
 from reference import assert_attention_close as assert_close_to
 from reference import rope_reference
 
@@ -316,16 +317,15 @@ def test_deterministic_backward_is_bit_identical():
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     cos, sin = tables(64, 400)
     g = torch.randn(400, 8, 64)
-    grads = []
-    threads = torch.get_num_threads()
-    try:
-        for n, flag in ((threads, True), (threads, True), (1, True), (threads, False)):
-            torch.set_num_threads(n)
-            q.grad = k.grad = v.grad = None
-            pirope.rope_attention(q, k, v, cos, sin, deterministic=flag, cu_seqlens=cu).backward(g)
-            grads.append([t.grad.clone() for t in (q, k, v)])
-    finally:
-        torch.set_num_threads(threads)
+
+    def grads_of_one_run(flag):
+        q.grad = k.grad = v.grad = None
+        pirope.rope_attention(q, k, v, cos, sin, deterministic=flag, cu_seqlens=cu).backward(g)
+        return [t.grad.clone() for t in (q, k, v)]
+
+    n = many_threads()
+    grads = [at_thread_counts((threads,), lambda: grads_of_one_run(flag))[0]
+             for threads, flag in ((n, True), (n, True), (1, True), (n, False))]
     for other in grads[1:]:  # bit-identical, whatever the thread count (and the flag, on CPU)
         for a, b in zip(grads[0], other):
             assert torch.equal(a, b)
