@@ -4,6 +4,8 @@
 # only the newer torch takes is found here, not in a rare GPU session. A venv of its own
 # under build/compat, pirope built there (CPU kernels) in a copy of the tree.
 #   bash tests/compat.sh [pytest args]
+#   bash tests/compat.sh --install    (only the venv and its packages: .ci/run starts this early,
+#                                      in the background, so that the download overlaps the builds)
 # PIROPE_COMPAT_TORCH / PIROPE_COMPAT_TRANSFORMERS choose other versions. Where that torch
 # cannot be installed (no PyPI), the step says so and is skipped; once installed, any
 # failure fails it.
@@ -29,6 +31,7 @@ if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check "${deps[@]
   exit 0
 fi
 "$venv/bin/python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+[ "${1:-}" = "--install" ] && exit 0
 dst="$root/src"
 rm -rf "$dst" && mkdir -p "$dst"
 git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$dst"
@@ -39,5 +42,8 @@ PIROPE_FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" "$venv/bin/python" setup.py build_
 echo "== tests under torch $torch_version =="
 . tests/pytest_workers.sh
 workers="$(pytest_workers "$venv/bin/python")"
+share_cores "$workers"
+# The slow tests (pyproject.toml's marker) add ~180 s on 2 cores and no API of their own: run under
+# the newer torch by tests/run.sh only. `bash tests/compat.sh -m ""` runs them here too.
 # shellcheck disable=SC2086
-PYTHONPATH="$PWD/python" "$venv/bin/python" -m pytest -q -p no:cacheprovider $workers "$@"
+PYTHONPATH="$PWD/python" "$venv/bin/python" -m pytest -q -p no:cacheprovider $workers -m "not slow" "$@"

@@ -1166,6 +1166,7 @@ def test_generates_like_transformers_with_shared_layers(variant, float64_angles,
     assert fused_calls == fused_shapes(model_type, 1, 70)  # the prefill's own-key layers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
 def test_gemma4_with_shared_layers_compiles_fullgraph(attention, float64_angles):
     torch._dynamo.reset()

@@ -21,6 +21,7 @@ ROWS = [0, 1, 63, 64, 65, 1000, 4095, 4096, 16383, 20000, 32766, 32767]
 # max |error| relative to the reference's largest magnitude: float32 sums over 32k keys,
 # bfloat16 rounds rotated q, k and the probabilities once (as FlashAttention does)
 REL = {torch.float32: 5e-5, torch.bfloat16: 2e-2}
+pytestmark = pytest.mark.slow  # ~35 s a case on 2 cores (tests/compat.sh leaves them out)
 
 
 def pi_tables():
