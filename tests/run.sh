@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 echo "== C++ tests (Catch2, LibTorch) =="
 mkdir -p build && cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release > build/cmake.log 2>&1 || { cat build/cmake.log; exit 1; }
 cmake --build build/cmake -j "${MAX_JOBS:-2}"
-ctest --test-dir build/cmake --output-on-failure
+ctest --test-dir build/cmake --output-on-failure -j "${MAX_JOBS:-2}"
 echo "== Python tests =="
 . tests/pytest_workers.sh
 workers="$(pytest_workers python)"
