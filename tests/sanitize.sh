@@ -29,5 +29,5 @@ echo "== tests under ASan/UBSan =="
 . tests/pytest_workers.sh
 workers="$(pytest_workers python)"
 share_cores "$workers"
-# shellcheck disable=SC2086  # "-n N" is two words
+# shellcheck disable=SC2086  # "-n N --dist worksteal" is four words
 python -m pytest -q -p no:cacheprovider $workers "${tests[@]}" "$@"
