@@ -43,7 +43,7 @@ echo "== tests under torch $torch_version =="
 . tests/pytest_workers.sh
 workers="$(pytest_workers "$venv/bin/python")"
 share_cores "$workers"
-# The slow tests (pyproject.toml's marker) add ~180 s on 2 cores and no API of their own: run under
-# the newer torch by tests/run.sh only. `bash tests/compat.sh -m ""` runs them here too.
+# The slow tests (pyproject.toml's marker: ~160 s of test time, ~80 s on 2 cores) touch no API of
+# their own: run under the newer torch by tests/run.sh only. `bash tests/compat.sh -m ""` runs them here too.
 # shellcheck disable=SC2086
 PYTHONPATH="$PWD/python" "$venv/bin/python" -m pytest -q -p no:cacheprovider $workers -m "not slow" "$@"

@@ -139,7 +139,8 @@ def test_gradients_do_not_depend_on_the_thread_count():
     cos, sin = tables(64, 300)
     sinks = sinks_for(4)
     g = torch.randn(2, 300, 4, 64)
-    runs = at_thread_counts((many_threads(), 1), lambda: run(q, k, v, cos, sin, g=g, sinks=sinks, window_size=(90, 0)))
+    runs = at_thread_counts((many_threads(), 1),
+                            lambda: run(q, k, v, cos, sin, g=g, sinks=sinks, window_size=(90, 0)))
     assert_all_equal(runs[0], runs[1], what=("out", "dq", "dk", "dv", "g", "dsinks"))
 
 
