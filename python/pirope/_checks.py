@@ -117,6 +117,8 @@ def constant_tables(op: str, cos, sin, *, stacklevel: int = 3) -> None:
     grad (built from a learnable inv_freq, say) would get none silently, so it is said, once per
     call site. Not inside torch.compile, where a warning breaks the graph, nor under torch.func
     transforms, whose gradients with respect to the tables raise (python/pirope/_autograd)."""
+    if not (cos.requires_grad or sin.requires_grad):  # the usual case, first: every call passes here
+        return
     if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
             or torch._C._functorch.peek_interpreter_stack() is not None):
         return
