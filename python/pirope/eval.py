@@ -208,8 +208,8 @@ def _chain(model, data_parallel: bool = False):
     for _ in range(8):
         if isinstance(model, wrappers):
             model = model.module  # its forward calls the module's
-        elif _compiled_inner(model) is not None:  # (its compiled forward calls the module's)
-            model = _compiled_inner(model)
+        elif (compiled := _compiled_inner(model)) is not None:  # (its compiled forward calls the module's)
+            model = compiled
         elif callable(getattr(model, "get_base_model", None)):  # peft.PeftModel
             try:
                 inner = model.get_base_model()
