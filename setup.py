@@ -138,9 +138,13 @@ def extensions():
         cpp_extension.CUDA_HOME = find_cuda_home()
         for inc in pip_cuda_includes():
             nvcc += ["-isystem", inc]
+            cxx += ["-isystem", inc]  # cuda/*.cpp: the host-only dispatchers include ATen's CUDA headers
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        # the kernels (.cu) and their host-only dispatchers (.cpp: one host compile instead of
+        # nvcc's three passes over torch's headers; see cuda/rope_attention_launch.h)
         sources += rel(glob.glob(os.path.join(ROOT, "csrc/pirope/cuda/*.cu")))
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc/pirope/cuda/*.cpp")))
         defs = ["-DPIROPE_WITH_CUDA", f'-DPIROPE_CUDA_VERSION="{torch.version.cuda}"',
                 f'-DPIROPE_CUDA_ARCHS="{archs}"']
         if "9.0a" in archs.replace(" ", ";").split(";"):

@@ -1,5 +1,5 @@
 // Every schema of the pirope library, declared once. Kernels are registered per
-// dispatch key in cpu/*.cpp, cuda/*.cu and autograd/*.cpp; fake kernels, batching
+// dispatch key in cpu/*.cpp, cuda/*_kernel.{cu,cpp} and autograd/*.cpp; fake kernels, batching
 // rules and the autograd used under torch.func in Python (python/pirope/_fake,
 // _vmap, _autograd).
 #include <ATen/core/LegacyTypeDispatch.h>

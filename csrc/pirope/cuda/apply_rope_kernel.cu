@@ -180,7 +180,7 @@ void launch_typed(const RopeParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-// Not file-local: rope_attention's k pre-pass (rope_attention_kernel.cu) calls it too.
+// Not file-local: rope_attention's k pre-pass (rope_attention_kernel.cpp) calls it too.
 void launch_rope_cuda(const RopeParams& p, at::ScalarType x_dtype,
                       at::ScalarType table_dtype, c10::Device device) {
   TORCH_CHECK(p.batch * p.seqlen <= std::numeric_limits<int32_t>::max(),

@@ -1,5 +1,5 @@
-// Host-side helpers shared by the CUDA forward (rope_attention_kernel.cu) and backward
-// (rope_attention_backward_kernel.cu) dispatchers of rope_attention.
+// Host-side helpers shared by the CUDA forward (rope_attention_kernel.cpp) and backward
+// (rope_attention_backward_kernel.cpp) dispatchers of rope_attention.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -9,7 +9,7 @@
 // from the S accumulators as the A operand. (The 64-row, one-tile-per-warp version
 // ran at 0.30x of cuDNN at 16k tokens, this one at 0.42x: benchmarks/results/H100.md.)
 // Instantiated once per (dtype, head dim) in rope_attention_fwd_*.cu; dispatched by
-// rope_attention_kernel.cu. On sm_90 (use_sm90_kernels) the wgmma version runs instead:
+// rope_attention_kernel.cpp. On sm_90 (use_sm90_kernels) the wgmma version runs instead:
 // rope_attention_fwd_sm90.cuh.
 #pragma once
 

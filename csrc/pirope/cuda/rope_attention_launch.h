@@ -1,7 +1,10 @@
 // The launchers of the CUDA rope_attention kernels, one explicit instantiation per
 // (dtype, head dim) and per file (rope_attention_{fwd,bwd}_<dtype>_hd<kD>.cu), so the
-// kernels compile in parallel; rope_attention_kernel.cu and
-// rope_attention_backward_kernel.cu dispatch to them.
+// kernels compile in parallel; rope_attention_kernel.cpp and
+// rope_attention_backward_kernel.cpp dispatch to them. Those two hold no device code and
+// are compiled by the host compiler alone (nvcc would parse torch's headers three times,
+// for the host and for each architecture): they see the declarations below, not the
+// launch helpers of the kernel files (__CUDACC__).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -11,6 +14,7 @@
 
 namespace pirope::cuda {
 
+#ifdef __CUDACC__
 // The grid of the attention kernels: ceil(seqlen / rows_per_block) x heads x batch.
 inline dim3 attention_grid(const AttentionParams& p, int64_t rows_per_block, int64_t heads) {
   return dim3(static_cast<unsigned>((p.seqlen + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(heads),
@@ -38,11 +42,12 @@ bool has_register_budget(void (*kernel)(Params...), int threads, int split_regs)
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
   return attr.numRegs * threads >= split_regs;
 }
+#endif  // __CUDACC__
 
 // Whether this call runs on the Hopper kernels (wgmma.cuh): the build has sm_90a code
 // (TORCH_CUDA_ARCH_LIST with 9.0a), the current device is sm_90, k (and, for the
 // backward, q) is pre-rotated, and PIROPE_ATTENTION_SM90 is not "0". Otherwise the
-// mma.sync kernels run. Defined in rope_attention_kernel.cu.
+// mma.sync kernels run. Defined in rope_attention_kernel.cpp.
 bool use_sm90_kernels(const AttentionParams& p, bool backward);
 // Whether the Hopper kernel of this direction is the warp-specialised TMA one
 // (rope_attention_{fwd,bwd}_sm90_ws.cuh): PIROPE_ATTENTION_SM90=ws (both directions),

@@ -1,6 +1,6 @@
 // CUDA forward of rope_attention: dispatch to the tensor-core kernel of the dtype and
 // head dim (rope_attention_fwd.cuh, one instantiation per rope_attention_fwd_*.cu),
-// and registration of both CUDA ops (the backward is rope_attention_backward_kernel.cu).
+// and registration of both CUDA ops (the backward is rope_attention_backward_kernel.cpp).
 // Calls the kernels do not take (float32/64, other head dims) are routed by the Python
 // wrapper to apply_rope_qk + torch SDPA; called directly, they raise. Inputs whose rows
 // are not 16-byte aligned are copied first (align16), so any layout works.
@@ -131,7 +131,7 @@ bool use_sm90_ws_kernels(bool backward) {
   return backward ? choice.ws_bwd : choice.ws_fwd;
 }
 
-// Defined in rope_attention_backward_kernel.cu.
+// Defined in rope_attention_backward_kernel.cpp.
 void launch_rope_attention_bwd_cuda(const AttentionParams& p, at::ScalarType dtype,
                                     at::ScalarType table_dtype, c10::Device device);
 
