@@ -9,6 +9,8 @@ Environment:
     MAX_JOBS              parallel compile jobs (ninja)
     PIROPE_CPU_ISA        "auto" (default: AVX2+FMA when the build machine has them)
                           or "default" (portable build)
+    PIROPE_OPT_LEVEL      the host compiler's -O level (default 3; tests/compat.sh builds at 1:
+                          a third less compile time, the tests no slower)
     PIROPE_SANITIZE       e.g. "address,undefined": build the C++ code with those
                           sanitizers (see tests/sanitize.sh)
 """
@@ -94,6 +96,14 @@ def loaded_libstdcxx():
     return None
 
 
+def opt_level() -> str:
+    """-O<PIROPE_OPT_LEVEL>, -O3 unless set."""
+    level = os.environ.get("PIROPE_OPT_LEVEL", "").strip() or "3"
+    if level not in ("0", "1", "2", "3", "s", "g"):
+        sys.exit(f"pirope: PIROPE_OPT_LEVEL must be 0, 1, 2, 3, s or g (the N of -ON), got {level!r}")
+    return f"-O{level}"
+
+
 def rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
@@ -107,7 +117,7 @@ def extensions():
     # never ATen/ATen.h's every op (as in PyTorch itself; a third off each file's compile).
     # -g0: no debug info (Python's CFLAGS add -g: 30% of the C++ compile time, for a
     # release build nobody steps through; the sanitizer build below keeps line tables).
-    common = ["-O3", "-std=c++20", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS",
+    common = [opt_level(), "-std=c++20", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS",
               f'-DPIROPE_TORCH_VERSION="{torch.__version__}"']
     cxx = common + ["-g0", "-Wno-unknown-pragmas"]
     nvcc = common + ["--use_fast_math", "-lineinfo"]
@@ -131,7 +141,7 @@ def extensions():
         flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
         # -O1 and line tables only (-g1): what the sanitizers' docs advise, enough for
         # symbolised reports, and a third of the compile time of -O3 -g (these flags come
-        # after the -O3 above and Python's -g, so they win).
+        # after the -O level above and Python's -g, so they win).
         cxx += flags + ["-O1", "-g1"]
         link += flags
     if with_cuda:

@@ -74,6 +74,17 @@ def test_build_outside_the_installed_torch_says_what_to_do(tmp_path):
     assert r.returncode != 0 and "pip install --no-build-isolation" in r.stderr, r.stderr[-1000:]
 
 
+@pytest.mark.parametrize("level", ["fast", "-O2", "4"])
+def test_a_bad_optimisation_level_is_refused_by_name(level):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, "setup.py")):
+        pytest.skip("needs the source checkout")
+    r = subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PIROPE_OPT_LEVEL": level})
+    assert r.returncode != 0 and "PIROPE_OPT_LEVEL must be 0, 1, 2, 3, s or g" in r.stderr, r.stderr[-1000:]
+    assert repr(level) in r.stderr
+
+
 def test_import_of_an_unbuilt_checkout_says_to_build(tmp_path):
     # a source tree whose extension was never compiled: say so, not "another torch"
     import shutil
