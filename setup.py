@@ -10,7 +10,7 @@ Environment:
     PIROPE_CPU_ISA        "auto" (default: AVX2+FMA when the build machine has them)
                           or "default" (portable build)
     PIROPE_OPT_LEVEL      the host compiler's -O level (default 3; tests/compat.sh builds at 1:
-                          a third less compile time, the tests no slower)
+                          30% less compile time, the tests no slower)
     PIROPE_SANITIZE       e.g. "address,undefined": build the C++ code with those
                           sanitizers (see tests/sanitize.sh)
 """
