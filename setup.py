@@ -9,8 +9,8 @@ Environment:
     MAX_JOBS              parallel compile jobs (ninja)
     PIROPE_CPU_ISA        "auto" (default: AVX2+FMA when the build machine has them)
                           or "default" (portable build)
-    PIROPE_OPT_LEVEL      the host compiler's -O level (default 3; tests/compat.sh builds at 1:
-                          30% less compile time, the tests no slower)
+    PIROPE_OPT_LEVEL      the host compiler's -O level (default 3; 1 compiles in 30% less
+                          time, for development: its float32 results round differently)
     PIROPE_SANITIZE       e.g. "address,undefined": build the C++ code with those
                           sanitizers (see tests/sanitize.sh)
 """

@@ -37,9 +37,9 @@ rm -rf "$dst" && mkdir -p "$dst"
 git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$dst"
 cd "$dst"
 echo "== building pirope (CPU kernels) against torch $torch_version =="
-# -O1: compiles in 67 s instead of 96 s here, and the kernel tests take as long (63 s against 61 s)
-PIROPE_FORCE_CUDA=0 PIROPE_OPT_LEVEL="${PIROPE_OPT_LEVEL:-1}" MAX_JOBS="${MAX_JOBS:-2}" \
-  "$venv/bin/python" setup.py build_ext --inplace > "$root/build.log" 2>&1 ||
+# At the default -O3, as users build it: at -O1 (67 s instead of 96 s here) the kernels round
+# differently, and Gemma 4's tied-embedding gradient went past its test's tolerance (1.09x of it)
+PIROPE_FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" "$venv/bin/python" setup.py build_ext --inplace > "$root/build.log" 2>&1 ||
   { tail -40 "$root/build.log"; exit 1; }
 echo "== tests under torch $torch_version =="
 . tests/pytest_workers.sh
