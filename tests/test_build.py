@@ -61,12 +61,18 @@ def test_error_messages_that_format_numbers_do_not_crash():
     assert "raised:" in r.stdout and "got shape [16, 64]" in r.stdout
 
 
-def test_build_outside_the_installed_torch_says_what_to_do(tmp_path):
-    # pip's default isolated build has no torch: say --no-build-isolation, not just
-    # "No module named 'torch'"
+def source_checkout():
+    """The source tree these tests run from (setup.py beside tests/), or the test skips."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if not os.path.exists(os.path.join(root, "setup.py")):
         pytest.skip("needs the source checkout")
+    return root
+
+
+def test_build_outside_the_installed_torch_says_what_to_do(tmp_path):
+    # pip's default isolated build has no torch: say --no-build-isolation, not just
+    # "No module named 'torch'"
+    root = source_checkout()
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\")")
     r = subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, capture_output=True, text=True,
@@ -76,9 +82,7 @@ def test_build_outside_the_installed_torch_says_what_to_do(tmp_path):
 
 @pytest.mark.parametrize("level", ["fast", "-O2", "4"])
 def test_a_bad_optimisation_level_is_refused_by_name(level):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.exists(os.path.join(root, "setup.py")):
-        pytest.skip("needs the source checkout")
+    root = source_checkout()
     r = subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, capture_output=True, text=True,
                        timeout=120, env={**os.environ, "PIROPE_OPT_LEVEL": level})
     assert r.returncode != 0 and "PIROPE_OPT_LEVEL must be 0, 1, 2, 3, s or g" in r.stderr, r.stderr[-1000:]
@@ -115,9 +119,7 @@ def test_import_of_an_unbuilt_checkout_shadowing_a_built_install_says_so(tmp_pat
 def test_sdist_carries_every_source_header_and_cmake_file(tmp_path):
     # setuptools alone leaves headers (.h, .cuh) and CMakeLists.txt out: MANIFEST.in
     import tarfile
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.exists(os.path.join(root, "setup.py")):
-        pytest.skip("needs the source checkout")
+    root = source_checkout()
     r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=root,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
