@@ -1256,7 +1256,8 @@ def test_each_layer_gets_the_table_of_its_layer_type(model_type, fused_calls):
 
 
 @pytest.mark.parametrize("model_type", ["gemma3_text", "olmo3", "gemma4_text", "gemma3n_text", "lfm3"])
-def test_position_interpolation_extends_only_the_full_attention_layers_and_round_trips(model_type, tmp_path):
+def test_position_interpolation_extends_only_the_full_attention_layers_and_round_trips(model_type, tmp_path,
+                                                                                     float64_angles):
     base = make(model_type)
     before = copy.deepcopy(base.config.rope_parameters)
     model = apply_position_interpolation(copy.deepcopy(base), 4.0)
@@ -1288,7 +1289,12 @@ def test_position_interpolation_extends_only_the_full_attention_layers_and_round
     assert again.config.rope_parameters["full_attention"]["factor"] == 8.0
     assert again.config.rope_parameters["sliding_attention"] == before["sliding_attention"]
     x = ids(1, 150)
-    assert_same(logits_and_grads(again, x), logits_and_grads(twin(base, again.config), x))
+    if model_type in ("gemma4_text", "gemma3n_text"):
+        # in float64, where float64_angles makes transformers' tables pirope's: Gemma 4's attention
+        # (scale 1.0) takes float32 rounding alone to ~0.8x the float32 tolerance at 150 tokens
+        assert_same_float64(logits_and_grads(again.double(), x), logits_and_grads(twin(base, again.config).double(), x))
+    else:
+        assert_same(logits_and_grads(again, x), logits_and_grads(twin(base, again.config), x))
 
 
 def test_patch_rope_takes_rope_parameters_keyed_by_layer_type_only():
