@@ -72,6 +72,16 @@ def many_threads():
     return max(2, torch.get_num_threads())
 
 
+def use_packed_products(monkeypatch, dtype):
+    """rope_attention on CPU takes the AVX512 products where this CPU has them (its
+    default), else their portable version (PIROPE_CPU_GEMM=portable): the packed
+    operands and the backward that splits over threads, which BLAS products never take."""
+    monkeypatch.delenv("PIROPE_CPU_GEMM", raising=False)
+    if pirope.cpu_gemm()[str(dtype)[6:]] == "blas":
+        monkeypatch.setenv("PIROPE_CPU_GEMM", "portable")
+    assert pirope.cpu_gemm()[str(dtype)[6:]] != "blas"
+
+
 def at_thread_counts(counts, fn):
     """[fn() with torch.set_num_threads(n) for n in counts]; the thread count restored after."""
     threads = torch.get_num_threads()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pirope
-from attention_inputs import at_thread_counts, many_threads, qkv, tables
+from attention_inputs import at_thread_counts, many_threads, qkv, tables, use_packed_products
 from reference import assert_attention_close as assert_close_to
 from reference import attention_reference
 
@@ -169,7 +169,8 @@ def test_backward_is_deterministic():
 
 # ---- CPU tile products: AVX512 kernels (avx512_gemm.h) or torch's BLAS ----
 CPU_GEMM = pirope.cpu_gemm()  # what this CPU runs by default, per dtype
-GEMM_ENV = {"avx512_bf16": None, "avx512": "avx512", "blas": "blas"}  # PIROPE_CPU_GEMM
+GEMM_ENV = {"avx512_bf16": None, "avx512": "avx512", "blas": "blas",  # PIROPE_CPU_GEMM
+            "portable_bf16": "portable", "portable": "portable"}
 # Every path is held to ATTENTION_REL. (A 1e-2 bound for bfloat16 failed about one run in a
 # hundred for the 7-token, head-dim-6 case: over 4200 random draws of the smallest shapes
 # on all three paths the worst error was 1.9e-2, float16 1.9e-3.)
@@ -179,7 +180,7 @@ def use_cpu_gemm(monkeypatch, dtype, path):
     """Makes rope_attention on CPU take `path` for `dtype`, or skips the test when
     this CPU cannot run it."""
     runs_here = {"blas": True, "avx512": CPU_GEMM["float32"] == "avx512",
-                 "avx512_bf16": CPU_GEMM["bfloat16"] == "avx512_bf16"}
+                 "avx512_bf16": CPU_GEMM["bfloat16"] == "avx512_bf16", "portable": True, "portable_bf16": True}
     if not runs_here[path]:
         pytest.skip(f"this CPU cannot run the {path} products")
     if GEMM_ENV[path] is None:
@@ -189,9 +190,11 @@ def use_cpu_gemm(monkeypatch, dtype, path):
     assert pirope.cpu_gemm()[str(dtype)[6:]] == path
 
 
+# (the portable products run the AVX512 paths' packing and rounding on any CPU)
 PATHS = [(torch.bfloat16, "avx512_bf16"), (torch.bfloat16, "avx512"), (torch.bfloat16, "blas"),
          (torch.float32, "avx512"), (torch.float32, "blas"), (torch.float16, "avx512"),
-         (torch.float16, "blas")]
+         (torch.float16, "blas"), (torch.bfloat16, "portable_bf16"), (torch.float32, "portable"),
+         (torch.float16, "portable")]
 
 
 @pytest.mark.parametrize("dtype, path", PATHS)
@@ -236,6 +239,9 @@ def test_cpu_gemm_reports_the_path_per_dtype(monkeypatch):
     assert pirope.cpu_gemm()["bfloat16"] == paths["float32"]
     monkeypatch.setenv("PIROPE_CPU_GEMM", "blas")
     assert set(pirope.cpu_gemm().values()) == {"blas"}
+    monkeypatch.setenv("PIROPE_CPU_GEMM", "portable")  # on any CPU
+    assert pirope.cpu_gemm() == {"float64": "blas", "float32": "portable", "float16": "portable",
+                                 "bfloat16": "portable_bf16"}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, torch.float64])
@@ -243,7 +249,7 @@ def test_cpu_gemm_switch_rejects_unknown_values(monkeypatch, dtype):
     q, k, v = qkv(1, 5, 2, 1, 8, dtype=dtype)
     cos, sin = tables(8, 5)
     monkeypatch.setenv("PIROPE_CPU_GEMM", "BLAS")
-    with pytest.raises(RuntimeError, match="PIROPE_CPU_GEMM must be 'auto', 'avx512' or 'blas', got 'BLAS'"):
+    with pytest.raises(RuntimeError, match="PIROPE_CPU_GEMM must be 'auto', 'avx512', 'blas' or 'portable', got 'BLAS'"):
         pirope.rope_attention(q, k, v, cos, sin)
     monkeypatch.setenv("PIROPE_CPU_GEMM", "auto")
     assert pirope.cpu_gemm() == CPU_GEMM
@@ -251,10 +257,7 @@ def test_cpu_gemm_switch_rejects_unknown_values(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cpu_default_products_are_taken_and_deterministic(monkeypatch, dtype):
-    default = CPU_GEMM[str(dtype)[6:]]
-    if default == "blas":
-        pytest.skip("this CPU has no AVX512 (the BLAS path is tested everywhere)")
+def test_cpu_packed_products_are_taken_and_deterministic(monkeypatch, dtype):
     q, k, v = qkv(1, 300, 4, 2, 64, dtype=dtype, requires_grad=True)
     cos, sin = tables(64, 300)
     g = torch.randn(1, 300, 4, 64, dtype=dtype)
@@ -267,25 +270,25 @@ def test_cpu_default_products_are_taken_and_deterministic(monkeypatch, dtype):
 
     monkeypatch.setenv("PIROPE_CPU_GEMM", "blas")
     blas = run()
-    monkeypatch.delenv("PIROPE_CPU_GEMM")
+    use_packed_products(monkeypatch, dtype)
     threads = many_threads()
     runs = at_thread_counts((threads, threads, 1), run)
     for other in runs[1:]:  # bit-identical, whatever the thread count
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
     # Another kernel (other summation order; for bfloat16 also rounding where BLAS
-    # keeps float32) ran by default: the results differ, slightly.
+    # keeps float32) ran: the results differ, slightly.
     assert not all(torch.equal(a, b) for a, b in zip(runs[0], blas))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("causal", [True, False])
-def test_cpu_backward_split_over_threads_is_bit_identical(dtype, causal):
+def test_cpu_backward_split_over_threads_is_bit_identical(monkeypatch, dtype, causal):
     # With few kv heads (MQA, batch 1) the backward splits into a dk/dv pass over key
     # blocks and a dq pass over query blocks when threads would idle; the gradients
-    # must be the ones of the one-task-per-head order, bit for bit.
-    if CPU_GEMM[str(dtype)[6:]] == "blas":
-        pytest.skip("BLAS products always run the one-pass backward")
+    # must be the ones of the one-task-per-head order, bit for bit. (BLAS products
+    # always run the one-pass backward.)
+    use_packed_products(monkeypatch, dtype)
     q, k, v = qkv(1, 1100, 4, 1, 64, dtype=dtype)
     cos, sin = tables(64, 1100)
     g = torch.randn(1, 1100, 4, 64, dtype=dtype)

@@ -21,7 +21,7 @@ import torch
 import pirope
 from attention_inputs import (assert_all_equal, assert_compiled_like_eager, at_thread_counts, band_reference,
                               check_against_reference, cu_tensor, dense_per_sequence, packed_qkv, qkv, run, spans,
-                              small_call, tables, unfused_module, unfused_with, visibility, wid)
+                              small_call, tables, unfused_module, unfused_with, use_packed_products, visibility, wid)
 from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import ATTENTION_REL, attention_reference, rope_reference
 from reference import assert_attention_close as assert_close_to
@@ -479,9 +479,10 @@ def test_per_sample_gradients_vmap_of_grad():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (True, (300, -1)),
                                             (False, (255, 256))], ids=["causal", "full", "c300", "f255_256"])
-def test_backward_bit_identical_over_thread_counts_mqa(dtype, causal, window):
+def test_backward_bit_identical_over_thread_counts_mqa(monkeypatch, dtype, causal, window):
     # batch 1, one kv head, 600 tokens: the split two-pass backward with 2+ threads
-    # (where the CPU's tile kernels allow it), one pass with 1
+    # (the AVX512 products or their portable version: BLAS ones never split), one pass with 1
+    use_packed_products(monkeypatch, dtype)
     q, k, v = scaled(qkv(1, 600, 4, 1, 64), 2)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     cos, sin = tables(64, 600)

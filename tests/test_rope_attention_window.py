@@ -26,7 +26,7 @@ import torch
 import pirope
 from attention_inputs import (assert_all_equal, assert_compiled_like_eager, at_thread_counts, band_reference,
                               check_against_reference, cu_tensor, dense_per_sequence, packed_qkv, qkv, run, spans,
-                              small_call, tables, unfused_module, unfused_with, visibility, wid)
+                              small_call, tables, unfused_module, unfused_with, use_packed_products, visibility, wid)
 from conftest import CUDA_SKIP_REASON, cuda_ready
 from reference import ATTENTION_REL, attention_reference
 from reference import assert_attention_close as assert_close_to
@@ -560,8 +560,10 @@ def test_per_sample_gradients_vmap_of_grad():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal, window", [(True, (300, -1)), (False, (255, 256)), (True, (64, 0))],
                          ids=["c300", "f255_256", "c64"])
-def test_backward_bit_identical_over_thread_counts_mqa(dtype, causal, window):
+def test_backward_bit_identical_over_thread_counts_mqa(monkeypatch, dtype, causal, window):
     # batch 1, one kv head: the split two-pass backward with 2+ threads, one pass with 1
+    # (the AVX512 products or their portable version: BLAS ones never split)
+    use_packed_products(monkeypatch, dtype)
     q, k, v = qkv(1, 1100, 4, 1, 64, dtype=dtype)
     cos, sin = tables(64, 1100)
     g = torch.randn(1, 1100, 4, 64, dtype=dtype)

@@ -42,15 +42,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "cpu_gemm",
       [] {
         namespace avx = pirope::cpu::avx512;
-        const char* f32 = avx::enabled<float>() ? "avx512" : "blas";
+        const std::string packed = avx::portable() ? "portable" : "avx512";
+        const std::string f32 = avx::enabled<float>() ? packed : "blas";
         pybind11::dict d;
         d["float64"] = "blas";
         d["float32"] = f32;
         d["float16"] = f32;
-        d["bfloat16"] = avx::enabled<c10::BFloat16>() ? "avx512_bf16" : f32;
+        d["bfloat16"] = avx::enabled<c10::BFloat16>() ? packed + "_bf16" : f32;
         return d;
       },
       "The tile products rope_attention on CPU uses now, per input dtype: 'avx512_bf16' "
       "(bfloat16 operands), 'avx512' (float32 operands) or 'blas' (torch's BLAS). "
-      "PIROPE_CPU_GEMM=blas or =avx512 rules out the faster ones.");
+      "PIROPE_CPU_GEMM=blas or =avx512 rules out the faster ones; =portable runs the "
+      "AVX512 paths in plain C++ ('portable', 'portable_bf16'), on any CPU.");
 }

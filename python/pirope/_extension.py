@@ -73,7 +73,10 @@ def cpu_gemm() -> dict:
     """The tile products ``rope_attention`` uses on this CPU now, per input dtype name:
     ``"avx512_bf16"`` (bfloat16 operands, AVX512-BF16), ``"avx512"`` (float32 operands,
     AVX512F) or ``"blas"`` (torch's BLAS; always for float64). The environment variable
-    ``PIROPE_CPU_GEMM`` (``auto``, ``avx512`` or ``blas``) rules the faster ones out."""
+    ``PIROPE_CPU_GEMM`` (``auto``, ``avx512`` or ``blas``) rules the faster ones out;
+    ``portable`` runs the AVX512 paths (their packed operands, backward split over
+    threads and bfloat16 rounding) with plain C++ products on any CPU, several times
+    slower, for testing: ``"portable"`` and ``"portable_bf16"``."""
     return dict(_C.cpu_gemm())
 
 

@@ -1,11 +1,14 @@
 // The CPU attention's AVX512 tile products (csrc/pirope/cpu/avx512_gemm.h) against a
 // float64 product of the same operands, over the edge cases the attention shapes only
 // partly reach: rows not a multiple of the 6-row tile, columns not a multiple of 16,
-// ldp > n, accumulate and alpha. Skips (with a message) on CPUs without AVX512.
+// ldp > n, accumulate and alpha. Skips (with a message) on CPUs without AVX512; their
+// portable version (PIROPE_CPU_GEMM=portable) runs everywhere.
 #include "catch.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "pirope/cpu/avx512_gemm.h"
@@ -74,6 +77,61 @@ TEST_CASE("avx512 float32 tile products equal a float64 product", "[avx512_gemm]
 
 TEST_CASE("avx512 bfloat16 tile products equal a float64 product", "[avx512_gemm]") {
   check_all_shapes<c10::BFloat16>();
+}
+
+namespace {
+// PIROPE_CPU_GEMM=portable for one scope, the previous value restored after.
+class PortableProducts {
+ public:
+  PortableProducts() {
+    const char* old = std::getenv("PIROPE_CPU_GEMM");
+    if (old) old_ = old;
+    had_ = old != nullptr;
+    setenv("PIROPE_CPU_GEMM", "portable", 1);
+  }
+  ~PortableProducts() {
+    if (had_)
+      setenv("PIROPE_CPU_GEMM", old_.c_str(), 1);
+    else
+      unsetenv("PIROPE_CPU_GEMM");
+  }
+
+ private:
+  std::string old_;
+  bool had_ = false;
+};
+}  // namespace
+
+TEST_CASE("portable tile products equal a float64 product, on any CPU", "[avx512_gemm]") {
+  PortableProducts portable;
+  REQUIRE(avx::portable());
+  REQUIRE(avx::enabled<float>());
+  REQUIRE(avx::enabled<c10::BFloat16>());
+  check_all_shapes<float>();
+  check_all_shapes<c10::BFloat16>();
+}
+
+TEST_CASE("bfloat16 rounding and row interleaving, AVX512 and portable alike", "[avx512_gemm]") {
+  // 1 + 2^-8 is halfway between two bfloat16s: to even (1); 1 + 3 * 2^-8 up to 1 + 2^-6
+  const std::vector<float> r0 = {1.f + 1.f / 256, 1.f + 3.f / 256, -2.5f, 3.f, 7.f};
+  const std::vector<float> r1 = {4.f, 5.f, 6.f, 7.f, 8.f};
+  const float rounded[] = {1.f, 1.f + 1.f / 64, -2.5f, 3.f, 7.f};
+  auto check = [&] {
+    std::vector<c10::BFloat16> row(6, c10::BFloat16(9.f)), pairs(10, c10::BFloat16(9.f));
+    avx::round_row(r0.data(), 5, row.data());
+    for (int j = 0; j < 5; ++j) REQUIRE(float(row[j]) == rounded[j]);
+    REQUIRE(float(row[5]) == 0.f);  // odd n: the zero partner
+    avx::interleave_rows(r0.data(), r1.data(), 5, pairs.data());
+    for (int j = 0; j < 5; ++j) {
+      REQUIRE(float(pairs[2 * j]) == rounded[j]);
+      REQUIRE(float(pairs[2 * j + 1]) == r1[j]);
+    }
+    avx::interleave_rows(r0.data(), nullptr, 5, pairs.data());
+    for (int j = 0; j < 5; ++j) REQUIRE(float(pairs[2 * j + 1]) == 0.f);
+  };
+  if (avx::enabled<c10::BFloat16>()) check();
+  PortableProducts portable;
+  check();
 }
 
 TEST_CASE("packed layout: bfloat16 row pairs interleave, odd k gets a zero row", "[avx512_gemm]") {

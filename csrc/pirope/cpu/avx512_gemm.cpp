@@ -7,6 +7,7 @@
 #include <cstring>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include <c10/util/Exception.h>
 
@@ -27,14 +28,25 @@
 
 namespace pirope::cpu::avx512 {
 
+namespace {
+// PIROPE_CPU_GEMM, read at each call, so tests can flip it; a typo must not pass for
+// the default.
+std::string_view mode() {
+  const char* env = std::getenv("PIROPE_CPU_GEMM");
+  const std::string_view m = env ? env : "";
+  TORCH_CHECK(m.empty() || m == "auto" || m == "avx512" || m == "blas" || m == "portable",
+              "PIROPE_CPU_GEMM must be 'auto', 'avx512', 'blas' or 'portable', got '", m, "'");
+  return m;
+}
+}  // namespace
+
+bool portable() { return mode() == "portable"; }
+
 template <typename T>
 bool enabled() {
-  // Read at each call, so tests can flip it; a typo must not pass for the default.
-  const char* env = std::getenv("PIROPE_CPU_GEMM");
-  const std::string_view mode = env ? env : "";
-  TORCH_CHECK(mode.empty() || mode == "auto" || mode == "avx512" || mode == "blas",
-              "PIROPE_CPU_GEMM must be 'auto', 'avx512' or 'blas', got '", mode, "'");
-  if (mode == "blas" || (std::is_same_v<T, c10::BFloat16> && mode == "avx512")) return false;
+  const std::string_view m = mode();
+  if (m == "portable") return true;
+  if (m == "blas" || (std::is_same_v<T, c10::BFloat16> && m == "avx512")) return false;
 #ifdef PIROPE_HAVE_AVX512
   static const bool cpu = [] {  // the CPU does not change
     const bool base = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -48,6 +60,49 @@ bool enabled() {
   return false;
 #endif
 }
+
+namespace {
+
+// ---- Portable versions (PIROPE_CPU_GEMM=portable): the same results up to float32
+// summation order, in plain C++ (one output row at a time; the compiler vectorises
+// the inner loop). A bfloat16 pair adds its two exact products to the float32 sum, as
+// vdpbf16ps does.
+
+template <typename T>
+void gemm_portable(int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda,
+                   const T* b, int64_t ldp, bool accumulate, float* c, int64_t ldc) {
+  constexpr int64_t P = kPair<T>;
+  std::vector<float> row(n);
+  for (int64_t i = 0; i < m; ++i) {
+    std::fill(row.begin(), row.end(), 0.f);
+    for (int64_t kk = 0; kk < k; kk += P) {
+      const T* brow = b + kk * ldp;  // row (pair) kk / P: P * ldp elements
+      float ai[P];
+      for (int64_t p = 0; p < P; ++p) ai[p] = float(a[i * lda + kk + p]);
+      for (int64_t j = 0; j < n; ++j) {
+        float pair = 0.f;  // exact for bfloat16 operands
+        for (int64_t p = 0; p < P; ++p) pair += ai[p] * float(brow[j * P + p]);
+        row[j] += pair;
+      }
+    }
+    float* crow = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) crow[j] = alpha * row[j] + (accumulate ? crow[j] : 0.f);
+  }
+}
+
+void round_row_portable(const float* src, int64_t n, c10::BFloat16* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = c10::BFloat16(src[j]);  // round to nearest even
+  if (n % 2) dst[n] = c10::BFloat16(0.f);
+}
+
+void interleave_rows_portable(const float* r0, const float* r1, int64_t n, c10::BFloat16* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    dst[2 * j] = c10::BFloat16(r0[j]);
+    dst[2 * j + 1] = c10::BFloat16(r1 ? r1[j] : 0.f);
+  }
+}
+
+}  // namespace
 
 #ifdef PIROPE_HAVE_AVX512
 namespace {
@@ -148,26 +203,25 @@ PIROPE_AVX512_TARGET void interleave_rows_avx512(const float* r0, const float* r
 
 void round_row(const float* src, int64_t n, c10::BFloat16* dst) {
 #ifdef PIROPE_HAVE_AVX512
-  round_row_avx512(src, n, dst);
-#else
-  TORCH_CHECK(false, "avx512::round_row: this build has no AVX512 kernels");
+  if (!portable()) return round_row_avx512(src, n, dst);
 #endif
+  round_row_portable(src, n, dst);
 }
 
 void interleave_rows(const float* r0, const float* r1, int64_t n, c10::BFloat16* dst) {
 #ifdef PIROPE_HAVE_AVX512
-  interleave_rows_avx512(r0, r1, n, dst);
-#else
-  TORCH_CHECK(false, "avx512::interleave_rows: this build has no AVX512 kernels");
+  if (!portable()) return interleave_rows_avx512(r0, r1, n, dst);
 #endif
+  interleave_rows_portable(r0, r1, n, dst);
 }
 
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda, const T* b,
           int64_t ldp, bool accumulate, float* c, int64_t ldc) {
-#ifdef PIROPE_HAVE_AVX512
   constexpr int64_t P = kPair<T>;
   TORCH_INTERNAL_ASSERT(k % P == 0 && lda % P == 0 && n <= ldp, "avx512::gemm: bad operands");
+  if (portable()) return gemm_portable(m, n, k, alpha, a, lda, b, ldp, accumulate, c, ldc);
+#ifdef PIROPE_HAVE_AVX512
   // Column panels of B (k x 64: 32 KB for k = 256 bfloat16s or 128 floats) stay in
   // L1 while the row tiles of A stream past them.
   for (int64_t j0 = 0; j0 < n; j0 += kNR) {

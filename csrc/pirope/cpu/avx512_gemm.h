@@ -1,4 +1,5 @@
-// Tile products for the CPU attention kernels on AVX512 CPUs, with float32 results:
+// Tile products for the CPU attention kernels on AVX512 CPUs, with float32 results
+// (and a portable version of them, portable() below):
 //   float  operands: fused multiply-adds (vfmadd231ps);
 //   bfloat16 operands: vdpbf16ps (AVX512-BF16), where each float32 lane adds the
 //     products of one *pair* of bfloat16s, exactly, to its float32 sum.
@@ -25,14 +26,19 @@ namespace pirope::cpu::avx512 {
 template <typename T>
 constexpr int64_t kPair = std::is_same_v<T, c10::BFloat16> ? 2 : 1;
 
-// Whether gemm<T> runs now: the CPU (and OS) support AVX512F/BW/VL, plus AVX512-BF16
-// for bfloat16, and the environment variable PIROPE_CPU_GEMM does not rule it out:
-// "blas" makes the attention kernels use torch's BLAS for every dtype, "avx512"
-// float32 operands for bfloat16 too (to compare paths; read at each call; other
-// values than these and "auto" raise).
-// T: float or c10::BFloat16.
+// Whether the attention kernels take these products (and their packed operands) for
+// T now: the CPU (and OS) support AVX512F/BW/VL, plus AVX512-BF16 for bfloat16, and
+// the environment variable PIROPE_CPU_GEMM does not rule it out: "blas" makes the
+// attention kernels use torch's BLAS for every dtype, "avx512" float32 operands for
+// bfloat16 too (to compare paths; read at each call; other values than these, "auto"
+// and "portable" raise). T: float or c10::BFloat16.
 template <typename T>
 bool enabled();
+
+// PIROPE_CPU_GEMM=portable: enabled<T>() on any CPU, with every function below in
+// plain C++ instead of AVX512 (several times slower): the packed operands, task splits
+// and bfloat16 rounding of the AVX512 paths, testable on CPUs without AVX512.
+bool portable();
 
 // C (m x n, float32, row stride ldc) = alpha * A B, plus C when accumulate.
 // A: row stride lda (a multiple of P); B packed, ldp >= n; k a multiple of P.
