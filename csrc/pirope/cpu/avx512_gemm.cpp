@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -63,27 +64,40 @@ bool enabled() {
 
 namespace {
 
-// ---- Portable versions (PIROPE_CPU_GEMM=portable): the same results up to float32
-// summation order, in plain C++ (one output row at a time; the compiler vectorises
-// the inner loop). A bfloat16 pair adds its two exact products to the float32 sum, as
-// vdpbf16ps does.
+// ---- Portable versions (PIROPE_CPU_GEMM=portable): the same products in plain C++ and
+// ATen's vector types, one row of C at a time (it stays in L1 while B streams past),
+// B in float32 (bfloat16 operands converted once per product; each product of a pair
+// added in turn, as vdpbf16ps adds them): the AVX512 kernels' results up to summation
+// order.
 
 template <typename T>
 void gemm_portable(int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda,
                    const T* b, int64_t ldp, bool accumulate, float* c, int64_t ldc) {
-  constexpr int64_t P = kPair<T>;
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const float* bf;  // B (k x n), row stride ldb
+  int64_t ldb;
+  std::vector<float> converted;
+  if constexpr (std::is_same_v<T, float>) {
+    bf = b;
+    ldb = ldp;
+  } else {
+    converted.resize(k * n);
+    for (int64_t kk = 0; kk < k; ++kk)
+      for (int64_t j = 0; j < n; ++j) converted[kk * n + j] = float(b[packed_index<T>(kk, j, ldp)]);
+    bf = converted.data();
+    ldb = n;
+  }
   std::vector<float> row(n);
   for (int64_t i = 0; i < m; ++i) {
     std::fill(row.begin(), row.end(), 0.f);
-    for (int64_t kk = 0; kk < k; kk += P) {
-      const T* brow = b + kk * ldp;  // row (pair) kk / P: P * ldp elements
-      float ai[P];
-      for (int64_t p = 0; p < P; ++p) ai[p] = float(a[i * lda + kk + p]);
-      for (int64_t j = 0; j < n; ++j) {
-        float pair = 0.f;  // exact for bfloat16 operands
-        for (int64_t p = 0; p < P; ++p) pair += ai[p] * float(brow[j * P + p]);
-        row[j] += pair;
-      }
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const Vec ai(float(a[i * lda + kk]));
+      const float* bk = bf + kk * ldb;
+      int64_t j = 0;
+      for (; j + W <= n; j += W)
+        at::vec::fmadd(ai, Vec::loadu(bk + j), Vec::loadu(row.data() + j)).store(row.data() + j);
+      for (; j < n; ++j) row[j] += float(a[i * lda + kk]) * bk[j];
     }
     float* crow = c + i * ldc;
     for (int64_t j = 0; j < n; ++j) crow[j] = alpha * row[j] + (accumulate ? crow[j] : 0.f);
