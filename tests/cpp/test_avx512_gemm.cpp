@@ -80,7 +80,8 @@ TEST_CASE("avx512 bfloat16 tile products equal a float64 product", "[avx512_gemm
 }
 
 namespace {
-// PIROPE_CPU_GEMM=portable for one scope, the previous value restored after.
+// PIROPE_CPU_GEMM=portable for one scope, the previous value restored after (each
+// time read by enabled(), which decides the version the products run, as an op does).
 class PortableProducts {
  public:
   PortableProducts() {
@@ -88,12 +89,14 @@ class PortableProducts {
     if (old) old_ = old;
     had_ = old != nullptr;
     setenv("PIROPE_CPU_GEMM", "portable", 1);
+    avx::enabled<float>();
   }
   ~PortableProducts() {
     if (had_)
       setenv("PIROPE_CPU_GEMM", old_.c_str(), 1);
     else
       unsetenv("PIROPE_CPU_GEMM");
+    avx::enabled<float>();
   }
 
  private:

@@ -3,6 +3,7 @@
 #include "avx512_gemm.h"
 
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
@@ -39,6 +40,11 @@ std::string_view mode() {
               "PIROPE_CPU_GEMM must be 'auto', 'avx512', 'blas' or 'portable', got '", m, "'");
   return m;
 }
+
+// Whether the functions below run their portable versions: PIROPE_CPU_GEMM=portable at
+// the last enabled() call (every op calls it before any product), so that no tile reads
+// the environment (getenv per row would cost more than an AVX512-BF16 tile product).
+std::atomic<bool> use_portable{false};
 }  // namespace
 
 bool portable() { return mode() == "portable"; }
@@ -46,6 +52,7 @@ bool portable() { return mode() == "portable"; }
 template <typename T>
 bool enabled() {
   const std::string_view m = mode();
+  use_portable.store(m == "portable", std::memory_order_relaxed);
   if (m == "portable") return true;
   if (m == "blas" || (std::is_same_v<T, c10::BFloat16> && m == "avx512")) return false;
 #ifdef PIROPE_HAVE_AVX512
@@ -217,14 +224,15 @@ PIROPE_AVX512_TARGET void interleave_rows_avx512(const float* r0, const float* r
 
 void round_row(const float* src, int64_t n, c10::BFloat16* dst) {
 #ifdef PIROPE_HAVE_AVX512
-  if (!portable()) return round_row_avx512(src, n, dst);
+  if (!use_portable.load(std::memory_order_relaxed)) return round_row_avx512(src, n, dst);
 #endif
   round_row_portable(src, n, dst);
 }
 
 void interleave_rows(const float* r0, const float* r1, int64_t n, c10::BFloat16* dst) {
 #ifdef PIROPE_HAVE_AVX512
-  if (!portable()) return interleave_rows_avx512(r0, r1, n, dst);
+  if (!use_portable.load(std::memory_order_relaxed))
+    return interleave_rows_avx512(r0, r1, n, dst);
 #endif
   interleave_rows_portable(r0, r1, n, dst);
 }
@@ -234,7 +242,8 @@ void gemm(int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda,
           int64_t ldp, bool accumulate, float* c, int64_t ldc) {
   constexpr int64_t P = kPair<T>;
   TORCH_INTERNAL_ASSERT(k % P == 0 && lda % P == 0 && n <= ldp, "avx512::gemm: bad operands");
-  if (portable()) return gemm_portable(m, n, k, alpha, a, lda, b, ldp, accumulate, c, ldc);
+  if (use_portable.load(std::memory_order_relaxed))
+    return gemm_portable(m, n, k, alpha, a, lda, b, ldp, accumulate, c, ldc);
 #ifdef PIROPE_HAVE_AVX512
   // Column panels of B (k x 64: 32 KB for k = 256 bfloat16s or 128 floats) stay in
   // L1 while the row tiles of A stream past them.

@@ -37,7 +37,9 @@ bool enabled();
 
 // PIROPE_CPU_GEMM=portable: enabled<T>() on any CPU, with every function below in
 // plain C++ instead of AVX512 (several times slower): the packed operands, task splits
-// and bfloat16 rounding of the AVX512 paths, testable on CPUs without AVX512.
+// and bfloat16 rounding of the AVX512 paths, testable on CPUs without AVX512. Which
+// version the functions below run is fixed by the last call of enabled<T>() (they read
+// no environment themselves); portable() reads the variable now.
 bool portable();
 
 // C (m x n, float32, row stride ldc) = alpha * A B, plus C when accumulate.
