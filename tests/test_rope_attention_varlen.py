@@ -339,8 +339,8 @@ def test_backward_split_over_threads_is_bit_identical(monkeypatch, dtype):
     # Packed sequences run as one batch row: with one kv head the CPU backward may split
     # into a dk/dv pass over key blocks and a dq pass over query blocks (key blocks
     # spanning sequence boundaries); the gradients must not depend on the thread count.
-    # (BLAS products always run the one-pass backward: the AVX512 ones, or their portable
-    # version.)
+    # (BLAS products always run the one-pass backward: this test takes the AVX512 ones, or
+    # their portable version.)
     use_packed_products(monkeypatch, dtype)
     cu = [0, 300, 301, 700, 1100]
     q, k, v = packed_qkv(1100, 4, 1, 64, dtype=dtype)

@@ -99,12 +99,13 @@ void gemm_portable(int64_t m, int64_t n, int64_t k, float alpha, const T* a, int
   for (int64_t i = 0; i < m; ++i) {
     std::fill(row.begin(), row.end(), 0.f);
     for (int64_t kk = 0; kk < k; ++kk) {
-      const Vec ai(float(a[i * lda + kk]));
+      const float ai = float(a[i * lda + kk]);
+      const Vec va(ai);
       const float* bk = bf + kk * ldb;
       int64_t j = 0;
       for (; j + W <= n; j += W)
-        at::vec::fmadd(ai, Vec::loadu(bk + j), Vec::loadu(row.data() + j)).store(row.data() + j);
-      for (; j < n; ++j) row[j] += float(a[i * lda + kk]) * bk[j];
+        at::vec::fmadd(va, Vec::loadu(bk + j), Vec::loadu(row.data() + j)).store(row.data() + j);
+      for (; j < n; ++j) row[j] += ai * bk[j];
     }
     float* crow = c + i * ldc;
     for (int64_t j = 0; j < n; ++j) crow[j] = alpha * row[j] + (accumulate ? crow[j] : 0.f);
