@@ -939,6 +939,21 @@ def test_bad_attention_temperature_keys_are_refused_unchanged(key, value, error)
     assert model.config.rope_parameters == base.config.rope_parameters
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize("model_type", ["ministral3", "mistral4"])
+def test_attention_temperature_reads_the_positions_not_the_rows_of_the_tables(model_type, attention):
+    # A short call far into the window is too sparse for a table: the rotary embedding hands the layers
+    # the rows of the call's own positions, indexed 0..n-1. The temperature (1 + 0.1 log(1 + floor(
+    # position / 16)): 1.19 at positions 100-107, 1.0 at those indices) reads the positions themselves.
+    base = make(model_type)
+    model = patch_rope(copy.deepcopy(base), attention=attention)
+    x, positions = ids(1, 8), torch.arange(100, 108)[None]
+    tables = model.model.rotary_emb(model.model.embed_tokens(x), positions)
+    assert torch.equal(tables.position_ids, torch.arange(8)[None])  # (the premise: rows, not a table)
+    assert_same(logits_and_grads(model, x, position_ids=positions),
+                logits_and_grads(twin(base), x, position_ids=positions))
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text"])
 def test_a_call_with_is_causal_false_attends_both_ways_as_in_transformers(model_type, fused_calls):
     # transformers' attention backends take a call's is_causal over the module's (bidirectional
