@@ -87,6 +87,17 @@ def test_packed_deterministic_matches_reference_without_sdpa(cu, heads, causal, 
                             deterministic=True)
 
 
+@pytest.mark.parametrize("scale", [2.5, 40.0])
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_a_softmax_scale_above_one_gives_the_references_gradients(scale, softcap, band_rows, no_sdpa):
+    # a scale above 1 multiplies the scores, not q (where q * scale could overflow: _scaled_q), so the
+    # backward multiplies dk's products by it in q's place; q divided by it keeps the scores' size
+    q, k, v = qkv(2, 70, 4, 2, 32, dtype=torch.float64)
+    cos, sin = tables(32, 70)
+    check_against_reference(q / scale, k, v, cos, sin, causal=True, scale=scale, softcap=softcap, fn="sdpa",
+                            deterministic=True)
+
+
 def test_soft_capped_deterministic_call_is_the_capped_call():
     # a cap already runs the block attention: deterministic=True changes nothing
     q, k, v = (t * 3 for t in qkv(2, 70, 4, 2, 32))
