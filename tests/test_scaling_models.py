@@ -90,6 +90,14 @@ def test_dynamic_below_at_and_above_the_window():
         torch.testing.assert_close(patched(x).logits, llama(rope, window)(x).logits, **TOL)
 
 
+def test_dynamic_reads_the_models_window_not_an_original_one_in_its_parameters():
+    # transformers' dynamic NTK stretches its base past config.max_position_embeddings, whatever
+    # original_max_position_embeddings its rope_parameters hold (a checkpoint may write one): at 40
+    # tokens, past that key's 32 but within the window, the base is still the original one
+    rope = dict(CONFIGS["dynamic"][0], original_max_position_embeddings=WINDOW // 2)
+    compare(llama(rope, WINDOW), [40, WINDOW + 1, 100])
+
+
 def test_dynamic_generation_matches_transformers():
     # prefill below the window, decode past it: both recompute the base as the length grows
     rope, window = CONFIGS["dynamic"]

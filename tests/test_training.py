@@ -672,6 +672,35 @@ def test_gradient_checkpointing_and_bf16_autocast_as_accurate_as_whole_logits():
     assert 1e-4 < err[0]["lm_head.weight"] < 1e-2  # bfloat16 rounding, seen
 
 
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_gradients_follow_the_gradient_the_loss_receives(chunk):
+    # a loss divided over accumulation steps, or weighed in a sum of losses: every gradient scales
+    # with it, the decoder's (through the hidden states) as the head's
+    model = llama()
+    ids, targets = window()
+    want_g = grads(model, hf_loss(model, ids, targets) * 0.25 - 2.0)
+    got_g = grads(model, causal_lm_loss(model, ids, targets, chunk_tokens=chunk) * 0.25 - 2.0)
+    assert got_g.keys() == want_g.keys()
+    for name in want_g:
+        torch.testing.assert_close(got_g[name], want_g[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_float64_model_under_autocast_stays_float64():
+    # autocast casts no float64 tensor (transformers' head computes float64 logits under it): nor do
+    # the chunks, whose loss and gradients equal the whole logits'
+    model = llama().double()
+    ids, targets = window()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = causal_lm_loss(model, ids, targets, chunk_tokens=0)
+        got = causal_lm_loss(model, ids, targets, chunk_tokens=5)
+    want_g, got_g = grads(model, want), grads(model, got)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # (float32 losses of float64 logits)
+    for name in want_g:
+        assert got_g[name].dtype == torch.float64  # (both paths: float32 rounding of the logits' gradient)
+        scale = want_g[name].abs().max().item()
+        torch.testing.assert_close(got_g[name], want_g[name], rtol=0, atol=1e-6 * scale, msg=name)
+
+
 def test_bfloat16_model():
     model = llama().to(torch.bfloat16)
     ids, targets = window(seqlen=100)
