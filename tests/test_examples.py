@@ -1410,6 +1410,13 @@ def test_finetune_takes_one_sequence_per_micro_step_by_default(fp, tiny_ckpt, tm
     assert seen == [4, 2]  # --batch-size 4
 
 
+def test_warmup_is_the_papers_linear_ramp_from_a_tenth(fp):
+    # the paper's recipe: linear warm-up over 20 steps from 10% of the lr, then the lr itself
+    f = fp.warmup_lambda(20, 0.1)
+    assert [f(s) for s in (0, 1, 10, 19, 20, 21, 1000)] == pytest.approx([0.1, 0.145, 0.55, 0.955, 1, 1, 1])
+    assert fp.warmup_lambda(0, 0.1)(0) == 1.0  # no warm-up
+
+
 def test_training_log_shows_the_lr_each_step_used(fp, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
