@@ -682,7 +682,8 @@ def test_gradients_follow_the_gradient_the_loss_receives(chunk):
     got_g = grads(model, causal_lm_loss(model, ids, targets, chunk_tokens=chunk) * 0.25 - 2.0)
     assert got_g.keys() == want_g.keys()
     for name in want_g:
-        torch.testing.assert_close(got_g[name], want_g[name], rtol=1e-5, atol=1e-7, msg=name)
+        # (the tolerances of test_loss_and_gradients_equal_transformers_own, atol scaled as the gradients)
+        torch.testing.assert_close(got_g[name], want_g[name], rtol=1e-5, atol=0.25e-6, msg=name)
 
 
 def test_float64_model_under_autocast_stays_float64():
