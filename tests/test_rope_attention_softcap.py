@@ -798,8 +798,9 @@ def test_float64_accepts_extreme_softcap(packed):
 
 @pytest.mark.parametrize("softcap", [-1.0, float("nan"), float("inf")], ids=repr)
 @pytest.mark.parametrize("packed", [False, True])
-def test_raw_ops_reject_bad_softcap(softcap, packed):
-    q, k, v, cos, sin, kw = small_call(packed)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # (float64: no float32 range check to fall back on)
+def test_raw_ops_reject_bad_softcap(softcap, packed, dtype):
+    q, k, v, cos, sin, kw = small_call(packed, dtype)
     cu = kw.get("cu_seqlens")
     args = (q, k, v, cos, sin, None, True, 0.125, False, False, cu)
     out, lse = torch.ops.pirope.rope_attention(*args)
