@@ -34,14 +34,23 @@ def digits_cost_more(text):
     return out
 
 
+def digits_cost_many_more(text):
+    """Bytes, except that digits 1-9 take 21 ids: a random key's prompt is up to 200 ids (ten filler
+    sentences) longer than the zeros', so fitting it takes several sentences out."""
+    out = []
+    for b in text.encode():
+        out += [b] + [256] * 20 if 49 <= b <= 57 else [b]
+    return out
+
+
 def decode(ids):
     return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
 
-@pytest.mark.parametrize("encode", [byte_encode, digits_cost_more])
-def test_prompts_never_exceed_the_length(encode):
+@pytest.mark.parametrize("encode, extra", [(byte_encode, 0), (digits_cost_more, 0), (digits_cost_many_more, 400)])
+def test_prompts_never_exceed_the_length(encode, extra):
     model = LengthRecorder()
-    lengths = [260, 333, 517]
+    lengths = [260 + extra, 333 + extra, 517 + extra]
     r = passkey_retrieval(model, encode, decode, lengths, trials=12, seed=5, max_new_tokens=1, progress=False,
                           prefix_ids=[1])
     prompts = model.lengths  # one forward per trial (max_new_tokens=1)
@@ -50,6 +59,16 @@ def test_prompts_never_exceed_the_length(encode):
         mine = prompts[12 * i: 12 * (i + 1)]
         assert max(mine) <= k and min(mine) > k - 40, (k, mine)  # as many sentences as fit
     assert all(s["n_tokens"] <= s["length"] for s in r["samples"])
+
+
+@pytest.mark.parametrize("n_filler", [3, 10])
+def test_a_prompt_that_fits_the_length_exactly_is_used(n_filler):
+    # as many filler sentences as fit, up to the last token: where n sentences make exactly k tokens
+    k = 1 + len(byte_encode(passkey_prompt(n_filler, 0, "12345")))
+    model = LengthRecorder()
+    passkey_retrieval(model, byte_encode, decode, [k], trials=3, seed=0, max_new_tokens=1, progress=False,
+                      prefix_ids=[1])
+    assert model.lengths == [k] * 3
 
 
 def test_a_truncating_tokenizer_is_an_error_not_a_hang():
