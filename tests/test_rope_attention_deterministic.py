@@ -175,6 +175,16 @@ def test_cuda_routing(monkeypatch, dtype, head_dim, rotary_dim, env, determinist
     assert unfused_module()._cuda_kernel_applies(q, k, v, cos, False, deterministic) is fused
 
 
+@pytest.mark.parametrize("rotary_dim, interleaved, fused", [(24, True, True), (24, False, False), (40, True, True),
+                                                             (12, True, False), (32, False, True)])
+def test_cuda_routing_of_rotary_dims_by_pair_layout(rotary_dim, interleaved, fused):
+    # the kernels' rule (csrc/pirope/cuda/rope_attention_kernel.cpp): a rotary dim that is a multiple of 16
+    # with rotate-half pairs, of 8 with interleaved ones
+    q, k, v = qkv(1, 4, 4, 2, 128, dtype=torch.bfloat16)
+    cos, _ = tables(rotary_dim, 4)
+    assert unfused_module()._cuda_kernel_applies(q, k, v, cos, interleaved, True) is fused
+
+
 # ---- CUDA: the public call ----
 
 CUDA_CASES = [  # (dtype, head_dim, window, cu_seqlens): the first runs the fused kernels
