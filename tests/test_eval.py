@@ -24,23 +24,20 @@ def byte_encode(text):
     return list(text.encode())
 
 
-def digits_cost_more(text):
-    """Bytes, except that digits 1-9 take two ids: a random key is longer than the
+def digits_cost_more(text, extra=1):
+    """Bytes, except that digits 1-9 take 1 + ``extra`` ids: a random key is longer than the
     zeros the filler was sized with (as with BPE tokenizers, where " 00000" and a
     random key tokenize differently)."""
     out = []
     for b in text.encode():
-        out += [b, 256] if 49 <= b <= 57 else [b]
+        out += [b] + [256] * extra if 49 <= b <= 57 else [b]
     return out
 
 
 def digits_cost_many_more(text):
-    """Bytes, except that digits 1-9 take 21 ids: a random key's prompt is up to 200 ids (ten filler
+    """Digits 1-9 take 21 ids: a random key's prompt is up to 200 ids (about ten filler
     sentences) longer than the zeros', so fitting it takes several sentences out."""
-    out = []
-    for b in text.encode():
-        out += [b] + [256] * 20 if 49 <= b <= 57 else [b]
-    return out
+    return digits_cost_more(text, extra=20)
 
 
 def decode(ids):
