@@ -1439,6 +1439,46 @@ def test_training_log_shows_the_lr_each_step_used(fp, capsys):
     assert logged == pytest.approx(seen, rel=1e-2) and seen[0] == pytest.approx(1e-4)
 
 
+@pytest.mark.parametrize("grad_accum", [2, 4])
+def test_gradient_accumulation_gives_the_whole_batchs_gradient(fp, grad_accum):
+    """k micro-steps of a step give the gradient (and the logged loss) of the step's whole
+    batch at once: the reference is a plain cross-entropy over the batch, backpropagated
+    once. (AdamW's per-parameter scaling would hide a constant factor in the update, so
+    the gradients are read as the optimizer receives them.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32))
+
+    data = torch.randint(0, 256, (500,), generator=torch.Generator().manual_seed(1))
+    reference = model()
+    batch = fp.sample_batch(data, 4, 17, torch.Generator().manual_seed(3))
+    logits = reference(batch[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), batch[:, 1:].flatten())
+    loss.backward()
+    expected = [p.grad for p in reference.parameters()]
+
+    received = []
+    capture = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        received.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return capture(self, *a, **k)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(torch.optim.AdamW, "step", step):
+        losses = fp.train(model(), data, steps=1, seq_len=16, batch_size=4, lr=1e-3, lr_lambda=lambda s: 1.0,
+                          grad_clip=0.0, grad_accum=grad_accum, seed=3, progress=False)
+    assert losses == [pytest.approx(loss.item(), rel=1e-5)]
+    (got,) = received
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
 def test_finetune_saves_in_the_checkpoints_own_dtype(fp, tiny_ckpt, tmp_path):
     from transformers import AutoModelForCausalLM
 
