@@ -421,6 +421,11 @@ def test_forward_mode_ad_of_the_rotary_ops_rotates_the_tangent(device):
         dual = fwAD.make_dual(x, t)
         torch.testing.assert_close(fwAD.unpack_dual(pirope.apply_rope(dual, cos, sin, pos)).tangent.cpu(),
                                    rotated_t, atol=1e-12, rtol=1e-12)
+        # k without a tangent: its output's tangent is zero (or none), as for any op
+        rq, rk = pirope.apply_rope_qk(fwAD.make_dual(x, t), k, cos, sin, pos)
+        torch.testing.assert_close(fwAD.unpack_dual(rq).tangent.cpu(), rotated_t, atol=1e-12, rtol=1e-12)
+        tk = fwAD.unpack_dual(rk).tangent
+        assert tk is None or torch.count_nonzero(tk) == 0
         inplace = fwAD.make_dual(x.clone(), t.clone())
         pirope.apply_rope_qk(inplace, k.clone(), cos, sin, pos, inplace=True)
         torch.testing.assert_close(fwAD.unpack_dual(inplace).tangent.cpu(), rotated_t, atol=1e-12, rtol=1e-12)

@@ -5,8 +5,6 @@ apply_rope_backward (rotation by -angle) and vice versa, which also makes double
 backward work; forward mode (jvp) rotates the tangent by the same op. cos, sin and
 position_ids get no gradient."""
 
-import torch
-
 from . import functorch
 
 
@@ -45,17 +43,16 @@ def _setup_forward_mode(ctx, inputs, output):
     _setup(ctx, inputs, output)
     n = 2 if len(inputs) == 6 else 1
     ctx.save_for_forward(*inputs[n:n + 3])
-    ctx.rotated = [(t.shape, t.dtype, t.device) for t in inputs[:n]]
+    ctx.n_rotated = n
 
 
 def _jvp(name):
     """A rotation is linear in what it rotates: the output's tangent is the same op on
-    the inputs' tangents (a tensor without one contributes zeros)."""
+    the inputs' tangents (autograd materialises the tangent of an input without one as
+    zeros: the Function keeps materialize_grads on)."""
     def jvp(ctx, *tangents):
         cos, sin, pos = ctx.saved_tensors
-        rotated = [torch.zeros(shape, dtype=dtype, device=device) if t is None else t
-                   for t, (shape, dtype, device) in zip(tangents, ctx.rotated)]
-        return functorch.call(name, *rotated, cos, sin, pos, ctx.interleaved)
+        return functorch.call(name, *tangents[:ctx.n_rotated], cos, sin, pos, ctx.interleaved)
     return jvp
 
 
