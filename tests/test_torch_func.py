@@ -78,17 +78,24 @@ def test_grad_of_apply_rope_qk_gqa(device, inplace):
     torch.testing.assert_close(gk.cpu(), rope_reference(wk, cos, sin, conjugate=True), atol=1e-12, rtol=1e-12)
 
 
-def test_jacrev_and_second_derivatives_of_the_rotation(device):
+def _rope_qk_as_one(x, cos, sin):
+    # q (the first two heads) and k (the third, GQA) rotated by the qk op, side by side again
+    q, k = pirope.apply_rope_qk(x[:, :, :2], x[:, :, 2:], cos, sin)
+    return torch.cat([q, k], 2)
+
+
+@pytest.mark.parametrize("op", [pirope.apply_rope, _rope_qk_as_one], ids=["apply_rope", "apply_rope_qk"])
+def test_jacrev_and_second_derivatives_of_the_rotation(device, op):
     cos, sin = tables(device)
-    x, w = rand(1, 3, 2, 16, device=device), rand(1, 3, 2, 16, device=device)
-    jac = func.jacrev(lambda x: pirope.apply_rope(x, cos, sin))(x)
+    x, w = rand(1, 3, 3, 16, device=device), rand(1, 3, 3, 16, device=device)
+    jac = func.jacrev(lambda x: op(x, cos, sin))(x)
     torch.testing.assert_close(jac, func.jacrev(lambda x: rotate(x, cos, sin))(x), atol=1e-12, rtol=1e-12)
     # hessian by reverse over reverse: the backward is itself differentiable
     loss = lambda r: lambda x: (r(x, cos, sin) * w).pow(2).sum()  # noqa: E731
     ref = func.jacrev(func.jacrev(loss(rotate)))(x)
-    torch.testing.assert_close(func.jacrev(func.jacrev(loss(pirope.apply_rope)))(x), ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(func.jacrev(func.jacrev(loss(op)))(x), ref, atol=1e-12, rtol=1e-12)
     # torch.func.hessian is forward over reverse: the rotary ops have a jvp too
-    torch.testing.assert_close(func.hessian(loss(pirope.apply_rope))(x), ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(func.hessian(loss(op))(x), ref, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("in_dim", [0, 2, 4])
@@ -178,6 +185,43 @@ def test_grad_and_vjp_of_rope_attention_gqa(device, causal, deterministic):
     for got in (grads, vjp(g)):
         for a, b in zip(got, (dq, dk, dv)):
             torch.testing.assert_close(a.cpu(), b, atol=1e-12, rtol=1e-12)
+
+
+OPTIONS = {
+    "window": dict(causal=False, window_size=(3, 1)),
+    "softcap": dict(softcap=0.8),
+    "sinks": dict(sinks=True),
+    "packed": dict(packed=True),
+    "packed_sinks_softcap_window": dict(packed=True, sinks=True, softcap=1.5, window_size=(2, 0)),
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_grad_of_rope_attention_with_each_option_is_eager_autograds(device, options):
+    """torch.func takes the Python autograd.Function (_autograd/rope_attention.py), eager
+    calls the C++ one, whose gradients the option's own test file checks against float64
+    references: the two must agree for every option the op passes to its backward
+    (window, soft-cap, packed sequences) and for the sinks' gradient."""
+    options = dict(options)
+    cos, sin = tables(device)
+    shape = (9,) if options.pop("packed", False) else (2, 9)
+    if len(shape) == 1:
+        options["cu_seqlens"] = torch.tensor([0, 4, 9], device=device, dtype=torch.int32)
+    q, k, v = (3 * rand(*shape, h, 16, device=device) for h in (4, 2, 2))
+    g = rand(*shape, 4, 16, device=device)
+    inputs = [q, k, v]
+    if options.pop("sinks", False):
+        inputs.append(rand(4, device=device))
+
+    def call(q, k, v, sinks=None):
+        return pirope.rope_attention(q, k, v, cos, sin, **options, **({"sinks": sinks} if sinks is not None else {}))
+
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    expected = torch.autograd.grad(call(*leaves), leaves, g)
+    got = func.grad(lambda *xs: (call(*xs) * g).sum(), argnums=tuple(range(len(inputs))))(*inputs)
+    assert len(got) == len(expected)
+    for name, a, b in zip("q k v sinks".split(), got, expected):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
 def test_jacrev_of_rope_attention(device):
