@@ -420,6 +420,8 @@ def test_rotary_embedding_rejects():
         (lambda x, c: pirope.apply_rope(x[..., :16], c, c), "rotary_dim = 2 \\* cos.size\\(1\\) = 32 exceeds"),
         (lambda x, c: pirope.apply_rope(x, c, c[:, :8]), "cos and sin must have the same shape"),
         (lambda x, c: pirope.apply_rope_qk(x, x[:, :7], c, c), "q and k must agree on batch, seqlen and headdim"),
+        (lambda x, c: pirope.apply_rope_qk(x, x[..., :16], c[:, :8], c[:, :8]),
+         "q and k must agree on batch, seqlen and headdim"),
         (lambda x, c: pirope.apply_rope_qk(x, x.double(), c, c), "q and k must have the same dtype"),
         (lambda x, c: pirope.apply_rope_qk(x, x, c, c.double()), "cos and sin must have the same dtype"),
         (lambda x, c: pirope.apply_rope_qk(x, x, c, c, inplace=True), "share memory"),
@@ -453,6 +455,8 @@ _FAKE_CASES = {
         _e(4, 2, 32, dev=d), _e(4, 1, 32, dev=d), *_tabs(d), torch.zeros(1, 4, dtype=torch.long, device=d)),
     "apply_rope seqlen past the table without position_ids": lambda d: pirope.apply_rope(
         _e(1, 40, 2, 32, dev=d), *_tabs(d)),
+    "apply_rope seqlen one past the table without position_ids": lambda d: pirope.apply_rope(
+        _e(1, 33, 2, 32, dev=d), *_tabs(d)),
     "apply_rope_qk zero heads, seqlen past the table without position_ids": lambda d: pirope.apply_rope_qk(
         _e(1, 40, 0, 32, dev=d), _e(1, 40, 0, 32, dev=d), *_tabs(d)),
     "rope_attention float position_ids": lambda d: pirope.rope_attention(
@@ -473,6 +477,31 @@ _FAKE_CASES = {
     "raw backward float16 out": lambda d: torch.ops.pirope.rope_attention_backward(
         *_QKV4(d), _e(1, 4, 2, 32, dev=d), _e(1, 4, 2, 32, dev=d, dtype=torch.half), _e(1, 2, 4, dev=d),
         *_tabs(d), None, True, 0.1, False),
+    "raw backward lse of another seqlen": lambda d: torch.ops.pirope.rope_attention_backward(
+        *_QKV4(d), *_QKV4(d)[:2], _e(1, 2, 5, dev=d), *_tabs(d), None, True, 0.1, False),
+    "raw backward packed lse of another total": lambda d: torch.ops.pirope.rope_attention_backward(
+        *(_e(4, 2, 32, dev=d) for _ in range(5)), _e(2, 5, dev=d), *_tabs(d), None, True, 0.1, False,
+        cu_seqlens=torch.tensor([0, 4], device=d)),
+    # what the Python API refuses before the op: the raw op's (and its fake's) own checks
+    "raw rope_attention window_right -2": lambda d: torch.ops.pirope.rope_attention(
+        *_QKV4(d), *_tabs(d), None, False, 0.1, False, window_right=-2),
+    "raw rope_attention negative softcap": lambda d: torch.ops.pirope.rope_attention(  # (float64: no range check)
+        *(_e(1, 4, 2, 32, dev=d, dtype=torch.float64) for _ in range(3)), *_tabs(d), None, True, 0.1, False,
+        softcap=-1.0),
+    "raw rope_attention softcap below float32's range": lambda d: torch.ops.pirope.rope_attention(
+        *_QKV4(d), *_tabs(d), None, True, 0.1, False, softcap=1e-50),
+    "raw rope_attention scale past float32's range": lambda d: torch.ops.pirope.rope_attention(
+        *_QKV4(d), *_tabs(d), None, True, 1e39, False),
+    "raw rope_attention integer sinks": lambda d: torch.ops.pirope.rope_attention(
+        *_QKV4(d), *_tabs(d), None, True, 0.1, False, sinks=torch.zeros(2, dtype=torch.long, device=d)),
+    "raw rope_attention sinks of another head count": lambda d: torch.ops.pirope.rope_attention(
+        *_QKV4(d), *_tabs(d), None, True, 0.1, False, sinks=_e(3, dev=d)),
+    "raw rope_attention float cu_seqlens": lambda d: torch.ops.pirope.rope_attention(
+        *(_e(4, 2, 32, dev=d) for _ in range(3)), *_tabs(d), None, True, 0.1, False,
+        cu_seqlens=torch.tensor([0.0, 4.0], device=d)),
+    "rope_attention packed position_ids of another length": lambda d: pirope.rope_attention(
+        *(_e(4, 2, 32, dev=d) for _ in range(3)), *_tabs(d), torch.zeros(5, dtype=torch.long, device=d),
+        cu_seqlens=torch.tensor([0, 4], device=d)),
 }
 
 
@@ -487,6 +516,27 @@ def test_meta_tensors_reject_what_the_cpu_kernels_reject(case):
     # about the same argument of the same op ("op: argument must ...")
     subject = lambda e: str(e.value).split(" must ")[0]  # noqa: E731
     assert subject(meta) == subject(cpu)
+
+
+_FAKE_ACCEPTS = {
+    "apply_rope seqlen filling the table": lambda d: pirope.apply_rope(_e(1, 32, 2, 32, dev=d), *_tabs(d)),
+    "apply_rope empty batch, seqlen past the table": lambda d: pirope.apply_rope(_e(0, 40, 2, 32, dev=d), *_tabs(d)),
+    "apply_rope_qk empty packed input past the table": lambda d: pirope.apply_rope_qk(
+        _e(0, 2, 32, dev=d), _e(0, 1, 32, dev=d), *_tabs(d)),
+    "raw rope_attention float64 softcap below float32's range": lambda d: torch.ops.pirope.rope_attention(
+        *(_e(1, 4, 2, 32, dev=d, dtype=torch.float64) for _ in range(3)), *_tabs(d), None, True, 0.1, False,
+        softcap=1e-50),
+}
+
+
+@pytest.mark.parametrize("case", list(_FAKE_ACCEPTS))
+def test_meta_tensors_accept_what_the_cpu_kernels_accept(case):
+    # the fake kernels' checks stop where the kernels' stop: at the boundary, and for calls
+    # with nothing to rotate (the kernels return before reading a table row)
+    call = _FAKE_ACCEPTS[case]
+    cpu, meta = call("cpu"), call("meta")
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (cpu, meta))):
+        assert (b.shape, b.dtype, b.device.type) == (a.shape, a.dtype, "meta")
 
 
 def test_rope_attention_rejects_a_softmax_scale_past_the_float_range():
