@@ -249,7 +249,7 @@ class FrequencyPlan:
         the rows of the call's own positions then, so memory and time stay proportional
         to the call, never to the largest position. Tables grow to at least twice their
         size, so decoding past them rebuilds a table only O(log n) times."""
-        window = 0 if self.rope_type == "dynamic" and key is not None else self.max_position_embeddings
+        window = self.max_position_embeddings  # (a key of a length-dependent table implies needed > window)
         if needed > max(2 * cached_rows, window, 4 * count):
             return None
         return max(needed, window, 2 * cached_rows)
