@@ -328,12 +328,16 @@ def test_tables_built_under_inference_mode_serve_later_training():
     torch.testing.assert_close(q.grad, rope_reference(g, rope.cos, -rope.sin))
 
 
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "longrope", "short_factor": [2.0] * 8,
+                                             "long_factor": [2.0] * 8, "original_max_position_embeddings": 16}],
+                         ids=["default", "longrope_one_table"])
 @pytest.mark.parametrize("pos", [[[-1, 0, 5]], [[5, 1000000, 2**33]], [[0, 1, 2]]])
-def test_compiled_module_equals_eager_for_any_positions(pos):
+def test_compiled_module_equals_eager_for_any_positions(pos, scaling):
     # under torch.compile the module builds the rows of the call's positions (no host
-    # read of the largest one): the same values as eager, also for negative and sparse ids
+    # read of the largest one): the same values as eager, also for negative and sparse ids.
+    # A longrope whose long and short factors agree (Phi-3-style PI) has one table too.
     torch._dynamo.reset()
-    rope = pirope.RotaryEmbedding(16, max_position_embeddings=32)
+    rope = pirope.RotaryEmbedding(16, max_position_embeddings=32, scaling=scaling)
     q = torch.randn(1, 3, 2, 16)
     pos = torch.tensor(pos)
     want = rope(q, q.clone(), pos)
@@ -423,7 +427,8 @@ ROTATE_SCALINGS = [
 
 
 @pytest.mark.parametrize("scaling", ROTATE_SCALINGS)
-@pytest.mark.parametrize("positions", ["none", "shared", "per-row", "packed", "past the table"])
+@pytest.mark.parametrize("positions", ["none", "shared", "per-row", "packed", "past the table",
+                                       "to longrope's window", "to the window"])
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rotate_is_forward_on_one_tensor(scaling, positions, interleaved):
     # rotate(x, position_ids) rotates x exactly as forward rotates q (and k): the same table,
@@ -435,7 +440,9 @@ def test_rotate_is_forward_on_one_tensor(scaling, positions, interleaved):
     x = torch.randn(2, 24, 3, 16, generator=g, dtype=torch.float64)
     position_ids = {"none": None, "shared": torch.arange(5, 29), "per-row": torch.stack((torch.arange(24),
                     torch.arange(40, 64))), "packed": torch.cat((torch.arange(10), torch.arange(14))),
-                    "past the table": torch.arange(100, 124)}[positions]
+                    "past the table": torch.arange(100, 124),
+                    # the largest position at the last one of an original window: longrope's, the table's
+                    "to longrope's window": torch.arange(24) % 16, "to the window": torch.arange(8, 32)}[positions]
     if positions == "packed":
         x = x[0]
     rope, twin = fresh(), fresh()
