@@ -89,12 +89,11 @@ def number(op: str, name: str, value, *, positive: bool = False) -> float:
 @contextlib.contextmanager
 def prefixed(op: str):
     """Puts ``op: `` in front of a TypeError / ValueError raised by shared checks that do
-    not know which public function called them (the scaling validation)."""
+    not know which public function called them (the scaling validation, whose messages
+    never name one)."""
     try:
         yield
     except (TypeError, ValueError) as e:
-        if str(e).startswith(f"{op}: "):
-            raise
         raise type(e)(f"{op}: {e}") from None
 
 
