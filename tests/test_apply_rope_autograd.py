@@ -445,6 +445,19 @@ def test_forward_mode_ad_of_rope_attention_is_refused_not_silently_zero(device):
     torch.testing.assert_close(tangent, call(x).sum() * 3)
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
         torch.func.jacfwd(call)(x[:, :2])
+    # nested transforms: a tangent from an outer jvp, a jvp over vmap or over grad (torch's
+    # dual-tensor check alone gives its own errors there, or none)
+    ones = torch.ones_like
+    nested = [lambda: torch.func.jvp(lambda a: torch.func.jvp(lambda b: call(a).sum() * b.sum(), (y,), (ones(y),))[1],
+                                     (x,), (t,)),
+              lambda: torch.func.jvp(torch.func.vmap(call), (x.expand(2, *x.shape),), (t.expand(2, *t.shape),)),
+              lambda: torch.func.jvp(torch.func.grad(lambda a: call(a).sum()), (x,), (t,))]
+    for f in nested:
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            f()
+    # ... and a tensor of another transform that carries no tangent of the jvp is fine
+    got = torch.func.grad(lambda a: torch.func.jvp(lambda b: call(a).sum() * b.sum(), (y,), (ones(y),))[1])(x)
+    torch.testing.assert_close(got, 3 * torch.func.grad(lambda a: call(a).sum())(x), atol=1e-12, rtol=1e-12)
     with fwAD.dual_level():
         with pytest.raises(NotImplementedError, match="forward-mode AD .* with respect to q"):
             call(fwAD.make_dual(x, t))
