@@ -378,6 +378,7 @@ def test_ntk_by_parts_keeps_fast_pairs_and_interpolates_slow_ones(fp):
     ref.load_state_dict(m.state_dict())
     fp.extend_model_ntk_by_parts(m, 4)
     assert m.config.max_position_embeddings == 512
+    assert m.model.rotary_emb.max_position_embeddings == 512  # the patched module says so too, as after PI
     ids = torch.randint(0, 32, (1, 300))
     with torch.no_grad():
         torch.testing.assert_close(m(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
@@ -393,6 +394,18 @@ def test_scale_pairs_divides_only_the_given_pairs(fp):
     after = m.model.rotary_emb.inv_freq
     torch.testing.assert_close(after[:3], before[:3], rtol=0, atol=0)
     torch.testing.assert_close(after[3:], before[3:] / 4)
+    # what transformers restores the frequencies to (its dynamic update, back inside the window)
+    torch.testing.assert_close(m.model.rotary_emb.original_inv_freq, after, rtol=0, atol=0)
+
+
+def test_cosine_schedule_of_the_demos_pretraining(fp):
+    """Linear warm-up to the full rate over the warm-up steps, then a half cosine down to
+    ``floor`` at the last step, and ``floor`` after it."""
+    f = fp.cosine_lambda(10, 110, floor=0.1)
+    steps = (0, 4, 9, 10, 35, 60, 85, 110, 200)
+    expected = [0.1, 0.5, 1.0, 1.0, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)), 0.55,
+                0.1 + 0.9 * 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.1, 0.1]
+    assert [f(s) for s in steps] == pytest.approx(expected)
 
 
 def test_extend_model_transformers_fallback(fp):
@@ -699,6 +712,7 @@ def test_finetune_bad_input(fp, tiny_ckpt, tmp_path, capsys):
     _bad(fp, args[:i] + ["--max-position-embeddings", "16"] + args[i + 2:], capsys,
          "must be larger than the model's own window")
     _bad(fp, args[:i] + args[i + 2:], capsys, "give --factor F or --max-position-embeddings N")
+    _bad(fp, args + ["--max-position-embeddings", "65"], capsys, "--factor 2.0 and --max-position-embeddings 65 disagree")
     blocker = tmp_path / "file"
     blocker.write_text("")
     _bad(fp, _ft_args(ckpt, data, str(blocker / "sub")), capsys, "is not writable")
@@ -1418,11 +1432,7 @@ def test_warmup_is_the_papers_linear_ramp_from_a_tenth(fp):
 
 
 def test_training_log_shows_the_lr_each_step_used(fp, capsys):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, max_position_embeddings=32))
+    model = _tiny_llama()
     seen = []
     capture = torch.optim.AdamW.step
 
@@ -1439,26 +1449,17 @@ def test_training_log_shows_the_lr_each_step_used(fp, capsys):
     assert logged == pytest.approx(seen, rel=1e-2) and seen[0] == pytest.approx(1e-4)
 
 
-@pytest.mark.parametrize("grad_accum", [2, 4])
-def test_gradient_accumulation_gives_the_whole_batchs_gradient(fp, grad_accum):
-    """k micro-steps of a step give the gradient (and the logged loss) of the step's whole
-    batch at once: the reference is a plain cross-entropy over the batch, backpropagated
-    once. (AdamW's per-parameter scaling would hide a constant factor in the update, so
-    the gradients are read as the optimizer receives them.)"""
+def _tiny_llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    def model():
-        torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=16, intermediate_size=32,
-                                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32))
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=32))
 
-    data = torch.randint(0, 256, (500,), generator=torch.Generator().manual_seed(1))
-    reference = model()
-    batch = fp.sample_batch(data, 4, 17, torch.Generator().manual_seed(3))
-    logits = reference(batch[:, :-1]).logits
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), batch[:, 1:].flatten())
-    loss.backward()
-    expected = [p.grad for p in reference.parameters()]
+
+def _train_seeing_the_gradients(fp, data, **kw):
+    """fp.train's losses, and the gradients AdamW receives at each step (after clipping)."""
+    import unittest.mock
 
     received = []
     capture = torch.optim.AdamW.step
@@ -1467,16 +1468,52 @@ def test_gradient_accumulation_gives_the_whole_batchs_gradient(fp, grad_accum):
         received.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
         return capture(self, *a, **k)
 
-    import unittest.mock
-
     with unittest.mock.patch.object(torch.optim.AdamW, "step", step):
-        losses = fp.train(model(), data, steps=1, seq_len=16, batch_size=4, lr=1e-3, lr_lambda=lambda s: 1.0,
-                          grad_clip=0.0, grad_accum=grad_accum, seed=3, progress=False)
-    assert losses == [pytest.approx(loss.item(), rel=1e-5)]
-    (got,) = received
+        losses = fp.train(_tiny_llama(), data, seq_len=16, lr=1e-3, lr_lambda=lambda s: 1.0, progress=False, **kw)
+    return losses, received
+
+
+def _whole_batch_gradients(fp, data, batch_size, seed):
+    """The reference: a plain cross-entropy over the step's whole batch, backpropagated once."""
+    model = _tiny_llama()
+    batch = fp.sample_batch(data, batch_size, 17, torch.Generator().manual_seed(seed))
+    logits = model(batch[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), batch[:, 1:].flatten())
+    loss.backward()
+    return loss.item(), [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("grad_accum", [2, 4])
+def test_gradient_accumulation_gives_the_whole_batchs_gradient(fp, grad_accum):
+    """k micro-steps of a step give the gradient (and the logged loss) of the step's whole
+    batch at once. (AdamW's per-parameter scaling would hide a constant factor in the
+    update, so the gradients are read as the optimizer receives them.)"""
+    data = torch.randint(0, 256, (500,), generator=torch.Generator().manual_seed(1))
+    loss, expected = _whole_batch_gradients(fp, data, 4, seed=3)
+    losses, (got,) = _train_seeing_the_gradients(fp, data, steps=1, batch_size=4, grad_clip=0.0,
+                                                  grad_accum=grad_accum, seed=3)
+    assert losses == [pytest.approx(loss, rel=1e-5)]
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_gradients_are_clipped_to_the_norm_given(fp):
+    data = torch.randint(0, 256, (500,), generator=torch.Generator().manual_seed(1))
+    _, expected = _whole_batch_gradients(fp, data, 2, seed=3)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(e) for e in expected])).item()
+    for clip in (norm / 4, 2 * norm, 0.0):  # 0: off
+        _, (got,) = _train_seeing_the_gradients(fp, data, steps=1, batch_size=2, grad_clip=clip, seed=3)
+        scale = clip / norm if 0 < clip < norm else 1.0
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e * scale, rtol=1e-4, atol=1e-6)
+
+
+def test_the_callback_sees_each_step_done(fp):
+    seen = []
+    fp.train(_tiny_llama(), torch.randint(0, 256, (500,)), steps=3, seq_len=16, batch_size=2, lr=1e-3,
+             lr_lambda=lambda s: 1.0, progress=False, callback=lambda step, model: seen.append(step))
+    assert seen == [1, 2, 3]
 
 
 def test_finetune_saves_in_the_checkpoints_own_dtype(fp, tiny_ckpt, tmp_path):
