@@ -691,7 +691,7 @@ def _bad(fp, argv, capsys, msg):
     assert msg in err, err
 
 
-def test_finetune_bad_input(fp, tiny_ckpt, tmp_path, capsys):
+def test_finetune_bad_input(fp, tiny_ckpt, tmp_path, capsys, monkeypatch):
     ckpt, data = tiny_ckpt
     out = str(tmp_path / "o")
     _bad(fp, _ft_args(str(tmp_path / "missing"), data, out), capsys, "is not a directory")
@@ -702,8 +702,9 @@ def test_finetune_bad_input(fp, tiny_ckpt, tmp_path, capsys):
     (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 1024}))
     _bad(fp, _ft_args(str(gpt), data, out), capsys, "is a 'gpt2' model; this example extends the architectures")
     short = tmp_path / "short.txt"
-    short.write_text("x" * 40)
-    _bad(fp, _ft_args(ckpt, str(short), out), capsys, "fewer than the new window")
+    short.write_text("x" * 64)  # the new window (2 x 32): one token short of a window + its target
+    # (the byte count, checked before loading anything)
+    _bad(fp, _ft_args(ckpt, str(short), out), capsys, "fewer than the new window + 1 (65 tokens needed)")
     _bad(fp, _ft_args(ckpt, str(tmp_path / "nodata"), out), capsys, "does not exist")
     args = _ft_args(ckpt, data, out)
     i = args.index("--factor")
@@ -712,11 +713,15 @@ def test_finetune_bad_input(fp, tiny_ckpt, tmp_path, capsys):
     _bad(fp, args[:i] + ["--max-position-embeddings", "16"] + args[i + 2:], capsys,
          "must be larger than the model's own window")
     _bad(fp, args[:i] + args[i + 2:], capsys, "give --factor F or --max-position-embeddings N")
-    _bad(fp, args + ["--max-position-embeddings", "65"], capsys, "--factor 2.0 and --max-position-embeddings 65 disagree")
+    _bad(fp, args + ["--max-position-embeddings", "65"], capsys,
+         "--factor 2.0 and --max-position-embeddings 65 disagree")
     blocker = tmp_path / "file"
     blocker.write_text("")
     _bad(fp, _ft_args(ckpt, data, str(blocker / "sub")), capsys, "is not writable")
     _bad(fp, ["--data", data, "--factor", "2"], capsys, "need --model")
+    with monkeypatch.context() as env:  # as torchrun sets it: one sequence per process and micro-step
+        env.setenv("WORLD_SIZE", "3")
+        _bad(fp, _ft_args(ckpt, data, out), capsys, "--batch-size 4 must be divisible by the world size 3")
     assert not os.path.exists(out)  # nothing was written for any of the bad inputs
 
 
