@@ -1523,6 +1523,18 @@ def test_the_callback_sees_each_step_done(fp):
     assert seen == [1, 2, 3]
 
 
+@pytest.mark.parametrize("fields,dtype", [
+    (dict(dtype=torch.bfloat16), torch.bfloat16),
+    (dict(dtype="float16"), torch.float16),  # the name, as config.json writes it
+    (dict(dtype=None, torch_dtype="bfloat16"), torch.bfloat16),  # the older key
+    (dict(dtype="int8"), torch.float32),  # not a floating-point dtype
+    (dict(dtype="no_such_dtype"), torch.float32),
+    (dict(), torch.float32),
+])
+def test_checkpoint_dtype_reads_the_configs_dtype(fp, fields, dtype):
+    assert fp.checkpoint_dtype(SimpleNamespace(**fields)) == dtype
+
+
 def test_finetune_saves_in_the_checkpoints_own_dtype(fp, tiny_ckpt, tmp_path):
     from transformers import AutoModelForCausalLM
 
