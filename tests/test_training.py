@@ -400,6 +400,32 @@ def test_a_head_with_hooks_or_an_instance_forward_takes_the_whole_path():
     got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
+    # a Linear whose class computes something else from its weight (a quantised or adapted one;
+    # the probe calls it too, so it cannot tell)
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = llama()
+    head = model.lm_head
+    model.lm_head = Doubled(head.in_features, head.out_features, bias=False)
+    model.lm_head.weight = head.weight
+    want = F.cross_entropy(model(input_ids=ids).logits.float().flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=4), want, rtol=1e-6, atol=1e-6)
+
+    # a global forward hook (torch.nn.modules.module.register_module_forward_hook) that changes
+    # the head's output: the probe, which calls the head, cannot see it; the loss must
+    model = llama()
+    from torch.nn.modules.module import register_module_forward_hook
+
+    handle = register_module_forward_hook(lambda m, a, out: out * 2 if m is model.lm_head else None)
+    try:
+        want = F.cross_entropy(model(input_ids=ids).logits.float().flatten(0, 1), targets.flatten())
+        got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
 
 def test_a_probe_on_equal_logits_decides_nothing():
     """A zero-initialised head makes every logit 0, which a logit transform (here x3) leaves
