@@ -412,6 +412,12 @@ def test_a_head_with_hooks_or_an_instance_forward_takes_the_whole_path():
     model.lm_head.weight = head.weight
     want = F.cross_entropy(model(input_ids=ids).logits.float().flatten(0, 1), targets.flatten())
     torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=4), want, rtol=1e-6, atol=1e-6)
+    # ... or an instance forward that does so with the weight where it is
+    model = llama()
+    head = model.lm_head
+    head.forward = lambda x: torch.nn.functional.linear(x, head.weight) * 2
+    want = F.cross_entropy(model(input_ids=ids).logits.float().flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=4), want, rtol=1e-6, atol=1e-6)
 
     # a global forward hook (torch.nn.modules.module.register_module_forward_hook) that changes
     # the head's output: the probe, which calls the head, cannot see it; the loss must
