@@ -438,6 +438,45 @@ def test_a_head_with_hooks_or_an_instance_forward_takes_the_whole_path():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_an_instance_forward_of_the_model_is_kept():
+    """The loss runs the chunks in place of lm.forward for the call; a forward set on the
+    instance (a wrapper's, a profiler's) is put back afterwards, not deleted."""
+    model = llama()
+    calls = []
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        return type(model).forward(model, *args, **kwargs)
+
+    model.forward = forward
+    ids, targets = window()
+    torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=4), hf_loss(llama(), ids, targets),
+                               rtol=1e-6, atol=1e-6)
+    assert model.forward is forward
+    calls.clear()
+    model(input_ids=ids)
+    assert calls == [1]
+
+
+class NarrowerLogits(transformers.LlamaForCausalLM):
+    """A family whose forward returns fewer logits than its head computes (its padded
+    vocabulary cut back)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits[..., :VOCAB - 8]
+        return out
+
+
+def test_targets_are_checked_against_the_logits_the_model_returns():
+    torch.manual_seed(0)
+    model = NarrowerLogits(transformers.LlamaConfig(**SMALL)).eval()
+    ids, targets = window()
+    targets[0, 0] = VOCAB - 1  # inside the head, past the logits
+    with pytest.raises(ValueError, match=rf"targets must be in \[0, {VOCAB - 8}\)"):
+        causal_lm_loss(model, ids, targets, chunk_tokens=4)
+
+
 def test_a_probe_on_equal_logits_decides_nothing():
     """A zero-initialised head makes every logit 0, which a logit transform (here x3) leaves
     alone: the probe must not conclude (and cache) that the logits are the head's."""
