@@ -445,8 +445,8 @@ def test_forward_mode_ad_of_rope_attention_is_refused_not_silently_zero(device):
     torch.testing.assert_close(tangent, call(x).sum() * 3)
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
         torch.func.jacfwd(call)(x[:, :2])
-    # nested transforms: a tangent from an outer jvp, a jvp over vmap or over grad (torch's
-    # dual-tensor check alone gives its own errors there, or none)
+    # nested transforms: a tangent from an outer jvp, a jvp over vmap or over grad (with the
+    # dual-tensor check alone, torch raises its own errors there, which say nothing of pirope)
     ones = torch.ones_like
     nested = [lambda: torch.func.jvp(lambda a: torch.func.jvp(lambda b: call(a).sum() * b.sum(), (y,), (ones(y),))[1],
                                      (x,), (t,)),

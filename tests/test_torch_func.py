@@ -197,7 +197,7 @@ OPTIONS = {
 
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
-def test_grad_of_rope_attention_with_each_option_is_eager_autograds(device, options):
+def test_grad_of_rope_attention_with_each_option_equals_eager_autograd(device, options):
     """torch.func takes the Python autograd.Function (_autograd/rope_attention.py), eager
     calls the C++ one, whose gradients the option's own test file checks against float64
     references: the two must agree for every option the op passes to its backward
