@@ -1483,6 +1483,7 @@ def _train_seeing_the_gradients(fp, data, **kw):
 def _whole_batch_gradients(fp, data, batch_size, seed):
     """The reference: a plain cross-entropy over the step's whole batch, backpropagated once."""
     model = _tiny_llama()
+    # the windows train() draws with this seed: seq_len 16 (_train_seeing_the_gradients') + the last target
     batch = fp.sample_batch(data, batch_size, 17, torch.Generator().manual_seed(seed))
     logits = model(batch[:, :-1]).logits
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), batch[:, 1:].flatten())
