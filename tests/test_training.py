@@ -33,6 +33,11 @@ def window(batch=2, seqlen=33, seed=1, device="cpu"):
     return w[:, :-1].to(device), w[:, 1:].to(device)
 
 
+def whole_logits_loss(model, ids, targets):
+    """The cross entropy of the logits model's forward returns (nothing it adds to a labels= loss)."""
+    return F.cross_entropy(model(input_ids=ids).logits.float().flatten(0, 1), targets.flatten())
+
+
 def hf_loss(model, ids, targets):
     """transformers' own loss (ForCausalLMLoss): labels shifted inside, so the target of
     position i is given at i + 1; the last position has none."""
@@ -270,7 +275,7 @@ def test_router_balance_loss_through_data_parallel_or_an_unknown_wrapper(chunk):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     with pytest.warns(UserWarning, match="holds an aux_loss, but it has no config"):
         got = causal_lm_loss(PassOn(model), ids, targets, chunk_tokens=chunk)
-    ce = F.cross_entropy(model(input_ids=ids).logits.float().flatten(0, 1), targets.flatten())
+    ce = whole_logits_loss(model, ids, targets)
     torch.testing.assert_close(got, ce, rtol=1e-6, atol=1e-6)  # (said, not silently)
 
 
@@ -289,7 +294,7 @@ def test_bamba_z_loss_added_as_transformers_adds_it(chunk):
     want_g = grads(model, want)
     got = causal_lm_loss(model, ids, targets, chunk_tokens=chunk)
     got_g = grads(model, got)
-    ce = F.cross_entropy(model(input_ids=ids).logits.float().flatten(0, 1), targets.flatten())
+    ce = whole_logits_loss(model, ids, targets)
     assert float(got) - float(ce) > 1.0  # the z-loss is there
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for n in want_g:
@@ -410,13 +415,13 @@ def test_a_head_with_hooks_or_an_instance_forward_takes_the_whole_path():
     head = model.lm_head
     model.lm_head = Doubled(head.in_features, head.out_features, bias=False)
     model.lm_head.weight = head.weight
-    want = F.cross_entropy(model(input_ids=ids).logits.float().flatten(0, 1), targets.flatten())
+    want = whole_logits_loss(model, ids, targets)
     torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=4), want, rtol=1e-6, atol=1e-6)
     # ... or an instance forward that does so with the weight where it is
     model = llama()
     head = model.lm_head
     head.forward = lambda x: torch.nn.functional.linear(x, head.weight) * 2
-    want = F.cross_entropy(model(input_ids=ids).logits.float().flatten(0, 1), targets.flatten())
+    want = whole_logits_loss(model, ids, targets)
     torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=4), want, rtol=1e-6, atol=1e-6)
 
     # a global forward hook (torch.nn.modules.module.register_module_forward_hook) that changes
@@ -426,7 +431,7 @@ def test_a_head_with_hooks_or_an_instance_forward_takes_the_whole_path():
 
     handle = register_module_forward_hook(lambda m, a, out: out * 2 if m is model.lm_head else None)
     try:
-        want = F.cross_entropy(model(input_ids=ids).logits.float().flatten(0, 1), targets.flatten())
+        want = whole_logits_loss(model, ids, targets)
         got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
     finally:
         handle.remove()
