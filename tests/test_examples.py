@@ -1439,51 +1439,47 @@ def test_warmup_is_the_papers_linear_ramp_from_a_tenth(fp):
 
 
 def test_training_log_shows_the_lr_each_step_used(fp, capsys):
-    model = _tiny_llama()
-    seen = []
-    capture = torch.optim.AdamW.step
-
-    def step(self, *a, **k):
-        seen.append(self.param_groups[0]["lr"])
-        return capture(self, *a, **k)
-
-    import unittest.mock
-
-    with unittest.mock.patch.object(torch.optim.AdamW, "step", step):
-        fp.train(model, torch.randint(0, 256, (500,)), steps=3, seq_len=16, batch_size=2, lr=1e-3,
-                 lr_lambda=fp.warmup_lambda(20, 0.1), progress=False)
+    _, seen = _train_seeing(fp, torch.randint(0, 256, (500,)), lambda opt: opt.param_groups[0]["lr"], steps=3,
+                            batch_size=2, lr_lambda=fp.warmup_lambda(20, 0.1))
     logged = [float(m) for m in re.findall(r"lr (\S+)", capsys.readouterr().out)]
     assert logged == pytest.approx(seen, rel=1e-2) and seen[0] == pytest.approx(1e-4)
 
 
-def _tiny_llama(seed=0):
+def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                         num_attention_heads=2, max_position_embeddings=32))
 
 
-def _train_seeing_the_gradients(fp, data, **kw):
-    """fp.train's losses, and the gradients AdamW receives at each step (after clipping)."""
+def _train_seeing(fp, data, read, **kw):
+    """fp.train's losses (of a fresh tiny model, seq_len 16, lr 1e-3, a constant schedule unless kw
+    says otherwise), and read(optimizer) at each AdamW step, as it is about to update."""
     import unittest.mock
 
     received = []
     capture = torch.optim.AdamW.step
 
     def step(self, *a, **k):
-        received.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+        received.append(read(self))
         return capture(self, *a, **k)
 
+    kw = {"seq_len": 16, "lr": 1e-3, "lr_lambda": lambda s: 1.0, "progress": False, **kw}
     with unittest.mock.patch.object(torch.optim.AdamW, "step", step):
-        losses = fp.train(_tiny_llama(), data, seq_len=16, lr=1e-3, lr_lambda=lambda s: 1.0, progress=False, **kw)
+        losses = fp.train(_tiny_llama(), data, **kw)
     return losses, received
+
+
+def _train_seeing_the_gradients(fp, data, **kw):
+    """fp.train's losses, and the gradients AdamW receives at each step (after clipping)."""
+    return _train_seeing(fp, data, lambda opt: [p.grad.clone() for g in opt.param_groups for p in g["params"]], **kw)
 
 
 def _whole_batch_gradients(fp, data, batch_size, seed):
     """The reference: a plain cross-entropy over the step's whole batch, backpropagated once."""
     model = _tiny_llama()
-    # the windows train() draws with this seed: seq_len 16 (_train_seeing_the_gradients') + the last target
+    # the windows train() draws with this seed: seq_len 16 (_train_seeing's) + the last target
     batch = fp.sample_batch(data, batch_size, 17, torch.Generator().manual_seed(seed))
     logits = model(batch[:, :-1]).logits
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), batch[:, 1:].flatten())
