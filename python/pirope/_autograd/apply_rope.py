@@ -14,6 +14,7 @@ def _setup(ctx, inputs, output):
     cos, sin, position_ids, interleaved = inputs[n:]
     ctx.save_for_backward(cos, sin, position_ids)
     ctx.interleaved = interleaved
+    ctx.n_rotated = n
 
 
 def _apply_rope_bw(ctx, grad):
@@ -41,9 +42,7 @@ def _apply_rope_qk_backward_bw(ctx, gq, gk):
 def _setup_forward_mode(ctx, inputs, output):
     # _setup, plus what the jvp needs (forward-mode AD goes through torch.func's Function).
     _setup(ctx, inputs, output)
-    n = 2 if len(inputs) == 6 else 1
-    ctx.save_for_forward(*inputs[n:n + 3])
-    ctx.n_rotated = n
+    ctx.save_for_forward(*inputs[ctx.n_rotated:ctx.n_rotated + 3])
 
 
 def _jvp(name):
