@@ -445,7 +445,12 @@ def _tabs(dev, width=16):
     return _e(32, width, dev=dev), _e(32, width, dev=dev)
 
 
-_QKV4 = lambda dev: (_e(1, 4, 2, 32, dev=dev), _e(1, 4, 2, 32, dev=dev), _e(1, 4, 2, 32, dev=dev))  # noqa: E731
+def _same(n, *shape, dev, dtype=torch.float32):
+    """n random tensors of one shape (q, k, v; or their gradients and outputs too)."""
+    return tuple(_e(*shape, dev=dev, dtype=dtype) for _ in range(n))
+
+
+_QKV4 = lambda dev: _same(3, 1, 4, 2, 32, dev=dev)  # noqa: E731
 _FAKE_CASES = {
     "apply_rope float position_ids": lambda d: pirope.apply_rope(
         _e(1, 4, 2, 32, dev=d), *_tabs(d), torch.zeros(4, device=d)),
@@ -480,13 +485,13 @@ _FAKE_CASES = {
     "raw backward lse of another seqlen": lambda d: torch.ops.pirope.rope_attention_backward(
         *_QKV4(d), *_QKV4(d)[:2], _e(1, 2, 5, dev=d), *_tabs(d), None, True, 0.1, False),
     "raw backward packed lse of another total": lambda d: torch.ops.pirope.rope_attention_backward(
-        *(_e(4, 2, 32, dev=d) for _ in range(5)), _e(2, 5, dev=d), *_tabs(d), None, True, 0.1, False,
+        *_same(5, 4, 2, 32, dev=d), _e(2, 5, dev=d), *_tabs(d), None, True, 0.1, False,
         cu_seqlens=torch.tensor([0, 4], device=d)),
     # what the Python API refuses before the op: the raw op's (and its fake's) own checks
     "raw rope_attention window_right -2": lambda d: torch.ops.pirope.rope_attention(
         *_QKV4(d), *_tabs(d), None, False, 0.1, False, window_right=-2),
     "raw rope_attention negative softcap": lambda d: torch.ops.pirope.rope_attention(  # (float64: no range check)
-        *(_e(1, 4, 2, 32, dev=d, dtype=torch.float64) for _ in range(3)), *_tabs(d), None, True, 0.1, False,
+        *_same(3, 1, 4, 2, 32, dev=d, dtype=torch.float64), *_tabs(d), None, True, 0.1, False,
         softcap=-1.0),
     "raw rope_attention softcap below float32's range": lambda d: torch.ops.pirope.rope_attention(
         *_QKV4(d), *_tabs(d), None, True, 0.1, False, softcap=1e-50),
@@ -497,10 +502,10 @@ _FAKE_CASES = {
     "raw rope_attention sinks of another head count": lambda d: torch.ops.pirope.rope_attention(
         *_QKV4(d), *_tabs(d), None, True, 0.1, False, sinks=_e(3, dev=d)),
     "raw rope_attention float cu_seqlens": lambda d: torch.ops.pirope.rope_attention(
-        *(_e(4, 2, 32, dev=d) for _ in range(3)), *_tabs(d), None, True, 0.1, False,
+        *_same(3, 4, 2, 32, dev=d), *_tabs(d), None, True, 0.1, False,
         cu_seqlens=torch.tensor([0.0, 4.0], device=d)),
     "rope_attention packed position_ids of another length": lambda d: pirope.rope_attention(
-        *(_e(4, 2, 32, dev=d) for _ in range(3)), *_tabs(d), torch.zeros(5, dtype=torch.long, device=d),
+        *_same(3, 4, 2, 32, dev=d), *_tabs(d), torch.zeros(5, dtype=torch.long, device=d),
         cu_seqlens=torch.tensor([0, 4], device=d)),
 }
 
@@ -524,7 +529,7 @@ _FAKE_ACCEPTS = {
     "apply_rope_qk empty packed input past the table": lambda d: pirope.apply_rope_qk(
         _e(0, 2, 32, dev=d), _e(0, 1, 32, dev=d), *_tabs(d)),
     "raw rope_attention float64 softcap below float32's range": lambda d: torch.ops.pirope.rope_attention(
-        *(_e(1, 4, 2, 32, dev=d, dtype=torch.float64) for _ in range(3)), *_tabs(d), None, True, 0.1, False,
+        *_same(3, 1, 4, 2, 32, dev=d, dtype=torch.float64), *_tabs(d), None, True, 0.1, False,
         softcap=1e-50),
 }
 
