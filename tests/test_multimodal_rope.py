@@ -26,8 +26,8 @@ from pirope.integrations.transformers import (  # noqa: E402
     PiropeMultimodalRotaryEmbedding, apply_position_interpolation, patch_rope)
 from hf_compare import assert_same_logits, logits_and_grads  # noqa: E402
 from test_model_families import (  # noqa: E402,F401  (fused_calls, mask_free: fixtures)
-    COMMON, MASK_FREE, MOE, MROPE_LANGUAGE_MODELS_ONLY, QWEN3_5, WINDOW, assert_same, fused_calls, ids, mask_free,
-    twin)
+    COMMON, MASK_FREE, MOE, MROPE_LANGUAGE_MODELS_ONLY, QWEN3_5, WINDOW, assert_same, fused_calls, fused_windows, ids,
+    mask_free, twin)
 
 IMAGE, VIDEO, VISION_START, VISION_END = 250, 251, 252, 253
 TOKENS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
@@ -193,6 +193,27 @@ def test_position_interpolation_equals_transformers_with_and_without_an_image(na
     loaded = type(base).from_pretrained(tmp_path).eval()
     assert loaded.config.get_text_config().rope_parameters == params
     assert_same(logits_and_grads(model, x, **image), logits_and_grads(loaded, x, **image))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "paddleocr_vl", "qwen2_5_omni"])
+def test_sliding_window_layers_are_followed_with_and_without_an_image(name, attention, fused_windows):
+    # Qwen2-VL's attention (also Qwen2.5-VL's, PaddleOCR-VL's and Qwen2.5-Omni's): the module's own
+    # sliding_window, set on its sliding_attention layers (layer 0 here), which pirope passes on to the
+    # attention function, or to rope_attention as window_size (fused, on CPU: past the window, the mask shows it).
+    # PaddleOCR-VL's model builds a causal mask only (its window acts in the backends that window themselves):
+    # its windowed layer, whose mask does not show the window, is not fused, and sdpa attends to every key
+    base = make(name, sliding_window=16, use_sliding_window=True, layer_types=["sliding_attention", "full_attention"])
+    assert [layer.self_attn.sliding_window for layer in language_model(base).layers] == [16, None]
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    ref = twin(base, model.config)
+    x = ids(1, 40)
+    for inputs in ({}, with_image(name, x)[1]):
+        xi = with_image(name, x)[0] if inputs else x
+        fused_windows.clear()
+        assert_same(logits_and_grads(model, xi, **inputs), logits_and_grads(ref, xi, **inputs))
+        windowed = [(15, 0)] if name != "paddleocr_vl" else []
+        assert fused_windows == (windowed + [(-1, -1)] if attention == "fused" else [])
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl", "qwen3_5", "glm4v"])
