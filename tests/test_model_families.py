@@ -2094,6 +2094,14 @@ def test_a_multimodal_model_whose_language_model_is_unsupported_is_refused_uncha
     assert all(torch.equal(before[n], p) for n, p in base.state_dict().items())
 
 
+
+def test_a_language_model_holding_a_copy_of_the_text_config_is_refused_unchanged():
+    # patching it would update its own config, not the one save_pretrained writes (config.text_config):
+    # the saved model would reload with the old RoPE
+    base = make_multimodal("llava")
+    base.model.language_model.config = copy.deepcopy(base.config.get_text_config())
+    assert_refused_unchanged(base, TypeError, "LlavaForConditionalGeneration with model_type 'llava'")
+
 # ---- packed sequences (padding-free training) ----------------------------------------------
 
 PACKED = torch.cat([torch.arange(30), torch.arange(45), torch.arange(25)])[None]  # 3 sequences, 100 tokens
