@@ -93,6 +93,7 @@ def _attention_modules(model, family: _Family):
     need += ("layer_idx",) if family.chunked is not None else ()  # which config.layer_types entry is its
     # the window the family's attention passes (and where it rotates, AFMoE's, Flint's), read from the module
     need += ("sliding_window",) if family.window in ("module", "sliding") else ()
+    need += ("is_sliding",) if family.window == "sliding" else ()  # (whether its window applies: EXAONE 4)
     modules = []
     layer_types = getattr(model.config, "layer_types", None) or ()
     cross_layers = (getattr(model.config, family.cross_layers, None) or ()) if family.cross_layers else ()
@@ -150,10 +151,6 @@ def _attention_modules(model, family: _Family):
                 f"model: decoder layer {i} ({type(layer).__name__}) has a sparse-attention indexer "
                 f"(self_attn.{family.indexer}, which reads the RoPE tables itself and selects the keys attended to); "
                 "pirope does not follow it: this architecture is supported without such layers only")
-        if family.window == "sliding" and not hasattr(attn, "is_sliding"):
-            raise TypeError(
-                f"model: decoder layer {i} ({type(layer).__name__}) has no self_attn.is_sliding; "
-                "this architecture is not supported")
         modules.append(attn)
     if not modules:  # Qwen3-Next with fewer layers than its full_attention_interval: all linear
         which = (f"config.{family.cross_layers} lists them all" if family.cross_layers
@@ -199,9 +196,10 @@ def _head_dim(attn, family: _Family) -> int:
 def _attention_modules_of_type(config, family: _Family, attns, layer_type: str):
     """The attention modules of the layers of one type (``config.layer_types``), whose head size
     is that of the type's table (Gemma 4's full_attention heads are larger than its sliding ones)."""
-    # (attns: those of the layers with attention, LFM3's "conv" layers left out)
+    # (attns: those of the layers with attention, LFM3's "conv" layers left out; layer_type one they have, as
+    # _rope_parameters_by_type lists them, transformers checking that layer_types has an entry per layer)
     types = [t for t in config.layer_types if t != family.linear_layers]
-    of_type = [attn for attn, t in zip(attns, types) if t == layer_type] or attns
+    of_type = [attn for attn, t in zip(attns, types) if t == layer_type]
     sizes = sorted({_head_dim(attn, family) for attn in of_type})
     if len(sizes) > 1:
         raise TypeError(f"model: the {layer_type} layers have heads of different sizes {sizes} (one RoPE table per "
