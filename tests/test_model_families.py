@@ -2292,9 +2292,10 @@ def test_gpt_oss_layers_with_sinks_take_transformers_backend_on_cuda(fused_calls
 
 
 def _without(model, layer, name):
-    """model with attribute `name` of layer `layer`'s self_attn removed (an architecture
-    that looks supported by its model_type but is not built as pirope expects)."""
-    delattr(model.model.layers[layer].self_attn, name)
+    """model with attribute `name` of layer `layer`'s self_attn (the first of LongCat-Flash's two) removed
+    (an architecture that looks supported by its model_type but is not built as pirope expects)."""
+    attn = model.model.layers[layer].self_attn
+    delattr(attn[0] if isinstance(attn, torch.nn.ModuleList) else attn, name)
     return model
 
 
@@ -2319,6 +2320,12 @@ def _without(model, layer, name):
     ("mimo_v2_flash", 0, "v_head_dim", "decoder layer 0 .*v_head_dim"),
     ("mimo_v2_flash", 1, "v_scale", "decoder layer 1 .*v_scale"),
     ("granite_swa", 2, "layer_idx", "self_attn.layer_idx telling whether it rotates"),
+    ("llama", 0, "head_dim", "decoder layer 0 .*k_proj, v_proj, o_proj and head_dim"),
+    ("starcoder2", 0, "residual_dropout", "decoder layer 0 .*residual_dropout"),
+    ("bitnet", 1, "attn_sub_norm", "decoder layer 1 .*attn_sub_norm"),
+    ("deepseek_v2", 1, "q_proj", "decoder layer 1 .*q_proj"),  # (q_lora_rank None: q from q_proj)
+    ("minicpm3", 1, "q_a_layernorm", "decoder layer 1 .*q_a_layernorm"),
+    ("longcat_flash", 0, "mla_scale_kv_lora", "decoder layer 0 .*mla_scale_kv_lora"),
 ])
 def test_a_layer_without_what_its_family_needs_is_refused_unchanged(model_type, layer, name, match):
     assert_refused_unchanged(_without(make(model_type), layer, name), TypeError, match)
@@ -2347,6 +2354,26 @@ def test_minimax_m3_sparse_layers_are_refused_unchanged():
     model = make("minimax_m3_vl_text", layer_types=["full_attention", "minimax_m3_sparse"], index_n_heads=2,
                  index_head_dim=16, index_block_size=8, index_topk_blocks=2)
     assert_refused_unchanged(model, TypeError, "decoder layer 1 .*sparse-attention indexer")
+
+
+def test_sinks_that_are_not_a_tensor_are_refused_unchanged():
+    model = make("gpt_oss")
+    del model.model.layers[1].self_attn.sinks
+    model.model.layers[1].self_attn.sinks = 0.5
+    assert_refused_unchanged(model, TypeError, r"decoder layer 1 .*no tensor self_attn.sinks \(its attention-sink logits\)")
+
+
+def test_a_layer_without_its_attention_is_refused_unchanged_unless_it_cross_attends():
+    model = make("mllama_text_model")  # layer 1 cross-attends (no self_attn, left alone)
+    del model.model.layers[2].self_attn
+    assert_refused_unchanged(model, TypeError, "decoder layer 2 .*has no self_attn with q_proj")
+
+
+def test_falcon_without_what_its_attention_of_transformers_5_25_has_is_refused_naming_the_version():
+    model = make("falcon")
+    del model.transformer.h[0].self_attention.scaling
+    assert_refused_unchanged(model, TypeError, r"decoder layer 0 .*scaling.* follows the falcon attention of "
+                                               r"transformers >= 5\.25")
 
 
 def test_a_model_without_rotary_emb_is_refused():
