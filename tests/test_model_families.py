@@ -1322,6 +1322,11 @@ def test_patch_rope_takes_rope_parameters_keyed_by_layer_type_only():
         patch_rope(model, {"rope_type": "linear", "factor": 2.0})
     with pytest.raises(ValueError, match="per layer type"):
         patch_rope(model, {"chunked_attention": {"rope_type": "linear", "factor": 2.0}})
+    for bad in ({}, {"full_attention": "linear"}):  # nothing to replace; a type's parameters not a dict
+        with pytest.raises(ValueError, match="per layer type"):
+            patch_rope(model, bad)
+    with pytest.raises(TypeError, match="scaling must be None or a dict"):
+        patch_rope(model, "linear")
     assert model.config.rope_parameters == before
     assert type(model.model.rotary_emb).__name__ == "Gemma3RotaryEmbedding"
     # keyed by layer type: the named types change, the others keep theirs
