@@ -367,6 +367,8 @@ def test_bad_inputs(base_model):
         apply_position_interpolation(m, float("nan"))
     with pytest.raises(TypeError, match="factor"):
         apply_position_interpolation(m, "4")
+    with pytest.raises(TypeError, match="factor must be a real number"):
+        apply_position_interpolation(m, True)
     with pytest.raises(ValueError, match="exactly one of factor"):
         apply_position_interpolation(m)
     with pytest.raises(ValueError, match="exactly one of factor"):
@@ -377,6 +379,8 @@ def test_bad_inputs(base_model):
         apply_position_interpolation(m, max_position_embeddings=32)
     with pytest.raises(TypeError, match="max_position_embeddings"):
         apply_position_interpolation(m, max_position_embeddings=128.0)
+    with pytest.raises(TypeError, match="max_position_embeddings must be an int"):
+        apply_position_interpolation(m, max_position_embeddings=True)
     with pytest.raises(ValueError, match="attention"):
         apply_position_interpolation(m, 2.0, attention="flash")
     with pytest.raises(ValueError, match="attention"):
