@@ -182,10 +182,14 @@ def test_max_position_embeddings_form(base_model):
     model = apply_position_interpolation(copy.deepcopy(base_model), max_position_embeddings=160,
                                          attention="sdpa")
     assert model.config.rope_parameters == linear(2.5)
-    assert model.config.max_position_embeddings == 160
+    assert model.config.max_position_embeddings == model.model.rotary_emb.max_position_embeddings == 160
     x = ids(2, 150)
     with torch.no_grad():
         assert_same_logits(model(x).logits, ref(x).logits)
+    # a factor whose window is fractional: rounded to the nearest position count (64 * 1.01 = 64.64)
+    model = apply_position_interpolation(copy.deepcopy(base_model), 1.01)
+    assert model.config.max_position_embeddings == model.model.rotary_emb.max_position_embeddings == 65
+    assert model.config.rope_parameters == linear(1.01)
 
 
 def test_composes_with_existing_linear_scaling(base_model):
