@@ -2099,13 +2099,13 @@ def test_a_multimodal_model_whose_language_model_is_unsupported_is_refused_uncha
     assert all(torch.equal(before[n], p) for n, p in base.state_dict().items())
 
 
-
 def test_a_language_model_holding_a_copy_of_the_text_config_is_refused_unchanged():
     # patching it would update its own config, not the one save_pretrained writes (config.text_config):
     # the saved model would reload with the old RoPE
     base = make_multimodal("llava")
     base.model.language_model.config = copy.deepcopy(base.config.get_text_config())
     assert_refused_unchanged(base, TypeError, "LlavaForConditionalGeneration with model_type 'llava'")
+
 
 # ---- packed sequences (padding-free training) ----------------------------------------------
 
@@ -2365,7 +2365,8 @@ def test_sinks_that_are_not_a_tensor_are_refused_unchanged():
     model = make("gpt_oss")
     del model.model.layers[1].self_attn.sinks
     model.model.layers[1].self_attn.sinks = 0.5
-    assert_refused_unchanged(model, TypeError, r"decoder layer 1 .*no tensor self_attn.sinks \(its attention-sink logits\)")
+    assert_refused_unchanged(model, TypeError,
+                             r"decoder layer 1 .*no tensor self_attn.sinks \(its attention-sink logits\)")
 
 
 def test_a_layer_without_its_attention_is_refused_unchanged_unless_it_cross_attends():

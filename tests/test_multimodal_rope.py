@@ -208,11 +208,10 @@ def test_sliding_window_layers_are_followed_with_and_without_an_image(name, atte
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     ref = twin(base, model.config)
     x = ids(1, 40)
-    for inputs in ({}, with_image(name, x)[1]):
-        xi = with_image(name, x)[0] if inputs else x
+    windowed = [(15, 0)] if name != "paddleocr_vl" else []
+    for x, inputs in ((x, {}), with_image(name, x)):  # text past the window, then with an image
         fused_windows.clear()
-        assert_same(logits_and_grads(model, xi, **inputs), logits_and_grads(ref, xi, **inputs))
-        windowed = [(15, 0)] if name != "paddleocr_vl" else []
+        assert_same(logits_and_grads(model, x, **inputs), logits_and_grads(ref, x, **inputs))
         assert fused_windows == (windowed + [(-1, -1)] if attention == "fused" else [])
 
 
