@@ -545,6 +545,7 @@ def test_perplexity_bad_counts(kwargs, exc, msg):
     ([True] * 40, TypeError, "integer token ids"),
     ("some text that is long enough", TypeError, "integer token ids"),
     (torch.zeros(0, dtype=torch.long), ValueError, "tokens must not be empty"),
+    ([5] * 20 + [-1] * 20, ValueError, "tokens must be non-negative token ids, found -1"),
     (torch.zeros(10, dtype=torch.long), ValueError, "at least as long as window"),  # n_tokens < window
 ])
 def test_perplexity_bad_tokens(tokens, exc, msg):
