@@ -165,9 +165,8 @@ def _check_threshold(threshold) -> float:
 
 
 def _perplexity(total_nll: float, n_scored: int) -> float:
-    """exp(mean NLL); inf (not OverflowError) past float range, as for extrapolating models."""
-    if not n_scored:
-        return float("nan")
+    """exp(mean NLL); inf (not OverflowError) past float range, as for extrapolating models.
+    (n_scored >= 1: the first window scores window - 1 >= 1 tokens.)"""
     try:
         return math.exp(total_nll / n_scored)
     except OverflowError:
