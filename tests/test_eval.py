@@ -435,6 +435,9 @@ def test_token_ids_beyond_the_vocabulary_are_a_clear_value_error(llama):
         sliding_window_perplexity(llama, tokens, 16, 8, progress=False)
     with pytest.raises(ValueError, match=r"tokens.*vocabulary.*10"):  # no embedding to read: from the logits
         sliding_window_perplexity(ConfidentlyWrong(10), torch.arange(20), 8, 4, progress=False)
+    for model, vocab in ((llama, VOCAB), (ConfidentlyWrong(10), 10)):  # the first id past it
+        with pytest.raises(ValueError, match=rf"tokens contain id {vocab}, outside the model's vocabulary of {vocab}"):
+            sliding_window_perplexity(model, torch.arange(vocab + 1), 8, 4, progress=False)
 
 
 @pytest.mark.parametrize("args,exc,msg", [
@@ -525,6 +528,8 @@ def test_numpy_ints_are_accepted_like_lengths():
     (dict(window=16, stride=4.0), TypeError, "stride must be an int"),
     (dict(window=16, stride=-4), ValueError, "stride must be >= 1"),
     (dict(window=0, stride=1), ValueError, "window must be >= 2"),
+    (dict(window=16, stride=17), ValueError, "stride must be <= window, got stride=17 > window=16"),
+    (dict(window=41, stride=8), ValueError, "at least as long as window: got 40 tokens for window=41"),
     (dict(window=16, stride=8, batch_size=2.0), TypeError, "batch_size must be an int"),
     (dict(window=16, stride=8, batch_size=False), TypeError, "batch_size must be an int"),
     (dict(window=16, stride=8, progress="no"), TypeError, "progress must be a bool"),
