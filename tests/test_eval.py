@@ -494,6 +494,7 @@ def test_passkey_k_max_bad_input(success, threshold, exc, msg):
     (dict(threshold=0), ValueError, r"threshold must be in \(0, 1\]"),
     (dict(prefix_ids=[1.5]), TypeError, "prefix_ids must be int token ids"),
     (dict(prefix_ids="12"), TypeError, "prefix_ids must be int token ids"),
+    (dict(prefix_ids=b"12"), TypeError, "prefix_ids must be int token ids"),
     (dict(prefix_ids=1), TypeError, "prefix_ids must be a sequence"),
     (dict(prefix_ids=[-1]), ValueError, "prefix_ids must be non-negative"),
     (dict(trials=2.0), TypeError, "trials must be an int"),
@@ -660,6 +661,8 @@ def test_min_length_is_computed_once_for_the_same_tokenizer():
     (lambda t: {"input_ids": list(t.encode()), "attention_mask": [1] * len(t.encode())}, "dict"),  # tok as encode
     (lambda t: t, "str"),
     (lambda t: [float(b) for b in t.encode()], "list"),
+    (lambda t: [b > 100 for b in t.encode()], "list"),  # bools
+    (lambda t: torch.tensor(1), "Tensor"),  # 0-D
     (lambda t: torch.tensor([list(t.encode())]), "Tensor"),  # 2-D: a batch of one
     (lambda t: None, "NoneType"),
 ])
@@ -675,6 +678,12 @@ def test_encode_may_return_a_tensor_or_numpy_array():
     ref = passkey_min_length(byte_encode)
     assert passkey_min_length(lambda t: torch.tensor(byte_encode(t))) == ref
     assert passkey_min_length(lambda t: np.frombuffer(t.encode(), dtype=np.uint8)) == ref
+
+
+def test_prefix_ids_may_be_a_tokenizers_1_by_n_tensor():
+    ref = passkey_min_length(byte_encode, prefix_ids=[1, 2])
+    assert ref == passkey_min_length(byte_encode) + 2
+    assert passkey_min_length(byte_encode, prefix_ids=torch.tensor([[1, 2]])) == ref
 
 
 def learned_positions(kind, n_positions):
