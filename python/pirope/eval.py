@@ -472,10 +472,8 @@ def _check_encoded(ids) -> None:
     """What encode returned must be a sequence of int ids (a Hugging Face tokenizer called
     as encode returns a dict: its len would count its keys)."""
     kind = type(ids).__name__
-    if isinstance(ids, torch.Tensor):
-        ids = ids.tolist() if ids.dim() == 1 else None
-    elif hasattr(ids, "tolist") and getattr(ids, "ndim", None) == 1:  # a numpy array
-        ids = ids.tolist()
+    if isinstance(ids, torch.Tensor):  # (its items are tensors; a numpy array's are numbers.Integral)
+        ids = ids.tolist()  # (other than 1-D: an int or nested lists, refused below)
     if isinstance(ids, (Mapping, str, bytes)) or not isinstance(ids, Iterable) or not all(
             isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
         hint = " (for a tokenizer: lambda text: tok(text, add_special_tokens=False)['input_ids'])" if isinstance(
