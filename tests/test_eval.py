@@ -1,6 +1,9 @@
 """pirope.eval: passkey prompts within their length for any tokenizer, and bad input.
 (The perplexity and passkey behaviour on models is tested in test_examples.py.)"""
 
+import inspect
+import types
+
 import pytest
 import torch
 
@@ -629,6 +632,31 @@ def test_passkey_prompt_pass_keeps_one_position_and_decodes_with_the_cache(wrapp
     assert [c[1] for c in calls] == [(1, 1, 260)] * 4
 
 
+class CacheNamedCache(torch.nn.Module):
+    """A causal LM whose cache argument and output are named `cache` (newer transformers' name), not
+    past_key_values."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, input_ids, cache=None, use_cache=False, logits_to_keep=0):
+        name = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"  # (5.17's)
+        out = self.lm(input_ids=input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep, **{name: cache})
+        return types.SimpleNamespace(logits=out.logits, cache=getattr(out, "cache", None) or out.past_key_values)
+
+
+def test_passkey_decodes_with_a_cache_named_cache():
+    model = tiny_llama(vocab=260, window=512, layers=1)
+    calls = []
+    h = model.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    r = passkey_retrieval(CacheNamedCache(model), byte_encode, decode, [300], trials=1, max_new_tokens=4,
+                          progress=False)
+    h.remove()
+    assert calls[0] > 250 and calls[1:] == [1, 1, 1]
+    assert r == passkey_retrieval(model, byte_encode, decode, [300], trials=1, max_new_tokens=4, progress=False)
+
+
 def test_keyword_support_is_read_through_torch_compile():
     from pirope.eval import _accepts
 
@@ -671,6 +699,13 @@ def test_encode_must_return_token_ids(encode, name):
     prompt lengths would be nonsense. What encode returns is checked first."""
     with pytest.raises(TypeError, match=f"encode must return a 1-D sequence of int token ids, got {name}"):
         passkey_retrieval(LengthRecorder(), encode, decode, [300], trials=1, progress=False)
+
+
+def test_negative_ids_from_encode_are_a_clear_value_error():
+    model = LengthRecorder()
+    with pytest.raises(ValueError, match=r"encode's ids contain a negative id \(-1\)"):
+        passkey_retrieval(model, lambda t: [-1] + byte_encode(t), decode, [300], trials=1, progress=False)
+    assert model.lengths == []
 
 
 def test_encode_may_return_a_tensor_or_numpy_array():
