@@ -2,7 +2,6 @@
 (The perplexity and passkey behaviour on models is tested in test_examples.py.)"""
 
 import inspect
-import types
 
 import pytest
 import torch
@@ -352,6 +351,32 @@ def test_passkey_retrieval_hides_the_key_at_the_reported_random_depth():
     assert r["success"] == {400: 0.0, 700: 0.0} and r["k_max"] == 0 and r["trials"] == 100
 
 
+class KeyReader(torch.nn.Module):
+    """Answers every passkey prompt with answer.format(key=<the prompt's key>), a byte per step."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        text = decode(input_ids[0].tolist())
+        if text.endswith(PASSKEY_QUESTION):  # the prompt's pass: what follows it is the answer
+            self.prompt_len = input_ids.shape[1]
+            self.text = self.answer.format(key=re.search(r"The pass key is (\d+)\.", text).group(1))
+        logits = torch.zeros(*input_ids.shape, 256)
+        logits[0, -1, ord(self.text[input_ids.shape[1] - self.prompt_len])] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize("answer, success", [(" {key}.", 1.0), (" {key}9", 0.0), (" 1, {key}", 0.0), ("{key}", 1.0)])
+def test_a_trial_succeeds_when_the_first_run_of_digits_is_the_key(answer, success):
+    # (max_new_tokens: the answer's length, "{key}" standing for the key's 5 digits)
+    r = passkey_retrieval(KeyReader(answer), byte_encode, decode, [300], trials=4, max_new_tokens=len(answer),
+                          progress=False)
+    assert r["success"] == {300: success}
+
+
 def test_passkey_greedy_decoding_equals_generate():
     """passkey_retrieval decodes what model.generate(do_sample=False) decodes, with the
     KV cache: one full forward per trial, then one token per step."""
@@ -643,7 +668,7 @@ class CacheNamedCache(torch.nn.Module):
     def forward(self, input_ids, cache=None, use_cache=False, logits_to_keep=0):
         name = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"  # (5.17's)
         out = self.lm(input_ids=input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep, **{name: cache})
-        return types.SimpleNamespace(logits=out.logits, cache=getattr(out, "cache", None) or out.past_key_values)
+        return SimpleNamespace(logits=out.logits, cache=getattr(out, "cache", None) or out.past_key_values)
 
 
 def test_passkey_decodes_with_a_cache_named_cache():
