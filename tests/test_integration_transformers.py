@@ -714,17 +714,23 @@ def test_window_past_int64_is_a_value_error_naming_the_argument(base_model, kwar
 # ---- (j) negative position_ids (cumsum - 1 at left padding) ---------------------------
 
 
-@pytest.mark.parametrize("how", ["patch_rope-sdpa", "pi-1.0-fused", "pi-2.0-fused"])
+@pytest.mark.parametrize("how", ["patch_rope-sdpa", "pi-1.0-fused", "pi-2.0-fused", "dynamic-fused"])
 def test_negative_position_ids_at_left_padding_equal_transformers(base_model, how):
+    n = 30
     if how == "patch_rope-sdpa":
         model = patch_rope(copy.deepcopy(base_model), attention="sdpa")
         ref = base_model
+    elif how == "dynamic-fused":  # past the window: the table of the call's length, max(position_ids) + 1
+        torch.manual_seed(0)
+        ref = transformers.LlamaForCausalLM(llama_config(rope={"rope_type": "dynamic", "factor": 2.0,
+                                                                "rope_theta": THETA})).eval()
+        model, n = patch_rope(copy.deepcopy(ref), attention="fused"), 100
     else:
         factor = float(how.split("-")[1])
         model = apply_position_interpolation(copy.deepcopy(base_model), factor, attention="fused")
         ref = hf_pi_model(base_model, factor)
-    x = ids(2, 30)
-    mask = torch.ones(2, 30, dtype=torch.long)
+    x = ids(2, n)
+    mask = torch.ones(2, n, dtype=torch.long)
     mask[1, :7] = 0
     pos = mask.cumsum(-1) - 1  # -1 at the padded tokens, as generate() / many trainers write it
     assert pos.min() == -1

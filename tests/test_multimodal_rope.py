@@ -337,8 +337,9 @@ def test_the_rotary_embedding_rejects_malformed_position_ids():
     tables = rotary(x, torch.arange(5)[None, None])
     assert torch.equal(tables.position_ids, torch.arange(5)[None])
     assert torch.equal(rotary(x, torch.arange(5)[None]).cos, tables.cos)
-    with pytest.raises(ValueError, match="pair_rows"):
-        PiropeMultimodalRotaryEmbedding(16, pair_rows=(0, 1, 2), max_position_embeddings=WINDOW)
+    for pair_rows in ((0, 1, 2), (0, 1, 2, 3, 0, 0, 0, 0), (0, 1, 2, -1, 0, 0, 0, 0)):  # 8 pairs, sections 0-2
+        with pytest.raises(ValueError, match="pair_rows"):
+            PiropeMultimodalRotaryEmbedding(16, pair_rows=pair_rows, max_position_embeddings=WINDOW)
 
 
 def test_floating_point_positions_get_the_rows_of_their_own_positions():
@@ -355,6 +356,8 @@ def test_floating_point_positions_get_the_rows_of_their_own_positions():
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(ValueError, match="position_ids must be finite"):
             rotary(x, positions.index_fill(-1, torch.tensor([1]), bad))
+    text = rotary(x, positions[:1])  # one section of floats: the same positions in all three
+    assert torch.equal(text.cos, rotary(x, positions[:1].expand(3, 1, 4)).cos) and text.cos.shape == (4, 8)
     whole = positions.floor()  # whole positions as floats: the rows of the same positions as ints
     assert torch.equal(rotary(x, whole).cos, rotary(x, whole.long()).cos[rotary(x, whole.long()).position_ids[0]])
 
