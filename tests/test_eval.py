@@ -83,6 +83,12 @@ def test_passkey_lengths_must_be_ints():
         passkey_retrieval(LengthRecorder(), byte_encode, decode, 300, progress=False)
 
 
+def test_a_length_given_twice_is_tested_once():
+    model = LengthRecorder()
+    r = passkey_retrieval(model, byte_encode, decode, [400, 300, 400], trials=2, max_new_tokens=1, progress=False)
+    assert r["lengths"] == [300, 400] and len(r["samples"]) == 2 and len(model.lengths) == 4
+
+
 def test_min_length_is_that_of_the_costliest_key():
     for encode, costliest in ((byte_encode, "00000"), (digits_cost_more, "99999")):
         assert passkey_min_length(encode) == len(encode(passkey_prompt(0, 0, costliest)))
