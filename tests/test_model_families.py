@@ -1701,6 +1701,7 @@ def test_granite_swa_position_interpolation_scales_the_rope_of_every_theta_and_r
         [(PiropeRotaryEmbedding, 10000.0, 2.0), (PiropeRotaryEmbedding, 500000.0, 2.0)]
     assert [r.config.rope_parameters for r in rotaries] == [{**params, "rope_theta": t} for t in (10000.0, 500000.0)]
     assert [r.config.max_position_embeddings for r in rotaries] == [2 * WINDOW] * 2
+    assert len({id(r._positions) for r in rotaries}) == 1  # the same position_ids: one read (a sync) for both
     x = ids(2, 100)
     got = logits_and_grads(model, x)
     assert_same(got, logits_and_grads(twin(base, model.config), x))

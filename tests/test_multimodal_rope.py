@@ -366,14 +366,16 @@ def test_floating_point_positions_get_the_rows_of_their_own_positions():
                                      {"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0] * 8,
                                       "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]}],
                          ids=["dynamic", "longrope"])
-@pytest.mark.parametrize("largest", [63.25, 73.25])
-def test_fractional_positions_pick_the_length_dependent_table_as_transformers(scaling, largest):
-    # transformers' length is max(position_ids) + 1 with the fraction: 64.25 is past the window of 64
+@pytest.mark.parametrize("largest", [63.25, 73.25, 63, 73])
+def test_sections_that_disagree_pick_the_length_dependent_table_as_transformers(scaling, largest):
+    # transformers' length is max(position_ids) + 1, with the fraction of floating-point positions: 64.25 is
+    # past the window of 64, 64 is not, 74 is
     base = language_model(make("qwen3_vl"))
     model = patch_rope(copy.deepcopy(base), scaling=scaling)
     ref = twin(base, model.config)
-    positions = torch.arange(40, dtype=torch.float32).expand(3, 1, 40).clone()
-    positions[0, :, 10:] += largest - 39  # temporal positions with a fraction
+    positions = torch.arange(40, dtype=torch.float32 if isinstance(largest, float) else torch.long)
+    positions = positions.expand(3, 1, 40).clone()
+    positions[0, :, 10:] += largest - 39  # temporal positions (with a fraction where floats)
     embeds = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         got = model(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
@@ -391,13 +393,29 @@ def test_sections_that_do_not_fit_the_head_are_refused_unchanged():
     assert base.config.get_text_config().max_position_embeddings == WINDOW
 
 
-def test_a_layout_that_moves_frequencies_between_pairs_is_refused(monkeypatch):
+@pytest.mark.parametrize("layout", [
+    lambda f: torch.cat([f[0].flip(-1)] * 2, dim=-1),  # pair i turned at pair (pairs - 1 - i)'s frequency
+    lambda f: torch.cat([f[0], f[1]], dim=-1),  # the two halves of a pair turned by different sections
+    lambda f: f[0]],  # half a head's frequencies
+    ids=["flipped", "halves_differ", "half"])
+def test_a_layout_that_moves_frequencies_between_pairs_is_refused(monkeypatch, layout):
     base = make("qwen2_vl")
     rotary = language_model(base).rotary_emb
-    monkeypatch.setattr(rotary, "recomposition_frequencies", lambda f: torch.cat([f[0].flip(-1)] * 2, dim=-1))
+    monkeypatch.setattr(rotary, "recomposition_frequencies", layout)
     with pytest.raises(TypeError, match="moves frequencies between pairs"):
         patch_rope(base)
     assert language_model(base).rotary_emb is rotary
+
+
+def test_patching_again_with_another_number_of_rotary_pairs_is_refused_unchanged():
+    # GLM-4V rotates 4 of its 8 pairs (partial_rotary_factor 0.5): the sections read at the first patch are
+    # those 4 pairs', a scaling of the whole head does not fit them
+    model = patch_rope(make("glm4v"))
+    rotary, params = language_model(model).rotary_emb, dict(model.config.get_text_config().rope_parameters)
+    with pytest.raises(ValueError, match="rotates 4 pairs per head .* a scaling of 8 pairs does not fit"):
+        patch_rope(model, {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 1.0})
+    assert language_model(model).rotary_emb is rotary and rotary.pair_rows == MROPE["glm4v"][5]
+    assert model.config.get_text_config().rope_parameters == params
 
 
 def test_patching_again_keeps_the_sections(fused_calls):
