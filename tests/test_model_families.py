@@ -817,6 +817,19 @@ def test_nope_layers_attend_without_rotation(model_type, attention, fused_calls,
         assert (fused_calls, rotated) == ([], [(2, 100, 4, 16)])
 
 
+def mask_free_call_fuses(attn, seqlen, cache=None, kwargs=None, packed=False):
+    """Whether a patched layer's call without a mask tensor (a mask-free backend's: flash
+    attention's) takes the fused path, as its forward decides: everything but the mask
+    (_layer_can_fuse), then the packing and the sliding window (_fused_segments)."""
+    from pirope.integrations.transformers.attention import _fused_segments
+    from pirope.integrations.transformers.fusing import _cutting_window, _layer_can_fuse
+
+    kwargs = {} if kwargs is None else kwargs
+    q = torch.zeros(1, seqlen, 1, 8)
+    fuse = _layer_can_fuse(attn, seqlen, cache, kwargs)
+    return _fused_segments(attn, fuse, q, None, None, packed, _cutting_window(attn, seqlen))[0]
+
+
 def windowed(model_type):
     """A model whose layer 0 attends within a 16-token window (layer 1: as configured)."""
     if model_type in ("mistral", "starcoder2", "mixtral", "ministral3"):
@@ -995,14 +1008,12 @@ def test_bidirectional_gemma_takes_the_exact_path(fused_calls):
 def test_no_fused_call_where_a_window_without_mask_would_cut_keys(model_type):
     # attention implementations that apply the window themselves (flash_attention_2) get no
     # mask tensor: the window alone must keep such a layer off the fused path
-    from pirope.integrations.transformers.fusing import _can_fuse
-
     model = patch_rope(windowed(model_type), attention="fused")
     windowed_attn, other_attn = (layer.self_attn for layer in model.model.layers)
-    assert not _can_fuse(windowed_attn, 17, None, None, {})
-    assert _can_fuse(windowed_attn, 16, None, None, {})
+    assert not mask_free_call_fuses(windowed_attn, 17)
+    assert mask_free_call_fuses(windowed_attn, 16)
     # layer 1 attends to every key, except in StarCoder2 (one window for all layers)
-    assert _can_fuse(other_attn, 17, None, None, {}) == (model_type != "starcoder2")
+    assert mask_free_call_fuses(other_attn, 17) == (model_type != "starcoder2")
 
 
 def test_mllama_attention_dropout_is_applied_in_training(fused_calls):
@@ -1534,8 +1545,6 @@ def test_gemma2_without_softcapping_fuses_where_exact(attention, mask_free, fuse
 
 
 def test_gemma2_can_fuse_with_no_cap_or_a_finite_positive_one(mask_free):
-    from pirope.integrations.transformers.fusing import _can_fuse
-
     # a cap of 0 (transformers would divide by it), inf, or past float32 (rope_attention computes
     # in float32) is left to transformers
     for cap in (None, 50.0, 1e-3, 0.0, float("inf"), 1e39):
@@ -1543,8 +1552,8 @@ def test_gemma2_can_fuse_with_no_cap_or_a_finite_positive_one(mask_free):
                            attention="fused")
         sliding, full = (layer.self_attn for layer in model.model.layers)
         fusable = cap is None or 0 < cap < 1e39
-        assert [_can_fuse(sliding, 16, None, None, {}), _can_fuse(sliding, 17, None, None, {}),
-                _can_fuse(full, 17, None, None, {})] == ([True, False, True] if fusable else [False] * 3), cap
+        assert [mask_free_call_fuses(sliding, 16), mask_free_call_fuses(sliding, 17),
+                mask_free_call_fuses(full, 17)] == ([True, False, True] if fusable else [False] * 3), cap
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -2169,13 +2178,11 @@ def test_rope_tables_say_whether_the_positions_are_packed():
 
 def test_no_fused_call_where_packing_is_unknown():
     # under torch.compile the tables cannot say whether the positions are packed: no fusing
-    from pirope.integrations.transformers.fusing import _can_fuse
-
     attn = patch_rope(make("llama"), attention="fused").model.layers[0].self_attn
-    assert _can_fuse(attn, 10, None, None, {}, packed=False)
-    assert not _can_fuse(attn, 10, None, None, {}, packed=True)
-    assert not _can_fuse(attn, 10, None, None, {}, packed=None)
-    assert not _can_fuse(attn, 10, None, None, {"cu_seq_lens_q": torch.tensor([0, 4, 10])}, packed=False)
+    assert mask_free_call_fuses(attn, 10, packed=False)
+    assert not mask_free_call_fuses(attn, 10, packed=True)
+    assert not mask_free_call_fuses(attn, 10, packed=None)
+    assert not mask_free_call_fuses(attn, 10, kwargs={"cu_seq_lens_q": torch.tensor([0, 4, 10])})
 
 
 # ---- what the patch refuses, naming what is wrong ------------------------------------------
@@ -2429,14 +2436,12 @@ def test_a_rotary_embedding_replaced_after_patching_is_an_error_saying_so():
 
 
 def test_a_cache_that_cannot_tell_its_length_never_fuses():
-    from pirope.integrations.transformers.fusing import _can_fuse
-
     class Opaque:
         def get_seq_length(self, layer_idx):
             raise NotImplementedError
 
     attn = patch_rope(make("llama"), attention="fused").model.layers[0].self_attn
-    assert not _can_fuse(attn, 10, None, Opaque(), {})
+    assert not mask_free_call_fuses(attn, 10, cache=Opaque())
 
 
 # ---- a PEFT wrapper (PeftModel): the transformers model it wraps is patched ----------------

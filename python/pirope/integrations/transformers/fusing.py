@@ -65,13 +65,6 @@ def _past_length(cache, layer_idx: int) -> int:
 _UNFUSABLE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "position_bias", "s_aux")
 
 
-def _can_fuse(attn, seqlen: int, attention_mask, cache, kwargs, packed: bool | None = False) -> bool:
-    """Whether the dense fused call (no mask tensor, one sequence per row, no window) is exact
-    here, on CPU (elsewhere also only where _rotates_inside)."""
-    return (attention_mask is None and packed is False and _cutting_window(attn, seqlen) is None
-            and _layer_can_fuse(attn, seqlen, cache, kwargs))
-
-
 def _cutting_window(attn, seqlen: int) -> int | None:
     """The layer's sliding window where it masks something at this length, else None.
     (Within it, by either convention -- key j seen from query i when i - j < window, or
