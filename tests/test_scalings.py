@@ -250,6 +250,16 @@ REAL_WORLD = [
         [None],
     ),
     (
+        # None as a missing key (transformers reads them with .get)
+        "yarn-mscales-none",
+        128,
+        10000.0,
+        {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 8192, "mscale": None,
+         "mscale_all_dim": None},
+        131072,
+        [None],
+    ),
+    (
         "yarn-mscale-zero-is-ignored",
         128,
         10000.0,
@@ -299,6 +309,16 @@ REAL_WORLD = [
         128,
         10000.0,
         {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096, "beta_fast": 16, "beta_slow": 2},
+        32768,
+        [None],
+    ),
+    (
+        # one correction dim for both (no truncation): transformers' ramp over an empty range, max + 0.001
+        "yarn-equal-betas-untruncated",
+        128,
+        10000.0,
+        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096, "beta_fast": 4, "beta_slow": 4,
+         "truncate": False},
         32768,
         [None],
     ),
@@ -783,10 +803,11 @@ INVALID = [
     ("type-alias-conflict", dict(scaling={"rope_type": "linear", "type": "dynamic", "factor": 2.0}), ValueError,
      "'type'"),
     ("unknown-key", dict(scaling={"rope_type": "linear", "factor": 2.0, "facter": 3.0}), ValueError, "'facter'"),
-    ("factor-without-rope-type", dict(scaling={"factor": 4.0}), ValueError, "'factor'.*rope_type"),
+    ("factor-without-rope-type", dict(scaling={"factor": 4.0}), ValueError,
+     r"'factor'.*did you forget scaling\['rope_type'\]"),
     ("dynamic-with-ompe", dict(scaling={"rope_type": "dynamic", "factor": 2.0,
                                         "original_max_position_embeddings": 4096}), ValueError,
-     "original_max_position_embeddings"),
+     "'original_max_position_embeddings'.*dynamic NTK uses the max_position_embeddings argument"),
     ("default-with-factor", dict(scaling={"rope_type": "default", "factor": 2.0}), ValueError, "'factor'"),
     # factor
     ("linear-factor-missing", dict(scaling={"rope_type": "linear"}), ValueError, "factor"),
@@ -807,6 +828,12 @@ INVALID = [
     ("longrope-factor-below-1", dict(scaling=dict(_LONGROPE, factor=0.5)), ValueError, "factor"),
     ("longrope-derived-factor-below-1", dict(scaling=_LONGROPE, max_position_embeddings=2048), ValueError,
      "factor.*max_position_embeddings"),
+    # ints past the float range or int64
+    ("linear-factor-int-past-float", dict(scaling={"rope_type": "linear", "factor": 10**400}), ValueError,
+     "factor.*within the float range"),
+    ("yarn-ompe-past-int64", dict(scaling=dict(_YARN, original_max_position_embeddings=2**63)), ValueError,
+     "original_max_position_embeddings.*int64"),
+    ("head-dim-below-int64", dict(head_dim=-2**63 - 1), ValueError, "head_dim.*int64"),
     # an int base past torch's int64 (1e30 as a float works)
     ("base-int-past-int64", dict(base=10**30), ValueError, "base=1000000000000000000000000000000 overflows.*int64"),
     # yarn options
@@ -862,8 +889,8 @@ INVALID = [
     ("longrope-attention-factor-negative", dict(scaling=dict(_LONGROPE, attention_factor=-0.5)), ValueError,
      "attention_factor"),
     # head_dim / partial_rotary_factor / rotary_dim
-    ("head-dim-zero", dict(head_dim=0), ValueError, "head_dim"),
-    ("head-dim-negative", dict(head_dim=-128), ValueError, "head_dim"),
+    ("head-dim-zero", dict(head_dim=0), ValueError, "head_dim must be a positive int"),
+    ("head-dim-negative", dict(head_dim=-128), ValueError, "head_dim must be a positive int"),
     ("head-dim-float", dict(head_dim=128.0), TypeError, "head_dim"),
     ("head-dim-bool", dict(head_dim=True), TypeError, "head_dim"),
     ("head-dim-odd", dict(head_dim=127), ValueError, "rotary_dim"),
@@ -893,10 +920,10 @@ INVALID = [
     ("proportional-base-underflows", dict(base=1e300, scaling={"rope_type": "proportional"}), ValueError,
      "proportional.*frequency of 0"),
     # base / rope_theta
-    ("base-zero", dict(base=0.0), ValueError, "base"),
-    ("base-negative", dict(base=-10000.0), ValueError, "base"),
-    ("base-nan", dict(base=float("nan")), ValueError, "base"),
-    ("base-inf", dict(base=float("inf")), ValueError, "base"),
+    ("base-zero", dict(base=0.0), ValueError, r"base \(the RoPE theta\) must be > 0"),
+    ("base-negative", dict(base=-10000.0), ValueError, r"base \(the RoPE theta\) must be > 0"),
+    ("base-nan", dict(base=float("nan")), ValueError, "base must be finite"),
+    ("base-inf", dict(base=float("inf")), ValueError, "base must be finite"),
     ("base-str", dict(base="10000"), TypeError, "base"),
     ("base-none", dict(base=None), TypeError, "base"),
     ("rope-theta-zero", dict(scaling=dict(_LINEAR, rope_theta=0.0)), ValueError, "rope_theta"),
@@ -904,21 +931,27 @@ INVALID = [
     ("base-conflicts-with-rope-theta", dict(scaling=dict(_LINEAR, rope_theta=1e4), base=5e5), ValueError,
      "base.*rope_theta"),
     # seq_len / max_position_embeddings
-    ("seq-len-zero", dict(seq_len=0), ValueError, "seq_len"),
-    ("seq-len-negative", dict(seq_len=-5, scaling={"rope_type": "dynamic", "factor": 2.0}), ValueError, "seq_len"),
+    ("seq-len-zero", dict(seq_len=0), ValueError, "seq_len must be >= 1"),
+    ("seq-len-negative", dict(seq_len=-5, scaling={"rope_type": "dynamic", "factor": 2.0}), ValueError, "seq_len must be >= 1"),
     ("seq-len-float", dict(seq_len=4096.0), TypeError, "seq_len"),
     ("seq-len-bool", dict(seq_len=True), TypeError, "seq_len"),
-    ("seq-len-float-tensor", dict(seq_len=torch.tensor(4096.0)), TypeError, "seq_len"),
+    ("seq-len-float-tensor", dict(seq_len=torch.tensor(4096.0)), TypeError, "seq_len tensor must have an integer dtype"),
+    ("seq-len-bool-tensor", dict(seq_len=torch.tensor(True)), TypeError, "seq_len tensor must have an integer dtype"),
+    ("seq-len-complex-tensor", dict(seq_len=torch.tensor(4096 + 0j)), TypeError,
+     "seq_len tensor must have an integer dtype"),
+    ("seq-len-empty-tensor", dict(seq_len=torch.tensor([], dtype=torch.long)), ValueError,
+     "one-element tensor, got a tensor of shape \\(0,\\)"),
     ("seq-len-tensor-2-elements", dict(seq_len=torch.tensor([1, 2])), ValueError, "seq_len"),
-    ("seq-len-tensor-zero", dict(seq_len=torch.tensor(0)), ValueError, "seq_len"),
+    ("seq-len-tensor-zero", dict(seq_len=torch.tensor(0)), ValueError, "seq_len must be >= 1"),
     ("seq-len-meta-tensor", dict(seq_len=torch.tensor(8, device="meta"), scaling={"rope_type": "dynamic", "factor": 2.0}),
      ValueError, "seq_len.*meta"),
-    ("mpe-zero", dict(max_position_embeddings=0), ValueError, "max_position_embeddings"),
+    ("mpe-zero", dict(max_position_embeddings=0), ValueError, "max_position_embeddings must be a positive int"),
     ("mpe-float", dict(max_position_embeddings=2048.0), TypeError, "max_position_embeddings"),
     ("misspelt-required-key", dict(scaling={"rope_type": "linear", "facter": 4.0}), ValueError,
      "missing required key.*'factor'.*'facter'.*misspelling"),
     # values each valid alone whose result is not
     ("base-underflows-the-frequencies", dict(base=1e300), ValueError, "non-finite or non-positive frequencies"),
+    ("base-overflows-the-frequencies", dict(base=1e-300), ValueError, "non-finite or non-positive frequencies"),
     ("dynamic-base-overflows-float64", dict(head_dim=4, scaling={"rope_type": "dynamic", "factor": 1e150},
                                             max_position_embeddings=1, seq_len=10**18), ValueError, "overflows"),
     ("yarn-beta-fast-past-float64", dict(scaling=dict(_YARN, beta_fast=1e308)), ValueError, "beta_fast"),
@@ -957,15 +990,39 @@ def test_invalid_configuration_raises(kwargs, exc, match):
         scaling.compute_inv_freq(head_dim, **kwargs)
 
 
-def test_invalid_scaling_also_rejected_by_normalize_scaling():
-    for bad, exc in [
-        ({"rope_type": "linear", "factor": 0.5}, ValueError),
-        ({"rope_type": "llama3", "factor": 8.0}, ValueError),
-        ({"rope_type": "yarn", "factor": 4.0, "truncate": "no"}, TypeError),
-        ("yarn", TypeError),
-    ]:
-        with pytest.raises(exc):
-            scaling.normalize_scaling(bad)
+def test_fractional_seq_len_is_taken_as_it_is_where_at_least_one():
+    # (private: the length transformers reads from floating-point position_ids, max + 1 with its fraction)
+    dynamic = {"rope_type": "dynamic", "factor": 2.0}
+    got = scaling._compute_inv_freq(128, base=10000.0, scaling=dynamic, max_position_embeddings=64,
+                                    partial_rotary_factor=1.0, seq_len=torch.tensor(100.5), fractional_seq_len=True)
+    base = 10000.0 * (2.0 * torch.tensor(100.5) / 64 - 1.0) ** (128 / 126)
+    assert torch.equal(got[0], 1.0 / (base ** (torch.arange(0, 128, 2).float() / 128)))
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="seq_len must be finite and >= 1"):
+            scaling._compute_inv_freq(128, base=10000.0, scaling=dynamic, max_position_embeddings=64,
+                                      partial_rotary_factor=1.0, seq_len=torch.tensor(bad), fractional_seq_len=True)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    ({"rope_type": "linear", "factor": 0.5}, ValueError, "factor.*>= 1"),
+    ({"rope_type": "llama3", "factor": 8.0}, ValueError, "missing"),
+    ({"rope_type": "yarn", "factor": 4.0, "truncate": "no"}, TypeError, "truncate"),
+    ("yarn", TypeError, "scaling must be None or a dict"),
+    # values the dict alone rules out, which a table might otherwise only fail on later, or not at all
+    (dict(_YARN, attention_factor=0.0), ValueError, "attention_factor.*must be > 0"),
+    (dict(_LONGROPE, attention_factor=0), ValueError, "attention_factor.*must be > 0"),
+    (dict(_YARN, beta_fast=-32), ValueError, "beta_fast.*must be > 0"),
+    (dict(_YARN, beta_slow=-1.0), ValueError, "beta_slow.*must be > 0"),
+    ({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0}, ValueError,
+     r"partial_rotary_factor.*\(0, 1\]"),
+    ({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 1.5}, ValueError,
+     r"partial_rotary_factor.*\(0, 1\]"),
+    ({"rope_type": "default", "rope_theta": 0}, ValueError, "rope_theta.*must be > 0"),
+    (dict(_LONGROPE, short_factor=[]), ValueError, "short_factor.*non-empty"),
+])
+def test_invalid_scaling_also_rejected_by_normalize_scaling(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        scaling.normalize_scaling(bad)
 
 
 def test_transformers_only_warns_where_pirope_raises():
