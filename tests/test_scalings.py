@@ -151,6 +151,8 @@ REAL_WORLD = [
     # the pairs rotating), and those extended 4x by Position Interpolation
     ("gemma4-global", 512, 1000000.0, {"rope_type": "proportional"}, 131072, [None]),
     ("gemma4-global-pi-4x", 512, 1000000.0, {"rope_type": "proportional", "factor": 4.0}, 524288, [None]),
+    # 7 of 8 pairs rotate: one zero frequency appended
+    ("proportional-one-unrotated-pair", 16, 10000.0, {"rope_type": "proportional"}, 64, [None]),
     (
         "llama3.1-8b",
         128,
@@ -338,6 +340,13 @@ REAL_WORLD = [
         32768,
         [None],
     ),
+    # correction dims past the pairs (below 0: a window shorter than beta_fast's rotations; above dim - 1: a
+    # small base), clamped to them
+    ("yarn-short-window-clamps-low", 128, 10000.0,
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "truncate": False}, 512, [None]),
+    ("yarn-small-base-clamps-high", 128, 100.0,
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 65536, "truncate": False}, 262144,
+     [None]),
     ("yarn-no-ompe-uses-max-position-embeddings", 128, 10000.0, {"rope_type": "yarn", "factor": 4.0}, 4096, [None]),
     ("yarn-factor-1", 128, 10000.0, {"rope_type": "yarn", "factor": 1.0}, 4096, [None]),
     (
@@ -416,7 +425,7 @@ REAL_WORLD = [
 ]
 
 _REAL_WORLD_PRF = {"gpt-neox-20b-partial-0.25": 0.25, "phi-2-partial-0.4": 0.4, "gemma4-global": 0.25,
-                   "gemma4-global-pi-4x": 0.25}
+                   "gemma4-global-pi-4x": 0.25, "proportional-one-unrotated-pair": 0.875}
 
 
 @pytest.mark.parametrize(
