@@ -78,13 +78,17 @@ def test_the_chunks_and_the_norms_change_the_result():
         assert not torch.allclose(without_norms(x, use_cache=False).logits, want, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("tuning", [True, False])
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-def test_nope_layers_take_their_temperature(attention):
-    # (that layer 1 never rotates, fused or not: test_model_families' NoPE test)
-    base = make("llama4_text")
+def test_nope_layers_take_their_temperature(attention, tuning):
+    # (that layer 1 never rotates, fused or not: test_model_families' NoPE test); none without
+    # attn_temperature_tuning
+    base = make("llama4_text", attn_temperature_tuning=tuning)
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     x = ids(2, 100)
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+    if not tuning:
+        return
     # the temperature (floor_scale 16: every 16 tokens) is what makes the NoPE layer exact: the
     # same patch without it gives other logits
     with torch.no_grad():

@@ -1016,6 +1016,17 @@ def test_no_fused_call_where_a_window_without_mask_would_cut_keys(model_type):
     assert mask_free_call_fuses(other_attn, 17) == (model_type != "starcoder2")
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+@pytest.mark.parametrize("model_type", ["llama", "mllama_text_model", "persimmon"])
+def test_attention_dropout_is_off_in_eval(model_type, attention):
+    # out of training the attention gets dropout 0 whatever the layer's rate (its attention_dropout,
+    # Mllama's .dropout, Persimmon's nn.Dropout module), as transformers passes it its attention function
+    base = make(model_type, **{"dropout" if model_type == "mllama_text_model" else "attention_dropout": 0.5})
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    x = ids(2, 40)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+
+
 def test_mllama_attention_dropout_is_applied_in_training(fused_calls):
     # Llama 3.2 Vision's self-attention keeps its dropout rate in .dropout (not attention_dropout):
     # passed to the attention function in training, as transformers does (never fused then)
@@ -1460,11 +1471,13 @@ def packed_sequence_ids(query, position_ids, cu_seq_lens_q):
 
 
 def mask_free_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
-                        sliding_window=None, position_ids=None, cu_seq_lens_q=None, **kwargs):
+                        sliding_window=None, position_ids=None, cu_seq_lens_q=None, s_aux=None, **kwargs):
     """An attention backend transformers hands no mask (like flash_attention_2 without padding,
     or any registered backend without a mask function): causal, sliding window and soft-cap
     applied here, as eager_attention_forward applies them with its mask; sequences packed
-    back to back attend within themselves, as flash attention's varlen path does."""
+    back to back attend within themselves, as flash attention's varlen path does; attention
+    sinks (s_aux: a logit per head in every row's softmax, attending to nothing) as the
+    kernels that take them do."""
     assert attention_mask is None
     k, v = (t.repeat_interleave(module.num_key_value_groups, dim=1) for t in (key, value))
     scores = query @ k.transpose(2, 3) * scaling
@@ -1478,7 +1491,10 @@ def mask_free_attention(module, query, key, value, attention_mask, dropout=0.0, 
     if seq is not None:
         assert q_len == k_len
         keep = keep & (seq[:, :, None] == seq[:, None, :])[:, None]
-    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1, dtype=torch.float32).to(query.dtype)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    if s_aux is not None:
+        scores = torch.cat([scores, s_aux.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)], -1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)[..., :k_len]
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     return (probs @ v).transpose(1, 2).contiguous(), probs
 
@@ -1690,6 +1706,24 @@ def test_layers_handed_no_tables_attend_without_rotation(model_type, attention, 
             assert (fused_calls, fused_tables, rotations) == ([shape] * len(nope), nope, [])
         else:
             assert (fused_calls, rotations) == ([], [(1, 100, 4, 16)] * nope.count(False))
+
+
+@pytest.mark.parametrize("model_type", ["lara_mini", "granite_swa"])
+def test_layers_handed_no_tables_compile_fullgraph(model_type):
+    # (their positions, which tell packed sequences, are not read under torch.compile: no graph break)
+    assert_compiled_pi_equals_transformers(make(model_type))
+
+
+@pytest.mark.parametrize("model_type", list(TABLELESS_NOPE))
+def test_layers_handed_no_tables_see_packed_sequences_without_a_mask(model_type, mask_free, fused_calls):
+    # a mask-free backend (flash attention's) gets no mask tensor: the positions the decoder layer passes
+    # tell the layers handed no tables that the sequences are packed, and none fuses across them
+    base = make(model_type, attn_implementation=MASK_FREE)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    x = ids(1, 100)
+    assert_same(logits_and_grads(model, x, position_ids=PACKED),
+                logits_and_grads(twin(base, model.config), x, position_ids=PACKED))
+    assert fused_calls == []
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
@@ -2274,6 +2308,19 @@ def test_sinks_are_followed_and_trained(model_type, attention, fused_sinks):
             if layer.self_attn.sinks is not None:
                 layer.self_attn.sinks.fill_(float("-inf"))
     assert not torch.allclose(logits_and_grads(twin(no_sinks, model.config), x)[0], want[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_sinks_reach_a_mask_free_backend(attention, mask_free, fused_sinks):
+    # a backend without a mask (flash attention's kernels that take sinks) gets them as s_aux, as
+    # transformers' GPT-OSS passes them; fused within the window (layer 0's: 16), not past it
+    base = with_sinks(make("gpt_oss", attn_implementation=MASK_FREE))
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
+    for seqlen in (12, 100):
+        fused_sinks.clear()
+        x = ids(2, seqlen)
+        assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+        assert len(fused_sinks) == (0 if attention == "sdpa" else 2 if seqlen == 12 else 1)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
