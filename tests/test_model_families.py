@@ -996,6 +996,20 @@ def test_a_score_bias_passed_to_the_attention_is_added_as_in_transformers(fused_
     assert not torch.allclose(got[0], logits_and_grads(ref, x)[0], atol=1e-4)  # the bias matters
 
 
+def test_sink_logits_passed_to_the_attention_take_its_backend(mask_free, fused_calls):
+    # a backend that takes sink logits (s_aux: flash attention's kernels, the stand-in here) adds them to
+    # each row's softmax; rope_attention, given none, would not: not fused
+    base = make("llama", attn_implementation=MASK_FREE)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    ref = twin(base, model.config)
+    x = ids(1, 12)
+    sinks = torch.full((4,), 2.0)
+    got = logits_and_grads(model, x, s_aux=sinks)
+    assert_same(got, logits_and_grads(ref, x, s_aux=sinks))
+    assert fused_calls == []
+    assert not torch.allclose(got[0], logits_and_grads(ref, x)[0], atol=1e-4)  # the sinks matter
+
+
 def test_bidirectional_gemma_takes_the_exact_path(fused_calls):
     base = make("gemma", use_bidirectional_attention=True)
     model = patch_rope(copy.deepcopy(base), attention="fused")
