@@ -205,6 +205,15 @@ def test_composes_with_existing_linear_scaling(base_model):
         assert_same_logits(model(x).logits, ref(x).logits)
 
 
+def test_a_config_without_rope_parameters_is_plain_rope_at_its_rope_theta(base_model):
+    # (transformers 5's configs hold rope_parameters; one with only a rope_theta means plain RoPE at it)
+    model = copy.deepcopy(base_model)
+    model.config.rope_parameters = None
+    model.config.rope_theta = 5e5
+    rotary = patch_rope(model).model.rotary_emb
+    assert (rotary.base, rotary.scaling) == (5e5, None)
+
+
 def test_llama_model_and_kv_cache_generate(base_model):
     ref = hf_pi_model(base_model, 4.0)
     model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="sdpa")
@@ -289,6 +298,7 @@ def test_phi3_pi_is_saved_as_uniform_longrope_and_round_trips(partial, tmp_path)
     rotary_pairs = int(16 * partial) // 2
     assert params["rope_type"] == "longrope" and params["attention_factor"] == 1.0
     assert params["short_factor"] == params["long_factor"] == [4.0] * rotary_pairs
+    assert params["original_max_position_embeddings"] == WINDOW  # the pretraining window
     assert model.config.max_position_embeddings == 4 * WINDOW
     model.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -304,6 +314,7 @@ def test_phi3_pi_is_saved_as_uniform_longrope_and_round_trips(partial, tmp_path)
     # composing again: factor 4 * 2, still as LongRoPE
     again = apply_position_interpolation(loaded, 2.0, attention="sdpa")
     assert again.config.rope_parameters["short_factor"] == [8.0] * rotary_pairs
+    assert again.config.rope_parameters["original_max_position_embeddings"] == WINDOW  # still the pretraining one
     assert again.config.max_position_embeddings == 8 * WINDOW
 
 
@@ -319,6 +330,12 @@ def test_phi3_real_longrope_is_not_interpolated():
     model.config.rope_parameters = {
         "rope_type": "longrope", "rope_theta": THETA, "short_factor": [2.0] * 8, "long_factor": [2.0] * 8,
         "original_max_position_embeddings": WINDOW}
+    with pytest.raises(ValueError, match="rope_type"):
+        apply_position_interpolation(model, 2.0)
+    # nor one factor for short sequences and another for long ones (PI by 2 within the window, by 4 past it)
+    model.config.rope_parameters = {
+        "rope_type": "longrope", "rope_theta": THETA, "short_factor": [2.0] * 8, "long_factor": [4.0] * 8,
+        "attention_factor": 1.0, "original_max_position_embeddings": WINDOW}
     with pytest.raises(ValueError, match="rope_type"):
         apply_position_interpolation(model, 2.0)
 

@@ -69,7 +69,7 @@ def _rope_setup(model, model_type: str, family: _Family, params: dict, head_dim:
     """(head_dim, base, scaling-for-pirope, partial_rotary_factor) of a model's RoPE."""
     partial_supported = family.partial
     given, params = params, dict(params)
-    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))  # (both popped: "type" is its alias)
     if family.attn_temperature:  # the attention's keys, not the table's
         for key in _TEMPERATURE_KEYS:
             if key != "original_max_position_embeddings" or rope_type not in _WINDOWED_ROPE_TYPES:
@@ -77,7 +77,6 @@ def _rope_setup(model, model_type: str, family: _Family, params: dict, head_dim:
     if family.mrope:
         for key in _MROPE_KEYS:
             params.pop(key, None)
-    params.pop("type", None)
     base = params.pop("rope_theta", None)
     if base is None:
         base = getattr(model.config, "rope_theta", 10000.0)
