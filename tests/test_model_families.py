@@ -2470,6 +2470,15 @@ def test_per_layer_type_configs_that_pi_cannot_extend_are_refused_unchanged():
     with pytest.raises(ValueError, match="sliding_attention"):
         apply_position_interpolation(model, 2.0)
     assert model.config.rope_parameters == before
+    # PI on the full_attention layers' YaRN: no recipe of a factor for it (the one for a single rope_parameters
+    # dict would replace every type's)
+    model = make("gemma3_text")
+    model.config.rope_parameters["full_attention"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}
+    before = copy.deepcopy(model.config.rope_parameters)
+    with pytest.raises(ValueError, match=r"config.rope_parameters\['full_attention'\]=.*'yarn'") as refused:
+        apply_position_interpolation(model, 2.0)
+    assert "e.g. its factor times" not in str(refused.value)
+    assert model.config.rope_parameters == before
     model = make("gemma3_text")
     model.config.layer_types = None
     with pytest.raises(ValueError, match="layer_types"):
