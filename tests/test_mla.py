@@ -13,6 +13,7 @@ latent 16), seconds on a CPU.
 """
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -175,6 +176,20 @@ def test_on_cuda_transformers_attention_runs_on_pirope_rotation(fused_calls, rot
     assert fused_calls == [] and rotations == [(2, 100, 4, 8)] * 2
 
 
+
+
+def test_a_transformers_without_yarn_apply_mscale_is_refused_unchanged(monkeypatch):
+    # a new scaling's softmax scale is transformers' own yarn_apply_mscale: without it, no guess
+    from transformers import modeling_rope_utils
+
+    model = make("deepseek_v3")
+    monkeypatch.delattr(sys.modules[type(model.model.layers[0].self_attn).__module__], "yarn_apply_mscale")
+    monkeypatch.delattr(modeling_rope_utils, "yarn_apply_mscale")
+    params, scale = dict(model.config.rope_parameters), model.model.layers[0].self_attn.scaling
+    with pytest.raises(TypeError, match="no yarn_apply_mscale telling the softmax scale of DeepseekV3Attention"):
+        patch_rope(model, {"rope_type": "linear", "factor": 2.0})
+    assert model.config.rope_parameters == params and model.model.layers[0].self_attn.scaling == scale
+    assert type(model.model.rotary_emb).__module__.startswith("transformers")
 
 
 def test_mistral4_temperature_scales_the_whole_query():

@@ -490,6 +490,10 @@ def _args(**over):
         (dict(position_ids=torch.arange(8) + 9), IndexError, "position_ids must be in \\[0, 16\\)"),
         (dict(cos=torch.randn(4, 32), sin=torch.randn(4, 32)), IndexError, "cos/sin have only 4 rows"),
         (dict(cos=torch.randn(16, 40), sin=torch.randn(16, 40)), RuntimeError, "exceeds the head dim 64"),
+        # no head dim for the default softmax_scale (headdim ** -0.5)
+        (dict(q=torch.randn(2, 8, 4, 0), k=torch.randn(2, 8, 2, 0), v=torch.randn(2, 8, 2, 0)), ValueError,
+         "with headdim >= 1, got shape \\(2, 8, 4, 0\\)"),
+        (dict(q=torch.tensor(1.0)), ValueError, "with headdim >= 1, got shape \\(\\)"),
     ],
 )
 def test_rejects_bad_input(over, exc, match):

@@ -570,6 +570,19 @@ def test_packed_shapes_are_checked_on_every_path(fn, bad, match):
             unfused()(args["q"], args["k"], args["v"], cos, sin, None, cu, True, 0.25, False)
 
 
+@pytest.mark.parametrize("cu, match", [
+    ([1, 5, 16], "must start at 0, got 1"),
+    ([0, 10, 5, 16], "must be non-decreasing, got 10 then 5 at index 2"),
+    ([0, -3, 16], "must be non-decreasing, got 0 then -3 at index 1"),
+    ([0, 5, 15], r"must end at the total tokens of q \(16\), got 15"),
+    ([0, 5, 17], r"must end at the total tokens of q \(16\), got 17")])
+def test_unfused_path_checks_cu_seqlens_values_as_the_op(cu, match):
+    # (the CUDA path reads them on the host: the op's own checks, its messages)
+    a = _varlen_args()
+    with pytest.raises(ValueError, match="rope_attention: cu_seqlens " + match):
+        unfused()(a["q"], a["k"], a["v"], a["cos"], a["sin"], None, torch.tensor(cu), True, 0.125, False)
+
+
 def test_unfused_path_on_no_tokens_still_has_gradients():
     q, k, v = (torch.randn(0, h, 16, requires_grad=True) for h in (4, 2, 2))
     cos, sin = tables(16, 8)
