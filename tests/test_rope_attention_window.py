@@ -193,6 +193,9 @@ def test_empty_batch_or_seqlen(shape):
     assert out.shape == q.shape
     out.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+    # the unfused (CUDA) path: no block of query rows, one empty call
+    out = unfused_module()._sdpa_fallback(q, k, v, cos, sin, None, False, 32 ** -0.5, False, (2, 1))
+    assert out.shape == q.shape and out.requires_grad
 
 
 # ---- 3. wide windows are the plain call, bit for bit ----
