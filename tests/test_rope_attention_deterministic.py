@@ -185,6 +185,14 @@ def test_cuda_routing_of_rotary_dims_by_pair_layout(rotary_dim, interleaved, fus
     assert unfused_module()._cuda_kernel_applies(q, k, v, cos, interleaved, True) is fused
 
 
+def test_cuda_routing_needs_float32_tables():
+    # (float64 tables: the fused kernels read float32 rows)
+    q, k, v = qkv(1, 4, 4, 2, 128, dtype=torch.bfloat16)
+    cos, _ = tables(128, 4)
+    assert unfused_module()._cuda_kernel_applies(q, k, v, cos, False, True)
+    assert not unfused_module()._cuda_kernel_applies(q, k, v, cos.double(), False, True)
+
+
 # ---- CUDA: the public call ----
 
 CUDA_CASES = [  # (dtype, head_dim, window, cu_seqlens): the first runs the fused kernels
