@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pirope
-from attention_inputs import at_thread_counts, many_threads, qkv, tables, use_packed_products
+from attention_inputs import at_thread_counts, many_threads, qkv, tables, unfused_module, use_packed_products
 from reference import assert_attention_close as assert_close_to
 from reference import attention_reference
 
@@ -500,6 +500,25 @@ def test_rejects_bad_input(over, exc, match):
     a = _args(**over)
     with pytest.raises(exc, match=match):
         pirope.rope_attention(a["q"], a["k"], a["v"], a["cos"], a["sin"], a["position_ids"])
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        (dict(k=torch.randn(2, 8, 3, 64), v=torch.randn(2, 8, 3, 64)), "nheads_q must be a multiple of nheads_kv"),
+        (dict(v=torch.randn(2, 8, 1, 64)), "k and v must have the same number of heads"),
+        (dict(v=torch.randn(2, 8, 2, 80)), "v must have the head dim of q"),
+        (dict(k=torch.randn(2, 8, 2, 64, dtype=torch.float64)), "k must have the dtype of q"),
+        (dict(position_ids=torch.arange(8) + 9), "position_ids must be in \\[0, 16\\)"),
+    ],
+)
+def test_the_unfused_path_refuses_what_the_op_refuses(over, match):
+    # the CUDA path (_sdpa_fallback: apply_rope_qk, then SDPA, which broadcasts some shapes into a
+    # result) checks the arguments as the op does, with its messages
+    a = _args(**over)
+    with pytest.raises((RuntimeError, IndexError), match=match):
+        unfused_module()._sdpa_fallback(a["q"], a["k"], a["v"], a["cos"], a["sin"], a["position_ids"], True, 0.125,
+                                        False, (4, 0))
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ bit-identical run to run and match the reference."""
 import pytest
 import torch
 
+import pirope
 from attention_inputs import (assert_all_equal, assert_compiled_like_eager, check_against_reference, cu_tensor,
                               packed_qkv, qkv, run, tables, unfused_module)
 from conftest import CUDA_SKIP_REASON, cuda_ready
@@ -183,6 +184,26 @@ def test_cuda_routing_of_rotary_dims_by_pair_layout(rotary_dim, interleaved, fus
     q, k, v = qkv(1, 4, 4, 2, 128, dtype=torch.bfloat16)
     cos, _ = tables(rotary_dim, 4)
     assert unfused_module()._cuda_kernel_applies(q, k, v, cos, interleaved, True) is fused
+
+
+def test_deterministic_none_follows_torchs_global_mode(monkeypatch):
+    # what the op is asked for: torch.use_deterministic_algorithms' mode where the keyword is None
+    from pirope._autograd import functorch
+
+    seen, real = [], functorch.call
+    monkeypatch.setattr(functorch, "call", lambda name, *args: seen.append(args[9]) or real(name, *args))
+    q, k, v = qkv(1, 8, 4, 2, 64)
+    cos, sin = tables(64, 8)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        pirope.rope_attention(q, k, v, cos, sin)
+        torch.use_deterministic_algorithms(True)
+        pirope.rope_attention(q, k, v, cos, sin)
+        pirope.rope_attention(q, k, v, cos, sin, deterministic=False)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert seen == [False, True, False]
 
 
 def test_cuda_routing_needs_float32_tables():
