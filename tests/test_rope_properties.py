@@ -8,7 +8,6 @@ The CI profile runs a bounded number of examples; a longer one is available by h
 
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
