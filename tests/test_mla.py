@@ -183,8 +183,10 @@ def test_a_transformers_without_yarn_apply_mscale_is_refused_unchanged(monkeypat
     from transformers import modeling_rope_utils
 
     model = make("deepseek_v3")
-    monkeypatch.delattr(sys.modules[type(model.model.layers[0].self_attn).__module__], "yarn_apply_mscale")
-    monkeypatch.delattr(modeling_rope_utils, "yarn_apply_mscale")
+    # (transformers 5.17 defines it in the model module only, later ones in modeling_rope_utils too)
+    monkeypatch.delattr(sys.modules[type(model.model.layers[0].self_attn).__module__], "yarn_apply_mscale",
+                        raising=False)
+    monkeypatch.delattr(modeling_rope_utils, "yarn_apply_mscale", raising=False)
     params, scale = dict(model.config.rope_parameters), model.model.layers[0].self_attn.scaling
     with pytest.raises(TypeError, match="no yarn_apply_mscale telling the softmax scale of DeepseekV3Attention"):
         patch_rope(model, {"rope_type": "linear", "factor": 2.0})
