@@ -1006,8 +1006,9 @@ def test_fractional_seq_len_is_taken_as_it_is_where_at_least_one():
     dynamic = {"rope_type": "dynamic", "factor": 2.0}
     got = scaling._compute_inv_freq(128, base=10000.0, scaling=dynamic, max_position_embeddings=64,
                                     partial_rotary_factor=1.0, seq_len=torch.tensor(100.5), fractional_seq_len=True)
-    base = 10000.0 * (2.0 * torch.tensor(100.5) / 64 - 1.0) ** (128 / 126)
-    assert torch.equal(got[0], 1.0 / (base ** (torch.arange(0, 128, 2).float() / 128)))
+    want, _, _ = hf_rope(128, dict(dynamic, rope_theta=10000.0), 64, seq_len=torch.tensor(100.5))
+    assert torch.equal(got[0], want)
+    assert not torch.equal(got[0], hf_rope(128, dict(dynamic, rope_theta=10000.0), 64, seq_len=torch.tensor(100))[0])
     for bad in (0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="seq_len must be finite and >= 1"):
             scaling._compute_inv_freq(128, base=10000.0, scaling=dynamic, max_position_embeddings=64,
