@@ -1,5 +1,7 @@
 """Gradients, opcheck and torch.compile of the rotary ops."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -48,16 +50,18 @@ def test_tables_are_constants_with_no_gradient(device, inplace):
     k0 = torch.randn(2, 6, 1, 24, device=device, requires_grad=True)
     gq, gk = torch.randn_like(q0), torch.randn_like(k0)
     q, k = (q0 * 1, k0 * 1) if inplace else (q0, k0)  # non-leaf copies may be rotated in place
-    with pytest.warns(UserWarning, match="apply_rope: cos and sin require grad, but the tables are constants"):
+    with pytest.warns(UserWarning, match="apply_rope: cos and sin require grad, but the tables are constants") as rec:
         out = pirope.apply_rope(q, cos, sin, pos, inplace=inplace)
+    assert rec[0].filename == __file__  # said at the caller's line
     out.backward(gq)
     assert cos.grad is None and sin.grad is None
     torch.testing.assert_close(q0.grad.double().cpu(), rope_reference(gq, cos, sin, pos, conjugate=True),
                                atol=2e-6, rtol=2e-6)
     q0.grad = None
     q, k = (q0 * 1, k0 * 1) if inplace else (q0, k0)
-    with pytest.warns(UserWarning, match="apply_rope_qk: cos and sin require grad"):
+    with pytest.warns(UserWarning, match="apply_rope_qk: cos and sin require grad") as rec:
         oq, ok = pirope.apply_rope_qk(q, k, cos, sin, pos, inplace=inplace)
+    assert rec[0].filename == __file__
     torch.autograd.backward((oq, ok), (gq, gk))
     assert cos.grad is None and sin.grad is None
     torch.testing.assert_close(q0.grad.double().cpu(), rope_reference(gq, cos, sin, pos, conjugate=True),
@@ -76,19 +80,26 @@ def test_qk_backward_with_one_output_unused(device):
     assert k.grad is None or torch.count_nonzero(k.grad) == 0
 
 
-def test_inplace_is_differentiable(device):
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_inplace_is_differentiable(device, interleaved):
     q0 = torch.randn(2, 6, 4, 32, device=device, dtype=torch.float64, requires_grad=True)
     k0 = torch.randn(2, 6, 2, 32, device=device, dtype=torch.float64, requires_grad=True)
     cos, sin = tables(32, 6, device)
     q, k = q0 * 1.0, k0 * 1.0  # non-leaf copies may be rotated in place
-    pirope.apply_rope_qk(q, k, cos, sin, inplace=True)
+    pirope.apply_rope_qk(q, k, cos, sin, interleaved=interleaved, inplace=True)
     (q.sum() + (k * k).sum()).backward()
     q1 = q0.detach().clone().requires_grad_()
     k1 = k0.detach().clone().requires_grad_()
-    rq, rk = pirope.apply_rope_qk(q1, k1, cos, sin)
+    rq, rk = pirope.apply_rope_qk(q1, k1, cos, sin, interleaved=interleaved)
     (rq.sum() + (rk * rk).sum()).backward()
     torch.testing.assert_close(q0.grad, q1.grad)
     torch.testing.assert_close(k0.grad, k1.grad)
+    # one tensor alone: the gradient is the inverse rotation (float64 reference)
+    q0.grad = None
+    g = torch.randn_like(q0)
+    pirope.apply_rope(q0 * 1.0, cos, sin, interleaved=interleaved, inplace=True).backward(g)
+    torch.testing.assert_close(q0.grad.cpu(), rope_reference(g, cos, sin, conjugate=True, interleaved=interleaved),
+                               atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["projection views", "fused qkv", "hf transposed", "q only a view"])
@@ -341,6 +352,90 @@ def test_inplace_refuses_views_made_in_no_grad_mode_before_writing(device):
     with pytest.raises(RuntimeError, match="view made by no_grad mode"):
         pirope.apply_rope(q, cos, sin, inplace=True)
     assert torch.equal(q.detach(), before)
+
+
+def _leaf_under_no_grad(device):
+    return torch.randn(1, 7, 4, 16, device=device, requires_grad=True), torch.no_grad()
+
+
+def _plain_multi_output_view(device):
+    return torch.randn(2, 1, 7, 4, 16, device=device).unbind(0)[0], contextlib.nullcontext()
+
+
+def _multi_output_view_under_no_grad(device):
+    return (torch.randn(2, 1, 7, 4, 16, device=device, requires_grad=True) * 1).unbind(0)[0], torch.no_grad()
+
+
+def _view_made_in_inference_mode(device):
+    base = torch.randn(1, 7, 4, 16, device=device, requires_grad=True) * 1
+    with torch.inference_mode():
+        view = base[:, :, :2]
+    return view, contextlib.nullcontext()
+
+
+def _view_made_in_no_grad_mode(device):
+    base = torch.randn(1, 7, 4, 16, device=device, requires_grad=True) * 1
+    with torch.no_grad():
+        view = base[:, :, :2]
+    return view, contextlib.nullcontext()
+
+
+class _Slice(torch.autograd.Function):
+    """Returns a view of its input (the last dim's first half): what a custom Function's
+    output that is a view is to autograd."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x[..., : x.shape[-1] // 2]
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.cat([g, torch.zeros_like(g)], dim=-1)
+
+
+def _view_returned_by_a_custom_function(device):
+    return _Slice.apply(torch.randn(1, 7, 4, 32, device=device, requires_grad=True) * 1), contextlib.nullcontext()
+
+
+# how a tensor is made -> why the rotation refuses it in place (as torch's own in-place ops do)
+_MADE = {_leaf_under_no_grad: None, _plain_multi_output_view: None, _multi_output_view_under_no_grad: None,
+         _view_made_in_inference_mode: "view made by inference mode",
+         _view_made_in_no_grad_mode: "view made by no_grad mode",
+         _view_returned_by_a_custom_function: "view made by a custom autograd Function"}
+
+
+@pytest.mark.parametrize("make", list(_MADE))
+@pytest.mark.parametrize("call", ["x", "qk"])
+def test_inplace_rotation_follows_torchs_inplace_rules(device, make, call):
+    # whether torch's own in-place op (t.mul_) takes a tensor decides whether the rotation
+    # does: a leaf that requires grad under no_grad (an optimizer's update), a view that
+    # requires no grad, are taken; views autograd cannot rebase are refused, before writing,
+    # saying why
+    cos, sin = tables(16, 7, device)
+    t, mode = make(device)
+    with mode:
+        try:
+            t.mul_(1.0)
+            torch_takes = True
+        except RuntimeError:
+            torch_takes = False
+    assert torch_takes == (_MADE[make] is None)
+    t, mode = make(device)
+    before = t.detach().clone()
+    want = rope_reference(before, cos, sin)
+    with mode:
+        if torch_takes:
+            out = pirope.apply_rope(t, cos, sin, inplace=True) if call == "x" else \
+                pirope.apply_rope_qk(t, before.clone(), cos, sin, inplace=True)[0]
+            assert out is t
+            torch.testing.assert_close(t.detach().double().cpu(), want, atol=1e-6, rtol=1e-6)
+        else:
+            with pytest.raises(RuntimeError, match=f"{_MADE[make]} and cannot be rotated in place"):
+                if call == "x":
+                    pirope.apply_rope(t, cos, sin, inplace=True)
+                else:
+                    pirope.apply_rope_qk(t, before.clone(), cos, sin, inplace=True)
+            assert torch.equal(t.detach(), before)
 
 
 def test_inplace_qk_refuses_an_inference_k_before_rotating_q(device):

@@ -151,9 +151,11 @@ def test_non_dense_tensors_are_refused_naming_the_argument(tabs, layout):
              (lambda: pirope.apply_rope(x, make(cos), sin), "cos"),
              (lambda: pirope.apply_rope_qk(x, make(x), cos, sin), "k"),
              (lambda: pirope.rope_attention(x, x, make(x), cos, sin), "v")]
-    if layout == "sparse":  # (1-D tensors: no nested form)
+    if layout == "sparse":  # (1-D tensors have no nested form; torch dispatches no nested tensor to a Python op)
         inv_freq, _ = pirope.rope_frequencies(64)
-        calls += [(lambda: pirope.apply_rope(x, cos, sin, make(torch.arange(4))), "position_ids"),
+        calls += [(lambda: torch.ops.pirope.check_rope_inplace(x, make(x), cos, sin, None), "k"),
+                  (lambda: torch.ops.pirope.check_rope_inplace(x, x, cos, sin, make(torch.arange(4))), "position_ids"),
+                  (lambda: pirope.apply_rope(x, cos, sin, make(torch.arange(4))), "position_ids"),
                   (lambda: pirope.rope_cos_sin(make(inv_freq), 8), "inv_freq"),
                   (lambda: pirope.rope_cos_sin(inv_freq, make(torch.arange(4))), "positions")]
     for call, name in calls:
