@@ -234,6 +234,32 @@ def test_torch_compile_inplace_qk_with_autograd(device):
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_torch_compile_with_a_data_dependent_token_count(device, inplace, monkeypatch):
+    # packed tokens picked by a boolean mask (padding dropped): a count the compiled graph
+    # learns only when it runs, so the checks cannot branch on it while it is traced
+    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+    torch._dynamo.reset()
+    cos, sin = tables(32, 16, device)
+
+    def f(q, k, keep):
+        q, k = (q * 2)[keep], (k + 1)[keep]  # (tokens, heads, head_dim)
+        q, k = pirope.apply_rope_qk(q, k, cos, sin, inplace=inplace)
+        return q, k
+
+    q = torch.randn(16, 2, 32, device=device, requires_grad=True)
+    k = torch.randn(16, 1, 32, device=device, requires_grad=True)
+    keep = torch.rand(16, device=device) > 0.3
+    gq, gk = torch.randn(int(keep.sum()), 2, 32, device=device), torch.randn(int(keep.sum()), 1, 32, device=device)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, keep)
+    grads = torch.autograd.grad(got, (q, k), (gq, gk))
+    for t, want_of, g, grad, scale in zip(got, ((q * 2)[keep], (k + 1)[keep]), (gq, gk), grads, (2.0, 1.0)):
+        torch.testing.assert_close(t.double().cpu(), rope_reference(want_of, cos, sin), atol=1e-5, rtol=1e-5)
+        want_grad = torch.zeros(grad.shape, dtype=torch.float64)
+        want_grad[keep.cpu()] = scale * rope_reference(g, cos, sin, conjugate=True)
+        torch.testing.assert_close(grad.double().cpu(), want_grad, atol=1e-5, rtol=1e-5)
+
+
 def test_inplace_qk_with_autograd_rejects_overlapping_views(device):
     # rotated one view at a time, elements shared by q and k would be rotated twice
     cos, sin = tables(16, 8, device)

@@ -4,6 +4,7 @@ and dtype checks of csrc/pirope/apply_rope.cpp, so that meta tensors (and
 torch.compile's tracing) reject what the real kernels reject."""
 
 import torch
+from torch.fx.experimental.symbolic_shapes import sym_or
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -39,8 +40,10 @@ def check_positions(op, x, cos, position_ids):
     seqlen = x.shape[0] if packed else x.shape[1]
     rows = seqlen if packed else x.shape[0] * seqlen
     if position_ids is None:
-        if x.device.type != "cuda" and rows > 0:
-            torch._check(seqlen <= cos.shape[0],
+        if x.device.type != "cuda":
+            # (as one condition: a data-dependent row count, x made by a boolean mask under
+            # torch.compile, has no value to branch on; checked when the graph runs)
+            torch._check(sym_or(rows == 0, seqlen <= cos.shape[0]),
                          lambda: f"{op}: position_ids is None, so positions run 0..{seqlen - 1}, but cos/sin have "
                                  f"only {cos.shape[0]} rows")
         return
