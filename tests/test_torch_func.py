@@ -290,6 +290,26 @@ def test_inplace_under_a_transform_refuses_an_x_whose_elements_overlap(device):
         func.vmap(rotate)(rand(3, 200, device=device))
 
 
+def test_inplace_under_a_transform_refuses_the_inputs_it_differentiates(device):
+    # grad's input is a leaf that requires grad: torch's in-place ops refuse it (x.mul_), and
+    # so does the rotation, naming it, before anything is written
+    import torch.autograd.forward_ad as fwAD
+    cos, sin = tables(device)
+    x, k = rand(1, 9, 2, 16, device=device), rand(1, 9, 1, 16, device=device)
+    before = x.clone(), k.clone()
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad"):
+        func.grad(lambda x: x.mul_(2).sum())(x)
+    with pytest.raises(RuntimeError, match="apply_rope: x is a leaf tensor that requires grad"):
+        func.grad(lambda x: pirope.apply_rope(x, cos, sin, inplace=True).sum())(x)
+    with pytest.raises(RuntimeError, match="apply_rope_qk: k is a leaf tensor that requires grad"):
+        func.grad(lambda k: pirope.apply_rope_qk(x * 1, k, cos, sin, inplace=True)[1].sum())(k)
+    leaf = x.clone().requires_grad_()
+    with fwAD.dual_level():  # (a dual level is a transform too: the rotation is copied back)
+        with pytest.raises(RuntimeError, match="apply_rope_qk: q is a leaf tensor that requires grad"):
+            pirope.apply_rope_qk(leaf, k, cos, sin, inplace=True)
+    assert torch.equal(x, before[0]) and torch.equal(k, before[1]) and torch.equal(leaf.detach(), before[0])
+
+
 def test_inplace_qk_under_a_transform_refuses_overlap(device):
     cos, sin = tables(device)
     qkv = rand(2, 7, 6, 16, device=device)
