@@ -102,7 +102,8 @@ def test_inplace_is_differentiable(device, interleaved):
                                atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["projection views", "fused qkv", "hf transposed", "q only a view"])
+@pytest.mark.parametrize("layout", ["projection views", "fused qkv", "hf transposed", "q only a view",
+                                    "k only a view", "q needs no grad"])
 def test_inplace_qk_on_views_is_differentiable(device, layout):
     # q and k as training code makes them: views of a projection's output. Autograd
     # forbids one Function returning two in-place-modified views; the results and
@@ -120,6 +121,10 @@ def test_inplace_qk_on_views_is_differentiable(device, layout):
         if layout == "hf transposed":
             q = (h[..., :128] * 1.0).view(2, 6, 4, 32).transpose(1, 2).contiguous().transpose(1, 2)
             return q, (h[..., 128:] * 1.0).view(2, 6, 2, 32).transpose(1, 2).contiguous().transpose(1, 2)
+        if layout == "k only a view":
+            return (h[..., :128] * 1.0).reshape(2, 6, 4, 32).clone(), (h[..., 128:] * 1.0).view(2, 6, 2, 32)
+        if layout == "q needs no grad":  # (only k takes a gradient)
+            return (h[..., :128].detach() * 1.0).view(2, 6, 4, 32), (h[..., 128:] * 1.0).reshape(2, 6, 2, 32).clone()
         return (h[..., :128] * 1.0).view(2, 6, 4, 32), (h[..., 128:] * 1.0).reshape(2, 6, 2, 32).clone()
 
     def loss(q, k):
@@ -608,6 +613,8 @@ def test_forward_mode_ad_through_the_tables_is_refused(device):
     x = torch.randn(1, 8, 2, 16, device=device)
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
         torch.func.jvp(lambda c: pirope.apply_rope(x, c, sin), (cos,), (torch.ones_like(cos),))
+    with pytest.raises(NotImplementedError, match="apply_rope_qk: forward-mode AD .* with respect to sin"):
+        torch.func.jvp(lambda s: pirope.apply_rope_qk(x, x, cos, s), (sin,), (torch.ones_like(sin),))
     with fwAD.dual_level():
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
             pirope.rope_attention(x, x, x, fwAD.make_dual(cos, torch.ones_like(cos)), sin)

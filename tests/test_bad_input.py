@@ -72,6 +72,10 @@ def test_apply_rope_qk_rejects_mismatches(tabs):
         pirope.apply_rope_qk(q, torch.empty(2, 4, 2, 64, device="meta"), cos, sin)
     with pytest.raises(TypeError, match="k must be a torch.Tensor"):
         pirope.apply_rope_qk(q, None, cos, sin)
+    with pytest.raises(TypeError, match="apply_rope_qk: q must be a torch.Tensor, got list"):
+        pirope.apply_rope_qk([1.0], q, cos, sin)
+    with pytest.raises(TypeError, match="apply_rope_qk: q must be a dense \\(strided\\) tensor"):
+        pirope.apply_rope_qk(q.to_sparse(), q, cos, sin)
 
 
 def test_inplace_rejects_overlapping_memory(tabs):
