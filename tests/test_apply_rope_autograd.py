@@ -240,10 +240,10 @@ def test_torch_compile_inplace_qk_with_autograd(device):
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-def test_torch_compile_with_a_data_dependent_token_count(device, inplace, monkeypatch):
+@torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
+def test_torch_compile_with_a_data_dependent_token_count(device, inplace):
     # packed tokens picked by a boolean mask (padding dropped): a count the compiled graph
     # learns only when it runs, so the checks cannot branch on it while it is traced
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
     torch._dynamo.reset()
     cos, sin = tables(32, 16, device)
 

@@ -346,6 +346,26 @@ def test_compiled_module_equals_eager_for_any_positions(pos, scaling):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+@torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
+def test_compiled_module_takes_tokens_and_positions_picked_by_a_mask():
+    # padding dropped by a boolean mask: the token count (and the position_ids' numel) is
+    # known only when the compiled graph runs; every kept token keeps its position
+    torch._dynamo.reset()
+    rope = pirope.RotaryEmbedding(16, max_position_embeddings=32, scaling={"rope_type": "linear", "factor": 2.0})
+
+    def rotate(q, k, keep):
+        return rope(q[keep], k[keep], keep.nonzero().squeeze(1))
+
+    compiled = torch.compile(rotate, backend="aot_eager", fullgraph=True)
+    q, k = torch.randn(12, 4, 16), torch.randn(12, 2, 16)
+    for keep in (torch.rand(12) > 0.4, torch.zeros(12, dtype=torch.bool)):  # (also none kept)
+        pos = keep.nonzero().squeeze(1)
+        got = compiled(q, k, keep)
+        for g, x in zip(got, (q[keep], k[keep])):
+            assert g.shape == x.shape
+            torch.testing.assert_close(g.double(), rope_reference(x, rope.cos, rope.sin, pos), atol=1e-6, rtol=1e-6)
+
+
 def test_positions_are_read_once_per_tensor_where_a_read_is_a_device_sync():
     # reading position_ids' range off a GPU is a sync: read once per tensor (and version); on
     # the CPU every call. Meta tensors stand in for device ones (no GPU needed).

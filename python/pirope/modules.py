@@ -7,6 +7,7 @@ import threading
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from . import _checks
 from .apply_rope import apply_rope, apply_rope_qk
@@ -220,11 +221,12 @@ class RotaryEmbedding(nn.Module):
         seqlen = first.shape[-3]
         compiling = torch.compiler.is_compiling()
         if (compiling and not self._plan.length_dependent
-                and position_ids is not None and position_ids.numel() > 0):
+                and position_ids is not None and guard_or_true(position_ids.numel() > 0)):
             # Under torch.compile the largest position (a value on the device) would
             # need a host read, which breaks the graph: the rows of exactly these
             # positions instead (the same float64 angles, so the same values as eager),
-            # indexed 0..n-1. dynamic/longrope need that length anyway.
+            # indexed 0..n-1; also for a count known only when the graph runs (positions
+            # picked by a mask: none is fine too). dynamic/longrope need that length anyway.
             self._ensure_tables()
             return rows_of_positions(self.inv_freq, position_ids, self.attention_factor)
         low = 0
