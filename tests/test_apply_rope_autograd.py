@@ -102,9 +102,10 @@ def test_inplace_is_differentiable(device, interleaved):
                                atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("layout", ["projection views", "fused qkv", "hf transposed", "q only a view",
                                     "k only a view", "q needs no grad"])
-def test_inplace_qk_on_views_is_differentiable(device, layout):
+def test_inplace_qk_on_views_is_differentiable(device, layout, interleaved):
     # q and k as training code makes them: views of a projection's output. Autograd
     # forbids one Function returning two in-place-modified views; the results and
     # gradients must still equal the out-of-place op's.
@@ -131,11 +132,11 @@ def test_inplace_qk_on_views_is_differentiable(device, layout):
         return (q * torch.arange(32, device=device)).sum() + (k * k).sum()
 
     q, k = views(x)
-    outs = pirope.apply_rope_qk(q, k, cos, sin, pos, inplace=True)
+    outs = pirope.apply_rope_qk(q, k, cos, sin, pos, interleaved=interleaved, inplace=True)
     assert outs[0] is q and outs[1] is k
     loss(q, k).backward()
     grad_inplace, x.grad = x.grad, None
-    rq, rk = pirope.apply_rope_qk(*views(x), cos, sin, pos)
+    rq, rk = pirope.apply_rope_qk(*views(x), cos, sin, pos, interleaved=interleaved)
     loss(rq, rk).backward()
     torch.testing.assert_close(q.detach(), rq.detach(), rtol=0, atol=0)
     torch.testing.assert_close(k.detach(), rk.detach(), rtol=0, atol=0)

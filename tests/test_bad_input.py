@@ -411,6 +411,8 @@ def test_rotary_embedding_rejects():
         pirope.RotaryEmbedding(64.0, max_position_embeddings=16)
     with pytest.raises(ValueError, match="max_position_embeddings must be >= 1"):
         pirope.RotaryEmbedding(64, max_position_embeddings=0)
+    with pytest.raises(TypeError, match="RotaryEmbedding: interleaved must be a bool, got int"):
+        pirope.RotaryEmbedding(64, max_position_embeddings=16, interleaved=1)
     rope = pirope.RotaryEmbedding(64, max_position_embeddings=16)
     with pytest.raises(ValueError, match="q must be"):
         rope(x_(4, 64), x_(4, 64))
