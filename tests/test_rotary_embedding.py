@@ -320,6 +320,10 @@ def test_tables_built_under_inference_mode_serve_later_training():
     with torch.inference_mode():
         rope(torch.randn(1, 40, 1, 16), torch.randn(1, 40, 1, 16))
     assert not rope.cos.is_inference()
+    for recompute in (rope.reset_parameters, lambda: rope.to(torch.bfloat16)):  # (tables rebuilt in float32)
+        with torch.inference_mode():
+            recompute()
+        assert not any(b.is_inference() for b in rope.buffers())
     q = torch.randn(1, 40, 1, 16, dtype=torch.float64, requires_grad=True)
     oq, _ = rope(q, q.detach().clone())
     oq.sum().backward()
