@@ -1,5 +1,7 @@
 """RotaryEmbedding: tables, growth past the window, layouts, device moves."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -58,9 +60,17 @@ def test_buffers_follow_dtype_moves_and_are_not_saved():
     rope = pirope.RotaryEmbedding(32, max_position_embeddings=16)
     assert rope.state_dict() == {}
     rope = rope.to(torch.float64)
+    moved = rope.cos
     q = torch.randn(1, 4, 2, 32, dtype=torch.float64)
     oq, _ = rope(q, q.clone())
     torch.testing.assert_close(oq, rope_reference(q, rope.cos, rope.sin))
+    assert rope.cos is moved  # the moved tables are the module's own: not recomputed
+    # a complex dtype (Module.to moves floating buffers to it) cannot hold a table: float32 again
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch: complex modules are a new feature)
+        rope = rope.to(torch.complex64)
+    assert rope.inv_freq.dtype == rope.cos.dtype == rope.sin.dtype == torch.float32
+    torch.testing.assert_close(rope(q, q.clone())[0], oq, atol=1e-6, rtol=1e-6)
 
 
 def test_half_and_bfloat16_moves_keep_float32_tables():
@@ -423,6 +433,7 @@ def test_modules_pickled_before_the_positions_memo_load():
 
     old = pirope.RotaryEmbedding(64, max_position_embeddings=16).__getstate__()
     old["_positions_seen"] = None
+    del old["_own_tables"]  # (older still: no record of the tables it computed; they are its own)
     module = pirope.RotaryEmbedding.__new__(pirope.RotaryEmbedding)
     module.__setstate__(old)
     assert isinstance(module._positions_seen, PositionsMemo)
