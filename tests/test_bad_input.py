@@ -418,6 +418,10 @@ def test_rotary_embedding_rejects():
         rope(x_(4, 64), x_(4, 64))
     with pytest.raises(TypeError, match="k must be a torch.Tensor"):
         rope(x_(1, 4, 2, 64), "k")
+    with pytest.raises(TypeError, match="RotaryEmbedding: position_ids must be a torch.Tensor, got list"):
+        rope(x_(1, 4, 2, 64), x_(1, 4, 2, 64), [0, 1, 2, 3])
+    with pytest.raises(TypeError, match="RotaryEmbedding.rotate: position_ids must be a dense \\(strided\\) tensor"):
+        rope.rotate(x_(1, 4, 2, 64), torch.arange(4).to_sparse())
 
 
 @pytest.mark.parametrize(
