@@ -494,6 +494,23 @@ def test_rotate_is_forward_on_one_tensor(scaling, positions, interleaved):
                                rtol=1e-6, atol=1e-6)
 
 
+def test_packed_tokens_without_positions_and_calls_without_tokens():
+    # packed (tokens, heads, head_dim) without position_ids: token i at position i, the table
+    # grown to the token count (not the head count); calls with no token rotate nothing
+    rope = pirope.RotaryEmbedding(16, max_position_embeddings=8, interleaved=True)
+    assert "interleaved=True" in repr(rope)
+    x = torch.randn(20, 2, 16, dtype=torch.float64)
+    inv_freq, _ = pirope.rope_frequencies(16)
+    cos, sin = cos_sin_table(inv_freq, 20)
+    torch.testing.assert_close(rope.rotate(x), rope_reference(x, cos, sin, interleaved=True), rtol=1e-6, atol=1e-6)
+    none = torch.zeros(1, 0, dtype=torch.int64)
+    for q, pos in ((torch.randn(1, 0, 2, 16), none), (torch.randn(0, 2, 16), none[0]),
+                   (torch.randn(1, 0, 2, 16), None)):
+        oq, ok = rope(q, q[..., :1, :], pos)
+        assert oq.shape == q.shape and ok.shape == q[..., :1, :].shape
+        assert rope.rotate(q, pos).shape == q.shape
+
+
 def test_rotate_in_bfloat16_backward_and_compiled():
     rope = pirope.RotaryEmbedding(32, max_position_embeddings=64, scaling={"rope_type": "linear", "factor": 2.0})
     x = torch.randn(1, 40, 2, 32, dtype=torch.bfloat16, requires_grad=True)
