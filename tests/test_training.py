@@ -828,11 +828,16 @@ def test_any_model_that_returns_logits():
     ids, targets = window()
     want = torch.nn.functional.cross_entropy(net(ids).flatten(0, 1), targets.flatten())
     torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=3), want)
+    # its vocabulary is unknown before the call: negative ids are refused all the same
+    with pytest.raises(ValueError, match=r"input_ids must be token ids in \[0, vocab\), found values in \[-1, "):
+        causal_lm_loss(model, torch.cat((ids[:, :1] * 0 - 1, ids[:, 1:]), dim=1), targets)
 
 
 @pytest.mark.parametrize("args,kwargs,exc,match", [
     (("ids", "ids.float()"), {}, TypeError, "targets must hold integer"),
     (("ids.float()", "ids"), {}, TypeError, "input_ids must hold integer"),
+    (("ids.bool()", "ids"), {}, TypeError, "input_ids must hold integer token ids, got dtype torch.bool"),
+    (("ids", "ids.to(torch.complex64)"), {}, TypeError, "targets must hold integer token ids, got dtype torch.complex64"),
     (("ids[0]", "ids[0]"), {}, ValueError, r"input_ids must be 2-D \(batch, seqlen\)"),
     (("ids[:, :0]", "ids[:, :0]"), {}, ValueError, "input_ids must not be empty"),
     (("ids", "ids[:, 1:]"), {}, ValueError, "targets must have input_ids' shape"),
@@ -851,7 +856,7 @@ def test_any_model_that_returns_logits():
 def test_bad_input(args, kwargs, exc, match):
     model = llama()
     ids, _ = window()
-    a, b = (eval(x, {"ids": ids}) for x in args)
+    a, b = (eval(x, {"ids": ids, "torch": torch}) for x in args)
     with pytest.raises(exc, match=match):
         causal_lm_loss(model, a, b, **kwargs)
 
