@@ -828,6 +828,19 @@ def test_any_model_that_returns_logits():
     ids, targets = window()
     want = torch.nn.functional.cross_entropy(net(ids).flatten(0, 1), targets.flatten())
     torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=3), want)
+    # a module whose get_output_embeddings raises (a model that defines none): computed whole too
+    class NoHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def get_output_embeddings(self):
+            raise NotImplementedError("no output projection")
+
+        def forward(self, input_ids):
+            return net(input_ids)
+
+    torch.testing.assert_close(causal_lm_loss(NoHead(), ids, targets, chunk_tokens=3), want)
     # its vocabulary is unknown before the call: negative ids are refused all the same
     with pytest.raises(ValueError, match=r"input_ids must be token ids in \[0, vocab\), found values in \[-1, "):
         causal_lm_loss(model, torch.cat((ids[:, :1] * 0 - 1, ids[:, 1:]), dim=1), targets)
@@ -837,7 +850,8 @@ def test_any_model_that_returns_logits():
     (("ids", "ids.float()"), {}, TypeError, "targets must hold integer"),
     (("ids.float()", "ids"), {}, TypeError, "input_ids must hold integer"),
     (("ids.bool()", "ids"), {}, TypeError, "input_ids must hold integer token ids, got dtype torch.bool"),
-    (("ids", "ids.to(torch.complex64)"), {}, TypeError, "targets must hold integer token ids, got dtype torch.complex64"),
+    (("ids", "ids.to(torch.complex64)"), {}, TypeError,
+     "targets must hold integer token ids, got dtype torch.complex64"),
     (("ids[0]", "ids[0]"), {}, ValueError, r"input_ids must be 2-D \(batch, seqlen\)"),
     (("ids[:, :0]", "ids[:, :0]"), {}, ValueError, "input_ids must not be empty"),
     (("ids", "ids[:, 1:]"), {}, ValueError, "targets must have input_ids' shape"),
