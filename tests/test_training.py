@@ -217,6 +217,17 @@ def test_router_balance_loss_added_as_transformers_adds_it(name, chunk):
         torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("chunk", [None, 0])
+def test_router_balance_loss_weighed_by_the_models_own_coefficient(chunk):
+    # the forward weighs it by the model's attribute (set from the config at construction):
+    # a coefficient changed on the model after that is the one transformers uses
+    model = family("Mixtral", **MOE["Mixtral"], output_router_logits=True)
+    model.router_aux_loss_coef = 0.37
+    ids, targets, labels = moe_window()
+    want = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(causal_lm_loss(model, ids, targets, chunk_tokens=chunk), want, rtol=1e-6, atol=1e-6)
+
+
 def test_router_balance_loss_in_train_mode_with_router_noise():
     """Train mode, Mixtral's router jitter (random numbers drawn in the forward): the same
     draws, the same loss and gradients."""
