@@ -331,19 +331,26 @@ class ScaledLogits(transformers.LlamaForCausalLM):
     """A family whose forward rescales the logits without a config attribute saying so:
     the probe must notice."""
 
+    scale = 3.0
+
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
-        out.logits = out.logits * 3.0
+        out.logits = out.logits * self.scale
         return out
 
 
-def test_probe_catches_unknown_logit_transforms():
+@pytest.mark.parametrize("scale", [3.0, 1.0 + 2**-20], ids=["3", "1+2^-20"])
+def test_probe_catches_unknown_logit_transforms(scale):
+    # bit for bit: a transform within float rounding of the head's output is one too
     torch.manual_seed(0)
     model = ScaledLogits(transformers.LlamaConfig(**SMALL)).eval()
+    model.scale = scale
     ids, targets = window()
     logits = model(input_ids=ids).logits
     want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    with LogitRows(VOCAB) as seen:
+        got = causal_lm_loss(model, ids, targets, chunk_tokens=4)
+    assert seen.rows >= ids.numel()  # the whole logits
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert "forward" not in model.__dict__  # the forward is the class's again
 
