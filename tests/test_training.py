@@ -878,6 +878,7 @@ def test_any_model_that_returns_logits():
     (("ids", "ids"), {"chunk_tokens": 2.0}, TypeError, "chunk_tokens must be an int"),
     (("ids", "ids"), {"chunk_tokens": True}, TypeError, "chunk_tokens must be an int"),
     (("ids", "ids"), {"ignore_index": None}, TypeError, "ignore_index must be an int"),
+    (("ids", "ids"), {"ignore_index": True}, TypeError, "ignore_index must be an int, got bool"),
     (("ids", "ids"), {"ignore_index": -2**63 - 1}, ValueError, "ignore_index must fit in int64"),
     (("ids", "ids"), {"ignore_index": 2**70}, ValueError, "ignore_index must fit in int64"),
     (("ids", "ids + 1000"), {"chunk_tokens": 4}, ValueError, r"targets must be in \[0, 300\)"),
