@@ -827,6 +827,10 @@ def test_no_grad_and_ignore_index():
     other = torch.where(mask, targets, 7)
     torch.testing.assert_close(causal_lm_loss(model, ids, other, chunk_tokens=6, ignore_index=7),
                                causal_lm_loss(model, ids, torch.where(other == 7, -100, other), chunk_tokens=6))
+    np = pytest.importorskip("numpy")
+    for chunk in (0, 6):  # a NumPy integer (from a tokenizer's config, say), as an int
+        torch.testing.assert_close(causal_lm_loss(model, ids, other, chunk_tokens=chunk, ignore_index=np.int64(7)),
+                                   causal_lm_loss(model, ids, other, chunk_tokens=chunk, ignore_index=7))
     for chunk in (0, 6):  # nothing scored: nan, as F.cross_entropy
         assert torch.isnan(causal_lm_loss(model, ids, torch.full_like(ids, -100), chunk_tokens=chunk))
 
