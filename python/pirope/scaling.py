@@ -559,15 +559,15 @@ def _check_seq_len(seq_len: Any, fractional: bool = False) -> int | torch.Tensor
     if isinstance(seq_len, torch.Tensor):
         if seq_len.numel() != 1:
             raise ValueError(f"seq_len must be an int or a one-element tensor, got a tensor of shape {tuple(seq_len.shape)}")
-        if fractional and seq_len.dtype.is_floating_point and not seq_len.is_meta:
+        if seq_len.is_meta:
+            raise ValueError("seq_len must hold a value, got a tensor on the meta device")
+        if fractional and seq_len.dtype.is_floating_point:
             seq_len = seq_len.detach().to(device="cpu").reshape(())
             if not (math.isfinite(float(seq_len)) and float(seq_len) >= 1):
                 raise ValueError(f"seq_len must be finite and >= 1, got {float(seq_len)}")
             return seq_len
         if seq_len.dtype.is_floating_point or seq_len.dtype.is_complex or seq_len.dtype == torch.bool:
             raise TypeError(f"seq_len tensor must have an integer dtype, got {seq_len.dtype}")
-        if seq_len.is_meta:
-            raise ValueError("seq_len must hold a value, got a tensor on the meta device")
         # int64: narrower ints would overflow against the window (transformers computes in the
         # tensor's dtype: an int32 length times an int factor can wrap there, where pirope's does not)
         seq_len = seq_len.detach().to(device="cpu", dtype=torch.int64).reshape(())
