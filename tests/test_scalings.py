@@ -11,6 +11,7 @@ import copy
 import importlib.util
 import math
 import pathlib
+import types
 
 import pytest
 import torch
@@ -262,6 +263,14 @@ REAL_WORLD = [
         [None],
     ),
     (
+        "yarn-attention-factor-none",
+        128,
+        10000.0,
+        {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 8192, "attention_factor": None},
+        131072,
+        [None],
+    ),
+    (
         "yarn-mscale-zero-is-ignored",
         128,
         10000.0,
@@ -386,6 +395,21 @@ REAL_WORLD = [
             "long_factor": LONG48,
             "original_max_position_embeddings": 4096,
             "attention_factor": 1.2,
+        },
+        131072,
+        [None, 4097],
+    ),
+    (
+        # None as a missing key (transformers reads it with .get): the default attention factor
+        "longrope-attention-factor-none",
+        96,
+        10000.0,
+        {
+            "rope_type": "longrope",
+            "short_factor": SHORT48,
+            "long_factor": LONG48,
+            "original_max_position_embeddings": 4096,
+            "attention_factor": None,
         },
         131072,
         [None, 4097],
@@ -736,6 +760,12 @@ def test_normalize_scaling():
     assert out is not src
     same = {"rope_type": "yarn", "type": "yarn", "factor": 2.0}
     assert scaling.normalize_scaling(same) == {"rope_type": "yarn", "factor": 2.0}
+    # any Mapping, not only a dict (a read-only view of a config's dict)
+    view = types.MappingProxyType({"rope_type": "linear", "factor": 4.0})
+    out = scaling.normalize_scaling(view)
+    assert type(out) is dict and out == {"rope_type": "linear", "factor": 4.0}
+    assert torch.equal(scaling.compute_inv_freq(128, scaling=view)[0],
+                       scaling.compute_inv_freq(128, scaling=dict(view))[0])
 
     import numpy as np
 
@@ -966,6 +996,9 @@ INVALID = [
     ("dynamic-base-overflows-float64", dict(head_dim=4, scaling={"rope_type": "dynamic", "factor": 1e150},
                                             max_position_embeddings=1, seq_len=10**18), ValueError, "overflows"),
     ("yarn-beta-fast-past-float64", dict(scaling=dict(_YARN, beta_fast=1e308)), ValueError, "beta_fast"),
+    # (0.1 * mscale * ln(factor) + 1 past the float range: an infinite ratio)
+    ("yarn-attention-factor-overflows", dict(scaling={"rope_type": "yarn", "factor": 1e6, "mscale": 1.7e308,
+                                                      "mscale_all_dim": 1.0}), ValueError, "attention factor.*inf"),
     ("yarn-negative-attention-factor", dict(scaling={"rope_type": "yarn", "factor": 4.0, "mscale": -100.0,
                                                      "mscale_all_dim": 1.0}), ValueError, "attention factor"),
     ("longrope-window-1-no-attention-factor",
@@ -1013,6 +1046,10 @@ def test_fractional_seq_len_is_taken_as_it_is_where_at_least_one():
         with pytest.raises(ValueError, match="seq_len must be finite and >= 1"):
             scaling._compute_inv_freq(128, base=10000.0, scaling=dynamic, max_position_embeddings=64,
                                       partial_rotary_factor=1.0, seq_len=torch.tensor(bad), fractional_seq_len=True)
+    with pytest.raises(ValueError, match="seq_len must hold a value, got a tensor on the meta device"):
+        scaling._compute_inv_freq(128, base=10000.0, scaling=dynamic, max_position_embeddings=64,
+                                  partial_rotary_factor=1.0, seq_len=torch.tensor(100.5, device="meta"),
+                                  fractional_seq_len=True)
 
 
 @pytest.mark.parametrize("bad, exc, match", [
@@ -1031,6 +1068,9 @@ def test_fractional_seq_len_is_taken_as_it_is_where_at_least_one():
      r"partial_rotary_factor.*\(0, 1\]"),
     ({"rope_type": "default", "rope_theta": 0}, ValueError, "rope_theta.*must be > 0"),
     (dict(_LONGROPE, short_factor=[]), ValueError, "short_factor.*non-empty"),
+    # the alias holding something other than a type name (not read as a missing one)
+    ({"type": None, "factor": 2.0}, TypeError, r"scaling\['rope_type'\] must be a str"),
+    ({"type": "", "factor": 2.0}, ValueError, r"scaling\['rope_type'\] must be one of"),
 ])
 def test_invalid_scaling_also_rejected_by_normalize_scaling(bad, exc, match):
     with pytest.raises(exc, match=match):
