@@ -263,6 +263,27 @@ REAL_WORLD = [
         [None],
     ),
     (
+        # low == high == 16 (equal betas, no truncation; the rotation count whose correction dim is
+        # exactly 16): the ramp's singularity guard, which pair 16 (0 / 0 without it) reads
+        "yarn-equal-betas-no-truncate",
+        128,
+        10000.0,
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "truncate": False,
+         "beta_fast": 4096 / (2 * math.pi * 10000.0 ** (32 / 128)),
+         "beta_slow": 4096 / (2 * math.pi * 10000.0 ** (32 / 128))},
+        16384,
+        [None],
+    ),
+    (
+        # beta_slow's correction dim past the last feature: clipped to rotary_dim - 1
+        "yarn-range-past-the-last-pair",
+        128,
+        10000.0,
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "beta_slow": 1e-6},
+        16384,
+        [None],
+    ),
+    (
         "yarn-attention-factor-none",
         128,
         10000.0,
@@ -747,6 +768,17 @@ def test_partial_rotary_factor_in_dict():
         assert_same(scaling.compute_inv_freq(128, scaling=params, partial_rotary_factor=prf), (ref, ref_attn), 64)
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         scaling.compute_inv_freq(128, scaling=params, partial_rotary_factor=0.25)
+
+
+def test_llama3_wavelengths_on_the_band_edges_match_transformers():
+    # pairs whose wavelength is exactly L / low_freq_factor and L / high_freq_factor: the comparisons'
+    # ties decide whether such a pair is interpolated, blended or kept
+    base, head_dim, window = 500000.0, 128, 65536
+    wavelen = 2 * math.pi / (1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim)))
+    params = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": window / float(wavelen[40]),
+              "high_freq_factor": window / float(wavelen[20]), "original_max_position_embeddings": window}
+    assert wavelen[40] == window / params["low_freq_factor"] and wavelen[20] == window / params["high_freq_factor"]
+    check_against_hf(head_dim, base, params, 4 * window)
 
 
 def test_normalize_scaling():
