@@ -214,6 +214,23 @@ def test_a_config_without_rope_parameters_is_plain_rope_at_its_rope_theta(base_m
     assert (rotary.base, rotary.scaling) == (5e5, None)
 
 
+def test_legacy_type_key_in_a_configs_rope_parameters_is_read_as_rope_type(base_model):
+    # ("type" is rope_type's legacy alias, which a config edited after its init may still hold)
+    legacy = {"type": "linear", "factor": 2.0, "rope_theta": 5e5}
+    model = copy.deepcopy(base_model)
+    model.config.rope_parameters = dict(legacy)
+    rotary = patch_rope(model).model.rotary_emb
+    assert (rotary.base, rotary.scaling) == (5e5, {"rope_type": "linear", "factor": 2.0})
+    model = copy.deepcopy(base_model)  # (the type key alone makes it a RoPE dict)
+    model.config.rope_parameters = {"type": "linear", "factor": 2.0}
+    assert patch_rope(model).model.rotary_emb.scaling == {"rope_type": "linear", "factor": 2.0}
+    # Position Interpolation composes with the linear factor it names
+    model = copy.deepcopy(base_model)
+    model.config.rope_parameters = dict(legacy)
+    rotary = apply_position_interpolation(model, 3.0).model.rotary_emb
+    assert (rotary.base, rotary.scaling) == (5e5, {"rope_type": "linear", "factor": 6.0})
+
+
 def test_llama_model_and_kv_cache_generate(base_model):
     ref = hf_pi_model(base_model, 4.0)
     model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="sdpa")

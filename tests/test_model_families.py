@@ -1388,6 +1388,14 @@ def test_malformed_rope_parameters_are_refused_naming_the_entry():
             with pytest.raises(ValueError, match=r"model\.config\.rope_parameters\['sliding_attention'\] must be one dict"):
                 call(gemma)
             assert type(gemma.model.rotary_emb).__name__ == "Gemma3RotaryEmbedding"
+    # no dict keyed by layer type at all (the config's fields take a dict or None)
+    gemma = make("gemma3_text")
+    gemma.config.rope_parameters = None
+    for call in (lambda m: patch_rope(m), lambda m: apply_position_interpolation(m, 2.0)):
+        with pytest.raises(ValueError, match=r"model\.config must have layer_types and rope_parameters keyed by "
+                                             r"layer type.*rope_parameters=None"):
+            call(gemma)
+        assert type(gemma.model.rotary_emb).__name__ == "Gemma3RotaryEmbedding"
 
 
 @pytest.mark.parametrize(("impl", "attention"), [("sdpa", "sdpa"), ("sdpa", "fused"), ("eager", "sdpa")])
