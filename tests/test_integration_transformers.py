@@ -221,9 +221,11 @@ def test_legacy_type_key_in_a_configs_rope_parameters_is_read_as_rope_type(base_
     model.config.rope_parameters = dict(legacy)
     rotary = patch_rope(model).model.rotary_emb
     assert (rotary.base, rotary.scaling) == (5e5, {"rope_type": "linear", "factor": 2.0})
-    model = copy.deepcopy(base_model)  # (the type key alone makes it a RoPE dict)
+    model = copy.deepcopy(base_model)  # (the type key alone makes it a RoPE dict; the base: config.rope_theta)
     model.config.rope_parameters = {"type": "linear", "factor": 2.0}
-    assert patch_rope(model).model.rotary_emb.scaling == {"rope_type": "linear", "factor": 2.0}
+    model.config.rope_theta = 5e5
+    rotary = patch_rope(model).model.rotary_emb
+    assert (rotary.base, rotary.scaling) == (5e5, {"rope_type": "linear", "factor": 2.0})
     # Position Interpolation composes with the linear factor it names
     model = copy.deepcopy(base_model)
     model.config.rope_parameters = dict(legacy)

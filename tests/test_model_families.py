@@ -694,6 +694,21 @@ def test_gpt_neox_keeps_its_partial_rotary_and_round_trips(tmp_path):
     assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
 
 
+def test_rope_parameters_without_the_partial_factor_read_the_configs_as_a_reloaded_model_does(tmp_path):
+    # a config edited after its init, rope_parameters without the partial_rotary_factor the config holds:
+    # transformers moves the config's into rope_parameters when it loads one (standardize_rope_params)
+    base = make("phi")
+    base.config.rope_parameters = {k: v for k, v in base.config.rope_parameters.items() if k != "partial_rotary_factor"}
+    base.config.partial_rotary_factor = 0.5
+    model = patch_rope(copy.deepcopy(base))
+    assert model.model.rotary_emb.rotary_dim == 8
+    base.save_pretrained(tmp_path)
+    loaded = transformers.PhiForCausalLM.from_pretrained(tmp_path).eval()  # plain transformers
+    assert loaded.config.rope_parameters["partial_rotary_factor"] == 0.5
+    x = ids(1, 100)
+    assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
+
+
 @pytest.mark.parametrize("head_dim", [8, 32])
 def test_gpt_neox_with_a_config_head_dim_its_attention_does_not_use_is_refused_unchanged(head_dim):
     # GPTNeoXConfig has no head_dim: one set in the config sizes transformers' rotary table but not the
