@@ -357,6 +357,13 @@ def test_phi3_real_longrope_is_not_interpolated():
         "attention_factor": 1.0, "original_max_position_embeddings": WINDOW}
     with pytest.raises(ValueError, match="rope_type"):
         apply_position_interpolation(model, 2.0)
+    # nor per-pair factors the same for short and long sequences
+    per_pair = [2.0 + i for i in range(8)]
+    model.config.rope_parameters = {
+        "rope_type": "longrope", "rope_theta": THETA, "short_factor": per_pair, "long_factor": list(per_pair),
+        "attention_factor": 1.0, "original_max_position_embeddings": WINDOW}
+    with pytest.raises(ValueError, match="rope_type"):
+        apply_position_interpolation(model, 2.0)
 
 
 @pytest.mark.parametrize("rope", [
