@@ -297,11 +297,11 @@ def test_save_pretrained_round_trips_with_plain_transformers(base_model, tmp_pat
         assert_same_logits(loaded(x).logits, model(x).logits)
 
 
-def phi3_model(partial=1.0, window=WINDOW):
+def phi3_model(partial=1.0, window=WINDOW, original=None):
     torch.manual_seed(0)
     cfg = transformers.Phi3Config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=256, max_position_embeddings=window, original_max_position_embeddings=window,
+        vocab_size=256, max_position_embeddings=window, original_max_position_embeddings=original or window,
         rope_parameters={"rope_type": "default", "rope_theta": THETA, "partial_rotary_factor": partial},
         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return transformers.Phi3ForCausalLM(cfg).eval()
@@ -337,6 +337,19 @@ def test_phi3_pi_is_saved_as_uniform_longrope_and_round_trips(partial, tmp_path)
     assert again.config.max_position_embeddings == 8 * WINDOW
 
 
+def test_phi3_pi_keeps_the_configs_original_window(tmp_path):
+    # a Phi-3 whose config names a pretraining window below max_position_embeddings: the LongRoPE that
+    # PI is written as keeps it (transformers would take the config's over the dict's on loading anyway)
+    model = apply_position_interpolation(phi3_model(original=WINDOW // 2), 2.0, attention="sdpa")
+    assert model.config.rope_parameters["original_max_position_embeddings"] == WINDOW // 2
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.rope_parameters == model.config.rope_parameters
+    x = ids(1, 2 * WINDOW - 10)
+    with torch.no_grad():
+        assert_same_logits(loaded(x).logits, model(x).logits)
+
+
 def test_phi3_real_longrope_is_not_interpolated():
     # a LongRoPE model with per-pair factors (Phi-3-128k style) is not PI: refused
     model = phi3_model()
@@ -354,6 +367,12 @@ def test_phi3_real_longrope_is_not_interpolated():
     # nor one factor for short sequences and another for long ones (PI by 2 within the window, by 4 past it)
     model.config.rope_parameters = {
         "rope_type": "longrope", "rope_theta": THETA, "short_factor": [2.0] * 8, "long_factor": [4.0] * 8,
+        "attention_factor": 1.0, "original_max_position_embeddings": WINDOW}
+    with pytest.raises(ValueError, match="rope_type"):
+        apply_position_interpolation(model, 2.0)
+    # nor empty factor lists (a config edited by hand)
+    model.config.rope_parameters = {
+        "rope_type": "longrope", "rope_theta": THETA, "short_factor": [], "long_factor": [],
         "attention_factor": 1.0, "original_max_position_embeddings": WINDOW}
     with pytest.raises(ValueError, match="rope_type"):
         apply_position_interpolation(model, 2.0)
