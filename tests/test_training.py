@@ -860,7 +860,7 @@ def test_any_model_that_returns_logits():
             raise NotImplementedError("no output projection")
 
         def forward(self, input_ids):
-            return net(input_ids)
+            return self.net(input_ids)
 
     torch.testing.assert_close(causal_lm_loss(NoHead(), ids, targets, chunk_tokens=3), want)
     # its vocabulary is unknown before the call: negative ids are refused all the same
