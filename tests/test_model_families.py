@@ -2027,6 +2027,15 @@ def test_patch_rope_takes_hunyuan_alpha_and_refuses_a_bad_one():
     assert ref.model.rotary_emb.rope_type == "ntk_alpha"
     x = ids(2, 40)
     assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
+    # a falsy alpha is transformers' "no alpha": dynamic NTK as named, the alpha kept in the config as given
+    model = copy.deepcopy(base)
+    patch_rope(model, {"rope_type": "dynamic", "factor": 2.0, "alpha": 0.0})
+    assert model.config.rope_parameters == {"rope_type": "dynamic", "factor": 2.0, "alpha": 0.0,
+                                            "rope_theta": 10000.0}
+    ref = twin(base, model.config)
+    assert ref.model.rotary_emb.rope_type == "dynamic"
+    x = ids(2, 100)  # past the window (64), where dynamic NTK rescales
+    assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
     # alpha is Hunyuan's: other families refuse it as any unknown key
     with pytest.raises(ValueError, match="alpha"):
         patch_rope(make("llama"), {"rope_type": "dynamic", "factor": 1.0, "alpha": 50.0})

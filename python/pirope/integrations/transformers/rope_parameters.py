@@ -162,9 +162,7 @@ def _replaced_rope_parameters(model_type: str, family: _Family, config, attns, p
     given = {}
     if family.attn_temperature and isinstance(scaling, dict):  # the attention's keys, given beside the table's
         scaling, given = _temperature_keys(scaling)
-    new = normalize_scaling(scaling)  # validates (raises ValueError/TypeError naming the key)
-    if new is None:
-        new = {"rope_type": "default"}
+    new = normalize_scaling(scaling)  # validates (raises ValueError/TypeError naming the key); a dict here
     new.update(given)
     if alpha is not None:
         new["alpha"] = alpha
