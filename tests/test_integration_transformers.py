@@ -233,6 +233,25 @@ def test_legacy_type_key_in_a_configs_rope_parameters_is_read_as_rope_type(base_
     assert (rotary.base, rotary.scaling) == (5e5, {"rope_type": "linear", "factor": 6.0})
 
 
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "yarn", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+], ids=lambda s: s["rope_type"])
+def test_patch_rope_writes_the_default_original_window_as_transformers_does(base_model, scaling):
+    # a windowed rope type without original_max_position_embeddings: the config gets the one transformers'
+    # standardize_rope_params gives the same dict (the model's window), and equals transformers' model
+    model = patch_rope(copy.deepcopy(base_model), copy.deepcopy(scaling))
+    hf = llama_config(rope={**scaling, "rope_theta": THETA})
+    assert model.config.rope_parameters == hf.rope_parameters
+    assert hf.rope_parameters["original_max_position_embeddings"] == WINDOW
+    ref = transformers.LlamaForCausalLM(hf).eval()
+    ref.load_state_dict(base_model.state_dict())
+    x = ids(1, 2 * WINDOW)  # past the original window, where the scaled types differ from plain RoPE
+    with torch.no_grad():
+        assert_same_logits(model(x).logits, ref(x).logits)
+
+
 def test_llama_model_and_kv_cache_generate(base_model):
     ref = hf_pi_model(base_model, 4.0)
     model = apply_position_interpolation(copy.deepcopy(base_model), 4.0, attention="sdpa")

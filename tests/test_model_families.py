@@ -1884,6 +1884,25 @@ def test_mimo_v2_flash_rotates_its_default_share_where_rope_parameters_have_no_p
     assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
 
 
+def test_mimo_v2_flash_replaced_scaling_keeps_a_given_share_and_reads_the_old_types_legacy_key():
+    base = make("mimo_v2_flash", rope_parameters=copy.deepcopy(MIMO_ROPE_WITHOUT_PARTIAL))
+    x = ids(2, 100)
+    # a partial_rotary_factor the new dict gives is the share that rotates, whatever the type's default
+    scaling = {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}
+    model = patch_rope(copy.deepcopy(base), {"sliding_attention": dict(scaling)})
+    assert model.config.rope_parameters["sliding_attention"] == {**scaling, "rope_theta": 1e4}
+    assert model.model.rotary_emb.by_type["sliding_attention"].rotary_dim == 12
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+    # without one, the share the old type rotated, read under its legacy "type" key too (a config edited
+    # after its init may hold it): a scaled type rotated the whole head, and so does the new "default"
+    legacy = copy.deepcopy(base)
+    legacy.config.rope_parameters["sliding_attention"] = {"type": "linear", "factor": 1.0, "rope_theta": 1e4}
+    model = patch_rope(legacy, {"sliding_attention": {"rope_type": "default"}})
+    assert model.config.rope_parameters["sliding_attention"] == {"rope_type": "default", "rope_theta": 1e4,
+                                                                 "partial_rotary_factor": 1.0}
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+
+
 def test_mimo_v2_flash_rope_parameters_without_partial_factor_beside_the_configs_are_refused_unchanged():
     # transformers' MiMo-V2-Flash rotates 0.334 of the head by such a "default" dict but copies
     # config.partial_rotary_factor into it once a scaled type's table is built (PI's): refused, nothing changed
