@@ -760,6 +760,21 @@ def test_phi3_patch_rope_linear_is_written_as_longrope_and_round_trips(tmp_path)
         assert_same_logits(loaded(x[:, :30]).logits, model(x[:, :30]).logits)
 
 
+def test_phi3_patch_rope_default_undoes_pi_and_round_trips(tmp_path):
+    # "default" is one of the two rope types Phi-3's config class accepts: plain RoPE again, as
+    # transformers builds it from the same config (its partial_rotary_factor kept)
+    base = phi3_model(partial=0.5)
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="sdpa")
+    model = patch_rope(model, {"rope_type": "default"}, attention="sdpa")
+    assert model.config.rope_parameters == {"rope_type": "default", "rope_theta": THETA, "partial_rotary_factor": 0.5}
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = ids(2, 100)
+    with torch.no_grad():
+        assert_same_logits(loaded(x).logits, model(x).logits)
+        assert_same_logits(base(x).logits, model(x).logits)  # the model before PI
+
+
 @pytest.mark.parametrize("rope_type", ["dynamic", "yarn", "llama3"])
 def test_phi3_patch_rope_with_a_scaling_phi3_cannot_hold_is_refused_unchanged(rope_type):
     model = phi3_model()
