@@ -775,6 +775,19 @@ def test_phi3_patch_rope_default_undoes_pi_and_round_trips(tmp_path):
         assert_same_logits(base(x).logits, model(x).logits)  # the model before PI
 
 
+def test_phi3_pi_of_rope_parameters_without_rope_theta_takes_the_configs():
+    # (a config edited after its init: rope_parameters without rope_theta, which config.rope_theta gives)
+    base = phi3_model()
+    base.config.rope_parameters = {"rope_type": "default"}
+    base.config.rope_theta = 5e5
+    for extend in (lambda m: apply_position_interpolation(m, 2.0, attention="sdpa"),
+                   lambda m: patch_rope(m, {"rope_type": "linear", "factor": 2.0}, attention="sdpa")):
+        model = extend(copy.deepcopy(base))
+        params = model.config.rope_parameters
+        assert (params["rope_type"], params["rope_theta"], params["short_factor"]) == ("longrope", 5e5, [2.0] * 8)
+        assert model.model.rotary_emb.base == 5e5
+
+
 @pytest.mark.parametrize("rope_type", ["dynamic", "yarn", "llama3"])
 def test_phi3_patch_rope_with_a_scaling_phi3_cannot_hold_is_refused_unchanged(rope_type):
     model = phi3_model()
