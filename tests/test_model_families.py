@@ -958,13 +958,30 @@ def test_ministral3_checkpoint_rope_is_kept_and_position_interpolation_refused(a
                                                      ("llama_4_scaling_beta", float("nan"), ValueError),
                                                      ("max_position_embeddings", 64.0, TypeError),
                                                      ("max_position_embeddings", 0, ValueError),
-                                                     ("original_max_position_embeddings", True, TypeError)])
+                                                     ("original_max_position_embeddings", True, TypeError),
+                                                     ("llama_4_scaling_beta", True, TypeError)])
 def test_bad_attention_temperature_keys_are_refused_unchanged(key, value, error):
     base = make("ministral3")
     model = copy.deepcopy(base)
     with pytest.raises(error, match=key):
         patch_rope(model, {"rope_type": "linear", "factor": 2.0, key: value})
     assert model.config.rope_parameters == base.config.rope_parameters
+
+
+def test_attention_temperature_keys_are_written_as_python_numbers(tmp_path):
+    # (a numpy integer is an int to numbers.Integral, not to the JSON the config is saved as)
+    np = pytest.importorskip("numpy")
+    base = make("ministral3")
+    model = patch_rope(copy.deepcopy(base), {"rope_type": "linear", "factor": 2.0, "llama_4_scaling_beta": 1,
+                                             "max_position_embeddings": np.int64(48)})
+    params = model.config.rope_parameters
+    assert (params["llama_4_scaling_beta"], params["max_position_embeddings"]) == (1.0, 48)
+    assert (type(params["llama_4_scaling_beta"]), type(params["max_position_embeddings"])) == (float, int)
+    model.save_pretrained(tmp_path)
+    loaded = type(base).from_pretrained(tmp_path).eval()
+    assert loaded.config.rope_parameters == params
+    x = ids(2, 60)
+    assert_same(logits_and_grads(model, x), logits_and_grads(loaded, x))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
@@ -2055,9 +2072,12 @@ def test_patch_rope_takes_hunyuan_alpha_and_refuses_a_bad_one():
     assert ref.model.rotary_emb.rope_type == "dynamic"
     x = ids(2, 100)  # past the window (64), where dynamic NTK rescales
     assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
-    # alpha is Hunyuan's: other families refuse it as any unknown key
+    # alpha is Hunyuan's: other families refuse it as any unknown key, given or in their config
     with pytest.raises(ValueError, match="alpha"):
         patch_rope(make("llama"), {"rope_type": "dynamic", "factor": 1.0, "alpha": 50.0})
+    llama = make("llama", rope_parameters={"rope_type": "dynamic", "factor": 1.0, "alpha": 50.0, "rope_theta": 1e4})
+    with pytest.raises(ValueError, match="alpha"):
+        patch_rope(llama)
 
 
 # ---- multimodal models: their language model is patched -----------------------------------
