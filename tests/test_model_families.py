@@ -2051,7 +2051,8 @@ def test_hunyuan_position_interpolation_is_linear_on_the_ntk_alpha_base_and_roun
 def test_patch_rope_takes_hunyuan_alpha_and_refuses_a_bad_one():
     base = make("hunyuan_v1_dense", rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     model = copy.deepcopy(base)
-    for bad, error in ((-2.0, ValueError), (float("nan"), ValueError), ("1000", TypeError)):
+    for bad, error in ((-2.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError), ("1000", TypeError),
+                       (True, TypeError)):
         with pytest.raises(error, match="alpha"):
             patch_rope(model, {"rope_type": "dynamic", "factor": 1.0, "alpha": bad})
         assert model.config.rope_parameters == base.config.rope_parameters
@@ -2063,6 +2064,12 @@ def test_patch_rope_takes_hunyuan_alpha_and_refuses_a_bad_one():
     assert ref.model.rotary_emb.rope_type == "ntk_alpha"
     x = ids(2, 40)
     assert_same(logits_and_grads(model, x), logits_and_grads(ref, x))
+    # the legacy "type" key of a config edited after its init names "dynamic" too: NTK-alpha as well
+    legacy = copy.deepcopy(base)
+    legacy.config.rope_parameters = {"type": "dynamic", "factor": 1.0, "alpha": 50.0, "rope_theta": 10000.0}
+    rotary = patch_rope(legacy).model.rotary_emb
+    assert (rotary.scaling, rotary.base) == (None, 10000.0 * 50.0 ** (16 / 14))  # head_dim 16
+    assert_same(logits_and_grads(legacy, x), logits_and_grads(ref, x))
     # a falsy alpha is transformers' "no alpha": dynamic NTK as named, the alpha kept in the config as given
     model = copy.deepcopy(base)
     patch_rope(model, {"rope_type": "dynamic", "factor": 2.0, "alpha": 0.0})
