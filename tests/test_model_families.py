@@ -2070,6 +2070,10 @@ def test_patch_rope_takes_hunyuan_alpha_and_refuses_a_bad_one():
     rotary = patch_rope(legacy).model.rotary_emb
     assert (rotary.scaling, rotary.base) == (None, 10000.0 * 50.0 ** (16 / 14))  # head_dim 16
     assert_same(logits_and_grads(legacy, x), logits_and_grads(ref, x))
+    legacy = copy.deepcopy(base)  # (no rope_theta in the dict: the config's)
+    legacy.config.rope_parameters = {"type": "dynamic", "factor": 1.0, "alpha": 50.0}
+    legacy.config.rope_theta = 5e5
+    assert patch_rope(legacy).model.rotary_emb.base == 5e5 * 50.0 ** (16 / 14)
     # a falsy alpha is transformers' "no alpha": dynamic NTK as named, the alpha kept in the config as given
     model = copy.deepcopy(base)
     patch_rope(model, {"rope_type": "dynamic", "factor": 2.0, "alpha": 0.0})
