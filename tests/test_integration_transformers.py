@@ -226,6 +226,10 @@ def test_legacy_type_key_in_a_configs_rope_parameters_is_read_as_rope_type(base_
     model.config.rope_theta = 5e5
     rotary = patch_rope(model).model.rotary_emb
     assert (rotary.base, rotary.scaling) == (5e5, {"rope_type": "linear", "factor": 2.0})
+    model.config.rope_parameters = {"type": "linear", "factor": 2.0}  # (and PI of it keeps that base)
+    rotary = apply_position_interpolation(model, 3.0).model.rotary_emb
+    assert (rotary.base, rotary.scaling) == (5e5, {"rope_type": "linear", "factor": 6.0})
+    assert model.config.rope_parameters == {"rope_type": "linear", "factor": 6.0, "rope_theta": 5e5}
     # Position Interpolation composes with the linear factor it names
     model = copy.deepcopy(base_model)
     model.config.rope_parameters = dict(legacy)
