@@ -2557,7 +2557,9 @@ def test_per_layer_type_configs_that_pi_cannot_extend_are_refused_unchanged():
     model = make("gemma3_text")
     model.config.rope_parameters["full_attention"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}
     before = copy.deepcopy(model.config.rope_parameters)
-    with pytest.raises(ValueError, match=r"config.rope_parameters\['full_attention'\]=.*'yarn'") as refused:
+    with pytest.raises(ValueError, match=r"Position Interpolation needs a model with rope_type 'default', 'linear' or "
+                                         r"'proportional', this one has config.rope_parameters\['full_attention'\]=.*"
+                                         r"'yarn'") as refused:
         apply_position_interpolation(model, 2.0)
     assert "e.g. its factor times" not in str(refused.value)
     assert model.config.rope_parameters == before
