@@ -871,6 +871,17 @@ def test_sliding_windows_are_followed(model_type, fused_windows):
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_a_sliding_window_of_zero_is_computed_as_transformers_computes_it(model_type, fused_windows):
+    # (its mask hides every key; rope_attention's window_size would be (-1, 0), no window: never fused)
+    base = make(model_type, sliding_window=0, **({} if model_type == "mistral" else
+                                                  {"use_sliding_window": True, "max_window_layers": 0}))
+    model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention="fused")
+    x = ids(2, 40)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+    assert fused_windows == []  # (transformers computes it)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
 def test_a_fused_window_is_what_separates_the_result_from_full_attention(model_type, monkeypatch):
     # the premise of the test above: without its window the fused call would attend to every key
     base = windowed(model_type)
