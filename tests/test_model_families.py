@@ -2293,15 +2293,20 @@ def test_packed_sequences_attend_within_themselves_as_with_flash_attention(how, 
     assert not torch.allclose(across[:, 30:], got[0][:, 30:], atol=1e-3)
 
 
+# (transformers starts a sequence wherever a position is not its predecessor's + 1: a jump forward too)
+PACKED_BY_JUMPS = torch.cat([torch.arange(30), torch.arange(100, 145), torch.arange(7, 32)])[None]
+
+
+@pytest.mark.parametrize("positions", [PACKED, PACKED_BY_JUMPS], ids=["restarts", "jumps"])
 @pytest.mark.parametrize("attention", ["sdpa", "fused"])
-def test_packed_sequences_with_sdpa_equal_transformers(attention, fused_calls):
+def test_packed_sequences_with_sdpa_equal_transformers(attention, positions, fused_calls):
     # sdpa: transformers builds a packed-sequence mask tensor, which the fused path computes
     # as rope_attention's packed sequences (cu_seqlens), one call per layer
     base = make("llama")
     model = apply_position_interpolation(copy.deepcopy(base), 2.0, attention=attention)
     x = ids(1, 100)
-    assert_same(logits_and_grads(model, x, position_ids=PACKED),
-                logits_and_grads(twin(base, model.config), x, position_ids=PACKED))
+    assert_same(logits_and_grads(model, x, position_ids=positions),
+                logits_and_grads(twin(base, model.config), x, position_ids=positions))
     assert fused_calls == ([(100, 4, 16)] * 2 if attention == "fused" else [])
 
 
