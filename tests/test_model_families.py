@@ -2556,6 +2556,17 @@ def test_a_model_without_rotary_emb_is_refused():
         patch_rope(model)
 
 
+def test_patch_rope_per_layer_type_keeps_the_configs_entries_of_types_the_model_has_no_layer_of():
+    # (every layer full_attention here: the config's sliding_attention parameters stay, unread, as they were)
+    base = make("gemma3_text", layer_types=["full_attention", "full_attention"])
+    sliding = copy.deepcopy(base.config.rope_parameters["sliding_attention"])
+    model = patch_rope(copy.deepcopy(base), {"full_attention": {"rope_type": "linear", "factor": 2.0}})
+    assert model.config.rope_parameters["sliding_attention"] == sliding
+    assert model.config.rope_parameters["full_attention"]["factor"] == 2.0
+    x = ids(2, 40)
+    assert_same(logits_and_grads(model, x), logits_and_grads(twin(base, model.config), x))
+
+
 def test_per_layer_type_configs_that_pi_cannot_extend_are_refused_unchanged():
     model = make("gemma3_text", layer_types=["sliding_attention", "sliding_attention"])
     before = copy.deepcopy(model.config.rope_parameters)
